@@ -1,0 +1,1 @@
+"""Subcommands of the `complexity` CLI, one module per command group."""
