@@ -1,0 +1,251 @@
+"""Configuration of the Complexity architecture.
+
+Self-contained (imports only transformers), so a saved checkpoint can carry this file for
+`trust_remote_code=True` loading where the `complexity` package is not installed.
+
+The variants (see SPEC.md):
+  mlp_type      "dense" | "token_routed" | "learned_moe"
+  routing       "range" | "modulo" | "zipf"   (token_routed: how the token -> expert table is built)
+  mu_mode       "none" | "guidance" (mu after the MLP biases the next layer's q/k/v)
+                | "inl" (INL dynamics: velocity/controller, mu highway, mu-router override)
+"""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import PretrainedConfig
+
+MLP_TYPES = ("dense", "token_routed", "learned_moe")
+ROUTING_STRATEGIES = ("range", "modulo", "zipf")
+MU_MODES = ("none", "guidance", "inl")
+
+# Size presets (SPEC section 5). Variant flags default to the token-routed design;
+# the presets that name a design set it explicitly.
+_SIZES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=704, num_experts=4),
+    "20m": dict(hidden_size=320, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=896, num_experts=4),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, num_experts=4),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048, num_experts=4),
+    "tmlr-187m": dict(hidden_size=768, num_hidden_layers=18, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048, num_experts=4,
+                      shared_expert=True, mu_mode="guidance", routing="zipf"),
+    "350m": dict(hidden_size=1280, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4, intermediate_size=3456, num_experts=4),
+    "medium": dict(hidden_size=1536, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4, intermediate_size=4096, num_experts=4),
+    "1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632, num_experts=4),
+    "pacific-prime": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632, num_experts=4,
+                          mu_mode="inl", routing="modulo", shared_expert=False, max_position_embeddings=2048),
+    "3b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=6912, num_experts=8),
+    "3.8b": dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, num_experts=8),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=11008, num_experts=8),
+}
+_SIZES["150m"] = _SIZES["base"]
+PRESETS = tuple(_SIZES)
+
+
+class ComplexityConfig(PretrainedConfig):
+    r"""Configuration for [`ComplexityForCausalLM`].
+
+    Args:
+        vocab_size: vocabulary size V.
+        hidden_size: residual width H.
+        intermediate_size: MLP width I. Dense: the SwiGLU width. Routed: the total over experts,
+            each expert has `expert_intermediate_size` (default `I // num_experts`).
+        num_hidden_layers, num_attention_heads, num_key_value_heads: L, heads, GQA kv heads.
+        head_dim: per-head width; defaults to `hidden_size // num_attention_heads`.
+        max_position_embeddings: longest sequence the model is meant for.
+        rms_norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base.
+        use_qk_norm: RMSNorm over head_dim on q and k, before RoPE.
+        sliding_window: if set, a query sees at most this many keys (itself included).
+        attention_dropout: dropout on attention probabilities (training only).
+        tie_word_embeddings: LM head shares the embedding matrix.
+        initializer_range: std of the N(0, std) init of linear and embedding weights.
+        mlp_type: "dense", "token_routed" or "learned_moe".
+        num_experts: E for the routed MLPs.
+        expert_intermediate_size: width of one expert (default `intermediate_size // num_experts`).
+        routing: how `token_to_expert` is built: "range", "modulo" or "zipf" (zipf tables come from
+            corpus counts, see `complexity.routing`; the table is a buffer saved with the weights).
+        shared_expert: add a dense SwiGLU that every token passes through.
+        shared_expert_intermediate_size: its width (default: the expert width).
+        num_experts_per_tok: learned_moe top-k.
+        router_aux_loss_coef: weight of the Switch load-balancing loss added to the LM loss.
+        mu_mode: "none", "guidance" or "inl".
+        mu_clamp_min, mu_clamp_max: guidance clamp of the mu parameter (SPEC 3a: 0, 2).
+        mu_prev_clamp: guidance clamp of mu passed to the next layer (SPEC 3a: 2).
+        dynamics_alpha, dynamics_beta, dynamics_gate: INL controller outputs at init (through
+            the controller bias); dynamics_dt: integration step; dynamics_controller_hidden: C.
+        dynamics_beta_max: cap on beta; dynamics_velocity_clamp: clamp on the velocity.
+        mu_highway_scale: INL mu highway coefficient (mu_prev = mu_c + scale * sum of mu_c).
+        mu_router_bias: INL hard override strength (argmax(bias * one_hot(table) + mu_router(mu))).
+    """
+
+    model_type = "complexity"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 768,
+        intermediate_size: int = 2048,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int = 4,
+        head_dim: int | None = None,
+        max_position_embeddings: int = 4096,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        use_qk_norm: bool = True,
+        sliding_window: int | None = None,
+        attention_dropout: float = 0.0,
+        tie_word_embeddings: bool = True,
+        initializer_range: float = 0.02,
+        mlp_type: str = "token_routed",
+        num_experts: int = 4,
+        expert_intermediate_size: int | None = None,
+        routing: str = "modulo",
+        shared_expert: bool = False,
+        shared_expert_intermediate_size: int | None = None,
+        num_experts_per_tok: int = 1,
+        router_aux_loss_coef: float = 0.01,
+        mu_mode: str = "none",
+        mu_clamp_min: float = 0.0,
+        mu_clamp_max: float = 2.0,
+        mu_prev_clamp: float = 2.0,
+        dynamics_alpha: float = 0.9,
+        dynamics_beta: float = 0.1,
+        dynamics_gate: float = 0.5,
+        dynamics_dt: float = 0.1,
+        dynamics_controller_hidden: int = 64,
+        dynamics_beta_max: float = 2.0,
+        dynamics_velocity_clamp: float = 10.0,
+        mu_highway_scale: float = 0.1,
+        mu_router_bias: float = 10.0,
+        pad_token_id: int | None = 1,
+        bos_token_id: int | None = 2,
+        eos_token_id: int | None = 0,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else (
+            hidden_size // num_attention_heads if num_attention_heads else None
+        )
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.use_qk_norm = use_qk_norm
+        self.sliding_window = sliding_window
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.mlp_type = mlp_type
+        self.num_experts = num_experts
+        self.expert_intermediate_size = expert_intermediate_size
+        self.routing = routing
+        self.shared_expert = shared_expert
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.num_experts_per_tok = num_experts_per_tok
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.mu_mode = mu_mode
+        self.mu_clamp_min = mu_clamp_min
+        self.mu_clamp_max = mu_clamp_max
+        self.mu_prev_clamp = mu_prev_clamp
+        self.dynamics_alpha = dynamics_alpha
+        self.dynamics_beta = dynamics_beta
+        self.dynamics_gate = dynamics_gate
+        self.dynamics_dt = dynamics_dt
+        self.dynamics_controller_hidden = dynamics_controller_hidden
+        self.dynamics_beta_max = dynamics_beta_max
+        self.dynamics_velocity_clamp = dynamics_velocity_clamp
+        self.mu_highway_scale = mu_highway_scale
+        self.mu_router_bias = mu_router_bias
+        self.use_cache = use_cache
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_complexity()
+
+    # The expert and shared widths have defaults derived from other fields; these properties
+    # give the effective value without writing the derived number into config.json.
+    @property
+    def expert_width(self) -> int:
+        if self.expert_intermediate_size is not None:
+            return self.expert_intermediate_size
+        return self.intermediate_size // self.num_experts
+
+    @property
+    def shared_expert_width(self) -> int:
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return self.expert_width
+
+    def validate_complexity(self) -> None:
+        """Raise ValueError naming the field for any inconsistent setting."""
+
+        def fail(field: str, message: str):
+            raise ValueError(f"ComplexityConfig.{field}: {message}")
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(field, f"must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            fail("head_dim", f"must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
+        if self.mlp_type not in MLP_TYPES:
+            fail("mlp_type", f"unknown value {self.mlp_type!r}; expected one of {MLP_TYPES}")
+        if self.mu_mode not in MU_MODES:
+            fail("mu_mode", f"unknown value {self.mu_mode!r}; expected one of {MU_MODES}")
+        if self.routing not in ROUTING_STRATEGIES:
+            fail("routing", f"unknown value {self.routing!r}; expected one of {ROUTING_STRATEGIES}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            fail("sliding_window", f"must be None or a positive integer, got {self.sliding_window!r}")
+        if self.mlp_type != "dense":
+            if not isinstance(self.num_experts, int) or self.num_experts < 1:
+                fail("num_experts", f"must be a positive integer, got {self.num_experts!r}")
+            if self.expert_intermediate_size is None and self.intermediate_size % self.num_experts:
+                fail("intermediate_size", f"{self.intermediate_size} is not divisible by num_experts={self.num_experts} "
+                     "(or set expert_intermediate_size)")
+            if self.expert_width <= 0:
+                fail("expert_intermediate_size", f"must be positive, got {self.expert_width}")
+        if self.mlp_type == "learned_moe" and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
+        if self.shared_expert and self.mlp_type == "dense":
+            fail("shared_expert", "a shared expert needs a routed MLP (mlp_type token_routed or learned_moe)")
+        if self.shared_expert and self.shared_expert_width <= 0:
+            fail("shared_expert_intermediate_size", f"must be positive, got {self.shared_expert_width}")
+        if self.mu_mode == "inl" and self.mlp_type != "token_routed":
+            fail("mu_mode", "'inl' routes through the token-routed MLP's mu override; it needs mlp_type='token_routed'")
+        for field in ("dynamics_alpha", "dynamics_gate"):
+            if not 0.0 < getattr(self, field) < 1.0:
+                fail(field, f"is a sigmoid output at init and must lie in (0, 1), got {getattr(self, field)}")
+        if not 0.0 < self.dynamics_beta < self.dynamics_beta_max:
+            fail("dynamics_beta", f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta}")
+        if self.router_aux_loss_coef < 0:
+            fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ComplexityConfig":
+        """A preset of SPEC section 5, with any field overridden, e.g. `from_preset("tiny", mu_mode="guidance")`."""
+        if name not in _SIZES:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        fields = copy.deepcopy(_SIZES[name])
+        fields.update(overrides)
+        config = cls(**fields)
+        config.preset = name
+        return config
+
+
+__all__ = ["ComplexityConfig", "PRESETS", "MLP_TYPES", "ROUTING_STRATEGIES", "MU_MODES"]

@@ -1,0 +1,697 @@
+"""The Complexity architecture as a Hugging Face model.
+
+Self-contained (imports only torch, transformers and the config file beside it), so a saved
+checkpoint carries this file for `trust_remote_code=True` loading. Reads top to bottom:
+routing tables, norm, rotary, attention, MLPs (dense / token-routed / learned), mu guidance and
+INL dynamics, decoder layer, model, causal LM. SPEC.md states the equations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from .configuration_complexity import ComplexityConfig
+
+
+# ----------------------------------------------------------------------------- routing tables
+
+
+def default_routing_table(vocab_size: int, num_experts: int, strategy: str) -> torch.Tensor:
+    """The token -> expert table for the strategies that need no corpus statistics.
+
+    range:  contiguous id ranges, e = id * E // V.   modulo: e = id % E.
+    zipf tables are built from token counts (`complexity.routing`); until one is installed the
+    model holds the modulo table, so a fresh zipf model is still perfectly balanced by id count.
+    """
+    ids = torch.arange(vocab_size, dtype=torch.long)
+    if strategy == "range":
+        return ids * num_experts // vocab_size
+    if strategy in ("modulo", "zipf"):
+        return ids % num_experts
+    raise ValueError(f"unknown routing strategy {strategy!r}")
+
+
+# ----------------------------------------------------------------------------- norm and rotary
+
+
+class ComplexityRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [B, S, head_dim] for NeoX-style (rotate_half) RoPE over the full head_dim.
+
+    Computed from the positions on the fly (a few hundred flops per position): no buffer that
+    could go stale on load, and positions from left padding / packing / caching are honoured.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: [B, 1, S, d]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, n_kv, S, d] -> [B, n_kv * n_rep, S, d] (GQA for the eager path)."""
+    if n_rep == 1:
+        return x
+    b, n_kv, s, d = x.shape
+    return x[:, :, None].expand(b, n_kv, n_rep, s, d).reshape(b, n_kv * n_rep, s, d)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+class ComplexityAttention(nn.Module):
+    """GQA with optional QK-norm (before RoPE) and optional mu guidance of q/k/v.
+
+    With mu: q = x W_q + mu_prev W_muq (likewise k, v). `mu_to_*` have the output widths of
+    `q/k/v_proj`, so tensor parallelism shards them with the same column split.
+    """
+
+    def __init__(self, config: ComplexityConfig, layer_idx: int, with_mu: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        q_out = config.num_attention_heads * self.head_dim
+        kv_out = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=False)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
+        self.o_proj.is_residual_output = True
+        if config.use_qk_norm:
+            self.q_norm = ComplexityRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = ComplexityRMSNorm(self.head_dim, config.rms_norm_eps)
+        if with_mu:
+            self.mu_to_q = nn.Linear(config.hidden_size, q_out, bias=False)
+            self.mu_to_k = nn.Linear(config.hidden_size, kv_out, bias=False)
+            self.mu_to_v = nn.Linear(config.hidden_size, kv_out, bias=False)
+            for proj in (self.mu_to_q, self.mu_to_k, self.mu_to_v):
+                proj.zero_init = True
+
+    def forward(self, hidden_states, mu_prev, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if mu_prev is not None:
+            q = q + self.mu_to_q(mu_prev)
+            k = k + self.mu_to_k(mu_prev)
+            v = v + self.mu_to_v(mu_prev)
+        q, k, v = (t.view(hidden_shape) for t in (q, k, v))
+        if self.config.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        out, _ = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.config.sliding_window,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous())
+
+
+# ----------------------------------------------------------------------------- MLPs
+
+
+class ComplexityMLP(nn.Module):
+    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj.is_residual_output = True
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` sorted by group, times that group's matrix: x[o_{e-1}:o_e] @ weight[e].
+
+    x [N, K], weight [E, K, M], offsets [E] int32 cumulative row ends -> [N, M]. One grouped
+    GEMM where torch has it; the per-group loop is only the fallback for builds without it.
+    """
+    if _GROUPED_MM is not None:
+        return _GROUPED_MM(x, weight, offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        out[start:end] = x[start:end] @ weight[e]
+        start = end
+    return out
+
+
+class ComplexityExperts(nn.Module):
+    """E SwiGLU experts stored stacked, [E, in, out], run as grouped GEMMs over rows sorted by expert.
+
+    Static shapes throughout (sort, histogram by scatter, grouped GEMM, unsort), so the dispatch
+    compiles with fullgraph and replays under CUDA graphs; every expert receives gradients.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * expert_size))  # gate | up
+        self.down_proj = nn.Parameter(torch.empty(num_experts, expert_size, hidden_size))
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_idx [N] -> [N, H], row i through expert expert_idx[i]."""
+        order = torch.argsort(expert_idx, stable=True)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.index_add_(0, expert_idx, torch.ones_like(expert_idx, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        xs = x[order]
+        gate, up = grouped_matmul(xs, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        ys = grouped_matmul(F.silu(gate) * up, self.down_proj, offsets)
+        return torch.empty_like(ys).index_copy_(0, order, ys)
+
+
+class ComplexityTokenRoutedMLP(nn.Module):
+    """Each token goes to ONE expert chosen from its id (the model passes `token_to_expert[ids]`).
+
+    With mu_mode "inl" the January design's hard override applies:
+    e = argmax(bias * one_hot(table[id]) + mu_router(mu)); argmax carries no gradient.
+    """
+
+    def __init__(self, config: ComplexityConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.experts = ComplexityExperts(config.num_experts, config.hidden_size, config.expert_width)
+        self.shared_expert = (
+            ComplexityMLP(config.hidden_size, config.shared_expert_width) if config.shared_expert else None
+        )
+        if config.mu_mode == "inl":
+            self.mu_router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+            self.mu_router_bias = config.mu_router_bias
+
+    def route(self, expert_ids: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+        if mu is None or not hasattr(self, "mu_router"):
+            return expert_ids
+        logits = self.mu_router(mu) + self.mu_router_bias * F.one_hot(expert_ids, self.num_experts).to(mu.dtype)
+        return logits.argmax(dim=-1)
+
+    def forward(self, x, expert_ids, mu=None):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        out = self.experts(flat, self.route(expert_ids, mu).reshape(-1))
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+        return out.view(shape), None
+
+
+class ComplexityLearnedMoE(nn.Module):
+    """The Mixtral/Switch-style baseline: softmax router, top-k, probability-weighted experts.
+
+    Weights are the router probabilities of the chosen experts; with k > 1 they are renormalised
+    over the k (Mixtral), with k = 1 they are the raw probability (Switch: otherwise the weight
+    would be 1 and the router would get no gradient from the LM loss). Returns the Switch
+    load-balancing loss E * sum_e f_e P_e over the non-padding tokens.
+    """
+
+    def __init__(self, config: ComplexityConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = ComplexityExperts(config.num_experts, config.hidden_size, config.expert_width)
+        self.shared_expert = (
+            ComplexityMLP(config.hidden_size, config.shared_expert_width) if config.shared_expert else None
+        )
+
+    def forward(self, x, expert_ids=None, mu=None, token_mask=None):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
+        top_p, top_e = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.top_k > 1:
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+        n = flat.shape[0]
+        token_idx = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
+        y = self.experts(flat[token_idx], top_e.reshape(-1))
+        out = (y.view(n, self.top_k, -1) * top_p.unsqueeze(-1).to(y.dtype)).sum(1)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(flat)
+
+        # Switch load balancing: f_e = share of assignments to e, P_e = mean router prob of e.
+        assigned = F.one_hot(top_e, self.num_experts).sum(1).float()  # [N, E]
+        if token_mask is not None:
+            w = token_mask.reshape(-1, 1).float()
+            denom = w.sum().clamp(min=1.0)
+            f = (assigned * w).sum(0) / (denom * self.top_k)
+            p = (probs * w).sum(0) / denom
+        else:
+            f = assigned.mean(0) / self.top_k
+            p = probs.mean(0)
+        aux = self.num_experts * (f * p).sum()
+        return out.view(shape), aux
+
+
+# ----------------------------------------------------------------------------- mu
+
+
+class ComplexityMuGuidance(nn.Module):
+    """SPEC 3a: mu = clamp(mu_param, lo, hi) + mu_proj(x'); passed on as clamp(mu, -c, c)."""
+
+    def __init__(self, config: ComplexityConfig):
+        super().__init__()
+        self.mu = nn.Parameter(torch.ones(config.hidden_size))
+        self.mu_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.mu_proj.zero_init = True
+        self.lo, self.hi, self.out_clamp = config.mu_clamp_min, config.mu_clamp_max, config.mu_prev_clamp
+
+    def forward(self, hidden_states):
+        mu = self.mu.clamp(self.lo, self.hi) + self.mu_proj(hidden_states)
+        return mu.clamp(-self.out_clamp, self.out_clamp)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _inverse_softplus(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+class ComplexityINLDynamics(nn.Module):
+    """SPEC 3b: a controller over [a, v] sets alpha, beta, gate; velocity pulls a toward mu_c."""
+
+    def __init__(self, config: ComplexityConfig):
+        super().__init__()
+        h, c = config.hidden_size, config.dynamics_controller_hidden
+        self.hidden_size = h
+        self.mu = nn.Parameter(torch.zeros(h))
+        self.mu_proj = nn.Linear(h, h, bias=False)
+        self.mu_proj.zero_init = True
+        self.controller_in = nn.Linear(2 * h, c)
+        self.controller_out = nn.Linear(c, 3 * h)
+        self.dt = config.dynamics_dt
+        self.beta_max = config.dynamics_beta_max
+        self.v_clamp = config.dynamics_velocity_clamp
+        self.init_bias = (_logit(config.dynamics_alpha), _inverse_softplus(config.dynamics_beta), _logit(config.dynamics_gate))
+
+    def forward(self, a, velocity):
+        """a: attention output; velocity: carried from the previous layer -> (a', v', mu_c)."""
+        c = self.controller_out(F.silu(self.controller_in(torch.cat([a, velocity], dim=-1))))
+        alpha, beta, gate = c.split(self.hidden_size, dim=-1)
+        alpha = torch.sigmoid(alpha)
+        beta = F.softplus(beta).clamp(max=self.beta_max)
+        gate = torch.sigmoid(gate)
+        mu_c = self.mu + self.mu_proj(a)
+        velocity = (alpha * velocity - beta * (a - mu_c)).clamp(-self.v_clamp, self.v_clamp)
+        return a + self.dt * gate * velocity, velocity, mu_c
+
+
+# ----------------------------------------------------------------------------- decoder layer
+
+
+class ComplexityDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: ComplexityConfig, layer_idx: int):
+        super().__init__()
+        self.mu_mode = config.mu_mode
+        last = layer_idx == config.num_hidden_layers - 1
+        # Mu-guided q/k/v exist wherever a mu arrives: every guidance layer (layer 0 gets mu_init),
+        # INL layers after the first (layer 0 has no mu_prev).
+        with_mu = config.mu_mode == "guidance" or (config.mu_mode == "inl" and layer_idx > 0)
+        self.self_attn = ComplexityAttention(config, layer_idx, with_mu=with_mu)
+        self.input_layernorm = ComplexityRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = ComplexityRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.mlp_type == "dense":
+            self.mlp = ComplexityMLP(config.hidden_size, config.intermediate_size)
+        elif config.mlp_type == "token_routed":
+            self.mlp = ComplexityTokenRoutedMLP(config)
+        else:
+            self.mlp = ComplexityLearnedMoE(config)
+        # The last guidance layer's mu would feed nothing: it is not allocated (no dead weights).
+        if config.mu_mode == "guidance" and not last:
+            self.mu_guidance = ComplexityMuGuidance(config)
+        if config.mu_mode == "inl":
+            self.dynamics = ComplexityINLDynamics(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        expert_ids: torch.Tensor | None,
+        mu_prev: torch.Tensor | None,
+        velocity: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """-> (hidden_states, mu for the next layer (or INL mu_c), velocity, router aux loss)."""
+        attn = self.self_attn(
+            self.input_layernorm(hidden_states), mu_prev, position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        mu_out = None
+        if self.mu_mode == "inl":
+            attn, velocity, mu_out = self.dynamics(attn, velocity)
+        hidden_states = hidden_states + attn
+
+        mlp_in = self.post_attention_layernorm(hidden_states)
+        if isinstance(self.mlp, ComplexityMLP):
+            mlp_out, aux = self.mlp(mlp_in), None
+        elif isinstance(self.mlp, ComplexityLearnedMoE):
+            mlp_out, aux = self.mlp(mlp_in, token_mask=token_mask)
+        else:
+            mlp_out, aux = self.mlp(mlp_in, expert_ids, mu=mu_out)
+        hidden_states = hidden_states + mlp_out
+
+        if self.mu_mode == "guidance" and hasattr(self, "mu_guidance"):
+            mu_out = self.mu_guidance(hidden_states)
+        return hidden_states, mu_out, velocity, aux
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class ComplexityPreTrainedModel(PreTrainedModel):
+    config_class = ComplexityConfig
+    config: ComplexityConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ComplexityDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """SPEC 4: N(0, std) weights, zero biases, unit norms, residual outputs scaled by
+        1/sqrt(2L); then the zero-inits (mu projections) and the INL controller's biases win.
+        Children are initialised before their parents, so the composite cases below override."""
+        cfg = self.config
+        std = cfg.initializer_range
+        out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
+        if isinstance(module, nn.Linear):
+            if getattr(module, "zero_init", False):
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=out_std if getattr(module, "is_residual_output", False) else std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, ComplexityRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, ComplexityExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=out_std)
+        elif isinstance(module, ComplexityMuGuidance):
+            init.ones_(module.mu)
+        elif isinstance(module, ComplexityINLDynamics):
+            init.zeros_(module.mu)
+            init.normal_(module.controller_out.weight, mean=0.0, std=0.01)
+            h = module.hidden_size
+            bias = torch.cat([torch.full((h,), b) for b in module.init_bias])
+            init.copy_(module.controller_out.bias, bias)
+        elif isinstance(module, ComplexityModel):
+            if module.mu_init is not None:
+                init.zeros_(module.mu_init)
+            if module.token_to_expert is not None:
+                init.copy_(module.token_to_expert, default_routing_table(cfg.vocab_size, cfg.num_experts, cfg.routing))
+
+
+class ComplexityModel(ComplexityPreTrainedModel):
+    def __init__(self, config: ComplexityConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ComplexityDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = ComplexityRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # One table for every layer; saved with the weights, never rebuilt on load.
+        if config.mlp_type == "token_routed":
+            self.register_buffer(
+                "token_to_expert", default_routing_table(config.vocab_size, config.num_experts, config.routing)
+            )
+        else:
+            self.token_to_expert = None
+        self.mu_init = nn.Parameter(torch.zeros(config.hidden_size)) if config.mu_mode == "guidance" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def set_routing_table(self, table) -> None:
+        """Install a token -> expert table (e.g. a zipf table from `complexity.routing`)."""
+        if self.token_to_expert is None:
+            raise ValueError(f"routing table: mlp_type={self.config.mlp_type!r} has no token routing")
+        table = torch.as_tensor(table)
+        if table.dtype.is_floating_point or table.dtype == torch.bool:
+            raise ValueError(f"routing table: must hold integer expert ids, got dtype {table.dtype}")
+        if table.shape != (self.config.vocab_size,):
+            raise ValueError(
+                f"routing table: has shape {tuple(table.shape)}, expected ({self.config.vocab_size},) (vocab_size)"
+            )
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= self.config.num_experts):
+            raise ValueError(
+                f"routing table: expert ids must lie in [0, {self.config.num_experts}) (num_experts), "
+                f"got range [{int(table.min())}, {int(table.max())}]"
+            )
+        self.token_to_expert.copy_(table.to(self.token_to_expert))
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        # A bad id would otherwise index the embedding and the routing table out of range.
+        # Skipped while compiling (the engine and the data loader validate ids before that).
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return
+        bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        if bool(bad.any()):
+            value = int(input_ids[bad][0])
+            raise ValueError(f"input_ids: token id {value} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if input_ids is None and self.token_to_expert is not None:
+            raise ValueError(
+                "token-routed models need input_ids: each token's expert is chosen from its id, "
+                "so a call with only inputs_embeds cannot be routed"
+            )
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
+
+        mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_fn(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        expert_ids = self.token_to_expert[input_ids] if self.token_to_expert is not None else None
+        # Padding tokens do not count in the router's load-balancing statistics.
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1]:]
+
+        hidden_states = inputs_embeds
+        mode = self.config.mu_mode
+        mu_prev = self.mu_init.to(hidden_states.dtype).expand_as(hidden_states) if mode == "guidance" else None
+        velocity = torch.zeros_like(hidden_states) if mode == "inl" else None
+        mu_sum = None
+        aux_losses = []
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states, mu, velocity, aux = layer(
+                hidden_states,
+                expert_ids,
+                mu_prev,
+                velocity,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                token_mask=token_mask,
+                **kwargs,
+            )
+            if aux is not None:
+                aux_losses.append(aux)
+            if mode == "inl":
+                # The mu highway: every layer's mu_c accumulates and leaks into the next layer's mu.
+                mu_sum = mu if mu_sum is None else mu_sum + mu
+                mu_prev = mu + self.config.mu_highway_scale * mu_sum
+            else:
+                mu_prev = mu
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            router_logits=(aux_loss,) if aux_loss is not None else None,
+        )
+
+
+class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ComplexityConfig):
+        super().__init__(config)
+        self.model = ComplexityModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def set_routing_table(self, table) -> None:
+        self.model.set_routing_table(table)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """Standard causal-LM forward. `loss` is the next-token cross-entropy plus, for learned_moe,
+        `router_aux_loss_coef` times the load-balancing loss (also returned as `aux_loss`)."""
+        kwargs.pop("output_attentions", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        aux_loss = outputs.router_logits[0] if outputs.router_logits is not None else None
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.dtype)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = [
+    "ComplexityForCausalLM",
+    "ComplexityModel",
+    "ComplexityPreTrainedModel",
+    "default_routing_table",
+]
