@@ -197,15 +197,26 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     """Rows of `x` sorted by group, times that group's matrix: x[o_{e-1}:o_e] @ weight[e].
 
     x [N, K], weight [E, K, M], offsets [E] int32 cumulative row ends -> [N, M]. One grouped
-    GEMM where torch has it; the per-group loop is only the fallback for builds without it.
+    GEMM where torch has one for this dtype (bf16 everywhere; other dtypes in eager CPU
+    kernels). Elsewhere (fp32 on CUDA or under the compiler) a static-shape fallback computes
+    each group's product for every row and keeps that group's rows: exact and graph-friendly,
+    at E times the FLOPs.
     """
-    if _GROUPED_MM is not None:
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast does not cover grouped GEMMs: cast to its dtype as it would for a matmul.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(x.dtype)
+    if _GROUPED_MM is not None and (
+        x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
+    ):
         return _GROUPED_MM(x, weight, offs=offsets)
-    out = x.new_empty(x.shape[0], weight.shape[-1])
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        out[start:end] = x[start:end] @ weight[e]
-        start = end
+    rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
+    group = torch.searchsorted(offsets, rows, right=True)
+    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    for e in range(weight.shape[0]):
+        out = torch.where((group == e).unsqueeze(-1), x @ weight[e], out)
     return out
 
 

@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny configs and models for every variant of the architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import complexity  # noqa: F401  (registers the model with the Auto classes)
+from complexity import ComplexityConfig, ComplexityForCausalLM
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=4,
+    max_position_embeddings=128,
+)
+
+# Every variant the model supports, by a readable id.
+VARIANTS = {
+    "dense": dict(mlp_type="dense"),
+    "dense-mu": dict(mlp_type="dense", mu_mode="guidance"),
+    "routed": dict(mlp_type="token_routed"),
+    "routed-range": dict(mlp_type="token_routed", routing="range"),
+    "routed-shared-mu": dict(mlp_type="token_routed", shared_expert=True, mu_mode="guidance", routing="zipf"),
+    "inl": dict(mlp_type="token_routed", mu_mode="inl"),
+    "learned": dict(mlp_type="learned_moe"),
+    "learned-top2-shared-mu": dict(mlp_type="learned_moe", num_experts_per_tok=2, shared_expert=True, mu_mode="guidance"),
+    "sliding": dict(mlp_type="token_routed", shared_expert=True, mu_mode="guidance", sliding_window=5),
+    "no-qk-norm": dict(mlp_type="token_routed", use_qk_norm=False),
+}
+
+
+def tiny_config(**overrides) -> ComplexityConfig:
+    return ComplexityConfig(**{**TINY, **overrides})
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Trained-like weights: every parameter (zero-inits and unit norms included) gets noise, so
+    every component of every variant changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * (0.1 if p.dim() > 1 else 0.3)
+            p.copy_((1.0 if "norm" in name else 0.0) + noise if p.dim() == 1 else noise)
+    return model
+
+
+def tiny_model(seed: int = 0, **overrides) -> ComplexityForCausalLM:
+    torch.manual_seed(seed)
+    return randomize_(ComplexityForCausalLM(tiny_config(**overrides)), seed).eval()
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request):
+    return request.param, VARIANTS[request.param]

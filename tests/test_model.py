@@ -1,0 +1,417 @@
+"""Model core: numerics of every variant against references, caching, batching, gradients, I/O."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
+
+import complexity
+from complexity import ComplexityConfig, ComplexityForCausalLM, count_parameters, create_complexity_model
+from complexity import modeling_complexity as mc
+
+from conftest import VARIANTS, randomize_, tiny_config, tiny_model
+
+ATOL = 1e-5  # float32, tiny widths: differences come only from summation order
+
+
+def cached_logits(model, ids, attention_mask=None, prefill=5, cache=None):
+    """Prefill `prefill` tokens, then feed the rest one at a time through the cache."""
+    kwargs = {}
+    if attention_mask is not None:  # left padding: positions count only real tokens
+        kwargs["attention_mask"] = attention_mask[:, :prefill]
+        kwargs["position_ids"] = (attention_mask[:, :prefill].cumsum(-1) - 1).clamp(min=0)
+    out = model(ids[:, :prefill], past_key_values=cache, use_cache=True, **kwargs)
+    pieces, cache = [out.logits], out.past_key_values
+    for t in range(prefill, ids.shape[1]):
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, : t + 1]
+            kwargs["position_ids"] = (attention_mask[:, : t + 1].cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True, **kwargs)
+        pieces.append(out.logits)
+        cache = out.past_key_values
+    return torch.cat(pieces, dim=1)
+
+
+@torch.no_grad()
+def test_cached_decoding_equals_full_forward(variant):
+    name, overrides = variant
+    model = tiny_model(**overrides)
+    ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    full = model(ids).logits
+    torch.testing.assert_close(cached_logits(model, ids), full, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_static_cache_decoding_equals_full_forward(variant):
+    name, overrides = variant
+    model = tiny_model(**overrides)
+    ids = torch.randint(4, 256, (2, 14), generator=torch.Generator().manual_seed(2))
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    torch.testing.assert_close(cached_logits(model, ids, cache=cache), model(ids).logits, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padded_batch_cached_and_uncached(variant):
+    """A left-padded sequence gets the logits it gets alone, with and without a cache."""
+    name, overrides = variant
+    model = tiny_model(**overrides)
+    gen = torch.Generator().manual_seed(3)
+    long_ids = torch.randint(4, 256, (1, 12), generator=gen)
+    short_ids = torch.randint(4, 256, (1, 8), generator=gen)
+    pad = 4
+    ids = torch.cat([long_ids, torch.cat([torch.full((1, pad), 1), short_ids], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    batched = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    alone_long = model(long_ids).logits
+    alone_short = model(short_ids).logits
+    torch.testing.assert_close(batched[0], alone_long[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(batched[1, pad:], alone_short[0], atol=ATOL, rtol=0)
+    cached = cached_logits(model, ids, attention_mask=mask, prefill=pad + 2)
+    torch.testing.assert_close(cached[1, pad:], alone_short[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached[0], alone_long[0], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_batch_invariance(variant):
+    """A sequence's logits do not depend on what else is in the batch (routing is per token)."""
+    name, overrides = variant
+    model = tiny_model(**overrides)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, 256, (5, 10), generator=gen)
+    batched = model(ids).logits
+    for i in range(ids.shape[0]):
+        torch.testing.assert_close(batched[i], model(ids[i : i + 1]).logits[0], atol=ATOL, rtol=0)
+    # Reordering the batch permutes the output and changes nothing else.
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    torch.testing.assert_close(model(ids[perm]).logits, batched[perm], atol=ATOL, rtol=0)
+
+
+def test_gradient_reaches_every_parameter(variant):
+    name, overrides = variant
+    model = tiny_model(**overrides).train()
+    # Every token id, so every expert of every routed layer receives tokens.
+    ids = torch.randperm(256, generator=torch.Generator().manual_seed(5)).reshape(4, 64)
+    model(ids, labels=ids).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    # SPEC 3b: the INL mu-router override is an argmax, which has no gradient by definition.
+    expected = [n for n, _ in model.named_parameters() if n.endswith("mlp.mu_router.weight")]
+    assert missing == expected, f"{name}: no gradient for {sorted(set(missing) - set(expected))}"
+
+
+def test_save_load_round_trip_is_bitwise(tmp_path, variant):
+    name, overrides = variant
+    model = tiny_model(**overrides)
+    if model.model.token_to_expert is not None:
+        model.set_routing_table(torch.randperm(256) % 4)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ComplexityForCausalLM)
+    saved_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert saved_state.keys() == loaded_state.keys()
+    for key in saved_state:
+        assert torch.equal(saved_state[key], loaded_state[key]), key
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert (tmp_path / "modeling_complexity.py").exists() and (tmp_path / "configuration_complexity.py").exists()
+    reloaded = AutoConfig.from_pretrained(tmp_path).to_diff_dict()
+    for key, value in model.config.to_diff_dict().items():
+        if key not in ("_name_or_path", "auto_map", "transformers_version"):
+            assert reloaded[key] == value, key
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["dense", "routed-shared-mu", "inl", "learned"])
+def test_generate_greedy_equals_argmax_loop(name):
+    model = tiny_model(**VARIANTS[name])
+    prompt = torch.randint(4, 256, (1, 6), generator=torch.Generator().manual_seed(6))
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=1)
+    ids = prompt
+    for _ in range(10):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+    static = model.generate(
+        prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=1, cache_implementation="static"
+    )
+    assert torch.equal(static, ids)
+
+
+@torch.no_grad()
+def test_generate_left_padded_batch_and_sampling():
+    model = tiny_model(**VARIANTS["routed-shared-mu"])
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randint(4, 256, (1, 7), generator=gen), torch.randint(4, 256, (1, 4), generator=gen)
+    ids = torch.cat([a, torch.cat([torch.full((1, 3), 1), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
+    alone = model.generate(b, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
+    assert torch.equal(batched[1, 3:], alone[0])
+    torch.manual_seed(0)
+    s1 = model.generate(a, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9, eos_token_id=None, pad_token_id=1)
+    torch.manual_seed(0)
+    s2 = model.generate(a, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9, eos_token_id=None, pad_token_id=1)
+    assert torch.equal(s1, s2) and s1.shape == (1, 15)
+    assert int(s1.max()) < 256
+
+
+@torch.no_grad()
+def test_generate_with_static_cache_and_torch_compile():
+    model = tiny_model(**VARIANTS["routed-shared-mu"])
+    prompt = torch.randint(4, 256, (1, 5), generator=torch.Generator().manual_seed(8))
+    eager = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    compiled = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1, cache_implementation="static"
+    )
+    assert torch.equal(compiled, eager)
+
+
+@torch.no_grad()
+def test_attention_backends_agree():
+    ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    outputs = {}
+    for impl in ("eager", "sdpa"):
+        model = tiny_model(**VARIANTS["sliding"], attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        outputs[impl] = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(outputs["eager"][:, 3:], outputs["sdpa"][:, 3:], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_sliding_window_limits_what_a_query_sees():
+    model = tiny_model(**VARIANTS["sliding"])  # window 5
+    ids = torch.randint(4, 256, (1, 12), generator=torch.Generator().manual_seed(10))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 7) % 256
+    a, b = model(ids).logits, model(changed).logits
+    # With 3 layers of window 5, information travels at most 3 * 4 positions: position 11 still
+    # sees position 0 through stacked windows, but a single layer must not. Check one layer:
+    one_layer = tiny_model(**{**VARIANTS["sliding"], "num_hidden_layers": 1})
+    a1, b1 = one_layer(ids).logits, one_layer(changed).logits
+    assert not torch.allclose(a1[0, 4], b1[0, 4])  # inside the window of position 0
+    torch.testing.assert_close(a1[0, 5:], b1[0, 5:], atol=ATOL, rtol=0)  # outside it
+    assert not torch.allclose(a[0, 8], b[0, 8])
+
+
+@torch.no_grad()
+def test_token_routing_follows_the_table():
+    """Perturbing expert e's weights changes exactly the tokens whose table entry is e."""
+    model = tiny_model(**VARIANTS["routed"])
+    table = torch.randperm(256, generator=torch.Generator().manual_seed(11)) % 4
+    model.set_routing_table(table)
+    ids = torch.arange(256).reshape(4, 64)
+    hidden_before = model.model.layers[0].mlp(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0)), table[ids])[0]
+    model.model.layers[0].mlp.experts.down_proj[2].add_(1.0)
+    hidden_after = model.model.layers[0].mlp(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0)), table[ids])[0]
+    changed = (hidden_before - hidden_after).abs().amax(-1) > 0
+    assert torch.equal(changed, table[ids] == 2)
+
+
+def test_grouped_matmul_matches_per_expert_loop(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(37, 16, generator=gen)
+    w = torch.randn(4, 16, 8, generator=gen)
+    offsets = torch.tensor([10, 10, 30, 37], dtype=torch.int32)  # expert 1 receives no rows
+    reference = torch.cat([x[0:10] @ w[0], x[10:10] @ w[1], x[10:30] @ w[2], x[30:37] @ w[3]])
+    torch.testing.assert_close(mc.grouped_matmul(x, w, offsets), reference, atol=1e-5, rtol=0)
+    monkeypatch.setattr(mc, "_GROUPED_MM", None)
+    torch.testing.assert_close(mc.grouped_matmul(x, w, offsets), reference, atol=1e-5, rtol=0)
+
+
+def test_token_routed_mlp_compiles_fullgraph():
+    mlp = tiny_model(**VARIANTS["routed-shared-mu"]).model.layers[0].mlp
+    experts = torch.randint(0, 4, (2, 16))
+    # bf16 takes the grouped GEMM; fp32 under the compiler takes the static-shape fallback.
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        mlp = mlp.to(dtype)
+        x = torch.randn(2, 16, 64, dtype=dtype)
+        eager = mlp(x, experts)[0]
+        torch._dynamo.reset()
+        compiled = torch.compile(mlp, fullgraph=True, dynamic=False)(x, experts)[0]
+        torch.testing.assert_close(compiled, eager, atol=tol, rtol=tol)
+
+
+def test_learned_router_aux_loss_is_added_and_trains_the_router():
+    model = tiny_model(**VARIANTS["learned"]).train()
+    ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(13))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.item() >= 1.0 - 1e-6  # Switch loss is >= 1
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce + model.config.router_aux_loss_coef * out.aux_loss)
+    # The aux loss alone gives every router a gradient.
+    out.aux_loss.backward()
+    for layer in model.model.layers:
+        assert layer.mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_learned_router_aux_loss_matches_switch_formula():
+    model = tiny_model(**VARIANTS["learned"], num_hidden_layers=1)
+    x = torch.randn(3, 5, 64)
+    mlp = model.model.layers[0].mlp
+    _, aux = mlp(x)
+    probs = torch.softmax(mlp.router(x.reshape(-1, 64)).double(), -1)
+    f = F.one_hot(probs.argmax(-1), 4).double().mean(0)
+    torch.testing.assert_close(aux.double(), 4 * (f * probs.mean(0)).sum(), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_mu_guidance_at_init_equals_the_model_without_mu():
+    """The mu projections start at zero: at init the mu model computes exactly the plain model."""
+    torch.manual_seed(0)
+    with_mu = ComplexityForCausalLM(tiny_config(shared_expert=True, mu_mode="guidance")).eval()
+    without = ComplexityForCausalLM(tiny_config(shared_expert=True, mu_mode="none")).eval()
+    for name, p in with_mu.named_parameters():
+        if "mu_to_" in name or "mu_proj" in name:
+            assert torch.count_nonzero(p) == 0, name
+    assert torch.count_nonzero(with_mu.model.mu_init) == 0
+    missing = without.load_state_dict(with_mu.state_dict(), strict=False)
+    assert not missing.missing_keys and all("mu" in k for k in missing.unexpected_keys)
+    ids = torch.randint(0, 256, (2, 10))
+    assert torch.equal(with_mu(ids).logits, without(ids).logits)
+
+
+def test_init_follows_the_spec():
+    torch.manual_seed(0)
+    model = ComplexityForCausalLM(tiny_config(hidden_size=256, intermediate_size=1024, mu_mode="inl", num_hidden_layers=8))
+    std, out_std = 0.02, 0.02 / math.sqrt(16)
+    layer = model.model.layers[1]
+    assert abs(layer.self_attn.q_proj.weight.std().item() - std) < 0.002
+    assert abs(layer.self_attn.o_proj.weight.std().item() - out_std) < 0.0005
+    assert abs(layer.mlp.experts.down_proj.std().item() - out_std) < 0.0005
+    assert torch.equal(layer.input_layernorm.weight, torch.ones(256))
+    bias = layer.dynamics.controller_out.bias
+    alpha, beta, gate = torch.sigmoid(bias[:256]), F.softplus(bias[256:512]), torch.sigmoid(bias[512:])
+    torch.testing.assert_close(alpha, torch.full((256,), 0.9))
+    torch.testing.assert_close(beta, torch.full((256,), 0.1))
+    torch.testing.assert_close(gate, torch.full((256,), 0.5))
+    assert torch.count_nonzero(layer.dynamics.mu_proj.weight) == 0 and torch.count_nonzero(layer.dynamics.mu) == 0
+    assert torch.equal(model.model.token_to_expert, torch.arange(model.config.vocab_size) % 4)
+
+
+def test_no_dead_mu_parameters_when_mu_is_off():
+    names = [n for n, _ in ComplexityForCausalLM(tiny_config(mu_mode="none")).named_parameters()]
+    assert not any("mu" in n for n in names)
+    inl = [n for n, _ in ComplexityForCausalLM(tiny_config(mu_mode="inl")).named_parameters()]
+    assert not any(n.startswith("model.layers.0.self_attn.mu_to") for n in inl)  # layer 0 has no mu_prev
+
+
+def closed_form_parameter_count(c: ComplexityConfig) -> tuple[int, int]:
+    """SPEC's shapes written out by hand: (total, active per token)."""
+    H, L, d, E = c.hidden_size, c.num_hidden_layers, c.head_dim, c.num_experts
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    attn = H * q + 2 * H * kv + q * H + (2 * d if c.use_qk_norm else 0)
+    mu_attn = H * (q + 2 * kv)
+    swiglu = lambda width: 3 * H * width  # noqa: E731
+    total = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + H  # embeddings + final norm
+    inactive = 0
+    for i in range(L):
+        total += attn + 2 * H
+        if c.mlp_type == "dense":
+            total += swiglu(c.intermediate_size)
+        else:
+            total += E * swiglu(c.expert_width) + (swiglu(c.shared_expert_width) if c.shared_expert else 0)
+            total += E * H if (c.mlp_type == "learned_moe" or c.mu_mode == "inl") else 0
+            visited = 1 if c.mlp_type == "token_routed" else c.num_experts_per_tok
+            inactive += (E - visited) * swiglu(c.expert_width)
+        if c.mu_mode == "guidance":
+            total += mu_attn + ((H + H * H) if i < L - 1 else 0)
+        if c.mu_mode == "inl":
+            C = c.dynamics_controller_hidden
+            total += (mu_attn if i > 0 else 0) + H + H * H + (2 * H * C + C) + (C * 3 * H + 3 * H)
+    total += H if c.mu_mode == "guidance" else 0
+    return total, total - inactive
+
+
+@pytest.mark.parametrize("preset", complexity.PRESETS)
+def test_preset_parameter_counts_equal_the_formula(preset):
+    config = ComplexityConfig.from_preset(preset)
+    counts = count_parameters(config)
+    assert (counts.total, counts.active) == closed_form_parameter_count(config)
+
+
+def test_known_preset_sizes():
+    # tmlr-187m: 186.8M live (upstream's 187.4M included the last layer's dead mu projection);
+    # the dense ablation arm at width 3242 has 187.4M; pacific-prime is the 1.5B INL model.
+    assert count_parameters(ComplexityConfig.from_preset("tmlr-187m")).total == 186_822_144
+    dense = ComplexityConfig.from_preset("tmlr-187m", mlp_type="dense", mu_mode="none", shared_expert=False, intermediate_size=3242)
+    assert count_parameters(dense).total == 187_370_496
+    assert round(count_parameters(ComplexityConfig.from_preset("pacific-prime")).total / 1e9, 2) == 1.51
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "num_attention_heads"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(intermediate_size=130), "intermediate_size"),
+        (dict(mlp_type="switch"), "mlp_type"),
+        (dict(mu_mode="fancy"), "mu_mode"),
+        (dict(routing="hash"), "routing"),
+        (dict(mlp_type="dense", shared_expert=True), "shared_expert"),
+        (dict(mlp_type="learned_moe", num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(mlp_type="dense", mu_mode="inl"), "mu_mode"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(dynamics_alpha=1.5), "dynamics_alpha"),
+    ],
+)
+def test_invalid_configs_name_the_field(fields, field):
+    with pytest.raises(ValueError, match=rf"ComplexityConfig\.{field}"):
+        tiny_config(**fields)
+
+
+def test_unknown_preset_and_bad_routing_tables():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ComplexityConfig.from_preset("huge")
+    model = tiny_model(**VARIANTS["routed"])
+    with pytest.raises(ValueError, match=r"shape \(255,\), expected \(256,\) \(vocab_size\)"):
+        model.set_routing_table(torch.zeros(255, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 4\) \(num_experts\)"):
+        model.set_routing_table(torch.full((256,), 4))
+    with pytest.raises(ValueError, match="integer expert ids"):
+        model.set_routing_table(torch.zeros(256))
+    with pytest.raises(ValueError, match="no token routing"):
+        tiny_model(**VARIANTS["dense"]).set_routing_table(torch.zeros(256, dtype=torch.long))
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny_model(**VARIANTS["routed"])
+    with pytest.raises(ValueError, match=r"token id 256 is outside the vocabulary \[0, 256\)"):
+        model(torch.tensor([[5, 256, 7]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[5, -1]]))
+    with pytest.raises(ValueError, match="token-routed models need input_ids"):
+        model(inputs_embeds=torch.randn(1, 3, 64))
+    dense = tiny_model(**VARIANTS["dense"])
+    assert dense(inputs_embeds=torch.randn(1, 3, 64)).logits.shape == (1, 3, 256)
+
+
+def test_create_complexity_model_and_presets():
+    model = create_complexity_model("tiny", vocab_size=512, num_hidden_layers=2, routing_table=torch.arange(512) % 4)
+    assert model.config.hidden_size == 256 and model.config.preset == "tiny"
+    assert torch.equal(model.model.token_to_expert, torch.arange(512) % 4)
+    config = ComplexityConfig.from_preset("pacific-prime")
+    assert (config.mu_mode, config.routing, config.shared_expert) == ("inl", "modulo", False)
+    config = ComplexityConfig.from_preset("tmlr-187m")
+    assert (config.mu_mode, config.routing, config.shared_expert, config.num_hidden_layers) == ("guidance", "zipf", True, 18)
+
+
+def test_cli_info_prints_exact_counts(capsys):
+    from complexity.cli import main
+
+    assert main(["info", "tmlr-187m"]) == 0
+    out = capsys.readouterr().out
+    assert "total 186,822,144" in out and "active per token 123,121,152" in out
+    assert main(["info", "tiny", "mlp_type=dense", "--json"]) == 0
+    assert '"mlp_type": "dense"' in capsys.readouterr().out
+    assert main(["info", "tiny", "num_experts=3"]) == 2
+    assert "intermediate_size" in capsys.readouterr().err
