@@ -1,0 +1,1 @@
+"""Bridges between Complexity and checkpoints or frameworks written by other projects."""
