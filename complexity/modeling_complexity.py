@@ -220,6 +220,24 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return out
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows = x[index] where `index` is a permutation with inverse `inverse`.
+
+    Plain indexing would back-propagate through a scatter-add (index_put with accumulate),
+    which sorts again on the GPU; a permutation's gradient is just the inverse gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class ComplexityExperts(nn.Module):
     """E SwiGLU experts stored stacked, [E, in, out], run as grouped GEMMs over rows sorted by expert.
 
@@ -236,13 +254,14 @@ class ComplexityExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; expert_idx [N] -> [N, H], row i through expert expert_idx[i]."""
         order = torch.argsort(expert_idx, stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts.index_add_(0, expert_idx, torch.ones_like(expert_idx, dtype=torch.int32))
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        xs = x[order]
+        xs = _PermuteRows.apply(x, order, inverse)
         gate, up = grouped_matmul(xs, self.gate_up_proj, offsets).chunk(2, dim=-1)
         ys = grouped_matmul(F.silu(gate) * up, self.down_proj, offsets)
-        return torch.empty_like(ys).index_copy_(0, order, ys)
+        return _PermuteRows.apply(ys, inverse, order)
 
 
 class ComplexityTokenRoutedMLP(nn.Module):

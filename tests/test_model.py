@@ -415,3 +415,54 @@ def test_cli_info_prints_exact_counts(capsys):
     assert '"mlp_type": "dense"' in capsys.readouterr().out
     assert main(["info", "tiny", "num_experts=3"]) == 2
     assert "intermediate_size" in capsys.readouterr().err
+
+
+REMOTE_CODE_SCRIPT = r"""
+import importlib.abc, sys
+
+class HideComplexity(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "complexity" or name.startswith("complexity."):
+            raise ImportError(f"{name} is hidden for this test")
+        return None
+
+sys.meta_path.insert(0, HideComplexity())
+import torch
+from transformers import AutoModelForCausalLM
+try:
+    import complexity  # noqa: F401
+    raise SystemExit("the package should be hidden")
+except ImportError:
+    pass
+folder = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+data = torch.load(folder + "/expected.pt")
+with torch.no_grad():
+    logits = model(data["ids"]).logits
+assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
+generated = model.generate(data["ids"][:1], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=1)
+assert generated.shape == (1, data["ids"].shape[1] + 4)
+print("REMOTE-CODE-OK", type(model).__module__)
+"""
+
+
+def test_trust_remote_code_load_without_the_package(tmp_path):
+    """A saved folder carries its own model code: it loads where `complexity` is not importable."""
+    import subprocess
+    import sys
+
+    model = tiny_model(**VARIANTS["routed-shared-mu"])
+    model.set_routing_table(torch.randperm(256) % 4)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, folder / "expected.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-CODE-OK transformers_modules" in result.stdout
