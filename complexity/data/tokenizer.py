@@ -127,6 +127,21 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         hf.save_pretrained(str(tmp))
+        # transformers 5 keeps the template in chat_template.jinja; also record it (and the
+        # special-token ids) in tokenizer_config.json so older loaders (transformers 4, vLLM) see it.
+        cfg_path = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg.update(
+            tokenizer_class="PreTrainedTokenizerFast",
+            chat_template=CHAT_TEMPLATE,
+            add_bos_token=False,
+            add_eos_token=False,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+            unk_token_id=UNK_ID,
+        )
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")

@@ -1,0 +1,82 @@
+"""`complexity routing build`: a token -> expert table from token counts, with a balance report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("routing", help="build token-routed MLP routing tables")
+    sub = parser.add_subparsers(dest="routing_command", metavar="ACTION")
+    sub.required = True
+    build = sub.add_parser(
+        "build",
+        help="build a routing table and report each strategy's load balance",
+        description="Build the token -> expert table (int64 [V]) and print, for every strategy, the max/mean "
+        "expert share of the token-count mass.",
+    )
+    build.add_argument("--counts", required=True,
+                       help="token counts: a .npy int64 [V] file or a prepared-data folder (token_counts.npy)")
+    build.add_argument("--experts", type=int, required=True)
+    build.add_argument("--strategy", default="zipf", choices=["zipf", "modulo", "range"])
+    build.add_argument("--vocab-size", type=int, default=None,
+                       help="table size (default: len(counts); larger pads the counts with zeros)")
+    build.add_argument("--out", default=None, help="write the table (.safetensors key 'routing_table', or .npy)")
+    build.set_defaults(func=run_build)
+
+
+def load_counts(path: str):
+    import numpy as np
+
+    p = Path(path)
+    if p.is_dir():
+        from complexity.data.prepare import load_token_counts
+
+        return load_token_counts(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such counts file")
+    try:
+        counts = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{p}: not a .npy counts array: {err}") from None
+    if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
+        raise ValueError(f"{p}: counts must be a 1-D integer array, got {counts.dtype} {list(counts.shape)}")
+    return counts.astype(np.int64)
+
+
+def run_build(args) -> int:
+    import numpy as np
+
+    from complexity.routing import STRATEGIES, balance_report, build_routing_table
+
+    counts = load_counts(args.counts)
+    vocab = args.vocab_size or len(counts)
+    if vocab < len(counts):
+        raise ValueError(f"--vocab-size {vocab} is smaller than the counts ({len(counts)} ids)")
+    counts = np.concatenate([counts, np.zeros(vocab - len(counts), dtype=np.int64)])
+    print(f"{len(counts)} ids, {int(counts.sum()):,} counted tokens, {args.experts} experts")
+    print(f"{'strategy':<8} {'max/mean mass':>14} {'min share':>10} {'max share':>10} {'ids max/mean':>13}")
+    chosen = None
+    for strategy in STRATEGIES:
+        table = build_routing_table(strategy, vocab, args.experts, counts)
+        rep = balance_report(table, counts, args.experts)
+        mark = " <-" if strategy == args.strategy else ""
+        print(f"{strategy:<8} {rep['max_over_mean']:>14.4f} {min(rep['mass_share']):>10.4f} "
+              f"{max(rep['mass_share']):>10.4f} {rep['ids_max_over_mean']:>13.4f}{mark}")
+        if strategy == args.strategy:
+            chosen = table
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        if out.suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, chosen.numpy())
+        else:
+            from safetensors.torch import save_file
+
+            save_file({"routing_table": chosen.contiguous()}, str(tmp),
+                      metadata={"strategy": args.strategy, "num_experts": str(args.experts)})
+        tmp.replace(out)
+        print(f"wrote {args.strategy} table [{vocab}] to {out}")
+    return 0

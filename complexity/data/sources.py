@@ -1,0 +1,395 @@
+"""Text sources: resolve inputs (files, folders, globs, HF datasets) and read their documents.
+
+Supported inputs (``resolve_sources``):
+
+- ``*.txt`` / ``*.text`` / ``*.md``: UTF-8 text; ``txt_split`` decides what a document is:
+  ``file`` (the whole file, default), ``line`` (each non-blank line) or ``paragraph``
+  (blocks separated by blank lines);
+- ``*.jsonl``: one JSON object per line, the document in ``text_field`` (default ``text``);
+- ``*.parquet``: the string column ``text_field``;
+- a folder saved by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``: split ``hf_split``);
+- any other folder: every supported file below it (recursively, sorted, hidden files skipped);
+- a glob (``data/*.jsonl``, ``corpus/**/*.txt``);
+- ``hf:NAME[:CONFIG]``: ``datasets.load_dataset(NAME, CONFIG, split=hf_split)`` (needs network);
+- ``builtin``: the zero-download corpus of ``complexity.data.builtin_corpus``.
+
+Every problem raises ``DataSourceError`` (a ``ValueError``) or ``FileNotFoundError`` naming the
+file, and the line for jsonl.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+TXT_SPLITS = ("file", "line", "paragraph")
+_CHUNK = 1 << 20
+
+
+class DataSourceError(ValueError):
+    """An input file/dataset is unusable; the message names it (and the line, for jsonl)."""
+
+
+@dataclass
+class Source:
+    """One resolved input. ``sha256``/``size_bytes`` identify its content for resume/idempotence."""
+
+    name: str  # path, "hf:NAME" or "builtin"
+    kind: str  # txt | jsonl | parquet | hf_disk | hf_hub | builtin
+    size_bytes: int = 0
+    sha256: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def _kind_of(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(TEXT_SUFFIXES):
+        return "txt"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def is_hf_disk_folder(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+        or (path / "dataset_dict.json").is_file()
+    )
+
+
+def _expand(spec: str) -> list[tuple[Path, str]]:
+    if spec == "builtin" or spec.startswith("hf:"):
+        return []
+    p = Path(spec)
+    if p.is_file():
+        kind = _kind_of(p)
+        if kind is None:
+            raise DataSourceError(
+                f"{p}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)}, "
+                "folders, globs, datasets saved with save_to_disk)"
+            )
+        return [(p, kind)]
+    if p.is_dir():
+        if is_hf_disk_folder(p):
+            return [(p, "hf_disk")]
+        found = []
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dpath = Path(dirpath)
+            hf_dirs = [d for d in dirnames if is_hf_disk_folder(dpath / d)]
+            for d in hf_dirs:
+                found.append((dpath / d, "hf_disk"))
+            dirnames[:] = [d for d in dirnames if d not in hf_dirs]
+            for name in sorted(filenames):
+                fp = dpath / name
+                kind = _kind_of(fp)
+                if kind and not name.startswith("."):
+                    found.append((fp, kind))
+        found.sort(key=lambda t: str(t[0]))
+        if not found:
+            raise DataSourceError(f"{p}: folder contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})")
+        return found
+    if any(ch in spec for ch in "*?["):
+        matches = sorted(glob.glob(spec, recursive=True))
+        out = []
+        for m in matches:
+            mp = Path(m)
+            if mp.is_file() and _kind_of(mp):
+                out.append((mp, _kind_of(mp)))
+            elif is_hf_disk_folder(mp):
+                out.append((mp, "hf_disk"))
+        if not out:
+            raise FileNotFoundError(f"{spec}: glob matches no supported files")
+        return out
+    raise FileNotFoundError(
+        f"{spec}: no such file or folder (for a Hugging Face hub dataset write hf:NAME; "
+        "for the built-in corpus use --builtin)"
+    )
+
+
+def _hash_and_check_text(path: Path, kind: str) -> tuple[int, str]:
+    """sha256 + size; rejects empty, binary (NUL bytes) and non-UTF-8 text files."""
+    import codecs
+
+    h = hashlib.sha256()
+    size = 0
+    check_text = kind in ("txt", "jsonl")
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    any_text = False
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                if check_text:
+                    nul = chunk.find(b"\x00")
+                    if nul >= 0:
+                        raise DataSourceError(f"{path}: looks like a binary file (NUL byte at offset {size + nul}), not text")
+                    try:
+                        text = decoder.decode(chunk)
+                    except UnicodeDecodeError as err:
+                        raise DataSourceError(
+                            f"{path}: not valid UTF-8 text (bad byte at offset {size + err.start})"
+                        ) from None
+                    any_text = any_text or bool(text.strip())
+                size += len(chunk)
+            if check_text:
+                try:
+                    any_text = bool(decoder.decode(b"", final=True).strip()) or any_text
+                except UnicodeDecodeError:
+                    raise DataSourceError(f"{path}: not valid UTF-8 text (truncated character at end of file)") from None
+    except OSError as err:
+        raise DataSourceError(f"{path}: cannot read: {err}") from err
+    if size == 0:
+        raise DataSourceError(f"{path}: file is empty")
+    if check_text and not any_text:
+        raise DataSourceError(f"{path}: file contains only whitespace")
+    return size, h.hexdigest()
+
+
+def _check_parquet(path: Path, text_field: str) -> dict:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+        names = pf.schema_arrow.names
+        rows = pf.metadata.num_rows
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError on corrupt files
+        raise DataSourceError(f"{path}: not a readable parquet file: {err}") from None
+    if text_field not in names:
+        raise DataSourceError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); use --text-field")
+    if rows == 0:
+        raise DataSourceError(f"{path}: parquet file has no rows")
+    return {"rows": rows}
+
+
+def _load_hf_disk(path: Path, hf_split: str | None):
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataSourceError(f"{path}: cannot load saved dataset: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = hf_split or ("train" if "train" in ds else None)
+        if split not in ds:
+            raise DataSourceError(f"{path}: dataset has splits {sorted(ds)}; choose one with --hf-split")
+        ds = ds[split]
+    return ds
+
+
+def _load_hf_hub(spec: str, hf_split: str | None):
+    import datasets
+
+    name = spec[3:]
+    config = None
+    if ":" in name:
+        name, config = name.split(":", 1)
+    try:
+        return datasets.load_dataset(name, config, split=hf_split or "train")
+    except Exception as err:
+        raise DataSourceError(
+            f"{spec}: cannot load dataset {name!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
+            "offline? save it with `save_to_disk` elsewhere and pass the folder"
+        ) from None
+
+
+def resolve_sources(
+    inputs: Sequence[str],
+    *,
+    text_field: str = "text",
+    hf_split: str | None = None,
+    builtin: bool = False,
+) -> list[Source]:
+    """Expand ``inputs`` into an ordered, de-duplicated list of validated ``Source``s.
+
+    Text and jsonl files are hashed and checked for emptiness, NUL bytes and UTF-8 validity here;
+    parquet files for readability and the text column. jsonl lines are checked while reading.
+    """
+    specs = list(inputs)
+    if builtin:
+        specs.append("builtin")
+    if not specs:
+        raise DataSourceError("no inputs: give --input PATH... or --builtin")
+    out: list[Source] = []
+    seen: set[str] = set()
+    for spec in specs:
+        if spec == "builtin":
+            if "builtin" not in seen:
+                from . import builtin_corpus
+
+                stats = builtin_corpus.corpus_stats()
+                seen.add("builtin")
+                out.append(Source(builtin_corpus.NAME, "builtin", stats["bytes"], stats["sha256"]))
+            continue
+        if spec.startswith("hf:"):
+            if spec in seen:
+                continue
+            seen.add(spec)
+            ds = _load_hf_hub(spec, hf_split)
+            _check_hf_column(spec, ds, text_field)
+            fp = getattr(ds, "_fingerprint", "") or ""
+            out.append(Source(spec, "hf_hub", int(getattr(ds, "dataset_size", 0) or 0), fp, {"split": hf_split or "train"}))
+            continue
+        for path, kind in _expand(spec):
+            key = str(path.resolve())
+            if key in seen:
+                continue
+            seen.add(key)
+            if kind == "hf_disk":
+                ds = _load_hf_disk(path, hf_split)
+                _check_hf_column(path, ds, text_field)
+                size, digest = _hash_folder(path)
+                out.append(Source(str(path), kind, size, digest, {"rows": len(ds)}))
+                continue
+            extra = _check_parquet(path, text_field) if kind == "parquet" else {}
+            size, digest = _hash_and_check_text(path, kind)
+            out.append(Source(str(path), kind, size, digest, extra))
+    return out
+
+
+def _check_hf_column(where, ds, text_field: str) -> None:
+    cols = list(getattr(ds, "column_names", []) or [])
+    if text_field not in cols:
+        raise DataSourceError(f"{where}: dataset has no column {text_field!r} (columns: {', '.join(cols)}); use --text-field")
+    if len(ds) == 0:
+        raise DataSourceError(f"{where}: dataset has no rows")
+
+
+def _hash_folder(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    for fp in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(fp.relative_to(path)).encode())
+        with open(fp, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+    return size, h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _split_text(text: str, txt_split: str) -> Iterator[str]:
+    if txt_split == "file":
+        if text.strip():
+            yield text
+    elif txt_split == "line":
+        for line in text.splitlines():
+            if line.strip():
+                yield line
+    elif txt_split == "paragraph":
+        block: list[str] = []
+        for line in text.splitlines() + [""]:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "\n".join(block)
+                block = []
+    else:
+        raise DataSourceError(f"unknown txt split {txt_split!r} (choose from {', '.join(TXT_SPLITS)})")
+
+
+def iter_documents(
+    source: Source, *, text_field: str = "text", txt_split: str = "file", hf_split: str | None = None
+) -> Iterator[str]:
+    """Yield the documents of one resolved source, validating as it goes."""
+    kind, name = source.kind, source.name
+    if kind == "builtin":
+        from . import builtin_corpus
+
+        yield from builtin_corpus.iter_documents()
+    elif kind == "txt":
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DataSourceError(f"{name}: not valid UTF-8 text (bad byte at offset {err.start})") from None
+        if txt_split not in TXT_SPLITS:
+            raise DataSourceError(f"unknown txt split {txt_split!r} (choose from {', '.join(TXT_SPLITS)})")
+        yield from _split_text(text, txt_split)
+    elif kind == "jsonl":
+        yield from _iter_jsonl(Path(name), text_field)
+    elif kind == "parquet":
+        yield from _iter_parquet(Path(name), text_field)
+    elif kind in ("hf_disk", "hf_hub"):
+        ds = _load_hf_disk(Path(name), hf_split) if kind == "hf_disk" else _load_hf_hub(name, source.extra.get("split"))
+        for i, batch in enumerate(ds.select_columns([text_field]).iter(batch_size=1000)):
+            for j, text in enumerate(batch[text_field]):
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise DataSourceError(f"{name}: row {i * 1000 + j}: column {text_field!r} is {type(text).__name__}, not text")
+                if text.strip():
+                    yield text
+    else:
+        raise DataSourceError(f"{name}: unknown source kind {kind!r}")
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataSourceError(f"{path}:{lineno}: not valid UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataSourceError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataSourceError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                keys = ", ".join(map(str, obj)) or "none"
+                raise DataSourceError(f"{path}:{lineno}: missing text field {text_field!r} (fields: {keys}); use --text-field")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise DataSourceError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+            if text.strip():
+                yield text
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        pf = pq.ParquetFile(str(path))
+        batches = pf.iter_batches(columns=[text_field], batch_size=2048)
+        for batch in batches:
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise DataSourceError(f"{path}: row {row - 1}: column {text_field!r} is {type(text).__name__}, not text")
+                if text.strip():
+                    yield text
+    except DataSourceError:
+        raise
+    except Exception as err:
+        raise DataSourceError(f"{path}: not a readable parquet file (row {row}): {err}") from None

@@ -1,0 +1,277 @@
+"""`data prepare`: packing, shards vs manifest, counts, resume, idempotence, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from complexity.cli import main
+pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
+
+
+def make_docs(*a, **k):
+    from data_fixtures import make_docs
+
+    return make_docs(*a, **k)
+
+
+def write_corpus(*a, **k):
+    from data_fixtures import write_corpus
+
+    return write_corpus(*a, **k)
+
+
+def _stream(folder: Path, split: str) -> np.ndarray:
+    m = json.loads((folder / "manifest.json").read_text())
+    parts = [np.load(folder / s["file"]) for s in m["splits"][split]["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _looks_complete(out: Path) -> bool:
+    return (out / "manifest.json").exists()
+
+
+def _tree_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_packing_and_roundtrip(prepared, corpus, tiny_tokenizer):
+    from complexity.data.prepare import is_validation
+    from complexity.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer)
+    m = json.loads((prepared / "manifest.json").read_text())
+    # source order: the folder's files sorted by path: doc0.txt doc1.txt doc2.txt more.jsonl
+    docs = corpus["docs"]
+    expected = {"train": [], "val": []}
+    for d in docs:
+        split = "val" if is_validation(d.encode(), 0.2) else "train"
+        expected[split].extend(tok.encode(d, add_special_tokens=False).ids + [0])
+    for split in ("train", "val"):
+        got = _stream(prepared, split)
+        assert got.tolist() == expected[split]  # </s> after every document, no token lost
+        assert m["splits"][split]["tokens"] == got.size
+        assert sum(s["tokens"] for s in m["splits"][split]["shards"]) == got.size
+        # decode back to the documents
+        pieces = tok.decode(got.tolist(), skip_special_tokens=False).split("</s>")
+        assert pieces[-1] == ""
+        assert [p for p in pieces[:-1]] == [d for d in docs if (split == "val") == is_validation(d.encode(), 0.2)]
+    assert m["splits"]["val"]["documents"] > 0 and m["splits"]["train"]["documents"] > 0
+    assert m["documents"] == len(docs)
+    assert m["splits"]["train"]["text_bytes"] + m["splits"]["val"]["text_bytes"] == sum(len(d.encode()) for d in docs)
+
+
+def test_manifest_fields_and_counts(prepared, tiny_tokenizer):
+    from complexity.data.tokenizer import tokenizer_hash
+
+    m = json.loads((prepared / "manifest.json").read_text())
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 400 and m["eos_id"] == 0
+    assert m["tokenizer"]["hash"] == tokenizer_hash(tiny_tokenizer)
+    assert len(m["sources"]) == 4
+    for s in m["sources"]:
+        assert len(s["sha256"]) == 64 and s["size_bytes"] == Path(s["name"]).stat().st_size
+    counts = np.load(prepared / "token_counts.npy")
+    assert counts.dtype == np.int64 and counts.shape == (400,)
+    train = _stream(prepared, "train")
+    assert np.array_equal(counts, np.bincount(train, minlength=400))
+    assert m["token_counts"]["total"] == train.size
+    assert not list(prepared.parent.glob("data.tmp-*"))
+    assert not (prepared / "parts").exists()
+
+
+def test_idempotent_rerun(prepared, tiny_tokenizer, corpus, capsys):
+    before = _tree_bytes(prepared)
+    mtime = (prepared / "manifest.json").stat().st_mtime_ns
+    rc = main(["data", "prepare", "--input", str(corpus["jsonl"].parent), "--tokenizer", str(tiny_tokenizer),
+               "--out", str(prepared), "--val-fraction", "0.2", "--no-progress"])
+    assert rc == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert _tree_bytes(prepared) == before
+    assert (prepared / "manifest.json").stat().st_mtime_ns == mtime
+    # different options on an existing folder: refused without --force
+    rc = main(["data", "prepare", "--input", str(corpus["jsonl"].parent), "--tokenizer", str(tiny_tokenizer),
+               "--out", str(prepared), "--val-fraction", "0.3", "--no-progress"])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert _tree_bytes(prepared) == before
+
+
+def test_resume_after_interruption_matches_clean_run(tmp_path, tiny_tokenizer, monkeypatch):
+    from complexity.data.prepare import PrepareInterrupted, prepare_dataset
+
+    src = write_corpus(tmp_path / "src", n_txt=4, n_jsonl_docs=30)
+    inputs = [str(tmp_path / "src")]
+    quiet = dict(progress=False, log=lambda m: None, val_fraction=0.25, shard_tokens=700)
+    clean = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "clean", **quiet)
+    assert len(clean.manifest["splits"]["train"]["shards"]) > 1  # multi-shard path exercised
+
+    monkeypatch.setenv("COMPLEXITY_PREPARE_FAIL_AFTER", "2")
+    with pytest.raises(PrepareInterrupted):
+        prepare_dataset(inputs, tiny_tokenizer, tmp_path / "resumed", **quiet)
+    assert not (tmp_path / "resumed").exists()
+    tmps = list(tmp_path.glob("resumed.tmp-*"))
+    assert len(tmps) == 1 and len(list((tmps[0] / "parts").glob("*.json"))) == 2
+    assert not (tmps[0] / "manifest.json").exists()
+
+    monkeypatch.delenv("COMPLEXITY_PREPARE_FAIL_AFTER")
+    logs = []
+    res = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "resumed", **{**quiet, "log": logs.append})
+    assert res.resumed_parts == 2 and not res.skipped
+    assert any("resumed" in line for line in logs)
+    assert not list(tmp_path.glob("resumed.tmp-*"))
+    a, b = _tree_bytes(tmp_path / "clean"), _tree_bytes(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k != "manifest.json":
+            assert a[k] == b[k], k
+    ma, mb = (json.loads(x) for x in (a["manifest.json"], b["manifest.json"]))
+    ma.pop("created"), mb.pop("created")
+    assert ma == mb
+    assert len(src["docs"]) == ma["documents"]
+
+
+def test_worker_processes_same_output(tmp_path, tiny_tokenizer, prepared, corpus):
+    from complexity.data.prepare import prepare_dataset
+
+    res = prepare_dataset([str(corpus["jsonl"].parent)], tiny_tokenizer, tmp_path / "mp", val_fraction=0.2,
+                          workers=2, batch_bytes=2000, progress=False, log=lambda m: None)
+    for split in ("train", "val"):
+        assert np.array_equal(_stream(tmp_path / "mp", split), _stream(prepared, split))
+    assert res.manifest["config_hash"] == json.loads((prepared / "manifest.json").read_text())["config_hash"]
+
+
+def test_parquet_glob_and_hf_disk_sources(tmp_path, tiny_tokenizer):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from complexity.data.prepare import prepare_dataset
+
+    docs = make_docs(12, seed=11)
+    pq.write_table(pa.table({"body": docs[:6]}), tmp_path / "a.parquet")
+    datasets.Dataset.from_dict({"body": docs[6:]}).save_to_disk(str(tmp_path / "hfds"))
+    res = prepare_dataset([str(tmp_path / "*.parquet"), str(tmp_path / "hfds")], tiny_tokenizer, tmp_path / "out",
+                          text_field="body", val_fraction=0.0, progress=False, log=lambda m: None)
+    assert [s["kind"] for s in res.manifest["sources"]] == ["parquet", "hf_disk"]
+    assert res.manifest["documents"] == 12 and res.manifest["splits"]["val"]["tokens"] == 0
+    assert (_stream(tmp_path / "out", "train") == 0).sum() == 12
+
+
+def test_txt_split_modes(tmp_path):
+    from complexity.data.sources import iter_documents, resolve_sources
+
+    p = tmp_path / "a.txt"
+    p.write_text("one line\ntwo line\n\nthird para\n", encoding="utf-8")
+    (src,) = resolve_sources([str(p)])
+    assert list(iter_documents(src)) == ["one line\ntwo line\n\nthird para\n"]
+    assert list(iter_documents(src, txt_split="line")) == ["one line", "two line", "third para"]
+    assert list(iter_documents(src, txt_split="paragraph")) == ["one line\ntwo line", "third para"]
+
+
+def _bad(tmp_path, name, content: bytes):
+    p = tmp_path / name
+    p.write_bytes(content)
+    return p
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", b"", "empty.txt: file is empty"),
+    ("blank.txt", b"  \n\n ", "blank.txt: file contains only whitespace"),
+    ("bin.txt", b"abc\x00\x01\x02def", "bin.txt: looks like a binary file"),
+    ("latin.txt", "caf\u00e9".encode("latin-1"), "latin.txt: not valid UTF-8"),
+    ("nofield.jsonl", b'{"text": "fine"}\n{"body": "oops"}\n', "nofield.jsonl:2: missing text field 'text'"),
+    ("badjson.jsonl", b'{"text": "fine"}\n\n{"text": "x",\n', "badjson.jsonl:3: invalid JSON"),
+    ("notstr.jsonl", b'{"text": 5}\n', "notstr.jsonl:1: field 'text' is int"),
+    ("corrupt.parquet", b"PAR1 this is not really parquet PAR1", "corrupt.parquet: not a readable parquet file"),
+    ("data.bin", b"whatever", "data.bin: unsupported file type"),
+])
+def test_bad_inputs_cli(tmp_path, tiny_tokenizer, corpus, capsys, name, content, message):
+    bad = _bad(tmp_path, name, content)
+    out = tmp_path / "out"
+    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), str(bad), "--tokenizer", str(tiny_tokenizer),
+               "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err, err
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_missing_input_and_empty_glob(tmp_path, tiny_tokenizer, capsys):
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tiny_tokenizer),
+                 "--out", str(out)]) == 2
+    assert "nope.txt: no such file or folder" in capsys.readouterr().err
+    assert main(["data", "prepare", "--input", str(tmp_path / "*.jsonl"), "--tokenizer", str(tiny_tokenizer),
+                 "--out", str(out)]) == 2
+    assert "glob matches no supported files" in capsys.readouterr().err
+    assert main(["data", "prepare", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "notok"),
+                 "--out", str(out)]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_dtype_too_small(tmp_path, corpus, capsys):
+    from tokenizers import Tokenizer, models
+
+    from complexity.data.prepare import choose_dtype
+    from complexity.data.tokenizer import save_tokenizer
+
+    assert choose_dtype(65536).name == "uint16" and choose_dtype(65537).name == "uint32"
+    # a real (untrained) tokenizer folder with a 70k vocabulary
+    vocab = {"</s>": 0, "<pad>": 1, "<s>": 2, "<unk>": 3}
+    vocab.update({f"t{i}": i + 4 for i in range(70_000)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    save_tokenizer(tok, tmp_path / "bigtok")
+    out = tmp_path / "out"
+    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "bigtok"),
+               "--out", str(out), "--dtype", "uint16", "--no-progress"])
+    assert rc == 2 and "uint16 cannot hold token ids up to 70003" in capsys.readouterr().err
+    assert not out.exists()
+    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "bigtok"),
+               "--out", str(out), "--no-progress"])
+    assert rc == 0 and json.loads((out / "manifest.json").read_text())["dtype"] == "uint32"
+
+
+def test_inspect_detects_tokenizer_mismatch(prepared, tiny_tokenizer, other_tokenizer, capsys):
+    assert main(["data", "inspect", str(prepared), "--tokenizer", str(tiny_tokenizer)]) == 0
+    assert "train:" in capsys.readouterr().out
+    assert main(["data", "inspect", str(prepared), "--tokenizer", str(other_tokenizer)]) == 2
+    assert "prepared with a different tokenizer" in capsys.readouterr().err
+    assert main(["data", "inspect", str(prepared), "--vocab-size", "256"]) == 2
+    assert "vocab size 400" in capsys.readouterr().err
+
+
+def test_interrupted_folder_not_mistaken_for_complete(tmp_path, prepared, tiny_tokenizer, corpus, capsys):
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(prepared, half)
+    (half / "manifest.json").unlink()
+    assert main(["data", "inspect", str(half)]) == 2
+    assert "not a complete prepared-data folder" in capsys.readouterr().err
+    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tiny_tokenizer),
+               "--out", str(half), "--no-progress"])
+    assert rc == 2 and "not a prepared-data folder" in capsys.readouterr().err
+
+
+def test_hub_dataset_offline_error(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    rc = main(["data", "prepare", "--input", "hf:someone/corpus", "--tokenizer", str(tiny_tokenizer),
+               "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "hf:someone/corpus: cannot load dataset 'someone/corpus' from the Hugging Face hub" in err
+    assert "offline?" in err and not (tmp_path / "out").exists()
+
+
+def test_builtin_flag_resolves_builtin_source():
+    from complexity.data.sources import resolve_sources
+
+    (src,) = resolve_sources([], builtin=True)
+    assert src.kind == "builtin" and src.size_bytes > 1_000_000 and len(src.sha256) == 64

@@ -1,0 +1,152 @@
+"""Tokenizer training/saving, the built-in corpus, and `complexity tokenizer train`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from complexity.cli import main
+pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
+
+
+def make_docs(*a, **k):
+    from data_fixtures import make_docs
+
+    return make_docs(*a, **k)
+
+
+def write_corpus(*a, **k):
+    from data_fixtures import write_corpus
+
+    return write_corpus(*a, **k)
+
+
+def test_special_token_ids_and_hf_folder(tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    assert (tok.eos_token, tok.pad_token, tok.bos_token, tok.unk_token) == ("</s>", "<pad>", "<s>", "<unk>")
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert len(tok) == 400
+    cfg = json.loads((tiny_tokenizer / "tokenizer_config.json").read_text())
+    assert "chat_template" in cfg and cfg["eos_token_id"] == 0 and cfg["pad_token_id"] == 1 and cfg["bos_token_id"] == 2
+    # matches the model config defaults
+    from complexity.configuration_complexity import ComplexityConfig
+
+    mc = ComplexityConfig()
+    assert (mc.pad_token_id, mc.bos_token_id, mc.eos_token_id) == (1, 2, 0)
+
+
+@pytest.mark.parametrize("text", [
+    "The model reads tokens.",
+    "naïve café ünïcode — “quotes” 日本語 🙂\n\n  indented\ttab",
+    "",
+    "x" * 500,
+])
+def test_round_trip(tiny_tokenizer, text):
+    from transformers import AutoTokenizer
+
+    from complexity.data.tokenizer import load_tokenizer
+
+    fast = load_tokenizer(tiny_tokenizer)
+    ids = fast.encode(text, add_special_tokens=False).ids
+    assert 0 not in ids and 2 not in ids  # no special tokens added
+    assert fast.decode(ids) == text
+    hf = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    assert hf(text)["input_ids"] == ids
+    assert hf.decode(ids) == text
+
+
+def test_nfc_normalisation(tiny_tokenizer):
+    from complexity.data.tokenizer import load_tokenizer
+
+    fast = load_tokenizer(tiny_tokenizer)
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert fast.encode(composed).ids == fast.encode(decomposed).ids
+
+
+def test_chat_template(tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "How are you?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == "User: Hi there\n\nAssistant: Hello!\n\nUser: How are you?"
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith(
+        "User: How are you?\n\nAssistant:")
+    assert tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) == "User: Hi there\n\nAssistant:"
+
+
+def test_tokenizer_hash_stable_and_distinct(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from complexity.data.tokenizer import tokenizer_hash
+
+    h = tokenizer_hash(tiny_tokenizer)
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer)).save_pretrained(str(tmp_path / "resaved"))
+    assert tokenizer_hash(tmp_path / "resaved") == h  # cosmetic re-save keeps the hash
+    from complexity.data.tokenizer import train_tokenizer
+
+    train_tokenizer(make_docs(50, seed=5), 300, tmp_path / "other", show_progress=False)
+    assert tokenizer_hash(tmp_path / "other") != h
+
+
+def test_cli_train(corpus, tmp_path, capsys):
+    out = tmp_path / "tok"
+    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), *map(str, corpus["txt"]),
+               "--vocab-size", "320", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 320 and tok.eos_token_id == 0
+    assert not list(tmp_path.glob("tok.tmp-*"))
+    # refuses to overwrite without --force
+    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "320", "--out", str(out)])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+
+
+def test_cli_train_errors(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["tokenizer", "train", "--input", str(empty), "--vocab-size", "300", "--out", str(tmp_path / "t")]) == 2
+    assert "empty.txt: file is empty" in capsys.readouterr().err
+    good = tmp_path / "good.txt"
+    good.write_text("hello world")
+    assert main(["tokenizer", "train", "--input", str(good), "--vocab-size", "100", "--out", str(tmp_path / "t")]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_builtin_corpus_deterministic_prose():
+    from complexity.data import builtin_corpus
+
+    first = list(itertools.islice(builtin_corpus.iter_documents(), 30))
+    again = list(itertools.islice(builtin_corpus.iter_documents(), 30))
+    assert first == again and len(first) == 30
+    assert all(isinstance(d, str) and d.strip() for d in first)
+    text = "\n".join(first)
+    words = text.split()
+    assert len(text) > 50_000
+    # mostly prose: common English words appear often
+    assert sum(w.lower() in {"the", "a", "is", "of", "to", "and"} for w in words) / len(words) > 0.08
+
+
+def test_builtin_module_docs_extracted():
+    from complexity.data import builtin_corpus
+
+    src = '"""Module docstring that is long enough to be kept by the extractor."""\n' \
+          "def f():\n    '''Function docstring that is long enough to be kept, too.'''\n    x = 1  # inline\n" \
+          "# This block comment has plenty of ordinary words in it\n# and continues here.\n" \
+          "\n# x = f(1, 2) + g[3]; y = {4: 5}\n"
+    import ast
+
+    assert builtin_corpus._docstrings(ast.parse(src)) == [
+        "Module docstring that is long enough to be kept by the extractor.",
+        "Function docstring that is long enough to be kept, too.",
+    ]
+    assert builtin_corpus._comment_paragraphs(src) == [
+        "This block comment has plenty of ordinary words in it and continues here."
+    ]
