@@ -18,6 +18,9 @@ COMMAND_MODULES = [
     "complexity.commands.tokenizer",
     "complexity.commands.data",
     "complexity.commands.routing",
+    "complexity.commands.train",
+    "complexity.commands.eval",
+    "complexity.commands.plot",
 ]
 
 

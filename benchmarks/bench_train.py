@@ -1,0 +1,164 @@
+"""Training throughput benchmark (GPU): tokens/s, MFU and peak memory of one training step loop.
+
+Same trainer settings for every arm: bf16-mixed autocast, fp32 master weights, torch.compile per
+decoder layer, seq 2048, micro-batch 8, no accumulation, AdamW, random tokens (data.synthetic).
+Arms (all 768 hidden, 18 layers, 12 heads / 4 kv, vocab 32000, tied embeddings):
+
+  complexity-tmlr-187m   token_routed (4 experts) + shared expert + mu guidance (zipf table:
+                         the modulo table on random tokens, which is the same balance)
+  complexity-dense       dense SwiGLU, no mu, intermediate_size 3242 (equal live parameters)
+  hf-llama-dense         transformers LlamaForCausalLM of the dense arm's shape
+  hf-mixtral-top1        transformers MixtralForCausalLM, 4 experts, top-1, expert width 512
+
+MFU = (6 * active_params + 12 * L * heads * head_dim * S) * tokens/s / peak, with the peak the
+measured bf16 matmul throughput (a large bf16 GEMM timed first; also reported against the
+nominal peak given by --nominal-peak, default 989e12 = H100 SXM dense bf16).
+
+    python benchmarks/bench_train.py --out results/bench_train.json [--steps 30] [--arms a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+import complexity  # noqa: F401
+from complexity.train import load_config
+from complexity.train.metrics import flops_per_token
+from complexity.train.trainer import Trainer
+
+L, H, HEADS, KV, V, S, MB = 18, 768, 12, 4, 32000, 2048, 8
+
+
+def measured_matmul_peak(n: int = 8192, iters: int = 50) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def base_overrides(model: dict, steps: int) -> dict:
+    o = {f"model.{k}": v for k, v in model.items()}
+    o.update({
+        "data.synthetic": True, "training.max_steps": steps, "training.micro_batch_size": MB,
+        "training.seq_len": S, "training.tokens_per_step": MB * S, "training.precision": "bf16-mixed",
+        "training.compile": True, "training.device": "cuda", "schedule.warmup_steps": 1,
+        "checkpoint.every": 0, "checkpoint.export_final": False, "eval.every": 0, "eval.at_end": False,
+        "logging.tensorboard": False, "logging.progress": False, "spike.enabled": False,
+    })
+    return o
+
+
+def active_params(model, top_k: int | None = None, num_experts: int | None = None) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if not top_k:
+        return total
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return total - expert + expert * top_k // num_experts
+
+
+def hf_llama(_cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=3242, num_hidden_layers=L, num_attention_heads=HEADS,
+                    num_key_value_heads=KV, max_position_embeddings=S, tie_word_embeddings=True, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        return LlamaForCausalLM(c)
+
+
+def hf_mixtral(_cfg):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    c = MixtralConfig(vocab_size=V, hidden_size=H, intermediate_size=512, num_hidden_layers=L, num_attention_heads=HEADS,
+                      num_key_value_heads=KV, max_position_embeddings=S, tie_word_embeddings=True, num_local_experts=4,
+                      num_experts_per_tok=1, output_router_logits=True, router_aux_loss_coef=0.01,
+                      attn_implementation="sdpa")
+    with torch.device("cuda"):
+        return MixtralForCausalLM(c)
+
+
+ARMS = {
+    "complexity-tmlr-187m": dict(model={"preset": "tmlr-187m"}),
+    "complexity-dense": dict(model={"preset": "tmlr-187m", "mlp_type": "dense", "mu_mode": "none",
+                                    "shared_expert": False, "intermediate_size": 3242}),
+    "hf-llama-dense": dict(model={"preset": "tmlr-187m", "mlp_type": "dense", "mu_mode": "none",
+                                  "shared_expert": False, "intermediate_size": 3242}, factory=hf_llama),
+    "hf-mixtral-top1": dict(model={"preset": "tmlr-187m", "mlp_type": "learned_moe", "mu_mode": "none",
+                                   "shared_expert": False}, factory=hf_mixtral, top_k=(1, 4)),
+}
+
+
+def run_arm(name: str, spec: dict, steps: int, warmup: int, peak: float, nominal: float) -> dict:
+    cfg = load_config(None, base_overrides(spec["model"], steps + warmup + 1))
+    trainer = Trainer(cfg, out_dir=None, model_factory=spec.get("factory"), progress=False)
+    if spec.get("factory") is None:
+        n_active = trainer.active_params
+    else:
+        k, e = spec.get("top_k", (None, None))
+        n_active = active_params(trainer.model, k, e)
+    fpt = flops_per_token(n_active, L, HEADS, H // HEADS, S)
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # compilation happens here
+        trainer.train_step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss, *_ = trainer.train_step()
+        losses.append(loss)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    tps = steps * MB * S / dt
+    out = {
+        "arm": name, "total_params": sum(p.numel() for p in trainer.model.parameters()), "active_params": n_active,
+        "flops_per_token": fpt, "steps": steps, "warmup_steps": warmup, "warmup_s": compile_s,
+        "step_time_s": dt / steps, "tokens_per_s": tps, "mfu_measured_peak": fpt * tps / peak,
+        "mfu_nominal_peak": fpt * tps / nominal, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "final_loss": losses[-1],
+    }
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON results file")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per arm (~1 minute each on an H100)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation) per arm")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
+    p.add_argument("--nominal-peak", type=float, default=989e12)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = measured_matmul_peak()
+    print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "measured_peak_flops": peak,
+               "nominal_peak_flops": args.nominal_peak, "seq_len": S, "micro_batch": MB,
+               "precision": "bf16-mixed", "compile": True, "arms": []}
+    for name in args.arms.split(","):
+        r = run_arm(name, ARMS[name], args.steps, args.warmup, peak, args.nominal_peak)
+        print(json.dumps(r), flush=True)
+        results["arms"].append(r)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""`complexity eval CKPT --data DIR`: held-out loss, perplexity, bits per byte, expert shares (JSON)."""
+
+from __future__ import annotations
+
+import json
+
+
+def run(args) -> int:
+    from ..train.eval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, max_batches=args.max_batches,
+                                 batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="held-out loss / perplexity / bits-per-byte of a checkpoint (JSON)",
+        description="CKPT: a Hugging Face folder (e.g. RUN/final), a training checkpoint folder "
+                    "(RUN/checkpoints/step_*), or a run folder (its latest checkpoint).")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--data", required=True, metavar="DIR", help="prepared data folder (its val split is used)")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N", help="default: the whole val split")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run's seq_len (or the model's max, <= 2048)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=run)

@@ -1,0 +1,172 @@
+"""Training telemetry: metrics.jsonl, TensorBoard, optional wandb, the live progress line, MFU.
+
+MFU (model FLOPs utilisation), the PaLM / torchtitan accounting:
+
+    flops_per_token = 6 * N_active + 12 * L * n_heads * head_dim * S
+
+N_active is the live parameter count a token passes through (`complexity.count_parameters`:
+tied embedding counted once, as the LM-head matmul; experts a token does not visit excluded).
+The attention term counts QK^T and AV for forward+backward over the full S x S score matrix
+(the causal mask's half is not subtracted, as in PaLM's appendix B and torchtitan).
+MFU = flops_per_token * tokens_per_second / (peak_flops_per_device * world_size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# bf16 dense (no sparsity) tensor-core peaks, FLOP/s per device.
+_PEAKS = (
+    ("H200", 989e12), ("H100 SXM", 989e12), ("H100 NVL", 835e12), ("H100 PCIE", 756e12), ("H100", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12),
+    ("RTX 4090", 165e12), ("L4", 121e12),
+)
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """The bf16 dense peak of a known GPU, else None (CPU: MFU is reported as n/a)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for key, peak in _PEAKS:
+        if key in name:
+            return peak
+    return None
+
+
+def flops_per_token(active_params: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int) -> float:
+    return 6.0 * active_params + 12.0 * num_layers * num_heads * head_dim * seq_len
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks get a logger that does nothing."""
+
+    def __init__(self, out_dir: Path | None, *, enabled: bool, tensorboard: bool, wandb: bool = False,
+                 wandb_project: str = "complexity", run_config: dict | None = None, progress: bool = True,
+                 resume_step: int | None = None):
+        self.enabled = enabled and out_dir is not None
+        self.progress = progress and enabled
+        self.jsonl = None
+        self.tb = None
+        self.wandb = None
+        self._tty = sys.stderr.isatty()
+        if not self.enabled:
+            return
+        out_dir = Path(out_dir)
+        path = out_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            # Drop what was logged after the checkpoint we resume from: it is about to be redone.
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    pass  # a line cut by the kill
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+        self.jsonl = open(path, "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:
+                print("warning: tensorboard is not installed; no TensorBoard events", file=sys.stderr)
+        if wandb:
+            try:
+                import wandb as _wandb
+                self.wandb = _wandb.init(project=wandb_project, config=run_config, dir=str(out_dir),
+                                         name=out_dir.name, resume="allow")
+            except ImportError:
+                print("warning: logging.wandb = true but wandb is not installed; skipping", file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self.tb is not None:
+            prefix = "eval/" if any(k.startswith("val_") for k in record) else "train/"
+            for k, v in scalars.items():
+                self.tb.add_scalar(prefix + k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def event(self, step: int, event: str, **fields) -> None:
+        self.log({"step": step, "event": event, **fields})
+        self.message(f"step {step}: {event} {json.dumps(fields)}")
+
+    def progress_line(self, step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float,
+                      mfu: float | None, eta_s: float) -> None:
+        if not self.progress:
+            return
+        mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+        line = (f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+                f"MFU {mfu_s} | ETA {format_duration(eta_s)}")
+        if self._tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        if not self.progress:
+            return
+        if self._tty:
+            sys.stderr.write("\r\033[K")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._tty and self.progress:
+            sys.stderr.write("\n")
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Throughput:
+    """Step timing over a sliding window, for tokens/s and ETA."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.times: list[float] = []
+        self.last = time.perf_counter()
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        dt = now - self.last
+        self.last = now
+        self.times.append(dt)
+        if len(self.times) > self.window:
+            self.times.pop(0)
+        return dt
+
+    def reset(self) -> None:
+        """After a pause (eval, checkpoint) the next step's time would include it."""
+        self.last = time.perf_counter()
+
+    @property
+    def mean_step_time(self) -> float:
+        return sum(self.times) / len(self.times) if self.times else float("nan")

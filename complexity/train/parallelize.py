@@ -1,0 +1,147 @@
+"""Distributed setup and model wrapping, applied from outside the model (torchtitan style).
+
+Order (as torchtitan): activation checkpointing -> torch.compile (per decoder layer) -> data
+parallelism (FSDP2 `fully_shard` per decoder layer + root, or DDP). The model code knows nothing
+of ranks; state-dict keys are unchanged by every step here (`Module.compile()` compiles in place,
+HF's gradient checkpointing flags the layers in place, FSDP2 shards in place, and
+`torch.distributed.checkpoint.state_dict` strips DDP's `module.` prefix).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import TrainingSection
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(kind: str) -> str:
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device: 'cuda' requested but no CUDA device is available")
+    return kind
+
+
+def init_distributed(device_kind: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE set), else a single process.
+    NCCL on CUDA, gloo on CPU. Idempotent."""
+    device_type = resolve_device(device_kind)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if device_type == "cuda" else "fp32"
+    return precision
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError("training.activation_checkpointing: this model does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: `model.model.layers` for Complexity and HF Llama/Mixtral."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no `model.layers` to wrap")
+    return list(layers)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (`Module.compile`): the repeated block compiles
+    once and is reused; names and state-dict keys do not change."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """FSDP2: `fully_shard` each decoder layer, then the root (embedding, final norm and the tied
+    LM head stay together in the root group). bf16-mixed uses FSDP's MixedPrecisionPolicy
+    (bf16 compute, fp32 master weights and gradient reduction) instead of autocast."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16-mixed" else MixedPrecisionPolicy()
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed right away in backward: keep them gathered.
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def parallelize(model: nn.Module, training: TrainingSection, info: DistInfo, precision: str) -> nn.Module:
+    """Apply AC, compile and data parallelism; returns the module to call for forward/backward
+    (the DDP wrapper, or the model itself, sharded in place by FSDP2)."""
+    if training.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if training.compile:
+        apply_compile(model)
+    if info.world_size > 1:
+        if training.dp == "fsdp":
+            return apply_fsdp(model, info.device, precision)
+        return apply_ddp(model, info.device)
+    return model
+
+
+def uses_autocast(training: TrainingSection, info: DistInfo, precision: str) -> bool:
+    """bf16-mixed runs under autocast, except under FSDP2 where the MixedPrecisionPolicy does it."""
+    return precision == "bf16-mixed" and not (info.world_size > 1 and training.dp == "fsdp")

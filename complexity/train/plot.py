@@ -1,0 +1,65 @@
+"""Loss curves from run folders' metrics.jsonl (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    run = Path(run)
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no metrics.jsonl")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    return records
+
+
+def _smooth(values: list[float], n: int) -> list[float]:
+    if n <= 1:
+        return values
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > n:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def plot_runs(runs, out: str | Path, *, title: str | None = None, smooth: int = 1) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        records = read_metrics(run)
+        name = Path(run).name
+        color = colors[i % len(colors)]
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "event" not in r]
+        val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        if train:
+            xs, ys = zip(*train)
+            ax.plot(xs, _smooth(list(ys), smooth), color=color, label=f"{name} train")
+        if val:
+            xs, ys = zip(*val)
+            ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

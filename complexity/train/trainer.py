@@ -1,0 +1,609 @@
+"""The training loop: one code path for one CPU, one GPU and many GPUs/nodes under torchrun.
+
+Read top to bottom: `Trainer.__init__` checks everything that can be wrong (recipe, run folder,
+data, resume compatibility) before any compute, then builds model -> routing table -> wrapping
+(parallelize.py) -> optimizer + schedule -> (resume). `Trainer.run` is the loop:
+
+    for each optimizer step:
+        for each of this rank's data slots (gradient accumulation):
+            forward (autocast / FSDP mixed precision), loss = CE (+ router aux), backward(loss / accum)
+        loss all-reduced (mean over the global batch), grad norm (global), clip
+        spike guard: a bad step is skipped (see below), else optimizer.step()
+        scheduler.step(); log; evaluate; checkpoint; stop on signal
+
+Loss spikes. A step is a spike when its loss or grad norm is not finite, or its loss exceeds
+`spike.factor` times the mean of the last `spike.window` good losses (after `min_history` good
+steps). A spike step: gradients are zeroed and the optimizer does NOT step (weights and Adam
+moments untouched); the scheduler DOES advance and the data loader has consumed the batch, so
+the step counter, the LR schedule and the data order stay those of the planned run. After
+`spike.max_consecutive` spikes in a row the model and optimizer are restored from the last
+checkpoint (step counter, schedule and data position keep going forward, so the bad data is
+not replayed). Events go to metrics.jsonl as {"event": "spike_skipped" | "restored"}.
+
+Hooks for experiments: `batch_transform(step, batch) -> batch` (applied to every micro-batch of
+the step, before it is moved to the device) and `lr_multiplier(step) -> float` (multiplies that
+step's scheduled LR). `spike_injection()` builds both for the "random tokens + LR x k" fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_mod
+from . import data as data_mod
+from .config import RunConfig
+from .eval import evaluate
+from .metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token
+from .optimizer import build_optimizer, build_scheduler
+from .parallelize import (
+    DistInfo,
+    all_reduce_,
+    barrier,
+    init_distributed,
+    parallelize,
+    resolve_precision,
+    uses_autocast,
+)
+
+RUN_FILES = ("resolved.json", "run.json", "metrics.jsonl", "tensorboard", "checkpoints", "final")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path | None
+    step: int                                   # optimizer steps completed (incl. skipped spikes)
+    losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> global mean loss, this process's steps
+    eval: dict | None = None                    # the last evaluation
+    interrupted: bool = False                   # stopped by a signal or stop_after (a checkpoint was written)
+    final_dir: Path | None = None               # the exported Hugging Face folder
+    checkpoint: Path | None = None              # the last checkpoint written
+    tokens_per_s: float | None = None           # mean over the run (after the first step)
+    mfu: float | None = None
+    peak_memory_bytes: int | None = None
+    signal: int | None = None                   # the signal that stopped the run, if any
+
+
+def spike_injection(step: int, vocab_size: int, lr_mult: float = 10.0, seed: int = 1234):
+    """(batch_transform, lr_multiplier) for a one-step fault at `step` (1-based): uniform random
+    tokens in every micro-batch and the LR multiplied by `lr_mult`."""
+
+    def batch_transform(s: int, batch: dict) -> dict:
+        if s != step:
+            return batch
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab_size, batch["input_ids"].shape, generator=g)
+        return {**batch, "input_ids": ids, "labels": torch.randint(0, vocab_size, ids.shape, generator=g)}
+
+    def lr_multiplier(s: int) -> float:
+        return lr_mult if s == step else 1.0
+
+    return batch_transform, lr_multiplier
+
+
+class SpikeGuard:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.history: deque[float] = deque(maxlen=cfg.window)
+        self.consecutive = 0
+
+    def is_spike(self, loss: float, grad_norm: float) -> str | None:
+        if not self.cfg.enabled:
+            return None
+        if not math.isfinite(loss):
+            return "non-finite loss"
+        if not math.isfinite(grad_norm):
+            return "non-finite grad norm"
+        if len(self.history) >= self.cfg.min_history:
+            mean = sum(self.history) / len(self.history)
+            if loss > self.cfg.factor * mean:
+                return f"loss {loss:.4f} > {self.cfg.factor} x running mean {mean:.4f}"
+        return None
+
+    def good(self, loss: float) -> None:
+        self.history.append(loss)
+        self.consecutive = 0
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = deque(state.get("history", []), maxlen=self.cfg.window)
+        self.consecutive = int(state.get("consecutive", 0))
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and exits."""
+
+    def __init__(self, enabled: bool):
+        self.received: int | None = None
+        self._old = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: checkpoint {va!r} vs now {vb!r}")
+    return out
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        batch_transform: Callable[[int, dict], dict] | None = None,
+        lr_multiplier: Callable[[int], float] | None = None,
+        stop_after: int | None = None,
+        model_factory: Callable[[object], torch.nn.Module] | None = None,
+        progress: bool | None = None,
+    ):
+        self.config = config
+        cfg = config
+        self.batch_transform, self.lr_multiplier, self.stop_after = batch_transform, lr_multiplier, stop_after
+        self.info: DistInfo = init_distributed(cfg.training.device)
+        info = self.info
+        self.device = info.device
+        self.precision = resolve_precision(cfg.training.precision, self.device.type)
+        if self.precision in ("bf16-mixed", "bf16") and self.device.type == "cpu" and cfg.training.compile:
+            pass  # allowed, slow
+        self.out_dir = Path(out_dir or cfg.out) if (out_dir or cfg.out) else None
+        cfg.out = str(self.out_dir) if self.out_dir else None
+
+        # ---- resolve the global batch (errors, never rescales)
+        self.accum = cfg.training.grad_accum(info.world_size)
+        if cfg.training.tokens_per_step is None:
+            cfg.training.tokens_per_step = cfg.training.micro_batch_size * cfg.training.seq_len * info.world_size
+        self.num_slots = self.accum * info.world_size
+        self.slots = list(range(info.rank * self.accum, (info.rank + 1) * self.accum))
+
+        # ---- model config and data checks (before any compute)
+        self.model_config = cfg.model.build()
+        vocab = self.model_config.vocab_size
+        self.manifest = None
+        if not cfg.data.synthetic:
+            if not cfg.data.path:
+                raise ValueError("data.path: no training data given (use --data DIR or data.synthetic = true)")
+            self.manifest = data_mod.read_prepared_manifest(cfg.data.path)
+            data_mod.check_data_matches_model(self.manifest, vocab, cfg.data.path)
+
+        # ---- run folder: refuse to clobber another run
+        self.resume_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+        if self.out_dir is not None:
+            self._check_run_folder(resume, overwrite)
+
+        # ---- data slots (raises if there is too little data for one global batch)
+        if cfg.data.synthetic:
+            self.loaders = [data_mod.SyntheticLoader(vocab, cfg.training.micro_batch_size, cfg.training.seq_len,
+                                                     cfg.training.seed, s) for s in self.slots]
+        else:
+            self.loaders = [data_mod.SlotLoader(cfg.data.path, cfg.training.micro_batch_size, cfg.training.seq_len,
+                                                cfg.training.seed, s, self.num_slots, vocab) for s in self.slots]
+
+        # ---- build: seed (same on every rank, so FSDP shards one identical init), model, table
+        self._seed_all(cfg.training.seed)
+        if model_factory is not None:
+            model = model_factory(self.model_config)
+        else:
+            from ..modeling_complexity import ComplexityForCausalLM
+
+            with torch.device(self.device):
+                model = ComplexityForCausalLM(self.model_config)
+        if self.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        self.model = model
+        self.model.train()
+        fresh = self.resume_from is None
+        if fresh and getattr(self.model_config, "routing", None) == "zipf" and \
+                getattr(getattr(model, "model", None), "token_to_expert", None) is not None:
+            self._install_zipf_table()
+        self.forward_module = parallelize(model, cfg.training, info, self.precision)
+        self.autocast = uses_autocast(cfg.training, info, self.precision)
+        self.optimizer = build_optimizer(model, cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule, cfg.training.max_steps)
+        self.guard = SpikeGuard(cfg.spike)
+        self.step = 0
+        self.tokens_seen = 0
+        # Per-rank training randomness (dropout) differs between ranks; init above did not.
+        torch.manual_seed(cfg.training.seed + 1_000_003 * (info.rank + 1))
+
+        from ..params import count_parameters
+
+        try:
+            self.active_params = count_parameters(model).active
+        except Exception:
+            self.active_params = sum(p.numel() for p in model.parameters())
+        mc = self.model_config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self.flops_per_token = flops_per_token(self.active_params, mc.num_hidden_layers, mc.num_attention_heads,
+                                               head_dim, cfg.training.seq_len)
+        self.peak_flops = cfg.logging.peak_flops or device_peak_flops(self.device)
+
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self._write_run_files()
+        show = cfg.logging.progress if progress is None else progress
+        self.logger = MetricsLogger(self.out_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard,
+                                    wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                                    run_config=cfg.to_dict(), progress=show,
+                                    resume_step=self.step if self.resume_from is not None else None)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _check_run_folder(self, resume: bool, overwrite: bool) -> None:
+        out = self.out_dir
+        resolved = out / "resolved.json"
+        if resume and resolved.is_file():
+            saved = RunConfig.from_dict(json.loads(resolved.read_text()), where=str(resolved))
+            diffs = _diff(saved.identity(), self.config.identity())
+            if diffs:
+                raise ValueError(f"--resume {out}: the run was started with a different config:\n  " + "\n  ".join(diffs))
+            self.resume_from = ckpt_mod.latest_checkpoint(out / "checkpoints")
+            return
+        if out.exists() and any(out.iterdir()):
+            if resume:
+                raise FileExistsError(f"--resume {out}: this folder holds no run (no resolved.json)")
+            if not overwrite:
+                what = "another run" if resolved.is_file() else "other files"
+                raise FileExistsError(f"output folder {out} already holds {what}: use --resume to continue it, "
+                                      "--overwrite to replace it, or another --out")
+            if not resolved.is_file():
+                raise FileExistsError(f"output folder {out} holds files that are not a training run; "
+                                      "refusing to --overwrite it (choose another --out)")
+            if self.info.is_main:
+                for name in RUN_FILES:
+                    p = out / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            barrier()
+
+    def _write_run_files(self) -> None:
+        if self.out_dir is None or not self.info.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume_from is None:
+            (self.out_dir / "resolved.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        run = {
+            "world_size": self.info.world_size, "grad_accum": self.accum, "data_slots": self.num_slots,
+            "device": str(self.device), "precision": self.precision, "active_params": self.active_params,
+            "flops_per_token": self.flops_per_token, "peak_flops_per_device": self.peak_flops,
+            "torch": torch.__version__, "resumed_from": str(self.resume_from) if self.resume_from else None,
+        }
+        (self.out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+
+    def _seed_all(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _install_zipf_table(self) -> None:
+        from ..routing import build_routing_table
+
+        mc = self.model_config
+        if self.config.data.synthetic:
+            return  # random tokens: the modulo table the model starts with is already balanced
+        counts, local = data_mod.zipf_counts(self.config.data.path, self.manifest, mc.vocab_size,
+                                             self.info.rank, self.info.world_size)
+        t = torch.from_numpy(counts).to(self.device)
+        if local:
+            all_reduce_(t)  # every rank counted its share: sum across ranks
+        table = build_routing_table("zipf", mc.vocab_size, mc.num_experts, counts=t.cpu())
+        self.model.set_routing_table(table)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _rank_state(self) -> dict:
+        return {"rng": ckpt_mod.rng_state(),
+                "slots": {str(s): l.state_dict() for s, l in zip(self.slots, self.loaders)}}
+
+    def save(self) -> Path | None:
+        if self.out_dir is None:
+            return None
+        meta = {
+            "config": self.config.to_dict(), "identity": self.config.identity(),
+            "scheduler": self.scheduler.state_dict(), "spike": self.guard.state_dict(),
+            "tokens_seen": self.tokens_seen, "world_size": self.info.world_size,
+        }
+        path = ckpt_mod.save_checkpoint(self.out_dir / "checkpoints", self.step, self.model, self.optimizer,
+                                        meta, self._rank_state(), self.config.checkpoint.keep_last)
+        self.last_checkpoint = path
+        return path
+
+    def _load(self, path: Path) -> None:
+        meta = ckpt_mod.load_checkpoint(path, self.model, self.optimizer)
+        diffs = _diff(meta.get("identity", {}), self.config.identity())
+        if diffs:
+            raise ValueError(f"checkpoint {path} was written by a different config:\n  " + "\n  ".join(diffs))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.guard.load_state_dict(meta.get("spike", {}))
+        self.step = int(meta["step"])
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        slot_states = {}
+        for rs in meta["rank_states"]:
+            slot_states.update(rs["slots"])
+        for s, loader in zip(self.slots, self.loaders):
+            if str(s) not in slot_states:
+                raise ValueError(f"checkpoint {path}: no data position for slot {s} (saved with "
+                                 f"{len(slot_states)} slots, this run has {self.num_slots})")
+            loader.load_state_dict(slot_states[str(s)])
+        states = meta["rank_states"]
+        # Same world size: each rank gets its own RNG back (bitwise resume). Otherwise rank 0's.
+        own = states[self.info.rank] if len(states) == self.info.world_size else states[0]
+        ckpt_mod.set_rng_state(own["rng"])
+
+    # ------------------------------------------------------------------ the step
+
+    def _micro_batch_loss(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with amp:
+            out = self.forward_module(input_ids=ids, use_cache=False)
+            logits = out.logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100)
+            aux = getattr(out, "aux_loss", None)
+            coef = getattr(self.model_config, "router_aux_loss_coef", 0.0) or 0.0
+            if aux is not None and coef:
+                loss = loss + coef * aux.float()
+        return loss
+
+    def _grad_norm_and_clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor partial norm -> the global norm
+            norm = norm.full_tensor()
+        clip = self.config.optim.grad_clip
+        if clip and math.isfinite(norm.item()):
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+        return norm.item()
+
+    def train_step(self) -> tuple[float, float, bool, str | None]:
+        """One optimizer step (self.step is the 0-based index of the step being taken)."""
+        step1 = self.step + 1
+        lr = self.scheduler.get_last_lr()
+        mult = self.lr_multiplier(step1) if self.lr_multiplier else 1.0
+        for group, base in zip(self.optimizer.param_groups, lr):
+            group["lr"] = base * mult
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        ddp = hasattr(self.forward_module, "no_sync")
+        for m, loader in enumerate(self.loaders):
+            batch = next(loader)
+            if self.batch_transform is not None:
+                batch = self.batch_transform(step1, batch)
+            last = m == self.accum - 1
+            sync = contextlib.nullcontext() if (last or not ddp) else self.forward_module.no_sync()
+            with sync:
+                loss = self._micro_batch_loss(batch)
+                (loss / self.accum).backward()
+            total += loss.detach().float()
+        total /= self.accum
+        if self.info.world_size > 1:
+            all_reduce_(total)
+            total /= self.info.world_size
+        loss_value = total.item()
+        grad_norm = self._grad_norm_and_clip()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
+        spike = self.guard.is_spike(loss_value, grad_norm)
+        if spike is None:
+            self.optimizer.step()
+            self.guard.good(loss_value)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.config.training.tokens_per_step
+        return loss_value, grad_norm, spike is None, spike
+
+    # ------------------------------------------------------------------ eval
+
+    def run_eval(self) -> dict | None:
+        if self.manifest is None or data_mod.split_tokens(self.manifest, "val") <= self.config.training.seq_len:
+            return None
+        cfg = self.config
+        loader = data_mod.make_val_loader(cfg.data.path, cfg.training.micro_batch_size, cfg.training.seq_len,
+                                          rank=self.info.rank, world_size=self.info.world_size,
+                                          vocab_size=self.model_config.vocab_size)
+        n = len(loader)
+        if cfg.eval.max_batches is not None:
+            n = min(n, max(1, cfg.eval.max_batches // self.info.world_size))
+        if self.info.world_size > 1:  # every rank must run the same number of forwards (FSDP)
+            t = torch.tensor([n], device=self.device)
+            all_reduce_(t, op=dist.ReduceOp.MIN)
+            n = int(t.item())
+        result = evaluate(self.model, iter(loader), device=self.device, vocab_size=self.model_config.vocab_size,
+                          autocast_dtype=torch.bfloat16 if self.autocast else None, max_batches=n,
+                          split_tokens=data_mod.split_tokens(self.manifest, "val"),
+                          split_bytes=data_mod.split_bytes(self.manifest, "val"),
+                          expert_shares=not cfg.training.compile, forward=self.forward_module)
+        return result
+
+    # ------------------------------------------------------------------ export
+
+    def export(self) -> Path | None:
+        """OUT/final: a Hugging Face folder (safetensors + config + tokenizer files). Collective."""
+        if self.out_dir is None:
+            return None
+        state = ckpt_mod.full_model_state_dict(self.model)
+        final = self.out_dir / "final"
+        if self.info.is_main:
+            from ..modeling_complexity import ComplexityForCausalLM
+
+            with torch.device("meta"):
+                export_model = ComplexityForCausalLM(self.model_config)
+            export_model.load_state_dict(state, strict=False, assign=True)
+            export_model.tie_weights()
+            missing = [n for n, p in export_model.named_parameters() if p.is_meta] + \
+                      [n for n, b in export_model.named_buffers() if b.is_meta]
+            if missing:
+                raise RuntimeError(f"export: weights missing from the state dict: {missing[:5]}")
+            tmp = self.out_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            export_model.save_pretrained(tmp)
+            tok = data_mod.tokenizer_dir(self.manifest) if self.manifest else None
+            if tok is not None and tok.is_dir():
+                for f in tok.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        barrier()
+        return final
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> RunResult:
+        cfg, info = self.config, self.info
+        result = RunResult(out_dir=self.out_dir, step=self.step)
+        signals = _Signals(cfg.checkpoint.save_on_signal)
+        timer = Throughput()
+        max_steps = cfg.training.max_steps
+        tok_per_step = cfg.training.tokens_per_step
+        rates = []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            if self.step == 0 and self.logger.enabled:
+                self.logger.message(f"training {max_steps} steps x {tok_per_step:,} tokens on {info.world_size} "
+                                    f"process(es), {self.accum} micro-batch(es) each, {self.precision}, "
+                                    f"{self.active_params:,} active params")
+            elif self.resume_from is not None:
+                self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
+            timer.reset()
+            while self.step < max_steps:
+                loss, gnorm, stepped, spike = self.train_step()
+                dt = timer.tick()
+                step = self.step
+                result.losses[step] = loss
+                result.step = step
+                tps = tok_per_step / dt if dt > 0 else float("nan")
+                if step > 1 or len(result.losses) > 1:
+                    rates.append(tps)
+                mfu = (self.flops_per_token * tps / (self.peak_flops * info.world_size)) if self.peak_flops else None
+                lr = self.last_lr
+                if spike is not None:
+                    self.guard.consecutive += 1
+                    self.logger.event(step, "spike_skipped", loss=loss, grad_norm=gnorm, reason=spike,
+                                      consecutive=self.guard.consecutive)
+                    if self.guard.consecutive >= cfg.spike.max_consecutive:
+                        self._restore_after_spikes(step)
+                if step % cfg.logging.every == 0 or step == 1 or step == max_steps:
+                    self.logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                                     "tokens_per_s": tps, "mfu": mfu, "tokens": self.tokens_seen,
+                                     "step_time_s": dt})
+                    eta = (max_steps - step) * timer.mean_step_time
+                    self.logger.progress_line(step, max_steps, loss, lr, tps, mfu, eta)
+                paused = False
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < max_steps:
+                    result.eval = self._eval_and_log(step)
+                    paused = True
+                stop_signal = self._stop_requested(signals)
+                stop = stop_signal or (self.stop_after is not None and step >= self.stop_after)
+                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop:
+                    result.checkpoint = self.save()
+                    paused = True
+                if stop:
+                    result.interrupted = True
+                    why = f"signal {signals.received}" if stop_signal else f"stop_after={self.stop_after}"
+                    self.logger.message(f"stopped at step {step} ({why}); checkpoint {result.checkpoint}")
+                    break
+                if paused:
+                    timer.reset()
+            if not result.interrupted:
+                if cfg.eval.at_end:
+                    result.eval = self._eval_and_log(self.step)
+                if self.out_dir is not None and (cfg.checkpoint.every or cfg.checkpoint.export_final):
+                    if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+                        result.checkpoint = self.save()
+                if cfg.checkpoint.export_final and self.manifest is not None:
+                    result.final_dir = self.export()
+                    self.logger.message(f"exported {result.final_dir}")
+        finally:
+            signals.restore()
+            self.logger.close()
+        result.interrupted = result.interrupted or signals.received is not None
+        result.signal = signals.received
+        if rates:
+            result.tokens_per_s = sum(rates) / len(rates)
+            if self.peak_flops:
+                result.mfu = self.flops_per_token * result.tokens_per_s / (self.peak_flops * info.world_size)
+        if self.device.type == "cuda":
+            result.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+        return result
+
+    def _eval_and_log(self, step: int) -> dict | None:
+        result = self.run_eval()
+        if result is not None:
+            record = {"step": step, **{k: v for k, v in result.items() if k != "expert_shares_per_layer"}}
+            self.logger.log(record)
+            msg = f"eval step {step}: val_loss {result['val_loss']:.4f}"
+            if "val_bpb" in result:
+                msg += f" | bpb {result['val_bpb']:.4f}"
+            if "expert_shares" in result:
+                msg += " | experts " + " ".join(f"{s:.2f}" for s in result["expert_shares"])
+            self.logger.message(msg)
+        return result
+
+    def _stop_requested(self, signals: _Signals) -> bool:
+        flag = 1 if signals.received is not None else 0
+        if self.info.world_size > 1:
+            t = torch.tensor([flag], device=self.device)
+            all_reduce_(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return bool(flag)
+
+    def _restore_after_spikes(self, step: int) -> None:
+        latest = ckpt_mod.latest_checkpoint(self.out_dir / "checkpoints") if self.out_dir else None
+        if latest is None:
+            self.logger.event(step, "restore_failed", reason="no checkpoint to restore")
+            raise RuntimeError(f"step {step}: {self.guard.consecutive} loss spikes in a row and no checkpoint to restore")
+        ckpt_mod.load_checkpoint(latest, self.model, self.optimizer)
+        # The LR lives in the param groups that were just reloaded: put the schedule's back.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.guard.consecutive = 0
+        self.logger.event(step, "restored", checkpoint=str(latest))
+
+
+def train(config: RunConfig, **kwargs) -> RunResult:
+    """Train according to `config` (see `Trainer` for keyword options); returns a RunResult."""
+    return Trainer(config, **kwargs).run()

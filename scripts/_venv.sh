@@ -1,0 +1,22 @@
+# Sourced by scripts/test and scripts/quickstart: build (or reuse) .venv with the pinned versions.
+#   .venv       torch 2.13.0 (CPU) + the pinned versions in requirements/ci-constraints.txt
+# Re-running reuses the environment when the pins have not changed.
+PYTHON=${PYTHON:-python3}
+
+setup_venv() {  # setup_venv DIR STAMP_INPUT... : (re)install when the pin files change
+  local dir=$1; shift
+  local stamp="$dir/.pins-$(cat "$@" pyproject.toml | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    rm -rf "$dir"
+    "$PYTHON" -m venv "$dir"
+    "$dir/bin/pip" install -q --upgrade pip
+    return 1
+  fi
+}
+
+if ! setup_venv .venv requirements/ci-constraints.txt; then
+  echo "== setting up .venv (pinned, CPU torch)"
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q -c requirements/ci-constraints.txt -e ".[dev]"
+  touch ".venv/.pins-$(cat requirements/ci-constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
+fi

@@ -1,0 +1,105 @@
+"""Held-out evaluation: numbers equal a hand computation; expert shares; the `eval` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_fixtures import make_tiny_data, tiny_config  # noqa: E402
+
+import complexity  # noqa: E402,F401
+from complexity import ComplexityConfig, ComplexityForCausalLM  # noqa: E402
+from complexity.cli import main as cli_main  # noqa: E402
+from complexity.train import train  # noqa: E402
+from complexity.train.eval import evaluate, evaluate_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval")
+    _, data = make_tiny_data(root / "fx")
+    run = root / "run"
+    train(tiny_config(data, **{"training.max_steps": 4, "eval.at_end": False}), out_dir=run)
+    yield data, run
+    torch.set_num_threads(old)
+
+
+def _val_windows(data: Path, seq_len: int) -> torch.Tensor:
+    import numpy as np
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    stream = np.concatenate([np.load(data / s["file"]) for s in manifest["splits"]["val"]["shards"]]).astype(np.int64)
+    n = (len(stream) - 1) // seq_len
+    return torch.stack([torch.from_numpy(stream[i * seq_len: i * seq_len + seq_len + 1]) for i in range(n)]), manifest
+
+
+def test_eval_equals_hand_computation(setup):
+    data, run = setup
+    seq_len = 32
+    result = evaluate_checkpoint(run / "final", data, batch_size=3, seq_len=seq_len)
+    model = ComplexityForCausalLM.from_pretrained(run / "final").eval()
+    windows, manifest = _val_windows(data, seq_len)
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:  # one window at a time, by hand
+            logp = F.log_softmax(model(w[None, :-1]).logits[0].double(), -1)
+            nats -= logp.gather(-1, w[1:, None]).sum().item()
+            n += seq_len
+    val = manifest["splits"]["val"]
+    assert result["val_tokens"] == n
+    assert result["val_loss"] == pytest.approx(nats / n, rel=1e-5)
+    assert result["val_ppl"] == pytest.approx(math.exp(nats / n), rel=1e-5)
+    # bpb: the evaluated fraction of the split's tokens carries that fraction of its bytes.
+    assert result["val_bpb"] == pytest.approx(nats / math.log(2) / (val["text_bytes"] * n / val["tokens"]), rel=1e-5)
+    # token_routed without INL: shares are the table's bincount over the evaluated ids.
+    table = model.model.token_to_expert
+    expected = torch.bincount(table[windows[:, :-1].reshape(-1)], minlength=4).double() / n
+    assert result["expert_shares"] == pytest.approx(expected.tolist(), abs=1e-6)
+    # A training checkpoint of the same step gives the same numbers.
+    from_ckpt = evaluate_checkpoint(run, data, batch_size=3, seq_len=seq_len)
+    assert from_ckpt["step"] == 4 and from_ckpt["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
+
+
+def test_learned_moe_shares_follow_the_router():
+    torch.manual_seed(0)
+    cfg = ComplexityConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, mlp_type="learned_moe", num_experts=4)
+    model = ComplexityForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 17))
+    batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]
+    result = evaluate(model, batches, device=torch.device("cpu"), vocab_size=64)
+    with torch.no_grad():
+        h = model.model.embed_tokens(ids[:, :-1])
+        # Layer 0's router sees the post-attention-norm input: recompute it through the layer's hook.
+        seen = []
+        hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        model(ids[:, :-1])
+        hook.remove()
+        choice = model.model.layers[0].mlp.router(seen[0].reshape(-1, 32)).argmax(-1)
+    del h
+    expected = torch.bincount(choice, minlength=4).double() / choice.numel()
+    assert result["expert_shares_per_layer"][0] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_eval_command_prints_json(setup, capsys):
+    data, run = setup
+    assert cli_main(["eval", str(run / "final"), "--data", str(data), "--max-batches", "2", "--seq-len", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"val_loss", "val_ppl", "val_bpb", "expert_shares"} <= out.keys() and out["val_tokens"] <= 2 * 8 * 32
+    assert cli_main(["eval", str(run / "nope"), "--data", str(data)]) == 2
+
+
+def test_plot_command(setup, tmp_path):
+    _, run = setup
+    out = tmp_path / "loss.png"
+    assert cli_main(["plot", str(run), str(run), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
