@@ -14,6 +14,8 @@ import sys
 # Modules that add subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "complexity.commands.info",
+    "complexity.commands.generate",
+    "complexity.commands.serve",
     "complexity.commands.convert",
     "complexity.commands.tokenizer",
     "complexity.commands.data",

@@ -1,0 +1,17 @@
+"""Fast inference for Complexity models: a slot-cache engine with continuous batching.
+
+    from complexity.inference import Engine, SamplingParams
+    engine = Engine.from_pretrained("path/to/ckpt")
+    [out] = engine.generate(["Hello"], SamplingParams(max_new_tokens=32, temperature=0))
+    print(out.text)
+
+`AsyncEngine` runs an Engine in a background thread for the server (complexity.serve).
+"""
+
+from .async_engine import AsyncEngine, EngineOverloaded
+from .cache import SlotKVCache
+from .engine import Completion, Engine, StepOutput, TokenLogprob
+from .sampling import SamplingParams
+
+__all__ = ["AsyncEngine", "Completion", "Engine", "EngineOverloaded", "SamplingParams", "SlotKVCache", "StepOutput",
+           "TokenLogprob"]

@@ -1,0 +1,204 @@
+"""Sampling parameters and the batched logits processors of the inference engine.
+
+One decode step samples every active request at once: the processors below take a [B, V]
+float32 logits tensor and per-row parameters (tensors of length B), so a batch mixing greedy
+and sampled requests with different temperatures / top-k / top-p / min-p costs a few kernels,
+not a loop. Order (as in transformers): repetition penalty, temperature, top-k, top-p, min-p.
+
+Seeded requests own a `torch.Generator`, so their draws do not depend on which other requests
+share the batch; unseeded rows share the engine's generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded.
+
+    temperature: 0 means greedy (argmax); otherwise logits / temperature.
+    top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass in (0, 1] (1 = off).
+    min_p: drop tokens with p < min_p * p_max (0 = off). repetition_penalty: the CTRL penalty
+    over prompt and generated tokens (1 = off). max_new_tokens: tokens to generate (0 only with
+    prompt_logprobs: score the prompt, generate nothing). stop: strings that end the text (not
+    included in it). stop_token_ids: extra ids that end generation (the eos id always does unless
+    ignore_eos). seed: per-request generator. logprobs: return the log-probability of each
+    generated token plus this many top alternatives (None = off). prompt_logprobs: likewise for
+    the prompt tokens (the first token gets None).
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any bad value."""
+
+        def fail(name: str, msg: str):
+            raise ValueError(f"{name}: {msg}")
+
+        def number(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, f"must be a finite number, got {value!r}")
+
+        def integer(name, value):
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, f"must be an integer, got {value!r}")
+
+        integer("max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
+            fail("max_new_tokens", f"must be >= 1 (0 only when scoring the prompt), got {self.max_new_tokens}")
+        number("temperature", self.temperature)
+        if self.temperature < 0:
+            fail("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        integer("top_k", self.top_k)
+        if self.top_k < 0:
+            fail("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            fail("min_p", f"must be in [0, 1], got {self.min_p}")
+        number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            fail("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                fail("stop", f"stop strings must be non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            integer("stop_token_ids", t)
+        if self.seed is not None:
+            integer("seed", self.seed)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                integer(name, value)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    fail(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
+
+    def copy(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: list[float], histories: list[torch.Tensor]) -> None:
+    """In place, CTRL style: for tokens already seen, logit / p if positive else logit * p."""
+    for row, p, seen in zip(rows, penalties, histories):
+        if seen.numel() == 0:
+            continue
+        vals = logits[row].gather(0, seen)
+        vals = torch.where(vals > 0, vals / p, vals * p)
+        logits[row].scatter_(0, seen, vals)
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Probabilities [B, V] after temperature, top-k, top-p and min-p (rows with temperature 0 are
+    given temperature 1 here; the caller takes their argmax instead)."""
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    logits = logits / temp[:, None]
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    remove = ranks >= k[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    # top-p: drop a token when the mass before it already reaches top_p (the first always stays)
+    before = probs.cumsum(-1) - probs
+    remove = remove | ((before >= top_p[:, None]) & (ranks > 0))
+    # min-p: relative to the most likely token
+    remove = remove | (probs < min_p[:, None] * probs[:, :1])
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    return torch.empty_like(probs).scatter_(-1, sorted_idx, probs)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                  histories: list[torch.Tensor | None], default_generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] (long, on logits' device) for float32 logits [B, V], one params per row.
+
+    `histories[i]` holds the ids seen so far by row i (only needed where repetition_penalty != 1).
+    """
+    logits = logits.float()
+    pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i] is not None]
+    if pen_rows:
+        logits = logits.clone()
+        apply_repetition_penalty(logits, pen_rows, [params[i].repetition_penalty for i in pen_rows],
+                                 [histories[i] for i in pen_rows])
+    out = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return out
+    dev = logits.device
+    rows = torch.tensor(sampled, device=dev)
+    sub = [params[i] for i in sampled]
+    probs = filter_logits(
+        logits[rows],
+        torch.tensor([p.temperature for p in sub], device=dev, dtype=torch.float32),
+        torch.tensor([p.top_k for p in sub], device=dev, dtype=torch.long),
+        torch.tensor([p.top_p for p in sub], device=dev, dtype=torch.float32),
+        torch.tensor([p.min_p for p in sub], device=dev, dtype=torch.float32),
+    )
+    shared = [j for j, i in enumerate(sampled) if generators[i] is None]
+    picks = torch.empty(len(sampled), dtype=torch.long, device=dev)
+    if shared:
+        idx = torch.tensor(shared, device=dev)
+        picks[idx] = torch.multinomial(probs[idx], 1, generator=default_generator).squeeze(-1)
+    for j, i in enumerate(sampled):
+        if generators[i] is not None:
+            picks[j] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(-1)
+    out[rows] = picks
+    return out
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int):
+    """For logits [N, V] and chosen ids [N]: (chosen logprob [N], top-k ids [N, k], top-k logprobs [N, k])
+    from the raw model distribution (log_softmax in float32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1)
+    if k > 0:
+        vals, ids = logp.topk(k, dim=-1)
+    else:
+        vals = logp.new_empty(logp.shape[0], 0)
+        ids = chosen.new_empty(logp.shape[0], 0)
+    return chosen_lp, ids, vals
+
+
+__all__ = ["SamplingParams", "sample_tokens", "filter_logits", "make_generator", "top_logprobs", "MAX_LOGPROBS"]

@@ -1,0 +1,245 @@
+"""The inference engine: greedy == model.generate for every variant (batched, continuous
+batching), sampling parameters, seeds, stop strings, incremental detokenization, logprobs, and
+the `complexity generate` CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from complexity.inference import Engine, SamplingParams
+from complexity.inference.detokenize import IncrementalDetokenizer, StopMatcher
+from complexity.inference.sampling import filter_logits
+
+from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
+
+torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
+
+PROMPTS = [
+    "the cat sat on the mat",
+    "once",
+    "hello world there was a little girl who loved to play in the garden and the sun was big",
+    "déjà vu 東京 猫",
+    "red blue green",
+]
+
+VARIANTS = {
+    "token_routed": {},
+    "token_routed_shared": dict(shared_expert=True, routing="range"),
+    "dense": dict(mlp_type="dense"),
+    "learned_moe": dict(mlp_type="learned_moe", shared_expert=True),
+    "learned_moe_top2": dict(mlp_type="learned_moe", num_experts_per_tok=2),
+    "guidance": dict(mu_mode="guidance", shared_expert=True),
+    "guidance_dense": dict(mlp_type="dense", mu_mode="guidance"),
+    "inl": dict(mu_mode="inl"),
+    "sliding_window": dict(sliding_window=6, mu_mode="guidance"),
+    "no_qk_norm": dict(use_qk_norm=False),
+}
+
+
+def _reference(model, prompt_ids: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("inference")
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    import complexity  # noqa: F401
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_matches_generate(ckpt_dir, variant):
+    path = make_tiny_checkpoint(ckpt_dir / variant, **VARIANTS[variant])
+    # 3 slots for 5 prompts: requests join and leave the decode batch between steps
+    engine = Engine.from_pretrained(path, max_batch=3)
+    model = _load(path)
+    n = 20
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=n, temperature=0))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.prompt_token_ids == engine.tokenizer(prompt).input_ids
+        ref = _reference(model, out.prompt_token_ids, n)
+        assert out.token_ids == ref[: len(out.token_ids)], (variant, prompt)
+        if out.finish_reason == "length":
+            assert len(out.token_ids) == n
+        else:  # stopped on eos: generate stops there too
+            assert out.token_ids[-1] == 0 and len(ref) == len(out.token_ids) or ref[len(out.token_ids):] == [1] * (n - len(out.token_ids))
+
+
+def test_staggered_arrivals_match_generate(ckpt_dir):
+    """Requests added while others are mid-decode (continuous batching) keep exact greedy outputs."""
+    path = make_tiny_checkpoint(ckpt_dir / "stagger", mu_mode="inl")
+    engine = Engine.from_pretrained(path, max_batch=4)
+    model = _load(path)
+    reqs = []
+    lengths = [7, 15, 3, 11, 9, 5]
+    for i, prompt in enumerate(PROMPTS + ["the"]):
+        reqs.append(engine.add_request(prompt, SamplingParams(max_new_tokens=lengths[i], temperature=0, ignore_eos=True)))
+        engine.step()
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    for r in reqs:
+        assert len(r.output_ids) == r.params.max_new_tokens
+        ids = torch.tensor([r.prompt_ids])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.params.max_new_tokens,
+                             do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+        assert r.output_ids == ref
+    assert sorted(engine.free_slots) == [0, 1, 2, 3]
+
+
+def test_token_id_prompts_and_context_limit(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "ctx", max_position_embeddings=64)
+    engine = Engine.from_pretrained(path, max_batch=2)
+    [out] = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 64 + 1
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate([list(range(5, 70))])
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([[1, 2, 10**6]])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5), ("min_p", -0.1),
+    ("repetition_penalty", 0.0), ("max_new_tokens", 0), ("max_new_tokens", -3), ("temperature", float("nan")),
+    ("logprobs", 50), ("seed", 1.5), ("stop", [""]),
+])
+def test_sampling_params_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_filter_logits():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
+    t = torch.ones(4)
+    probs = filter_logits(logits, t, torch.tensor([1, 0, 0, 0]), torch.tensor([1.0, 0.5, 1.0, 1.0]),
+                          torch.tensor([0.0, 0.0, 0.3, 0.0]))
+    assert probs[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # top-k 1
+    assert probs[1, 0] == 1.0  # top-p 0.5: the first token already holds 0.64
+    assert (probs[2, 2:] == 0).all() and probs[2, 1] > 0  # min-p 0.3 keeps p >= 0.3 * p_max
+    assert torch.allclose(probs[3], logits[3].softmax(-1))
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "seed")
+    engine = Engine.from_pretrained(path, max_batch=4)
+    p = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01,
+                       repetition_penalty=1.2, seed=1234, ignore_eos=True)
+    [a] = engine.generate(["the cat"], p)
+    [b] = engine.generate(["the cat"], p)
+    assert a.token_ids == b.token_ids
+    # the same seeded request inside a batch of other (unseeded) requests draws the same tokens
+    others = SamplingParams(max_new_tokens=30, temperature=1.0, ignore_eos=True)
+    outs = engine.generate(["hello world", "the cat", "once upon"], [others, p, others])
+    assert outs[1].token_ids == a.token_ids
+    [c] = engine.generate(["the cat"], p.copy(seed=99))
+    assert c.token_ids != a.token_ids
+
+
+def test_stop_strings_and_eos(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "stop")
+    engine = Engine.from_pretrained(path, max_batch=2)
+    [full] = engine.generate(["the cat sat"], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True))
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]
+    [cut] = engine.generate(["the cat sat"], SamplingParams(max_new_tokens=30, temperature=0, stop=[stop], ignore_eos=True))
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+    # a stop token id ends generation (and is reported in token_ids, not in the text)
+    tok = full.token_ids[4]
+    [st] = engine.generate(["the cat sat"], SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[tok]))
+    assert st.finish_reason == "stop" and st.token_ids[-1] == tok and tok not in st.token_ids[:-1]
+
+
+def test_stream_matches_generate(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "stream")
+    engine = Engine.from_pretrained(path, max_batch=2)
+    p = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True)
+    [out] = engine.generate(["déjà vu"], p)
+    assert "".join(engine.stream("déjà vu", p)) == out.text
+
+
+def test_incremental_detokenizer_multibyte():
+    tok = make_tokenizer()
+    text = " café naïve 東京 猫 🙂 über déjà vu 🙂🙂"
+    ids = tok(text).input_ids
+    detok = IncrementalDetokenizer(tok, tok("hello").input_ids)
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_matcher_holds_back_partial_match():
+    m = StopMatcher(["STOP"])
+    assert m.feed("abc S") == ("abc ", False)
+    assert m.feed("T") == ("", False)
+    assert m.feed("x") == ("STx", False)
+    assert m.feed("yy STO") == ("yy ", False)
+    assert m.feed("P tail") == ("", True)
+    assert m.text == "abc STxyy "
+
+
+def test_prompt_logprobs_match_forward(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "lp", mu_mode="guidance")
+    engine = Engine.from_pretrained(path, max_batch=2)
+    model = _load(path)
+    prompts = ["the cat sat on the mat", "once upon a time"]
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=0, prompt_logprobs=2, temperature=0))
+    for out in outs:
+        ids = torch.tensor([out.prompt_token_ids])
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        assert out.prompt_logprobs[0].logprob is None and out.token_ids == []
+        for i, e in enumerate(out.prompt_logprobs[1:], start=1):
+            assert abs(e.logprob - logp[i - 1, ids[0, i]].item()) < 1e-4
+            assert [t for t, _ in e.top] == logp[i - 1].topk(2).indices.tolist()
+    # generated-token logprobs: greedy picks the top-1
+    [g] = engine.generate(["the cat"], SamplingParams(max_new_tokens=5, temperature=0, logprobs=1, ignore_eos=True))
+    for e, t in zip(g.logprobs, g.token_ids):
+        assert e.token_id == t and e.top[0][0] == t and e.top[0][1] == e.logprob
+
+
+def test_abort_frees_slot(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "abort")
+    engine = Engine.from_pretrained(path, max_batch=2)
+    r = engine.add_request("the cat", SamplingParams(max_new_tokens=100, ignore_eos=True))
+    engine.step()
+    assert len(engine.free_slots) == 1
+    assert engine.abort(r.request_id)
+    assert len(engine.free_slots) == 2 and r.finish_reason == "abort"
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli(capsys, *argv):
+    from complexity.cli import main
+
+    rc = main(["generate", *map(str, argv), "--threads", "1"])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_generate(ckpt_dir, capsys):
+    path = make_tiny_checkpoint(ckpt_dir / "cli")
+    rc, greedy, _ = _cli(capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--temperature", 0, "--ignore-eos")
+    assert rc == 0 and len(greedy.strip()) > 0
+    stop = greedy[2:5]
+    rc, cut, _ = _cli(capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--temperature", 0,
+                      "--ignore-eos", "--stop", stop)
+    assert rc == 0 and cut == greedy[: greedy.index(stop)] + "\n"
+    runs = [_cli(capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--seed", s, "--ignore-eos")[1]
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    rc, _, err = _cli(capsys, path, "--prompt", "x", "--top-p", "1.5")
+    assert rc == 2 and "top_p" in err
+    rc, _, err = _cli(capsys, ckpt_dir / "missing", "--prompt", "x")
+    assert rc == 2 and "missing" in err
