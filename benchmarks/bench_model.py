@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--out", default="bench_model.json")
+    parser.add_argument("--parts", default="check,mlp,model", help="comma-separated subset of check, mlp, model")
     args = parser.parse_args()
     results = {
         "device": torch.cuda.get_device_name(),
@@ -173,9 +174,13 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "grouped_mm_available": hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm"),
     }
-    check_cuda_numerics(results)
-    bench_mlp(args.tokens, results)
-    bench_model(args.batch, args.seq, results)
+    parts = set(args.parts.split(","))
+    if "check" in parts:
+        check_cuda_numerics(results)
+    if "mlp" in parts:
+        bench_mlp(args.tokens, results)
+    if "model" in parts:
+        bench_model(args.batch, args.seq, results)
     print(json.dumps(results, indent=2))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "complexity.commands.train",
     "complexity.commands.eval",
     "complexity.commands.plot",
+    "complexity.commands.ablate",
 ]
 
 

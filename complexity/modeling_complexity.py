@@ -197,8 +197,9 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     """Rows of `x` sorted by group, times that group's matrix: x[o_{e-1}:o_e] @ weight[e].
 
     x [N, K], weight [E, K, M], offsets [E] int32 cumulative row ends -> [N, M]. One grouped
-    GEMM where torch has one for this dtype (bf16 everywhere; other dtypes in eager CPU
-    kernels). Elsewhere (fp32 on CUDA or under the compiler) a static-shape fallback computes
+    GEMM where torch has one for this dtype and alignment (bf16 everywhere; other dtypes in
+    eager CPU kernels). Elsewhere (fp32 on CUDA or under the compiler, or widths that break the
+    kernels' 16-byte alignment) a static-shape fallback computes
     each group's product for every row and keeps that group's rows: exact and graph-friendly,
     at E times the FLOPs.
     """
@@ -208,7 +209,9 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         x, weight = x.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(x.dtype)
-    if _GROUPED_MM is not None and (
+    # The grouped kernels need 16-byte aligned rows (e.g. fp32 widths divisible by 4).
+    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (weight.shape[-1] * weight.element_size()) % 16 == 0
+    if _GROUPED_MM is not None and aligned and (
         x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
     ):
         return _GROUPED_MM(x, weight, offs=offsets)
@@ -278,12 +281,11 @@ class ComplexityTokenRoutedMLP(nn.Module):
         self.shared_expert = (
             ComplexityMLP(config.hidden_size, config.shared_expert_width) if config.shared_expert else None
         )
-        if config.mu_mode == "inl":
-            self.mu_router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-            self.mu_router_bias = config.mu_router_bias
+        self.mu_router = nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
+        self.mu_router_bias = config.mu_router_bias
 
     def route(self, expert_ids: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
-        if mu is None or not hasattr(self, "mu_router"):
+        if mu is None or self.mu_router is None:
             return expert_ids
         logits = self.mu_router(mu) + self.mu_router_bias * F.one_hot(expert_ids, self.num_experts).to(mu.dtype)
         return logits.argmax(dim=-1)
@@ -420,10 +422,8 @@ class ComplexityDecoderLayer(GradientCheckpointingLayer):
         else:
             self.mlp = ComplexityLearnedMoE(config)
         # The last guidance layer's mu would feed nothing: it is not allocated (no dead weights).
-        if config.mu_mode == "guidance" and not last:
-            self.mu_guidance = ComplexityMuGuidance(config)
-        if config.mu_mode == "inl":
-            self.dynamics = ComplexityINLDynamics(config)
+        self.mu_guidance = ComplexityMuGuidance(config) if config.mu_mode == "guidance" and not last else None
+        self.dynamics = ComplexityINLDynamics(config) if config.mu_mode == "inl" else None
 
     def forward(
         self,
@@ -442,7 +442,7 @@ class ComplexityDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states), mu_prev, position_embeddings, attention_mask, past_key_values, **kwargs
         )
         mu_out = None
-        if self.mu_mode == "inl":
+        if self.dynamics is not None:
             attn, velocity, mu_out = self.dynamics(attn, velocity)
         hidden_states = hidden_states + attn
 
@@ -455,7 +455,7 @@ class ComplexityDecoderLayer(GradientCheckpointingLayer):
             mlp_out, aux = self.mlp(mlp_in, expert_ids, mu=mu_out)
         hidden_states = hidden_states + mlp_out
 
-        if self.mu_mode == "guidance" and hasattr(self, "mu_guidance"):
+        if self.mu_guidance is not None:
             mu_out = self.mu_guidance(hidden_states)
         return hidden_states, mu_out, velocity, aux
 

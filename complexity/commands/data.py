@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     prep.add_argument("--input", nargs="+", default=[], metavar="PATH",
                       help="files (.txt/.jsonl/.parquet), folders, globs, saved HF datasets or hf:NAME")
     prep.add_argument("--builtin", action="store_true", help="also use the built-in corpus (Python's own docs)")
+    prep.add_argument("--builtin-site-packages", nargs="?", const=0.0, type=float, default=None, metavar="MB",
+                      help="also use the prose of the installed packages (docstrings, .md/.rst/.txt), optionally "
+                           "only its first MB million bytes (= --input builtin:site-packages[:MB])")
     prep.add_argument("--tokenizer", required=True, help="tokenizer folder (from `complexity tokenizer train`)")
     prep.add_argument("--out", required=True, help="output folder")
     prep.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
@@ -50,8 +53,12 @@ def register(subparsers) -> None:
 def run_prepare(args) -> int:
     from complexity.data.prepare import prepare_dataset
 
+    inputs = list(args.input)
+    if args.builtin_site_packages is not None:
+        mb = args.builtin_site_packages
+        inputs.append("builtin:site-packages" + (f":{mb:g}" if mb else ""))
     prepare_dataset(
-        args.input, args.tokenizer, args.out, builtin=args.builtin, val_fraction=args.val_fraction,
+        inputs, args.tokenizer, args.out, builtin=args.builtin, val_fraction=args.val_fraction,
         text_field=args.text_field, txt_split=args.txt_split, hf_split=args.hf_split,
         dtype=None if args.dtype == "auto" else args.dtype, shard_tokens=args.shard_tokens,
         workers=args.workers, force=args.force, progress=not args.no_progress,

@@ -11,7 +11,9 @@ Supported inputs (``resolve_sources``):
 - any other folder: every supported file below it (recursively, sorted, hidden files skipped);
 - a glob (``data/*.jsonl``, ``corpus/**/*.txt``);
 - ``hf:NAME[:CONFIG]``: ``datasets.load_dataset(NAME, CONFIG, split=hf_split)`` (needs network);
-- ``builtin``: the zero-download corpus of ``complexity.data.builtin_corpus``.
+- ``builtin``: the zero-download corpus of ``complexity.data.builtin_corpus``;
+- ``builtin:site-packages[:N]``: the prose of the installed packages (docstrings, .md/.rst/.txt;
+  ``complexity.data.builtin_corpus``), optionally stopping after N million bytes.
 
 Every problem raises ``DataSourceError`` (a ``ValueError``) or ``FileNotFoundError`` naming the
 file, and the line for jsonl.
@@ -44,7 +46,7 @@ class Source:
     """One resolved input. ``sha256``/``size_bytes`` identify its content for resume/idempotence."""
 
     name: str  # path, "hf:NAME" or "builtin"
-    kind: str  # txt | jsonl | parquet | hf_disk | hf_hub | builtin
+    kind: str  # txt | jsonl | parquet | hf_disk | hf_hub | builtin | builtin_site
     size_bytes: int = 0
     sha256: str = ""
     extra: dict = field(default_factory=dict)
@@ -244,6 +246,19 @@ def resolve_sources(
                 seen.add("builtin")
                 out.append(Source(builtin_corpus.NAME, "builtin", stats["bytes"], stats["sha256"]))
             continue
+        if spec.startswith("builtin:site-packages"):  # the installed packages' prose (builtin_corpus)
+            if spec not in seen:
+                from . import builtin_corpus
+
+                try:
+                    cap = builtin_corpus.parse_site_spec(spec)
+                except ValueError as err:
+                    raise DataSourceError(str(err)) from None
+                stats = builtin_corpus.site_packages_stats(cap)
+                seen.add(spec)
+                out.append(Source(stats["name"], "builtin_site", stats["bytes"], stats["sha256"],
+                                  {"max_mbytes": cap, "roots": stats["roots"]}))
+            continue
         if spec.startswith("hf:"):
             if spec in seen:
                 continue
@@ -322,6 +337,10 @@ def iter_documents(
         from . import builtin_corpus
 
         yield from builtin_corpus.iter_documents()
+    elif kind == "builtin_site":
+        from . import builtin_corpus
+
+        yield from builtin_corpus.iter_site_packages_documents(source.extra.get("max_mbytes"))
     elif kind == "txt":
         try:
             text = Path(name).read_text(encoding="utf-8")

@@ -100,7 +100,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each decoder layer in place (`Module.compile`): the repeated block compiles
     once and is reused; names and state-dict keys do not change."""
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    # Layers that differ in structure (the first INL layer has no mu input, the last guidance
+    # layer no mu output) or in guarded attributes each add a compiled variant; past dynamo's
+    # default limit (8) the remaining layers would silently run eager.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 2 * len(layers)))
+    for layer in layers:
         layer.compile()
 
 

@@ -1,0 +1,557 @@
+"""The ablation of SPEC section 8: arms, parameter matching, the runner and its resume.
+
+Arms (model fields set on top of the preset and the recipe's own model overrides):
+
+    dense        (1) dense SwiGLU, no mu                                  MLP widened to match
+    routed_mu    (2) token_routed + shared expert + zipf + mu guidance    the reference (its size is the target)
+    routed       (3) as (2) without mu                                    experts widened to match
+    learned_mu   (4) learned top-1 router + shared expert + mu guidance (+ Switch aux loss)
+    extras:      routed_mu_modulo, routed_mu_range (routing tables), inl (the INL design of SPEC 3b:
+                 token_routed by modulo, no shared expert, velocity/controller dynamics)
+
+**Parameter matching.** The target is the live total (`complexity.count_parameters`: tied
+embedding once, no dead weights) of the reference arm (2). Every other arm solves its MLP width
+so that its own live total is as close as possible: the dense arm its `intermediate_size`; a
+routed arm its expert width (`expert_intermediate_size`) together with the shared expert's
+width (`shared_expert_intermediate_size`, which fine-tunes what the coarser expert step cannot).
+A count is affine in each width, so the solver measures the slopes on meta-device models and
+rounds. Expert widths are always multiples of 8 (the grouped GEMMs need 16-byte row strides,
+in bf16 and fp32 alike); the dense and shared-expert widths are multiples of 8 when that matches
+within `PRECISION` (0.1%), otherwise their alignment drops to 4, 2, 1. An arm whose
+relative mismatch exceeds the tolerance (default 0.5%) is an error. Total and active-per-token
+counts are reported for every arm.
+
+**Same data, order and seed.** Every arm x seed is one `complexity.train.Trainer` run with the
+same recipe except the model fields: the data slots are seeded by `training.seed` only, so for a
+given seed every arm sees the same batches in the same order (each run records the sha1 of every
+micro-batch in `batches.jsonl`; the tests compare them), and the model is initialised from the
+same seed.
+
+**Resume.** Run folders are `OUT/runs/<arm>-s<seed>`. A folder with `done.json` is finished
+and skipped; one with a `resolved.json` but no `done.json` was interrupted and is continued
+through the trainer's own resume (last checkpoint; the trainer refuses a changed config). The
+plan (`OUT/ablation.json`) must match a rerun's: a different preset, recipe, step count, spike
+or arm definition is refused rather than mixed into old results. A signal (SIGINT/SIGTERM)
+checkpoints the current run and stops the ablation; rerunning the same command continues it.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import shlex
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..configuration_complexity import ComplexityConfig
+from ..params import count_parameters
+
+REFERENCE_ARM = "routed_mu"
+TOLERANCE = 0.005      # max relative mismatch of a live total against the reference arm's
+PRECISION = 0.001      # the alignment of widths drops (8 -> 4 -> 2 -> 1) until within this
+ALIGNMENTS = (8, 4, 2, 1)
+EXPERT_ALIGN = 8       # expert widths always: grouped GEMMs need 16-byte row strides (bf16 and fp32)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str
+    model: dict
+    widen: str | None  # None (the reference), "dense" or "experts"
+
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("dense", "(1) dense SwiGLU, no mu",
+        dict(mlp_type="dense", shared_expert=False, mu_mode="none"), "dense"),
+    Arm("routed_mu", "(2) token-routed + shared + zipf + mu guidance",
+        dict(mlp_type="token_routed", shared_expert=True, routing="zipf", mu_mode="guidance"), None),
+    Arm("routed", "(3) token-routed + shared + zipf, no mu",
+        dict(mlp_type="token_routed", shared_expert=True, routing="zipf", mu_mode="none"), "experts"),
+    Arm("learned_mu", "(4) learned top-1 router + shared + mu guidance (+ aux loss)",
+        dict(mlp_type="learned_moe", num_experts_per_tok=1, shared_expert=True, mu_mode="guidance"), "experts"),
+    Arm("routed_mu_modulo", "(2m) as (2) with modulo routing",
+        dict(mlp_type="token_routed", shared_expert=True, routing="modulo", mu_mode="guidance"), "experts"),
+    Arm("routed_mu_range", "(2r) as (2) with range routing",
+        dict(mlp_type="token_routed", shared_expert=True, routing="range", mu_mode="guidance"), "experts"),
+    Arm("inl", "(5) INL design: token-routed by modulo, no shared expert, INL dynamics",
+        dict(mlp_type="token_routed", shared_expert=False, routing="modulo", mu_mode="inl"), "experts"),
+)}
+DEFAULT_ARMS = ("dense", "routed_mu", "routed", "learned_mu")
+
+# Model fields an arm decides; a base override of these is replaced by the arm's value.
+_WIDTH_FIELDS = ("intermediate_size", "expert_intermediate_size", "shared_expert_intermediate_size")
+
+
+@dataclass
+class ArmPlan:
+    name: str
+    label: str
+    model: dict              # the model overrides of this arm's runs (base overrides + arm fields + widths)
+    total: int
+    active: int
+    mismatch: float          # (total - target) / target
+    align: int | None        # the width alignment used (None: the reference, not solved)
+    widths: dict             # the MLP widths in effect: intermediate / expert / shared
+
+    def summary(self) -> str:
+        w = ", ".join(f"{k} {v}" for k, v in self.widths.items())
+        return (f"{self.name:18s} total {self.total:>13,}  active {self.active:>13,}  "
+                f"mismatch {100 * self.mismatch:+.3f}%  ({w})")
+
+
+@dataclass
+class AblationResult:
+    out: Path
+    plan: dict[str, ArmPlan]
+    runs: dict[str, dict] = field(default_factory=dict)   # "<arm>-s<seed>" -> done.json content
+    interrupted: bool = False
+    report: Path | None = None
+    figures: list[Path] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- parameter matching
+
+
+def _config(preset: str, fields: dict) -> ComplexityConfig:
+    return ComplexityConfig.from_preset(preset, **fields)
+
+
+_TOTALS: dict[str, int] = {}
+
+
+def _total(preset: str, fields: dict) -> int:
+    key = json.dumps([preset, fields], sort_keys=True, default=str)
+    if key not in _TOTALS:
+        _TOTALS[key] = count_parameters(_config(preset, fields)).total
+    return _TOTALS[key]
+
+
+def _widths(config: ComplexityConfig) -> dict:
+    if config.mlp_type == "dense":
+        return {"intermediate": config.intermediate_size}
+    w = {"expert": config.expert_width, "experts": config.num_experts}
+    if config.shared_expert:
+        w["shared"] = config.shared_expert_width
+    return w
+
+
+def _near(x: float, align: int, lo: int = 1) -> list[int]:
+    base = math.floor(x / align) * align
+    return sorted({max(lo, base + k * align) for k in (-2, -1, 0, 1, 2)})
+
+
+def _solve_dense(preset: str, fields: dict, target: int, align: int) -> dict:
+    i0 = max(align, int(fields.get("intermediate_size") or _config(preset, fields).intermediate_size))
+    f0 = _total(preset, {**fields, "intermediate_size": i0})
+    slope = (_total(preset, {**fields, "intermediate_size": i0 + 64}) - f0) / 64
+    best = min(_near(i0 + (target - f0) / slope, align, lo=align),
+               key=lambda i: abs(f0 + slope * (i - i0) - target))
+    return {"intermediate_size": int(best)}
+
+
+def _solve_experts(preset: str, fields: dict, target: int, align: int) -> dict:
+    cfg = _config(preset, fields)
+    w0 = max(align, cfg.expert_width)
+    shared = bool(cfg.shared_expert)
+    s0 = max(align, cfg.shared_expert_width) if shared else None
+
+    def with_widths(w, s):
+        f = {**fields, "expert_intermediate_size": int(w)}
+        if shared:
+            f["shared_expert_intermediate_size"] = int(s)
+        return f
+
+    f0 = _total(preset, with_widths(w0, s0))
+    a = (_total(preset, with_widths(w0 + 64, s0)) - f0) / 64
+    b = ((_total(preset, with_widths(w0, s0 + 64)) - f0) / 64) if shared else 0.0
+
+    def predict(w, s):
+        return f0 + a * (w - w0) + (b * (s - s0) if shared else 0.0)
+
+    # Expert and shared widths grow together (the shared expert defaults to the expert width),
+    # then the shared width alone takes up the remainder.
+    w_star = w0 + (target - f0 - (b * (w0 - s0) if shared else 0.0)) / (a + b)
+    candidates = []
+    for w in _near(w_star, EXPERT_ALIGN, lo=EXPERT_ALIGN):
+        if shared:
+            s_star = s0 + (target - predict(w, s0)) / b
+            for s in _near(s_star, align, lo=align):
+                candidates.append((abs(predict(w, s) - target), abs(s - w), w, s))
+        else:
+            candidates.append((abs(predict(w, None) - target), 0, w, None))
+    _, _, w, s = min(candidates)
+    out = {"expert_intermediate_size": int(w)}
+    if shared:
+        out["shared_expert_intermediate_size"] = int(s)
+    return out
+
+
+def plan_arms(preset: str, arms: Iterable[str] = DEFAULT_ARMS, base_overrides: dict | None = None,
+              tolerance: float = TOLERANCE) -> dict[str, ArmPlan]:
+    """The arms' model overrides with live totals matched to the reference arm (2)'s.
+
+    `base_overrides` are model fields applied before the arm's (e.g. vocab_size, hidden_size).
+    Raises ValueError for an unknown arm or a mismatch above `tolerance`."""
+    base = {k: v for k, v in (base_overrides or {}).items() if k != "preset"}
+    arms = list(arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"--arms: an arm is listed twice: {' '.join(arms)}")
+    ref_fields = {**base, **ARMS[REFERENCE_ARM].model}
+    target = _total(preset, ref_fields)
+    plans = {}
+    for name in arms:
+        arm = ARMS[name]
+        fields = {**base, **arm.model}
+        align = None
+        if arm.widen is not None:
+            for k in _WIDTH_FIELDS:
+                if k != "intermediate_size":
+                    fields.pop(k, None)
+            solver = _solve_dense if arm.widen == "dense" else _solve_experts
+            best = None
+            for al in ALIGNMENTS:
+                solved = solver(preset, fields, target, al)
+                total = _total(preset, {**fields, **solved})
+                err = abs(total - target) / target
+                if best is None or err < best[0]:
+                    best = (err, al, solved)
+                if err <= PRECISION:
+                    break
+            _, align, solved = best
+            fields.update(solved)
+        config = _config(preset, fields)
+        count = count_parameters(config)
+        mismatch = (count.total - target) / target
+        if abs(mismatch) > tolerance:
+            raise ValueError(f"arm {name}: live total {count.total:,} differs from the reference's {target:,} by "
+                             f"{100 * mismatch:+.2f}%, above the tolerance {100 * tolerance:.2f}%")
+        plans[name] = ArmPlan(name=name, label=arm.label, model=fields, total=count.total, active=count.active,
+                              mismatch=mismatch, align=align, widths=_widths(config))
+    return plans
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def default_avg_steps(steps: int) -> int:
+    """Upstream averaged the training loss over its first 700 of ~954 steps: about 73%."""
+    return max(1, round(0.73 * steps))
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}-s{seed}"
+
+
+def _has_override(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
+def base_run_config(*, preset: str | None, data: str | Path, steps: int, recipe: str | Path | None = None,
+                    overrides: Iterable[str] = (), spike: dict | None = None):
+    """The RunConfig shared by all arms (before the arm's model fields and the seed).
+
+    Ablation defaults, each replaced by an explicit `section.key=value` override: per-step loss
+    logging (logging.every=1: the "first K steps" average needs every step), ten held-out
+    evaluations (eval.every = steps // 10), a checkpoint at mid-run and at the end (resume),
+    no TensorBoard. With a spike, the trainer's spike guard is OFF (it would skip the batch)."""
+    from ..train import load_config
+
+    overrides = list(overrides)
+    forced = [f"data.path={json.dumps(str(data))}", f"training.max_steps={int(steps)}"]
+    defaults = {
+        "logging.every": "1",
+        "eval.every": str(max(1, steps // 10)),
+        "checkpoint.every": str(max(1, steps // 2)),
+        "logging.tensorboard": "false",
+    }
+    pre = [f"{k}={v}" for k, v in defaults.items() if not _has_override(overrides, k)]
+    post = []
+    if spike is not None:
+        if _has_override(overrides, "spike.enabled") and any(
+                o.replace(" ", "") == "spike.enabled=true" for o in overrides):
+            raise ValueError("--spike: the trainer's spike guard must be off (it would skip the injected batch); "
+                             "drop spike.enabled=true")
+        post.append("spike.enabled=false")
+    if recipe is None and preset is None:
+        raise ValueError("give --preset NAME or --config RECIPE")
+    config = load_config(recipe, pre + overrides + forced + post, preset=preset)
+    if config.logging.every != 1:
+        raise ValueError("logging.every: the ablation needs every step's loss (logging.every = 1)")
+    return config
+
+
+def _run_config(base, plan: ArmPlan, seed: int, out_dir: Path):
+    from ..train.config import RunConfig
+
+    d = base.to_dict()
+    d["model"] = {"preset": d["model"]["preset"], **plan.model}
+    d["training"]["seed"] = int(seed)
+    d["out"] = str(out_dir)
+    return RunConfig.from_dict(d, where=f"ablation arm {plan.name}")
+
+
+def _plan_identity(base, plans: dict[str, ArmPlan], spike: dict | None) -> dict:
+    d = base.to_dict()
+    ident = {k: d[k] for k in ("model", "data", "optim", "schedule")}
+    ident["training"] = {k: d["training"][k] for k in ("max_steps", "micro_batch_size", "seq_len", "tokens_per_step")}
+    ident["spike"] = spike
+    ident["arms"] = {n: p.model for n, p in plans.items()}
+    return ident
+
+
+def _check_plan(out: Path, identity: dict) -> None:
+    path = out / "ablation.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("identity", {})
+    diffs = []
+    for key in ("model", "data", "optim", "schedule", "training", "spike"):
+        if old.get(key) != identity.get(key):
+            diffs.append(f"{key}: was {json.dumps(old.get(key))}, now {json.dumps(identity.get(key))}")
+    for arm, model in identity["arms"].items():
+        if arm in old.get("arms", {}) and old["arms"][arm] != model:
+            diffs.append(f"arm {arm}: was {json.dumps(old['arms'][arm])}, now {json.dumps(model)}")
+    if diffs:
+        raise ValueError(f"{out} holds an ablation with a different plan (use another --out):\n  " + "\n  ".join(diffs))
+
+
+def _batch_hash(batch: dict) -> str:
+    ids = batch["input_ids"]
+    return hashlib.sha1(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class _Recorder:
+    """The trainer's batch_transform: records each micro-batch's sha1 (before any corruption) in
+    RUN/batches.jsonl, then applies the spike fault (if any) and logs it in metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, start_step: int, spike: dict | None, vocab_size: int):
+        self.path = run_dir / "batches.jsonl"
+        kept = []
+        if self.path.exists():  # a resumed run redoes the steps after its checkpoint
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    pass
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", buffering=1)
+        self.micro = {}
+        self.trainer = None
+        self.spike = spike
+        self.transform = self.lr_multiplier = None
+        if spike is not None:
+            from ..train import spike_injection
+
+            self.transform, self.lr_multiplier = spike_injection(spike["step"], vocab_size, spike["lr_mult"],
+                                                                 seed=spike["seed"])
+
+    def __call__(self, step: int, batch: dict) -> dict:
+        m = self.micro.get(step, 0)
+        self.micro[step] = m + 1
+        self.file.write(json.dumps({"step": step, "micro": m, "sha1": _batch_hash(batch)}) + "\n")
+        if self.transform is not None and step == self.spike["step"]:
+            batch = self.transform(step, batch)
+            if m == 0 and self.trainer is not None:
+                self.trainer.logger.log({"step": step, "event": "spike_injected", "lr_mult": self.spike["lr_mult"],
+                                         "fault": "uniform random input_ids and labels"})
+        return batch
+
+    def close(self):
+        self.file.close()
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _summarise_run(run_dir: Path, arm: str, seed: int, avg_k: int) -> dict:
+    records = _read_metrics(run_dir)
+    train = {r["step"]: r for r in records if "event" not in r and r.get("loss") is not None}
+    evals = [r for r in records if r.get("val_loss") is not None]
+    steps = sorted(train)
+    first_k = [train[s]["loss"] for s in steps if s <= avg_k]
+    rates = sorted(train[s]["tokens_per_s"] for s in steps if s > 2 and train[s].get("tokens_per_s"))
+    last = evals[-1] if evals else {}
+    tail = [train[s]["loss"] for s in steps[-max(1, len(steps) // 20):]]
+    return {
+        "arm": arm, "seed": seed, "steps": steps[-1] if steps else 0,
+        "avg_train_loss_first_k": sum(first_k) / len(first_k) if first_k else None, "avg_k": avg_k,
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
+        "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"), "val_ppl": last.get("val_ppl"),
+        "expert_shares": last.get("expert_shares"),
+        "tokens_per_s": rates[len(rates) // 2] if rates else None,
+    }
+
+
+def build_command(*, preset, data, steps, out, seeds, arms, recipe=None, overrides=(), avg_k=None,
+                  spike=None, tolerance=TOLERANCE) -> str:
+    """The `complexity ablate` command line equivalent to these arguments."""
+    cmd = ["complexity", "ablate"]
+    if recipe is not None:
+        cmd += ["--config", str(recipe)]
+    if preset is not None:
+        cmd += ["--preset", preset]
+    cmd += ["--data", str(data), "--steps", str(steps), "--seeds", str(len(seeds)) if list(seeds) == list(
+        range(len(seeds))) else ",".join(map(str, seeds)), "--arms", *arms, "--out", str(out)]
+    if avg_k is not None:
+        cmd += ["--avg-steps", str(avg_k)]
+    if spike is not None:
+        cmd += ["--spike", str(spike["step"]), "--spike-lr-mult", str(spike["lr_mult"]),
+                "--spike-window", str(spike["window"])]
+    if tolerance != TOLERANCE:
+        cmd += ["--tolerance", str(tolerance)]
+    cmd += list(overrides)
+    return shlex.join(cmd)
+
+
+def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str | None = None,
+                 seeds: int | Iterable[int] = 1, arms: Iterable[str] = DEFAULT_ARMS,
+                 recipe: str | Path | None = None, overrides: Iterable[str] = (), avg_k: int | None = None,
+                 spike_step: int | None = None, spike_lr_mult: float = 10.0, spike_window: int = 20,
+                 tolerance: float = TOLERANCE, stop_after: int | None = None, command: str | None = None,
+                 progress: bool | None = None, report: bool = True,
+                 on_run_end: Callable[[str, int, dict], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> AblationResult:
+    """Run (or continue) the ablation in `out`, then write the report. See the module docstring.
+
+    seeds: a count N (seeds 0..N-1) or explicit seeds. stop_after: checkpoint and stop every run
+    still to train after that step (simulates a preemption; rerun to continue). on_run_end(arm,
+    seed, summary) is called after each finished run."""
+    import torch
+
+    from ..train import Trainer
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("--seeds: need at least one seed")
+    arms = list(arms)
+    overrides = list(overrides)
+    if steps <= 0:
+        raise ValueError(f"--steps: must be positive, got {steps}")
+    avg_k = int(avg_k) if avg_k else default_avg_steps(steps)
+    if not 1 <= avg_k <= steps:
+        raise ValueError(f"--avg-steps: must lie in [1, --steps={steps}], got {avg_k}")
+    spike = None
+    if spike_step is not None:
+        if not 2 <= spike_step <= steps:
+            raise ValueError(f"--spike: the step must lie in [2, --steps={steps}], got {spike_step}")
+        if spike_lr_mult <= 0:
+            raise ValueError(f"--spike-lr-mult: must be positive, got {spike_lr_mult}")
+        spike = {"step": int(spike_step), "lr_mult": float(spike_lr_mult),
+                 "window": int(max(1, min(spike_window, spike_step - 1))), "seed": 1234,
+                 "fault": "uniform random input_ids and labels (one fixed draw, seed 1234) in every micro-batch "
+                          "of that step, and that step's LR multiplied by lr_mult; spike guard off"}
+
+    base = base_run_config(preset=preset, data=data, steps=steps, recipe=recipe, overrides=overrides, spike=spike)
+    preset_name = base.model.preset
+    plans = plan_arms(preset_name, arms, base.model.overrides, tolerance)
+    identity = _plan_identity(base, plans, spike)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_plan(out, identity)
+    command = command or build_command(preset=preset, data=data, steps=steps, out=out, seeds=seeds, arms=arms,
+                                       recipe=recipe, overrides=overrides, avg_k=avg_k, spike=spike,
+                                       tolerance=tolerance)
+    meta = {
+        "command": command, "preset": preset_name, "recipe": str(recipe) if recipe else None, "data": str(data),
+        "steps": steps, "seeds": seeds, "arms": arms, "avg_k": avg_k, "tolerance": tolerance,
+        "reference_arm": REFERENCE_ARM, "spike": spike, "identity": identity,
+        "tokens_per_step": base.training.tokens_per_step or base.training.micro_batch_size * base.training.seq_len,
+        "seq_len": base.training.seq_len, "precision": base.training.precision, "compile": base.training.compile,
+        "plan": {n: asdict(p) for n, p in plans.items()},
+    }
+    (out / "ablation.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for p in plans.values():
+        log(f"ablate: {p.summary()}")
+
+    result = AblationResult(out=out, plan=plans)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(exist_ok=True)
+    for seed in seeds:
+        for name in arms:
+            plan = plans[name]
+            run_dir = runs_dir / run_name(name, seed)
+            done = run_dir / "done.json"
+            if done.is_file():
+                result.runs[run_name(name, seed)] = json.loads(done.read_text())
+                log(f"ablate: {run_name(name, seed)} finished earlier: skipped")
+                continue
+            resume = (run_dir / "resolved.json").is_file()
+            if run_dir.exists() and not resume:
+                shutil.rmtree(run_dir)  # started but never got as far as writing its config
+            config = _run_config(base, plan, seed, run_dir)
+            log(f"ablate: {'resuming' if resume else 'training'} {run_name(name, seed)} ({plan.label})")
+            recorder = None
+            try:
+                vocab = config.model.build().vocab_size
+                # The recorder is built after the trainer knows the step it resumes from.
+                holder = {}
+
+                def transform(step, batch, holder=holder):
+                    return holder["rec"](step, batch)
+
+                def lr_mult(step, holder=holder):
+                    rec = holder["rec"]
+                    return rec.lr_multiplier(step) if rec.lr_multiplier else 1.0
+
+                trainer = Trainer(config, out_dir=run_dir, resume=resume, batch_transform=transform,
+                                  lr_multiplier=lr_mult, stop_after=stop_after, progress=progress)
+                recorder = _Recorder(run_dir, trainer.step, spike, vocab)
+                recorder.trainer = trainer
+                holder["rec"] = recorder
+                run_result = trainer.run()
+            finally:
+                if recorder is not None:
+                    recorder.close()
+            del trainer
+            _free_memory(torch, config.training.compile)
+            if run_result.interrupted:
+                result.interrupted = True
+                log(f"ablate: {run_name(name, seed)} stopped at step {run_result.step}; rerun the same command "
+                    f"to continue")
+                (out / "ablation.json").write_text(json.dumps(meta, indent=2) + "\n")
+                return result
+            summary = _summarise_run(run_dir, name, seed, avg_k)
+            summary.update({"total_params": plan.total, "active_params": plan.active,
+                            "train_command": f"complexity train --config {shlex.quote(str(run_dir / 'resolved.json'))} "
+                                             f"--out {shlex.quote(str(run_dir))} --overwrite"})
+            if spike is not None:
+                from .spike import spike_metrics
+
+                summary["spike"] = spike_metrics(_read_metrics(run_dir), spike["step"], spike["window"])
+            done.write_text(json.dumps(summary, indent=2) + "\n")
+            result.runs[run_name(name, seed)] = summary
+            if on_run_end is not None:
+                on_run_end(name, seed, summary)
+    if report:
+        from .report import write_report
+
+        result.report, result.figures = write_report(out, log=log)
+    return result
+
+
+def _free_memory(torch, compiled: bool) -> None:
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()  # each arm compiles its own layers; do not pile up caches/recompiles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,426 @@
+"""The ablation's report, written from the files in the ablation folder (so it can be redone at
+any time: `complexity ablate --report-only --out DIR`):
+
+    results.md   parameter counts, per-arm mean +- std over seeds of the held-out loss and bits
+                 per byte at the end, the average training loss over the first K steps (the metric
+                 upstream quoted), the final training loss, tokens/s, the exact commands; the
+                 spike table when the ablation injected one
+    loss.png     training loss (seed mean, moving average), held-out loss, and each arm's
+                 training-loss gap to the dense arm (negative = lower loss than dense)
+    experts.png  routed arms: each expert's share of the vocabulary ids, of the training data's
+                 token frequency mass and of the held-out tokens actually routed to it; and a
+                 2-D PCA map of final hidden states (and of input embeddings) of held-out tokens,
+                 coloured by the expert each token went to (in the last layer)
+    spike.png    (spike runs) the training loss around the injected step, per arm
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Callable
+
+from .spike import train_losses
+
+MAP_TOKENS = 3000     # held-out tokens drawn in the 2-D maps
+
+
+def _load(out: Path) -> tuple[dict, dict[str, dict], dict[str, list[dict]]]:
+    meta = json.loads((out / "ablation.json").read_text())
+    runs, metrics = {}, {}
+    for arm in meta["arms"]:
+        for seed in meta["seeds"]:
+            name = f"{arm}-s{seed}"
+            run_dir = out / "runs" / name
+            done = run_dir / "done.json"
+            if done.is_file():
+                runs[name] = json.loads(done.read_text())
+                metrics[name] = _read_metrics(run_dir / "metrics.jsonl")
+    return meta, runs, metrics
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _stats(values: list) -> tuple[float | None, float | None, int]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def _fmt(values: list, digits: int = 4) -> str:
+    mean, std, n = _stats(values)
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _fmt_int(values: list) -> str:
+    mean, std, n = _stats(values)
+    if mean is None:
+        return "n/a"
+    return f"{mean:,.0f}" + (f" ± {std:,.0f}" if std is not None else "")
+
+
+def write_report(out: str | Path, log: Callable[[str], None] | None = None) -> tuple[Path, list[Path]]:
+    """results.md and the figures from the ablation folder `out`; returns (results.md, [figures])."""
+    out = Path(out)
+    log = log or (lambda msg: None)
+    meta, runs, metrics = _load(out)
+    path = out / "results.md"
+    path.write_text(results_markdown(meta, runs))
+    figures = [plot_losses(meta, metrics, out / "loss.png")]
+    routed = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense"]
+    if routed and any(f"{a}-s{meta['seeds'][0]}" in runs for a in routed):
+        figures.append(plot_experts(out, meta, runs, out / "experts.png"))
+    if meta.get("spike"):
+        figures.append(plot_spike(meta, metrics, out / "spike.png"))
+    figures = [f for f in figures if f is not None]
+    log(f"ablate: wrote {path} and {', '.join(str(f) for f in figures)}")
+    return path, figures
+
+
+# ----------------------------------------------------------------------------- results.md
+
+
+def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
+    arms, seeds, plan = meta["arms"], meta["seeds"], meta["plan"]
+    ref = plan.get(meta["reference_arm"]) or next(iter(plan.values()))
+    tokens = meta["steps"] * meta["tokens_per_step"]
+    k = meta["avg_k"]
+    lines = [
+        f"# Ablation: {meta['preset']}, {meta['steps']} steps x {meta['tokens_per_step']:,} tokens "
+        f"({tokens:,} tokens per run), seeds {', '.join(map(str, seeds))}",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+        f"Data: `{meta['data']}`; seq_len {meta['seq_len']}; precision {meta['precision']}; "
+        f"compile {str(meta['compile']).lower()}. Every arm trains on the same batches in the same order for a "
+        "given seed (the seed also fixes the initialisation).",
+        "",
+        "## Parameters (live: tied embedding once, no dead weights)",
+        "",
+        f"Totals are matched to arm {ref['label'].split(')')[0]})'s {ref['total']:,} by widening the MLP of the "
+        f"arms with fewer parameters; tolerance {100 * meta['tolerance']:.1f}% (relative).",
+        "",
+        "| arm | description | total | active per token | mismatch | MLP widths |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for a in arms:
+        p = plan[a]
+        w = ", ".join(f"{key} {v}" for key, v in p["widths"].items())
+        lines.append(f"| {a} | {p['label']} | {p['total']:,} | {p['active']:,} | {100 * p['mismatch']:+.3f}% | {w} |")
+    lines += [
+        "",
+        f"## Results (mean ± std over seeds; std needs two or more)",
+        "",
+        f"val loss / val bpb: held-out loss (nats/token) and bits per UTF-8 byte at the end of training. "
+        f"avg train loss: the mean training loss over the first {k} of {meta['steps']} steps (the metric "
+        f"upstream quoted, 700 of ~954 steps). final train loss: the mean over the last 5% of steps. "
+        f"tokens/s: median step throughput.",
+        "",
+        f"| arm | description | seeds | val loss | val bpb | avg train loss (first {k} steps) | final train loss | "
+        "tokens/s | total params | active params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a in arms:
+        rs = [runs[f"{a}-s{s}"] for s in seeds if f"{a}-s{s}" in runs]
+        p = plan[a]
+        lines.append(
+            f"| {a} | {p['label']} | {len(rs)} | {_fmt([r.get('val_loss') for r in rs])} | "
+            f"{_fmt([r.get('val_bpb') for r in rs])} | {_fmt([r.get('avg_train_loss_first_k') for r in rs])} | "
+            f"{_fmt([r.get('final_train_loss') for r in rs])} | {_fmt_int([r.get('tokens_per_s') for r in rs])} | "
+            f"{p['total']:,} | {p['active']:,} |")
+    missing = [f"{a}-s{s}" for s in seeds for a in arms if f"{a}-s{s}" not in runs]
+    if missing:
+        lines += ["", f"Not finished (rerun the command to complete): {', '.join(missing)}."]
+
+    shares = [(a, runs.get(f"{a}-s{seeds[0]}", {}).get("expert_shares")) for a in arms]
+    shares = [(a, s) for a, s in shares if s]
+    if shares:
+        lines += ["", f"## Expert shares of held-out tokens (seed {seeds[0]}, mean over layers)", "",
+                  "| arm | " + " | ".join(f"expert {i}" for i in range(max(len(s) for _, s in shares))) + " |",
+                  "|---|" + "---:|" * max(len(s) for _, s in shares)]
+        for a, s in shares:
+            lines.append(f"| {a} | " + " | ".join(f"{x:.3f}" for x in s) + " |")
+
+    spike = meta.get("spike")
+    if spike:
+        lines += [
+            "", f"## Spike at step {spike['step']}", "",
+            f"Fault: {spike['fault']} (LR x {spike['lr_mult']:g}). pre: mean training loss of the {spike['window']} "
+            f"steps before; fault loss: the loss on the corrupted batch; peak: the highest loss on real data after it; "
+            f"recovery: steps until the loss is back within 5% of pre (n/a: not within the run).",
+            "",
+            "| arm | injected at | pre | fault loss | peak | peak / pre | recovery (steps) | not recovered |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for a in arms:
+            rs = [runs[f"{a}-s{s}"]["spike"] for s in seeds if f"{a}-s{s}" in runs and "spike" in runs[f"{a}-s{s}"]]
+            at = sorted({st for r in rs for st in r.get("injected_at", [])})
+            never = sum(r.get("recovery") is None for r in rs)
+            lines.append(
+                f"| {a} | {', '.join(map(str, at)) or 'n/a'} | {_fmt([r.get('pre') for r in rs])} | "
+                f"{_fmt([r.get('fault_loss') for r in rs])} | {_fmt([r.get('peak') for r in rs])} | "
+                f"{_fmt([r.get('peak_ratio') for r in rs], 3)} | "
+                f"{_fmt([r.get('recovery') for r in rs if r.get('recovery') is not None], 1)} | {never}/{len(rs)} |")
+
+    lines += ["", "## Runs", "",
+              "Each run folder holds resolved.json, metrics.jsonl, batches.jsonl (sha1 of every micro-batch), "
+              "checkpoints/ and final/. The same training alone:", "",
+              "| run | command |", "|---|---|"]
+    for s in seeds:
+        for a in arms:
+            r = runs.get(f"{a}-s{s}")
+            if r:
+                note = " (without the spike: its hooks are not part of `complexity train`)" if spike else ""
+                lines.append(f"| {a}-s{s} | `{r['train_command']}`{note} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(values: list[float], n: int) -> list[float]:
+    out, acc, total = [], [], 0.0
+    for v in values:
+        acc.append(v)
+        total += v
+        if len(acc) > n:
+            total -= acc.pop(0)
+        out.append(total / len(acc))
+    return out
+
+
+def _seed_mean(series: list[dict[int, float]]) -> tuple[list[int], list[float]]:
+    if not series:
+        return [], []
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    return steps, [statistics.fmean(s[t] for s in series) for t in steps]
+
+
+def _curves(meta, metrics, arm):
+    train, val = [], []
+    for seed in meta["seeds"]:
+        recs = metrics.get(f"{arm}-s{seed}")
+        if recs is None:
+            continue
+        train.append(train_losses(recs))
+        val.append({r["step"]: r["val_loss"] for r in recs if r.get("val_loss") is not None})
+    return _seed_mean(train), _seed_mean(val)
+
+
+def plot_losses(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
+    plt = _plt()
+    arms = meta["arms"]
+    smooth = max(1, meta["steps"] // 50)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    curves = {a: _curves(meta, metrics, a) for a in arms}
+    ref = "dense" if "dense" in arms else arms[0]
+    (ref_steps, ref_loss), _ = curves[ref]
+    ref_map = dict(zip(ref_steps, _smooth(ref_loss, smooth)))
+    for i, a in enumerate(arms):
+        (steps, loss), (vsteps, vloss) = curves[a]
+        c = colors[i % len(colors)]
+        if steps:
+            sm = _smooth(loss, smooth)
+            axes[0].plot(steps, sm, color=c, label=a)
+            if a != ref:
+                gap = [(t, v - ref_map[t]) for t, v in zip(steps, sm) if t in ref_map]
+                if gap:
+                    axes[2].plot(*zip(*gap), color=c, label=f"{a} - {ref}")
+        if vsteps:
+            axes[1].plot(vsteps, vloss, color=c, marker="o", markersize=3, label=a)
+    n = len(meta["seeds"])
+    axes[0].set_title(f"training loss (mean of {n} seed(s), moving average {smooth})")
+    axes[1].set_title("held-out loss")
+    axes[2].set_title(f"training-loss gap to {ref} (below 0: lower loss)")
+    axes[2].axhline(0.0, color="black", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("loss (nats/token)")
+    if meta["steps"] > 20 and axes[0].lines:
+        lo = min(min(l.get_ydata()) for l in axes[0].lines)
+        hi = max(l.get_ydata()[min(len(l.get_ydata()) - 1, meta["steps"] // 10)] for l in axes[0].lines)
+        if hi > lo:
+            axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
+    fig.suptitle(f"ablation {meta['preset']}: {meta['steps']} steps x {meta['tokens_per_step']:,} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_spike(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
+    plt = _plt()
+    spike = meta["spike"]
+    s, w = spike["step"], spike["window"]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, a in enumerate(meta["arms"]):
+        (steps, loss), _ = _curves(meta, metrics, a)
+        pts = [(t, v) for t, v in zip(steps, loss) if t >= s - 2 * w]
+        if not pts:
+            continue
+        c = colors[i % len(colors)]
+        ax.plot(*zip(*pts), color=c, label=a)
+        pre = [v for t, v in zip(steps, loss) if s - w <= t < s]
+        if pre:
+            ax.axhline(1.05 * statistics.fmean(pre), color=c, linestyle=":", linewidth=0.8)
+    ax.axvline(s, color="black", linestyle="--", linewidth=0.8, label=f"fault (step {s}, LR x {spike['lr_mult']:g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (seed mean, log scale)")
+    ax.set_title("loss spike: dotted lines = 1.05 x each arm's pre-spike mean")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS):
+    """(ids, final hidden states, input embeddings, expert of the last layer, model) for held-out tokens."""
+    import torch
+
+    from ..data.loader import EvalLoader
+    from ..modeling_complexity import ComplexityExperts
+    from ..train.eval import load_for_eval
+
+    src = run_dir / "final" if (run_dir / "final" / "config.json").is_file() else run_dir
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_for_eval(src, device)
+    model.eval()
+    banks = [m for m in model.modules() if isinstance(m, ComplexityExperts)]
+    captured = []
+    handle = banks[-1].register_forward_pre_hook(lambda mod, args: captured.append(args[1].detach().reshape(-1)))
+    batch_size = max(1, min(4, -(-n_tokens // seq_len)))
+    loader = EvalLoader(data, batch_size=batch_size, seq_len=seq_len, split="val", vocab_size=model.config.vocab_size)
+    ids_all, hid_all, emb_all = [], [], []
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                ids = batch["input_ids"].to(device)
+                outputs = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+                ids_all.append(ids.reshape(-1).cpu())
+                hid_all.append(outputs.hidden_states[-1].reshape(-1, model.config.hidden_size).float().cpu())
+                emb_all.append(model.get_input_embeddings()(ids).reshape(-1, model.config.hidden_size).float().cpu())
+                n += ids.numel()
+                if n >= n_tokens:
+                    break
+    finally:
+        handle.remove()
+    if not ids_all:
+        return None
+    ids = torch.cat(ids_all)[:n_tokens]
+    experts = torch.cat(captured)[: ids.numel()].cpu()
+    return ids, torch.cat(hid_all)[:n_tokens], torch.cat(emb_all)[:n_tokens], experts, model
+
+
+def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Path | None:
+    import numpy as np
+    import torch
+    from sklearn.decomposition import PCA
+
+    plt = _plt()
+    seed = meta["seeds"][0]
+    arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense"
+            and f"{a}-s{seed}" in runs]
+    if not arms:
+        return None
+    counts = None
+    try:
+        from ..train import data as data_mod
+
+        manifest = data_mod.read_prepared_manifest(meta["data"])
+    except (FileNotFoundError, ValueError):
+        manifest = None
+    fig, axes = plt.subplots(len(arms), 3, figsize=(17, 4.8 * len(arms)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for row, a in enumerate(arms):
+        run_dir = out / "runs" / f"{a}-s{seed}"
+        sample = _sample_representations(run_dir, meta["data"], meta["seq_len"]) if manifest else None
+        ax = axes[row][0]
+        E = meta["plan"][a]["widths"].get("experts", 4)
+        x = np.arange(E)
+        bars = []
+        routed_shares = runs[f"{a}-s{seed}"].get("expert_shares")
+        if sample is not None:
+            model = sample[-1]
+            table = getattr(model.model, "token_to_expert", None)
+            if table is not None:
+                table = table.cpu().numpy()
+                bars.append(("vocabulary ids", np.bincount(table, minlength=E) / len(table)))
+                if counts is None and manifest is not None:
+                    counts, _ = data_mod.zipf_counts(meta["data"], manifest, len(table), 0, 1)
+                if counts is not None and counts.sum() > 0:
+                    mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=E)
+                    bars.append(("training frequency mass", mass / mass.sum()))
+        if routed_shares:
+            bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed_shares)))
+        if sample is not None:
+            ex_ids = sample[3].numpy()
+            bars.append((f"held-out sample routed (last layer, {len(ex_ids):,} tokens)",
+                         np.bincount(ex_ids, minlength=E)[:E] / max(1, len(ex_ids))))
+        width = 0.8 / max(1, len(bars))
+        for j, (label, vals) in enumerate(bars):
+            ax.bar(x + (j - (len(bars) - 1) / 2) * width, vals[:E], width=width, label=label)
+        ax.axhline(1.0 / E, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(x, [f"expert {i}" for i in x])
+        ax.set_ylabel("share")
+        ax.set_title(f"{a}: expert shares")
+        if bars:
+            ax.legend(fontsize=8)
+        if sample is None:
+            for ax in axes[row][1:]:
+                ax.set_axis_off()
+            continue
+        ids, hidden, emb, experts, _ = sample
+        ex = experts.numpy()
+        for col, (name, rep) in enumerate((("final hidden states", hidden), ("input embeddings", emb)), start=1):
+            pts = PCA(n_components=2, random_state=0).fit_transform(rep.numpy().astype(np.float64))
+            ax = axes[row][col]
+            for e in range(E):
+                m = ex == e
+                if m.any():
+                    ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, color=cmap(e % 10), label=f"expert {e}")
+            what = "tokens" if col == 1 else "tokens (one dot per distinct id)"
+            ax.set_title(f"{a}: PCA of {name}\n{len(ids):,} held-out {what}, coloured by expert (last layer)",
+                         fontsize=10)
+            ax.legend(fontsize=8, markerscale=3)
+        del sample
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,198 @@
+"""The ablation runner (complexity.experiments): parameter matching, identical data order, results
+table and figures, resume of an interrupted ablation, the spike injection. Tiny models, CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_fixtures import make_tiny_data, override_args, tiny_overrides  # noqa: E402
+
+from complexity.experiments.ablation import ARMS, DEFAULT_ARMS, TOLERANCE, plan_arms, run_ablation  # noqa: E402
+
+VOCAB = 384
+MODEL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    _, data = make_tiny_data(tmp_path_factory.mktemp("ablation-data"), vocab_size=VOCAB)
+    return data
+
+
+def _overrides(data_dir, **extra) -> list[str]:
+    o = tiny_overrides(data_dir, VOCAB, **extra)
+    for k in ("model.preset", "data.path", "training.max_steps"):
+        o.pop(k)  # given by run_ablation's own arguments
+    o["checkpoint.every"] = 3
+    o["eval.every"] = 4
+    o["eval.max_batches"] = 2
+    return override_args(o)
+
+
+def _results_rows(text: str) -> dict[str, list[str]]:
+    """The arm rows of the '## Results' table of results.md."""
+    section = text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 10 and cells[0] in ARMS:
+            rows[cells[0]] = cells
+    return rows
+
+
+def _number(cell: str) -> float:
+    m = re.match(r"^(-?[\d,]+(?:\.\d+)?)(?: ± [\d.,]+)?$", cell)
+    assert m, f"not a number (± std): {cell!r}"
+    return float(m.group(1).replace(",", ""))
+
+
+def _hashes(run_dir: Path) -> dict[tuple[int, int], str]:
+    out = {}
+    for line in (run_dir / "batches.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[(r["step"], r["micro"])] = r["sha1"]
+    return out
+
+
+def _assert_png(path: Path):
+    import matplotlib.image as mpimg
+
+    assert path.is_file(), path
+    assert path.stat().st_size > 10_000, f"{path} is suspiciously small"
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+
+
+def test_arms_match_parameters_at_the_ablation_size():
+    plans = plan_arms("tmlr-187m", list(ARMS))
+    ref = plans["routed_mu"]
+    assert ref.total == 186_822_144  # the tmlr-187m preset itself
+    for p in plans.values():
+        assert abs(p.total - ref.total) / ref.total <= TOLERANCE, p.summary()
+        assert abs(p.mismatch) <= 0.001, p.summary()  # the solver gets well inside the tolerance
+    assert plans["dense"].model["mlp_type"] == "dense" and plans["dense"].model["mu_mode"] == "none"
+    assert plans["dense"].widths["intermediate"] > 3000          # widened from upstream's 2416
+    assert plans["routed"].widths["expert"] > ref.widths["expert"]  # no mu: wider experts
+    assert plans["dense"].total == plans["dense"].active          # dense: every parameter is active
+    assert plans["learned_mu"].model["num_experts_per_tok"] == 1
+    assert plans["learned_mu"].model["mlp_type"] == "learned_moe"
+
+
+def test_dry_run_cli(capsys):
+    from complexity.cli import main
+
+    assert main(["ablate", "--preset", "tiny", "--dry-run", *[f"model.{k}={v}" for k, v in MODEL.items()]]) == 0
+    out = capsys.readouterr().out
+    for arm in DEFAULT_ARMS:
+        assert arm in out
+
+
+def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
+    out = tmp_path / "abl"
+    arms = ["dense", "routed_mu"]
+    kw = dict(preset="tiny", data=data_dir, steps=8, out=out, seeds=2, arms=arms,
+              overrides=_overrides(data_dir), progress=False, log=lambda m: None)
+
+    # 1. Interrupted after the first arm has finished.
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(arm, seed, summary):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_ablation(**kw, on_run_end=stop_after_first)
+    first = out / "runs" / "dense-s0"
+    assert (first / "done.json").is_file()
+    assert not (out / "runs" / "routed_mu-s0").exists()
+    done_mtime = (first / "done.json").stat().st_mtime_ns
+    metrics_before = (first / "metrics.jsonl").read_text()
+
+    # 2. Preempted in the middle of the second run (checkpoint at step 3).
+    res = run_ablation(**kw, stop_after=3)
+    assert res.interrupted
+    second = out / "runs" / "routed_mu-s0"
+    assert (second / "resolved.json").is_file() and not (second / "done.json").exists()
+
+    # 3. The same command again: finishes everything, retrains nothing that was done.
+    trained = []
+    res = run_ablation(**kw, on_run_end=lambda arm, seed, s: trained.append(f"{arm}-s{seed}"))
+    assert not res.interrupted
+    assert trained == ["routed_mu-s0", "dense-s1", "routed_mu-s1"]
+    assert (first / "done.json").stat().st_mtime_ns == done_mtime
+    assert (first / "metrics.jsonl").read_text() == metrics_before
+    run_info = json.loads((second / "run.json").read_text())
+    assert run_info["resumed_from"] and "step_00000003" in run_info["resumed_from"]
+    steps = [json.loads(l)["step"] for l in (second / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l) and "event" not in json.loads(l)]
+    assert steps == list(range(1, 9))  # one line per step, none lost or doubled by the resume
+
+    # Same data in the same order in every arm (per seed); another seed, another order.
+    for seed in (0, 1):
+        h = {a: _hashes(out / "runs" / f"{a}-s{seed}") for a in arms}
+        assert len(h["dense"]) == 8 * 2  # 8 steps x 2 micro-batches (256 tokens = 2 x 4 x 32)
+        assert sorted({s for s, _ in h["dense"]}) == list(range(1, 9))
+        assert h["dense"] == h["routed_mu"]
+    assert _hashes(out / "runs" / "dense-s0") != _hashes(out / "runs" / "dense-s1")
+
+    # Parameter counts as planned and matched.
+    meta = json.loads((out / "ablation.json").read_text())
+    totals = {a: meta["plan"][a]["total"] for a in arms}
+    assert abs(totals["dense"] - totals["routed_mu"]) / totals["routed_mu"] <= TOLERANCE
+    for a in arms:
+        resolved = json.loads((out / "runs" / f"{a}-s0" / "resolved.json").read_text())
+        from complexity.train.config import RunConfig
+        from complexity.params import count_parameters
+
+        assert count_parameters(RunConfig.from_dict(resolved).model.build()).total == totals[a]
+
+    # The table: a row per arm with numbers, over 2 seeds.
+    text = (out / "results.md").read_text()
+    rows = _results_rows(text)
+    assert set(rows) == set(arms)
+    for a, cells in rows.items():
+        assert cells[2] == "2"
+        for cell in cells[3:8]:  # val loss, val bpb, avg train loss, final train loss, tokens/s
+            assert 0 < _number(cell)
+        assert "±" in cells[3]
+        assert _number(cells[8]) == totals[a]
+    assert "complexity ablate" in text and "--steps 8" in text
+    assert "complexity train --config" in text
+    _assert_png(out / "loss.png")
+    _assert_png(out / "experts.png")
+
+    # A different plan in the same folder is refused, not mixed in.
+    with pytest.raises(ValueError, match="different plan"):
+        run_ablation(**{**kw, "steps": 9})
+
+
+def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):
+    out = tmp_path / "spike"
+    arms = ["dense", "routed"]
+    res = run_ablation(preset="tiny", data=data_dir, steps=10, out=out, seeds=1, arms=arms,
+                       overrides=_overrides(data_dir), spike_step=6, spike_lr_mult=10.0, spike_window=3,
+                       progress=False, log=lambda m: None)
+    assert not res.interrupted
+    for a in arms:
+        run_dir = out / "runs" / f"{a}-s0"
+        records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        injected = [r["step"] for r in records if r.get("event") == "spike_injected"]
+        assert injected == [6]
+        losses = {r["step"]: r["loss"] for r in records if "loss" in r and "event" not in r}
+        assert sorted(losses) == list(range(1, 11))  # the guard is off: no step skipped
+        # Random targets: about ln V whatever the model has learnt, above the real-data losses before.
+        assert losses[6] > max(losses[s] for s in (3, 4, 5)) and losses[6] > 0.95 * math.log(VOCAB)
+        assert json.loads((run_dir / "resolved.json").read_text())["spike"]["enabled"] is False
+        summary = json.loads((run_dir / "done.json").read_text())["spike"]
+        assert summary["injected_at"] == [6] and summary["fault_loss"] == losses[6]
+    text = (out / "results.md").read_text()
+    assert "## Spike at step 6" in text
+    _assert_png(out / "spike.png")
