@@ -143,6 +143,28 @@ def test_converted_model_generates_greedily(converted, case):
     assert torch.equal(generated, ids)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_converted_model_generates_through_the_cli(converted, case, tmp_path, capsys):
+    """`complexity generate` on a converted checkpoint prints the greedy continuation."""
+    from _serve_fixtures import make_tokenizer
+
+    dst = tmp_path / case
+    shutil.copytree(converted[case][0], dst)
+    tok = make_tokenizer(vocab_size=512)
+    tok.save_pretrained(dst)
+    prompt = "the cat sat on"
+    assert cli_main(["generate", str(dst), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
+                     "--ignore-eos", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    model = ComplexityForCausalLM.from_pretrained(dst).eval()
+    ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        for _ in range(12):
+            ids = torch.cat([ids, logits_of(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = tok.decode(ids[0, -12:])
+    assert expected.strip() and printed.rstrip("\n") == expected
+
+
 def test_cli_convert_and_dry_run(tmp_path, capsys):
     dst = tmp_path / "out"
     assert cli_main(["convert", str(MU_DIR), str(dst), "--dry-run"]) == 0
