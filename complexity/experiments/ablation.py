@@ -370,8 +370,8 @@ class _Recorder:
         self.file.close()
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def read_metrics(path: Path) -> list[dict]:
+    """A run's metrics.jsonl as a list of records (a torn last line from a kill is skipped)."""
     out = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -383,7 +383,7 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 
 def _summarise_run(run_dir: Path, arm: str, seed: int, avg_k: int) -> dict:
-    records = _read_metrics(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
     train = {r["step"]: r for r in records if "event" not in r and r.get("loss") is not None}
     evals = [r for r in records if r.get("val_loss") is not None]
     steps = sorted(train)
@@ -537,7 +537,7 @@ def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str |
             if spike is not None:
                 from .spike import spike_metrics
 
-                summary["spike"] = spike_metrics(_read_metrics(run_dir), spike["step"], spike["window"])
+                summary["spike"] = spike_metrics(read_metrics(run_dir / "metrics.jsonl"), spike["step"], spike["window"])
             done.write_text(json.dumps(summary, indent=2) + "\n")
             result.runs[run_name(name, seed)] = summary
             if on_run_end is not None:

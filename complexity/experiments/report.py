@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+from .ablation import read_metrics
 from .spike import train_losses
 
 MAP_TOKENS = 3000     # held-out tokens drawn in the 2-D maps
@@ -37,19 +38,8 @@ def _load(out: Path) -> tuple[dict, dict[str, dict], dict[str, list[dict]]]:
             done = run_dir / "done.json"
             if done.is_file():
                 runs[name] = json.loads(done.read_text())
-                metrics[name] = _read_metrics(run_dir / "metrics.jsonl")
+                metrics[name] = read_metrics(run_dir / "metrics.jsonl")
     return meta, runs, metrics
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
 
 
 def _stats(values: list) -> tuple[float | None, float | None, int]:
@@ -127,7 +117,7 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         lines.append(f"| {a} | {p['label']} | {p['total']:,} | {p['active']:,} | {100 * p['mismatch']:+.3f}% | {w} |")
     lines += [
         "",
-        f"## Results (mean ± std over seeds; std needs two or more)",
+        "## Results (mean ± std over seeds; std needs two or more)",
         "",
         f"val loss / val bpb: held-out loss (nats/token) and bits per UTF-8 byte at the end of training. "
         f"avg train loss: the mean training loss over the first {k} of {meta['steps']} steps (the metric "
