@@ -527,6 +527,10 @@ class ComplexityModel(ComplexityPreTrainedModel):
         else:
             self.token_to_expert = None
         self.mu_init = nn.Parameter(torch.zeros(config.hidden_size)) if config.mu_mode == "guidance" else None
+        # Out-of-vocabulary ids raise a clear error. The check reads the ids back (a device sync on
+        # GPU); callers that validate ids before they reach the model (the inference engine on
+        # admission, the trainer against the data manifest) switch it off.
+        self.validate_token_ids = True
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -557,7 +561,7 @@ class ComplexityModel(ComplexityPreTrainedModel):
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         # A bad id would otherwise index the embedding and the routing table out of range.
         # Skipped while compiling (the engine and the data loader validate ids before that).
-        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        if not self.validate_token_ids or torch.compiler.is_compiling() or input_ids.numel() == 0:
             return
         bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
         if bool(bad.any()):

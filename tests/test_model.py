@@ -466,3 +466,14 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-CODE-OK transformers_modules" in result.stdout
+
+
+def test_token_id_check_can_be_left_to_the_caller():
+    """Callers that validate ids upstream (engine, trainer) switch the model's check off."""
+    model = tiny_model(**VARIANTS["dense"])
+    model.model.validate_token_ids = False
+    with pytest.raises(IndexError):  # no check: the embedding itself refuses on CPU
+        model(torch.tensor([[5, 256]]))
+    model.model.validate_token_ids = True
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[5, 256]]))

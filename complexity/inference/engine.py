@@ -162,7 +162,7 @@ class Engine:
             model.set_attn_implementation(attn_implementation)
         # Token ids are validated on admission; the model's own check would sync every step
         # (and break CUDA graph capture).
-        self.model.model._check_token_ids = lambda input_ids: None
+        self.model.model.validate_token_ids = False
         self.tokenizer = tokenizer
         self.config = config
         param = next(model.parameters())

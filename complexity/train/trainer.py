@@ -229,6 +229,10 @@ class Trainer:
                 model = ComplexityForCausalLM(self.model_config)
         if self.precision == "bf16":
             model = model.to(torch.bfloat16)
+        if not cfg.data.synthetic and hasattr(getattr(model, "model", None), "validate_token_ids"):
+            # The data's vocabulary was checked against the model's above: skip the per-step
+            # device sync of the model's own id check.
+            model.model.validate_token_ids = False
         self.model = model
         self.model.train()
         fresh = self.resume_from is None
