@@ -121,6 +121,29 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def _sse_events(streams, envelope, make_choice, usage_of=None):
+    """The Server-Sent Events of one request's streams: a chunk per engine output that
+    `make_choice(out)` turns into a choice (None: nothing to send), an error event for a failed
+    generation, the usage chunk when `usage_of(last outputs)` is given, then `[DONE]`."""
+    queue = streams[0].queue
+    remaining = len(streams)
+    last: dict = {}
+    while remaining:
+        out = await queue.get()
+        last[out.request_id] = out
+        if out.finish_reason == "error":
+            yield _sse(error_body(f"generation failed: {out.error}", "server_error"))
+        else:
+            choice = make_choice(out)
+            if choice is not None:
+                yield _sse({**envelope(), "choices": [choice]})
+        if out.finished:
+            remaining -= 1
+    if usage_of is not None:
+        yield _sse({**envelope(), "choices": [], "usage": usage_of(last)})
+    yield "data: [DONE]\n\n"
+
+
 def create_app(engine: Engine | AsyncEngine, *, model_name: str = "complexity", api_key: str | None = None,
                max_concurrent: int | None = 256, max_queued_tokens: int | None = None, max_n: int = 16,
                max_prompts: int = 256) -> FastAPI:
@@ -367,45 +390,37 @@ def create_app(engine: Engine | AsyncEngine, *, model_name: str = "complexity", 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            async def gen():
-                queue = streams[0].queue
-                remaining = len(streams)
-                last: dict[str, StepOutput] = {}
-                builders = {s.request_id: _LegacyLogprobs() for s in streams}
-                echoed = set()
-                while remaining:
-                    out = await queue.get()
-                    k = index_of[out.request_id]
-                    last[out.request_id] = out
-                    text = out.new_text
-                    lp = None
-                    b = builders[out.request_id]
-                    start = len(b.obj["tokens"])
-                    if echo and out.request_id not in echoed:
-                        echoed.add(out.request_id)
-                        text = prompt_texts[prompt_of(k)] + text
-                        if lp_k is not None and out.prompt_logprobs is not None:
-                            b.add(out.prompt_logprobs)
-                    if lp_k is not None and out.new_logprobs:
-                        b.add(out.new_logprobs)
-                    if lp_k is not None:
-                        lp = {key: v[start:] for key, v in b.obj.items()}
-                    if out.finish_reason == "error":
-                        yield _sse(error_body(f"generation failed: {out.error}", "server_error"))
-                    elif text or out.finished or lp:
-                        yield _sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                    "model": model_name, "choices": [{
-                                        "index": k, "text": text, "logprobs": lp,
-                                        "finish_reason": out.finish_reason if out.finished else None}]})
-                    if out.finished:
-                        remaining -= 1
-                if include_usage:
-                    yield _sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                "model": model_name, "choices": [],
-                                "usage": usage([len(i) for i in id_lists], {r: [o] for r, o in last.items()})})
-                yield "data: [DONE]\n\n"
+            builders = {s.request_id: _LegacyLogprobs() for s in streams}
+            echoed = set()
 
-            return _EngineStream(gen(), on_close=lambda: abort_all(streams))
+            def completion_choice(out):
+                k = index_of[out.request_id]
+                text = out.new_text
+                lp = None
+                b = builders[out.request_id]
+                start = len(b.obj["tokens"])
+                if echo and out.request_id not in echoed:
+                    echoed.add(out.request_id)
+                    text = prompt_texts[prompt_of(k)] + text
+                    if lp_k is not None and out.prompt_logprobs is not None:
+                        b.add(out.prompt_logprobs)
+                if lp_k is not None and out.new_logprobs:
+                    b.add(out.new_logprobs)
+                if lp_k is not None:
+                    lp = {key: v[start:] for key, v in b.obj.items()}
+                if not (text or out.finished or lp):
+                    return None
+                return {"index": k, "text": text, "logprobs": lp,
+                        "finish_reason": out.finish_reason if out.finished else None}
+
+            def envelope():
+                return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
+
+            def usage_of(last):
+                return usage([len(i) for i in id_lists], {r: [o] for r, o in last.items()})
+
+            gen = _sse_events(streams, envelope, completion_choice, usage_of if include_usage else None)
+            return _EngineStream(gen, on_close=lambda: abort_all(streams))
 
         outs = await collect(streams, request)
         choices = []
@@ -466,33 +481,26 @@ def create_app(engine: Engine | AsyncEngine, *, model_name: str = "complexity", 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+            def envelope():
+                return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
+
+            def chat_choice(out):
+                if not (out.new_text or out.finished or out.new_logprobs):
+                    return None
+                delta = {"content": out.new_text} if out.new_text else {}
+                lp = {"content": chat_lp(out.new_logprobs)} if (lp_k is not None and out.new_logprobs) else None
+                return {"index": index_of[out.request_id], "delta": delta, "logprobs": lp,
+                        "finish_reason": out.finish_reason if out.finished else None}
+
+            def usage_of(last):
+                return usage([len(ids)], {r: [o] for r, o in last.items()})
+
             async def gen():
-                for k in range(n):
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": model_name, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
-                                                                  "logprobs": None, "finish_reason": None}]})
-                queue = streams[0].queue
-                remaining = n
-                last = {}
-                while remaining:
-                    out = await queue.get()
-                    last[out.request_id] = out
-                    if out.finish_reason == "error":
-                        yield _sse(error_body(f"generation failed: {out.error}", "server_error"))
-                    elif out.new_text or out.finished or out.new_logprobs:
-                        delta = {"content": out.new_text} if out.new_text else {}
-                        lp = {"content": chat_lp(out.new_logprobs)} if (lp_k is not None and out.new_logprobs) else None
-                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                    "model": model_name, "choices": [{
-                                        "index": index_of[out.request_id], "delta": delta, "logprobs": lp,
-                                        "finish_reason": out.finish_reason if out.finished else None}]})
-                    if out.finished:
-                        remaining -= 1
-                if include_usage:
-                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": model_name, "choices": [],
-                                "usage": usage([len(ids)], {r: [o] for r, o in last.items()})})
-                yield "data: [DONE]\n\n"
+                for k in range(n):  # OpenAI opens each choice with the assistant role
+                    yield _sse({**envelope(), "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                                           "logprobs": None, "finish_reason": None}]})
+                async for event in _sse_events(streams, envelope, chat_choice, usage_of if include_usage else None):
+                    yield event
 
             return _EngineStream(gen(), on_close=lambda: abort_all(streams))
 
