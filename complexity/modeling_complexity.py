@@ -326,8 +326,11 @@ class ComplexityLearnedMoE(nn.Module):
         if self.top_k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True)
         n = flat.shape[0]
-        token_idx = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
-        y = self.experts(flat[token_idx], top_e.reshape(-1))
+        if self.top_k > 1:  # one row per (token, chosen expert)
+            flat_in = flat[torch.arange(n, device=x.device).repeat_interleave(self.top_k)]
+        else:
+            flat_in = flat
+        y = self.experts(flat_in, top_e.reshape(-1))
         out = (y.view(n, self.top_k, -1) * top_p.unsqueeze(-1).to(y.dtype)).sum(1)
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
