@@ -3,8 +3,12 @@ and forward+backward of the whole tmlr-187m model, eager and compiled.
 
     python benchmarks/bench_model.py --out results.json
 
-Measured side by side in one process: CUDA events around N timed iterations after warm-up.
-Also checks on the device that the grouped-GEMM dispatch agrees with a per-expert reference.
+Measured side by side in one process: CUDA events around N timed iterations after warm-up,
+the variants interleaved over several rounds. The MLP is timed twice: launched from Python (what
+an eager loop pays, kernel launches included) and replayed from a CUDA graph (the GPU's own time;
+at 16k tokens the MLP's kernels are short enough that launching them from Python can take longer
+than running them). Also checks on the device that the grouped-GEMM dispatch agrees with a
+per-expert reference.
 """
 
 from __future__ import annotations
@@ -21,7 +25,21 @@ import transformers
 
 import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM
-from complexity.modeling_complexity import ComplexityMLP, ComplexityTokenRoutedMLP
+from complexity.modeling_complexity import ComplexityMLP, ComplexityTokenRoutedMLP, dispatch_by_expert
+
+
+def cuda_graph(fn):
+    """Capture one call of `fn` (forward + backward) into a CUDA graph; returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def cuda_time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
@@ -67,42 +85,55 @@ def bench_mlp(tokens: int, results: dict) -> None:
     dense = ComplexityMLP(config.hidden_size, config.expert_width + config.shared_expert_width).to(device, dtype)
     naive = NaiveRoutedMLP(routed)
     x = torch.randn(1, tokens, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn_like(x)
     ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)
     expert_ids = ids % config.num_experts
+    # In the model the grouping is computed once per forward and shared by every layer.
+    dispatch = dispatch_by_expert(expert_ids.reshape(-1), config.num_experts)
 
     # Correctness on the device: grouped GEMM dispatch == per-expert loop.
     with torch.no_grad():
         a, b = routed(x, expert_ids)[0], naive(x, expert_ids)[0]
     results["mlp_grouped_vs_loop_max_abs_diff"] = (a.float() - b.float()).abs().max().item()
 
-    def step(module, *args):
+    def step(module, *args, **kwargs):
         def run():
-            out = module(*args)
+            out = module(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
-            out.float().square().mean().backward()
+            out.backward(grad_out)
         return run
 
     compiled_dense = torch.compile(dense, fullgraph=True)
     compiled_routed = torch.compile(routed, fullgraph=True)
-    variants = {
+    launched = {
         "dense_swiglu_1024": step(dense, x),
         "token_routed_grouped": step(routed, x, expert_ids),
+        "token_routed_grouped_given_dispatch": step(routed, x, expert_ids, dispatch=dispatch),
         "token_routed_naive_loop": step(naive, x, expert_ids),
         "dense_swiglu_1024_compiled": step(compiled_dense, x),
         "token_routed_grouped_compiled": step(compiled_routed, x, expert_ids),
+        "token_routed_grouped_given_dispatch_compiled": step(compiled_routed, x, expert_ids, dispatch=dispatch),
     }
+    # The naive loop reads its group sizes on the host (nonzero): it cannot be captured.
+    graphed = {name: cuda_graph(fn) for name, fn in launched.items() if "naive" not in name}
+    variants = {**{f"launch/{k}": v for k, v in launched.items()}, **{f"graph/{k}": v for k, v in graphed.items()}}
     # The GPU is shared and noisy: interleave the variants over several rounds, keep medians.
     rounds = {name: [] for name in variants}
     for _ in range(7):
         for name, fn in variants.items():
-            rounds[name].append(cuda_time_ms(fn, warmup=3, iters=20))
+            rounds[name].append(cuda_time_ms(fn, warmup=3, iters=30))
     timings = {name: statistics.median(values) for name, values in rounds.items()}
     results["mlp_fwd_bwd_ms"] = timings
     results["mlp_fwd_bwd_ms_all_rounds"] = rounds
-    results["mlp_ratio_routed_over_dense"] = timings["token_routed_grouped"] / timings["dense_swiglu_1024"]
-    results["mlp_ratio_routed_over_dense_compiled"] = (
-        timings["token_routed_grouped_compiled"] / timings["dense_swiglu_1024_compiled"]
-    )
+    ratios = {}
+    for mode in ("launch", "graph"):
+        for suffix in ("", "_compiled"):
+            dense_ms = timings[f"{mode}/dense_swiglu_1024{suffix}"]
+            ratios[f"{mode}/routed_over_dense{suffix}"] = timings[f"{mode}/token_routed_grouped{suffix}"] / dense_ms
+            ratios[f"{mode}/routed_given_dispatch_over_dense{suffix}"] = (
+                timings[f"{mode}/token_routed_grouped_given_dispatch{suffix}"] / dense_ms
+            )
+    results["mlp_ratios"] = ratios
 
 
 def bench_model(batch: int, seq: int, results: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -241,11 +242,39 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+class ExpertDispatch(NamedTuple):
+    """Rows grouped by expert, stably (rows keep their order within an expert)."""
+
+    order: torch.Tensor  # [N] slot -> row
+    inverse: torch.Tensor  # [N] row -> slot
+    offsets: torch.Tensor  # [E] int32 cumulative group ends, as the grouped GEMM takes them
+
+
+def dispatch_by_expert(expert_idx: torch.Tensor, num_experts: int) -> ExpertDispatch:
+    """A counting sort: a row's slot is its expert's start plus its rank among that expert's rows.
+
+    One scan over an [E, N] indicator instead of a radix sort, with the inverse permutation for
+    free and no host sync, so it stays inside CUDA graphs and compiled graphs.
+    """
+    member = torch.arange(num_experts, device=expert_idx.device).unsqueeze(1) == expert_idx  # [E, N]
+    counts = member.sum(1)
+    ends = counts.cumsum(0)
+    # Scan along the contiguous dim: on the GPU a scan across rows is far slower.
+    rank = member.cumsum(1).gather(0, expert_idx.unsqueeze(0)).squeeze(0)  # 1-based
+    slot = (ends - counts)[expert_idx] + rank - 1
+    order = torch.empty_like(slot).scatter_(0, slot, torch.arange(slot.numel(), device=slot.device))
+    return ExpertDispatch(order, slot, ends.to(torch.int32))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 class ComplexityExperts(nn.Module):
     """E SwiGLU experts stored stacked, [E, in, out], run as grouped GEMMs over rows sorted by expert.
 
-    Static shapes throughout (sort, histogram by scatter, grouped GEMM, unsort), so the dispatch
-    compiles with fullgraph and replays under CUDA graphs; every expert receives gradients.
+    Static shapes throughout (counting sort, grouped GEMM, unsort), so the dispatch compiles
+    with fullgraph and replays under CUDA graphs; every expert receives gradients.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int):
@@ -254,17 +283,44 @@ class ComplexityExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * expert_size))  # gate | up
         self.down_proj = nn.Parameter(torch.empty(num_experts, expert_size, hidden_size))
 
-    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; expert_idx [N] -> [N, H], row i through expert expert_idx[i]."""
-        order = torch.argsort(expert_idx, stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        counts.index_add_(0, expert_idx, torch.ones_like(expert_idx, dtype=torch.int32))
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        xs = _PermuteRows.apply(x, order, inverse)
-        gate, up = grouped_matmul(xs, self.gate_up_proj, offsets).chunk(2, dim=-1)
-        ys = grouped_matmul(F.silu(gate) * up, self.down_proj, offsets)
-        return _PermuteRows.apply(ys, inverse, order)
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_idx: torch.Tensor,
+        dispatch: ExpertDispatch | None = None,
+        shared: ComplexityMLP | None = None,
+    ) -> torch.Tensor:
+        """x [N, H]; expert_idx [N] -> [N, H], row i through expert expert_idx[i].
+
+        `dispatch`: `dispatch_by_expert(expert_idx)` when the caller already has it (the model
+        computes it once for all layers). `shared`: a dense SwiGLU every row also goes through,
+        added to the output. Its weights are concatenated onto every expert's, so one grouped
+        GEMM per projection computes both: h = [h_shared | h_expert], and the down projection
+        sums the two. That is the cost of a dense SwiGLU of the combined width, with no second
+        pass over the rows.
+        """
+        if dispatch is None:
+            dispatch = dispatch_by_expert(expert_idx, self.num_experts)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if shared is not None:
+            gate_up, down = self._with_shared(shared, _compute_dtype(x))
+        xs = _PermuteRows.apply(x, dispatch.order, dispatch.inverse)
+        gate, up = grouped_matmul(xs, gate_up, dispatch.offsets).chunk(2, dim=-1)
+        ys = grouped_matmul(F.silu(gate) * up, down, dispatch.offsets)
+        return _PermuteRows.apply(ys, dispatch.inverse, dispatch.order)
+
+    def _with_shared(self, shared: ComplexityMLP, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E, H, 2(Is+Ie)] = [gate_s | gate_e | up_s | up_e] and [E, Is+Ie, H] = [down_s ; down_e]."""
+        e, width = self.num_experts, self.gate_up_proj.shape[-1] // 2
+        gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+
+        def stacked(linear: nn.Linear) -> torch.Tensor:  # [out, in] -> E copies of [in, out]
+            return linear.weight.to(dtype).T.expand(e, -1, -1)
+
+        gate_up = torch.cat(
+            [stacked(shared.gate_proj), gate_up[..., :width], stacked(shared.up_proj), gate_up[..., width:]], dim=-1
+        )
+        return gate_up, torch.cat([stacked(shared.down_proj), down], dim=1)
 
 
 class ComplexityTokenRoutedMLP(nn.Module):
@@ -290,12 +346,12 @@ class ComplexityTokenRoutedMLP(nn.Module):
         logits = self.mu_router(mu) + self.mu_router_bias * F.one_hot(expert_ids, self.num_experts).to(mu.dtype)
         return logits.argmax(dim=-1)
 
-    def forward(self, x, expert_ids, mu=None):
+    def forward(self, x, expert_ids, mu=None, dispatch: ExpertDispatch | None = None):
+        """`dispatch`: the rows grouped by `expert_ids` (the table's choice), when the caller has it."""
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        out = self.experts(flat, self.route(expert_ids, mu).reshape(-1))
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
+        if self.mu_router is not None and mu is not None:
+            expert_ids, dispatch = self.route(expert_ids, mu), None  # mu moved tokens: group again
+        out = self.experts(x.reshape(-1, shape[-1]), expert_ids.reshape(-1), dispatch, shared=self.shared_expert)
         return out.view(shape), None
 
 
@@ -438,6 +494,7 @@ class ComplexityDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         past_key_values: Cache | None = None,
         token_mask: torch.Tensor | None = None,
+        expert_dispatch: ExpertDispatch | None = None,
         **kwargs,
     ):
         """-> (hidden_states, mu for the next layer (or INL mu_c), velocity, router aux loss)."""
@@ -455,7 +512,7 @@ class ComplexityDecoderLayer(GradientCheckpointingLayer):
         elif isinstance(self.mlp, ComplexityLearnedMoE):
             mlp_out, aux = self.mlp(mlp_in, token_mask=token_mask)
         else:
-            mlp_out, aux = self.mlp(mlp_in, expert_ids, mu=mu_out)
+            mlp_out, aux = self.mlp(mlp_in, expert_ids, mu=mu_out, dispatch=expert_dispatch)
         hidden_states = hidden_states + mlp_out
 
         if self.mu_guidance is not None:
@@ -608,7 +665,11 @@ class ComplexityModel(ComplexityPreTrainedModel):
             position_ids=position_ids,
         )
         position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        expert_ids = self.token_to_expert[input_ids] if self.token_to_expert is not None else None
+        expert_ids = expert_dispatch = None
+        if self.token_to_expert is not None:
+            # Every layer routes by the same table: group the tokens by expert once, not per layer.
+            expert_ids = self.token_to_expert[input_ids]
+            expert_dispatch = dispatch_by_expert(expert_ids.reshape(-1), self.config.num_experts)
         # Padding tokens do not count in the router's load-balancing statistics.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -633,6 +694,7 @@ class ComplexityModel(ComplexityPreTrainedModel):
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 token_mask=token_mask,
+                expert_dispatch=expert_dispatch,
                 **kwargs,
             )
             if aux is not None:

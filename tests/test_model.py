@@ -227,6 +227,39 @@ def test_grouped_matmul_matches_per_expert_loop(monkeypatch):
     torch.testing.assert_close(mc.grouped_matmul(x, w, offsets), reference, atol=1e-5, rtol=0)
 
 
+def test_dispatch_is_a_stable_sort_by_expert():
+    expert_idx = torch.randint(0, 5, (301,), generator=torch.Generator().manual_seed(14))
+    expert_idx[expert_idx == 3] = 4  # expert 3 receives no rows
+    order, inverse, offsets = mc.dispatch_by_expert(expert_idx, 5)
+    assert torch.equal(order, torch.argsort(expert_idx, stable=True))
+    assert torch.equal(order[inverse], torch.arange(301))
+    assert offsets.dtype == torch.int32
+    assert offsets.tolist() == torch.bincount(expert_idx, minlength=5).cumsum(0).tolist()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_token_routed_mlp_matches_a_float64_per_expert_loop(shared):
+    """The dispatch (with the shared expert fused into the grouped GEMM) against the obvious loop."""
+    overrides = {**VARIANTS["routed"], "shared_expert": shared}
+    mlp = tiny_model(**overrides).model.layers[0].mlp
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # the zero-initialised projections would hide mistakes
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(3, 20, 64, generator=gen)
+    expert_ids = torch.randint(0, 4, (3, 20), generator=gen)
+    out = mlp(x, expert_ids)[0]
+
+    mlp64, x64 = mlp.double(), x.double()
+    reference = torch.zeros_like(x64)
+    for e in range(4):
+        rows = expert_ids == e
+        gate, up = (x64[rows] @ mlp64.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        reference[rows] = (F.silu(gate) * up) @ mlp64.experts.down_proj[e]
+    if shared:
+        reference = reference + mlp64.shared_expert(x64)
+    torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=1e-5)
+
+
 def test_token_routed_mlp_compiles_fullgraph():
     mlp = tiny_model(**VARIANTS["routed-shared-mu"]).model.layers[0].mlp
     experts = torch.randint(0, 4, (2, 16))
