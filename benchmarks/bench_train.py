@@ -14,14 +14,17 @@ MFU = (6 * active_params + 12 * L * heads * head_dim * S) * tokens/s / peak, wit
 measured bf16 matmul throughput (a large bf16 GEMM timed first; also reported against the
 nominal peak given by --nominal-peak, default 989e12 = H100 SXM dense bf16).
 
-    python benchmarks/bench_train.py --out results/bench_train.json [--steps 30] [--arms a,b]
+    python benchmarks/bench_train.py --out results/bench_train.json [--steps 10] [--rounds 5] [--arms a,b]
+
+All arms are built first and stay on the GPU; tokens/s is the median over rounds of timed steps
+in which the arms take turns.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import statistics
 import time
 
 import torch
@@ -98,47 +101,45 @@ ARMS = {
 }
 
 
-def run_arm(name: str, spec: dict, steps: int, warmup: int, peak: float, nominal: float) -> dict:
-    cfg = load_config(None, base_overrides(spec["model"], steps + warmup + 1))
+def build_arm(name: str, spec: dict, total_steps: int, warmup: int):
+    """Build one arm's trainer and run its warm-up steps (compilation happens here). Returns the
+    trainer and its static facts; its peak memory is its own (allocations before it excluded)."""
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    cfg = load_config(None, base_overrides(spec["model"], total_steps))
     trainer = Trainer(cfg, out_dir=None, model_factory=spec.get("factory"), progress=False)
     if spec.get("factory") is None:
         n_active = trainer.active_params
     else:
         k, e = spec.get("top_k", (None, None))
         n_active = active_params(trainer.model, k, e)
-    fpt = flops_per_token(n_active, L, HEADS, H // HEADS, S)
     t0 = time.perf_counter()
-    for _ in range(warmup):  # compilation happens here
+    for _ in range(warmup):
         trainer.train_step()
     torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    losses = []
+    facts = {
+        "arm": name, "total_params": sum(p.numel() for p in trainer.model.parameters()), "active_params": n_active,
+        "flops_per_token": flops_per_token(n_active, L, HEADS, H // HEADS, S), "warmup_steps": warmup,
+        "warmup_s": time.perf_counter() - t0, "peak_memory_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+    }
+    return trainer, facts
+
+
+def time_steps(trainer, steps: int) -> tuple[float, float]:
+    """(seconds per step, last loss) over `steps` steps."""
+    torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         loss, *_ = trainer.train_step()
-        losses.append(loss)
     torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    tps = steps * MB * S / dt
-    out = {
-        "arm": name, "total_params": sum(p.numel() for p in trainer.model.parameters()), "active_params": n_active,
-        "flops_per_token": fpt, "steps": steps, "warmup_steps": warmup, "warmup_s": compile_s,
-        "step_time_s": dt / steps, "tokens_per_s": tps, "mfu_measured_peak": fpt * tps / peak,
-        "mfu_nominal_peak": fpt * tps / nominal, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": losses[-1],
-    }
-    del trainer
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch._dynamo.reset()
-    return out
+    return (time.perf_counter() - t) / steps, loss
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON results file")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per arm (~1 minute each on an H100)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per arm and round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of timed steps, the arms interleaved")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation) per arm")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     p.add_argument("--nominal-peak", type=float, default=989e12)
@@ -151,12 +152,32 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "measured_peak_flops": peak,
                "nominal_peak_flops": args.nominal_peak, "seq_len": S, "micro_batch": MB,
                "precision": "bf16-mixed", "compile": True, "arms": []}
-    for name in args.arms.split(","):
-        r = run_arm(name, ARMS[name], args.steps, args.warmup, peak, args.nominal_peak)
+    # Every arm stays resident, and the timed steps are interleaved over rounds: the machine's
+    # speed drifts by tens of percent over minutes (background compile workers, clocks), which
+    # sequential runs would charge to whichever arm ran at the bad moment.
+    names = args.arms.split(",")
+    trainers, facts = {}, {}
+    total = args.warmup + args.rounds * args.steps + 1
+    for name in names:
+        trainers[name], facts[name] = build_arm(name, ARMS[name], total, args.warmup)
+        print(json.dumps(facts[name]), flush=True)
+    rounds = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            step_s, loss = time_steps(trainers[name], args.steps)
+            rounds[name].append(step_s)
+            facts[name]["final_loss"] = loss
+    for name in names:
+        step_s = statistics.median(rounds[name])
+        tps = MB * S / step_s
+        fpt = facts[name]["flops_per_token"]
+        r = {**facts[name], "steps_per_round": args.steps, "rounds": args.rounds,
+             "step_time_s_rounds": rounds[name], "step_time_s": step_s, "tokens_per_s": tps,
+             "mfu_measured_peak": fpt * tps / peak, "mfu_nominal_peak": fpt * tps / args.nominal_peak}
         print(json.dumps(r), flush=True)
         results["arms"].append(r)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
     return 0
 
 

@@ -64,9 +64,8 @@ def build_optimizer(model: nn.Module, optim: OptimSection, device_type: str = "c
     groups = param_groups(model, optim)
     for g in groups:
         g.pop("names")
-    kwargs = {}
-    if device_type == "cuda":
-        kwargs["foreach"] = True
+    # On CUDA the fused kernel: one launch per step instead of a dozen foreach passes per group.
+    kwargs = {"fused": True} if device_type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **kwargs)
 
 
