@@ -410,20 +410,22 @@ class Engine:
 
     def _decode(self, reqs: list[Request]) -> None:
         nrows = max(r.slot for r in reqs) + 1
-        tokens = torch.full((nrows, 1), self.pad_token_id, dtype=torch.long)
-        pos = torch.zeros(nrows, dtype=torch.long)
+        tokens = [self.pad_token_id] * nrows
+        pos = [0] * nrows
         for r in self.running.values():
             # rows of slots that hold a request but do not decode now write their dummy key at the
             # next free position of that request (overwritten before it is ever read)
             if r.slot < nrows:
                 pos[r.slot] = min(r.num_cached, self.max_seq_len - 1)
         for r in reqs:
-            tokens[r.slot, 0] = r.output_ids[-1]
+            tokens[r.slot] = r.output_ids[-1]
             pos[r.slot] = r.num_cached
-        logits = self._run_decode(tokens, pos, nrows)
-        rows = torch.tensor([r.slot for r in reqs], device=logits.device)
+        logits = self._run_decode(torch.tensor([tokens, pos]), nrows)
+        slots = [r.slot for r in reqs]
+        if slots != list(range(nrows)):  # skip the gather in the common case: every row decodes, in order
+            logits = logits[torch.tensor(slots, device=logits.device)]
         self.stats["decode_steps"] += 1
-        self._sample_and_emit(reqs, logits[rows], first=False)
+        self._sample_and_emit(reqs, logits, first=False)
 
     def _decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         self.cache.set_decode(pos, kv_len)
@@ -432,20 +434,22 @@ class Engine:
                                   past_key_values=self.cache, use_cache=True).last_hidden_state
         return self.model.lm_head(hidden[:, -1]).float()
 
-    def _run_decode(self, tokens: torch.Tensor, pos: torch.Tensor, nrows: int) -> torch.Tensor:
+    def _run_decode(self, tokens_pos: torch.Tensor, nrows: int) -> torch.Tensor:
+        """Logits [nrows, V] for the CPU tensor [2, nrows] of (last token, its position) per row."""
         if self.use_graphs:
             bucket = next(b for b in self._buckets if b >= nrows)
-            static_tokens, static_pos, graph, out = self._graphs[bucket]
-            static_tokens.fill_(self.pad_token_id)
-            static_pos.zero_()
-            static_tokens[:nrows].copy_(tokens, non_blocking=True)
-            static_pos[:nrows].copy_(pos, non_blocking=True)
+            static_in, graph, out = self._graphs[bucket]
+            if nrows < bucket:  # rows past nrows hold no decoding request: a padding token at position 0
+                static_in[0].fill_(self.pad_token_id)
+                static_in[1].zero_()
+            static_in[:, :nrows].copy_(tokens_pos, non_blocking=True)  # one host-to-device copy
             graph.replay()
             return out[:nrows]
         # eager: attend over the filled prefix only, rounded up to limit recompiles / allocations
-        need = int(pos.max()) + 1
+        need = int(tokens_pos[1].max()) + 1
         kv_len = min(self.max_seq_len, -(-need // 128) * 128)
-        return self._decode_impl(tokens.to(self.device), pos.to(self.device), kv_len)
+        tokens_pos = tokens_pos.to(self.device)
+        return self._decode_impl(tokens_pos[0, :, None], tokens_pos[1], kv_len)
 
     def _capture_graphs(self) -> None:
         """One CUDA graph per batch bucket (1, 2, 4, ... max_batch), over static buffers, attending
@@ -460,8 +464,9 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode():
             for b in reversed(buckets):
-                tokens = torch.full((b, 1), self.pad_token_id, dtype=torch.long, device=self.device)
-                pos = torch.zeros(b, dtype=torch.long, device=self.device)
+                static_in = torch.zeros(2, b, dtype=torch.long, device=self.device)  # tokens; positions
+                static_in[0].fill_(self.pad_token_id)
+                tokens, pos = static_in[0, :, None], static_in[1]
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
@@ -472,7 +477,7 @@ class Engine:
                 with torch.cuda.graph(graph, pool=pool):
                     out = self._decode_impl(tokens, pos, self.max_seq_len)
                 pool = graph.pool()
-                self._graphs[b] = (tokens, pos, graph, out)
+                self._graphs[b] = (static_in, graph, out)
         torch.cuda.synchronize()
         logger.info("captured %d decode graphs in %.1fs", len(buckets), time.perf_counter() - t0)
 
