@@ -14,7 +14,8 @@ On the built-in corpus (Python's own documentation, zero download) it measures, 
 3. the training loader (batch 8 x seq 2048, shuffled, with and without position ids) and the
    eval loader, in tokens per second.
 
-Each timing is the best of --repeat runs.
+Each timing is the best of --repeat runs; the four tokenization methods run interleaved, round
+by round, so that other load on the machine affects them alike.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ import time
 from pathlib import Path
 
 
-def best_of(repeat: int, fn):
-    times, result = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
+def best_of_interleaved(repeat: int, fns: dict) -> tuple[dict, dict]:
+    """Best time and last result of each function, run round by round (each round in the
+    opposite order to the one before), so that a change of machine load hits all of them alike."""
+    times = {name: [] for name in fns}
+    results = {}
+    order = list(fns)
+    for r in range(repeat):
+        for name in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            results[name] = fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}, results
 
 
 def main(argv=None) -> int:
@@ -103,11 +109,6 @@ def main(argv=None) -> int:
         tok = load_tokenizer(tok_dir)
         return sum(len(e.ids) for e in tok.encode_batch_fast(docs, add_special_tokens=False))
 
-    t_single, n_tokens = best_of(args.repeat, single)
-    t_batch, n2 = best_of(args.repeat, batched)
-    assert n2 == n_tokens
-    res.update(tokens=n_tokens, single_s=t_single, encode_batch_s=t_batch)
-
     jsonl = work / "builtin.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f:
         for d in docs:
@@ -120,12 +121,16 @@ def main(argv=None) -> int:
             return prepare_dataset([str(jsonl)], tok_dir, out, workers=workers, progress=False, log=lambda m: None)
         return run
 
-    t_prep0, r0 = best_of(args.repeat, prep(0))
-    t_prepn, rn = best_of(args.repeat, prep(cores))
+    best, results = best_of_interleaved(args.repeat, {"single": single, "batch": batched, "prep0": prep(0),
+                                                      "prepn": prep(cores)})
+    t_single, t_batch, t_prep0, t_prepn = best["single"], best["batch"], best["prep0"], best["prepn"]
+    n_tokens, r0, rn = results["single"], results["prep0"], results["prepn"]
+    assert results["batch"] == n_tokens
     assert r0.manifest["tokens"] == rn.manifest["tokens"] == n_tokens + len(docs)
-    res.update(prepare_rust_threads_s=t_prep0, prepare_processes_s=t_prepn)
+    res.update(tokens=n_tokens, single_s=t_single, encode_batch_s=t_batch,
+               prepare_rust_threads_s=t_prep0, prepare_processes_s=t_prepn)
 
-    print("\ntokenization of the same text (best of %d):" % args.repeat)
+    print("\ntokenization of the same text (best of %d, interleaved):" % args.repeat)
     print(f"{'method':<40} {'seconds':>8} {'tokens/s':>12} {'MB/s':>7} {'vs single':>9}")
     rows = [
         ("single process tokenizer.encode loop", t_single),

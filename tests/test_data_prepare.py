@@ -142,6 +142,19 @@ def test_worker_processes_same_output(tmp_path, tiny_tokenizer, prepared, corpus
     assert res.manifest["config_hash"] == json.loads((prepared / "manifest.json").read_text())["config_hash"]
 
 
+def test_batching_does_not_change_output(tmp_path, tiny_tokenizer, prepared, corpus):
+    from complexity.data.prepare import prepare_dataset
+
+    # one document per batch (many batches in flight, packed as they come back) vs the default
+    res = prepare_dataset([str(corpus["jsonl"].parent)], tiny_tokenizer, tmp_path / "b1", val_fraction=0.2,
+                          batch_bytes=1, progress=False, log=lambda m: None)
+    for split in ("train", "val"):
+        assert np.array_equal(_stream(tmp_path / "b1", split), _stream(prepared, split))
+    m = json.loads((prepared / "manifest.json").read_text())
+    assert res.manifest["splits"] == m["splits"] and res.manifest["sources"] == m["sources"]
+    assert np.array_equal(np.load(tmp_path / "b1" / "token_counts.npy"), np.load(prepared / "token_counts.npy"))
+
+
 def test_parquet_glob_and_hf_disk_sources(tmp_path, tiny_tokenizer):
     import datasets
     import pyarrow as pa

@@ -150,3 +150,25 @@ def test_builtin_module_docs_extracted():
     assert builtin_corpus._comment_paragraphs(src) == [
         "This block comment has plenty of ordinary words in it and continues here."
     ]
+
+
+def test_tokenizer_hash_leaves_the_garbage_collector_as_it_found_it(tiny_tokenizer, tmp_path):
+    """The hash pauses the collector while it parses tokenizer.json (see tokenizer_hash)."""
+    import gc
+
+    from complexity.data.tokenizer import TokenizerError, tokenizer_hash
+
+    first = tokenizer_hash(tiny_tokenizer)
+    assert gc.isenabled() and tokenizer_hash(tiny_tokenizer) == first
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError):
+        tokenizer_hash(bad)
+    assert gc.isenabled()  # restored on the error path too
+    gc.disable()
+    try:
+        assert tokenizer_hash(tiny_tokenizer) == first
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        gc.enable()

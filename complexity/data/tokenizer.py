@@ -11,6 +11,7 @@ Encoding adds no special tokens: ``data prepare`` appends ``</s>`` after every d
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -177,10 +178,18 @@ def tokenizer_hash(path: str | os.PathLike) -> str:
     """A sha256 over what decides token ids: model (vocab, merges), normaliser, pre-tokeniser and
     added tokens. Cosmetic re-saves (e.g. by ``transformers``) keep the same hash."""
     p = _tokenizer_json_path(path)
+    # The parse builds one small list per merge (32k for a 32k vocabulary); with the collector on,
+    # that sets off full collections over the whole heap (large once torch is imported), which
+    # cost more than the hash itself. The parse makes no reference cycles, so they find nothing.
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
         spec = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise TokenizerError(f"{p}: not a valid tokenizer.json: {err}") from err
+    finally:
+        if was_enabled:
+            gc.enable()
     added = sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or [])
     canonical = {
         "model": spec.get("model"),
