@@ -294,20 +294,22 @@ class ComplexityExperts(nn.Module):
 
         `dispatch`: `dispatch_by_expert(expert_idx)` when the caller already has it (the model
         computes it once for all layers). `shared`: a dense SwiGLU every row also goes through,
-        added to the output. Its weights are concatenated onto every expert's, so one grouped
-        GEMM per projection computes both: h = [h_shared | h_expert], and the down projection
-        sums the two. That is the cost of a dense SwiGLU of the combined width, with no second
-        pass over the rows.
+        added to the output. For large batches its weights are concatenated onto every expert's,
+        so one grouped GEMM per projection computes both: h = [h_shared | h_expert], and the down
+        projection sums the two, at the cost of a dense SwiGLU of the combined width. That copies
+        the shared weights E times per call, which only pays once there are at least as many rows
+        as E x its width (training batches, long prefills); a decode step of a few rows runs the
+        shared expert as its own dense pass instead.
         """
         if dispatch is None:
             dispatch = dispatch_by_expert(expert_idx, self.num_experts)
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if shared is not None:
-            gate_up, down = self._with_shared(shared, _compute_dtype(x))
+        fuse = shared is not None and x.shape[0] >= self.num_experts * shared.down_proj.in_features
+        gate_up, down = self._with_shared(shared, _compute_dtype(x)) if fuse else (self.gate_up_proj, self.down_proj)
         xs = _PermuteRows.apply(x, dispatch.order, dispatch.inverse)
         gate, up = grouped_matmul(xs, gate_up, dispatch.offsets).chunk(2, dim=-1)
         ys = grouped_matmul(F.silu(gate) * up, down, dispatch.offsets)
-        return _PermuteRows.apply(ys, dispatch.inverse, dispatch.order)
+        out = _PermuteRows.apply(ys, dispatch.inverse, dispatch.order)
+        return out + shared(x) if shared is not None and not fuse else out
 
     def _with_shared(self, shared: ComplexityMLP, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[E, H, 2(Is+Ie)] = [gate_s | gate_e | up_s | up_e] and [E, Is+Ie, H] = [down_s ; down_e]."""

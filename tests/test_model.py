@@ -237,16 +237,17 @@ def test_dispatch_is_a_stable_sort_by_expert():
     assert offsets.tolist() == torch.bincount(expert_idx, minlength=5).cumsum(0).tolist()
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_token_routed_mlp_matches_a_float64_per_expert_loop(shared):
-    """The dispatch (with the shared expert fused into the grouped GEMM) against the obvious loop."""
+@pytest.mark.parametrize("shared, seq", [(False, 20), (True, 20), (True, 64)])
+def test_token_routed_mlp_matches_a_float64_per_expert_loop(shared, seq):
+    """The dispatch against the obvious loop; with a shared expert both ways of running it: its
+    own pass (60 rows) and fused into the grouped GEMM (192 rows >= E x shared width)."""
     overrides = {**VARIANTS["routed"], "shared_expert": shared}
     mlp = tiny_model(**overrides).model.layers[0].mlp
     for p in mlp.parameters():
         torch.nn.init.normal_(p, std=0.1)  # the zero-initialised projections would hide mistakes
     gen = torch.Generator().manual_seed(15)
-    x = torch.randn(3, 20, 64, generator=gen)
-    expert_ids = torch.randint(0, 4, (3, 20), generator=gen)
+    x = torch.randn(3, seq, 64, generator=gen)
+    expert_ids = torch.randint(0, 4, (3, seq), generator=gen)
     out = mlp(x, expert_ids)[0]
 
     mlp64, x64 = mlp.double(), x.double()
