@@ -140,15 +140,37 @@ class ComplexityAttention(nn.Module):
             for proj in (self.mu_to_q, self.mu_to_k, self.mu_to_v):
                 proj.zero_init = True
 
+    # Below this many rows the projections are bound by reading their weights, and concatenating
+    # the weights per call (see `project_qkv`) would copy every one of them: keep them apart.
+    fuse_min_rows = 1024
+
+    def project_qkv(self, x: torch.Tensor, mu_prev: torch.Tensor | None):
+        """q, k, v = x W_{q,k,v} (+ mu_prev W_mu{q,k,v}).
+
+        For training batches and long prefills the up-to-six projections run as ONE matmul,
+        [x | mu_prev] @ [[W_q W_k W_v] ; [W_muq W_muk W_muv]]: a single well-shaped GEMM (K = 2H)
+        instead of six thin ones (the k/v outputs are only kv_heads x head_dim wide) and three adds.
+        The parameters stay separate (checkpoint layout unchanged); the concatenation is a copy of
+        the weights per call, small next to the GEMM at these row counts.
+        """
+        if x.numel() // x.shape[-1] < self.fuse_min_rows:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if mu_prev is not None:
+                q, k, v = q + self.mu_to_q(mu_prev), k + self.mu_to_k(mu_prev), v + self.mu_to_v(mu_prev)
+            return q, k, v
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        if mu_prev is not None:
+            mu_weight = torch.cat([self.mu_to_q.weight, self.mu_to_k.weight, self.mu_to_v.weight])
+            weight = torch.cat([weight, mu_weight], dim=1)
+            x = torch.cat([x, mu_prev.to(x.dtype).expand_as(x)], dim=-1)
+        qkv = F.linear(x, weight)
+        return qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+
     def forward(self, hidden_states, mu_prev, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        if mu_prev is not None:
-            q = q + self.mu_to_q(mu_prev)
-            k = k + self.mu_to_k(mu_prev)
-            v = v + self.mu_to_v(mu_prev)
-        q, k, v = (t.view(hidden_shape) for t in (q, k, v))
+        q, k, v = self.project_qkv(hidden_states, mu_prev)
+        q, k, v = (t.reshape(hidden_shape) for t in (q, k, v))
         if self.config.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

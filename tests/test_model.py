@@ -37,7 +37,11 @@ def cached_logits(model, ids, attention_mask=None, prefill=5, cache=None):
 
 
 @torch.no_grad()
-def test_cached_decoding_equals_full_forward(variant):
+@pytest.mark.parametrize("fuse_min_rows", [1024, 8])
+def test_cached_decoding_equals_full_forward(variant, fuse_min_rows, monkeypatch):
+    """With fuse_min_rows=8 the full forward and the prefill take the fused q/k/v GEMM and the
+    one-token steps the separate projections: the two paths must agree too."""
+    monkeypatch.setattr(mc.ComplexityAttention, "fuse_min_rows", fuse_min_rows)
     name, overrides = variant
     model = tiny_model(**overrides)
     ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -92,7 +96,9 @@ def test_batch_invariance(variant):
     torch.testing.assert_close(model(ids[perm]).logits, batched[perm], atol=ATOL, rtol=0)
 
 
-def test_gradient_reaches_every_parameter(variant):
+@pytest.mark.parametrize("fuse_min_rows", [1024, 0])
+def test_gradient_reaches_every_parameter(variant, fuse_min_rows, monkeypatch):
+    monkeypatch.setattr(mc.ComplexityAttention, "fuse_min_rows", fuse_min_rows)
     name, overrides = variant
     model = tiny_model(**overrides).train()
     # Every token id, so every expert of every routed layer receives tokens.
@@ -259,6 +265,31 @@ def test_token_routed_mlp_matches_a_float64_per_expert_loop(shared, seq):
     if shared:
         reference = reference + mlp64.shared_expert(x64)
     torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_mu", [False, True])
+def test_fused_qkv_projection_matches_a_float64_reference(with_mu):
+    """Large batches run q/k/v (and mu's q/k/v) as one concatenated GEMM, small ones as separate
+    projections: both equal x W_q + mu W_muq (etc.) computed in float64."""
+    attn = tiny_model(**VARIANTS["routed-shared-mu"]).model.layers[1].self_attn
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # the mu projections start at zero
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 64, generator=gen)
+    mu = torch.randn(2, 40, 64, generator=gen) if with_mu else None
+    reference = [x.double() @ proj.weight.double().T for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    if with_mu:
+        reference = [r + mu.double() @ proj.weight.double().T
+                     for r, proj in zip(reference, (attn.mu_to_q, attn.mu_to_k, attn.mu_to_v))]
+    for min_rows in (0, 10**9):  # fused, separate
+        attn.fuse_min_rows = min_rows
+        for got, want in zip(attn.project_qkv(x, mu), reference):
+            torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=ATOL)
+    # The fused path's gradients reach every projection.
+    attn.fuse_min_rows = 0
+    sum(t.square().sum() for t in attn.project_qkv(x, mu)).backward()
+    used = [attn.q_proj, attn.k_proj, attn.v_proj] + ([attn.mu_to_q, attn.mu_to_k, attn.mu_to_v] if with_mu else [])
+    assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in used)
 
 
 def test_token_routed_mlp_compiles_fullgraph():
