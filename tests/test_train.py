@@ -155,10 +155,14 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_data, tmp_path):
     assert not (ckpts / ".tmp-step_00000008").exists()
 
 
-def test_spike_guard_skips_and_restores(tiny_data, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 50])
+def test_spike_guard_skips_and_restores(tiny_data, tmp_path, log_every):
+    """log_every=1 reads every step back at once; with 50 the verdicts come back one step late
+    (steps 20 and 21 are not log steps), and the restore must still precede step 22's update."""
     _, data = tiny_data
     cfg = tiny_config(data, **{"training.max_steps": 22, "checkpoint.every": 8, "spike.factor": 1.4,
-                               "spike.window": 5, "spike.min_history": 5, "spike.max_consecutive": 2})
+                               "spike.window": 5, "spike.min_history": 5, "spike.max_consecutive": 2,
+                               "logging.every": log_every})
     transform, lr_mult = spike_injection(20, vocab_size=384, lr_mult=1.0)
     transform21, _ = spike_injection(21, vocab_size=384, lr_mult=1.0)
     trainer = Trainer(cfg, out_dir=tmp_path / "run",
@@ -172,6 +176,70 @@ def test_spike_guard_skips_and_restores(tiny_data, tmp_path):
     state = trainer.optimizer.state_dict()["state"]
     assert int(next(iter(state.values()))["step"]) == 17
     assert result.step == 22 and torch.isfinite(torch.tensor(result.losses[22]))
+
+
+def test_spike_guard_running_mean_and_state_round_trip():
+    """The device-side guard: the mean covers the last `window` good losses, spikes and non-finite
+    values stay out of it, and its state (oldest first, as a list) reloads to the same verdicts."""
+    from complexity.train.config import SpikeSection
+    from complexity.train.trainer import SpikeGuard
+
+    cfg = SpikeSection(factor=2.0, window=3, min_history=2)
+    guard = SpikeGuard(cfg, torch.device("cpu"))
+    one = torch.tensor(1.0)
+    codes = []
+    for loss in [1.0, 2.0, float("nan"), 3.0, 4.0, 100.0]:
+        code, mean = guard.check(torch.tensor(loss), one)
+        codes.append(int(code))
+    assert codes == [0, 0, 1, 0, 0, 3]
+    assert guard.state_dict()["history"] == [2.0, 3.0, 4.0]  # the window kept the last three, in order
+    assert float(mean) == 3.0
+    assert int(guard.check(one, torch.tensor(float("inf")))[0]) == 2
+    restored = SpikeGuard(cfg, torch.device("cpu"))
+    restored.load_state_dict(guard.state_dict())
+    for loss in [6.5, 5.0, 30.0]:
+        assert int(restored.check(torch.tensor(loss), one)[0]) == int(guard.check(torch.tensor(loss), one)[0])
+    assert restored.state_dict() == guard.state_dict()
+
+
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compiled_training_matches_eager(tiny_data, scope):
+    """training.compile (each layer, or the whole model) trains the same as eager: the first
+    steps' losses agree to float32 rounding (the compiled loss and kernels reorder sums)."""
+    _, data = tiny_data
+    base = {"training.max_steps": 3, "checkpoint.every": 0, "checkpoint.export_final": False,
+            "model.mlp_type": "token_routed", "model.shared_expert": True, "model.mu_mode": "guidance"}
+    eager = train(tiny_config(data, **base)).losses
+    compiled = train(tiny_config(data, **base, **{"training.compile": True, "training.compile_scope": scope})).losses
+    assert sorted(compiled) == [1, 2, 3]
+    for step in compiled:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-5), (step, compiled, eager)
+
+
+def test_clip_as_fused_adamw_divisor_equals_clipping_the_gradients():
+    """The trainer clips through fused AdamW's grad_scale; that must equal clip_grads_with_norm_
+    followed by a plain AdamW step, for norms above and below the limit."""
+    from complexity.train.optimizer import clip_divisor
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    fused = [torch.nn.Parameter(t.clone()) for t in init]
+    plain = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_fused = torch.optim.AdamW(fused, lr=0.01, fused=True)
+    opt_plain = torch.optim.AdamW(plain, lr=0.01, foreach=False)
+    for scale in (10.0, 0.01, 3.0):  # clipped, not clipped, clipped
+        grads = [scale * torch.randn(t.shape, generator=gen) for t in init]
+        for p, g in zip(fused, grads):
+            p.grad = g.clone()
+        for p, g in zip(plain, grads):
+            p.grad = g.clone()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in fused])
+        opt_fused.grad_scale = clip_divisor(norm, 1.0)
+        opt_fused.step()
+        torch.nn.utils.clip_grads_with_norm_(plain, 1.0, norm)
+        opt_plain.step()
+        for a, b in zip(fused, plain):
+            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_lr_schedules():
@@ -222,6 +290,13 @@ def test_zipf_table_built_from_data_counts(tiny_data, tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_unknown_compile_settings_are_refused():
+    with pytest.raises(ConfigError, match="training.compile_mode"):
+        load_config(None, {"training.compile_mode": "fastest"})
+    with pytest.raises(ConfigError, match="training.compile_scope"):
+        load_config(None, {"training.compile_scope": "everything"})
 
 
 def test_unknown_recipe_key_and_preset(tmp_path):

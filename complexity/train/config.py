@@ -8,7 +8,7 @@ A recipe is a TOML file with the sections below (every key optional, unknown key
     [optim]      lr, min_lr, betas, eps, weight_decay, decay_embeddings, decay_norms_and_biases, grad_clip
     [schedule]   kind ("cosine" | "wsd" | "constant"), warmup_steps, decay_fraction (wsd)
     [training]   seed, max_steps, micro_batch_size, seq_len, tokens_per_step, precision, compile,
-                 activation_checkpointing, dp ("ddp" | "fsdp"), device
+                 compile_mode, compile_scope, activation_checkpointing, dp ("ddp" | "fsdp"), device
     [checkpoint] every, keep_last, save_on_signal, export_final
     [eval]       every, max_batches, at_end
     [logging]    every, tensorboard, wandb, wandb_project, peak_flops, progress
@@ -113,6 +113,9 @@ class ScheduleSection:
             raise ConfigError(f"schedule.decay_fraction: must lie in (0, 1], got {self.decay_fraction}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
 @dataclass
 class TrainingSection:
     seed: int = 0
@@ -121,7 +124,10 @@ class TrainingSection:
     seq_len: int = 2048
     tokens_per_step: int | None = None  # global tokens per optimizer step; None = micro * seq * world (no accumulation)
     precision: str = "auto"         # "auto" (fp32 on CPU, bf16-mixed on GPU) | "fp32" | "bf16-mixed" | "bf16"
-    compile: bool = False           # torch.compile each decoder layer
+    compile: bool = False           # torch.compile each decoder layer (and the loss)
+    compile_mode: str = "default"   # torch.compile mode: "default" | "reduce-overhead" (CUDA graphs)
+                                    # | "max-autotune-no-cudagraphs" | "max-autotune"
+    compile_scope: str = "layers"   # "layers": each decoder layer | "model": the whole model as one graph
     activation_checkpointing: bool = False
     dp: str = "ddp"                 # data parallelism under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     device: str = "auto"            # "auto" | "cpu" | "cuda"
@@ -135,6 +141,11 @@ class TrainingSection:
             raise ConfigError(f"training.tokens_per_step: must be a positive integer, got {self.tokens_per_step!r}")
         if self.precision not in ("auto", "fp32", "bf16-mixed", "bf16"):
             raise ConfigError(f"training.precision: unknown value {self.precision!r}; expected auto, fp32, bf16-mixed or bf16")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"training.compile_mode: unknown value {self.compile_mode!r}; expected one of "
+                              + ", ".join(COMPILE_MODES))
+        if self.compile_scope not in ("layers", "model"):
+            raise ConfigError(f"training.compile_scope: unknown value {self.compile_scope!r}; expected layers or model")
         if self.dp not in ("ddp", "fsdp"):
             raise ConfigError(f"training.dp: unknown value {self.dp!r}; expected ddp or fsdp")
         if self.device not in ("auto", "cpu", "cuda"):

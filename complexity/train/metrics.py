@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -147,26 +148,29 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Step timing over a sliding window, for tokens/s and ETA."""
+    """Seconds per step, measured between the points where the loop waits for the device (log,
+    eval and checkpoint steps): in between, steps are only launched, and one step's host time
+    says nothing of its device time."""
 
     def __init__(self, window: int = 20):
-        self.window = window
-        self.times: list[float] = []
-        self.last = time.perf_counter()
+        self.intervals: deque[tuple[float, int]] = deque(maxlen=window)  # (seconds, steps)
+        self.start(0)
 
-    def tick(self) -> float:
+    def start(self, step: int) -> None:
+        """Begin an interval at `step` (also after a pause: eval and checkpoint time is not counted)."""
+        self._t0, self._step0 = time.perf_counter(), step
+
+    def mark(self, step: int) -> tuple[float, int]:
+        """End the interval at `step` (the device has finished it) and begin the next:
+        -> (seconds, steps) of the interval."""
         now = time.perf_counter()
-        dt = now - self.last
-        self.last = now
-        self.times.append(dt)
-        if len(self.times) > self.window:
-            self.times.pop(0)
-        return dt
-
-    def reset(self) -> None:
-        """After a pause (eval, checkpoint) the next step's time would include it."""
-        self.last = time.perf_counter()
+        interval = (now - self._t0, step - self._step0)
+        if interval[1] > 0:
+            self.intervals.append(interval)
+        self._t0, self._step0 = now, step
+        return interval
 
     @property
     def mean_step_time(self) -> float:
-        return sum(self.times) / len(self.times) if self.times else float("nan")
+        steps = sum(n for _, n in self.intervals)
+        return sum(s for s, _ in self.intervals) / steps if steps else float("nan")

@@ -60,13 +60,14 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection, device_type: str = "cpu") -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
     groups = param_groups(model, optim)
     for g in groups:
         g.pop("names")
-    # On CUDA the fused kernel: one launch per step instead of a dozen foreach passes per group.
-    kwargs = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **kwargs)
+    # The fused kernel, on every device: one launch per step instead of a dozen foreach passes
+    # per group, and it honours `found_inf`, which the spike guard sets to skip a step on the
+    # device without the host ever reading the loss.
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=True)
 
 
 def lr_at(step: int, optim: OptimSection, schedule: ScheduleSection, max_steps: int) -> float:
@@ -94,3 +95,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, sched
     base = optim.lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, optim, schedule, max_steps) / base)
+
+
+def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Clipping the global gradient norm to `max_norm` as a divisor, max(1, norm / max_norm), for
+    fused AdamW's `grad_scale`: the kernel divides every gradient by it as it reads them, which
+    is `clip_grads_with_norm_` without a pass over the gradients of its own."""
+    return ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+

@@ -97,9 +97,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each decoder layer in place (`Module.compile`): the repeated block compiles
-    once and is reused; names and state-dict keys do not change."""
+def apply_compile(model: nn.Module, mode: str = "default", scope: str = "layers") -> None:
+    """torch.compile in place (`Module.compile`): names and state-dict keys do not change.
+
+    scope "layers": each decoder layer; the repeated block compiles once and is reused, and the
+    embedding, routing and LM head around them stay eager. scope "model": the whole model, one
+    graph forward and one backward (with mode "reduce-overhead", one CUDA graph each): longer to
+    compile, but nothing is left to launch from Python between layers.
+    """
+    if scope == "model":
+        model.compile(mode=mode)
+        return
     layers = decoder_layers(model)
     # Layers that differ in structure (the first INL layer has no mu input, the last guidance
     # layer no mu output) or in guarded attributes each add a compiled variant; past dynamo's
@@ -109,7 +117,7 @@ def apply_compile(model: nn.Module) -> None:
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 2 * len(layers)))
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
@@ -142,7 +150,7 @@ def parallelize(model: nn.Module, training: TrainingSection, info: DistInfo, pre
     if training.activation_checkpointing:
         apply_activation_checkpointing(model)
     if training.compile:
-        apply_compile(model)
+        apply_compile(model, training.compile_mode, training.compile_scope)
     if info.world_size > 1:
         if training.dp == "fsdp":
             return apply_fsdp(model, info.device, precision)

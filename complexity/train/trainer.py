@@ -7,18 +7,26 @@ data, resume compatibility) before any compute, then builds model -> routing tab
     for each optimizer step:
         for each of this rank's data slots (gradient accumulation):
             forward (autocast / FSDP mixed precision), loss = CE (+ router aux), backward(loss / accum)
-        loss all-reduced (mean over the global batch), grad norm (global), clip
-        spike guard: a bad step is skipped (see below), else optimizer.step()
+        loss all-reduced (mean over the global batch), grad norm (global)
+        spike guard (on the device): a bad step's update is skipped, else optimizer.step()
+        (fused AdamW, which also applies the clip to grad_clip as its gradient divisor)
         scheduler.step(); log; evaluate; checkpoint; stop on signal
+
+The step never waits for the device. Its loss, grad norm and spike verdict stay on the GPU and are
+copied back asynchronously; the host reads them one step later (by then the next step's kernels
+are queued, so the GPU does not idle) and at every log, eval and checkpoint step. Tokens/s is
+measured between those read-backs.
 
 Loss spikes. A step is a spike when its loss or grad norm is not finite, or its loss exceeds
 `spike.factor` times the mean of the last `spike.window` good losses (after `min_history` good
-steps). A spike step: gradients are zeroed and the optimizer does NOT step (weights and Adam
-moments untouched); the scheduler DOES advance and the data loader has consumed the batch, so
-the step counter, the LR schedule and the data order stay those of the planned run. After
-`spike.max_consecutive` spikes in a row the model and optimizer are restored from the last
-checkpoint (step counter, schedule and data position keep going forward, so the bad data is
-not replayed). Events go to metrics.jsonl as {"event": "spike_skipped" | "restored"}.
+steps). The test runs on the device and feeds fused AdamW's `found_inf`: a spike step leaves the
+weights, the Adam moments and the Adam step count untouched; the scheduler DOES advance and the
+data loader has consumed the batch, so the step counter, the LR schedule and the data order stay
+those of the planned run. After `spike.max_consecutive` spikes in a row the model and optimizer
+are restored from the last checkpoint before the next step updates anything (that step's
+gradients are recomputed on the restored weights; step counter, schedule and data position keep
+going forward, so the bad data is not replayed). Events go to metrics.jsonl as
+{"event": "spike_skipped" | "restored"}.
 
 Hooks for experiments: `batch_transform(step, batch) -> batch` (applied to every micro-batch of
 the step, before it is moved to the device) and `lr_multiplier(step) -> float` (multiplies that
@@ -29,13 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
 import signal
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,7 +56,7 @@ from . import data as data_mod
 from .config import RunConfig
 from .eval import evaluate
 from .metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token
-from .optimizer import build_optimizer, build_scheduler
+from .optimizer import build_optimizer, build_scheduler, clip_divisor
 from .parallelize import (
     DistInfo,
     all_reduce_,
@@ -97,34 +103,60 @@ def spike_injection(step: int, vocab_size: int, lr_mult: float = 10.0, seed: int
 
 
 class SpikeGuard:
-    def __init__(self, cfg):
+    """The spike test of SpikeSection, computed on the device so that no step waits for the host.
+
+    Good losses enter a ring buffer of the last `window` (the running mean). `consecutive` is host
+    bookkeeping, updated when the trainer reads the verdicts back.
+    """
+
+    REASONS = {1: "non-finite loss", 2: "non-finite grad norm", 3: "loss above factor x running mean"}
+
+    def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
-        self.history: deque[float] = deque(maxlen=cfg.window)
+        self.history = torch.zeros(cfg.window, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # losses held (<= window)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)   # where the next good loss goes
         self.consecutive = 0
 
-    def is_spike(self, loss: float, grad_norm: float) -> str | None:
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (code, running mean) as device scalars; code 0 is a good step (its loss enters the
+        history), else a key of REASONS. With the guard disabled every step is good."""
+        loss, grad_norm = loss.double(), grad_norm.double()
+        mean = self.history.sum() / self.count.clamp(min=1)
         if not self.cfg.enabled:
-            return None
-        if not math.isfinite(loss):
-            return "non-finite loss"
-        if not math.isfinite(grad_norm):
-            return "non-finite grad norm"
-        if len(self.history) >= self.cfg.min_history:
-            mean = sum(self.history) / len(self.history)
-            if loss > self.cfg.factor * mean:
-                return f"loss {loss:.4f} > {self.cfg.factor} x running mean {mean:.4f}"
-        return None
-
-    def good(self, loss: float) -> None:
-        self.history.append(loss)
-        self.consecutive = 0
+            return torch.zeros((), dtype=torch.long, device=loss.device), mean
+        above = (self.count >= self.cfg.min_history) & (loss > self.cfg.factor * mean)
+        code = torch.where(~torch.isfinite(loss), 1,
+                           torch.where(~torch.isfinite(grad_norm), 2, torch.where(above, 3, 0)))
+        good = code == 0
+        write = good & (torch.arange(self.cfg.window, device=loss.device) == self.slot)
+        self.history.copy_(torch.where(write, loss, self.history))
+        self.slot.copy_((self.slot + good) % self.cfg.window)
+        self.count.copy_((self.count + good).clamp(max=self.cfg.window))
+        return code, mean
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "consecutive": self.consecutive}
+        n, slot, values = int(self.count), int(self.slot), self.history.tolist()
+        return {"history": values[:n] if n < self.cfg.window else values[slot:] + values[:slot],
+                "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = deque(state.get("history", []), maxlen=self.cfg.window)
+        values = list(state.get("history", []))[-self.cfg.window:]
+        self.history.zero_()
+        self.history[: len(values)] = torch.tensor(values, dtype=torch.float64)
+        self.count.fill_(len(values))
+        self.slot.fill_(len(values) % self.cfg.window)
         self.consecutive = int(state.get("consecutive", 0))
+
+
+@dataclass
+class _LaunchedStep:
+    """A step whose numbers are still on their way back from the device."""
+
+    step: int
+    lr: float
+    values: torch.Tensor                 # [loss, grad norm, spike code, running mean], host
+    ready: torch.cuda.Event | None       # recorded after the copy (CUDA), None elsewhere
 
 
 class _Signals:
@@ -243,11 +275,16 @@ class Trainer:
         self.forward_module = parallelize(model, cfg.training, info, self.precision)
         # Compiled, the fp32 cast, log-softmax and its gradient fuse into a few passes over the
         # bf16 logits instead of materialising fp32 copies of a [tokens, vocab] tensor.
-        self.loss_fn = torch.compile(causal_lm_loss, dynamic=False) if cfg.training.compile else causal_lm_loss
+        self.loss_fn = torch.compile(causal_lm_loss, dynamic=False, mode=cfg.training.compile_mode) \
+            if cfg.training.compile else causal_lm_loss
+        self.cuda_graphs = cfg.training.compile and cfg.training.compile_mode in ("reduce-overhead", "max-autotune")
         self.autocast = uses_autocast(cfg.training, info, self.precision)
-        self.optimizer = build_optimizer(model, cfg.optim, self.device.type)
+        self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule, cfg.training.max_steps)
-        self.guard = SpikeGuard(cfg.spike)
+        self.guard = SpikeGuard(cfg.spike, self.device)
+        self.launched: list[_LaunchedStep] = []
+        self.losses: dict[int, float] = {}                   # step -> loss, as read back
+        self.read_back: dict[int, tuple[float, float, float]] = {}  # step -> (loss, grad norm, lr)
         self.step = 0
         self.tokens_seen = 0
         # Per-rank training randomness (dropout) differs between ranks; init above did not.
@@ -394,29 +431,20 @@ class Trainer:
                 loss = loss + coef * aux.float()
         return loss
 
-    def _grad_norm_and_clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, a device scalar."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor partial norm -> the global norm
             norm = norm.full_tensor()
-        clip = self.config.optim.grad_clip
-        if clip and math.isfinite(norm.item()):
-            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-        return norm.item()
+        return norm
 
-    def train_step(self) -> tuple[float, float, bool, str | None]:
-        """One optimizer step (self.step is the 0-based index of the step being taken)."""
-        step1 = self.step + 1
-        lr = self.scheduler.get_last_lr()
-        mult = self.lr_multiplier(step1) if self.lr_multiplier else 1.0
-        for group, base in zip(self.optimizer.param_groups, lr):
-            group["lr"] = base * mult
+    def _forward_backward(self, batches: list[dict]) -> torch.Tensor:
+        """Accumulate the gradients of this rank's micro-batches; -> the global mean loss (device)."""
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         ddp = hasattr(self.forward_module, "no_sync")
-        for m, loader in enumerate(self.loaders):
-            batch = next(loader)
-            if self.batch_transform is not None:
-                batch = self.batch_transform(step1, batch)
+        for m, batch in enumerate(batches):
+            if self.cuda_graphs:  # each forward begins a new replay generation
+                torch.compiler.cudagraph_mark_step_begin()
             last = m == self.accum - 1
             sync = contextlib.nullcontext() if (last or not ddp) else self.forward_module.no_sync()
             with sync:
@@ -427,18 +455,74 @@ class Trainer:
         if self.info.world_size > 1:
             all_reduce_(total)
             total /= self.info.world_size
-        loss_value = total.item()
-        grad_norm = self._grad_norm_and_clip()
-        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used
-        spike = self.guard.is_spike(loss_value, grad_norm)
-        if spike is None:
-            self.optimizer.step()
-            self.guard.good(loss_value)
+        return total
+
+    def train_step(self) -> None:
+        """Launch one optimizer step (self.step is the 0-based index of the step being taken).
+
+        The only wait is for the previous step's spike verdict, read after this step's forward and
+        backward are queued: a restore it calls for happens before this step's update, and this
+        step's gradients are then recomputed on the restored weights.
+        """
+        step1 = self.step + 1
+        batches = []
+        for loader in self.loaders:
+            batch = next(loader)
+            if self.batch_transform is not None:
+                batch = self.batch_transform(step1, batch)
+            batches.append(batch)
+        loss = self._forward_backward(batches)
+        if self.settle():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._forward_backward(batches)
+        grad_norm = self._grad_norm()
+        if self.config.optim.grad_clip:
+            self.optimizer.grad_scale = clip_divisor(grad_norm, self.config.optim.grad_clip)
+        mult = self.lr_multiplier(step1) if self.lr_multiplier else 1.0
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = base * mult
+        code, mean = self.guard.check(loss, grad_norm)
+        if self.config.spike.enabled:
+            self.optimizer.found_inf = (code != 0).float()  # fused AdamW skips the update on the device
+        values = torch.stack([loss.double(), grad_norm.double(), code.double(), mean])
+        ready = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values = host.copy_(values, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.launched.append(_LaunchedStep(step1, self.optimizer.param_groups[0]["lr"], values, ready))
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.config.training.tokens_per_step
-        return loss_value, grad_norm, spike is None, spike
+
+    def settle(self) -> bool:
+        """Read back the launched steps' numbers (waiting for the device if need be): record their
+        losses, log their spike events, and restore the last checkpoint after `max_consecutive`
+        spikes in a row. -> whether it restored."""
+        restored = False
+        launched, self.launched = self.launched, []
+        for item in launched:
+            if item.ready is not None:
+                item.ready.synchronize()
+            loss, grad_norm, code, mean = item.values.tolist()
+            self.losses[item.step] = loss
+            self.read_back[item.step] = (loss, grad_norm, item.lr)
+            if not code:
+                self.guard.consecutive = 0
+                continue
+            self.guard.consecutive += 1
+            reason = self.guard.REASONS[int(code)]
+            if int(code) == 3:
+                reason = f"loss {loss:.4f} > {self.config.spike.factor} x running mean {mean:.4f}"
+            self.logger.event(item.step, "spike_skipped", loss=loss, grad_norm=grad_norm, reason=reason,
+                              consecutive=self.guard.consecutive)
+            if self.guard.consecutive >= self.config.spike.max_consecutive:
+                self._restore_after_spikes(item.step)
+                restored = True
+        return restored
 
     # ------------------------------------------------------------------ eval
 
@@ -499,12 +583,12 @@ class Trainer:
 
     def run(self) -> RunResult:
         cfg, info = self.config, self.info
-        result = RunResult(out_dir=self.out_dir, step=self.step)
+        result = RunResult(out_dir=self.out_dir, step=self.step, losses=self.losses)
         signals = _Signals(cfg.checkpoint.save_on_signal)
         timer = Throughput()
         max_steps = cfg.training.max_steps
         tok_per_step = cfg.training.tokens_per_step
-        rates = []
+        measured_s, measured_steps = 0.0, 0  # after this process's first interval (compilation)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -514,46 +598,44 @@ class Trainer:
                                     f"{self.active_params:,} active params")
             elif self.resume_from is not None:
                 self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
-            timer.reset()
+            timer.start(self.step)
+            first_interval = True
             while self.step < max_steps:
-                loss, gnorm, stepped, spike = self.train_step()
-                dt = timer.tick()
-                step = self.step
-                result.losses[step] = loss
-                result.step = step
-                tps = tok_per_step / dt if dt > 0 else float("nan")
-                if step > 1 or len(result.losses) > 1:
-                    rates.append(tps)
-                mfu = (self.flops_per_token * tps / (self.peak_flops * info.world_size)) if self.peak_flops else None
-                lr = self.last_lr
-                if spike is not None:
-                    self.guard.consecutive += 1
-                    self.logger.event(step, "spike_skipped", loss=loss, grad_norm=gnorm, reason=spike,
-                                      consecutive=self.guard.consecutive)
-                    if self.guard.consecutive >= cfg.spike.max_consecutive:
-                        self._restore_after_spikes(step)
-                if step % cfg.logging.every == 0 or step == 1 or step == max_steps:
-                    self.logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                                     "tokens_per_s": tps, "mfu": mfu, "tokens": self.tokens_seen,
-                                     "step_time_s": dt})
-                    eta = (max_steps - step) * timer.mean_step_time
-                    self.logger.progress_line(step, max_steps, loss, lr, tps, mfu, eta)
-                paused = False
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < max_steps:
-                    result.eval = self._eval_and_log(step)
-                    paused = True
+                self.train_step()
+                step = result.step = self.step
+                log_now = step % cfg.logging.every == 0 or step == 1 or step == max_steps
+                eval_now = bool(cfg.eval.every) and step % cfg.eval.every == 0 and step < max_steps
                 stop_signal = self._stop_requested(signals)
                 stop = stop_signal or (self.stop_after is not None and step >= self.stop_after)
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stop:
+                save_now = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0 or stop
+                if not (log_now or eval_now or save_now):
+                    continue
+                self.settle()  # waits for the device: the interval's time is now complete
+                seconds, steps = timer.mark(step)
+                if not first_interval:
+                    measured_s, measured_steps = measured_s + seconds, measured_steps + steps
+                first_interval = False
+                if log_now:
+                    loss, grad_norm, lr = self.read_back[step]
+                    tps = tok_per_step * steps / seconds if seconds > 0 else float("nan")
+                    mfu = (self.flops_per_token * tps / (self.peak_flops * info.world_size)) if self.peak_flops else None
+                    self.logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                     "tokens_per_s": tps, "mfu": mfu, "tokens": self.tokens_seen,
+                                     "step_time_s": seconds / steps})
+                    eta = (max_steps - step) * timer.mean_step_time
+                    self.logger.progress_line(step, max_steps, loss, lr, tps, mfu, eta)
+                self.read_back.clear()
+                if eval_now:
+                    result.eval = self._eval_and_log(step)
+                if save_now:
                     result.checkpoint = self.save()
-                    paused = True
                 if stop:
                     result.interrupted = True
                     why = f"signal {signals.received}" if stop_signal else f"stop_after={self.stop_after}"
                     self.logger.message(f"stopped at step {step} ({why}); checkpoint {result.checkpoint}")
                     break
-                if paused:
-                    timer.reset()
+                if eval_now or save_now:
+                    timer.start(step)  # the pause is not training time
             if not result.interrupted:
                 if cfg.eval.at_end:
                     result.eval = self._eval_and_log(self.step)
@@ -568,8 +650,8 @@ class Trainer:
             self.logger.close()
         result.interrupted = result.interrupted or signals.received is not None
         result.signal = signals.received
-        if rates:
-            result.tokens_per_s = sum(rates) / len(rates)
+        if measured_steps:
+            result.tokens_per_s = tok_per_step * measured_steps / measured_s
             if self.peak_flops:
                 result.mfu = self.flops_per_token * result.tokens_per_s / (self.peak_flops * info.world_size)
         if self.device.type == "cuda":
