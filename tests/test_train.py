@@ -64,6 +64,9 @@ def test_tiny_run_converges_and_logs(trained_run):
     resolved = json.loads((out / "resolved.json").read_text())
     assert resolved["training"]["tokens_per_step"] == 256 and resolved["model"]["hidden_size"] == 64
     assert [p.name for p in ckpt_mod.list_checkpoints(out / "checkpoints")] == ["step_00000020", "step_00000024"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 24 and summary["world_size"] == 1 and summary["device"] == "cpu"
+    assert summary["tokens_per_s"] == result.tokens_per_s > 0 and summary["peak_memory_gib"] is None
 
 
 def test_export_loads_with_automodel(trained_run, tiny_data):

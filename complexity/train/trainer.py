@@ -67,7 +67,7 @@ from .parallelize import (
     uses_autocast,
 )
 
-RUN_FILES = ("resolved.json", "run.json", "metrics.jsonl", "tensorboard", "checkpoints", "final")
+RUN_FILES = ("resolved.json", "run.json", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "final")
 
 
 @dataclass
@@ -655,8 +655,25 @@ class Trainer:
             if self.peak_flops:
                 result.mfu = self.flops_per_token * result.tokens_per_s / (self.peak_flops * info.world_size)
         if self.device.type == "cuda":
-            result.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+            peak = torch.tensor([torch.cuda.max_memory_allocated(self.device)], device=self.device)
+            all_reduce_(peak, op=dist.ReduceOp.MAX)
+            result.peak_memory_bytes = int(peak.item())
+        self._write_summary(result)
         return result
+
+    def _write_summary(self, result: RunResult) -> None:
+        """OUT/summary.json: what this process's part of the run measured (rank 0 writes)."""
+        if self.out_dir is None or not self.info.is_main:
+            return
+        summary = {
+            "step": result.step, "world_size": self.info.world_size, "interrupted": result.interrupted,
+            "tokens_per_s": result.tokens_per_s,
+            "tokens_per_s_per_device": result.tokens_per_s / self.info.world_size if result.tokens_per_s else None,
+            "mfu": result.mfu,
+            "peak_memory_gib": result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else None,  # max over ranks
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def _eval_and_log(self, step: int) -> dict | None:
         result = self.run_eval()
