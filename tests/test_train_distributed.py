@@ -52,6 +52,18 @@ def test_two_processes_match_one(setup, dp):
     assert (out / "final/model.safetensors").is_file()
 
 
+def test_fsdp_with_gradient_accumulation_matches_one_process(setup):
+    """Two micro-batches per rank: FSDP2 accumulates unsharded and reduce-scatters once."""
+    root, o, _ = setup
+    o = {**o, "training.tokens_per_step": 4 * o["training.micro_batch_size"] * o["training.seq_len"],
+         "training.max_steps": 4, "checkpoint.every": 0}
+    single = train(load_config(None, o), out_dir=root / "accum-single").losses
+    out = root / "accum-fsdp"
+    r = torchrun(2, ["train", "--out", str(out), *override_args({**o, "training.dp": "fsdp"})])
+    assert r.returncode == 0, r.stderr[-4000:]
+    _close(read_losses(out), single)
+
+
 def test_fsdp_checkpoint_resumes_on_one_process(setup):
     root, o, reference = setup
     out = root / "reshard"

@@ -8,7 +8,8 @@ A recipe is a TOML file with the sections below (every key optional, unknown key
     [optim]      lr, min_lr, betas, eps, weight_decay, decay_embeddings, decay_norms_and_biases, grad_clip
     [schedule]   kind ("cosine" | "wsd" | "constant"), warmup_steps, decay_fraction (wsd)
     [training]   seed, max_steps, micro_batch_size, seq_len, tokens_per_step, precision, compile,
-                 compile_mode, compile_scope, activation_checkpointing, dp ("ddp" | "fsdp"), device
+                 compile_mode, compile_scope, activation_checkpointing, dp ("ddp" | "fsdp"),
+                 fsdp_reshard_after_forward, device
     [checkpoint] every, keep_last, save_on_signal, export_final
     [eval]       every, max_batches, at_end
     [logging]    every, tensorboard, wandb, wandb_project, peak_flops, progress
@@ -130,6 +131,8 @@ class TrainingSection:
     compile_scope: str = "layers"   # "layers": each decoder layer | "model": the whole model as one graph
     activation_checkpointing: bool = False
     dp: str = "ddp"                 # data parallelism under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
+    fsdp_reshard_after_forward: bool = True  # False: keep each layer's gathered weights from forward to
+                                    # backward (one all-gather per micro-batch instead of two, more memory)
     device: str = "auto"            # "auto" | "cpu" | "cuda"
 
     def validate(self) -> None:

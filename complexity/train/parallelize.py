@@ -120,7 +120,7 @@ def apply_compile(model: nn.Module, mode: str = "default", scope: str = "layers"
         layer.compile(mode=mode)
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+def apply_fsdp(model: nn.Module, device: torch.device, precision: str, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root (embedding, final norm and the tied
     LM head stay together in the root group). bf16-mixed uses FSDP's MixedPrecisionPolicy
     (bf16 compute, fp32 master weights and gradient reduction) instead of autocast."""
@@ -133,7 +133,7 @@ def apply_fsdp(model: nn.Module, device: torch.device, precision: str) -> nn.Mod
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed right away in backward: keep them gathered.
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -153,7 +153,7 @@ def parallelize(model: nn.Module, training: TrainingSection, info: DistInfo, pre
         apply_compile(model, training.compile_mode, training.compile_scope)
     if info.world_size > 1:
         if training.dp == "fsdp":
-            return apply_fsdp(model, info.device, precision)
+            return apply_fsdp(model, info.device, precision, training.fsdp_reshard_after_forward)
         return apply_ddp(model, info.device)
     return model
 

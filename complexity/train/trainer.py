@@ -333,6 +333,7 @@ class Trainer:
             if not resolved.is_file():
                 raise FileExistsError(f"output folder {out} holds files that are not a training run; "
                                       "refusing to --overwrite it (choose another --out)")
+            barrier()  # every rank has looked at the folder before rank 0 empties it
             if self.info.is_main:
                 for name in RUN_FILES:
                     p = out / name
@@ -442,10 +443,13 @@ class Trainer:
         """Accumulate the gradients of this rank's micro-batches; -> the global mean loss (device)."""
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         ddp = hasattr(self.forward_module, "no_sync")
+        fsdp = hasattr(self.forward_module, "set_requires_gradient_sync")
         for m, batch in enumerate(batches):
             if self.cuda_graphs:  # each forward begins a new replay generation
                 torch.compiler.cudagraph_mark_step_begin()
             last = m == self.accum - 1
+            if fsdp:  # accumulate unsharded; reduce-scatter once, after the last micro-batch
+                self.forward_module.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if (last or not ddp) else self.forward_module.no_sync()
             with sync:
                 loss = self._micro_batch_loss(batch)
