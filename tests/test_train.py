@@ -213,7 +213,10 @@ def test_compiled_training_matches_eager(tiny_data, scope):
     base = {"training.max_steps": 3, "checkpoint.every": 0, "checkpoint.export_final": False,
             "model.mlp_type": "token_routed", "model.shared_expert": True, "model.mu_mode": "guidance"}
     eager = train(tiny_config(data, **base)).losses
-    compiled = train(tiny_config(data, **base, **{"training.compile": True, "training.compile_scope": scope})).losses
+    trainer = Trainer(tiny_config(data, **base, **{"training.compile": True, "training.compile_scope": scope}))
+    compiled_modules = [trainer.model] if scope == "model" else list(trainer.model.model.layers)
+    assert all(m._compiled_call_impl is not None for m in compiled_modules)
+    compiled = trainer.run().losses
     assert sorted(compiled) == [1, 2, 3]
     for step in compiled:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5), (step, compiled, eager)

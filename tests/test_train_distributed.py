@@ -53,7 +53,8 @@ def test_two_processes_match_one(setup, dp):
 
 
 def test_fsdp_with_gradient_accumulation_matches_one_process(setup):
-    """Two micro-batches per rank: FSDP2 accumulates unsharded and reduce-scatters once."""
+    """Two micro-batches per rank: FSDP2 accumulates unsharded and reduce-scatters only after the
+    last one; the losses must still be those of one process with the same global batch."""
     root, o, _ = setup
     o = {**o, "training.tokens_per_step": 4 * o["training.micro_batch_size"] * o["training.seq_len"],
          "training.max_steps": 4, "checkpoint.every": 0}

@@ -102,4 +102,3 @@ def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     fused AdamW's `grad_scale`: the kernel divides every gradient by it as it reads them, which
     is `clip_grads_with_norm_` without a pass over the gradients of its own."""
     return ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0)
-

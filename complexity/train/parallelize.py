@@ -1,7 +1,8 @@
 """Distributed setup and model wrapping, applied from outside the model (torchtitan style).
 
-Order (as torchtitan): activation checkpointing -> torch.compile (per decoder layer) -> data
-parallelism (FSDP2 `fully_shard` per decoder layer + root, or DDP). The model code knows nothing
+Order (as torchtitan): activation checkpointing -> torch.compile (each decoder layer, or the
+whole model with training.compile_scope = "model") -> data parallelism (FSDP2 `fully_shard` per
+decoder layer + root, or DDP). The model code knows nothing
 of ranks; state-dict keys are unchanged by every step here (`Module.compile()` compiles in place,
 HF's gradient checkpointing flags the layers in place, FSDP2 shards in place, and
 `torch.distributed.checkpoint.state_dict` strips DDP's `module.` prefix).

@@ -116,6 +116,7 @@ class SpikeGuard:
         self.history = torch.zeros(cfg.window, dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.long, device=device)  # losses held (<= window)
         self.slot = torch.zeros((), dtype=torch.long, device=device)   # where the next good loss goes
+        self._slots = torch.arange(cfg.window, device=device)
         self.consecutive = 0
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +130,7 @@ class SpikeGuard:
         code = torch.where(~torch.isfinite(loss), 1,
                            torch.where(~torch.isfinite(grad_norm), 2, torch.where(above, 3, 0)))
         good = code == 0
-        write = good & (torch.arange(self.cfg.window, device=loss.device) == self.slot)
+        write = good & (self._slots == self.slot)
         self.history.copy_(torch.where(write, loss, self.history))
         self.slot.copy_((self.slot + good) % self.cfg.window)
         self.count.copy_((self.count + good).clamp(max=self.cfg.window))
