@@ -55,6 +55,27 @@ def cuda_time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
+def kernel_breakdown(fn, iters: int = 20, top: int = 15) -> dict:
+    """GPU time per call of `fn` by kernel (torch profiler): where a variant's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:100], [0.0, 0])
+            k[0] += e.device_time / 1e3 / iters
+            k[1] += 1 / iters
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    return {"kernel_ms": sum(v[0] for v in kernels.values()), "kernels_per_call": sum(v[1] for v in kernels.values()),
+            "top": [{"name": n, "ms": round(v[0], 4), "calls": v[1]} for n, v in ranked[:top]]}
+
+
 class NaiveRoutedMLP(torch.nn.Module):
     """The obvious implementation: a Python loop over experts with boolean-mask gathers."""
 
@@ -76,7 +97,7 @@ class NaiveRoutedMLP(torch.nn.Module):
         return out.view_as(x), None
 
 
-def bench_mlp(tokens: int, results: dict) -> None:
+def bench_mlp(tokens: int, results: dict, profile: bool = False) -> None:
     dtype, device = torch.bfloat16, "cuda"
     config = ComplexityConfig.from_preset("tmlr-187m")  # H 768, E 4, expert 512, shared 512
     routed = ComplexityTokenRoutedMLP(config).to(device, dtype)
@@ -134,6 +155,8 @@ def bench_mlp(tokens: int, results: dict) -> None:
                 timings[f"{mode}/token_routed_grouped_given_dispatch{suffix}"] / dense_ms
             )
     results["mlp_ratios"] = ratios
+    if profile:
+        results["mlp_kernels"] = {name: kernel_breakdown(launched[name]) for name in launched if "compiled" in name}
 
 
 def bench_model(batch: int, seq: int, results: dict) -> None:
@@ -195,6 +218,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--out", default="bench_model.json")
     parser.add_argument("--parts", default="check,mlp,model", help="comma-separated subset of check, mlp, model")
+    parser.add_argument("--profile", action="store_true", help="also break the compiled MLPs' GPU time down by kernel")
     args = parser.parse_args()
     results = {
         "device": torch.cuda.get_device_name(),
@@ -209,7 +233,7 @@ def main() -> None:
     if "check" in parts:
         check_cuda_numerics(results)
     if "mlp" in parts:
-        bench_mlp(args.tokens, results)
+        bench_mlp(args.tokens, results, args.profile)
     if "model" in parts:
         bench_model(args.batch, args.seq, results)
     print(json.dumps(results, indent=2))

@@ -234,6 +234,21 @@ def main() -> int:
              "mfu_measured_peak": fpt * tps / peak, "mfu_nominal_peak": fpt * tps / args.nominal_peak}
         print(json.dumps(r), flush=True)
         results["arms"].append(r)
+    # Arms of one model under different compile settings start from the same weights and see the
+    # same batches: their losses must agree up to bf16 rounding (CUDA graphs change no numerics).
+    groups = {}
+    for name in names:
+        spec = ARMS[name]
+        groups.setdefault((json.dumps(spec["model"], sort_keys=True), spec.get("factory")), []).append(name)
+    for group in groups.values():
+        ref = trainers[group[0]].losses
+        for name in group[1:]:
+            losses = trainers[name].losses
+            common = sorted(set(ref) & set(losses))
+            worst = max(abs(losses[k] - ref[k]) / abs(ref[k]) for k in common)
+            results.setdefault("loss_agreement", {})[f"{name} vs {group[0]}"] = {
+                "steps": len(common), "max_relative_difference": worst}
+    print(json.dumps({"loss_agreement": results.get("loss_agreement", {})}), flush=True)
     for name in [n for n in args.profile.split(",") if n]:
         results.setdefault("profiles", {})[name] = profile_steps(trainers[name], args.steps)
         print(json.dumps({"profile": name, **{k: v for k, v in results["profiles"][name].items() if k != "kernels"}}),

@@ -63,16 +63,47 @@ class ComplexityRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
+def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _opaque_rope_tables():
+    """`_rope_tables` as a custom op, which torch.compile keeps as one call.
+
+    Left to itself, the compiler inlines the (cheap-looking) table computation into every layer's
+    q/k kernels, and recomputing pow/sin/cos per element of q and k made those kernels several
+    times slower than their memory traffic. As an op, the tables are computed once per forward
+    and every layer reads them. A trust_remote_code copy of this file, imported where this
+    package is loaded too, reuses the package's op rather than redefine it.
+    """
+    try:
+        return torch.ops.complexity.rope_tables.default
+    except (AttributeError, RuntimeError):
+        pass
+    op = torch.library.custom_op("complexity::rope_tables", mutates_args=())(_rope_tables)
+
+    @op.register_fake
+    def _(position_ids, head_dim, theta):
+        table = position_ids.new_empty((*position_ids.shape, head_dim), dtype=torch.float32)
+        return table, torch.empty_like(table)
+
+    return op
+
+
+_ROPE_TABLES = _opaque_rope_tables()
+
+
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin tables [B, S, head_dim] for NeoX-style (rotate_half) RoPE over the full head_dim.
 
     Computed from the positions on the fly (a few hundred flops per position): no buffer that
     could go stale on load, and positions from left padding / packing / caching are honoured.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = _ROPE_TABLES(position_ids, head_dim, float(theta))
+    return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -652,6 +683,19 @@ class ComplexityModel(ComplexityPreTrainedModel):
             value = int(input_ids[bad][0])
             raise ValueError(f"input_ids: token id {value} is outside the vocabulary [0, {self.config.vocab_size})")
 
+    def _plain_causal(self, attention_mask, past_key_values, position_ids, seq_len: int) -> bool:
+        """True for a batch of whole, unpadded sequences without a cache (training, scoring): a
+        kernel with a causal mode needs no mask then. transformers' mask builder reaches the same
+        answer eagerly, but under torch.compile some versions materialise a [B, 1, S, S] mask
+        instead, and SDPA then runs 2-3x slower kernels than its causal flash path."""
+        return (
+            attention_mask is None
+            and past_key_values is None
+            and position_ids is None  # caller positions may describe packed sequences
+            and self.config._attn_implementation in ("sdpa", "flash_attention_2", "flash_attention_3")
+            and (self.config.sliding_window is None or seq_len <= self.config.sliding_window)
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -676,18 +720,22 @@ class ComplexityModel(ComplexityPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and past_key_values is None and not self.training:
             past_key_values = DynamicCache(config=self.config)
+        plain_causal = self._plain_causal(attention_mask, past_key_values, position_ids, inputs_embeds.shape[1])
         if position_ids is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past
 
-        mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_fn(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        if plain_causal:
+            causal_mask = None  # the kernels' own causal mode (SDPA is_causal, flash causal)
+        else:
+            mask_fn = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+            causal_mask = mask_fn(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
         position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
         expert_ids = expert_dispatch = None
         if self.token_to_expert is not None:

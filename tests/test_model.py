@@ -167,6 +167,37 @@ def test_generate_left_padded_batch_and_sampling():
     assert int(s1.max()) < 256
 
 
+def test_compiled_training_forward_keeps_the_causal_fast_path(monkeypatch):
+    """A batch of whole sequences without a cache must reach SDPA with no mask (so it takes its
+    causal flash path), compiled as well as eager, and compute what the masked path computes.
+    Caller-given positions (possibly packed sequences) and a cache still get a mask built."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    masks = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask is None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording_sdpa)
+    model = tiny_model(**VARIANTS["routed-shared-mu"])
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    eager = model(ids).logits
+    compiled = torch.compile(model, backend="eager", fullgraph=True)(ids).logits
+    assert masks and all(masks), "a mask was built for a batch of whole sequences"
+    torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
+    masks.clear()
+    # Positions 0..n-1 given explicitly: the builder runs (and, eagerly, finds nothing packed).
+    positions = torch.arange(12).expand(2, -1)
+    with_positions = torch.compile(model, backend="eager", fullgraph=True)(ids, position_ids=positions).logits
+    torch.testing.assert_close(with_positions, eager, atol=ATOL, rtol=0)
+    model.config._attn_implementation = "eager"  # explicit masks only: never the fast path
+    torch.testing.assert_close(model(ids).logits, eager, atol=ATOL, rtol=0)
+
+
 @torch.no_grad()
 def test_generate_with_static_cache_and_torch_compile():
     model = tiny_model(**VARIANTS["routed-shared-mu"])
@@ -531,6 +562,21 @@ def test_trust_remote_code_load_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-CODE-OK transformers_modules" in result.stdout
+
+
+def test_remote_code_copy_loads_beside_the_package(tmp_path):
+    """The folder's model code imported in a process where the package is loaded too (both
+    define the RoPE custom op; the copy reuses the package's) computes the same."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    model = tiny_model(**VARIANTS["routed-shared-mu"])
+    model.save_pretrained(tmp_path / "checkpoint")
+    remote_cls = get_class_from_dynamic_module("modeling_complexity.ComplexityForCausalLM", tmp_path / "checkpoint")
+    assert remote_cls is not ComplexityForCausalLM and remote_cls.__module__.startswith("transformers_modules")
+    remote = remote_cls.from_pretrained(tmp_path / "checkpoint").eval()
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(remote(ids).logits, model.eval()(ids).logits)
 
 
 def test_token_id_check_can_be_left_to_the_caller():
