@@ -104,12 +104,14 @@ TMLR = {"preset": "tmlr-187m"}
 DENSE = {"preset": "tmlr-187m", "mlp_type": "dense", "mu_mode": "none", "shared_expert": False, "intermediate_size": 3242}
 GRAPHS = {"compile_mode": "reduce-overhead"}                             # CUDA graphs, per layer
 MODEL_GRAPHS = {"compile_mode": "reduce-overhead", "compile_scope": "model"}  # one graph per direction
+MODEL = {"compile_scope": "model"}                                        # one graph, kernels launched
 ARMS = {
     "complexity-tmlr-187m": dict(model=TMLR),
     # The same model with q/k/v and mu's q/k/v as six separate projections: what the fused GEMM buys.
     "complexity-tmlr-187m-separate-qkv": dict(model=TMLR, separate_qkv=True),
     "complexity-tmlr-187m-cudagraphs": dict(model=TMLR, training=GRAPHS),
     "complexity-tmlr-187m-model-cudagraphs": dict(model=TMLR, training=MODEL_GRAPHS),
+    "complexity-tmlr-187m-model": dict(model=TMLR, training=MODEL),
     "complexity-dense": dict(model=DENSE),
     "complexity-dense-cudagraphs": dict(model=DENSE, training=GRAPHS),
     "complexity-dense-model-cudagraphs": dict(model=DENSE, training=MODEL_GRAPHS),
