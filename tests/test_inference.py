@@ -14,6 +14,8 @@ from complexity.inference.sampling import filter_logits
 from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
 
 torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
+# Engines are built with device="cpu": the default picks CUDA (bf16) where there is a GPU, and
+# these tests compare the engine with float32 CPU forwards token for token.
 
 PROMPTS = [
     "the cat sat on the mat",
@@ -60,7 +62,7 @@ def _load(path):
 def test_greedy_matches_generate(ckpt_dir, variant):
     path = make_tiny_checkpoint(ckpt_dir / variant, **VARIANTS[variant])
     # 3 slots for 5 prompts: requests join and leave the decode batch between steps
-    engine = Engine.from_pretrained(path, max_batch=3)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=3)
     model = _load(path)
     n = 20
     outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=n, temperature=0))
@@ -77,7 +79,7 @@ def test_greedy_matches_generate(ckpt_dir, variant):
 def test_staggered_arrivals_match_generate(ckpt_dir):
     """Requests added while others are mid-decode (continuous batching) keep exact greedy outputs."""
     path = make_tiny_checkpoint(ckpt_dir / "stagger", mu_mode="inl")
-    engine = Engine.from_pretrained(path, max_batch=4)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=4)
     model = _load(path)
     reqs = []
     lengths = [7, 15, 3, 11, 9, 5]
@@ -98,7 +100,7 @@ def test_staggered_arrivals_match_generate(ckpt_dir):
 
 def test_token_id_prompts_and_context_limit(ckpt_dir):
     path = make_tiny_checkpoint(ckpt_dir / "ctx", max_position_embeddings=64)
-    engine = Engine.from_pretrained(path, max_batch=2)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     [out] = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True))
     assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 64 + 1
     with pytest.raises(ValueError, match="prompt"):
@@ -130,7 +132,7 @@ def test_filter_logits():
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt_dir):
     path = make_tiny_checkpoint(ckpt_dir / "seed")
-    engine = Engine.from_pretrained(path, max_batch=4)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=4)
     p = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01,
                        repetition_penalty=1.2, seed=1234, ignore_eos=True)
     [a] = engine.generate(["the cat"], p)
@@ -146,7 +148,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt_dir):
 
 def test_stop_strings_and_eos(ckpt_dir):
     path = make_tiny_checkpoint(ckpt_dir / "stop")
-    engine = Engine.from_pretrained(path, max_batch=2)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     [full] = engine.generate(["the cat sat"], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True))
     text = full.text
     assert len(text) > 6
@@ -162,7 +164,7 @@ def test_stop_strings_and_eos(ckpt_dir):
 
 def test_stream_matches_generate(ckpt_dir):
     path = make_tiny_checkpoint(ckpt_dir / "stream")
-    engine = Engine.from_pretrained(path, max_batch=2)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     p = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True)
     [out] = engine.generate(["déjà vu"], p)
     assert "".join(engine.stream("déjà vu", p)) == out.text
@@ -190,7 +192,7 @@ def test_stop_matcher_holds_back_partial_match():
 
 def test_prompt_logprobs_match_forward(ckpt_dir):
     path = make_tiny_checkpoint(ckpt_dir / "lp", mu_mode="guidance")
-    engine = Engine.from_pretrained(path, max_batch=2)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     model = _load(path)
     prompts = ["the cat sat on the mat", "once upon a time"]
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=0, prompt_logprobs=2, temperature=0))
@@ -209,7 +211,7 @@ def test_prompt_logprobs_match_forward(ckpt_dir):
 
 def test_abort_frees_slot(ckpt_dir):
     path = make_tiny_checkpoint(ckpt_dir / "abort")
-    engine = Engine.from_pretrained(path, max_batch=2)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     r = engine.add_request("the cat", SamplingParams(max_new_tokens=100, ignore_eos=True))
     engine.step()
     assert len(engine.free_slots) == 1

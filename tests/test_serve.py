@@ -45,7 +45,8 @@ def running_server(path, **app_kwargs):
     from complexity.serve import create_app
 
     engine_kwargs = {k: app_kwargs.pop(k) for k in ("max_batch", "max_seq_len") if k in app_kwargs}
-    engine = Engine.from_pretrained(path, **engine_kwargs)
+    # The float32 CPU engine: the tests compare it with float32 CPU forwards, also on GPU machines.
+    engine = Engine.from_pretrained(path, device="cpu", **engine_kwargs)
     app = create_app(engine, model_name=MODEL, **app_kwargs)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
