@@ -102,7 +102,9 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     Computed from the positions on the fly (a few hundred flops per position): no buffer that
     could go stale on load, and positions from left padding / packing / caching are honoured.
     """
-    cos, sin = _ROPE_TABLES(position_ids, head_dim, float(theta))
+    # The op only matters to the compiler; eager, its dispatch would cost more than the tables.
+    tables = _ROPE_TABLES if torch.compiler.is_compiling() else _rope_tables
+    cos, sin = tables(position_ids, head_dim, float(theta))
     return cos.to(dtype), sin.to(dtype)
 
 

@@ -198,6 +198,22 @@ def test_compiled_training_forward_keeps_the_causal_fast_path(monkeypatch):
     torch.testing.assert_close(model(ids).logits, eager, atol=ATOL, rtol=0)
 
 
+def test_compiled_model_computes_rope_tables_once_as_an_op():
+    """Compiled, the RoPE tables are one opaque op per forward (the compiler would otherwise
+    inline pow/sin/cos into every layer's q/k kernels); eager calls skip the op's dispatch."""
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    model = tiny_model(**VARIANTS["routed-shared-mu"]).train()
+    ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    compiled = torch.compile(model, backend=recording_backend, fullgraph=True)(ids).logits
+    assert targets.count(torch.ops.complexity.rope_tables.default) == 1
+    torch.testing.assert_close(compiled, model(ids).logits, atol=ATOL, rtol=0)
+
+
 @torch.no_grad()
 def test_generate_with_static_cache_and_torch_compile():
     model = tiny_model(**VARIANTS["routed-shared-mu"])
