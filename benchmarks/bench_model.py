@@ -26,6 +26,7 @@ import transformers
 import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM
 from complexity.modeling_complexity import ComplexityMLP, ComplexityTokenRoutedMLP, dispatch_by_expert
+from profiling import kernel_table
 
 
 def cuda_graph(fn):
@@ -65,15 +66,7 @@ def kernel_breakdown(fn, iters: int = 20, top: int = 15) -> dict:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(e.name[:100], [0.0, 0])
-            k[0] += e.device_time / 1e3 / iters
-            k[1] += 1 / iters
-    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    return {"kernel_ms": sum(v[0] for v in kernels.values()), "kernels_per_call": sum(v[1] for v in kernels.values()),
-            "top": [{"name": n, "ms": round(v[0], 4), "calls": v[1]} for n, v in ranked[:top]]}
+    return kernel_table(prof, iters, top, name_len=100)
 
 
 class NaiveRoutedMLP(torch.nn.Module):

@@ -38,6 +38,7 @@ import complexity  # noqa: F401
 from complexity.train import load_config
 from complexity.train.metrics import flops_per_token
 from complexity.train.trainer import Trainer
+from profiling import kernel_table
 
 L, H, HEADS, KV, V, S, MB = 18, 768, 12, 4, 32000, 2048, 8
 
@@ -175,17 +176,10 @@ def profile_steps(trainer, steps: int, top: int = 30) -> dict:
         trainer.settle()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(e.name[:120], [0.0, 0])
-            k[0] += e.device_time
-            k[1] += 1
-    busy = sum(v[0] for v in kernels.values()) / 1e3 / steps
-    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": busy,
-            "kernels_per_step": sum(v[1] for v in kernels.values()) / steps,
-            "kernels": [{"name": n, "ms_per_step": v[0] / 1e3 / steps, "calls_per_step": v[1] / steps} for n, v in ranked]}
+    table = kernel_table(prof, steps, top)
+    return {"wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": table["kernel_ms"],
+            "kernels_per_step": table["kernels_per_call"],
+            "kernels": [{"name": k["name"], "ms_per_step": k["ms"], "calls_per_step": k["calls"]} for k in table["top"]]}
 
 
 def main() -> int:
