@@ -12,9 +12,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # the suite's shared helpers (conftest, fixtures)
 
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        item.add_marker(pytest.mark.gpu)
+        if str(item.path).startswith(_HERE + os.sep):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(autouse=True)
