@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..runtime import resolve_device, resolve_dtype
 from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .sampling import SamplingParams, make_generator, sample_tokens, top_logprobs
@@ -119,27 +120,6 @@ class Request:
         )
 
 
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"dtype: unknown value {dtype!r}; expected one of auto, {', '.join(names)}")
-    return names[dtype]
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was requested but torch sees no CUDA device")
-    return device
-
-
 class Engine:
     """Owns a model, its slot cache and the scheduling state. Not thread safe: one thread
     calls `add_request` / `abort` / `step` (see `AsyncEngine` for the server's wrapper)."""
@@ -211,8 +191,8 @@ class Engine:
             raise FileNotFoundError(f"checkpoint {path!r}: not a directory")
         if not os.path.exists(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"checkpoint {path!r}: no config.json")
-        dev = _resolve_device(device)
-        dt = _resolve_dtype(dtype, dev)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
         attn = kwargs.pop("attn_implementation", "sdpa")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn).to(dev)
         tok = None

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import runtime
 from .config import TrainingSection
 
 
@@ -37,11 +38,7 @@ class DistInfo:
 
 
 def resolve_device(kind: str) -> str:
-    if kind == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("training.device: 'cuda' requested but no CUDA device is available")
-    return kind
+    return str(runtime.resolve_device(kind, field="training.device"))
 
 
 def init_distributed(device_kind: str = "auto") -> DistInfo:

@@ -1,0 +1,190 @@
+"""Conversion: a validated upstream checkpoint -> a `ComplexityForCausalLM`, and on disk our HF folder.
+
+DST is written into a temporary folder beside it and renamed at the end, so a failure leaves no
+DST behind; the written folder is loaded back and compared tensor by tensor before the rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...configuration_complexity import ComplexityConfig
+from ...modeling_complexity import ComplexityForCausalLM
+from ...params import ParameterCount, count_parameters
+from ...runtime import hf_progress_bars_off, parse_dtype
+from .detect import UpstreamCheckpoint, detect_upstream
+from .formats import DESIGNS, UpstreamFormatError
+from .keys import UpstreamStateDictAdapter
+from .readers import TOKENIZER_FILES
+
+
+@dataclass
+class ConversionReport:
+    design: str
+    src: Path
+    dst: Path | None
+    weights_file: Path
+    config: ComplexityConfig
+    mapped: int
+    dropped: list[tuple[str, str]]
+    notes: list[str]
+    ignored_config_fields: list[str]
+    copied_files: list[str]
+    parameters: ParameterCount
+    dtype: str
+
+    def __str__(self) -> str:
+        c = self.config
+        lines = [
+            f"detected: {DESIGNS[self.design]}",
+            f"  source: {self.weights_file}",
+            *(f"  {n}" for n in self.notes[1:]),
+            f"  config: vocab {c.vocab_size}, hidden {c.hidden_size}, layers {c.num_hidden_layers}, "
+            f"heads {c.num_attention_heads} (kv {c.num_key_value_heads}), experts {c.num_experts} x {c.expert_width}"
+            + (f", shared expert {c.shared_expert_width}" if c.shared_expert else "")
+            + f", mu_mode {c.mu_mode}, routing {c.routing}, qk_norm {c.use_qk_norm}, "
+            f"tie_word_embeddings {c.tie_word_embeddings}, dtype {self.dtype}",
+            f"  mapped {self.mapped} tensor(s); dropped {len(self.dropped)}:",
+        ]
+        by_reason: dict[str, list[str]] = {}
+        for key, reason in self.dropped:
+            by_reason.setdefault(reason, []).append(key)
+        for reason, keys in by_reason.items():
+            shown = ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+            lines.append(f"    {shown}: {reason}")
+        if self.ignored_config_fields:
+            lines.append("  config fields without effect on the computation: " + "; ".join(self.ignored_config_fields))
+        if self.copied_files:
+            lines.append(f"  copied: {', '.join(self.copied_files)}")
+        lines.append(f"  parameters: {self.parameters}")
+        if self.dst is not None:
+            lines.append(f"wrote {self.dst}")
+        return "\n".join(lines)
+
+
+def load_upstream(src, *, dtype=None) -> tuple[ComplexityForCausalLM, UpstreamCheckpoint, list[tuple[str, str]]]:
+    """An upstream checkpoint as a ready `ComplexityForCausalLM` (eval mode), with the detection
+    result and the dropped keys. Strict: every parameter and buffer comes from the file.
+    `dtype` (a name or torch.dtype) casts the floating tensors; None keeps the file's."""
+    dtype = None if dtype is None else parse_dtype(dtype)
+    ckpt = detect_upstream(src)
+    adapter = UpstreamStateDictAdapter(ckpt.design, ckpt.config)
+    sd = adapter.to_complexity(ckpt.state_dict)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    with torch.device("meta"):
+        model = ComplexityForCausalLM(ckpt.config)
+    expected = set(model.state_dict())
+    if ckpt.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:  # the detection step should make this impossible
+        raise UpstreamFormatError(src, [f"internal mapping error: missing {missing}, unexpected {unexpected}"])
+    model.load_state_dict(sd, strict=False, assign=True)
+    if ckpt.config.tie_word_embeddings:
+        model.tie_weights()
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise UpstreamFormatError(src, [f"internal mapping error: not loaded: {leftover}"])
+    return model.eval(), ckpt, adapter.dropped
+
+
+def inspect_upstream(src, *, dtype=None) -> ConversionReport:
+    """Everything `convert_upstream` checks and reports, without writing anything (a dry run)."""
+    model, ckpt, dropped = load_upstream(src, dtype=dtype)
+    return _make_report(model, ckpt, dropped, None, [])
+
+
+def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: bool = True) -> ConversionReport:
+    """Convert an upstream complexity-deep checkpoint folder SRC into our Hugging Face folder DST.
+
+    DST is written into a temporary folder beside it and renamed at the end, so a failure leaves
+    no DST behind. An existing non-empty DST is refused unless ``overwrite``. With ``verify`` the
+    written folder is loaded back with ``from_pretrained`` and compared tensor by tensor.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_destination(src, dst, overwrite)
+    model, ckpt, dropped = load_upstream(src, dtype=dtype)
+    counts = count_parameters(model)
+
+    created = _missing_parents(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    try:
+        with hf_progress_bars_off():
+            model.save_pretrained(tmp, safe_serialization=True)
+        copied = []
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+                copied.append(name)
+        if verify:
+            _verify_written(tmp, model)
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for path in created:  # innermost first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+    return _make_report(model, ckpt, dropped, dst, copied, counts)
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    if src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: DST must differ from SRC")
+
+
+def _missing_parents(dst: Path) -> list[Path]:
+    """DST's parent folders that do not exist yet, innermost first (removed again on failure)."""
+    created, parent = [], dst.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    return created
+
+
+def _verify_written(folder: Path, model: ComplexityForCausalLM) -> None:
+    """Load the written folder back and require every tensor to come back bit for bit."""
+    with hf_progress_bars_off():
+        loaded, info = ComplexityForCausalLM.from_pretrained(folder, output_loading_info=True, dtype="auto")
+    bad = {k: v for k, v in info.items() if v}
+    if bad:
+        raise UpstreamFormatError(folder, [f"written checkpoint does not load cleanly: {bad}"])
+    want, got = model.state_dict(), loaded.state_dict()
+    differ = [k for k in want if k not in got or got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+    if differ:
+        raise UpstreamFormatError(folder, [f"written checkpoint differs after reloading: {differ}"])
+
+
+def _make_report(model, ckpt: UpstreamCheckpoint, dropped, dst, copied, counts=None) -> ConversionReport:
+    state = model.state_dict()
+    return ConversionReport(
+        design=ckpt.design,
+        src=ckpt.src,
+        dst=dst,
+        weights_file=ckpt.weights_file,
+        config=ckpt.config,
+        mapped=len(state) - (1 if ckpt.config.tie_word_embeddings else 0),
+        dropped=dropped,
+        notes=ckpt.notes,
+        ignored_config_fields=ckpt.ignored_config_fields,
+        copied_files=copied,
+        parameters=counts or count_parameters(model),
+        dtype="/".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})),
+    )
