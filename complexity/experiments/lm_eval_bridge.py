@@ -18,7 +18,6 @@ their data from the Hugging Face hub need network access; a local task (YAML wit
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -84,13 +83,12 @@ def run_lm_eval(checkpoint: str | Path, tasks, *, include_path: str | Path | Non
     "versions", "n_samples", "config"} (JSON-serialisable)."""
     _require_lm_eval()
     import lm_eval
-    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     from ..train.eval import load_for_eval
-    from ..train.parallelize import resolve_device
+    from ..runtime import resolve_device
 
     if isinstance(limit, float) and limit >= 1 and limit.is_integer():
         limit = int(limit)  # a count, not a fraction
@@ -99,7 +97,7 @@ def run_lm_eval(checkpoint: str | Path, tasks, *, include_path: str | Path | Non
     tasks = list(tasks)
     if not tasks:
         raise ValueError("lm-eval: no tasks given")
-    dev = torch.device(resolve_device(device))
+    dev = resolve_device(device)
     source, tok_dir = _resolve(checkpoint)
     if tok_dir is None:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer found (neither in the folder nor in the run's data)")
@@ -130,7 +128,3 @@ def run_lm_eval(checkpoint: str | Path, tasks, *, include_path: str | Path | Non
         "config": {"checkpoint": str(source), "tokenizer": str(tok_dir), "limit": limit, "batch_size": batch_size,
                    "num_fewshot": num_fewshot, "max_length": max_length},
     })
-
-
-def format_results(result: dict) -> str:
-    return json.dumps(result, indent=2)
