@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from . import register_auto_classes
+
 # Modules that add subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "complexity.commands.info",
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    register_auto_classes()  # deferred by `import complexity` in this process, so --help needs no torch
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:

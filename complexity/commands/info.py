@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
-from ..configuration_complexity import PRESETS, ComplexityConfig
-from ..params import count_parameters
+
+class _Presets(Sequence):
+    """The preset names, read when argparse needs them (parsing `info`, rendering its help):
+    they live beside ComplexityConfig, whose import costs torch, which `complexity --help` avoids."""
+
+    def _names(self) -> tuple[str, ...]:
+        from ..configuration_complexity import PRESETS
+
+        return PRESETS
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 def _parse_override(text: str):
@@ -19,6 +33,9 @@ def _parse_override(text: str):
 
 
 def run(args) -> int:
+    from ..configuration_complexity import ComplexityConfig
+    from ..params import count_parameters
+
     overrides = dict(_parse_override(o) for o in args.overrides)
     config = ComplexityConfig.from_preset(args.preset, **overrides)
     unknown = sorted(k for k in overrides if k not in ComplexityConfig().to_dict())
@@ -37,7 +54,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("info", help="print a preset's config and exact parameter counts")
-    parser.add_argument("preset", choices=PRESETS, metavar="PRESET", help=f"one of: {', '.join(PRESETS)}")
+    parser.add_argument("preset", choices=_Presets(), metavar="PRESET", help="one of: %(choices)s")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config fields to override (JSON values)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)

@@ -1,5 +1,5 @@
-"""Experiments on top of the trainer: the parameter-matched ablation (SPEC section 8), the
-loss-spike experiment, their reports (results.md, loss.png, experts.png, spike.png) and the
+"""Experiments on top of the trainer: the parameter-matched ablation (docs/architecture.md §8),
+the loss-spike experiment, their reports (results.md, loss.png, experts.png, spike.png) and the
 lm-evaluation-harness bridge.
 
     from complexity.experiments import plan_arms, run_ablation

@@ -46,10 +46,10 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from ..configuration_complexity import ComplexityConfig
-from ..params import count_parameters
+if TYPE_CHECKING:
+    from ..configuration_complexity import ComplexityConfig
 
 REFERENCE_ARM = "routed_mu"
 TOLERANCE = 0.005      # max relative mismatch of a live total against the reference arm's
@@ -119,7 +119,15 @@ class AblationResult:
 
 
 def _config(preset: str, fields: dict) -> ComplexityConfig:
+    from ..configuration_complexity import ComplexityConfig  # here, not at import: `complexity --help` skips torch
+
     return ComplexityConfig.from_preset(preset, **fields)
+
+
+def _count(config: ComplexityConfig):
+    from ..params import count_parameters
+
+    return count_parameters(config)
 
 
 _TOTALS: dict[str, int] = {}
@@ -128,7 +136,7 @@ _TOTALS: dict[str, int] = {}
 def _total(preset: str, fields: dict) -> int:
     key = json.dumps([preset, fields], sort_keys=True, default=str)
     if key not in _TOTALS:
-        _TOTALS[key] = count_parameters(_config(preset, fields)).total
+        _TOTALS[key] = _count(_config(preset, fields)).total
     return _TOTALS[key]
 
 
@@ -229,7 +237,7 @@ def plan_arms(preset: str, arms: Iterable[str] = DEFAULT_ARMS, base_overrides: d
             _, align, solved = best
             fields.update(solved)
         config = _config(preset, fields)
-        count = count_parameters(config)
+        count = _count(config)
         mismatch = (count.total - target) / target
         if abs(mismatch) > tolerance:
             raise ValueError(f"arm {name}: live total {count.total:,} differs from the reference's {target:,} by "
