@@ -22,8 +22,13 @@ def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the console script as a user would, with the import log (-X importtime) on stderr."""
     assert SCRIPT.is_file(), f"{SCRIPT}: the `complexity` console script is not installed (pip install -e .)"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def imported_modules(importtime_log: str) -> set[str]:
@@ -31,8 +36,9 @@ def imported_modules(importtime_log: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("args", [["--help"], *[[c, "--help"] for c in COMMANDS if c != "info"]],
-                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args", [["--help"], *[[c, "--help"] for c in COMMANDS if c != "info"]], ids=lambda a: " ".join(a)
+)
 def test_help_does_not_import_torch(args):
     result = run_script(*args)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -60,8 +66,13 @@ def test_import_complexity_registers_the_auto_classes(tmp_path):
         f"model = AutoModelForCausalLM.from_pretrained({str(ckpt)!r})\n"
         "print(type(model).__module__, type(model).__name__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["complexity.modeling_complexity", "ComplexityForCausalLM"]
 
@@ -72,7 +83,18 @@ def test_the_command_registers_after_parsing(tmp_path):
     from _serve_fixtures import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
-    result = run_script("generate", str(ckpt), "--prompt", "hello", "--max-new-tokens", "3",
-                        "--temperature", "0", "--threads", "1", timeout=300)
+    result = run_script(
+        "generate",
+        str(ckpt),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch" in imported_modules(result.stderr)  # the command itself does need it

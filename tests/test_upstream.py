@@ -91,7 +91,12 @@ def test_convert_matches_upstream_logits(converted, case):
 
 def test_converted_configs_carry_the_design(converted):
     inl = json.loads((converted["v0.13-inl"][0] / "config.json").read_text())
-    assert (inl["model_type"], inl["mu_mode"], inl["mlp_type"], inl["shared_expert"]) == ("complexity", "inl", "token_routed", False)
+    assert (inl["model_type"], inl["mu_mode"], inl["mlp_type"], inl["shared_expert"]) == (
+        "complexity",
+        "inl",
+        "token_routed",
+        False,
+    )
     assert inl["routing"] == "modulo" and inl["dynamics_dt"] == 0.1 and inl["tie_word_embeddings"] is True
     mu = json.loads((converted["v1.0-mu"][0] / "config.json").read_text())
     assert (mu["mu_mode"], mu["shared_expert"], mu["routing"]) == ("guidance", True, "zipf")
@@ -153,8 +158,24 @@ def test_converted_model_generates_through_the_cli(converted, case, tmp_path, ca
     tok = make_tokenizer(vocab_size=512)
     tok.save_pretrained(dst)
     prompt = "hello world"  # continues with ids the 424-token test tokenizer can print
-    assert cli_main(["generate", str(dst), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
-                     "--ignore-eos", "--threads", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "generate",
+                str(dst),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     model = ComplexityForCausalLM.from_pretrained(dst).eval()
     ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
@@ -237,7 +258,9 @@ def test_old_inl_controller_names(tmp_path, fmt):
     sd = load_file(INL_DIR / "model.safetensors")
     old = {}
     for k, v in sd.items():
-        k = k.replace("dynamics.controller_in.", "dynamics.controller.0.").replace("dynamics.controller_out.", "dynamics.controller.2.")
+        k = k.replace("dynamics.controller_in.", "dynamics.controller.0.").replace(
+            "dynamics.controller_out.", "dynamics.controller.2."
+        )
         old[k] = v
     assert any("controller.2.bias" in k for k in old)
     src = tmp_path / "src"
@@ -294,9 +317,16 @@ def test_not_a_checkpoint(tmp_path):
     shutil.copy(MU_DIR / "config.json", only_config / "config.json")
     assert_rejected(only_config, tmp_path / "dst", "no weights")
 
-    llama = make_source(tmp_path, MU_DIR, name="llama", edit_weights=lambda sd: [
-        sd.pop(k) for k in list(sd) if not k.startswith(("embed_tokens", "norm", "lm_head"))
-        and ("self_attn" not in k or "mu_to" in k)])
+    llama = make_source(
+        tmp_path,
+        MU_DIR,
+        name="llama",
+        edit_weights=lambda sd: [
+            sd.pop(k)
+            for k in list(sd)
+            if not k.startswith(("embed_tokens", "norm", "lm_head")) and ("self_attn" not in k or "mu_to" in k)
+        ],
+    )
     assert_rejected(llama, tmp_path / "dst", "not an upstream complexity-deep checkpoint")
 
     # One of our own folders is recognised as such.
@@ -312,8 +342,15 @@ def test_unknown_and_missing_keys_all_listed(tmp_path):
         del sd["layers.0.mlp.up_proj_w"]
 
     src = make_source(tmp_path, MU_DIR, edit_weights=edit)
-    assert_rejected(src, tmp_path / "dst", "unknown key(s)", "layers.0.mlp.extra_bias", "missing key(s)",
-                    "layers.1.self_attn.k_proj.weight", "layers.0.mlp.up_proj_w")
+    assert_rejected(
+        src,
+        tmp_path / "dst",
+        "unknown key(s)",
+        "layers.0.mlp.extra_bias",
+        "missing key(s)",
+        "layers.1.self_attn.k_proj.weight",
+        "layers.0.mlp.up_proj_w",
+    )
 
 
 def test_missing_key_inl(tmp_path):
@@ -327,24 +364,39 @@ def test_shape_mismatch(tmp_path):
         sd["model.layers.0.mlp.mu_router.weight"] = torch.zeros(5, 64)
 
     src = make_source(tmp_path, INL_DIR, edit_weights=edit)
-    assert_rejected(src, tmp_path / "dst", "shape mismatch", "layers.1.self_attn.q_proj.weight [48, 64] (expected [64, 64])",
-                    "layers.0.mlp.mu_router.weight [5, 64]")
+    assert_rejected(
+        src,
+        tmp_path / "dst",
+        "shape mismatch",
+        "layers.1.self_attn.q_proj.weight [48, 64] (expected [64, 64])",
+        "layers.0.mlp.mu_router.weight [5, 64]",
+    )
 
 
 def test_config_contradicting_weights(tmp_path):
-    src = make_source(tmp_path, MU_DIR, name="hidden", edit_config=lambda c: c.update(hidden_size=48, num_attention_heads=3))
+    src = make_source(
+        tmp_path, MU_DIR, name="hidden", edit_config=lambda c: c.update(hidden_size=48, num_attention_heads=3)
+    )
     assert_rejected(src, tmp_path / "dst", "hidden_size=48 contradicts embed_tokens.weight of width 64")
 
-    src = make_source(tmp_path, INL_DIR, name="experts", edit_config=lambda c: c.update(num_experts=2, intermediate_size=64))
+    src = make_source(
+        tmp_path, INL_DIR, name="experts", edit_config=lambda c: c.update(num_experts=2, intermediate_size=64)
+    )
     assert_rejected(src, tmp_path / "dst", "num_experts=2 contradicts", "token_to_expert", "expert ids span [0, 3]")
 
     src = make_source(tmp_path, MU_DIR, name="layers", edit_config=lambda c: c.update(num_hidden_layers=3))
     assert_rejected(src, tmp_path / "dst", "num_hidden_layers=3 contradicts")
 
-    src = make_source(tmp_path, MU_DIR, name="flags", edit_config=lambda c: c.update(shared_expert=False, dynamics_dt=0.1))
-    assert_rejected(src, tmp_path / "dst", "shared_expert=False contradicts the weights", "dynamics_dt describe the INL design")
+    src = make_source(
+        tmp_path, MU_DIR, name="flags", edit_config=lambda c: c.update(shared_expert=False, dynamics_dt=0.1)
+    )
+    assert_rejected(
+        src, tmp_path / "dst", "shared_expert=False contradicts the weights", "dynamics_dt describe the INL design"
+    )
 
-    src = make_source(tmp_path, INL_DIR, name="fields", edit_config=lambda c: c.update(hidden_act="gelu", mystery_knob=3))
+    src = make_source(
+        tmp_path, INL_DIR, name="fields", edit_config=lambda c: c.update(hidden_act="gelu", mystery_knob=3)
+    )
     assert_rejected(src, tmp_path / "dst", "hidden_act='gelu' is not supported", "mystery_knob=3")
 
     src = make_source(tmp_path, INL_DIR, name="theta", edit_config=lambda c: c.update(rope_theta=500000.0))

@@ -73,9 +73,18 @@ def _json_safe(value):
         return str(value)
 
 
-def run_lm_eval(checkpoint: str | Path, tasks, *, include_path: str | Path | None = None,
-                limit: int | float | None = None, batch_size: int = 8, num_fewshot: int | None = None,
-                device: str = "auto", max_length: int | None = None, seed: int = 0) -> dict:
+def run_lm_eval(
+    checkpoint: str | Path,
+    tasks,
+    *,
+    include_path: str | Path | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    device: str = "auto",
+    max_length: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Run lm-evaluation-harness `tasks` (names, or dicts/Task objects) on `checkpoint`.
 
     include_path: a folder (or YAML file) of extra task definitions. limit: at most this many
@@ -87,8 +96,8 @@ def run_lm_eval(checkpoint: str | Path, tasks, *, include_path: str | Path | Non
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    from ..train.eval import load_for_eval
     from ..runtime import resolve_device
+    from ..train.eval import load_for_eval
 
     if isinstance(limit, float) and limit >= 1 and limit.is_integer():
         limit = int(limit)  # a count, not a fraction
@@ -115,16 +124,33 @@ def run_lm_eval(checkpoint: str | Path, tasks, *, include_path: str | Path | Non
         names = [t for t in tasks if isinstance(t, str)]
         if any(n not in task_manager.all_tasks for n in names):
             task_manager = TaskManager(include_path=include_path)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=task_manager, log_samples=False, bootstrap_iters=0,
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=task_manager,
+        log_samples=False,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     if out is None:  # non-zero ranks under torchrun
         return {}
-    return _json_safe({
-        "results": out.get("results", {}),
-        "versions": out.get("versions", {}),
-        "n_samples": out.get("n-samples", {}),
-        "config": {"checkpoint": str(source), "tokenizer": str(tok_dir), "limit": limit, "batch_size": batch_size,
-                   "num_fewshot": num_fewshot, "max_length": max_length},
-    })
+    return _json_safe(
+        {
+            "results": out.get("results", {}),
+            "versions": out.get("versions", {}),
+            "n_samples": out.get("n-samples", {}),
+            "config": {
+                "checkpoint": str(source),
+                "tokenizer": str(tok_dir),
+                "limit": limit,
+                "batch_size": batch_size,
+                "num_fewshot": num_fewshot,
+                "max_length": max_length,
+            },
+        }
+    )

@@ -45,7 +45,12 @@ DYNAMICS_FIELDS = {
     "dynamics_controller_hidden": 64,
 }
 # Upstream constants of each design, written out so our config states them.
-INL_CONSTANTS = {"dynamics_beta_max": 2.0, "dynamics_velocity_clamp": 10.0, "mu_highway_scale": 0.1, "mu_router_bias": 10.0}
+INL_CONSTANTS = {
+    "dynamics_beta_max": 2.0,
+    "dynamics_velocity_clamp": 10.0,
+    "mu_highway_scale": 0.1,
+    "mu_router_bias": 10.0,
+}
 MU_GUIDANCE_CONSTANTS = {"mu_clamp_min": 0.0, "mu_clamp_max": 2.0, "mu_prev_clamp": 2.0}
 # Structural flags: checked against the weights.
 FLAG_FIELDS = ("use_token_routed_mlp", "use_qk_norm", "shared_expert", "use_mu_guidance")
@@ -116,7 +121,9 @@ def _check_fields(ucfg: dict, problems: list[str], ignored: list[str]) -> None:
             continue
         value = ucfg[name]
         if accepted is not None and value not in accepted:
-            problems.append(f"config.json: {name}={value!r} is not supported (only {sorted(accepted, key=repr)}: {why})")
+            problems.append(
+                f"config.json: {name}={value!r} is not supported (only {sorted(accepted, key=repr)}: {why})"
+            )
         else:
             ignored.append(f"{name}={value!r}: {why}")
     archs = ucfg.get("architectures")

@@ -63,18 +63,24 @@ def _read_folder(src: Path, notes: list[str]) -> tuple[dict, Path]:
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such folder")
     if not src.is_dir():
-        raise UpstreamFormatError(src, ["SRC must be a checkpoint folder (config.json + model.safetensors or model.pt)"])
+        raise UpstreamFormatError(
+            src, ["SRC must be a checkpoint folder (config.json + model.safetensors or model.pt)"]
+        )
     problems: list[str] = []
     ucfg = read_config_json(src, problems)
     found = find_weights(src)
     if not found:
         problems.append(f"no weights: none of {', '.join(WEIGHT_FILES)}")
     if ucfg is not None and is_our_own_config(ucfg):
-        problems.append("config.json is this project's own format (mlp_type/mu_mode...): load it directly, no conversion needed")
+        problems.append(
+            "config.json is this project's own format (mlp_type/mu_mode...): load it directly, no conversion needed"
+        )
     if problems:
         raise UpstreamFormatError(src, problems)
     if len(found) > 1:
-        notes.append(f"weights read from {found[0].name} (also present, not read: {', '.join(p.name for p in found[1:])})")
+        notes.append(
+            f"weights read from {found[0].name} (also present, not read: {', '.join(p.name for p in found[1:])})"
+        )
     return ucfg, found[0]
 
 

@@ -126,9 +126,7 @@ def _is_inl_key(name: str) -> bool:
 def _is_mu_guidance_key(name: str) -> bool:
     _, rest = split_layer(name)
     return (
-        name == _MU_INIT
-        or rest.startswith(("mu_guidance.", "mlp.shared_"))
-        or rest in (_GATE, _UP, "mlp.down_proj_w")
+        name == _MU_INIT or rest.startswith(("mu_guidance.", "mlp.shared_")) or rest in (_GATE, _UP, "mlp.down_proj_w")
     )
 
 
@@ -142,7 +140,10 @@ def detect_design(keys) -> tuple[str | None, str]:
     if inl:
         return INL, f"{len(inl)} INL keys (dynamics.*, mlp.gate_up_proj, mlp.mu_router)"
     if mu:
-        return MU_GUIDANCE, f"{len(mu)} 1.0 keys (mu_init, mu_guidance.*, mlp.gate_proj_w/up_proj_w/down_proj_w, mlp.shared_*)"
+        return (
+            MU_GUIDANCE,
+            f"{len(mu)} 1.0 keys (mu_init, mu_guidance.*, mlp.gate_proj_w/up_proj_w/down_proj_w, mlp.shared_*)",
+        )
     return None, (
         "no key of either upstream design (0.13 INL: layers.*.dynamics.*, layers.*.mlp.gate_up_proj; "
         "1.0: mu_init, layers.*.mu_guidance.*, layers.*.mlp.gate_proj_w)"
@@ -195,7 +196,9 @@ def _check_sizes(kwargs: dict, sd: dict[str, torch.Tensor], problems: list[str])
     embed = sd.get(_EMBED)
     if embed is not None and embed.dim() == 2:
         if embed.shape[0] != kwargs["vocab_size"]:
-            problems.append(f"config.json: vocab_size={kwargs['vocab_size']} contradicts {_EMBED} with {embed.shape[0]} rows")
+            problems.append(
+                f"config.json: vocab_size={kwargs['vocab_size']} contradicts {_EMBED} with {embed.shape[0]} rows"
+            )
         if embed.shape[1] != kwargs["hidden_size"]:
             problems.append(
                 f"config.json: hidden_size={kwargs['hidden_size']} contradicts {_EMBED} of width {embed.shape[1]}"
@@ -235,7 +238,12 @@ def _widths_from_weights(kwargs: dict, sd: dict[str, torch.Tensor]) -> None:
 
 def _routing_name(table: torch.Tensor, vocab_size: int, num_experts) -> str:
     """The strategy a table matches, for the record (the table itself is always the file's)."""
-    if isinstance(num_experts, int) and num_experts > 0 and table.shape == (vocab_size,) and not table.dtype.is_floating_point:
+    if (
+        isinstance(num_experts, int)
+        and num_experts > 0
+        and table.shape == (vocab_size,)
+        and not table.dtype.is_floating_point
+    ):
         for strategy in ("modulo", "range"):
             if torch.equal(table.long(), default_routing_table(vocab_size, num_experts, strategy)):
                 return strategy
@@ -309,7 +317,9 @@ class UpstreamStateDictAdapter:
             table = self._one_table(tables, unknown)
             out["model.token_to_expert"] = table.to(torch.long)
         if unknown:
-            raise UpstreamFormatError("state dict", [f"unknown key(s) for the {self.design} design: {', '.join(unknown)}"])
+            raise UpstreamFormatError(
+                "state dict", [f"unknown key(s) for the {self.design} design: {', '.join(unknown)}"]
+            )
         return out
 
     def _map_layer_key(self, sd, layer: int, rest: str, tensor, out: dict, unknown: list[str]) -> None:
@@ -340,7 +350,9 @@ class UpstreamStateDictAdapter:
         return tables[first]
 
     # -- ours -> upstream
-    def from_complexity(self, state_dict: dict[str, torch.Tensor], *, canonical: bool = False) -> dict[str, torch.Tensor]:
+    def from_complexity(
+        self, state_dict: dict[str, torch.Tensor], *, canonical: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Our names -> upstream's (INL files put all but lm_head under "model."; ``canonical``
         leaves that prefix out, as `normalize_keys` does)."""
         inverse = {v: k for k, v in self.renames.items()}
@@ -418,8 +430,10 @@ class UpstreamStateDictAdapter:
             )
         ref = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         bad_freq = [
-            k for k in sd
-            if split_layer(k)[1] == _INV_FREQ and sd[k].shape == ref.shape
+            k
+            for k in sd
+            if split_layer(k)[1] == _INV_FREQ
+            and sd[k].shape == ref.shape
             and not torch.allclose(sd[k].float(), ref, rtol=1e-5, atol=0)
         ]
         if bad_freq:
