@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The SPEC section 8 ablation at the tmlr-187m shape on one GPU, from nothing but this repo and
+# The ablation of docs/architecture.md §8 at the tmlr-187m shape on one GPU, from nothing but this repo and
 # the Python environment it runs in (no network): docs/ablation.md reports its numbers.
 #
 #   PYTHONPATH=$PWD bash benchmarks/run_ablation_gpu.sh            # from the repo root

@@ -1,4 +1,4 @@
-"""`complexity ablate`: the parameter-matched ablation of SPEC section 8 (and the spike experiment).
+"""`complexity ablate`: the parameter-matched ablation of docs/architecture.md §8 (and the spike experiment).
 
     complexity ablate --preset tmlr-187m --data DIR --steps 1000 --seeds 3 --out runs/ablation
     complexity ablate --preset tiny --data DIR --steps 300 --arms dense routed_mu --out DIR training.seq_len=256
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
 
     arm_help = "; ".join(f"{a.name}: {a.label}" for a in ARMS.values())
     p = subparsers.add_parser(
-        "ablate", help="parameter-matched ablation of the MLP / mu variants (SPEC 8), optional loss-spike test",
+        "ablate", help="parameter-matched ablation of the MLP / mu variants (docs/architecture.md §8), optional loss-spike test",
         description="Train every arm x seed on the same data, order and seed, with live parameter totals matched "
                     "to arm (2) (the MLP of the smaller arms is widened), then write OUT/results.md, loss.png, "
                     "experts.png (and spike.png). Resumable: rerun the same command after an interruption. "
