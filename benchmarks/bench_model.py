@@ -25,7 +25,7 @@ import transformers
 
 import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM
-from complexity.modeling_complexity import ComplexityMLP, ComplexityTokenRoutedMLP, dispatch_by_expert
+from complexity.modeling_complexity import ComplexityMLP, ComplexityTokenRoutedMLP, Routing, dispatch_by_expert
 from profiling import kernel_table
 
 
@@ -76,8 +76,8 @@ class NaiveRoutedMLP(torch.nn.Module):
         super().__init__()
         self.routed = routed
 
-    def forward(self, x, expert_ids):
-        flat, ids = x.reshape(-1, x.shape[-1]), expert_ids.reshape(-1)
+    def forward(self, x, routing):
+        flat, ids = x.reshape(-1, x.shape[-1]), routing.expert_ids.reshape(-1)
         out = torch.zeros_like(flat)
         experts = self.routed.experts
         for e in range(experts.num_experts):
@@ -104,10 +104,11 @@ def bench_mlp(tokens: int, results: dict, profile: bool = False) -> None:
     expert_ids = ids % config.num_experts
     # In the model the grouping is computed once per forward and shared by every layer.
     dispatch = dispatch_by_expert(expert_ids.reshape(-1), config.num_experts)
+    per_layer, given = Routing(ids, expert_ids), Routing(ids, expert_ids, dispatch)
 
     # Correctness on the device: grouped GEMM dispatch == per-expert loop.
     with torch.no_grad():
-        a, b = routed(x, expert_ids)[0], naive(x, expert_ids)[0]
+        a, b = routed(x, per_layer)[0], naive(x, per_layer)[0]
     results["mlp_grouped_vs_loop_max_abs_diff"] = (a.float() - b.float()).abs().max().item()
 
     def step(module, *args, **kwargs):
@@ -121,12 +122,12 @@ def bench_mlp(tokens: int, results: dict, profile: bool = False) -> None:
     compiled_routed = torch.compile(routed, fullgraph=True)
     launched = {
         "dense_swiglu_1024": step(dense, x),
-        "token_routed_grouped": step(routed, x, expert_ids),
-        "token_routed_grouped_given_dispatch": step(routed, x, expert_ids, dispatch=dispatch),
-        "token_routed_naive_loop": step(naive, x, expert_ids),
+        "token_routed_grouped": step(routed, x, per_layer),
+        "token_routed_grouped_given_dispatch": step(routed, x, given),
+        "token_routed_naive_loop": step(naive, x, per_layer),
         "dense_swiglu_1024_compiled": step(compiled_dense, x),
-        "token_routed_grouped_compiled": step(compiled_routed, x, expert_ids),
-        "token_routed_grouped_given_dispatch_compiled": step(compiled_routed, x, expert_ids, dispatch=dispatch),
+        "token_routed_grouped_compiled": step(compiled_routed, x, per_layer),
+        "token_routed_grouped_given_dispatch_compiled": step(compiled_routed, x, given),
     }
     # The naive loop reads its group sizes on the host (nonzero): it cannot be captured.
     graphed = {name: cuda_graph(fn) for name, fn in launched.items() if "naive" not in name}

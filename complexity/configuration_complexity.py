@@ -3,7 +3,7 @@
 Self-contained (imports only transformers), so a saved checkpoint can carry this file for
 `trust_remote_code=True` loading where the `complexity` package is not installed.
 
-The variants (see SPEC.md):
+The variants (see docs/architecture.md §2-3):
   mlp_type      "dense" | "token_routed" | "learned_moe"
   routing       "range" | "modulo" | "zipf"   (token_routed: how the token -> expert table is built)
   mu_mode       "none" | "guidance" (mu after the MLP biases the next layer's q/k/v)
@@ -20,7 +20,7 @@ MLP_TYPES = ("dense", "token_routed", "learned_moe")
 ROUTING_STRATEGIES = ("range", "modulo", "zipf")
 MU_MODES = ("none", "guidance", "inl")
 
-# Size presets (SPEC section 5). Variant flags default to the token-routed design;
+# Size presets (docs/architecture.md §5). Variant flags default to the token-routed design;
 # the presets that name a design set it explicitly.
 _SIZES = {
     "tiny": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=704, num_experts=4),
@@ -70,8 +70,8 @@ class ComplexityConfig(PretrainedConfig):
         num_experts_per_tok: learned_moe top-k.
         router_aux_loss_coef: weight of the Switch load-balancing loss added to the LM loss.
         mu_mode: "none", "guidance" or "inl".
-        mu_clamp_min, mu_clamp_max: guidance clamp of the mu parameter (SPEC 3a: 0, 2).
-        mu_prev_clamp: guidance clamp of mu passed to the next layer (SPEC 3a: 2).
+        mu_clamp_min, mu_clamp_max: guidance clamp of the mu parameter (docs/architecture.md §3a: 0, 2).
+        mu_prev_clamp: guidance clamp of mu passed to the next layer (docs/architecture.md §3a: 2).
         dynamics_alpha, dynamics_beta, dynamics_gate: INL controller outputs at init (through
             the controller bias); dynamics_dt: integration step; dynamics_controller_hidden: C.
         dynamics_beta_max: cap on beta; dynamics_velocity_clamp: clamp on the velocity.
@@ -238,7 +238,7 @@ class ComplexityConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ComplexityConfig":
-        """A preset of SPEC section 5, with any field overridden, e.g. `from_preset("tiny", mu_mode="guidance")`."""
+        """A preset of docs/architecture.md §5, with any field overridden, e.g. `from_preset("tiny", mu_mode="guidance")`."""
         if name not in _SIZES:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
         fields = copy.deepcopy(_SIZES[name])

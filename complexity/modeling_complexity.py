@@ -1,15 +1,20 @@
 """The Complexity architecture as a Hugging Face model.
 
-Self-contained (imports only torch, transformers and the config file beside it), so a saved
-checkpoint carries this file for `trust_remote_code=True` loading. Reads top to bottom:
-routing tables, norm, rotary, attention, MLPs (dense / token-routed / learned), mu guidance and
-INL dynamics, decoder layer, model, causal LM. SPEC.md states the equations.
+Reads top to bottom: routing tables, norm, rotary, attention, MLPs (dense / token-routed /
+learned, one interface), mu guidance and INL dynamics, decoder layer, model, causal LM. The
+equations are pure functions in `complexity_math.py` (shared with the vLLM model); how they run
+fast (the RoPE op, fused q/k/v, grouped-GEMM expert dispatch) is in `complexity_kernels.py`.
+The design, with the section numbers cited here, is in the project's docs/architecture.md.
+
+Self-contained (torch, transformers and the three files beside it, imported relatively), so a
+saved checkpoint carries all four for `trust_remote_code=True` loading.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -23,6 +28,30 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from .complexity_kernels import (
+    FUSE_QKV_MIN_ROWS,
+    ExpertDispatch,
+    compute_dtype,
+    dispatch_by_expert,
+    fuse_shared_expert,
+    grouped_swiglu,
+    rotary_cos_sin,
+    summed_projections,
+    with_shared_expert,
+)
+from .complexity_math import (
+    add_router_aux_loss,
+    initial_mu_state,
+    inl_dynamics,
+    layer_gives_mu,
+    layer_takes_mu,
+    learned_topk,
+    mix_topk_experts,
+    mu_guidance,
+    mu_router_override,
+    next_layer_mu,
+    switch_aux_loss,
+)
 from .configuration_complexity import ComplexityConfig
 
 
@@ -30,7 +59,7 @@ from .configuration_complexity import ComplexityConfig
 
 
 def default_routing_table(vocab_size: int, num_experts: int, strategy: str) -> torch.Tensor:
-    """The token -> expert table for the strategies that need no corpus statistics.
+    """The token -> expert table for the strategies that need no corpus statistics (§2).
 
     range:  contiguous id ranges, e = id * E // V.   modulo: e = id % E.
     zipf tables are built from token counts (`complexity.routing`); until one is installed the
@@ -61,51 +90,6 @@ class ComplexityRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
-
-
-def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def _opaque_rope_tables():
-    """`_rope_tables` as a custom op, which torch.compile keeps as one call.
-
-    Left to itself, the compiler inlines the (cheap-looking) table computation into every layer's
-    q/k kernels, and recomputing pow/sin/cos per element of q and k made those kernels several
-    times slower than their memory traffic. As an op, the tables are computed once per forward
-    and every layer reads them. A trust_remote_code copy of this file, imported where this
-    package is loaded too, reuses the package's op rather than redefine it.
-    """
-    try:
-        return torch.ops.complexity.rope_tables.default
-    except (AttributeError, RuntimeError):
-        pass
-    op = torch.library.custom_op("complexity::rope_tables", mutates_args=())(_rope_tables)
-
-    @op.register_fake
-    def _(position_ids, head_dim, theta):
-        table = position_ids.new_empty((*position_ids.shape, head_dim), dtype=torch.float32)
-        return table, torch.empty_like(table)
-
-    return op
-
-
-_ROPE_TABLES = _opaque_rope_tables()
-
-
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [B, S, head_dim] for NeoX-style (rotate_half) RoPE over the full head_dim.
-
-    Computed from the positions on the fly (a few hundred flops per position): no buffer that
-    could go stale on load, and positions from left padding / packing / caching are honoured.
-    """
-    # The op only matters to the compiler; eager, its dispatch would cost more than the tables.
-    tables = _ROPE_TABLES if torch.compiler.is_compiling() else _rope_tables
-    cos, sin = tables(position_ids, head_dim, float(theta))
-    return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +126,14 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class ComplexityAttention(nn.Module):
-    """GQA with optional QK-norm (before RoPE) and optional mu guidance of q/k/v.
+    """GQA with optional QK-norm (before RoPE) and optional mu guidance of q/k/v (§1, §3a).
 
     With mu: q = x W_q + mu_prev W_muq (likewise k, v). `mu_to_*` have the output widths of
     `q/k/v_proj`, so tensor parallelism shards them with the same column split.
     """
+
+    # Batches of at least this many rows run the up-to-six projections as one GEMM.
+    fuse_min_rows = FUSE_QKV_MIN_ROWS
 
     def __init__(self, config: ComplexityConfig, layer_idx: int, with_mu: bool):
         super().__init__()
@@ -173,37 +160,18 @@ class ComplexityAttention(nn.Module):
             for proj in (self.mu_to_q, self.mu_to_k, self.mu_to_v):
                 proj.zero_init = True
 
-    # Below this many rows the projections are bound by reading their weights, and concatenating
-    # the weights per call (see `project_qkv`) would copy every one of them: keep them apart.
-    fuse_min_rows = 1024
-
     def project_qkv(self, x: torch.Tensor, mu_prev: torch.Tensor | None):
-        """q, k, v = x W_{q,k,v} (+ mu_prev W_mu{q,k,v}).
-
-        For training batches and long prefills the up-to-six projections run as ONE matmul,
-        [x | mu_prev] @ [[W_q W_k W_v] ; [W_muq W_muk W_muv]]: a single well-shaped GEMM (K = 2H)
-        instead of six thin ones (the k/v outputs are only kv_heads x head_dim wide) and three adds.
-        The parameters stay separate (checkpoint layout unchanged); the concatenation is a copy of
-        the weights per call, small next to the GEMM at these row counts.
-        """
-        if x.numel() // x.shape[-1] < self.fuse_min_rows:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            if mu_prev is not None:
-                q, k, v = q + self.mu_to_q(mu_prev), k + self.mu_to_k(mu_prev), v + self.mu_to_v(mu_prev)
-            return q, k, v
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        if mu_prev is not None:
-            mu_weight = torch.cat([self.mu_to_q.weight, self.mu_to_k.weight, self.mu_to_v.weight])
-            weight = torch.cat([weight, mu_weight], dim=1)
-            x = torch.cat([x, mu_prev.to(x.dtype).expand_as(x)], dim=-1)
-        qkv = F.linear(x, weight)
-        return qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        """q, k, v = x W_{q,k,v} (+ mu_prev W_mu{q,k,v})."""
+        mu_projections = (self.mu_to_q, self.mu_to_k, self.mu_to_v) if mu_prev is not None else ()
+        return summed_projections(
+            x, (self.q_proj, self.k_proj, self.v_proj), mu_prev, mu_projections,
+            fuse=x.numel() // x.shape[-1] >= self.fuse_min_rows,
+        )
 
     def forward(self, hidden_states, mu_prev, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = self.project_qkv(hidden_states, mu_prev)
-        q, k, v = (t.reshape(hidden_shape) for t in (q, k, v))
+        q, k, v = (t.reshape(hidden_shape) for t in self.project_qkv(hidden_states, mu_prev))
         if self.config.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -232,8 +200,33 @@ class ComplexityAttention(nn.Module):
 # ----------------------------------------------------------------------------- MLPs
 
 
+class Routing(NamedTuple):
+    """What an MLP may route by, beyond its input: built once per forward by the model.
+
+    Every MLP kind is called `mlp(hidden_states, routing) -> (out, aux_loss or None)` and takes
+    what it needs: the dense MLP nothing, the token-routed MLP the table's experts and their
+    dispatch (and, INL, the layer's mu_c), the learned router the padding mask for its
+    load-balancing statistics. A new kind (say, a hash-routed top-k MLP with its own tables)
+    is one class reading `token_ids`, added to `MLP_KINDS`.
+    """
+
+    token_ids: torch.Tensor | None  # the input ids, shaped like the hidden states without H
+    expert_ids: torch.Tensor | None = None  # token_to_expert[token_ids] (token_routed)
+    dispatch: ExpertDispatch | None = None  # the rows grouped by expert_ids, computed once
+    token_mask: torch.Tensor | None = None  # 1 for real tokens, 0 for padding
+    mu: torch.Tensor | None = None  # this layer's INL mu_c (the mu-router override)
+
+    @classmethod
+    def for_tokens(cls, token_ids, token_to_expert, num_experts: int, token_mask=None) -> "Routing":
+        """Every layer routes by the same table: group the tokens by expert once, not per layer."""
+        if token_to_expert is None:
+            return cls(token_ids, token_mask=token_mask)
+        expert_ids = token_to_expert[token_ids]
+        return cls(token_ids, expert_ids, dispatch_by_expert(expert_ids.reshape(-1), num_experts), token_mask)
+
+
 class ComplexityMLP(nn.Module):
-    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). The dense MLP and the shared expert."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -246,83 +239,14 @@ class ComplexityMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+class ComplexityDenseMLP(ComplexityMLP):
+    """mlp_type "dense" (§2): one SwiGLU of width I for every token."""
 
+    def __init__(self, config: ComplexityConfig):
+        super().__init__(config.hidden_size, config.intermediate_size)
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` sorted by group, times that group's matrix: x[o_{e-1}:o_e] @ weight[e].
-
-    x [N, K], weight [E, K, M], offsets [E] int32 cumulative row ends -> [N, M]. One grouped
-    GEMM where torch has one for this dtype and alignment (bf16 everywhere; other dtypes in
-    eager CPU kernels). Elsewhere (fp32 on CUDA or under the compiler, or widths that break the
-    kernels' 16-byte alignment) a static-shape fallback computes
-    each group's product for every row and keeps that group's rows: exact and graph-friendly,
-    at E times the FLOPs.
-    """
-    if torch.is_autocast_enabled(x.device.type):
-        # Autocast does not cover grouped GEMMs: cast to its dtype as it would for a matmul.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(x.dtype)
-    # The grouped kernels need 16-byte aligned rows (e.g. fp32 widths divisible by 4).
-    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (weight.shape[-1] * weight.element_size()) % 16 == 0
-    if _GROUPED_MM is not None and aligned and (
-        x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
-    ):
-        return _GROUPED_MM(x, weight, offs=offsets)
-    rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
-    group = torch.searchsorted(offsets, rows, right=True)
-    out = x.new_zeros(x.shape[0], weight.shape[-1])
-    for e in range(weight.shape[0]):
-        out = torch.where((group == e).unsqueeze(-1), x @ weight[e], out)
-    return out
-
-
-class _PermuteRows(torch.autograd.Function):
-    """rows = x[index] where `index` is a permutation with inverse `inverse`.
-
-    Plain indexing would back-propagate through a scatter-add (index_put with accumulate),
-    which sorts again on the GPU; a permutation's gradient is just the inverse gather.
-    """
-
-    @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class ExpertDispatch(NamedTuple):
-    """Rows grouped by expert, stably (rows keep their order within an expert)."""
-
-    order: torch.Tensor  # [N] slot -> row
-    inverse: torch.Tensor  # [N] row -> slot
-    offsets: torch.Tensor  # [E] int32 cumulative group ends, as the grouped GEMM takes them
-
-
-def dispatch_by_expert(expert_idx: torch.Tensor, num_experts: int) -> ExpertDispatch:
-    """A counting sort: a row's slot is its expert's start plus its rank among that expert's rows.
-
-    One scan over an [E, N] indicator instead of a radix sort, with the inverse permutation for
-    free and no host sync, so it stays inside CUDA graphs and compiled graphs.
-    """
-    member = torch.arange(num_experts, device=expert_idx.device).unsqueeze(1) == expert_idx  # [E, N]
-    counts = member.sum(1)
-    ends = counts.cumsum(0)
-    # Scan along the contiguous dim: on the GPU a scan across rows is far slower.
-    rank = member.cumsum(1).gather(0, expert_idx.unsqueeze(0)).squeeze(0)  # 1-based
-    slot = (ends - counts)[expert_idx] + rank - 1
-    order = torch.empty_like(slot).scatter_(0, slot, torch.arange(slot.numel(), device=slot.device))
-    return ExpertDispatch(order, slot, ends.to(torch.int32))
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    def forward(self, x, routing: Routing | None = None):
+        return super().forward(x), None
 
 
 class ComplexityExperts(nn.Module):
@@ -347,45 +271,25 @@ class ComplexityExperts(nn.Module):
     ) -> torch.Tensor:
         """x [N, H]; expert_idx [N] -> [N, H], row i through expert expert_idx[i].
 
-        `dispatch`: `dispatch_by_expert(expert_idx)` when the caller already has it (the model
-        computes it once for all layers). `shared`: a dense SwiGLU every row also goes through,
-        added to the output. For large batches its weights are concatenated onto every expert's,
-        so one grouped GEMM per projection computes both: h = [h_shared | h_expert], and the down
-        projection sums the two, at the cost of a dense SwiGLU of the combined width. That copies
-        the shared weights E times per call, which only pays once there are at least as many rows
-        as E x its width (training batches, long prefills); a decode step of a few rows runs the
-        shared expert as its own dense pass instead.
+        `dispatch`: `dispatch_by_expert(expert_idx)` when the caller already has it. `shared`: a
+        SwiGLU every row also goes through, added to the output (folded into the grouped GEMMs
+        for large batches, `fuse_shared_expert`).
         """
         if dispatch is None:
             dispatch = dispatch_by_expert(expert_idx, self.num_experts)
-        fuse = shared is not None and x.shape[0] >= self.num_experts * shared.down_proj.in_features
-        gate_up, down = self._with_shared(shared, _compute_dtype(x)) if fuse else (self.gate_up_proj, self.down_proj)
-        xs = _PermuteRows.apply(x, dispatch.order, dispatch.inverse)
-        gate, up = grouped_matmul(xs, gate_up, dispatch.offsets).chunk(2, dim=-1)
-        ys = grouped_matmul(F.silu(gate) * up, down, dispatch.offsets)
-        out = _PermuteRows.apply(ys, dispatch.inverse, dispatch.order)
-        return out + shared(x) if shared is not None and not fuse else out
-
-    def _with_shared(self, shared: ComplexityMLP, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[E, H, 2(Is+Ie)] = [gate_s | gate_e | up_s | up_e] and [E, Is+Ie, H] = [down_s ; down_e]."""
-        e, width = self.num_experts, self.gate_up_proj.shape[-1] // 2
-        gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-
-        def stacked(linear: nn.Linear) -> torch.Tensor:  # [out, in] -> E copies of [in, out]
-            return linear.weight.to(dtype).T.expand(e, -1, -1)
-
-        gate_up = torch.cat(
-            [stacked(shared.gate_proj), gate_up[..., :width], stacked(shared.up_proj), gate_up[..., width:]], dim=-1
-        )
-        return gate_up, torch.cat([stacked(shared.down_proj), down], dim=1)
+        if shared is not None and fuse_shared_expert(x.shape[0], self.num_experts, shared.down_proj.in_features):
+            gate_up, down = with_shared_expert(self.gate_up_proj, self.down_proj, shared, compute_dtype(x))
+            return grouped_swiglu(x, gate_up, down, dispatch)
+        out = grouped_swiglu(x, self.gate_up_proj, self.down_proj, dispatch)
+        return out if shared is None else out + shared(x)
 
 
 class ComplexityTokenRoutedMLP(nn.Module):
-    """Each token goes to ONE expert chosen from its id (the model passes `token_to_expert[ids]`).
+    """mlp_type "token_routed" (§2): each token goes to ONE expert chosen from its id by the
+    model's table, plus an optional shared expert. With mu_mode "inl" the January design's hard
+    override re-routes by mu_c (§3b)."""
 
-    With mu_mode "inl" the January design's hard override applies:
-    e = argmax(bias * one_hot(table[id]) + mu_router(mu)); argmax carries no gradient.
-    """
+    top_k = 1  # experts a token visits
 
     def __init__(self, config: ComplexityConfig):
         super().__init__()
@@ -397,29 +301,18 @@ class ComplexityTokenRoutedMLP(nn.Module):
         self.mu_router = nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
         self.mu_router_bias = config.mu_router_bias
 
-    def route(self, expert_ids: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
-        if mu is None or self.mu_router is None:
-            return expert_ids
-        logits = self.mu_router(mu) + self.mu_router_bias * F.one_hot(expert_ids, self.num_experts).to(mu.dtype)
-        return logits.argmax(dim=-1)
-
-    def forward(self, x, expert_ids, mu=None, dispatch: ExpertDispatch | None = None):
-        """`dispatch`: the rows grouped by `expert_ids` (the table's choice), when the caller has it."""
-        shape = x.shape
-        if self.mu_router is not None and mu is not None:
-            expert_ids, dispatch = self.route(expert_ids, mu), None  # mu moved tokens: group again
-        out = self.experts(x.reshape(-1, shape[-1]), expert_ids.reshape(-1), dispatch, shared=self.shared_expert)
-        return out.view(shape), None
+    def forward(self, x, routing: Routing):
+        expert_ids, dispatch = routing.expert_ids, routing.dispatch
+        if self.mu_router is not None:  # mu moved tokens: group them again
+            expert_ids, dispatch = mu_router_override(expert_ids, self.mu_router(routing.mu), self.mu_router_bias), None
+        out = self.experts(x.reshape(-1, x.shape[-1]), expert_ids.reshape(-1), dispatch, shared=self.shared_expert)
+        return out.view(x.shape), None
 
 
 class ComplexityLearnedMoE(nn.Module):
-    """The Mixtral/Switch-style baseline: softmax router, top-k, probability-weighted experts.
-
-    Weights are the router probabilities of the chosen experts; with k > 1 they are renormalised
-    over the k (Mixtral), with k = 1 they are the raw probability (Switch: otherwise the weight
-    would be 1 and the router would get no gradient from the LM loss). Returns the Switch
-    load-balancing loss E * sum_e f_e P_e over the non-padding tokens.
-    """
+    """mlp_type "learned_moe" (§2), the Mixtral/Switch-style baseline: softmax router, top-k,
+    probability-weighted experts, plus an optional shared expert. Returns the Switch
+    load-balancing loss over the non-padding tokens."""
 
     def __init__(self, config: ComplexityConfig):
         super().__init__()
@@ -431,53 +324,40 @@ class ComplexityLearnedMoE(nn.Module):
             ComplexityMLP(config.hidden_size, config.shared_expert_width) if config.shared_expert else None
         )
 
-    def forward(self, x, expert_ids=None, mu=None, token_mask=None):
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
-        top_p, top_e = probs.topk(self.top_k, dim=-1)  # [N, k]
-        if self.top_k > 1:
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-        n = flat.shape[0]
-        if self.top_k > 1:  # one row per (token, chosen expert)
-            flat_in = flat[torch.arange(n, device=x.device).repeat_interleave(self.top_k)]
-        else:
-            flat_in = flat
-        y = self.experts(flat_in, top_e.reshape(-1))
-        out = (y.view(n, self.top_k, -1) * top_p.unsqueeze(-1).to(y.dtype)).sum(1)
+    def forward(self, x, routing: Routing | None = None):
+        flat = x.reshape(-1, x.shape[-1])
+        probs, weights, experts = learned_topk(self.router(flat), self.top_k)
+        out = mix_topk_experts(self.experts, flat, experts, weights)
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
+        token_mask = routing.token_mask if routing is not None else None
+        return out.view(x.shape), switch_aux_loss(probs, experts, self.num_experts, token_mask)
 
-        # Switch load balancing: f_e = share of assignments to e, P_e = mean router prob of e.
-        assigned = F.one_hot(top_e, self.num_experts).sum(1).float()  # [N, E]
-        if token_mask is not None:
-            w = token_mask.reshape(-1, 1).float()
-            denom = w.sum().clamp(min=1.0)
-            f = (assigned * w).sum(0) / (denom * self.top_k)
-            p = (probs * w).sum(0) / denom
-        else:
-            f = assigned.mean(0) / self.top_k
-            p = probs.mean(0)
-        aux = self.num_experts * (f * p).sum()
-        return out.view(shape), aux
+
+# config.mlp_type -> the MLP class; each is built from the config and called (hidden_states, routing).
+MLP_KINDS: dict[str, type[nn.Module]] = {
+    "dense": ComplexityDenseMLP,
+    "token_routed": ComplexityTokenRoutedMLP,
+    "learned_moe": ComplexityLearnedMoE,
+}
 
 
 # ----------------------------------------------------------------------------- mu
 
 
 class ComplexityMuGuidance(nn.Module):
-    """SPEC 3a: mu = clamp(mu_param, lo, hi) + mu_proj(x'); passed on as clamp(mu, -c, c)."""
+    """docs/architecture.md §3a: mu = clamp(mu_param, lo, hi) + mu_proj(x'); passed on as
+    clamp(mu, -c, c) (`mu_guidance`)."""
 
     def __init__(self, config: ComplexityConfig):
         super().__init__()
+        self.config = config
         self.mu = nn.Parameter(torch.ones(config.hidden_size))
         self.mu_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.mu_proj.zero_init = True
-        self.lo, self.hi, self.out_clamp = config.mu_clamp_min, config.mu_clamp_max, config.mu_prev_clamp
 
     def forward(self, hidden_states):
-        mu = self.mu.clamp(self.lo, self.hi) + self.mu_proj(hidden_states)
-        return mu.clamp(-self.out_clamp, self.out_clamp)
+        return mu_guidance(self.mu, self.mu_proj(hidden_states), self.config)
 
 
 def _logit(p: float) -> float:
@@ -489,32 +369,27 @@ def _inverse_softplus(y: float) -> float:
 
 
 class ComplexityINLDynamics(nn.Module):
-    """SPEC 3b: a controller over [a, v] sets alpha, beta, gate; velocity pulls a toward mu_c."""
+    """docs/architecture.md §3b: a controller over [a, v] sets alpha, beta, gate; velocity pulls
+    a toward mu_c (`inl_dynamics`)."""
 
     def __init__(self, config: ComplexityConfig):
         super().__init__()
         h, c = config.hidden_size, config.dynamics_controller_hidden
+        self.config = config
         self.hidden_size = h
         self.mu = nn.Parameter(torch.zeros(h))
         self.mu_proj = nn.Linear(h, h, bias=False)
         self.mu_proj.zero_init = True
         self.controller_in = nn.Linear(2 * h, c)
         self.controller_out = nn.Linear(c, 3 * h)
-        self.dt = config.dynamics_dt
-        self.beta_max = config.dynamics_beta_max
-        self.v_clamp = config.dynamics_velocity_clamp
         self.init_bias = (_logit(config.dynamics_alpha), _inverse_softplus(config.dynamics_beta), _logit(config.dynamics_gate))
 
     def forward(self, a, velocity):
         """a: attention output; velocity: carried from the previous layer -> (a', v', mu_c)."""
-        c = self.controller_out(F.silu(self.controller_in(torch.cat([a, velocity], dim=-1))))
-        alpha, beta, gate = c.split(self.hidden_size, dim=-1)
-        alpha = torch.sigmoid(alpha)
-        beta = F.softplus(beta).clamp(max=self.beta_max)
-        gate = torch.sigmoid(gate)
+        controls = self.controller_out(F.silu(self.controller_in(torch.cat([a, velocity], dim=-1))))
         mu_c = self.mu + self.mu_proj(a)
-        velocity = (alpha * velocity - beta * (a - mu_c)).clamp(-self.v_clamp, self.v_clamp)
-        return a + self.dt * gate * velocity, velocity, mu_c
+        a, velocity = inl_dynamics(a, velocity, controls, mu_c, self.config)
+        return a, velocity, mu_c
 
 
 # ----------------------------------------------------------------------------- decoder layer
@@ -523,61 +398,49 @@ class ComplexityINLDynamics(nn.Module):
 class ComplexityDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: ComplexityConfig, layer_idx: int):
         super().__init__()
-        self.mu_mode = config.mu_mode
-        last = layer_idx == config.num_hidden_layers - 1
-        # Mu-guided q/k/v exist wherever a mu arrives: every guidance layer (layer 0 gets mu_init),
-        # INL layers after the first (layer 0 has no mu_prev).
-        with_mu = config.mu_mode == "guidance" or (config.mu_mode == "inl" and layer_idx > 0)
-        self.self_attn = ComplexityAttention(config, layer_idx, with_mu=with_mu)
+        self.self_attn = ComplexityAttention(config, layer_idx, with_mu=layer_takes_mu(config, layer_idx))
         self.input_layernorm = ComplexityRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = ComplexityRMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.mlp_type == "dense":
-            self.mlp = ComplexityMLP(config.hidden_size, config.intermediate_size)
-        elif config.mlp_type == "token_routed":
-            self.mlp = ComplexityTokenRoutedMLP(config)
-        else:
-            self.mlp = ComplexityLearnedMoE(config)
-        # The last guidance layer's mu would feed nothing: it is not allocated (no dead weights).
-        self.mu_guidance = ComplexityMuGuidance(config) if config.mu_mode == "guidance" and not last else None
+        self.mlp = MLP_KINDS[config.mlp_type](config)
+        self.mu_guidance = ComplexityMuGuidance(config) if layer_gives_mu(config, layer_idx) else None
         self.dynamics = ComplexityINLDynamics(config) if config.mu_mode == "inl" else None
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        expert_ids: torch.Tensor | None,
         mu_prev: torch.Tensor | None,
         velocity: torch.Tensor | None,
+        routing: Routing,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         past_key_values: Cache | None = None,
-        token_mask: torch.Tensor | None = None,
-        expert_dispatch: ExpertDispatch | None = None,
         **kwargs,
     ):
-        """-> (hidden_states, mu for the next layer (or INL mu_c), velocity, router aux loss)."""
+        """-> (hidden_states, the mu this layer gives (guidance mu or INL mu_c), velocity, MLP aux loss)."""
         attn = self.self_attn(
             self.input_layernorm(hidden_states), mu_prev, position_embeddings, attention_mask, past_key_values, **kwargs
         )
-        mu_out = None
+        mu = None
         if self.dynamics is not None:
-            attn, velocity, mu_out = self.dynamics(attn, velocity)
+            attn, velocity, mu = self.dynamics(attn, velocity)
+            routing = routing._replace(mu=mu)
         hidden_states = hidden_states + attn
-
-        mlp_in = self.post_attention_layernorm(hidden_states)
-        if isinstance(self.mlp, ComplexityMLP):
-            mlp_out, aux = self.mlp(mlp_in), None
-        elif isinstance(self.mlp, ComplexityLearnedMoE):
-            mlp_out, aux = self.mlp(mlp_in, token_mask=token_mask)
-        else:
-            mlp_out, aux = self.mlp(mlp_in, expert_ids, mu=mu_out, dispatch=expert_dispatch)
+        mlp_out, aux = self.mlp(self.post_attention_layernorm(hidden_states), routing)
         hidden_states = hidden_states + mlp_out
-
         if self.mu_guidance is not None:
-            mu_out = self.mu_guidance(hidden_states)
-        return hidden_states, mu_out, velocity, aux
+            mu = self.mu_guidance(hidden_states)
+        return hidden_states, mu, velocity, aux
 
 
 # ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class ComplexityModelOutputWithPast(MoeModelOutputWithPast):
+    """The base model's outputs; `aux_loss` is the learned router's load-balancing loss (mean over
+    the layers), None for the MLPs that have none."""
+
+    aux_loss: torch.FloatTensor | None = None
 
 
 class ComplexityPreTrainedModel(PreTrainedModel):
@@ -595,8 +458,8 @@ class ComplexityPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """SPEC 4: N(0, std) weights, zero biases, unit norms, residual outputs scaled by
-        1/sqrt(2L); then the zero-inits (mu projections) and the INL controller's biases win.
+        """docs/architecture.md §4: N(0, std) weights, zero biases, unit norms, residual outputs
+        scaled by 1/sqrt(2L); then the zero-inits (mu projections) and the INL controller's biases win.
         Children are initialised before their parents, so the composite cases below override."""
         cfg = self.config
         std = cfg.initializer_range
@@ -708,7 +571,7 @@ class ComplexityModel(ComplexityPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
+    ) -> ComplexityModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if input_ids is None and self.token_to_expert is not None:
@@ -739,20 +602,14 @@ class ComplexityModel(ComplexityPreTrainedModel):
                 position_ids=position_ids,
             )
         position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        expert_ids = expert_dispatch = None
-        if self.token_to_expert is not None:
-            # Every layer routes by the same table: group the tokens by expert once, not per layer.
-            expert_ids = self.token_to_expert[input_ids]
-            expert_dispatch = dispatch_by_expert(expert_ids.reshape(-1), self.config.num_experts)
         # Padding tokens do not count in the router's load-balancing statistics.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -inputs_embeds.shape[1]:]
+        routing = Routing.for_tokens(input_ids, self.token_to_expert, self.config.num_experts, token_mask)
 
         hidden_states = inputs_embeds
-        mode = self.config.mu_mode
-        mu_prev = self.mu_init.to(hidden_states.dtype).expand_as(hidden_states) if mode == "guidance" else None
-        velocity = torch.zeros_like(hidden_states) if mode == "inl" else None
+        mu_prev, velocity = initial_mu_state(self.config, self.mu_init, hidden_states)
         mu_sum = None
         aux_losses = []
         all_hidden = [] if output_hidden_states else None
@@ -761,33 +618,25 @@ class ComplexityModel(ComplexityPreTrainedModel):
                 all_hidden.append(hidden_states)
             hidden_states, mu, velocity, aux = layer(
                 hidden_states,
-                expert_ids,
                 mu_prev,
                 velocity,
+                routing,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
-                token_mask=token_mask,
-                expert_dispatch=expert_dispatch,
                 **kwargs,
             )
             if aux is not None:
                 aux_losses.append(aux)
-            if mode == "inl":
-                # The mu highway: every layer's mu_c accumulates and leaks into the next layer's mu.
-                mu_sum = mu if mu_sum is None else mu_sum + mu
-                mu_prev = mu + self.config.mu_highway_scale * mu_sum
-            else:
-                mu_prev = mu
+            mu_prev, mu_sum = next_layer_mu(self.config, mu, mu_sum)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        return MoeModelOutputWithPast(
+        return ComplexityModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            router_logits=(aux_loss,) if aux_loss is not None else None,
+            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
         )
 
 
@@ -831,7 +680,8 @@ class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Standard causal-LM forward. `loss` is the next-token cross-entropy plus, for learned_moe,
-        `router_aux_loss_coef` times the load-balancing loss (also returned as `aux_loss`)."""
+        `router_aux_loss_coef` times the load-balancing loss (`add_router_aux_loss`; the loss
+        itself is returned as `aux_loss`)."""
         kwargs.pop("output_attentions", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -846,16 +696,14 @@ class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
-        aux_loss = outputs.router_logits[0] if outputs.router_logits is not None else None
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.dtype)
+            loss = add_router_aux_loss(loss, outputs.aux_loss, self.config)
         return MoeCausalLMOutputWithPast(
             loss=loss,
-            aux_loss=aux_loss,
+            aux_loss=outputs.aux_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -866,5 +714,6 @@ __all__ = [
     "ComplexityForCausalLM",
     "ComplexityModel",
     "ComplexityPreTrainedModel",
+    "add_router_aux_loss",
     "default_routing_table",
 ]

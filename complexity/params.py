@@ -27,13 +27,11 @@ def count_parameters(model_or_config: ComplexityForCausalLM | ComplexityConfig) 
             model = ComplexityForCausalLM(model_or_config)
     else:
         model = model_or_config
-    config = model.config
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     active = total
-    if config.mlp_type != "dense":
-        visited = 1 if config.mlp_type == "token_routed" else config.num_experts_per_tok
-        for module in model.modules():
-            if isinstance(module, ComplexityExperts):
-                per_expert = sum(p.numel() for p in module.parameters()) // module.num_experts
-                active -= (module.num_experts - visited) * per_expert
+    for mlp in model.modules():  # a routed MLP: its expert bank, and `top_k` experts visited per token
+        experts = getattr(mlp, "experts", None)
+        if isinstance(experts, ComplexityExperts):
+            per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
+            active -= (experts.num_experts - mlp.top_k) * per_expert
     return ParameterCount(total=total, active=active)

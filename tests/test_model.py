@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
 import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM, count_parameters, create_complexity_model
+from complexity import complexity_kernels as ck
 from complexity import modeling_complexity as mc
 
-from conftest import VARIANTS, randomize_, tiny_config, tiny_model
+from conftest import VARIANTS, tiny_config, tiny_model
 
 ATOL = 1e-5  # float32, tiny widths: differences come only from summation order
 
@@ -105,7 +108,7 @@ def test_gradient_reaches_every_parameter(variant, fuse_min_rows, monkeypatch):
     ids = torch.randperm(256, generator=torch.Generator().manual_seed(5)).reshape(4, 64)
     model(ids, labels=ids).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    # SPEC 3b: the INL mu-router override is an argmax, which has no gradient by definition.
+    # docs/architecture.md §3b: the INL mu-router override is an argmax, which has no gradient by definition.
     expected = [n for n, _ in model.named_parameters() if n.endswith("mlp.mu_router.weight")]
     assert missing == expected, f"{name}: no gradient for {sorted(set(missing) - set(expected))}"
 
@@ -125,7 +128,9 @@ def test_save_load_round_trip_is_bitwise(tmp_path, variant):
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-    assert (tmp_path / "modeling_complexity.py").exists() and (tmp_path / "configuration_complexity.py").exists()
+    # The model file and the files it imports travel with the weights (trust_remote_code).
+    for code in ("modeling_complexity.py", "configuration_complexity.py", "complexity_math.py", "complexity_kernels.py"):
+        assert (tmp_path / code).is_file(), code
     reloaded = AutoConfig.from_pretrained(tmp_path).to_diff_dict()
     for key, value in model.config.to_diff_dict().items():
         if key not in ("_name_or_path", "auto_map", "transformers_version"):
@@ -262,9 +267,11 @@ def test_token_routing_follows_the_table():
     table = torch.randperm(256, generator=torch.Generator().manual_seed(11)) % 4
     model.set_routing_table(table)
     ids = torch.arange(256).reshape(4, 64)
-    hidden_before = model.model.layers[0].mlp(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0)), table[ids])[0]
+    routing = mc.Routing.for_tokens(ids, model.model.token_to_expert, 4)
+    x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0))
+    hidden_before = model.model.layers[0].mlp(x, routing)[0]
     model.model.layers[0].mlp.experts.down_proj[2].add_(1.0)
-    hidden_after = model.model.layers[0].mlp(torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0)), table[ids])[0]
+    hidden_after = model.model.layers[0].mlp(x, routing)[0]
     changed = (hidden_before - hidden_after).abs().amax(-1) > 0
     assert torch.equal(changed, table[ids] == 2)
 
@@ -275,15 +282,15 @@ def test_grouped_matmul_matches_per_expert_loop(monkeypatch):
     w = torch.randn(4, 16, 8, generator=gen)
     offsets = torch.tensor([10, 10, 30, 37], dtype=torch.int32)  # expert 1 receives no rows
     reference = torch.cat([x[0:10] @ w[0], x[10:10] @ w[1], x[10:30] @ w[2], x[30:37] @ w[3]])
-    torch.testing.assert_close(mc.grouped_matmul(x, w, offsets), reference, atol=1e-5, rtol=0)
-    monkeypatch.setattr(mc, "_GROUPED_MM", None)
-    torch.testing.assert_close(mc.grouped_matmul(x, w, offsets), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ck.grouped_matmul(x, w, offsets), reference, atol=1e-5, rtol=0)
+    monkeypatch.setattr(ck, "_GROUPED_MM", None)
+    torch.testing.assert_close(ck.grouped_matmul(x, w, offsets), reference, atol=1e-5, rtol=0)
 
 
 def test_dispatch_is_a_stable_sort_by_expert():
     expert_idx = torch.randint(0, 5, (301,), generator=torch.Generator().manual_seed(14))
     expert_idx[expert_idx == 3] = 4  # expert 3 receives no rows
-    order, inverse, offsets = mc.dispatch_by_expert(expert_idx, 5)
+    order, inverse, offsets = ck.dispatch_by_expert(expert_idx, 5)
     assert torch.equal(order, torch.argsort(expert_idx, stable=True))
     assert torch.equal(order[inverse], torch.arange(301))
     assert offsets.dtype == torch.int32
@@ -301,7 +308,8 @@ def test_token_routed_mlp_matches_a_float64_per_expert_loop(shared, seq):
     gen = torch.Generator().manual_seed(15)
     x = torch.randn(3, seq, 64, generator=gen)
     expert_ids = torch.randint(0, 4, (3, seq), generator=gen)
-    out = mlp(x, expert_ids)[0]
+    out, aux = mlp(x, mc.Routing(None, expert_ids=expert_ids))
+    assert aux is None
 
     mlp64, x64 = mlp.double(), x.double()
     reference = torch.zeros_like(x64)
@@ -341,14 +349,15 @@ def test_fused_qkv_projection_matches_a_float64_reference(with_mu):
 
 def test_token_routed_mlp_compiles_fullgraph():
     mlp = tiny_model(**VARIANTS["routed-shared-mu"]).model.layers[0].mlp
-    experts = torch.randint(0, 4, (2, 16))
+    ids = torch.randint(0, 256, (2, 16))
+    routing = mc.Routing.for_tokens(ids, torch.arange(256) % 4, 4)
     # bf16 takes the grouped GEMM; fp32 under the compiler takes the static-shape fallback.
     for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
         mlp = mlp.to(dtype)
         x = torch.randn(2, 16, 64, dtype=dtype)
-        eager = mlp(x, experts)[0]
+        eager = mlp(x, routing)[0]
         torch._dynamo.reset()
-        compiled = torch.compile(mlp, fullgraph=True, dynamic=False)(x, experts)[0]
+        compiled = torch.compile(mlp, fullgraph=True, dynamic=False)(x, routing)[0]
         torch.testing.assert_close(compiled, eager, atol=tol, rtol=tol)
 
 
@@ -373,6 +382,65 @@ def test_learned_router_aux_loss_matches_switch_formula():
     probs = torch.softmax(mlp.router(x.reshape(-1, 64)).double(), -1)
     f = F.one_hot(probs.argmax(-1), 4).double().mean(0)
     torch.testing.assert_close(aux.double(), 4 * (f * probs.mean(0)).sum(), atol=1e-6, rtol=0)
+
+
+def test_aux_loss_is_an_output_field():
+    """The base model returns the router's loss as `aux_loss` (router_logits stays unused); the
+    models without a learned router return none."""
+    ids = torch.randint(4, 256, (2, 8), generator=torch.Generator().manual_seed(16))
+    learned = tiny_model(**VARIANTS["learned-top2-shared-mu"])
+    out = learned.model(ids)
+    assert out.aux_loss is not None and out.aux_loss.dim() == 0 and out.router_logits is None
+    torch.testing.assert_close(learned(ids).aux_loss, out.aux_loss)
+    for name in ("dense", "routed-shared-mu", "inl"):
+        assert tiny_model(**VARIANTS[name]).model(ids).aux_loss is None, name
+
+
+@pytest.mark.parametrize("mlp_type", list(mc.MLP_KINDS))
+def test_every_mlp_kind_has_one_interface(mlp_type):
+    """`mlp(hidden_states, routing) -> (out, aux or None)`, whatever the kind: the decoder layer
+    calls every kind the same way."""
+    model = tiny_model(mlp_type=mlp_type, shared_expert=mlp_type != "dense")
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, mc.MLP_KINDS[mlp_type])
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(17))
+    routing = mc.Routing.for_tokens(ids, model.model.token_to_expert, 4, torch.ones_like(ids))
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(18))
+    out, aux = mlp(x, routing)
+    assert out.shape == x.shape
+    assert (aux is not None) == (mlp_type == "learned_moe")
+
+
+@torch.no_grad()
+def test_compiled_inl_forward_matches_eager():
+    """The INL layer hands its mu_c to the MLP inside the routing (and re-groups the tokens the
+    override moved): the whole forward still compiles as one graph."""
+    model = tiny_model(**VARIANTS["inl"])
+    ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(19))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)(ids).logits
+    torch.testing.assert_close(compiled, model(ids).logits, atol=ATOL, rtol=0)
+
+
+SAVED = Path(__file__).parent / "fixtures" / "saved_checkpoints"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", sorted(p.name for p in SAVED.iterdir() if p.is_dir()))
+def test_checkpoints_saved_before_load_after(name):
+    """Folders written by an earlier version of the model code (tests/fixtures/saved_checkpoints)
+    load key for key and shape for shape, and compute the logits recorded then."""
+    folder = SAVED / name
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert isinstance(model, ComplexityForCausalLM)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched key
+    saved = load_file(folder / "model.safetensors")
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in saved.items()}
+    reference = load_file(folder / "reference.safetensors")
+    logits = model.eval()(reference["input_ids"], use_cache=False).logits
+    torch.testing.assert_close(logits, reference["logits"], atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
@@ -417,7 +485,7 @@ def test_no_dead_mu_parameters_when_mu_is_off():
 
 
 def closed_form_parameter_count(c: ComplexityConfig) -> tuple[int, int]:
-    """SPEC's shapes written out by hand: (total, active per token)."""
+    """docs/architecture.md's shapes written out by hand: (total, active per token)."""
     H, L, d, E = c.hidden_size, c.num_hidden_layers, c.head_dim, c.num_experts
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
     attn = H * q + 2 * H * kv + q * H + (2 * d if c.use_qk_norm else 0)

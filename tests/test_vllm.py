@@ -8,9 +8,10 @@ Each variant gets one tiny random checkpoint (vocab 512, hidden 128, 3 layers, 4
 heads, 4 experts; head_dim 32 because vLLM's CPU attention has no kernel for 16) with weights
 redrawn at trained-like magnitudes (so every component moves the logits, the INL mu router
 overrides some routes and greedy decoding does not just echo the prompt) plus a byte-level BPE
-tokenizer, and one `vllm.LLM` reused by that variant's tests. The guidance variant runs with
-vLLM's torch.compile (as deployed); the others run eager (`enforce_eager=True`) to keep the
-suite's runtime down. Everything is float32 on CPU.
+tokenizer, and one `vllm.LLM` reused by that variant's tests. The guidance and INL variants run
+with vLLM's torch.compile (as deployed; INL's layers hand mu_c to the MLP's override inside the
+compiled graph); the others run eager (`enforce_eager=True`) to keep the suite's runtime down.
+Everything is float32 on CPU.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ VARIANTS = {
     "learned_moe": dict(mlp_type="learned_moe", num_experts_per_tok=2, shared_expert=True, mu_mode="none",
                         tie_word_embeddings=False, sliding_window=8),
 }
-COMPILED = {"routed_shared_guidance"}
+COMPILED = {"routed_shared_guidance", "inl"}
 
 # Prompts of very different lengths (1 to 60 tokens), run as one batch.
 PROMPTS = [

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..complexity_math import add_router_aux_loss
 from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from .config import RunConfig
@@ -426,11 +427,7 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with amp:
             out = self.forward_module(input_ids=ids, use_cache=False)
-            loss = self.loss_fn(out.logits, labels)
-            aux = getattr(out, "aux_loss", None)
-            coef = getattr(self.model_config, "router_aux_loss_coef", 0.0) or 0.0
-            if aux is not None and coef:
-                loss = loss + coef * aux.float()
+            loss = add_router_aux_loss(self.loss_fn(out.logits, labels), getattr(out, "aux_loss", None), self.model_config)
         return loss
 
     def _grad_norm(self) -> torch.Tensor:

@@ -1,21 +1,27 @@
 """Native vLLM implementation of `ComplexityForCausalLM` (loaded by the plugin in `__init__.py`).
 
-Computes exactly what `complexity.modeling_complexity.ComplexityForCausalLM` computes (SPEC 1-3),
-on vLLM's flattened batch: every activation is [num_tokens, H], the KV cache is vLLM's paged
-cache (`Attention`), and the mu / velocity signals are per token and only flow from one layer to
-the next inside a forward (never across decode steps).
+Computes exactly what `complexity.modeling_complexity.ComplexityForCausalLM` computes
+(docs/architecture.md §1-3), on vLLM's flattened batch: every activation is [num_tokens, H], the
+KV cache is vLLM's paged cache (`Attention`), and the mu / velocity signals are per token and only
+flow from one layer to the next inside a forward (never across decode steps).
+
+Only what vLLM needs differently is defined here: attention over the paged cache, the
+tensor-parallel linear layers and experts, pipeline stages and weight loading. The equations are
+the functions of `complexity.complexity_math`, and the replicated blocks (mu guidance, the INL
+dynamics) are the Hugging Face model's own modules.
 
 Tensor parallelism: q/k/v and their mu projections are two `QKVParallelLinear` (over the normed
 residual and over mu), so `mu_to_qkv(mu)` splits by head exactly like `qkv_proj(x)` and the two
 add shard by shard. The routed experts split their width I_e across ranks (gate and up halves
 each sliced the same way), the shared expert is a Merged/RowParallel SwiGLU, and the MLP's partial
-sums are all-reduced once. The small mu / dynamics / router layers are replicated (they read and
-write full-width [T, H] tensors that every rank holds). Pipeline parallelism carries mu,
+sums are all-reduced once. The small mu / dynamics / router layers are replicated plain linear
+layers (they read and write full-width [T, H] tensors that every rank holds). Pipeline parallelism carries mu,
 velocity and the INL mu highway sum between stages as intermediate tensors.
 
 Routing: `expert = token_to_expert[input_ids]` is computed inside the forward from the ids of the
 step (a buffer loaded from the checkpoint), so it is traced as an indexing op by torch.compile
-and replays correctly under CUDA graphs.
+and replays correctly under CUDA graphs; the tokens are grouped by expert once per forward, for
+every layer (`Routing.for_tokens`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from collections.abc import Iterable
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
@@ -38,12 +43,7 @@ from vllm.distributed import (
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    ReplicatedLinear,
-    RowParallelLinear,
-)
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
@@ -60,8 +60,23 @@ from vllm.model_executor.models.utils import (
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.sequence import IntermediateTensors
 
+from complexity.complexity_math import (
+    initial_mu_state,
+    layer_gives_mu,
+    layer_takes_mu,
+    learned_topk,
+    mix_topk_experts,
+    mu_router_override,
+    next_layer_mu,
+)
 from complexity.configuration_complexity import ComplexityConfig
-from complexity.modeling_complexity import ComplexityExperts, default_routing_table
+from complexity.modeling_complexity import (
+    ComplexityExperts,
+    ComplexityINLDynamics,
+    ComplexityMuGuidance,
+    Routing,
+    default_routing_table,
+)
 
 # HF checkpoint name -> (vLLM fused parameter name, shard id).
 _STACKED_PARAMS = (
@@ -80,8 +95,8 @@ _STACKED_PARAMS = (
 
 
 class ComplexityMLP(nn.Module):
-    """Dense SwiGLU down(silu(gate(x)) * up(x)); column/row parallel. `reduce_results=False`
-    leaves the partial sum un-reduced (the routed MLP reduces once for experts + shared)."""
+    """SwiGLU down(silu(gate(x)) * up(x)); column/row parallel. `reduce_results=False` leaves the
+    partial sum un-reduced (the routed MLPs reduce once for experts + shared)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, quant_config: QuantizationConfig | None = None,
                  reduce_results: bool = True, prefix: str = ""):
@@ -100,6 +115,16 @@ class ComplexityMLP(nn.Module):
         x, _ = self.gate_up_proj(x)
         x, _ = self.down_proj(self.act_fn(x))
         return x
+
+
+class ComplexityDenseMLP(ComplexityMLP):
+    """mlp_type "dense": one SwiGLU of width I; the MLP interface `(x, routing) -> (out, None)`."""
+
+    def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__(config.hidden_size, config.intermediate_size, quant_config, prefix=prefix)
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None):
+        return super().forward(x), None
 
 
 class ComplexityParallelExperts(ComplexityExperts):
@@ -141,8 +166,8 @@ class ComplexityParallelExperts(ComplexityExperts):
 
 
 class ComplexityTokenRoutedMLP(nn.Module):
-    """Each token through ONE expert chosen from its id (+ optional shared expert).
-    mu_mode "inl": e = argmax(bias * one_hot(table[id]) + mu_router(mu_c)) (SPEC 3b)."""
+    """Each token through ONE expert chosen from its id (+ optional shared expert); mu_mode "inl"
+    re-routes by mu_c (`mu_router_override`, docs/architecture.md §3b)."""
 
     def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
@@ -154,35 +179,30 @@ class ComplexityTokenRoutedMLP(nn.Module):
                           reduce_results=False, prefix=f"{prefix}.shared_expert")
             if config.shared_expert else None
         )
-        self.mu_router = None
-        if config.mu_mode == "inl":
-            self.mu_router = ReplicatedLinear(config.hidden_size, config.num_experts, bias=False,
-                                              prefix=f"{prefix}.mu_router")
-            self.mu_router_bias = config.mu_router_bias
+        self.mu_router = nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
+        self.mu_router_bias = config.mu_router_bias
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
-        if self.mu_router is not None and mu is not None:
-            logits, _ = self.mu_router(mu)
-            logits = logits + self.mu_router_bias * F.one_hot(expert_ids, self.num_experts).to(logits.dtype)
-            expert_ids = logits.argmax(dim=-1)
-        out = self.experts(x, expert_ids)
+    def forward(self, x: torch.Tensor, routing: Routing):
+        expert_ids, dispatch = routing.expert_ids, routing.dispatch
+        if self.mu_router is not None:  # mu moved tokens: group them again
+            expert_ids, dispatch = mu_router_override(expert_ids, self.mu_router(routing.mu), self.mu_router_bias), None
+        out = self.experts(x, expert_ids, dispatch)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
-        return out
+        return out, None
 
 
 class ComplexityLearnedMoE(nn.Module):
-    """The learned softmax top-k router baseline (inference: no aux loss). Weights are the router
-    probabilities of the chosen experts, renormalised over the k when k > 1."""
+    """The learned softmax top-k router baseline (`learned_topk`; inference: no aux loss)."""
 
     def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.tp_size = get_tensor_model_parallel_world_size()
-        self.router = ReplicatedLinear(config.hidden_size, config.num_experts, bias=False, prefix=f"{prefix}.router")
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = ComplexityParallelExperts(config.num_experts, config.hidden_size, config.expert_width)
         self.shared_expert = (
             ComplexityMLP(config.hidden_size, config.shared_expert_width, quant_config,
@@ -190,27 +210,25 @@ class ComplexityLearnedMoE(nn.Module):
             if config.shared_expert else None
         )
 
-    def forward(self, x: torch.Tensor, expert_ids=None, mu=None) -> torch.Tensor:
-        logits, _ = self.router(x)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        top_p, top_e = probs.topk(self.top_k, dim=-1)
-        if self.top_k > 1:
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-        n = x.shape[0]
-        if self.top_k > 1:
-            token_idx = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
-            y = self.experts(x[token_idx], top_e.reshape(-1))
-        else:
-            y = self.experts(x, top_e.reshape(-1))
-        out = (y.view(n, self.top_k, -1) * top_p.unsqueeze(-1).to(y.dtype)).sum(1)
+    def forward(self, x: torch.Tensor, routing: Routing | None = None):
+        _, weights, experts = learned_topk(self.router(x), self.top_k)
+        out = mix_topk_experts(self.experts, x, experts, weights)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
-        return out
+        return out, None
 
 
-# ----------------------------------------------------------------------------- attention and mu
+# config.mlp_type -> the MLP class; each is built from (config, quant_config, prefix).
+MLP_KINDS: dict[str, type[nn.Module]] = {
+    "dense": ComplexityDenseMLP,
+    "token_routed": ComplexityTokenRoutedMLP,
+    "learned_moe": ComplexityLearnedMoE,
+}
+
+
+# ----------------------------------------------------------------------------- attention
 
 
 class ComplexityAttention(nn.Module):
@@ -281,49 +299,6 @@ class ComplexityAttention(nn.Module):
         return out
 
 
-class ComplexityMuGuidance(nn.Module):
-    """SPEC 3a: mu = clamp(mu_param, lo, hi) + mu_proj(x'), passed on as clamp(mu, -c, c)."""
-
-    def __init__(self, config: ComplexityConfig, prefix: str):
-        super().__init__()
-        self.mu = nn.Parameter(torch.ones(config.hidden_size), requires_grad=False)
-        self.mu_proj = ReplicatedLinear(config.hidden_size, config.hidden_size, bias=False, prefix=f"{prefix}.mu_proj")
-        self.lo, self.hi, self.out_clamp = config.mu_clamp_min, config.mu_clamp_max, config.mu_prev_clamp
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        proj, _ = self.mu_proj(hidden_states)
-        return (self.mu.clamp(self.lo, self.hi) + proj).clamp(-self.out_clamp, self.out_clamp)
-
-
-class ComplexityINLDynamics(nn.Module):
-    """SPEC 3b: a controller over [a, v] sets alpha, beta, gate; the velocity pulls a toward mu_c."""
-
-    def __init__(self, config: ComplexityConfig, prefix: str):
-        super().__init__()
-        h, c = config.hidden_size, config.dynamics_controller_hidden
-        self.hidden_size = h
-        self.mu = nn.Parameter(torch.zeros(h), requires_grad=False)
-        self.mu_proj = ReplicatedLinear(h, h, bias=False, prefix=f"{prefix}.mu_proj")
-        self.controller_in = ReplicatedLinear(2 * h, c, bias=True, prefix=f"{prefix}.controller_in")
-        self.controller_out = ReplicatedLinear(c, 3 * h, bias=True, prefix=f"{prefix}.controller_out")
-        self.dt = config.dynamics_dt
-        self.beta_max = config.dynamics_beta_max
-        self.v_clamp = config.dynamics_velocity_clamp
-
-    def forward(self, a: torch.Tensor, velocity: torch.Tensor):
-        """-> (a', v', mu_c)."""
-        hidden, _ = self.controller_in(torch.cat([a, velocity], dim=-1))
-        c, _ = self.controller_out(F.silu(hidden))
-        alpha, beta, gate = c.split(self.hidden_size, dim=-1)
-        alpha = torch.sigmoid(alpha)
-        beta = F.softplus(beta).clamp(max=self.beta_max)
-        gate = torch.sigmoid(gate)
-        proj, _ = self.mu_proj(a)
-        mu_c = self.mu + proj
-        velocity = (alpha * velocity - beta * (a - mu_c)).clamp(-self.v_clamp, self.v_clamp)
-        return a + self.dt * gate * velocity, velocity, mu_c
-
-
 # ----------------------------------------------------------------------------- decoder
 
 
@@ -332,43 +307,31 @@ class ComplexityDecoderLayer(nn.Module):
         super().__init__()
         config: ComplexityConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
-        self.mu_mode = config.mu_mode
-        last = layer_idx == config.num_hidden_layers - 1
-        with_mu = config.mu_mode == "guidance" or (config.mu_mode == "inl" and layer_idx > 0)
-        self.self_attn = ComplexityAttention(config, with_mu, vllm_config.cache_config, quant_config,
-                                             prefix=f"{prefix}.self_attn")
+        self.self_attn = ComplexityAttention(config, layer_takes_mu(config, layer_idx), vllm_config.cache_config,
+                                             quant_config, prefix=f"{prefix}.self_attn")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if config.mlp_type == "dense":
-            self.mlp = ComplexityMLP(config.hidden_size, config.intermediate_size, quant_config, prefix=f"{prefix}.mlp")
-        elif config.mlp_type == "token_routed":
-            self.mlp = ComplexityTokenRoutedMLP(config, quant_config, prefix=f"{prefix}.mlp")
-        elif config.mlp_type == "learned_moe":
-            self.mlp = ComplexityLearnedMoE(config, quant_config, prefix=f"{prefix}.mlp")
-        else:
+        if config.mlp_type not in MLP_KINDS:
             raise ValueError(f"unsupported mlp_type {config.mlp_type!r}")
-        self.mu_guidance = (
-            ComplexityMuGuidance(config, prefix=f"{prefix}.mu_guidance")
-            if config.mu_mode == "guidance" and not last else None
-        )
-        self.dynamics = ComplexityINLDynamics(config, prefix=f"{prefix}.dynamics") if config.mu_mode == "inl" else None
+        self.mlp = MLP_KINDS[config.mlp_type](config, quant_config, prefix=f"{prefix}.mlp")
+        # Replicated and unchanged from the Hugging Face model.
+        self.mu_guidance = ComplexityMuGuidance(config) if layer_gives_mu(config, layer_idx) else None
+        self.dynamics = ComplexityINLDynamics(config) if config.mu_mode == "inl" else None
 
-    def forward(self, positions, hidden_states, expert_ids, mu_prev, velocity):
-        """-> (hidden_states, mu out (guidance: next layer's mu; inl: mu_c), velocity)."""
+    def forward(self, positions, hidden_states, mu_prev, velocity, routing: Routing):
+        """-> (hidden_states, the mu this layer gives (guidance mu or INL mu_c), velocity)."""
         attn = self.self_attn(positions, self.input_layernorm(hidden_states), mu_prev)
-        mu_out = None
+        mu = None
         if self.dynamics is not None:
-            attn, velocity, mu_out = self.dynamics(attn, velocity)
+            attn, velocity, mu = self.dynamics(attn, velocity)
+            routing = routing._replace(mu=mu)
         # Fused residual add + norm: hidden_states <- hidden_states + attn.
         mlp_in, hidden_states = self.post_attention_layernorm(attn, hidden_states)
-        if isinstance(self.mlp, ComplexityMLP):
-            mlp_out = self.mlp(mlp_in)
-        else:
-            mlp_out = self.mlp(mlp_in, expert_ids, mu_out)
+        mlp_out, _ = self.mlp(mlp_in, routing)
         hidden_states = hidden_states + mlp_out
         if self.mu_guidance is not None:
-            mu_out = self.mu_guidance(hidden_states)
-        return hidden_states, mu_out, velocity
+            mu = self.mu_guidance(hidden_states)
+        return hidden_states, mu, velocity
 
 
 def _intermediate_keys(config: ComplexityConfig) -> list[str]:
@@ -435,10 +398,9 @@ class ComplexityModel(nn.Module):
         mu_prev = velocity = mu_sum = None
         if get_pp_group().is_first_rank:
             hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-            if self.mu_mode == "guidance":
-                mu_prev = self.mu_init.to(hidden_states.dtype).expand(hidden_states.shape[0], -1).contiguous()
-            elif self.mu_mode == "inl":
-                velocity = torch.zeros_like(hidden_states)
+            mu_prev, velocity = initial_mu_state(self.config, self.mu_init, hidden_states)
+            if mu_prev is not None:
+                mu_prev = mu_prev.contiguous()  # one row per token, as the parallel linear layers take it
         else:
             assert intermediate_tensors is not None
             hidden_states = intermediate_tensors["hidden_states"]
@@ -448,21 +410,14 @@ class ComplexityModel(nn.Module):
                 velocity = intermediate_tensors["velocity"]
                 mu_sum = intermediate_tensors["mu_sum"]
 
-        expert_ids = None
-        if self.token_to_expert is not None:
-            if input_ids is None:
-                raise ValueError("token-routed Complexity models need input_ids (each token's expert comes "
-                                 "from its id); prompt embeddings cannot be routed")
-            expert_ids = self.token_to_expert[input_ids]
+        if self.token_to_expert is not None and input_ids is None:
+            raise ValueError("token-routed Complexity models need input_ids (each token's expert comes "
+                             "from its id); prompt embeddings cannot be routed")
+        routing = Routing.for_tokens(input_ids, self.token_to_expert, self.config.num_experts)
 
         for layer in islice(self.layers, self.start_layer, self.end_layer):
-            hidden_states, mu, velocity = layer(positions, hidden_states, expert_ids, mu_prev, velocity)
-            if self.mu_mode == "inl":
-                # The mu highway: every layer's mu_c accumulates and leaks into the next layer's mu.
-                mu_sum = mu if mu_sum is None else mu_sum + mu
-                mu_prev = mu + self.config.mu_highway_scale * mu_sum
-            else:
-                mu_prev = mu
+            hidden_states, mu, velocity = layer(positions, hidden_states, mu_prev, velocity, routing)
+            mu_prev, mu_sum = next_layer_mu(self.config, mu, mu_sum)
 
         if not get_pp_group().is_last_rank:
             tensors = {"hidden_states": hidden_states}
@@ -549,8 +504,6 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
                 if name not in params:
                     raise ValueError(f"unexpected checkpoint tensor {name!r} for this configuration")
                 param = params[name]
-                if name.endswith("mu_init") and tensor.numel() == param.numel():
-                    tensor = tensor.reshape(param.shape)  # upstream files store [1, 1, H]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)
         return loaded

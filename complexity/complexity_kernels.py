@@ -1,0 +1,235 @@
+"""How the Complexity model runs fast: the kernel strategy, apart from the architecture.
+
+Nothing here changes what the model computes (`modeling_complexity.py` says that); it decides
+how: the RoPE tables as one opaque op under torch.compile, q/k/v (and mu's q/k/v) as one GEMM for
+large batches, experts as grouped GEMMs over rows sorted by a counting sort, and the shared
+expert folded into those GEMMs when that pays. Self-contained (torch only): a checkpoint saved
+with `save_pretrained` carries this file beside the model file for `trust_remote_code` loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- RoPE tables
+
+
+def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _opaque_rope_tables():
+    """`_rope_tables` as a custom op, which torch.compile keeps as one call.
+
+    Left to itself, the compiler inlines the (cheap-looking) table computation into every layer's
+    q/k kernels, and recomputing pow/sin/cos per element of q and k made those kernels several
+    times slower than their memory traffic. As an op, the tables are computed once per forward
+    and every layer reads them. A trust_remote_code copy of this file, imported where this
+    package is loaded too, reuses the package's op rather than redefine it.
+    """
+    try:
+        return torch.ops.complexity.rope_tables.default
+    except (AttributeError, RuntimeError):
+        pass
+    op = torch.library.custom_op("complexity::rope_tables", mutates_args=())(_rope_tables)
+
+    @op.register_fake
+    def _(position_ids, head_dim, theta):
+        table = position_ids.new_empty((*position_ids.shape, head_dim), dtype=torch.float32)
+        return table, torch.empty_like(table)
+
+    return op
+
+
+_ROPE_TABLES = _opaque_rope_tables()
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [B, S, head_dim] for NeoX-style (rotate_half) RoPE over the full head_dim.
+
+    Computed from the positions on the fly (a few hundred flops per position): no buffer that
+    could go stale on load, and positions from left padding / packing / caching are honoured.
+    """
+    # The op only matters to the compiler; eager, its dispatch would cost more than the tables.
+    tables = _ROPE_TABLES if torch.compiler.is_compiling() else _rope_tables
+    cos, sin = tables(position_ids, head_dim, float(theta))
+    return cos.to(dtype), sin.to(dtype)
+
+
+# ----------------------------------------------------------------------------- fused q/k/v
+
+# Below this many rows the projections are bound by reading their weights, and concatenating
+# the weights per call (see `summed_projections`) would copy every one of them: keep them apart.
+FUSE_QKV_MIN_ROWS = 1024
+
+
+def summed_projections(
+    x: torch.Tensor,
+    projections: Sequence[nn.Linear],
+    extra: torch.Tensor | None = None,
+    extra_projections: Sequence[nn.Linear] = (),
+    *,
+    fuse: bool,
+) -> list[torch.Tensor]:
+    """[x W_i (+ extra W'_i) for each i]: q, k, v (plus mu_prev's q, k, v under mu guidance).
+
+    Fused (training batches, long prefills) the up-to-six projections run as ONE matmul,
+    [x | extra] @ [[W_1 W_2 W_3] ; [W'_1 W'_2 W'_3]]: a single well-shaped GEMM (K = 2H) instead
+    of six thin ones (the k/v outputs are only kv_heads x head_dim wide) and three adds. The
+    parameters stay separate (checkpoint layout unchanged); the concatenation is a copy of the
+    weights per call, small next to the GEMM at these row counts.
+    """
+    if not fuse:
+        outs = [proj(x) for proj in projections]
+        if extra is not None:
+            outs = [out + proj(extra) for out, proj in zip(outs, extra_projections)]
+        return outs
+    weight = torch.cat([proj.weight for proj in projections])
+    if extra is not None:
+        weight = torch.cat([weight, torch.cat([proj.weight for proj in extra_projections])], dim=1)
+        x = torch.cat([x, extra.to(x.dtype).expand_as(x)], dim=-1)
+    return list(F.linear(x, weight).split([proj.out_features for proj in projections], dim=-1))
+
+
+# ----------------------------------------------------------------------------- expert dispatch
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` sorted by group, times that group's matrix: x[o_{e-1}:o_e] @ weight[e].
+
+    x [N, K], weight [E, K, M], offsets [E] int32 cumulative row ends -> [N, M]. One grouped
+    GEMM where torch has one for this dtype and alignment (bf16 everywhere; other dtypes in
+    eager CPU kernels). Elsewhere (fp32 on CUDA or under the compiler, or widths that break the
+    kernels' 16-byte alignment) a static-shape fallback computes
+    each group's product for every row and keeps that group's rows: exact and graph-friendly,
+    at E times the FLOPs.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast does not cover grouped GEMMs: cast to its dtype as it would for a matmul.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(x.dtype)
+    # The grouped kernels need 16-byte aligned rows (e.g. fp32 widths divisible by 4).
+    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (weight.shape[-1] * weight.element_size()) % 16 == 0
+    if _GROUPED_MM is not None and aligned and (
+        x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
+    ):
+        return _GROUPED_MM(x, weight, offs=offsets)
+    rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
+    group = torch.searchsorted(offsets, rows, right=True)
+    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    for e in range(weight.shape[0]):
+        out = torch.where((group == e).unsqueeze(-1), x @ weight[e], out)
+    return out
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows = x[index] where `index` is a permutation with inverse `inverse`.
+
+    Plain indexing would back-propagate through a scatter-add (index_put with accumulate),
+    which sorts again on the GPU; a permutation's gradient is just the inverse gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class ExpertDispatch(NamedTuple):
+    """Rows grouped by expert, stably (rows keep their order within an expert)."""
+
+    order: torch.Tensor  # [N] slot -> row
+    inverse: torch.Tensor  # [N] row -> slot
+    offsets: torch.Tensor  # [E] int32 cumulative group ends, as the grouped GEMM takes them
+
+
+def dispatch_by_expert(expert_idx: torch.Tensor, num_experts: int) -> ExpertDispatch:
+    """A counting sort: a row's slot is its expert's start plus its rank among that expert's rows.
+
+    One scan over an [E, N] indicator instead of a radix sort, with the inverse permutation for
+    free and no host sync, so it stays inside CUDA graphs and compiled graphs.
+    """
+    member = torch.arange(num_experts, device=expert_idx.device).unsqueeze(1) == expert_idx  # [E, N]
+    counts = member.sum(1)
+    ends = counts.cumsum(0)
+    # Scan along the contiguous dim: on the GPU a scan across rows is far slower.
+    rank = member.cumsum(1).gather(0, expert_idx.unsqueeze(0)).squeeze(0)  # 1-based
+    slot = (ends - counts)[expert_idx] + rank - 1
+    order = torch.empty_like(slot).scatter_(0, slot, torch.arange(slot.numel(), device=slot.device))
+    return ExpertDispatch(order, slot, ends.to(torch.int32))
+
+
+def grouped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:
+    """Row i of x [N, H] through its expert's SwiGLU (weights [E, H, 2I] gate | up, [E, I, H]):
+    sort the rows by expert, one grouped GEMM per projection, unsort."""
+    xs = _PermuteRows.apply(x, dispatch.order, dispatch.inverse)
+    gate, up = grouped_matmul(xs, gate_up, dispatch.offsets).chunk(2, dim=-1)
+    ys = grouped_matmul(F.silu(gate) * up, down, dispatch.offsets)
+    return _PermuteRows.apply(ys, dispatch.inverse, dispatch.order)
+
+
+# ----------------------------------------------------------------------------- shared expert fusion
+
+
+def fuse_shared_expert(rows: int, num_experts: int, shared_width: int) -> bool:
+    """Whether to fold the shared expert into the experts' grouped GEMMs (`with_shared_expert`).
+
+    That copies the shared weights E times per call, which only pays once there are at least as
+    many rows as E x its width (training batches, long prefills); a decode step of a few rows
+    runs the shared expert as its own dense pass instead.
+    """
+    return rows >= num_experts * shared_width
+
+
+def with_shared_expert(
+    gate_up: torch.Tensor, down: torch.Tensor, shared: nn.Module, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert weights widened by the shared SwiGLU (`gate_proj` / `up_proj` / `down_proj`
+    nn.Linear): [E, H, 2(Is+Ie)] = [gate_s | gate_e | up_s | up_e] and [E, Is+Ie, H] =
+    [down_s ; down_e], so h = [h_shared | h_expert] and the down projection sums the two."""
+    e, width = gate_up.shape[0], gate_up.shape[-1] // 2
+    gate_up, down = gate_up.to(dtype), down.to(dtype)
+
+    def stacked(linear: nn.Linear) -> torch.Tensor:  # [out, in] -> E copies of [in, out]
+        return linear.weight.to(dtype).T.expand(e, -1, -1)
+
+    gate_up = torch.cat(
+        [stacked(shared.gate_proj), gate_up[..., :width], stacked(shared.up_proj), gate_up[..., width:]], dim=-1
+    )
+    return gate_up, torch.cat([stacked(shared.down_proj), down], dim=1)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of `x` runs in (autocast's, when it is on)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+__all__ = [
+    "ExpertDispatch",
+    "FUSE_QKV_MIN_ROWS",
+    "compute_dtype",
+    "dispatch_by_expert",
+    "fuse_shared_expert",
+    "grouped_matmul",
+    "grouped_swiglu",
+    "rotary_cos_sin",
+    "summed_projections",
+    "with_shared_expert",
+]
