@@ -8,7 +8,8 @@ import torch
 
 pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
 
-from complexity.data.loader import DataMismatchError, EvalLoader, PackedTokens, TrainLoader, position_ids_for
+from complexity.data.loader import EvalLoader, PackedTokens, TrainLoader, position_ids_for
+from complexity.data.manifest import DataMismatchError
 
 
 def _take(loader, n):

@@ -87,12 +87,11 @@ def run_builtin(args) -> int:
     from complexity.data import builtin_corpus
 
     if args.out:
-        import os
-        tmp = args.out + ".partial"
-        with open(tmp, "w", encoding="utf-8") as f:
+        from complexity.data.files import AtomicFile
+
+        with AtomicFile(args.out) as f:
             for doc in builtin_corpus.iter_documents():
-                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.out)
+                f.write((json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8"))
     stats = builtin_corpus.corpus_stats()
     print(f"{stats['name']}: {stats['documents']} documents, {stats['bytes']:,} bytes (UTF-8), "
           f"sha256 {stats['sha256'][:12]}, from {stats['stdlib']}")

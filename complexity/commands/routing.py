@@ -30,14 +30,14 @@ def load_counts(path: str):
 
     p = Path(path)
     if p.is_dir():
-        from complexity.data.prepare import load_token_counts
+        from complexity.data.manifest import read_token_counts
 
-        return load_token_counts(p)
+        return read_token_counts(p)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such counts file")
     try:
         counts = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise ValueError(f"{p}: not a .npy counts array: {err}") from None
     if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
         raise ValueError(f"{p}: counts must be a 1-D integer array, got {counts.dtype} {list(counts.shape)}")
@@ -66,17 +66,16 @@ def run_build(args) -> int:
         if strategy == args.strategy:
             chosen = table
     if args.out:
+        from complexity.data.files import save_npy_atomic, write_bytes_atomic
+
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
         if out.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, chosen.numpy())
+            save_npy_atomic(out, chosen.numpy())
         else:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({"routing_table": chosen.contiguous()}, str(tmp),
-                      metadata={"strategy": args.strategy, "num_experts": str(args.experts)})
-        tmp.replace(out)
+            write_bytes_atomic(out, save({"routing_table": chosen.contiguous()},
+                                         metadata={"strategy": args.strategy, "num_experts": str(args.experts)}))
         print(f"wrote {args.strategy} table [{vocab}] to {out}")
     return 0

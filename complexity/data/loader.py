@@ -22,11 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .prepare import MANIFEST, read_manifest
-
-
-class DataMismatchError(ValueError):
-    """The prepared data does not belong to the given tokenizer / model vocabulary."""
+from .manifest import check_compatible, read_prepared_manifest
 
 
 class PackedTokens:
@@ -41,12 +37,7 @@ class PackedTokens:
         vocab_size: int | None = None,
     ):
         self.data_dir = Path(data_dir)
-        manifest = read_manifest(self.data_dir)
-        if manifest is None:
-            raise FileNotFoundError(
-                f"{self.data_dir}: no {MANIFEST}: not a complete prepared-data folder (run `complexity data prepare`)"
-            )
-        self.manifest = manifest
+        self.manifest = manifest = read_prepared_manifest(self.data_dir)
         check_compatible(manifest, self.data_dir, tokenizer=tokenizer, vocab_size=vocab_size)
         if split not in manifest["splits"]:
             raise ValueError(f"{self.data_dir}: no split {split!r} (have {sorted(manifest['splits'])})")
@@ -57,12 +48,14 @@ class PackedTokens:
         for shard in manifest["splits"][split]["shards"]:
             path = self.data_dir / shard["file"]
             try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as err:
-                raise ValueError(f"{path}: unreadable token shard: {err}") from err
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: missing token shard (named by {self.data_dir / 'manifest.json'})") from None
+            except (OSError, ValueError, EOFError) as err:
+                raise ValueError(f"{path}: unreadable token shard (truncated or not a .npy file): {err}") from None
             if arr.shape != (shard["tokens"],) or arr.dtype != self.dtype:
                 raise ValueError(
-                    f"{path}: holds {arr.shape} {arr.dtype}, manifest says ({shard['tokens']},) {self.dtype}"
+                    f"{path}: holds {list(arr.shape)} {arr.dtype}, manifest.json says [{shard['tokens']}] {self.dtype}"
                 )
             self.shards.append(arr)
         self.num_tokens = int(sum(a.size for a in self.shards))
@@ -90,25 +83,6 @@ class PackedTokens:
             start = local * seq_len
             out[row] = self.shards[s][start:start + seq_len + 1]
         return out
-
-
-def check_compatible(manifest: dict, where, *, tokenizer=None, vocab_size: int | None = None) -> None:
-    """Raise ``DataMismatchError`` when the data was made with another tokenizer, or holds ids a
-    model with ``vocab_size`` embeddings cannot embed."""
-    if tokenizer is not None:
-        from .tokenizer import tokenizer_hash
-
-        h = tokenizer_hash(tokenizer)
-        if h != manifest["tokenizer"]["hash"]:
-            raise DataMismatchError(
-                f"{where}: prepared with a different tokenizer (hash {manifest['tokenizer']['hash'][:12]}, "
-                f"from {manifest['tokenizer'].get('path')}) than {tokenizer} (hash {h[:12]}); re-run `data prepare`"
-            )
-    if vocab_size is not None and int(manifest["vocab_size"]) > int(vocab_size):
-        raise DataMismatchError(
-            f"{where}: prepared data has vocab size {manifest['vocab_size']} but the model has only "
-            f"{vocab_size} embeddings"
-        )
 
 
 def position_ids_for(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
@@ -171,10 +145,6 @@ class TrainLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
-
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.seq_len
 
     def epoch_samples(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch``, in the order they are yielded."""

@@ -48,7 +48,7 @@ def _resolve(checkpoint: str | Path) -> tuple[Path, Path | None]:
         return ckpt, ckpt
     # A training checkpoint: the tokenizer of the data the run trained on.
     from ..train.checkpoint import read_meta, resolve_checkpoint
-    from ..train.data import read_prepared_manifest, tokenizer_dir
+    from ..data.manifest import read_prepared_manifest, tokenizer_dir
 
     try:
         meta = read_meta(resolve_checkpoint(ckpt))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling_complexity import ComplexityExperts
+from ..data import manifest as data_manifest
 from . import data as data_mod
 from .parallelize import all_reduce_
 
@@ -135,17 +136,17 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, *, max_batches: int 
     from .parallelize import resolve_device
 
     dev = torch.device(resolve_device(device))
-    manifest = data_mod.read_prepared_manifest(data)
+    manifest = data_manifest.read_prepared_manifest(data)
     model, info = load_for_eval(ckpt, dev)
-    data_mod.check_data_matches_model(manifest, model.config.vocab_size, data)
+    data_manifest.check_data_matches_model(manifest, model.config.vocab_size, data)
     seq_len = seq_len or info.get("seq_len") or min(model.config.max_position_embeddings, 2048)
-    if data_mod.split_tokens(manifest, "val") < seq_len + 1:
-        raise ValueError(f"data {str(data)!r}: the val split has {data_mod.split_tokens(manifest, 'val')} tokens, "
+    if data_manifest.split_tokens(manifest, "val") < seq_len + 1:
+        raise ValueError(f"data {str(data)!r}: the val split has {data_manifest.split_tokens(manifest, 'val')} tokens, "
                          f"fewer than one window of seq_len + 1 = {seq_len + 1}")
     loader = data_mod.make_val_loader(data, batch_size, seq_len, vocab_size=model.config.vocab_size)
     result = evaluate(model, iter(loader), device=dev, vocab_size=model.config.vocab_size, max_batches=max_batches,
-                      split_tokens=data_mod.split_tokens(manifest, "val"),
-                      split_bytes=data_mod.split_bytes(manifest, "val"))
+                      split_tokens=data_manifest.split_tokens(manifest, "val"),
+                      split_bytes=data_manifest.split_bytes(manifest, "val"))
     result.update({"checkpoint": info["path"], "data": str(data), "seq_len": seq_len, "batch_size": batch_size})
     if "step" in info:
         result["step"] = info["step"]
