@@ -192,8 +192,8 @@ def _bad(tmp_path, name, content: bytes):
 @pytest.mark.parametrize("name,content,message", [
     ("empty.txt", b"", "empty.txt: file is empty"),
     ("blank.txt", b"  \n\n ", "blank.txt: file contains only whitespace"),
-    ("bin.txt", b"abc\x00\x01\x02def", "bin.txt: looks like a binary file"),
-    ("latin.txt", "caf\u00e9".encode("latin-1"), "latin.txt: not valid UTF-8"),
+    ("bin.txt", b"abc\x00\x01\x02def", "bin.txt:1: looks like a binary file"),
+    ("latin.txt", "caf\u00e9".encode("latin-1"), "latin.txt:1: not valid UTF-8"),
     ("nofield.jsonl", b'{"text": "fine"}\n{"body": "oops"}\n', "nofield.jsonl:2: missing text field 'text'"),
     ("badjson.jsonl", b'{"text": "fine"}\n\n{"text": "x",\n', "badjson.jsonl:3: invalid JSON"),
     ("notstr.jsonl", b'{"text": 5}\n', "notstr.jsonl:1: field 'text' is int"),
