@@ -1,4 +1,5 @@
-"""`complexity info PRESET`: the resolved config and exact parameter counts."""
+"""`complexity info PRESET|CKPT`: the resolved config and exact parameter counts of a preset, or of
+a checkpoint folder (every file of which is checked, without loading the weights)."""
 
 from __future__ import annotations
 
@@ -18,26 +19,58 @@ def _parse_override(text: str):
         return key, value  # a bare string such as mlp_type=dense
 
 
+def _print(title: str, config, extra: dict, as_json: bool) -> None:
+    counts = count_parameters(config)
+    if as_json:
+        print(json.dumps({"config": config.to_diff_dict(), "parameters": {"total": counts.total, "active": counts.active},
+                          **extra}, indent=2))
+        return
+    print(title)
+    for key, value in sorted(config.to_diff_dict().items()):
+        print(f"  {key} = {value}")
+    print(f"parameters: {counts}")
+    for key, value in extra.items():
+        print(f"{key}: {value}")
+
+
+def run_folder(args) -> int:
+    from ..checkpoint_folder import check_tokenizer_fits, inspect_checkpoint_folder, load_folder_tokenizer
+
+    if args.overrides:
+        raise ValueError("KEY=VALUE overrides apply to presets, not to a checkpoint folder")
+    try:
+        found = inspect_checkpoint_folder(args.target)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (nor a preset: {', '.join(PRESETS)})") from None
+    extra = {"weights": ", ".join(p.name for p in found.weight_files), "stored dtypes": ", ".join(found.stored_dtypes)}
+    if found.has_tokenizer:
+        tok = load_folder_tokenizer(found.path)
+        check_tokenizer_fits(tok, found.config, found.path)
+        extra["tokenizer"] = f"{len(tok)} tokens"
+    else:
+        extra["tokenizer"] = "none"
+    _print(f"checkpoint {found.path}", found.config, extra, args.json)
+    return 0
+
+
 def run(args) -> int:
+    if args.target not in PRESETS:
+        return run_folder(args)
     overrides = dict(_parse_override(o) for o in args.overrides)
-    config = ComplexityConfig.from_preset(args.preset, **overrides)
+    config = ComplexityConfig.from_preset(args.target, **overrides)
     unknown = sorted(k for k in overrides if k not in ComplexityConfig().to_dict())
     if unknown:
         raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
-    counts = count_parameters(config)
-    if args.json:
-        print(json.dumps({"config": config.to_diff_dict(), "parameters": {"total": counts.total, "active": counts.active}}, indent=2))
-    else:
-        print(f"preset {args.preset}")
-        for key, value in sorted(config.to_diff_dict().items()):
-            print(f"  {key} = {value}")
-        print(f"parameters: {counts}")
+    _print(f"preset {args.target}", config, {}, args.json)
     return 0
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("info", help="print a preset's config and exact parameter counts")
-    parser.add_argument("preset", choices=PRESETS, metavar="PRESET", help=f"one of: {', '.join(PRESETS)}")
+    parser = subparsers.add_parser(
+        "info", help="print the config and exact parameter counts of a preset or a checkpoint folder",
+        description="PRESET: one of the presets (KEY=VALUE overrides its fields). CKPT: a checkpoint folder, whose "
+                    "config, weights (headers, names, shapes, dtypes) and tokenizer are checked without loading it.")
+    parser.add_argument("target", metavar="PRESET|CKPT", help=f"one of: {', '.join(PRESETS)}; or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config fields to override (JSON values)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)

@@ -106,10 +106,7 @@ def evaluate(model: torch.nn.Module, batches, *, device: torch.device, vocab_siz
 def load_for_eval(ckpt: str | Path, device: torch.device):
     """An evaluation model from a Hugging Face folder (e.g. OUT/final) or a training checkpoint
     (a step_* folder, a run's checkpoints/ folder, or a run folder). Returns (model, info)."""
-    from transformers import AutoModelForCausalLM
-
-    import complexity  # noqa: F401  (registers the Auto classes)
-
+    from ..checkpoint_folder import load_checkpoint_folder
     from ..modeling_complexity import ComplexityForCausalLM
     from .checkpoint import load_model_weights, read_meta, resolve_checkpoint
     from .config import RunConfig
@@ -117,16 +114,19 @@ def load_for_eval(ckpt: str | Path, device: torch.device):
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
-    if (ckpt / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-        return model.to(device), {"source": "hf", "path": str(ckpt), "seq_len": None}
+    training = ckpt.is_dir() and not (ckpt / "config.json").exists() and (
+        (ckpt / "meta.json").exists() or (ckpt / "checkpoints").is_dir() or any(ckpt.glob("step_*")))
+    if not training:  # a Hugging Face folder, every file checked (complexity.checkpoint_folder)
+        model, _ = load_checkpoint_folder(ckpt, device=device, dtype=torch.float32, tokenizer=False)
+        tokenizer = str(ckpt) if (ckpt / "tokenizer.json").is_file() else None
+        return model, {"source": "hf", "path": str(ckpt), "seq_len": None, "tokenizer": tokenizer}
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
     config = RunConfig.from_dict(meta["config"], where=f"{path}/meta.json")
     model = ComplexityForCausalLM(config.model.build())
     load_model_weights(path, model)
     return model.to(device), {"source": "checkpoint", "path": str(path), "step": meta["step"],
-                              "seq_len": config.training.seq_len}
+                              "seq_len": config.training.seq_len, "data": config.data.path}
 
 
 def evaluate_checkpoint(ckpt: str | Path, data: str | Path, *, max_batches: int | None = None,
@@ -139,6 +139,10 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, *, max_batches: int 
     manifest = data_manifest.read_prepared_manifest(data)
     model, info = load_for_eval(ckpt, dev)
     data_manifest.check_data_matches_model(manifest, model.config.vocab_size, data)
+    if info.get("tokenizer"):  # an HF folder carries its tokenizer: the data must come from it
+        data_manifest.check_compatible(manifest, data, tokenizer=info["tokenizer"])
+    elif info.get("data"):  # a training checkpoint: the tokenizer of the data it was trained on
+        data_manifest.check_same_run_tokenizer(manifest, data, info["data"], info["path"])
     seq_len = seq_len or info.get("seq_len") or min(model.config.max_position_embeddings, 2048)
     if data_manifest.split_tokens(manifest, "val") < seq_len + 1:
         raise ValueError(f"data {str(data)!r}: the val split has {data_manifest.split_tokens(manifest, 'val')} tokens, "
