@@ -155,18 +155,19 @@ def read_checkpoint_config(folder: Path):
         raise CheckpointError(f"{path}: model_type {model_type!r} is not a Complexity model ({MODEL_TYPE!r}); this "
                               "loads Complexity checkpoints only (upstream complexity-deep / TR-Hash folders: "
                               "`complexity convert`)")
+    vocab = cfg.get("vocab_size")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # before transformers warns about them
+        value = cfg.get(name)
+        for token_id in value if isinstance(value, list) else [value]:
+            if token_id is None or not isinstance(vocab, int):
+                continue
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab:
+                raise CheckpointError(f"{path}: {name}={token_id!r} is outside the vocabulary [0, vocab_size={vocab})")
     try:
-        config = ComplexityConfig.from_dict(cfg)
+        return ComplexityConfig.from_dict(cfg)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         message = str(err).removeprefix("ComplexityConfig.")
         raise CheckpointError(f"{path}: {message}") from None
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(config, name, None)
-        for token_id in value if isinstance(value, (list, tuple)) else [value]:
-            if token_id is not None and (not isinstance(token_id, int) or not 0 <= token_id < config.vocab_size):
-                raise CheckpointError(f"{path}: {name}={token_id!r} is outside the vocabulary "
-                                      f"[0, vocab_size={config.vocab_size})")
-    return config
 
 
 def _skeleton(config, path: Path):
@@ -403,10 +404,11 @@ def load_folder_tokenizer(folder) -> object:
 
 
 def load_checkpoint_folder(path, *, device="cpu", dtype: torch.dtype | None = torch.float32,
-                           attn_implementation: str | None = None, tokenizer=True):
+                           attn_implementation: str | None = None, tokenizer=True, check=None):
     """(model, tokenizer) from a checked folder. ``dtype``: the weights' dtype after loading
     (None: as stored). ``tokenizer``: True loads the folder's (None when it has no tokenizer
-    files), False/None loads none, a tokenizer object is checked against the model and returned."""
+    files), False/None loads none, a tokenizer object is checked against the model and returned.
+    ``check(config)``: the caller's own checks (e.g. against data), run before any weight is read."""
     from .modeling_complexity import ComplexityForCausalLM
 
     found = inspect_checkpoint_folder(path)
@@ -417,6 +419,8 @@ def load_checkpoint_folder(path, *, device="cpu", dtype: torch.dtype | None = to
         tok = tokenizer
     if tok is not None:
         check_tokenizer_fits(tok, found.config, found.path)
+    if check is not None:
+        check(found.config)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model, info = ComplexityForCausalLM.from_pretrained(
         found.path, config=found.config, dtype=dtype if dtype is not None else "auto", output_loading_info=True,

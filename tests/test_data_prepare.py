@@ -288,3 +288,183 @@ def test_builtin_flag_resolves_builtin_source():
 
     (src,) = resolve_sources([], builtin=True)
     assert src.kind == "builtin" and src.size_bytes > 1_000_000 and len(src.sha256) == 64
+
+
+# ----------------------------------------------------------------------------- full disk, kill -9
+
+
+def _tree_without_timestamp(folder: Path) -> dict:
+    tree = _tree_bytes(folder)
+    manifest = json.loads(tree.pop("manifest.json"))
+    manifest.pop("created")
+    tree["manifest.json"] = manifest
+    return tree
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Half-written files anywhere below root."""
+    return [str(p) for p in root.rglob("*.partial")]
+
+
+@pytest.fixture
+def small_run(tmp_path, tiny_tokenizer):
+    """Three sources, two shards per split: (inputs, options, the clean output)."""
+    from complexity.data.prepare import prepare_dataset
+
+    write_corpus(tmp_path / "src", n_txt=2, n_jsonl_docs=16)
+    inputs = [str(tmp_path / "src")]
+    opts = dict(val_fraction=0.25, shard_tokens=900, progress=False, log=lambda m: None)
+    clean = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "clean", **opts)
+    assert len(clean.manifest["splits"]["train"]["shards"]) > 1 and len(clean.manifest["sources"]) == 3
+    return inputs, opts, _tree_without_timestamp(tmp_path / "clean")
+
+
+def _count_bytes_written(monkeypatch, run) -> int:
+    import os
+
+    real, total = os.write, [0]
+
+    def counting(fd, data):
+        n = real(fd, data)
+        total[0] += n
+        return n
+
+    monkeypatch.setattr(os, "write", counting)
+    run()
+    monkeypatch.undo()
+    return total[0]
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.5, 0.97])
+def test_full_disk_names_the_path_and_keeps_finished_work(fraction, tmp_path, tiny_tokenizer, small_run, monkeypatch,
+                                                          capsys):
+    """The disk fills after a share of the bytes a run writes (the last write is partial, as on a
+    real disk): exit 1 with one line naming the file and the bytes it needed; no partial file left,
+    nothing that reads as complete; after space is freed the same command finishes with the same
+    output as an uninterrupted run."""
+    import errno
+    import os
+
+    from complexity.data.prepare import prepare_dataset
+
+    inputs, opts, clean = small_run
+    total = _count_bytes_written(monkeypatch, lambda: prepare_dataset(inputs, tiny_tokenizer, tmp_path / "count",
+                                                                      **opts))
+    real, left = os.write, [int(total * fraction)]
+
+    def filling(fd, data):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real(fd, data[:left[0]])
+        left[0] -= n
+        return n
+
+    out = tmp_path / "out"
+    argv = ["data", "prepare", "--input", *inputs, "--tokenizer", str(tiny_tokenizer), "--out", str(out),
+            "--val-fraction", "0.25", "--shard-tokens", "900", "--no-progress"]
+    monkeypatch.setattr(os, "write", filling)
+    rc = main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("complexity data: error: ") and "disk full: writing it needs " in err[0]
+    assert f"{out}.tmp-" in err[0] and "bytes free there; finished work is kept in" in err[0]
+    assert not _leftovers(tmp_path) and not out.exists()
+    assert not list(tmp_path.glob("out.tmp-*/manifest.json"))
+    assert main(argv) == 0
+    assert _tree_without_timestamp(out) == clean
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_full_disk_before_assembling_the_shards(tmp_path, tiny_tokenizer, small_run, monkeypatch):
+    import shutil as sh
+
+    from complexity.data.files import DiskFullError
+    from complexity.data.prepare import prepare_dataset
+
+    inputs, opts, clean = small_run
+    monkeypatch.setattr(sh, "disk_usage", lambda path: sh._ntuple_diskusage(10_000_000, 9_999_000, 1_000))
+    with pytest.raises(DiskFullError) as err:
+        prepare_dataset(inputs, tiny_tokenizer, tmp_path / "out", **opts)
+    message = str(err.value)
+    assert "needed to assemble the shards" in message and ", 1,000 bytes free there" in message
+    assert err.value.needed > 2 * 400 * 8  # the shards of both splits + the int64 [400] counts
+    monkeypatch.undo()
+    (tmp, ) = tmp_path.glob("out.tmp-*")
+    assert len(list((tmp / "parts").glob("*.json"))) == 3 and not (tmp / "manifest.json").exists()
+    logs = []
+    res = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "out", **{**opts, "log": logs.append})
+    assert res.resumed_parts == 3 and _tree_without_timestamp(tmp_path / "out") == clean
+
+
+# The calls that change the file system: a kill -9 just before any of them is a "write point".
+_WRITE_POINTS = ("write", "fsync", "replace", "rename", "unlink", "rmdir", "mkdir")
+
+
+def _patch_write_points(on_call) -> None:
+    import os
+
+    for name in _WRITE_POINTS:
+        real = getattr(os, name)
+
+        def wrapper(*args, _real=real, **kwargs):
+            on_call()
+            return _real(*args, **kwargs)
+
+        setattr(os, name, wrapper)
+
+
+def _killed_at(point: int, inputs, tokenizer, out, opts) -> None:
+    """Child process: run prepare and SIGKILL ourselves just before write point number `point`."""
+    import os
+    import signal
+
+    from complexity.data.prepare import prepare_dataset
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    calls = [0]
+
+    def tick():
+        calls[0] += 1
+        if calls[0] == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _patch_write_points(tick)
+    prepare_dataset(inputs, tokenizer, out, **opts)
+    os._exit(0)
+
+
+def test_kill_9_at_every_write_point_then_resume(tmp_path, tiny_tokenizer, small_run):
+    """A kill -9 before each file-system call of a run (every write, fsync, rename, unlink, mkdir):
+    the output folder never reads as complete unless it is, and running the command again gives
+    exactly the output of an uninterrupted run."""
+    import multiprocessing as mp
+    import signal
+
+    from complexity.data.loader import PackedTokens
+    from complexity.data.prepare import prepare_dataset
+
+    inputs, opts, clean = small_run
+    ctx = mp.get_context("fork")
+    out = tmp_path / "out"
+    point = 0
+    while True:
+        point += 1
+        child = ctx.Process(target=_killed_at, args=(point, inputs, tiny_tokenizer, out, opts))
+        child.start()
+        child.join(120)
+        if child.exitcode == 0:  # the run finished before reaching this point: every point was tried
+            break
+        assert child.exitcode == -signal.SIGKILL, (point, child.exitcode)
+        if out.exists():  # only a complete folder may be there
+            PackedTokens(out, "train")
+            assert _tree_without_timestamp(out) == clean, point
+        resumed = prepare_dataset(inputs, tiny_tokenizer, out, **opts)
+        assert _tree_without_timestamp(out) == clean, point
+        assert not _leftovers(tmp_path) and not list(tmp_path.glob("out.tmp-*")), point
+        assert not list(tmp_path.glob("out.old-*")), point
+        del resumed
+        import shutil
+
+        shutil.rmtree(out)
+    assert point > 30  # parts (3 sources), shards (2 + 1 per split), counts, manifest, rename

@@ -98,6 +98,22 @@ def test_eval_command_prints_json(setup, capsys):
     assert cli_main(["eval", str(run / "nope"), "--data", str(data)]) == 2
 
 
+def test_eval_refuses_data_made_with_another_tokenizer(setup, tmp_path, capsys):
+    """The data must come from the checkpoint's tokenizer: the one its folder carries, or (for a
+    training checkpoint) the one of the data it was trained on. Same vocabulary size or not."""
+    from complexity.data.manifest import DataMismatchError
+
+    data, run = setup
+    _, other = make_tiny_data(tmp_path / "other", vocab_size=320, n_docs=120)
+    rc = cli_main(["eval", str(run / "final"), "--data", str(other), "--seq-len", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"{other}: prepared with a different tokenizer (hash " in err[0] and f"than {run / 'final'} (hash " in err[0]
+    with pytest.raises(DataMismatchError, match=f"training data {data}"):
+        evaluate_checkpoint(run, other, seq_len=32)
+    assert evaluate_checkpoint(run / "final", data, seq_len=32, max_batches=1)["val_tokens"] > 0
+
+
 def test_plot_command(setup, tmp_path):
     _, run = setup
     out = tmp_path / "loss.png"

@@ -172,3 +172,59 @@ def test_tokenizer_hash_leaves_the_garbage_collector_as_it_found_it(tiny_tokeniz
         assert not gc.isenabled()  # a caller's disabled collector stays disabled
     finally:
         gc.enable()
+
+
+def test_train_refuses_a_file_as_out(tmp_path, corpus, capsys):
+    out = tmp_path / "tok"
+    out.write_text("not a folder")
+    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "300", "--out", str(out)])
+    assert rc == 2 and f"{out}: is a file, not a folder" in capsys.readouterr().err
+    assert out.read_text() == "not a folder"
+
+
+def test_full_disk_before_saving(tmp_path, corpus, monkeypatch, capsys):
+    """Too little free space for tokenizer.json: exit 1 naming the folder and the bytes needed; nothing written."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
+    out = tmp_path / "tok"
+    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "300", "--out", str(out),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"complexity tokenizer: error: {out}: disk full: writing it needs " in err[0]
+    assert "5,000 bytes free there; needed to save the tokenizer" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_full_disk_while_saving_leaves_nothing(tmp_path, corpus, monkeypatch, capsys):
+    """The disk fills while transformers writes the files (here: after half of tokenizer.json):
+    the temporary folder is removed and no tokenizer folder appears."""
+    import errno
+
+    from transformers import PreTrainedTokenizerFast
+
+    real = PreTrainedTokenizerFast.save_pretrained
+
+    def fills_up(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
+        path = Path(folder) / "tokenizer.json"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from pathlib import Path
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", fills_up)
+    out = tmp_path / "tok"
+    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "300", "--out", str(out),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and f"{out}: disk full: writing it needs " in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_rust_disk_full_error_is_recognised():
+    from complexity.data.files import is_disk_full
+
+    assert is_disk_full(Exception("No space left on device (os error 28)"))
+    assert not is_disk_full(Exception("Model missing. at line 1 column 2"))

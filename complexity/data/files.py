@@ -42,7 +42,9 @@ class DiskFullError(OSError):
         return f"{self.path}: disk full: writing it needs {need}{free}" + (f"; {self.hint}" if self.hint else "")
 
     def with_hint(self, hint: str) -> "DiskFullError":
-        return DiskFullError(self.path, self.needed, free=self.free, at_least=self.at_least, hint=hint)
+        """The same error, with ``hint`` added to the message."""
+        return DiskFullError(self.path, self.needed, free=self.free, at_least=self.at_least,
+                             hint=f"{self.hint}; {hint}" if self.hint else hint)
 
 
 def free_bytes(path) -> int | None:
@@ -188,7 +190,7 @@ def read_json(path) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise FileFormatError(f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        raise FileFormatError(f"{path}: not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
     except RecursionError:
         raise FileFormatError(f"{path}: not usable JSON: nested too deeply") from None
 

@@ -138,7 +138,7 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
     hf.chat_template = CHAT_TEMPLATE
     # tokenizer.json (pretty-printed, as saved) plus a margin for the small config files
     needed = len(tok.to_str(pretty=True).encode("utf-8")) + (1 << 16)
-    check_free_space(out.parent, needed, "needed to save the tokenizer")
+    check_free_space(out, needed, "needed to save the tokenizer")
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         hf.save_pretrained(str(tmp))
