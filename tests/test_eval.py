@@ -96,6 +96,9 @@ def test_eval_command_prints_json(setup, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"val_loss", "val_ppl", "val_bpb", "expert_shares"} <= out.keys() and out["val_tokens"] <= 2 * 8 * 32
     assert cli_main(["eval", str(run / "nope"), "--data", str(data)]) == 2
+    assert "nope: no such checkpoint folder" in capsys.readouterr().err
+    assert cli_main(["eval", str(run / "final"), "--data", str(data), "--batch-size", "0"]) == 2
+    assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_eval_refuses_data_made_with_another_tokenizer(setup, tmp_path, capsys):

@@ -117,6 +117,9 @@ def test_cli_train_errors(tmp_path, capsys):
     good.write_text("hello world")
     assert main(["tokenizer", "train", "--input", str(good), "--vocab-size", "100", "--out", str(tmp_path / "t")]) == 2
     assert "too small" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", str(good), "--vocab-size", "300", "--min-frequency", "-1",
+                 "--out", str(tmp_path / "t")]) == 2
+    assert "--min-frequency must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
 

@@ -10,6 +10,10 @@ def run(args) -> int:
 
     if args.data is None and not args.tasks:
         raise ValueError("give --data DIR (held-out loss) and/or --tasks T1,T2 (lm-evaluation-harness)")
+    for flag in ("batch_size", "seq_len", "max_batches"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     result = {}
     if args.data is not None:
         result = evaluate_checkpoint(args.checkpoint, args.data, max_batches=args.max_batches,

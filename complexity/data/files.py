@@ -85,7 +85,10 @@ class AtomicFile:
         self.tmp = self.path.with_name(self.path.name + ".partial")
         self.size = size
         self.written = 0
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as err:  # name the file asked for, not its temporary name
+            raise type(err)(err.errno, err.strerror, str(self.path)) from None
 
     def write(self, data) -> int:
         """Write bytes / a C-contiguous array; returns the number of bytes written."""

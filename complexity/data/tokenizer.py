@@ -83,6 +83,8 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
             f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
+    if min_frequency < 0:
+        raise TokenizerError(f"--min-frequency must be >= 0, got {min_frequency}")
     out = Path(out_dir)
     _check_out(out, overwrite)
 
