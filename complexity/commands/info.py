@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 
-from ..configuration_complexity import PRESETS, ComplexityConfig
-from ..params import count_parameters
-
 
 def _parse_override(text: str):
     key, sep, value = text.partition("=")
@@ -20,10 +17,20 @@ def _parse_override(text: str):
 
 
 def _print(title: str, config, extra: dict, as_json: bool) -> None:
+    from ..params import count_parameters
+
     counts = count_parameters(config)
     if as_json:
-        print(json.dumps({"config": config.to_diff_dict(), "parameters": {"total": counts.total, "active": counts.active},
-                          **extra}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "config": config.to_diff_dict(),
+                    "parameters": {"total": counts.total, "active": counts.active},
+                    **extra,
+                },
+                indent=2,
+            )
+        )
         return
     print(title)
     for key, value in sorted(config.to_diff_dict().items()):
@@ -33,7 +40,7 @@ def _print(title: str, config, extra: dict, as_json: bool) -> None:
         print(f"{key}: {value}")
 
 
-def run_folder(args) -> int:
+def run_folder(args, presets) -> int:
     from ..checkpoint_folder import check_tokenizer_fits, inspect_checkpoint_folder, load_folder_tokenizer
 
     if args.overrides:
@@ -41,7 +48,7 @@ def run_folder(args) -> int:
     try:
         found = inspect_checkpoint_folder(args.target)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} (nor a preset: {', '.join(PRESETS)})") from None
+        raise FileNotFoundError(f"{err} (nor a preset: {', '.join(presets)})") from None
     extra = {"weights": ", ".join(p.name for p in found.weight_files), "stored dtypes": ", ".join(found.stored_dtypes)}
     if found.has_tokenizer:
         tok = load_folder_tokenizer(found.path)
@@ -54,8 +61,10 @@ def run_folder(args) -> int:
 
 
 def run(args) -> int:
+    from ..configuration_complexity import PRESETS, ComplexityConfig
+
     if args.target not in PRESETS:
-        return run_folder(args)
+        return run_folder(args, PRESETS)
     overrides = dict(_parse_override(o) for o in args.overrides)
     config = ComplexityConfig.from_preset(args.target, **overrides)
     unknown = sorted(k for k in overrides if k not in ComplexityConfig().to_dict())
@@ -67,10 +76,17 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "info", help="print the config and exact parameter counts of a preset or a checkpoint folder",
+        "info",
+        help="print the config and exact parameter counts of a preset or a checkpoint folder",
         description="PRESET: one of the presets (KEY=VALUE overrides its fields). CKPT: a checkpoint folder, whose "
-                    "config, weights (headers, names, shapes, dtypes) and tokenizer are checked without loading it.")
-    parser.add_argument("target", metavar="PRESET|CKPT", help=f"one of: {', '.join(PRESETS)}; or a checkpoint folder")
+        "config, weights (headers, names, shapes, dtypes) and tokenizer are checked without loading it.",
+    )
+    # The preset names live beside ComplexityConfig, whose import `complexity --help` avoids.
+    parser.add_argument(
+        "target",
+        metavar="PRESET|CKPT",
+        help="a preset (tiny ... 7b: the README's table; a wrong name lists them) or a checkpoint folder",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config fields to override (JSON values)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
