@@ -12,7 +12,6 @@ stores every slot's position) resumes on any world size that divides `num_slots`
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..modeling_complexity import ComplexityExperts
 from ..data import manifest as data_manifest
+from ..modeling_complexity import ComplexityExperts
 from . import data as data_mod
 from .parallelize import all_reduce_
 

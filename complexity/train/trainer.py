@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt_mod
 from ..data import manifest as data_manifest
+from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from .config import RunConfig
 from .eval import evaluate
