@@ -41,12 +41,23 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # Weights this loader does not read (pickles can run code; other frameworks).
-FOREIGN_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "tf_model.h5",
-                        "flax_model.msgpack")
+FOREIGN_WEIGHT_FILES = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.pt",
+    "tf_model.h5",
+    "flax_model.msgpack",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # JSON files a folder may carry beside the weights; each must parse when present.
-SIDE_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.json", "generation_config.json")
+SIDE_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "generation_config.json",
+)
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 MODEL_TYPE = "complexity"
 
@@ -56,8 +67,15 @@ UPSTREAM_MODEL_TYPES = {
     "deep": "an upstream TR-Hash checkpoint (vLLM 'deep' export)",
     "tr_hash_moe": "an upstream TR-Hash MoE checkpoint (Hugging Face bundle)",
 }
-UPSTREAM_FIELDS = {"use_token_routed_mlp", "use_mu_guidance", "routing_strategy", "source_mlp_type", "top_k",
-                   "route_hash_count", "attention_type"}
+UPSTREAM_FIELDS = {
+    "use_token_routed_mlp",
+    "use_mu_guidance",
+    "routing_strategy",
+    "source_mlp_type",
+    "top_k",
+    "route_hash_count",
+    "attention_type",
+}
 UPSTREAM_ARCHITECTURES = {"DeepForCausalLM", "TRHashForCausalLM"}
 OUR_FIELDS = {"mlp_type", "mu_mode", "routing"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -107,15 +125,19 @@ def _check_folder(path) -> Path:
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: is a file, not a checkpoint folder (give the folder that holds "
-                              f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise CheckpointError(
+            f"{folder}: is a file, not a checkpoint folder (give the folder that holds "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     if not any(folder.iterdir()):
         raise CheckpointError(f"{folder}: empty folder, not a checkpoint (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
     if not (folder / CONFIG_FILE).exists():
         hint = ""
         if (folder / "meta.json").is_file() or (folder / "checkpoints").is_dir() or (folder / "final").is_dir():
-            hint = ("; this is a training run or checkpoint: its Hugging Face export is RUN/final "
-                    "(`complexity eval` also reads training checkpoints)")
+            hint = (
+                "; this is a training run or checkpoint: its Hugging Face export is RUN/final "
+                "(`complexity eval` also reads training checkpoints)"
+            )
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}: not a Hugging Face checkpoint folder{hint}")
     return folder
 
@@ -127,8 +149,11 @@ def _upstream_kind(cfg: dict) -> str | None:
     architectures = set(cfg.get("architectures") or []) if isinstance(cfg.get("architectures"), list) else set()
     if model_type in (None, MODEL_TYPE) and not (OUR_FIELDS & set(cfg)):
         if architectures & UPSTREAM_ARCHITECTURES or UPSTREAM_FIELDS & set(cfg):
-            return ("an upstream TR-Hash checkpoint (native format)" if model_type is None
-                    else "an upstream complexity-deep checkpoint")
+            return (
+                "an upstream TR-Hash checkpoint (native format)"
+                if model_type is None
+                else "an upstream complexity-deep checkpoint"
+            )
     return None
 
 
@@ -145,16 +170,21 @@ def read_checkpoint_config(folder: Path):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     upstream = _upstream_kind(cfg)
     if upstream is not None:
-        raise CheckpointError(f"{path}: {upstream}, not this project's format: convert it with "
-                              f"`complexity convert {folder} OUT` and load OUT")
+        raise CheckpointError(
+            f"{path}: {upstream}, not this project's format: convert it with "
+            f"`complexity convert {folder} OUT` and load OUT"
+        )
     model_type = cfg.get("model_type")
     if model_type is None:
-        raise CheckpointError(f'{path}: no model_type field: not a Hugging Face model config (expected "model_type": '
-                              f'"{MODEL_TYPE}")')
+        raise CheckpointError(
+            f'{path}: no model_type field: not a Hugging Face model config (expected "model_type": "{MODEL_TYPE}")'
+        )
     if model_type != MODEL_TYPE:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a Complexity model ({MODEL_TYPE!r}); this "
-                              "loads Complexity checkpoints only (upstream complexity-deep / TR-Hash folders: "
-                              "`complexity convert`)")
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not a Complexity model ({MODEL_TYPE!r}); this "
+            "loads Complexity checkpoints only (upstream complexity-deep / TR-Hash folders: "
+            "`complexity convert`)"
+        )
     vocab = cfg.get("vocab_size")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # before transformers warns about them
         value = cfg.get(name)
@@ -195,8 +225,11 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
         except FileFormatError as err:
             raise CheckpointError(str(err)) from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+        ):
             raise CheckpointError(f"{index}: weight_map: expected a non-empty object of tensor name -> shard file")
         shards = sorted(set(weight_map.values()))
         for shard in shards:
@@ -208,8 +241,10 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
         return [folder / s for s in shards], weight_map
     foreign = [name for name in FOREIGN_WEIGHT_FILES if (folder / name).exists()]
     if foreign:
-        raise CheckpointError(f"{folder}: no {WEIGHTS_FILE}, only {', '.join(foreign)}: this loads safetensors only "
-                              "(a pickled file can run code); re-save the model with save_pretrained")
+        raise CheckpointError(
+            f"{folder}: no {WEIGHTS_FILE}, only {', '.join(foreign)}: this loads safetensors only "
+            "(a pickled file can run code); re-save the model with save_pretrained"
+        )
     raise CheckpointError(f"{folder}: no weights: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}")
 
 
@@ -245,14 +280,19 @@ def read_tensor_headers(folder: Path) -> tuple[list[Path], dict[str, TensorInfo]
                 raise CheckpointError(f"{index}: weight_map puts {name} in {shard}, but {where}")
         stray = sorted(set(tensors) - set(weight_map))
         if stray:
-            raise CheckpointError(f"{index}: weight_map does not list {_names(stray)}, stored in "
-                                  f"{tensors[stray[0]].file.name}")
+            raise CheckpointError(
+                f"{index}: weight_map does not list {_names(stray)}, stored in {tensors[stray[0]].file.name}"
+            )
     return files, tensors
 
 
 def _describe(config) -> str:
-    parts = [f"vocab_size={config.vocab_size}", f"hidden_size={config.hidden_size}",
-             f"num_hidden_layers={config.num_hidden_layers}", f"mlp_type={config.mlp_type}"]
+    parts = [
+        f"vocab_size={config.vocab_size}",
+        f"hidden_size={config.hidden_size}",
+        f"num_hidden_layers={config.num_hidden_layers}",
+        f"mlp_type={config.mlp_type}",
+    ]
     if config.mu_mode != "none":
         parts.append(f"mu_mode={config.mu_mode}")
     if config.shared_expert:
@@ -279,31 +319,45 @@ def check_tensors(folder: Path, config, tensors: dict[str, TensorInfo], skeleton
     missing = sorted(k for k in expected if k not in tensors and k not in tied)
     stored_layers, L = _layers(tensors), config.num_hidden_layers
     if stored_layers and max(stored_layers) + 1 != L and (missing or unexpected):
-        raise CheckpointError(f"{cfg_path}: num_hidden_layers={L}, but {where} holds layers 0..{max(stored_layers)} "
-                              f"({max(stored_layers) + 1} layers)")
+        raise CheckpointError(
+            f"{cfg_path}: num_hidden_layers={L}, but {where} holds layers 0..{max(stored_layers)} "
+            f"({max(stored_layers) + 1} layers)"
+        )
     if missing:
-        raise CheckpointError(f"{folder / where}: missing tensor(s) {_names(missing)} of the model {CONFIG_FILE} "
-                              f"describes ({_describe(config)}); loading would leave them random")
+        raise CheckpointError(
+            f"{folder / where}: missing tensor(s) {_names(missing)} of the model {CONFIG_FILE} "
+            f"describes ({_describe(config)}); loading would leave them random"
+        )
     if unexpected:
-        raise CheckpointError(f"{folder / where}: unexpected tensor(s) {_names(unexpected)}, not part of the model "
-                              f"{CONFIG_FILE} describes ({_describe(config)})")
+        raise CheckpointError(
+            f"{folder / where}: unexpected tensor(s) {_names(unexpected)}, not part of the model "
+            f"{CONFIG_FILE} describes ({_describe(config)})"
+        )
 
     embed = tensors.get("model.embed_tokens.weight")
     if embed is not None and embed.shape != [config.vocab_size, config.hidden_size]:
-        raise CheckpointError(f"{cfg_path}: vocab_size={config.vocab_size}, hidden_size={config.hidden_size} "
-                              f"contradict model.embed_tokens.weight {embed.shape} in {embed.file.name}")
-    wrong_shape = [f"{k} {tensors[k].shape} (expected {list(v.shape)})" for k, v in expected.items()
-                   if k in tensors and tensors[k].shape != list(v.shape)]
+        raise CheckpointError(
+            f"{cfg_path}: vocab_size={config.vocab_size}, hidden_size={config.hidden_size} "
+            f"contradict model.embed_tokens.weight {embed.shape} in {embed.file.name}"
+        )
+    wrong_shape = [
+        f"{k} {tensors[k].shape} (expected {list(v.shape)})"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != list(v.shape)
+    ]
     if wrong_shape:
-        raise CheckpointError(f"{folder / where}: shape mismatch against {CONFIG_FILE} ({_describe(config)}): "
-                              f"{_names(wrong_shape, 2)}")
+        raise CheckpointError(
+            f"{folder / where}: shape mismatch against {CONFIG_FILE} ({_describe(config)}): {_names(wrong_shape, 2)}"
+        )
     for name, ref in expected.items():
         info = tensors.get(name)
         if info is None:
             continue
         if ref.is_floating_point() and info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; weights must be floating point "
-                                  f"({', '.join(FLOAT_DTYPES.values())})")
+            raise CheckpointError(
+                f"{info.file}: tensor {name} has dtype {info.dtype}; weights must be floating point "
+                f"({', '.join(FLOAT_DTYPES.values())})"
+            )
         if not ref.is_floating_point() and info.dtype != "I64":
             raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected I64 (int64)")
     if tied and all(k in tensors for k in tied):  # a stored copy of a tied weight must equal its source
@@ -322,17 +376,22 @@ def _read_tensor(info: TensorInfo, name: str) -> torch.Tensor:
 
 def _check_tied_copies(skeleton, tensors: dict[str, TensorInfo]) -> None:
     for target, source in skeleton.all_tied_weights_keys.items():
-        if source in tensors and not torch.equal(_read_tensor(tensors[target], target),
-                                                 _read_tensor(tensors[source], source)):
-            raise CheckpointError(f"{tensors[target].file}: {target} differs from {source}, which config.json ties it "
-                                  "to (tie_word_embeddings=true): set tie_word_embeddings to false to keep it")
+        if source in tensors and not torch.equal(
+            _read_tensor(tensors[target], target), _read_tensor(tensors[source], source)
+        ):
+            raise CheckpointError(
+                f"{tensors[target].file}: {target} differs from {source}, which config.json ties it "
+                "to (tie_word_embeddings=true): set tie_word_embeddings to false to keep it"
+            )
 
 
 def _check_routing_table(info: TensorInfo, config) -> None:
     table = _read_tensor(info, "model.token_to_expert")
     if table.numel() and (int(table.min()) < 0 or int(table.max()) >= config.num_experts):
-        raise CheckpointError(f"{info.file}: model.token_to_expert holds expert ids in [{int(table.min())}, "
-                              f"{int(table.max())}], outside [0, num_experts={config.num_experts})")
+        raise CheckpointError(
+            f"{info.file}: model.token_to_expert holds expert ids in [{int(table.min())}, "
+            f"{int(table.max())}], outside [0, num_experts={config.num_experts})"
+        )
 
 
 def _check_side_json(folder: Path) -> None:
@@ -371,12 +430,15 @@ def check_tokenizer_fits(tokenizer, config, where) -> None:
     if n > config.vocab_size:
         raise CheckpointError(
             f"{where}: the tokenizer has {n} tokens but the model has vocab_size={config.vocab_size} embeddings "
-            f"({CONFIG_FILE}): ids {config.vocab_size}..{n - 1} would have none; they do not belong together")
+            f"({CONFIG_FILE}): ids {config.vocab_size}..{n - 1} would have none; they do not belong together"
+        )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         token_id = getattr(tokenizer, name, None)
         if isinstance(token_id, int) and not 0 <= token_id < config.vocab_size:
-            raise CheckpointError(f"{where}: the tokenizer's {name}={token_id} is outside the model's vocabulary "
-                                  f"[0, vocab_size={config.vocab_size})")
+            raise CheckpointError(
+                f"{where}: the tokenizer's {name}={token_id} is outside the model's vocabulary "
+                f"[0, vocab_size={config.vocab_size})"
+            )
 
 
 def load_folder_tokenizer(folder) -> object:
@@ -396,15 +458,23 @@ def load_folder_tokenizer(folder) -> object:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # transformers raises many kinds for a bad tokenizer_config.json
-        raise CheckpointError(f"{folder / 'tokenizer_config.json'}: cannot load the tokenizer: "
-                              f"{type(err).__name__}: {err}") from None
+        raise CheckpointError(
+            f"{folder / 'tokenizer_config.json'}: cannot load the tokenizer: {type(err).__name__}: {err}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint_folder(path, *, device="cpu", dtype: torch.dtype | None = torch.float32,
-                           attn_implementation: str | None = None, tokenizer=True, check=None):
+def load_checkpoint_folder(
+    path,
+    *,
+    device="cpu",
+    dtype: torch.dtype | None = torch.float32,
+    attn_implementation: str | None = None,
+    tokenizer=True,
+    check=None,
+):
     """(model, tokenizer) from a checked folder. ``dtype``: the weights' dtype after loading
     (None: as stored). ``tokenizer``: True loads the folder's (None when it has no tokenizer
     files), False/None loads none, a tokenizer object is checked against the model and returned.
@@ -423,8 +493,12 @@ def load_checkpoint_folder(path, *, device="cpu", dtype: torch.dtype | None = to
         check(found.config)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model, info = ComplexityForCausalLM.from_pretrained(
-        found.path, config=found.config, dtype=dtype if dtype is not None else "auto", output_loading_info=True,
-        **kwargs)
+        found.path,
+        config=found.config,
+        dtype=dtype if dtype is not None else "auto",
+        output_loading_info=True,
+        **kwargs,
+    )
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:  # the checks above should make this unreachable; never hand out random weights
         raise CheckpointError(f"{found.path}: loading reported {problems}")

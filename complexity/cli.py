@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="complexity",
         description="Build, train, convert, evaluate and serve Complexity language models.",
     )
-    parser.add_argument("--debug", action="store_true",
-                        help=f"show the full traceback when a command fails (or set {DEBUG_ENV}=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the full traceback when a command fails (or set {DEBUG_ENV}=1)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:

@@ -78,6 +78,7 @@ def _set(key, value):
     def fn(t):
         t[key] = value(t[key]) if callable(value) else value
         return t
+
     return fn
 
 
@@ -85,6 +86,7 @@ def _drop(key):
     def fn(t):
         del t[key]
         return t
+
     return fn
 
 
@@ -128,110 +130,324 @@ def good(tmp_path_factory, tiny_tokenizer) -> dict:
 # "tokenizer": the tokenizer files (refused where the tokenizer is loaded: generate, serve, info).
 CHECKPOINT_CASES = [
     ("missing-folder", "plain", lambda d: shutil.rmtree(d), ["no such checkpoint folder"], "model"),
-    ("file-not-folder", "plain", lambda d: (shutil.rmtree(d), d.write_text("x")),
-     ["is a file, not a checkpoint folder"], "model"),
+    (
+        "file-not-folder",
+        "plain",
+        lambda d: (shutil.rmtree(d), d.write_text("x")),
+        ["is a file, not a checkpoint folder"],
+        "model",
+    ),
     ("empty-folder", "plain", lambda d: (shutil.rmtree(d), d.mkdir()), ["empty folder, not a checkpoint"], "model"),
     ("missing-config", "plain", lambda d: (d / "config.json").unlink(), ["no config.json"], "model"),
     ("empty-config", "plain", lambda d: (d / "config.json").write_text(""), ["config.json: empty file"], "model"),
-    ("garbage-config", "plain", lambda d: (d / "config.json").write_text("garbage\x00"),
-     ["config.json: not valid JSON: Expecting value (line 1, column 1)"], "model"),
-    ("truncated-config", "plain", lambda d: (d / "config.json").write_text((d / "config.json").read_text()[:150]),
-     ["config.json: not valid JSON: ", "(line "], "model"),
-    ("config-not-an-object", "plain", lambda d: (d / "config.json").write_text("[1, 2]"),
-     ["config.json: expected a JSON object, got list"], "model"),
-    ("config-not-utf8", "plain", lambda d: (d / "config.json").write_bytes(b'{"model_type": "\xff"}'),
-     ["config.json: not UTF-8 text"], "model"),
-    ("model-type-llama", "plain", lambda d: _edit_config(d, model_type="llama"),
-     ["config.json: model_type 'llama' is not a Complexity model"], "model"),
-    ("no-model-type", "plain", lambda d: _edit_config(d, model_type=_DELETE), ["config.json: no model_type field"],
-     "model"),
-    ("upstream-complexity-deep", "plain", lambda d: _edit_config(d, model_type="complexity-deep"),
-     ["an upstream complexity-deep checkpoint", "complexity convert"], "model"),
-    ("upstream-trhash-bundle", "plain", lambda d: _edit_config(d, model_type="tr_hash_moe"),
-     ["upstream TR-Hash MoE checkpoint", "complexity convert"], "model"),
-    ("upstream-old-style-config", "plain",
-     lambda d: _edit_config(d, mlp_type=_DELETE, mu_mode=_DELETE, routing=_DELETE, use_token_routed_mlp=True),
-     ["an upstream complexity-deep checkpoint", "complexity convert"], "model"),
-    ("config-field-invalid", "plain", lambda d: _edit_config(d, num_key_value_heads=3),
-     ["config.json: num_key_value_heads: 3 does not divide num_attention_heads=4"], "model"),
-    ("config-field-wrong-type", "plain", lambda d: _edit_config(d, num_hidden_layers="3"),
-     ["config.json: num_hidden_layers: must be a positive integer, got '3'"], "model"),
-    ("config-unknown-mlp-type", "plain", lambda d: _edit_config(d, mlp_type="mixture"),
-     ["config.json: mlp_type: unknown value 'mixture'"], "model"),
-    ("special-token-outside-vocab", "plain", lambda d: _edit_config(d, eos_token_id=VOCAB + 10),
-     [f"config.json: eos_token_id={VOCAB + 10} is outside the vocabulary"], "model"),
-    ("wrong-hidden-size", "plain", lambda d: _edit_config(d, hidden_size=128),
-     ["config.json: vocab_size=512, hidden_size=128 contradict model.embed_tokens.weight [512, 64]"], "model"),
-    ("wrong-vocab-size", "plain", lambda d: _edit_config(d, vocab_size=1024),
-     ["config.json: vocab_size=1024, hidden_size=64 contradict model.embed_tokens.weight [512, 64]"], "model"),
-    ("config-more-layers-than-weights", "plain", lambda d: _edit_config(d, num_hidden_layers=4),
-     ["config.json: num_hidden_layers=4, but model.safetensors holds layers 0..2 (3 layers)"], "model"),
-    ("weights-more-layers-than-config", "plain", lambda d: _edit_tensors(d, _extra_layer),
-     ["config.json: num_hidden_layers=3, but model.safetensors holds layers 0..3 (4 layers)"], "model"),
-    ("no-weights", "plain", lambda d: (d / "model.safetensors").unlink(),
-     ["no weights: neither model.safetensors nor model.safetensors.index.json"], "model"),
-    ("only-pickle-weights", "plain", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
-     ["no model.safetensors, only pytorch_model.bin"], "model"),
-    ("empty-safetensors", "plain", lambda d: (d / "model.safetensors").write_bytes(b""),
-     ["model.safetensors: empty file (0 bytes)"], "model"),
-    ("garbage-safetensors", "plain", lambda d: (d / "model.safetensors").write_bytes(b"garbage " * 100),
-     ["model.safetensors: not a readable safetensors file"], "model"),
-    ("truncated-safetensors", "plain",
-     lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:60_000]),
-     ["model.safetensors: not a readable safetensors file (truncated or corrupt"], "model"),
-    ("truncated-safetensors-header", "plain",
-     lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
-     ["model.safetensors: not a readable safetensors file"], "model"),
-    ("missing-tensor", "plain", lambda d: _edit_tensors(d, _drop("model.layers.1.self_attn.q_proj.weight")),
-     ["model.safetensors: missing tensor(s) model.layers.1.self_attn.q_proj.weight", "would leave them random"],
-     "model"),
-    ("missing-routing-table", "plain", lambda d: _edit_tensors(d, _drop("model.token_to_expert")),
-     ["missing tensor(s) model.token_to_expert"], "model"),
-    ("unexpected-tensor", "plain", lambda d: _edit_tensors(d, _set("model.extra.weight", torch.zeros(3))),
-     ["model.safetensors: unexpected tensor(s) model.extra.weight"], "model"),
-    ("wrong-shape", "plain",
-     lambda d: _edit_tensors(d, _set("model.layers.0.self_attn.q_proj.weight", lambda w: w[:, :32].contiguous())),
-     ["shape mismatch", "model.layers.0.self_attn.q_proj.weight [64, 32] (expected [64, 64])"], "model"),
-    ("int-weight", "plain",
-     lambda d: _edit_tensors(d, _set("model.norm.weight", lambda w: w.to(torch.int32))),
-     ["tensor model.norm.weight has dtype I32; weights must be floating point"], "model"),
-    ("float8-weight", "plain",
-     lambda d: _edit_tensors(d, _set("model.norm.weight", lambda w: w.to(torch.float8_e4m3fn))),
-     ["tensor model.norm.weight has dtype F8_E4M3; weights must be floating point"], "model"),
-    ("float-routing-table", "plain",
-     lambda d: _edit_tensors(d, _set("model.token_to_expert", lambda t: t.float())),
-     ["model.token_to_expert has dtype F32, expected I64"], "model"),
-    ("routing-table-out-of-range", "plain",
-     lambda d: _edit_tensors(d, _set("model.token_to_expert", lambda t: t + 4)),
-     ["model.token_to_expert holds expert ids in [4, 7], outside [0, num_experts=4)"], "model"),
-    ("tied-head-copy-differs", "plain",
-     lambda d: _edit_tensors(d, _set("lm_head.weight", torch.ones(VOCAB, 64))),
-     ["lm_head.weight differs from model.embed_tokens.weight"], "model"),
-    ("sharded-missing-shard", "sharded", _unlink_shard,
-     ["model.safetensors.index.json: weight_map names shard model-0000", "which is missing"], "model"),
-    ("sharded-index-garbage", "sharded", lambda d: (d / "model.safetensors.index.json").write_text("{"),
-     ["model.safetensors.index.json: not valid JSON"], "model"),
-    ("sharded-index-no-weight-map", "sharded", lambda d: (d / "model.safetensors.index.json").write_text("{}"),
-     ["model.safetensors.index.json: weight_map: expected a non-empty object"], "model"),
-    ("sharded-index-disagrees", "sharded", _index_move,
-     ["model.safetensors.index.json: weight_map puts model.norm.weight in model-0000"], "model"),
-    ("generation-config-garbage", "plain", lambda d: (d / "generation_config.json").write_text("nope"),
-     ["generation_config.json: not valid JSON"], "model"),
-    ("tokenizer-json-garbage", "plain", lambda d: (d / "tokenizer.json").write_text("garbage"),
-     ["tokenizer.json: not valid JSON"], "model"),
-    ("tokenizer-json-empty", "plain", lambda d: (d / "tokenizer.json").write_text(""),
-     ["tokenizer.json: empty file"], "model"),
-    ("tokenizer-config-garbage", "plain", lambda d: (d / "tokenizer_config.json").write_text("garbage"),
-     ["tokenizer_config.json: not valid JSON"], "model"),
-    ("special-tokens-map-truncated", "plain",
-     lambda d: (d / "special_tokens_map.json").write_text('{"eos_token": '),
-     ["special_tokens_map.json: not valid JSON"], "model"),
-    ("tokenizer-json-not-a-tokenizer", "plain", lambda d: (d / "tokenizer.json").write_text("{}"),
-     ["tokenizer.json: cannot load tokenizer"], "tokenizer"),
-    ("tokenizer-config-without-tokenizer-json", "plain", lambda d: (d / "tokenizer.json").unlink(),
-     ["has tokenizer_config.json but no tokenizer.json"], "tokenizer"),
-    ("tokenizer-larger-than-vocab", "small-vocab", lambda d: None,
-     ["the tokenizer has 400 tokens but the model has vocab_size=256"], "tokenizer"),
+    (
+        "garbage-config",
+        "plain",
+        lambda d: (d / "config.json").write_text("garbage\x00"),
+        ["config.json: not valid JSON: Expecting value (line 1, column 1)"],
+        "model",
+    ),
+    (
+        "truncated-config",
+        "plain",
+        lambda d: (d / "config.json").write_text((d / "config.json").read_text()[:150]),
+        ["config.json: not valid JSON: ", "(line "],
+        "model",
+    ),
+    (
+        "config-not-an-object",
+        "plain",
+        lambda d: (d / "config.json").write_text("[1, 2]"),
+        ["config.json: expected a JSON object, got list"],
+        "model",
+    ),
+    (
+        "config-not-utf8",
+        "plain",
+        lambda d: (d / "config.json").write_bytes(b'{"model_type": "\xff"}'),
+        ["config.json: not UTF-8 text"],
+        "model",
+    ),
+    (
+        "model-type-llama",
+        "plain",
+        lambda d: _edit_config(d, model_type="llama"),
+        ["config.json: model_type 'llama' is not a Complexity model"],
+        "model",
+    ),
+    (
+        "no-model-type",
+        "plain",
+        lambda d: _edit_config(d, model_type=_DELETE),
+        ["config.json: no model_type field"],
+        "model",
+    ),
+    (
+        "upstream-complexity-deep",
+        "plain",
+        lambda d: _edit_config(d, model_type="complexity-deep"),
+        ["an upstream complexity-deep checkpoint", "complexity convert"],
+        "model",
+    ),
+    (
+        "upstream-trhash-bundle",
+        "plain",
+        lambda d: _edit_config(d, model_type="tr_hash_moe"),
+        ["upstream TR-Hash MoE checkpoint", "complexity convert"],
+        "model",
+    ),
+    (
+        "upstream-old-style-config",
+        "plain",
+        lambda d: _edit_config(d, mlp_type=_DELETE, mu_mode=_DELETE, routing=_DELETE, use_token_routed_mlp=True),
+        ["an upstream complexity-deep checkpoint", "complexity convert"],
+        "model",
+    ),
+    (
+        "config-field-invalid",
+        "plain",
+        lambda d: _edit_config(d, num_key_value_heads=3),
+        ["config.json: num_key_value_heads: 3 does not divide num_attention_heads=4"],
+        "model",
+    ),
+    (
+        "config-field-wrong-type",
+        "plain",
+        lambda d: _edit_config(d, num_hidden_layers="3"),
+        ["config.json: num_hidden_layers: must be a positive integer, got '3'"],
+        "model",
+    ),
+    (
+        "config-unknown-mlp-type",
+        "plain",
+        lambda d: _edit_config(d, mlp_type="mixture"),
+        ["config.json: mlp_type: unknown value 'mixture'"],
+        "model",
+    ),
+    (
+        "special-token-outside-vocab",
+        "plain",
+        lambda d: _edit_config(d, eos_token_id=VOCAB + 10),
+        [f"config.json: eos_token_id={VOCAB + 10} is outside the vocabulary"],
+        "model",
+    ),
+    (
+        "wrong-hidden-size",
+        "plain",
+        lambda d: _edit_config(d, hidden_size=128),
+        ["config.json: vocab_size=512, hidden_size=128 contradict model.embed_tokens.weight [512, 64]"],
+        "model",
+    ),
+    (
+        "wrong-vocab-size",
+        "plain",
+        lambda d: _edit_config(d, vocab_size=1024),
+        ["config.json: vocab_size=1024, hidden_size=64 contradict model.embed_tokens.weight [512, 64]"],
+        "model",
+    ),
+    (
+        "config-more-layers-than-weights",
+        "plain",
+        lambda d: _edit_config(d, num_hidden_layers=4),
+        ["config.json: num_hidden_layers=4, but model.safetensors holds layers 0..2 (3 layers)"],
+        "model",
+    ),
+    (
+        "weights-more-layers-than-config",
+        "plain",
+        lambda d: _edit_tensors(d, _extra_layer),
+        ["config.json: num_hidden_layers=3, but model.safetensors holds layers 0..3 (4 layers)"],
+        "model",
+    ),
+    (
+        "no-weights",
+        "plain",
+        lambda d: (d / "model.safetensors").unlink(),
+        ["no weights: neither model.safetensors nor model.safetensors.index.json"],
+        "model",
+    ),
+    (
+        "only-pickle-weights",
+        "plain",
+        lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+        ["no model.safetensors, only pytorch_model.bin"],
+        "model",
+    ),
+    (
+        "empty-safetensors",
+        "plain",
+        lambda d: (d / "model.safetensors").write_bytes(b""),
+        ["model.safetensors: empty file (0 bytes)"],
+        "model",
+    ),
+    (
+        "garbage-safetensors",
+        "plain",
+        lambda d: (d / "model.safetensors").write_bytes(b"garbage " * 100),
+        ["model.safetensors: not a readable safetensors file"],
+        "model",
+    ),
+    (
+        "truncated-safetensors",
+        "plain",
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:60_000]),
+        ["model.safetensors: not a readable safetensors file (truncated or corrupt"],
+        "model",
+    ),
+    (
+        "truncated-safetensors-header",
+        "plain",
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+        ["model.safetensors: not a readable safetensors file"],
+        "model",
+    ),
+    (
+        "missing-tensor",
+        "plain",
+        lambda d: _edit_tensors(d, _drop("model.layers.1.self_attn.q_proj.weight")),
+        ["model.safetensors: missing tensor(s) model.layers.1.self_attn.q_proj.weight", "would leave them random"],
+        "model",
+    ),
+    (
+        "missing-routing-table",
+        "plain",
+        lambda d: _edit_tensors(d, _drop("model.token_to_expert")),
+        ["missing tensor(s) model.token_to_expert"],
+        "model",
+    ),
+    (
+        "unexpected-tensor",
+        "plain",
+        lambda d: _edit_tensors(d, _set("model.extra.weight", torch.zeros(3))),
+        ["model.safetensors: unexpected tensor(s) model.extra.weight"],
+        "model",
+    ),
+    (
+        "wrong-shape",
+        "plain",
+        lambda d: _edit_tensors(d, _set("model.layers.0.self_attn.q_proj.weight", lambda w: w[:, :32].contiguous())),
+        ["shape mismatch", "model.layers.0.self_attn.q_proj.weight [64, 32] (expected [64, 64])"],
+        "model",
+    ),
+    (
+        "int-weight",
+        "plain",
+        lambda d: _edit_tensors(d, _set("model.norm.weight", lambda w: w.to(torch.int32))),
+        ["tensor model.norm.weight has dtype I32; weights must be floating point"],
+        "model",
+    ),
+    (
+        "float8-weight",
+        "plain",
+        lambda d: _edit_tensors(d, _set("model.norm.weight", lambda w: w.to(torch.float8_e4m3fn))),
+        ["tensor model.norm.weight has dtype F8_E4M3; weights must be floating point"],
+        "model",
+    ),
+    (
+        "float-routing-table",
+        "plain",
+        lambda d: _edit_tensors(d, _set("model.token_to_expert", lambda t: t.float())),
+        ["model.token_to_expert has dtype F32, expected I64"],
+        "model",
+    ),
+    (
+        "routing-table-out-of-range",
+        "plain",
+        lambda d: _edit_tensors(d, _set("model.token_to_expert", lambda t: t + 4)),
+        ["model.token_to_expert holds expert ids in [4, 7], outside [0, num_experts=4)"],
+        "model",
+    ),
+    (
+        "tied-head-copy-differs",
+        "plain",
+        lambda d: _edit_tensors(d, _set("lm_head.weight", torch.ones(VOCAB, 64))),
+        ["lm_head.weight differs from model.embed_tokens.weight"],
+        "model",
+    ),
+    (
+        "sharded-missing-shard",
+        "sharded",
+        _unlink_shard,
+        ["model.safetensors.index.json: weight_map names shard model-0000", "which is missing"],
+        "model",
+    ),
+    (
+        "sharded-index-garbage",
+        "sharded",
+        lambda d: (d / "model.safetensors.index.json").write_text("{"),
+        ["model.safetensors.index.json: not valid JSON"],
+        "model",
+    ),
+    (
+        "sharded-index-no-weight-map",
+        "sharded",
+        lambda d: (d / "model.safetensors.index.json").write_text("{}"),
+        ["model.safetensors.index.json: weight_map: expected a non-empty object"],
+        "model",
+    ),
+    (
+        "sharded-index-disagrees",
+        "sharded",
+        _index_move,
+        ["model.safetensors.index.json: weight_map puts model.norm.weight in model-0000"],
+        "model",
+    ),
+    (
+        "generation-config-garbage",
+        "plain",
+        lambda d: (d / "generation_config.json").write_text("nope"),
+        ["generation_config.json: not valid JSON"],
+        "model",
+    ),
+    (
+        "tokenizer-json-garbage",
+        "plain",
+        lambda d: (d / "tokenizer.json").write_text("garbage"),
+        ["tokenizer.json: not valid JSON"],
+        "model",
+    ),
+    (
+        "tokenizer-json-empty",
+        "plain",
+        lambda d: (d / "tokenizer.json").write_text(""),
+        ["tokenizer.json: empty file"],
+        "model",
+    ),
+    (
+        "tokenizer-config-garbage",
+        "plain",
+        lambda d: (d / "tokenizer_config.json").write_text("garbage"),
+        ["tokenizer_config.json: not valid JSON"],
+        "model",
+    ),
+    (
+        "special-tokens-map-truncated",
+        "plain",
+        lambda d: (d / "special_tokens_map.json").write_text('{"eos_token": '),
+        ["special_tokens_map.json: not valid JSON"],
+        "model",
+    ),
+    (
+        "tokenizer-json-not-a-tokenizer",
+        "plain",
+        lambda d: (d / "tokenizer.json").write_text("{}"),
+        ["tokenizer.json: cannot load tokenizer"],
+        "tokenizer",
+    ),
+    (
+        "tokenizer-config-without-tokenizer-json",
+        "plain",
+        lambda d: (d / "tokenizer.json").unlink(),
+        ["has tokenizer_config.json but no tokenizer.json"],
+        "tokenizer",
+    ),
+    (
+        "tokenizer-larger-than-vocab",
+        "small-vocab",
+        lambda d: None,
+        ["the tokenizer has 400 tokens but the model has vocab_size=256"],
+        "tokenizer",
+    ),
 ]
 CASE_IDS = [c[0] for c in CHECKPOINT_CASES]
 
@@ -262,8 +478,10 @@ def test_good_folders_load(good, capsys, prepared):
         assert next(model.parameters()).dtype == torch.float32
         assert (tok is not None) == (name != "bf16")
     assert _cli(capsys, "info", good["plain"])[0] == 0
-    assert _cli(capsys, "generate", good["plain"], "--prompt", "the model", "--max-new-tokens", "2",
-                "--device", "cpu")[0] == 0
+    assert (
+        _cli(capsys, "generate", good["plain"], "--prompt", "the model", "--max-new-tokens", "2", "--device", "cpu")[0]
+        == 0
+    )
     assert _cli(capsys, "eval", good["plain"], "--data", prepared, "--seq-len", "16", "--max-batches", "1")[0] == 0
 
 
@@ -337,7 +555,9 @@ def test_os_errors_name_the_path():
 
     assert describe_error(PermissionError(13, "Permission denied", "/x/y"), "data") == (1, "/x/y: Permission denied")
     assert describe_error(FileNotFoundError(2, "No such file or directory", "/z"), "eval") == (
-        2, "/z: No such file or directory")
+        2,
+        "/z: No such file or directory",
+    )
     code, message = describe_error(DiskFullError("/d/f.bin", 1234, free=10), "data")
     assert code == 1 and message == "/d/f.bin: disk full: writing it needs 1,234 more bytes, 10 bytes free there"
     assert describe_error(json.JSONDecodeError("Expecting value", "", 0), "x")[1].startswith("invalid JSON: Expecting")
@@ -378,8 +598,14 @@ def test_cli_refuses_every_row_in_a_real_process(good, tmp_path, prepared):
             expected.append((name, argv[0], fragments))
     out = tmp_path / "stderr"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(argvs), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(argvs), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     codes = proc.stdout.split()
     for i, (name, command, fragments) in enumerate(expected):
@@ -394,21 +620,30 @@ def test_convert_refuses_in_a_real_process(good, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(good["plain"], folder)
     (folder / "config.json").write_text('{"model_type": "complexity", "vocab_size": ')
-    proc = subprocess.run([sys.executable, "-m", "complexity.cli", "convert", str(folder), str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "complexity.cli", "convert", str(folder), str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("complexity convert: error: ") and "config.json" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("make", [
-    lambda d: None,  # our own folder
-    lambda d: (d / "config.json").write_text("garbage"),
-    lambda d: (d / "model.safetensors").unlink(),
-    lambda d: shutil.rmtree(d),
-], ids=["own-format", "garbage-config", "no-weights", "missing"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: None,  # our own folder
+        lambda d: (d / "config.json").write_text("garbage"),
+        lambda d: (d / "model.safetensors").unlink(),
+        lambda d: shutil.rmtree(d),
+    ],
+    ids=["own-format", "garbage-config", "no-weights", "missing"],
+)
 def test_convert_errors_are_one_line(make, good, tmp_path, capsys):
     folder = tmp_path / "src"
     shutil.copytree(good["plain"], folder)
@@ -440,8 +675,11 @@ DATA_CASES = [
     ("empty.txt", b"", "empty.txt: file is empty"),
     ("blank.jsonl", b"\n \n\n", "blank.jsonl: file contains only whitespace"),
     ("bad-utf8.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "bad-utf8.jsonl:2: not valid UTF-8"),
-    ("surrogate.jsonl", b'{"text": "a"}\n{"text": "x\\ud800y"}\n',
-     "surrogate.jsonl:2: field 'text' holds a lone surrogate (U+D800 at character 1)"),
+    (
+        "surrogate.jsonl",
+        b'{"text": "a"}\n{"text": "x\\ud800y"}\n',
+        "surrogate.jsonl:2: field 'text' holds a lone surrogate (U+D800 at character 1)",
+    ),
     ("low-surrogate.jsonl", b'{"text": "\\udc00"}\n', "low-surrogate.jsonl:1: field 'text' holds a lone surrogate"),
     ("deep.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"\n", "deep.jsonl:2: invalid JSON"),
     ("array.jsonl", b"[1, 2]\n", "array.jsonl:1: expected a JSON object, got list"),
@@ -467,14 +705,25 @@ def test_bad_data_file(name, content, message, tmp_path, tiny_tokenizer, capsys)
         prepare_dataset([str(bad)], tiny_tokenizer, tmp_path / "lib", progress=False, log=lambda m: None)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "lib").exists() and not list(tmp_path.glob("lib.tmp-*"))
-    rc, line = _cli(capsys, "data", "prepare", "--input", bad, "--tokenizer", tiny_tokenizer, "--out",
-                    tmp_path / "out", "--no-progress")
+    rc, line = _cli(
+        capsys,
+        "data",
+        "prepare",
+        "--input",
+        bad,
+        "--tokenizer",
+        tiny_tokenizer,
+        "--out",
+        tmp_path / "out",
+        "--no-progress",
+    )
     assert rc == 2 and message in line
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
     if name.startswith("only-blank"):
         return  # a tokenizer can be trained on no text at all: that error is "no training text"
-    rc, line = _cli(capsys, "tokenizer", "train", "--input", bad, "--vocab-size", "300", "--out", tmp_path / "tok",
-                    "--no-progress")
+    rc, line = _cli(
+        capsys, "tokenizer", "train", "--input", bad, "--vocab-size", "300", "--out", tmp_path / "tok", "--no-progress"
+    )
     assert rc == 2 and message in line
     assert not (tmp_path / "tok").exists() and not list(tmp_path.glob("tok.tmp-*"))
 
@@ -503,8 +752,11 @@ TOKENIZER_CASES = [
     ("empty-folder", lambda d: (shutil.rmtree(d), d.mkdir()), "no tokenizer.json found"),
     ("garbage", lambda d: (d / "tokenizer.json").write_text("garbage"), "tokenizer.json: cannot load tokenizer"),
     ("empty", lambda d: (d / "tokenizer.json").write_text(""), "tokenizer.json: cannot load tokenizer"),
-    ("not-a-tokenizer", lambda d: (d / "tokenizer.json").write_text('{"version": "1.0"}'),
-     "tokenizer.json: cannot load tokenizer"),
+    (
+        "not-a-tokenizer",
+        lambda d: (d / "tokenizer.json").write_text('{"version": "1.0"}'),
+        "tokenizer.json: cannot load tokenizer",
+    ),
     ("not-utf8", lambda d: (d / "tokenizer.json").write_bytes(b"\xff\xfe"), "tokenizer.json: cannot load tokenizer"),
     ("a-file", lambda d: (shutil.rmtree(d), d.write_text("garbage")), "cannot load tokenizer"),
     ("no-eos", _no_eos_tokenizer, "tokenizer has no </s> token"),
@@ -516,8 +768,18 @@ def test_bad_tokenizer_folder(make, message, tmp_path, tiny_tokenizer, corpus, c
     tok = tmp_path / "tok"
     shutil.copytree(tiny_tokenizer, tok)
     make(tok)
-    rc, line = _cli(capsys, "data", "prepare", "--input", corpus["jsonl"], "--tokenizer", tok, "--out",
-                    tmp_path / "out", "--no-progress")
+    rc, line = _cli(
+        capsys,
+        "data",
+        "prepare",
+        "--input",
+        corpus["jsonl"],
+        "--tokenizer",
+        tok,
+        "--out",
+        tmp_path / "out",
+        "--no-progress",
+    )
     assert rc == 2 and message in line and str(tok) in line
     assert not (tmp_path / "out").exists()
 
@@ -538,6 +800,7 @@ def _manifest_edit(**changes):
             else:
                 node[int(keys[-1]) if isinstance(node, list) else keys[-1]] = value
         (d / "manifest.json").write_text(json.dumps(m))
+
     return edit
 
 
@@ -557,16 +820,29 @@ MANIFEST_CASES = [
     ("bad-dtype", _manifest_edit(dtype="float32"), "manifest.json: dtype: expected one of uint16, uint32"),
     ("eos-outside-vocab", _manifest_edit(eos_id=400), "manifest.json: eos_id: expected an id in [0, 400)"),
     ("no-tokenizer", _manifest_edit(tokenizer=_DELETE), "manifest.json: tokenizer: expected"),
-    ("shard-tokens-not-int", _manifest_edit(**{"splits.train.shards.0.tokens": "12"}),
-     "manifest.json: splits.train.shards[0]: expected {file, tokens}"),
-    ("shard-outside-folder", _manifest_edit(**{"splits.train.shards.0.file": "../elsewhere.npy"}),
-     "manifest.json: splits.train.shards[0].file: '../elsewhere.npy' must be a path inside the folder"),
-    ("tokens-disagree", _manifest_edit(**{"splits.train.tokens": 5}),
-     "manifest.json: splits.train.tokens: 5 differs from the sum of its shards"),
+    (
+        "shard-tokens-not-int",
+        _manifest_edit(**{"splits.train.shards.0.tokens": "12"}),
+        "manifest.json: splits.train.shards[0]: expected {file, tokens}",
+    ),
+    (
+        "shard-outside-folder",
+        _manifest_edit(**{"splits.train.shards.0.file": "../elsewhere.npy"}),
+        "manifest.json: splits.train.shards[0].file: '../elsewhere.npy' must be a path inside the folder",
+    ),
+    (
+        "tokens-disagree",
+        _manifest_edit(**{"splits.train.tokens": 5}),
+        "manifest.json: splits.train.tokens: 5 differs from the sum of its shards",
+    ),
     ("shard-missing", lambda d: _shard(d).unlink(), "missing token shard"),
     ("shard-truncated", lambda d: _shard(d).write_bytes(_shard(d).read_bytes()[:200]), "unreadable token shard"),
     ("shard-garbage", lambda d: _shard(d).write_bytes(b"garbage" * 10), "unreadable token shard"),
-    ("shard-wrong-dtype", lambda d: np.save(_shard(d), np.load(_shard(d)).astype("int64")), "int64, manifest.json says"),
+    (
+        "shard-wrong-dtype",
+        lambda d: np.save(_shard(d), np.load(_shard(d)).astype("int64")),
+        "int64, manifest.json says",
+    ),
 ]
 
 
@@ -584,12 +860,18 @@ def test_bad_prepared_folder(make, message, tmp_path, prepared, capsys):
     assert rc == 2 and message in line and str(data) in line
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda d: (d / "token_counts.npy").unlink(), "token_counts.npy: no such file"),
-    (lambda d: (d / "token_counts.npy").write_bytes(b"garbage"), "token_counts.npy: not a readable .npy"),
-    (lambda d: np.save(d / "token_counts.npy", np.zeros(3, "int64")),
-     "token_counts.npy: holds int64 [3], expected int64 [400]"),
-], ids=["missing", "garbage", "wrong-length"])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda d: (d / "token_counts.npy").unlink(), "token_counts.npy: no such file"),
+        (lambda d: (d / "token_counts.npy").write_bytes(b"garbage"), "token_counts.npy: not a readable .npy"),
+        (
+            lambda d: np.save(d / "token_counts.npy", np.zeros(3, "int64")),
+            "token_counts.npy: holds int64 [3], expected int64 [400]",
+        ),
+    ],
+    ids=["missing", "garbage", "wrong-length"],
+)
 def test_bad_token_counts(make, message, tmp_path, prepared, capsys):
     data = tmp_path / "data"
     shutil.copytree(prepared, data)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from complexity.cli import main
+
 pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
 
 
@@ -85,15 +86,41 @@ def test_manifest_fields_and_counts(prepared, tiny_tokenizer):
 def test_idempotent_rerun(prepared, tiny_tokenizer, corpus, capsys):
     before = _tree_bytes(prepared)
     mtime = (prepared / "manifest.json").stat().st_mtime_ns
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"].parent), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(prepared), "--val-fraction", "0.2", "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"].parent),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(prepared),
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "nothing to do" in capsys.readouterr().out
     assert _tree_bytes(prepared) == before
     assert (prepared / "manifest.json").stat().st_mtime_ns == mtime
     # different options on an existing folder: refused without --force
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"].parent), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(prepared), "--val-fraction", "0.3", "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"].parent),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(prepared),
+            "--val-fraction",
+            "0.3",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert _tree_bytes(prepared) == before
 
@@ -135,8 +162,16 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, tiny_tokenizer, m
 def test_worker_processes_same_output(tmp_path, tiny_tokenizer, prepared, corpus):
     from complexity.data.prepare import prepare_dataset
 
-    res = prepare_dataset([str(corpus["jsonl"].parent)], tiny_tokenizer, tmp_path / "mp", val_fraction=0.2,
-                          workers=2, batch_bytes=2000, progress=False, log=lambda m: None)
+    res = prepare_dataset(
+        [str(corpus["jsonl"].parent)],
+        tiny_tokenizer,
+        tmp_path / "mp",
+        val_fraction=0.2,
+        workers=2,
+        batch_bytes=2000,
+        progress=False,
+        log=lambda m: None,
+    )
     for split in ("train", "val"):
         assert np.array_equal(_stream(tmp_path / "mp", split), _stream(prepared, split))
     assert res.manifest["config_hash"] == json.loads((prepared / "manifest.json").read_text())["config_hash"]
@@ -146,8 +181,15 @@ def test_batching_does_not_change_output(tmp_path, tiny_tokenizer, prepared, cor
     from complexity.data.prepare import prepare_dataset
 
     # one document per batch (many batches in flight, packed as they come back) vs the default
-    res = prepare_dataset([str(corpus["jsonl"].parent)], tiny_tokenizer, tmp_path / "b1", val_fraction=0.2,
-                          batch_bytes=1, progress=False, log=lambda m: None)
+    res = prepare_dataset(
+        [str(corpus["jsonl"].parent)],
+        tiny_tokenizer,
+        tmp_path / "b1",
+        val_fraction=0.2,
+        batch_bytes=1,
+        progress=False,
+        log=lambda m: None,
+    )
     for split in ("train", "val"):
         assert np.array_equal(_stream(tmp_path / "b1", split), _stream(prepared, split))
     m = json.loads((prepared / "manifest.json").read_text())
@@ -165,8 +207,15 @@ def test_parquet_glob_and_hf_disk_sources(tmp_path, tiny_tokenizer):
     docs = make_docs(12, seed=11)
     pq.write_table(pa.table({"body": docs[:6]}), tmp_path / "a.parquet")
     datasets.Dataset.from_dict({"body": docs[6:]}).save_to_disk(str(tmp_path / "hfds"))
-    res = prepare_dataset([str(tmp_path / "*.parquet"), str(tmp_path / "hfds")], tiny_tokenizer, tmp_path / "out",
-                          text_field="body", val_fraction=0.0, progress=False, log=lambda m: None)
+    res = prepare_dataset(
+        [str(tmp_path / "*.parquet"), str(tmp_path / "hfds")],
+        tiny_tokenizer,
+        tmp_path / "out",
+        text_field="body",
+        val_fraction=0.0,
+        progress=False,
+        log=lambda m: None,
+    )
     assert [s["kind"] for s in res.manifest["sources"]] == ["parquet", "hf_disk"]
     assert res.manifest["documents"] == 12 and res.manifest["splits"]["val"]["tokens"] == 0
     assert (_stream(tmp_path / "out", "train") == 0).sum() == 12
@@ -189,22 +238,37 @@ def _bad(tmp_path, name, content: bytes):
     return p
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("empty.txt", b"", "empty.txt: file is empty"),
-    ("blank.txt", b"  \n\n ", "blank.txt: file contains only whitespace"),
-    ("bin.txt", b"abc\x00\x01\x02def", "bin.txt:1: looks like a binary file"),
-    ("latin.txt", "caf\u00e9".encode("latin-1"), "latin.txt:1: not valid UTF-8"),
-    ("nofield.jsonl", b'{"text": "fine"}\n{"body": "oops"}\n', "nofield.jsonl:2: missing text field 'text'"),
-    ("badjson.jsonl", b'{"text": "fine"}\n\n{"text": "x",\n', "badjson.jsonl:3: invalid JSON"),
-    ("notstr.jsonl", b'{"text": 5}\n', "notstr.jsonl:1: field 'text' is int"),
-    ("corrupt.parquet", b"PAR1 this is not really parquet PAR1", "corrupt.parquet: not a readable parquet file"),
-    ("data.bin", b"whatever", "data.bin: unsupported file type"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.txt", b"", "empty.txt: file is empty"),
+        ("blank.txt", b"  \n\n ", "blank.txt: file contains only whitespace"),
+        ("bin.txt", b"abc\x00\x01\x02def", "bin.txt:1: looks like a binary file"),
+        ("latin.txt", "caf\u00e9".encode("latin-1"), "latin.txt:1: not valid UTF-8"),
+        ("nofield.jsonl", b'{"text": "fine"}\n{"body": "oops"}\n', "nofield.jsonl:2: missing text field 'text'"),
+        ("badjson.jsonl", b'{"text": "fine"}\n\n{"text": "x",\n', "badjson.jsonl:3: invalid JSON"),
+        ("notstr.jsonl", b'{"text": 5}\n', "notstr.jsonl:1: field 'text' is int"),
+        ("corrupt.parquet", b"PAR1 this is not really parquet PAR1", "corrupt.parquet: not a readable parquet file"),
+        ("data.bin", b"whatever", "data.bin: unsupported file type"),
+    ],
+)
 def test_bad_inputs_cli(tmp_path, tiny_tokenizer, corpus, capsys, name, content, message):
     bad = _bad(tmp_path, name, content)
     out = tmp_path / "out"
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), str(bad), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            str(bad),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err, err
@@ -213,14 +277,42 @@ def test_bad_inputs_cli(tmp_path, tiny_tokenizer, corpus, capsys, name, content,
 
 def test_missing_input_and_empty_glob(tmp_path, tiny_tokenizer, capsys):
     out = tmp_path / "out"
-    assert main(["data", "prepare", "--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tiny_tokenizer),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--input",
+                str(tmp_path / "nope.txt"),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "nope.txt: no such file or folder" in capsys.readouterr().err
-    assert main(["data", "prepare", "--input", str(tmp_path / "*.jsonl"), "--tokenizer", str(tiny_tokenizer),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--input",
+                str(tmp_path / "*.jsonl"),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "glob matches no supported files" in capsys.readouterr().err
-    assert main(["data", "prepare", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "notok"),
-                 "--out", str(out)]) == 2
+    assert (
+        main(["data", "prepare", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "notok"), "--out", str(out)])
+        == 2
+    )
     assert "no tokenizer.json" in capsys.readouterr().err
     assert not out.exists()
 
@@ -238,12 +330,36 @@ def test_dtype_too_small(tmp_path, corpus, capsys):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     save_tokenizer(tok, tmp_path / "bigtok")
     out = tmp_path / "out"
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "bigtok"),
-               "--out", str(out), "--dtype", "uint16", "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            "--tokenizer",
+            str(tmp_path / "bigtok"),
+            "--out",
+            str(out),
+            "--dtype",
+            "uint16",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "uint16 cannot hold token ids up to 70003" in capsys.readouterr().err
     assert not out.exists()
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "bigtok"),
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            "--tokenizer",
+            str(tmp_path / "bigtok"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and json.loads((out / "manifest.json").read_text())["dtype"] == "uint32"
 
 
@@ -264,8 +380,19 @@ def test_interrupted_folder_not_mistaken_for_complete(tmp_path, prepared, tiny_t
     (half / "manifest.json").unlink()
     assert main(["data", "inspect", str(half)]) == 2
     assert "not a complete prepared-data folder" in capsys.readouterr().err
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(half), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(half),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "not a prepared-data folder" in capsys.readouterr().err
 
 
@@ -276,8 +403,19 @@ def test_hub_dataset_offline_error(tmp_path, tiny_tokenizer, monkeypatch, capsys
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    rc = main(["data", "prepare", "--input", "hf:someone/corpus", "--tokenizer", str(tiny_tokenizer),
-               "--out", str(tmp_path / "out"), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            "hf:someone/corpus",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "hf:someone/corpus: cannot load dataset 'someone/corpus' from the Hugging Face hub" in err
     assert "offline?" in err and not (tmp_path / "out").exists()
@@ -336,8 +474,9 @@ def _count_bytes_written(monkeypatch, run) -> int:
 
 
 @pytest.mark.parametrize("fraction", [0.02, 0.5, 0.97])
-def test_full_disk_names_the_path_and_keeps_finished_work(fraction, tmp_path, tiny_tokenizer, small_run, monkeypatch,
-                                                          capsys):
+def test_full_disk_names_the_path_and_keeps_finished_work(
+    fraction, tmp_path, tiny_tokenizer, small_run, monkeypatch, capsys
+):
     """The disk fills after a share of the bytes a run writes (the last write is partial, as on a
     real disk): exit 1 with one line naming the file and the bytes it needed; no partial file left,
     nothing that reads as complete; after space is freed the same command finishes with the same
@@ -348,20 +487,34 @@ def test_full_disk_names_the_path_and_keeps_finished_work(fraction, tmp_path, ti
     from complexity.data.prepare import prepare_dataset
 
     inputs, opts, clean = small_run
-    total = _count_bytes_written(monkeypatch, lambda: prepare_dataset(inputs, tiny_tokenizer, tmp_path / "count",
-                                                                      **opts))
+    total = _count_bytes_written(
+        monkeypatch, lambda: prepare_dataset(inputs, tiny_tokenizer, tmp_path / "count", **opts)
+    )
     real, left = os.write, [int(total * fraction)]
 
     def filling(fd, data):
         if left[0] <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        n = real(fd, data[:left[0]])
+        n = real(fd, data[: left[0]])
         left[0] -= n
         return n
 
     out = tmp_path / "out"
-    argv = ["data", "prepare", "--input", *inputs, "--tokenizer", str(tiny_tokenizer), "--out", str(out),
-            "--val-fraction", "0.25", "--shard-tokens", "900", "--no-progress"]
+    argv = [
+        "data",
+        "prepare",
+        "--input",
+        *inputs,
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.25",
+        "--shard-tokens",
+        "900",
+        "--no-progress",
+    ]
     monkeypatch.setattr(os, "write", filling)
     rc = main(argv)
     monkeypatch.undo()
@@ -390,7 +543,7 @@ def test_full_disk_before_assembling_the_shards(tmp_path, tiny_tokenizer, small_
     assert "needed to assemble the shards" in message and ", 1,000 bytes free there" in message
     assert err.value.needed > 2 * 400 * 8  # the shards of both splits + the int64 [400] counts
     monkeypatch.undo()
-    (tmp, ) = tmp_path.glob("out.tmp-*")
+    (tmp,) = tmp_path.glob("out.tmp-*")
     assert len(list((tmp / "parts").glob("*.json"))) == 3 and not (tmp / "manifest.json").exists()
     logs = []
     res = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "out", **{**opts, "log": logs.append})

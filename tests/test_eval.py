@@ -39,7 +39,7 @@ def _val_windows(data: Path, seq_len: int) -> torch.Tensor:
     manifest = json.loads((data / "manifest.json").read_text())
     stream = np.concatenate([np.load(data / s["file"]) for s in manifest["splits"]["val"]["shards"]]).astype(np.int64)
     n = (len(stream) - 1) // seq_len
-    return torch.stack([torch.from_numpy(stream[i * seq_len: i * seq_len + seq_len + 1]) for i in range(n)]), manifest
+    return torch.stack([torch.from_numpy(stream[i * seq_len : i * seq_len + seq_len + 1]) for i in range(n)]), manifest
 
 
 def test_eval_equals_hand_computation(setup):
@@ -71,8 +71,16 @@ def test_eval_equals_hand_computation(setup):
 
 def test_learned_moe_shares_follow_the_router():
     torch.manual_seed(0)
-    cfg = ComplexityConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, mlp_type="learned_moe", num_experts=4)
+    cfg = ComplexityConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_type="learned_moe",
+        num_experts=4,
+    )
     model = ComplexityForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (2, 17))
     batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]

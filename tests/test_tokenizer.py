@@ -8,6 +8,7 @@ import json
 import pytest
 
 from complexity.cli import main
+
 pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
 
 
@@ -39,12 +40,15 @@ def test_special_token_ids_and_hf_folder(tiny_tokenizer):
     assert (mc.pad_token_id, mc.bos_token_id, mc.eos_token_id) == (1, 2, 0)
 
 
-@pytest.mark.parametrize("text", [
-    "The model reads tokens.",
-    "naïve café ünïcode — “quotes” 日本語 🙂\n\n  indented\ttab",
-    "",
-    "x" * 500,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The model reads tokens.",
+        "naïve café ünïcode — “quotes” 日本語 🙂\n\n  indented\ttab",
+        "",
+        "x" * 500,
+    ],
+)
 def test_round_trip(tiny_tokenizer, text):
     from transformers import AutoTokenizer
 
@@ -71,12 +75,18 @@ def test_chat_template(tiny_tokenizer):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
-    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "How are you?"}]
+    msgs = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"},
+    ]
     assert tok.apply_chat_template(msgs, tokenize=False) == "User: Hi there\n\nAssistant: Hello!\n\nUser: How are you?"
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith(
-        "User: How are you?\n\nAssistant:")
-    assert tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) == "User: Hi there\n\nAssistant:"
+        "User: How are you?\n\nAssistant:"
+    )
+    assert (
+        tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) == "User: Hi there\n\nAssistant:"
+    )
 
 
 def test_tokenizer_hash_stable_and_distinct(tiny_tokenizer, tmp_path):
@@ -95,8 +105,20 @@ def test_tokenizer_hash_stable_and_distinct(tiny_tokenizer, tmp_path):
 
 def test_cli_train(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
-    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), *map(str, corpus["txt"]),
-               "--vocab-size", "320", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus["jsonl"]),
+            *map(str, corpus["txt"]),
+            "--vocab-size",
+            "320",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     from transformers import AutoTokenizer
 
@@ -117,8 +139,23 @@ def test_cli_train_errors(tmp_path, capsys):
     good.write_text("hello world")
     assert main(["tokenizer", "train", "--input", str(good), "--vocab-size", "100", "--out", str(tmp_path / "t")]) == 2
     assert "too small" in capsys.readouterr().err
-    assert main(["tokenizer", "train", "--input", str(good), "--vocab-size", "300", "--min-frequency", "-1",
-                 "--out", str(tmp_path / "t")]) == 2
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(good),
+                "--vocab-size",
+                "300",
+                "--min-frequency",
+                "-1",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
     assert "--min-frequency must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
@@ -140,10 +177,12 @@ def test_builtin_corpus_deterministic_prose():
 def test_builtin_module_docs_extracted():
     from complexity.data import builtin_corpus
 
-    src = '"""Module docstring that is long enough to be kept by the extractor."""\n' \
-          "def f():\n    '''Function docstring that is long enough to be kept, too.'''\n    x = 1  # inline\n" \
-          "# This block comment has plenty of ordinary words in it\n# and continues here.\n" \
-          "\n# x = f(1, 2) + g[3]; y = {4: 5}\n"
+    src = (
+        '"""Module docstring that is long enough to be kept by the extractor."""\n'
+        "def f():\n    '''Function docstring that is long enough to be kept, too.'''\n    x = 1  # inline\n"
+        "# This block comment has plenty of ordinary words in it\n# and continues here.\n"
+        "\n# x = f(1, 2) + g[3]; y = {4: 5}\n"
+    )
     import ast
 
     assert builtin_corpus._docstrings(ast.parse(src)) == [
@@ -191,8 +230,19 @@ def test_full_disk_before_saving(tmp_path, corpus, monkeypatch, capsys):
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
     out = tmp_path / "tok"
-    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "300", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus["jsonl"]),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
     assert f"complexity tokenizer: error: {out}: disk full: writing it needs " in err[0]
@@ -219,8 +269,19 @@ def test_full_disk_while_saving_leaves_nothing(tmp_path, corpus, monkeypatch, ca
 
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", fills_up)
     out = tmp_path / "tok"
-    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "300", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus["jsonl"]),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and f"{out}: disk full: writing it needs " in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == []

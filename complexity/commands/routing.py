@@ -15,12 +15,19 @@ def register(subparsers) -> None:
         description="Build the token -> expert table (int64 [V]) and print, for every strategy, the max/mean "
         "expert share of the token-count mass.",
     )
-    build.add_argument("--counts", required=True,
-                       help="token counts: a .npy int64 [V] file or a prepared-data folder (token_counts.npy)")
+    build.add_argument(
+        "--counts",
+        required=True,
+        help="token counts: a .npy int64 [V] file or a prepared-data folder (token_counts.npy)",
+    )
     build.add_argument("--experts", type=int, required=True)
     build.add_argument("--strategy", default="zipf", choices=["zipf", "modulo", "range"])
-    build.add_argument("--vocab-size", type=int, default=None,
-                       help="table size (default: len(counts); larger pads the counts with zeros)")
+    build.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="table size (default: len(counts); larger pads the counts with zeros)",
+    )
     build.add_argument("--out", default=None, help="write the table (.safetensors key 'routing_table', or .npy)")
     build.set_defaults(func=run_build)
 
@@ -61,8 +68,10 @@ def run_build(args) -> int:
         table = build_routing_table(strategy, vocab, args.experts, counts)
         rep = balance_report(table, counts, args.experts)
         mark = " <-" if strategy == args.strategy else ""
-        print(f"{strategy:<8} {rep['max_over_mean']:>14.4f} {min(rep['mass_share']):>10.4f} "
-              f"{max(rep['mass_share']):>10.4f} {rep['ids_max_over_mean']:>13.4f}{mark}")
+        print(
+            f"{strategy:<8} {rep['max_over_mean']:>14.4f} {min(rep['mass_share']):>10.4f} "
+            f"{max(rep['mass_share']):>10.4f} {rep['ids_max_over_mean']:>13.4f}{mark}"
+        )
         if strategy == args.strategy:
             chosen = table
     if args.out:
@@ -75,7 +84,12 @@ def run_build(args) -> int:
         else:
             from safetensors.torch import save
 
-            write_bytes_atomic(out, save({"routing_table": chosen.contiguous()},
-                                         metadata={"strategy": args.strategy, "num_experts": str(args.experts)}))
+            write_bytes_atomic(
+                out,
+                save(
+                    {"routing_table": chosen.contiguous()},
+                    metadata={"strategy": args.strategy, "num_experts": str(args.experts)},
+                ),
+            )
         print(f"wrote {args.strategy} table [{vocab}] to {out}")
     return 0

@@ -41,10 +41,15 @@ class DiskFullError(OSError):
         free = f", {self.free:,} bytes free there" if self.free is not None else ""
         return f"{self.path}: disk full: writing it needs {need}{free}" + (f"; {self.hint}" if self.hint else "")
 
-    def with_hint(self, hint: str) -> "DiskFullError":
+    def with_hint(self, hint: str) -> DiskFullError:
         """The same error, with ``hint`` added to the message."""
-        return DiskFullError(self.path, self.needed, free=self.free, at_least=self.at_least,
-                             hint=f"{self.hint}; {hint}" if self.hint else hint)
+        return DiskFullError(
+            self.path,
+            self.needed,
+            free=self.free,
+            at_least=self.at_least,
+            hint=f"{self.hint}; {hint}" if self.hint else hint,
+        )
 
 
 def free_bytes(path) -> int | None:
@@ -129,7 +134,7 @@ class AtomicFile:
             self.fd = None
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "AtomicFile":
+    def __enter__(self) -> AtomicFile:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -160,7 +165,8 @@ def npy_header(dtype, shape: tuple) -> bytes:
 
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
     return buf.getvalue()
 
 

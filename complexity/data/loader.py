@@ -16,8 +16,8 @@ position); a loader restored with it yields exactly the batches an uninterrupted
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,7 +50,9 @@ class PackedTokens:
             try:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
             except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: missing token shard (named by {self.data_dir / 'manifest.json'})") from None
+                raise FileNotFoundError(
+                    f"{path}: missing token shard (named by {self.data_dir / 'manifest.json'})"
+                ) from None
             except (OSError, ValueError, EOFError) as err:
                 raise ValueError(f"{path}: unreadable token shard (truncated or not a .npy file): {err}") from None
             if arr.shape != (shard["tokens"],) or arr.dtype != self.dtype:
@@ -74,14 +76,14 @@ class PackedTokens:
             shard = self.shards[0]
             for row, k in enumerate(sample_ids):
                 start = int(k) * seq_len
-                out[row] = shard[start:start + seq_len + 1]
+                out[row] = shard[start : start + seq_len + 1]
             return out
         bounds = np.cumsum(self.samples_per_shard(seq_len))
         which = np.searchsorted(bounds, sample_ids, side="right")
         for row, (k, s) in enumerate(zip(sample_ids, which)):
             local = int(k) - (int(bounds[s - 1]) if s else 0)
             start = local * seq_len
-            out[row] = self.shards[s][start:start + seq_len + 1]
+            out[row] = self.shards[s][start : start + seq_len + 1]
         return out
 
 
@@ -152,7 +154,7 @@ class TrainLoader:
             rng = np.random.default_rng([self.seed, epoch])
             perm = rng.permutation(self.num_samples)
             used = self.batches_per_epoch * self.batch_size * self.world_size
-            self._perm = perm[:used][self.rank::self.world_size]
+            self._perm = perm[:used][self.rank :: self.world_size]
             self._perm_epoch = epoch
         return self._perm
 
@@ -182,7 +184,7 @@ class TrainLoader:
                 continue
             ids = self.epoch_samples(self.epoch)
             b = self.position * self.batch_size
-            tokens = self.data.gather(ids[b:b + self.batch_size], self.seq_len)
+            tokens = self.data.gather(ids[b : b + self.batch_size], self.seq_len)
             self.position += 1
             yield _make_batch(tokens, self.data.eos_id, self.with_positions)
 
@@ -229,5 +231,5 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
-            ids = self.sample_ids[i * self.batch_size:(i + 1) * self.batch_size]
+            ids = self.sample_ids[i * self.batch_size : (i + 1) * self.batch_size]
             yield _make_batch(self.data.gather(ids, self.seq_len), self.data.eos_id, self.with_positions)

@@ -55,8 +55,11 @@ def validate_manifest(manifest, path) -> dict:
         fail("format", f"{manifest.get('format')!r} is not {FORMAT!r}: not a complexity prepared-data manifest")
     version = manifest.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        fail("format_version", f"{version!r}: this version reads format {FORMAT_VERSION} (upgrade complexity, or "
-                               "re-run `complexity data prepare`)")
+        fail(
+            "format_version",
+            f"{version!r}: this version reads format {FORMAT_VERSION} (upgrade complexity, or "
+            "re-run `complexity data prepare`)",
+        )
     vocab = manifest.get("vocab_size")
     if not _is_count(vocab) or vocab == 0:
         fail("vocab_size", f"expected a positive integer, got {vocab!r}")
@@ -85,7 +88,11 @@ def validate_manifest(manifest, path) -> dict:
         if not isinstance(shards, list):
             fail(f"{where}.shards", "expected a list")
         for i, shard in enumerate(shards):
-            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not _is_count(shard.get("tokens")):
+            if (
+                not isinstance(shard, dict)
+                or not isinstance(shard.get("file"), str)
+                or not _is_count(shard.get("tokens"))
+            ):
                 fail(f"{where}.shards[{i}]", "expected {file, tokens}")
             rel = Path(shard["file"])
             if rel.is_absolute() or ".." in rel.parts:
@@ -120,7 +127,8 @@ def read_prepared_manifest(folder: str | os.PathLike) -> dict:
     manifest = read_manifest(folder)
     if manifest is None:
         raise FileNotFoundError(
-            f"{folder}: no {MANIFEST}: not a complete prepared-data folder (run `complexity data prepare`)")
+            f"{folder}: no {MANIFEST}: not a complete prepared-data folder (run `complexity data prepare`)"
+        )
     return manifest
 
 
@@ -161,8 +169,9 @@ def read_token_counts(folder: str | os.PathLike, manifest: dict | None = None) -
     except (OSError, ValueError, EOFError) as err:
         raise ManifestError(f"{path}: not a readable .npy token-counts array: {err}") from None
     if counts.shape != (manifest["vocab_size"],) or not np.issubdtype(counts.dtype, np.integer):
-        raise ManifestError(f"{path}: holds {counts.dtype} {list(counts.shape)}, expected int64 "
-                            f"[{manifest['vocab_size']}] (vocab_size)")
+        raise ManifestError(
+            f"{path}: holds {counts.dtype} {list(counts.shape)}, expected int64 [{manifest['vocab_size']}] (vocab_size)"
+        )
     return counts.astype(np.int64, copy=False)
 
 
@@ -202,8 +211,9 @@ def check_same_run_tokenizer(manifest: dict, where, run_data, checkpoint) -> Non
         run_manifest = read_prepared_manifest(run_data)
     except (FileNotFoundError, ValueError):
         return
-    check_same_tokenizer(manifest, where, run_manifest["tokenizer"]["hash"],
-                         f"the tokenizer of {checkpoint}'s training data {run_data}")
+    check_same_tokenizer(
+        manifest, where, run_manifest["tokenizer"]["hash"], f"the tokenizer of {checkpoint}'s training data {run_data}"
+    )
 
 
 def check_data_matches_model(manifest: dict, vocab_size: int, where) -> None:

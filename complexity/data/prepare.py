@@ -30,16 +30,25 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .files import (AtomicFile, DiskFullError, FileFormatError, check_free_space, fsync_dir, npy_header, read_json,
-                    save_npy_atomic, write_json_atomic)
+from .files import (
+    AtomicFile,
+    DiskFullError,
+    FileFormatError,
+    check_free_space,
+    fsync_dir,
+    npy_header,
+    read_json,
+    save_npy_atomic,
+    write_json_atomic,
+)
 from .manifest import COUNTS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, read_manifest
 from .sources import DataSourceError, Source, iter_documents, resolve_sources
 from .tokenizer import EOS_TOKEN, TokenizerError, load_tokenizer, tokenizer_hash, vocab_size_of
@@ -158,8 +167,11 @@ class _Encoder:
             # fork is fast (no re-import of torch); the children use a fresh single-threaded
             # tokenizer, and tokenizers itself turns its thread pool off in forked children.
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self.pool = ctx.Pool(workers, initializer=_worker_init,
-                                 initargs=(str(tokenizer_path), eos_id, np.dtype(dtype).name, val_fraction))
+            self.pool = ctx.Pool(
+                workers,
+                initializer=_worker_init,
+                initargs=(str(tokenizer_path), eos_id, np.dtype(dtype).name, val_fraction),
+            )
         else:
             self.pool = ThreadPoolExecutor(max_workers=1)
 
@@ -204,7 +216,9 @@ def _process_source(source, index, parts_dir, encoder: _Encoder, vocab_size, opt
     # error or a kill leaves at most their .partial files, which the next run overwrites.
     with AtomicFile(parts_dir / f"{part_id}.train.bin") as train, AtomicFile(parts_dir / f"{part_id}.val.bin") as val:
         files = {"train": train, "val": val}
-        docs = iter_documents(source, text_field=opts["text_field"], txt_split=opts["txt_split"], hf_split=opts["hf_split"])
+        docs = iter_documents(
+            source, text_field=opts["text_field"], txt_split=opts["txt_split"], hf_split=opts["hf_split"]
+        )
         for result in encoder.map(_doc_batches(docs, batch_bytes)):
             for split in SPLITS:
                 arr = result["arrays"][split]
@@ -306,8 +320,19 @@ def prepare_dataset(
     try:
         if read_manifest(tmp) is None:
             metas, resumed = _run_parts(
-                sources, parts_dir, tok, tokenizer, eos_id, vocab_size, np_dtype, options, batch_bytes, workers,
-                progress, fail_after, log,
+                sources,
+                parts_dir,
+                tok,
+                tokenizer,
+                eos_id,
+                vocab_size,
+                np_dtype,
+                options,
+                batch_bytes,
+                workers,
+                progress,
+                fail_after,
+                log,
             )
             manifest = _assemble(
                 tmp, metas, sources, tok, tokenizer, tok_hash, vocab_size, eos_id, np_dtype, options, config_hash
@@ -332,8 +357,21 @@ def prepare_dataset(
     return PrepareResult(out, manifest, skipped=False, resumed_parts=resumed)
 
 
-def _run_parts(sources, parts_dir, tok, tokenizer_path, eos_id, vocab_size, dtype, opts, batch_bytes, workers,
-               progress, fail_after, log):
+def _run_parts(
+    sources,
+    parts_dir,
+    tok,
+    tokenizer_path,
+    eos_id,
+    vocab_size,
+    dtype,
+    opts,
+    batch_bytes,
+    workers,
+    progress,
+    fail_after,
+    log,
+):
     metas = []
     encoder = None
     resumed = 0
@@ -389,8 +427,11 @@ def _finished_part(parts_dir: Path, part_id: str, dtype) -> dict | None:
 def _write_shards(tmp: Path, split: str, metas, dtype, shard_tokens: int) -> list[dict]:
     """Concatenate the parts' token files of one split into shards of at most shard_tokens."""
     total = sum(m["splits"][split]["tokens"] for m in metas)
-    streams = (np.memmap(tmp / "parts" / f"{m['part']}.{split}.bin", dtype=dtype, mode="r")
-               for m in metas if m["splits"][split]["tokens"])
+    streams = (
+        np.memmap(tmp / "parts" / f"{m['part']}.{split}.bin", dtype=dtype, mode="r")
+        for m in metas
+        if m["splits"][split]["tokens"]
+    )
     src, off = None, 0
     shards = []
     for k in range(-(-total // shard_tokens)):
@@ -405,7 +446,7 @@ def _write_shards(tmp: Path, split: str, metas, dtype, shard_tokens: int) -> lis
                     src, off = next(streams), 0
                     continue
                 take = min(left, src.size - off)
-                f.write(src[off:off + take])
+                f.write(src[off : off + take])
                 off += take
                 left -= take
         shards.append({"file": rel, "tokens": int(n)})

@@ -26,9 +26,9 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -75,7 +75,8 @@ def _kind_of(path: Path) -> str | None:
 
 def is_hf_disk_folder(path: Path) -> bool:
     return path.is_dir() and (
-        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+        (path / "dataset_info.json").is_file()
+        and (path / "state.json").is_file()
         or (path / "dataset_dict.json").is_file()
     )
 
@@ -150,7 +151,8 @@ def _hash_and_check_text(path: Path, kind: str) -> tuple[int, str]:
                     if nul >= 0:
                         line = lines + chunk.count(b"\n", 0, nul) + 1
                         raise DataSourceError(
-                            f"{path}:{line}: looks like a binary file (NUL byte at offset {size + nul}), not text")
+                            f"{path}:{line}: looks like a binary file (NUL byte at offset {size + nul}), not text"
+                        )
                     pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
                     try:
                         text = decoder.decode(chunk)
@@ -169,7 +171,8 @@ def _hash_and_check_text(path: Path, kind: str) -> tuple[int, str]:
                     any_text = bool(decoder.decode(b"", final=True).strip()) or any_text
                 except UnicodeDecodeError:
                     raise DataSourceError(
-                        f"{path}:{lines + 1}: not valid UTF-8 text (truncated character at end of file)") from None
+                        f"{path}:{lines + 1}: not valid UTF-8 text (truncated character at end of file)"
+                    ) from None
     except OSError as err:
         raise DataSourceError(f"{path}: cannot read: {err.strerror or err}") from None
     if size == 0:
@@ -264,8 +267,15 @@ def resolve_sources(
                     raise DataSourceError(str(err)) from None
                 stats = builtin_corpus.site_packages_stats(cap)
                 seen.add(spec)
-                out.append(Source(stats["name"], "builtin_site", stats["bytes"], stats["sha256"],
-                                  {"max_mbytes": cap, "roots": stats["roots"]}))
+                out.append(
+                    Source(
+                        stats["name"],
+                        "builtin_site",
+                        stats["bytes"],
+                        stats["sha256"],
+                        {"max_mbytes": cap, "roots": stats["roots"]},
+                    )
+                )
             continue
         if spec.startswith("hf:"):
             if spec in seen:
@@ -274,7 +284,9 @@ def resolve_sources(
             ds = _load_hf_hub(spec, hf_split)
             _check_hf_column(spec, ds, text_field)
             fp = getattr(ds, "_fingerprint", "") or ""
-            out.append(Source(spec, "hf_hub", int(getattr(ds, "dataset_size", 0) or 0), fp, {"split": hf_split or "train"}))
+            out.append(
+                Source(spec, "hf_hub", int(getattr(ds, "dataset_size", 0) or 0), fp, {"split": hf_split or "train"})
+            )
             continue
         for path, kind in _expand(spec):
             key = str(path.resolve())
@@ -296,7 +308,9 @@ def resolve_sources(
 def _check_hf_column(where, ds, text_field: str) -> None:
     cols = list(getattr(ds, "column_names", []) or [])
     if text_field not in cols:
-        raise DataSourceError(f"{where}: dataset has no column {text_field!r} (columns: {', '.join(cols)}); use --text-field")
+        raise DataSourceError(
+            f"{where}: dataset has no column {text_field!r} (columns: {', '.join(cols)}); use --text-field"
+        )
     if len(ds) == 0:
         raise DataSourceError(f"{where}: dataset has no rows")
 
@@ -370,7 +384,9 @@ def iter_documents(
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise DataSourceError(f"{name}: row {i * 1000 + j}: column {text_field!r} is {type(text).__name__}, not text")
+                    raise DataSourceError(
+                        f"{name}: row {i * 1000 + j}: column {text_field!r} is {type(text).__name__}, not text"
+                    )
                 if text.strip():
                     yield text
     else:
@@ -381,11 +397,13 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not JSON
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataSourceError(f"{path}:{lineno}: not valid UTF-8 text (bad byte at column {err.start + 1})") from None
+                raise DataSourceError(
+                    f"{path}:{lineno}: not valid UTF-8 text (bad byte at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -398,7 +416,9 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 raise DataSourceError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             if text_field not in obj:
                 keys = ", ".join(map(str, obj)) or "none"
-                raise DataSourceError(f"{path}:{lineno}: missing text field {text_field!r} (fields: {keys}); use --text-field")
+                raise DataSourceError(
+                    f"{path}:{lineno}: missing text field {text_field!r} (fields: {keys}); use --text-field"
+                )
             text = obj[text_field]
             if not isinstance(text, str):
                 raise DataSourceError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
@@ -426,7 +446,9 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise DataSourceError(f"{path}: row {row - 1}: column {text_field!r} is {type(text).__name__}, not text")
+                    raise DataSourceError(
+                        f"{path}: row {row - 1}: column {text_field!r} is {type(text).__name__}, not text"
+                    )
                 if text.strip():
                     yield text
     except DataSourceError:

@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from .files import DiskFullError, check_free_space, fsync_dir, is_disk_full, write_json_atomic
 
