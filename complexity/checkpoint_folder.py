@@ -29,6 +29,8 @@ unexpected or mismatched key is an error.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,19 +187,35 @@ def read_checkpoint_config(folder: Path):
             "loads Complexity checkpoints only (upstream complexity-deep / TR-Hash folders: "
             "`complexity convert`)"
         )
-    vocab = cfg.get("vocab_size")
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # before transformers warns about them
-        value = cfg.get(name)
-        for token_id in value if isinstance(value, list) else [value]:
-            if token_id is None or not isinstance(vocab, int):
-                continue
-            if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab:
-                raise CheckpointError(f"{path}: {name}={token_id!r} is outside the vocabulary [0, vocab_size={vocab})")
     try:
-        return ComplexityConfig.from_dict(cfg)
+        with _quiet_transformers():  # it warns about some fields our own checks below report as errors
+            config = ComplexityConfig.from_dict(cfg)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         message = str(err).removeprefix("ComplexityConfig.")
         raise CheckpointError(f"{path}: {message}") from None
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        for token_id in value if isinstance(value, (list, tuple)) else [value]:
+            if token_id is not None and (
+                not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < config.vocab_size
+            ):
+                raise CheckpointError(
+                    f"{path}: {name}={token_id!r} is outside the vocabulary [0, vocab_size={config.vocab_size})"
+                )
+    return config
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' config warnings go to stderr as log lines; while a config is read here,
+    its problems are reported as one error instead."""
+    logger = logging.getLogger("transformers.configuration_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _skeleton(config, path: Path):

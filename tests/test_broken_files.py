@@ -225,6 +225,13 @@ CHECKPOINT_CASES = [
         "model",
     ),
     (
+        "config-vocab-size-negative",
+        "plain",
+        lambda d: _edit_config(d, vocab_size=-1),
+        ["config.json: vocab_size: must be a positive integer, got -1"],
+        "model",
+    ),
+    (
         "special-token-outside-vocab",
         "plain",
         lambda d: _edit_config(d, eos_token_id=VOCAB + 10),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -536,7 +537,8 @@ def test_full_disk_before_assembling_the_shards(tmp_path, tiny_tokenizer, small_
     from complexity.data.prepare import prepare_dataset
 
     inputs, opts, clean = small_run
-    monkeypatch.setattr(sh, "disk_usage", lambda path: sh._ntuple_diskusage(10_000_000, 9_999_000, 1_000))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10_000_000, 9_999_000, 1_000))
     with pytest.raises(DiskFullError) as err:
         prepare_dataset(inputs, tiny_tokenizer, tmp_path / "out", **opts)
     message = str(err.value)
@@ -606,6 +608,9 @@ def test_kill_9_at_every_write_point_then_resume(tmp_path, tiny_tokenizer, small
         child = ctx.Process(target=_killed_at, args=(point, inputs, tiny_tokenizer, out, opts))
         child.start()
         child.join(120)
+        if child.is_alive():
+            child.kill()
+            pytest.fail(f"prepare hung in the child killed at write point {point}")
         if child.exitcode == 0:  # the run finished before reaching this point: every point was tried
             break
         assert child.exitcode == -signal.SIGKILL, (point, child.exitcode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 
@@ -228,7 +229,8 @@ def test_full_disk_before_saving(tmp_path, corpus, monkeypatch, capsys):
     """Too little free space for tokenizer.json: exit 1 naming the folder and the bytes needed; nothing written."""
     import shutil
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
     out = tmp_path / "tok"
     rc = main(
         [
