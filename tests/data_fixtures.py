@@ -68,8 +68,9 @@ def prepared(tmp_path_factory, tiny_tokenizer, corpus) -> Path:
     from complexity.data.prepare import prepare_dataset
 
     out = tmp_path_factory.mktemp("prep") / "data"
-    prepare_dataset([str(corpus["jsonl"].parent)], tiny_tokenizer, out, val_fraction=0.2, progress=False,
-                    log=lambda m: None)
+    prepare_dataset(
+        [str(corpus["jsonl"].parent)], tiny_tokenizer, out, val_fraction=0.2, progress=False, log=lambda m: None
+    )
     return out
 
 

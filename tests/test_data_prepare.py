@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from complexity.cli import main
+
 pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
 
 
@@ -85,15 +87,41 @@ def test_manifest_fields_and_counts(prepared, tiny_tokenizer):
 def test_idempotent_rerun(prepared, tiny_tokenizer, corpus, capsys):
     before = _tree_bytes(prepared)
     mtime = (prepared / "manifest.json").stat().st_mtime_ns
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"].parent), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(prepared), "--val-fraction", "0.2", "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"].parent),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(prepared),
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "nothing to do" in capsys.readouterr().out
     assert _tree_bytes(prepared) == before
     assert (prepared / "manifest.json").stat().st_mtime_ns == mtime
     # different options on an existing folder: refused without --force
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"].parent), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(prepared), "--val-fraction", "0.3", "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"].parent),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(prepared),
+            "--val-fraction",
+            "0.3",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert _tree_bytes(prepared) == before
 
@@ -135,8 +163,16 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, tiny_tokenizer, m
 def test_worker_processes_same_output(tmp_path, tiny_tokenizer, prepared, corpus):
     from complexity.data.prepare import prepare_dataset
 
-    res = prepare_dataset([str(corpus["jsonl"].parent)], tiny_tokenizer, tmp_path / "mp", val_fraction=0.2,
-                          workers=2, batch_bytes=2000, progress=False, log=lambda m: None)
+    res = prepare_dataset(
+        [str(corpus["jsonl"].parent)],
+        tiny_tokenizer,
+        tmp_path / "mp",
+        val_fraction=0.2,
+        workers=2,
+        batch_bytes=2000,
+        progress=False,
+        log=lambda m: None,
+    )
     for split in ("train", "val"):
         assert np.array_equal(_stream(tmp_path / "mp", split), _stream(prepared, split))
     assert res.manifest["config_hash"] == json.loads((prepared / "manifest.json").read_text())["config_hash"]
@@ -146,8 +182,15 @@ def test_batching_does_not_change_output(tmp_path, tiny_tokenizer, prepared, cor
     from complexity.data.prepare import prepare_dataset
 
     # one document per batch (many batches in flight, packed as they come back) vs the default
-    res = prepare_dataset([str(corpus["jsonl"].parent)], tiny_tokenizer, tmp_path / "b1", val_fraction=0.2,
-                          batch_bytes=1, progress=False, log=lambda m: None)
+    res = prepare_dataset(
+        [str(corpus["jsonl"].parent)],
+        tiny_tokenizer,
+        tmp_path / "b1",
+        val_fraction=0.2,
+        batch_bytes=1,
+        progress=False,
+        log=lambda m: None,
+    )
     for split in ("train", "val"):
         assert np.array_equal(_stream(tmp_path / "b1", split), _stream(prepared, split))
     m = json.loads((prepared / "manifest.json").read_text())
@@ -165,8 +208,15 @@ def test_parquet_glob_and_hf_disk_sources(tmp_path, tiny_tokenizer):
     docs = make_docs(12, seed=11)
     pq.write_table(pa.table({"body": docs[:6]}), tmp_path / "a.parquet")
     datasets.Dataset.from_dict({"body": docs[6:]}).save_to_disk(str(tmp_path / "hfds"))
-    res = prepare_dataset([str(tmp_path / "*.parquet"), str(tmp_path / "hfds")], tiny_tokenizer, tmp_path / "out",
-                          text_field="body", val_fraction=0.0, progress=False, log=lambda m: None)
+    res = prepare_dataset(
+        [str(tmp_path / "*.parquet"), str(tmp_path / "hfds")],
+        tiny_tokenizer,
+        tmp_path / "out",
+        text_field="body",
+        val_fraction=0.0,
+        progress=False,
+        log=lambda m: None,
+    )
     assert [s["kind"] for s in res.manifest["sources"]] == ["parquet", "hf_disk"]
     assert res.manifest["documents"] == 12 and res.manifest["splits"]["val"]["tokens"] == 0
     assert (_stream(tmp_path / "out", "train") == 0).sum() == 12
@@ -189,22 +239,37 @@ def _bad(tmp_path, name, content: bytes):
     return p
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("empty.txt", b"", "empty.txt: file is empty"),
-    ("blank.txt", b"  \n\n ", "blank.txt: file contains only whitespace"),
-    ("bin.txt", b"abc\x00\x01\x02def", "bin.txt: looks like a binary file"),
-    ("latin.txt", "caf\u00e9".encode("latin-1"), "latin.txt: not valid UTF-8"),
-    ("nofield.jsonl", b'{"text": "fine"}\n{"body": "oops"}\n', "nofield.jsonl:2: missing text field 'text'"),
-    ("badjson.jsonl", b'{"text": "fine"}\n\n{"text": "x",\n', "badjson.jsonl:3: invalid JSON"),
-    ("notstr.jsonl", b'{"text": 5}\n', "notstr.jsonl:1: field 'text' is int"),
-    ("corrupt.parquet", b"PAR1 this is not really parquet PAR1", "corrupt.parquet: not a readable parquet file"),
-    ("data.bin", b"whatever", "data.bin: unsupported file type"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.txt", b"", "empty.txt: file is empty"),
+        ("blank.txt", b"  \n\n ", "blank.txt: file contains only whitespace"),
+        ("bin.txt", b"abc\x00\x01\x02def", "bin.txt:1: looks like a binary file"),
+        ("latin.txt", "caf\u00e9".encode("latin-1"), "latin.txt:1: not valid UTF-8"),
+        ("nofield.jsonl", b'{"text": "fine"}\n{"body": "oops"}\n', "nofield.jsonl:2: missing text field 'text'"),
+        ("badjson.jsonl", b'{"text": "fine"}\n\n{"text": "x",\n', "badjson.jsonl:3: invalid JSON"),
+        ("notstr.jsonl", b'{"text": 5}\n', "notstr.jsonl:1: field 'text' is int"),
+        ("corrupt.parquet", b"PAR1 this is not really parquet PAR1", "corrupt.parquet: not a readable parquet file"),
+        ("data.bin", b"whatever", "data.bin: unsupported file type"),
+    ],
+)
 def test_bad_inputs_cli(tmp_path, tiny_tokenizer, corpus, capsys, name, content, message):
     bad = _bad(tmp_path, name, content)
     out = tmp_path / "out"
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), str(bad), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            str(bad),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err, err
@@ -213,14 +278,42 @@ def test_bad_inputs_cli(tmp_path, tiny_tokenizer, corpus, capsys, name, content,
 
 def test_missing_input_and_empty_glob(tmp_path, tiny_tokenizer, capsys):
     out = tmp_path / "out"
-    assert main(["data", "prepare", "--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tiny_tokenizer),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--input",
+                str(tmp_path / "nope.txt"),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "nope.txt: no such file or folder" in capsys.readouterr().err
-    assert main(["data", "prepare", "--input", str(tmp_path / "*.jsonl"), "--tokenizer", str(tiny_tokenizer),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--input",
+                str(tmp_path / "*.jsonl"),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "glob matches no supported files" in capsys.readouterr().err
-    assert main(["data", "prepare", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "notok"),
-                 "--out", str(out)]) == 2
+    assert (
+        main(["data", "prepare", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "notok"), "--out", str(out)])
+        == 2
+    )
     assert "no tokenizer.json" in capsys.readouterr().err
     assert not out.exists()
 
@@ -238,12 +331,36 @@ def test_dtype_too_small(tmp_path, corpus, capsys):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     save_tokenizer(tok, tmp_path / "bigtok")
     out = tmp_path / "out"
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "bigtok"),
-               "--out", str(out), "--dtype", "uint16", "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            "--tokenizer",
+            str(tmp_path / "bigtok"),
+            "--out",
+            str(out),
+            "--dtype",
+            "uint16",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "uint16 cannot hold token ids up to 70003" in capsys.readouterr().err
     assert not out.exists()
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tmp_path / "bigtok"),
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            "--tokenizer",
+            str(tmp_path / "bigtok"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and json.loads((out / "manifest.json").read_text())["dtype"] == "uint32"
 
 
@@ -264,8 +381,19 @@ def test_interrupted_folder_not_mistaken_for_complete(tmp_path, prepared, tiny_t
     (half / "manifest.json").unlink()
     assert main(["data", "inspect", str(half)]) == 2
     assert "not a complete prepared-data folder" in capsys.readouterr().err
-    rc = main(["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tiny_tokenizer),
-               "--out", str(half), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus["jsonl"]),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(half),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "not a prepared-data folder" in capsys.readouterr().err
 
 
@@ -276,8 +404,19 @@ def test_hub_dataset_offline_error(tmp_path, tiny_tokenizer, monkeypatch, capsys
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    rc = main(["data", "prepare", "--input", "hf:someone/corpus", "--tokenizer", str(tiny_tokenizer),
-               "--out", str(tmp_path / "out"), "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            "hf:someone/corpus",
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "hf:someone/corpus: cannot load dataset 'someone/corpus' from the Hugging Face hub" in err
     assert "offline?" in err and not (tmp_path / "out").exists()
@@ -288,3 +427,202 @@ def test_builtin_flag_resolves_builtin_source():
 
     (src,) = resolve_sources([], builtin=True)
     assert src.kind == "builtin" and src.size_bytes > 1_000_000 and len(src.sha256) == 64
+
+
+# ----------------------------------------------------------------------------- full disk, kill -9
+
+
+def _tree_without_timestamp(folder: Path) -> dict:
+    tree = _tree_bytes(folder)
+    manifest = json.loads(tree.pop("manifest.json"))
+    manifest.pop("created")
+    tree["manifest.json"] = manifest
+    return tree
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Half-written files anywhere below root."""
+    return [str(p) for p in root.rglob("*.partial")]
+
+
+@pytest.fixture
+def small_run(tmp_path, tiny_tokenizer):
+    """Three sources, two shards per split: (inputs, options, the clean output)."""
+    from complexity.data.prepare import prepare_dataset
+
+    write_corpus(tmp_path / "src", n_txt=2, n_jsonl_docs=16)
+    inputs = [str(tmp_path / "src")]
+    opts = dict(val_fraction=0.25, shard_tokens=900, progress=False, log=lambda m: None)
+    clean = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "clean", **opts)
+    assert len(clean.manifest["splits"]["train"]["shards"]) > 1 and len(clean.manifest["sources"]) == 3
+    return inputs, opts, _tree_without_timestamp(tmp_path / "clean")
+
+
+def _count_bytes_written(monkeypatch, run) -> int:
+    import os
+
+    real, total = os.write, [0]
+
+    def counting(fd, data):
+        n = real(fd, data)
+        total[0] += n
+        return n
+
+    monkeypatch.setattr(os, "write", counting)
+    run()
+    monkeypatch.undo()
+    return total[0]
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.5, 0.97])
+def test_full_disk_names_the_path_and_keeps_finished_work(
+    fraction, tmp_path, tiny_tokenizer, small_run, monkeypatch, capsys
+):
+    """The disk fills after a share of the bytes a run writes (the last write is partial, as on a
+    real disk): exit 1 with one line naming the file and the bytes it needed; no partial file left,
+    nothing that reads as complete; after space is freed the same command finishes with the same
+    output as an uninterrupted run."""
+    import errno
+    import os
+
+    from complexity.data.prepare import prepare_dataset
+
+    inputs, opts, clean = small_run
+    total = _count_bytes_written(
+        monkeypatch, lambda: prepare_dataset(inputs, tiny_tokenizer, tmp_path / "count", **opts)
+    )
+    real, left = os.write, [int(total * fraction)]
+
+    def filling(fd, data):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real(fd, data[: left[0]])
+        left[0] -= n
+        return n
+
+    out = tmp_path / "out"
+    argv = [
+        "data",
+        "prepare",
+        "--input",
+        *inputs,
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.25",
+        "--shard-tokens",
+        "900",
+        "--no-progress",
+    ]
+    monkeypatch.setattr(os, "write", filling)
+    rc = main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("complexity data: error: ") and "disk full: writing it needs " in err[0]
+    assert f"{out}.tmp-" in err[0] and "bytes free there; finished work is kept in" in err[0]
+    assert not _leftovers(tmp_path) and not out.exists()
+    assert not list(tmp_path.glob("out.tmp-*/manifest.json"))
+    assert main(argv) == 0
+    assert _tree_without_timestamp(out) == clean
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_full_disk_before_assembling_the_shards(tmp_path, tiny_tokenizer, small_run, monkeypatch):
+    import shutil as sh
+
+    from complexity.data.files import DiskFullError
+    from complexity.data.prepare import prepare_dataset
+
+    inputs, opts, clean = small_run
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10_000_000, 9_999_000, 1_000))
+    with pytest.raises(DiskFullError) as err:
+        prepare_dataset(inputs, tiny_tokenizer, tmp_path / "out", **opts)
+    message = str(err.value)
+    assert "needed to assemble the shards" in message and ", 1,000 bytes free there" in message
+    assert err.value.needed > 2 * 400 * 8  # the shards of both splits + the int64 [400] counts
+    monkeypatch.undo()
+    (tmp,) = tmp_path.glob("out.tmp-*")
+    assert len(list((tmp / "parts").glob("*.json"))) == 3 and not (tmp / "manifest.json").exists()
+    logs = []
+    res = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "out", **{**opts, "log": logs.append})
+    assert res.resumed_parts == 3 and _tree_without_timestamp(tmp_path / "out") == clean
+
+
+# The calls that change the file system: a kill -9 just before any of them is a "write point".
+_WRITE_POINTS = ("write", "fsync", "replace", "rename", "unlink", "rmdir", "mkdir")
+
+
+def _patch_write_points(on_call) -> None:
+    import os
+
+    for name in _WRITE_POINTS:
+        real = getattr(os, name)
+
+        def wrapper(*args, _real=real, **kwargs):
+            on_call()
+            return _real(*args, **kwargs)
+
+        setattr(os, name, wrapper)
+
+
+def _killed_at(point: int, inputs, tokenizer, out, opts) -> None:
+    """Child process: run prepare and SIGKILL ourselves just before write point number `point`."""
+    import os
+    import signal
+
+    from complexity.data.prepare import prepare_dataset
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    calls = [0]
+
+    def tick():
+        calls[0] += 1
+        if calls[0] == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _patch_write_points(tick)
+    prepare_dataset(inputs, tokenizer, out, **opts)
+    os._exit(0)
+
+
+def test_kill_9_at_every_write_point_then_resume(tmp_path, tiny_tokenizer, small_run):
+    """A kill -9 before each file-system call of a run (every write, fsync, rename, unlink, mkdir):
+    the output folder never reads as complete unless it is, and running the command again gives
+    exactly the output of an uninterrupted run."""
+    import multiprocessing as mp
+    import signal
+
+    from complexity.data.loader import PackedTokens
+    from complexity.data.prepare import prepare_dataset
+
+    inputs, opts, clean = small_run
+    ctx = mp.get_context("fork")
+    out = tmp_path / "out"
+    point = 0
+    while True:
+        point += 1
+        child = ctx.Process(target=_killed_at, args=(point, inputs, tiny_tokenizer, out, opts))
+        child.start()
+        child.join(120)
+        if child.is_alive():
+            child.kill()
+            pytest.fail(f"prepare hung in the child killed at write point {point}")
+        if child.exitcode == 0:  # the run finished before reaching this point: every point was tried
+            break
+        assert child.exitcode == -signal.SIGKILL, (point, child.exitcode)
+        if out.exists():  # only a complete folder may be there
+            PackedTokens(out, "train")
+            assert _tree_without_timestamp(out) == clean, point
+        resumed = prepare_dataset(inputs, tiny_tokenizer, out, **opts)
+        assert _tree_without_timestamp(out) == clean, point
+        assert not _leftovers(tmp_path) and not list(tmp_path.glob("out.tmp-*")), point
+        assert not list(tmp_path.glob("out.old-*")), point
+        del resumed
+        import shutil
+
+        shutil.rmtree(out)
+    assert point > 30  # parts (3 sources), shards (2 + 1 per split), counts, manifest, rename

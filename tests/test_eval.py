@@ -39,7 +39,7 @@ def _val_windows(data: Path, seq_len: int) -> torch.Tensor:
     manifest = json.loads((data / "manifest.json").read_text())
     stream = np.concatenate([np.load(data / s["file"]) for s in manifest["splits"]["val"]["shards"]]).astype(np.int64)
     n = (len(stream) - 1) // seq_len
-    return torch.stack([torch.from_numpy(stream[i * seq_len: i * seq_len + seq_len + 1]) for i in range(n)]), manifest
+    return torch.stack([torch.from_numpy(stream[i * seq_len : i * seq_len + seq_len + 1]) for i in range(n)]), manifest
 
 
 def test_eval_equals_hand_computation(setup):
@@ -71,8 +71,16 @@ def test_eval_equals_hand_computation(setup):
 
 def test_learned_moe_shares_follow_the_router():
     torch.manual_seed(0)
-    cfg = ComplexityConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, mlp_type="learned_moe", num_experts=4)
+    cfg = ComplexityConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_type="learned_moe",
+        num_experts=4,
+    )
     model = ComplexityForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (2, 17))
     batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]
@@ -96,6 +104,25 @@ def test_eval_command_prints_json(setup, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"val_loss", "val_ppl", "val_bpb", "expert_shares"} <= out.keys() and out["val_tokens"] <= 2 * 8 * 32
     assert cli_main(["eval", str(run / "nope"), "--data", str(data)]) == 2
+    assert "nope: no such checkpoint folder" in capsys.readouterr().err
+    assert cli_main(["eval", str(run / "final"), "--data", str(data), "--batch-size", "0"]) == 2
+    assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_eval_refuses_data_made_with_another_tokenizer(setup, tmp_path, capsys):
+    """The data must come from the checkpoint's tokenizer: the one its folder carries, or (for a
+    training checkpoint) the one of the data it was trained on. Same vocabulary size or not."""
+    from complexity.data.manifest import DataMismatchError
+
+    data, run = setup
+    _, other = make_tiny_data(tmp_path / "other", vocab_size=320, n_docs=120)
+    rc = cli_main(["eval", str(run / "final"), "--data", str(other), "--seq-len", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"{other}: prepared with a different tokenizer (hash " in err[0] and f"than {run / 'final'} (hash " in err[0]
+    with pytest.raises(DataMismatchError, match=f"training data {data}"):
+        evaluate_checkpoint(run, other, seq_len=32)
+    assert evaluate_checkpoint(run / "final", data, seq_len=32, max_batches=1)["val_tokens"] > 0
 
 
 def test_plot_command(setup, tmp_path):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
+from complexity.data.loader import EvalLoader, PackedTokens, TrainLoader, position_ids_for
+from complexity.data.manifest import DataMismatchError
 
-from complexity.data.loader import DataMismatchError, EvalLoader, PackedTokens, TrainLoader, position_ids_for
+pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
 
 
 def _take(loader, n):
@@ -35,8 +36,8 @@ def test_batches_are_shifted_windows_of_the_stream(big_prepared):
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     ids = loader.epoch_samples(0)[:4]
     for row, k in enumerate(ids):
-        assert batch["input_ids"][row].tolist() == stream[k * L:k * L + L].tolist()
-        assert batch["labels"][row].tolist() == stream[k * L + 1:k * L + L + 1].tolist()
+        assert batch["input_ids"][row].tolist() == stream[k * L : k * L + L].tolist()
+        assert batch["labels"][row].tolist() == stream[k * L + 1 : k * L + L + 1].tolist()
 
 
 def test_deterministic_and_seed_dependent(big_prepared):
@@ -71,8 +72,10 @@ def test_exact_resume_mid_epoch(big_prepared):
     resumed.load_state_dict(state)
     got += _take(resumed, total - len(got))
     assert len(got) == total
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
-               for x, y in zip(reference, got))
+    assert all(
+        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+        for x, y in zip(reference, got)
+    )
     with pytest.raises(ValueError, match="batch_size"):
         TrainLoader(big_prepared, batch_size=2, seq_len=32, seed=7).load_state_dict(state)
 
@@ -91,7 +94,7 @@ def test_two_ranks_disjoint_and_complete(big_prepared):
     for loader in (r0, r1):
         for batch in _take(loader, len(loader)):
             rows.extend(tuple(r) for r in batch["input_ids"].tolist())
-    expected = [tuple(stream[k * 32:k * 32 + 32].tolist()) for k in s0 | s1]
+    expected = [tuple(stream[k * 32 : k * 32 + 32].tolist()) for k in s0 | s1]
     assert sorted(rows) == sorted(expected)
     # eval sharding: union is all samples, no overlap
     e0 = EvalLoader(big_prepared, split="train", batch_size=5, seq_len=32, rank=0, world_size=2)
@@ -109,7 +112,7 @@ def test_position_ids_restart_after_eos(big_prepared):
     assert (ids == 0).any()
     for r in range(ids.shape[0]):
         expect, p = [], 0
-        for j, t in enumerate(ids[r].tolist()):
+        for t in ids[r].tolist():
             expect.append(p)
             p = 0 if t == 0 else p + 1
         assert pos[r].tolist() == expect
@@ -120,7 +123,7 @@ def test_eval_loader_in_order(prepared):
     stream = _stream(prepared, "val")
     got = torch.cat([b["input_ids"] for b in ev])
     assert got.shape[0] == ev.num_samples == (stream.size - 1) // 8
-    assert got.reshape(-1).tolist() == stream[:ev.num_samples * 8].tolist()
+    assert got.reshape(-1).tolist() == stream[: ev.num_samples * 8].tolist()
     assert ev.text_bytes > 0
     with pytest.raises(ValueError, match="fewer than one sample"):
         EvalLoader(prepared, batch_size=1, seq_len=10**6)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 
 import pytest
 
 from complexity.cli import main
+
 pytest_plugins = ["data_fixtures"]  # shared session fixtures (tiny tokenizer, prepared data)
 
 
@@ -39,12 +41,15 @@ def test_special_token_ids_and_hf_folder(tiny_tokenizer):
     assert (mc.pad_token_id, mc.bos_token_id, mc.eos_token_id) == (1, 2, 0)
 
 
-@pytest.mark.parametrize("text", [
-    "The model reads tokens.",
-    "naïve café ünïcode — “quotes” 日本語 🙂\n\n  indented\ttab",
-    "",
-    "x" * 500,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The model reads tokens.",
+        "naïve café ünïcode — “quotes” 日本語 🙂\n\n  indented\ttab",
+        "",
+        "x" * 500,
+    ],
+)
 def test_round_trip(tiny_tokenizer, text):
     from transformers import AutoTokenizer
 
@@ -71,12 +76,18 @@ def test_chat_template(tiny_tokenizer):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
-    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "How are you?"}]
+    msgs = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"},
+    ]
     assert tok.apply_chat_template(msgs, tokenize=False) == "User: Hi there\n\nAssistant: Hello!\n\nUser: How are you?"
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith(
-        "User: How are you?\n\nAssistant:")
-    assert tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) == "User: Hi there\n\nAssistant:"
+        "User: How are you?\n\nAssistant:"
+    )
+    assert (
+        tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) == "User: Hi there\n\nAssistant:"
+    )
 
 
 def test_tokenizer_hash_stable_and_distinct(tiny_tokenizer, tmp_path):
@@ -95,8 +106,20 @@ def test_tokenizer_hash_stable_and_distinct(tiny_tokenizer, tmp_path):
 
 def test_cli_train(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
-    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), *map(str, corpus["txt"]),
-               "--vocab-size", "320", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus["jsonl"]),
+            *map(str, corpus["txt"]),
+            "--vocab-size",
+            "320",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     from transformers import AutoTokenizer
 
@@ -117,6 +140,24 @@ def test_cli_train_errors(tmp_path, capsys):
     good.write_text("hello world")
     assert main(["tokenizer", "train", "--input", str(good), "--vocab-size", "100", "--out", str(tmp_path / "t")]) == 2
     assert "too small" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(good),
+                "--vocab-size",
+                "300",
+                "--min-frequency",
+                "-1",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 2
+    )
+    assert "--min-frequency must be >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
 
@@ -137,10 +178,12 @@ def test_builtin_corpus_deterministic_prose():
 def test_builtin_module_docs_extracted():
     from complexity.data import builtin_corpus
 
-    src = '"""Module docstring that is long enough to be kept by the extractor."""\n' \
-          "def f():\n    '''Function docstring that is long enough to be kept, too.'''\n    x = 1  # inline\n" \
-          "# This block comment has plenty of ordinary words in it\n# and continues here.\n" \
-          "\n# x = f(1, 2) + g[3]; y = {4: 5}\n"
+    src = (
+        '"""Module docstring that is long enough to be kept by the extractor."""\n'
+        "def f():\n    '''Function docstring that is long enough to be kept, too.'''\n    x = 1  # inline\n"
+        "# This block comment has plenty of ordinary words in it\n# and continues here.\n"
+        "\n# x = f(1, 2) + g[3]; y = {4: 5}\n"
+    )
     import ast
 
     assert builtin_corpus._docstrings(ast.parse(src)) == [
@@ -172,3 +215,82 @@ def test_tokenizer_hash_leaves_the_garbage_collector_as_it_found_it(tiny_tokeniz
         assert not gc.isenabled()  # a caller's disabled collector stays disabled
     finally:
         gc.enable()
+
+
+def test_train_refuses_a_file_as_out(tmp_path, corpus, capsys):
+    out = tmp_path / "tok"
+    out.write_text("not a folder")
+    rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "300", "--out", str(out)])
+    assert rc == 2 and f"{out}: is a file, not a folder" in capsys.readouterr().err
+    assert out.read_text() == "not a folder"
+
+
+def test_full_disk_before_saving(tmp_path, corpus, monkeypatch, capsys):
+    """Too little free space for tokenizer.json: exit 1 naming the folder and the bytes needed; nothing written."""
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
+    out = tmp_path / "tok"
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus["jsonl"]),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"complexity tokenizer: error: {out}: disk full: writing it needs " in err[0]
+    assert "5,000 bytes free there; needed to save the tokenizer" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_full_disk_while_saving_leaves_nothing(tmp_path, corpus, monkeypatch, capsys):
+    """The disk fills while transformers writes the files (here: after half of tokenizer.json):
+    the temporary folder is removed and no tokenizer folder appears."""
+    import errno
+
+    from transformers import PreTrainedTokenizerFast
+
+    real = PreTrainedTokenizerFast.save_pretrained
+
+    def fills_up(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
+        path = Path(folder) / "tokenizer.json"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from pathlib import Path
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", fills_up)
+    out = tmp_path / "tok"
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(corpus["jsonl"]),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and f"{out}: disk full: writing it needs " in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_rust_disk_full_error_is_recognised():
+    from complexity.data.files import is_disk_full
+
+    assert is_disk_full(Exception("No space left on device (os error 28)"))
+    assert not is_disk_full(Exception("Model missing. at line 1 column 2"))

@@ -16,23 +16,47 @@ def register(subparsers) -> None:
         description="Tokenize documents, pack them separated by </s> into memory-mapped shards with a held-out "
         "validation split, token counts and a manifest. Resumable and idempotent.",
     )
-    prep.add_argument("--input", nargs="+", default=[], metavar="PATH",
-                      help="files (.txt/.jsonl/.parquet), folders, globs, saved HF datasets or hf:NAME")
+    prep.add_argument(
+        "--input",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="files (.txt/.jsonl/.parquet), folders, globs, saved HF datasets or hf:NAME",
+    )
     prep.add_argument("--builtin", action="store_true", help="also use the built-in corpus (Python's own docs)")
-    prep.add_argument("--builtin-site-packages", nargs="?", const=0.0, type=float, default=None, metavar="MB",
-                      help="also use the prose of the installed packages (docstrings, .md/.rst/.txt), optionally "
-                           "only its first MB million bytes (= --input builtin:site-packages[:MB])")
+    prep.add_argument(
+        "--builtin-site-packages",
+        nargs="?",
+        const=0.0,
+        type=float,
+        default=None,
+        metavar="MB",
+        help="also use the prose of the installed packages (docstrings, .md/.rst/.txt), optionally "
+        "only its first MB million bytes (= --input builtin:site-packages[:MB])",
+    )
     prep.add_argument("--tokenizer", required=True, help="tokenizer folder (from `complexity tokenizer train`)")
     prep.add_argument("--out", required=True, help="output folder")
     prep.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
     prep.add_argument("--text-field", default="text", help="jsonl field / parquet or dataset column (default: text)")
-    prep.add_argument("--txt-split", default="file", choices=["file", "line", "paragraph"],
-                      help="what a document is in .txt files (default: the whole file)")
+    prep.add_argument(
+        "--txt-split",
+        default="file",
+        choices=["file", "line", "paragraph"],
+        help="what a document is in .txt files (default: the whole file)",
+    )
     prep.add_argument("--hf-split", default=None, help="split of a DatasetDict / hub dataset (default: train)")
-    prep.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
-                      help="token dtype (auto: uint16 when the vocabulary fits)")
-    prep.add_argument("--workers", type=int, default=0,
-                      help="0: the tokenizer's own Rust threads (all cores); N>1: N worker processes")
+    prep.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "uint16", "uint32"],
+        help="token dtype (auto: uint16 when the vocabulary fits)",
+    )
+    prep.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="0: the tokenizer's own Rust threads (all cores); N>1: N worker processes",
+    )
     prep.add_argument("--shard-tokens", type=int, default=1 << 28, help="max tokens per shard")
     prep.add_argument("--force", action="store_true", help="replace an existing --out folder")
     prep.add_argument("--no-progress", action="store_true")
@@ -58,10 +82,19 @@ def run_prepare(args) -> int:
         mb = args.builtin_site_packages
         inputs.append("builtin:site-packages" + (f":{mb:g}" if mb else ""))
     prepare_dataset(
-        inputs, args.tokenizer, args.out, builtin=args.builtin, val_fraction=args.val_fraction,
-        text_field=args.text_field, txt_split=args.txt_split, hf_split=args.hf_split,
-        dtype=None if args.dtype == "auto" else args.dtype, shard_tokens=args.shard_tokens,
-        workers=args.workers, force=args.force, progress=not args.no_progress,
+        inputs,
+        args.tokenizer,
+        args.out,
+        builtin=args.builtin,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        txt_split=args.txt_split,
+        hf_split=args.hf_split,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        force=args.force,
+        progress=not args.no_progress,
     )
     return 0
 
@@ -74,12 +107,16 @@ def run_inspect(args) -> int:
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
-    print(f"{args.folder}: {m['documents']} documents, vocab {m['vocab_size']}, {m['dtype']}, "
-          f"tokenizer {m['tokenizer']['hash'][:12]}")
+    print(
+        f"{args.folder}: {m['documents']} documents, vocab {m['vocab_size']}, {m['dtype']}, "
+        f"tokenizer {m['tokenizer']['hash'][:12]}"
+    )
     for split, info in m["splits"].items():
         PackedTokens(args.folder, split)  # opens and checks every shard against the manifest
-        print(f"  {split}: {info['tokens']:,} tokens, {info['documents']} documents, "
-              f"{info['text_bytes']:,} text bytes, {len(info['shards'])} shard(s)")
+        print(
+            f"  {split}: {info['tokens']:,} tokens, {info['documents']} documents, "
+            f"{info['text_bytes']:,} text bytes, {len(info['shards'])} shard(s)"
+        )
     return 0
 
 
@@ -87,13 +124,14 @@ def run_builtin(args) -> int:
     from complexity.data import builtin_corpus
 
     if args.out:
-        import os
-        tmp = args.out + ".partial"
-        with open(tmp, "w", encoding="utf-8") as f:
+        from complexity.data.files import AtomicFile
+
+        with AtomicFile(args.out) as f:
             for doc in builtin_corpus.iter_documents():
-                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.out)
+                f.write((json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8"))
     stats = builtin_corpus.corpus_stats()
-    print(f"{stats['name']}: {stats['documents']} documents, {stats['bytes']:,} bytes (UTF-8), "
-          f"sha256 {stats['sha256'][:12]}, from {stats['stdlib']}")
+    print(
+        f"{stats['name']}: {stats['documents']} documents, {stats['bytes']:,} bytes (UTF-8), "
+        f"sha256 {stats['sha256'][:12]}, from {stats['stdlib']}"
+    )
     return 0

@@ -15,12 +15,19 @@ def register(subparsers) -> None:
         description="Build the token -> expert table (int64 [V]) and print, for every strategy, the max/mean "
         "expert share of the token-count mass.",
     )
-    build.add_argument("--counts", required=True,
-                       help="token counts: a .npy int64 [V] file or a prepared-data folder (token_counts.npy)")
+    build.add_argument(
+        "--counts",
+        required=True,
+        help="token counts: a .npy int64 [V] file or a prepared-data folder (token_counts.npy)",
+    )
     build.add_argument("--experts", type=int, required=True)
     build.add_argument("--strategy", default="zipf", choices=["zipf", "modulo", "range"])
-    build.add_argument("--vocab-size", type=int, default=None,
-                       help="table size (default: len(counts); larger pads the counts with zeros)")
+    build.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="table size (default: len(counts); larger pads the counts with zeros)",
+    )
     build.add_argument("--out", default=None, help="write the table (.safetensors key 'routing_table', or .npy)")
     build.set_defaults(func=run_build)
 
@@ -30,14 +37,14 @@ def load_counts(path: str):
 
     p = Path(path)
     if p.is_dir():
-        from complexity.data.prepare import load_token_counts
+        from complexity.data.manifest import read_token_counts
 
-        return load_token_counts(p)
+        return read_token_counts(p)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such counts file")
     try:
         counts = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise ValueError(f"{p}: not a .npy counts array: {err}") from None
     if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
         raise ValueError(f"{p}: counts must be a 1-D integer array, got {counts.dtype} {list(counts.shape)}")
@@ -61,22 +68,28 @@ def run_build(args) -> int:
         table = build_routing_table(strategy, vocab, args.experts, counts)
         rep = balance_report(table, counts, args.experts)
         mark = " <-" if strategy == args.strategy else ""
-        print(f"{strategy:<8} {rep['max_over_mean']:>14.4f} {min(rep['mass_share']):>10.4f} "
-              f"{max(rep['mass_share']):>10.4f} {rep['ids_max_over_mean']:>13.4f}{mark}")
+        print(
+            f"{strategy:<8} {rep['max_over_mean']:>14.4f} {min(rep['mass_share']):>10.4f} "
+            f"{max(rep['mass_share']):>10.4f} {rep['ids_max_over_mean']:>13.4f}{mark}"
+        )
         if strategy == args.strategy:
             chosen = table
     if args.out:
+        from complexity.data.files import save_npy_atomic, write_bytes_atomic
+
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
         if out.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, chosen.numpy())
+            save_npy_atomic(out, chosen.numpy())
         else:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({"routing_table": chosen.contiguous()}, str(tmp),
-                      metadata={"strategy": args.strategy, "num_experts": str(args.experts)})
-        tmp.replace(out)
+            write_bytes_atomic(
+                out,
+                save(
+                    {"routing_table": chosen.contiguous()},
+                    metadata={"strategy": args.strategy, "num_experts": str(args.experts)},
+                ),
+            )
         print(f"wrote {args.strategy} table [{vocab}] to {out}")
     return 0

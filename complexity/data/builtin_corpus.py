@@ -24,8 +24,8 @@ import hashlib
 import os
 import re
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 NAME = "builtin:python-stdlib-docs"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
@@ -173,8 +173,21 @@ def corpus_stats() -> dict:
 SITE_NAME = "builtin:site-packages"
 _SITE_SKIP_DIRS = {"test", "tests", "testing", "__pycache__", "node_modules"}
 _SITE_TEXT_SUFFIXES = (".md", ".rst", ".txt")
-_SITE_SKIP_STEMS = ("license", "licence", "copying", "notice", "authors", "record", "entry_points",
-                    "top_level", "sources", "requires", "dependency_links", "namespace_packages", "installer")
+_SITE_SKIP_STEMS = (
+    "license",
+    "licence",
+    "copying",
+    "notice",
+    "authors",
+    "record",
+    "entry_points",
+    "top_level",
+    "sources",
+    "requires",
+    "dependency_links",
+    "namespace_packages",
+    "installer",
+)
 _SITE_MAX_PY = 2 << 20
 _SITE_MAX_TEXT = 1 << 20
 _SITE_CACHE: dict = {}
@@ -293,7 +306,7 @@ def parse_site_spec(spec: str) -> float | None:
         return None
     if spec.startswith(SITE_NAME + ":"):
         try:
-            value = float(spec[len(SITE_NAME) + 1:])
+            value = float(spec[len(SITE_NAME) + 1 :])
         except ValueError:
             value = -1.0
         if value > 0:
@@ -312,5 +325,10 @@ def site_packages_stats(max_mbytes: float | None = None) -> dict:
         docs += 1
         nbytes += len(data)
     name = SITE_NAME if max_mbytes is None else f"{SITE_NAME}:{max_mbytes:g}"
-    return {"name": name, "documents": docs, "bytes": nbytes, "sha256": h.hexdigest(),
-            "roots": [str(r) for r in site_packages_roots()]}
+    return {
+        "name": name,
+        "documents": docs,
+        "bytes": nbytes,
+        "sha256": h.hexdigest(),
+        "roots": [str(r) for r in site_packages_roots()],
+    }

@@ -16,17 +16,13 @@ position); a loader restored with it yields exactly the batches an uninterrupted
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from .prepare import MANIFEST, read_manifest
-
-
-class DataMismatchError(ValueError):
-    """The prepared data does not belong to the given tokenizer / model vocabulary."""
+from .manifest import check_compatible, read_prepared_manifest
 
 
 class PackedTokens:
@@ -41,12 +37,7 @@ class PackedTokens:
         vocab_size: int | None = None,
     ):
         self.data_dir = Path(data_dir)
-        manifest = read_manifest(self.data_dir)
-        if manifest is None:
-            raise FileNotFoundError(
-                f"{self.data_dir}: no {MANIFEST}: not a complete prepared-data folder (run `complexity data prepare`)"
-            )
-        self.manifest = manifest
+        self.manifest = manifest = read_prepared_manifest(self.data_dir)
         check_compatible(manifest, self.data_dir, tokenizer=tokenizer, vocab_size=vocab_size)
         if split not in manifest["splits"]:
             raise ValueError(f"{self.data_dir}: no split {split!r} (have {sorted(manifest['splits'])})")
@@ -57,12 +48,16 @@ class PackedTokens:
         for shard in manifest["splits"][split]["shards"]:
             path = self.data_dir / shard["file"]
             try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as err:
-                raise ValueError(f"{path}: unreadable token shard: {err}") from err
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{path}: missing token shard (named by {self.data_dir / 'manifest.json'})"
+                ) from None
+            except (OSError, ValueError, EOFError) as err:
+                raise ValueError(f"{path}: unreadable token shard (truncated or not a .npy file): {err}") from None
             if arr.shape != (shard["tokens"],) or arr.dtype != self.dtype:
                 raise ValueError(
-                    f"{path}: holds {arr.shape} {arr.dtype}, manifest says ({shard['tokens']},) {self.dtype}"
+                    f"{path}: holds {list(arr.shape)} {arr.dtype}, manifest.json says [{shard['tokens']}] {self.dtype}"
                 )
             self.shards.append(arr)
         self.num_tokens = int(sum(a.size for a in self.shards))
@@ -81,34 +76,15 @@ class PackedTokens:
             shard = self.shards[0]
             for row, k in enumerate(sample_ids):
                 start = int(k) * seq_len
-                out[row] = shard[start:start + seq_len + 1]
+                out[row] = shard[start : start + seq_len + 1]
             return out
         bounds = np.cumsum(self.samples_per_shard(seq_len))
         which = np.searchsorted(bounds, sample_ids, side="right")
         for row, (k, s) in enumerate(zip(sample_ids, which)):
             local = int(k) - (int(bounds[s - 1]) if s else 0)
             start = local * seq_len
-            out[row] = self.shards[s][start:start + seq_len + 1]
+            out[row] = self.shards[s][start : start + seq_len + 1]
         return out
-
-
-def check_compatible(manifest: dict, where, *, tokenizer=None, vocab_size: int | None = None) -> None:
-    """Raise ``DataMismatchError`` when the data was made with another tokenizer, or holds ids a
-    model with ``vocab_size`` embeddings cannot embed."""
-    if tokenizer is not None:
-        from .tokenizer import tokenizer_hash
-
-        h = tokenizer_hash(tokenizer)
-        if h != manifest["tokenizer"]["hash"]:
-            raise DataMismatchError(
-                f"{where}: prepared with a different tokenizer (hash {manifest['tokenizer']['hash'][:12]}, "
-                f"from {manifest['tokenizer'].get('path')}) than {tokenizer} (hash {h[:12]}); re-run `data prepare`"
-            )
-    if vocab_size is not None and int(manifest["vocab_size"]) > int(vocab_size):
-        raise DataMismatchError(
-            f"{where}: prepared data has vocab size {manifest['vocab_size']} but the model has only "
-            f"{vocab_size} embeddings"
-        )
 
 
 def position_ids_for(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
@@ -172,17 +148,13 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.seq_len
-
     def epoch_samples(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch``, in the order they are yielded."""
         if self._perm_epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             perm = rng.permutation(self.num_samples)
             used = self.batches_per_epoch * self.batch_size * self.world_size
-            self._perm = perm[:used][self.rank::self.world_size]
+            self._perm = perm[:used][self.rank :: self.world_size]
             self._perm_epoch = epoch
         return self._perm
 
@@ -212,7 +184,7 @@ class TrainLoader:
                 continue
             ids = self.epoch_samples(self.epoch)
             b = self.position * self.batch_size
-            tokens = self.data.gather(ids[b:b + self.batch_size], self.seq_len)
+            tokens = self.data.gather(ids[b : b + self.batch_size], self.seq_len)
             self.position += 1
             yield _make_batch(tokens, self.data.eos_id, self.with_positions)
 
@@ -259,5 +231,5 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
-            ids = self.sample_ids[i * self.batch_size:(i + 1) * self.batch_size]
+            ids = self.sample_ids[i * self.batch_size : (i + 1) * self.batch_size]
             yield _make_batch(self.data.gather(ids, self.seq_len), self.data.eos_id, self.with_positions)

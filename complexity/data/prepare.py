@@ -15,7 +15,11 @@ identical documents always land in the same split).
 Work happens in ``OUT.tmp-<config hash>``: one part per source file, each finished part marked
 by a small JSON written after its token files. An interrupted run resumes from the finished
 parts; a complete ``OUT`` made from the same inputs/tokenizer/options is left untouched.
-Bad input removes the temporary folder, so nothing half-written is left behind.
+Every file is written atomically (``PATH.partial``, fsync, rename: `complexity.data.files`) and
+``OUT`` appears by one rename of the finished temporary folder, whose manifest is written last:
+a kill -9 at any point loses no finished part and never leaves a folder that reads as complete.
+Bad input removes the temporary folder; a full disk stops with the path and the bytes it needed
+and keeps the finished parts for the next run.
 """
 
 from __future__ import annotations
@@ -26,22 +30,29 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
+from .files import (
+    AtomicFile,
+    DiskFullError,
+    FileFormatError,
+    check_free_space,
+    fsync_dir,
+    npy_header,
+    read_json,
+    save_npy_atomic,
+    write_json_atomic,
+)
+from .manifest import COUNTS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, read_manifest
 from .sources import DataSourceError, Source, iter_documents, resolve_sources
 from .tokenizer import EOS_TOKEN, TokenizerError, load_tokenizer, tokenizer_hash, vocab_size_of
 
-FORMAT = "complexity-packed-tokens"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-COUNTS_FILE = "token_counts.npy"
-SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens (512 MiB as uint16) per shard
 FAIL_AFTER_ENV = "COMPLEXITY_PREPARE_FAIL_AFTER"  # fault injection for tests: crash after N parts
 
@@ -88,37 +99,6 @@ def _config_hash(sources: Sequence[Source], tok_hash: str, options: dict) -> str
         "options": options,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-def read_manifest(folder: str | os.PathLike) -> dict | None:
-    """The manifest of a complete prepared folder, or None when absent."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable manifest: {err}") from err
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a complexity prepared-data manifest")
-    return manifest
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- one source
@@ -187,8 +167,11 @@ class _Encoder:
             # fork is fast (no re-import of torch); the children use a fresh single-threaded
             # tokenizer, and tokenizers itself turns its thread pool off in forked children.
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self.pool = ctx.Pool(workers, initializer=_worker_init,
-                                 initargs=(str(tokenizer_path), eos_id, np.dtype(dtype).name, val_fraction))
+            self.pool = ctx.Pool(
+                workers,
+                initializer=_worker_init,
+                initargs=(str(tokenizer_path), eos_id, np.dtype(dtype).name, val_fraction),
+            )
         else:
             self.pool = ThreadPoolExecutor(max_workers=1)
 
@@ -226,14 +209,16 @@ class _Encoder:
 
 def _process_source(source, index, parts_dir, encoder: _Encoder, vocab_size, opts, batch_bytes, pbar) -> dict:
     part_id = f"{index:05d}-{(source.sha256 or 'x')[:12]}"
-    paths = {s: parts_dir / f"{part_id}.{s}.bin" for s in SPLITS}
-    partial = {s: Path(str(p) + ".partial") for s, p in paths.items()}
-    files = {s: open(partial[s], "wb") for s in SPLITS}
     counts = np.zeros(vocab_size, dtype=np.int64)
     stats = {s: {"documents": 0, "tokens": 0, "text_bytes": 0} for s in SPLITS}
     seen = 0
-    try:
-        docs = iter_documents(source, text_field=opts["text_field"], txt_split=opts["txt_split"], hf_split=opts["hf_split"])
+    # Both token files appear (fsynced, renamed) only once the source is read to the end; an
+    # error or a kill leaves at most their .partial files, which the next run overwrites.
+    with AtomicFile(parts_dir / f"{part_id}.train.bin") as train, AtomicFile(parts_dir / f"{part_id}.val.bin") as val:
+        files = {"train": train, "val": val}
+        docs = iter_documents(
+            source, text_field=opts["text_field"], txt_split=opts["txt_split"], hf_split=opts["hf_split"]
+        )
         for result in encoder.map(_doc_batches(docs, batch_bytes)):
             for split in SPLITS:
                 arr = result["arrays"][split]
@@ -244,25 +229,15 @@ def _process_source(source, index, parts_dir, encoder: _Encoder, vocab_size, opt
                 if arr.size:
                     if split == "train":
                         counts += np.bincount(arr, minlength=vocab_size)
-                    arr.tofile(files[split])
+                    files[split].write(arr)
             seen += result["chars"]
             if pbar is not None:
                 pbar.update(result["chars"])
         if stats["train"]["documents"] + stats["val"]["documents"] == 0:
             raise DataSourceError(f"{source.name}: contains no non-empty documents")
-        for split in SPLITS:
-            files[split].flush()
-            os.fsync(files[split].fileno())
-            files[split].close()
-            os.replace(partial[split], paths[split])
-    except BaseException:
-        for split in SPLITS:
-            files[split].close()
-            partial[split].unlink(missing_ok=True)
-        raise
-    _save_npy_atomic(parts_dir / f"{part_id}.counts.npy", counts)
+    save_npy_atomic(parts_dir / f"{part_id}.counts.npy", counts)
     meta = {"part": part_id, "source": source.to_json(), "splits": stats}
-    _write_json_atomic(parts_dir / f"{part_id}.json", meta)  # marks the part finished
+    write_json_atomic(parts_dir / f"{part_id}.json", meta)  # marks the part finished
     if pbar is not None and source.size_bytes > seen:
         pbar.update(source.size_bytes - seen)
     return meta
@@ -325,8 +300,8 @@ def prepare_dataset(
     }
     config_hash = _config_hash(sources, tok_hash, options)
 
-    existing = read_manifest(out) if out.is_dir() else None
-    if existing is not None and not force:
+    existing = read_manifest(out) if out.is_dir() and not force else None
+    if existing is not None:
         if existing.get("config_hash") == config_hash:
             log(f"{out}: already prepared from these inputs, tokenizer and options; nothing to do")
             return PrepareResult(out, existing, skipped=True)
@@ -345,8 +320,19 @@ def prepare_dataset(
     try:
         if read_manifest(tmp) is None:
             metas, resumed = _run_parts(
-                sources, parts_dir, tok, tokenizer, eos_id, vocab_size, np_dtype, options, batch_bytes, workers,
-                progress, fail_after, log,
+                sources,
+                parts_dir,
+                tok,
+                tokenizer,
+                eos_id,
+                vocab_size,
+                np_dtype,
+                options,
+                batch_bytes,
+                workers,
+                progress,
+                fail_after,
+                log,
             )
             manifest = _assemble(
                 tmp, metas, sources, tok, tokenizer, tok_hash, vocab_size, eos_id, np_dtype, options, config_hash
@@ -358,6 +344,8 @@ def prepare_dataset(
     except (DataSourceError, TokenizerError, ValueError):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except DiskFullError as err:  # the finished parts stay: a re-run after freeing space reuses them
+        raise err.with_hint(f"finished work is kept in {tmp} and reused when the command is run again") from None
     _install(tmp, out)
     elapsed = time.time() - t0
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
@@ -369,8 +357,21 @@ def prepare_dataset(
     return PrepareResult(out, manifest, skipped=False, resumed_parts=resumed)
 
 
-def _run_parts(sources, parts_dir, tok, tokenizer_path, eos_id, vocab_size, dtype, opts, batch_bytes, workers,
-               progress, fail_after, log):
+def _run_parts(
+    sources,
+    parts_dir,
+    tok,
+    tokenizer_path,
+    eos_id,
+    vocab_size,
+    dtype,
+    opts,
+    batch_bytes,
+    workers,
+    progress,
+    fail_after,
+    log,
+):
     metas = []
     encoder = None
     resumed = 0
@@ -382,9 +383,9 @@ def _run_parts(sources, parts_dir, tok, tokenizer_path, eos_id, vocab_size, dtyp
     try:
         for i, source in enumerate(sources):
             part_id = f"{i:05d}-{(source.sha256 or 'x')[:12]}"
-            meta_path = parts_dir / f"{part_id}.json"
-            if meta_path.is_file():
-                metas.append(json.loads(meta_path.read_text(encoding="utf-8")))
+            meta = _finished_part(parts_dir, part_id, dtype)
+            if meta is not None:
+                metas.append(meta)
                 resumed += 1
                 if pbar is not None:
                     pbar.update(source.size_bytes)
@@ -404,52 +405,74 @@ def _run_parts(sources, parts_dir, tok, tokenizer_path, eos_id, vocab_size, dtyp
     return metas, resumed
 
 
+def _finished_part(parts_dir: Path, part_id: str, dtype) -> dict | None:
+    """The record of a part an earlier run finished, or None when it must be (re)done: no
+    marker, or a marker whose token files are not there in full (removed or damaged since)."""
+    try:
+        meta = read_json(parts_dir / f"{part_id}.json")
+    except (FileNotFoundError, FileFormatError):
+        return None
+    try:
+        for split in SPLITS:
+            expected = int(meta["splits"][split]["tokens"]) * np.dtype(dtype).itemsize
+            if (parts_dir / f"{part_id}.{split}.bin").stat().st_size != expected:
+                return None
+        if not (parts_dir / f"{part_id}.counts.npy").is_file() or meta["part"] != part_id:
+            return None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return meta
+
+
+def _write_shards(tmp: Path, split: str, metas, dtype, shard_tokens: int) -> list[dict]:
+    """Concatenate the parts' token files of one split into shards of at most shard_tokens."""
+    total = sum(m["splits"][split]["tokens"] for m in metas)
+    streams = (
+        np.memmap(tmp / "parts" / f"{m['part']}.{split}.bin", dtype=dtype, mode="r")
+        for m in metas
+        if m["splits"][split]["tokens"]
+    )
+    src, off = None, 0
+    shards = []
+    for k in range(-(-total // shard_tokens)):
+        n = min(shard_tokens, total - k * shard_tokens)
+        rel = f"{split}/shard_{k:05d}.npy"
+        header = npy_header(dtype, (n,))
+        with AtomicFile(tmp / rel, size=len(header) + n * dtype.itemsize) as f:
+            f.write(header)
+            left = n
+            while left:
+                if src is None or off == src.size:
+                    src, off = next(streams), 0
+                    continue
+                take = min(left, src.size - off)
+                f.write(src[off : off + take])
+                off += take
+                left -= take
+        shards.append({"file": rel, "tokens": int(n)})
+    return shards
+
+
 def _assemble(tmp, metas, sources, tok, tokenizer_path, tok_hash, vocab_size, eos_id, dtype, opts, config_hash) -> dict:
     parts_dir = tmp / "parts"
+    totals = {split: sum(m["splits"][split]["tokens"] for m in metas) for split in SPLITS}
+    needed = sum(totals.values()) * dtype.itemsize + vocab_size * 8 + (1 << 16)
+    check_free_space(tmp, needed, "needed to assemble the shards, the token counts and the manifest")
     splits = {}
     for split in SPLITS:
         split_dir = tmp / split
         shutil.rmtree(split_dir, ignore_errors=True)
         split_dir.mkdir()
-        shards = []
-        total = sum(m["splits"][split]["tokens"] for m in metas)
-        n_shards = max(1, -(-total // opts["shard_tokens"])) if total else 0
-        remaining = total
-        part_iter = iter(metas)
-        cur_src = None
-        cur_off = 0
-        for k in range(n_shards):
-            n = min(opts["shard_tokens"], remaining)
-            rel = f"{split}/shard_{k:05d}.npy"
-            path = tmp / rel
-            arr = np.lib.format.open_memmap(str(path) + ".partial", mode="w+", dtype=dtype, shape=(n,))
-            filled = 0
-            while filled < n:
-                if cur_src is None or cur_off >= cur_src.size:
-                    m = next(part_iter)
-                    cur_src = np.memmap(parts_dir / f"{m['part']}.{split}.bin", dtype=dtype, mode="r") \
-                        if m["splits"][split]["tokens"] else np.zeros(0, dtype)
-                    cur_off = 0
-                    continue
-                take = min(n - filled, cur_src.size - cur_off)
-                arr[filled:filled + take] = cur_src[cur_off:cur_off + take]
-                filled += take
-                cur_off += take
-            arr.flush()
-            del arr
-            os.replace(str(path) + ".partial", path)
-            shards.append({"file": rel, "tokens": int(n)})
-            remaining -= n
         splits[split] = {
-            "tokens": int(total),
+            "tokens": int(totals[split]),
             "documents": int(sum(m["splits"][split]["documents"] for m in metas)),
             "text_bytes": int(sum(m["splits"][split]["text_bytes"] for m in metas)),
-            "shards": shards,
+            "shards": _write_shards(tmp, split, metas, dtype, opts["shard_tokens"]),
         }
     counts = np.zeros(vocab_size, dtype=np.int64)
     for m in metas:
         counts += np.load(parts_dir / f"{m['part']}.counts.npy")
-    _save_npy_atomic(tmp / COUNTS_FILE, counts)
+    save_npy_atomic(tmp / COUNTS_FILE, counts)
     sources_json = []
     for s, m in zip(sources, metas):
         d = s.to_json()
@@ -479,12 +502,15 @@ def _assemble(tmp, metas, sources, tok, tokenizer_path, tok_hash, vocab_size, eo
         "token_counts": {"file": COUNTS_FILE, "split": "train", "dtype": "int64", "total": int(counts.sum())},
         "sources": sources_json,
     }
-    _write_json_atomic(tmp / MANIFEST, manifest)  # last file: marks the folder complete
+    write_json_atomic(tmp / MANIFEST, manifest)  # last file: marks the folder complete
+    fsync_dir(tmp)
     return manifest
 
 
 def _install(tmp: Path, out: Path) -> None:
     """Rename the finished temporary folder to ``out`` (replacing an old one if forced)."""
+    for stale in out.parent.glob(f"{out.name}.old-*"):  # left by a run killed while replacing
+        shutil.rmtree(stale, ignore_errors=True)
     old = None
     if out.exists():
         if out.is_dir() and not any(out.iterdir()):
@@ -493,13 +519,6 @@ def _install(tmp: Path, out: Path) -> None:
             old = out.parent / f"{out.name}.old-{os.getpid()}"
             os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_token_counts(folder: str | os.PathLike) -> np.ndarray:
-    """The int64 [vocab] train-split token frequencies of a prepared folder."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise FileNotFoundError(f"{folder}: no {MANIFEST}: not a (complete) prepared-data folder")
-    return np.load(Path(folder) / manifest["token_counts"]["file"])
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -21,13 +21,14 @@ file, and the line for jsonl.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -74,7 +75,8 @@ def _kind_of(path: Path) -> str | None:
 
 def is_hf_disk_folder(path: Path) -> bool:
     return path.is_dir() and (
-        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+        (path / "dataset_info.json").is_file()
+        and (path / "state.json").is_file()
         or (path / "dataset_dict.json").is_file()
     )
 
@@ -130,11 +132,10 @@ def _expand(spec: str) -> list[tuple[Path, str]]:
 
 
 def _hash_and_check_text(path: Path, kind: str) -> tuple[int, str]:
-    """sha256 + size; rejects empty, binary (NUL bytes) and non-UTF-8 text files."""
-    import codecs
-
+    """sha256 + size; rejects empty, binary (NUL bytes) and non-UTF-8 text files, naming the line."""
     h = hashlib.sha256()
     size = 0
+    lines = 0  # newlines before the current chunk
     check_text = kind in ("txt", "jsonl")
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     any_text = False
@@ -148,22 +149,32 @@ def _hash_and_check_text(path: Path, kind: str) -> tuple[int, str]:
                 if check_text:
                     nul = chunk.find(b"\x00")
                     if nul >= 0:
-                        raise DataSourceError(f"{path}: looks like a binary file (NUL byte at offset {size + nul}), not text")
+                        line = lines + chunk.count(b"\n", 0, nul) + 1
+                        raise DataSourceError(
+                            f"{path}:{line}: looks like a binary file (NUL byte at offset {size + nul}), not text"
+                        )
+                    pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
                     try:
                         text = decoder.decode(chunk)
                     except UnicodeDecodeError as err:
+                        at = max(0, err.start - pending)
+                        line = lines + chunk.count(b"\n", 0, at) + 1
                         raise DataSourceError(
-                            f"{path}: not valid UTF-8 text (bad byte at offset {size + err.start})"
+                            f"{path}:{line}: not valid UTF-8 text (bad byte 0x{err.object[err.start]:02x} at offset "
+                            f"{size - pending + err.start})"
                         ) from None
                     any_text = any_text or bool(text.strip())
+                    lines += chunk.count(b"\n")
                 size += len(chunk)
             if check_text:
                 try:
                     any_text = bool(decoder.decode(b"", final=True).strip()) or any_text
                 except UnicodeDecodeError:
-                    raise DataSourceError(f"{path}: not valid UTF-8 text (truncated character at end of file)") from None
+                    raise DataSourceError(
+                        f"{path}:{lines + 1}: not valid UTF-8 text (truncated character at end of file)"
+                    ) from None
     except OSError as err:
-        raise DataSourceError(f"{path}: cannot read: {err}") from err
+        raise DataSourceError(f"{path}: cannot read: {err.strerror or err}") from None
     if size == 0:
         raise DataSourceError(f"{path}: file is empty")
     if check_text and not any_text:
@@ -256,8 +267,15 @@ def resolve_sources(
                     raise DataSourceError(str(err)) from None
                 stats = builtin_corpus.site_packages_stats(cap)
                 seen.add(spec)
-                out.append(Source(stats["name"], "builtin_site", stats["bytes"], stats["sha256"],
-                                  {"max_mbytes": cap, "roots": stats["roots"]}))
+                out.append(
+                    Source(
+                        stats["name"],
+                        "builtin_site",
+                        stats["bytes"],
+                        stats["sha256"],
+                        {"max_mbytes": cap, "roots": stats["roots"]},
+                    )
+                )
             continue
         if spec.startswith("hf:"):
             if spec in seen:
@@ -266,7 +284,9 @@ def resolve_sources(
             ds = _load_hf_hub(spec, hf_split)
             _check_hf_column(spec, ds, text_field)
             fp = getattr(ds, "_fingerprint", "") or ""
-            out.append(Source(spec, "hf_hub", int(getattr(ds, "dataset_size", 0) or 0), fp, {"split": hf_split or "train"}))
+            out.append(
+                Source(spec, "hf_hub", int(getattr(ds, "dataset_size", 0) or 0), fp, {"split": hf_split or "train"})
+            )
             continue
         for path, kind in _expand(spec):
             key = str(path.resolve())
@@ -288,7 +308,9 @@ def resolve_sources(
 def _check_hf_column(where, ds, text_field: str) -> None:
     cols = list(getattr(ds, "column_names", []) or [])
     if text_field not in cols:
-        raise DataSourceError(f"{where}: dataset has no column {text_field!r} (columns: {', '.join(cols)}); use --text-field")
+        raise DataSourceError(
+            f"{where}: dataset has no column {text_field!r} (columns: {', '.join(cols)}); use --text-field"
+        )
     if len(ds) == 0:
         raise DataSourceError(f"{where}: dataset has no rows")
 
@@ -342,10 +364,12 @@ def iter_documents(
 
         yield from builtin_corpus.iter_site_packages_documents(source.extra.get("max_mbytes"))
     elif kind == "txt":
+        raw = Path(name).read_bytes()
         try:
-            text = Path(name).read_text(encoding="utf-8")
+            text = raw.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
         except UnicodeDecodeError as err:
-            raise DataSourceError(f"{name}: not valid UTF-8 text (bad byte at offset {err.start})") from None
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise DataSourceError(f"{name}:{line}: not valid UTF-8 text (bad byte at offset {err.start})") from None
         if txt_split not in TXT_SPLITS:
             raise DataSourceError(f"unknown txt split {txt_split!r} (choose from {', '.join(TXT_SPLITS)})")
         yield from _split_text(text, txt_split)
@@ -360,7 +384,9 @@ def iter_documents(
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise DataSourceError(f"{name}: row {i * 1000 + j}: column {text_field!r} is {type(text).__name__}, not text")
+                    raise DataSourceError(
+                        f"{name}: row {i * 1000 + j}: column {text_field!r} is {type(text).__name__}, not text"
+                    )
                 if text.strip():
                     yield text
     else:
@@ -370,24 +396,39 @@ def iter_documents(
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not JSON
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataSourceError(f"{path}:{lineno}: not valid UTF-8 text") from None
+            except UnicodeDecodeError as err:
+                raise DataSourceError(
+                    f"{path}:{lineno}: not valid UTF-8 text (bad byte at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataSourceError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            except RecursionError:
+                raise DataSourceError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
             if not isinstance(obj, dict):
                 raise DataSourceError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             if text_field not in obj:
                 keys = ", ".join(map(str, obj)) or "none"
-                raise DataSourceError(f"{path}:{lineno}: missing text field {text_field!r} (fields: {keys}); use --text-field")
+                raise DataSourceError(
+                    f"{path}:{lineno}: missing text field {text_field!r} (fields: {keys}); use --text-field"
+                )
             text = obj[text_field]
             if not isinstance(text, str):
                 raise DataSourceError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # a \ud800-style escape without its pair: not Unicode text
+                raise DataSourceError(
+                    f"{path}:{lineno}: field {text_field!r} holds a lone surrogate (U+{ord(text[err.start]):04X} at "
+                    f"character {err.start}): a \\u escape without its pair is not valid Unicode"
+                ) from None
             if text.strip():
                 yield text
 
@@ -405,7 +446,9 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise DataSourceError(f"{path}: row {row - 1}: column {text_field!r} is {type(text).__name__}, not text")
+                    raise DataSourceError(
+                        f"{path}: row {row - 1}: column {text_field!r} is {type(text).__name__}, not text"
+                    )
                 if text.strip():
                     yield text
     except DataSourceError:

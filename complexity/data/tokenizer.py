@@ -17,8 +17,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
+
+from .files import DiskFullError, check_free_space, fsync_dir, is_disk_full, write_json_atomic
 
 EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN = "</s>", "<pad>", "<s>", "<unk>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN]  # ids 0, 1, 2, 3
@@ -81,9 +83,10 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
             f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
+    if min_frequency < 0:
+        raise TokenizerError(f"--min-frequency must be >= 0, got {min_frequency}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
+    _check_out(out, overwrite)
 
     tok = build_untrained_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -109,11 +112,21 @@ def train_tokenizer(
     return save_tokenizer(tok, out, model_max_length=model_max_length, overwrite=overwrite)
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
+
+
 def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2048, overwrite: bool = False) -> Path:
-    """Save a ``tokenizers.Tokenizer`` as a ``transformers``-loadable folder (atomically)."""
+    """Save a ``tokenizers.Tokenizer`` as a ``transformers``-loadable folder, atomically: the files
+    are written and fsynced in a temporary folder beside ``out_dir``, which is then renamed. A
+    full disk raises `DiskFullError` (the path, the bytes needed) and leaves nothing behind."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
+    _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -125,6 +138,9 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
         clean_up_tokenization_spaces=False,
     )
     hf.chat_template = CHAT_TEMPLATE
+    # tokenizer.json (pretty-printed, as saved) plus a margin for the small config files
+    needed = len(tok.to_str(pretty=True).encode("utf-8")) + (1 << 16)
+    check_free_space(out, needed, "needed to save the tokenizer")
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         hf.save_pretrained(str(tmp))
@@ -142,14 +158,20 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
             pad_token_id=PAD_ID,
             unk_token_id=UNK_ID,
         )
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json_atomic(cfg_path, cfg, sort_keys=True)
+        for f in tmp.iterdir():  # a full disk can surface only at fsync (delayed allocation)
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+        fsync_dir(out.parent)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(out, needed) from None
         raise
     return out
 

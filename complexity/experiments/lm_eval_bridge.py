@@ -46,8 +46,8 @@ def _resolve(checkpoint: str | Path) -> tuple[Path, Path | None]:
     if (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file():
         return ckpt, ckpt
     # A training checkpoint: the tokenizer of the data the run trained on.
+    from ..data.manifest import read_prepared_manifest, tokenizer_dir
     from ..train.checkpoint import read_meta, resolve_checkpoint
-    from ..train.data import read_prepared_manifest, tokenizer_dir
 
     try:
         meta = read_meta(resolve_checkpoint(ckpt))

@@ -350,9 +350,10 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
         return None
     counts = None
     try:
+        from ..data import manifest as data_manifest
         from ..train import data as data_mod
 
-        manifest = data_mod.read_prepared_manifest(meta["data"])
+        manifest = data_manifest.read_prepared_manifest(meta["data"])
     except (FileNotFoundError, ValueError):
         manifest = None
     fig, axes = plt.subplots(len(arms), 3, figsize=(17, 4.8 * len(arms)), squeeze=False)

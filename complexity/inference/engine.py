@@ -180,27 +180,14 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, tokenizer=True, **kwargs) -> "Engine":
-        """Load a checkpoint folder (config.json + safetensors, tokenizer files if any)."""
-        import os
+        """Load a checkpoint folder (config.json + safetensors, tokenizer files if any), every file
+        checked first (`complexity.checkpoint_folder`: a broken folder is one clear error)."""
+        from ..checkpoint_folder import load_checkpoint_folder
 
-        import complexity  # noqa: F401  (registers the model type)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = str(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint {path!r}: not a directory")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"checkpoint {path!r}: no config.json")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         attn = kwargs.pop("attn_implementation", "sdpa")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn).to(dev)
-        tok = None
-        if tokenizer is True:
-            has_tok = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-            tok = AutoTokenizer.from_pretrained(path) if has_tok else None
-        elif tokenizer not in (None, False):
-            tok = tokenizer
+        model, tok = load_checkpoint_folder(path, device=dev, dtype=dt, attn_implementation=attn, tokenizer=tokenizer)
         return cls(model, tok, attn_implementation=attn, **kwargs)
 
     # ------------------------------------------------------------------ requests

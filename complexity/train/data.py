@@ -12,43 +12,8 @@ stores every slot's position) resumes on any world size that divides `num_slots`
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-
-
-def read_prepared_manifest(path: str | Path) -> dict:
-    from ..data.prepare import read_manifest
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"data.path {str(path)!r} does not exist")
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise FileNotFoundError(f"data.path {str(path)!r}: no manifest.json: not a complete `complexity data prepare` folder")
-    return manifest
-
-
-def check_data_matches_model(manifest: dict, vocab_size: int, path) -> None:
-    """The data engineer's compatibility rule (complexity.data.loader.check_compatible): every id
-    in the data must have an embedding (a model vocabulary may be padded beyond the tokenizer's)."""
-    from ..data.loader import check_compatible
-
-    check_compatible(manifest, path, vocab_size=vocab_size)
-
-
-def tokenizer_dir(manifest: dict) -> Path | None:
-    path = manifest.get("tokenizer", {}).get("path")
-    return Path(path) if path else None
-
-
-def split_tokens(manifest: dict, split: str) -> int:
-    return int(manifest.get("splits", {}).get(split, {}).get("tokens", 0))
-
-
-def split_bytes(manifest: dict, split: str) -> int:
-    return int(manifest.get("splits", {}).get(split, {}).get("text_bytes", 0))
 
 
 class SlotLoader:
@@ -88,10 +53,12 @@ def zipf_counts(path, manifest: dict, vocab_size: int, rank: int, world_size: in
     """Per-id train-split frequencies, padded to the model's vocab_size. From the prepared folder's
     counts file when it has one (already global: returns (counts, False)); otherwise counted over
     this rank's share of the shards (returns (counts, True): the caller must all-reduce)."""
-    counts_file = manifest.get("token_counts", {}).get("file")
+    from ..data.manifest import read_token_counts, token_counts_path
+
     out = np.zeros(vocab_size, dtype=np.int64)
-    if counts_file and (Path(path) / counts_file).is_file():
-        c = np.load(Path(path) / counts_file)
+    counts_file = token_counts_path(path, manifest)
+    if counts_file is not None and counts_file.is_file():
+        c = read_token_counts(path, manifest)
         out[: len(c)] = c
         return out, False
     from ..data.loader import PackedTokens

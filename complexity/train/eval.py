@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data import manifest as data_manifest
 from ..modeling_complexity import ComplexityExperts
 from . import data as data_mod
 from .parallelize import all_reduce_
@@ -102,50 +103,64 @@ def evaluate(model: torch.nn.Module, batches, *, device: torch.device, vocab_siz
     return result
 
 
-def load_for_eval(ckpt: str | Path, device: torch.device):
+def load_for_eval(ckpt: str | Path, device: torch.device, check=None):
     """An evaluation model from a Hugging Face folder (e.g. OUT/final) or a training checkpoint
-    (a step_* folder, a run's checkpoints/ folder, or a run folder). Returns (model, info)."""
-    from transformers import AutoModelForCausalLM
-
-    import complexity  # noqa: F401  (registers the Auto classes)
-
+    (a step_* folder, a run's checkpoints/ folder, or a run folder). Returns (model, info).
+    ``check(config, info)`` runs before any weight is read (info: "tokenizer", the folder whose
+    tokenizer.json the model came with, or "data", the data a training checkpoint trained on)."""
+    from ..checkpoint_folder import load_checkpoint_folder
     from ..modeling_complexity import ComplexityForCausalLM
     from .checkpoint import load_model_weights, read_meta, resolve_checkpoint
     from .config import RunConfig
 
     ckpt = Path(ckpt)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
-    if (ckpt / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-        return model.to(device), {"source": "hf", "path": str(ckpt), "seq_len": None}
+    training = ckpt.is_dir() and not (ckpt / "config.json").exists() and (
+        (ckpt / "meta.json").exists() or (ckpt / "checkpoints").is_dir() or any(ckpt.glob("step_*")))
+    if not training:  # a Hugging Face folder, every file checked (complexity.checkpoint_folder)
+        tokenizer = str(ckpt) if (ckpt / "tokenizer.json").is_file() else None
+        info = {"source": "hf", "path": str(ckpt), "seq_len": None, "tokenizer": tokenizer}
+        model, _ = load_checkpoint_folder(ckpt, device=device, dtype=torch.float32, tokenizer=False,
+                                          check=(lambda config: check(config, info)) if check else None)
+        return model, info
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
     config = RunConfig.from_dict(meta["config"], where=f"{path}/meta.json")
+    info = {"source": "checkpoint", "path": str(path), "step": meta["step"], "seq_len": config.training.seq_len,
+            "data": config.data.path}
     model = ComplexityForCausalLM(config.model.build())
+    if check is not None:
+        check(model.config, info)
     load_model_weights(path, model)
-    return model.to(device), {"source": "checkpoint", "path": str(path), "step": meta["step"],
-                              "seq_len": config.training.seq_len}
+    return model.to(device), info
 
 
 def evaluate_checkpoint(ckpt: str | Path, data: str | Path, *, max_batches: int | None = None,
                         batch_size: int = 8, seq_len: int | None = None, device: str = "auto") -> dict:
     """The `complexity eval` library function: held-out metrics of a checkpoint on a prepared
-    folder's val split. Checks the data's vocabulary against the model's before any compute."""
+    folder's val split. Checks the data against the model's vocabulary and tokenizer before any
+    weight is loaded."""
     from .parallelize import resolve_device
 
     dev = torch.device(resolve_device(device))
-    manifest = data_mod.read_prepared_manifest(data)
-    model, info = load_for_eval(ckpt, dev)
-    data_mod.check_data_matches_model(manifest, model.config.vocab_size, data)
-    seq_len = seq_len or info.get("seq_len") or min(model.config.max_position_embeddings, 2048)
-    if data_mod.split_tokens(manifest, "val") < seq_len + 1:
-        raise ValueError(f"data {str(data)!r}: the val split has {data_mod.split_tokens(manifest, 'val')} tokens, "
-                         f"fewer than one window of seq_len + 1 = {seq_len + 1}")
+    manifest = data_manifest.read_prepared_manifest(data)
+
+    def check(config, info):
+        nonlocal seq_len
+        data_manifest.check_data_matches_model(manifest, config.vocab_size, data)
+        if info.get("tokenizer"):  # an HF folder carries its tokenizer: the data must come from it
+            data_manifest.check_compatible(manifest, data, tokenizer=info["tokenizer"])
+        elif info.get("data"):  # a training checkpoint: the tokenizer of the data it was trained on
+            data_manifest.check_same_run_tokenizer(manifest, data, info["data"], info["path"])
+        seq_len = seq_len or info.get("seq_len") or min(config.max_position_embeddings, 2048)
+        if data_manifest.split_tokens(manifest, "val") < seq_len + 1:
+            raise ValueError(f"data {str(data)!r}: the val split has {data_manifest.split_tokens(manifest, 'val')} "
+                             f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+
+    model, info = load_for_eval(ckpt, dev, check=check)
     loader = data_mod.make_val_loader(data, batch_size, seq_len, vocab_size=model.config.vocab_size)
     result = evaluate(model, iter(loader), device=dev, vocab_size=model.config.vocab_size, max_batches=max_batches,
-                      split_tokens=data_mod.split_tokens(manifest, "val"),
-                      split_bytes=data_mod.split_bytes(manifest, "val"))
+                      split_tokens=data_manifest.split_tokens(manifest, "val"),
+                      split_bytes=data_manifest.split_bytes(manifest, "val"))
     result.update({"checkpoint": info["path"], "data": str(data), "seq_len": seq_len, "batch_size": batch_size})
     if "step" in info:
         result["step"] = info["step"]

@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..complexity_math import add_router_aux_loss
+from ..data import manifest as data_manifest
 from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from .config import RunConfig
@@ -236,8 +237,8 @@ class Trainer:
         if not cfg.data.synthetic:
             if not cfg.data.path:
                 raise ValueError("data.path: no training data given (use --data DIR or data.synthetic = true)")
-            self.manifest = data_mod.read_prepared_manifest(cfg.data.path)
-            data_mod.check_data_matches_model(self.manifest, vocab, cfg.data.path)
+            self.manifest = data_manifest.read_prepared_manifest(cfg.data.path)
+            data_manifest.check_data_matches_model(self.manifest, vocab, cfg.data.path)
 
         # ---- run folder: refuse to clobber another run
         self.resume_from: Path | None = None
@@ -529,7 +530,7 @@ class Trainer:
     # ------------------------------------------------------------------ eval
 
     def run_eval(self) -> dict | None:
-        if self.manifest is None or data_mod.split_tokens(self.manifest, "val") <= self.config.training.seq_len:
+        if self.manifest is None or data_manifest.split_tokens(self.manifest, "val") <= self.config.training.seq_len:
             return None
         cfg = self.config
         loader = data_mod.make_val_loader(cfg.data.path, cfg.training.micro_batch_size, cfg.training.seq_len,
@@ -544,8 +545,8 @@ class Trainer:
             n = int(t.item())
         result = evaluate(self.model, iter(loader), device=self.device, vocab_size=self.model_config.vocab_size,
                           autocast_dtype=torch.bfloat16 if self.autocast else None, max_batches=n,
-                          split_tokens=data_mod.split_tokens(self.manifest, "val"),
-                          split_bytes=data_mod.split_bytes(self.manifest, "val"),
+                          split_tokens=data_manifest.split_tokens(self.manifest, "val"),
+                          split_bytes=data_manifest.split_bytes(self.manifest, "val"),
                           expert_shares=not cfg.training.compile, forward=self.forward_module)
         return result
 
@@ -571,7 +572,7 @@ class Trainer:
             tmp = self.out_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             export_model.save_pretrained(tmp)
-            tok = data_mod.tokenizer_dir(self.manifest) if self.manifest else None
+            tok = data_manifest.tokenizer_dir(self.manifest) if self.manifest else None
             if tok is not None and tok.is_dir():
                 for f in tok.iterdir():
                     if f.is_file():

@@ -1,0 +1,218 @@
+"""Reading and writing the project's files: atomic writes, full-disk errors, checked JSON reads.
+
+Writes go through `AtomicFile`: the bytes land in ``PATH.partial`` and only a complete, fsynced
+file is renamed to ``PATH``, so a crash, a kill -9 or a full disk never leaves a file that reads
+as complete. Bytes are written with ``os.write`` (in a loop: it may write less than asked), so a
+full disk surfaces as one `DiskFullError` naming the path and the bytes it needed, and the
+partial file is removed.
+
+Reads of JSON files raise `FileFormatError` naming the file and what is wrong with it (empty,
+not UTF-8, the JSON error's line and column), never a bare "Expecting value".
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+# errno values that mean "no room": the file system is full, or the user's quota is.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT}
+
+
+class FileFormatError(ValueError):
+    """A file exists but its content is unusable; the message names the file and the problem."""
+
+
+class DiskFullError(OSError):
+    """A write ran out of disk space. ``needed``: the bytes the write still needed (at least)."""
+
+    def __init__(self, path, needed: int, *, free: int | None = None, at_least: bool = False, hint: str = ""):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.path, self.needed, self.at_least, self.hint = Path(path), int(needed), at_least, hint
+        self.free = free if free is not None else free_bytes(self.path)
+
+    def __str__(self) -> str:
+        need = f"{'at least ' if self.at_least else ''}{self.needed:,} more bytes"
+        free = f", {self.free:,} bytes free there" if self.free is not None else ""
+        return f"{self.path}: disk full: writing it needs {need}{free}" + (f"; {self.hint}" if self.hint else "")
+
+    def with_hint(self, hint: str) -> DiskFullError:
+        """The same error, with ``hint`` added to the message."""
+        return DiskFullError(
+            self.path,
+            self.needed,
+            free=self.free,
+            at_least=self.at_least,
+            hint=f"{self.hint}; {hint}" if self.hint else hint,
+        )
+
+
+def free_bytes(path) -> int | None:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def check_free_space(path, needed: int, what: str = "") -> None:
+    """Raise `DiskFullError` before writing ``needed`` bytes at ``path`` when they do not fit."""
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise DiskFullError(path, needed, free=free, hint=what)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError for a full disk/quota, or the same from Rust code (``tokenizers``), which
+    raises a plain Exception ending in "(os error 28)"."""
+    if isinstance(err, OSError) and err.errno in _NO_ROOM:
+        return True
+    return any(f"(os error {code})" in str(err) for code in _NO_ROOM)
+
+
+class AtomicFile:
+    """A file written under ``PATH.partial`` and renamed to ``PATH`` once complete and fsynced.
+
+    Use as a context manager: a normal exit commits, an exception removes the partial file.
+    ``size`` (optional): the final size in bytes, for the full-disk message.
+    """
+
+    def __init__(self, path, *, size: int | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.size = size
+        self.written = 0
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as err:  # name the file asked for, not its temporary name
+            raise type(err)(err.errno, err.strerror, str(self.path)) from None
+
+    def write(self, data) -> int:
+        """Write bytes / a C-contiguous array; returns the number of bytes written."""
+        view = memoryview(data)
+        if not view.c_contiguous:
+            view = memoryview(np.ascontiguousarray(data))
+        view = view.cast("B")
+        total = len(view)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as err:
+                if is_disk_full(err):
+                    if self.size is not None:
+                        raise DiskFullError(self.path, self.size - self.written) from None
+                    raise DiskFullError(self.path, len(view), at_least=True) from None
+                raise OSError(err.errno, err.strerror, str(self.path)) from None
+            view = view[n:]
+            self.written += n
+        return total
+
+    def commit(self) -> Path:
+        try:
+            os.fsync(self.fd)
+        except OSError as err:  # delayed allocation: a full disk can show up only here
+            if is_disk_full(err):
+                raise DiskFullError(self.path, self.written, at_least=True) from None
+            raise
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
+    with AtomicFile(path, size=len(data)) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_json_atomic(path, obj, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def npy_header(dtype, shape: tuple) -> bytes:
+    """The ``.npy`` (format 1.0) header ``np.save`` writes for a C-ordered array."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
+    return buf.getvalue()
+
+
+def save_npy_atomic(path, arr: np.ndarray) -> Path:
+    arr = np.ascontiguousarray(arr)
+    header = npy_header(arr.dtype, arr.shape)
+    with AtomicFile(path, size=len(header) + arr.nbytes) as f:
+        f.write(header)
+        f.write(arr)
+    return Path(path)
+
+
+def read_json(path) -> object:
+    """Parse a JSON file; `FileFormatError` names the file and the problem (line and column)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise FileFormatError(f"{path}: is a folder, expected a JSON file") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError as err:
+        raise FileFormatError(f"{path}: cannot read: {err.strerror}") from None
+    if not raw.strip():
+        raise FileFormatError(f"{path}: empty file, expected JSON")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise FileFormatError(f"{path}: not UTF-8 text (bad byte at offset {err.start}), expected JSON") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+    except RecursionError:
+        raise FileFormatError(f"{path}: not usable JSON: nested too deeply") from None
+
+
+def fsync_dir(path) -> None:
+    """Make a rename inside ``path`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
