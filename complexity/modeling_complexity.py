@@ -12,6 +12,7 @@ saved checkpoint carries all four for `trust_remote_code=True` loading.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -443,6 +444,21 @@ class ComplexityModelOutputWithPast(MoeModelOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
 
 
+# The mask builders' name for the KV cache (`past_key_values` up to transformers 5.23, `cache` later).
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The KV cache under either of its names: transformers up to 5.23 passes `past_key_values`,
+    later versions pass `cache` (and read it back from the output's `cache` field, which their
+    output classes fill from `past_key_values=`)."""
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache as `past_key_values` or as `cache`, not both")
+    return cache
+
+
 class ComplexityPreTrainedModel(PreTrainedModel):
     config_class = ComplexityConfig
     config: ComplexityConfig
@@ -570,8 +586,10 @@ class ComplexityModel(ComplexityPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> ComplexityModelOutputWithPast:
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if input_ids is None and self.token_to_expert is not None:
@@ -598,8 +616,8 @@ class ComplexityModel(ComplexityPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
+                **{_MASK_CACHE_ARG: past_key_values},
             )
         position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
         # Padding tokens do not count in the router's load-balancing statistics.
@@ -677,6 +695,7 @@ class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Standard causal-LM forward. `loss` is the next-token cross-entropy plus, for learned_moe,
@@ -687,7 +706,7 @@ class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
