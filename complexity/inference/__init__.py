@@ -8,10 +8,12 @@
 `AsyncEngine` runs an Engine in a background thread for the server (complexity.serve).
 """
 
-from .async_engine import AsyncEngine, EngineOverloaded
+from .async_engine import AsyncEngine, RequestGroup, RequestOutput
+from .errors import EngineOverloaded, EngineStopped, InvalidRequest
 from .cache import SlotKVCache
 from .engine import Completion, Engine, StepOutput, TokenLogprob
 from .sampling import SamplingParams
 
-__all__ = ["AsyncEngine", "Completion", "Engine", "EngineOverloaded", "SamplingParams", "SlotKVCache", "StepOutput",
+__all__ = ["AsyncEngine", "Completion", "Engine", "EngineOverloaded", "EngineStopped", "InvalidRequest", "RequestGroup",
+           "RequestOutput", "SamplingParams", "SlotKVCache", "StepOutput",
            "TokenLogprob"]

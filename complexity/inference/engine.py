@@ -32,6 +32,7 @@ import torch
 
 from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill
 from .detokenize import IncrementalDetokenizer, StopMatcher
+from .errors import InvalidRequest
 from .sampling import SamplingParams, make_generator, sample_tokens, top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -228,32 +229,41 @@ class Engine:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
+                raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
             ids = self.tokenizer(prompt).input_ids
             if not ids and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id]
             return list(ids)
         return [int(t) for t in prompt]
 
-    def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
+    def check_request(self, ids: Sequence[int], params: SamplingParams, *, require_fit: bool = False) -> None:
+        """Raise InvalidRequest naming the problem if `ids` cannot run with `params` on this engine.
+        The one check of a prompt against the model (the model's own id check is off: it would
+        sync every step). `require_fit`: the requested new tokens must fit in the context too
+        (the API's rule); otherwise generation just stops there with finish_reason "length"."""
         if len(ids) == 0:
-            raise ValueError("prompt: is empty (no tokens)")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidRequest("prompt", "is empty (no tokens)")
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size),
+                   None)
+        if bad is not None:
+            raise InvalidRequest("prompt", f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
         # a prompt filling the whole context still gets one sampled token (never written back)
         if len(ids) > self.max_seq_len:
-            raise ValueError(f"prompt: {len(ids)} tokens exceed the context length {self.max_seq_len}")
+            raise InvalidRequest("prompt", f"{len(ids)} tokens exceed the context length {self.max_seq_len}",
+                                 "context_length_exceeded")
+        if require_fit and params.max_new_tokens is not None and len(ids) + params.max_new_tokens > self.max_seq_len:
+            raise InvalidRequest("max_new_tokens", f"{params.max_new_tokens} new tokens + {len(ids)} prompt tokens "
+                                 f"exceed the context length {self.max_seq_len}", "context_length_exceeded")
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, callback: Callable[[StepOutput], None] | None = None) -> Request:
         params = params or SamplingParams()
         params.validate()
         ids = self.encode(prompt)
-        self.check_prompt(ids, params)
+        self.check_request(ids, params)
         rid = request_id or f"req-{next(_ids)}"
         if rid in self.requests:
-            raise ValueError(f"request_id: {rid!r} is already in use")
+            raise InvalidRequest("request_id", f"{rid!r} is already in use")
         req = Request(rid, ids, params, callback)
         req.generator = make_generator(params.seed, self.device)
         if params.logprobs is not None:

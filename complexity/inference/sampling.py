@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .errors import InvalidRequest
+
 MAX_LOGPROBS = 20
 
 
@@ -63,7 +65,7 @@ class SamplingParams:
         """Raise ValueError naming the field for any bad value."""
 
         def fail(name: str, msg: str):
-            raise ValueError(f"{name}: {msg}")
+            raise InvalidRequest(name, msg)
 
         def number(name, value):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
