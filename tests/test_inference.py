@@ -167,7 +167,7 @@ def test_stream_matches_generate(ckpt_dir):
     engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     p = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True)
     [out] = engine.generate(["déjà vu"], p)
-    assert "".join(engine.stream("déjà vu", p)) == out.text
+    assert "".join(o.new_text for o in engine.stream("déjà vu", p)) == out.text
 
 
 def test_incremental_detokenizer_multibyte():

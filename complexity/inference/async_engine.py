@@ -1,10 +1,18 @@
-"""Run an Engine in one background thread and talk to it from asyncio.
+"""The server's engine client: validated requests in, merged text outputs out, limits, stats.
 
-The thread owns the model: it drains a command inbox (add / abort), runs `engine.step()` while
-there is work and sleeps on an event otherwise. Each request's outputs are merged into its
-`RequestGroup` on the event loop; a consumer wakes once per engine step at most, and only at
-the end for a non-streaming request. Admission limits (in-flight requests, prompt tokens waiting
-for a slot) are checked at `add_request` and raise `EngineOverloaded` (the server answers 429).
+    aengine = AsyncEngine.spawn("runs/ckpt", {"max_seq_len": 2048})   # core in its own process
+    aengine = AsyncEngine(Engine.from_pretrained(...))                # core in a thread (tests)
+    aengine.start()
+    group = aengine.add_request([ids], [params], stream=True)
+    async for outs in group: ...
+
+This side (the API process) tokenizes (in a worker thread, never on the event loop), checks
+every request against the model before it reaches the core, detokenizes the core's token outputs
+(one batched decode per step, see detokenize.py) and merges them into each request's
+`RequestGroup`: a consumer wakes once per step at most, a non-streaming one only at the end.
+Admission limits (in-flight sequences, prompt tokens waiting for a slot) raise EngineOverloaded.
+If the core dies, every request in flight ends with an error, new ones get EngineStopped, and the
+`on_dead` callbacks run (the server exits non-zero).
 """
 
 from __future__ import annotations
@@ -13,11 +21,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import Engine, StepOutput, TokenLogprob
+from .core import ProcessCore, ThreadCore, engine_stats
+from .detokenize import OutputProcessor
+from .engine import Engine, check_request
 from .errors import EngineOverloaded, EngineStopped, InvalidRequest
+from .outputs import StepOutput, TokenLogprob
 from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -62,7 +73,6 @@ class RequestGroup:
     def __init__(self, request_ids: list[str], num_prompt_tokens: list[int], stream: bool):
         self.request_ids = request_ids
         self.index = {rid: i for i, rid in enumerate(request_ids)}
-        self.num_prompt_tokens = num_prompt_tokens
         self.stream = stream
         self.arrival = time.perf_counter()
         self.first_token_time: list[float | None] = [None] * len(request_ids)
@@ -77,7 +87,7 @@ class RequestGroup:
         return self.remaining == 0
 
     def put(self, out: StepOutput, now: float) -> None:
-        """Merge one engine output (event loop thread)."""
+        """Merge one output (event loop thread)."""
         i = self.index[out.request_id]
         total = self._totals[i]
         if total.finished:
@@ -115,86 +125,134 @@ class RequestGroup:
 
 
 class AsyncEngine:
-    """The server's view of an Engine: validated requests in, merged outputs out, limits, stats."""
-
-    def __init__(self, engine: Engine, *, max_concurrent: int | None = None, max_queued_tokens: int | None = None):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.vocab_size, self.max_seq_len, self.max_batch = engine.vocab_size, engine.max_seq_len, engine.max_batch
+    def __init__(self, engine: Engine | None = None, *, core=None, tokenizer=None, max_concurrent: int | None = None,
+                 max_queued_tokens: int | None = None):
+        """Over an Engine object (its core runs in a thread), or over a started `core` (see
+        `spawn`) with the checkpoint's tokenizer."""
+        if (engine is None) == (core is None):
+            raise ValueError("AsyncEngine: pass exactly one of engine or core")
+        if engine is not None:
+            core = ThreadCore(engine, self._on_message)
+            tokenizer = engine.tokenizer
+            self._stats = engine_stats(engine)
+        else:
+            core.on_message = self._on_message
+            self._stats = {"running": 0, "waiting": 0, "free_slots": core.info["max_batch"],
+                           "max_batch": core.info["max_batch"]}
+        self.core = core
+        info = core.info
+        self.info = info
+        self.tokenizer = tokenizer
+        self.vocab_size, self.max_seq_len, self.max_batch = info["vocab_size"], info["max_seq_len"], info["max_batch"]
         self.max_concurrent = max_concurrent
         self.max_queued_tokens = max_queued_tokens
-        self._inbox: deque = deque()
+        self._processor = OutputProcessor(tokenizer)
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = False
-        self._draining = False
-        self._drain_deadline: float | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._groups: dict[str, RequestGroup] = {}
-        self._step_outs: list[StepOutput] = []  # the engine thread's outputs of the current step
         self._queued: dict[str, int] = {}  # prompt tokens of requests not yet prefilled
         self._counter = 0
         self.queued_tokens = 0
         self.finish_reasons: dict[str, int] = {}
         self.rejected = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = self._stopping = self._draining = False
+        self.dead: str | None = None
+        self.on_dead: list = []
+        # tokenization and chat templates run here, off the event loop (one worker: a huge prompt
+        # delays other prompts' tokenization, never /health or the streams)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="complexity-tokenize")
+
+    @classmethod
+    def spawn(cls, checkpoint: str, engine_kwargs: dict | None = None, *, threads: int | None = None,
+              **kwargs) -> "AsyncEngine":
+        """Start the engine core in its own process (loads the checkpoint there) and return the
+        client; the API process loads only the tokenizer. Raises ValueError if the core could not
+        start (bad checkpoint, flags, memory), with its message."""
+        import os
+
+        from transformers import AutoTokenizer
+
+        path = str(checkpoint)
+        has_tok = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tok else None
+        core = ProcessCore(path, dict(engine_kwargs or {}), on_message=None, threads=threads)
+        core.start()
+        return cls(core=core, tokenizer=tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._started:
             return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="complexity-engine", daemon=True)
-        self._thread.start()
+        self._started = True
+        if isinstance(self.core, ThreadCore):
+            self.core.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel whatever is still queued or running (clients get finish_reason "abort") and join."""
-        if self._thread is None:
+        """Cancel whatever is still queued or running (clients get finish_reason "abort") and stop
+        the core."""
+        if not self._started or self._stopping:
             return
-        with self._lock:
-            self._inbox.append(("shutdown",))
         self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
-        self._thread = None
+        self.core.close(timeout)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def drain(self, timeout: float) -> None:
         """Begin a graceful shutdown (thread safe, e.g. from a signal handler): refuse new requests
         (EngineStopped -> 503), let the in-flight ones finish for up to `timeout` seconds, then
         cancel the rest (their streams end normally with finish_reason "abort")."""
+        if self._draining:
+            return
         self._draining = True
-        self._drain_deadline = time.monotonic() + max(0.0, timeout)
-        self._wake.set()
+        timer = threading.Timer(max(0.0, timeout), self._abort_everything)
+        timer.daemon = True
+        timer.start()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping and not self._draining
+        return self._started and self.dead is None and not self._stopping and not self._draining and self.core.alive()
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ inputs (off the event loop)
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
+        ids = self.tokenizer(text).input_ids
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]
+        return list(ids)
 
     async def encode(self, text: str) -> list[int]:
         """Token ids of a text prompt."""
-        return self.engine.encode(text)
+        return await self._off_loop(self._encode, text)
 
-    async def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered with the tokenizer's chat template (generation
-        prompt added). A template that rejects the messages is the caller's error."""
+    def _render_chat(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # template errors (e.g. unsupported roles) are the caller's
             raise InvalidRequest("messages", f"the chat template rejected them: {err}") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    async def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the tokenizer's chat template (generation
+        prompt added)."""
+        return await self._off_loop(self._render_chat, messages)
+
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """The engine's check of one sequence (the API's rule: the new tokens must fit too)."""
+        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, require_fit=True)
+
     # ------------------------------------------------------------------ requests (event loop side)
 
     def add_request(self, prompts: list[list[int]], params: list[SamplingParams], *, stream: bool) -> RequestGroup:
-        """Queue the sequences of one API request (all admitted or none); returns their group.
-        Prompts and params are checked against the model first (InvalidRequest)."""
+        """Queue the sequences of one API request (all admitted or none); returns their group."""
         if not self.running:
-            raise EngineStopped("the engine is not running (shutting down)")
+            raise EngineStopped(f"the engine is not running ({self.dead or 'shutting down'})")
         for ids, p in zip(prompts, params):
-            self.engine.check_request(ids, p, require_fit=True)
+            self.check_request(ids, p)
         self._loop = asyncio.get_running_loop()
         tokens = sum(len(ids) for ids in prompts)
         with self._lock:
@@ -216,43 +274,52 @@ class AsyncEngine:
                 self._groups[rid] = group
                 self._queued[rid] = len(ids)
                 self.queued_tokens += len(ids)
-                self._inbox.append(("add", list(ids), p, rid))
-        self._wake.set()
+                self._processor.add_request(rid, ids, p, incremental=stream)
+        self.core.send(("add", [(rid, list(ids), p) for rid, ids, p in zip(rids, prompts, params)]))
         return group
 
     def abort(self, group: RequestGroup) -> None:
         """Cancel what is left of a group (its slots are free at the next step)."""
-        if group.finished:
-            return
+        if not group.finished:
+            self.core.send(("abort", list(group.request_ids)))
+
+    def _abort_everything(self) -> None:
         with self._lock:
-            self._inbox.extend(("abort", rid) for rid in group.request_ids)
-        self._wake.set()
+            rids = list(self._groups)
+        if rids:
+            self.core.send(("abort", rids))
 
     def stats(self) -> dict:
-        e = self.engine
-        return {
-            "running": e.num_running,
-            "waiting": e.num_waiting,
-            "inflight": len(self._groups),
-            "queued_tokens": self.queued_tokens,
-            "free_slots": len(e.free_slots),
-            "max_batch": e.max_batch,
-            "rejected": self.rejected,
-            "finish_reasons": dict(self.finish_reasons),
-            **e.stats,
-        }
+        return {**self._stats, "inflight": len(self._groups), "queued_tokens": self.queued_tokens,
+                "rejected": self.rejected, "finish_reasons": dict(self.finish_reasons)}
 
-    # ------------------------------------------------------------------ the engine thread
+    # ------------------------------------------------------------------ the core's messages (reader thread)
 
-    def _deliver(self, outs: list[StepOutput]) -> None:
-        """Hand one step's outputs to the event loop (one call per step, not one per token)."""
+    def _on_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "outputs":
+            self._stats = msg[2]
+            self._on_outputs(msg[1])
+        elif kind in ("fatal", "dead"):
+            if not self._stopping:
+                self._on_dead(msg[1])
+
+    def _on_outputs(self, outs: list[StepOutput]) -> None:
+        """One step's outputs: text, stop strings, accounting, then one hand-over to the loop."""
         with self._lock:
-            for out in outs:
-                n = self._queued.pop(out.request_id, None) if (out.new_token_ids or out.finished
-                                                               or out.prompt_logprobs is not None) else None
-                if n is not None:
-                    self.queued_tokens -= n
-        if self._loop is None:
+            texts, stopped = self._processor.process(outs)
+            for out in texts:
+                if out.request_id in self._queued and (out.new_token_ids or out.finished
+                                                       or out.prompt_logprobs is not None):
+                    self.queued_tokens -= self._queued.pop(out.request_id)
+                if out.finished:
+                    self._processor.remove(out.request_id)
+        if stopped:
+            self.core.send(("abort", stopped))
+        self._hand_over(texts)
+
+    def _hand_over(self, outs: list[StepOutput]) -> None:
+        if self._loop is None or not outs:
             return
         try:
             self._loop.call_soon_threadsafe(self._dispatch, outs)
@@ -269,64 +336,20 @@ class AsyncEngine:
             if out.finished:
                 with self._lock:
                     self._groups.pop(out.request_id, None)
+                    self._queued.pop(out.request_id, None)
                 reason = out.finish_reason or "unknown"
                 self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
 
-    def _handle(self, cmd) -> bool:
-        kind = cmd[0]
-        if kind == "add":
-            _, ids, params, rid = cmd
-            try:
-                self.engine.add_request(ids, params, request_id=rid, callback=self._step_outs.append)
-            except Exception as err:  # checked before, but never let one request kill the loop
-                self._step_outs.append(StepOutput(rid, [], "", None, None, True, "error", len(ids), 0, error=str(err)))
-        elif kind == "abort":
-            self.engine.abort(cmd[1])
-        elif kind == "shutdown":
-            return False
-        return True
-
-    def _abort_all(self) -> None:
-        for rid in [r.request_id for r in list(self.engine.waiting) + list(self.engine.running.values())]:
-            self.engine.abort(rid)
-
-    def _run(self) -> None:
-        alive = True
-        while alive:
-            self._wake.clear()
-            while True:
-                with self._lock:
-                    cmd = self._inbox.popleft() if self._inbox else None
-                if cmd is None:
-                    break
-                alive = self._handle(cmd) and alive
-            if not alive:
-                break
-            if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
-                self._drain_deadline = None
-                self._abort_all()
-            if self.engine.has_unfinished():
-                try:
-                    self.engine.step()
-                except Exception:  # step already fails the affected requests; keep serving
-                    logger.exception("engine step failed")
-            outs, self._step_outs[:] = list(self._step_outs), []
-            for rid in [o.request_id for o in outs if o.finished]:
-                self.engine.release(rid)
-            if outs:
-                self._deliver(outs)
-            elif not self.engine.has_unfinished():
-                self._wake.wait(0.1)
-        # shutdown: cancel everything still queued or running
-        self._abort_all()
-        outs, self._step_outs[:] = list(self._step_outs), []
+    def _on_dead(self, reason: str) -> None:
+        """The core is gone: every request in flight ends with an error, new ones are refused."""
+        first_line = reason.strip().splitlines()[-1] if reason.strip() else "unknown"
+        self.dead = f"engine died: {first_line}"
+        logger.error("the engine core died: %s", reason)
         with self._lock:
-            pending = [c for c in self._inbox if c[0] == "add"]
-            self._inbox.clear()
-        for _, ids, _, rid in pending:
-            outs.append(StepOutput(rid, [], "", None, None, True, "abort", len(ids), 0))
-        if outs:
-            self._deliver(outs)
+            rids = list(self._groups)
+        self._hand_over([StepOutput(rid, [], None, None, True, "error", 0, 0, self.dead) for rid in rids])
+        for callback in self.on_dead:
+            callback(self.dead)
 
 
 __all__ = ["AsyncEngine", "RequestGroup", "RequestOutput"]

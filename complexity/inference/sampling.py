@@ -29,14 +29,14 @@ class SamplingParams:
     top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass in (0, 1] (1 = off).
     min_p: drop tokens with p < min_p * p_max (0 = off). repetition_penalty: the CTRL penalty
     over prompt and generated tokens (1 = off). max_new_tokens: tokens to generate (0 only with
-    prompt_logprobs: score the prompt, generate nothing). stop: strings that end the text (not
+    prompt_logprobs: score the prompt, generate nothing; None: until the context is full). stop: strings that end the text (not
     included in it). stop_token_ids: extra ids that end generation (the eos id always does unless
     ignore_eos). seed: per-request generator. logprobs: return the log-probability of each
     generated token plus this many top alternatives (None = off). prompt_logprobs: likewise for
     the prompt tokens (the first token gets None).
     """
 
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -75,9 +75,10 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, f"must be an integer, got {value!r}")
 
-        integer("max_new_tokens", self.max_new_tokens)
-        if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
-            fail("max_new_tokens", f"must be >= 1 (0 only when scoring the prompt), got {self.max_new_tokens}")
+        if self.max_new_tokens is not None:
+            integer("max_new_tokens", self.max_new_tokens)
+            if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
+                fail("max_new_tokens", f"must be >= 1 (0 only when scoring the prompt), got {self.max_new_tokens}")
         number("temperature", self.temperature)
         if self.temperature < 0:
             fail("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
@@ -124,13 +125,14 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: l
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """Probabilities [B, V] after temperature, top-k, top-p and min-p (rows with temperature 0 are
-    given temperature 1 here; the caller takes their argmax instead)."""
+    given temperature 1 here; the caller takes their argmax instead). Each row's maximum is
+    subtracted before dividing by its temperature, so a small temperature cannot overflow."""
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    logits = logits / temp[:, None]
+    logits = (logits - logits.amax(-1, keepdim=True)) / temp[:, None]
     vocab = logits.shape[-1]
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     remove = ranks >= k[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = sorted_logits.softmax(-1)
@@ -157,6 +159,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     """Next token ids [B] (long, on logits' device) for float32 logits [B, V], one params per row.
 
     `histories[i]` holds the ids seen so far by row i (only needed where repetition_penalty != 1).
+    Draws use the exponential race (argmax of p / E with E ~ Exp(1), a sample from p): unlike
+    `torch.multinomial`, it never raises (nor, on CUDA, asserts) on a degenerate row.
     """
     logits = logits.float()
     pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i] is not None]
@@ -178,15 +182,15 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
         torch.tensor([p.top_p for p in sub], device=dev, dtype=torch.float32),
         torch.tensor([p.min_p for p in sub], device=dev, dtype=torch.float32),
     )
+    noise = torch.empty_like(probs)
     shared = [j for j, i in enumerate(sampled) if generators[i] is None]
-    picks = torch.empty(len(sampled), dtype=torch.long, device=dev)
     if shared:
-        idx = torch.tensor(shared, device=dev)
-        picks[idx] = torch.multinomial(probs[idx], 1, generator=default_generator).squeeze(-1)
+        noise.exponential_(generator=default_generator)
     for j, i in enumerate(sampled):
-        if generators[i] is not None:
-            picks[j] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(-1)
-    out[rows] = picks
+        if generators[i] is not None:  # a seeded request draws from its own generator only
+            noise[j].exponential_(generator=generators[i])
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would divide by zero
+    out[rows] = (probs / noise).argmax(-1)
     return out
 
 
