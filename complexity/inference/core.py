@@ -47,6 +47,16 @@ def engine_stats(engine: Engine) -> dict:
             "max_batch": engine.max_batch, **engine.stats}
 
 
+def pack_outputs(outputs: list[StepOutput]) -> tuple:
+    """Column lists of a step's outputs: a third of the pickling time of the tuples themselves,
+    paid in the engine process at every step."""
+    return tuple(list(col) for col in zip(*outputs))
+
+
+def unpack_outputs(columns: tuple) -> list[StepOutput]:
+    return [StepOutput._make(row) for row in zip(*columns)]
+
+
 def run_engine_loop(engine: Engine, poll: Callable[[float | None], list], send: Callable[[tuple], None]) -> None:
     """Serve commands until "shutdown": `poll(timeout)` returns the commands that arrived (waiting
     up to `timeout` seconds when there is nothing to run), `send(message)` ships one step's outputs."""
@@ -145,8 +155,13 @@ def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads
             cmds.append(cmd_conn.recv())
         return cmds
 
+    def send(msg):
+        if msg[0] == "outputs":
+            msg = ("outputs", pack_outputs(msg[1]), msg[2])
+        out_conn.send(msg)
+
     try:
-        run_engine_loop(engine, poll, out_conn.send)
+        run_engine_loop(engine, poll, send)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the API process is gone: nothing left to serve
     except Exception:
@@ -200,6 +215,8 @@ class ProcessCore:
                 self._proc.join(5)
                 self.on_message(("dead", f"the engine process exited (exit code {self._proc.exitcode})"))
                 return
+            if msg[0] == "outputs":
+                msg = ("outputs", unpack_outputs(msg[1]), msg[2])
             self.on_message(msg)
             if msg[0] == "fatal":
                 return

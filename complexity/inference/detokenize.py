@@ -171,51 +171,49 @@ class OutputProcessor:
         if not self._states:
             return outputs, []
         outputs = _merge_by_request(outputs)
-        # 1. which tokens become text (an eos / stop token ending the request does not)
-        work = []  # (output index, state, tokens to decode)
-        for i, out in enumerate(outputs):
-            st = self._states.get(out.request_id)
-            if st is None or st.done:
-                continue
-            toks = out.new_token_ids
-            if out.finished and out.finish_reason == "stop" and toks:
-                toks = toks[:-1]
-            work.append((i, st, toks))
-        # 2. one batched decode: incremental windows, and whole texts of finishing requests
-        seqs, skips, slots = [], [], []
-        for i, st, toks in work:
-            if st.detok is not None:
-                if toks:
-                    for t in toks:
-                        st.detok.push(t)
-                    if st.detok.prefix_text is None:
-                        seqs.append(st.detok.prefix_window()); skips.append(st.skip); slots.append((i, "prefix"))
-                    seqs.append(st.detok.window()); skips.append(st.skip); slots.append((i, "window"))
-            else:
-                st.ids.extend(toks)
-                if outputs[i].finished:
-                    seqs.append(st.context); skips.append(st.skip); slots.append((i, "prefix"))
-                    seqs.append(st.context + st.ids); skips.append(st.skip); slots.append((i, "window"))
-        decoded: dict[tuple[int, str], str] = dict(zip(slots, self._decode_batch(seqs, skips))) if seqs else {}
-        # 3. deltas, stop strings
-        result, stopped = [], []
-        by_index = {i: (st, toks) for i, st, toks in work}
-        for i, out in enumerate(outputs):
+        result: list[StepOutput] = []
+        todo = []  # (position in result, state, output): outputs whose text needs the batched decode
+        seqs, skips = [], []
+        for out in outputs:
             st = self._states.get(out.request_id)
             if st is None:
                 result.append(out)
                 continue
-            if i not in by_index:  # already ended by a stop string
+            if st.done:  # already ended by a stop string
                 continue
-            text = ""
-            if st.detok is not None:
-                if (i, "window") in decoded:
-                    prefix = decoded.get((i, "prefix"), st.detok.prefix_text)
-                    text = st.detok.commit(prefix, decoded[(i, "window")])
+            toks = out.new_token_ids
+            if out.finished and out.finish_reason == "stop" and toks:
+                toks = toks[:-1]  # an eos / stop token ending the request is not text
+            if st.detok is None:
+                st.ids.extend(toks)
+                if not out.finished:  # decoded once, at the end: nothing to do now (the common case)
+                    result.append(out)
+                    continue
+                first = len(seqs)
+                seqs += [st.context, st.context + st.ids]
+            else:
+                for t in toks:
+                    st.detok.push(t)
+                first = len(seqs)
+                if toks:
+                    if st.detok.prefix_text is None:
+                        seqs.append(st.detok.prefix_window())
+                    seqs.append(st.detok.window())
+            skips += [st.skip] * (len(seqs) - first)
+            todo.append((len(result), st, out, first, len(seqs) - first))
+            result.append(out)
+        texts = self._decode_batch(seqs, skips) if seqs else []
+        stopped = []
+        for pos, st, out, first, n in todo:
+            if st.detok is None:
+                text = texts[first + 1][len(texts[first]):]
+            else:
+                text = ""
+                if n:
+                    prefix = texts[first] if n == 2 else st.detok.prefix_text
+                    text = st.detok.commit(prefix, texts[first + n - 1])
                 if out.finished:
                     text += st.detok.flush()
-            elif (i, "window") in decoded:
-                text = decoded[(i, "window")][len(decoded[(i, "prefix")]):]
             finished, reason = out.finished, out.finish_reason
             if st.stopper is not None:
                 text, hit = st.stopper.feed(text, final=finished)
@@ -223,9 +221,8 @@ class OutputProcessor:
                     if not finished:
                         stopped.append(out.request_id)
                     finished, reason = True, "stop"
-            if finished:
-                st.done = True
-            result.append(out._replace(new_text=text, finished=finished, finish_reason=reason))
+            st.done = finished
+            result[pos] = out._replace(new_text=text, finished=finished, finish_reason=reason)
         return result, stopped
 
 
