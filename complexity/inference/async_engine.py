@@ -220,6 +220,16 @@ class AsyncEngine:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
+        # Far longer than the context? Count the tokens of a prefix cut at a space first: if it
+        # alone exceeds the context, so does the whole, and megabytes are never tokenized.
+        probe = self.max_seq_len * 16
+        if len(text) > probe:
+            cut = text.rfind(" ", probe // 2, probe)
+            head = text[: cut if cut > 0 else probe]
+            n = len(self.tokenizer(head, add_special_tokens=False).input_ids)
+            if n > self.max_seq_len + 8:
+                raise InvalidRequest("prompt", f"exceeds the context length {self.max_seq_len}: its first "
+                                     f"{len(head)} characters alone are {n} tokens", "context_length_exceeded")
         ids = self.tokenizer(text).input_ids
         if not ids and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id]
@@ -228,6 +238,10 @@ class AsyncEngine:
     async def encode(self, text: str) -> list[int]:
         """Token ids of a text prompt."""
         return await self._off_loop(self._encode, text)
+
+    async def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens kept)."""
+        return await self._off_loop(lambda: self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def _render_chat(self, messages: list[dict]) -> list[int]:
         try:

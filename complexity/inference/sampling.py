@@ -18,22 +18,33 @@ import torch
 
 from .errors import InvalidRequest
 
+
+# The stated ranges of every field (InvalidRequest names the field otherwise). They keep the
+# float32 arithmetic of the sampler finite: a temperature of 1e-45 or a penalty of 1e-40 would
+# overflow the logits, a top_k past int64 would not fit a tensor.
 MAX_LOGPROBS = 20
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # or exactly 0 (greedy)
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+MAX_TOP_K = 2**31 - 1  # values past the vocabulary keep every token
+MAX_NEW_TOKENS = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1000
 
 
 @dataclass
 class SamplingParams:
-    """How one request is decoded.
+    """How one request is decoded (ranges: the constants above).
 
-    temperature: 0 means greedy (argmax); otherwise logits / temperature.
+    temperature: 0 means greedy (argmax); otherwise logits / temperature, in [1e-4, 1e4].
     top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass in (0, 1] (1 = off).
-    min_p: drop tokens with p < min_p * p_max (0 = off). repetition_penalty: the CTRL penalty
-    over prompt and generated tokens (1 = off). max_new_tokens: tokens to generate (0 only with
-    prompt_logprobs: score the prompt, generate nothing; None: until the context is full). stop: strings that end the text (not
+    min_p: drop tokens with p < min_p * p_max, in [0, 1] (0 = off). repetition_penalty: the CTRL
+    penalty over prompt and generated tokens, in [0.01, 100] (1 = off). max_new_tokens: tokens to
+    generate (0 only with prompt_logprobs: score the prompt, generate nothing; None: until the
+    context is full). stop: up to 16 strings (1 to 1000 characters) that end the text (not
     included in it). stop_token_ids: extra ids that end generation (the eos id always does unless
-    ignore_eos). seed: per-request generator. logprobs: return the log-probability of each
-    generated token plus this many top alternatives (None = off). prompt_logprobs: likewise for
-    the prompt tokens (the first token gets None).
+    ignore_eos). seed: per-request generator (an int64 or uint64). logprobs: return the
+    log-probability of each generated token plus this many top alternatives, 0 to 20 (None =
+    off). prompt_logprobs: likewise for the prompt tokens (the first token gets None).
     """
 
     max_new_tokens: int | None = 16
@@ -68,45 +79,56 @@ class SamplingParams:
             raise InvalidRequest(name, msg)
 
         def number(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, f"must be a finite number, got {value!r}")
+            try:
+                finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
+                fail(name, f"must be a finite number, got {value!r:.40}")
 
         def integer(name, value):
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, f"must be an integer, got {value!r}")
 
+        def within(name, value, lo, hi, what):
+            if not lo <= value <= hi:
+                fail(name, f"must be {what}, got {value!r}")
+
         if self.max_new_tokens is not None:
             integer("max_new_tokens", self.max_new_tokens)
-            if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
-                fail("max_new_tokens", f"must be >= 1 (0 only when scoring the prompt), got {self.max_new_tokens}")
+            if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+                fail("max_new_tokens", "must be >= 1 (0 only when scoring the prompt), got 0")
+            within("max_new_tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS, f"in [1, {MAX_NEW_TOKENS}]")
         number("temperature", self.temperature)
-        if self.temperature < 0:
-            fail("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature != 0:
+            within("temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
+                   f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
         integer("top_k", self.top_k)
-        if self.top_k < 0:
-            fail("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        within("top_k", self.top_k, 0, MAX_TOP_K, f"in [0, {MAX_TOP_K}] (0 = off)")
         number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", f"must be in (0, 1], got {self.top_p}")
+            fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
         number("min_p", self.min_p)
-        if not 0.0 <= self.min_p <= 1.0:
-            fail("min_p", f"must be in [0, 1], got {self.min_p}")
+        within("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
         number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            fail("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty}")
+        within("repetition_penalty", self.repetition_penalty, MIN_PENALTY, MAX_PENALTY,
+               f"in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off)")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                fail("stop", f"stop strings must be non-empty strings, got {s!r}")
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                fail("stop", f"stop strings must be strings of 1 to {MAX_STOP_CHARS} characters, got {s!r:.40}")
         for t in self.stop_token_ids:
             integer("stop_token_ids", t)
+            within("stop_token_ids", t, 0, MAX_TOP_K, "token ids >= 0")
         if self.seed is not None:
             integer("seed", self.seed)
+            within("seed", self.seed, *SEED_RANGE, f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 integer(name, value)
-                if not 0 <= value <= MAX_LOGPROBS:
-                    fail(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
+                within(name, value, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
 
     def copy(self, **changes) -> "SamplingParams":
         return replace(self, **changes)

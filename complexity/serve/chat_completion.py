@@ -13,6 +13,7 @@ from .serving import SSE_DONE, OpenAIServing, sse
 class ServingChat(OpenAIServing):
     async def create(self, body: ChatCompletionRequest, request: Request):
         self.check_model(body.model)
+        body.check_supported()
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "messages: this model has no chat template; use /v1/completions", param="messages")

@@ -42,6 +42,7 @@ class LegacyLogprobs:
 class ServingCompletion(OpenAIServing):
     async def create(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
+        body.check_supported()
         raw = body.prompts()
         if not raw:
             raise InvalidRequest("prompt", "must not be empty")
@@ -54,9 +55,10 @@ class ServingCompletion(OpenAIServing):
                 prompts.append(ids)
                 params.append(self.sampling_params(body, ids, j))
         group = self.submit(body, prompts, params, stream=bool(body.stream))
-        tok = self.engine.tokenizer
-        echo_texts = [(p if isinstance(p, str) else tok.decode(ids, skip_special_tokens=False) if tok else "")
-                      for p, ids in zip(raw, id_lists)] if body.echo else None
+        echo_texts = None
+        if body.echo:
+            echo_texts = [p if isinstance(p, str) else await self.engine.decode(ids) if self.engine.tokenizer else ""
+                          for p, ids in zip(raw, id_lists)]
         num_prompt_tokens = sum(len(ids) for ids in id_lists)
         head = self.envelope("cmpl", "text_completion")
         if body.stream:

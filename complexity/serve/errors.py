@@ -57,6 +57,9 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         return error_response(400, f"Invalid JSON body: {detail}", code="invalid_json")
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for an unknown field
+        return error_response(400, f"Unrecognized request argument supplied: {'.'.join(loc)}", param=param,
+                              code="unrecognized_argument")
     # pydantic reports one error per member of a union: keep those about the same field
     msgs = sorted({e.get("msg", "") for e in errors if [str(x) for x in e.get("loc", ()) if x != "body"][:1] == loc[:1]})
     where = ".".join(loc) if loc else "body"
@@ -86,7 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "request_too_large"}.get(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), code=code)
 
     @app.exception_handler(Exception)
