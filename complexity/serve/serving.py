@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..inference.async_engine import AsyncEngine, RequestGroup, RequestOutput
-from ..inference.errors import InvalidRequest
+from ..inference.errors import EngineStopped, InvalidRequest
 from ..inference.sampling import SamplingParams
 from .errors import APIError, error_body
 from .metrics import ServerMetrics
@@ -96,6 +96,8 @@ class OpenAIServing:
         outs = done.result()
         failed = next((o for o in outs if o.finish_reason == "error"), None)
         if failed is not None:
+            if self.engine.dead:  # the engine process is gone: unavailable, not this request's fault
+                raise EngineStopped(self.engine.dead)
             raise APIError(500, f"generation failed: {failed.error}", "server_error")
         return outs
 
