@@ -301,8 +301,42 @@ def test_compiled_decode_compiles_once(ckpt_dir):
     engine = Engine.from_pretrained(path, device="cpu", max_batch=3, compile="aot_eager")
     p = SamplingParams(max_new_tokens=140, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(10, 40)), [9] * 7]
-    outs = engine.generate(prompts, p)
-    engine.generate([[5, 6, 7]], p.copy(max_new_tokens=5))
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = engine.generate(prompts, p)
+        engine.generate([[5, 6, 7]], p.copy(max_new_tokens=5))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # and no graph break
     eager = Engine.from_pretrained(path, device="cpu", max_batch=3).generate(prompts, p)
     assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+
+
+def test_failing_prefill_or_decode_fails_only_its_request(ckpt_dir, monkeypatch):
+    """A forward that raises for a batch is retried request by request: only the request that
+    fails alone fails."""
+    path = make_tiny_checkpoint(ckpt_dir / "isolate_fwd")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=4)
+    p = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate(PROMPTS[:3], p)]
+    poison = [7, 7, 7, 7, 7, 7, 7]
+    for stage in ("_prefill_batch", "_decode"):
+        real = getattr(engine, stage)
+
+        def flaky(reqs, outputs, real=real):
+            if any(r.prompt_ids == poison for r in reqs):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(reqs, outputs)
+
+        monkeypatch.setattr(engine, stage, flaky)
+        outs = engine.generate([PROMPTS[0], poison, PROMPTS[1], PROMPTS[2]], p)
+        assert outs[1].finish_reason == "error", stage
+        assert [o.token_ids for o in (outs[0], outs[2], outs[3])] == expected, stage
+        assert sorted(engine.free_slots) == [0, 1, 2, 3]
+        monkeypatch.undo()
+
+
+def test_stop_strings_need_a_tokenizer(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "notok")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2, tokenizer=False)
+    with pytest.raises(ValueError, match="stop"):
+        engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, stop=["x"]))
+    [out] = engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 3 and out.text == ""

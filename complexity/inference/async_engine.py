@@ -257,7 +257,8 @@ class AsyncEngine:
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
         """The engine's check of one sequence (the API's rule: the new tokens must fit too)."""
-        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, require_fit=True)
+        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
+                      has_tokenizer=self.tokenizer is not None, require_fit=True)
 
     # ------------------------------------------------------------------ requests (event loop side)
 

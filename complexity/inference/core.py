@@ -142,8 +142,11 @@ def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads
     try:
         engine = Engine.from_pretrained(checkpoint, **engine_kwargs)
     except Exception as err:  # a bad checkpoint / flag: a clean message for the parent to print
-        out_conn.send(("error", f"{err}" if isinstance(err, (ValueError, FileNotFoundError, KeyError))
-                       else f"{type(err).__name__}: {err}"))
+        if isinstance(err, (ValueError, FileNotFoundError, KeyError)):
+            out_conn.send(("error", str(err)))
+        else:
+            logger.exception("the engine could not start")
+            out_conn.send(("error", f"{type(err).__name__}: {err}"))
         return
     out_conn.send(("ready", engine_info(engine)))
 

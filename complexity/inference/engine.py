@@ -136,13 +136,15 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def check_request(ids: Sequence[int], params: SamplingParams, *, vocab_size: int, max_seq_len: int,
-                  require_fit: bool = False) -> None:
+                  has_tokenizer: bool, require_fit: bool = False) -> None:
     """The one check of a request against a model: the sampling values, then the prompt (not
     empty, ids in the vocabulary, within the context). The model's own id check is off under the
     engine (it would sync every step); the server runs this in its API process before a request
     reaches the engine process. `require_fit`: the requested new tokens must fit in the context
     too (the API's rule); otherwise generation stops there with finish_reason "length"."""
     params.validate()
+    if params.stop and not has_tokenizer:
+        raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none (use stop_token_ids)")
     if len(ids) == 0:
         raise InvalidRequest("prompt", "is empty (no tokens)")
     bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
@@ -315,9 +317,10 @@ class Engine:
             parts.append(f"sized from memory: {m['kv_budget_gib']:.1f} GiB KV budget at gpu_memory_utilization "
                          f"{m['utilization']:.2f} of {m['total_gib']:.0f} GiB, capped at {MAX_AUTO_SLOTS} slots")
         if self.use_graphs:
+            compiled = ", compiled once" if self.compile else (
+                ", compile failed: eager kernels" if "compile_error" in self.startup else "")
             parts.append(f"decode: {len(self._graphs)} CUDA graphs ({len(self._buckets)} batch x "
-                         f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s"
-                         + (", compiled once" if self.compile else "") + ")")
+                         f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})")
         else:
             parts.append("decode: " + ("compiled" if self.compile else "eager"))
         return ", ".join(parts)
@@ -336,7 +339,8 @@ class Engine:
 
     def check_request(self, ids: Sequence[int], params: SamplingParams, *, require_fit: bool = False) -> None:
         """Raise InvalidRequest naming the problem if `ids` cannot run with `params` here."""
-        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len, require_fit=require_fit)
+        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
+                      has_tokenizer=self.tokenizer is not None, require_fit=require_fit)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, checked: bool = False) -> Request:
@@ -444,17 +448,31 @@ class Engine:
         outputs, self._outbox = self._outbox, []
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted, outputs)
+            self._isolated(self._prefill_batch, admitted, outputs, "prefill")
         # requests admitted just now decode in the same step (their first token came from prefill)
         decoding = [r for r in self.running.values() if r.output_ids]
         if decoding:
-            try:
-                self._decode(decoding, outputs)
-            except Exception as err:  # a failed forward fails the batch it ran, never the engine
-                logger.exception("decode failed")
-                for r in decoding:
-                    self._fail(r, err, outputs)
+            self._isolated(self._decode, decoding, outputs, "decode")
         return outputs
+
+    def _isolated(self, run, reqs: list[Request], outputs: list[StepOutput], what: str) -> None:
+        """`run(reqs, outputs)` for the batch; if it raises, for each request alone, so that only a
+        request that fails by itself fails (a forward changes no request state before it returns)."""
+        try:
+            run(reqs, outputs)
+        except Exception as err:
+            if len(reqs) == 1:
+                logger.exception("%s failed", what)
+                self._fail(reqs[0], err, outputs)
+                return
+            logger.warning("%s of %d requests failed (%s: %s); retrying them one by one", what, len(reqs),
+                           type(err).__name__, err)
+            for r in reqs:
+                try:
+                    run([r], outputs)
+                except Exception as one_err:
+                    logger.exception("%s of request %s failed", what, r.request_id)
+                    self._fail(r, one_err, outputs)
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []
@@ -470,25 +488,6 @@ class Engine:
             admitted.append(req)
             longest = max(longest, n)
         return admitted
-
-    def _prefill(self, reqs: list[Request], outputs: list[StepOutput]) -> None:
-        """Prefill `reqs` together; if that fails, each alone, so that only a request that fails
-        by itself fails."""
-        try:
-            self._prefill_batch(reqs, outputs)
-        except Exception as err:
-            if len(reqs) == 1:
-                logger.exception("prefill failed")
-                self._fail(reqs[0], err, outputs)
-                return
-            logger.warning("prefill of %d requests failed (%s: %s); retrying them one by one", len(reqs),
-                           type(err).__name__, err)
-            for r in reqs:
-                try:
-                    self._prefill_batch([r], outputs)
-                except Exception as one_err:
-                    logger.exception("prefill of request %s failed", r.request_id)
-                    self._fail(r, one_err, outputs)
 
     def _prefill_batch(self, reqs: list[Request], outputs: list[StepOutput]) -> None:
         b = len(reqs)
@@ -596,6 +595,18 @@ class Engine:
         tokens_pos = tokens_pos.to(self.device)
         return self._call_decode(tokens_pos[0, :, None], tokens_pos[1], self._kv_range(kv_len))[:nrows]
 
+    def _warm_up(self) -> None:
+        """Every graph shape runs once before any capture (the largest first: that call compiles):
+        kernels are selected, loaded and their workspaces allocated outside the graphs."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for kv in reversed(self._kv_buckets):
+                for b in reversed(self._buckets):
+                    self._call_decode(self._static_in[b][0, :, None], self._static_in[b][1], self._kv_range(kv))
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+
     def _capture_graphs(self) -> None:
         """One CUDA graph per (batch bucket, context bucket) over static input buffers, all
         writing their logits into one static buffer; compiled once first when `compile`."""
@@ -610,16 +621,18 @@ class Engine:
                 static_in = torch.zeros(2, b, dtype=torch.long, device=self.device)  # tokens; positions
                 static_in[0].fill_(self.pad_token_id)
                 self._static_in[b] = static_in
-            # every shape runs once before any capture (the largest first: that call compiles): kernels
-            # are selected, loaded and their workspaces allocated outside the graphs
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for kv in reversed(self._kv_buckets):
-                    for b in reversed(self._buckets):
-                        self._call_decode(self._static_in[b][0, :, None], self._static_in[b][1], self._kv_range(kv))
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
+            try:
+                self._warm_up()
+            except Exception as err:
+                if not self.compile:
+                    raise
+                # an optimization must not keep the server from starting: say so, and capture the
+                # eager decode step instead
+                logger.warning("torch.compile of the decode step failed (%s: %s); capturing the eager decode step",
+                               type(err).__name__, err)
+                self.startup["compile_error"] = f"{type(err).__name__}: {err}"
+                self.compile, self._decode_impl = False, self._decode_forward
+                self._warm_up()
             self.startup["compile_s"] = time.perf_counter() - t0
             for kv in reversed(self._kv_buckets):
                 for b in reversed(self._buckets):
