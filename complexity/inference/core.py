@@ -183,6 +183,7 @@ class ProcessCore:
                  threads: int | None = None):
         self.checkpoint, self.engine_kwargs, self.on_message, self.threads = checkpoint, engine_kwargs, on_message, threads
         self.info: dict | None = None
+        self._gone = False
         self._lock = threading.Lock()
         self._proc = None
         self._reader: threading.Thread | None = None
@@ -215,6 +216,7 @@ class ProcessCore:
             try:
                 msg = self._out.recv()
             except (EOFError, OSError):
+                self._gone = True
                 self._proc.join(5)
                 self.on_message(("dead", f"the engine process exited (exit code {self._proc.exitcode})"))
                 return
@@ -232,7 +234,9 @@ class ProcessCore:
                 pass
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        # the reader's view (EOF on the pipe), not is_alive(): that is a waitpid per call, and the
+        # server asks at every request
+        return self._proc is not None and not self._gone
 
     def close(self, timeout: float) -> None:
         if self._proc is None:
