@@ -111,8 +111,9 @@ def _resolve_device(device) -> torch.device:
 
 
 def batch_buckets(max_batch: int, smallest: int = 1) -> list[int]:
-    """Decode batch sizes with a CUDA graph: powers of two, then steps of a quarter of the last
-    power (24, 48, 96, 192, ...) so a batch pads by at most a third; max_batch is the last."""
+    """Decode batch sizes with a CUDA graph: powers of two from `smallest`, and from 16 on the
+    midpoints between them (24, 48, 96, 192, ...), so a batch pads by at most a third; max_batch
+    is the last."""
     out, b = [], smallest
     while b < max_batch:
         out.append(b)
