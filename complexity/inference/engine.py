@@ -160,6 +160,20 @@ def check_request(ids: Sequence[int], params: SamplingParams, *, vocab_size: int
                              f"exceed the context length {max_seq_len}", "context_length_exceeded")
 
 
+def _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization) -> None:
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+        raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
+    if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+        raise ValueError(f"max_prefill_tokens: must be a positive integer, got {max_prefill_tokens!r}")
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len: must be an integer >= 2, got {max_seq_len!r}")
+    if max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+
+
 class Engine:
     """Owns a model, its slot cache and the scheduling state. Not thread safe: one thread calls
     `add_request` / `abort` / `step` (the server runs it in its own process, see core.py).
@@ -175,19 +189,9 @@ class Engine:
                  max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None, compile: bool | None = None,
                  gpu_memory_utilization: float = 0.9, seed: int = 0, attn_implementation: str | None = "sdpa"):
         t0 = time.perf_counter()
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-            raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
-        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens: must be a positive integer, got {max_prefill_tokens!r}")
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
         config = model.config
-        limit = config.max_position_embeddings
-        max_seq_len = limit if max_seq_len is None else max_seq_len
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len: must be an integer >= 2, got {max_seq_len!r}")
-        if max_seq_len > limit:
-            raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings={limit}")
+        max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
+        _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization)
         self.model = model.eval()
         if attn_implementation is not None and getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
             # the engine passes its own 4D float masks: only eager / sdpa take them
@@ -208,10 +212,9 @@ class Engine:
         self.vocab_size = config.vocab_size
         self.sliding_window = config.sliding_window
         eos = config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_token_ids = set(eos)
+        self.eos_token_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.memory_plan = None
         if max_batch is None:
