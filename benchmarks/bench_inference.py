@@ -292,7 +292,8 @@ def part_check(args, device, results):
             params = SamplingParams(max_new_tokens=48, temperature=0, ignore_eos=True)
             key = str(dtype).removeprefix("torch.")
             try:
-                eager = [o.token_ids for o in Engine(model, None, max_batch=4, max_seq_len=128).generate(prompts, params)]
+                eager = [o.token_ids for o in Engine(model, None, max_batch=4, max_seq_len=128, cuda_graphs=False,
+                                                      compile=False).generate(prompts, params)]
                 graphs = [o.token_ids for o in Engine(model, None, max_batch=4, max_seq_len=128, cuda_graphs=True,
                                                       compile=not args.no_compile).generate(prompts, params)]
                 ref = []

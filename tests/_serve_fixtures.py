@@ -10,6 +10,7 @@ The checkpoint folder holds config.json, model.safetensors and the tokenizer fil
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,6 +63,48 @@ def make_tokenizer(vocab_size: int = 384):
     )
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(path, *, model_name: str = "tiny", request_timeout: float = 30.0, max_connections: int = 2048,
+                   **app_kwargs):
+    """A real uvicorn server (the transport limits of `complexity serve`) on a free loopback port,
+    in a background thread, over a float32 CPU engine whose core runs in a thread. Yields (url, app)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from complexity.inference import Engine
+    from complexity.serve import create_app
+    from complexity.serve.http import uvicorn_config
+
+    engine_kwargs = {k: app_kwargs.pop(k) for k in ("max_batch", "max_seq_len") if k in app_kwargs}
+    # The float32 CPU engine: the tests compare it with float32 CPU forwards, also on GPU machines.
+    engine = Engine.from_pretrained(path, device="cpu", **engine_kwargs)
+    app = create_app(engine, model_name=model_name, **app_kwargs)
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           request_timeout=request_timeout, max_connections=max_connections))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
 def make_tiny_checkpoint(path, **config_overrides) -> Path:
     """Write a tiny random Complexity checkpoint (+ tokenizer) to `path`; return the path.
 
@@ -92,4 +135,4 @@ def make_tiny_checkpoint(path, **config_overrides) -> Path:
     return path
 
 
-__all__ = ["make_tiny_checkpoint", "make_tokenizer", "corpus_text", "CHAT_TEMPLATE"]
+__all__ = ["make_tiny_checkpoint", "make_tokenizer", "corpus_text", "free_port", "running_server", "CHAT_TEMPLATE"]

@@ -112,7 +112,9 @@ def test_token_id_prompts_and_context_limit(ckpt_dir):
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5), ("min_p", -0.1),
     ("repetition_penalty", 0.0), ("max_new_tokens", 0), ("max_new_tokens", -3), ("temperature", float("nan")),
-    ("logprobs", 50), ("seed", 1.5), ("stop", [""]),
+    ("logprobs", 50), ("seed", 1.5), ("stop", [""]), ("temperature", 1e-45), ("temperature", 10**400),
+    ("repetition_penalty", 1e-40), ("repetition_penalty", 5e-324), ("top_k", 2**63), ("seed", 2**64),
+    ("stop", ["x"] * 17), ("max_new_tokens", 2**63),
 ])
 def test_sampling_params_validation(field, value):
     with pytest.raises(ValueError, match=field):
@@ -167,7 +169,7 @@ def test_stream_matches_generate(ckpt_dir):
     engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     p = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True)
     [out] = engine.generate(["déjà vu"], p)
-    assert "".join(engine.stream("déjà vu", p)) == out.text
+    assert "".join(o.new_text for o in engine.stream("déjà vu", p)) == out.text
 
 
 def test_incremental_detokenizer_multibyte():
@@ -245,3 +247,96 @@ def test_cli_generate(ckpt_dir, capsys):
     assert rc == 2 and "top_p" in err
     rc, _, err = _cli(capsys, ckpt_dir / "missing", "--prompt", "x")
     assert rc == 2 and "missing" in err
+
+
+def test_extreme_valid_values_sample_finite_tokens(ckpt_dir):
+    """The edges of the stated ranges sample real tokens (no overflow, no NaN), batched together."""
+    path = make_tiny_checkpoint(ckpt_dir / "edges")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=8)
+    edges = [dict(temperature=1e-4), dict(temperature=1e4), dict(top_k=2**31 - 1), dict(top_p=1e-300),
+             dict(min_p=1.0), dict(repetition_penalty=0.01), dict(repetition_penalty=100.0), dict(seed=2**64 - 1)]
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True, **kw) for kw in edges]
+    outs = engine.generate(["the cat sat"] * len(edges), params)
+    for kw, out in zip(edges, outs):
+        assert out.finish_reason == "length" and len(out.token_ids) == 6, kw
+        assert all(0 <= t < engine.vocab_size for t in out.token_ids)
+    # a tiny temperature is greedy in effect
+    [greedy] = engine.generate(["the cat sat"], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    assert outs[0].token_ids == greedy.token_ids
+
+
+def test_a_failing_request_fails_alone(ckpt_dir, monkeypatch):
+    """Sampling that raises for one request's values fails that request only; its batch
+    neighbours get their exact greedy tokens."""
+    import complexity.inference.engine as engine_mod
+
+    path = make_tiny_checkpoint(ckpt_dir / "isolate")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=4)
+    p = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate(PROMPTS[:3], p)]
+    real = engine_mod.sample_tokens
+
+    def flaky(logits, params, *args):
+        if any(q.seed == 666 for q in params):
+            raise RuntimeError("probability tensor contains inf")
+        return real(logits, params, *args)
+
+    monkeypatch.setattr(engine_mod, "sample_tokens", flaky)
+    bad = p.copy(seed=666)
+    outs = engine.generate([PROMPTS[0], "the", PROMPTS[1], PROMPTS[2]], [p, bad, p, p])
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == []
+    assert [o.token_ids for o in (outs[0], outs[2], outs[3])] == expected
+    assert sorted(engine.free_slots) == [0, 1, 2, 3]
+
+
+def test_compiled_decode_compiles_once(ckpt_dir):
+    """The decode step marks its batch and context dimensions dynamic: one graph serves batches
+    1 (run as 2 rows) to 3 and contexts past several 128-token roundings, without a recompile.
+    (aot_eager: the same dynamo tracing and guards as inductor, minus the code generation.)"""
+    from torch._dynamo.utils import counters
+
+    path = make_tiny_checkpoint(ckpt_dir / "compile", max_position_embeddings=512)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=3, compile="aot_eager")
+    p = SamplingParams(max_new_tokens=140, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(10, 40)), [9] * 7]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = engine.generate(prompts, p)
+        engine.generate([[5, 6, 7]], p.copy(max_new_tokens=5))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # and no graph break
+    eager = Engine.from_pretrained(path, device="cpu", max_batch=3).generate(prompts, p)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+
+
+def test_failing_prefill_or_decode_fails_only_its_request(ckpt_dir, monkeypatch):
+    """A forward that raises for a batch is retried request by request: only the request that
+    fails alone fails."""
+    path = make_tiny_checkpoint(ckpt_dir / "isolate_fwd")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=4)
+    p = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate(PROMPTS[:3], p)]
+    poison = [7, 7, 7, 7, 7, 7, 7]
+    for stage in ("_prefill_batch", "_decode"):
+        real = getattr(engine, stage)
+
+        def flaky(reqs, outputs, real=real):
+            if any(r.prompt_ids == poison for r in reqs):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(reqs, outputs)
+
+        monkeypatch.setattr(engine, stage, flaky)
+        outs = engine.generate([PROMPTS[0], poison, PROMPTS[1], PROMPTS[2]], p)
+        assert outs[1].finish_reason == "error", stage
+        assert [o.token_ids for o in (outs[0], outs[2], outs[3])] == expected, stage
+        assert sorted(engine.free_slots) == [0, 1, 2, 3]
+        monkeypatch.undo()
+
+
+def test_stop_strings_need_a_tokenizer(ckpt_dir):
+    path = make_tiny_checkpoint(ckpt_dir / "notok")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2, tokenizer=False)
+    with pytest.raises(ValueError, match="stop"):
+        engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, stop=["x"]))
+    [out] = engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 3 and out.text == ""

@@ -8,12 +8,9 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -22,45 +19,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _serve_fixtures import make_tiny_checkpoint
+from _serve_fixtures import free_port as _free_port
+from _serve_fixtures import make_tiny_checkpoint, running_server
 
 torch.set_num_threads(1)
 
 API_KEY = "test-key"
 MODEL = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(path, **app_kwargs):
-    """A real uvicorn server on a free loopback port, in a background thread."""
-    import uvicorn
-
-    from complexity.inference import Engine
-    from complexity.serve import create_app
-
-    engine_kwargs = {k: app_kwargs.pop(k) for k in ("max_batch", "max_seq_len") if k in app_kwargs}
-    # The float32 CPU engine: the tests compare it with float32 CPU forwards, also on GPU machines.
-    engine = Engine.from_pretrained(path, device="cpu", **engine_kwargs)
-    app = create_app(engine, model_name=MODEL, **app_kwargs)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""`complexity generate CKPT --prompt TEXT`: sample from a checkpoint, streaming to the terminal."""
+"""`complexity generate CKPT --prompt TEXT`: sample from a checkpoint, streaming to the terminal.
+
+On CUDA the engine's defaults are the fast ones (the decode step compiled and replayed as CUDA
+graphs); `--eager` turns them off.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ def run(args) -> int:
     import torch
 
     from ..inference import Engine, SamplingParams
+    from ..inference.args import engine_kwargs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -18,37 +23,38 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [], seed=args.seed,
         ignore_eos=args.ignore_eos)
-    engine = Engine.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, max_batch=1,
-                                    max_seq_len=args.max_seq_len, cuda_graphs=args.cuda_graphs, compile=args.compile)
+    engine = Engine.from_pretrained(args.checkpoint, max_batch=1, **engine_kwargs(args))
+    if engine.tokenizer is None:
+        raise ValueError(f"checkpoint {args.checkpoint!r}: has no tokenizer files")
     prompt = args.prompt
     if prompt is None:
         prompt = sys.stdin.read()
     if args.chat:
         tok = engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
+        if not getattr(tok, "chat_template", None):
             raise ValueError("--chat: this checkpoint's tokenizer has no chat template")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         prompt = tok(text, add_special_tokens=False).input_ids
-    if engine.tokenizer is None:
-        raise ValueError(f"checkpoint {args.checkpoint!r}: has no tokenizer files")
     if args.echo and isinstance(prompt, str):
         sys.stdout.write(prompt)
     t0 = time.perf_counter()
-    for delta in engine.stream(prompt, params):
-        sys.stdout.write(delta)
+    last = None
+    for last in engine.stream(prompt, params):
+        sys.stdout.write(last.new_text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    done = engine.last_completion
-    if args.verbose:
+    if args.verbose and last is not None:
         dt = time.perf_counter() - t0
-        n = len(done.token_ids)
-        print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, finish_reason={done.finish_reason}]",
-              file=sys.stderr)
+        n = last.num_generated_tokens
+        print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, finish_reason={last.finish_reason}; "
+              f"engine: {engine.describe()}]", file=sys.stderr)
     return 0
 
 
 def register(subparsers) -> None:
+    from ..inference.args import add_engine_args
+
     p = subparsers.add_parser("generate", help="generate text from a checkpoint (streams to the terminal)")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder")
     p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
@@ -63,11 +69,6 @@ def register(subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
     p.add_argument("--seed", type=int, default=None, help="same seed, same sample")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, float32 on cpu), float32, bfloat16, float16")
-    p.add_argument("--max-seq-len", type=int, default=None, help="cache length (default: the model's context)")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture the decode step as a CUDA graph")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("-v", "--verbose", action="store_true", help="print speed and finish reason to stderr")
+    add_engine_args(p, batch=False)
     p.set_defaults(func=run)

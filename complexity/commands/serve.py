@@ -1,17 +1,25 @@
-"""`complexity serve CKPT`: an OpenAI-compatible HTTP server (see docs/serving.md)."""
+"""`complexity serve CKPT`: an OpenAI-compatible HTTP server (see docs/serving.md).
+
+The engine runs in its own process (vLLM v1's layout, see complexity/inference/core.py); this
+process serves HTTP, tokenizes and detokenizes. On CUDA the engine's defaults are the fast ones
+(CUDA graphs + compile, slots sized from free memory); `--eager` turns them off.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import time
 
 
 def run(args) -> int:
     import uvicorn
 
-    from ..inference import Engine
+    from ..inference import AsyncEngine
+    from ..inference.args import engine_kwargs
     from ..serve import create_app
+    from ..serve.http import uvicorn_config
 
     if args.threads:
         import torch
@@ -19,16 +27,17 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"complexity serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    engine = Engine.from_pretrained(
-        args.checkpoint, device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-        max_prefill_tokens=args.max_prefill_tokens, cuda_graphs=args.cuda_graphs, compile=args.compile, seed=args.seed)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(engine, model_name=name, api_key=args.api_key, max_concurrent=args.max_concurrent,
-                     max_queued_tokens=args.max_queued_tokens, max_n=args.max_n)
     logging.basicConfig(level=logging.INFO)
-    print(f"complexity serve: {name} on http://{args.host}:{args.port} (slots {args.max_batch}, context "
-          f"{engine.max_seq_len}, {engine.device}, {str(engine.dtype).removeprefix('torch.')})", file=sys.stderr, flush=True)
-    aengine = app.state.engine
+    t0 = time.perf_counter()
+    aengine = AsyncEngine.spawn(args.checkpoint, engine_kwargs(args), threads=args.threads,
+                                max_concurrent=args.max_concurrent, max_queued_tokens=args.max_queued_tokens)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    app = create_app(aengine, model_name=name, api_key=args.api_key, max_n=args.max_n,
+                     max_body_bytes=args.max_body_bytes, body_timeout=args.request_timeout)
+    info = aengine.info
+    print(f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in {time.perf_counter() - t0:.1f}s: "
+          f"{info['description']}", file=sys.stderr, flush=True)
+    exit_code = [0]
 
     class Server(uvicorn.Server):
         # SIGTERM/SIGINT: refuse new requests (503), let in-flight ones finish for up to
@@ -38,20 +47,28 @@ def run(args) -> int:
             aengine.drain(args.shutdown_timeout)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
-    Server(config).run()
-    return 0
+    config = uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            request_timeout=args.request_timeout, max_connections=args.max_connections,
+                            shutdown_timeout=args.shutdown_timeout + 5)
+    server = Server(config)
 
+    def engine_died(reason: str) -> None:  # requests in flight got errors; stop serving, exit non-zero
+        exit_code[0] = 1
+        server.should_exit = True
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"expected a positive integer, got {text}")
-    return value
+    aengine.on_dead.append(engine_died)
+    try:
+        server.run()
+    finally:
+        aengine.stop()
+    if exit_code[0]:
+        print(f"complexity serve: error: {aengine.dead}", file=sys.stderr)
+    return exit_code[0]
 
 
 def register(subparsers) -> None:
+    from ..inference.args import _positive_int, add_engine_args
+
     p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (config.json + model.safetensors + tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -59,20 +76,19 @@ def register(subparsers) -> None:
     p.add_argument("--api-key", default=os.environ.get("COMPLEXITY_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $COMPLEXITY_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
-    p.add_argument("--max-batch", type=_positive, default=16, help="cache slots = largest decode batch (default 16)")
-    p.add_argument("--max-seq-len", type=_positive, default=None, help="per-slot context (default: the model's)")
-    p.add_argument("--max-concurrent", type=_positive, default=256,
-                   help="requests accepted at once (running + waiting); more get 429 (default 256)")
-    p.add_argument("--max-queued-tokens", type=_positive, default=None,
+    p.add_argument("--max-concurrent", type=_positive_int, default=1024,
+                   help="sequences accepted at once (running + waiting); more get 429 (default 1024)")
+    p.add_argument("--max-queued-tokens", type=_positive_int, default=None,
                    help="prompt tokens allowed waiting for a slot; more get 429 (default unlimited)")
-    p.add_argument("--max-prefill-tokens", type=_positive, default=8192, help="padded tokens per prefill forward")
-    p.add_argument("--max-n", type=_positive, default=16, help="largest n (choices per prompt)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, float32 on cpu), float32, bfloat16, float16")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture the decode step as CUDA graphs (cuda only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared sampler (requests may pass their own)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-n", type=_positive_int, default=16, help="largest n (choices per prompt)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=8 << 20,
+                   help="largest request body; larger ones get 413 before they are read (default 8 MiB)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's headers, and again its body (408 / closed; "
+                        "default 30)")
+    p.add_argument("--max-connections", type=_positive_int, default=2048,
+                   help="open connections (and requests) at once; more get 503 (default 2048)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(p)
     p.set_defaults(func=run)

@@ -5,13 +5,24 @@
     [out] = engine.generate(["Hello"], SamplingParams(max_new_tokens=32, temperature=0))
     print(out.text)
 
-`AsyncEngine` runs an Engine in a background thread for the server (complexity.serve).
+`AsyncEngine` is the server's client of an engine core running in its own process (or a thread).
+Names are imported on first use, so the CLI can read `complexity.inference.args` without torch.
 """
 
-from .async_engine import AsyncEngine, EngineOverloaded
-from .cache import SlotKVCache
-from .engine import Completion, Engine, StepOutput, TokenLogprob
-from .sampling import SamplingParams
+from importlib import import_module
 
-__all__ = ["AsyncEngine", "Completion", "Engine", "EngineOverloaded", "SamplingParams", "SlotKVCache", "StepOutput",
-           "TokenLogprob"]
+_EXPORTS = {
+    "AsyncEngine": "async_engine", "RequestGroup": "async_engine", "RequestOutput": "async_engine",
+    "Engine": "engine", "SlotKVCache": "cache", "SamplingParams": "sampling",
+    "Completion": "outputs", "StepOutput": "outputs", "TokenLogprob": "outputs",
+    "EngineOverloaded": "errors", "EngineStopped": "errors", "InvalidRequest": "errors",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -8,8 +8,9 @@ and returns depends on the mode the engine set before the forward:
 - prefill(slots): k/v [B, n_kv, S, d] for fresh prompts (positions 0..S-1, right padded) are
   written to rows `slots`; attention runs on the new k/v alone (nothing earlier exists).
 - decode(pos, kv_len): k/v [B, n_kv, 1, d] for rows 0..B-1 are written at per-row position
-  `pos[b]`; attention runs on the views `cache[:B, :, :kv_len]` (no copy). The engine builds the
-  4D mask that lets each row see its own positions 0..pos[b] only (and the sliding window).
+  `pos[b]`; attention runs on the views `cache[:B, :, :kv_len]` (no copy), kv_len being the
+  engine's context bucket, not the whole slot. The engine builds the 4D mask that lets each row
+  see its own positions 0..pos[b] only (and the sliding window).
 
 Static shapes and no host syncs in `update`, so the decode step can be compiled and replayed
 as a CUDA graph.
@@ -69,9 +70,11 @@ class SlotKVCache:
         return len(self.key_cache)
 
 
-def attention_mask_decode(pos: torch.Tensor, kv_len: int, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [B, 1, 1, kv_len]: row b sees keys j with pos[b] - W < j <= pos[b]."""
-    j = torch.arange(kv_len, device=pos.device)[None, :]
+def attention_mask_decode(pos: torch.Tensor, kv_range: torch.Tensor, sliding_window: int | None,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, kv_len] (kv_range = arange(kv_len)): row b sees keys j with
+    pos[b] - W < j <= pos[b]."""
+    j = kv_range[None, :]
     visible = j <= pos[:, None]
     if sliding_window is not None:
         visible = visible & (j > pos[:, None] - sliding_window)

@@ -1,21 +1,30 @@
 """The inference engine: slot cache, prefill + batched decode, continuous batching.
 
-    engine = Engine.from_pretrained("runs/ckpt")               # CPU eager by default
+    engine = Engine.from_pretrained("runs/ckpt")      # on CUDA: CUDA graphs + compile, slots sized from memory
     outs = engine.generate(["Hello", "Once upon"], SamplingParams(max_new_tokens=32, temperature=0))
-    for delta in engine.stream("Hello", SamplingParams(max_new_tokens=32)): print(delta, end="")
+    for out in engine.stream("Hello", SamplingParams(max_new_tokens=32)): print(out.new_text, end="")
 
-Each `step()` (1) frees the slots of finished / aborted requests, (2) admits waiting requests
-into free slots and prefills them together (right padded, one forward), sampling their first
-token, (3) runs one decode forward over the active slots, sampling one token for each. A
-request owns one slot row of the static KV cache; decode rows are the prefix 0..B-1 of the
-slots (slots are handed out lowest first), so the step reads cache views without copies.
+Each `step()` (1) admits waiting requests into free slots and prefills them together (right
+padded, one forward of at most `max_prefill_tokens` padded tokens), sampling their first token,
+(2) runs one decode forward over the active slots, sampling one token for each, and returns the
+step's `StepOutput`s (token ids; text is the output processor's job, see detokenize.py). A
+request owns one slot row of the static KV cache; decode rows are the prefix 0..B-1 of the slots
+(slots are handed out lowest first), so the step reads cache views without copies.
+
+Scheduling: every step admits what fits in one prefill forward, then decodes every running
+request. Decodes therefore wait for at most one bounded prefill per step (a long queue of prompts
+cannot hold them hostage), and new requests are admitted at every step (decodes cannot starve
+them). Prompts are not split across steps: with the per-step budget bounded, one prefill
+forward costs about as much as a few decode steps, and the slot cache stays simple.
 
 Mu and INL velocity flow only across layers at each position, and token routing depends only
 on token ids (and per-position mu), so the KV cache is the whole decoding state and batching is
 exact: a request's tokens do not depend on its neighbours.
 
-On CUDA, `cuda_graphs=True` captures the decode step (optionally `torch.compile`d) once per
-batch-size bucket over static input buffers and replays it; prefill stays eager.
+On CUDA the defaults are the fast ones: the decode step is compiled once with a dynamic batch and
+context dimension (no recompiles) and captured as one CUDA graph per (batch bucket, context
+bucket); the graphs attend over the bucket's context, not the whole slot. The number of slots
+comes from free GPU memory (`gpu_memory_utilization`, as vLLM does). Prefill stays eager.
 """
 
 from __future__ import annotations
@@ -25,59 +34,25 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..runtime import resolve_device, resolve_dtype
 from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill
-from .detokenize import IncrementalDetokenizer, StopMatcher
+from .detokenize import OutputProcessor
+from .errors import InvalidRequest
+from .outputs import Completion, StepOutput, TokenLogprob
 from .sampling import SamplingParams, make_generator, sample_tokens, top_logprobs
 
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count()
 
-
-@dataclass
-class TokenLogprob:
-    """One position: the token, its log-probability, and the top alternatives [(id, logprob)]."""
-
-    token_id: int
-    logprob: float | None
-    top: list[tuple[int, float]] | None
-
-
-@dataclass
-class StepOutput:
-    """What one request gained in one engine step (sent to its callback)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: list[TokenLogprob] | None
-    prompt_logprobs: list[TokenLogprob] | None  # only on the first output
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    error: str | None = None
-
-
-@dataclass
-class Completion:
-    """A finished request."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
-    time_to_first_token: float | None = None
-    latency: float | None = None
+CPU_SLOTS = 16  # CPU default: decoding there is compute bound, more rows buy little
+MAX_AUTO_SLOTS = 256  # CUDA: the most slots sized automatically (the largest decode batch)
+GRAPH_MEMORY_RESERVE = 1 << 30  # CUDA graphs' private pool and allocator slack, kept out of the KV budget
 
 
 @dataclass
@@ -85,34 +60,29 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    callback: Callable[[StepOutput], None] | None = None
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
     slot: int | None = None
     finished: bool = False
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     generator: torch.Generator | None = None
-    detok: IncrementalDetokenizer | None = None
-    stopper: StopMatcher | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
-    aborted: bool = False
 
     @property
     def num_cached(self) -> int:
         """Positions filled in the slot (the last sampled token is not yet in the cache)."""
         return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
 
-    def completion(self) -> Completion:
+    def completion(self, text: str, finish_reason: str | None) -> Completion:
         return Completion(
             request_id=self.request_id,
             prompt_token_ids=list(self.prompt_ids),
             token_ids=list(self.output_ids),
-            text=self.text,
-            finish_reason=self.finish_reason,
+            text=text,
+            finish_reason=finish_reason,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
             time_to_first_token=None if self.first_token_time is None else self.first_token_time - self.arrival,
@@ -120,61 +90,141 @@ class Request:
         )
 
 
-class Engine:
-    """Owns a model, its slot cache and the scheduling state. Not thread safe: one thread
-    calls `add_request` / `abort` / `step` (see `AsyncEngine` for the server's wrapper)."""
+def batch_buckets(max_batch: int, smallest: int = 1) -> list[int]:
+    """Decode batch sizes with a CUDA graph: powers of two from `smallest`, and from 16 on the
+    midpoints between them (24, 48, 96, 192, ...), so a batch pads by at most a third; max_batch
+    is the last."""
+    out, b = [], smallest
+    while b < max_batch:
+        out.append(b)
+        if b >= 16 and b + b // 2 < max_batch:
+            out.append(b + b // 2)
+        b *= 2
+    return sorted(set(out)) + [max_batch]
 
-    def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_seq_len: int | None = None,
-                 max_prefill_tokens: int = 8192, cuda_graphs: bool = False, compile: bool = False,
-                 seed: int = 0, attn_implementation: str | None = "sdpa"):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
+
+def context_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
+    """Attention lengths with a CUDA graph: powers of two from `smallest`, then max_seq_len."""
+    out, n = [], smallest
+    while n < max_seq_len:
+        out.append(n)
+        n *= 2
+    return out + [max_seq_len]
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+def check_request(ids: Sequence[int], params: SamplingParams, *, vocab_size: int, max_seq_len: int,
+                  has_tokenizer: bool, require_fit: bool = False) -> None:
+    """The one check of a request against a model: the sampling values, then the prompt (not
+    empty, ids in the vocabulary, within the context). The model's own id check is off under the
+    engine (it would sync every step); the server runs this in its API process before a request
+    reaches the engine process. `require_fit`: the requested new tokens must fit in the context
+    too (the API's rule); otherwise generation stops there with finish_reason "length"."""
+    params.validate()
+    if params.stop and not has_tokenizer:
+        raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none (use stop_token_ids)")
+    if len(ids) == 0:
+        raise InvalidRequest("prompt", "is empty (no tokens)")
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
+    # a prompt filling the whole context still gets one sampled token (never written back)
+    if len(ids) > max_seq_len:
+        raise InvalidRequest("prompt", f"{len(ids)} tokens exceed the context length {max_seq_len}",
+                             "context_length_exceeded")
+    if require_fit and params.max_new_tokens is not None and len(ids) + params.max_new_tokens > max_seq_len:
+        raise InvalidRequest("max_new_tokens", f"{params.max_new_tokens} new tokens + {len(ids)} prompt tokens "
+                             f"exceed the context length {max_seq_len}", "context_length_exceeded")
+
+
+def _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization) -> None:
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+        raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
+    if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+        raise ValueError(f"max_prefill_tokens: must be a positive integer, got {max_prefill_tokens!r}")
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
+    if not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len: must be an integer >= 2, got {max_seq_len!r}")
+    if max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+
+
+class Engine:
+    """Owns a model, its slot cache and the scheduling state. Not thread safe: one thread calls
+    `add_request` / `abort` / `step` (the server runs it in its own process, see core.py).
+
+    Defaults follow the device: on CUDA, `cuda_graphs` and `compile` are on and `max_batch` is
+    sized from free memory (`gpu_memory_utilization` of the device for weights, activations and
+    the KV cache, capped at MAX_AUTO_SLOTS); on the CPU, eager with CPU_SLOTS slots. `compile`
+    may also name a torch.compile backend (True means "inductor").
+    `max_seq_len` (the per-slot context) defaults to the model's max_position_embeddings.
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int | None = None, max_seq_len: int | None = None,
+                 max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None, compile: bool | None = None,
+                 gpu_memory_utilization: float = 0.9, seed: int = 0, attn_implementation: str | None = "sdpa"):
+        t0 = time.perf_counter()
         config = model.config
-        limit = config.max_position_embeddings
-        max_seq_len = limit if max_seq_len is None else max_seq_len
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len: must be an integer >= 2, got {max_seq_len!r}")
-        if max_seq_len > limit:
-            raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings={limit}")
+        max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
+        _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization)
         self.model = model.eval()
         if attn_implementation is not None and getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
             # the engine passes its own 4D float masks: only eager / sdpa take them
             model.set_attn_implementation(attn_implementation)
-        # Token ids are validated on admission; the model's own check would sync every step
-        # (and break CUDA graph capture).
+        # Token ids are checked once, by `check_request`; the model's own check would sync every
+        # step (and break CUDA graph capture).
         self.model.model.validate_token_ids = False
         self.tokenizer = tokenizer
         self.config = config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs) and on_cuda
+        self.compile = on_cuda if compile is None else bool(compile)
+        self._compile_backend = compile if isinstance(compile, str) else "inductor"
+        self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
         self.vocab_size = config.vocab_size
         self.sliding_window = config.sliding_window
-        self.cache = SlotKVCache(config.num_hidden_layers, max_batch, config.num_key_value_heads, max_seq_len,
-                                 config.head_dim, self.dtype, self.device)
         eos = config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_token_ids = set(eos)
+        self.eos_token_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.memory_plan = None
+        if max_batch is None:
+            max_batch = self._slots_from_memory(gpu_memory_utilization) if on_cuda else CPU_SLOTS
+        self.max_batch = max_batch
+        # a compiled decode step never sees batch 1 (dynamo specializes a dimension of size 1, which
+        # would compile it a second time): batch 1 runs as 2 rows, so the cache needs a second row
+        self._smallest_bucket = 2 if self.compile else 1
+        rows = max(max_batch, self._smallest_bucket)
+        self.cache = SlotKVCache(config.num_hidden_layers, rows, config.num_key_value_heads, max_seq_len,
+                                 config.head_dim, self.dtype, self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.free_slots: list[int] = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.requests: dict[str, Request] = {}
+        self._outbox: list[StepOutput] = []  # outputs made between steps (aborts)
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_steps": 0, "decode_steps": 0,
                       "finished": 0, "aborted": 0}
-        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        self.compile = bool(compile)
-        self._graphs: dict[int, tuple] = {}
+        self._kv_ranges: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._decode_impl = self._decode_forward
         if self.compile:
-            self._decode_impl = torch.compile(self._decode_forward, fullgraph=False, dynamic=False)
+            self._decode_impl = torch.compile(self._decode_forward, backend=self._compile_backend)
+        self.startup: dict = {}
         if self.use_graphs:
             self._capture_graphs()
+        self.startup["setup_s"] = time.perf_counter() - t0
+        logger.info("engine: %s", self.describe())
 
     # ------------------------------------------------------------------ construction
 
@@ -190,54 +240,104 @@ class Engine:
         model, tok = load_checkpoint_folder(path, device=dev, dtype=dt, attn_implementation=attn, tokenizer=tokenizer)
         return cls(model, tok, attn_implementation=attn, **kwargs)
 
+    def _slots_from_memory(self, utilization: float) -> int:
+        """Slots of max_seq_len tokens that fit in `utilization` of the device's memory, after the
+        weights (already loaded), the peak of one full prefill forward (measured) and a reserve
+        for the CUDA graphs; capped at MAX_AUTO_SLOTS."""
+        gib = 1 << 30
+        torch.cuda.synchronize(self.device)
+        peak = self._prefill_peak_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = utilization * total - (total - free) - peak - GRAPH_MEMORY_RESERVE
+        per_slot = kv_bytes_per_token(self.config, self.dtype) * self.max_seq_len
+        slots = int(min(MAX_AUTO_SLOTS, budget // per_slot))
+        self.memory_plan = {"total_gib": total / gib, "in_use_gib": (total - free) / gib, "prefill_peak_gib": peak / gib,
+                            "kv_budget_gib": budget / gib, "slot_gib": per_slot / gib, "utilization": utilization}
+        if slots < 1:
+            raise ValueError(
+                f"gpu_memory_utilization: {utilization} of {total / gib:.1f} GiB leaves {max(budget, 0) / gib:.2f} GiB "
+                f"for the KV cache ({(total - free) / gib:.1f} GiB in use, {peak / gib:.2f} GiB prefill peak), less "
+                f"than one slot of {self.max_seq_len} tokens ({per_slot / gib:.2f} GiB): raise it, or lower "
+                "max_seq_len / max_prefill_tokens")
+        return slots
+
+    @torch.inference_mode()
+    def _prefill_peak_bytes(self) -> int:
+        """Memory above the weights taken by the largest prefill forward (with the prompt
+        logprobs of a full-context prompt), measured on dummy tokens."""
+        n = min(self.max_prefill_tokens, self.max_seq_len)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.full((1, n), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = attention_mask_prefill(1, n, self.sliding_window, self.dtype, self.device)
+        hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(n, device=self.device)[None],
+                                  use_cache=False).last_hidden_state
+        torch.log_softmax(self.model.lm_head(hidden[0]).float(), -1)
+        del hidden
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return peak
+
+    def describe(self) -> str:
+        """One line saying what was chosen (the startup log)."""
+        kv = kv_bytes_per_token(self.config, self.dtype) * self.max_seq_len * self.max_batch / (1 << 30)
+        parts = [f"{self.max_batch} slots x {self.max_seq_len} tokens (KV cache {kv:.2f} GiB)",
+                 f"{self.device}", str(self.dtype).removeprefix("torch.")]
+        if self.memory_plan is not None:
+            m = self.memory_plan
+            parts.append(f"sized from memory: {m['kv_budget_gib']:.1f} GiB KV budget at gpu_memory_utilization "
+                         f"{m['utilization']:.2f} of {m['total_gib']:.0f} GiB, capped at {MAX_AUTO_SLOTS} slots")
+        if self.use_graphs:
+            compiled = ", compiled once" if self.compile else (
+                ", compile failed: eager kernels" if "compile_error" in self.startup else "")
+            parts.append(f"decode: {len(self._graphs)} CUDA graphs ({len(self._buckets)} batch x "
+                         f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})")
+        else:
+            parts.append("decode: " + ("compiled" if self.compile else "eager"))
+        return ", ".join(parts)
+
     # ------------------------------------------------------------------ requests
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
+                raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
             ids = self.tokenizer(prompt).input_ids
             if not ids and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id]
             return list(ids)
         return [int(t) for t in prompt]
 
-    def check_prompt(self, ids: Sequence[int], params: SamplingParams) -> None:
-        if len(ids) == 0:
-            raise ValueError("prompt: is empty (no tokens)")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
-        # a prompt filling the whole context still gets one sampled token (never written back)
-        if len(ids) > self.max_seq_len:
-            raise ValueError(f"prompt: {len(ids)} tokens exceed the context length {self.max_seq_len}")
+    def check_request(self, ids: Sequence[int], params: SamplingParams, *, require_fit: bool = False) -> None:
+        """Raise InvalidRequest naming the problem if `ids` cannot run with `params` here."""
+        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
+                      has_tokenizer=self.tokenizer is not None, require_fit=require_fit)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
-                    request_id: str | None = None, callback: Callable[[StepOutput], None] | None = None) -> Request:
+                    request_id: str | None = None, checked: bool = False) -> Request:
+        """Queue a request. `checked=True`: the caller already ran `check_request` (the server's
+        API process does, before anything reaches the engine process)."""
         params = params or SamplingParams()
-        params.validate()
         ids = self.encode(prompt)
-        self.check_prompt(ids, params)
+        if not checked:
+            self.check_request(ids, params)
         rid = request_id or f"req-{next(_ids)}"
         if rid in self.requests:
-            raise ValueError(f"request_id: {rid!r} is already in use")
-        req = Request(rid, ids, params, callback)
+            raise InvalidRequest("request_id", f"{rid!r} is already in use")
+        req = Request(rid, ids, params)
         req.generator = make_generator(params.seed, self.device)
         if params.logprobs is not None:
             req.logprobs = []
-        if self.tokenizer is not None:
-            req.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        req.stopper = StopMatcher(params.stop)
         self.waiting.append(req)
         self.requests[rid] = req
         return req
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request now: its slot is free for the next step. False if unknown/finished."""
+        """Cancel a request now: its slot is free for the next step, and the next `step()` returns
+        its final output (finish_reason "abort"). False if unknown or finished."""
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return False
-        req.aborted = True
         if req.slot is None:
             try:
                 self.waiting.remove(req)
@@ -245,11 +345,15 @@ class Engine:
                 pass
         self._finish(req, "abort")
         self.stats["aborted"] += 1
-        self._emit(req, [], "", None, None)
+        self._outbox.append(self._output(req, [], None, None))
         return True
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def has_work(self) -> bool:
+        """Something for `step()` to do: requests to run or outputs to hand out."""
+        return bool(self.waiting or self.running or self._outbox)
 
     @property
     def num_running(self) -> int:
@@ -261,6 +365,27 @@ class Engine:
 
     # ------------------------------------------------------------------ high-level API
 
+    def _run_to_end(self, reqs: list[Request], incremental: bool) -> Iterator[StepOutput]:
+        """Step until `reqs` finish, yielding their outputs with text (stop strings applied)."""
+        proc = OutputProcessor(self.tokenizer)
+        for r in reqs:
+            proc.add_request(r.request_id, r.prompt_ids, r.params, incremental)
+        pending = {r.request_id for r in reqs}
+        try:
+            while pending:
+                outs, stopped = proc.process(self.step())
+                for rid in stopped:
+                    self.abort(rid)
+                for out in outs:
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in pending:
+                self.abort(rid)
+            self._outbox = [o for o in self._outbox if o.request_id not in pending]
+
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Run a batch of prompts (texts or token-id lists) to completion; one Completion each."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
@@ -271,53 +396,54 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"params: got {len(params)} for {len(prompts)} prompts")
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while any(not r.finished for r in reqs):
-            self.step()
-        for r in reqs:
-            self.requests.pop(r.request_id, None)
-        return [r.completion() for r in reqs]
+        texts = {r.request_id: [] for r in reqs}
+        reasons = {}
+        for out in self._run_to_end(reqs, incremental=False):
+            texts[out.request_id].append(out.new_text)
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+        return [r.completion("".join(texts[r.request_id]), reasons.get(r.request_id)) for r in reqs]
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text deltas of one request as they are decoded."""
-        outs: list[StepOutput] = []
-        req = self.add_request(prompt, params, callback=outs.append)
-        try:
-            while not req.finished:
-                self.step()
-                for o in outs:
-                    if o.new_text:
-                        yield o.new_text
-                outs.clear()
-            for o in outs:
-                if o.new_text:
-                    yield o.new_text
-        finally:
-            if not req.finished:
-                self.abort(req.request_id)
-            self.requests.pop(req.request_id, None)
-        self.last_completion = req.completion()
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
+        """The outputs of one request as they are decoded: `new_text` holds each text delta; the
+        last one has `finished` set, its `finish_reason` and `num_generated_tokens`."""
+        req = self.add_request(prompt, params)
+        yield from self._run_to_end([req], incremental=True)
 
     # ------------------------------------------------------------------ the step
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self) -> list[StepOutput]:
+        """One scheduling step; returns the outputs it produced (and those of aborts since the
+        last step)."""
+        outputs, self._outbox = self._outbox, []
         admitted = self._admit()
         if admitted:
-            try:
-                self._prefill(admitted)
-            except Exception as err:  # one bad batch must not take the engine down
-                logger.exception("prefill failed")
-                for r in admitted:
-                    self._fail(r, err)
+            self._isolated(self._prefill_batch, admitted, outputs, "prefill")
         # requests admitted just now decode in the same step (their first token came from prefill)
-        decoding = [r for r in self.running.values() if not r.finished and r.output_ids]
+        decoding = [r for r in self.running.values() if r.output_ids]
         if decoding:
-            try:
-                self._decode(decoding)
-            except Exception as err:
-                logger.exception("decode failed")
-                for r in decoding:
-                    self._fail(r, err)
+            self._isolated(self._decode, decoding, outputs, "decode")
+        return outputs
+
+    def _isolated(self, run, reqs: list[Request], outputs: list[StepOutput], what: str) -> None:
+        """`run(reqs, outputs)` for the batch; if it raises, for each request alone, so that only a
+        request that fails by itself fails (a forward changes no request state before it returns)."""
+        try:
+            run(reqs, outputs)
+        except Exception as err:
+            if len(reqs) == 1:
+                logger.exception("%s failed", what)
+                self._fail(reqs[0], err, outputs)
+                return
+            logger.warning("%s of %d requests failed (%s: %s); retrying them one by one", what, len(reqs),
+                           type(err).__name__, err)
+            for r in reqs:
+                try:
+                    run([r], outputs)
+                except Exception as one_err:
+                    logger.exception("%s of request %s failed", what, r.request_id)
+                    self._fail(r, one_err, outputs)
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []
@@ -334,7 +460,7 @@ class Engine:
             longest = max(longest, n)
         return admitted
 
-    def _prefill(self, reqs: list[Request]) -> None:
+    def _prefill_batch(self, reqs: list[Request], outputs: list[StepOutput]) -> None:
         b = len(reqs)
         lens = [len(r.prompt_ids) for r in reqs]
         s = max(lens)
@@ -345,37 +471,39 @@ class Engine:
         pos = torch.arange(s, device=self.device)[None].expand(b, s)
         mask = attention_mask_prefill(b, s, self.sliding_window, self.dtype, self.device)
         self.cache.set_prefill(torch.tensor([r.slot for r in reqs], device=self.device))
-        hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                                  use_cache=True).last_hidden_state
-        self.cache.set_decode(None, self.max_seq_len)
+        try:
+            hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                      past_key_values=self.cache, use_cache=True).last_hidden_state
+        finally:
+            self.cache.set_decode(None, self.max_seq_len)
         last = hidden[torch.arange(b, device=self.device), torch.tensor(lens, device=self.device) - 1]
         logits = self.model.lm_head(last).float()
+        prompt_lps = [self._prompt_logprobs(r, hidden[i], ids[i]) for i, r in enumerate(reqs)]
         self.stats["prefill_steps"] += 1
         self.stats["prompt_tokens"] += sum(lens)
-        for i, r in enumerate(reqs):
-            k = r.params.prompt_logprobs
-            if k is None:
-                continue
-            n = lens[i]
-            entries = [TokenLogprob(r.prompt_ids[0], None, None)]
-            if n > 1:
-                plogits = self.model.lm_head(hidden[i, : n - 1]).float()
-                chosen = ids[i, 1:n]
-                lp, top_ids, top_lp = top_logprobs(plogits, chosen, k)
-                lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
-                for j in range(n - 1):
-                    entries.append(TokenLogprob(r.prompt_ids[j + 1], lp[j], list(zip(top_ids[j], top_lp[j]))))
-            r.prompt_logprobs = entries
-        sampling = [r for r in reqs if r.params.max_new_tokens > 0]
-        for r in reqs:
-            if r.params.max_new_tokens == 0:
-                self._finish(r, "length")
-                self._emit(r, [], "", None, r.prompt_logprobs)
+        for r, lps in zip(reqs, prompt_lps):
+            r.prompt_logprobs = lps
+        scoring = [r for r in reqs if r.params.max_new_tokens == 0]
+        for r in scoring:  # score-only: the prompt logprobs are the whole answer
+            self._finish(r, "length")
+            outputs.append(self._output(r, [], None, r.prompt_logprobs))
+        sampling = [i for i, r in enumerate(reqs) if r.params.max_new_tokens != 0]
         if sampling:
-            rows = [reqs.index(r) for r in sampling]
-            self._sample_and_emit(sampling, logits[rows], first=True)
+            self._sample_and_emit([reqs[i] for i in sampling], logits[sampling], outputs, first=True)
 
-    def _decode(self, reqs: list[Request]) -> None:
+    def _prompt_logprobs(self, r: Request, hidden: torch.Tensor, ids: torch.Tensor) -> list[TokenLogprob] | None:
+        k = r.params.prompt_logprobs
+        if k is None:
+            return None
+        n = len(r.prompt_ids)
+        entries = [TokenLogprob(r.prompt_ids[0], None, None)]
+        if n > 1:
+            lp, top_ids, top_lp = top_logprobs(self.model.lm_head(hidden[: n - 1]).float(), ids[1:n], k)
+            lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
+            entries += [TokenLogprob(r.prompt_ids[j + 1], lp[j], list(zip(top_ids[j], top_lp[j]))) for j in range(n - 1)]
+        return entries
+
+    def _decode(self, reqs: list[Request], outputs: list[StepOutput]) -> None:
         nrows = max(r.slot for r in reqs) + 1
         tokens = [self.pad_token_id] * nrows
         pos = [0] * nrows
@@ -387,145 +515,200 @@ class Engine:
         for r in reqs:
             tokens[r.slot] = r.output_ids[-1]
             pos[r.slot] = r.num_cached
-        logits = self._run_decode(torch.tensor([tokens, pos]), nrows)
+        logits = self._run_decode(torch.tensor([tokens, pos]), nrows, max(pos) + 1)
         slots = [r.slot for r in reqs]
         if slots != list(range(nrows)):  # skip the gather in the common case: every row decodes, in order
             logits = logits[torch.tensor(slots, device=logits.device)]
         self.stats["decode_steps"] += 1
-        self._sample_and_emit(reqs, logits, first=False)
+        self._sample_and_emit(reqs, logits, outputs, first=False)
 
-    def _decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor, kv_range: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (float32) of tokens [B, 1] at positions pos [B], attending over the cache
+        positions kv_range = arange(kv_len): its length is a tensor size, so one compiled graph
+        serves every context bucket (a Python int would be specialized and recompiled)."""
+        kv_len = kv_range.shape[0]
         self.cache.set_decode(pos, kv_len)
-        mask = attention_mask_decode(pos, kv_len, self.sliding_window, self.dtype)
+        mask = attention_mask_decode(pos, kv_range, self.sliding_window, self.dtype)
         hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=pos[:, None],
                                   past_key_values=self.cache, use_cache=True).last_hidden_state
         return self.model.lm_head(hidden[:, -1]).float()
 
-    def _run_decode(self, tokens_pos: torch.Tensor, nrows: int) -> torch.Tensor:
-        """Logits [nrows, V] for the CPU tensor [2, nrows] of (last token, its position) per row."""
+    def _kv_range(self, kv_len: int) -> torch.Tensor:
+        r = self._kv_ranges.get(kv_len)
+        if r is None:
+            r = self._kv_ranges[kv_len] = torch.arange(kv_len, device=self.device)
+        return r
+
+    def _call_decode(self, tokens: torch.Tensor, pos: torch.Tensor, kv_range: torch.Tensor) -> torch.Tensor:
+        if self.compile:  # batch and context are dynamic: one compile for every shape
+            for t in (tokens, pos, kv_range):
+                torch._dynamo.mark_dynamic(t, 0)
+        return self._decode_impl(tokens, pos, kv_range)
+
+    def _run_decode(self, tokens_pos: torch.Tensor, nrows: int, need_kv: int) -> torch.Tensor:
+        """Logits [nrows, V] for the CPU tensor [2, nrows] of (last token, its position) per row,
+        attending over at least `need_kv` cache positions."""
         if self.use_graphs:
             bucket = next(b for b in self._buckets if b >= nrows)
-            static_in, graph, out = self._graphs[bucket]
+            kv = next(k for k in self._kv_buckets if k >= need_kv)
+            static_in = self._static_in[bucket]
             if nrows < bucket:  # rows past nrows hold no decoding request: a padding token at position 0
                 static_in[0].fill_(self.pad_token_id)
                 static_in[1].zero_()
             static_in[:, :nrows].copy_(tokens_pos, non_blocking=True)  # one host-to-device copy
-            graph.replay()
-            return out[:nrows]
-        # eager: attend over the filled prefix only, rounded up to limit recompiles / allocations
-        need = int(tokens_pos[1].max()) + 1
-        kv_len = min(self.max_seq_len, -(-need // 128) * 128)
+            self._graphs[(bucket, kv)].replay()
+            return self._logits[:nrows]
+        # eager: attend over the filled prefix only, rounded up to limit allocations
+        kv_len = min(self.max_seq_len, -(-need_kv // 128) * 128)
+        if nrows < self._smallest_bucket:  # a padding row: a padding token at position 0 of a free slot
+            pad = torch.tensor([[self.pad_token_id], [0]]).expand(2, self._smallest_bucket - nrows)
+            tokens_pos = torch.cat([tokens_pos, pad], dim=1)
         tokens_pos = tokens_pos.to(self.device)
-        return self._decode_impl(tokens_pos[0, :, None], tokens_pos[1], kv_len)
+        return self._call_decode(tokens_pos[0, :, None], tokens_pos[1], self._kv_range(kv_len))[:nrows]
+
+    def _warm_up(self) -> None:
+        """Every graph shape runs once before any capture (the largest first: that call compiles):
+        kernels are selected, loaded and their workspaces allocated outside the graphs."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for kv in reversed(self._kv_buckets):
+                for b in reversed(self._buckets):
+                    self._call_decode(self._static_in[b][0, :, None], self._static_in[b][1], self._kv_range(kv))
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
 
     def _capture_graphs(self) -> None:
-        """One CUDA graph per batch bucket (1, 2, 4, ... max_batch), over static buffers, attending
-        over the full cache length (static shapes)."""
-        buckets, b = [], 1
-        while b < self.max_batch:
-            buckets.append(b)
-            b *= 2
-        buckets.append(self.max_batch)
-        self._buckets = buckets
-        pool = None
+        """One CUDA graph per (batch bucket, context bucket) over static input buffers, all
+        writing their logits into one static buffer; compiled once first when `compile`."""
         t0 = time.perf_counter()
+        self._buckets = batch_buckets(max(self.max_batch, self._smallest_bucket), self._smallest_bucket)
+        self._kv_buckets = context_buckets(self.max_seq_len)
+        self._static_in = {}
+        self._logits = torch.empty(self._buckets[-1], self.vocab_size, dtype=torch.float32, device=self.device)
+        pool = None
         with torch.inference_mode():
-            for b in reversed(buckets):
+            for b in self._buckets:  # compile (if on) and warm up outside any capture, every shape
                 static_in = torch.zeros(2, b, dtype=torch.long, device=self.device)  # tokens; positions
                 static_in[0].fill_(self.pad_token_id)
-                tokens, pos = static_in[0, :, None], static_in[1]
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(3):  # warm-up (and compile) outside the capture
-                        self._decode_impl(tokens, pos, self.max_seq_len)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._decode_impl(tokens, pos, self.max_seq_len)
-                pool = graph.pool()
-                self._graphs[b] = (static_in, graph, out)
-        torch.cuda.synchronize()
-        logger.info("captured %d decode graphs in %.1fs", len(buckets), time.perf_counter() - t0)
+                self._static_in[b] = static_in
+            try:
+                self._warm_up()
+            except Exception as err:
+                if not self.compile:
+                    raise
+                # an optimization must not keep the server from starting: say so, and capture the
+                # eager decode step instead
+                logger.warning("torch.compile of the decode step failed (%s: %s); capturing the eager decode step",
+                               type(err).__name__, err)
+                self.startup["compile_error"] = f"{type(err).__name__}: {err}"
+                self.compile, self._decode_impl = False, self._decode_forward
+                self._warm_up()
+            self.startup["compile_s"] = time.perf_counter() - t0
+            for kv in reversed(self._kv_buckets):
+                for b in reversed(self._buckets):
+                    static_in = self._static_in[b]
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self._call_decode(static_in[0, :, None], static_in[1], self._kv_range(kv))
+                        self._logits[:b].copy_(out)
+                    del out
+                    pool = graph.pool()
+                    self._graphs[(b, kv)] = graph
+        torch.cuda.synchronize(self.device)
+        self.startup["capture_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ sampling and bookkeeping
 
-    def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor, first: bool) -> None:
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list:
+        """Per row: (token id, TokenLogprob or None), or the Exception that row raised. The batch
+        is sampled at once; if that fails, row by row, so one request's values fail only it."""
+        try:
+            return self._sample_rows(reqs, logits)
+        except Exception as err:
+            if len(reqs) == 1:
+                return [err]
+            logger.warning("sampling %d rows failed (%s: %s); sampling them one by one", len(reqs),
+                           type(err).__name__, err)
+            out = []
+            for i, r in enumerate(reqs):
+                try:
+                    out += self._sample_rows([r], logits[i: i + 1])
+                except Exception as one_err:
+                    out.append(one_err)
+            return out
+
+    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list:
         params = [r.params for r in reqs]
         histories = [
             torch.tensor(r.prompt_ids + r.output_ids, device=logits.device) if r.params.repetition_penalty != 1.0 else None
             for r in reqs
         ]
         tokens = sample_tokens(logits, params, [r.generator for r in reqs], histories, self.generator)
+        # a row whose logits are not finite (a broken model or weights) gets -1: it fails alone
+        tokens = tokens.masked_fill(~torch.isfinite(logits).all(-1), -1)
         lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        lp_entries: dict[int, TokenLogprob] = {}
+        lp_entries: dict[int, tuple] = {}
         if lp_rows:
             k = max(reqs[i].params.logprobs for i in lp_rows)
             rows = torch.tensor(lp_rows, device=logits.device)
-            lp, top_ids, top_lp = top_logprobs(logits[rows], tokens[rows], k)
+            lp, top_ids, top_lp = top_logprobs(logits[rows], tokens[rows].clamp(min=0), k)
             lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
             for j, i in enumerate(lp_rows):
                 kk = reqs[i].params.logprobs
-                lp_entries[i] = TokenLogprob(0, lp[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))
-        tokens = tokens.tolist()
+                lp_entries[i] = (lp[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))
+        out = []
+        for i, tok in enumerate(tokens.tolist()):
+            if tok < 0:
+                out.append(FloatingPointError("the model produced non-finite logits"))
+            else:
+                e = lp_entries.get(i)
+                out.append((tok, TokenLogprob(tok, e[0], e[1]) if e is not None else None))
+        return out
+
+    def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor, outputs: list[StepOutput],
+                         first: bool) -> None:
         now = time.perf_counter()
-        self.stats["generated_tokens"] += len(reqs)
-        for i, r in enumerate(reqs):
-            tok = tokens[i]
+        for r, res in zip(reqs, self._sample(reqs, logits)):
+            if isinstance(res, Exception):
+                self._fail(r, res, outputs)
+                continue
+            tok, entry = res
             r.output_ids.append(tok)
+            self.stats["generated_tokens"] += 1
             if r.first_token_time is None:
                 r.first_token_time = now
-            entry = lp_entries.get(i)
             if entry is not None:
-                entry.token_id = tok
                 r.logprobs.append(entry)
-            reason = None
-            text = ""
-            is_stop_token = (tok in self.eos_token_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids
-            if not is_stop_token and r.detok is not None:
-                text = r.detok.add(tok)
-            if is_stop_token:
-                reason = "stop"
-            elif len(r.output_ids) >= r.params.max_new_tokens or r.num_cached + 1 > self.max_seq_len:
-                reason = "length"
-            if reason is not None and r.detok is not None:
-                text += r.detok.flush()
-            text, hit = r.stopper.feed(text, final=reason is not None)
-            if hit:
-                reason = "stop"
-            r.text += text
-            if reason is not None:
-                self._finish(r, reason)
-            self._emit(r, [tok], text, [entry] if entry is not None else None, r.prompt_logprobs if first else None)
+            p = r.params
+            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                self._finish(r, "stop")
+            elif (p.max_new_tokens is not None and len(r.output_ids) >= p.max_new_tokens) \
+                    or r.num_cached + 1 > self.max_seq_len:
+                self._finish(r, "length")
+            outputs.append(self._output(r, [tok], [entry] if entry is not None else None,
+                                        r.prompt_logprobs if first else None))
+
+    def _output(self, req: Request, tokens, logprobs, prompt_logprobs, error: str | None = None) -> StepOutput:
+        return StepOutput(req.request_id, tokens, logprobs, prompt_logprobs, req.finished, req.finish_reason,
+                          len(req.prompt_ids), len(req.output_ids), error)
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finished = True
         req.finish_reason = reason
         req.finish_time = time.perf_counter()
+        self.requests.pop(req.request_id, None)
         if req.slot is not None:
             self.running.pop(req.slot, None)
             heapq.heappush(self.free_slots, req.slot)
             req.slot = None
         self.stats["finished"] += 1
 
-    def _fail(self, req: Request, err: Exception) -> None:
+    def _fail(self, req: Request, err: Exception, outputs: list[StepOutput]) -> None:
         if req.finished:
             return
         self._finish(req, "error")
-        if req.callback is not None:
-            req.callback(StepOutput(req.request_id, [], "", None, None, True, "error", len(req.prompt_ids),
-                                    len(req.output_ids), error=f"{type(err).__name__}: {err}"))
-
-    def _emit(self, req: Request, tokens, text, logprobs, prompt_logprobs) -> None:
-        if req.callback is not None:
-            req.callback(StepOutput(req.request_id, tokens, text, logprobs, prompt_logprobs, req.finished,
-                                    req.finish_reason, len(req.prompt_ids), len(req.output_ids)))
-
-    def release(self, request_id: str) -> None:
-        """Forget a finished request (the async wrapper calls this once it has its final output)."""
-        req = self.requests.get(request_id)
-        if req is not None and req.finished:
-            del self.requests[request_id]
+        outputs.append(self._output(req, [], None, None, error=f"{type(err).__name__}: {err}"))
 
 
-__all__ = ["Engine", "Completion", "StepOutput", "TokenLogprob", "Request"]
+__all__ = ["Engine", "check_request", "Completion", "StepOutput", "TokenLogprob", "Request", "batch_buckets", "context_buckets"]

@@ -16,25 +16,38 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .errors import InvalidRequest
+
+
+# The stated ranges of every field (InvalidRequest names the field otherwise). They keep the
+# float32 arithmetic of the sampler finite: a temperature of 1e-45 or a penalty of 1e-40 would
+# overflow the logits, a top_k past int64 would not fit a tensor.
 MAX_LOGPROBS = 20
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # or exactly 0 (greedy)
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+MAX_TOP_K = 2**31 - 1  # values past the vocabulary keep every token
+MAX_NEW_TOKENS = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1000
 
 
 @dataclass
 class SamplingParams:
-    """How one request is decoded.
+    """How one request is decoded (ranges: the constants above).
 
-    temperature: 0 means greedy (argmax); otherwise logits / temperature.
+    temperature: 0 means greedy (argmax); otherwise logits / temperature, in [1e-4, 1e4].
     top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass in (0, 1] (1 = off).
-    min_p: drop tokens with p < min_p * p_max (0 = off). repetition_penalty: the CTRL penalty
-    over prompt and generated tokens (1 = off). max_new_tokens: tokens to generate (0 only with
-    prompt_logprobs: score the prompt, generate nothing). stop: strings that end the text (not
+    min_p: drop tokens with p < min_p * p_max, in [0, 1] (0 = off). repetition_penalty: the CTRL
+    penalty over prompt and generated tokens, in [0.01, 100] (1 = off). max_new_tokens: tokens to
+    generate (0 only with prompt_logprobs: score the prompt, generate nothing; None: until the
+    context is full). stop: up to 16 strings (1 to 1000 characters) that end the text (not
     included in it). stop_token_ids: extra ids that end generation (the eos id always does unless
-    ignore_eos). seed: per-request generator. logprobs: return the log-probability of each
-    generated token plus this many top alternatives (None = off). prompt_logprobs: likewise for
-    the prompt tokens (the first token gets None).
+    ignore_eos). seed: per-request generator (an int64 or uint64). logprobs: return the
+    log-probability of each generated token plus this many top alternatives, 0 to 20 (None =
+    off). prompt_logprobs: likewise for the prompt tokens (the first token gets None).
     """
 
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -63,47 +76,59 @@ class SamplingParams:
         """Raise ValueError naming the field for any bad value."""
 
         def fail(name: str, msg: str):
-            raise ValueError(f"{name}: {msg}")
+            raise InvalidRequest(name, msg)
 
         def number(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, f"must be a finite number, got {value!r}")
+            try:
+                finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
+                fail(name, f"must be a finite number, got {value!r:.40}")
 
         def integer(name, value):
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, f"must be an integer, got {value!r}")
 
-        integer("max_new_tokens", self.max_new_tokens)
-        if self.max_new_tokens < 0 or (self.max_new_tokens == 0 and self.prompt_logprobs is None):
-            fail("max_new_tokens", f"must be >= 1 (0 only when scoring the prompt), got {self.max_new_tokens}")
+        def within(name, value, lo, hi, what):
+            if not lo <= value <= hi:
+                fail(name, f"must be {what}, got {value!r}")
+
+        if self.max_new_tokens is not None:
+            integer("max_new_tokens", self.max_new_tokens)
+            if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+                fail("max_new_tokens", "must be >= 1 (0 only when scoring the prompt), got 0")
+            within("max_new_tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS, f"in [1, {MAX_NEW_TOKENS}]")
         number("temperature", self.temperature)
-        if self.temperature < 0:
-            fail("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature != 0:
+            within("temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
+                   f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
         integer("top_k", self.top_k)
-        if self.top_k < 0:
-            fail("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        within("top_k", self.top_k, 0, MAX_TOP_K, f"in [0, {MAX_TOP_K}] (0 = off)")
         number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", f"must be in (0, 1], got {self.top_p}")
+            fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
         number("min_p", self.min_p)
-        if not 0.0 <= self.min_p <= 1.0:
-            fail("min_p", f"must be in [0, 1], got {self.min_p}")
+        within("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
         number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            fail("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty}")
+        within("repetition_penalty", self.repetition_penalty, MIN_PENALTY, MAX_PENALTY,
+               f"in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off)")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                fail("stop", f"stop strings must be non-empty strings, got {s!r}")
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                fail("stop", f"stop strings must be strings of 1 to {MAX_STOP_CHARS} characters, got {s!r:.40}")
         for t in self.stop_token_ids:
             integer("stop_token_ids", t)
+            within("stop_token_ids", t, 0, MAX_TOP_K, "token ids >= 0")
         if self.seed is not None:
             integer("seed", self.seed)
+            within("seed", self.seed, *SEED_RANGE, f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 integer(name, value)
-                if not 0 <= value <= MAX_LOGPROBS:
-                    fail(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
+                within(name, value, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
 
     def copy(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
@@ -122,13 +147,14 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: l
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """Probabilities [B, V] after temperature, top-k, top-p and min-p (rows with temperature 0 are
-    given temperature 1 here; the caller takes their argmax instead)."""
+    given temperature 1 here; the caller takes their argmax instead). Each row's maximum is
+    subtracted before dividing by its temperature, so a small temperature cannot overflow."""
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    logits = logits / temp[:, None]
+    logits = (logits - logits.amax(-1, keepdim=True)) / temp[:, None]
     vocab = logits.shape[-1]
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     remove = ranks >= k[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = sorted_logits.softmax(-1)
@@ -155,6 +181,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     """Next token ids [B] (long, on logits' device) for float32 logits [B, V], one params per row.
 
     `histories[i]` holds the ids seen so far by row i (only needed where repetition_penalty != 1).
+    Draws use the exponential race (argmax of p / E with E ~ Exp(1), a sample from p): unlike
+    `torch.multinomial`, it never raises (nor, on CUDA, asserts) on a degenerate row.
     """
     logits = logits.float()
     pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i] is not None]
@@ -176,15 +204,15 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
         torch.tensor([p.top_p for p in sub], device=dev, dtype=torch.float32),
         torch.tensor([p.min_p for p in sub], device=dev, dtype=torch.float32),
     )
+    noise = torch.empty_like(probs)
     shared = [j for j, i in enumerate(sampled) if generators[i] is None]
-    picks = torch.empty(len(sampled), dtype=torch.long, device=dev)
     if shared:
-        idx = torch.tensor(shared, device=dev)
-        picks[idx] = torch.multinomial(probs[idx], 1, generator=default_generator).squeeze(-1)
+        noise.exponential_(generator=default_generator)
     for j, i in enumerate(sampled):
-        if generators[i] is not None:
-            picks[j] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(-1)
-    out[rows] = picks
+        if generators[i] is not None:  # a seeded request draws from its own generator only
+            noise[j].exponential_(generator=generators[i])
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would divide by zero
+    out[rows] = (probs / noise).argmax(-1)
     return out
 
 

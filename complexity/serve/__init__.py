@@ -4,6 +4,7 @@
     app = create_app(Engine.from_pretrained(path), model_name="my-model", api_key="secret")
 """
 
-from .app import APIError, create_app, render_metrics
+from .app import create_app
+from .errors import APIError
 
-__all__ = ["APIError", "create_app", "render_metrics"]
+__all__ = ["APIError", "create_app"]

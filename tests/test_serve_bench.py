@@ -1,0 +1,33 @@
+"""A small CPU run of benchmarks/bench_serve.py: the real `complexity serve` process with its
+default flags, driven over HTTP by the benchmark's own clients, must answer every request in full
+(streaming and not), next to the Engine-direct figure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_serve_cpu_answers_everything(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_serve.py"), "--device", "cpu", "--presets", "tiny",
+         "--vocab", "512", "--requests", "6", "--streams", "3", "--prompt-len", "8", "--new-tokens", "4",
+         "--workers", "1", "--server-args", "--threads 1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "bench_serve_tiny.json").read_text())
+    http = res["http"]
+    for part, n in (("non_stream", 6), ("streams", 3)):
+        assert http[part]["requests"] == n and http[part]["answered_ok"] == n, http[part]
+        assert http[part]["errors"] == 0 and http[part]["five_xx"] == 0
+        assert http[part]["generated_tokens"] == n * 4
+    assert http["streams"]["ttft_p50_s"] is not None
+    assert res["engine_direct"]["generated_tokens"] == 6 * 4
+    assert http["tracebacks"] == 0 and http["recompile_warnings"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"]["torch"] and summary["results"]["tiny"]["http_over_engine"] > 0
