@@ -324,15 +324,16 @@ def _dense_all(x, routes, weights, gate_up, down, shared, shared_scale, routed_s
     gate_e = gate_up[..., :width].transpose(1, 2).reshape(e * width, hidden)  # nn.Linear rows e*W + i
     up_e = gate_up[..., width:].transpose(1, 2).reshape(e * width, hidden)
     down_e = down.reshape(e * width, hidden).t()
-    column = column.repeat_interleave(width, dim=1)
     if shared is None:
-        w_in, w_out = torch.cat([gate_e, up_e]), down_e
-    else:
-        s_gate, s_up, s_down = shared
-        w_in, w_out = torch.cat([s_gate, gate_e, s_up, up_e]), torch.cat([s_down, down_e], dim=1)
-        column = torch.cat([column.new_full((n, s_gate.shape[0]), float(shared_scale)), column], dim=1)
-    gate, up = F.linear(x, w_in).chunk(2, dim=-1)
-    return F.linear((F.silu(gate) * up * column).to(x.dtype), w_out)
+        gate, up = F.linear(x, torch.cat([gate_e, up_e])).chunk(2, dim=-1)
+        act = (F.silu(gate) * up).view(n, e, width) * column.unsqueeze(-1)
+        return F.linear(act.to(x.dtype).view(n, e * width), down_e)
+    s_gate, s_up, s_down = shared
+    gate, up = F.linear(x, torch.cat([s_gate, gate_e, s_up, up_e])).chunk(2, dim=-1)
+    h_shared, h_experts = (F.silu(gate) * up).split([s_gate.shape[0], e * width], dim=-1)
+    h_experts = (h_experts.view(n, e, width) * column.unsqueeze(-1)).to(x.dtype)
+    act = torch.cat([h_shared * float(shared_scale), h_experts.view(n, e * width)], dim=-1)
+    return F.linear(act, torch.cat([s_down, down_e], dim=1))
 
 
 def sort_by_expert(expert_of_row: torch.Tensor, num_experts: int):

@@ -435,9 +435,10 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     )
     if unknown:
         problems.append(f"config.json: field(s) this reader does not know, so cannot vouch for: {', '.join(unknown)}")
-    ignored = sorted(k for k in raw if k in _INERT or k.startswith(_INERT_PREFIXES))
+    families = sorted({p + "*" for k in raw for p in _INERT_PREFIXES if k.startswith(p)})
+    ignored = sorted(k for k in raw if k in _INERT) + families
     if ignored:
-        notes.append(f"ignored config fields that do not change the computation: {', '.join(ignored)}")
+        notes.append(f"ignored config fields that do not change this model's computation: {', '.join(ignored)}")
     f = _Fields(raw, problems)
     pos = dict(check=_positive, rule="a positive integer")
 
@@ -659,6 +660,9 @@ def _map_tensors(sd: dict, layout: str, config: TRHashConfig, notes: list, probl
         else:
             notes.append("dropped lm_head.weight: a stored copy of the tied embedding")
     unexpected = sorted(set(sd) - used)
+    if any(k.endswith("mlp.token_to_expert") for k in unexpected):
+        problems.append("mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
+                        "not a TR-Hash checkpoint (which stores every route slot)")
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
         problems.append(f"unexpected tensor(s) for this config: {shown}")
