@@ -289,9 +289,10 @@ def _weight_per_slot(weights: Sequence[float], slot: torch.Tensor) -> torch.Tens
 
 def _expert_weights(routes: torch.Tensor, weights: Sequence[float], num_experts: int) -> torch.Tensor:
     """[N, E] float32: each expert's summed weight in each token's routes (0 if unchosen)."""
+    experts = torch.arange(num_experts, device=routes.device)
     out = torch.zeros(routes.shape[0], num_experts, dtype=torch.float32, device=routes.device)
     for j, w in enumerate(weights):
-        out = out + float(w) * F.one_hot(routes[:, j], num_experts).to(torch.float32)
+        out = out + float(w) * (routes[:, j, None] == experts)
     return out
 
 

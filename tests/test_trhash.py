@@ -726,3 +726,19 @@ def test_deep_export_refuses_what_it_cannot_record_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="^dtype:"):
         write_deep(native.config, native.tensors, tmp_path / "never", dtype="int8")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_top1_variant_with_empty_kernel_metadata_reads(tmp_path):
+    """Upstream saves the fused top-2 buffers empty unless k = 2 and 2 <= E <= 8."""
+    def top1(raw):
+        raw["top_k"] = 1
+
+    def slot0(sd):
+        for i in range(2):
+            sd[f"layers.{i}.mlp.engine.route_table"] = sd[f"layers.{i}.mlp.engine.route_table"][:1].clone()
+            sd[f"layers.{i}.mlp.engine.fused_route_codes"] = torch.zeros(0, dtype=torch.uint8)
+            sd[f"layers.{i}.mlp.engine.fused_expert_pairs"] = torch.zeros(0, 2, dtype=torch.int32)
+
+    ckpt = read_trhash(edited(tmp_path, "mh2-top2-shared", NATIVE, config=top1, weights=slot0))
+    assert ckpt.config.num_experts_per_tok == 1 and ckpt.config.slot_weights == (1.0,)
+    assert ckpt.tensors["layers.0.mlp.route_table"].shape == (1, 512)
