@@ -1,0 +1,856 @@
+"""Upstream TR-Hash MoE checkpoints: read the three on-disk layouts, write the "deep" export.
+
+TR-Hash is a Llama-style GQA + QK-norm decoder whose MLP sends each token to the top-k experts of
+a persisted per-layer route table over token ids, with fixed slot weights, a shared expert and
+fixed branch scales (`complexity.hash_routing` has the maths). Upstream writes it three ways:
+
+| layout | config.json | tensors |
+|---|---|---|
+| native | upstream's full model-config dict, no `model_type`, `mlp_type: tr_hash_engine` | `layers.N.mlp.engine.{expert_gate,expert_up,expert_down,route_table,shared_*}`, plus derived `rotary_emb.inv_freq`, `fused_route_codes`, `fused_expert_pairs` |
+| hf | the native dict plus `model_type: tr_hash_moe`, `num_experts_per_tok`, token ids, `auto_map` (its two adapter modules may be absent) | the native tensors, same bytes |
+| deep | about 30 keys, `model_type: deep`, `mlp_type: token_routed`, `source_mlp_type: tr_hash_engine` | `layers.N.mlp.{gate,up,down}_proj_w`, `mlp.topk_token_to_expert`, `mlp.shared_*`; derived buffers dropped |
+
+`read_trhash` turns any of them into one neutral description: a `TRHashConfig` whose every field
+has this project's meaning, with upstream's nulls resolved as upstream's training framework
+reads them, and the tensors under the neutral names of `neutral_tensor_shapes`. `write_deep`
+writes the deep export back from it. Everything is read from the config and the tensors; route
+tables are copied, never rebuilt (three of the four builders depend on torch's RNG).
+
+Where upstream's own runtimes disagree, the training framework (which wrote the checkpoints and
+their references) decides:
+- `top_k_primary_weight: null` is 1/k (vllm-i64 reads 0.95 for a deep folder);
+- `shared_intermediate_size: null` is `intermediate_size` (vllm-i64 reads intermediate_size / E);
+- per-layer branch scales (`*_output_scale_{first,last}_layer`) apply (the HF adapter ignores
+  them, and the deep export drops them: a deep folder can only say the base scales);
+- the architectural `top_k` is `num_experts_per_tok` here, a field no generation config reads.
+A deep folder without `source_mlp_type: tr_hash_engine` and with either null is refused: which
+convention wrote it cannot be told.
+
+Refused rather than computed differently: µP attention/output scaling, `rope_fraction` < 1, a
+sliding window (upstream applies it only to prefills longer than the window), the runtime expert
+shrink (`active_num_experts` / `active_expert_width`, whose tables are not persisted), attention
+types other than gqa/mha/mqa, norms other than RMSNorm, static expert capacity and non-causal
+models. Each refusal names the field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..hash_routing import (
+    ROUTE_HASH_COUNTS,
+    branch_scale,
+    build_route_table,
+    check_route_table,
+    slot_weights,
+)
+
+NATIVE, HF, DEEP = "native", "hf", "deep"
+LAYOUTS = {
+    NATIVE: "upstream's native save (config.json without model_type, mlp_type 'tr_hash_engine')",
+    HF: "upstream's Hugging Face bundle (model_type 'tr_hash_moe')",
+    DEEP: "upstream's deep export for vllm-i64 (model_type 'deep', source_mlp_type 'tr_hash_engine')",
+}
+# Upstream routing_strategy -> ours. Upstream accepts other names in its config, but its MLP
+# cannot be built with them.
+_STRATEGIES = {
+    "modulo": "modulo_cyclic",
+    "modulo_cyclic": "modulo_cyclic",
+    "token_id_balanced_hash": "balanced_hash",
+    "token_id_multi_hash": "multi_hash",
+    "token_id_hierarchical_hash": "hierarchical_hash",
+}
+_UPSTREAM_STRATEGY = {
+    "modulo_cyclic": "modulo_cyclic",
+    "balanced_hash": "token_id_balanced_hash",
+    "multi_hash": "token_id_multi_hash",
+    "hierarchical_hash": "token_id_hierarchical_hash",
+}
+# Upstream's tokenizer: </s> 0, <pad> 1, <s> 2, <unk> 3. Native and deep configs carry no ids.
+_TOKEN_IDS = {"bos_token_id": 2, "eos_token_id": 0, "pad_token_id": 1, "unk_token_id": 3}
+QK_NORM_EPS = 1e-6  # upstream's QK-norm ignores norm_eps
+
+
+class TRHashFormatError(ValueError):
+    """SRC is not a TR-Hash checkpoint this reader can take exactly. ``problems`` lists every
+    issue found, not only the first."""
+
+    def __init__(self, src, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{src}: not a readable TR-Hash checkpoint ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# ----------------------------------------------------------------------------- the neutral description
+
+
+@dataclass(frozen=True)
+class TRHashConfig:
+    """A TR-Hash model in this project's terms: every null resolved, every field meaningful."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int
+    num_experts_per_tok: int  # upstream `top_k` (architecture, not sampling)
+    expert_width: int  # W, one expert's SwiGLU width (upstream intermediate_size / E)
+    shared_expert_width: int | None  # S, or None without a shared expert
+    route_strategy: str  # how the tables were built (documentation: tables are copied)
+    route_hash_count: int | None  # multi_hash channels; None for the other strategies
+    route_primary_weight: float  # slot 0's weight, resolved (1.0 when k = 1)
+    shared_output_scale: float
+    routed_output_scale: float
+    shared_output_scale_first_layer: float | None = None
+    shared_output_scale_last_layer: float | None = None
+    routed_output_scale_first_layer: float | None = None
+    routed_output_scale_last_layer: float | None = None
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    use_qk_norm: bool = True
+    rms_norm_eps: float = 1e-6
+    qk_norm_eps: float = QK_NORM_EPS
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 0
+    pad_token_id: int | None = 1
+    unk_token_id: int | None = 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def shared_expert(self) -> bool:
+        return self.shared_expert_width is not None
+
+    @property
+    def slot_weights(self) -> tuple[float, ...]:
+        return slot_weights(self.num_experts_per_tok, self.route_primary_weight)
+
+    def shared_scale(self, layer_idx: int) -> float:
+        return branch_scale(self.shared_output_scale, self.shared_output_scale_first_layer,
+                            self.shared_output_scale_last_layer, layer_idx, self.num_hidden_layers)
+
+    def routed_scale(self, layer_idx: int) -> float:
+        return branch_scale(self.routed_output_scale, self.routed_output_scale_first_layer,
+                            self.routed_output_scale_last_layer, layer_idx, self.num_hidden_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def neutral_tensor_shapes(config: TRHashConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model under its neutral name, with its shape. Weights are floats in
+    upstream's conventions: nn.Linear [out, in] for attention and the shared expert, x @ W for
+    the experts (gate/up [E, H, W], down [E, W, H]); route tables are int64 [k, V]."""
+    c = config
+    h, d, e, w = c.hidden_size, c.head_dim, c.num_experts, c.expert_width
+    shapes = {"embed_tokens.weight": (c.vocab_size, h), "norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (c.num_attention_heads * d, h),
+            p + "self_attn.k_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.v_proj.weight": (c.num_key_value_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, c.num_attention_heads * d),
+            p + "mlp.route_table": (c.num_experts_per_tok, c.vocab_size),
+            p + "mlp.experts.gate": (e, h, w),
+            p + "mlp.experts.up": (e, h, w),
+            p + "mlp.experts.down": (e, w, h),
+        }
+        if c.use_qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if c.shared_expert:
+            s = c.shared_expert_width
+            shapes |= {
+                p + "mlp.shared_expert.gate_proj.weight": (s, h),
+                p + "mlp.shared_expert.up_proj.weight": (s, h),
+                p + "mlp.shared_expert.down_proj.weight": (h, s),
+            }
+    return shapes
+
+
+# Neutral per-layer suffix -> each layout's (the rest of the names are the same in all three).
+_LAYER_RENAMES = {
+    NATIVE: {
+        "mlp.route_table": "mlp.engine.route_table",
+        "mlp.experts.gate": "mlp.engine.expert_gate",
+        "mlp.experts.up": "mlp.engine.expert_up",
+        "mlp.experts.down": "mlp.engine.expert_down",
+        "mlp.shared_expert.gate_proj.weight": "mlp.engine.shared_gate.weight",
+        "mlp.shared_expert.up_proj.weight": "mlp.engine.shared_up.weight",
+        "mlp.shared_expert.down_proj.weight": "mlp.engine.shared_down.weight",
+    },
+    DEEP: {
+        "mlp.route_table": "mlp.topk_token_to_expert",
+        "mlp.experts.gate": "mlp.gate_proj_w",
+        "mlp.experts.up": "mlp.up_proj_w",
+        "mlp.experts.down": "mlp.down_proj_w",
+        "mlp.shared_expert.gate_proj.weight": "mlp.shared_gate.weight",
+        "mlp.shared_expert.up_proj.weight": "mlp.shared_up.weight",
+        "mlp.shared_expert.down_proj.weight": "mlp.shared_down.weight",
+    },
+}
+_LAYER_RENAMES[HF] = _LAYER_RENAMES[NATIVE]
+# Native/hf buffers derived from the config or the table: checked, then dropped.
+_DERIVED = ("self_attn.rotary_emb.inv_freq", "mlp.engine.fused_route_codes", "mlp.engine.fused_expert_pairs")
+
+
+def layout_name(neutral: str, layout: str) -> str:
+    """The name a neutral tensor has in `layout`."""
+    if neutral.startswith("layers."):
+        _, i, rest = neutral.split(".", 2)
+        return f"layers.{i}.{_LAYER_RENAMES[layout].get(rest, rest)}"
+    return neutral
+
+
+@dataclass
+class TRHashCheckpoint:
+    """A validated upstream TR-Hash checkpoint in neutral form."""
+
+    layout: str
+    src: Path
+    config: TRHashConfig
+    tensors: dict[str, torch.Tensor]
+    notes: list[str] = field(default_factory=list)  # resolved nulls, ignored fields, dropped buffers
+
+    @property
+    def description(self) -> str:
+        return LAYOUTS[self.layout]
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@dataclass(frozen=True)
+class Detection:
+    layout: str
+    reason: str
+    raw_config: dict
+    weights_file: Path
+
+
+def _read_config(src: Path, problems: list[str]) -> dict | None:
+    path = src / "config.json"
+    if not path.is_file():
+        problems.append("no config.json (a TR-Hash checkpoint folder holds config.json and model.safetensors)")
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problems.append(f"config.json is not valid JSON ({err})")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"config.json must hold a JSON object, got a {type(raw).__name__}")
+        return None
+    return raw
+
+
+def _find_weights(src: Path, problems: list[str]) -> Path | None:
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (src / name).is_file():
+            return src / name
+    others = sorted(p.name for p in src.glob("*.pt")) + sorted(p.name for p in src.glob("*.bin"))
+    problems.append(
+        "no model.safetensors (or model.safetensors.index.json)"
+        + (f"; found {', '.join(others)}: export a safetensors folder with upstream's scripts first" if others else "")
+    )
+    return None
+
+
+def detect_layout(src) -> Detection:
+    """Which of the three layouts `src` holds, and why; TRHashFormatError saying what is missing
+    for a folder in none of them."""
+    src = Path(src)
+    if not src.is_dir():
+        raise TRHashFormatError(src, ["not a folder (expected a checkpoint folder with config.json and model.safetensors)"])
+    problems: list[str] = []
+    raw = _read_config(src, problems)
+    weights = _find_weights(src, problems)
+    layout = reason = None
+    if raw is not None:
+        model_type = raw.get("model_type")
+        if model_type == "tr_hash_moe":
+            layout, reason = HF, "config.json has model_type 'tr_hash_moe'"
+        elif model_type == "deep":
+            layout, reason = DEEP, "config.json has model_type 'deep'"
+            if raw.get("source_mlp_type") == "tr_hash_engine":
+                reason += " and source_mlp_type 'tr_hash_engine'"
+        elif model_type is None and raw.get("mlp_type") == "tr_hash_engine":
+            layout, reason = NATIVE, "config.json has no model_type and mlp_type 'tr_hash_engine'"
+        elif model_type is None:
+            problems.append(
+                f"config.json has no model_type ('tr_hash_moe' for an hf bundle, 'deep' for a deep export) and its "
+                f"mlp_type is {raw.get('mlp_type')!r}, not 'tr_hash_engine' (a native save): not a TR-Hash layout"
+            )
+        elif model_type == "complexity":
+            problems.append(
+                "config.json has model_type 'complexity': this project's own format (load it directly) or upstream's "
+                "MLX export (not read here: convert from the native, hf or deep folder instead)"
+            )
+        else:
+            problems.append(
+                f"config.json has model_type {model_type!r}; TR-Hash layouts are native (no model_type, "
+                "mlp_type 'tr_hash_engine'), hf ('tr_hash_moe') and deep ('deep')"
+            )
+    if problems:
+        raise TRHashFormatError(src, problems)
+    return Detection(layout, reason, raw, weights)
+
+
+# ----------------------------------------------------------------------------- reading tensors
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    def load(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(file))
+        except Exception as err:  # SafetensorError, OSError
+            raise TRHashFormatError(path.parent, [f"cannot read {file.name}: truncated or corrupt safetensors file ({err})"]) from err
+
+    if not path.name.endswith(".index.json"):
+        return load(path)
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TRHashFormatError(path.parent, [f"cannot read {path.name}: not a safetensors index ({err})"]) from err
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (path.parent / shard).is_file():
+            raise TRHashFormatError(path.parent, [f"shard {shard} named by {path.name} does not exist"])
+        out.update(load(path.parent / shard))
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise TRHashFormatError(path.parent, [f"{path.name} lists tensor(s) absent from its shards: {', '.join(missing)}"])
+    return out
+
+
+# ----------------------------------------------------------------------------- config resolution
+
+_INERT = {
+    "attention_dropout": "training only",
+    "hidden_act": "the engine always uses SiLU",
+    "rope_type": "the GQA attention ignores it",
+    "initializer_range": "initialisation only",
+    "expert_initialization": "initialisation only",
+    "use_mup_init": "initialisation only",
+    "shared_gate_init": "initialisation of gates the engine does not have",
+    "routed_gate_init": "initialisation of gates the engine does not have",
+    "use_shared_routed_gates": "ignored by the engine",
+    "token_frequencies": "used by other routing strategies only",
+    "shared_expert_chunk_tokens": "memory chunking of the shared expert: same maths",
+    "collect_moe_telemetry": "statistics only",
+    "use_custom_kernels": "kernel choice: same maths",
+    "use_cggr": "kernel choice: same maths",
+    "use_sdpa": "kernel choice: same maths",
+    "use_cache": "inference setting",
+    "extra_config": "unused by the model",
+    "hash_pair_gate_init": "research option the engine ignores",
+    "hash_channel_scale_init": "research option the engine ignores",
+    "tie_lexical_object_embeddings": "lexical attention research path (not gqa)",
+}
+# Families of fields that belong to other attention/MLP research paths than gqa + tr_hash_engine.
+_INERT_PREFIXES = ("causal_", "tr_mha_", "lexical_", "micro_", "lsh_", "learn_hash_")
+_METADATA = {
+    "model_type", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "is_decoder", "is_encoder_decoder", "num_experts_per_tok", "source_mlp_type", "rms_norm_eps",
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
+}
+_COMPUTE = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "attention_type", "use_qk_norm", "sliding_window", "max_position_embeddings",
+    "rope_theta", "rope_fraction", "mlp_type", "num_experts", "routing_strategy", "route_hash_count",
+    "shared_expert", "shared_intermediate_size", "shared_output_scale", "routed_output_scale",
+    "shared_output_scale_first_layer", "shared_output_scale_last_layer", "routed_output_scale_first_layer",
+    "routed_output_scale_last_layer", "top_k", "top_k_primary_weight", "active_num_experts",
+    "active_expert_width", "norm_type", "norm_eps", "tie_word_embeddings", "is_causal", "use_mup_attn_scale",
+    "use_mup_output_mult", "mup_base_width", "static_expert_capacity",
+}
+_ARCHITECTURES = {HF: "TRHashForCausalLM", DEEP: "DeepForCausalLM"}
+_MISSING = object()
+
+
+class _Fields:
+    """Typed reads of upstream config fields; each bad value becomes a problem naming the field."""
+
+    def __init__(self, raw: dict, problems: list[str]):
+        self.raw, self.problems = raw, problems
+        self.bad: set[str] = set()  # fields that failed
+
+    def _fail(self, name: str, message: str) -> None:
+        self.bad.add(name)
+        self.problems.append(message)
+
+    def get(self, name, default, kind, *, nullable=False, check=None, rule=""):
+        value = self.raw.get(name, default)
+        if value is _MISSING:
+            self._fail(name, f"config.json: missing required field {name}")
+            return None
+        if value is None:
+            if nullable:
+                return None
+            self._fail(name, f"config.json: {name} is null; expected {kind}")
+            return None
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }[kind]
+        if ok and check is not None and not check(value):
+            ok = False
+        if not ok:
+            self._fail(name, f"config.json: {name}={value!r} is not {rule or 'a valid ' + kind}")
+            return None
+        return float(value) if kind == "float" else value
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str]) -> dict | None:
+    """Upstream config.json (any layout) -> TRHashConfig fields, nulls resolved (framework meaning)."""
+    unknown = sorted(
+        k for k in raw
+        if k not in _COMPUTE and k not in _INERT and k not in _METADATA and not k.startswith(_INERT_PREFIXES)
+    )
+    if unknown:
+        problems.append(f"config.json: field(s) this reader does not know, so cannot vouch for: {', '.join(unknown)}")
+    families = sorted({p + "*" for k in raw for p in _INERT_PREFIXES if k.startswith(p)})
+    ignored = sorted(k for k in raw if k in _INERT) + families
+    if ignored:
+        notes.append(f"ignored config fields that do not change this model's computation: {', '.join(ignored)}")
+    f = _Fields(raw, problems)
+    pos = dict(check=_positive, rule="a positive integer")
+
+    arch = raw.get("architectures")
+    if layout in _ARCHITECTURES and arch is not None and arch != [_ARCHITECTURES[layout]]:
+        problems.append(f"config.json: architectures={arch!r}; the {layout} layout has [{_ARCHITECTURES[layout]!r}]")
+    want_mlp = "token_routed" if layout == DEEP else "tr_hash_engine"
+    f.get("mlp_type", want_mlp, "str", check=lambda v: v == want_mlp, rule=f"{want_mlp!r} (the {layout} layout of TR-Hash)")
+    if layout == DEEP:
+        source = raw.get("source_mlp_type")
+        if source is not None and source != "tr_hash_engine":
+            problems.append(f"config.json: source_mlp_type={source!r}; a TR-Hash deep export has 'tr_hash_engine'")
+
+    vocab = f.get("vocab_size", _MISSING, "int", **pos)
+    hidden = f.get("hidden_size", _MISSING, "int", **pos)
+    layers = f.get("num_hidden_layers", _MISSING, "int", **pos)
+    heads = f.get("num_attention_heads", _MISSING, "int", **pos)
+    attention = f.get("attention_type", "gqa", "str", check=lambda v: v in ("gqa", "mha", "mqa"),
+                      rule="supported (only gqa and its mha/mqa forms; the lexical, conv and TR-MHA types are other research models)")
+    kv_heads = f.get("num_key_value_heads", None, "int", nullable=True, **pos)
+    if kv_heads is None and heads and "num_key_value_heads" not in f.bad:
+        kv_heads = {"mha": heads, "mqa": 1}.get(attention, max(1, heads // 4))
+        notes.append(f"num_key_value_heads: null -> {kv_heads} ({attention} default)")
+    if hidden and heads and hidden % heads:
+        problems.append(f"config.json: num_attention_heads={heads} does not divide hidden_size={hidden}")
+    elif hidden and heads and (hidden // heads) % 2:
+        problems.append(f"config.json: head_dim hidden_size/num_attention_heads={hidden // heads} is odd (RoPE rotates pairs)")
+    if heads and kv_heads and heads % kv_heads:
+        problems.append(f"config.json: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
+
+    experts = f.get("num_experts", 1, "int", **pos)
+    top_k = f.get("top_k", 1, "int", **pos)
+    if "num_experts_per_tok" in raw and raw["num_experts_per_tok"] != raw.get("top_k", 1):
+        problems.append(f"config.json: num_experts_per_tok={raw['num_experts_per_tok']!r} differs from top_k={raw.get('top_k')!r}")
+    if experts and top_k and top_k > experts:
+        problems.append(f"config.json: top_k={top_k} exceeds num_experts={experts} (routes per token must be distinct experts)")
+    intermediate = f.get("intermediate_size", None, "int", nullable=True, **pos)
+    if intermediate is None and hidden and "intermediate_size" not in f.bad:
+        intermediate = (8 * hidden // 3 + 255) // 256 * 256
+        notes.append(f"intermediate_size: null -> {intermediate} (round_up(8H/3, 256))")
+    width = None
+    if intermediate and experts:
+        if intermediate % experts:
+            problems.append(f"config.json: intermediate_size={intermediate} (all experts together) is not divisible by num_experts={experts}")
+        else:
+            width = intermediate // experts
+    shared = f.get("shared_expert", True, "bool")
+    shared_width = f.get("shared_intermediate_size", None, "int", nullable=True, **pos)
+    if shared and shared_width is None and intermediate:
+        shared_width = intermediate
+        notes.append(f"shared_intermediate_size: null -> {shared_width} (= intermediate_size, the framework's meaning; vllm-i64 would read intermediate_size/num_experts)")
+    if not shared:
+        shared_width = None
+
+    primary = f.get("top_k_primary_weight", None, "float", nullable=True,
+                    check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1] (upstream clamps it silently; refused here)")
+    if layout == DEEP and raw.get("source_mlp_type") != "tr_hash_engine":
+        for name in ("top_k_primary_weight", "shared_intermediate_size"):
+            if name in raw and raw[name] is None and (name != "shared_intermediate_size" or shared):
+                problems.append(
+                    f"config.json: {name} is null in a deep config without source_mlp_type 'tr_hash_engine': the "
+                    "training framework reads it as " + ("1/top_k" if name.startswith("top_k") else "intermediate_size")
+                    + " and vllm-i64 as " + ("0.95" if name.startswith("top_k") else "intermediate_size/num_experts")
+                    + ", and nothing says which wrote this file"
+                )
+    resolved_primary = None
+    if top_k and "top_k_primary_weight" not in f.bad:
+        resolved_primary = slot_weights(top_k, primary)[0]
+        if primary is None and top_k > 1:
+            notes.append(f"top_k_primary_weight: null -> {resolved_primary} (1/top_k, the framework's meaning; vllm-i64 would read 0.95)")
+
+    strategy_name = f.get("routing_strategy", "modulo_cyclic", "str", check=lambda v: v in _STRATEGIES,
+                          rule=f"a strategy upstream's MLP builds ({', '.join(_STRATEGIES)})")
+    strategy = _STRATEGIES.get(strategy_name)
+    hash_count = None
+    if strategy == "multi_hash" and "route_hash_count" in raw:
+        hash_count = f.get("route_hash_count", 2, "int", check=lambda v: v in ROUTE_HASH_COUNTS, rule="an integer in [2, 8]")
+    elif strategy == "multi_hash" and layout != DEEP:
+        hash_count = 2  # upstream's default
+
+    scales = {}
+    for name in ("shared_output_scale", "routed_output_scale"):
+        scales[name] = f.get(name, 1.0, "float")
+        for end in ("first_layer", "last_layer"):
+            scales[f"{name}_{end}"] = f.get(f"{name}_{end}", None, "float", nullable=True)
+
+    theta = f.get("rope_theta", 10000.0, "float", check=_positive, rule="a positive number")
+    f.get("rope_fraction", 1.0, "float", check=lambda v: v == 1.0,
+          rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here")
+    max_pos = f.get("max_position_embeddings", 2048, "int", **pos)
+    qk_norm = f.get("use_qk_norm", True, "bool")
+    eps = f.get("norm_eps", 1e-6, "float", check=_positive, rule="a positive number")
+    if layout == DEEP and "rms_norm_eps" in raw and raw["rms_norm_eps"] != raw.get("norm_eps", 1e-6):
+        problems.append(f"config.json: rms_norm_eps={raw['rms_norm_eps']!r} differs from norm_eps={raw.get('norm_eps')!r}")
+    tied = f.get("tie_word_embeddings", True, "bool")
+    f.get("norm_type", "rmsnorm", "str", check=lambda v: v == "rmsnorm", rule="supported (only 'rmsnorm')")
+    f.get("is_causal", True, "bool", check=lambda v: v, rule="supported (only causal language models)")
+    f.get("sliding_window", None, "int", nullable=True, check=lambda v: False,
+          rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces")
+    for name in ("use_mup_attn_scale", "use_mup_output_mult", "static_expert_capacity"):
+        f.get(name, False, "bool", check=lambda v: not v, rule="supported (only false)")
+    for name in ("active_num_experts", "active_expert_width"):
+        f.get(name, None, "int", nullable=True, check=lambda v: False,
+              rule="supported: the runtime expert shrink rebuilds a route table that is not persisted")
+
+    ids = {}
+    for name, default in _TOKEN_IDS.items():
+        ids[name] = f.get(name, default, "int", nullable=True, check=lambda v: v >= 0, rule="a token id")
+    if problems:
+        return None
+    if layout == DEEP:
+        notes.append("deep layout: route_hash_count, rope_fraction, sliding_window, the µP flags and per-layer "
+                     "scales are not recorded; read as upstream's defaults")
+    return dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, num_experts=experts, num_experts_per_tok=top_k, expert_width=width,
+        shared_expert_width=shared_width, route_strategy=strategy, route_hash_count=hash_count,
+        route_primary_weight=resolved_primary, **scales, rope_theta=theta, max_position_embeddings=max_pos,
+        use_qk_norm=qk_norm, rms_norm_eps=eps, tie_word_embeddings=tied, **ids,
+    )
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _why_shape(neutral: str) -> str:
+    rest = neutral.split(".", 2)[-1]
+    if rest.startswith("mlp.experts."):
+        return "num_experts, hidden_size, intermediate_size / num_experts"
+    if rest.startswith("mlp.shared_expert."):
+        return "shared_intermediate_size (null: intermediate_size), hidden_size"
+    if rest == "mlp.route_table":
+        return "top_k, vocab_size"
+    if rest in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        return "num_key_value_heads x head_dim, hidden_size"
+    if rest.startswith("self_attn."):
+        return "num_attention_heads, hidden_size"
+    return "vocab_size, hidden_size"
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def fused_route_metadata(table: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream's derived top-2 kernel metadata: (pairs int32 [E(E-1)/2, 2], all a < b in
+    lexicographic order; codes uint8 [V], pair index | swap bit when slot 0 holds the larger
+    expert). Only for k = 2 and 2 <= E <= 8; otherwise both are empty."""
+    k, vocab = table.shape
+    if k != 2 or not 2 <= num_experts <= 8:
+        return torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, dtype=torch.uint8)
+    pairs = torch.tensor(list(itertools.combinations(range(num_experts), 2)), dtype=torch.int32)
+    lo, hi = table.min(0).values, table.max(0).values
+    index = torch.full((num_experts, num_experts), -1, dtype=torch.long)
+    index[pairs[:, 0].long(), pairs[:, 1].long()] = torch.arange(len(pairs))
+    swap = 0x8 if num_experts <= 4 else 0x20
+    codes = index[lo, hi] | torch.where(table[0] > table[1], swap, 0)
+    return pairs, codes.to(torch.uint8)
+
+
+def _check_derived(sd: dict, config: TRHashConfig, tables: dict[int, torch.Tensor], used: set, notes: list, problems: list) -> None:
+    """Native/hf buffers derived from the config or the table: must agree, then are dropped."""
+    present = set()
+    for i in range(config.num_hidden_layers):
+        for suffix in _DERIVED:
+            name = f"layers.{i}.{suffix}"
+            if name not in sd:
+                continue
+            used.add(name)
+            present.add(suffix)
+            t = sd[name]
+            if suffix.endswith("inv_freq"):
+                want = rope_inv_freq(config.head_dim, config.rope_theta)
+                if t.shape != want.shape or not torch.allclose(t.float(), want, rtol=1e-5, atol=0):
+                    problems.append(f"{name} disagrees with rope_theta={config.rope_theta} over head_dim={config.head_dim} "
+                                    "(another theta, or RoPE on part of each head?)")
+            elif i in tables:
+                pairs, codes = fused_route_metadata(tables[i], config.num_experts)
+                want = pairs if suffix.endswith("pairs") else codes
+                if t.shape != want.shape or (want.numel() and not torch.equal(t.long(), want.long())):
+                    problems.append(f"{name} does not match layers.{i}'s route table (derived kernel metadata out of step)")
+    if present:
+        notes.append(f"dropped derived buffers (checked against the config and tables): {', '.join(sorted(present))}")
+
+
+def _map_tensors(sd: dict, layout: str, config: TRHashConfig, notes: list, problems: list) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    tables: dict[int, torch.Tensor] = {}
+    for neutral, shape in neutral_tensor_shapes(config).items():
+        name = layout_name(neutral, layout)
+        t = sd.get(name)
+        if t is None:
+            problems.append(f"missing tensor {name} (shape {list(shape)})")
+            continue
+        used.add(name)
+        if tuple(t.shape) != shape:
+            problems.append(f"{name} has shape {list(t.shape)}; the config gives {list(shape)} ({_why_shape(neutral)})")
+            continue
+        if neutral.endswith("route_table"):
+            try:
+                check_route_table(t, config.num_experts, config.vocab_size, config.num_experts_per_tok, name=name)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            t = t.to(torch.int64)
+            tables[int(neutral.split(".")[1])] = t
+        elif not t.dtype.is_floating_point:
+            problems.append(f"{name} has dtype {t.dtype}; weights are floating point")
+            continue
+        out[neutral] = t
+    if layout != DEEP:
+        _check_derived(sd, config, tables, used, notes, problems)
+    if config.tie_word_embeddings and "lm_head.weight" in sd:
+        used.add("lm_head.weight")
+        embed = sd.get("embed_tokens.weight")
+        if embed is None or not torch.equal(sd["lm_head.weight"], embed):
+            problems.append("lm_head.weight differs from embed_tokens.weight but tie_word_embeddings is true")
+        else:
+            notes.append("dropped lm_head.weight: a stored copy of the tied embedding")
+    unexpected = sorted(set(sd) - used)
+    if any(k.endswith("mlp.token_to_expert") for k in unexpected):
+        problems.append("mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
+                        "not a TR-Hash checkpoint (which stores every route slot)")
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
+        problems.append(f"unexpected tensor(s) for this config: {shown}")
+    return out
+
+
+def _table_provenance(config: TRHashConfig, tensors: dict, layout: str, notes: list) -> TRHashConfig:
+    """Compare the stored tables with a rebuild (information only: stored tables are kept), and
+    recover route_hash_count for a deep multi-hash folder, which does not record it."""
+    layers = range(config.num_hidden_layers)
+
+    def rebuilt(i: int, hash_count: int) -> torch.Tensor:
+        return build_route_table(config.route_strategy, vocab_size=config.vocab_size, num_experts=config.num_experts,
+                                 num_experts_per_tok=config.num_experts_per_tok, layer_idx=i, route_hash_count=hash_count)
+
+    def stored(i: int) -> torch.Tensor:
+        return tensors[f"layers.{i}.mlp.route_table"]
+
+    try:
+        if config.route_strategy == "multi_hash" and config.route_hash_count is None:
+            found = [c for c in ROUTE_HASH_COUNTS if torch.equal(rebuilt(0, c), stored(0))]
+            if found and all(torch.equal(rebuilt(i, found[0]), stored(i)) for i in layers):
+                notes.append(f"route_hash_count: not recorded by the {layout} layout; {found[0]} rebuilds every stored table")
+                return _replace(config, route_hash_count=found[0])
+            notes.append(f"route_hash_count: not recorded by the {layout} layout and no count in 2..8 rebuilds the stored tables")
+            return config
+        differ = [i for i in layers if not torch.equal(rebuilt(i, config.route_hash_count or 2), stored(i))]
+    except ValueError as err:
+        notes.append(f"route tables: {config.route_strategy} cannot rebuild them here ({err}); kept as stored")
+        return config
+    if differ:
+        notes.append(f"route tables of layer(s) {differ} differ from a rebuild with {config.route_strategy} "
+                     "(stored tables are authoritative and kept as stored)")
+    else:
+        notes.append(f"route tables: every layer equals a rebuild with {config.route_strategy} (kept as stored)")
+    return config
+
+
+def _replace(config: TRHashConfig, **changes) -> TRHashConfig:
+    return TRHashConfig(**{**config.to_dict(), **changes})
+
+
+def read_trhash(src) -> TRHashCheckpoint:
+    """Read an upstream TR-Hash folder in any of the three layouts; TRHashFormatError listing
+    every problem (missing or misshapen tensors, unsupported or garbage config fields) otherwise."""
+    src = Path(src)
+    found = detect_layout(src)
+    notes = [f"layout: {found.layout}, {LAYOUTS[found.layout]}: {found.reason}"]
+    problems: list[str] = []
+    fields = _resolve_config(found.raw_config, found.layout, notes, problems)
+    if fields is None:
+        raise TRHashFormatError(src, problems)
+    config = TRHashConfig(**fields)
+    sd = _read_tensors(found.weights_file)
+    tensors = _map_tensors(sd, found.layout, config, notes, problems)
+    if problems:
+        raise TRHashFormatError(src, problems)
+    if found.layout == HF:
+        adapters = [n for n in ("configuration_tr_hash_moe.py", "modeling_tr_hash_moe.py") if (src / n).is_file()]
+        if adapters:
+            notes.append(f"upstream's adapter modules {', '.join(adapters)} are present and not used (no code is run)")
+    config = _table_provenance(config, tensors, found.layout, notes)
+    return TRHashCheckpoint(found.layout, src, config, tensors, notes)
+
+
+# ----------------------------------------------------------------------------- writing the deep export
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _constant_scale(config: TRHashConfig, branch: str) -> float:
+    """The single scale the deep layout can hold for `branch`; refuses scales that vary by layer."""
+    scale = config.shared_scale if branch == "shared" else config.routed_scale
+    values = [scale(i) for i in range(config.num_hidden_layers)]
+    if any(v != values[0] for v in values):
+        raise ValueError(
+            f"{branch}_output_scale_first_layer/_last_layer: the scale varies over layers ({values[0]} to {values[-1]}), "
+            "which the deep layout cannot record (its consumer, vllm-i64, applies one scale to every layer)"
+        )
+    return values[0]
+
+
+def deep_config(config: TRHashConfig, dtype: torch.dtype) -> dict:
+    """config.json of the deep export. Unlike upstream's exporter, the primary weight and the
+    shared width are always written as numbers, so no reader has to guess what null means."""
+    name = {v: k for k, v in _DTYPES.items()}[dtype]
+    return {
+        "architectures": ["DeepForCausalLM"],
+        "model_type": "deep",
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "intermediate_size": config.expert_width * config.num_experts,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "attention_type": "gqa",
+        "use_qk_norm": config.use_qk_norm,
+        "rope_theta": config.rope_theta,
+        "mlp_type": "token_routed",
+        "num_experts": config.num_experts,
+        "shared_expert": config.shared_expert,
+        "shared_intermediate_size": config.shared_expert_width,
+        "use_shared_routed_gates": False,
+        "shared_gate_init": 1.0,
+        "routed_gate_init": 1.0,
+        "shared_output_scale": _constant_scale(config, "shared"),
+        "routed_output_scale": _constant_scale(config, "routed"),
+        "top_k": config.num_experts_per_tok,
+        "top_k_primary_weight": config.route_primary_weight,
+        "routing_strategy": _UPSTREAM_STRATEGY[config.route_strategy],
+        "learn_hash_channel_modulation": False,
+        "hash_channel_scale_init": 0.0,
+        "norm_type": "rmsnorm",
+        "norm_eps": config.rms_norm_eps,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "torch_dtype": name,
+        "source_mlp_type": "tr_hash_engine",
+    }
+
+
+def write_deep(config: TRHashConfig, tensors: dict[str, torch.Tensor], dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
+    """Write the deep export (upstream's vLLM / TR-Hash-i64 layout) of a neutral description.
+
+    Floats are cast to `dtype` ("float32", "bfloat16" (upstream's default) or "float16"); route
+    tables stay int64. Reading the folder back gives the same config and, at the source's dtype,
+    the same tensors. DST is written beside itself and renamed at the end (a failure leaves no
+    partial folder); a non-empty DST is refused unless `overwrite`. `generation_config.json`
+    holds only the token ids: no sampling defaults, and never the architectural top_k.
+    Not expressible in this layout, and refused: branch scales that vary over layers. Note that
+    vllm-i64 ignores `lm_head.weight` (it serves tied models only).
+    """
+    dst = Path(dst)
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype: must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if config.route_strategy not in _UPSTREAM_STRATEGY:
+        raise ValueError(f"route_strategy: {config.route_strategy!r} has no upstream name")
+    cfg = deep_config(config, dtype)
+    shapes = neutral_tensor_shapes(config)
+    problems = [f"missing tensor {k}" for k in shapes if k not in tensors]
+    problems += [f"unexpected tensor {k}" for k in tensors if k not in shapes]
+    problems += [f"{k} has shape {list(v.shape)}, expected {list(shapes[k])}" for k, v in tensors.items()
+                 if k in shapes and tuple(v.shape) != shapes[k]]
+    if problems:
+        raise ValueError("write_deep: tensors do not match the config: " + "; ".join(problems))
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True to replace it)")
+    out = {}
+    for neutral, t in tensors.items():
+        t = t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)
+        out[layout_name(neutral, DEEP)] = t.contiguous()
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
+
+    from safetensors.torch import save_file
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.writing-", dir=dst.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+__all__ = [
+    "DEEP",
+    "HF",
+    "LAYOUTS",
+    "NATIVE",
+    "Detection",
+    "TRHashCheckpoint",
+    "TRHashConfig",
+    "TRHashFormatError",
+    "deep_config",
+    "detect_layout",
+    "fused_route_metadata",
+    "layout_name",
+    "neutral_tensor_shapes",
+    "read_trhash",
+    "write_deep",
+]

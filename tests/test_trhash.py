@@ -1,0 +1,744 @@
+"""TR-Hash MoE: route tables, fixed weights and scales, the routed computation, and upstream's
+three layouts (tests/fixtures/trhash, written by upstream's own code)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import complexity.hash_routing as hr
+from complexity.hash_routing import (
+    ROUTE_SEED,
+    ROUTE_STRATEGIES,
+    branch_scale,
+    build_route_table,
+    check_route_table,
+    h32,
+    hash_routed_mlp,
+    slot_weights,
+    token_routes,
+)
+from complexity.integrations.trhash import (
+    DEEP,
+    HF,
+    NATIVE,
+    TRHashFormatError,
+    deep_config,
+    detect_layout,
+    fused_route_metadata,
+    read_trhash,
+    rope_inv_freq,
+    write_deep,
+)
+
+torch.set_num_threads(2)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "trhash"
+VARIANTS = ("mh2-top2-shared", "bal-top2-e8-noshared")
+LAYOUT_NAMES = (NATIVE, HF, DEEP)
+
+
+def fixture(variant: str, layout: str | None = None) -> Path:
+    return FIXTURES / variant / layout if layout else FIXTURES / variant
+
+
+def reference(variant: str) -> dict[str, torch.Tensor]:
+    return load_file(fixture(variant) / "reference.safetensors")
+
+
+# ----------------------------------------------------------------------------- route tables
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_fixture_table_is_rebuilt_bit_for_bit_from_its_config(variant):
+    raw = json.loads((fixture(variant, NATIVE) / "config.json").read_text())
+    stored = load_file(fixture(variant, NATIVE) / "model.safetensors")
+    strategy = {"token_id_multi_hash": "multi_hash", "token_id_balanced_hash": "balanced_hash"}[raw["routing_strategy"]]
+    for layer in range(raw["num_hidden_layers"]):
+        table = build_route_table(
+            strategy, vocab_size=raw["vocab_size"], num_experts=raw["num_experts"], num_experts_per_tok=raw["top_k"],
+            layer_idx=layer, route_hash_count=raw["route_hash_count"],
+        )
+        want = stored[f"layers.{layer}.mlp.engine.route_table"]
+        assert table.dtype == want.dtype == torch.int64
+        assert torch.equal(table, want), f"layer {layer}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_token_routes_give_the_reference_routes(variant):
+    ref = reference(variant)
+    ckpt = read_trhash(fixture(variant, NATIVE))
+    for layer in range(ckpt.config.num_hidden_layers):
+        routes = token_routes(ckpt.tensors[f"layers.{layer}.mlp.route_table"], ref["input_ids"])  # [B, T, k]
+        assert torch.equal(routes.permute(2, 0, 1), ref["routes"][layer])
+
+
+def _h32_python(x: int) -> int:
+    m = 0xFFFFFFFF
+    x &= m
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_h32_is_exact_on_int64_tensors_up_to_2_pow_32():
+    values = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x1_0000_0001, 0x9E3779B1 * 31]
+    values += torch.randint(0, 2**40, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = h32(torch.tensor(values, dtype=torch.long)).tolist()
+    assert got == [_h32_python(v) for v in values]
+
+
+CASES = [(97, 4, 2), (512, 4, 4), (1000, 8, 2), (333, 8, 4), (64, 16, 4), (50, 2, 1), (40, 6, 2)]
+
+
+def _table(strategy, vocab, experts, k, layer=0, count=2):
+    return build_route_table(strategy, vocab_size=vocab, num_experts=experts, num_experts_per_tok=k,
+                             layer_idx=layer, route_hash_count=count)
+
+
+# hierarchical_hash needs an even E >= 4 and k <= E/2 (its refusals are tested below)
+BUILDER_CASES = [(s, *case) for s in ROUTE_STRATEGIES for case in CASES
+                 if s != "hierarchical_hash" or (case[1] >= 4 and case[1] % 2 == 0 and 2 * case[2] <= case[1])]
+
+
+@pytest.mark.parametrize("strategy,vocab,experts,k", BUILDER_CASES)
+def test_every_builder_gives_distinct_in_range_experts_per_token(strategy, vocab, experts, k):
+    for layer in (0, 3):
+        table = _table(strategy, vocab, experts, k, layer)
+        assert table.shape == (k, vocab) and table.dtype == torch.int64
+        check_route_table(table, experts, vocab, k)  # range and distinctness
+        assert table.min() >= 0 and table.max() < experts
+        assert (table.sort(0).values.diff(dim=0) != 0).all()
+
+
+@pytest.mark.parametrize("vocab,experts,k", [(97, 4, 2), (1000, 8, 2), (333, 8, 4), (64, 16, 4), (50, 2, 1)])
+def test_balanced_hash_uses_each_expert_once_per_slot_in_every_full_block(vocab, experts, k):
+    for layer in (0, 2):
+        table = _table("balanced_hash", vocab, experts, k, layer)
+        order = torch.randperm(vocab, generator=torch.Generator().manual_seed(ROUTE_SEED + 104729 * layer))
+        full = vocab // experts * experts
+        blocks = table[:, order[:full]].view(k, -1, experts)
+        assert (blocks.sort(-1).values == torch.arange(experts)).all()
+        counts = torch.stack([torch.bincount(row, minlength=experts) for row in table])
+        assert counts.min() >= vocab // experts and counts.max() <= -(-vocab // experts)
+
+
+def test_modulo_cyclic_is_periodic_and_cyclic():
+    table = _table("modulo_cyclic", 103, 8, 4, layer=5)
+    assert torch.equal(table[0, :-8], table[0, 8:])  # primary depends on id mod E only
+    assert sorted(table[0, :8].tolist()) == list(range(8))  # a permutation of the experts
+    for j in range(4):
+        assert torch.equal(table[j], (table[0] + j) % 8)
+
+
+def test_hierarchical_hash_refines_the_balanced_table_over_half_the_experts():
+    for layer in (0, 1):
+        table = _table("hierarchical_hash", 500, 8, 2, layer)
+        parents = _table("balanced_hash", 500, 4, 2, layer)
+        assert torch.equal(table % 4, parents)
+        assert (table >= 4).any() and (table < 4).any()
+
+
+def test_multi_hash_depends_on_the_hash_count_and_the_layer():
+    tables = {c: _table("multi_hash", 300, 8, 2, count=c) for c in (2, 3, 8)}
+    assert not torch.equal(tables[2], tables[3]) and not torch.equal(tables[3], tables[8])
+    assert not torch.equal(_table("multi_hash", 300, 8, 2, layer=0), _table("multi_hash", 300, 8, 2, layer=1))
+
+
+@pytest.mark.parametrize("strategy", ROUTE_STRATEGIES)
+def test_builders_neither_use_nor_consume_the_global_rng(strategy):
+    torch.manual_seed(1)
+    a = _table(strategy, 200, 8, 2, 1)
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    b = _table(strategy, 200, 8, 2, 1)
+    torch.manual_seed(1)
+    _table(strategy, 200, 8, 2, 1)
+    assert torch.equal(a, b) and torch.equal(torch.rand(1), after)
+
+
+def test_single_expert_tables_are_zero():
+    for strategy in ("modulo_cyclic", "balanced_hash", "multi_hash"):
+        assert torch.equal(_table(strategy, 30, 1, 1), torch.zeros(1, 30, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(route_strategy="hierarchical_hash", num_experts=6, num_experts_per_tok=4), "num_experts_per_tok"),
+        (dict(route_strategy="hierarchical_hash", num_experts=2, num_experts_per_tok=1), "num_experts"),
+        (dict(route_strategy="hierarchical_hash", num_experts=10 - 1, num_experts_per_tok=2), "num_experts"),
+        (dict(route_strategy="balanced_hash", num_experts=6, num_experts_per_tok=3), "num_experts_per_tok"),
+        (dict(route_strategy="modulo_cyclic", num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=1), "route_hash_count"),
+        (dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=9), "route_hash_count"),
+        (dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=True), "route_hash_count"),
+        (dict(route_strategy="zipf", num_experts=4, num_experts_per_tok=2), "route_strategy"),
+        (dict(route_strategy="modulo_cyclic", num_experts=0, num_experts_per_tok=1), "num_experts"),
+        (dict(route_strategy="modulo_cyclic", num_experts=4, num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(route_strategy="modulo_cyclic", num_experts=4, num_experts_per_tok=2, vocab_size=0), "vocab_size"),
+        (dict(route_strategy="modulo_cyclic", num_experts=4, num_experts_per_tok=2, layer_idx=-1), "layer_idx"),
+    ],
+)
+def test_impossible_settings_name_the_field(kwargs, field):
+    args = dict(vocab_size=64, layer_idx=0) | kwargs
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        build_route_table(args.pop("route_strategy"), **args)
+
+
+def test_check_route_table_names_the_token():
+    table = _table("balanced_hash", 50, 4, 2)
+    check_route_table(table, 4, 50, 2)
+    bad = table.clone()
+    bad[1, 7] = bad[0, 7]
+    with pytest.raises(ValueError, match="token 7 repeats an expert"):
+        check_route_table(bad, 4)
+    bad = table.clone()
+    bad[0, 9] = 4
+    with pytest.raises(ValueError, match=r"token 9 is routed to expert\(s\) \[4, .*outside \[0, 4\)"):
+        check_route_table(bad, 4)
+    with pytest.raises(ValueError, match="integer tensor"):
+        check_route_table(table.float(), 4)
+    with pytest.raises(ValueError, match=r"shape \[2, 50\], expected \[k, 51\]"):
+        check_route_table(table, 4, vocab_size=51)
+
+
+# ----------------------------------------------------------------------------- slot weights and branch scales
+
+
+def test_slot_weights():
+    assert slot_weights(2, 0.5) == (0.5, 0.5)
+    assert slot_weights(2, None) == (0.5, 0.5)
+    assert slot_weights(4, None) == (0.25,) * 4
+    assert slot_weights(2, 0.7) == pytest.approx((0.7, 0.3))
+    assert slot_weights(4, 0.7) == pytest.approx((0.7, 0.1, 0.1, 0.1))
+    assert slot_weights(1, 0.3) == (1.0,) and slot_weights(1, None) == (1.0,)
+    assert slot_weights(3, 1.0) == (1.0, 0.0, 0.0)
+    for bad in (1.5, -0.1, "0.5", True, float("nan")):
+        with pytest.raises(ValueError, match="^route_primary_weight:"):
+            slot_weights(2, bad)
+
+
+def test_branch_scale_interpolates_over_depth():
+    assert [branch_scale(2.0, None, None, i, 4) for i in range(4)] == [2.0] * 4
+    assert [branch_scale(2.0, 1.0, 4.0, i, 4) for i in range(4)] == [1.0, 2.0, 3.0, 4.0]
+    assert [branch_scale(2.0, None, 5.0, i, 4) for i in range(4)] == [2.0, 3.0, 4.0, 5.0]  # missing first -> base
+    assert [branch_scale(2.0, 3.0, None, i, 4) for i in range(4)] == [3.0] * 4  # missing last -> first
+    assert branch_scale(2.0, 1.0, 4.0, 0, 1) == 1.0
+
+
+# ----------------------------------------------------------------------------- the routed computation
+
+
+def loop_reference(x, routes, weights, gate_up, down, shared, shared_scale, routed_scale):
+    """float64, one token and one slot at a time: the definition."""
+    width = down.shape[1]
+    rows = []
+    for n in range(x.shape[0]):
+        b = x[n].double()
+        y = torch.zeros_like(b)
+        for j, w in enumerate(weights):
+            e = int(routes[n, j])
+            h = b @ gate_up[e].double()
+            y = y + routed_scale * w * ((F.silu(h[:width]) * h[width:]) @ down[e].double())
+        if shared is not None:
+            gate, up, d = (t.double() for t in shared)
+            y = y + shared_scale * (d @ (F.silu(gate @ b) * (up @ b)))
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def mlp_inputs(tokens=37, hidden=16, experts=4, k=2, width=8, shared=12, dtype=torch.float32, seed=0, vocab=101):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*size):
+        return (torch.randn(*size, generator=gen) / size[-2] ** 0.5 if len(size) > 1 else torch.randn(*size, generator=gen)).to(dtype).requires_grad_()
+
+    table = _table("balanced_hash", vocab, experts, k)
+    ids = torch.randint(0, vocab, (tokens,), generator=gen)
+    return dict(
+        x=torch.randn(tokens, hidden, generator=gen).to(dtype).requires_grad_(),
+        routes=token_routes(table, ids),
+        weights=slot_weights(k, 0.7 if k > 1 else None),
+        gate_up=rand(experts, hidden, 2 * width),
+        down=rand(experts, width, hidden),
+        shared=(rand(shared, hidden), rand(shared, hidden), rand(hidden, shared)) if shared else None,
+        shared_scale=1.5,
+        routed_scale=2.0,
+    )
+
+
+def call(inputs, strategy):
+    i = inputs
+    return hash_routed_mlp(i["x"], i["routes"], i["weights"], i["gate_up"], i["down"], i["shared"],
+                           i["shared_scale"], i["routed_scale"], strategy=strategy)
+
+
+def leaves(inputs):
+    return [inputs["x"], inputs["gate_up"], inputs["down"], *(inputs["shared"] or ())]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+SHAPES = {
+    "shared-k2": dict(),
+    "no-shared-k4": dict(experts=8, k=4, shared=0),
+    "k1": dict(k=1),
+    "e8-k2-shared": dict(experts=8, k=2, width=4, shared=20),
+}
+
+
+@pytest.mark.parametrize("strategy", ["dense", "grouped", "auto"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("tokens", [1, 37, 1100])  # 1100: the dense strategy's fused-weights form
+def test_fp32_strategies_match_a_float64_token_loop(strategy, shape, tokens):
+    inputs = mlp_inputs(tokens=tokens, **SHAPES[shape])
+    want = loop_reference(*(inputs[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale")))
+    got = call(inputs, strategy)
+    assert got.dtype == torch.float32 and got.shape == inputs["x"].shape
+    assert rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["dense", "grouped"])
+@pytest.mark.parametrize("tokens", [37, 1100])
+def test_gradients_reach_every_weight_and_match_float64(strategy, tokens):
+    inputs = mlp_inputs(tokens=tokens)
+    ref = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in inputs.items() if k != "shared"}
+    ref["shared"] = tuple(t.detach().double().requires_grad_() for t in inputs["shared"])
+    cot = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (call(inputs, strategy) * cot.float()).sum().backward()
+    (loop_reference(*(ref[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale"))) * cot).sum().backward()
+    for got, want in zip(leaves(inputs), leaves(ref)):
+        assert got.grad is not None and rel(got.grad, want.grad) < 1e-5
+    # every expert was chosen by some token here, and every expert got a gradient
+    assert (inputs["gate_up"].grad.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("tokens", [7, 1030])
+def test_dense_strategy_gradcheck_float64(tokens, monkeypatch):
+    monkeypatch.setattr(hr, "FUSE_MIN_ROWS", 8)  # both forms at gradcheck-friendly sizes
+    inputs = mlp_inputs(tokens=min(tokens, 12), dtype=torch.float64, hidden=6, width=3, shared=4)
+    tensors = leaves(inputs)
+
+    def f(x, gate_up, down, *shared):
+        return hash_routed_mlp(x, inputs["routes"], inputs["weights"], gate_up, down, tuple(shared), 1.5, 2.0, strategy="dense")
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+def test_grouped_strategy_in_bf16_matches_the_fp32_loop_within_bf16_rounding():
+    inputs = mlp_inputs(tokens=64, hidden=32, width=16, shared=16, dtype=torch.bfloat16)
+    want = loop_reference(*(inputs[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale")))
+    for strategy in ("dense", "grouped"):
+        got = call(inputs, strategy)
+        assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    inputs = mlp_inputs(tokens=16, hidden=32, width=16, shared=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for strategy in ("dense", "grouped"):
+            out = call(inputs, strategy)
+            assert out.dtype == torch.bfloat16
+            out.float().sum().backward()
+    assert inputs["gate_up"].grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("strategy,dtype", [("dense", torch.float32), ("grouped", torch.bfloat16)])
+def test_compiles_with_fullgraph_forward_and_backward(strategy, dtype):
+    torch._dynamo.reset()
+    inputs = mlp_inputs(tokens=40, hidden=32, width=16, shared=16, dtype=dtype)
+    want = call(inputs, strategy)
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=False)
+    got = compiled(inputs, strategy)
+    assert torch.equal(got, want)
+    got.float().sum().backward()
+    assert all(t.grad is not None for t in leaves(inputs))
+
+
+def test_auto_picks_dense_when_the_extra_flops_are_small():
+    grouped_ok = True
+    assert hr.pick_strategy(16384, 4, 2, 64, 3072, grouped_ok) == "dense"  # the 200M shape: 4% extra
+    assert hr.pick_strategy(16384, 8, 2, 512, 1024, grouped_ok) == "grouped"
+    assert hr.pick_strategy(16384, 8, 2, 512, 1024, grouped_ok=False) == "dense"
+
+
+def test_bad_arguments_are_refused():
+    inputs = mlp_inputs()
+    with pytest.raises(ValueError, match="^strategy: unknown"):
+        call(inputs, "fast")
+    with pytest.raises(ValueError, match=r"^routes: has shape \[37, 2\], expected \[37, 3\]"):
+        hash_routed_mlp(inputs["x"], inputs["routes"], (0.5, 0.3, 0.2), inputs["gate_up"], inputs["down"])
+    double = mlp_inputs(dtype=torch.float64)
+    with pytest.raises(ValueError, match="^strategy: 'grouped' needs torch's grouped GEMM for torch.float64"):
+        call(double, "grouped")
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks" / "bench_moe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_moe_correctness_part_runs_on_the_cpu(tmp_path):
+    bench = _load_bench()
+    results = bench.main(["--device", "cpu", "--check-only", "--tokens", "48", "1", "--out", str(tmp_path)])
+    assert results["checks"] and all(errs for errs in results["checks"].values())
+    written = json.loads((tmp_path / "bench_moe.json").read_text())
+    assert written["checks"].keys() == results["checks"].keys()
+    bad = bench.make_inputs(bench.CPU_SHAPES[0], 8, "cpu", torch.float32)
+    with torch.no_grad():
+        bad["down"][0].mul_(1.01)  # the reference must notice a wrong expert
+    assert rel(bench.run_moe(bad, "dense"), bench.reference(bench.make_inputs(bench.CPU_SHAPES[0], 8, "cpu", torch.float32))) > 1e-5
+
+
+# ----------------------------------------------------------------------------- the three layouts
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_each_layout_is_detected(variant, layout):
+    found = detect_layout(fixture(variant, layout))
+    assert found.layout == layout
+    ckpt = read_trhash(fixture(variant, layout))
+    assert ckpt.layout == layout and ckpt.notes[0].startswith(f"layout: {layout}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_layouts_give_identical_tensors_and_configs(variant):
+    native, hf, deep = (read_trhash(fixture(variant, layout)) for layout in LAYOUT_NAMES)
+    for other in (hf, deep):
+        assert other.config == native.config
+        assert other.tensors.keys() == native.tensors.keys()
+        for name, tensor in native.tensors.items():
+            assert other.tensors[name].dtype == tensor.dtype and torch.equal(other.tensors[name], tensor), name
+
+
+def test_resolved_configs_of_the_fixtures():
+    mh2 = read_trhash(fixture("mh2-top2-shared", DEEP)).config
+    assert (mh2.num_experts, mh2.num_experts_per_tok, mh2.expert_width, mh2.shared_expert_width) == (4, 2, 16, 64)
+    assert (mh2.route_strategy, mh2.route_hash_count) == ("multi_hash", 2)  # recovered: deep drops it
+    assert mh2.slot_weights == (0.5, 0.5) and (mh2.shared_scale(1), mh2.routed_scale(1)) == (1.0, 2.0)
+    bal = read_trhash(fixture("bal-top2-e8-noshared", NATIVE)).config
+    assert (bal.num_experts, bal.expert_width, bal.shared_expert_width, bal.num_key_value_heads) == (8, 8, None, 1)
+    assert (bal.route_strategy, bal.route_hash_count) == ("balanced_hash", None)
+    assert bal.slot_weights == pytest.approx((0.7, 0.3)) and bal.routed_scale(0) == 1.5
+    assert not hasattr(bal, "top_k")  # the architecture's k is never a sampling top_k
+
+
+def _rms(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def reference_forward(ckpt, ids):
+    """The TR-Hash forward from the neutral description, fp32: (logits, hidden states per block)."""
+    c, t = ckpt.config, ckpt.tensors
+    b, s = ids.shape
+    d, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    freqs = torch.arange(s, dtype=torch.float32)[:, None] * rope_inv_freq(d, c.rope_theta)
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    x = t["embed_tokens.weight"][ids]
+    states = [x]
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        a = _rms(x, t[p + "input_layernorm.weight"], c.rms_norm_eps)
+        q = (a @ t[p + "self_attn.q_proj.weight"].T).view(b, s, nh, d)
+        k = (a @ t[p + "self_attn.k_proj.weight"].T).view(b, s, nkv, d)
+        v = (a @ t[p + "self_attn.v_proj.weight"].T).view(b, s, nkv, d)
+        if c.use_qk_norm:
+            q, k = _rms(q, t[p + "self_attn.q_norm.weight"], c.qk_norm_eps), _rms(k, t[p + "self_attn.k_norm.weight"], c.qk_norm_eps)
+        q, k, v = (u.transpose(1, 2) for u in (q, k, v))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, -1)
+        h = x + o @ t[p + "self_attn.o_proj.weight"].T
+        m = _rms(h, t[p + "post_attention_layernorm.weight"], c.rms_norm_eps).reshape(b * s, -1)
+        shared = tuple(t[p + f"mlp.shared_expert.{n}_proj.weight"] for n in ("gate", "up", "down")) if c.shared_expert else None
+        out = hash_routed_mlp(
+            m, token_routes(t[p + "mlp.route_table"], ids.reshape(-1)), c.slot_weights,
+            torch.cat([t[p + "mlp.experts.gate"], t[p + "mlp.experts.up"]], -1), t[p + "mlp.experts.down"],
+            shared, c.shared_scale(i), c.routed_scale(i),
+        )
+        x = h + out.view(b, s, -1)
+        states.append(x)
+    head = t["embed_tokens.weight"] if c.tie_word_embeddings else t["lm_head.weight"]
+    return _rms(x, t["norm.weight"], c.rms_norm_eps) @ head.T, torch.stack(states)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_the_neutral_description_reproduces_upstreams_logits(variant, layout):
+    ref = reference(variant)
+    with torch.no_grad():
+        logits, states = reference_forward(read_trhash(fixture(variant, layout)), ref["input_ids"])
+    torch.testing.assert_close(states, ref["hidden_states"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- edited and broken folders
+
+
+def edited(tmp_path: Path, variant: str, layout: str, *, config=None, weights=None, drop_config=False) -> Path:
+    """A copy of a fixture folder with its config and/or weights edited."""
+    dst = tmp_path / f"{variant}-{layout}"
+    shutil.copytree(fixture(variant, layout), dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    if drop_config:
+        (dst / "config.json").unlink()
+    if config is not None:
+        raw = json.loads((dst / "config.json").read_text())
+        config(raw)
+        (dst / "config.json").write_text(json.dumps(raw))
+    if weights is not None:
+        sd = load_file(dst / "model.safetensors")
+        weights(sd)
+        save_file(sd, dst / "model.safetensors")
+    return dst
+
+
+def problems_of(src) -> str:
+    with pytest.raises(TRHashFormatError) as err:
+        read_trhash(src)
+    return str(err.value)
+
+
+def test_null_fields_take_the_frameworks_meaning(tmp_path):
+    def nulls(raw):
+        raw["top_k_primary_weight"] = None
+        raw["num_key_value_heads"] = None
+        raw["shared_intermediate_size"] = None
+
+    ckpt = read_trhash(edited(tmp_path, "bal-top2-e8-noshared", NATIVE, config=nulls))
+    assert ckpt.config.route_primary_weight == 0.5  # 1/k, not vllm-i64's 0.95
+    assert ckpt.config.num_key_value_heads == 1  # max(1, 4 // 4)
+    assert ckpt.config.shared_expert_width is None  # no shared expert: the null is irrelevant
+    assert any("null -> 0.5" in n for n in ckpt.notes)
+    mh2 = read_trhash(edited(tmp_path, "mh2-top2-shared", DEEP, config=lambda raw: raw.update(shared_intermediate_size=None)))
+    assert mh2.config.shared_expert_width == 64  # = intermediate_size (vllm-i64: 64 / 4)
+
+
+def test_a_null_that_resolves_against_the_tensors_names_the_field(tmp_path):
+    msg = problems_of(edited(tmp_path, "mh2-top2-shared", NATIVE, config=lambda raw: raw.update(num_key_value_heads=None)))
+    assert "layers.0.self_attn.k_proj.weight has shape [32, 64]; the config gives [16, 64] (num_key_value_heads" in msg
+
+
+def test_deep_nulls_without_source_mlp_type_are_ambiguous(tmp_path):
+    def strip(raw):
+        del raw["source_mlp_type"]
+        raw["top_k_primary_weight"] = None
+
+    msg = problems_of(edited(tmp_path, "mh2-top2-shared", DEEP, config=strip))
+    assert "top_k_primary_weight is null in a deep config without source_mlp_type" in msg and "0.95" in msg
+    # explicit values need no convention
+    read_trhash(edited(tmp_path / "b", "bal-top2-e8-noshared", DEEP, config=lambda raw: raw.pop("source_mlp_type")))
+
+
+def test_per_layer_scales_are_read_from_native_configs(tmp_path):
+    def ramp(raw):
+        raw["routed_output_scale_first_layer"] = 1.0
+        raw["routed_output_scale_last_layer"] = 3.0
+        raw["shared_output_scale_last_layer"] = 0.5
+
+    c = read_trhash(edited(tmp_path, "mh2-top2-shared", HF, config=ramp)).config
+    assert [c.routed_scale(i) for i in range(2)] == [1.0, 3.0]
+    assert [c.shared_scale(i) for i in range(2)] == [1.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("use_mup_attn_scale", True, "use_mup_attn_scale=True is not supported"),
+        ("use_mup_output_mult", True, "use_mup_output_mult=True is not supported"),
+        ("rope_fraction", 0.5, "rope_fraction=0.5 is not supported"),
+        ("attention_type", "lexical_gqa", "attention_type='lexical_gqa' is not supported"),
+        ("sliding_window", 16, "sliding_window=16 is not supported"),
+        ("active_num_experts", 2, "active_num_experts=2 is not supported"),
+        ("routing_strategy", "learned", "routing_strategy='learned' is not a strategy upstream's MLP builds"),
+        ("top_k_primary_weight", 1.5, "top_k_primary_weight=1.5 is not in [0, 1]"),
+        ("top_k", 5, "top_k=5 exceeds num_experts=4"),
+        ("route_hash_count", 9, "route_hash_count=9 is not an integer in [2, 8]"),
+        ("hidden_size", "64", "hidden_size='64' is not a positive integer"),
+        ("norm_type", "layernorm", "norm_type='layernorm' is not supported"),
+        ("mlp_type", "token_routed", "mlp_type='token_routed' is not 'tr_hash_engine'"),
+        ("intermediate_size", 62, "intermediate_size=62 (all experts together) is not divisible by num_experts=4"),
+        ("brand_new_option", 1, "field(s) this reader does not know, so cannot vouch for: brand_new_option"),
+    ],
+)
+def test_unsupported_or_invalid_settings_are_refused_by_name(tmp_path, field, value, message):
+    layout = HF if field != "mlp_type" else NATIVE
+    src = edited(tmp_path, "mh2-top2-shared", HF if layout == HF else NATIVE, config=lambda raw: raw.update({field: value}))
+    if field == "mlp_type":
+        with pytest.raises(TRHashFormatError, match="not a TR-Hash layout"):
+            read_trhash(src)
+        return
+    assert message in problems_of(src)
+
+
+def test_hf_num_experts_per_tok_must_agree_with_top_k(tmp_path):
+    src = edited(tmp_path, "mh2-top2-shared", HF, config=lambda raw: raw.update(num_experts_per_tok=4))
+    assert "num_experts_per_tok=4 differs from top_k=2" in problems_of(src)
+
+
+def test_broken_folders_say_what_is_missing(tmp_path):
+    v = "mh2-top2-shared"
+    msg = problems_of(edited(tmp_path / "a", v, NATIVE, weights=lambda sd: sd.pop("layers.1.mlp.engine.route_table")))
+    assert "missing tensor layers.1.mlp.engine.route_table (shape [2, 512])" in msg
+    msg = problems_of(edited(tmp_path / "b", v, DEEP, weights=lambda sd: sd.pop("layers.0.mlp.up_proj_w")))
+    assert "missing tensor layers.0.mlp.up_proj_w (shape [4, 64, 16])" in msg
+    msg = problems_of(edited(tmp_path / "c", v, HF, config=lambda raw: raw.update(model_type="llama")))
+    assert "model_type 'llama'" in msg and "'tr_hash_moe'" in msg
+    garbage = edited(tmp_path / "d", v, NATIVE)
+    (garbage / "config.json").write_text("{not json")
+    assert "config.json is not valid JSON" in problems_of(garbage)
+    (garbage / "config.json").write_text("[1, 2]")
+    assert "config.json must hold a JSON object, got a list" in problems_of(garbage)
+    assert "no config.json" in problems_of(edited(tmp_path / "e", v, NATIVE, drop_config=True))
+    no_weights = edited(tmp_path / "f", v, NATIVE)
+    (no_weights / "model.safetensors").unlink()
+    assert "no model.safetensors" in problems_of(no_weights)
+    corrupt = edited(tmp_path / "g", v, NATIVE)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert "truncated or corrupt safetensors" in problems_of(corrupt)
+    neither = edited(tmp_path / "h", v, NATIVE, config=lambda raw: raw.pop("mlp_type"))
+    assert "has no model_type" in problems_of(neither) and "mlp_type is None" in problems_of(neither)
+    assert "this project's own format" in problems_of(edited(tmp_path / "i", v, HF, config=lambda raw: raw.update(model_type="complexity")))
+    assert "not a folder" in problems_of(tmp_path / "nowhere")
+
+
+def test_bad_tensors_are_named(tmp_path):
+    v = "mh2-top2-shared"
+
+    def duplicate_route(sd):
+        sd["layers.0.mlp.engine.route_table"][1, 5] = sd["layers.0.mlp.engine.route_table"][0, 5]
+
+    msg = problems_of(edited(tmp_path / "a", v, NATIVE, weights=duplicate_route))
+    assert "layers.0.mlp.engine.route_table: token 5 repeats an expert" in msg
+
+    def stale_codes(sd):
+        sd["layers.1.mlp.engine.fused_route_codes"][11] ^= 0x8
+    assert "layers.1.mlp.engine.fused_route_codes does not match layers.1's route table" in problems_of(
+        edited(tmp_path / "s", v, NATIVE, weights=stale_codes))
+
+    def extra(sd):
+        sd["layers.0.mlp.engine.mystery"] = torch.zeros(3)
+    assert "unexpected tensor(s) for this config: layers.0.mlp.engine.mystery" in problems_of(edited(tmp_path / "b", v, NATIVE, weights=extra))
+
+    def float_table(sd):
+        sd["layers.0.mlp.topk_token_to_expert"] = sd["layers.0.mlp.topk_token_to_expert"].float()
+    assert "must be an integer tensor" in problems_of(edited(tmp_path / "c", v, DEEP, weights=float_table))
+
+    def theta(raw):
+        raw["rope_theta"] = 500000.0
+    assert "rotary_emb.inv_freq disagrees with rope_theta=500000.0" in problems_of(edited(tmp_path / "d", v, NATIVE, config=theta))
+
+    def narrow_shared(sd):
+        sd["layers.1.mlp.shared_gate.weight"] = sd["layers.1.mlp.shared_gate.weight"][:32]
+    assert "layers.1.mlp.shared_gate.weight has shape [32, 64]; the config gives [64, 64] (shared_intermediate_size" in problems_of(
+        edited(tmp_path / "e", v, DEEP, weights=narrow_shared))
+
+
+def test_fused_route_metadata_matches_upstreams_buffers():
+    for variant, experts in (("mh2-top2-shared", 4), ("bal-top2-e8-noshared", 8)):
+        sd = load_file(fixture(variant, NATIVE) / "model.safetensors")
+        pairs, codes = fused_route_metadata(sd["layers.1.mlp.engine.route_table"], experts)
+        assert torch.equal(pairs, sd["layers.1.mlp.engine.fused_expert_pairs"])
+        assert torch.equal(codes, sd["layers.1.mlp.engine.fused_route_codes"])
+    empty = fused_route_metadata(_table("balanced_hash", 20, 16, 2), 16)
+    assert empty[0].shape == (0, 2) and empty[1].shape == (0,)
+
+
+# ----------------------------------------------------------------------------- writing the deep export
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_deep_export_equals_upstreams_own_and_reads_back_identically(tmp_path, variant):
+    native = read_trhash(fixture(variant, NATIVE))
+    out = write_deep(native.config, native.tensors, tmp_path / "deep", dtype="float32")
+    assert json.loads((out / "config.json").read_text()) == json.loads((fixture(variant, DEEP) / "config.json").read_text())
+    ours, theirs = load_file(out / "model.safetensors"), load_file(fixture(variant, DEEP) / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert "top_k" not in generation and "do_sample" not in generation
+    back = read_trhash(out)
+    assert back.layout == DEEP and back.config == native.config
+    assert all(torch.equal(back.tensors[k], native.tensors[k]) for k in native.tensors)
+
+
+def test_bf16_deep_export_reads_back_as_the_bf16_cast(tmp_path):
+    native = read_trhash(fixture("mh2-top2-shared", NATIVE))
+    back = read_trhash(write_deep(native.config, native.tensors, tmp_path / "deep"))  # bf16: upstream's default
+    assert json.loads((tmp_path / "deep" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert back.config == native.config
+    for name, tensor in native.tensors.items():
+        want = tensor if name.endswith("route_table") else tensor.to(torch.bfloat16)
+        assert torch.equal(back.tensors[name], want), name
+
+
+def test_deep_export_writes_explicit_numbers_for_upstream_nulls(tmp_path):
+    src = edited(tmp_path, "mh2-top2-shared", NATIVE,
+                 config=lambda raw: raw.update(top_k_primary_weight=None, shared_intermediate_size=None))
+    ckpt = read_trhash(src)
+    cfg = deep_config(ckpt.config, torch.float32)
+    assert cfg["top_k_primary_weight"] == 0.5 and cfg["shared_intermediate_size"] == 64
+
+
+def test_deep_export_refuses_what_it_cannot_record_and_leaves_nothing(tmp_path):
+    def ramp(raw):
+        raw["routed_output_scale_first_layer"] = 1.0
+        raw["routed_output_scale_last_layer"] = 3.0
+
+    ckpt = read_trhash(edited(tmp_path, "mh2-top2-shared", NATIVE, config=ramp))
+    with pytest.raises(ValueError, match="^routed_output_scale_first_layer/_last_layer: the scale varies over layers"):
+        write_deep(ckpt.config, ckpt.tensors, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    flat = read_trhash(edited(tmp_path / "flat", "mh2-top2-shared", NATIVE,
+                              config=lambda raw: raw.update(routed_output_scale_first_layer=2.5)))
+    assert json.loads((write_deep(flat.config, flat.tensors, tmp_path / "flat-out") / "config.json").read_text())["routed_output_scale"] == 2.5
+    native = read_trhash(fixture("mh2-top2-shared", NATIVE))
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_deep(native.config, native.tensors, tmp_path / "flat-out")
+    write_deep(native.config, native.tensors, tmp_path / "flat-out", overwrite=True)
+    missing = dict(native.tensors)
+    missing.pop("layers.0.mlp.experts.up")
+    with pytest.raises(ValueError, match="missing tensor layers.0.mlp.experts.up"):
+        write_deep(native.config, missing, tmp_path / "never")
+    with pytest.raises(ValueError, match="^dtype:"):
+        write_deep(native.config, native.tensors, tmp_path / "never", dtype="int8")
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_top1_variant_with_empty_kernel_metadata_reads(tmp_path):
+    """Upstream saves the fused top-2 buffers empty unless k = 2 and 2 <= E <= 8."""
+    def top1(raw):
+        raw["top_k"] = 1
+
+    def slot0(sd):
+        for i in range(2):
+            sd[f"layers.{i}.mlp.engine.route_table"] = sd[f"layers.{i}.mlp.engine.route_table"][:1].clone()
+            sd[f"layers.{i}.mlp.engine.fused_route_codes"] = torch.zeros(0, dtype=torch.uint8)
+            sd[f"layers.{i}.mlp.engine.fused_expert_pairs"] = torch.zeros(0, 2, dtype=torch.int32)
+
+    ckpt = read_trhash(edited(tmp_path, "mh2-top2-shared", NATIVE, config=top1, weights=slot0))
+    assert ckpt.config.num_experts_per_tok == 1 and ckpt.config.slot_weights == (1.0,)
+    assert ckpt.tensors["layers.0.mlp.route_table"].shape == (1, 512)
