@@ -1,8 +1,9 @@
 """Training throughput benchmark (GPU): tokens/s, MFU and peak memory of one training step loop.
 
 Same trainer settings for every arm: bf16-mixed autocast, fp32 master weights, torch.compile per
-decoder layer, seq 2048, micro-batch 8, no accumulation, fused AdamW, the spike guard on (as by
-default), random tokens (data.synthetic).
+decoder layer in the default mode unless the arm says otherwise, seq 2048, micro-batch 8,
+`--accum` micro-batches per optimizer step (gradient accumulation, default 4), fused AdamW, the
+spike guard on (as by default), random tokens (data.synthetic).
 Arms (all 768 hidden, 18 layers, 12 heads / 4 kv, vocab 32000, tied embeddings):
 
   complexity-tmlr-187m   token_routed (4 experts) + shared expert + mu guidance (zipf table:
@@ -16,10 +17,10 @@ Suffixes: -cudagraphs = training.compile_mode "reduce-overhead" (a CUDA graph pe
 -model-cudagraphs = the same with compile_scope "model" (one graph for the whole model).
 
 MFU = (6 * active_params + 12 * L * heads * head_dim * S) * tokens/s / peak, with the peak the
-measured bf16 matmul throughput (a large bf16 GEMM timed first; also reported against the
-nominal peak given by --nominal-peak, default 989e12 = H100 SXM dense bf16).
+bf16 matmul throughput measured first (`complexity.train.metrics.measure_matmul_peak`, the same
+peak the trainer reports MFU against).
 
-    python benchmarks/bench_train.py --out results/bench_train.json [--steps 10] [--rounds 5] [--arms a,b]
+    python benchmarks/bench_train.py --out results/bench_train.json [--steps 10] [--rounds 5] [--accum 4] [--arms a,b]
 
 All arms are built first and stay on the GPU; tokens/s is the median over rounds of timed steps
 in which the arms take turns.
@@ -36,37 +37,20 @@ import torch
 
 import complexity  # noqa: F401
 from complexity.train import load_config
-from complexity.train.metrics import flops_per_token
+from complexity.train.metrics import MATMUL_PEAK, flops_per_token, measure_matmul_peak
 from complexity.train.trainer import Trainer
 from profiling import kernel_table
 
 L, H, HEADS, KV, V, S, MB = 18, 768, 12, 4, 32000, 2048, 8
 
 
-def measured_matmul_peak(n: int = 8192, iters: int = 50, trials: int = 5) -> float:
-    """The best of several timed runs of a large bf16 GEMM: a single run moved between 734 and
-    798 TFLOP/s from one process to the next on the same H100 (clocks still ramping up)."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    best = 0.0
-    for _ in range(trials):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(iters):
-            a @ b
-        torch.cuda.synchronize()
-        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t))
-    return best
-
-
-def base_overrides(model: dict, steps: int) -> dict:
+def base_overrides(model: dict, steps: int, accum: int) -> dict:
     o = {f"model.{k}": v for k, v in model.items()}
     o.update({
         "data.synthetic": True, "training.max_steps": steps, "training.micro_batch_size": MB,
-        "training.seq_len": S, "training.tokens_per_step": MB * S, "training.precision": "bf16-mixed",
-        "training.compile": True, "training.device": "cuda", "schedule.warmup_steps": 1,
+        "training.seq_len": S, "training.tokens_per_step": MB * S * accum, "training.precision": "bf16-mixed",
+        "training.compile": True, "training.compile_scope": "layers", "training.compile_mode": "default",
+        "training.device": "cuda", "schedule.warmup_steps": 1,
         "checkpoint.every": 0, "checkpoint.export_final": False, "eval.every": 0, "eval.at_end": False,
         "logging.tensorboard": False, "logging.progress": False,
     })
@@ -124,12 +108,12 @@ ARMS = {
 }
 
 
-def build_arm(name: str, spec: dict, total_steps: int, warmup: int):
+def build_arm(name: str, spec: dict, total_steps: int, warmup: int, accum: int):
     """Build one arm's trainer and run its warm-up steps (compilation happens here). Returns the
     trainer and its static facts; its peak memory is its own (allocations before it excluded)."""
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    overrides = base_overrides(spec["model"], total_steps)
+    overrides = base_overrides(spec["model"], total_steps, accum)
     overrides.update({f"training.{k}": v for k, v in spec.get("training", {}).items()})
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg, out_dir=None, model_factory=spec.get("factory"), progress=False)
@@ -189,17 +173,17 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds of timed steps, the arms interleaved")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation) per arm")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
-    p.add_argument("--nominal-peak", type=float, default=989e12)
+    p.add_argument("--accum", type=int, default=4, help="micro-batches of 8 x 2048 per optimizer step")
     p.add_argument("--profile", default="", help="arms to profile after the rounds (kernel time per step, top kernels)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
-    peak = measured_matmul_peak()
-    print(f"measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "measured_peak_flops": peak,
-               "nominal_peak_flops": args.nominal_peak, "seq_len": S, "micro_batch": MB,
-               "precision": "bf16-mixed", "compile": True, "arms": []}
+    peak = measure_matmul_peak(torch.device("cuda"))
+    print(f"{MATMUL_PEAK}: {peak / 1e12:.1f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "mfu_peak_flops": peak,
+               "mfu_peak": MATMUL_PEAK, "seq_len": S, "micro_batch": MB, "grad_accum": args.accum,
+               "tokens_per_step": MB * S * args.accum, "precision": "bf16-mixed", "compile": True, "arms": []}
     # Every arm stays resident, and the timed steps are interleaved over rounds: the machine's
     # speed drifts by tens of percent over minutes (background compile workers, clocks), which
     # sequential runs would charge to whichever arm ran at the bad moment.
@@ -208,7 +192,7 @@ def main() -> int:
     total = args.warmup + (args.rounds + 1) * args.steps + 1  # + the profiled steps
     for name in list(names):
         try:
-            trainers[name], facts[name] = build_arm(name, ARMS[name], total, args.warmup)
+            trainers[name], facts[name] = build_arm(name, ARMS[name], total, args.warmup, args.accum)
         except Exception as e:  # one arm failing (e.g. a compile mode) must not lose the others
             names.remove(name)
             results.setdefault("failed_arms", {})[name] = f"{type(e).__name__}: {e}"[:2000]
@@ -223,11 +207,10 @@ def main() -> int:
             facts[name]["final_loss"] = loss
     for name in names:
         step_s = statistics.median(rounds[name])
-        tps = MB * S / step_s
+        tps = MB * S * args.accum / step_s
         fpt = facts[name]["flops_per_token"]
         r = {**facts[name], "steps_per_round": args.steps, "rounds": args.rounds,
-             "step_time_s_rounds": rounds[name], "step_time_s": step_s, "tokens_per_s": tps,
-             "mfu_measured_peak": fpt * tps / peak, "mfu_nominal_peak": fpt * tps / args.nominal_peak}
+             "step_time_s_rounds": rounds[name], "step_time_s": step_s, "tokens_per_s": tps, "mfu": fpt * tps / peak}
         print(json.dumps(r), flush=True)
         results["arms"].append(r)
     # Arms of one model under different compile settings start from the same weights and see the

@@ -15,8 +15,15 @@ A recipe is a TOML file with the sections below (every key optional, unknown key
     [logging]    every, tensorboard, wandb, wandb_project, peak_flops, progress
     [spike]      enabled, factor, window, min_history, max_consecutive
 
-`load_config(path, overrides)` returns a validated `RunConfig`; `RunConfig.to_dict()` is the
-resolved form saved in every run folder (`resolved.json`).
+`load_config(path, overrides)` returns a validated `RunConfig`. The trainer resolves it for the
+machine it runs on (`RunConfig.resolve`): every "auto" and every default that follows the run's
+length gets its value, and the result is read-only; its `to_dict()` is saved in the run folder
+(`resolved.json`).
+
+Defaults that follow the run's length, unless set: `schedule.warmup_steps` = 10% of
+`training.max_steps` (at most 100), `eval.every` and `checkpoint.every` = half of it (at most 500).
+A value the recipe or the command line gives is checked as given (a warmup longer than the run
+is an error).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..configuration_complexity import PRESETS, ComplexityConfig
@@ -36,6 +44,21 @@ class ConfigError(ValueError):
     """A recipe key or value is wrong; the message names it."""
 
 
+class _Section:
+    """A recipe section: assignable while the recipe is read, read-only once the run resolved it."""
+
+    _frozen = False
+
+    def __setattr__(self, name, value):
+        if self._frozen:
+            raise AttributeError(f"{type(self).__name__}.{name}: a resolved run config is read-only "
+                                 "(use dataclasses.replace or RunConfig.from_dict to derive another)")
+        object.__setattr__(self, name, value)
+
+    def freeze(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+
+
 def _model_fields() -> set[str]:
     sig = inspect.signature(ComplexityConfig.__init__)
     names = {n for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
@@ -43,7 +66,7 @@ def _model_fields() -> set[str]:
 
 
 @dataclass
-class ModelSection:
+class ModelSection(_Section):
     preset: str = "tiny"
     # Any ComplexityConfig field (vocab_size, hidden_size, mlp_type, routing, mu_mode, ...).
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +80,10 @@ class ModelSection:
                 raise ConfigError(f"model.{key}: unknown model config field")
         self.build()  # ComplexityConfig raises ValueError naming the field
 
+    def freeze(self) -> None:
+        super().freeze()
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
     def build(self) -> ComplexityConfig:
         try:
             return ComplexityConfig.from_preset(self.preset, **self.overrides)
@@ -65,7 +92,7 @@ class ModelSection:
 
 
 @dataclass
-class DataSection:
+class DataSection(_Section):
     path: str | None = None        # a `complexity data prepare` output folder
     synthetic: bool = False        # uniform random tokens (throughput benchmarks; no eval, no export tokenizer)
 
@@ -75,7 +102,7 @@ class DataSection:
 
 
 @dataclass
-class OptimSection:
+class OptimSection(_Section):
     lr: float = 3e-4
     min_lr: float = 3e-5            # the floor the decay ends at
     betas: tuple[float, float] = (0.9, 0.95)
@@ -100,35 +127,39 @@ class OptimSection:
 
 
 @dataclass
-class ScheduleSection:
+class ScheduleSection(_Section):
     kind: str = "cosine"            # "cosine" | "wsd" (warmup-stable-decay, linear decay) | "constant"
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: 10% of training.max_steps, at most 100
     decay_fraction: float = 0.2     # wsd: the last fraction of training decays to optim.min_lr
 
     def validate(self) -> None:
         if self.kind not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"schedule.kind: unknown value {self.kind!r}; expected cosine, wsd or constant")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"schedule.decay_fraction: must lie in (0, 1], got {self.decay_fraction}")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
+COMPILE_SCOPES = ("layers", "model")
 
 
 @dataclass
-class TrainingSection:
+class TrainingSection(_Section):
     seed: int = 0
     max_steps: int = 1000           # optimizer steps; also the length of the LR schedule
     micro_batch_size: int = 8       # sequences per rank per forward/backward
     seq_len: int = 2048
     tokens_per_step: int | None = None  # global tokens per optimizer step; None = micro * seq * world (no accumulation)
     precision: str = "auto"         # "auto" (fp32 on CPU, bf16-mixed on GPU) | "fp32" | "bf16-mixed" | "bf16"
-    compile: bool = False           # torch.compile each decoder layer (and the loss)
-    compile_mode: str = "default"   # torch.compile mode: "default" | "reduce-overhead" (CUDA graphs)
-                                    # | "max-autotune-no-cudagraphs" | "max-autotune"
-    compile_scope: str = "layers"   # "layers": each decoder layer | "model": the whole model as one graph
+    compile: bool = False           # torch.compile the model (and the loss)
+    compile_mode: str = "auto"      # torch.compile mode: "auto" | "default" | "reduce-overhead" (CUDA
+                                    # graphs) | "max-autotune-no-cudagraphs" | "max-autotune"
+    compile_scope: str = "auto"     # "auto" | "layers": each decoder layer | "model": the whole model
+                                    # as one graph. auto (both): the fastest setting that works here,
+                                    # see `resolve_compile`
     activation_checkpointing: bool = False
     dp: str = "ddp"                 # data parallelism under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     fsdp_reshard_after_forward: bool = True  # False: keep each layer's gathered weights from forward to
@@ -144,15 +175,53 @@ class TrainingSection:
             raise ConfigError(f"training.tokens_per_step: must be a positive integer, got {self.tokens_per_step!r}")
         if self.precision not in ("auto", "fp32", "bf16-mixed", "bf16"):
             raise ConfigError(f"training.precision: unknown value {self.precision!r}; expected auto, fp32, bf16-mixed or bf16")
-        if self.compile_mode not in COMPILE_MODES:
+        if self.compile_mode not in ("auto", *COMPILE_MODES):
             raise ConfigError(f"training.compile_mode: unknown value {self.compile_mode!r}; expected one of "
-                              + ", ".join(COMPILE_MODES))
-        if self.compile_scope not in ("layers", "model"):
-            raise ConfigError(f"training.compile_scope: unknown value {self.compile_scope!r}; expected layers or model")
+                              + ", ".join(("auto", *COMPILE_MODES)))
+        if self.compile_scope not in ("auto", *COMPILE_SCOPES):
+            raise ConfigError(f"training.compile_scope: unknown value {self.compile_scope!r}; expected auto, "
+                              "layers or model")
+        if not self.compile:
+            for name in ("compile_mode", "compile_scope"):
+                if getattr(self, name) != "auto":
+                    raise ConfigError(f"training.{name}: {getattr(self, name)!r} applies only to a compiled model, "
+                                      "but training.compile is false")
         if self.dp not in ("ddp", "fsdp"):
             raise ConfigError(f"training.dp: unknown value {self.dp!r}; expected ddp or fsdp")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"training.device: unknown value {self.device!r}; expected auto, cpu or cuda")
+
+    def resolve_compile(self, device_type: str, world_size: int) -> tuple[str, str, str]:
+        """-> (scope, mode, why) for a compiled run: the recipe's values, with "auto" replaced by
+        the fastest setting that works on this machine. Raises ConfigError for a combination that
+        cannot run here (before anything is compiled).
+
+        Measured on one H100/H200 (BENCHMARKS.md, "Training throughput"): the whole model with CUDA
+        graphs is the fastest, then per layer with CUDA graphs, the whole model in the default mode,
+        and per layer in the default mode. Under torchrun the auto choice is per layer in the
+        default mode (FSDP2 shards per layer), and CUDA graphs are refused: FSDP2 gathers each
+        layer's parameters into fresh memory for every micro-batch, which a recorded graph cannot
+        replay, and DDP's bucketed all-reduce of graph-produced gradients has not been verified on
+        several GPUs. On the CPU, CUDA graphs do not exist: auto is per layer in the default mode.
+        """
+        if device_type == "cuda" and world_size == 1:
+            scope, mode, why = "model", "reduce-overhead", "one CUDA GPU"
+        elif device_type == "cuda":
+            scope, mode, why = "layers", "default", f"{world_size} processes under torchrun"
+        else:
+            scope, mode, why = "layers", "default", device_type
+        given = [name for name in ("compile_scope", "compile_mode") if getattr(self, name) != "auto"]
+        scope = self.compile_scope if self.compile_scope != "auto" else scope
+        mode = self.compile_mode if self.compile_mode != "auto" else mode
+        if world_size > 1 and mode in CUDA_GRAPH_MODES:
+            raise ConfigError(
+                f"training.compile_mode: {mode!r} replays CUDA graphs, which are not supported under torchrun "
+                f"({world_size} processes): FSDP2 gathers the parameters into fresh memory for every micro-batch "
+                "and DDP has not been verified with them; use 'default' or 'max-autotune-no-cudagraphs' "
+                "(or leave it to 'auto')")
+        why = "recipe" if len(given) == 2 else (f"auto: {why}" if not given else f"auto: {why}; "
+                                                 + ", ".join(f"{g} from the recipe" for g in given))
+        return scope, mode, why
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step; errors (never rescales) when not divisible."""
@@ -168,39 +237,41 @@ class TrainingSection:
 
 
 @dataclass
-class CheckpointSection:
-    every: int = 500                # steps between checkpoints (0 = only on signal / at the end)
+class CheckpointSection(_Section):
+    every: int | None = None        # steps between checkpoints (0 = only on signal / at the end);
+                                    # None: half of training.max_steps, at most 500
     keep_last: int = 3
     save_on_signal: bool = True     # SIGTERM/SIGINT: checkpoint at the end of the current step, then exit
     export_final: bool = True       # OUT/final: Hugging Face folder (safetensors + config + tokenizer)
 
     def validate(self) -> None:
-        if self.every < 0:
+        if self.every is not None and self.every < 0:
             raise ConfigError(f"checkpoint.every: must be >= 0, got {self.every}")
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")
 
 
 @dataclass
-class EvalSection:
-    every: int = 500                # steps between evaluations (0 = never during training)
+class EvalSection(_Section):
+    every: int | None = None        # steps between evaluations (0 = never during training);
+                                    # None: half of training.max_steps, at most 500
     max_batches: int | None = 50    # None = the whole validation split
     at_end: bool = True
 
     def validate(self) -> None:
-        if self.every < 0:
+        if self.every is not None and self.every < 0:
             raise ConfigError(f"eval.every: must be >= 0, got {self.every}")
         if self.max_batches is not None and self.max_batches <= 0:
             raise ConfigError(f"eval.max_batches: must be positive, got {self.max_batches}")
 
 
 @dataclass
-class LoggingSection:
+class LoggingSection(_Section):
     every: int = 10
     tensorboard: bool = True
     wandb: bool = False             # only if the wandb package is installed
     wandb_project: str = "complexity"
-    peak_flops: float | None = None  # per device, for MFU; None = the device's bf16 dense peak if known
+    peak_flops: float | None = None  # per device, for MFU; None = the bf16 matmul peak measured at the start
     progress: bool = True           # live progress line on stderr
 
     def validate(self) -> None:
@@ -211,7 +282,7 @@ class LoggingSection:
 
 
 @dataclass
-class SpikeSection:
+class SpikeSection(_Section):
     """Loss-spike guard. A step is a spike when its loss or grad norm is not finite, or its loss
     exceeds `factor` times the mean of the last `window` good losses (once `min_history` exist)."""
     enabled: bool = True
@@ -251,7 +322,7 @@ IDENTITY_KEYS = {
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     out: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -266,7 +337,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for name in SECTIONS:
             getattr(self, name).validate()
-        if self.schedule.warmup_steps > self.training.max_steps:
+        if self.schedule.warmup_steps is not None and self.schedule.warmup_steps > self.training.max_steps:
             raise ConfigError(
                 f"schedule.warmup_steps: {self.schedule.warmup_steps} exceeds training.max_steps={self.training.max_steps}"
             )
@@ -277,12 +348,52 @@ class RunConfig:
             )
         return self
 
+    def resolve(self, *, world_size: int, device_type: str, out: str | None = None) -> "RunConfig":
+        """This recipe as the trainer runs it on `world_size` processes of `device_type`: a read-only
+        copy in which nothing is left to decide ("auto" values, the global batch, the defaults
+        that follow the run's length). `auto` on the result records what was chosen and why."""
+        cfg = RunConfig.from_dict(self.to_dict(), where="config")
+        t, steps = cfg.training, cfg.training.max_steps
+        auto: dict[str, str] = {}
+        if out is not None:
+            cfg.out = str(out)
+        if t.tokens_per_step is None:
+            t.tokens_per_step = t.micro_batch_size * t.seq_len * world_size
+        t.grad_accum(world_size)  # raises when the global batch does not divide
+        follow = [("schedule", "warmup_steps", 0.1, 100), ("eval", "every", 0.5, 500),
+                  ("checkpoint", "every", 0.5, 500)]
+        for section, key, fraction, cap in follow:
+            if getattr(getattr(cfg, section), key) is None:
+                value = max(1, min(cap, round(fraction * steps)))
+                setattr(getattr(cfg, section), key, value)
+                auto[f"{section}.{key}"] = f"{value} (auto: {fraction:.0%} of training.max_steps={steps}, at most {cap})"
+        t.device = device_type
+        if t.precision == "auto":
+            t.precision = "bf16-mixed" if device_type == "cuda" else "fp32"
+            auto["training.precision"] = f"{t.precision} (auto: {device_type})"
+        if t.compile:
+            t.compile_scope, t.compile_mode, why = t.resolve_compile(device_type, world_size)
+            auto["training.compile"] = f"{t.compile_scope} scope, {t.compile_mode} ({why})"
+        cfg.freeze()
+        object.__setattr__(cfg, "auto", auto)
+        return cfg
+
+    def freeze(self) -> None:
+        for name in SECTIONS:
+            getattr(self, name).freeze()
+        super().freeze()
+
+    @property
+    def resolved(self) -> bool:
+        return self._frozen
+
     def to_dict(self) -> dict:
         out = {"out": self.out}
         for name in SECTIONS:
-            section = dataclasses.asdict(getattr(self, name))
             if name == "model":
-                section = {"preset": section["preset"], **section["overrides"]}
+                out[name] = {"preset": self.model.preset, **self.model.overrides}
+                continue
+            section = dataclasses.asdict(getattr(self, name))
             if name == "optim":
                 section["betas"] = list(section["betas"])
             out[name] = section
@@ -331,37 +442,34 @@ def _apply_section(config: RunConfig, name: str, values: dict) -> None:
         setattr(section, key, _coerce(name, key, known[key], value))
 
 
+_TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
 def _coerce(section: str, key: str, f: dataclasses.Field, value):
-    """Light type checking: ints where floats are expected are fine; anything else must match."""
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    if value is None or default is None:
-        # Optional fields (default None) accept int/float/str as declared in the annotation.
-        ann = str(f.type)
-        if value is not None and "float" in ann and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{section}.{key}: expected true/false, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{section}.{key}: expected a number, got {value!r}")
-        return float(value)
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{section}.{key}: expected an integer, got {value!r}")
-        return value
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{section}.{key}: expected a string, got {value!r}")
-        return value
-    if isinstance(default, tuple):
+    """Type checking from the field's annotation: ints where floats are expected are fine, None
+    only where the field is optional; anything else must match."""
+    ann = str(f.type)
+    optional = ann.endswith("| None")
+    base = ann.removesuffix("| None").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{section}.{key}: cannot be none")
+    if base.startswith("tuple"):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{section}.{key}: expected a list, got {value!r}")
         return tuple(value)
-    return value
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }
+    if base not in ok:
+        return value
+    if not ok[base]:
+        raise ConfigError(f"{section}.{key}: expected {_TYPE_NAMES[base]}{' or none' if optional else ''}, got {value!r}")
+    return float(value) if base == "float" else value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -73,12 +73,6 @@ def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
-def resolve_precision(precision: str, device_type: str) -> str:
-    if precision == "auto":
-        return "bf16-mixed" if device_type == "cuda" else "fp32"
-    return precision
-
-
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
@@ -95,7 +89,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def apply_compile(model: nn.Module, mode: str = "default", scope: str = "layers") -> None:
+def apply_compile(model: nn.Module, mode: str, scope: str) -> None:
     """torch.compile in place (`Module.compile`): names and state-dict keys do not change.
 
     scope "layers": each decoder layer; the repeated block compiles once and is reused, and the
@@ -116,6 +110,22 @@ def apply_compile(model: nn.Module, mode: str = "default", scope: str = "layers"
             setattr(cfg, name, max(getattr(cfg, name), 2 * len(layers)))
     for layer in layers:
         layer.compile(mode=mode)
+
+
+def allocate_grads(model: nn.Module) -> None:
+    """Give every trainable parameter a zero `.grad` now, outside any CUDA graph.
+
+    Under CUDA graphs (compile modes "reduce-overhead", "max-autotune") a replayed backward graph
+    returns the gradients in the graph's static memory. A parameter without a `.grad` adopts that
+    tensor as its `.grad`, and the next micro-batch's replay overwrites it (torch raises "accessing
+    tensor output of CUDAGraphs that has been overwritten by a subsequent run"). A parameter that
+    already has a `.grad` gets the new gradient added in place (AccumulateGrad), so with these
+    buffers, zeroed in place (`zero_grad(set_to_none=False)`) rather than dropped after each step,
+    gradient accumulation sums into memory that no graph owns.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, precision: str, reshard_after_forward: bool = True) -> nn.Module:

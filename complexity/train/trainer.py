@@ -55,19 +55,11 @@ from ..complexity_math import add_router_aux_loss
 from ..data import manifest as data_manifest
 from . import checkpoint as ckpt_mod
 from . import data as data_mod
-from .config import RunConfig
+from .config import CUDA_GRAPH_MODES, RunConfig
 from .eval import evaluate
-from .metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token
+from .metrics import MATMUL_PEAK, MetricsLogger, Throughput, flops_per_token, measure_matmul_peak
 from .optimizer import build_optimizer, build_scheduler, clip_divisor
-from .parallelize import (
-    DistInfo,
-    all_reduce_,
-    barrier,
-    init_distributed,
-    parallelize,
-    resolve_precision,
-    uses_autocast,
-)
+from .parallelize import DistInfo, all_reduce_, allocate_grads, barrier, init_distributed, parallelize, uses_autocast
 
 RUN_FILES = ("resolved.json", "run.json", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "final")
 
@@ -84,6 +76,7 @@ class RunResult:
     tokens_per_s: float | None = None           # mean over the run (after the first step)
     mfu: float | None = None
     peak_memory_bytes: int | None = None
+    measured_steps: int = 0                     # the steps tokens_per_s is measured over
     signal: int | None = None                   # the signal that stopped the run, if any
 
 
@@ -213,20 +206,18 @@ class Trainer:
         model_factory: Callable[[object], torch.nn.Module] | None = None,
         progress: bool | None = None,
     ):
-        self.config = config
-        cfg = config
         self.batch_transform, self.lr_multiplier, self.stop_after = batch_transform, lr_multiplier, stop_after
-        self.info: DistInfo = init_distributed(cfg.training.device)
+        self.info: DistInfo = init_distributed(config.training.device)
         info = self.info
         self.device = info.device
-        self.precision = resolve_precision(cfg.training.precision, self.device.type)
-        self.out_dir = Path(out_dir or cfg.out) if (out_dir or cfg.out) else None
-        cfg.out = str(self.out_dir) if self.out_dir else None
-
-        # ---- resolve the global batch (errors, never rescales)
+        # Everything left to decide is decided here, for this machine, and the config is read-only
+        # from here on (raises for a global batch that does not divide, or a compile setting
+        # that cannot run here, before anything is built).
+        self.config = cfg = config.resolve(world_size=info.world_size, device_type=self.device.type,
+                                           out=str(out_dir) if out_dir is not None else None)
+        self.precision = cfg.training.precision
+        self.out_dir = Path(cfg.out) if cfg.out else None
         self.accum = cfg.training.grad_accum(info.world_size)
-        if cfg.training.tokens_per_step is None:
-            cfg.training.tokens_per_step = cfg.training.micro_batch_size * cfg.training.seq_len * info.world_size
         self.num_slots = self.accum * info.world_size
         self.slots = list(range(info.rank * self.accum, (info.rank + 1) * self.accum))
 
@@ -280,7 +271,13 @@ class Trainer:
         # bf16 logits instead of materialising fp32 copies of a [tokens, vocab] tensor.
         self.loss_fn = torch.compile(causal_lm_loss, dynamic=False, mode=cfg.training.compile_mode) \
             if cfg.training.compile else causal_lm_loss
-        self.cuda_graphs = cfg.training.compile and cfg.training.compile_mode in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = cfg.training.compile and cfg.training.compile_mode in CUDA_GRAPH_MODES
+        if self.cuda_graphs:
+            # A replayed backward graph writes the gradients into the graph's own memory, which
+            # the next micro-batch's replay overwrites. Gradients that already exist are added to
+            # in place (AccumulateGrad), so allocating them here, outside any graph, and zeroing
+            # them in place after each step keeps the accumulated sum in memory no graph owns.
+            allocate_grads(model)
         self.autocast = uses_autocast(cfg.training, info, self.precision)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule, cfg.training.max_steps)
@@ -303,7 +300,7 @@ class Trainer:
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.flops_per_token = flops_per_token(self.active_params, mc.num_hidden_layers, mc.num_attention_heads,
                                                head_dim, cfg.training.seq_len)
-        self.peak_flops = cfg.logging.peak_flops or device_peak_flops(self.device)
+        self.peak_flops, self.peak_source = self._mfu_peak()
 
         if self.resume_from is not None:
             self._load(self.resume_from)
@@ -355,10 +352,21 @@ class Trainer:
         run = {
             "world_size": self.info.world_size, "grad_accum": self.accum, "data_slots": self.num_slots,
             "device": str(self.device), "precision": self.precision, "active_params": self.active_params,
-            "flops_per_token": self.flops_per_token, "peak_flops_per_device": self.peak_flops,
+            "flops_per_token": self.flops_per_token, "mfu_peak_flops_per_device": self.peak_flops,
+            "mfu_peak": self.peak_source, "auto": self.config.auto,
             "torch": torch.__version__, "resumed_from": str(self.resume_from) if self.resume_from else None,
         }
         (self.out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+
+    def _mfu_peak(self) -> tuple[float | None, str | None]:
+        """The per-device peak MFU is reported against, and where it comes from (None on the CPU)."""
+        if self.config.logging.peak_flops:
+            return self.config.logging.peak_flops, "logging.peak_flops"
+        if self.device.type != "cuda":
+            return None, None
+        peak = torch.tensor([measure_matmul_peak(self.device)], device=self.device, dtype=torch.float64)
+        all_reduce_(peak)  # every rank timed its own GPU at once: their mean
+        return float(peak.item()) / self.info.world_size, MATMUL_PEAK
 
     def _seed_all(self, seed: int) -> None:
         random.seed(seed)
@@ -476,7 +484,7 @@ class Trainer:
             batches.append(batch)
         loss = self._forward_backward(batches)
         if self.settle():
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)
             loss = self._forward_backward(batches)
         grad_norm = self._grad_norm()
         if self.config.optim.grad_clip:
@@ -496,7 +504,7 @@ class Trainer:
             ready.record()
         self.launched.append(_LaunchedStep(step1, self.optimizer.param_groups[0]["lr"], values, ready))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cuda_graphs)  # CUDA graphs: see allocate_grads
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.config.training.tokens_per_step
@@ -601,6 +609,10 @@ class Trainer:
                                     f"{self.active_params:,} active params")
             elif self.resume_from is not None:
                 self.logger.message(f"resumed from {self.resume_from} at step {self.step}")
+            for key, choice in cfg.auto.items():
+                self.logger.message(f"{key.split('.')[-1] if key == 'training.compile' else key}: {choice}")
+            if self.peak_flops:
+                self.logger.message(f"MFU against {self.peak_source}: {self.peak_flops / 1e12:,.1f} TFLOP/s per device")
             timer.start(self.step)
             first_interval = True
             while self.step < max_steps:
@@ -653,6 +665,7 @@ class Trainer:
             self.logger.close()
         result.interrupted = result.interrupted or signals.received is not None
         result.signal = signals.received
+        result.measured_steps = measured_steps
         if measured_steps:
             result.tokens_per_s = tok_per_step * measured_steps / measured_s
             if self.peak_flops:
@@ -672,7 +685,11 @@ class Trainer:
             "step": result.step, "world_size": self.info.world_size, "interrupted": result.interrupted,
             "tokens_per_s": result.tokens_per_s,
             "tokens_per_s_per_device": result.tokens_per_s / self.info.world_size if result.tokens_per_s else None,
-            "mfu": result.mfu,
+            "tokens_per_s_measured_over": f"{result.measured_steps} steps (the run's steps after its first logging "
+                                          "interval, which holds the compilation; eval and checkpoint time excluded)",
+            "mfu": result.mfu, "mfu_peak_flops_per_device": self.peak_flops, "mfu_peak": self.peak_source,
+            "precision": self.precision, "grad_accum": self.accum, "tokens_per_step": self.config.training.tokens_per_step,
+            "compile": self.config.auto.get("training.compile") if self.config.training.compile else "off",
             "peak_memory_gib": result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else None,  # max over ranks
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
         }
