@@ -14,7 +14,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, tiny_overrides  # noqa: E402
 
-from complexity.experiments.ablation import ARMS, DEFAULT_ARMS, TOLERANCE, plan_arms, run_ablation  # noqa: E402
+from complexity.experiments.ablation import (  # noqa: E402
+    ARMS,
+    DEFAULT_ARMS,
+    TOLERANCE,
+    plan_arms,
+    read_batches,
+    run_ablation,
+)
 
 VOCAB = 384
 MODEL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -55,11 +62,7 @@ def _number(cell: str) -> float:
 
 
 def _hashes(run_dir: Path) -> dict[tuple[int, int], str]:
-    out = {}
-    for line in (run_dir / "batches.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[(r["step"], r["micro"])] = r["sha1"]
-    return out
+    return read_batches(run_dir)
 
 
 def _assert_png(path: Path):

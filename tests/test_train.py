@@ -20,6 +20,7 @@ from _train_fixtures import REPO, make_tiny_data, override_args, read_losses, ti
 from complexity.cli import main as cli_main  # noqa: E402
 from complexity.train import ConfigError, Trainer, load_config, spike_injection, train  # noqa: E402
 from complexity.train import checkpoint as ckpt_mod  # noqa: E402
+from complexity.train import durable  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -140,18 +141,18 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_data, tmp_path):
 
     def fail_on_second_save(phase):
         calls.append(phase)
-        if phase == "rank_state_saved" and calls.count("rank_state_saved") == 2:
+        if phase == "checkpoint.rank_state_saved" and calls.count(phase) == 2:
             raise RuntimeError("injected crash mid-save")
 
-    ckpt_mod.fault_hook = fail_on_second_save
+    durable.fault_hook = fail_on_second_save
     try:
         with pytest.raises(RuntimeError, match="injected crash"):
             train(cfg, out_dir=tmp_path / "run")
     finally:
-        ckpt_mod.fault_hook = None
+        durable.fault_hook = None
     ckpts = tmp_path / "run/checkpoints"
     assert [p.name for p in ckpt_mod.list_checkpoints(ckpts)] == ["step_00000004"]
-    assert (ckpts / ".tmp-step_00000008").is_dir()  # the half-written one is ignored
+    assert not (ckpts / ".tmp-step_00000008").exists()  # a failed save cleans up after itself
     resumed = train(tiny_config(data, **{"training.max_steps": 12, "checkpoint.every": 4}),
                     out_dir=tmp_path / "run", resume=True)
     assert min(resumed.losses) == 5 and resumed.step == 12
@@ -166,10 +167,7 @@ def test_spike_guard_skips_and_restores(tiny_data, tmp_path, log_every):
     cfg = tiny_config(data, **{"training.max_steps": 22, "checkpoint.every": 8, "spike.factor": 1.4,
                                "spike.window": 5, "spike.min_history": 5, "spike.max_consecutive": 2,
                                "logging.every": log_every})
-    transform, lr_mult = spike_injection(20, vocab_size=384, lr_mult=1.0)
-    transform21, _ = spike_injection(21, vocab_size=384, lr_mult=1.0)
-    trainer = Trainer(cfg, out_dir=tmp_path / "run",
-                      batch_transform=lambda s, b: transform21(s, transform(s, b)), lr_multiplier=lr_mult)
+    trainer = Trainer(cfg, out_dir=tmp_path / "run", callbacks=spike_injection([20, 21], vocab_size=384, lr_mult=1.0))
     result = trainer.run()
     events = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     events = [e for e in events if "event" in e]

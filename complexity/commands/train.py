@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 
 def run(args) -> int:
     import torch.distributed as dist
 
-    from ..train import load_config, train
+    from ..train import DiskFullError, load_config, train
 
     if args.config is None and args.preset is None and not any(o.startswith("model.preset=") for o in args.overrides):
         raise ValueError("give --config RECIPE.toml or --preset NAME")
@@ -29,6 +30,9 @@ def run(args) -> int:
         raise ValueError("no output folder: give --out DIR (or `out = ...` in the recipe)")
     try:
         result = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+    except DiskFullError as err:  # names the path and the bytes; the last checkpoint is intact
+        print(f"complexity train: error: {err}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -53,7 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", metavar="DIR", help="prepared data folder (`complexity data prepare`)")
     p.add_argument("--out", metavar="DIR", help="run folder (checkpoints, metrics, final export)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (also the LR schedule length)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest whole checkpoint (start it if there is none)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="checkpoint and stop after step N, as if preempted (resume later with --resume)")

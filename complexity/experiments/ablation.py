@@ -48,6 +48,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from ..train.callbacks import TrainerCallbacks, spike_injection
+from ..train.durable import write_json
+
 if TYPE_CHECKING:
     from ..configuration_complexity import ComplexityConfig
 
@@ -337,60 +340,61 @@ def _batch_hash(batch: dict) -> str:
     return hashlib.sha1(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-class _Recorder:
-    """The trainer's batch_transform: records each micro-batch's sha1 (before any corruption) in
-    RUN/batches.jsonl, then applies the spike fault (if any) and logs it in metrics.jsonl."""
+class _Recorder(TrainerCallbacks):
+    """The run's trainer callbacks: records each micro-batch's sha1 (before any corruption) in
+    RUN/batches.jsonl, then applies the spike fault (if any) and logs it in metrics.jsonl.
 
-    def __init__(self, run_dir: Path, start_step: int, spike: dict | None, vocab_size: int):
+    batches.jsonl is a log like metrics.jsonl: appended to; a resumed run appends a
+    {"resumed": step} line, after which the lines of later steps are superseded (`read_batches`)."""
+
+    def __init__(self, run_dir: Path, spike: dict | None, vocab_size: int):
         self.path = run_dir / "batches.jsonl"
-        kept = []
-        if self.path.exists():  # a resumed run redoes the steps after its checkpoint
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= start_step:
-                        kept.append(line)
-                except (json.JSONDecodeError, KeyError):
-                    pass
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a", buffering=1)
-        self.micro = {}
-        self.trainer = None
         self.spike = spike
-        self.transform = self.lr_multiplier = None
-        if spike is not None:
-            from ..train import spike_injection
+        self.fault = spike_injection(spike["step"], vocab_size, spike["lr_mult"], seed=spike["seed"]) if spike else None
+        self.micro: dict[int, int] = {}
+        self.file = self.trainer = None
 
-            self.transform, self.lr_multiplier = spike_injection(spike["step"], vocab_size, spike["lr_mult"],
-                                                                 seed=spike["seed"])
+    def on_start(self, trainer) -> None:
+        self.trainer = trainer
+        resumed = self.path.exists()
+        self.file = open(self.path, "a", buffering=1)
+        if resumed:
+            self.file.write(json.dumps({"resumed": trainer.step}) + "\n")
 
-    def __call__(self, step: int, batch: dict) -> dict:
+    def transform_batch(self, step: int, batch: dict) -> dict:
         m = self.micro.get(step, 0)
         self.micro[step] = m + 1
         self.file.write(json.dumps({"step": step, "micro": m, "sha1": _batch_hash(batch)}) + "\n")
-        if self.transform is not None and step == self.spike["step"]:
-            batch = self.transform(step, batch)
-            if m == 0 and self.trainer is not None:
+        if self.fault is not None and step == self.spike["step"]:
+            batch = self.fault.transform_batch(step, batch)
+            if m == 0:
                 self.trainer.logger.log({"step": step, "event": "spike_injected", "lr_mult": self.spike["lr_mult"],
                                          "fault": "uniform random input_ids and labels"})
         return batch
 
-    def close(self):
+    def lr_multiplier(self, step: int) -> float:
+        return self.fault.lr_multiplier(step) if self.fault is not None else 1.0
+
+    def on_end(self, trainer, result) -> None:
         self.file.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """A run's metrics.jsonl as a list of records (a torn last line from a kill is skipped)."""
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+def read_batches(run_dir: Path) -> dict[tuple[int, int], str]:
+    """(step, micro) -> sha1 from a run's batches.jsonl, resumes applied (a torn last line skipped)."""
+    out: dict[tuple[int, int], str] = {}
+    lines = (run_dir / "batches.jsonl").read_bytes().split(b"\n")
+    for line in lines[:-1]:
+        r = json.loads(line)
+        if "resumed" in r:
+            out = {k: v for k, v in out.items() if k[0] <= r["resumed"]}
+        else:
+            out[r["step"], r["micro"]] = r["sha1"]
     return out
 
 
 def _summarise_run(run_dir: Path, arm: str, seed: int, avg_k: int) -> dict:
+    from ..train.metrics import read_metrics
+
     records = read_metrics(run_dir / "metrics.jsonl")
     train = {r["step"]: r for r in records if "event" not in r and r.get("loss") is not None}
     evals = [r for r in records if r.get("val_loss") is not None]
@@ -487,7 +491,7 @@ def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str |
         "seq_len": base.training.seq_len, "precision": base.training.precision, "compile": base.training.compile,
         "plan": {n: asdict(p) for n, p in plans.items()},
     }
-    (out / "ablation.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out / "ablation.json", meta, indent=2)
     for p in plans.values():
         log(f"ablate: {p.summary()}")
 
@@ -508,45 +512,28 @@ def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str |
                 shutil.rmtree(run_dir)  # started but never got as far as writing its config
             config = _run_config(base, plan, seed, run_dir)
             log(f"ablate: {'resuming' if resume else 'training'} {run_name(name, seed)} ({plan.label})")
-            recorder = None
-            try:
-                vocab = config.model.build().vocab_size
-                # The recorder is built after the trainer knows the step it resumes from.
-                holder = {}
-
-                def transform(step, batch, holder=holder):
-                    return holder["rec"](step, batch)
-
-                def lr_mult(step, holder=holder):
-                    rec = holder["rec"]
-                    return rec.lr_multiplier(step) if rec.lr_multiplier else 1.0
-
-                trainer = Trainer(config, out_dir=run_dir, resume=resume, batch_transform=transform,
-                                  lr_multiplier=lr_mult, stop_after=stop_after, progress=progress)
-                recorder = _Recorder(run_dir, trainer.step, spike, vocab)
-                recorder.trainer = trainer
-                holder["rec"] = recorder
-                run_result = trainer.run()
-            finally:
-                if recorder is not None:
-                    recorder.close()
+            recorder = _Recorder(run_dir, spike, config.model.build().vocab_size)
+            trainer = Trainer(config, out_dir=run_dir, resume=resume, callbacks=recorder, stop_after=stop_after,
+                              progress=progress)
+            run_result = trainer.run()
             del trainer
             _free_memory(torch, config.training.compile)
             if run_result.interrupted:
                 result.interrupted = True
                 log(f"ablate: {run_name(name, seed)} stopped at step {run_result.step}; rerun the same command "
                     f"to continue")
-                (out / "ablation.json").write_text(json.dumps(meta, indent=2) + "\n")
+                write_json(out / "ablation.json", meta, indent=2)
                 return result
             summary = _summarise_run(run_dir, name, seed, avg_k)
             summary.update({"total_params": plan.total, "active_params": plan.active,
                             "train_command": f"complexity train --config {shlex.quote(str(run_dir / 'resolved.json'))} "
                                              f"--out {shlex.quote(str(run_dir))} --overwrite"})
             if spike is not None:
+                from ..train.metrics import read_metrics
                 from .spike import spike_metrics
 
                 summary["spike"] = spike_metrics(read_metrics(run_dir / "metrics.jsonl"), spike["step"], spike["window"])
-            done.write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(done, summary, indent=2)
             result.runs[run_name(name, seed)] = summary
             if on_run_end is not None:
                 on_run_end(name, seed, summary)

@@ -22,8 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from .ablation import read_metrics
-from .spike import train_losses
+from ..train.metrics import read_metrics, train_losses
 
 MAP_TOKENS = 3000     # held-out tokens drawn in the 2-D maps
 

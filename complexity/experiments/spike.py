@@ -1,6 +1,6 @@
 """The loss-spike experiment: one corrupted step injected into every arm, and how each recovers.
 
-The fault (`complexity ablate --spike STEP [--spike-lr-mult 10]`), built by the trainer's
+The fault (`complexity ablate --spike STEP [--spike-lr-mult 10]`), the trainer callbacks built by
 `complexity.train.spike_injection`: at optimizer step STEP (1-based) every micro-batch's
 `input_ids` and `labels` are replaced by uniform random token ids (one fixed draw, seed 1234,
 identical for every arm and seed), and that step's learning rate is multiplied by the factor.
@@ -20,11 +20,9 @@ Metrics per run, from the per-step training losses:
 
 from __future__ import annotations
 
+from ..train.metrics import train_losses
+
 THRESHOLD = 0.05
-
-
-def train_losses(records: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records if "event" not in r and r.get("loss") is not None}
 
 
 def injected_steps(records: list[dict]) -> list[int]:

@@ -10,23 +10,33 @@ Layout of `OUT/checkpoints/step_00001000/`::
                               order survives a change of world size
     meta.json                 written last: step, scheduler, spike-guard state, config identity
 
-Atomicity: everything is written into `.tmp-step_XXXXXXXX/`, every file is fsynced, `meta.json`
-is written and fsynced last, then the folder is renamed into place and the parent directory
-fsynced. A kill at any point leaves the previous checkpoints untouched; a `.tmp-*` leftover is
+Atomicity: everything is written into `.tmp-step_XXXXXXXX/`; `meta.json`, written last, lists
+every other file with its size and sha256; every file is fsynced, then the folder is swapped in
+(`durable.replace_dir`: an existing folder of the same name is moved aside and deleted only once
+the new one is in place). Older checkpoints are pruned (`keep_last`) only after the new one is
+complete. A kill at any point leaves the previous checkpoints untouched; a `.tmp-*` leftover is
 never read and is removed by the next save. Multi-node runs need the checkpoint folder on a
 shared file system (as DCP itself does).
+
+Damage. `verify_checkpoint` checks a folder against its meta.json (present, sizes, hashes) before
+anything is loaded; `find_resume_checkpoint` takes the newest checkpoint that passes, sets the
+damaged newer ones aside as `.damaged-step_XXXXXXXX` (never read again, kept for inspection) and
+says so; with none that passes it raises `CheckpointError` and changes nothing. A full disk
+raises `durable.DiskFullError` before the save starts (the size is known) or when a write fails,
+and leaves the previous checkpoints intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import os
 import random
 import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -41,22 +51,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from .durable import DiskFullError, fault_point, free_bytes, is_disk_full, replace_dir, write_json
 from .parallelize import barrier
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
-
-# Test/experiment hook: called with a phase name ("dcp_saved", "rank_state_saved",
-# "before_rename") on every rank during a save; raising (or os._exit) simulates a crash there.
-fault_hook: Callable[[str], None] | None = None
-KILL_ENV = "COMPLEXITY_CHECKPOINT_KILL_AT"  # same, from the environment: SIGKILL self at that phase
+_CheckpointException = getattr(dcp, "api", None) and getattr(dcp.api, "CheckpointException", None)
+_FAILURES = (Exception,) + ((_CheckpointException,) if _CheckpointException else ())  # DCP's is a BaseException
 
 
-def _fault(phase: str) -> None:
-    if fault_hook is not None:
-        fault_hook(phase)
-    if os.environ.get(KILL_ENV) == phase:
-        os.kill(os.getpid(), 9)
+class CheckpointError(ValueError):
+    """A training checkpoint is damaged or cannot be loaded; the message names the folder and file."""
 
 
 @contextlib.contextmanager
@@ -73,23 +78,6 @@ def _is_dist() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _is_dist() else 0
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_durable(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _json_default(obj):
@@ -141,16 +129,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-# ----------------------------------------------------------------------------- listing
+# ----------------------------------------------------------------------------- listing and verifying
+
+
+def step_folders(ckpt_dir: str | Path) -> list[Path]:
+    """Every `step_*` folder (complete or not), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if STEP_RE.match(p.name) and p.is_dir()), key=lambda p: p.name)
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     """Complete checkpoints (those with meta.json), oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if STEP_RE.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return [p for p in step_folders(ckpt_dir) if (p / META).is_file()]
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -162,8 +154,87 @@ def read_meta(path: str | Path) -> dict:
     path = Path(path)
     meta_path = path / META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {META})")
-    return json.loads(meta_path.read_text())
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: damaged ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{meta_path}: damaged (no step)")
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_manifest(folder: Path) -> dict:
+    """{name: {"bytes", "sha256"}} of every file in a checkpoint folder but meta.json (hashed in
+    parallel threads: hashlib releases the GIL)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != META)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        digests = list(pool.map(_sha256, files))
+    return {p.name: {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """meta.json of a checkpoint whose files are all there, whole and unchanged; else raises
+    CheckpointError naming the first file that is not. (Checkpoints written before meta.json
+    listed its files are checked for their files' presence only.)"""
+    path = Path(path)
+    meta = read_meta(path)
+    files = meta.get("files")
+    if files is None:
+        if not (path / ".metadata").is_file() or not list(path.glob("rank_*.json")):
+            raise CheckpointError(f"{path}: damaged (.metadata or the rank_*.json files are missing)")
+        return meta
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{f}: damaged ({size:,} bytes, {want['bytes']:,} written)")
+    for name, want in sorted(files.items()):
+        if _sha256(path / name) != want["sha256"]:
+            raise CheckpointError(f"{path / name}: damaged (its content changed since it was written: sha256 differs)")
+    return meta
+
+
+def find_resume_checkpoint(ckpt_dir: str | Path, log: Callable[[str], None] = print) -> Path | None:
+    """Collective. The newest checkpoint that passes `verify_checkpoint` (None when there is
+    none at all). Damaged newer ones are set aside as `.damaged-<name>`, each with a message;
+    when every checkpoint is damaged, CheckpointError, and nothing is moved."""
+    choice: list = [None]
+    if _rank() == 0:
+        ckpt_dir = Path(ckpt_dir)
+        damaged = []
+        for folder in reversed(step_folders(ckpt_dir)):
+            try:
+                verify_checkpoint(folder)
+            except CheckpointError as err:
+                damaged.append((folder, err))
+                continue
+            choice[0] = str(folder)
+            break
+        if damaged and choice[0] is None:
+            choice[0] = CheckpointError(
+                f"{ckpt_dir}: no usable checkpoint; " + "; ".join(str(e) for _, e in damaged)
+                + ". Nothing was changed: restore a checkpoint, or start over with --overwrite")
+        for folder, err in damaged if choice[0] is not None and not isinstance(choice[0], Exception) else ():
+            aside = folder.with_name(f".damaged-{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+            log(f"checkpoint {folder.name} is damaged ({err}); set aside as {aside}; resuming from the one before")
+    if _is_dist():
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], Exception):
+        raise choice[0]
+    return Path(choice[0]) if choice[0] else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -181,6 +252,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- save / load
 
 
+def _state_bytes(*states) -> int:
+    total = 0
+    for state in states:
+        for v in state.values():
+            if isinstance(v, dict):
+                total += _state_bytes(v)
+            elif isinstance(v, torch.Tensor):
+                local = v.to_local() if hasattr(v, "to_local") else v
+                total += local.numel() * local.element_size()
+    return total
+
+
 def save_checkpoint(
     ckpt_dir: str | Path,
     step: int,
@@ -196,63 +279,97 @@ def save_checkpoint(
     name = f"step_{step:08d}"
     final = ckpt_dir / name
     tmp = ckpt_dir / f".tmp-{name}"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # The tensors' bytes (summed over ranks) + 16 MiB for DCP's metadata and the JSON files: a
+    # full disk is refused before anything is written.
+    sizes = torch.tensor([_state_bytes(model_sd, optim_sd), 0], dtype=torch.float64)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
+        sizes[1] = free_bytes(ckpt_dir)
+    if _is_dist():
+        sizes = sizes.to(_collective_device())
+        dist.all_reduce(sizes)
+    needed, free = int(sizes[0]) + 16 * 2**20, int(sizes[1])
+    previous = latest_checkpoint(ckpt_dir)
+    intact = f"the last checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+    if needed > free:
+        raise DiskFullError(final, needed, "checkpoint", note=intact, free=free)
+    if rank == 0:
         tmp.mkdir()
     barrier()
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    _fault("dcp_saved")
-    write_json_durable(tmp / f"rank_{rank:05d}.json", rank_state)
-    _fault("rank_state_saved")
-    barrier()
-
-    if rank == 0:
-        for f in tmp.iterdir():
-            fsync_path(f)
-        write_json_durable(tmp / META, {**meta, "step": step, "saved_at": time.time()})
-        fsync_path(tmp)
-        _fault("before_rename")
-        if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(ckpt_dir)
-        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        with _quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        fault_point("checkpoint.dcp_saved")
+        write_json(tmp / f"rank_{rank:05d}.json", rank_state, default=_json_default)
+        fault_point("checkpoint.rank_state_saved")
+        barrier()
+        if rank == 0:
+            files = _file_manifest(tmp)
+            write_json(tmp / META, {**meta, "step": step, "saved_at": time.time(), "files": files})
+            fault_point("checkpoint.meta_written")
+            replace_dir(tmp, final, "checkpoint")
+            older = [p for p in list_checkpoints(ckpt_dir) if p.name < final.name]
+            for old in older[: max(0, len(older) - (keep_last - 1))]:
+                shutil.rmtree(old)
+            fault_point("checkpoint.pruned")
+    except _FAILURES as err:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            raise DiskFullError(final, needed, "checkpoint", note=intact) from None
+        raise
     barrier()
     return final
 
 
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _dcp_load(path: Path, state: dict) -> None:
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except _FAILURES as err:
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be loaded ({detail})") from None
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Collective. Loads model (+ optimizer) in place, resharding as needed; returns meta.json
-    with the per-rank states of every saved rank under "rank_states" (a list, by saved rank)."""
+    with the per-rank states of every saved rank under "rank_states" (a list, by saved rank).
+    Raises CheckpointError for a damaged checkpoint (call `verify_checkpoint` first to learn
+    that before any weight is overwritten)."""
     path = Path(path)
     meta = read_meta(path)
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        with _quiet():
-            dcp.load(state, checkpoint_id=str(path))
+        _dcp_load(path, state)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         load_model_weights(path, model)
-    rank_files = sorted(path.glob("rank_*.json"))
-    meta["rank_states"] = [_json_restore(json.loads(f.read_text())) for f in rank_files]
+    meta["rank_states"] = []
+    for f in sorted(path.glob("rank_*.json")):
+        try:
+            meta["rank_states"].append(_json_restore(json.loads(f.read_text())))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{f}: damaged ({err})") from None
     return meta
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Only the model's weights (e.g. for evaluation), from a DCP checkpoint folder."""
+    """Only the model's weights (e.g. for evaluation), from a DCP checkpoint folder, after
+    checking it (CheckpointError names a damaged file)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    model_sd = get_model_state_dict(model)
-    state = {"model": model_sd}
-    with _quiet():
-        dcp.load(state, checkpoint_id=str(path))
+    path = Path(path)
+    verify_checkpoint(path)
+    state = {"model": get_model_state_dict(model)}
+    _dcp_load(path, state)
     set_model_state_dict(model, state["model"])
 
 

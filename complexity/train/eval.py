@@ -20,7 +20,6 @@ lists them.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -165,7 +164,3 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, *, max_batches: int 
     if "step" in info:
         result["step"] = info["step"]
     return result
-
-
-def format_result(result: dict) -> str:
-    return json.dumps(result, indent=2)

@@ -1,4 +1,11 @@
-"""Training telemetry: metrics.jsonl, TensorBoard, optional wandb, the live progress line, MFU.
+"""Training telemetry: metrics.jsonl (its writer and its one reader), TensorBoard, optional
+wandb, the live progress line, MFU.
+
+metrics.jsonl is a log: one JSON object per line, appended, never rewritten. A resumed run
+first drops a torn last line (a kill in the middle of a write) and appends
+{"event": "resumed", "step": K}: the records of steps after K that precede it are superseded by
+what follows. `read_metrics` applies that and returns the records of the run as if it had never
+been interrupted; plots, the ablation runner and its report read the file through it.
 
 MFU (model FLOPs utilisation), the PaLM / torchtitan accounting:
 
@@ -18,12 +25,61 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
 import torch
+
+from .durable import DiskFullError, fault_point, is_disk_full
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (a run folder or the file), resumes applied: what an
+    uninterrupted run would have logged. A torn last line (cut by a kill) is skipped; a damaged
+    line anywhere else is an error naming the file and line."""
+    path = Path(run)
+    path = path / METRICS if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no {METRICS}")
+    lines = path.read_bytes().split(b"\n")
+    records: list[dict] = []
+    for number, line in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline (a torn line or b"")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path}:{number}: not a JSON record (the file is damaged)") from None
+        if record.get("event") == "resumed":
+            records = [r for r in records if r.get("step", 0) <= record["step"]]
+            continue
+        records.append(record)
+    return records
+
+
+def train_losses(records: list[dict]) -> dict[int, float]:
+    """step -> training loss, from `read_metrics` records."""
+    return {r["step"]: r["loss"] for r in records if "event" not in r and r.get("loss") is not None}
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline (appends then start on a new line)."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        back = min(size, 1 << 20)
+        f.seek(size - back)
+        tail = f.read(back)
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        f.truncate(size - back + cut + 1 if cut >= 0 else (0 if back == size else size))
 
 MATMUL_PEAK = "measured bf16 matmul peak (8192^3 GEMM, best of 5)"
 
@@ -36,8 +92,9 @@ def measure_matmul_peak(device: torch.device, n: int = 8192, iters: int = 50, tr
     SXM) is not reached by any real GEMM (780-798 measured), and a measured peak carries over to
     any GPU. The best of several runs because a single run moved by 8% from one process to the
     next (clocks still ramping up). About half a second on an H100."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)  # the run's own random state stays untouched
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
     for _ in range(5):
         a @ b
     best = 0.0
@@ -67,13 +124,17 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Rank 0 writes; other ranks get a logger that does nothing."""
+    """Writes the run's log in `out_dir` (None: nothing is written; other ranks than 0 pass None)
+    and, with `progress`, the progress line and messages on stderr.
 
-    def __init__(self, out_dir: Path | None, *, enabled: bool, tensorboard: bool, wandb: bool = False,
+    `resume_step`: None for a new run (no metrics.jsonl yet), else the step the run continues
+    from (0 for a run restarted before its first checkpoint): the log gets a "resumed" record."""
+
+    def __init__(self, out_dir: Path | None, *, tensorboard: bool, wandb: bool = False,
                  wandb_project: str = "complexity", run_config: dict | None = None, progress: bool = True,
                  resume_step: int | None = None):
-        self.enabled = enabled and out_dir is not None
-        self.progress = progress and enabled
+        self.enabled = out_dir is not None
+        self.progress = progress
         self.jsonl = None
         self.tb = None
         self.wandb = None
@@ -81,20 +142,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         out_dir = Path(out_dir)
-        path = out_dir / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            # Drop what was logged after the checkpoint we resume from: it is about to be redone.
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    pass  # a line cut by the kill
-            path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and path.exists():
-            path.unlink()
-        self.jsonl = open(path, "a", buffering=1)
+        self.path = out_dir / METRICS
+        resumed = self.path.exists()
+        if resumed:
+            _drop_torn_tail(self.path)
+        self.jsonl = open(self.path, "a", buffering=1)
+        if resumed:
+            self._append({"step": resume_step or 0, "event": "resumed"})
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -109,11 +163,27 @@ class MetricsLogger:
             except ImportError:
                 print("warning: logging.wandb = true but wandb is not installed; skipping", file=sys.stderr)
 
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        try:
+            self.jsonl.write(line)
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(self.path, len(line), "metrics") from None
+            raise
+        fault_point("metrics.appended")
+
+    def sync(self) -> None:
+        """fsync metrics.jsonl (before a checkpoint: the log is durable up to the saved step)."""
+        if self.jsonl is not None:
+            self.jsonl.flush()
+            os.fsync(self.jsonl.fileno())
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.jsonl.write(json.dumps(record) + "\n")
+        self._append(record)
         step = record.get("step", 0)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.tb is not None:
@@ -162,25 +232,43 @@ class MetricsLogger:
 class Throughput:
     """Seconds per step, measured between the points where the loop waits for the device (log,
     eval and checkpoint steps): in between, steps are only launched, and one step's host time
-    says nothing of its device time."""
+    says nothing of its device time.
 
-    def __init__(self, window: int = 20):
-        self.intervals: deque[tuple[float, int]] = deque(maxlen=window)  # (seconds, steps)
-        self.start(0)
+    The run's tokens/s counts every interval but the process's first (which holds compilation
+    and CUDA-graph recording); pauses (eval, checkpoints) are not training time (`start` after one)."""
+
+    def __init__(self, step: int, window: int = 20):
+        self.intervals: deque[tuple[float, int]] = deque(maxlen=window)  # (seconds, steps), recent
+        self.measured_s, self.measured_steps, self._first = 0.0, 0, True
+        self.last: tuple[float, int] = (float("nan"), 0)
+        self.start(step)
 
     def start(self, step: int) -> None:
-        """Begin an interval at `step` (also after a pause: eval and checkpoint time is not counted)."""
+        """Begin an interval at `step`."""
         self._t0, self._step0 = time.perf_counter(), step
 
-    def mark(self, step: int) -> tuple[float, int]:
-        """End the interval at `step` (the device has finished it) and begin the next:
-        -> (seconds, steps) of the interval."""
+    def mark(self, step: int) -> None:
+        """End the interval at `step` (the device has finished it) and begin the next."""
         now = time.perf_counter()
-        interval = (now - self._t0, step - self._step0)
-        if interval[1] > 0:
-            self.intervals.append(interval)
+        self.last = (now - self._t0, step - self._step0)
+        if self.last[1] > 0:
+            self.intervals.append(self.last)
+            if not self._first:
+                self.measured_s += self.last[0]
+                self.measured_steps += self.last[1]
+            self._first = False
         self._t0, self._step0 = now, step
-        return interval
+
+    @property
+    def last_step_time(self) -> float:
+        return self.last[0] / self.last[1] if self.last[1] else float("nan")
+
+    def last_tokens_per_s(self, tokens_per_step: int) -> float:
+        return tokens_per_step / self.last_step_time if self.last[1] else float("nan")
+
+    def tokens_per_s(self, tokens_per_step: int) -> float | None:
+        """Over the measured steps (None before any)."""
+        return tokens_per_step * self.measured_steps / self.measured_s if self.measured_steps else None
 
     @property
     def mean_step_time(self) -> float:

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(run: str | Path) -> list[dict]:
-    run = Path(run)
-    path = run / "metrics.jsonl" if run.is_dir() else run
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: no metrics.jsonl")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    return records
+from .metrics import read_metrics, train_losses
 
 
 def _smooth(values: list[float], n: int) -> list[float]:
@@ -44,7 +31,7 @@ def plot_runs(runs, out: str | Path, *, title: str | None = None, smooth: int = 
         records = read_metrics(run)
         name = Path(run).name
         color = colors[i % len(colors)]
-        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "event" not in r]
+        train = sorted(train_losses(records).items())
         val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         if train:
             xs, ys = zip(*train)
