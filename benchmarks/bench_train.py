@@ -65,7 +65,7 @@ def active_params(model, top_k: int | None = None, num_experts: int | None = Non
     return total - expert + expert * top_k // num_experts
 
 
-def hf_llama(_cfg):
+def hf_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=3242, num_hidden_layers=L, num_attention_heads=HEADS,
@@ -74,7 +74,7 @@ def hf_llama(_cfg):
         return LlamaForCausalLM(c)
 
 
-def hf_mixtral(_cfg):
+def hf_mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     c = MixtralConfig(vocab_size=V, hidden_size=H, intermediate_size=512, num_hidden_layers=L, num_attention_heads=HEADS,
@@ -116,7 +116,11 @@ def build_arm(name: str, spec: dict, total_steps: int, warmup: int, accum: int):
     overrides = base_overrides(spec["model"], total_steps, accum)
     overrides.update({f"training.{k}": v for k, v in spec.get("training", {}).items()})
     cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, out_dir=None, model_factory=spec.get("factory"), progress=False)
+    model = None
+    if spec.get("factory") is not None:  # another architecture through the same training step
+        torch.manual_seed(cfg.training.seed)
+        model = spec["factory"]()
+    trainer = Trainer(cfg, out_dir=None, model=model, progress=False)
     if spec.get("separate_qkv"):
         for layer in trainer.model.model.layers:
             layer.self_attn.fuse_min_rows = 2**62

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -344,8 +345,6 @@ class Trainer:
         """Accumulate the gradients of this rank's micro-batches; -> the global mean loss (device).
         Gradients are reduced across ranks once, after the last micro-batch (DDP no_sync, FSDP2
         set_requires_gradient_sync)."""
-        from torch.distributed.fsdp import FSDPModule
-
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for m, batch in enumerate(batches):
             if self.cuda_graphs:  # each micro-batch's forward begins a new graph generation
@@ -491,12 +490,12 @@ class Trainer:
                     self._log_step(step, throughput)
                 if eval_now:
                     result.eval = self._eval_and_log(step)
-                stop = planned_stop or self._agree_on_signal(signals)
-                if save_now or stop:
+                signalled = self._agree_on_signal(signals)
+                if save_now or planned_stop or signalled:
                     result.checkpoint = self.save()
-                if stop:
+                if planned_stop or signalled:
                     result.interrupted, result.signal = True, signals.received
-                    why = f"signal {signals.received}" if signals.received else f"stop_after={self.stop_after}"
+                    why = "a signal" if signalled else f"stop_after={self.stop_after}"
                     self.logger.message(f"stopped at step {step} ({why}); checkpoint {result.checkpoint}")
                     break
                 if eval_now or save_now:
