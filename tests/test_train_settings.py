@@ -34,9 +34,12 @@ def tiny_data(tmp_path_factory):
     ("cuda", 1, "model", "reduce-overhead", "auto: one CUDA GPU"),
     ("cuda", 8, "layers", "default", "auto: 8 processes under torchrun"),
     ("cpu", 1, "layers", "default", "auto: cpu"),
+    ("cuda-ac", 1, "layers", "default", "auto: one CUDA GPU, with activation checkpointing"),
 ])
 def test_compile_auto_picks_the_fastest_setting_that_works(device, world, scope, mode, why):
-    cfg = load_config(None, {"training.compile": True}).resolve(world_size=world, device_type=device)
+    ac = device.endswith("-ac")
+    cfg = load_config(None, {"training.compile": True, "training.activation_checkpointing": ac})
+    cfg = cfg.resolve(world_size=world, device_type=device.removesuffix("-ac"))
     assert (cfg.training.compile_scope, cfg.training.compile_mode) == (scope, mode)
     assert cfg.auto["training.compile"] == f"{scope} scope, {mode} ({why})"
 

@@ -203,8 +203,13 @@ class TrainingSection(_Section):
         layer's parameters into fresh memory for every micro-batch, which a recorded graph cannot
         replay, and DDP's bucketed all-reduce of graph-produced gradients has not been verified on
         several GPUs. On the CPU, CUDA graphs do not exist: auto is per layer in the default mode.
+        With activation checkpointing on one GPU, auto keeps the setting those recipes were
+        measured with (per layer, default mode); CUDA graphs with it are allowed when asked for
+        (tests/gpu checks them against eager).
         """
-        if device_type == "cuda" and world_size == 1:
+        if device_type == "cuda" and world_size == 1 and self.activation_checkpointing:
+            scope, mode, why = "layers", "default", "one CUDA GPU, with activation checkpointing"
+        elif device_type == "cuda" and world_size == 1:
             scope, mode, why = "model", "reduce-overhead", "one CUDA GPU"
         elif device_type == "cuda":
             scope, mode, why = "layers", "default", f"{world_size} processes under torchrun"
