@@ -152,16 +152,17 @@ class RunFolder:
         if self.path is not None and self.is_main:
             write_json(self.path / "summary.json", summary, "run.summary_json", indent=2)
 
-    def tokenizer_to_ship(self, source: Path | None, expected_hash: str | None) -> Path | None:
-        """The tokenizer folder the export will ship: the run's copy (OUT/tokenizer) when it has
-        one, else the data's own, checked against the hash the data manifest recorded: a tokenizer
-        replaced since `data prepare` is refused. Reads only; `write_tokenizer` makes the copy."""
+    def tokenizer_to_ship(self, source: Path | None, expected_hash: str | None, own_copy: bool) -> Path | None:
+        """The tokenizer folder the export will ship: the run's copy (OUT/tokenizer) when a resumed
+        run has one (`own_copy`), else the data's own, checked against the hash the data manifest
+        recorded: a tokenizer replaced since `data prepare` is refused. Reads only (before the
+        folder is touched); `write_tokenizer` makes the copy."""
         from ..data.tokenizer import tokenizer_hash
 
         if self.path is None or source is None:
             return None
         copy = self.path / "tokenizer"
-        if copy.is_dir():
+        if own_copy and copy.is_dir():
             if expected_hash and tokenizer_hash(copy) != expected_hash:
                 raise ValueError(f"{copy}: does not match the tokenizer the data was prepared with "
                                  f"(hash {expected_hash[:12]}): this run folder was changed")

@@ -145,31 +145,28 @@ class Trainer:
 
         self.model_config = cfg.model.build()
         self.manifest, tokenizer_source = self._check_data()
-        start = self.folder.start(cfg, resume=resume, overwrite=overwrite)
-        self.tokenizer = self.folder.tokenizer_to_ship(*tokenizer_source)
+        self.tokenizer = self.folder.tokenizer_to_ship(*tokenizer_source, own_copy=resume)
         self._build_loaders()
+        start = self.folder.start(cfg, resume=resume, overwrite=overwrite)
+        self.resumed_from = self.last_checkpoint = start.checkpoint
+        self.losses: dict[int, float] = {}                          # step -> loss, as read back
+        self.step = ckpt_mod.read_meta(start.checkpoint)["step"] if start.checkpoint else 0
+        self.finished = start.resumed and self.folder.finished(self.step, cfg.training.max_steps, self._exports)
+        if self.finished:
+            return  # nothing to do, nothing to build, nothing written
         self._build_model(model, zipf=start.checkpoint is None)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule, cfg.training.max_steps)
         self.guard = SpikeGuard(cfg.spike, self.device)
         self.launched: list[_LaunchedStep] = []
-        self.losses: dict[int, float] = {}                          # step -> loss, as read back
         self.read_back: dict[int, tuple[float, float, float]] = {}  # step -> (loss, grad norm, lr)
-        self.step = 0
         self.tokens_seen = 0
-        self.resumed_from, self.last_checkpoint = start.checkpoint, start.checkpoint
         if start.checkpoint is not None:
             self._load(start.checkpoint)
-        # Per-rank training randomness (dropout) differs between ranks; the init above did not.
-        if start.checkpoint is None:
+        else:  # per-rank training randomness (dropout) differs between ranks; the init above did not
             torch.manual_seed(cfg.training.seed + 1_000_003 * (self.info.rank + 1))
-        self.finished = start.resumed and self.folder.finished(self.step, cfg.training.max_steps,
-                                                              self._exports)
-        if self.finished:
-            self.peak_flops, self.peak_source = None, None
-            return  # a finished run: nothing to do, nothing written
         self.peak_flops, self.peak_source = self._mfu_peak()
-        if start.checkpoint is None and not start.resumed:
+        if not start.resumed:
             self.folder.write_config(cfg)
         self.tokenizer = self.folder.write_tokenizer(self.tokenizer)
         self.folder.write_run_info(self._run_info())
@@ -462,7 +459,7 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, max_steps = self.config, self.config.training.max_steps
         result = RunResult(out_dir=self.out_dir, step=self.step, losses=self.losses, checkpoint=self.last_checkpoint)
-        if self.finished:
+        if self.finished:  # resumed after its end: say so, write nothing
             self.folder.log(f"{self.out_dir}: the run finished at step {self.step}; nothing to do")
             result.final_dir = self.out_dir / "final" if self._exports else None
             return result
