@@ -8,6 +8,7 @@ accumulation), which moves the fp32 losses by ~1e-7 relative over these few step
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -73,3 +74,31 @@ def test_fsdp_checkpoint_resumes_on_one_process(setup):
     rest = train(load_config(None, o), out_dir=out, resume=True)  # 1 process, 2 micro-batches
     assert sorted(rest.losses) == [4, 5, 6]
     _close(read_losses(out), reference)
+
+
+def test_fsdp_compiled_with_gradient_accumulation_matches_one_process(setup):
+    """training.compile under torchrun: auto compiles per layer in the default mode (said in
+    run.json); with FSDP2 and two micro-batches per rank the losses are those of one eager
+    process (compiled kernels reorder sums: within RTOL)."""
+    root, o, _ = setup
+    o = {**o, "training.tokens_per_step": 4 * o["training.micro_batch_size"] * o["training.seq_len"],
+         "training.max_steps": 3, "checkpoint.every": 0, "checkpoint.export_final": False}
+    single = train(load_config(None, o), out_dir=root / "compiled-single").losses
+    out = root / "compiled-fsdp"
+    r = torchrun(2, ["train", "--out", str(out), *override_args({**o, "training.dp": "fsdp", "training.compile": True})],
+                 timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    _close(read_losses(out), single)
+    run = json.loads((out / "run.json").read_text())
+    assert run["auto"]["training.compile"] == "layers scope, default (auto: 2 processes on the CPU)"
+
+
+def test_cuda_graphs_under_torchrun_are_refused(setup):
+    root, o, _ = setup
+    out = root / "graphs-fsdp"
+    r = torchrun(2, ["train", "--out", str(out), *override_args({**o, "training.dp": "fsdp", "training.compile": True,
+                                                                 "training.compile_mode": "reduce-overhead"})])
+    assert r.returncode != 0
+    assert "complexity train: error: training.compile_mode: 'reduce-overhead' replays CUDA graphs, which are not " \
+           "supported under torchrun (2 processes)" in r.stderr
+    assert not out.exists()

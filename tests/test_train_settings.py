@@ -33,7 +33,7 @@ def tiny_data(tmp_path_factory):
 @pytest.mark.parametrize("device, world, scope, mode, why", [
     ("cuda", 1, "model", "reduce-overhead", "auto: one CUDA GPU"),
     ("cuda", 8, "layers", "default", "auto: 8 processes under torchrun"),
-    ("cpu", 1, "layers", "default", "auto: cpu"),
+    ("cpu", 1, "layers", "default", "auto: the CPU"),
     ("cuda-ac", 1, "layers", "default", "auto: one CUDA GPU, with activation checkpointing"),
 ])
 def test_compile_auto_picks_the_fastest_setting_that_works(device, world, scope, mode, why):

@@ -214,7 +214,7 @@ class TrainingSection(_Section):
         elif device_type == "cuda":
             scope, mode, why = "layers", "default", f"{world_size} processes under torchrun"
         else:
-            scope, mode, why = "layers", "default", device_type
+            scope, mode, why = "layers", "default", "the CPU" if world_size == 1 else f"{world_size} processes on the CPU"
         given = [name for name in ("compile_scope", "compile_mode") if getattr(self, name) != "auto"]
         scope = self.compile_scope if self.compile_scope != "auto" else scope
         mode = self.compile_mode if self.compile_mode != "auto" else mode
