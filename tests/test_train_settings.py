@@ -187,3 +187,26 @@ def test_compiled_training_with_accumulation_matches_eager(tiny_data, scope, mod
     if trainer.cuda_graphs:  # the same gradient buffers from the first step to the last
         assert all(g is not None for g in grads.values())
         assert all(p.grad is grads[n] for n, p in trainer.model.named_parameters())
+
+
+def test_resume_under_cuda_graph_mode_restores_the_optimizer_state(tiny_data, tmp_path):
+    """The gradient buffers of the CUDA-graph path are allocated after a resumed run's load:
+    torch's state-dict loading creates the optimizer state only for parameters without gradients,
+    so allocating first would resume with empty Adam moments. (Nothing is compiled here: the
+    state is checked right after the load.)"""
+    from complexity.train import checkpoint as ckpt_mod
+
+    _, data = tiny_data
+    o = {"training.max_steps": 4, "checkpoint.every": 2, "checkpoint.export_final": False}
+    train(tiny_config(data, **o), out_dir=tmp_path / "run", stop_after=2)
+    trainer = Trainer(tiny_config(data, **o, **{"training.compile": True, "training.compile_mode": "reduce-overhead"}),
+                      out_dir=tmp_path / "run", resume=True)
+    assert trainer.cuda_graphs and trainer.step == 2
+    assert all(p.grad is not None and not p.grad.any() for p in trainer.model.parameters())
+    reference = Trainer(tiny_config(data, **o), out_dir=tmp_path / "run", resume=True)
+    got, want = trainer.optimizer.state_dict()["state"], reference.optimizer.state_dict()["state"]
+    assert len(got) == len(want) == len(list(trainer.model.parameters()))
+    for key in want:
+        assert int(got[key]["step"]) == int(want[key]["step"]) == 2
+        assert torch.equal(got[key]["exp_avg"], want[key]["exp_avg"]) and want[key]["exp_avg"].any()
+    ckpt_mod.verify_checkpoint(tmp_path / "run/checkpoints/step_00000002")

@@ -165,6 +165,10 @@ class Trainer:
             self._load(start.checkpoint)
         else:  # per-rank training randomness (dropout) differs between ranks; the init above did not
             torch.manual_seed(cfg.training.seed + 1_000_003 * (self.info.rank + 1))
+        if self.cuda_graphs:
+            # Accumulate outside the graphs' memory (see allocate_grads). After the load: with
+            # gradients present, loading a state dict would not create the optimizer's state.
+            allocate_grads(self.model)
         self.peak_flops, self.peak_source = self._mfu_peak()
         if not start.resumed:
             self.folder.write_config(cfg)
@@ -226,8 +230,6 @@ class Trainer:
         self.loss_fn = torch.compile(causal_lm_loss, dynamic=False, mode=cfg.training.compile_mode) \
             if cfg.training.compile else causal_lm_loss
         self.cuda_graphs = cfg.training.compile and cfg.training.compile_mode in CUDA_GRAPH_MODES
-        if self.cuda_graphs:
-            allocate_grads(model)  # accumulate outside the graphs' memory (see allocate_grads)
         self.autocast = uses_autocast(cfg.training, self.info, self.precision)
         self.active_params = count_parameters(model).active if self.complexity else \
             sum(p.numel() for p in model.parameters())

@@ -136,3 +136,18 @@ def test_pure_bf16_training_step(data):
     assert losses[1] == pytest.approx(mixed[1], rel=BF16_RTOL)
     assert all(torch.isfinite(torch.tensor(v)) for v in [*losses.values(), *norms.values()])
     assert losses[8] < losses[1] - 0.1, losses
+
+
+def test_resume_under_cuda_graphs_continues_the_run(data, tmp_path):
+    """Stopped after step 2 and resumed with the automatic setting (CUDA graphs, gradient buffers
+    allocated after the load): the last steps match the uninterrupted run."""
+    o = {"training.compile": True, "training.compile_mode": "reduce-overhead", "training.compile_scope": "model",
+         "checkpoint.every": 2}
+    full, _, _ = _run(_config(data, 2, **o))
+    Trainer(_config(data, 2, **o), out_dir=tmp_path / "run", stop_after=2, progress=False).run()
+    torch.compiler.reset()
+    rest = Trainer(_config(data, 2, **o), out_dir=tmp_path / "run", resume=True, progress=False).run().losses
+    torch.compiler.reset()
+    assert sorted(rest) == [3, 4]
+    for step in rest:
+        assert rest[step] == pytest.approx(full[step], rel=FP32_RTOL), (step, rest, full)
