@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -56,8 +57,7 @@ from .parallelize import barrier
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
-_CheckpointException = getattr(dcp, "api", None) and getattr(dcp.api, "CheckpointException", None)
-_FAILURES = (Exception,) + ((_CheckpointException,) if _CheckpointException else ())  # DCP's is a BaseException
+_FAILURES = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException
 
 
 class CheckpointError(ValueError):

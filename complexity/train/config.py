@@ -388,10 +388,6 @@ class RunConfig(_Section):
             getattr(self, name).freeze()
         super().freeze()
 
-    @property
-    def resolved(self) -> bool:
-        return self._frozen
-
     def to_dict(self) -> dict:
         out = {"out": self.out}
         for name in SECTIONS:
