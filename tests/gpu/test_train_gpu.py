@@ -83,7 +83,7 @@ def _agree(got: dict, ref: dict, rtol: float, what: str) -> None:
         assert got[step] == pytest.approx(ref[step], rel=rtol), (what, step, got, ref)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("accum", [1, 2], ids=["accum1", "accum2"])
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_compile_mode_and_scope_match_eager(data, mode, scope, accum):
