@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..train.callbacks import TrainerCallbacks, spike_injection
-from ..train.durable import write_json
+from ..train.durable import drop_torn_tail, write_json
 
 if TYPE_CHECKING:
     from ..configuration_complexity import ComplexityConfig
@@ -357,6 +357,8 @@ class _Recorder(TrainerCallbacks):
     def on_start(self, trainer) -> None:
         self.trainer = trainer
         resumed = self.path.exists()
+        if resumed:
+            drop_torn_tail(self.path)
         self.file = open(self.path, "a", buffering=1)
         if resumed:
             self.file.write(json.dumps({"resumed": trainer.step}) + "\n")

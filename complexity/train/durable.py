@@ -4,7 +4,9 @@ Every file is written whole or not at all: into a temporary name beside it, fsyn
 the old one, and the folder fsynced (`write_atomic`). A folder (a checkpoint, the exported model)
 is built under a temporary name and swapped in with two renames, the old one moved aside first
 and deleted only once the new one is in place (`replace_dir`); `recover_dir` finishes or undoes
-a swap that a kill interrupted. Append-only logs (metrics.jsonl) are appended to, never rewritten.
+a swap that a kill interrupted. Append-only logs (metrics.jsonl, the ablation's batches.jsonl)
+are appended to, never rewritten; before appending again, a resumed run cuts a torn last line
+(`drop_torn_tail`).
 
 A full disk raises `DiskFullError` (an OSError, errno ENOSPC) naming the path and the bytes that
 were needed, after the partial file is removed.
@@ -142,6 +144,21 @@ def write_atomic(path, data: str | bytes, point: str | None = None) -> None:
 
 def write_json(path, obj, point: str | None = None, **dump) -> None:
     write_atomic(path, json.dumps(obj, **dump) + "\n", point)
+
+
+def drop_torn_tail(path) -> None:
+    """Cut a last line that a kill left without its newline (appends then start on a new line)."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        back = min(size, 1 << 20)
+        f.seek(size - back)
+        tail = f.read(back)
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        f.truncate(size - back + cut + 1 if cut >= 0 else (0 if back == size else size))
 
 
 def _aside(final: Path) -> Path:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .durable import DiskFullError, fault_point, is_disk_full
+from .durable import DiskFullError, drop_torn_tail, fault_point, is_disk_full
 
 METRICS = "metrics.jsonl"
 
@@ -66,20 +66,6 @@ def train_losses(records: list[dict]) -> dict[int, float]:
     """step -> training loss, from `read_metrics` records."""
     return {r["step"]: r["loss"] for r in records if "event" not in r and r.get("loss") is not None}
 
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line that a kill left without its newline (appends then start on a new line)."""
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        back = min(size, 1 << 20)
-        f.seek(size - back)
-        tail = f.read(back)
-        if tail.endswith(b"\n"):
-            return
-        cut = tail.rfind(b"\n")
-        f.truncate(size - back + cut + 1 if cut >= 0 else (0 if back == size else size))
 
 MATMUL_PEAK = "measured bf16 matmul peak (8192^3 GEMM, best of 5)"
 
@@ -145,7 +131,7 @@ class MetricsLogger:
         self.path = out_dir / METRICS
         resumed = self.path.exists()
         if resumed:
-            _drop_torn_tail(self.path)
+            drop_torn_tail(self.path)
         self.jsonl = open(self.path, "a", buffering=1)
         if resumed:
             self._append({"step": resume_step or 0, "event": "resumed"})
