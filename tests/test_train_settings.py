@@ -64,12 +64,10 @@ def test_cuda_graphs_under_torchrun_are_refused_before_anything_is_built(mode):
     assert ok.resolve(world_size=2, device_type="cuda").training.compile_mode == "max-autotune-no-cudagraphs"
 
 
-def test_compile_settings_without_compile_are_refused():
-    with pytest.raises(ConfigError, match="training.compile_mode: 'reduce-overhead' applies only to a compiled "
-                                          "model, but training.compile is false"):
-        load_config(None, {"training.compile_mode": "reduce-overhead"})
-    with pytest.raises(ConfigError, match="training.compile_scope"):
-        load_config(None, {"training.compile_scope": "model"})
+def test_compile_settings_without_compile_are_said_to_be_unused():
+    cfg = load_config(None, {"training.compile_mode": "reduce-overhead"}).resolve(world_size=1, device_type="cuda")
+    assert cfg.auto["training.compile"] == "off (compile_mode='reduce-overhead' unused: training.compile is false)"
+    assert "training.compile" not in load_config(None).resolve(world_size=1, device_type="cuda").auto
 
 
 # ----------------------------------------------------------------------------- defaults that follow the run

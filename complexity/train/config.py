@@ -181,11 +181,6 @@ class TrainingSection(_Section):
         if self.compile_scope not in ("auto", *COMPILE_SCOPES):
             raise ConfigError(f"training.compile_scope: unknown value {self.compile_scope!r}; expected auto, "
                               "layers or model")
-        if not self.compile:
-            for name in ("compile_mode", "compile_scope"):
-                if getattr(self, name) != "auto":
-                    raise ConfigError(f"training.{name}: {getattr(self, name)!r} applies only to a compiled model, "
-                                      "but training.compile is false")
         if self.dp not in ("ddp", "fsdp"):
             raise ConfigError(f"training.dp: unknown value {self.dp!r}; expected ddp or fsdp")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -379,6 +374,10 @@ class RunConfig(_Section):
         if t.compile:
             t.compile_scope, t.compile_mode, why = t.resolve_compile(device_type, world_size)
             auto["training.compile"] = f"{t.compile_scope} scope, {t.compile_mode} ({why})"
+        else:
+            unused = [f"{k}={getattr(t, k)!r}" for k in ("compile_mode", "compile_scope") if getattr(t, k) != "auto"]
+            if unused:  # e.g. the recipe's settings with compile switched off on the command line
+                auto["training.compile"] = f"off ({', '.join(unused)} unused: training.compile is false)"
         cfg.freeze()
         object.__setattr__(cfg, "auto", auto)
         return cfg
