@@ -1,7 +1,7 @@
 """Training on one CUDA GPU: every compile mode x scope, with and without gradient accumulation,
-gives the eager run's losses and gradient norms; the automatic setting (whole model, CUDA graphs)
-with evaluation between steps and in bf16-mixed; activation checkpointing under CUDA graphs; the
-pure-bf16 step.
+gives the eager run's losses and gradient norms; so does the automatic setting (whole model, CUDA
+graphs) for every model variant, with a resume, and in bf16-mixed with evaluation between steps;
+activation checkpointing under CUDA graphs; the pure-bf16 step.
 
 Tolerances. float32 (TF32 off): 1e-4 relative per step, on the loss and on the global gradient
 norm, over 4 optimizer steps. Compiled kernels reorder floating-point sums (~1e-6 relative);
@@ -91,6 +91,21 @@ def test_compile_mode_and_scope_match_eager(data, mode, scope, accum):
                                                     "training.compile_scope": scope}))
     assert trainer.accum == accum and trainer.cuda_graphs == (mode in ("reduce-overhead", "max-autotune"))
     ref_losses, ref_norms = _eager(data, accum)
+    _agree(losses, ref_losses, FP32_RTOL, "loss")
+    _agree(norms, ref_norms, FP32_RTOL, "grad norm")
+
+
+@pytest.mark.parametrize("variant", [
+    {"model.mlp_type": "dense", "model.shared_expert": False, "model.mu_mode": "none"},
+    {"model.mu_mode": "inl", "model.shared_expert": False, "model.routing": "modulo"},
+    {"model.mlp_type": "learned_moe", "model.num_experts_per_tok": 1},
+    {"model.sliding_window": 16},
+], ids=["dense", "inl", "learned_moe", "sliding_window"])
+def test_cuda_graphs_with_accumulation_for_every_model_variant(data, variant):
+    """The automatic setting (whole model, CUDA graphs) on the other architectures the ablation
+    trains (learned_moe adds its router's load-balancing loss)."""
+    ref_losses, ref_norms, _ = _run(_config(data, 2, **variant))
+    losses, norms, _ = _run(_config(data, 2, **variant, **{"training.compile": True}))
     _agree(losses, ref_losses, FP32_RTOL, "loss")
     _agree(norms, ref_norms, FP32_RTOL, "grad norm")
 
