@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Training on one GPU, in one call of about 6 minutes on an H200 (BENCHMARKS.md, "Training through
-# the CLI", reports its numbers):
+# Training on one GPU, in one call of about 6 minutes on an H200 (its numbers go to BENCHMARKS.md,
+# "Training throughput"):
 #   1. the GPU suite's training tests (compile modes x scopes with gradient accumulation against
 #      eager, the automatic setting in bf16-mixed with eval between steps, a resume under CUDA
 #      graphs, activation checkpointing under CUDA graphs, pure bf16, grouped GEMM); for time
 #      without the max-autotune modes, the runs without accumulation and the other model
-#      variants (`scripts/test --gpu`
-#      runs them all);
+#      variants (`scripts/test --gpu` runs them all);
 #   2. data: the built-in corpus with a 32k BPE tokenizer (about 750k train tokens; the loader
 #      repeats it, reshuffled each epoch);
 #   3. `complexity train --config recipes/tmlr-187m.toml` as shipped (compile on, mode and scope
