@@ -34,26 +34,39 @@ import statistics
 import time
 
 import torch
+from profiling import kernel_table
 
 import complexity  # noqa: F401
 from complexity.train import load_config
 from complexity.train.metrics import MATMUL_PEAK, flops_per_token, measure_matmul_peak
 from complexity.train.trainer import Trainer
-from profiling import kernel_table
 
 L, H, HEADS, KV, V, S, MB = 18, 768, 12, 4, 32000, 2048, 8
 
 
 def base_overrides(model: dict, steps: int, accum: int) -> dict:
     o = {f"model.{k}": v for k, v in model.items()}
-    o.update({
-        "data.synthetic": True, "training.max_steps": steps, "training.micro_batch_size": MB,
-        "training.seq_len": S, "training.tokens_per_step": MB * S * accum, "training.precision": "bf16-mixed",
-        "training.compile": True, "training.compile_scope": "layers", "training.compile_mode": "default",
-        "training.device": "cuda", "schedule.warmup_steps": 1,
-        "checkpoint.every": 0, "checkpoint.export_final": False, "eval.every": 0, "eval.at_end": False,
-        "logging.tensorboard": False, "logging.progress": False,
-    })
+    o.update(
+        {
+            "data.synthetic": True,
+            "training.max_steps": steps,
+            "training.micro_batch_size": MB,
+            "training.seq_len": S,
+            "training.tokens_per_step": MB * S * accum,
+            "training.precision": "bf16-mixed",
+            "training.compile": True,
+            "training.compile_scope": "layers",
+            "training.compile_mode": "default",
+            "training.device": "cuda",
+            "schedule.warmup_steps": 1,
+            "checkpoint.every": 0,
+            "checkpoint.export_final": False,
+            "eval.every": 0,
+            "eval.at_end": False,
+            "logging.tensorboard": False,
+            "logging.progress": False,
+        }
+    )
     return o
 
 
@@ -68,8 +81,17 @@ def active_params(model, top_k: int | None = None, num_experts: int | None = Non
 def hf_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    c = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=3242, num_hidden_layers=L, num_attention_heads=HEADS,
-                    num_key_value_heads=KV, max_position_embeddings=S, tie_word_embeddings=True, attn_implementation="sdpa")
+    c = LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=3242,
+        num_hidden_layers=L,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        max_position_embeddings=S,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
     with torch.device("cuda"):
         return LlamaForCausalLM(c)
 
@@ -77,19 +99,36 @@ def hf_llama():
 def hf_mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    c = MixtralConfig(vocab_size=V, hidden_size=H, intermediate_size=512, num_hidden_layers=L, num_attention_heads=HEADS,
-                      num_key_value_heads=KV, max_position_embeddings=S, tie_word_embeddings=True, num_local_experts=4,
-                      num_experts_per_tok=1, output_router_logits=True, router_aux_loss_coef=0.01,
-                      attn_implementation="sdpa")
+    c = MixtralConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=512,
+        num_hidden_layers=L,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        max_position_embeddings=S,
+        tie_word_embeddings=True,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        attn_implementation="sdpa",
+    )
     with torch.device("cuda"):
         return MixtralForCausalLM(c)
 
 
 TMLR = {"preset": "tmlr-187m"}
-DENSE = {"preset": "tmlr-187m", "mlp_type": "dense", "mu_mode": "none", "shared_expert": False, "intermediate_size": 3242}
-GRAPHS = {"compile_mode": "reduce-overhead"}                             # CUDA graphs, per layer
+DENSE = {
+    "preset": "tmlr-187m",
+    "mlp_type": "dense",
+    "mu_mode": "none",
+    "shared_expert": False,
+    "intermediate_size": 3242,
+}
+GRAPHS = {"compile_mode": "reduce-overhead"}  # CUDA graphs, per layer
 MODEL_GRAPHS = {"compile_mode": "reduce-overhead", "compile_scope": "model"}  # one graph per direction
-MODEL = {"compile_scope": "model"}                                        # one graph, kernels launched
+MODEL = {"compile_scope": "model"}  # one graph, kernels launched
 ARMS = {
     "complexity-tmlr-187m": dict(model=TMLR),
     # The same model with q/k/v and mu's q/k/v as six separate projections: what the fused GEMM buys.
@@ -103,8 +142,11 @@ ARMS = {
     "hf-llama-dense": dict(model=DENSE, factory=hf_llama),
     "hf-llama-dense-cudagraphs": dict(model=DENSE, factory=hf_llama, training=GRAPHS),
     "hf-llama-dense-model-cudagraphs": dict(model=DENSE, factory=hf_llama, training=MODEL_GRAPHS),
-    "hf-mixtral-top1": dict(model={"preset": "tmlr-187m", "mlp_type": "learned_moe", "mu_mode": "none",
-                                   "shared_expert": False}, factory=hf_mixtral, top_k=(1, 4)),
+    "hf-mixtral-top1": dict(
+        model={"preset": "tmlr-187m", "mlp_type": "learned_moe", "mu_mode": "none", "shared_expert": False},
+        factory=hf_mixtral,
+        top_k=(1, 4),
+    ),
 }
 
 
@@ -134,9 +176,13 @@ def build_arm(name: str, spec: dict, total_steps: int, warmup: int, accum: int):
         trainer.train_step()
     torch.cuda.synchronize()
     facts = {
-        "arm": name, "total_params": sum(p.numel() for p in trainer.model.parameters()), "active_params": n_active,
-        "flops_per_token": flops_per_token(n_active, L, HEADS, H // HEADS, S), "warmup_steps": warmup,
-        "warmup_s": time.perf_counter() - t0, "peak_memory_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+        "arm": name,
+        "total_params": sum(p.numel() for p in trainer.model.parameters()),
+        "active_params": n_active,
+        "flops_per_token": flops_per_token(n_active, L, HEADS, H // HEADS, S),
+        "warmup_steps": warmup,
+        "warmup_s": time.perf_counter() - t0,
+        "peak_memory_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
     }
     return trainer, facts
 
@@ -165,9 +211,12 @@ def profile_steps(trainer, steps: int, top: int = 30) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
     table = kernel_table(prof, steps, top)
-    return {"wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": table["kernel_ms"],
-            "kernels_per_step": table["kernels_per_call"],
-            "kernels": [{"name": k["name"], "ms_per_step": k["ms"], "calls_per_step": k["calls"]} for k in table["top"]]}
+    return {
+        "wall_ms_per_step": 1e3 * wall / steps,
+        "kernel_ms_per_step": table["kernel_ms"],
+        "kernels_per_step": table["kernels_per_call"],
+        "kernels": [{"name": k["name"], "ms_per_step": k["ms"], "calls_per_step": k["calls"]} for k in table["top"]],
+    }
 
 
 def main() -> int:
@@ -185,9 +234,19 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = measure_matmul_peak(torch.device("cuda"))
     print(f"{MATMUL_PEAK}: {peak / 1e12:.1f} TFLOP/s on {torch.cuda.get_device_name()}", flush=True)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "mfu_peak_flops": peak,
-               "mfu_peak": MATMUL_PEAK, "seq_len": S, "micro_batch": MB, "grad_accum": args.accum,
-               "tokens_per_step": MB * S * args.accum, "precision": "bf16-mixed", "compile": True, "arms": []}
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "mfu_peak_flops": peak,
+        "mfu_peak": MATMUL_PEAK,
+        "seq_len": S,
+        "micro_batch": MB,
+        "grad_accum": args.accum,
+        "tokens_per_step": MB * S * args.accum,
+        "precision": "bf16-mixed",
+        "compile": True,
+        "arms": [],
+    }
     # Every arm stays resident, and the timed steps are interleaved over rounds: the machine's
     # speed drifts by tens of percent over minutes (background compile workers, clocks), which
     # sequential runs would charge to whichever arm ran at the bad moment.
@@ -213,8 +272,15 @@ def main() -> int:
         step_s = statistics.median(rounds[name])
         tps = MB * S * args.accum / step_s
         fpt = facts[name]["flops_per_token"]
-        r = {**facts[name], "steps_per_round": args.steps, "rounds": args.rounds,
-             "step_time_s_rounds": rounds[name], "step_time_s": step_s, "tokens_per_s": tps, "mfu": fpt * tps / peak}
+        r = {
+            **facts[name],
+            "steps_per_round": args.steps,
+            "rounds": args.rounds,
+            "step_time_s_rounds": rounds[name],
+            "step_time_s": step_s,
+            "tokens_per_s": tps,
+            "mfu": fpt * tps / peak,
+        }
         print(json.dumps(r), flush=True)
         results["arms"].append(r)
     # Arms of one model under different compile settings start from the same weights and see the
@@ -230,12 +296,16 @@ def main() -> int:
             common = sorted(set(ref) & set(losses))
             worst = max(abs(losses[k] - ref[k]) / abs(ref[k]) for k in common)
             results.setdefault("loss_agreement", {})[f"{name} vs {group[0]}"] = {
-                "steps": len(common), "max_relative_difference": worst}
+                "steps": len(common),
+                "max_relative_difference": worst,
+            }
     print(json.dumps({"loss_agreement": results.get("loss_agreement", {})}), flush=True)
     for name in [n for n in args.profile.split(",") if n]:
         results.setdefault("profiles", {})[name] = profile_steps(trainers[name], args.steps)
-        print(json.dumps({"profile": name, **{k: v for k, v in results["profiles"][name].items() if k != "kernels"}}),
-              flush=True)
+        print(
+            json.dumps({"profile": name, **{k: v for k, v in results["profiles"][name].items() if k != "kernels"}}),
+            flush=True,
+        )
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     return 0

@@ -152,8 +152,8 @@ def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
     assert abs(totals["dense"] - totals["routed_mu"]) / totals["routed_mu"] <= TOLERANCE
     for a in arms:
         resolved = json.loads((out / "runs" / f"{a}-s0" / "resolved.json").read_text())
-        from complexity.train.config import RunConfig
         from complexity.params import count_parameters
+        from complexity.train.config import RunConfig
 
         assert count_parameters(RunConfig.from_dict(resolved).model.build()).total == totals[a]
 

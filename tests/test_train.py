@@ -18,9 +18,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import REPO, make_tiny_data, override_args, read_losses, tiny_config, tiny_overrides  # noqa: E402
 
 from complexity.cli import main as cli_main  # noqa: E402
-from complexity.train import ConfigError, Trainer, load_config, spike_injection, train  # noqa: E402
+from complexity.train import (  # noqa: E402
+    ConfigError,
+    Trainer,
+    durable,  # noqa: E402
+    load_config,
+    spike_injection,
+    train,
+)
 from complexity.train import checkpoint as ckpt_mod  # noqa: E402
-from complexity.train import durable  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -115,8 +121,14 @@ def test_sigterm_checkpoints_and_resume_matches(tiny_data, tmp_path, one_thread)
     o = tiny_overrides(data, **{"training.max_steps": 400, "checkpoint.every": 0})
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "complexity.cli", "train", "--out", str(out), *override_args(o)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "complexity.cli", "train", "--out", str(out), *override_args(o)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -153,8 +165,9 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_data, tmp_path):
     ckpts = tmp_path / "run/checkpoints"
     assert [p.name for p in ckpt_mod.list_checkpoints(ckpts)] == ["step_00000004"]
     assert not (ckpts / ".tmp-step_00000008").exists()  # a failed save cleans up after itself
-    resumed = train(tiny_config(data, **{"training.max_steps": 12, "checkpoint.every": 4}),
-                    out_dir=tmp_path / "run", resume=True)
+    resumed = train(
+        tiny_config(data, **{"training.max_steps": 12, "checkpoint.every": 4}), out_dir=tmp_path / "run", resume=True
+    )
     assert min(resumed.losses) == 5 and resumed.step == 12
     assert not (ckpts / ".tmp-step_00000008").exists()
 
@@ -164,9 +177,18 @@ def test_spike_guard_skips_and_restores(tiny_data, tmp_path, log_every):
     """log_every=1 reads every step back at once; with 50 the verdicts come back one step late
     (steps 20 and 21 are not log steps), and the restore must still precede step 22's update."""
     _, data = tiny_data
-    cfg = tiny_config(data, **{"training.max_steps": 22, "checkpoint.every": 8, "spike.factor": 1.4,
-                               "spike.window": 5, "spike.min_history": 5, "spike.max_consecutive": 2,
-                               "logging.every": log_every})
+    cfg = tiny_config(
+        data,
+        **{
+            "training.max_steps": 22,
+            "checkpoint.every": 8,
+            "spike.factor": 1.4,
+            "spike.window": 5,
+            "spike.min_history": 5,
+            "spike.max_consecutive": 2,
+            "logging.every": log_every,
+        },
+    )
     trainer = Trainer(cfg, out_dir=tmp_path / "run", callbacks=spike_injection([20, 21], vocab_size=384, lr_mult=1.0))
     result = trainer.run()
     events = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
@@ -247,8 +269,16 @@ def test_param_groups_no_decay_rules():
     from complexity.train.config import OptimSection
     from complexity.train.optimizer import param_groups
 
-    cfg = ComplexityConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, mu_mode="guidance", shared_expert=True)
+    cfg = ComplexityConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mu_mode="guidance",
+        shared_expert=True,
+    )
     groups = param_groups(ComplexityForCausalLM(cfg), OptimSection())
     decay, no_decay = groups[0]["names"], groups[1]["names"]
     assert "model.embed_tokens.weight" in no_decay and "model.mu_init" in no_decay
@@ -264,8 +294,10 @@ def test_zipf_table_built_from_data_counts(tiny_data, tmp_path):
     from complexity.routing import build_routing_table
 
     _, data = tiny_data
-    cfg = tiny_config(data, **{"model.routing": "zipf", "training.max_steps": 4, "checkpoint.export_final": False,
-                               "eval.at_end": False})
+    cfg = tiny_config(
+        data,
+        **{"model.routing": "zipf", "training.max_steps": 4, "checkpoint.export_final": False, "eval.at_end": False},
+    )
     trainer = Trainer(cfg, out_dir=None)
     counts = np.load(data / "token_counts.npy")
     assert torch.equal(trainer.model.model.token_to_expert, build_routing_table("zipf", 384, 4, counts=counts))
@@ -319,8 +351,9 @@ def test_data_from_another_vocabulary_is_refused(tiny_data, tmp_path):
 
 def test_too_little_data_is_refused(tiny_data, tmp_path):
     _, data = tiny_data
-    cfg = tiny_config(data, **{"training.micro_batch_size": 128, "training.seq_len": 128,
-                               "training.tokens_per_step": 128 * 128 * 2})
+    cfg = tiny_config(
+        data, **{"training.micro_batch_size": 128, "training.seq_len": 128, "training.tokens_per_step": 128 * 128 * 2}
+    )
     with pytest.raises(ValueError, match="fewer than one batch"):
         Trainer(cfg, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()

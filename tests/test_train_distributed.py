@@ -30,8 +30,16 @@ def setup(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("dist")
     _, data = make_tiny_data(root / "fx")
-    o = tiny_overrides(data, **{"training.max_steps": STEPS, "checkpoint.every": 3, "model.routing": "zipf",
-                                "model.shared_expert": True, "model.mu_mode": "guidance"})
+    o = tiny_overrides(
+        data,
+        **{
+            "training.max_steps": STEPS,
+            "checkpoint.every": 3,
+            "model.routing": "zipf",
+            "model.shared_expert": True,
+            "model.mu_mode": "guidance",
+        },
+    )
     reference = train(load_config(None, o), out_dir=root / "single")
     yield root, o, reference.losses
     torch.set_num_threads(old)
@@ -57,8 +65,12 @@ def test_fsdp_with_gradient_accumulation_matches_one_process(setup):
     """Two micro-batches per rank: FSDP2 accumulates unsharded and reduce-scatters only after the
     last one; the losses must still be those of one process with the same global batch."""
     root, o, _ = setup
-    o = {**o, "training.tokens_per_step": 4 * o["training.micro_batch_size"] * o["training.seq_len"],
-         "training.max_steps": 4, "checkpoint.every": 0}
+    o = {
+        **o,
+        "training.tokens_per_step": 4 * o["training.micro_batch_size"] * o["training.seq_len"],
+        "training.max_steps": 4,
+        "checkpoint.every": 0,
+    }
     single = train(load_config(None, o), out_dir=root / "accum-single").losses
     out = root / "accum-fsdp"
     r = torchrun(2, ["train", "--out", str(out), *override_args({**o, "training.dp": "fsdp"})])
@@ -81,12 +93,20 @@ def test_fsdp_compiled_with_gradient_accumulation_matches_one_process(setup):
     run.json); with FSDP2 and two micro-batches per rank the losses are those of one eager
     process (compiled kernels reorder sums: within RTOL)."""
     root, o, _ = setup
-    o = {**o, "training.tokens_per_step": 4 * o["training.micro_batch_size"] * o["training.seq_len"],
-         "training.max_steps": 3, "checkpoint.every": 0, "checkpoint.export_final": False}
+    o = {
+        **o,
+        "training.tokens_per_step": 4 * o["training.micro_batch_size"] * o["training.seq_len"],
+        "training.max_steps": 3,
+        "checkpoint.every": 0,
+        "checkpoint.export_final": False,
+    }
     single = train(load_config(None, o), out_dir=root / "compiled-single").losses
     out = root / "compiled-fsdp"
-    r = torchrun(2, ["train", "--out", str(out), *override_args({**o, "training.dp": "fsdp", "training.compile": True})],
-                 timeout=600)
+    r = torchrun(
+        2,
+        ["train", "--out", str(out), *override_args({**o, "training.dp": "fsdp", "training.compile": True})],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     _close(read_losses(out), single)
     run = json.loads((out / "run.json").read_text())
@@ -96,9 +116,20 @@ def test_fsdp_compiled_with_gradient_accumulation_matches_one_process(setup):
 def test_cuda_graphs_under_torchrun_are_refused(setup):
     root, o, _ = setup
     out = root / "graphs-fsdp"
-    r = torchrun(2, ["train", "--out", str(out), *override_args({**o, "training.dp": "fsdp", "training.compile": True,
-                                                                 "training.compile_mode": "reduce-overhead"})])
+    r = torchrun(
+        2,
+        [
+            "train",
+            "--out",
+            str(out),
+            *override_args(
+                {**o, "training.dp": "fsdp", "training.compile": True, "training.compile_mode": "reduce-overhead"}
+            ),
+        ],
+    )
     assert r.returncode != 0
-    assert "complexity train: error: training.compile_mode: 'reduce-overhead' replays CUDA graphs, which are not " \
-           "supported under torchrun (2 processes)" in r.stderr
+    assert (
+        "complexity train: error: training.compile_mode: 'reduce-overhead' replays CUDA graphs, which are not "
+        "supported under torchrun (2 processes)" in r.stderr
+    )
     assert not out.exists()

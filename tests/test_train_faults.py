@@ -29,28 +29,39 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, run_cli, tiny_overrides  # noqa: E402
 
 from complexity.cli import main as cli_main  # noqa: E402
-from complexity.train import CheckpointError, DiskFullError, TrainerCallbacks, load_config, train  # noqa: E402
+from complexity.train import (  # noqa: E402
+    CheckpointError,
+    DiskFullError,
+    TrainerCallbacks,
+    durable,  # noqa: E402
+    load_config,
+    train,
+)
 from complexity.train import checkpoint as ckpt_mod  # noqa: E402
-from complexity.train import durable  # noqa: E402
 from complexity.train.metrics import read_metrics, train_losses  # noqa: E402
 
 STEPS = 8
 # Checkpoints at 3 and 6 (keep 2) and at the end; evaluations at 4 and at the end.
-RUN = {"training.max_steps": STEPS, "checkpoint.every": 3, "checkpoint.keep_last": 2, "eval.every": 4,
-       "eval.max_batches": 2}
+RUN = {
+    "training.max_steps": STEPS,
+    "checkpoint.every": 3,
+    "checkpoint.keep_last": 2,
+    "eval.every": 4,
+    "eval.max_batches": 2,
+}
 
 # Every write point of a run, with the occurrence to kill at (name:N = the N-th time).
 KILL_POINTS = [
-    "run.resolved_json",              # before resolved.json is renamed in: nothing there yet
+    "run.resolved_json",  # before resolved.json is renamed in: nothing there yet
     "run.tokenizer.renamed",
     "run.run_json",
-    "metrics.appended:4",             # in the middle of training, no checkpoint yet... after step 3's
-    "checkpoint.dcp_saved:2",         # the second checkpoint (step 6), at each stage
+    "metrics.appended:4",  # in the middle of training, no checkpoint yet... after step 3's
+    "checkpoint.dcp_saved:2",  # the second checkpoint (step 6), at each stage
     "checkpoint.rank_state_saved:2",
     "checkpoint.meta_written:2",
-    "checkpoint.renamed:2",           # step 6 in place, step 3 not yet pruned
-    "checkpoint.pruned:3",            # the last checkpoint (step 8) complete, before the export
-    "export.renamed",                 # final/ in place, summary.json not yet written
+    "checkpoint.renamed:2",  # step 6 in place, step 3 not yet pruned
+    "checkpoint.pruned:3",  # the last checkpoint (step 8) complete, before the export
+    "export.renamed",  # final/ in place, summary.json not yet written
     "run.summary_json",
 ]
 
@@ -91,9 +102,11 @@ def _assert_same_as_reference(run: Path, reference: Path) -> None:
 
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*")) if p.is_file()} | \
-           {str(p.relative_to(folder)): "dir" for p in folder.rglob("*") if p.is_dir()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    } | {str(p.relative_to(folder)): "dir" for p in folder.rglob("*") if p.is_dir()}
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
@@ -141,7 +154,7 @@ def _truncate(path: Path) -> None:
 def _scribble(path: Path) -> None:
     f = next(path.glob("*.distcp"))
     data = bytearray(f.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # same size, other content
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # same size, other content
     f.write_bytes(bytes(data))
 
 
@@ -339,9 +352,9 @@ def test_atomic_file_and_folder_replacement(tmp_path, monkeypatch):
 
 
 def test_tokenizer_replaced_after_prepare_is_refused(tmp_path):
-    from complexity.data.tokenizer import train_tokenizer
-
     from _train_fixtures import corpus_text
+
+    from complexity.data.tokenizer import train_tokenizer
 
     tok, data = make_tiny_data(tmp_path / "d")
     shutil.rmtree(tok)

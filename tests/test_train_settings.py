@@ -30,12 +30,15 @@ def tiny_data(tmp_path_factory):
 # ----------------------------------------------------------------------------- compile: auto and refusals
 
 
-@pytest.mark.parametrize("device, world, scope, mode, why", [
-    ("cuda", 1, "model", "reduce-overhead", "auto: one CUDA GPU"),
-    ("cuda", 8, "layers", "default", "auto: 8 processes under torchrun"),
-    ("cpu", 1, "layers", "default", "auto: the CPU"),
-    ("cuda-ac", 1, "layers", "default", "auto: one CUDA GPU, with activation checkpointing"),
-])
+@pytest.mark.parametrize(
+    "device, world, scope, mode, why",
+    [
+        ("cuda", 1, "model", "reduce-overhead", "auto: one CUDA GPU"),
+        ("cuda", 8, "layers", "default", "auto: 8 processes under torchrun"),
+        ("cpu", 1, "layers", "default", "auto: the CPU"),
+        ("cuda-ac", 1, "layers", "default", "auto: one CUDA GPU, with activation checkpointing"),
+    ],
+)
 def test_compile_auto_picks_the_fastest_setting_that_works(device, world, scope, mode, why):
     ac = device.endswith("-ac")
     cfg = load_config(None, {"training.compile": True, "training.activation_checkpointing": ac})
@@ -49,16 +52,20 @@ def test_compile_settings_from_the_recipe_are_kept_and_said_so():
     r = cfg.resolve(world_size=1, device_type="cuda")
     assert (r.training.compile_scope, r.training.compile_mode) == ("layers", "reduce-overhead")
     assert r.auto["training.compile"].endswith("(auto: one CUDA GPU; compile_scope from the recipe)")
-    both = load_config(None, {"training.compile": True, "training.compile_scope": "layers",
-                              "training.compile_mode": "default"}).resolve(world_size=1, device_type="cuda")
+    both = load_config(
+        None, {"training.compile": True, "training.compile_scope": "layers", "training.compile_mode": "default"}
+    ).resolve(world_size=1, device_type="cuda")
     assert both.auto["training.compile"] == "layers scope, default (recipe)"
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
 def test_cuda_graphs_under_torchrun_are_refused_before_anything_is_built(mode):
     cfg = load_config(None, {"training.compile": True, "training.compile_mode": mode})
-    with pytest.raises(ConfigError, match=rf"training.compile_mode: '{mode}' replays CUDA graphs, which are not "
-                                          r"supported under torchrun \(2 processes\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"training.compile_mode: '{mode}' replays CUDA graphs, which are not "
+        r"supported under torchrun \(2 processes\)",
+    ):
         cfg.resolve(world_size=2, device_type="cuda")
     ok = load_config(None, {"training.compile": True, "training.compile_mode": "max-autotune-no-cudagraphs"})
     assert ok.resolve(world_size=2, device_type="cuda").training.compile_mode == "max-autotune-no-cudagraphs"
@@ -74,8 +81,9 @@ def test_compile_settings_without_compile_are_said_to_be_unused():
 
 
 def test_defaults_follow_the_runs_length_and_given_values_are_checked():
-    short = load_config(None, preset="tiny", overrides={"training.max_steps": 12}).resolve(world_size=1,
-                                                                                          device_type="cpu")
+    short = load_config(None, preset="tiny", overrides={"training.max_steps": 12}).resolve(
+        world_size=1, device_type="cpu"
+    )
     assert (short.schedule.warmup_steps, short.eval.every, short.checkpoint.every) == (1, 6, 6)
     assert short.auto["schedule.warmup_steps"] == "1 (auto: 10% of training.max_steps=12, at most 100)"
     long = load_config(None, {"training.max_steps": 100_000}).resolve(world_size=1, device_type="cpu")
@@ -91,10 +99,22 @@ def test_a_default_never_fails_the_users_command(tiny_data, tmp_path, capsys):
     """`complexity train --preset tiny --data DATA --max-steps 12` used to stop with
     "schedule.warmup_steps: 100 exceeds training.max_steps=12", a value the user never chose."""
     _, data = tiny_data
-    args = ["--preset", "tiny", "--data", str(data), "--max-steps", "2",
-            "model.vocab_size=384", "model.hidden_size=64", "model.intermediate_size=128",
-            "model.num_hidden_layers=1", "training.micro_batch_size=2", "training.seq_len=32",
-            "training.device=\"cpu\"", "logging.tensorboard=false"]
+    args = [
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--max-steps",
+        "2",
+        "model.vocab_size=384",
+        "model.hidden_size=64",
+        "model.intermediate_size=128",
+        "model.num_hidden_layers=1",
+        "training.micro_batch_size=2",
+        "training.seq_len=32",
+        'training.device="cpu"',
+        "logging.tensorboard=false",
+    ]
     assert cli_main(["train", "--out", str(tmp_path / "run"), *args]) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "schedule.warmup_steps: 1 (auto: 10% of training.max_steps=2, at most 100)" in err
@@ -168,12 +188,21 @@ def test_compiled_training_with_accumulation_matches_eager(tiny_data, scope, mod
     generation per micro-batch), which on the CPU replays no graph. Losses agree with eager to
     float32 rounding (the compiled kernels reorder sums)."""
     _, data = tiny_data
-    base = {"training.max_steps": 3, "checkpoint.every": 0, "checkpoint.export_final": False,
-            "training.tokens_per_step": 2 * 4 * 32, "model.mlp_type": "token_routed",
-            "model.shared_expert": True, "model.mu_mode": "guidance"}
+    base = {
+        "training.max_steps": 3,
+        "checkpoint.every": 0,
+        "checkpoint.export_final": False,
+        "training.tokens_per_step": 2 * 4 * 32,
+        "model.mlp_type": "token_routed",
+        "model.shared_expert": True,
+        "model.mu_mode": "guidance",
+    }
     eager = train(tiny_config(data, **base)).losses
-    trainer = Trainer(tiny_config(data, **base, **{"training.compile": True, "training.compile_scope": scope,
-                                                   "training.compile_mode": mode}))
+    trainer = Trainer(
+        tiny_config(
+            data, **base, **{"training.compile": True, "training.compile_scope": scope, "training.compile_mode": mode}
+        )
+    )
     assert trainer.accum == 2 and trainer.cuda_graphs == (mode == "reduce-overhead")
     compiled_modules = [trainer.model] if scope == "model" else list(trainer.model.model.layers)
     assert all(m._compiled_call_impl is not None for m in compiled_modules)
@@ -197,8 +226,11 @@ def test_resume_under_cuda_graph_mode_restores_the_optimizer_state(tiny_data, tm
     _, data = tiny_data
     o = {"training.max_steps": 4, "checkpoint.every": 2, "checkpoint.export_final": False}
     train(tiny_config(data, **o), out_dir=tmp_path / "run", stop_after=2)
-    trainer = Trainer(tiny_config(data, **o, **{"training.compile": True, "training.compile_mode": "reduce-overhead"}),
-                      out_dir=tmp_path / "run", resume=True)
+    trainer = Trainer(
+        tiny_config(data, **o, **{"training.compile": True, "training.compile_mode": "reduce-overhead"}),
+        out_dir=tmp_path / "run",
+        resume=True,
+    )
     assert trainer.cuda_graphs and trainer.step == 2
     assert all(p.grad is not None and not p.grad.any() for p in trainer.model.parameters())
     reference = Trainer(tiny_config(data, **o), out_dir=tmp_path / "run", resume=True)

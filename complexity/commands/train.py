@@ -1,8 +1,8 @@
 """`complexity train`: a thin shell over `complexity.train.train`.
 
-    complexity train --config recipes/tiny.toml --data data/builtin --out runs/tiny
-    complexity train --preset tiny --data DIR --out DIR training.max_steps=200 optim.lr=1e-3
-    torchrun --nproc-per-node 8 -m complexity.cli train --config recipes/tmlr-187m.toml training.dp=fsdp
+complexity train --config recipes/tiny.toml --data data/builtin --out runs/tiny
+complexity train --preset tiny --data DIR --out DIR training.max_steps=200 optim.lr=1e-3
+torchrun --nproc-per-node 8 -m complexity.cli train --config recipes/tmlr-187m.toml training.dp=fsdp
 """
 
 from __future__ import annotations
@@ -48,19 +48,28 @@ def _toml_str(text: str) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model from a recipe or preset (one CPU, one GPU, or torchrun)",
+        "train",
+        help="train a model from a recipe or preset (one CPU, one GPU, or torchrun)",
         description="Train a Complexity model. Overrides are section.key=value (TOML values), e.g. "
-                    "training.max_steps=100 optim.lr=1e-3 model.hidden_size=64 training.dp=fsdp.")
+        "training.max_steps=100 optim.lr=1e-3 model.hidden_size=64 training.dp=fsdp.",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="RECIPE", help="TOML recipe (see recipes/)")
     src.add_argument("--preset", metavar="NAME", help="model preset with default training settings")
     p.add_argument("--data", metavar="DIR", help="prepared data folder (`complexity data prepare`)")
     p.add_argument("--out", metavar="DIR", help="run folder (checkpoints, metrics, final export)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (also the LR schedule length)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest whole checkpoint (start it if there is none)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest whole checkpoint (start it if there is none)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--stop-after", type=int, metavar="N",
-                   help="checkpoint and stop after step N, as if preempted (resume later with --resume)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="checkpoint and stop after step N, as if preempted (resume later with --resume)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, section.key=value")
     p.set_defaults(func=run)

@@ -15,5 +15,16 @@ from .config import ConfigError, RunConfig, load_config
 from .durable import DiskFullError
 from .trainer import RunResult, Trainer, train
 
-__all__ = ["CheckpointError", "ConfigError", "DiskFullError", "RunConfig", "RunResult", "SpikeInjection", "Trainer",
-           "TrainerCallbacks", "load_config", "spike_injection", "train"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DiskFullError",
+    "RunConfig",
+    "RunResult",
+    "SpikeInjection",
+    "Trainer",
+    "TrainerCallbacks",
+    "load_config",
+    "spike_injection",
+    "train",
+]

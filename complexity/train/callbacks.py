@@ -16,7 +16,7 @@ multiplied learning rate at chosen steps.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -53,6 +53,8 @@ class SpikeInjection(TrainerCallbacks):
         return self.lr_mult if step in self.steps else 1.0
 
 
-def spike_injection(step: int | Iterable[int], vocab_size: int, lr_mult: float = 10.0, seed: int = 1234) -> SpikeInjection:
+def spike_injection(
+    step: int | Iterable[int], vocab_size: int, lr_mult: float = 10.0, seed: int = 1234
+) -> SpikeInjection:
     """The spike experiment's fault at `step` (1-based; or several steps)."""
     return SpikeInjection([step] if isinstance(step, int) else step, vocab_size, lr_mult, seed)

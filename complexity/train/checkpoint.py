@@ -36,9 +36,9 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -223,8 +223,10 @@ def find_resume_checkpoint(ckpt_dir: str | Path, log: Callable[[str], None] = pr
             break
         if damaged and choice[0] is None:
             choice[0] = CheckpointError(
-                f"{ckpt_dir}: no usable checkpoint; " + "; ".join(str(e) for _, e in damaged)
-                + ". Nothing was changed: restore a checkpoint, or start over with --overwrite")
+                f"{ckpt_dir}: no usable checkpoint; "
+                + "; ".join(str(e) for _, e in damaged)
+                + ". Nothing was changed: restore a checkpoint, or start over with --overwrite"
+            )
         for folder, err in damaged if choice[0] is not None and not isinstance(choice[0], Exception) else ():
             aside = folder.with_name(f".damaged-{folder.name}")
             shutil.rmtree(aside, ignore_errors=True)

@@ -31,11 +31,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+import tomllib
 
 from ..configuration_complexity import PRESETS, ComplexityConfig
 
@@ -51,8 +52,10 @@ class _Section:
 
     def __setattr__(self, name, value):
         if self._frozen:
-            raise AttributeError(f"{type(self).__name__}.{name}: a resolved run config is read-only "
-                                 "(use dataclasses.replace or RunConfig.from_dict to derive another)")
+            raise AttributeError(
+                f"{type(self).__name__}.{name}: a resolved run config is read-only "
+                "(use dataclasses.replace or RunConfig.from_dict to derive another)"
+            )
         object.__setattr__(self, name, value)
 
     def freeze(self) -> None:
@@ -93,8 +96,8 @@ class ModelSection(_Section):
 
 @dataclass
 class DataSection(_Section):
-    path: str | None = None        # a `complexity data prepare` output folder
-    synthetic: bool = False        # uniform random tokens (throughput benchmarks; no eval, no export tokenizer)
+    path: str | None = None  # a `complexity data prepare` output folder
+    synthetic: bool = False  # uniform random tokens (throughput benchmarks; no eval, no export tokenizer)
 
     def validate(self) -> None:
         if self.synthetic and self.path:
@@ -104,13 +107,13 @@ class DataSection(_Section):
 @dataclass
 class OptimSection(_Section):
     lr: float = 3e-4
-    min_lr: float = 3e-5            # the floor the decay ends at
+    min_lr: float = 3e-5  # the floor the decay ends at
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     decay_embeddings: bool = False  # weight decay on embed_tokens (= tied lm_head)
     decay_norms_and_biases: bool = False  # ... on norms, biases and mu base/init vectors (all 1-D)
-    grad_clip: float | None = 1.0   # max global grad norm; None/0 = no clipping
+    grad_clip: float | None = 1.0  # max global grad norm; None/0 = no clipping
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -128,9 +131,9 @@ class OptimSection(_Section):
 
 @dataclass
 class ScheduleSection(_Section):
-    kind: str = "cosine"            # "cosine" | "wsd" (warmup-stable-decay, linear decay) | "constant"
+    kind: str = "cosine"  # "cosine" | "wsd" (warmup-stable-decay, linear decay) | "constant"
     warmup_steps: int | None = None  # None: 10% of training.max_steps, at most 100
-    decay_fraction: float = 0.2     # wsd: the last fraction of training decays to optim.min_lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of training decays to optim.min_lr
 
     def validate(self) -> None:
         if self.kind not in ("cosine", "wsd", "constant"):
@@ -149,38 +152,45 @@ COMPILE_SCOPES = ("layers", "model")
 @dataclass
 class TrainingSection(_Section):
     seed: int = 0
-    max_steps: int = 1000           # optimizer steps; also the length of the LR schedule
-    micro_batch_size: int = 8       # sequences per rank per forward/backward
+    max_steps: int = 1000  # optimizer steps; also the length of the LR schedule
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
     seq_len: int = 2048
     tokens_per_step: int | None = None  # global tokens per optimizer step; None = micro * seq * world (no accumulation)
-    precision: str = "auto"         # "auto" (fp32 on CPU, bf16-mixed on GPU) | "fp32" | "bf16-mixed" | "bf16"
-    compile: bool = False           # torch.compile the model (and the loss)
-    compile_mode: str = "auto"      # torch.compile mode: "auto" | "default" | "reduce-overhead" (CUDA
-                                    # graphs) | "max-autotune-no-cudagraphs" | "max-autotune"
-    compile_scope: str = "auto"     # "auto" | "layers": each decoder layer | "model": the whole model
-                                    # as one graph. auto (both): the fastest setting that works here,
-                                    # see `resolve_compile`
+    precision: str = "auto"  # "auto" (fp32 on CPU, bf16-mixed on GPU) | "fp32" | "bf16-mixed" | "bf16"
+    compile: bool = False  # torch.compile the model (and the loss)
+    compile_mode: str = "auto"  # torch.compile mode: "auto" | "default" | "reduce-overhead" (CUDA
+    # graphs) | "max-autotune-no-cudagraphs" | "max-autotune"
+    compile_scope: str = "auto"  # "auto" | "layers": each decoder layer | "model": the whole model
+    # as one graph. auto (both): the fastest setting that works here,
+    # see `resolve_compile`
     activation_checkpointing: bool = False
-    dp: str = "ddp"                 # data parallelism under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
+    dp: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     fsdp_reshard_after_forward: bool = True  # False: keep each layer's gathered weights from forward to
-                                    # backward (one all-gather per micro-batch instead of two, more memory)
-    device: str = "auto"            # "auto" | "cpu" | "cuda"
+    # backward (one all-gather per micro-batch instead of two, more memory)
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
 
     def validate(self) -> None:
         for name in ("max_steps", "micro_batch_size", "seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"training.{name}: must be a positive integer, got {v!r}")
-        if self.tokens_per_step is not None and (not isinstance(self.tokens_per_step, int) or self.tokens_per_step <= 0):
+        if self.tokens_per_step is not None and (
+            not isinstance(self.tokens_per_step, int) or self.tokens_per_step <= 0
+        ):
             raise ConfigError(f"training.tokens_per_step: must be a positive integer, got {self.tokens_per_step!r}")
         if self.precision not in ("auto", "fp32", "bf16-mixed", "bf16"):
-            raise ConfigError(f"training.precision: unknown value {self.precision!r}; expected auto, fp32, bf16-mixed or bf16")
+            raise ConfigError(
+                f"training.precision: unknown value {self.precision!r}; expected auto, fp32, bf16-mixed or bf16"
+            )
         if self.compile_mode not in ("auto", *COMPILE_MODES):
-            raise ConfigError(f"training.compile_mode: unknown value {self.compile_mode!r}; expected one of "
-                              + ", ".join(("auto", *COMPILE_MODES)))
+            raise ConfigError(
+                f"training.compile_mode: unknown value {self.compile_mode!r}; expected one of "
+                + ", ".join(("auto", *COMPILE_MODES))
+            )
         if self.compile_scope not in ("auto", *COMPILE_SCOPES):
-            raise ConfigError(f"training.compile_scope: unknown value {self.compile_scope!r}; expected auto, "
-                              "layers or model")
+            raise ConfigError(
+                f"training.compile_scope: unknown value {self.compile_scope!r}; expected auto, layers or model"
+            )
         if self.dp not in ("ddp", "fsdp"):
             raise ConfigError(f"training.dp: unknown value {self.dp!r}; expected ddp or fsdp")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -209,7 +219,11 @@ class TrainingSection(_Section):
         elif device_type == "cuda":
             scope, mode, why = "layers", "default", f"{world_size} processes under torchrun"
         else:
-            scope, mode, why = "layers", "default", "the CPU" if world_size == 1 else f"{world_size} processes on the CPU"
+            scope, mode, why = (
+                "layers",
+                "default",
+                "the CPU" if world_size == 1 else f"{world_size} processes on the CPU",
+            )
         given = [name for name in ("compile_scope", "compile_mode") if getattr(self, name) != "auto"]
         scope = self.compile_scope if self.compile_scope != "auto" else scope
         mode = self.compile_mode if self.compile_mode != "auto" else mode
@@ -218,9 +232,13 @@ class TrainingSection(_Section):
                 f"training.compile_mode: {mode!r} replays CUDA graphs, which are not supported under torchrun "
                 f"({world_size} processes): FSDP2 gathers the parameters into fresh memory for every micro-batch "
                 "and DDP has not been verified with them; use 'default' or 'max-autotune-no-cudagraphs' "
-                "(or leave it to 'auto')")
-        why = "recipe" if len(given) == 2 else (f"auto: {why}" if not given else f"auto: {why}; "
-                                                 + ", ".join(f"{g} from the recipe" for g in given))
+                "(or leave it to 'auto')"
+            )
+        why = (
+            "recipe"
+            if len(given) == 2
+            else (f"auto: {why}" if not given else f"auto: {why}; " + ", ".join(f"{g} from the recipe" for g in given))
+        )
         return scope, mode, why
 
     def grad_accum(self, world_size: int) -> int:
@@ -238,11 +256,11 @@ class TrainingSection(_Section):
 
 @dataclass
 class CheckpointSection(_Section):
-    every: int | None = None        # steps between checkpoints (0 = only on signal / at the end);
-                                    # None: half of training.max_steps, at most 500
+    every: int | None = None  # steps between checkpoints (0 = only on signal / at the end);
+    # None: half of training.max_steps, at most 500
     keep_last: int = 3
-    save_on_signal: bool = True     # SIGTERM/SIGINT: checkpoint at the end of the current step, then exit
-    export_final: bool = True       # OUT/final: Hugging Face folder (safetensors + config + tokenizer)
+    save_on_signal: bool = True  # SIGTERM/SIGINT: checkpoint at the end of the current step, then exit
+    export_final: bool = True  # OUT/final: Hugging Face folder (safetensors + config + tokenizer)
 
     def validate(self) -> None:
         if self.every is not None and self.every < 0:
@@ -253,9 +271,9 @@ class CheckpointSection(_Section):
 
 @dataclass
 class EvalSection(_Section):
-    every: int | None = None        # steps between evaluations (0 = never during training);
-                                    # None: half of training.max_steps, at most 500
-    max_batches: int | None = 50    # None = the whole validation split
+    every: int | None = None  # steps between evaluations (0 = never during training);
+    # None: half of training.max_steps, at most 500
+    max_batches: int | None = 50  # None = the whole validation split
     at_end: bool = True
 
     def validate(self) -> None:
@@ -269,10 +287,10 @@ class EvalSection(_Section):
 class LoggingSection(_Section):
     every: int = 10
     tensorboard: bool = True
-    wandb: bool = False             # only if the wandb package is installed
+    wandb: bool = False  # only if the wandb package is installed
     wandb_project: str = "complexity"
     peak_flops: float | None = None  # per device, for MFU; None = the bf16 matmul peak measured at the start
-    progress: bool = True           # live progress line on stderr
+    progress: bool = True  # live progress line on stderr
 
     def validate(self) -> None:
         if self.every <= 0:
@@ -285,11 +303,12 @@ class LoggingSection(_Section):
 class SpikeSection(_Section):
     """Loss-spike guard. A step is a spike when its loss or grad norm is not finite, or its loss
     exceeds `factor` times the mean of the last `window` good losses (once `min_history` exist)."""
+
     enabled: bool = True
     factor: float = 3.0
     window: int = 50
     min_history: int = 10
-    max_consecutive: int = 3        # after this many spikes in a row, restore the last checkpoint
+    max_consecutive: int = 3  # after this many spikes in a row, restore the last checkpoint
 
     def validate(self) -> None:
         if self.factor <= 1:
@@ -334,7 +353,7 @@ class RunConfig(_Section):
     logging: LoggingSection = field(default_factory=LoggingSection)
     spike: SpikeSection = field(default_factory=SpikeSection)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         for name in SECTIONS:
             getattr(self, name).validate()
         if self.schedule.warmup_steps is not None and self.schedule.warmup_steps > self.training.max_steps:
@@ -348,7 +367,7 @@ class RunConfig(_Section):
             )
         return self
 
-    def resolve(self, *, world_size: int, device_type: str, out: str | None = None) -> "RunConfig":
+    def resolve(self, *, world_size: int, device_type: str, out: str | None = None) -> RunConfig:
         """This recipe as the trainer runs it on `world_size` processes of `device_type`: a read-only
         copy in which nothing is left to decide ("auto" values, the global batch, the defaults
         that follow the run's length). `auto` on the result records what was chosen and why."""
@@ -360,13 +379,18 @@ class RunConfig(_Section):
         if t.tokens_per_step is None:
             t.tokens_per_step = t.micro_batch_size * t.seq_len * world_size
         t.grad_accum(world_size)  # raises when the global batch does not divide
-        follow = [("schedule", "warmup_steps", 0.1, 100), ("eval", "every", 0.5, 500),
-                  ("checkpoint", "every", 0.5, 500)]
+        follow = [
+            ("schedule", "warmup_steps", 0.1, 100),
+            ("eval", "every", 0.5, 500),
+            ("checkpoint", "every", 0.5, 500),
+        ]
         for section, key, fraction, cap in follow:
             if getattr(getattr(cfg, section), key) is None:
                 value = max(1, min(cap, round(fraction * steps)))
                 setattr(getattr(cfg, section), key, value)
-                auto[f"{section}.{key}"] = f"{value} (auto: {fraction:.0%} of training.max_steps={steps}, at most {cap})"
+                auto[f"{section}.{key}"] = (
+                    f"{value} (auto: {fraction:.0%} of training.max_steps={steps}, at most {cap})"
+                )
         t.device = device_type
         if t.precision == "auto":
             t.precision = "bf16-mixed" if device_type == "cuda" else "fp32"
@@ -408,7 +432,7 @@ class RunConfig(_Section):
         return ident
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict, where: str = "config") -> RunConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a table at the top level")
         config = cls()
@@ -468,7 +492,9 @@ def _coerce(section: str, key: str, f: dataclasses.Field, value):
     if base not in ok:
         return value
     if not ok[base]:
-        raise ConfigError(f"{section}.{key}: expected {_TYPE_NAMES[base]}{' or none' if optional else ''}, got {value!r}")
+        raise ConfigError(
+            f"{section}.{key}: expected {_TYPE_NAMES[base]}{' or none' if optional else ''}, got {value!r}"
+        )
     return float(value) if base == "float" else value
 
 
@@ -505,8 +531,9 @@ def apply_overrides(data: dict, overrides: list[str] | dict | None) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
-                preset: str | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None, preset: str | None = None
+) -> RunConfig:
     """A validated RunConfig from a TOML recipe (or resolved.json) and/or a preset, plus overrides."""
     data: dict = {}
     where = "config"

@@ -23,8 +23,15 @@ class SlotLoader:
     def __init__(self, path, batch_size: int, seq_len: int, seed: int, slot: int, num_slots: int, vocab_size: int):
         from ..data.loader import TrainLoader
 
-        self.loader = TrainLoader(path, batch_size=batch_size, seq_len=seq_len, seed=seed, rank=slot,
-                                  world_size=num_slots, vocab_size=vocab_size)
+        self.loader = TrainLoader(
+            path,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            seed=seed,
+            rank=slot,
+            world_size=num_slots,
+            vocab_size=vocab_size,
+        )
         self._it = None
 
     def __next__(self) -> dict:
@@ -40,13 +47,28 @@ class SlotLoader:
         self._it = None
 
 
-def make_val_loader(path, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                    max_batches: int | None = None, vocab_size: int | None = None):
+def make_val_loader(
+    path,
+    batch_size: int,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+    vocab_size: int | None = None,
+):
     """Every val sample once, in order (`complexity.data.loader.EvalLoader`); rank r takes r::world."""
     from ..data.loader import EvalLoader
 
-    return EvalLoader(path, batch_size=batch_size, seq_len=seq_len, split="val", rank=rank,
-                      world_size=world_size, max_batches=max_batches, vocab_size=vocab_size)
+    return EvalLoader(
+        path,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        split="val",
+        rank=rank,
+        world_size=world_size,
+        max_batches=max_batches,
+        vocab_size=vocab_size,
+    )
 
 
 def zipf_counts(path, manifest: dict, vocab_size: int, rank: int, world_size: int) -> tuple[np.ndarray, bool]:
@@ -68,7 +90,7 @@ def zipf_counts(path, manifest: dict, vocab_size: int, rank: int, world_size: in
     for i, shard in enumerate(tokens.shards):
         if i % world_size == rank:
             for start in range(0, shard.size, 1 << 24):
-                out += count_token_frequencies(np.asarray(shard[start:start + (1 << 24)]), vocab_size)
+                out += count_token_frequencies(np.asarray(shard[start : start + (1 << 24)]), vocab_size)
     return out, True
 
 

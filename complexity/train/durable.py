@@ -25,8 +25,8 @@ import os
 import shutil
 import signal
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 KILL_ENV = "COMPLEXITY_KILL_AT"
 fault_hook: Callable[[str], None] | None = None
@@ -58,8 +58,10 @@ class DiskFullError(OSError):
                 pass
         need = f"needed about {_size(needed)}" if needed is not None else "needed more space"
         have = f", {_size(free)} free" if free is not None else ""
-        super().__init__(errno.ENOSPC, f"{what or 'writing'} {self.path}: the disk is full ({need}{have})"
-                                       + (f"; {note}" if note else ""))
+        super().__init__(
+            errno.ENOSPC,
+            f"{what or 'writing'} {self.path}: the disk is full ({need}{have})" + (f"; {note}" if note else ""),
+        )
 
     def __str__(self) -> str:
         return self.strerror

@@ -39,10 +39,12 @@ def count_expert_tokens(model: torch.nn.Module):
     counts = [None] * len(banks)
     handles = []
     for i, bank in enumerate(banks):
+
         def hook(module, args, i=i):
             ids = args[1].detach().reshape(-1)
             c = torch.bincount(ids, minlength=module.num_experts).to(torch.float64)
             counts[i] = c if counts[i] is None else counts[i] + c
+
         handles.append(bank.register_forward_pre_hook(hook))
     try:
         yield counts
@@ -52,10 +54,19 @@ def count_expert_tokens(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, *, device: torch.device, vocab_size: int,
-             autocast_dtype: torch.dtype | None = None, max_batches: int | None = None,
-             split_tokens: int | None = None, split_bytes: int | None = None,
-             expert_shares: bool = True, forward=None) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    batches,
+    *,
+    device: torch.device,
+    vocab_size: int,
+    autocast_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+    split_tokens: int | None = None,
+    split_bytes: int | None = None,
+    expert_shares: bool = True,
+    forward=None,
+) -> dict:
     """Evaluate over `batches` (dicts with input_ids/labels). Collective when distributed (sums
     are all-reduced; every rank must call it). `forward` is the callable to run (default `model`,
     e.g. a DDP wrapper)."""
@@ -74,8 +85,9 @@ def evaluate(model: torch.nn.Module, batches, *, device: torch.device, vocab_siz
             amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
             with amp:
                 logits = forward(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, vocab_size), labels.reshape(-1),
-                                   reduction="sum", ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, vocab_size), labels.reshape(-1), reduction="sum", ignore_index=-100
+            )
             nats += loss.double()
             tokens += (labels != -100).sum().double()
     all_reduce_(nats)
@@ -113,19 +125,32 @@ def load_for_eval(ckpt: str | Path, device: torch.device, check=None):
     from .config import RunConfig
 
     ckpt = Path(ckpt)
-    training = ckpt.is_dir() and not (ckpt / "config.json").exists() and (
-        (ckpt / "meta.json").exists() or (ckpt / "checkpoints").is_dir() or any(ckpt.glob("step_*")))
+    training = (
+        ckpt.is_dir()
+        and not (ckpt / "config.json").exists()
+        and ((ckpt / "meta.json").exists() or (ckpt / "checkpoints").is_dir() or any(ckpt.glob("step_*")))
+    )
     if not training:  # a Hugging Face folder, every file checked (complexity.checkpoint_folder)
         tokenizer = str(ckpt) if (ckpt / "tokenizer.json").is_file() else None
         info = {"source": "hf", "path": str(ckpt), "seq_len": None, "tokenizer": tokenizer}
-        model, _ = load_checkpoint_folder(ckpt, device=device, dtype=torch.float32, tokenizer=False,
-                                          check=(lambda config: check(config, info)) if check else None)
+        model, _ = load_checkpoint_folder(
+            ckpt,
+            device=device,
+            dtype=torch.float32,
+            tokenizer=False,
+            check=(lambda config: check(config, info)) if check else None,
+        )
         return model, info
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
     config = RunConfig.from_dict(meta["config"], where=f"{path}/meta.json")
-    info = {"source": "checkpoint", "path": str(path), "step": meta["step"], "seq_len": config.training.seq_len,
-            "data": config.data.path}
+    info = {
+        "source": "checkpoint",
+        "path": str(path),
+        "step": meta["step"],
+        "seq_len": config.training.seq_len,
+        "data": config.data.path,
+    }
     model = ComplexityForCausalLM(config.model.build())
     if check is not None:
         check(model.config, info)
@@ -133,8 +158,15 @@ def load_for_eval(ckpt: str | Path, device: torch.device, check=None):
     return model.to(device), info
 
 
-def evaluate_checkpoint(ckpt: str | Path, data: str | Path, *, max_batches: int | None = None,
-                        batch_size: int = 8, seq_len: int | None = None, device: str = "auto") -> dict:
+def evaluate_checkpoint(
+    ckpt: str | Path,
+    data: str | Path,
+    *,
+    max_batches: int | None = None,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    device: str = "auto",
+) -> dict:
     """The `complexity eval` library function: held-out metrics of a checkpoint on a prepared
     folder's val split. Checks the data against the model's vocabulary and tokenizer before any
     weight is loaded."""
@@ -152,14 +184,22 @@ def evaluate_checkpoint(ckpt: str | Path, data: str | Path, *, max_batches: int 
             data_manifest.check_same_run_tokenizer(manifest, data, info["data"], info["path"])
         seq_len = seq_len or info.get("seq_len") or min(config.max_position_embeddings, 2048)
         if data_manifest.split_tokens(manifest, "val") < seq_len + 1:
-            raise ValueError(f"data {str(data)!r}: the val split has {data_manifest.split_tokens(manifest, 'val')} "
-                             f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+            raise ValueError(
+                f"data {str(data)!r}: the val split has {data_manifest.split_tokens(manifest, 'val')} "
+                f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1}"
+            )
 
     model, info = load_for_eval(ckpt, dev, check=check)
     loader = data_mod.make_val_loader(data, batch_size, seq_len, vocab_size=model.config.vocab_size)
-    result = evaluate(model, iter(loader), device=dev, vocab_size=model.config.vocab_size, max_batches=max_batches,
-                      split_tokens=data_manifest.split_tokens(manifest, "val"),
-                      split_bytes=data_manifest.split_bytes(manifest, "val"))
+    result = evaluate(
+        model,
+        iter(loader),
+        device=dev,
+        vocab_size=model.config.vocab_size,
+        max_batches=max_batches,
+        split_tokens=data_manifest.split_tokens(manifest, "val"),
+        split_bytes=data_manifest.split_bytes(manifest, "val"),
+    )
     result.update({"checkpoint": info["path"], "data": str(data), "seq_len": seq_len, "batch_size": batch_size})
     if "step" in info:
         result["step"] = info["step"]

@@ -38,8 +38,9 @@ def export_hf(model: torch.nn.Module, model_config, out_dir: Path, tokenizer: Pa
             export_model = ComplexityForCausalLM(model_config)
         export_model.load_state_dict(state, strict=False, assign=True)
         export_model.tie_weights()
-        missing = [n for n, p in export_model.named_parameters() if p.is_meta] + \
-                  [n for n, b in export_model.named_buffers() if b.is_meta]
+        missing = [n for n, p in export_model.named_parameters() if p.is_meta] + [
+            n for n, b in export_model.named_buffers() if b.is_meta
+        ]
         if missing:
             raise RuntimeError(f"export: weights missing from the state dict: {missing[:5]}")
         tmp = out_dir / ".final.tmp"

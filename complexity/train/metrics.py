@@ -90,7 +90,7 @@ def measure_matmul_peak(device: torch.device, n: int = 8192, iters: int = 50, tr
         for _ in range(iters):
             a @ b
         torch.cuda.synchronize(device)
-        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t))
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t))
     del a, b
     torch.cuda.empty_cache()
     return best
@@ -116,9 +116,17 @@ class MetricsLogger:
     `resume_step`: None for a new run (no metrics.jsonl yet), else the step the run continues
     from (0 for a run restarted before its first checkpoint): the log gets a "resumed" record."""
 
-    def __init__(self, out_dir: Path | None, *, tensorboard: bool, wandb: bool = False,
-                 wandb_project: str = "complexity", run_config: dict | None = None, progress: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        out_dir: Path | None,
+        *,
+        tensorboard: bool,
+        wandb: bool = False,
+        wandb_project: str = "complexity",
+        run_config: dict | None = None,
+        progress: bool = True,
+        resume_step: int | None = None,
+    ):
         self.enabled = out_dir is not None
         self.progress = progress
         self.jsonl = None
@@ -138,14 +146,19 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+                self.tb = SummaryWriter(
+                    str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:
                 print("warning: tensorboard is not installed; no TensorBoard events", file=sys.stderr)
         if wandb:
             try:
                 import wandb as _wandb
-                self.wandb = _wandb.init(project=wandb_project, config=run_config, dir=str(out_dir),
-                                         name=out_dir.name, resume="allow")
+
+                self.wandb = _wandb.init(
+                    project=wandb_project, config=run_config, dir=str(out_dir), name=out_dir.name, resume="allow"
+                )
             except ImportError:
                 print("warning: logging.wandb = true but wandb is not installed; skipping", file=sys.stderr)
 
@@ -171,7 +184,9 @@ class MetricsLogger:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._append(record)
         step = record.get("step", 0)
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        scalars = {
+            k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         if self.tb is not None:
             prefix = "eval/" if any(k.startswith("val_") for k in record) else "train/"
             for k, v in scalars.items():
@@ -183,13 +198,16 @@ class MetricsLogger:
         self.log({"step": step, "event": event, **fields})
         self.message(f"step {step}: {event} {json.dumps(fields)}")
 
-    def progress_line(self, step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float,
-                      mfu: float | None, eta_s: float) -> None:
+    def progress_line(
+        self, step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None, eta_s: float
+    ) -> None:
         if not self.progress:
             return
         mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        line = (f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
-                f"MFU {mfu_s} | ETA {format_duration(eta_s)}")
+        line = (
+            f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+            f"MFU {mfu_s} | ETA {format_duration(eta_s)}"
+        )
         if self._tty:
             sys.stderr.write("\r\033[K" + line)
         else:

@@ -20,8 +20,16 @@ from torch import nn
 
 from .config import OptimSection, ScheduleSection
 
-_NO_DECAY_SUFFIXES = ("layernorm.weight", "norm.weight", "q_norm.weight", "k_norm.weight", ".bias",
-                      "mu_init", "mu_guidance.mu", "dynamics.mu")
+_NO_DECAY_SUFFIXES = (
+    "layernorm.weight",
+    "norm.weight",
+    "q_norm.weight",
+    "k_norm.weight",
+    ".bias",
+    "mu_init",
+    "mu_guidance.mu",
+    "dynamics.mu",
+)
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_positions.weight")
 
 
@@ -50,7 +58,8 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
         if not p.requires_grad:
             continue
         skip = (is_norm_bias_or_mu(name, p) and not optim.decay_norms_and_biases) or (
-            is_embedding(name) and not optim.decay_embeddings)
+            is_embedding(name) and not optim.decay_embeddings
+        )
         (no_decay if skip else decay).append(p)
         (no_decay_names if skip else decay_names).append(name)
     groups = [
@@ -90,11 +99,11 @@ def lr_at(step: int, optim: OptimSection, schedule: ScheduleSection, max_steps: 
     return lr + (floor - lr) * progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, schedule: ScheduleSection,
-                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimSection, schedule: ScheduleSection, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     base = optim.lr
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, optim, schedule, max_steps) / base)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim, schedule, max_steps) / base)
 
 
 def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:

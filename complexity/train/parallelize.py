@@ -136,8 +136,11 @@ def apply_fsdp(model: nn.Module, device: torch.device, precision: str, reshard_a
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16-mixed" else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "bf16-mixed"
+        else MixedPrecisionPolicy()
+    )
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed right away in backward: keep them gathered.

@@ -31,8 +31,7 @@ from .durable import recover_dir, replace_dir, write_json
 from .metrics import METRICS, read_metrics
 from .parallelize import barrier
 
-RUN_FILES = ("resolved.json", "run.json", METRICS, "summary.json", "tensorboard", "tokenizer", "checkpoints",
-             "final")
+RUN_FILES = ("resolved.json", "run.json", METRICS, "summary.json", "tensorboard", "tokenizer", "checkpoints", "final")
 
 
 def _own_temporary(name: str) -> bool:
@@ -105,11 +104,15 @@ class RunFolder:
                 raise FileExistsError(f"--resume {out}: this folder holds no run (no resolved.json)")
             if not overwrite:
                 what = "another run" if resolved.is_file() else "other files"
-                raise FileExistsError(f"output folder {out} already holds {what}: use --resume to continue it, "
-                                      "--overwrite to replace it, or another --out")
+                raise FileExistsError(
+                    f"output folder {out} already holds {what}: use --resume to continue it, "
+                    "--overwrite to replace it, or another --out"
+                )
             if not resolved.is_file():
-                raise FileExistsError(f"output folder {out} holds files that are not a training run; "
-                                      "refusing to --overwrite it (choose another --out)")
+                raise FileExistsError(
+                    f"output folder {out} holds files that are not a training run; "
+                    "refusing to --overwrite it (choose another --out)"
+                )
             barrier()  # every rank has looked at the folder before rank 0 empties it
             if self.is_main:
                 self._remove_run_files()
@@ -164,19 +167,23 @@ class RunFolder:
         copy = self.path / "tokenizer"
         if own_copy and copy.is_dir():
             if expected_hash and tokenizer_hash(copy) != expected_hash:
-                raise ValueError(f"{copy}: does not match the tokenizer the data was prepared with "
-                                 f"(hash {expected_hash[:12]}): this run folder was changed")
+                raise ValueError(
+                    f"{copy}: does not match the tokenizer the data was prepared with "
+                    f"(hash {expected_hash[:12]}): this run folder was changed"
+                )
             return copy
         if not (source / "tokenizer.json").is_file():
-            self.log(f"the tokenizer the data was prepared with ({source}) is gone: the export will have no "
-                     "tokenizer files")
+            self.log(
+                f"the tokenizer the data was prepared with ({source}) is gone: the export will have no tokenizer files"
+            )
             return None
         found = tokenizer_hash(source)
         if expected_hash and found != expected_hash:
             raise ValueError(
                 f"tokenizer {source}: changed since the data was prepared (hash {found[:12]}, the data manifest "
                 f"records {expected_hash[:12]}); the exported model would ship a tokenizer that does not match "
-                "its training data. Restore the tokenizer, or prepare the data again with this one")
+                "its training data. Restore the tokenizer, or prepare the data again with this one"
+            )
         return source
 
     def write_tokenizer(self, source: Path | None) -> Path | None:

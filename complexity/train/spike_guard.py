@@ -27,7 +27,7 @@ class SpikeGuard:
         self.cfg = cfg
         self.history = torch.zeros(cfg.window, dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.long, device=device)  # losses held (<= window)
-        self.slot = torch.zeros((), dtype=torch.long, device=device)   # where the next good loss goes
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # where the next good loss goes
         self._slots = torch.arange(cfg.window, device=device)
         self.consecutive = 0
 
@@ -39,8 +39,9 @@ class SpikeGuard:
         if not self.cfg.enabled:
             return torch.zeros((), dtype=torch.long, device=loss.device), mean
         above = (self.count >= self.cfg.min_history) & (loss > self.cfg.factor * mean)
-        code = torch.where(~torch.isfinite(loss), 1,
-                           torch.where(~torch.isfinite(grad_norm), 2, torch.where(above, 3, 0)))
+        code = torch.where(
+            ~torch.isfinite(loss), 1, torch.where(~torch.isfinite(grad_norm), 2, torch.where(above, 3, 0))
+        )
         good = code == 0
         write = good & (self._slots == self.slot)
         self.history.copy_(torch.where(write, loss, self.history))
@@ -65,11 +66,13 @@ class SpikeGuard:
 
     def state_dict(self) -> dict:
         n, slot, values = int(self.count), int(self.slot), self.history.tolist()
-        return {"history": values[:n] if n < self.cfg.window else values[slot:] + values[:slot],
-                "consecutive": self.consecutive}
+        return {
+            "history": values[:n] if n < self.cfg.window else values[slot:] + values[:slot],
+            "consecutive": self.consecutive,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        values = list(state.get("history", []))[-self.cfg.window:]
+        values = list(state.get("history", []))[-self.cfg.window :]
         self.history.zero_()
         self.history[: len(values)] = torch.tensor(values, dtype=torch.float64)
         self.count.fill_(len(values))

@@ -58,17 +58,17 @@ from .spike_guard import SpikeGuard
 @dataclass
 class RunResult:
     out_dir: Path | None
-    step: int                                   # optimizer steps completed (incl. skipped spikes)
+    step: int  # optimizer steps completed (incl. skipped spikes)
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> global mean loss, this process's steps
-    eval: dict | None = None                    # the last evaluation
-    interrupted: bool = False                   # stopped by a signal or stop_after (a checkpoint was written)
-    final_dir: Path | None = None               # the exported Hugging Face folder
-    checkpoint: Path | None = None              # the last checkpoint written
-    tokens_per_s: float | None = None           # mean over the measured steps (see Throughput)
+    eval: dict | None = None  # the last evaluation
+    interrupted: bool = False  # stopped by a signal or stop_after (a checkpoint was written)
+    final_dir: Path | None = None  # the exported Hugging Face folder
+    checkpoint: Path | None = None  # the last checkpoint written
+    tokens_per_s: float | None = None  # mean over the measured steps (see Throughput)
     measured_steps: int = 0
     mfu: float | None = None
     peak_memory_bytes: int | None = None
-    signal: int | None = None                   # the signal that stopped the run, if any
+    signal: int | None = None  # the signal that stopped the run, if any
 
 
 @dataclass
@@ -77,8 +77,8 @@ class _LaunchedStep:
 
     step: int
     lr: float
-    values: torch.Tensor                 # [loss, grad norm, spike code, running mean], host
-    ready: torch.cuda.Event | None       # recorded after the copy (CUDA), None elsewhere
+    values: torch.Tensor  # [loss, grad norm, spike code, running mean], host
+    ready: torch.cuda.Event | None  # recorded after the copy (CUDA), None elsewhere
 
 
 class _Signals:
@@ -134,8 +134,11 @@ class Trainer:
         # Everything left to decide is decided here, for this machine; the config is read-only
         # from here on. Raises for a global batch that does not divide, or a compile setting that
         # cannot run here, before anything is built.
-        self.config = cfg = config.resolve(world_size=self.info.world_size, device_type=self.device.type,
-                                           out=str(out_dir) if out_dir is not None else None)
+        self.config = cfg = config.resolve(
+            world_size=self.info.world_size,
+            device_type=self.device.type,
+            out=str(out_dir) if out_dir is not None else None,
+        )
         self.precision = cfg.training.precision
         self.accum = cfg.training.grad_accum(self.info.world_size)
         self.out_dir = Path(cfg.out) if cfg.out else None
@@ -149,7 +152,7 @@ class Trainer:
         self._build_loaders()
         start = self.folder.start(cfg, resume=resume, overwrite=overwrite)
         self.resumed_from = self.last_checkpoint = start.checkpoint
-        self.losses: dict[int, float] = {}                          # step -> loss, as read back
+        self.losses: dict[int, float] = {}  # step -> loss, as read back
         self.step = ckpt_mod.read_meta(start.checkpoint)["step"] if start.checkpoint else 0
         self.finished = start.resumed and self.folder.finished(self.step, cfg.training.max_steps, self._exports)
         if self.finished:
@@ -174,10 +177,15 @@ class Trainer:
             self.folder.write_config(cfg)
         self.tokenizer = self.folder.write_tokenizer(self.tokenizer)
         self.folder.write_run_info(self._run_info())
-        self.logger = MetricsLogger(self.out_dir if self.info.is_main else None, tensorboard=cfg.logging.tensorboard,
-                                    wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                                    run_config=cfg.to_dict(), progress=show,
-                                    resume_step=self.step if start.resumed else None)
+        self.logger = MetricsLogger(
+            self.out_dir if self.info.is_main else None,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            run_config=cfg.to_dict(),
+            progress=show,
+            resume_step=self.step if start.resumed else None,
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -199,11 +207,16 @@ class Trainer:
         self.num_slots = self.accum * info.world_size
         self.slots = list(range(info.rank * self.accum, (info.rank + 1) * self.accum))
         if self.config.data.synthetic:
-            self.loaders = [data_mod.SyntheticLoader(vocab, t.micro_batch_size, t.seq_len, t.seed, s)
-                            for s in self.slots]
+            self.loaders = [
+                data_mod.SyntheticLoader(vocab, t.micro_batch_size, t.seq_len, t.seed, s) for s in self.slots
+            ]
         else:
-            self.loaders = [data_mod.SlotLoader(self.config.data.path, t.micro_batch_size, t.seq_len, t.seed, s,
-                                                self.num_slots, vocab) for s in self.slots]
+            self.loaders = [
+                data_mod.SlotLoader(
+                    self.config.data.path, t.micro_batch_size, t.seq_len, t.seed, s, self.num_slots, vocab
+                )
+                for s in self.slots
+            ]
 
     def _build_model(self, model: torch.nn.Module | None, zipf: bool) -> None:
         from ..modeling_complexity import ComplexityForCausalLM
@@ -227,15 +240,20 @@ class Trainer:
         self.forward_module = parallelize(model, cfg.training, self.info, self.precision)
         # Compiled, the fp32 cast, log-softmax and its gradient fuse into a few passes over the
         # bf16 logits instead of materialising fp32 copies of a [tokens, vocab] tensor.
-        self.loss_fn = torch.compile(causal_lm_loss, dynamic=False, mode=cfg.training.compile_mode) \
-            if cfg.training.compile else causal_lm_loss
+        self.loss_fn = (
+            torch.compile(causal_lm_loss, dynamic=False, mode=cfg.training.compile_mode)
+            if cfg.training.compile
+            else causal_lm_loss
+        )
         self.cuda_graphs = cfg.training.compile and cfg.training.compile_mode in CUDA_GRAPH_MODES
         self.autocast = uses_autocast(cfg.training, self.info, self.precision)
-        self.active_params = count_parameters(model).active if self.complexity else \
-            sum(p.numel() for p in model.parameters())
+        self.active_params = (
+            count_parameters(model).active if self.complexity else sum(p.numel() for p in model.parameters())
+        )
         mc = self.model_config
-        self.flops_per_token = flops_per_token(self.active_params, mc.num_hidden_layers, mc.num_attention_heads,
-                                               mc.head_dim, cfg.training.seq_len)
+        self.flops_per_token = flops_per_token(
+            self.active_params, mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim, cfg.training.seq_len
+        )
 
     def _install_zipf_table(self) -> None:
         from ..routing import build_routing_table
@@ -243,8 +261,9 @@ class Trainer:
         mc = self.model_config
         if self.config.data.synthetic:
             return  # random tokens: the modulo table the model starts with is already balanced
-        counts, local = data_mod.zipf_counts(self.config.data.path, self.manifest, mc.vocab_size,
-                                             self.info.rank, self.info.world_size)
+        counts, local = data_mod.zipf_counts(
+            self.config.data.path, self.manifest, mc.vocab_size, self.info.rank, self.info.world_size
+        )
         t = torch.from_numpy(counts).to(self.device)
         if local:
             all_reduce_(t)  # every rank counted its share: sum across ranks
@@ -266,10 +285,17 @@ class Trainer:
 
     def _run_info(self) -> dict:
         return {
-            "world_size": self.info.world_size, "grad_accum": self.accum, "data_slots": self.num_slots,
-            "device": str(self.device), "precision": self.precision, "active_params": self.active_params,
-            "flops_per_token": self.flops_per_token, "mfu_peak_flops_per_device": self.peak_flops,
-            "mfu_peak": self.peak_source, "auto": self.config.auto, "torch": torch.__version__,
+            "world_size": self.info.world_size,
+            "grad_accum": self.accum,
+            "data_slots": self.num_slots,
+            "device": str(self.device),
+            "precision": self.precision,
+            "active_params": self.active_params,
+            "flops_per_token": self.flops_per_token,
+            "mfu_peak_flops_per_device": self.peak_flops,
+            "mfu_peak": self.peak_source,
+            "auto": self.config.auto,
+            "torch": torch.__version__,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
 
@@ -286,15 +312,26 @@ class Trainer:
             return None
         self.logger.sync()
         meta = {
-            "config": self.config.to_dict(), "identity": self.config.identity(),
-            "scheduler": self.scheduler.state_dict(), "spike": self.guard.state_dict(),
-            "tokens_seen": self.tokens_seen, "world_size": self.info.world_size,
+            "config": self.config.to_dict(),
+            "identity": self.config.identity(),
+            "scheduler": self.scheduler.state_dict(),
+            "spike": self.guard.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.info.world_size,
         }
-        rank_state = {"rng": ckpt_mod.rng_state(),
-                      "slots": {str(s): loader.state_dict() for s, loader in zip(self.slots, self.loaders)}}
-        self.last_checkpoint = ckpt_mod.save_checkpoint(self.out_dir / "checkpoints", self.step, self.model,
-                                                        self.optimizer, meta, rank_state,
-                                                        self.config.checkpoint.keep_last)
+        rank_state = {
+            "rng": ckpt_mod.rng_state(),
+            "slots": {str(s): loader.state_dict() for s, loader in zip(self.slots, self.loaders)},
+        }
+        self.last_checkpoint = ckpt_mod.save_checkpoint(
+            self.out_dir / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            meta,
+            rank_state,
+            self.config.checkpoint.keep_last,
+        )
         return self.last_checkpoint
 
     def _load(self, path: Path) -> None:
@@ -309,8 +346,10 @@ class Trainer:
             slot_states.update(rs["slots"])
         for s, loader in zip(self.slots, self.loaders):
             if str(s) not in slot_states:
-                raise ValueError(f"checkpoint {path}: no data position for slot {s} (saved with "
-                                 f"{len(slot_states)} slots, this run has {self.num_slots})")
+                raise ValueError(
+                    f"checkpoint {path}: no data position for slot {s} (saved with "
+                    f"{len(slot_states)} slots, this run has {self.num_slots})"
+                )
             loader.load_state_dict(slot_states[str(s)])
         states = meta["rank_states"]
         # Same world size: each rank gets its own RNG back (bitwise resume). Otherwise rank 0's.
@@ -321,7 +360,9 @@ class Trainer:
         latest = ckpt_mod.find_resume_checkpoint(self.out_dir / "checkpoints") if self.out_dir else None
         if latest is None:
             self.logger.event(step, "restore_failed", reason="no checkpoint to restore")
-            raise RuntimeError(f"step {step}: {self.guard.consecutive} loss spikes in a row and no checkpoint to restore")
+            raise RuntimeError(
+                f"step {step}: {self.guard.consecutive} loss spikes in a row and no checkpoint to restore"
+            )
         ckpt_mod.load_checkpoint(latest, self.model, self.optimizer)
         # The LR lives in the param groups that were just reloaded: put the schedule's back.
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -337,7 +378,9 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with amp:
             out = self.forward_module(input_ids=ids, use_cache=False)
-            loss = add_router_aux_loss(self.loss_fn(out.logits, labels), getattr(out, "aux_loss", None), self.model_config)
+            loss = add_router_aux_loss(
+                self.loss_fn(out.logits, labels), getattr(out, "aux_loss", None), self.model_config
+            )
         return loss
 
     def _forward_backward(self, batches: list[dict]) -> torch.Tensor:
@@ -429,8 +472,14 @@ class Trainer:
         t = self.config.training
         if self.manifest is None or data_manifest.split_tokens(self.manifest, "val") <= t.seq_len:
             return None
-        loader = data_mod.make_val_loader(self.config.data.path, t.micro_batch_size, t.seq_len, rank=self.info.rank,
-                                          world_size=self.info.world_size, vocab_size=self.model_config.vocab_size)
+        loader = data_mod.make_val_loader(
+            self.config.data.path,
+            t.micro_batch_size,
+            t.seq_len,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            vocab_size=self.model_config.vocab_size,
+        )
         n = len(loader)
         if self.config.eval.max_batches is not None:
             n = min(n, max(1, self.config.eval.max_batches // self.info.world_size))
@@ -438,11 +487,18 @@ class Trainer:
             count = torch.tensor([n], device=self.device)
             all_reduce_(count, op=dist.ReduceOp.MIN)
             n = int(count.item())
-        return evaluate(self.model, iter(loader), device=self.device, vocab_size=self.model_config.vocab_size,
-                        autocast_dtype=torch.bfloat16 if self.autocast else None, max_batches=n,
-                        split_tokens=data_manifest.split_tokens(self.manifest, "val"),
-                        split_bytes=data_manifest.split_bytes(self.manifest, "val"),
-                        expert_shares=not t.compile, forward=self.forward_module)
+        return evaluate(
+            self.model,
+            iter(loader),
+            device=self.device,
+            vocab_size=self.model_config.vocab_size,
+            autocast_dtype=torch.bfloat16 if self.autocast else None,
+            max_batches=n,
+            split_tokens=data_manifest.split_tokens(self.manifest, "val"),
+            split_bytes=data_manifest.split_bytes(self.manifest, "val"),
+            expert_shares=not t.compile,
+            forward=self.forward_module,
+        )
 
     def _eval_and_log(self, step: int) -> dict | None:
         result = self.run_eval()
@@ -480,8 +536,9 @@ class Trainer:
                 planned_stop = self.stop_after is not None and step >= self.stop_after
                 # One process: a signal is seen at once. Under torchrun it is agreed on only at
                 # steps that wait for the device anyway (no per-step host sync).
-                if not (log_now or eval_now or save_now or planned_stop or
-                        (self.info.world_size == 1 and signals.received)):
+                if not (
+                    log_now or eval_now or save_now or planned_stop or (self.info.world_size == 1 and signals.received)
+                ):
                     continue
                 self.settle()
                 throughput.mark(step)  # the device has finished the interval
@@ -510,9 +567,11 @@ class Trainer:
         if self.resumed_from is not None:
             self.logger.message(f"resumed from {self.resumed_from} at step {self.step}")
         else:
-            self.logger.message(f"training {cfg.training.max_steps} steps x {cfg.training.tokens_per_step:,} tokens "
-                                f"on {self.info.world_size} process(es), {self.accum} micro-batch(es) each, "
-                                f"{self.precision}, {self.active_params:,} active params")
+            self.logger.message(
+                f"training {cfg.training.max_steps} steps x {cfg.training.tokens_per_step:,} tokens "
+                f"on {self.info.world_size} process(es), {self.accum} micro-batch(es) each, "
+                f"{self.precision}, {self.active_params:,} active params"
+            )
         for key, choice in cfg.auto.items():
             self.logger.message(f"{'compile' if key == 'training.compile' else key}: {choice}")
         if self.peak_flops:
@@ -522,8 +581,18 @@ class Trainer:
         loss, grad_norm, lr = self.read_back[step]
         tps = throughput.last_tokens_per_s(self.config.training.tokens_per_step)
         mfu = self._mfu(tps)
-        self.logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                         "mfu": mfu, "tokens": self.tokens_seen, "step_time_s": throughput.last_step_time})
+        self.logger.log(
+            {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tps,
+                "mfu": mfu,
+                "tokens": self.tokens_seen,
+                "step_time_s": throughput.last_step_time,
+            }
+        )
         eta = (self.config.training.max_steps - step) * throughput.mean_step_time
         self.logger.progress_line(step, self.config.training.max_steps, loss, lr, tps, mfu, eta)
         self.read_back.clear()
@@ -548,12 +617,12 @@ class Trainer:
         trained = bool(self.losses)  # this process ran steps (else it resumed at the end)
         if cfg.eval.at_end and (trained or not self.folder.logged_eval_at(step)):
             result.eval = self._eval_and_log(step)
-        if self.out_dir is not None and (self.last_checkpoint is None or
-                                         self.last_checkpoint.name != f"step_{step:08d}"):
+        if self.out_dir is not None and (
+            self.last_checkpoint is None or self.last_checkpoint.name != f"step_{step:08d}"
+        ):
             result.checkpoint = self.save()
         if self._exports and (trained or not (self.out_dir / "final").is_dir()):
-            result.final_dir = export_hf(self.model, self.model_config, self.out_dir, self.tokenizer,
-                                         self.info.is_main)
+            result.final_dir = export_hf(self.model, self.model_config, self.out_dir, self.tokenizer, self.info.is_main)
             self.logger.message(f"exported {result.final_dir}")
         elif self._exports:
             result.final_dir = self.out_dir / "final"
@@ -568,19 +637,29 @@ class Trainer:
             all_reduce_(peak, op=dist.ReduceOp.MAX)
             result.peak_memory_bytes = int(peak.item())
         t = self.config.training
-        self.folder.write_summary({
-            "step": result.step, "interrupted": result.interrupted, "world_size": self.info.world_size,
-            "tokens_per_s": result.tokens_per_s,
-            "tokens_per_s_per_device": result.tokens_per_s / self.info.world_size if result.tokens_per_s else None,
-            "tokens_per_s_measured_over": f"{result.measured_steps} steps of this process (those after its first "
-                                          "logging interval, which holds the compilation; eval and checkpoint "
-                                          "time excluded)",
-            "mfu": result.mfu, "mfu_peak_flops_per_device": self.peak_flops, "mfu_peak": self.peak_source,
-            "precision": self.precision, "grad_accum": self.accum, "tokens_per_step": t.tokens_per_step,
-            "compile": self.config.auto.get("training.compile") if t.compile else "off",
-            "peak_memory_gib": result.peak_memory_bytes / 2**30 if result.peak_memory_bytes else None,  # max over ranks
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-        })
+        self.folder.write_summary(
+            {
+                "step": result.step,
+                "interrupted": result.interrupted,
+                "world_size": self.info.world_size,
+                "tokens_per_s": result.tokens_per_s,
+                "tokens_per_s_per_device": result.tokens_per_s / self.info.world_size if result.tokens_per_s else None,
+                "tokens_per_s_measured_over": f"{result.measured_steps} steps of this process (those after its first "
+                "logging interval, which holds the compilation; eval and checkpoint "
+                "time excluded)",
+                "mfu": result.mfu,
+                "mfu_peak_flops_per_device": self.peak_flops,
+                "mfu_peak": self.peak_source,
+                "precision": self.precision,
+                "grad_accum": self.accum,
+                "tokens_per_step": t.tokens_per_step,
+                "compile": self.config.auto.get("training.compile") if t.compile else "off",
+                "peak_memory_gib": result.peak_memory_bytes / 2**30
+                if result.peak_memory_bytes
+                else None,  # max over ranks
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            }
+        )
 
 
 def train(config: RunConfig, **kwargs) -> RunResult:

@@ -36,8 +36,9 @@ def no_tf32():
 
 def _model(**overrides):
     torch.manual_seed(0)
-    cfg = complexity.ComplexityConfig.from_preset("tiny", vocab_size=512, initializer_range=0.1,
-                                                  max_position_embeddings=256, **overrides)
+    cfg = complexity.ComplexityConfig.from_preset(
+        "tiny", vocab_size=512, initializer_range=0.1, max_position_embeddings=256, **overrides
+    )
     return complexity.ComplexityForCausalLM(cfg).to(device="cuda", dtype=torch.float32).eval()
 
 
@@ -60,9 +61,10 @@ def test_cuda_graph_decode_equals_eager_equals_generate(variant):
     reference = []
     for prompt in _prompts():
         ids = torch.tensor([prompt], device="cuda")
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, eos_token_id=None)
-        reference.append(out[0, len(prompt):].tolist())
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+        )
+        reference.append(out[0, len(prompt) :].tolist())
     assert all(len(t) == NEW_TOKENS for t in eager)
     assert eager == reference
     assert graphs == eager
@@ -71,5 +73,6 @@ def test_cuda_graph_decode_equals_eager_equals_generate(variant):
 @pytest.mark.parametrize("variant", ["token_routed", "guidance_shared_sliding"])
 def test_compiled_cuda_graph_decode_equals_eager(variant):
     model = _model(**VARIANTS[variant])
-    assert _engine_tokens(model, cuda_graphs=True, compile=True) == _engine_tokens(model, cuda_graphs=False,
-                                                                                  compile=False)
+    assert _engine_tokens(model, cuda_graphs=True, compile=True) == _engine_tokens(
+        model, cuda_graphs=False, compile=False
+    )

@@ -45,7 +45,7 @@ def no_tf32():
 def test_grouped_matmul_matches_per_expert_loop(dtype, rtol, compiled):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(N, K, device="cuda", generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(E, K, M, device="cuda", generator=g) / K ** 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(E, K, M, device="cuda", generator=g) / K**0.5).to(dtype).requires_grad_()
     offsets = torch.tensor(SIZES, device="cuda").cumsum(0).to(torch.int32)
     assert offsets[-1].item() == N
     fn = torch.compile(grouped_matmul, dynamic=False) if compiled else grouped_matmul

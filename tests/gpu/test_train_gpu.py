@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _train_fixtures import make_tiny_data
 
 from complexity.train import Trainer, load_config
@@ -27,10 +26,19 @@ FP32_RTOL = 1e-4
 BF16_RTOL = 1e-2
 
 # A small tmlr-187m: token-routed experts + shared expert + mu guidance, 2 layers.
-MODEL = {"model.preset": "tiny", "model.vocab_size": 512, "model.hidden_size": 128, "model.intermediate_size": 256,
-         "model.num_hidden_layers": 2, "model.num_attention_heads": 4, "model.num_key_value_heads": 2,
-         "model.max_position_embeddings": 256, "model.mlp_type": "token_routed", "model.shared_expert": True,
-         "model.mu_mode": "guidance"}
+MODEL = {
+    "model.preset": "tiny",
+    "model.vocab_size": 512,
+    "model.hidden_size": 128,
+    "model.intermediate_size": 256,
+    "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 4,
+    "model.num_key_value_heads": 2,
+    "model.max_position_embeddings": 256,
+    "model.mlp_type": "token_routed",
+    "model.shared_expert": True,
+    "model.mu_mode": "guidance",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +55,26 @@ def ieee_fp32():
 
 
 def _config(data, accum: int, precision: str = "fp32", **extra):
-    o = {**MODEL, "data.path": str(data), "training.device": "cuda", "training.precision": precision,
-         "training.max_steps": STEPS, "training.micro_batch_size": 4, "training.seq_len": 64,
-         "training.tokens_per_step": 4 * 64 * accum, "schedule.warmup_steps": 1, "optim.lr": 3e-3,
-         "checkpoint.every": 0, "checkpoint.export_final": False, "eval.every": 0, "eval.at_end": False,
-         "logging.every": 1, "logging.tensorboard": False, "logging.progress": False, **extra}
+    o = {
+        **MODEL,
+        "data.path": str(data),
+        "training.device": "cuda",
+        "training.precision": precision,
+        "training.max_steps": STEPS,
+        "training.micro_batch_size": 4,
+        "training.seq_len": 64,
+        "training.tokens_per_step": 4 * 64 * accum,
+        "schedule.warmup_steps": 1,
+        "optim.lr": 3e-3,
+        "checkpoint.every": 0,
+        "checkpoint.export_final": False,
+        "eval.every": 0,
+        "eval.at_end": False,
+        "logging.every": 1,
+        "logging.tensorboard": False,
+        "logging.progress": False,
+        **extra,
+    }
     return load_config(None, o)
 
 
@@ -87,20 +110,27 @@ def _agree(got: dict, ref: dict, rtol: float, what: str) -> None:
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_compile_mode_and_scope_match_eager(data, mode, scope, accum):
-    losses, norms, trainer = _run(_config(data, accum, **{"training.compile": True, "training.compile_mode": mode,
-                                                    "training.compile_scope": scope}))
+    losses, norms, trainer = _run(
+        _config(
+            data, accum, **{"training.compile": True, "training.compile_mode": mode, "training.compile_scope": scope}
+        )
+    )
     assert trainer.accum == accum and trainer.cuda_graphs == (mode in ("reduce-overhead", "max-autotune"))
     ref_losses, ref_norms = _eager(data, accum)
     _agree(losses, ref_losses, FP32_RTOL, "loss")
     _agree(norms, ref_norms, FP32_RTOL, "grad norm")
 
 
-@pytest.mark.parametrize("variant", [
-    {"model.mlp_type": "dense", "model.shared_expert": False, "model.mu_mode": "none"},
-    {"model.mu_mode": "inl", "model.shared_expert": False, "model.routing": "modulo"},
-    {"model.mlp_type": "learned_moe", "model.num_experts_per_tok": 1},
-    {"model.sliding_window": 16},
-], ids=["dense", "inl", "learned_moe", "sliding_window"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"model.mlp_type": "dense", "model.shared_expert": False, "model.mu_mode": "none"},
+        {"model.mu_mode": "inl", "model.shared_expert": False, "model.routing": "modulo"},
+        {"model.mlp_type": "learned_moe", "model.num_experts_per_tok": 1},
+        {"model.sliding_window": 16},
+    ],
+    ids=["dense", "inl", "learned_moe", "sliding_window"],
+)
 def test_cuda_graphs_with_accumulation_for_every_model_variant(data, variant):
     """The automatic setting (whole model, CUDA graphs) on the other architectures the ablation
     trains (learned_moe adds its router's load-balancing loss)."""
@@ -114,10 +144,23 @@ def test_auto_setting_bf16_with_eval_between_steps(data, tmp_path):
     """What a user gets on one GPU: bf16-mixed, whole model with CUDA graphs (chosen automatically),
     4 micro-batches per step, a held-out evaluation (an inference graph) between training steps,
     checkpoints and the export. Losses within bf16 tolerance of eager."""
-    common = {**MODEL, "data.path": str(data), "training.device": "cuda", "training.max_steps": 6,
-              "training.micro_batch_size": 4, "training.seq_len": 64, "training.tokens_per_step": 4 * 64 * 4,
-              "schedule.warmup_steps": 1, "optim.lr": 3e-3, "eval.every": 2, "eval.max_batches": 2,
-              "checkpoint.every": 3, "logging.every": 1, "logging.tensorboard": False, "logging.progress": False}
+    common = {
+        **MODEL,
+        "data.path": str(data),
+        "training.device": "cuda",
+        "training.max_steps": 6,
+        "training.micro_batch_size": 4,
+        "training.seq_len": 64,
+        "training.tokens_per_step": 4 * 64 * 4,
+        "schedule.warmup_steps": 1,
+        "optim.lr": 3e-3,
+        "eval.every": 2,
+        "eval.max_batches": 2,
+        "checkpoint.every": 3,
+        "logging.every": 1,
+        "logging.tensorboard": False,
+        "logging.progress": False,
+    }
     eager = Trainer(load_config(None, common), out_dir=tmp_path / "eager").run()
     trainer = Trainer(load_config(None, {**common, "training.compile": True}), out_dir=tmp_path / "auto")
     assert trainer.config.auto["training.compile"] == "model scope, reduce-overhead (auto: one CUDA GPU)"
@@ -134,8 +177,14 @@ def test_auto_setting_bf16_with_eval_between_steps(data, tmp_path):
 def test_activation_checkpointing_under_cuda_graphs_matches_eager(data):
     cfg = {"training.activation_checkpointing": True}
     ref_losses, ref_norms, _ = _run(_config(data, 2, **cfg))
-    losses, norms, trainer = _run(_config(data, 2, **cfg, **{"training.compile": True, "training.compile_mode":
-                                                       "reduce-overhead", "training.compile_scope": "model"}))
+    losses, norms, trainer = _run(
+        _config(
+            data,
+            2,
+            **cfg,
+            **{"training.compile": True, "training.compile_mode": "reduce-overhead", "training.compile_scope": "model"},
+        )
+    )
     _agree(losses, ref_losses, FP32_RTOL, "loss")
     _agree(norms, ref_norms, FP32_RTOL, "grad norm")
 
@@ -156,8 +205,12 @@ def test_pure_bf16_training_step(data):
 def test_resume_under_cuda_graphs_continues_the_run(data, tmp_path):
     """Stopped after step 2 and resumed with the automatic setting (CUDA graphs, gradient buffers
     allocated after the load): the last steps match the uninterrupted run."""
-    o = {"training.compile": True, "training.compile_mode": "reduce-overhead", "training.compile_scope": "model",
-         "checkpoint.every": 2}
+    o = {
+        "training.compile": True,
+        "training.compile_mode": "reduce-overhead",
+        "training.compile_scope": "model",
+        "checkpoint.every": 2,
+    }
     full, _, _ = _run(_config(data, 2, **o))
     Trainer(_config(data, 2, **o), out_dir=tmp_path / "run", stop_after=2, progress=False).run()
     torch.compiler.reset()
