@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, run_cli, tiny_overrides  # noqa: E402
 
 from complexity.cli import main as cli_main  # noqa: E402
+from complexity.data.files import DiskFullError  # noqa: E402
 from complexity.train import (  # noqa: E402
     CheckpointError,
-    DiskFullError,
     TrainerCallbacks,
     durable,  # noqa: E402
     load_config,
@@ -118,7 +118,8 @@ def test_kill_at_each_write_point_then_resume_loses_nothing(setup, tmp_path, poi
     result = train(load_config(None, o), out_dir=out, resume=True)
     assert result.step == STEPS and not result.interrupted
     _assert_same_as_reference(out, reference)
-    assert not [p for p in out.rglob(".*") if p.name != ".metadata"], "temporary files left behind"
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".partial") or p.name.startswith((".tmp", ".replaced"))]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
 
 
 def test_torn_metrics_line_is_dropped_on_resume(setup, tmp_path):
@@ -226,9 +227,9 @@ def test_full_disk_before_a_checkpoint(setup, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ckpt_mod, "free_bytes", free_bytes)
     assert cli_main(["train", "--out", str(out), *override_args(o)]) == 1
     err = capsys.readouterr().err
-    assert f"checkpoint {out / 'checkpoints/step_00000006'}: the disk is full (needed about" in err
-    assert "1,000 bytes free" in err
-    assert "the last checkpoint" in err and "step_00000003, is intact" in err and "Traceback" not in err
+    assert f"complexity train: error: {out / 'checkpoints/step_00000006'}: disk full: writing it needs" in err
+    assert "1,000 bytes free there; checkpoint not written; the last checkpoint" in err
+    assert "step_00000003, is intact" in err and "Traceback" not in err
     assert [p.name for p in ckpt_mod.list_checkpoints(out / "checkpoints")] == ["step_00000003"]
     ckpt_mod.verify_checkpoint(out / "checkpoints/step_00000003")
     monkeypatch.undo()
@@ -256,7 +257,7 @@ def test_full_disk_inside_the_checkpoint_writer(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt_mod, "free_bytes", free_bytes)
     monkeypatch.setattr(filesystem, "_write_item", write_item)
-    with pytest.raises(DiskFullError, match=r"checkpoint .*step_00000006: the disk is full .*step_00000003, is intact"):
+    with pytest.raises(DiskFullError, match=r"step_00000006: disk full: writing it needs .*step_00000003, is intact"):
         train(load_config(None, o), out_dir=out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003"]  # no leftovers
     monkeypatch.undo()
@@ -290,7 +291,9 @@ class _FullAfter(TrainerCallbacks):
 def test_full_disk_in_the_metrics_log(setup, tmp_path):
     root, o, reference = setup
     out = tmp_path / "run"
-    with pytest.raises(DiskFullError, match=r"metrics .*metrics.jsonl: the disk is full"):
+    with pytest.raises(
+        DiskFullError, match=r"metrics.jsonl: disk full: writing it needs .*its last checkpoint is intact"
+    ):
         train(load_config(None, o), out_dir=out, callbacks=_FullAfter(5))
     train(load_config(None, o), out_dir=out, resume=True)  # the torn line is dropped
     _assert_same_as_reference(out, reference)
@@ -302,7 +305,10 @@ def test_full_disk_at_the_export(setup, tmp_path, monkeypatch):
     root, o, reference = setup
     out = tmp_path / "run"
     monkeypatch.setattr(export, "free_bytes", lambda path: 1000)
-    with pytest.raises(DiskFullError, match=r"export .*final: the disk is full .*checkpoints are intact"):
+    with pytest.raises(
+        DiskFullError,
+        match=r"final: disk full: writing it needs .* bytes, 1,000 bytes free there; not exported; .*checkpoints are intact",
+    ):
         train(load_config(None, o), out_dir=out)
     assert not (out / "final").exists() and not (out / ".final.tmp").exists()
     monkeypatch.undo()
@@ -322,7 +328,7 @@ def test_atomic_file_and_folder_replacement(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(durable.os, "fsync", enospc)
-    with pytest.raises(DiskFullError, match=r"a.json: the disk is full \(needed about 9 bytes"):
+    with pytest.raises(DiskFullError, match=r"a.json: disk full: writing it needs at least 9 more bytes"):
         durable.write_json(target, {"v": 2})
     monkeypatch.undo()
     assert json.loads(target.read_text()) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -8,13 +8,12 @@ torchrun --nproc-per-node 8 -m complexity.cli train --config recipes/tmlr-187m.t
 from __future__ import annotations
 
 import signal
-import sys
 
 
 def run(args) -> int:
     import torch.distributed as dist
 
-    from ..train import DiskFullError, load_config, train
+    from ..train import load_config, train
 
     if args.config is None and args.preset is None and not any(o.startswith("model.preset=") for o in args.overrides):
         raise ValueError("give --config RECIPE.toml or --preset NAME")
@@ -30,9 +29,6 @@ def run(args) -> int:
         raise ValueError("no output folder: give --out DIR (or `out = ...` in the recipe)")
     try:
         result = train(config, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
-    except DiskFullError as err:  # names the path and the bytes; the last checkpoint is intact
-        print(f"complexity train: error: {err}", file=sys.stderr)
-        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
 
 class TrainerCallbacks:
     def on_start(self, trainer) -> None:
@@ -45,6 +43,8 @@ class SpikeInjection(TrainerCallbacks):
     def transform_batch(self, step: int, batch: dict) -> dict:
         if step not in self.steps:
             return batch
+        import torch  # here, not at import: the ablation command's parser imports this module
+
         g = torch.Generator().manual_seed(self.seed)
         ids = torch.randint(0, self.vocab_size, batch["input_ids"].shape, generator=g)
         return {**batch, "input_ids": ids, "labels": torch.randint(0, self.vocab_size, ids.shape, generator=g)}

@@ -22,7 +22,7 @@ Damage. `verify_checkpoint` checks a folder against its meta.json (present, size
 anything is loaded; `find_resume_checkpoint` takes the newest checkpoint that passes, sets the
 damaged newer ones aside as `.damaged-step_XXXXXXXX` (never read again, kept for inspection) and
 says so; with none that passes it raises `CheckpointError` and changes nothing. A full disk
-raises `durable.DiskFullError` before the save starts (the size is known) or when a write fails,
+raises `complexity.data.files.DiskFullError` before the save starts (the size is known) or when a write fails,
 and leaves the previous checkpoints intact.
 """
 
@@ -52,7 +52,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .durable import DiskFullError, fault_point, free_bytes, is_disk_full, replace_dir, write_json
+from ..data.files import DiskFullError, free_bytes
+from .durable import caused_by_full_disk, fault_point, replace_dir, write_json
 from .parallelize import barrier
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -289,15 +290,16 @@ def save_checkpoint(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
-        sizes[1] = free_bytes(ckpt_dir)
+        free = free_bytes(ckpt_dir)
+        sizes[1] = free if free is not None else float("inf")
     if _is_dist():
         sizes = sizes.to(_collective_device())
         dist.all_reduce(sizes)
-    needed, free = int(sizes[0]) + 16 * 2**20, int(sizes[1])
+    needed, free = int(sizes[0]) + 16 * 2**20, sizes[1].item()
     previous = latest_checkpoint(ckpt_dir)
     intact = f"the last checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
     if needed > free:
-        raise DiskFullError(final, needed, "checkpoint", note=intact, free=free)
+        raise DiskFullError(final, needed, free=int(free), hint=f"checkpoint not written; {intact}")
     if rank == 0:
         tmp.mkdir()
     barrier()
@@ -320,8 +322,8 @@ def save_checkpoint(
     except _FAILURES as err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(err):
-            raise DiskFullError(final, needed, "checkpoint", note=intact) from None
+        if caused_by_full_disk(err):
+            raise DiskFullError(final, needed, hint=f"checkpoint not written; {intact}") from None
         raise
     barrier()
     return final

@@ -1,15 +1,13 @@
 """Writing a run's files so that a kill -9 or a full disk at any moment loses nothing.
 
-Every file is written whole or not at all: into a temporary name beside it, fsynced, renamed over
-the old one, and the folder fsynced (`write_atomic`). A folder (a checkpoint, the exported model)
+Files are written whole or not at all through `complexity.data.files.AtomicFile` (temporary
+name, fsync, rename; a full disk raises its `DiskFullError` naming the path and the bytes, and
+leaves nothing), then the folder is fsynced (`write_atomic`). A folder (a checkpoint, the export)
 is built under a temporary name and swapped in with two renames, the old one moved aside first
 and deleted only once the new one is in place (`replace_dir`); `recover_dir` finishes or undoes
 a swap that a kill interrupted. Append-only logs (metrics.jsonl, the ablation's batches.jsonl)
 are appended to, never rewritten; before appending again, a resumed run cuts a torn last line
 (`drop_torn_tail`).
-
-A full disk raises `DiskFullError` (an OSError, errno ENOSPC) naming the path and the bytes that
-were needed, after the partial file is removed.
 
 Fault injection: every write point calls `fault_point(name)`. With the environment variable
 COMPLEXITY_KILL_AT=name (or name:N, the N-th time) the process kills itself there with SIGKILL;
@@ -19,7 +17,6 @@ full disk). tests/test_train_faults.py kills a run at each point and checks what
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -27,6 +24,8 @@ import signal
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+
+from ..data.files import AtomicFile, fsync_dir, is_disk_full
 
 KILL_ENV = "COMPLEXITY_KILL_AT"
 fault_hook: Callable[[str], None] | None = None
@@ -46,61 +45,21 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DiskFullError(OSError):
-    """The disk is full: `path` could not be written; `needed` bytes (about) were asked for."""
-
-    def __init__(self, path, needed: int | None, what: str = "", note: str = "", free: int | None = None):
-        self.path, self.needed = Path(path), needed
-        if free is None:
-            try:
-                free = free_bytes(self.path)
-            except OSError:
-                pass
-        need = f"needed about {_size(needed)}" if needed is not None else "needed more space"
-        have = f", {_size(free)} free" if free is not None else ""
-        super().__init__(
-            errno.ENOSPC,
-            f"{what or 'writing'} {self.path}: the disk is full ({need}{have})" + (f"; {note}" if note else ""),
-        )
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
-    return f"{n:,} bytes"
-
-
-def _existing_parent(path: Path) -> Path:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """Whether ENOSPC is anywhere in an exception's chain (torch.distributed.checkpoint wraps the
-    writer's OSError in a CheckpointException holding per-rank failures)."""
-    seen = set()
-    stack = [err]
+def caused_by_full_disk(err: BaseException) -> bool:
+    """Whether a full disk is anywhere in an exception's chain (torch.distributed.checkpoint wraps
+    its writers' OSErrors in a CheckpointException holding the failure of each rank)."""
+    seen, stack = set(), [err]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(e):
             return True
         stack += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():  # CheckpointException
+        for failure in (getattr(e, "failures", None) or {}).values():  # CheckpointException: rank -> (err, tb)
             stack.append(failure[0] if isinstance(failure, tuple) else failure)
     return False
-
-
-def free_bytes(path) -> int:
-    return shutil.disk_usage(_existing_parent(Path(path))).free
 
 
 def fsync_path(path) -> None:
@@ -120,28 +79,18 @@ def fsync_tree(root) -> None:
             fsync_path(Path(dirpath) / f)
         dirs += [Path(dirpath) / d for d in dirnames]
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        fsync_path(d)
+        fsync_dir(d)
 
 
 def write_atomic(path, data: str | bytes, point: str | None = None) -> None:
-    """Replace `path` with `data` whole or not at all (temp file, fsync, rename, fsync folder)."""
+    """Replace `path` with `data` whole or not at all; `point`: the fault point before the rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
     raw = data.encode() if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(err):
-            raise DiskFullError(path, len(raw)) from None
-        raise
-    if point:
-        fault_point(point)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    with AtomicFile(path, size=len(raw)) as f:
+        f.write(raw)
+        if point:
+            fault_point(point)
+    fsync_dir(path.parent)
 
 
 def write_json(path, obj, point: str | None = None, **dump) -> None:
@@ -179,7 +128,7 @@ def replace_dir(tmp: Path, final: Path, point: str) -> None:
         os.replace(final, old)
         fault_point(f"{point}.old_moved_aside")
     os.replace(tmp, final)
-    fsync_path(final.parent)
+    fsync_dir(final.parent)
     fault_point(f"{point}.renamed")
     shutil.rmtree(old, ignore_errors=True)
 
@@ -195,5 +144,5 @@ def recover_dir(final: Path) -> bool:
         shutil.rmtree(old, ignore_errors=True)
         return False
     os.replace(old, final)
-    fsync_path(final.parent)
+    fsync_dir(final.parent)
     return True

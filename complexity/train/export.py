@@ -3,7 +3,8 @@ files + the run's tokenizer copy), loadable with `AutoModelForCausalLM.from_pret
 
 Written into `.final.tmp`, fsynced, then swapped in with `durable.replace_dir` (an existing
 export stays whole until the new one is in place). A full disk is refused before writing when
-the weights alone would not fit, and raises DiskFullError if a write still fails; the training
+the weights alone would not fit, and raises `complexity.data.files.DiskFullError` (the path, the
+bytes) if a write still fails; the training
 checkpoints are untouched either way, and `--resume` then exports again.
 """
 
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..data.files import DiskFullError, free_bytes
 from .checkpoint import full_model_state_dict
-from .durable import DiskFullError, free_bytes, is_disk_full, replace_dir
+from .durable import caused_by_full_disk, replace_dir
 from .parallelize import barrier
 
 INTACT = "the training checkpoints are intact: free some space and run again with --resume to export"
@@ -32,8 +34,8 @@ def export_hf(model: torch.nn.Module, model_config, out_dir: Path, tokenizer: Pa
         if tokenizer is not None:
             needed += sum(f.stat().st_size for f in tokenizer.iterdir() if f.is_file())
         free = free_bytes(out_dir)
-        if needed > free:
-            raise DiskFullError(final, needed, "export", note=INTACT, free=free)
+        if free is not None and needed > free:
+            raise DiskFullError(final, needed, free=free, hint=f"not exported; {INTACT}")
         with torch.device("meta"):
             export_model = ComplexityForCausalLM(model_config)
         export_model.load_state_dict(state, strict=False, assign=True)
@@ -53,8 +55,8 @@ def export_hf(model: torch.nn.Module, model_config, out_dir: Path, tokenizer: Pa
             replace_dir(tmp, final, "export")
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(err):
-                raise DiskFullError(final, needed, "export", note=INTACT) from None
+            if caused_by_full_disk(err):
+                raise DiskFullError(final, needed, hint=f"not exported; {INTACT}") from None
             raise
     barrier()
     return final

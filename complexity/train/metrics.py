@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .durable import DiskFullError, drop_torn_tail, fault_point, is_disk_full
+from ..data.files import DiskFullError
+from .durable import caused_by_full_disk, drop_torn_tail, fault_point
 
 METRICS = "metrics.jsonl"
 
@@ -167,8 +168,10 @@ class MetricsLogger:
         try:
             self.jsonl.write(line)
         except OSError as err:
-            if is_disk_full(err):
-                raise DiskFullError(self.path, len(line), "metrics") from None
+            if caused_by_full_disk(err):
+                raise DiskFullError(
+                    self.path, len(line), hint="training stopped; its last checkpoint is intact"
+                ) from None
             raise
         fault_point("metrics.appended")
 

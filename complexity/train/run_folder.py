@@ -35,8 +35,11 @@ RUN_FILES = ("resolved.json", "run.json", METRICS, "summary.json", "tensorboard"
 
 
 def _own_temporary(name: str) -> bool:
-    """The temporary names durable.py and the export use in the run folder."""
-    return name.startswith(".") and (name.endswith((".partial", ".tmp")) or name.startswith(".replaced-"))
+    """The temporary names of the run's writes: AtomicFile's `*.partial`, the export's and the
+    tokenizer copy's `.*.tmp` folders, `.replaced-*` (durable.replace_dir)."""
+    return (
+        name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".replaced-")
+    )
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
