@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from complexity.modeling_complexity import grouped_matmul
+from complexity.complexity_kernels import grouped_matmul
 
 N, K, M, E = 300, 96, 160, 4
 SIZES = (0, 170, 1, 129)  # an empty group, a single row, uneven groups
