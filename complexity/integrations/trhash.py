@@ -427,8 +427,8 @@ def _positive(v) -> bool:
     return v > 0
 
 
-def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str]) -> dict | None:
-    """Upstream config.json (any layout) -> TRHashConfig fields, nulls resolved (framework meaning)."""
+def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[str]) -> None:
+    """Every field must be one this reader knows the meaning of; the layout's markers must agree."""
     unknown = sorted(
         k for k in raw
         if k not in _COMPUTE and k not in _INERT and k not in _METADATA and not k.startswith(_INERT_PREFIXES)
@@ -439,19 +439,38 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     ignored = sorted(k for k in raw if k in _INERT) + families
     if ignored:
         notes.append(f"ignored config fields that do not change this model's computation: {', '.join(ignored)}")
-    f = _Fields(raw, problems)
-    pos = dict(check=_positive, rule="a positive integer")
-
     arch = raw.get("architectures")
     if layout in _ARCHITECTURES and arch is not None and arch != [_ARCHITECTURES[layout]]:
         problems.append(f"config.json: architectures={arch!r}; the {layout} layout has [{_ARCHITECTURES[layout]!r}]")
     want_mlp = "token_routed" if layout == DEEP else "tr_hash_engine"
-    f.get("mlp_type", want_mlp, "str", check=lambda v: v == want_mlp, rule=f"{want_mlp!r} (the {layout} layout of TR-Hash)")
-    if layout == DEEP:
-        source = raw.get("source_mlp_type")
-        if source is not None and source != "tr_hash_engine":
-            problems.append(f"config.json: source_mlp_type={source!r}; a TR-Hash deep export has 'tr_hash_engine'")
+    if raw.get("mlp_type", want_mlp) != want_mlp:
+        problems.append(f"config.json: mlp_type={raw['mlp_type']!r} is not {want_mlp!r} (the {layout} layout of TR-Hash)")
+    source = raw.get("source_mlp_type")
+    if layout == DEEP and source is not None and source != "tr_hash_engine":
+        problems.append(f"config.json: source_mlp_type={source!r}; a TR-Hash deep export has 'tr_hash_engine'")
 
+
+def _refuse_unsupported(f: _Fields) -> None:
+    """Settings upstream computes in ways this project does not reproduce: refused by name."""
+    f.get("rope_fraction", 1.0, "float", check=lambda v: v == 1.0,
+          rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here")
+    f.get("norm_type", "rmsnorm", "str", check=lambda v: v == "rmsnorm", rule="supported (only 'rmsnorm')")
+    f.get("is_causal", True, "bool", check=lambda v: v, rule="supported (only causal language models)")
+    f.get("sliding_window", None, "int", nullable=True, check=lambda v: False,
+          rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces")
+    for name in ("use_mup_attn_scale", "use_mup_output_mult", "static_expert_capacity"):
+        f.get(name, False, "bool", check=lambda v: not v, rule="supported (only false)")
+    for name in ("active_num_experts", "active_expert_width"):
+        f.get(name, None, "int", nullable=True, check=lambda v: False,
+              rule="supported: the runtime expert shrink rebuilds a route table that is not persisted")
+
+
+def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str]) -> dict | None:
+    """Upstream config.json (any layout) -> TRHashConfig fields, nulls resolved (framework meaning)."""
+    _check_field_names(raw, layout, notes, problems)
+    f = _Fields(raw, problems)
+    _refuse_unsupported(f)
+    pos = dict(check=_positive, rule="a positive integer")
     vocab = f.get("vocab_size", _MISSING, "int", **pos)
     hidden = f.get("hidden_size", _MISSING, "int", **pos)
     layers = f.get("num_hidden_layers", _MISSING, "int", **pos)
@@ -526,24 +545,12 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
             scales[f"{name}_{end}"] = f.get(f"{name}_{end}", None, "float", nullable=True)
 
     theta = f.get("rope_theta", 10000.0, "float", check=_positive, rule="a positive number")
-    f.get("rope_fraction", 1.0, "float", check=lambda v: v == 1.0,
-          rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here")
     max_pos = f.get("max_position_embeddings", 2048, "int", **pos)
     qk_norm = f.get("use_qk_norm", True, "bool")
     eps = f.get("norm_eps", 1e-6, "float", check=_positive, rule="a positive number")
     if layout == DEEP and "rms_norm_eps" in raw and raw["rms_norm_eps"] != raw.get("norm_eps", 1e-6):
         problems.append(f"config.json: rms_norm_eps={raw['rms_norm_eps']!r} differs from norm_eps={raw.get('norm_eps')!r}")
     tied = f.get("tie_word_embeddings", True, "bool")
-    f.get("norm_type", "rmsnorm", "str", check=lambda v: v == "rmsnorm", rule="supported (only 'rmsnorm')")
-    f.get("is_causal", True, "bool", check=lambda v: v, rule="supported (only causal language models)")
-    f.get("sliding_window", None, "int", nullable=True, check=lambda v: False,
-          rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces")
-    for name in ("use_mup_attn_scale", "use_mup_output_mult", "static_expert_capacity"):
-        f.get(name, False, "bool", check=lambda v: not v, rule="supported (only false)")
-    for name in ("active_num_experts", "active_expert_width"):
-        f.get(name, None, "int", nullable=True, check=lambda v: False,
-              rule="supported: the runtime expert shrink rebuilds a route table that is not persisted")
-
     ids = {}
     for name, default in _TOKEN_IDS.items():
         ids[name] = f.get(name, default, "int", nullable=True, check=lambda v: v >= 0, rule="a token id")
