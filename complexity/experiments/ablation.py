@@ -1,4 +1,4 @@
-"""The ablation of SPEC section 8: arms, parameter matching, the runner and its resume.
+"""The ablation of docs/architecture.md §8: arms, parameter matching, the runner and its resume.
 
 Arms (model fields set on top of the preset and the recipe's own model overrides):
 
@@ -6,7 +6,7 @@ Arms (model fields set on top of the preset and the recipe's own model overrides
     routed_mu    (2) token_routed + shared expert + zipf + mu guidance    the reference (its size is the target)
     routed       (3) as (2) without mu                                    experts widened to match
     learned_mu   (4) learned top-1 router + shared expert + mu guidance (+ Switch aux loss)
-    extras:      routed_mu_modulo, routed_mu_range (routing tables), inl (the INL design of SPEC 3b:
+    extras:      routed_mu_modulo, routed_mu_range (routing tables), inl (the INL design of docs/architecture.md §3b:
                  token_routed by modulo, no shared expert, velocity/controller dynamics)
 
 **Parameter matching.** The target is the live total (`complexity.count_parameters`: tied
