@@ -68,6 +68,25 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return cos.to(dtype), sin.to(dtype)
 
 
+# ----------------------------------------------------------------------------- decode attention
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """SDPA for ONE query position under GQA, without repeating K/V: [B, heads, 1, d] is viewed as
+    [B, kv_heads, group, d], the group's query heads as `group` queries of their shared K/V head.
+
+    transformers' SDPA path does the same eagerly but, under torch.compile, copies K and V to
+    every query head first (repeat_kv): at decode that is two copies of the whole cache per
+    layer per step, more bytes than the layer's weights at batch 128. The mask [B, 1, 1, L] (or
+    None) broadcasts over the group. Same call convention as transformers' attention functions:
+    -> ([B, 1, heads, d], None).
+    """
+    b, heads, _, d = query.shape
+    grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, heads, 1, d).transpose(1, 2), None
+
+
 # ----------------------------------------------------------------------------- fused q/k/v
 
 # Below this many rows the projections are bound by reading their weights, and concatenating
@@ -373,6 +392,7 @@ __all__ = [
     "ExpertDispatch",
     "FUSE_QKV_MIN_ROWS",
     "compute_dtype",
+    "decode_attention",
     "decode_rows",
     "decode_rows_for",
     "dispatch_by_expert",

@@ -51,6 +51,20 @@ def _launch_options(dtype: torch.dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------- device code
+#
+# Only triton builtins and the helpers below: triton.language's own @jit helpers (tl.cdiv,
+# tl.zeros, tl.max, ...) are compiled-mode objects when triton was imported before TRITON_INTERPRET was
+# set, which would keep these kernels from running in the interpreter (the CPU tests).
+
+
+@triton.jit
+def _cdiv(n, block: tl.constexpr):
+    return (n + block - 1) // block
+
+
+@triton.jit
+def _either(a, b):
+    return a | b
 
 
 @triton.jit
@@ -76,7 +90,7 @@ def _linear_segment(out_ptr, out_stride, col0, n0, N, rows,
                     BLOCK_KB: tl.constexpr, PRECISION: tl.constexpr):
     m = tl.arange(0, BLOCK_M)
     n = n0 + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     acc = _dot_linear(acc, a_ptr, a_stride, rows, wa_ptr, wa_stride, n, N, K_A, BLOCK_M, BLOCK_KA, PRECISION)
     if HAS_B:
         acc = _dot_linear(acc, b_ptr, b_stride, rows, wb_ptr, wb_stride, n, N, K_B, BLOCK_M, BLOCK_KB, PRECISION)
@@ -102,14 +116,14 @@ def _linear_rows_kernel(
     """out[:, segment columns] = a W_a^T (+ b W_b^T) (+ bias) for up to three segments; program
     `pid` owns BLOCK_N columns of one segment."""
     pid = tl.program_id(0)
-    blocks0 = tl.cdiv(N0, BLOCK_N)
+    blocks0 = _cdiv(N0, BLOCK_N)
     if pid < blocks0:
         _linear_segment(out_ptr, out_stride, 0, pid * BLOCK_N, N0, rows, a_ptr, a_stride, K_A, wa0, swa0,
                         b_ptr, b_stride, K_B, wb0, swb0, bias0, B0, BIAS0,
                         BLOCK_M, BLOCK_N, BLOCK_KA, BLOCK_KB, PRECISION)
     else:
         if NUM_SEGMENTS > 1:
-            blocks1 = tl.cdiv(N1, BLOCK_N)
+            blocks1 = _cdiv(N1, BLOCK_N)
             if pid < blocks0 + blocks1:
                 _linear_segment(out_ptr, out_stride, N0, (pid - blocks0) * BLOCK_N, N1, rows, a_ptr, a_stride, K_A,
                                 wa1, swa1, b_ptr, b_stride, K_B, wb1, swb1, bias1, B1, BIAS1,
@@ -132,7 +146,7 @@ def _dot_experts(acc_a, acc_b, x_ptr, x_stride, ids_ptr, rows, num_experts,
     ids = tl.load(ids_ptr + m, mask=m < rows, other=-1)
     for e in range(num_experts):
         mine = ids == e
-        if tl.max(mine.to(tl.int32), axis=0) > 0:
+        if tl.reduce(mine.to(tl.int32), 0, _either) > 0:
             w_e = w_ptr + e * w_expert_stride
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + kk
@@ -172,9 +186,9 @@ def _swiglu_rows_kernel(
     pid = tl.program_id(0)
     blocks = 0
     if HAS_EXPERTS:
-        blocks = tl.cdiv(I, BLOCK_N)
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        blocks = _cdiv(I, BLOCK_N)
+    acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     if pid < blocks:
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         acc_gate, acc_up = _dot_experts(acc_gate, acc_up, x_ptr, x_stride, ids_ptr, rows, num_experts,
@@ -202,7 +216,7 @@ def _down_rows_kernel(
     pid = tl.program_id(0)
     m = tl.arange(0, BLOCK_M)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     if HAS_EXPERTS:
         acc, _ = _dot_experts(acc, acc, h_ptr, h_stride, ids_ptr, rows, num_experts,
                               w_ptr, w_expert_stride, w_stride, n, N, I, 0, False, BLOCK_M, BLOCK_K, PRECISION)
