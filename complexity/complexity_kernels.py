@@ -345,17 +345,20 @@ def rows_projections(
     a: torch.Tensor,
     b: torch.Tensor | None,
     segments: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    *,
+    silu_a: bool = False,
 ) -> list[torch.Tensor]:
     """Decode rows: [a W_a^T (+ b W_b^T) (+ bias) for each (W_a, W_b, bias) of up to three
-    segments] in one kernel, each shaped like `a` with the segment's width. `b` may be an
-    expanded view (a broadcast mu) and the weights column slices of a wider weight."""
+    segments] in one kernel, each shaped like `a` with the segment's width; with `silu_a`,
+    F.silu(a) in place of a. `b` may be an expanded view (a broadcast mu) and the weights column
+    slices of a wider weight."""
     dtype = a.dtype
     segments = [
         (w_a.to(dtype), None if w_b is None else w_b.to(dtype), None if bias is None else bias.to(dtype))
         for w_a, w_b, bias in segments
     ]
     b_rows = None if b is None else _rows(b.to(dtype).expand(*a.shape[:-1], b.shape[-1]))
-    out = linear_rows(_rows(a), b_rows, segments)
+    out = linear_rows(_rows(a), b_rows, segments, silu_a)
     widths = [w_a.shape[0] for w_a, _, _ in segments]
     return [part.view(*a.shape[:-1], part.shape[-1]) for part in out.split(widths, dim=-1)]
 

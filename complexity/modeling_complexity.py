@@ -390,13 +390,14 @@ class ComplexityINLDynamics(nn.Module):
 
     def forward(self, a, velocity):
         """a: attention output; velocity: carried from the previous layer -> (a', v', mu_c)."""
-        if decode_rows(a):  # both projections of a (and v) in one kernel, no [a, v] copy
-            h, w = self.hidden_size, self.controller_in.weight
+        if decode_rows(a):  # two kernels: mu_proj(a) and controller_in([a, v]) (no copy of [a, v]); the rest
+            h, w, out = self.hidden_size, self.controller_in.weight, self.controller_out
             segments = [(self.mu_proj.weight, None, None), (w[:, :h], w[:, h:], self.controller_in.bias)]
             mu_out, hidden = rows_projections(a, velocity, segments)
+            [controls] = rows_projections(hidden, None, [(out.weight, None, out.bias)], silu_a=True)
         else:
-            mu_out, hidden = self.mu_proj(a), self.controller_in(torch.cat([a, velocity], dim=-1))
-        controls = linear(F.silu(hidden), self.controller_out)
+            mu_out = self.mu_proj(a)
+            controls = self.controller_out(F.silu(self.controller_in(torch.cat([a, velocity], dim=-1))))
         mu_c = self.mu + mu_out
         a, velocity = inl_dynamics(a, velocity, controls, mu_c, self.config)
         return a, velocity, mu_c

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VARIANTS, tiny_model
 
 from complexity import complexity_kernels as ck
 from complexity import modeling_complexity as mc
-
-from conftest import VARIANTS, tiny_model
 
 torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
 
@@ -89,9 +88,13 @@ def test_linear_rows_matches_float64(kernels, dtype, rows):
         want.append(y)
     assert out.shape == (rows, 81) and out.dtype == dtype
     assert_close(out, torch.cat(want, dim=-1), dtype)
-    # one segment, no second input
-    single = kernels.linear_rows(a, None, segments[1:2])
-    assert_close(single, want[1], dtype)
+    # one segment, no second input; and on silu(a) (INL's controller output layer)
+    assert_close(kernels.linear_rows(a, None, segments[1:2]), want[1], dtype)
+    w, _, bias = segments[1]
+    activated = F.silu(a.float()).to(dtype).double()  # F.silu's output in the activations' dtype
+    assert_close(
+        kernels.linear_rows(a, None, segments[1:2], silu_a=True), activated @ w.double().T + bias.double(), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -105,8 +108,11 @@ def test_expert_swiglu_and_down_rows_match_float64(kernels, dtype, shared):
     ids = torch.tensor([2, 0, 2, 3, 0, 2])  # expert 1 unused
     gate_up = randn(experts, hidden, 2 * width, dtype=dtype, gen=gen)
     down = randn(experts, width, hidden, dtype=dtype, gen=gen)
-    sg, su, sd = (randn(shared_width, hidden, dtype=dtype, gen=gen), randn(shared_width, hidden, dtype=dtype, gen=gen),
-                  randn(hidden, shared_width, dtype=dtype, gen=gen))
+    sg, su, sd = (
+        randn(shared_width, hidden, dtype=dtype, gen=gen),
+        randn(shared_width, hidden, dtype=dtype, gen=gen),
+        randn(hidden, shared_width, dtype=dtype, gen=gen),
+    )
     h = kernels.swiglu_rows(x, ids, gate_up, sg if shared else None, su if shared else None)
     x64 = x.double()
     gate, up = torch.einsum("rk,rkn->rn", x64, gate_up.double()[ids]).chunk(2, dim=-1)
@@ -214,3 +220,157 @@ def test_saved_checkpoints_carry_the_kernel_file(tmp_path):
 
     assert "triton" not in get_imports(tmp_path / "complexity_triton.py")
     assert "triton" not in get_imports(tmp_path / "complexity_kernels.py")
+
+
+# ----------------------------------------------------------------------------- for the GPU, without one
+
+
+def _compile_for(kernel, target, types: dict, constants: dict, aligned: list[str], num_stages: int):
+    """triton.compile for a GPU target on this CPU machine (ptxas ships with triton), with the
+    16-byte alignment the launches specialise on (weights and activations are aligned, widths
+    multiples of 16). -> (shared memory bytes, async global-to-shared copies in the kernel)."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    compiled = compile(source, target=GPUTarget("cuda", *target), options={"num_warps": 4, "num_stages": num_stages})
+    return compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    """complexity_triton loaded for compiling (not interpreting)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        spec = importlib.util.spec_from_file_location("complexity_triton_compiled", TRITON_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("target", [(90, 32), (80, 32)], ids=["sm90", "sm80"])
+def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, target):
+    """Every kernel configuration the model launches compiles for Hopper and Ampere in bf16, the
+    weight loads of its K loops software-pipelined (asynchronous copies several stages deep: a
+    decode kernel is only as fast as the bytes it keeps in flight) within the SM's shared memory."""
+    k, bf16 = compiled_kernels, "*bf16"
+    smem_limit = {90: 227 * 1024, 80: 163 * 1024}[target[0]]
+    common = dict(BLOCK_M=16, BLOCK_N=16, PRECISION="ieee")
+    linear_ptrs = ["out_ptr", "a_ptr", "b_ptr"] + [f"{w}{i}" for i in range(3) for w in ("wa", "wb", "bias")]
+    linear_aligned = (
+        linear_ptrs
+        + ["out_stride", "a_stride", "K_A", "b_stride", "K_B"]
+        + [f"s{w}{i}" for i in range(3) for w in ("wa", "wb")]
+    )
+    linear_cases = [  # q/k/v + mu's (three segments, two inputs); one projection; INL (mu_proj | controller)
+        dict(NUM_SEGMENTS=3, SILU_A=False, B0=True, BIAS0=False, B1=True, BIAS1=False, B2=True, BIAS2=False),
+        dict(NUM_SEGMENTS=1, SILU_A=True, B0=False, BIAS0=True, B1=False, BIAS1=False, B2=False, BIAS2=False),
+        dict(NUM_SEGMENTS=2, SILU_A=False, B0=False, BIAS0=False, B1=True, BIAS1=True, B2=False, BIAS2=False),
+    ]
+    for case in linear_cases:
+        smem, copies = _compile_for(
+            k._linear_rows_kernel,
+            target,
+            dict.fromkeys(linear_ptrs, bf16),
+            {**case, **common, "BLOCK_KA": 256, "BLOCK_KB": 256},
+            linear_aligned,
+            4,
+        )
+        assert copies >= 2 and smem <= smem_limit, (case, copies, smem)
+    up_ptrs = {"h_ptr": bf16, "x_ptr": bf16, "ids_ptr": "*i64", "w_ptr": bf16, "sg_ptr": bf16, "su_ptr": bf16}
+    up_aligned = list(up_ptrs) + ["h_stride", "x_stride", "K", "w_expert_stride", "w_stride", "I_E", "s_stride", "I_S"]
+    for experts, shared in ((True, False), (True, True), (False, True)):
+        smem, copies = _compile_for(
+            k._swiglu_rows_kernel,
+            target,
+            up_ptrs,
+            dict(HAS_EXPERTS=experts, HAS_SHARED=shared, BLOCK_K=256, **common),
+            up_aligned,
+            4,
+        )
+        assert copies >= 2 and smem <= smem_limit, (experts, shared, copies, smem)
+    down_ptrs = {"y_ptr": bf16, "h_ptr": bf16, "ids_ptr": "*i64", "w_ptr": bf16, "sd_ptr": bf16}
+    down_aligned = list(down_ptrs) + [
+        "y_stride",
+        "h_stride",
+        "I_E",
+        "N",
+        "w_expert_stride",
+        "w_stride",
+        "sd_stride",
+        "I_S",
+    ]
+    smem, copies = _compile_for(
+        k._down_rows_kernel,
+        target,
+        down_ptrs,
+        dict(HAS_EXPERTS=True, HAS_SHARED=True, BLOCK_K=256, BLOCK_KS=256, **common),
+        down_aligned,
+        4,
+    )
+    assert copies >= 2 and smem <= smem_limit, (copies, smem)
+
+
+class _TargetOnlyDriver:
+    """Stands in for triton's CUDA driver where torch.compile asks it only which GPU to compile
+    for (its analysis of which tensors a kernel writes), on a machine without one."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "name, per_layer",
+    [
+        ("routed", 4),
+        ("inl", 7),
+        ("routed-shared-mu", None),
+        ("dense", 4),
+        ("learned-top2-shared-mu", None),
+        ("sliding", None),
+    ],
+)
+def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monkeypatch, name, per_layer):
+    """torch.compile's front end (dynamo, fullgraph) takes a decode step of every kind of layer as
+    ONE graph with the Triton launches in it: no graph break for the engine's CUDA graphs. Traced
+    with fake tensors (torch._dynamo.export), so no GPU runs; dynamo is told triton has a device
+    and triton's driver is a stand-in. Kernels per layer: token-routed 4 (q/k/v, o_proj, gate/up,
+    down), INL 7 (+ its two controller kernels and the mu router)."""
+    import re
+
+    import torch.utils._triton
+    import triton
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
+    monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
+    for fn in ("linear_rows", "swiglu_rows", "down_rows"):
+        monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
+    monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
+    model = tiny_model(**VARIANTS[name])
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, pos):
+            return self.model(ids, position_ids=pos, use_cache=False).logits
+
+    ids, pos = torch.randint(4, 256, (2, 1)), torch.zeros(2, 1, dtype=torch.long)
+    graph = torch._dynamo.export(Step())(ids, pos).graph_module  # raises on a graph break
+    launches = len(re.findall(r"triton_kernel_wrapper_mutation\(", graph.code))
+    layers = model.config.num_hidden_layers
+    assert launches == per_layer * layers if per_layer else launches >= 4 * layers
