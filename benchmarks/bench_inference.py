@@ -227,7 +227,7 @@ class EngineWorker(Worker):
         out = {}
         for batch, length in self.s["prefill_shapes"]:
             engine = Engine(self.lm, None, max_batch=batch, max_seq_len=max(length, 2),
-                            max_prefill_tokens=batch * length)
+                            max_prefill_tokens=batch * length, cuda_graphs=False, compile=False)
             prompts = self.prompts(batch, length).tolist()
             params = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
             engine.generate(prompts, params)  # warm-up
@@ -415,6 +415,9 @@ def run_workers(jobs, settings: dict, args, device, results) -> dict:
     """Start every job's process at once (their set-ups run in parallel), then hand each the GPU
     in turn for its timed part."""
     ctx = multiprocessing.get_context("spawn")
+    # Compiles run in every worker at once: one Triton compile thread each (inductor's default
+    # pool per process would start cores x workers processes).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // len(jobs))))
     started = []
     for kind, preset in jobs:
         parent, child = ctx.Pipe()
@@ -610,14 +613,14 @@ def tables(results: dict) -> str:
     data = results.get("decode_prefill", {})
     lines = [f"device {results.get('device')}, torch {results.get('torch')}, transformers {results.get('transformers')}, "
              f"copy bandwidth {fmt(results.get('copy_bandwidth_GBps'))} GB/s"]
-    lines += ["", "batch-1 decode (tokens/s) | MB/token | bound | engine | reference | engine/ref | engine/bound | "
+    lines += ["", "batch-1 decode (tokens/s) | MB/token | bound | engine | reference | engine/ref | engine/bound % | "
               "our step (GPU) | ref step (GPU) | without decode kernels | generate()"]
     for preset, e in data.items():
         engine, ref = get(e, "engine", "engine", "tokens_per_s"), get(e, "reference", "decode", "tokens_per_s")
         bound = e.get("bound_tokens_per_s")
         lines.append(" | ".join([
             preset, fmt((e.get("bytes_per_token") or math.nan) / 1e6, ".1f"), fmt(bound), fmt(engine), fmt(ref),
-            fmt(ratio(engine, ref), ".2f"), fmt(100 * ratio(engine, bound) if ratio(engine, bound) else None, ".1f") + "%",
+            fmt(ratio(engine, ref), ".2f"), fmt(100 * ratio(engine, bound) if ratio(engine, bound) else None, ".1f"),
             fmt(get(e, "steps", "steps", "1", "tokens_per_s")), fmt(get(e, "reference", "steps", "1", "tokens_per_s")),
             fmt(get(e, "steps_off", "steps", "1", "tokens_per_s")), fmt(get(e, "engine", "generate", "tokens_per_s")),
         ]))
@@ -691,6 +694,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON results path")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in args.models if m not in complexity.PRESETS]
+    if unknown:
+        raise SystemExit(f"--models: unknown preset {', '.join(unknown)}")
     args.batches = sorted({int(b) for b in args.batches.split(",") if b})
     args.prefill_shapes = parse_shapes(args.prefill_shapes)
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
