@@ -253,7 +253,7 @@ class StepsWorker(Worker):
 
     def setup(self) -> dict:
         complexity_kernels.DECODE_KERNELS = self.decode_kernels
-        self.batches = self.s["batches"] if self.decode_kernels else [b for b in self.s["batches"] if b <= 8]
+        self.batches = self.s["batches"]
         self.lm = self.model(self.max_len)
         self.lm.model.validate_token_ids = False  # a host sync per step otherwise (the engine does the same)
         c = self.lm.config
@@ -286,7 +286,9 @@ class StepsWorker(Worker):
 
 
 class StepsWithoutKernelsWorker(StepsWorker):
-    """The same steps with the decode kernels switched off (the generic paths): what they bring."""
+    """The same steps with the decode kernels and the decode attention switched off: the generic
+    paths the engine ran before them, in the same run (and no extra compile past batch 8: without
+    the kernels nothing branches on the row count)."""
 
     decode_kernels = False
 

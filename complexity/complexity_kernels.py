@@ -71,6 +71,12 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
 # ----------------------------------------------------------------------------- decode attention
 
 
+def decode_attention_applies(query: torch.Tensor, groups: int) -> bool:
+    """Whether SDPA over `query` [B, heads, S, d] takes `decode_attention`: one position, GQA
+    (and the decode strategies on: `DECODE_KERNELS`)."""
+    return DECODE_KERNELS and query.shape[2] == 1 and groups > 1
+
+
 def decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """SDPA for ONE query position under GQA, without repeating K/V: [B, heads, 1, d] is viewed as
     [B, kv_heads, group, d], the group's query heads as `group` queries of their shared K/V head.
@@ -292,7 +298,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # The most rows a decode kernel takes (every program holds all of them); beyond it the generic
 # paths are as good.
 DECODE_MAX_ROWS = 16
-# Benchmarks switch the decode kernels off to measure what they bring; so can a GPU they fail on.
+# Benchmarks switch the decode kernels (and `decode_attention`) off to measure what they bring;
+# so can a GPU they fail on.
 DECODE_KERNELS = True
 _DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -396,6 +403,7 @@ __all__ = [
     "FUSE_QKV_MIN_ROWS",
     "compute_dtype",
     "decode_attention",
+    "decode_attention_applies",
     "decode_rows",
     "decode_rows_for",
     "dispatch_by_expert",

@@ -32,6 +32,7 @@ from .complexity_kernels import (
     FUSE_QKV_MIN_ROWS,
     ExpertDispatch,
     decode_attention,
+    decode_attention_applies,
     decode_rows,
     decode_rows_for,
     dispatch_by_expert,
@@ -184,7 +185,7 @@ class ComplexityAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
 
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation == "sdpa" and q.shape[2] == 1 and self.num_key_value_groups > 1:
+        if self.config._attn_implementation == "sdpa" and decode_attention_applies(q, self.num_key_value_groups):
             attention_interface = decode_attention  # one query: the groups attend to their K/V in place
         elif self.config._attn_implementation != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
