@@ -60,6 +60,7 @@ from profiling import kernel_table  # noqa: E402
 
 import complexity  # noqa: E402
 from complexity import complexity_kernels  # noqa: E402
+from complexity.complexity_kernels import DECODE_MAX_ROWS  # noqa: E402
 from complexity.inference import Engine, SamplingParams  # noqa: E402
 from complexity.inference.cache import SlotKVCache, attention_mask_decode  # noqa: E402
 
@@ -246,8 +247,9 @@ class EngineWorker(Worker):
 
 class StepsWorker(Worker):
     """One decode step of our model at each batch: the engine's decode forward (slot cache rows
-    0..B-1, the decode mask over the whole cache) plus the greedy pick, compiled once (batch
-    dynamic past 1) and captured as one CUDA graph per batch."""
+    0..B-1, the decode mask over the whole cache) plus the greedy pick, compiled for batch 1, for
+    a dynamic batch of 2-16 (the decode kernels' rows) and for a dynamic batch past 16, and
+    captured as one CUDA graph per batch."""
 
     decode_kernels = True
 
@@ -268,6 +270,10 @@ class StepsWorker(Worker):
             for b in self.batches:
                 tokens = self.prompts(b, 1).to(self.device)
                 pos = torch.full((b,), self.s["prompt_len"], device=self.device)
+                if self.compile and b > 1:  # a declared range: the kernels' choice needs no guard
+                    low, high = (2, DECODE_MAX_ROWS) if b <= DECODE_MAX_ROWS else (DECODE_MAX_ROWS + 1, max(self.batches))
+                    for t in (tokens, pos):
+                        torch._dynamo.mark_dynamic(t, 0, min=low, max=max(high, low + 1))
                 graph = cuda_graph(step, tokens, pos) if self.graphs else None
                 self.runs[b] = (graph, step, tokens, pos)
         return {"steps_setup_s": time.perf_counter() - t}

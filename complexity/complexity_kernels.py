@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # ----------------------------------------------------------------------------- RoPE tables
 
@@ -316,15 +317,23 @@ if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
         _DECODE_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
+def _few_rows(rows) -> bool:
+    """1 <= rows <= DECODE_MAX_ROWS, decided without adding a guard. Under torch.compile with a
+    dynamic batch the answer must hold for every size the graph serves: true when the caller
+    declared a range within the bound (`torch._dynamo.mark_dynamic(t, 0, min=2, max=16)`), false
+    (the generic paths) for an unbounded one, never a recompile or a violated `mark_dynamic`."""
+    return statically_known_true(rows >= 1) and statically_known_true(rows <= DECODE_MAX_ROWS)
+
+
 def decode_rows(x: torch.Tensor) -> bool:
     """Whether a call over x [..., features] runs the decode kernels: at most `DECODE_MAX_ROWS`
-    rows, on a device the kernels serve, without autograd or autocast (whose casts and gradients
-    the kernels do not do)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows (`_few_rows`), on a device the kernels serve, without autograd or autocast (whose casts
+    and gradients the kernels do not do)."""
     return (
         DECODE_KERNELS
         and x.device.type in _DECODE_DEVICES
-        and 1 <= rows <= DECODE_MAX_ROWS
+        and x.shape[-1] > 0
+        and _few_rows(x.numel() // x.shape[-1])
         and x.dtype in _DECODE_DTYPES
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)
@@ -337,7 +346,7 @@ def decode_rows_for(ids: torch.Tensor) -> bool:
     return (
         DECODE_KERNELS
         and ids.device.type in _DECODE_DEVICES
-        and 1 <= ids.numel() <= DECODE_MAX_ROWS
+        and _few_rows(ids.numel())
         and not torch.is_grad_enabled()
     )
 
