@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import math
 import multiprocessing
@@ -261,6 +262,9 @@ class StepsWorker(Worker):
         c = self.lm.config
         self.cache = SlotKVCache(c.num_hidden_layers, max(self.batches), c.num_key_value_heads, self.max_len,
                                  c.head_dim, self.dtype, self.device)
+        # the engine's decode mask takes the attended length as an int or (newer) as arange(kv_len)
+        takes_range = "kv_range" in inspect.signature(attention_mask_decode).parameters
+        self.kv_extent = torch.arange(self.max_len, device=self.device) if takes_range else self.max_len
         step = self.step
         if self.compile:
             step = torch.compile(step, fullgraph=True)
@@ -280,7 +284,7 @@ class StepsWorker(Worker):
 
     def step(self, tokens, pos):
         self.cache.set_decode(pos, self.max_len)
-        mask = attention_mask_decode(pos, self.max_len, self.lm.config.sliding_window, self.dtype)
+        mask = attention_mask_decode(pos, self.kv_extent, self.lm.config.sliding_window, self.dtype)
         hidden = self.lm.model(input_ids=tokens, attention_mask=mask, position_ids=pos[:, None],
                                past_key_values=self.cache, use_cache=True).last_hidden_state
         tokens.copy_(self.lm.lm_head(hidden[:, -1]).argmax(-1, keepdim=True))
