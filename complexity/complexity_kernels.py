@@ -3,18 +3,23 @@
 Nothing here changes what the model computes (`modeling_complexity.py` says that); it decides
 how: the RoPE tables as one opaque op under torch.compile, q/k/v (and mu's q/k/v) as one GEMM for
 large batches, experts as grouped GEMMs over rows sorted by a counting sort, and the shared
-expert folded into those GEMMs when that pays. Self-contained (torch only): a checkpoint saved
-with `save_pretrained` carries this file beside the model file for `trust_remote_code` loading.
+expert folded into those GEMMs when that pays. A decode step of a few rows is different: it is
+bound by reading the weights and by the number of kernels, so there the projections and experts
+run as the Triton kernels of `complexity_triton.py` (see "Decode rows" below). Self-contained
+(torch, and triton where it is installed): a checkpoint saved with `save_pretrained` carries
+this file and the Triton one beside the model file for `trust_remote_code` loading.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # ----------------------------------------------------------------------------- RoPE tables
 
@@ -64,6 +69,31 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return cos.to(dtype), sin.to(dtype)
 
 
+# ----------------------------------------------------------------------------- decode attention
+
+
+def decode_attention_applies(query: torch.Tensor, groups: int) -> bool:
+    """Whether SDPA over `query` [B, heads, S, d] takes `decode_attention`: one position, GQA
+    (and the decode strategies on: `DECODE_KERNELS`)."""
+    return DECODE_KERNELS and query.shape[2] == 1 and groups > 1
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """SDPA for ONE query position under GQA, without repeating K/V: [B, heads, 1, d] is viewed as
+    [B, kv_heads, group, d], the group's query heads as `group` queries of their shared K/V head.
+
+    transformers' SDPA path does the same eagerly but, under torch.compile, copies K and V to
+    every query head first (repeat_kv): at decode that is two copies of the whole cache per
+    layer per step, more bytes than the layer's weights at batch 128. The mask [B, 1, 1, L] (or
+    None) broadcasts over the group. Same call convention as transformers' attention functions:
+    -> ([B, 1, heads, d], None).
+    """
+    b, heads, _, d = query.shape
+    grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, heads, 1, d).transpose(1, 2), None
+
+
 # ----------------------------------------------------------------------------- fused q/k/v
 
 # Below this many rows the projections are bound by reading their weights, and concatenating
@@ -79,14 +109,22 @@ def summed_projections(
     *,
     fuse: bool,
 ) -> list[torch.Tensor]:
-    """[x W_i (+ extra W'_i) for each i]: q, k, v (plus mu_prev's q, k, v under mu guidance).
+    """[x W_i (+ extra W'_i) (+ b_i) for each i]: q, k, v (plus mu_prev's q, k, v under mu
+    guidance); the gate and up projections of a SwiGLU.
 
     Fused (training batches, long prefills) the up-to-six projections run as ONE matmul,
     [x | extra] @ [[W_1 W_2 W_3] ; [W'_1 W'_2 W'_3]]: a single well-shaped GEMM (K = 2H) instead
     of six thin ones (the k/v outputs are only kv_heads x head_dim wide) and three adds. The
     parameters stay separate (checkpoint layout unchanged); the concatenation is a copy of the
-    weights per call, small next to the GEMM at these row counts.
+    weights per call, small next to the GEMM at these row counts. A decode step (`decode_rows`)
+    runs them as one kernel that reads every weight in place.
     """
+    if decode_rows(x) and len(projections) <= 3:
+        segments = [
+            (proj.weight, extra_projections[i].weight if extra is not None else None, proj.bias)
+            for i, proj in enumerate(projections)
+        ]
+        return rows_projections(x, extra, segments)
     if not fuse:
         outs = [proj(x) for proj in projections]
         if extra is not None:
@@ -185,6 +223,33 @@ def grouped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, d
     return _PermuteRows.apply(ys, dispatch.inverse, dispatch.order)
 
 
+def experts_swiglu(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    dispatch: ExpertDispatch | None,
+    shared: nn.Module | None,
+) -> torch.Tensor:
+    """Row i of x [N, H] through expert expert_idx[i]'s SwiGLU (banks [E, H, 2I], [E, I, H]),
+    plus the shared SwiGLU `shared` when given.
+
+    A decode step (`decode_rows`) runs two kernels that read only the chosen experts' weights
+    (and the shared expert's) in place; otherwise the rows are grouped by expert (`dispatch`,
+    computed here when not given) for grouped GEMMs, with the shared expert folded into them
+    once the batch is large enough (`fuse_shared_expert`) and run as its own pass before that.
+    """
+    if decode_rows(x) and gate_up.dtype == x.dtype:
+        return rows_swiglu(x, expert_idx, gate_up, down, shared)
+    if dispatch is None:
+        dispatch = dispatch_by_expert(expert_idx, gate_up.shape[0])
+    if shared is not None and fuse_shared_expert(x.shape[0], gate_up.shape[0], shared.down_proj.in_features):
+        gate_up, down = with_shared_expert(gate_up, down, shared, compute_dtype(x))
+        return grouped_swiglu(x, gate_up, down, dispatch)
+    out = grouped_swiglu(x, gate_up, down, dispatch)
+    return out if shared is None else out + shared(x)
+
+
 # ----------------------------------------------------------------------------- shared expert fusion
 
 
@@ -221,15 +286,144 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+# ----------------------------------------------------------------------------- decode rows
+#
+# A decode step of a few rows reads every weight once and does almost no arithmetic, so its
+# time is the bytes it reads plus a few microseconds per kernel. The generic paths above spend
+# kernels where it hurts: q/k/v and mu's q/k/v as six GEMVs and three adds (concatenating the
+# weights would copy them all), and the experts as a counting sort, permutations and two grouped
+# GEMMs for a single row. Here those become one kernel per fused projection and two per MLP
+# (`complexity_triton.py`), each reading its weights in place: only the experts the rows chose,
+# and the shared expert in the same launches. For inference only (no autograd through them).
+
+# The most rows a decode kernel takes (every program holds all of them); beyond it the generic
+# paths are as good.
+DECODE_MAX_ROWS = 16
+# Benchmarks switch the decode kernels (and `decode_attention`) off to measure what they bring;
+# so can a GPU they fail on.
+DECODE_KERNELS = True
+_DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# Where the kernels run: CUDA with triton installed, or triton's CPU interpreter
+# (TRITON_INTERPRET=1, for tests). Decided once, at import; elsewhere the generic paths serve.
+_DECODE_DEVICES: tuple[str, ...] = ()
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    try:
+        from .complexity_triton import down_rows, linear_rows, swiglu_rows
+    except ImportError:
+        pass
+    else:
+        _DECODE_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def _few_rows(rows) -> bool:
+    """1 <= rows <= DECODE_MAX_ROWS, decided without adding a guard. Under torch.compile with a
+    dynamic batch the answer must hold for every size the graph serves: true when the caller
+    declared a range within the bound (`torch._dynamo.mark_dynamic(t, 0, min=2, max=16)`), false
+    (the generic paths) for an unbounded one, never a recompile or a violated `mark_dynamic`."""
+    return statically_known_true(rows >= 1) and statically_known_true(rows <= DECODE_MAX_ROWS)
+
+
+def decode_rows(x: torch.Tensor) -> bool:
+    """Whether a call over x [..., features] runs the decode kernels: at most `DECODE_MAX_ROWS`
+    rows (`_few_rows`), on a device the kernels serve, without autograd or autocast (whose casts
+    and gradients the kernels do not do)."""
+    return (
+        DECODE_KERNELS
+        and x.device.type in _DECODE_DEVICES
+        and x.shape[-1] > 0
+        and _few_rows(x.numel() // x.shape[-1])
+        and x.dtype in _DECODE_DTYPES
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+def decode_rows_for(ids: torch.Tensor) -> bool:
+    """Whether hidden states with the rows of `ids` (token ids) will take the decode kernels,
+    as far as the ids tell: the model skips grouping the tokens by expert then."""
+    return (
+        DECODE_KERNELS
+        and ids.device.type in _DECODE_DEVICES
+        and _few_rows(ids.numel())
+        and not torch.is_grad_enabled()
+    )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., K] as [rows, K] with a contiguous last dim (a view where it can be)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rows_projections(
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    segments: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+    *,
+    silu_a: bool = False,
+) -> list[torch.Tensor]:
+    """Decode rows: [a W_a^T (+ b W_b^T) (+ bias) for each (W_a, W_b, bias) of up to three
+    segments] in one kernel, each shaped like `a` with the segment's width; with `silu_a`,
+    F.silu(a) in place of a. `b` may be an expanded view (a broadcast mu) and the weights column
+    slices of a wider weight."""
+    dtype = a.dtype
+    segments = [
+        (w_a.to(dtype), None if w_b is None else w_b.to(dtype), None if bias is None else bias.to(dtype))
+        for w_a, w_b, bias in segments
+    ]
+    b_rows = None if b is None else _rows(b.to(dtype).expand(*a.shape[:-1], b.shape[-1]))
+    out = linear_rows(_rows(a), b_rows, segments, silu_a)
+    widths = [w_a.shape[0] for w_a, _, _ in segments]
+    return [part.view(*a.shape[:-1], part.shape[-1]) for part in out.split(widths, dim=-1)]
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x), as one decode kernel for a few rows."""
+    if decode_rows(x):
+        return rows_projections(x, None, [(layer.weight, None, layer.bias)])[0]
+    return layer(x)
+
+
+def rows_swiglu(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor | None,
+    gate_up: torch.Tensor | None,
+    down: torch.Tensor | None,
+    shared: nn.Module | None,
+) -> torch.Tensor:
+    """Decode rows: each row's expert SwiGLU (banks [E, H, 2I] and [E, I, H]; None for none)
+    plus the SwiGLU `shared` (gate_proj / up_proj / down_proj nn.Linear without biases; the
+    shared expert, or a dense MLP alone) as two kernels: gate/up with the activation, then down
+    with both experts summed in one float32 accumulator."""
+    dtype, flat = x.dtype, _rows(x)
+    ids = None if expert_idx is None else expert_idx.reshape(-1).contiguous()
+    gate, up, shared_down = (None, None, None) if shared is None else (
+        p.weight.to(dtype) for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
+    h = swiglu_rows(flat, ids, None if gate_up is None else gate_up.to(dtype), gate, up)
+    y = down_rows(h, x.shape[-1], ids, None if down is None else down.to(dtype), shared_down)
+    return y.view(x.shape)
+
+
 __all__ = [
+    "DECODE_MAX_ROWS",
     "ExpertDispatch",
     "FUSE_QKV_MIN_ROWS",
     "compute_dtype",
+    "decode_attention",
+    "decode_attention_applies",
+    "decode_rows",
+    "decode_rows_for",
     "dispatch_by_expert",
+    "experts_swiglu",
     "fuse_shared_expert",
     "grouped_matmul",
     "grouped_swiglu",
+    "linear",
     "rotary_cos_sin",
+    "rows_projections",
+    "rows_swiglu",
     "summed_projections",
     "with_shared_expert",
 ]

@@ -32,13 +32,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from .complexity_kernels import (
     FUSE_QKV_MIN_ROWS,
     ExpertDispatch,
-    compute_dtype,
+    decode_attention,
+    decode_attention_applies,
+    decode_rows,
+    decode_rows_for,
     dispatch_by_expert,
-    fuse_shared_expert,
-    grouped_swiglu,
+    experts_swiglu,
+    linear,
     rotary_cos_sin,
+    rows_projections,
+    rows_swiglu,
     summed_projections,
-    with_shared_expert,
 )
 from .complexity_math import (
     add_router_aux_loss,
@@ -182,7 +186,9 @@ class ComplexityAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
 
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation != "eager":
+        if self.config._attn_implementation == "sdpa" and decode_attention_applies(q, self.num_key_value_groups):
+            attention_interface = decode_attention  # one query: the groups attend to their K/V in place
+        elif self.config._attn_implementation != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         out, _ = attention_interface(
             self,
@@ -195,7 +201,7 @@ class ComplexityAttention(nn.Module):
             sliding_window=self.config.sliding_window,
             **kwargs,
         )
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous())
+        return linear(out.reshape(*input_shape, -1).contiguous(), self.o_proj)
 
 
 # ----------------------------------------------------------------------------- MLPs
@@ -219,10 +225,13 @@ class Routing(NamedTuple):
 
     @classmethod
     def for_tokens(cls, token_ids, token_to_expert, num_experts: int, token_mask=None) -> "Routing":
-        """Every layer routes by the same table: group the tokens by expert once, not per layer."""
+        """Every layer routes by the same table: group the tokens by expert once, not per layer
+        (a decode step's few rows need no grouping: `experts_swiglu`)."""
         if token_to_expert is None:
             return cls(token_ids, token_mask=token_mask)
         expert_ids = token_to_expert[token_ids]
+        if decode_rows_for(token_ids):
+            return cls(token_ids, expert_ids, None, token_mask)
         return cls(token_ids, expert_ids, dispatch_by_expert(expert_ids.reshape(-1), num_experts), token_mask)
 
 
@@ -237,6 +246,8 @@ class ComplexityMLP(nn.Module):
         self.down_proj.is_residual_output = True
 
     def forward(self, x):
+        if decode_rows(x):
+            return rows_swiglu(x, None, None, None, self)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -273,16 +284,9 @@ class ComplexityExperts(nn.Module):
         """x [N, H]; expert_idx [N] -> [N, H], row i through expert expert_idx[i].
 
         `dispatch`: `dispatch_by_expert(expert_idx)` when the caller already has it. `shared`: a
-        SwiGLU every row also goes through, added to the output (folded into the grouped GEMMs
-        for large batches, `fuse_shared_expert`).
+        SwiGLU every row also goes through, added to the output (`experts_swiglu` says how).
         """
-        if dispatch is None:
-            dispatch = dispatch_by_expert(expert_idx, self.num_experts)
-        if shared is not None and fuse_shared_expert(x.shape[0], self.num_experts, shared.down_proj.in_features):
-            gate_up, down = with_shared_expert(self.gate_up_proj, self.down_proj, shared, compute_dtype(x))
-            return grouped_swiglu(x, gate_up, down, dispatch)
-        out = grouped_swiglu(x, self.gate_up_proj, self.down_proj, dispatch)
-        return out if shared is None else out + shared(x)
+        return experts_swiglu(x, expert_idx, self.gate_up_proj, self.down_proj, dispatch, shared)
 
 
 class ComplexityTokenRoutedMLP(nn.Module):
@@ -305,7 +309,8 @@ class ComplexityTokenRoutedMLP(nn.Module):
     def forward(self, x, routing: Routing):
         expert_ids, dispatch = routing.expert_ids, routing.dispatch
         if self.mu_router is not None:  # mu moved tokens: group them again
-            expert_ids, dispatch = mu_router_override(expert_ids, self.mu_router(routing.mu), self.mu_router_bias), None
+            logits = linear(routing.mu, self.mu_router)
+            expert_ids, dispatch = mu_router_override(expert_ids, logits, self.mu_router_bias), None
         out = self.experts(x.reshape(-1, x.shape[-1]), expert_ids.reshape(-1), dispatch, shared=self.shared_expert)
         return out.view(x.shape), None
 
@@ -327,7 +332,7 @@ class ComplexityLearnedMoE(nn.Module):
 
     def forward(self, x, routing: Routing | None = None):
         flat = x.reshape(-1, x.shape[-1])
-        probs, weights, experts = learned_topk(self.router(flat), self.top_k)
+        probs, weights, experts = learned_topk(linear(flat, self.router), self.top_k)
         out = mix_topk_experts(self.experts, flat, experts, weights)
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
@@ -358,7 +363,7 @@ class ComplexityMuGuidance(nn.Module):
         self.mu_proj.zero_init = True
 
     def forward(self, hidden_states):
-        return mu_guidance(self.mu, self.mu_proj(hidden_states), self.config)
+        return mu_guidance(self.mu, linear(hidden_states, self.mu_proj), self.config)
 
 
 def _logit(p: float) -> float:
@@ -387,8 +392,15 @@ class ComplexityINLDynamics(nn.Module):
 
     def forward(self, a, velocity):
         """a: attention output; velocity: carried from the previous layer -> (a', v', mu_c)."""
-        controls = self.controller_out(F.silu(self.controller_in(torch.cat([a, velocity], dim=-1))))
-        mu_c = self.mu + self.mu_proj(a)
+        if decode_rows(a):  # two kernels: mu_proj(a) and controller_in([a, v]) (no copy of [a, v]); the rest
+            h, w, out = self.hidden_size, self.controller_in.weight, self.controller_out
+            segments = [(self.mu_proj.weight, None, None), (w[:, :h], w[:, h:], self.controller_in.bias)]
+            mu_out, hidden = rows_projections(a, velocity, segments)
+            [controls] = rows_projections(hidden, None, [(out.weight, None, out.bias)], silu_a=True)
+        else:
+            mu_out = self.mu_proj(a)
+            controls = self.controller_out(F.silu(self.controller_in(torch.cat([a, velocity], dim=-1))))
+        mu_c = self.mu + mu_out
         a, velocity = inl_dynamics(a, velocity, controls, mu_c, self.config)
         return a, velocity, mu_c
 

@@ -1,0 +1,306 @@
+"""Triton kernels for decoding: a handful of rows against weights that are each read once.
+
+At batch 1 (or a few rows) a decode step is bound by reading the weights, and every extra
+kernel costs a few microseconds of launch and latency even inside a CUDA graph. These kernels
+serve the projections of a decode step in as few launches as the math allows:
+
+- `linear_rows`: up to three output segments, each x_a W_a^T (+ x_b W_b^T) (+ bias), in ONE
+  launch, reading every weight in place (q/k/v plus mu's q/k/v; INL's mu projection plus its
+  controller over [a, v]; a single projection).
+- `swiglu_rows` / `down_rows`: the token-routed experts without sorting, grouping or a grouped
+  GEMM: each program walks the experts its rows chose and reads only those experts' weights
+  straight from the stacked bank [E, in, out]; the SwiGLU is applied as the gate/up columns are
+  produced, and a shared expert (or, alone, a dense SwiGLU) rides along in the same launches.
+
+Every program holds all rows (up to `BLOCK_M`, tl.dot's minimum): the weights are read once
+whatever the row count, and no program sums partial results of another (no split-K, no
+atomics), so the results do not depend on the launch. Products accumulate in float32 and are
+rounded once, as a GEMM does; the SwiGLU rounds gate, up and silu(gate) to the activations'
+dtype as `F.silu(gate) * up` does. Float32 runs IEEE products (no TF32).
+
+Imported by `complexity_kernels` only where triton is installed and CUDA is there (or
+TRITON_INTERPRET=1, which runs these kernels on the CPU); the model falls back to PyTorch
+everywhere else. Launched as plain Triton calls, which torch.compile traces into its graph
+(fullgraph) and CUDA graphs capture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # (a `try` keeps transformers' trust_remote_code import check from demanding triton everywhere)
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError("complexity_triton needs triton; complexity_kernels falls back to PyTorch without it") from err
+
+BLOCK_M = 16  # rows per program: tl.dot's minimum, and the most rows these kernels serve
+BLOCK_N = 16  # output columns per program: at least a program per SM for 2,048-wide outputs
+_MAX_BLOCK_K = 256
+_PRECISION = "ieee"  # float32 products stay float32 (no TF32); half-precision products are exact anyway
+
+
+def _block_k(k: int) -> int:
+    return max(16, min(_MAX_BLOCK_K, triton.next_power_of_2(k)))
+
+
+def _launch_options(dtype: torch.dtype) -> dict:
+    # Deep software pipelines keep enough weight bytes in flight per SM; float32 tiles are twice
+    # the shared memory, so fewer stages.
+    return {"num_warps": 4, "num_stages": 2 if dtype == torch.float32 else 4}
+
+
+# ----------------------------------------------------------------------------- device code
+#
+# Only triton builtins and the helpers below: triton.language's own @jit helpers (tl.cdiv,
+# tl.zeros, tl.max, ...) are compiled-mode objects when triton was imported before
+# TRITON_INTERPRET was set, which would keep these kernels from running in the interpreter (the
+# CPU tests). The kernels' long argument lists are kept as written (fmt: off).
+
+# fmt: off
+
+
+@triton.jit
+def _cdiv(n, block: tl.constexpr):
+    return (n + block - 1) // block
+
+
+@triton.jit
+def _either(a, b):
+    return a | b
+
+
+@triton.jit
+def _dot_linear(acc, x_ptr, x_stride, rows, w_ptr, w_stride, n, N, K,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SILU: tl.constexpr):
+    """acc += x[:rows, :K] @ W[n, :K]^T, W in nn.Linear layout [N, K] (K contiguous); with SILU,
+    silu(x) (rounded to x's dtype, as `F.silu(x)` gives it) in place of x."""
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=(m[:, None] < rows) & (k[None, :] < K), other=0.0)
+        if SILU:
+            x32 = x.to(tl.float32)
+            x = (x32 / (1.0 + tl.exp(-x32))).to(x.dtype)
+        w = tl.load(w_ptr + n[:, None] * w_stride + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _linear_segment(out_ptr, out_stride, col0, n0, N, rows,
+                    a_ptr, a_stride, K_A, wa_ptr, wa_stride, b_ptr, b_stride, K_B, wb_ptr, wb_stride, bias_ptr,
+                    HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_A: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_KB: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """out[:rows, col0 + n] for BLOCK_N columns n of one segment: a W_a^T (+ b W_b^T) (+ bias)."""
+    m = tl.arange(0, BLOCK_M)
+    n = n0 + tl.arange(0, BLOCK_N)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    acc = _dot_linear(acc, a_ptr, a_stride, rows, wa_ptr, wa_stride, n, N, K_A, BLOCK_M, BLOCK_KA, PRECISION, SILU_A)
+    if HAS_B:
+        acc = _dot_linear(acc, b_ptr, b_stride, rows, wb_ptr, wb_stride, n, N, K_B, BLOCK_M, BLOCK_KB, PRECISION, False)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m[:, None] * out_stride + col0 + n[None, :], out, mask=(m[:, None] < rows) & (n[None, :] < N))
+
+
+@triton.jit
+def _linear_rows_kernel(out_ptr, out_stride, rows, a_ptr, a_stride, K_A, b_ptr, b_stride, K_B,
+                        wa0, swa0, wb0, swb0, bias0, N0,
+                        wa1, swa1, wb1, swb1, bias1, N1,
+                        wa2, swa2, wb2, swb2, bias2, N2,
+                        NUM_SEGMENTS: tl.constexpr, SILU_A: tl.constexpr,
+                        B0: tl.constexpr, BIAS0: tl.constexpr, B1: tl.constexpr, BIAS1: tl.constexpr,
+                        B2: tl.constexpr, BIAS2: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_KB: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """out[:, segment s's columns] = a W_a^T (+ b W_b^T) (+ bias) for up to three segments; each
+    program owns BLOCK_N columns of one segment."""
+    pid = tl.program_id(0)
+    blocks0 = _cdiv(N0, BLOCK_N)
+    if pid < blocks0:
+        _linear_segment(out_ptr, out_stride, 0, pid * BLOCK_N, N0, rows,
+                        a_ptr, a_stride, K_A, wa0, swa0, b_ptr, b_stride, K_B, wb0, swb0, bias0, B0, BIAS0, SILU_A,
+                        BLOCK_M, BLOCK_N, BLOCK_KA, BLOCK_KB, PRECISION)
+    else:
+        if NUM_SEGMENTS > 1:
+            blocks1 = _cdiv(N1, BLOCK_N)
+            if pid < blocks0 + blocks1:
+                _linear_segment(out_ptr, out_stride, N0, (pid - blocks0) * BLOCK_N, N1, rows,
+                                a_ptr, a_stride, K_A, wa1, swa1, b_ptr, b_stride, K_B, wb1, swb1, bias1, B1, BIAS1,
+                                SILU_A, BLOCK_M, BLOCK_N, BLOCK_KA, BLOCK_KB, PRECISION)
+            else:
+                if NUM_SEGMENTS > 2:
+                    _linear_segment(out_ptr, out_stride, N0 + N1, (pid - blocks0 - blocks1) * BLOCK_N, N2, rows,
+                                    a_ptr, a_stride, K_A, wa2, swa2, b_ptr, b_stride, K_B, wb2, swb2, bias2, B2,
+                                    BIAS2, SILU_A, BLOCK_M, BLOCK_N, BLOCK_KA, BLOCK_KB, PRECISION)
+
+
+@triton.jit
+def _dot_experts(acc_a, acc_b, x_ptr, x_stride, ids_ptr, rows, num_experts,
+                 w_ptr, w_expert_stride, w_stride, n, N, K, b_offset,
+                 TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc_a += x @ W[e_row][:K, n], each row through its own expert, W stacked [E, K, out]
+    (out contiguous); with TWO also acc_b += x @ W[e_row][:K, b_offset + n]. The experts no row
+    chose are not read."""
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_ptr + m, mask=m < rows, other=-1)
+    for e in range(num_experts):
+        mine = ids == e
+        if tl.reduce(mine.to(tl.int32), 0, _either) > 0:
+            w_e = w_ptr + e * w_expert_stride
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + kk
+                # the other experts' rows load zeros: their products add exact zeros
+                x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=mine[:, None] & (k[None, :] < K), other=0.0)
+                w_tile = w_e + k[:, None] * w_stride + n[None, :]
+                w_mask = (k[:, None] < K) & (n[None, :] < N)
+                acc_a = tl.dot(x, tl.load(w_tile, mask=w_mask, other=0.0), acc_a, input_precision=PRECISION)
+                if TWO:
+                    acc_b = tl.dot(x, tl.load(w_tile + b_offset, mask=w_mask, other=0.0), acc_b,
+                                   input_precision=PRECISION)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _store_swiglu(h_ptr, h_stride, col0, n, N, rows, acc_gate, acc_up, BLOCK_M: tl.constexpr):
+    """h = silu(gate) * up with the roundings of `F.silu(gate) * up` on rounded gate and up."""
+    m = tl.arange(0, BLOCK_M)
+    dtype = h_ptr.dtype.element_ty
+    gate = acc_gate.to(dtype).to(tl.float32)
+    up = acc_up.to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(h_ptr + m[:, None] * h_stride + col0 + n[None, :], (act * up).to(dtype),
+             mask=(m[:, None] < rows) & (n[None, :] < N))
+
+
+@triton.jit
+def _swiglu_rows_kernel(h_ptr, h_stride, x_ptr, x_stride, ids_ptr, rows, K, num_experts,
+                        w_ptr, w_expert_stride, w_stride, I_E, sg_ptr, su_ptr, s_stride, I_S,
+                        HAS_EXPERTS: tl.constexpr, HAS_SHARED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """h[:, :I_E] = the SwiGLU of each row's expert (bank [E, K, 2 I_E] = gate | up); h[:, I_E:] =
+    the shared expert's (gate/up in nn.Linear layout [I_S, K]). The first programs own BLOCK_N
+    expert columns each, the rest BLOCK_N shared columns."""
+    pid = tl.program_id(0)
+    blocks = 0
+    if HAS_EXPERTS:
+        blocks = _cdiv(I_E, BLOCK_N)
+    acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    if pid < blocks:
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc_gate, acc_up = _dot_experts(acc_gate, acc_up, x_ptr, x_stride, ids_ptr, rows, num_experts,
+                                        w_ptr, w_expert_stride, w_stride, n, I_E, K, I_E, True,
+                                        BLOCK_M, BLOCK_K, PRECISION)
+        _store_swiglu(h_ptr, h_stride, 0, n, I_E, rows, acc_gate, acc_up, BLOCK_M)
+    else:
+        if HAS_SHARED:
+            n = (pid - blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc_gate = _dot_linear(acc_gate, x_ptr, x_stride, rows, sg_ptr, s_stride, n, I_S, K,
+                                   BLOCK_M, BLOCK_K, PRECISION, False)
+            acc_up = _dot_linear(acc_up, x_ptr, x_stride, rows, su_ptr, s_stride, n, I_S, K,
+                                 BLOCK_M, BLOCK_K, PRECISION, False)
+            _store_swiglu(h_ptr, h_stride, I_E, n, I_S, rows, acc_gate, acc_up, BLOCK_M)
+
+
+@triton.jit
+def _down_rows_kernel(y_ptr, y_stride, h_ptr, h_stride, ids_ptr, rows, I_E, N, num_experts,
+                      w_ptr, w_expert_stride, w_stride, sd_ptr, sd_stride, I_S,
+                      HAS_EXPERTS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr, PRECISION: tl.constexpr):
+    """y = h[:, :I_E] @ down[e_row] (bank [E, I_E, N]) + h[:, I_E:] W_sd^T (the shared expert's
+    down projection, [N, I_S]), both in one float32 accumulator."""
+    pid = tl.program_id(0)
+    m = tl.arange(0, BLOCK_M)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    if HAS_EXPERTS:
+        acc, _ = _dot_experts(acc, acc, h_ptr, h_stride, ids_ptr, rows, num_experts,
+                              w_ptr, w_expert_stride, w_stride, n, N, I_E, 0, False, BLOCK_M, BLOCK_K, PRECISION)
+    if HAS_SHARED:
+        acc = _dot_linear(acc, h_ptr + I_E, h_stride, rows, sd_ptr, sd_stride, n, N, I_S,
+                          BLOCK_M, BLOCK_KS, PRECISION, False)
+    tl.store(y_ptr + m[:, None] * y_stride + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(m[:, None] < rows) & (n[None, :] < N))
+
+
+# ----------------------------------------------------------------------------- host code
+
+
+def linear_rows(a: torch.Tensor, b: torch.Tensor | None, segments, silu_a: bool = False) -> torch.Tensor:
+    """[rows, sum N_s]: segment s = a' @ W_a^T (+ b @ W_b^T when it has W_b) (+ bias), where a'
+    is a, or silu(a) with `silu_a`.
+
+    a [rows, K_A], b [rows, K_B] or None (rows <= BLOCK_M, last dim contiguous, any row stride,
+    0 included); `segments`: 1 to 3 (W_a [N, K_A], W_b [N, K_B] or None, bias [N] or None),
+    weights with a contiguous last dim (column slices of a wider weight are fine).
+    """
+    rows = a.shape[0]
+    if not 1 <= len(segments) <= 3 or rows > BLOCK_M:
+        raise ValueError(f"linear_rows: {len(segments)} segments over {rows} rows (1-3 segments, <= {BLOCK_M} rows)")
+    widths = [w_a.shape[0] for w_a, _, _ in segments]
+    out = torch.empty((rows, sum(widths)), dtype=a.dtype, device=a.device)
+    b_arg = b if b is not None else a  # (unused stand-ins keep every pointer argument a tensor)
+    args, flags = [], {}
+    for i in range(3):
+        w_a, w_b, bias = segments[i] if i < len(segments) else (segments[0][0], None, None)
+        w_b_arg = w_b if w_b is not None else w_a
+        args += [w_a, w_a.stride(0), w_b_arg, w_b_arg.stride(0), bias if bias is not None else w_a,
+                 widths[i] if i < len(segments) else 0]
+        flags[f"B{i}"], flags[f"BIAS{i}"] = w_b is not None, bias is not None
+    _linear_rows_kernel[(sum(triton.cdiv(n, BLOCK_N) for n in widths),)](
+        out, out.stride(0), rows, a, a.stride(0), a.shape[1], b_arg, b_arg.stride(0), b_arg.shape[1], *args,
+        NUM_SEGMENTS=len(segments), SILU_A=silu_a, **flags, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_KA=_block_k(a.shape[1]), BLOCK_KB=_block_k(b_arg.shape[1]), PRECISION=_PRECISION,
+        **_launch_options(a.dtype),
+    )
+    return out
+
+
+def swiglu_rows(x, expert_ids=None, gate_up=None, shared_gate=None, shared_up=None) -> torch.Tensor:
+    """[rows, I_E + I_S]: row r's SwiGLU through expert expert_ids[r] (bank gate_up [E, H, 2 I_E],
+    gate | up; none without a bank), then the shared expert's (nn.Linear weights [I_S, H])."""
+    rows, k = x.shape
+    has_experts, has_shared = gate_up is not None, shared_gate is not None
+    bank = gate_up if has_experts else x
+    e, i = (gate_up.shape[0], gate_up.shape[2] // 2) if has_experts else (0, 0)
+    i_s = shared_gate.shape[0] if has_shared else 0
+    h = torch.empty((rows, i + i_s), dtype=x.dtype, device=x.device)
+    sg, su = (shared_gate, shared_up) if has_shared else (x, x)
+    _swiglu_rows_kernel[(triton.cdiv(i, BLOCK_N) + triton.cdiv(i_s, BLOCK_N),)](
+        h, h.stride(0), x, x.stride(0), expert_ids if has_experts else x, rows, k, e,
+        bank, bank.stride(0), bank.stride(-2), i, sg, su, sg.stride(0), i_s,
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=_block_k(k),
+        PRECISION=_PRECISION, **_launch_options(x.dtype),
+    )
+    return h
+
+
+def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None) -> torch.Tensor:
+    """[rows, out_features]: h[:, :I_E] @ down[expert_ids[r]] (bank [E, I_E, out]; none without a
+    bank) plus h[:, I_E:] @ W_sd^T (the shared expert's down projection [out, I_S])."""
+    rows = h.shape[0]
+    has_experts, has_shared = down is not None, shared_down is not None
+    bank = down if has_experts else h
+    e, i = (down.shape[0], down.shape[1]) if has_experts else (0, 0)
+    i_s = shared_down.shape[1] if has_shared else 0
+    y = torch.empty((rows, out_features), dtype=h.dtype, device=h.device)
+    sd = shared_down if has_shared else h
+    _down_rows_kernel[(triton.cdiv(out_features, BLOCK_N),)](
+        y, y.stride(0), h, h.stride(0), expert_ids if has_experts else h, rows, i, out_features, e,
+        bank, bank.stride(0), bank.stride(-2), sd, sd.stride(0), i_s,
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_K=_block_k(max(i, 1)), BLOCK_KS=_block_k(max(i_s, 1)), PRECISION=_PRECISION,
+        **_launch_options(h.dtype),
+    )
+    return y
+
+
+# fmt: on
+
+__all__ = ["BLOCK_M", "down_rows", "linear_rows", "swiglu_rows"]

@@ -1,0 +1,387 @@
+"""Decode kernels (complexity_triton.py) against float64 references, run on the CPU by triton's
+interpreter (TRITON_INTERPRET=1), and the model's decode paths with them against the generic
+paths; the decode attention and when the kernels apply. The same kernels compiled for a GPU are
+checked in tests/gpu/test_kernels_gpu.py.
+
+Triton's interpreter multiplies bfloat16 tiles wrongly on the CPU (numpy has no bfloat16), so
+these tests run float32 and float16, which take the same code paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VARIANTS, tiny_model
+
+from complexity import complexity_kernels as ck
+from complexity import modeling_complexity as mc
+
+torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
+
+TRITON_FILE = Path(ck.__file__).with_name("complexity_triton.py")
+# float32: IEEE products, differences come from summation order only; float16: one rounding of
+# each output (and of gate, up, silu) against float64.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+@pytest.fixture(scope="module")
+def _interpreted_module():
+    """complexity_triton loaded afresh with TRITON_INTERPRET=1 (triton reads it when it decorates
+    the kernels), so a copy already imported for a GPU in this process is left alone."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        spec = importlib.util.spec_from_file_location("complexity_triton_interpreted", TRITON_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # the interpreter resolves the kernels' helpers through it
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def kernels(_interpreted_module, monkeypatch):
+    """The interpreted kernels; the interpreter also reads TRITON_INTERPRET when they run."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return _interpreted_module
+
+
+def randn(*shape, dtype=torch.float32, gen):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+
+
+def assert_close(got, want, dtype):
+    scale = want.abs().max().clamp(min=1.0)
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
+
+
+def silu_glu(gate, up):
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_linear_rows_matches_float64(kernels, dtype, rows):
+    """Three segments with every combination of a second input and a bias, widths that are not
+    multiples of the tile, K past one tile, a broadcast second input (row stride 0) and weights
+    that are column slices of a wider one."""
+    gen = torch.Generator().manual_seed(rows)
+    k_a, k_b = 300, 72
+    a = randn(rows, k_a, dtype=dtype, gen=gen)
+    b = randn(1, k_b, dtype=dtype, gen=gen).expand(rows, k_b)  # like mu_init broadcast to every token
+    wide = randn(40, k_a + 8, dtype=dtype, gen=gen)
+    segments = [
+        (wide[:, :k_a], randn(40, k_b, dtype=dtype, gen=gen), None),
+        (randn(24, k_a, dtype=dtype, gen=gen), None, randn(24, dtype=dtype, gen=gen)),
+        (randn(17, k_a, dtype=dtype, gen=gen), randn(17, k_b, dtype=dtype, gen=gen), randn(17, dtype=dtype, gen=gen)),
+    ]
+    out = kernels.linear_rows(a, b, segments)
+    want = []
+    for w_a, w_b, bias in segments:
+        y = a.double() @ w_a.double().T
+        if w_b is not None:
+            y = y + b.double() @ w_b.double().T
+        if bias is not None:
+            y = y + bias.double()
+        want.append(y)
+    assert out.shape == (rows, 81) and out.dtype == dtype
+    assert_close(out, torch.cat(want, dim=-1), dtype)
+    # one segment, no second input; and on silu(a) (INL's controller output layer)
+    assert_close(kernels.linear_rows(a, None, segments[1:2]), want[1], dtype)
+    w, _, bias = segments[1]
+    activated = F.silu(a.float()).to(dtype).double()  # F.silu's output in the activations' dtype
+    assert_close(
+        kernels.linear_rows(a, None, segments[1:2], silu_a=True), activated @ w.double().T + bias.double(), dtype
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shared", [False, True])
+def test_expert_swiglu_and_down_rows_match_float64(kernels, dtype, shared):
+    """Rows through their own experts (one expert chosen twice, one never) and the shared expert;
+    the gate/up kernel's output is the SwiGLU, the down kernel sums routed and shared."""
+    gen = torch.Generator().manual_seed(7 + shared)
+    rows, hidden, width, shared_width, experts = 6, 96, 40, 24, 4
+    x = randn(rows, hidden, dtype=dtype, gen=gen)
+    ids = torch.tensor([2, 0, 2, 3, 0, 2])  # expert 1 unused
+    gate_up = randn(experts, hidden, 2 * width, dtype=dtype, gen=gen)
+    down = randn(experts, width, hidden, dtype=dtype, gen=gen)
+    sg, su, sd = (
+        randn(shared_width, hidden, dtype=dtype, gen=gen),
+        randn(shared_width, hidden, dtype=dtype, gen=gen),
+        randn(hidden, shared_width, dtype=dtype, gen=gen),
+    )
+    h = kernels.swiglu_rows(x, ids, gate_up, sg if shared else None, su if shared else None)
+    x64 = x.double()
+    gate, up = torch.einsum("rk,rkn->rn", x64, gate_up.double()[ids]).chunk(2, dim=-1)
+    assert h.shape == (rows, width + (shared_width if shared else 0))
+    assert_close(h[:, :width], silu_glu(gate, up), dtype)
+    if shared:
+        assert_close(h[:, width:], silu_glu(x64 @ sg.double().T, x64 @ su.double().T), dtype)
+    y = kernels.down_rows(h, hidden, ids, down, sd if shared else None)
+    want = torch.einsum("rk,rkn->rn", h[:, :width].double(), down.double()[ids])
+    if shared:
+        want = want + h[:, width:].double() @ sd.double().T
+    assert_close(y, want, dtype)
+
+
+def test_dense_swiglu_rows_without_experts(kernels):
+    """No expert bank: the two kernels are a plain SwiGLU (the dense MLP at decode)."""
+    gen = torch.Generator().manual_seed(9)
+    x = randn(3, 64, gen=gen)
+    sg, su, sd = randn(50, 64, gen=gen), randn(50, 64, gen=gen), randn(64, 50, gen=gen)
+    h = kernels.swiglu_rows(x, None, None, sg, su)
+    y = kernels.down_rows(h, 64, None, None, sd)
+    x64 = x.double()
+    want = silu_glu(x64 @ sg.double().T, x64 @ su.double().T) @ sd.double().T
+    assert_close(y, want, torch.float32)
+
+
+@pytest.fixture
+def cpu_kernels(kernels, monkeypatch):
+    """The model's decode paths on the CPU through the interpreted kernels; counts their launches."""
+    calls = {"linear_rows": 0, "swiglu_rows": 0, "down_rows": 0}
+
+    def counted(name):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return getattr(kernels, name)(*args, **kwargs)
+
+        return run
+
+    for name in calls:
+        monkeypatch.setattr(ck, name, counted(name), raising=False)
+    monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
+    return calls
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
+    """Every variant, float32: a prefill and three one-token steps of two sequences through the
+    cache (at most 16 rows each: the decode kernels) equal the full forward (18 rows: the generic
+    paths), and the kernels did serve the projections and the MLPs."""
+    model = tiny_model(**VARIANTS[name])
+    ids = torch.randint(4, 256, (2, 9), generator=torch.Generator().manual_seed(11))
+    out = model(ids[:, :6], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(6, 9):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=0)
+    layers = model.config.num_hidden_layers
+    assert cpu_kernels["linear_rows"] >= 4 * 2 * layers  # q/k/v and o_proj, prefill and steps
+    assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] >= 4 * layers
+
+
+def test_decode_kernels_are_for_inference_on_few_rows(cpu_kernels):
+    x = torch.zeros(2, 8, 64)
+    with torch.no_grad():
+        assert ck.decode_rows(x)
+        assert not ck.decode_rows(torch.zeros(17, 64))  # past DECODE_MAX_ROWS
+        assert not ck.decode_rows(torch.zeros(0, 64))
+        assert not ck.decode_rows(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not ck.decode_rows(x)
+    assert not ck.decode_rows(x)  # autograd on: the generic paths, which have gradients
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "float", "bool"])
+def test_decode_attention_equals_repeated_kv_in_float64(mask_kind):
+    """One query per sequence, GQA groups attending to their K/V head in place, against
+    attention with K/V repeated to every head, in float64."""
+    gen = torch.Generator().manual_seed(5)
+    b, heads, kv_heads, length, d = 3, 6, 2, 11, 8
+    q = torch.randn(b, heads, 1, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, kv_heads, length, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, kv_heads, length, d, generator=gen, dtype=torch.float64)
+    visible = (torch.arange(length)[None, :] <= torch.tensor([4, 10, 0])[:, None])[:, None, None, :]
+    additive = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
+    mask = {"none": None, "bool": visible, "float": additive}[mask_kind]
+    module = type("Attention", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
+    got, _ = ck.decode_attention(module, q, k, v, mask, scaling=d**-0.5)
+    k_all, v_all = mc.repeat_kv(k, heads // kv_heads), mc.repeat_kv(v, heads // kv_heads)
+    scores = q @ k_all.transpose(2, 3) * d**-0.5 + (0.0 if mask is None else additive)
+    want = (scores.softmax(-1) @ v_all).transpose(1, 2)
+    assert got.shape == (b, 1, heads, d)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_saved_checkpoints_carry_the_kernel_file(tmp_path):
+    """trust_remote_code folders carry complexity_triton.py (imported relatively by
+    complexity_kernels.py) and load where triton is not importable: its import sits in a `try`."""
+    model = tiny_model(**VARIANTS["routed"])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "complexity_triton.py").is_file()
+    from transformers.dynamic_module_utils import get_imports
+
+    assert "triton" not in get_imports(tmp_path / "complexity_triton.py")
+    assert "triton" not in get_imports(tmp_path / "complexity_kernels.py")
+
+
+# ----------------------------------------------------------------------------- for the GPU, without one
+
+
+def _compile_for(kernel, target, types: dict, constants: dict, aligned: list[str], num_stages: int):
+    """triton.compile for a GPU target on this CPU machine (ptxas ships with triton), with the
+    16-byte alignment the launches specialise on (weights and activations are aligned, widths
+    multiples of 16). -> (shared memory bytes, async global-to-shared copies in the kernel)."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    compiled = compile(source, target=GPUTarget("cuda", *target), options={"num_warps": 4, "num_stages": num_stages})
+    return compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    """complexity_triton loaded for compiling (not interpreting)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        spec = importlib.util.spec_from_file_location("complexity_triton_compiled", TRITON_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("target", [(90, 32), (80, 32)], ids=["sm90", "sm80"])
+def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, target):
+    """Every kernel configuration the model launches compiles for Hopper and Ampere in bf16, the
+    weight loads of its K loops software-pipelined (asynchronous copies several stages deep: a
+    decode kernel is only as fast as the bytes it keeps in flight) within the SM's shared memory."""
+    k, bf16 = compiled_kernels, "*bf16"
+    smem_limit = {90: 227 * 1024, 80: 163 * 1024}[target[0]]
+    common = dict(BLOCK_M=16, BLOCK_N=16, PRECISION="ieee")
+    linear_ptrs = ["out_ptr", "a_ptr", "b_ptr"] + [f"{w}{i}" for i in range(3) for w in ("wa", "wb", "bias")]
+    linear_aligned = (
+        linear_ptrs
+        + ["out_stride", "a_stride", "K_A", "b_stride", "K_B"]
+        + [f"s{w}{i}" for i in range(3) for w in ("wa", "wb")]
+    )
+    linear_cases = [  # q/k/v + mu's (three segments, two inputs); one projection; INL (mu_proj | controller)
+        dict(NUM_SEGMENTS=3, SILU_A=False, B0=True, BIAS0=False, B1=True, BIAS1=False, B2=True, BIAS2=False),
+        dict(NUM_SEGMENTS=1, SILU_A=True, B0=False, BIAS0=True, B1=False, BIAS1=False, B2=False, BIAS2=False),
+        dict(NUM_SEGMENTS=2, SILU_A=False, B0=False, BIAS0=False, B1=True, BIAS1=True, B2=False, BIAS2=False),
+    ]
+    for case in linear_cases:
+        smem, copies = _compile_for(
+            k._linear_rows_kernel,
+            target,
+            dict.fromkeys(linear_ptrs, bf16),
+            {**case, **common, "BLOCK_KA": 256, "BLOCK_KB": 256},
+            linear_aligned,
+            4,
+        )
+        assert copies >= 2 and smem <= smem_limit, (case, copies, smem)
+    up_ptrs = {"h_ptr": bf16, "x_ptr": bf16, "ids_ptr": "*i64", "w_ptr": bf16, "sg_ptr": bf16, "su_ptr": bf16}
+    up_aligned = list(up_ptrs) + ["h_stride", "x_stride", "K", "w_expert_stride", "w_stride", "I_E", "s_stride", "I_S"]
+    for experts, shared in ((True, False), (True, True), (False, True)):
+        smem, copies = _compile_for(
+            k._swiglu_rows_kernel,
+            target,
+            up_ptrs,
+            dict(HAS_EXPERTS=experts, HAS_SHARED=shared, BLOCK_K=256, **common),
+            up_aligned,
+            4,
+        )
+        assert copies >= 2 and smem <= smem_limit, (experts, shared, copies, smem)
+    down_ptrs = {"y_ptr": bf16, "h_ptr": bf16, "ids_ptr": "*i64", "w_ptr": bf16, "sd_ptr": bf16}
+    down_aligned = list(down_ptrs) + [
+        "y_stride",
+        "h_stride",
+        "I_E",
+        "N",
+        "w_expert_stride",
+        "w_stride",
+        "sd_stride",
+        "I_S",
+    ]
+    smem, copies = _compile_for(
+        k._down_rows_kernel,
+        target,
+        down_ptrs,
+        dict(HAS_EXPERTS=True, HAS_SHARED=True, BLOCK_K=256, BLOCK_KS=256, **common),
+        down_aligned,
+        4,
+    )
+    assert copies >= 2 and smem <= smem_limit, (copies, smem)
+
+
+class _TargetOnlyDriver:
+    """Stands in for triton's CUDA driver where torch.compile asks it only which GPU to compile
+    for (its analysis of which tensors a kernel writes), on a machine without one."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "name, per_layer",
+    [
+        ("routed", 4),
+        ("inl", 7),
+        ("routed-shared-mu", None),
+        ("dense", 4),
+        ("learned-top2-shared-mu", None),
+        ("sliding", None),
+    ],
+)
+def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monkeypatch, name, per_layer):
+    """torch.compile's front end (dynamo, fullgraph) takes a decode step of every kind of layer as
+    ONE graph with the Triton launches in it: no graph break for the engine's CUDA graphs. Traced
+    with fake tensors (torch._dynamo.export), so no GPU runs; dynamo is told triton has a device
+    and triton's driver is a stand-in. Kernels per layer: token-routed 4 (q/k/v, o_proj, gate/up,
+    down), INL 7 (+ its two controller kernels and the mu router)."""
+    import re
+
+    import torch.utils._triton
+    import triton
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
+    monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
+    for fn in ("linear_rows", "swiglu_rows", "down_rows"):
+        monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
+    monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
+    model = tiny_model(**VARIANTS[name])
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, pos):
+            return self.model(ids, position_ids=pos, use_cache=False).logits
+
+    def launches(**dynamic) -> int:
+        ids, pos = torch.randint(4, 256, (2, 1)), torch.zeros(2, 1, dtype=torch.long)
+        graph = torch._dynamo.export(Step(), **dynamic)(ids, pos).graph_module  # raises on a graph break
+        return len(re.findall(r"triton_kernel_wrapper_mutation\(", graph.code))
+
+    layers = model.config.num_hidden_layers
+    static = launches(assume_static_by_default=True)
+    assert static == per_layer * layers if per_layer else static >= 4 * layers
+    if per_layer:  # (top-2 routing sends 2 rows per token to the experts: its range differs)
+        # A dynamic batch declared within the kernels' rows takes them too; one reaching past
+        # them the generic paths, without a guard on the batch (no recompile, no violated
+        # mark_dynamic).
+        batch = torch.export.Dim("batch", min=2, max=ck.DECODE_MAX_ROWS)
+        assert launches(dynamic_shapes={"ids": {0: batch}, "pos": {0: batch}}) == static
+        wide = torch.export.Dim("batch", min=2, max=64)
+        assert launches(dynamic_shapes={"ids": {0: wide}, "pos": {0: wide}}) == 0
