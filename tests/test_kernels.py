@@ -154,6 +154,7 @@ def cpu_kernels(kernels, monkeypatch):
     for name in calls:
         monkeypatch.setattr(ck, name, counted(name), raising=False)
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
+    monkeypatch.setattr(ck, "DECODE_KERNELS", True)  # off by default (COMPLEXITY_DECODE_KERNELS)
     return calls
 
 
@@ -356,6 +357,7 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
     monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
+    monkeypatch.setattr(ck, "DECODE_KERNELS", True)
     for fn in ("linear_rows", "swiglu_rows", "down_rows"):
         monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import complexity_kernels
 from ..runtime import resolve_device, resolve_dtype
 from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill
 from .detokenize import OutputProcessor
@@ -541,9 +542,23 @@ class Engine:
 
     def _call_decode(self, tokens: torch.Tensor, pos: torch.Tensor, kv_range: torch.Tensor) -> torch.Tensor:
         if self.compile:  # batch and context are dynamic: one compile for every shape
-            for t in (tokens, pos, kv_range):
-                torch._dynamo.mark_dynamic(t, 0)
+            batch = self._batch_range(tokens.shape[0])
+            for t in (tokens, pos):
+                torch._dynamo.mark_dynamic(t, 0, **batch)
+            torch._dynamo.mark_dynamic(kv_range, 0)
         return self._decode_impl(tokens, pos, kv_range)
+
+    def _batch_range(self, rows: int) -> dict:
+        """The batch range a compiled decode step is declared for. With the decode kernels on
+        (`complexity_kernels.DECODE_KERNELS`), batches of at most DECODE_MAX_ROWS and larger ones
+        compile apart, so the small graph can take the kernels (they are chosen from the declared
+        range, never by a guard); otherwise one unbounded dynamic batch."""
+        if not complexity_kernels.DECODE_KERNELS:
+            return {}
+        small = complexity_kernels.DECODE_MAX_ROWS
+        if rows <= small:
+            return {"min": self._smallest_bucket, "max": small}
+        return {"min": small + 1, "max": max(self.max_batch, small + 2)}
 
     def _run_decode(self, tokens_pos: torch.Tensor, nrows: int, need_kv: int) -> torch.Tensor:
         """Logits [nrows, V] for the CPU tensor [2, nrows] of (last token, its position) per row,

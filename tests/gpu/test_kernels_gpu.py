@@ -26,6 +26,12 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(autouse=True)
+def _decode_kernels_on(monkeypatch):
+    """The kernels are off by default (COMPLEXITY_DECODE_KERNELS); this suite is what measures them."""
+    monkeypatch.setattr(ck, "DECODE_KERNELS", True)
+
+
 def randn(*shape, dtype, gen):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.05).to("cuda", dtype)
 
