@@ -354,7 +354,7 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
     import torch.utils._triton
     import triton
 
-    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda *args, **kwargs: True)
     drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
     monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
     monkeypatch.setattr(ck, "DECODE_KERNELS", True)
