@@ -129,7 +129,8 @@ def test_save_load_round_trip_is_bitwise(tmp_path, variant):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     # The model file and the files it imports travel with the weights (trust_remote_code).
-    for code in ("modeling_complexity.py", "configuration_complexity.py", "complexity_math.py", "complexity_kernels.py"):
+    for code in ("modeling_complexity.py", "configuration_complexity.py", "complexity_math.py", "complexity_kernels.py",
+                 "hash_routing.py"):
         assert (tmp_path / code).is_file(), code
     reloaded = AutoConfig.from_pretrained(tmp_path).to_diff_dict()
     for key, value in model.config.to_diff_dict().items():
@@ -138,7 +139,7 @@ def test_save_load_round_trip_is_bitwise(tmp_path, variant):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["dense", "routed-shared-mu", "inl", "learned"])
+@pytest.mark.parametrize("name", ["dense", "routed-shared-mu", "inl", "learned", "hash-top2-shared"])
 def test_generate_greedy_equals_argmax_loop(name):
     model = tiny_model(**VARIANTS[name])
     prompt = torch.randint(4, 256, (1, 6), generator=torch.Generator().manual_seed(6))
@@ -542,6 +543,20 @@ def test_known_preset_sizes():
         (dict(sliding_window=0), "sliding_window"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(dynamics_alpha=1.5), "dynamics_alpha"),
+        (dict(mlp_type="hash_routed", num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(mlp_type="hash_routed", num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(mlp_type="hash_routed", mu_mode="inl"), "mu_mode"),
+        (dict(route_strategy="zipf"), "route_strategy"),
+        (dict(route_hash_count=9), "route_hash_count"),
+        (dict(route_hash_count=True), "route_hash_count"),
+        (dict(route_primary_weight=1.5), "route_primary_weight"),
+        (dict(routed_output_scale=float("nan")), "routed_output_scale"),
+        (dict(shared_output_scale_last_layer="2"), "shared_output_scale_last_layer"),
+        (dict(qk_norm_eps=0.0), "qk_norm_eps"),
+        (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts=2), "num_experts"),
+        (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts_per_tok=3), "num_experts_per_tok"),
+        (dict(mlp_type="hash_routed", route_strategy="balanced_hash", num_experts=6, num_experts_per_tok=3,
+              intermediate_size=120), "num_experts_per_tok"),
     ],
 )
 def test_invalid_configs_name_the_field(fields, field):
@@ -627,15 +642,18 @@ print("REMOTE-CODE-OK", type(model).__module__)
 """
 
 
-def test_trust_remote_code_load_without_the_package(tmp_path):
+@pytest.mark.parametrize("name", ["routed-shared-mu", "hash-top2-shared"])
+def test_trust_remote_code_load_without_the_package(tmp_path, name):
     """A saved folder carries its own model code: it loads where `complexity` is not importable."""
     import subprocess
     import sys
 
-    model = tiny_model(**VARIANTS["routed-shared-mu"])
-    model.set_routing_table(torch.randperm(256) % 4)
+    model = tiny_model(**VARIANTS[name])
+    if model.model.token_to_expert is not None:
+        model.set_routing_table(torch.randperm(256) % 4)
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
+    assert (folder / "hash_routing.py").is_file()
     ids = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, folder / "expected.pt")
