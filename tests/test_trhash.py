@@ -26,18 +26,17 @@ from complexity.hash_routing import (
     slot_weights,
     token_routes,
 )
-from complexity.integrations.trhash import (
+from complexity.integrations.upstream import UpstreamFormatError, detect_upstream
+from complexity.integrations.upstream.trhash import (
     DEEP,
     HF,
     NATIVE,
-    TRHashFormatError,
-    deep_config,
-    detect_layout,
     fused_route_metadata,
     read_trhash,
     rope_inv_freq,
-    write_deep,
+    trhash_layout,
 )
+from complexity.integrations.upstream.trhash_export import deep_config, write_deep
 
 torch.set_num_threads(2)
 
@@ -413,10 +412,12 @@ def test_bench_moe_correctness_part_runs_on_the_cpu(tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
 def test_each_layout_is_detected(variant, layout):
-    found = detect_layout(fixture(variant, layout))
-    assert found.layout == layout
+    raw = json.loads((fixture(variant, layout) / "config.json").read_text())
+    assert trhash_layout(raw)[0] == layout
     ckpt = read_trhash(fixture(variant, layout))
-    assert ckpt.layout == layout and ckpt.notes[0].startswith(f"layout: {layout}")
+    assert ckpt.layout == layout and ckpt.notes[0].startswith(f"layout {layout}: config.json has")
+    found = detect_upstream(fixture(variant, layout))  # the converter's one detection path names it
+    assert found.design == f"tr-hash-{layout}" and found.notes[0].startswith(f"TR-Hash MoE, {layout} layout")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -518,7 +519,7 @@ def edited(tmp_path: Path, variant: str, layout: str, *, config=None, weights=No
 
 
 def problems_of(src) -> str:
-    with pytest.raises(TRHashFormatError) as err:
+    with pytest.raises(UpstreamFormatError) as err:
         read_trhash(src)
     return str(err.value)
 
@@ -589,7 +590,7 @@ def test_unsupported_or_invalid_settings_are_refused_by_name(tmp_path, field, va
     layout = HF if field != "mlp_type" else NATIVE
     src = edited(tmp_path, "mh2-top2-shared", HF if layout == HF else NATIVE, config=lambda raw: raw.update({field: value}))
     if field == "mlp_type":
-        with pytest.raises(TRHashFormatError, match="not a TR-Hash layout"):
+        with pytest.raises(UpstreamFormatError, match="none of the TR-Hash layouts"):
             read_trhash(src)
         return
     assert message in problems_of(src)
@@ -610,19 +611,21 @@ def test_broken_folders_say_what_is_missing(tmp_path):
     assert "model_type 'llama'" in msg and "'tr_hash_moe'" in msg
     garbage = edited(tmp_path / "d", v, NATIVE)
     (garbage / "config.json").write_text("{not json")
-    assert "config.json is not valid JSON" in problems_of(garbage)
+    assert "config.json: not valid JSON" in problems_of(garbage)
     (garbage / "config.json").write_text("[1, 2]")
-    assert "config.json must hold a JSON object, got a list" in problems_of(garbage)
+    assert "config.json: not a JSON object" in problems_of(garbage)
     assert "no config.json" in problems_of(edited(tmp_path / "e", v, NATIVE, drop_config=True))
     no_weights = edited(tmp_path / "f", v, NATIVE)
     (no_weights / "model.safetensors").unlink()
-    assert "no model.safetensors" in problems_of(no_weights)
+    assert "no weights: none of model.safetensors" in problems_of(no_weights)
     corrupt = edited(tmp_path / "g", v, NATIVE)
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     assert "truncated or corrupt safetensors" in problems_of(corrupt)
     neither = edited(tmp_path / "h", v, NATIVE, config=lambda raw: raw.pop("mlp_type"))
-    assert "has no model_type" in problems_of(neither) and "mlp_type is None" in problems_of(neither)
-    assert "this project's own format" in problems_of(edited(tmp_path / "i", v, HF, config=lambda raw: raw.update(model_type="complexity")))
+    assert "none of the TR-Hash layouts" in problems_of(neither) and "mlp_type None" in problems_of(neither)
+    ours = edited(tmp_path / "i", v, HF, config=lambda raw: raw.update(model_type="complexity"))
+    with pytest.raises(UpstreamFormatError, match="this project's own format"):
+        detect_upstream(ours)
     assert "not a folder" in problems_of(tmp_path / "nowhere")
 
 

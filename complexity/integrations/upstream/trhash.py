@@ -1,8 +1,9 @@
-"""Upstream TR-Hash MoE checkpoints: read the three on-disk layouts, write the "deep" export.
+"""Upstream TR-Hash MoE checkpoints: the three on-disk layouts, read into one neutral description.
 
 TR-Hash is a Llama-style GQA + QK-norm decoder whose MLP sends each token to the top-k experts of
 a persisted per-layer route table over token ids, with fixed slot weights, a shared expert and
-fixed branch scales (`complexity.hash_routing` has the maths). Upstream writes it three ways:
+fixed branch scales: our `hash_routed` MLP (docs/architecture.md §2e; `complexity.hash_routing`
+has the maths). Upstream writes it three ways:
 
 | layout | config.json | tensors |
 |---|---|---|
@@ -10,11 +11,13 @@ fixed branch scales (`complexity.hash_routing` has the maths). Upstream writes i
 | hf | the native dict plus `model_type: tr_hash_moe`, `num_experts_per_tok`, token ids, `auto_map` (its two adapter modules may be absent) | the native tensors, same bytes |
 | deep | about 30 keys, `model_type: deep`, `mlp_type: token_routed`, `source_mlp_type: tr_hash_engine` | `layers.N.mlp.{gate,up,down}_proj_w`, `mlp.topk_token_to_expert`, `mlp.shared_*`; derived buffers dropped |
 
-`read_trhash` turns any of them into one neutral description: a `TRHashConfig` whose every field
-has this project's meaning, with upstream's nulls resolved as upstream's training framework
-reads them, and the tensors under the neutral names of `neutral_tensor_shapes`. `write_deep`
-writes the deep export back from it. Everything is read from the config and the tensors; route
-tables are copied, never rebuilt (three of the four builders depend on torch's RNG).
+`trhash_layout` tells the layout from config.json alone (`detect.detect_upstream` asks it first);
+`read_trhash` turns a folder into a `TRHashCheckpoint`: a `TRHashConfig` whose every field has
+this project's meaning, with upstream's nulls resolved as upstream's training framework reads
+them, and the tensors under the neutral names of `neutral_tensor_shapes`. `complexity_config`
+and `TRHashStateDictAdapter` map that onto our `hash_routed` model and back; `trhash_export`
+writes the deep layout again. Everything is read from the config and the tensors; route tables
+are copied, never rebuilt (three of the four builders depend on torch's RNG).
 
 Where upstream's own runtimes disagree, the training framework (which wrote the checkpoints and
 their references) decides:
@@ -36,30 +39,26 @@ models. Each refusal names the field.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..hash_routing import (
+from ...configuration_complexity import ComplexityConfig
+from ...hash_routing import (
     ROUTE_HASH_COUNTS,
     branch_scale,
     build_route_table,
     check_route_table,
     slot_weights,
 )
+from .formats import TRHASH_DEEP, TRHASH_HF, TRHASH_NATIVE, UpstreamFormatError
+from .readers import WEIGHT_FILES, find_weights, read_config_json, read_weights
 
 NATIVE, HF, DEEP = "native", "hf", "deep"
-LAYOUTS = {
-    NATIVE: "upstream's native save (config.json without model_type, mlp_type 'tr_hash_engine')",
-    HF: "upstream's Hugging Face bundle (model_type 'tr_hash_moe')",
-    DEEP: "upstream's deep export for vllm-i64 (model_type 'deep', source_mlp_type 'tr_hash_engine')",
-}
+# layout -> the design name `detect_upstream` reports (formats.DESIGNS describes each)
+DESIGN_OF_LAYOUT = {NATIVE: TRHASH_NATIVE, HF: TRHASH_HF, DEEP: TRHASH_DEEP}
 # Upstream routing_strategy -> ours. Upstream accepts other names in its config, but its MLP
 # cannot be built with them.
 _STRATEGIES = {
@@ -69,7 +68,7 @@ _STRATEGIES = {
     "token_id_multi_hash": "multi_hash",
     "token_id_hierarchical_hash": "hierarchical_hash",
 }
-_UPSTREAM_STRATEGY = {
+UPSTREAM_STRATEGY = {
     "modulo_cyclic": "modulo_cyclic",
     "balanced_hash": "token_id_balanced_hash",
     "multi_hash": "token_id_multi_hash",
@@ -78,16 +77,6 @@ _UPSTREAM_STRATEGY = {
 # Upstream's tokenizer: </s> 0, <pad> 1, <s> 2, <unk> 3. Native and deep configs carry no ids.
 _TOKEN_IDS = {"bos_token_id": 2, "eos_token_id": 0, "pad_token_id": 1, "unk_token_id": 3}
 QK_NORM_EPS = 1e-6  # upstream's QK-norm ignores norm_eps
-
-
-class TRHashFormatError(ValueError):
-    """SRC is not a TR-Hash checkpoint this reader can take exactly. ``problems`` lists every
-    issue found, not only the first."""
-
-    def __init__(self, src, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{src}: not a readable TR-Hash checkpoint ({len(self.problems)} problem(s)):\n{lines}")
 
 
 # ----------------------------------------------------------------------------- the neutral description
@@ -225,122 +214,28 @@ class TRHashCheckpoint:
 
     layout: str
     src: Path
+    weights_file: Path
+    raw_config: dict
     config: TRHashConfig
     tensors: dict[str, torch.Tensor]
-    notes: list[str] = field(default_factory=list)  # resolved nulls, ignored fields, dropped buffers
-
-    @property
-    def description(self) -> str:
-        return LAYOUTS[self.layout]
+    notes: list[str] = field(default_factory=list)  # the layout and why, resolved nulls, ignored fields
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (stored key, why it is not needed)
 
 
 # ----------------------------------------------------------------------------- detection
 
 
-@dataclass(frozen=True)
-class Detection:
-    layout: str
-    reason: str
-    raw_config: dict
-    weights_file: Path
-
-
-def _read_config(src: Path, problems: list[str]) -> dict | None:
-    path = src / "config.json"
-    if not path.is_file():
-        problems.append("no config.json (a TR-Hash checkpoint folder holds config.json and model.safetensors)")
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        problems.append(f"config.json is not valid JSON ({err})")
-        return None
-    if not isinstance(raw, dict):
-        problems.append(f"config.json must hold a JSON object, got a {type(raw).__name__}")
-        return None
-    return raw
-
-
-def _find_weights(src: Path, problems: list[str]) -> Path | None:
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        if (src / name).is_file():
-            return src / name
-    others = sorted(p.name for p in src.glob("*.pt")) + sorted(p.name for p in src.glob("*.bin"))
-    problems.append(
-        "no model.safetensors (or model.safetensors.index.json)"
-        + (f"; found {', '.join(others)}: export a safetensors folder with upstream's scripts first" if others else "")
-    )
+def trhash_layout(raw: dict) -> tuple[str, str] | None:
+    """(layout, why) when config.json is one of the three TR-Hash layouts; None otherwise."""
+    model_type = raw.get("model_type")
+    if model_type == "tr_hash_moe":
+        return HF, "config.json has model_type 'tr_hash_moe'"
+    if model_type == "deep":
+        why = "config.json has model_type 'deep'"
+        return DEEP, why + (" and source_mlp_type 'tr_hash_engine'" if raw.get("source_mlp_type") == "tr_hash_engine" else "")
+    if model_type is None and raw.get("mlp_type") == "tr_hash_engine":
+        return NATIVE, "config.json has no model_type and mlp_type 'tr_hash_engine'"
     return None
-
-
-def detect_layout(src) -> Detection:
-    """Which of the three layouts `src` holds, and why; TRHashFormatError saying what is missing
-    for a folder in none of them."""
-    src = Path(src)
-    if not src.is_dir():
-        raise TRHashFormatError(src, ["not a folder (expected a checkpoint folder with config.json and model.safetensors)"])
-    problems: list[str] = []
-    raw = _read_config(src, problems)
-    weights = _find_weights(src, problems)
-    layout = reason = None
-    if raw is not None:
-        model_type = raw.get("model_type")
-        if model_type == "tr_hash_moe":
-            layout, reason = HF, "config.json has model_type 'tr_hash_moe'"
-        elif model_type == "deep":
-            layout, reason = DEEP, "config.json has model_type 'deep'"
-            if raw.get("source_mlp_type") == "tr_hash_engine":
-                reason += " and source_mlp_type 'tr_hash_engine'"
-        elif model_type is None and raw.get("mlp_type") == "tr_hash_engine":
-            layout, reason = NATIVE, "config.json has no model_type and mlp_type 'tr_hash_engine'"
-        elif model_type is None:
-            problems.append(
-                f"config.json has no model_type ('tr_hash_moe' for an hf bundle, 'deep' for a deep export) and its "
-                f"mlp_type is {raw.get('mlp_type')!r}, not 'tr_hash_engine' (a native save): not a TR-Hash layout"
-            )
-        elif model_type == "complexity":
-            problems.append(
-                "config.json has model_type 'complexity': this project's own format (load it directly) or upstream's "
-                "MLX export (not read here: convert from the native, hf or deep folder instead)"
-            )
-        else:
-            problems.append(
-                f"config.json has model_type {model_type!r}; TR-Hash layouts are native (no model_type, "
-                "mlp_type 'tr_hash_engine'), hf ('tr_hash_moe') and deep ('deep')"
-            )
-    if problems:
-        raise TRHashFormatError(src, problems)
-    return Detection(layout, reason, raw, weights)
-
-
-# ----------------------------------------------------------------------------- reading tensors
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    def load(file: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(file))
-        except Exception as err:  # SafetensorError, OSError
-            raise TRHashFormatError(path.parent, [f"cannot read {file.name}: truncated or corrupt safetensors file ({err})"]) from err
-
-    if not path.name.endswith(".index.json"):
-        return load(path)
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise TRHashFormatError(path.parent, [f"cannot read {path.name}: not a safetensors index ({err})"]) from err
-    out: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not (path.parent / shard).is_file():
-            raise TRHashFormatError(path.parent, [f"shard {shard} named by {path.name} does not exist"])
-        out.update(load(path.parent / shard))
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-        raise TRHashFormatError(path.parent, [f"{path.name} lists tensor(s) absent from its shards: {', '.join(missing)}"])
-    return out
 
 
 # ----------------------------------------------------------------------------- config resolution
@@ -606,16 +501,22 @@ def fused_route_metadata(table: torch.Tensor, num_experts: int) -> tuple[torch.T
     return pairs, codes.to(torch.uint8)
 
 
-def _check_derived(sd: dict, config: TRHashConfig, tables: dict[int, torch.Tensor], used: set, notes: list, problems: list) -> None:
+_DERIVED_REASONS = {
+    "self_attn.rotary_emb.inv_freq": "rotary inv_freq buffer: recomputed from rope_theta and the head size (checked equal)",
+    "mlp.engine.fused_route_codes": "upstream's top-2 kernel metadata, derived from the route table (checked equal)",
+    "mlp.engine.fused_expert_pairs": "upstream's top-2 kernel metadata, derived from the route table (checked equal)",
+}
+
+
+def _check_derived(sd: dict, config: TRHashConfig, tables: dict[int, torch.Tensor], used: set, dropped: list, problems: list) -> None:
     """Native/hf buffers derived from the config or the table: must agree, then are dropped."""
-    present = set()
     for i in range(config.num_hidden_layers):
         for suffix in _DERIVED:
             name = f"layers.{i}.{suffix}"
             if name not in sd:
                 continue
             used.add(name)
-            present.add(suffix)
+            dropped.append((name, _DERIVED_REASONS[suffix]))
             t = sd[name]
             if suffix.endswith("inv_freq"):
                 want = rope_inv_freq(config.head_dim, config.rope_theta)
@@ -627,11 +528,9 @@ def _check_derived(sd: dict, config: TRHashConfig, tables: dict[int, torch.Tenso
                 want = pairs if suffix.endswith("pairs") else codes
                 if t.shape != want.shape or (want.numel() and not torch.equal(t.long(), want.long())):
                     problems.append(f"{name} does not match layers.{i}'s route table (derived kernel metadata out of step)")
-    if present:
-        notes.append(f"dropped derived buffers (checked against the config and tables): {', '.join(sorted(present))}")
 
 
-def _map_tensors(sd: dict, layout: str, config: TRHashConfig, notes: list, problems: list) -> dict[str, torch.Tensor]:
+def _map_tensors(sd: dict, layout: str, config: TRHashConfig, dropped: list, problems: list) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     tables: dict[int, torch.Tensor] = {}
@@ -658,14 +557,14 @@ def _map_tensors(sd: dict, layout: str, config: TRHashConfig, notes: list, probl
             continue
         out[neutral] = t
     if layout != DEEP:
-        _check_derived(sd, config, tables, used, notes, problems)
+        _check_derived(sd, config, tables, used, dropped, problems)
     if config.tie_word_embeddings and "lm_head.weight" in sd:
         used.add("lm_head.weight")
         embed = sd.get("embed_tokens.weight")
         if embed is None or not torch.equal(sd["lm_head.weight"], embed):
             problems.append("lm_head.weight differs from embed_tokens.weight but tie_word_embeddings is true")
         else:
-            notes.append("dropped lm_head.weight: a stored copy of the tied embedding")
+            dropped.append(("lm_head.weight", "a stored copy of the tied embedding (checked equal)"))
     unexpected = sorted(set(sd) - used)
     if any(k.endswith("mlp.token_to_expert") for k in unexpected):
         problems.append("mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
@@ -713,151 +612,182 @@ def _replace(config: TRHashConfig, **changes) -> TRHashConfig:
 
 
 def read_trhash(src) -> TRHashCheckpoint:
-    """Read an upstream TR-Hash folder in any of the three layouts; TRHashFormatError listing
-    every problem (missing or misshapen tensors, unsupported or garbage config fields) otherwise."""
+    """Read an upstream TR-Hash folder in any of the three layouts; `UpstreamFormatError` listing
+    every problem (not a TR-Hash layout, missing or misshapen tensors, unsupported or garbage
+    config fields) otherwise."""
     src = Path(src)
-    found = detect_layout(src)
-    notes = [f"layout: {found.layout}, {LAYOUTS[found.layout]}: {found.reason}"]
+    if not src.is_dir():
+        raise UpstreamFormatError(src, ["not a folder (expected a checkpoint folder with config.json and model.safetensors)"])
     problems: list[str] = []
-    fields = _resolve_config(found.raw_config, found.layout, notes, problems)
-    if fields is None:
-        raise TRHashFormatError(src, problems)
-    config = TRHashConfig(**fields)
-    sd = _read_tensors(found.weights_file)
-    tensors = _map_tensors(sd, found.layout, config, notes, problems)
+    raw = read_config_json(src, problems)
+    weights = find_weights(src)
+    if not weights:
+        problems.append(f"no weights: none of {', '.join(WEIGHT_FILES)}")
+    found = trhash_layout(raw) if raw is not None else None
+    if raw is not None and found is None:
+        problems.append(
+            f"config.json has model_type {raw.get('model_type')!r} and mlp_type {raw.get('mlp_type')!r}: none of the "
+            "TR-Hash layouts (native: no model_type and mlp_type 'tr_hash_engine'; hf: model_type 'tr_hash_moe'; "
+            "deep: model_type 'deep')"
+        )
     if problems:
-        raise TRHashFormatError(src, problems)
-    if found.layout == HF:
+        raise UpstreamFormatError(src, problems)
+    layout, why = found
+    notes = [f"layout {layout}: {why}"]
+    dropped: list[tuple[str, str]] = []
+    fields = _resolve_config(raw, layout, notes, problems)
+    if fields is None:
+        raise UpstreamFormatError(src, problems)
+    config = TRHashConfig(**fields)
+    read_notes: list[str] = []
+    sd = read_weights(weights[0], read_notes)
+    tensors = _map_tensors(sd, layout, config, dropped, problems)
+    if problems:
+        raise UpstreamFormatError(src, problems)
+    notes += read_notes
+    if len(weights) > 1:
+        notes.append(f"weights read from {weights[0].name} (also present, not read: {', '.join(p.name for p in weights[1:])})")
+    if layout == HF:
         adapters = [n for n in ("configuration_tr_hash_moe.py", "modeling_tr_hash_moe.py") if (src / n).is_file()]
         if adapters:
             notes.append(f"upstream's adapter modules {', '.join(adapters)} are present and not used (no code is run)")
-    config = _table_provenance(config, tensors, found.layout, notes)
-    return TRHashCheckpoint(found.layout, src, config, tensors, notes)
+    config = _table_provenance(config, tensors, layout, notes)
+    return TRHashCheckpoint(layout, src, weights[0], raw, config, tensors, notes, dropped)
 
 
-# ----------------------------------------------------------------------------- writing the deep export
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ----------------------------------------------------------------------------- our model
 
 
-def _constant_scale(config: TRHashConfig, branch: str) -> float:
-    """The single scale the deep layout can hold for `branch`; refuses scales that vary by layer."""
-    scale = config.shared_scale if branch == "shared" else config.routed_scale
-    values = [scale(i) for i in range(config.num_hidden_layers)]
-    if any(v != values[0] for v in values):
-        raise ValueError(
-            f"{branch}_output_scale_first_layer/_last_layer: the scale varies over layers ({values[0]} to {values[-1]}), "
-            "which the deep layout cannot record (its consumer, vllm-i64, applies one scale to every layer)"
-        )
-    return values[0]
+def complexity_config(config: TRHashConfig) -> ComplexityConfig:
+    """The `hash_routed` ComplexityConfig computing what `config` computes. Every field is
+    written out, upstream's resolved nulls included, so no reader has to know upstream's defaults."""
+    return ComplexityConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.num_experts * config.expert_width,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        qk_norm_eps=None if config.qk_norm_eps == config.rms_norm_eps else config.qk_norm_eps,
+        rope_theta=config.rope_theta,
+        use_qk_norm=config.use_qk_norm,
+        tie_word_embeddings=config.tie_word_embeddings,
+        mlp_type="hash_routed",
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        shared_expert=config.shared_expert,
+        shared_expert_intermediate_size=config.shared_expert_width,
+        route_strategy=config.route_strategy,
+        route_hash_count=config.route_hash_count or 2,  # builds only a fresh model's tables; these are loaded
+        route_primary_weight=config.route_primary_weight,
+        shared_output_scale=config.shared_output_scale,
+        routed_output_scale=config.routed_output_scale,
+        shared_output_scale_first_layer=config.shared_output_scale_first_layer,
+        shared_output_scale_last_layer=config.shared_output_scale_last_layer,
+        routed_output_scale_first_layer=config.routed_output_scale_first_layer,
+        routed_output_scale_last_layer=config.routed_output_scale_last_layer,
+        mu_mode="none",
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
 
 
-def deep_config(config: TRHashConfig, dtype: torch.dtype) -> dict:
-    """config.json of the deep export. Unlike upstream's exporter, the primary weight and the
-    shared width are always written as numbers, so no reader has to guess what null means."""
-    name = {v: k for k, v in _DTYPES.items()}[dtype]
-    return {
-        "architectures": ["DeepForCausalLM"],
-        "model_type": "deep",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "intermediate_size": config.expert_width * config.num_experts,
-        "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.max_position_embeddings,
-        "attention_type": "gqa",
-        "use_qk_norm": config.use_qk_norm,
-        "rope_theta": config.rope_theta,
-        "mlp_type": "token_routed",
-        "num_experts": config.num_experts,
-        "shared_expert": config.shared_expert,
-        "shared_intermediate_size": config.shared_expert_width,
-        "use_shared_routed_gates": False,
-        "shared_gate_init": 1.0,
-        "routed_gate_init": 1.0,
-        "shared_output_scale": _constant_scale(config, "shared"),
-        "routed_output_scale": _constant_scale(config, "routed"),
-        "top_k": config.num_experts_per_tok,
-        "top_k_primary_weight": config.route_primary_weight,
-        "routing_strategy": _UPSTREAM_STRATEGY[config.route_strategy],
-        "learn_hash_channel_modulation": False,
-        "hash_channel_scale_init": 0.0,
-        "norm_type": "rmsnorm",
-        "norm_eps": config.rms_norm_eps,
-        "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "torch_dtype": name,
-        "source_mlp_type": "tr_hash_engine",
-    }
+def trhash_config(config: ComplexityConfig) -> TRHashConfig:
+    """The neutral description of one of our `hash_routed` models, for an upstream export;
+    ValueError naming the field for anything upstream's format cannot say."""
+    c = config
+    refusals = [
+        (c.mlp_type != "hash_routed", "mlp_type", f"is {c.mlp_type!r}; only hash_routed models have an upstream TR-Hash form"),
+        (c.mu_mode != "none", "mu_mode", f"is {c.mu_mode!r}; TR-Hash has no mu"),
+        (c.sliding_window is not None, "sliding_window", "is set; upstream applies a window only to long prefills"),
+        (c.head_dim * c.num_attention_heads != c.hidden_size, "head_dim",
+         f"{c.head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}; upstream derives head_dim"),
+        (c.use_qk_norm and (c.qk_norm_eps if c.qk_norm_eps is not None else c.rms_norm_eps) != QK_NORM_EPS,
+         "qk_norm_eps", f"upstream's QK-norm epsilon is fixed at {QK_NORM_EPS}"),
+    ]
+    for bad, name, why in refusals:
+        if bad:
+            raise ValueError(f"{name}: {why}")
+    return TRHashConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+        num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok, expert_width=c.expert_width,
+        shared_expert_width=c.shared_expert_width if c.shared_expert else None, route_strategy=c.route_strategy,
+        route_hash_count=c.route_hash_count if c.route_strategy == "multi_hash" else None,
+        route_primary_weight=slot_weights(c.num_experts_per_tok, c.route_primary_weight)[0],
+        shared_output_scale=float(c.shared_output_scale), routed_output_scale=float(c.routed_output_scale),
+        shared_output_scale_first_layer=c.shared_output_scale_first_layer,
+        shared_output_scale_last_layer=c.shared_output_scale_last_layer,
+        routed_output_scale_first_layer=c.routed_output_scale_first_layer,
+        routed_output_scale_last_layer=c.routed_output_scale_last_layer,
+        rope_theta=float(c.rope_theta), max_position_embeddings=c.max_position_embeddings, use_qk_norm=c.use_qk_norm,
+        rms_norm_eps=float(c.rms_norm_eps), qk_norm_eps=QK_NORM_EPS, tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+    )
 
 
-def write_deep(config: TRHashConfig, tensors: dict[str, torch.Tensor], dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
-    """Write the deep export (upstream's vLLM / TR-Hash-i64 layout) of a neutral description.
+_GATE, _UP, _DOWN, _FUSED = "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down", "mlp.experts.gate_up_proj"
 
-    Floats are cast to `dtype` ("float32", "bfloat16" (upstream's default) or "float16"); route
-    tables stay int64. Reading the folder back gives the same config and, at the source's dtype,
-    the same tensors. DST is written beside itself and renamed at the end (a failure leaves no
-    partial folder); a non-empty DST is refused unless `overwrite`. `generation_config.json`
-    holds only the token ids: no sampling defaults, and never the architectural top_k.
-    Not expressible in this layout, and refused: branch scales that vary over layers. Note that
-    vllm-i64 ignores `lm_head.weight` (it serves tied models only).
-    """
-    dst = Path(dst)
-    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype: must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    if config.route_strategy not in _UPSTREAM_STRATEGY:
-        raise ValueError(f"route_strategy: {config.route_strategy!r} has no upstream name")
-    cfg = deep_config(config, dtype)
-    shapes = neutral_tensor_shapes(config)
-    problems = [f"missing tensor {k}" for k in shapes if k not in tensors]
-    problems += [f"unexpected tensor {k}" for k in tensors if k not in shapes]
-    problems += [f"{k} has shape {list(v.shape)}, expected {list(shapes[k])}" for k, v in tensors.items()
-                 if k in shapes and tuple(v.shape) != shapes[k]]
-    if problems:
-        raise ValueError("write_deep: tensors do not match the config: " + "; ".join(problems))
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True to replace it)")
-    out = {}
-    for neutral, t in tensors.items():
-        t = t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)
-        out[layout_name(neutral, DEEP)] = t.contiguous()
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
 
-    from safetensors.torch import save_file
+def _ours(neutral: str) -> str:
+    return neutral if neutral == "lm_head.weight" else f"model.{neutral}"
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.writing-", dir=dst.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+
+class TRHashStateDictAdapter:
+    """Neutral TR-Hash tensor names <-> ours. The one difference beyond the `model.` prefix: our
+    experts store gate and up as one tensor, `experts.gate_up_proj [E, H, 2W]` (gate first), and
+    `experts.down_proj`; the layouts' renames are `layout_name`'s."""
+
+    def __init__(self, config: TRHashConfig, dropped: list[tuple[str, str]] = ()):
+        self.config = config
+        self.dropped = list(dropped)
+
+    def to_complexity(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in tensors.items():
+            if name.endswith((_GATE, _UP)):
+                if name.endswith(_GATE):
+                    prefix = name.removesuffix(_GATE)
+                    out[_ours(prefix + _FUSED)] = torch.cat([t, tensors[prefix + _UP]], dim=-1)
+            elif name.endswith(_DOWN):
+                out[_ours(name + "_proj")] = t
+            else:
+                out[_ours(name)] = t
+        return out
+
+    def from_complexity(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our state dict -> the neutral tensors (a tied lm_head is left out)."""
+        out = {}
+        for name in neutral_tensor_shapes(self.config):
+            if name.endswith(_UP):
+                continue
+            if name.endswith(_GATE):
+                prefix = name.removesuffix(_GATE)
+                out[name], out[prefix + _UP] = state_dict[_ours(prefix + _FUSED)].chunk(2, dim=-1)
+            elif name.endswith(_DOWN):
+                out[name] = state_dict[_ours(name + "_proj")]
+            else:
+                out[name] = state_dict[_ours(name)]
+        return {k: v.contiguous() for k, v in out.items()}
 
 
 __all__ = [
     "DEEP",
     "HF",
-    "LAYOUTS",
     "NATIVE",
-    "Detection",
+    "UPSTREAM_STRATEGY",
     "TRHashCheckpoint",
     "TRHashConfig",
-    "TRHashFormatError",
-    "deep_config",
-    "detect_layout",
+    "TRHashStateDictAdapter",
+    "complexity_config",
     "fused_route_metadata",
     "layout_name",
     "neutral_tensor_shapes",
     "read_trhash",
-    "write_deep",
+    "rope_inv_freq",
+    "trhash_config",
+    "trhash_layout",
 ]
