@@ -19,8 +19,18 @@ from pathlib import Path
 
 import torch
 
-from .readers import TOKENIZER_FILES
-from .trhash import DEEP, UPSTREAM_STRATEGY, TRHashConfig, TRHashStateDictAdapter, layout_name, neutral_tensor_shapes, trhash_config
+from .readers import TOKENIZER_FILES, read_config_json
+from .trhash import (
+    DEEP,
+    UPSTREAM_STRATEGY,
+    TRHashConfig,
+    TRHashStateDictAdapter,
+    layout_name,
+    neutral_tensor_shapes,
+    read_trhash,
+    trhash_config,
+    trhash_layout,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -136,17 +146,43 @@ def write_deep(
 
 
 def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
-    """Write the deep export of our `hash_routed` checkpoint folder SRC to DST (every file of SRC
-    checked first, `complexity.checkpoint_folder`). ValueError naming the field for a model the
-    deep layout cannot describe (another MLP, mu, a sliding window, per-layer branch scales, a
-    QK-norm epsilon other than upstream's fixed 1e-6)."""
-    from ...checkpoint_folder import load_checkpoint_folder
+    """Write the deep export of SRC to DST: one of our `hash_routed` checkpoint folders (every file
+    checked first, `complexity.checkpoint_folder`) or an upstream TR-Hash folder in any layout.
+    The written folder is read back and compared with what was meant (at `dtype`) before this
+    returns; on a mismatch it is removed. ValueError naming the field for a model the deep layout
+    cannot describe (another MLP, mu, a sliding window, per-layer branch scales, a QK-norm
+    epsilon other than upstream's fixed 1e-6)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: DST must differ from SRC")
+    raw = read_config_json(src, []) if src.is_dir() else None
+    if raw is not None and trhash_layout(raw) is not None:
+        ckpt = read_trhash(src)
+        config, tensors = ckpt.config, ckpt.tensors
+    else:
+        from ...checkpoint_folder import load_checkpoint_folder
 
-    model, _ = load_checkpoint_folder(src, dtype=None, tokenizer=False)
-    config = trhash_config(model.config)
-    tensors = TRHashStateDictAdapter(config).from_complexity(model.state_dict())
-    tokenizer = [Path(src) / n for n in TOKENIZER_FILES if (Path(src) / n).is_file()]
-    return write_deep(config, tensors, dst, dtype=dtype, overwrite=overwrite, extra_files=tuple(tokenizer))
+        model, _ = load_checkpoint_folder(src, dtype=None, tokenizer=False)
+        config = trhash_config(model.config)
+        tensors = TRHashStateDictAdapter(config).from_complexity(model.state_dict())
+    tokenizer = tuple(src / n for n in TOKENIZER_FILES if (src / n).is_file())
+    out = write_deep(config, tensors, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer)
+    back = read_trhash(out)
+    cast = _DTYPES.get(dtype, dtype)
+    differ = [k for k, t in tensors.items()
+              if not torch.equal(back.tensors[k], t if k.endswith("route_table") else t.to(cast))]
+    if differ or back.config != _with_recorded_fields(config, back.config):
+        shutil.rmtree(out, ignore_errors=True)
+        raise RuntimeError(f"{out}: the deep export does not read back as written (tensors {differ}); removed")
+    return out
+
+
+def _with_recorded_fields(config: TRHashConfig, back: TRHashConfig) -> TRHashConfig:
+    """`config` as the deep layout records it: one scale per branch (the per-layer forms, when
+    constant over the layers, become that constant), route_hash_count recovered from the tables."""
+    scales = {f"{b}_output_scale{end}": None for b in ("shared", "routed") for end in ("_first_layer", "_last_layer")}
+    scales |= {"shared_output_scale": _constant_scale(config, "shared"), "routed_output_scale": _constant_scale(config, "routed")}
+    return TRHashConfig(**{**config.to_dict(), **scales, "route_hash_count": back.route_hash_count})
 
 
 __all__ = ["deep_config", "export_deep", "write_deep"]
