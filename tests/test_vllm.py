@@ -8,7 +8,7 @@ Each variant gets one tiny random checkpoint (vocab 512, hidden 128, 3 layers, 4
 heads, 4 experts; head_dim 32 because vLLM's CPU attention has no kernel for 16) with weights
 redrawn at trained-like magnitudes (so every component moves the logits, the INL mu router
 overrides some routes and greedy decoding does not just echo the prompt) plus a byte-level BPE
-tokenizer, and one `vllm.LLM` reused by that variant's tests. The guidance and INL variants run
+tokenizer, and one `vllm.LLM` reused by that variant's tests. The guidance, INL and hash-routed variants run
 with vLLM's torch.compile (as deployed; INL's layers hand mu_c to the MLP's override inside the
 compiled graph); the others run eager (`enforce_eager=True`) to keep the suite's runtime down.
 Everything is float32 on CPU.
@@ -59,7 +59,7 @@ VARIANTS = {
     "hash_routed": dict(mlp_type="hash_routed", num_experts_per_tok=2, route_primary_weight=0.7, shared_expert=True,
                         routed_output_scale=2.0, shared_output_scale_last_layer=0.5, tie_word_embeddings=True),
 }
-COMPILED = {"routed_shared_guidance", "inl"}
+COMPILED = {"routed_shared_guidance", "inl", "hash_routed"}
 
 # Prompts of very different lengths (1 to 60 tokens), run as one batch.
 PROMPTS = [
