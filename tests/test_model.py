@@ -526,6 +526,9 @@ def test_known_preset_sizes():
     dense = ComplexityConfig.from_preset("tmlr-187m", mlp_type="dense", mu_mode="none", shared_expert=False, intermediate_size=3242)
     assert count_parameters(dense).total == 187_370_496
     assert round(count_parameters(ComplexityConfig.from_preset("pacific-prime")).total / 1e9, 2) == 1.51
+    # trhash-200m, the shape of upstream's public TR-Hash 200M release: 2 of 4 experts (4 x 64) active
+    trhash = count_parameters(ComplexityConfig.from_preset("trhash-200m"))
+    assert (trhash.total, trhash.active) == (201_194_368, 195_689_344)
 
 
 @pytest.mark.parametrize(
@@ -610,6 +613,11 @@ def test_cli_info_prints_exact_counts(capsys):
     assert '"mlp_type": "dense"' in capsys.readouterr().out
     assert main(["info", "tiny", "num_experts=3"]) == 2
     assert "intermediate_size" in capsys.readouterr().err
+    assert main(["info", "trhash-200m"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp_type = hash_routed" in out and "total 201,194,368" in out and "active per token 195,689,344" in out
+    assert main(["info", "trhash-200m", "route_strategy=learned"]) == 2
+    assert "route_strategy: unknown value 'learned'" in capsys.readouterr().err
 
 
 REMOTE_CODE_SCRIPT = r"""

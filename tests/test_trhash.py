@@ -919,3 +919,50 @@ def test_cli_converts_each_layout_and_exports_deep(tmp_path, capsys):
     assert main(["convert", str(routed), str(tmp_path / "z"), "--to", "deep"]) == 2
     assert "mlp_type: is 'token_routed'; only hash_routed models" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+# ----------------------------------------------------------------------------- the model's own contract
+
+
+@pytest.mark.parametrize("name", ["hash-top2-shared", "hash-top2-mu"])
+def test_multi_token_chunks_on_a_cache_equal_the_full_pass(name):
+    """Upstream attends a chunk of several new tokens on a cache without a causal mask; ours is
+    the full pass, chunk after chunk, and left padding changes nothing either."""
+    from conftest import VARIANTS as MODEL_VARIANTS
+    from conftest import tiny_model
+
+    model = tiny_model(**MODEL_VARIANTS[name])
+    ids = torch.randint(4, 256, (2, 15), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :5], use_cache=True)
+        chunk = model(ids[:, 5:11], past_key_values=first.past_key_values, use_cache=True)
+        last = model(ids[:, 11:], past_key_values=chunk.past_key_values, use_cache=True)
+        torch.testing.assert_close(torch.cat([first.logits, chunk.logits, last.logits], 1), full, atol=1e-5, rtol=0)
+        padded = torch.cat([torch.full((2, 3), 1), ids], 1)
+        mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+        out = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        torch.testing.assert_close(out[:, 3:], full, atol=1e-5, rtol=0)
+
+
+def test_hash_routed_model_routes_by_each_layers_table():
+    """The model's MLP is `hash_routed_mlp` over its own layer's table: a float64 token loop over
+    the layer's weights gives its output, and another layer's table would not."""
+    from conftest import VARIANTS as MODEL_VARIANTS
+    from conftest import tiny_model
+
+    from complexity.modeling_complexity import Routing
+
+    model = tiny_model(**MODEL_VARIANTS["hash-top2-shared"])
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(9))
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(10))
+    for layer in (0, 2):
+        mlp = model.model.layers[layer].mlp
+        with torch.no_grad():
+            out, aux = mlp(x, Routing(ids))
+        shared = (mlp.shared_expert.gate_proj.weight, mlp.shared_expert.up_proj.weight, mlp.shared_expert.down_proj.weight)
+        routes = token_routes(mlp.route_table, ids.reshape(-1))
+        want = loop_reference(x.reshape(-1, 64), routes, (0.7, 0.3), mlp.experts.gate_up_proj, mlp.experts.down_proj,
+                              shared, 1.0, 2.0)
+        assert aux is None and rel(out.reshape(-1, 64), want) < 1e-5
+        assert not torch.equal(mlp.route_table, model.model.layers[1].mlp.route_table)
