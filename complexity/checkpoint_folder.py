@@ -421,10 +421,13 @@ def _check_route_table(name: str, info: TensorInfo, config) -> None:
     from .hash_routing import check_route_table
 
     try:
-        check_route_table(_read_tensor(info, name), config.num_experts, config.vocab_size, config.num_experts_per_tok, name=name)
+        check_route_table(
+            _read_tensor(info, name), config.num_experts, config.vocab_size, config.num_experts_per_tok, name=name
+        )
     except ValueError as err:
-        raise CheckpointError(f"{info.file}: {err} (num_experts={config.num_experts}, "
-                              f"num_experts_per_tok={config.num_experts_per_tok})") from None
+        raise CheckpointError(
+            f"{info.file}: {err} (num_experts={config.num_experts}, num_experts_per_tok={config.num_experts_per_tok})"
+        ) from None
 
 
 def _check_side_json(folder: Path) -> None:

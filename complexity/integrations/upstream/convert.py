@@ -71,8 +71,10 @@ class ConversionReport:
 def _routing(c: ComplexityConfig) -> str:
     if c.mlp_type != "hash_routed":
         return f"routing {c.routing}"
-    return (f"hash routing top-{c.num_experts_per_tok} ({c.route_strategy}, slot weights "
-            f"{', '.join(f'{w:g}' for w in slot_weights(c.num_experts_per_tok, c.route_primary_weight))})")
+    return (
+        f"hash routing top-{c.num_experts_per_tok} ({c.route_strategy}, slot weights "
+        f"{', '.join(f'{w:g}' for w in slot_weights(c.num_experts_per_tok, c.route_primary_weight))})"
+    )
 
 
 def load_upstream(src, *, dtype=None) -> tuple[ComplexityForCausalLM, UpstreamCheckpoint, list[tuple[str, str]]]:

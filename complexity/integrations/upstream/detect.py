@@ -16,7 +16,14 @@ from .config import is_our_own_config, translate_config
 from .formats import DESIGNS, TRHASH_DESIGNS, UpstreamFormatError
 from .keys import UpstreamStateDictAdapter, WeightStructure, detect_design, normalize_keys, reconcile_with_weights
 from .readers import WEIGHT_FILES, find_weights, read_config_json, read_weights
-from .trhash import DESIGN_OF_LAYOUT, TRHashCheckpoint, TRHashStateDictAdapter, complexity_config, read_trhash, trhash_layout
+from .trhash import (
+    DESIGN_OF_LAYOUT,
+    TRHashCheckpoint,
+    TRHashStateDictAdapter,
+    complexity_config,
+    read_trhash,
+    trhash_layout,
+)
 
 
 @dataclass
@@ -87,8 +94,9 @@ def _trhash_checkpoint(ckpt: TRHashCheckpoint) -> UpstreamCheckpoint:
     except ValueError as err:  # a combination our hash_routed model cannot build (named by the field)
         raise UpstreamFormatError(ckpt.src, [f"config.json translates to an invalid Complexity config: {err}"]) from err
     notes = [f"{DESIGNS[design]} — from {ckpt.notes[0].split(': ', 1)[1]}", *ckpt.notes[1:]]
-    return UpstreamCheckpoint(design, ckpt.src, ckpt.weights_file, ckpt.raw_config, config, ckpt.tensors, notes,
-                              trhash=ckpt)
+    return UpstreamCheckpoint(
+        design, ckpt.src, ckpt.weights_file, ckpt.raw_config, config, ckpt.tensors, notes, trhash=ckpt
+    )
 
 
 def _read_folder(src: Path, notes: list[str]) -> tuple[dict, Path]:

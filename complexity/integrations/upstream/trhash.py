@@ -128,12 +128,22 @@ class TRHashConfig:
         return slot_weights(self.num_experts_per_tok, self.route_primary_weight)
 
     def shared_scale(self, layer_idx: int) -> float:
-        return branch_scale(self.shared_output_scale, self.shared_output_scale_first_layer,
-                            self.shared_output_scale_last_layer, layer_idx, self.num_hidden_layers)
+        return branch_scale(
+            self.shared_output_scale,
+            self.shared_output_scale_first_layer,
+            self.shared_output_scale_last_layer,
+            layer_idx,
+            self.num_hidden_layers,
+        )
 
     def routed_scale(self, layer_idx: int) -> float:
-        return branch_scale(self.routed_output_scale, self.routed_output_scale_first_layer,
-                            self.routed_output_scale_last_layer, layer_idx, self.num_hidden_layers)
+        return branch_scale(
+            self.routed_output_scale,
+            self.routed_output_scale_first_layer,
+            self.routed_output_scale_last_layer,
+            layer_idx,
+            self.num_hidden_layers,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,7 +242,9 @@ def trhash_layout(raw: dict) -> tuple[str, str] | None:
         return HF, "config.json has model_type 'tr_hash_moe'"
     if model_type == "deep":
         why = "config.json has model_type 'deep'"
-        return DEEP, why + (" and source_mlp_type 'tr_hash_engine'" if raw.get("source_mlp_type") == "tr_hash_engine" else "")
+        return DEEP, why + (
+            " and source_mlp_type 'tr_hash_engine'" if raw.get("source_mlp_type") == "tr_hash_engine" else ""
+        )
     if model_type is None and raw.get("mlp_type") == "tr_hash_engine":
         return NATIVE, "config.json has no model_type and mlp_type 'tr_hash_engine'"
     return None
@@ -265,19 +277,60 @@ _INERT = {
 # Families of fields that belong to other attention/MLP research paths than gqa + tr_hash_engine.
 _INERT_PREFIXES = ("causal_", "tr_mha_", "lexical_", "micro_", "lsh_", "learn_hash_")
 _METADATA = {
-    "model_type", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
-    "is_decoder", "is_encoder_decoder", "num_experts_per_tok", "source_mlp_type", "rms_norm_eps",
-    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
+    "model_type",
+    "architectures",
+    "auto_map",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "is_decoder",
+    "is_encoder_decoder",
+    "num_experts_per_tok",
+    "source_mlp_type",
+    "rms_norm_eps",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "unk_token_id",
 }
 _COMPUTE = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "attention_type", "use_qk_norm", "sliding_window", "max_position_embeddings",
-    "rope_theta", "rope_fraction", "mlp_type", "num_experts", "routing_strategy", "route_hash_count",
-    "shared_expert", "shared_intermediate_size", "shared_output_scale", "routed_output_scale",
-    "shared_output_scale_first_layer", "shared_output_scale_last_layer", "routed_output_scale_first_layer",
-    "routed_output_scale_last_layer", "top_k", "top_k_primary_weight", "active_num_experts",
-    "active_expert_width", "norm_type", "norm_eps", "tie_word_embeddings", "is_causal", "use_mup_attn_scale",
-    "use_mup_output_mult", "mup_base_width", "static_expert_capacity",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "attention_type",
+    "use_qk_norm",
+    "sliding_window",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_fraction",
+    "mlp_type",
+    "num_experts",
+    "routing_strategy",
+    "route_hash_count",
+    "shared_expert",
+    "shared_intermediate_size",
+    "shared_output_scale",
+    "routed_output_scale",
+    "shared_output_scale_first_layer",
+    "shared_output_scale_last_layer",
+    "routed_output_scale_first_layer",
+    "routed_output_scale_last_layer",
+    "top_k",
+    "top_k_primary_weight",
+    "active_num_experts",
+    "active_expert_width",
+    "norm_type",
+    "norm_eps",
+    "tie_word_embeddings",
+    "is_causal",
+    "use_mup_attn_scale",
+    "use_mup_output_mult",
+    "mup_base_width",
+    "static_expert_capacity",
 }
 _ARCHITECTURES = {HF: "TRHashForCausalLM", DEEP: "DeepForCausalLM"}
 _MISSING = object()
@@ -325,7 +378,8 @@ def _positive(v) -> bool:
 def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[str]) -> None:
     """Every field must be one this reader knows the meaning of; the layout's markers must agree."""
     unknown = sorted(
-        k for k in raw
+        k
+        for k in raw
         if k not in _COMPUTE and k not in _INERT and k not in _METADATA and not k.startswith(_INERT_PREFIXES)
     )
     if unknown:
@@ -339,7 +393,9 @@ def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[
         problems.append(f"config.json: architectures={arch!r}; the {layout} layout has [{_ARCHITECTURES[layout]!r}]")
     want_mlp = "token_routed" if layout == DEEP else "tr_hash_engine"
     if raw.get("mlp_type", want_mlp) != want_mlp:
-        problems.append(f"config.json: mlp_type={raw['mlp_type']!r} is not {want_mlp!r} (the {layout} layout of TR-Hash)")
+        problems.append(
+            f"config.json: mlp_type={raw['mlp_type']!r} is not {want_mlp!r} (the {layout} layout of TR-Hash)"
+        )
     source = raw.get("source_mlp_type")
     if layout == DEEP and source is not None and source != "tr_hash_engine":
         problems.append(f"config.json: source_mlp_type={source!r}; a TR-Hash deep export has 'tr_hash_engine'")
@@ -347,17 +403,34 @@ def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[
 
 def _refuse_unsupported(f: _Fields) -> None:
     """Settings upstream computes in ways this project does not reproduce: refused by name."""
-    f.get("rope_fraction", 1.0, "float", check=lambda v: v == 1.0,
-          rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here")
+    f.get(
+        "rope_fraction",
+        1.0,
+        "float",
+        check=lambda v: v == 1.0,
+        rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here",
+    )
     f.get("norm_type", "rmsnorm", "str", check=lambda v: v == "rmsnorm", rule="supported (only 'rmsnorm')")
     f.get("is_causal", True, "bool", check=lambda v: v, rule="supported (only causal language models)")
-    f.get("sliding_window", None, "int", nullable=True, check=lambda v: False,
-          rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces")
+    f.get(
+        "sliding_window",
+        None,
+        "int",
+        nullable=True,
+        check=lambda v: False,
+        rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces",
+    )
     for name in ("use_mup_attn_scale", "use_mup_output_mult", "static_expert_capacity"):
         f.get(name, False, "bool", check=lambda v: not v, rule="supported (only false)")
     for name in ("active_num_experts", "active_expert_width"):
-        f.get(name, None, "int", nullable=True, check=lambda v: False,
-              rule="supported: the runtime expert shrink rebuilds a route table that is not persisted")
+        f.get(
+            name,
+            None,
+            "int",
+            nullable=True,
+            check=lambda v: False,
+            rule="supported: the runtime expert shrink rebuilds a route table that is not persisted",
+        )
 
 
 def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str]) -> dict | None:
@@ -370,8 +443,13 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     hidden = f.get("hidden_size", _MISSING, "int", **pos)
     layers = f.get("num_hidden_layers", _MISSING, "int", **pos)
     heads = f.get("num_attention_heads", _MISSING, "int", **pos)
-    attention = f.get("attention_type", "gqa", "str", check=lambda v: v in ("gqa", "mha", "mqa"),
-                      rule="supported (only gqa and its mha/mqa forms; the lexical, conv and TR-MHA types are other research models)")
+    attention = f.get(
+        "attention_type",
+        "gqa",
+        "str",
+        check=lambda v: v in ("gqa", "mha", "mqa"),
+        rule="supported (only gqa and its mha/mqa forms; the lexical, conv and TR-MHA types are other research models)",
+    )
     kv_heads = f.get("num_key_value_heads", None, "int", nullable=True, **pos)
     if kv_heads is None and heads and "num_key_value_heads" not in f.bad:
         kv_heads = {"mha": heads, "mqa": 1}.get(attention, max(1, heads // 4))
@@ -379,16 +457,22 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     if hidden and heads and hidden % heads:
         problems.append(f"config.json: num_attention_heads={heads} does not divide hidden_size={hidden}")
     elif hidden and heads and (hidden // heads) % 2:
-        problems.append(f"config.json: head_dim hidden_size/num_attention_heads={hidden // heads} is odd (RoPE rotates pairs)")
+        problems.append(
+            f"config.json: head_dim hidden_size/num_attention_heads={hidden // heads} is odd (RoPE rotates pairs)"
+        )
     if heads and kv_heads and heads % kv_heads:
         problems.append(f"config.json: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
 
     experts = f.get("num_experts", 1, "int", **pos)
     top_k = f.get("top_k", 1, "int", **pos)
     if "num_experts_per_tok" in raw and raw["num_experts_per_tok"] != raw.get("top_k", 1):
-        problems.append(f"config.json: num_experts_per_tok={raw['num_experts_per_tok']!r} differs from top_k={raw.get('top_k')!r}")
+        problems.append(
+            f"config.json: num_experts_per_tok={raw['num_experts_per_tok']!r} differs from top_k={raw.get('top_k')!r}"
+        )
     if experts and top_k and top_k > experts:
-        problems.append(f"config.json: top_k={top_k} exceeds num_experts={experts} (routes per token must be distinct experts)")
+        problems.append(
+            f"config.json: top_k={top_k} exceeds num_experts={experts} (routes per token must be distinct experts)"
+        )
     intermediate = f.get("intermediate_size", None, "int", nullable=True, **pos)
     if intermediate is None and hidden and "intermediate_size" not in f.bad:
         intermediate = (8 * hidden // 3 + 255) // 256 * 256
@@ -396,40 +480,61 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     width = None
     if intermediate and experts:
         if intermediate % experts:
-            problems.append(f"config.json: intermediate_size={intermediate} (all experts together) is not divisible by num_experts={experts}")
+            problems.append(
+                f"config.json: intermediate_size={intermediate} (all experts together) is not divisible by num_experts={experts}"
+            )
         else:
             width = intermediate // experts
     shared = f.get("shared_expert", True, "bool")
     shared_width = f.get("shared_intermediate_size", None, "int", nullable=True, **pos)
     if shared and shared_width is None and intermediate:
         shared_width = intermediate
-        notes.append(f"shared_intermediate_size: null -> {shared_width} (= intermediate_size, the framework's meaning; vllm-i64 would read intermediate_size/num_experts)")
+        notes.append(
+            f"shared_intermediate_size: null -> {shared_width} (= intermediate_size, the framework's meaning; vllm-i64 would read intermediate_size/num_experts)"
+        )
     if not shared:
         shared_width = None
 
-    primary = f.get("top_k_primary_weight", None, "float", nullable=True,
-                    check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1] (upstream clamps it silently; refused here)")
+    primary = f.get(
+        "top_k_primary_weight",
+        None,
+        "float",
+        nullable=True,
+        check=lambda v: 0.0 <= v <= 1.0,
+        rule="in [0, 1] (upstream clamps it silently; refused here)",
+    )
     if layout == DEEP and raw.get("source_mlp_type") != "tr_hash_engine":
         for name in ("top_k_primary_weight", "shared_intermediate_size"):
             if name in raw and raw[name] is None and (name != "shared_intermediate_size" or shared):
                 problems.append(
                     f"config.json: {name} is null in a deep config without source_mlp_type 'tr_hash_engine': the "
-                    "training framework reads it as " + ("1/top_k" if name.startswith("top_k") else "intermediate_size")
-                    + " and vllm-i64 as " + ("0.95" if name.startswith("top_k") else "intermediate_size/num_experts")
+                    "training framework reads it as "
+                    + ("1/top_k" if name.startswith("top_k") else "intermediate_size")
+                    + " and vllm-i64 as "
+                    + ("0.95" if name.startswith("top_k") else "intermediate_size/num_experts")
                     + ", and nothing says which wrote this file"
                 )
     resolved_primary = None
     if top_k and "top_k_primary_weight" not in f.bad:
         resolved_primary = slot_weights(top_k, primary)[0]
         if primary is None and top_k > 1:
-            notes.append(f"top_k_primary_weight: null -> {resolved_primary} (1/top_k, the framework's meaning; vllm-i64 would read 0.95)")
+            notes.append(
+                f"top_k_primary_weight: null -> {resolved_primary} (1/top_k, the framework's meaning; vllm-i64 would read 0.95)"
+            )
 
-    strategy_name = f.get("routing_strategy", "modulo_cyclic", "str", check=lambda v: v in _STRATEGIES,
-                          rule=f"a strategy upstream's MLP builds ({', '.join(_STRATEGIES)})")
+    strategy_name = f.get(
+        "routing_strategy",
+        "modulo_cyclic",
+        "str",
+        check=lambda v: v in _STRATEGIES,
+        rule=f"a strategy upstream's MLP builds ({', '.join(_STRATEGIES)})",
+    )
     strategy = _STRATEGIES.get(strategy_name)
     hash_count = None
     if strategy == "multi_hash" and "route_hash_count" in raw:
-        hash_count = f.get("route_hash_count", 2, "int", check=lambda v: v in ROUTE_HASH_COUNTS, rule="an integer in [2, 8]")
+        hash_count = f.get(
+            "route_hash_count", 2, "int", check=lambda v: v in ROUTE_HASH_COUNTS, rule="an integer in [2, 8]"
+        )
     elif strategy == "multi_hash" and layout != DEEP:
         hash_count = 2  # upstream's default
 
@@ -444,7 +549,9 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     qk_norm = f.get("use_qk_norm", True, "bool")
     eps = f.get("norm_eps", 1e-6, "float", check=_positive, rule="a positive number")
     if layout == DEEP and "rms_norm_eps" in raw and raw["rms_norm_eps"] != raw.get("norm_eps", 1e-6):
-        problems.append(f"config.json: rms_norm_eps={raw['rms_norm_eps']!r} differs from norm_eps={raw.get('norm_eps')!r}")
+        problems.append(
+            f"config.json: rms_norm_eps={raw['rms_norm_eps']!r} differs from norm_eps={raw.get('norm_eps')!r}"
+        )
     tied = f.get("tie_word_embeddings", True, "bool")
     ids = {}
     for name, default in _TOKEN_IDS.items():
@@ -452,14 +559,30 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     if problems:
         return None
     if layout == DEEP:
-        notes.append("deep layout: route_hash_count, rope_fraction, sliding_window, the µP flags and per-layer "
-                     "scales are not recorded; read as upstream's defaults")
+        notes.append(
+            "deep layout: route_hash_count, rope_fraction, sliding_window, the µP flags and per-layer "
+            "scales are not recorded; read as upstream's defaults"
+        )
     return dict(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, num_experts=experts, num_experts_per_tok=top_k, expert_width=width,
-        shared_expert_width=shared_width, route_strategy=strategy, route_hash_count=hash_count,
-        route_primary_weight=resolved_primary, **scales, rope_theta=theta, max_position_embeddings=max_pos,
-        use_qk_norm=qk_norm, rms_norm_eps=eps, tie_word_embeddings=tied, **ids,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        expert_width=width,
+        shared_expert_width=shared_width,
+        route_strategy=strategy,
+        route_hash_count=hash_count,
+        route_primary_weight=resolved_primary,
+        **scales,
+        rope_theta=theta,
+        max_position_embeddings=max_pos,
+        use_qk_norm=qk_norm,
+        rms_norm_eps=eps,
+        tie_word_embeddings=tied,
+        **ids,
     )
 
 
@@ -508,7 +631,9 @@ _DERIVED_REASONS = {
 }
 
 
-def _check_derived(sd: dict, config: TRHashConfig, tables: dict[int, torch.Tensor], used: set, dropped: list, problems: list) -> None:
+def _check_derived(
+    sd: dict, config: TRHashConfig, tables: dict[int, torch.Tensor], used: set, dropped: list, problems: list
+) -> None:
     """Native/hf buffers derived from the config or the table: must agree, then are dropped."""
     for i in range(config.num_hidden_layers):
         for suffix in _DERIVED:
@@ -521,13 +646,17 @@ def _check_derived(sd: dict, config: TRHashConfig, tables: dict[int, torch.Tenso
             if suffix.endswith("inv_freq"):
                 want = rope_inv_freq(config.head_dim, config.rope_theta)
                 if t.shape != want.shape or not torch.allclose(t.float(), want, rtol=1e-5, atol=0):
-                    problems.append(f"{name} disagrees with rope_theta={config.rope_theta} over head_dim={config.head_dim} "
-                                    "(another theta, or RoPE on part of each head?)")
+                    problems.append(
+                        f"{name} disagrees with rope_theta={config.rope_theta} over head_dim={config.head_dim} "
+                        "(another theta, or RoPE on part of each head?)"
+                    )
             elif i in tables:
                 pairs, codes = fused_route_metadata(tables[i], config.num_experts)
                 want = pairs if suffix.endswith("pairs") else codes
                 if t.shape != want.shape or (want.numel() and not torch.equal(t.long(), want.long())):
-                    problems.append(f"{name} does not match layers.{i}'s route table (derived kernel metadata out of step)")
+                    problems.append(
+                        f"{name} does not match layers.{i}'s route table (derived kernel metadata out of step)"
+                    )
 
 
 def _map_tensors(sd: dict, layout: str, config: TRHashConfig, dropped: list, problems: list) -> dict[str, torch.Tensor]:
@@ -567,8 +696,10 @@ def _map_tensors(sd: dict, layout: str, config: TRHashConfig, dropped: list, pro
             dropped.append(("lm_head.weight", "a stored copy of the tied embedding (checked equal)"))
     unexpected = sorted(set(sd) - used)
     if any(k.endswith("mlp.token_to_expert") for k in unexpected):
-        problems.append("mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
-                        "not a TR-Hash checkpoint (which stores every route slot)")
+        problems.append(
+            "mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
+            "not a TR-Hash checkpoint (which stores every route slot)"
+        )
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
         problems.append(f"unexpected tensor(s) for this config: {shown}")
@@ -581,8 +712,14 @@ def _table_provenance(config: TRHashConfig, tensors: dict, layout: str, notes: l
     layers = range(config.num_hidden_layers)
 
     def rebuilt(i: int, hash_count: int) -> torch.Tensor:
-        return build_route_table(config.route_strategy, vocab_size=config.vocab_size, num_experts=config.num_experts,
-                                 num_experts_per_tok=config.num_experts_per_tok, layer_idx=i, route_hash_count=hash_count)
+        return build_route_table(
+            config.route_strategy,
+            vocab_size=config.vocab_size,
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            layer_idx=i,
+            route_hash_count=hash_count,
+        )
 
     def stored(i: int) -> torch.Tensor:
         return tensors[f"layers.{i}.mlp.route_table"]
@@ -591,17 +728,23 @@ def _table_provenance(config: TRHashConfig, tensors: dict, layout: str, notes: l
         if config.route_strategy == "multi_hash" and config.route_hash_count is None:
             found = [c for c in ROUTE_HASH_COUNTS if torch.equal(rebuilt(0, c), stored(0))]
             if found and all(torch.equal(rebuilt(i, found[0]), stored(i)) for i in layers):
-                notes.append(f"route_hash_count: not recorded by the {layout} layout; {found[0]} rebuilds every stored table")
+                notes.append(
+                    f"route_hash_count: not recorded by the {layout} layout; {found[0]} rebuilds every stored table"
+                )
                 return _replace(config, route_hash_count=found[0])
-            notes.append(f"route_hash_count: not recorded by the {layout} layout and no count in 2..8 rebuilds the stored tables")
+            notes.append(
+                f"route_hash_count: not recorded by the {layout} layout and no count in 2..8 rebuilds the stored tables"
+            )
             return config
         differ = [i for i in layers if not torch.equal(rebuilt(i, config.route_hash_count or 2), stored(i))]
     except ValueError as err:
         notes.append(f"route tables: {config.route_strategy} cannot rebuild them here ({err}); kept as stored")
         return config
     if differ:
-        notes.append(f"route tables of layer(s) {differ} differ from a rebuild with {config.route_strategy} "
-                     "(stored tables are authoritative and kept as stored)")
+        notes.append(
+            f"route tables of layer(s) {differ} differ from a rebuild with {config.route_strategy} "
+            "(stored tables are authoritative and kept as stored)"
+        )
     else:
         notes.append(f"route tables: every layer equals a rebuild with {config.route_strategy} (kept as stored)")
     return config
@@ -617,7 +760,9 @@ def read_trhash(src) -> TRHashCheckpoint:
     config fields) otherwise."""
     src = Path(src)
     if not src.is_dir():
-        raise UpstreamFormatError(src, ["not a folder (expected a checkpoint folder with config.json and model.safetensors)"])
+        raise UpstreamFormatError(
+            src, ["not a folder (expected a checkpoint folder with config.json and model.safetensors)"]
+        )
     problems: list[str] = []
     raw = read_config_json(src, problems)
     weights = find_weights(src)
@@ -646,7 +791,9 @@ def read_trhash(src) -> TRHashCheckpoint:
         raise UpstreamFormatError(src, problems)
     notes += read_notes
     if len(weights) > 1:
-        notes.append(f"weights read from {weights[0].name} (also present, not read: {', '.join(p.name for p in weights[1:])})")
+        notes.append(
+            f"weights read from {weights[0].name} (also present, not read: {', '.join(p.name for p in weights[1:])})"
+        )
     if layout == HF:
         adapters = [n for n in ("configuration_tr_hash_moe.py", "modeling_tr_hash_moe.py") if (src / n).is_file()]
         if adapters:
@@ -700,32 +847,55 @@ def trhash_config(config: ComplexityConfig) -> TRHashConfig:
     ValueError naming the field for anything upstream's format cannot say."""
     c = config
     refusals = [
-        (c.mlp_type != "hash_routed", "mlp_type", f"is {c.mlp_type!r}; only hash_routed models have an upstream TR-Hash form"),
+        (
+            c.mlp_type != "hash_routed",
+            "mlp_type",
+            f"is {c.mlp_type!r}; only hash_routed models have an upstream TR-Hash form",
+        ),
         (c.mu_mode != "none", "mu_mode", f"is {c.mu_mode!r}; TR-Hash has no mu"),
         (c.sliding_window is not None, "sliding_window", "is set; upstream applies a window only to long prefills"),
-        (c.head_dim * c.num_attention_heads != c.hidden_size, "head_dim",
-         f"{c.head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}; upstream derives head_dim"),
-        (c.use_qk_norm and (c.qk_norm_eps if c.qk_norm_eps is not None else c.rms_norm_eps) != QK_NORM_EPS,
-         "qk_norm_eps", f"upstream's QK-norm epsilon is fixed at {QK_NORM_EPS}"),
+        (
+            c.head_dim * c.num_attention_heads != c.hidden_size,
+            "head_dim",
+            f"{c.head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}; upstream derives head_dim",
+        ),
+        (
+            c.use_qk_norm and (c.qk_norm_eps if c.qk_norm_eps is not None else c.rms_norm_eps) != QK_NORM_EPS,
+            "qk_norm_eps",
+            f"upstream's QK-norm epsilon is fixed at {QK_NORM_EPS}",
+        ),
     ]
     for bad, name, why in refusals:
         if bad:
             raise ValueError(f"{name}: {why}")
     return TRHashConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-        num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok, expert_width=c.expert_width,
-        shared_expert_width=c.shared_expert_width if c.shared_expert else None, route_strategy=c.route_strategy,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        num_experts=c.num_experts,
+        num_experts_per_tok=c.num_experts_per_tok,
+        expert_width=c.expert_width,
+        shared_expert_width=c.shared_expert_width if c.shared_expert else None,
+        route_strategy=c.route_strategy,
         route_hash_count=c.route_hash_count if c.route_strategy == "multi_hash" else None,
         route_primary_weight=slot_weights(c.num_experts_per_tok, c.route_primary_weight)[0],
-        shared_output_scale=float(c.shared_output_scale), routed_output_scale=float(c.routed_output_scale),
+        shared_output_scale=float(c.shared_output_scale),
+        routed_output_scale=float(c.routed_output_scale),
         shared_output_scale_first_layer=c.shared_output_scale_first_layer,
         shared_output_scale_last_layer=c.shared_output_scale_last_layer,
         routed_output_scale_first_layer=c.routed_output_scale_first_layer,
         routed_output_scale_last_layer=c.routed_output_scale_last_layer,
-        rope_theta=float(c.rope_theta), max_position_embeddings=c.max_position_embeddings, use_qk_norm=c.use_qk_norm,
-        rms_norm_eps=float(c.rms_norm_eps), qk_norm_eps=QK_NORM_EPS, tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        rope_theta=float(c.rope_theta),
+        max_position_embeddings=c.max_position_embeddings,
+        use_qk_norm=c.use_qk_norm,
+        rms_norm_eps=float(c.rms_norm_eps),
+        qk_norm_eps=QK_NORM_EPS,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
     )
 
 

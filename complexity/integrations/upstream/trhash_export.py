@@ -88,7 +88,12 @@ def deep_config(config: TRHashConfig, dtype: torch.dtype) -> dict:
 
 
 def write_deep(
-    config: TRHashConfig, tensors: dict[str, torch.Tensor], dst, *, dtype="bfloat16", overwrite: bool = False,
+    config: TRHashConfig,
+    tensors: dict[str, torch.Tensor],
+    dst,
+    *,
+    dtype="bfloat16",
+    overwrite: bool = False,
     extra_files: tuple[Path, ...] = (),
 ) -> Path:
     """Write the deep export (upstream's vLLM / TR-Hash-i64 layout) of a neutral description.
@@ -112,8 +117,11 @@ def write_deep(
     shapes = neutral_tensor_shapes(config)
     problems = [f"missing tensor {k}" for k in shapes if k not in tensors]
     problems += [f"unexpected tensor {k}" for k in tensors if k not in shapes]
-    problems += [f"{k} has shape {list(v.shape)}, expected {list(shapes[k])}" for k, v in tensors.items()
-                 if k in shapes and tuple(v.shape) != shapes[k]]
+    problems += [
+        f"{k} has shape {list(v.shape)}, expected {list(shapes[k])}"
+        for k, v in tensors.items()
+        if k in shapes and tuple(v.shape) != shapes[k]
+    ]
     if problems:
         raise ValueError("write_deep: tensors do not match the config: " + "; ".join(problems))
     if dst.exists() and not dst.is_dir():
@@ -124,7 +132,11 @@ def write_deep(
     for neutral, t in tensors.items():
         t = t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)
         out[layout_name(neutral, DEEP)] = t.contiguous()
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
+    generation = {
+        k: getattr(config, k)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(config, k) is not None
+    }
 
     from safetensors.torch import save_file
 
@@ -169,8 +181,11 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     out = write_deep(config, tensors, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer)
     back = read_trhash(out)
     cast = _DTYPES.get(dtype, dtype)
-    differ = [k for k, t in tensors.items()
-              if not torch.equal(back.tensors[k], t if k.endswith("route_table") else t.to(cast))]
+    differ = [
+        k
+        for k, t in tensors.items()
+        if not torch.equal(back.tensors[k], t if k.endswith("route_table") else t.to(cast))
+    ]
     if differ or back.config != _with_recorded_fields(config, back.config):
         shutil.rmtree(out, ignore_errors=True)
         raise RuntimeError(f"{out}: the deep export does not read back as written (tensors {differ}); removed")
@@ -181,7 +196,10 @@ def _with_recorded_fields(config: TRHashConfig, back: TRHashConfig) -> TRHashCon
     """`config` as the deep layout records it: one scale per branch (the per-layer forms, when
     constant over the layers, become that constant), route_hash_count recovered from the tables."""
     scales = {f"{b}_output_scale{end}": None for b in ("shared", "routed") for end in ("_first_layer", "_last_layer")}
-    scales |= {"shared_output_scale": _constant_scale(config, "shared"), "routed_output_scale": _constant_scale(config, "routed")}
+    scales |= {
+        "shared_output_scale": _constant_scale(config, "shared"),
+        "routed_output_scale": _constant_scale(config, "routed"),
+    }
     return TRHashConfig(**{**config.to_dict(), **scales, "route_hash_count": back.route_hash_count})
 
 
