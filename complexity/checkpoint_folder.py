@@ -149,6 +149,8 @@ def _upstream_kind(cfg: dict) -> str | None:
     model_type = cfg.get("model_type")
     if model_type in UPSTREAM_MODEL_TYPES:
         return UPSTREAM_MODEL_TYPES[model_type]
+    if model_type is None and cfg.get("mlp_type") == "tr_hash_engine":
+        return "an upstream TR-Hash checkpoint (native format)"
     architectures = set(cfg.get("architectures") or []) if isinstance(cfg.get("architectures"), list) else set()
     if model_type in (None, MODEL_TYPE) and not (OUR_FIELDS & set(cfg)):
         if architectures & UPSTREAM_ARCHITECTURES or UPSTREAM_FIELDS & set(cfg):

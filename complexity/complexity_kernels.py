@@ -108,7 +108,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *row_widths: 
     """Whether torch has a grouped GEMM for this device and dtype, with rows of these widths
     (the kernels need 16-byte aligned rows, e.g. fp32 widths divisible by 4): bf16 everywhere;
     fp32 and fp16 in the eager CPU kernels."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return (
         _GROUPED_MM is not None
         and all(w * size % 16 == 0 for w in row_widths)

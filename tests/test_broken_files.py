@@ -199,6 +199,13 @@ CHECKPOINT_CASES = [
         "model",
     ),
     (
+        "upstream-trhash-native",
+        "plain",
+        lambda d: _edit_config(d, model_type=_DELETE, mlp_type="tr_hash_engine"),
+        ["an upstream TR-Hash checkpoint (native format)", "complexity convert"],
+        "model",
+    ),
+    (
         "upstream-old-style-config",
         "plain",
         lambda d: _edit_config(d, mlp_type=_DELETE, mu_mode=_DELETE, routing=_DELETE, use_token_routed_mlp=True),
