@@ -245,6 +245,16 @@ def branch_scale(base: float, first: float | None, last: float | None, layer_idx
     return float(first + (last - first) * layer_idx / (num_layers - 1))
 
 
+def layer_scales(config, layer_idx: int) -> tuple[float, float]:
+    """(s_shared, s_routed) of layer `layer_idx` from a config's `*_output_scale` fields (a
+    `ComplexityConfig`, or anything with those fields and `num_hidden_layers`)."""
+    return tuple(
+        branch_scale(getattr(config, f"{b}_output_scale"), getattr(config, f"{b}_output_scale_first_layer"),
+                     getattr(config, f"{b}_output_scale_last_layer"), layer_idx, config.num_hidden_layers)
+        for b in ("shared", "routed")
+    )
+
+
 # ----------------------------------------------------------------------------- the routed computation
 
 STRATEGIES = ("auto", "dense", "grouped")
@@ -437,6 +447,7 @@ __all__ = [
     "build_route_table",
     "check_route_table",
     "hash_routed_mlp",
+    "layer_scales",
     "pick_strategy",
     "slot_weights",
     "token_routes",

@@ -55,7 +55,7 @@ from .complexity_math import (
     switch_aux_loss,
 )
 from .configuration_complexity import ComplexityConfig
-from .hash_routing import branch_scale, build_route_table, hash_routed_mlp, slot_weights, token_routes
+from .hash_routing import build_route_table, hash_routed_mlp, layer_scales, slot_weights, token_routes
 
 
 # ----------------------------------------------------------------------------- routing tables
@@ -340,8 +340,8 @@ class ComplexityLearnedMoE(nn.Module):
 
 class ComplexityHashExperts(ComplexityExperts):
     """The hash-routed MLP's expert bank: the same stacked parameters as `ComplexityExperts`
-    (initialisation, parameter counts, tensor-parallel loading and the evaluation's expert-share
-    hooks treat them alike), each row run through its k routed experts (`hash_routed_mlp`)."""
+    (initialisation, parameter counts and the evaluation's expert-share hooks treat them alike),
+    each row run through its k routed experts (`hash_routed_mlp`)."""
 
     def forward(self, x, routes, weights, shared=None, shared_scale: float = 1.0, routed_scale: float = 1.0):
         """x [N, H]; routes [N, k] expert ids; weights: k floats; shared: a `ComplexityMLP` or None."""
@@ -371,11 +371,7 @@ class ComplexityHashRoutedMLP(nn.Module):
         # Filled by `_init_weights` (built from the config) or by a checkpoint's table.
         self.register_buffer("route_table", torch.empty(k, config.vocab_size, dtype=torch.long))
         self.slot_weights = slot_weights(k, config.route_primary_weight)
-        layers = config.num_hidden_layers
-        self.shared_scale = branch_scale(config.shared_output_scale, config.shared_output_scale_first_layer,
-                                         config.shared_output_scale_last_layer, layer_idx, layers)
-        self.routed_scale = branch_scale(config.routed_output_scale, config.routed_output_scale_first_layer,
-                                         config.routed_output_scale_last_layer, layer_idx, layers)
+        self.shared_scale, self.routed_scale = layer_scales(config, layer_idx)
         self.layer_idx = layer_idx
 
     @staticmethod

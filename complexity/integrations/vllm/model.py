@@ -72,7 +72,7 @@ from complexity.complexity_math import (
     next_layer_mu,
 )
 from complexity.configuration_complexity import ComplexityConfig
-from complexity.hash_routing import branch_scale, hash_routed_mlp, slot_weights, token_routes
+from complexity.hash_routing import hash_routed_mlp, layer_scales, slot_weights, token_routes
 from complexity.modeling_complexity import (
     ComplexityExperts,
     ComplexityINLDynamics,
@@ -244,11 +244,7 @@ class ComplexityHashRoutedMLP(nn.Module):
         # Always overwritten by the checkpoint's table (`load_weights` requires it).
         self.register_buffer("route_table", torch.zeros(config.num_experts_per_tok, config.vocab_size, dtype=torch.long))
         self.slot_weights = slot_weights(config.num_experts_per_tok, config.route_primary_weight)
-        layers = config.num_hidden_layers
-        self.shared_scale = branch_scale(config.shared_output_scale, config.shared_output_scale_first_layer,
-                                         config.shared_output_scale_last_layer, layer_idx, layers)
-        self.routed_scale = branch_scale(config.routed_output_scale, config.routed_output_scale_first_layer,
-                                         config.routed_output_scale_last_layer, layer_idx, layers)
+        self.shared_scale, self.routed_scale = layer_scales(config, layer_idx)
 
     def forward(self, x: torch.Tensor, routing: Routing):
         routes = token_routes(self.route_table, routing.token_ids)
