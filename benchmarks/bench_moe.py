@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from complexity.complexity_kernels import grouped_mm_supported  # noqa: E402
 from complexity.hash_routing import (  # noqa: E402
     build_route_table,
-    grouped_mm_supported,
     hash_routed_mlp,
     pick_strategy,
     slot_weights,
@@ -104,12 +104,12 @@ def reference(inputs: dict) -> torch.Tensor:
 
 
 def strategies_for(x: torch.Tensor, shape: Shape) -> list[str]:
-    grouped = grouped_mm_supported(x, x.dtype, shape.hidden, 2 * shape.width, shape.width)
+    grouped = grouped_mm_supported(x.device, x.dtype, shape.hidden, 2 * shape.width, shape.width)
     return ["dense", "grouped"] if grouped else ["dense"]
 
 
 def auto_strategy(x: torch.Tensor, shape: Shape) -> str:
-    grouped = grouped_mm_supported(x, x.dtype, shape.hidden, 2 * shape.width, shape.width)
+    grouped = grouped_mm_supported(x.device, x.dtype, shape.hidden, 2 * shape.width, shape.width)
     return pick_strategy(x.shape[0], shape.experts, shape.top_k, shape.width, shape.shared, grouped)
 
 

@@ -16,10 +16,11 @@ whose missing weights were silently left random. Checked, in order, before any w
 - the weights: every safetensors file opens and its header parses (truncated, empty and garbage
   files are caught here); a sharded index names only shards that exist and agrees with them;
   the tensors are exactly those of the model ``config.json`` describes (a tied ``lm_head`` may
-  be absent), with its shapes; the routing table's expert ids lie in ``[0, num_experts)``;
+  be absent), with its shapes; the routing table's expert ids lie in ``[0, num_experts)``, and
+  each hash_routed layer's route table gives every token k distinct experts in that range;
 - dtypes: floating weights may be stored as float32, bfloat16, float16 or float64 (they are
   cast to the requested dtype on load; a bf16 checkpoint is fine); integer, bool and float8
-  tensors where a float weight belongs are refused; the routing table must be int64;
+  tensors where a float weight belongs are refused; the routing tables must be int64;
 - the tokenizer (when loaded): its JSON files parse, it loads, it has no more tokens than the
   model has embeddings (``len(tokenizer) <= vocab_size``) and its special-token ids are in range.
 
@@ -148,6 +149,8 @@ def _upstream_kind(cfg: dict) -> str | None:
     model_type = cfg.get("model_type")
     if model_type in UPSTREAM_MODEL_TYPES:
         return UPSTREAM_MODEL_TYPES[model_type]
+    if model_type is None and cfg.get("mlp_type") == "tr_hash_engine":
+        return "an upstream TR-Hash checkpoint (native format)"
     architectures = set(cfg.get("architectures") or []) if isinstance(cfg.get("architectures"), list) else set()
     if model_type in (None, MODEL_TYPE) and not (OUR_FIELDS & set(cfg)):
         if architectures & UPSTREAM_ARCHITECTURES or UPSTREAM_FIELDS & set(cfg):
@@ -383,6 +386,9 @@ def check_tensors(folder: Path, config, tensors: dict[str, TensorInfo], skeleton
     table = tensors.get("model.token_to_expert")
     if table is not None:
         _check_routing_table(table, config)
+    for name, info in tensors.items():
+        if name.endswith(".mlp.route_table"):
+            _check_route_table(name, info, config)
 
 
 def _read_tensor(info: TensorInfo, name: str) -> torch.Tensor:
@@ -410,6 +416,20 @@ def _check_routing_table(info: TensorInfo, config) -> None:
             f"{info.file}: model.token_to_expert holds expert ids in [{int(table.min())}, "
             f"{int(table.max())}], outside [0, num_experts={config.num_experts})"
         )
+
+
+def _check_route_table(name: str, info: TensorInfo, config) -> None:
+    """A hash_routed layer's [k, V] table: expert ids in [0, num_experts), k distinct per token."""
+    from .hash_routing import check_route_table
+
+    try:
+        check_route_table(
+            _read_tensor(info, name), config.num_experts, config.vocab_size, config.num_experts_per_tok, name=name
+        )
+    except ValueError as err:
+        raise CheckpointError(
+            f"{info.file}: {err} (num_experts={config.num_experts}, num_experts_per_tok={config.num_experts_per_tok})"
+        ) from None
 
 
 def _check_side_json(folder: Path) -> None:

@@ -142,6 +142,21 @@ def summed_projections(
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *row_widths: int) -> bool:
+    """Whether torch has a grouped GEMM for this device and dtype, with rows of these widths
+    (the kernels need 16-byte aligned rows, e.g. fp32 widths divisible by 4): bf16 everywhere;
+    fp32 and fp16 in the eager CPU kernels."""
+    size = dtype.itemsize
+    return (
+        _GROUPED_MM is not None
+        and all(w * size % 16 == 0 for w in row_widths)
+        and (
+            dtype == torch.bfloat16
+            or (device.type == "cpu" and dtype in (torch.float32, torch.float16) and not torch.compiler.is_compiling())
+        )
+    )
+
+
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of `x` sorted by group, times that group's matrix: x[o_{e-1}:o_e] @ weight[e].
 
@@ -158,11 +173,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         x, weight = x.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(x.dtype)
-    # The grouped kernels need 16-byte aligned rows (e.g. fp32 widths divisible by 4).
-    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (weight.shape[-1] * weight.element_size()) % 16 == 0
-    if _GROUPED_MM is not None and aligned and (
-        x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
-    ):
+    if grouped_mm_supported(x.device, x.dtype, x.shape[-1], weight.shape[-1]):
         return _GROUPED_MM(x, weight, offs=offsets)
     rows = torch.arange(x.shape[0], device=x.device, dtype=offsets.dtype)
     group = torch.searchsorted(offsets, rows, right=True)
@@ -421,6 +432,7 @@ __all__ = [
     "experts_swiglu",
     "fuse_shared_expert",
     "grouped_matmul",
+    "grouped_mm_supported",
     "grouped_swiglu",
     "linear",
     "rotary_cos_sin",

@@ -4,8 +4,10 @@ Self-contained (imports only transformers), so a saved checkpoint can carry this
 `trust_remote_code=True` loading where the `complexity` package is not installed.
 
 The variants (see docs/architecture.md §2-3):
-  mlp_type      "dense" | "token_routed" | "learned_moe"
+  mlp_type      "dense" | "token_routed" | "learned_moe" | "hash_routed"
   routing       "range" | "modulo" | "zipf"   (token_routed: how the token -> expert table is built)
+  route_strategy "modulo_cyclic" | "balanced_hash" | "multi_hash" | "hierarchical_hash"
+                (hash_routed: how each layer's top-k route table is built)
   mu_mode       "none" | "guidance" (mu after the MLP biases the next layer's q/k/v)
                 | "inl" (INL dynamics: velocity/controller, mu highway, mu-router override)
 """
@@ -13,11 +15,16 @@ The variants (see docs/architecture.md §2-3):
 from __future__ import annotations
 
 import copy
+import math
 
 from transformers import PretrainedConfig
 
-MLP_TYPES = ("dense", "token_routed", "learned_moe")
+MLP_TYPES = ("dense", "token_routed", "learned_moe", "hash_routed")
 ROUTING_STRATEGIES = ("range", "modulo", "zipf")
+# hash_routed route-table builders (`hash_routing.build_route_table`, which holds the same names:
+# this file imports transformers only) and multi_hash's channel counts.
+ROUTE_STRATEGIES = ("modulo_cyclic", "balanced_hash", "multi_hash", "hierarchical_hash")
+ROUTE_HASH_COUNTS = range(2, 9)
 MU_MODES = ("none", "guidance", "inl")
 
 # Size presets (docs/architecture.md §5). Variant flags default to the token-routed design;
@@ -37,9 +44,23 @@ _SIZES = {
     "3b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=6912, num_experts=8),
     "3.8b": dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, num_experts=8),
     "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=11008, num_experts=8),
+    # the shape of upstream's public TR-Hash MoE 200M release: top-2 hash routing over 4 narrow
+    # experts (4 x 64) beside a wide shared expert, routed branch scaled by 2
+    "trhash-200m": dict(hidden_size=896, num_hidden_layers=16, num_attention_heads=14, num_key_value_heads=2, intermediate_size=256, num_experts=4,
+                        mlp_type="hash_routed", num_experts_per_tok=2, route_strategy="multi_hash", route_hash_count=2,
+                        route_primary_weight=0.5, shared_expert=True, shared_expert_intermediate_size=3072,
+                        shared_output_scale=1.0, routed_output_scale=2.0, max_position_embeddings=2048),
 }
 _SIZES["150m"] = _SIZES["base"]
 PRESETS = tuple(_SIZES)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_number(value) -> bool:
+    return _finite_number(value) and value > 0
 
 
 class ComplexityConfig(PretrainedConfig):
@@ -60,15 +81,29 @@ class ComplexityConfig(PretrainedConfig):
         attention_dropout: dropout on attention probabilities (training only).
         tie_word_embeddings: LM head shares the embedding matrix.
         initializer_range: std of the N(0, std) init of linear and embedding weights.
-        mlp_type: "dense", "token_routed" or "learned_moe".
+        mlp_type: "dense", "token_routed", "learned_moe" or "hash_routed".
         num_experts: E for the routed MLPs.
         expert_intermediate_size: width of one expert (default `intermediate_size // num_experts`).
         routing: how `token_to_expert` is built: "range", "modulo" or "zipf" (zipf tables come from
             corpus counts, see `complexity.routing`; the table is a buffer saved with the weights).
         shared_expert: add a dense SwiGLU that every token passes through.
         shared_expert_intermediate_size: its width (default: the expert width).
-        num_experts_per_tok: learned_moe top-k.
+        num_experts_per_tok: the experts each token visits, k: learned_moe's top-k, hash_routed's
+            route slots (token_routed: always 1). Architectural: no generation setting reads it.
         router_aux_loss_coef: weight of the Switch load-balancing loss added to the LM loss.
+        route_strategy: hash_routed: how each layer's route table ([k, V] int64 buffer, saved with
+            the weights and never rebuilt on load) is built at init: "modulo_cyclic",
+            "balanced_hash", "multi_hash" or "hierarchical_hash" (docs/architecture.md §2e).
+        route_hash_count: multi_hash's number of hash channels, 2..8.
+        route_primary_weight: hash_routed: route slot 0's weight p; the other k-1 slots share 1-p
+            equally. None: 1/k (equal weights).
+        shared_output_scale, routed_output_scale: hash_routed: fixed multipliers of the shared
+            expert's and the routed experts' outputs.
+        shared_output_scale_first_layer, shared_output_scale_last_layer,
+        routed_output_scale_first_layer, routed_output_scale_last_layer: if either end is set,
+            that branch's scale is linear over depth from first (default: the base scale) at
+            layer 0 to last (default: first) at layer L-1.
+        qk_norm_eps: the QK-norm's epsilon (None: rms_norm_eps).
         mu_mode: "none", "guidance" or "inl".
         mu_clamp_min, mu_clamp_max: guidance clamp of the mu parameter (docs/architecture.md §3a: 0, 2).
         mu_prev_clamp: guidance clamp of mu passed to the next layer (docs/architecture.md §3a: 2).
@@ -120,6 +155,16 @@ class ComplexityConfig(PretrainedConfig):
         dynamics_velocity_clamp: float = 10.0,
         mu_highway_scale: float = 0.1,
         mu_router_bias: float = 10.0,
+        route_strategy: str = "multi_hash",
+        route_hash_count: int = 2,
+        route_primary_weight: float | None = None,
+        shared_output_scale: float = 1.0,
+        routed_output_scale: float = 1.0,
+        shared_output_scale_first_layer: float | None = None,
+        shared_output_scale_last_layer: float | None = None,
+        routed_output_scale_first_layer: float | None = None,
+        routed_output_scale_last_layer: float | None = None,
+        qk_norm_eps: float | None = None,
         pad_token_id: int | None = 1,
         bos_token_id: int | None = 2,
         eos_token_id: int | None = 0,
@@ -163,6 +208,16 @@ class ComplexityConfig(PretrainedConfig):
         self.dynamics_velocity_clamp = dynamics_velocity_clamp
         self.mu_highway_scale = mu_highway_scale
         self.mu_router_bias = mu_router_bias
+        self.route_strategy = route_strategy
+        self.route_hash_count = route_hash_count
+        self.route_primary_weight = route_primary_weight
+        self.shared_output_scale = shared_output_scale
+        self.routed_output_scale = routed_output_scale
+        self.shared_output_scale_first_layer = shared_output_scale_first_layer
+        self.shared_output_scale_last_layer = shared_output_scale_last_layer
+        self.routed_output_scale_first_layer = routed_output_scale_first_layer
+        self.routed_output_scale_last_layer = routed_output_scale_last_layer
+        self.qk_norm_eps = qk_norm_eps
         self.use_cache = use_cache
         super().__init__(
             pad_token_id=pad_token_id,
@@ -220,14 +275,22 @@ class ComplexityConfig(PretrainedConfig):
                      "(or set expert_intermediate_size)")
             if self.expert_width <= 0:
                 fail("expert_intermediate_size", f"must be positive, got {self.expert_width}")
-        if self.mlp_type == "learned_moe" and not 1 <= self.num_experts_per_tok <= self.num_experts:
-            fail("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
+        k = self.num_experts_per_tok
+        if self.mlp_type in ("learned_moe", "hash_routed") and (
+            not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_experts
+        ):
+            fail("num_experts_per_tok", f"must be an integer in [1, num_experts={self.num_experts}], got {k!r}")
+        self._validate_hash_routing(fail)
         if self.shared_expert and self.mlp_type == "dense":
-            fail("shared_expert", "a shared expert needs a routed MLP (mlp_type token_routed or learned_moe)")
+            fail("shared_expert", "a shared expert needs a routed MLP (mlp_type token_routed, learned_moe or hash_routed)")
         if self.shared_expert and self.shared_expert_width <= 0:
             fail("shared_expert_intermediate_size", f"must be positive, got {self.shared_expert_width}")
         if self.mu_mode == "inl" and self.mlp_type != "token_routed":
-            fail("mu_mode", "'inl' routes through the token-routed MLP's mu override; it needs mlp_type='token_routed'")
+            fail("mu_mode", "'inl' routes through the token-routed MLP's mu override, which moves a token's one "
+                 f"expert (top-1); it needs mlp_type='token_routed', got {self.mlp_type!r} (mu_mode='guidance' "
+                 "composes with every MLP)")
+        if self.qk_norm_eps is not None and not _positive_number(self.qk_norm_eps):
+            fail("qk_norm_eps", f"must be None (rms_norm_eps) or a positive number, got {self.qk_norm_eps!r}")
         for field in ("dynamics_alpha", "dynamics_gate"):
             if not 0.0 < getattr(self, field) < 1.0:
                 fail(field, f"is a sigmoid output at init and must lie in (0, 1), got {getattr(self, field)}")
@@ -235,6 +298,40 @@ class ComplexityConfig(PretrainedConfig):
             fail("dynamics_beta", f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta}")
         if self.router_aux_loss_coef < 0:
             fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
+
+    def _validate_hash_routing(self, fail) -> None:
+        """The hash_routed fields (checked whatever the mlp_type, so a typo is never silent), and
+        what each route-table builder can give for these E and k (docs/architecture.md §2e)."""
+        if self.route_strategy not in ROUTE_STRATEGIES:
+            fail("route_strategy", f"unknown value {self.route_strategy!r}; expected one of {ROUTE_STRATEGIES}")
+        if isinstance(self.route_hash_count, bool) or self.route_hash_count not in ROUTE_HASH_COUNTS:
+            fail("route_hash_count", f"must be an integer in [2, 8], got {self.route_hash_count!r}")
+        p = self.route_primary_weight
+        if p is not None and not (_finite_number(p) and 0.0 <= p <= 1.0):
+            fail("route_primary_weight", f"must be None (1/num_experts_per_tok) or a number in [0, 1], got {p!r}")
+        for branch in ("shared", "routed"):
+            for suffix in ("", "_first_layer", "_last_layer"):
+                name = f"{branch}_output_scale{suffix}"
+                value = getattr(self, name)
+                if (suffix == "" or value is not None) and not _finite_number(value):
+                    fail(name, f"must be a finite number{'' if suffix == '' else ' or None'}, got {value!r}")
+        if self.mlp_type != "hash_routed":
+            return
+        e, k = self.num_experts, self.num_experts_per_tok
+        if self.route_strategy == "hierarchical_hash":
+            if e < 4 or e % 2:
+                fail("num_experts", f"hierarchical_hash needs an even number of experts >= 4, got {e}")
+            if 2 * k > e:
+                fail("num_experts_per_tok", f"hierarchical_hash routes among num_experts/2={e // 2} parent experts, "
+                     f"so at most {e // 2} routes per token, got {k}")
+        if self.route_strategy in ("balanced_hash", "hierarchical_hash"):
+            groups = e if self.route_strategy == "balanced_hash" else e // 2
+            # slot j of a token is pi[(p + j * stride) mod E] for an odd stride < E: k distinct
+            # experts need k <= E / gcd(stride, E) for every such stride
+            worst = min((groups // math.gcd(s, groups) for s in range(1, groups, 2)), default=groups)
+            if k > worst:
+                fail("num_experts_per_tok", f"{self.route_strategy} cannot give {k} distinct experts per token "
+                     f"with num_experts={e} (at most {worst}; a power of two number of experts allows any k)")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ComplexityConfig":
@@ -248,4 +345,4 @@ class ComplexityConfig(PretrainedConfig):
         return config
 
 
-__all__ = ["ComplexityConfig", "PRESETS", "MLP_TYPES", "ROUTING_STRATEGIES", "MU_MODES"]
+__all__ = ["ComplexityConfig", "PRESETS", "MLP_TYPES", "ROUTING_STRATEGIES", "ROUTE_STRATEGIES", "MU_MODES"]

@@ -9,8 +9,9 @@ shared expert; the two branches are multiplied by fixed scales that may vary lin
 
 This file holds the four table builders (`build_route_table`), the fixed weights and scales
 (`slot_weights`, `branch_scale`), and that computation as a function of tensors
-(`hash_routed_mlp`), fast on the GPU. It imports only torch and the standard library: the model
-file imports it relatively, and `save_pretrained` ships it with trust_remote_code checkpoints.
+(`hash_routed_mlp`), fast on the GPU; the counting sort and the grouped GEMM it dispatches with
+are `complexity_kernels`'. It imports only torch and the file beside it: the model file imports
+it relatively, and `save_pretrained` ships it with trust_remote_code checkpoints.
 
 Tables are buffers saved with the weights and always copied from a checkpoint, never rebuilt on
 load: three of the four builders draw `torch.randperm` from a seeded CPU generator, so a rebuild
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .complexity_kernels import compute_dtype, dispatch_by_expert, grouped_matmul, grouped_mm_supported
 
 # ----------------------------------------------------------------------------- route tables
 
@@ -137,6 +140,11 @@ def build_route_table(
     seeded CPU generators, so they reproduce upstream's tables only under the same torch RNG;
     models keep their tables as persisted buffers and never rebuild them on load.
     """
+    with torch.device("cpu"):  # exact integer work on the CPU, whatever the ambient default device (meta, cuda)
+        return _build_route_table(route_strategy, vocab_size, num_experts, num_experts_per_tok, layer_idx, route_hash_count)
+
+
+def _build_route_table(route_strategy, vocab_size, num_experts, num_experts_per_tok, layer_idx, route_hash_count):
     vocab_size = _positive_int("vocab_size", vocab_size)
     num_experts = _positive_int("num_experts", num_experts)
     k = _positive_int("num_experts_per_tok", num_experts_per_tok)
@@ -237,33 +245,27 @@ def branch_scale(base: float, first: float | None, last: float | None, layer_idx
     return float(first + (last - first) * layer_idx / (num_layers - 1))
 
 
+def layer_scales(config, layer_idx: int) -> tuple[float, float]:
+    """(s_shared, s_routed) of layer `layer_idx` from a config's `*_output_scale` fields (a
+    `ComplexityConfig`, or anything with those fields and `num_hidden_layers`)."""
+    return tuple(
+        branch_scale(getattr(config, f"{b}_output_scale"), getattr(config, f"{b}_output_scale_first_layer"),
+                     getattr(config, f"{b}_output_scale_last_layer"), layer_idx, config.num_hidden_layers)
+        for b in ("shared", "routed")
+    )
+
+
 # ----------------------------------------------------------------------------- the routed computation
 
 STRATEGIES = ("auto", "dense", "grouped")
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 # "auto" computes every expert densely while that costs at most this many times the FLOPs of the
 # k chosen experts plus the shared expert: the GEMMs then run at full speed with no sort or
-# gather, which beats a grouped GEMM until the wasted columns cost more than the dispatch
-# (measured on an H200 by benchmarks/bench_moe.py).
+# gather, which beats a grouped GEMM until the wasted columns cost more than the dispatch.
 DENSE_MAX_FLOP_RATIO = 1.3
 # From this many rows on, weights are concatenated per call so each projection is one GEMM; below
 # it (decode steps) a GEMM is bound by reading its weights, and a copy of them would cost more
 # than the launches it saves.
 FUSE_MIN_ROWS = 1024
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def grouped_mm_supported(x: torch.Tensor, dtype: torch.dtype, *widths: int) -> bool:
-    """Whether torch has a grouped GEMM for this device, dtype and row widths (16-byte aligned)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    aligned = all(w * size % 16 == 0 for w in widths)
-    return _GROUPED_MM is not None and aligned and (
-        dtype == torch.bfloat16
-        or (x.device.type == "cpu" and dtype in (torch.float32, torch.float16) and not torch.compiler.is_compiling())
-    )
 
 
 def pick_strategy(
@@ -337,18 +339,6 @@ def _dense_all(x, routes, weights, gate_up, down, shared, shared_scale, routed_s
     return F.linear(act, torch.cat([s_down, down_e], dim=1))
 
 
-def sort_by_expert(expert_of_row: torch.Tensor, num_experts: int):
-    """A stable counting sort of rows by expert, without a host sync: (order [A] sorted position ->
-    row, inverse [A] row -> sorted position, offsets [E] int32 cumulative group ends)."""
-    member = torch.arange(num_experts, device=expert_of_row.device).unsqueeze(1) == expert_of_row  # [E, A]
-    counts = member.sum(1)
-    ends = counts.cumsum(0)
-    rank = member.cumsum(1).gather(0, expert_of_row.unsqueeze(0)).squeeze(0)  # 1-based, scanned along A
-    inverse = (ends - counts)[expert_of_row] + rank - 1
-    order = torch.empty_like(inverse).scatter_(0, inverse, torch.arange(inverse.numel(), device=inverse.device))
-    return order, inverse, ends.to(torch.int32)
-
-
 def _sum_slots(rows: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
     """out[n] = sum_j rows[index[n*k + j]]."""
     return rows.index_select(0, index).unflatten(0, (-1, k)).sum(1)
@@ -389,13 +379,13 @@ def _grouped(x, routes, weights, gate_up, down, shared, shared_scale, routed_sca
     projection, the slot weights applied before the down projection, each token's k rows summed
     on the way back; the shared expert as its own dense pass."""
     n, k = routes.shape
-    order, inverse, offsets = sort_by_expert(routes.reshape(-1), gate_up.shape[0])
+    order, inverse, offsets = dispatch_by_expert(routes.reshape(-1), gate_up.shape[0])
     token = order // k
     rows = _Dispatch.apply(x, token, inverse, k)
-    gate, up = _GROUPED_MM(rows, gate_up, offs=offsets).chunk(2, dim=-1)
+    gate, up = grouped_matmul(rows, gate_up, offsets).chunk(2, dim=-1)
     scale = _weight_per_slot([w * routed_scale for w in weights], order % k).unsqueeze(1)
     act = (F.silu(gate) * up * scale).to(x.dtype)
-    out = _Combine.apply(_GROUPED_MM(act, down, offs=offsets), inverse, token, k)
+    out = _Combine.apply(grouped_matmul(act, down, offsets), inverse, token, k)
     if shared is not None:
         out = out + _shared_swiglu(x, shared, float(shared_scale), fuse=n >= FUSE_MIN_ROWS)
     return out
@@ -431,8 +421,8 @@ def hash_routed_mlp(
             f"routes: has shape {list(routes.shape)}, expected [{x.shape[0]}, {len(weights)}] (tokens, len(weights))"
         )
     e, _, w2 = gate_up.shape
-    dtype = _compute_dtype(x)
-    grouped_ok = grouped_mm_supported(x, dtype, x.shape[1], w2, w2 // 2)
+    dtype = compute_dtype(x)
+    grouped_ok = grouped_mm_supported(x.device, dtype, x.shape[1], w2, w2 // 2)
     if strategy == "auto":
         shared_width = shared[0].shape[0] if shared is not None else 0
         strategy = pick_strategy(x.shape[0], e, routes.shape[1], w2 // 2, shared_width, grouped_ok)
@@ -457,9 +447,8 @@ __all__ = [
     "build_route_table",
     "check_route_table",
     "hash_routed_mlp",
+    "layer_scales",
     "pick_strategy",
     "slot_weights",
-    "sort_by_expert",
-    "grouped_mm_supported",
     "token_routes",
 ]

@@ -1,13 +1,14 @@
 """The Complexity architecture as a Hugging Face model.
 
 Reads top to bottom: routing tables, norm, rotary, attention, MLPs (dense / token-routed /
-learned, one interface), mu guidance and INL dynamics, decoder layer, model, causal LM. The
-equations are pure functions in `complexity_math.py` (shared with the vLLM model); how they run
-fast (the RoPE op, fused q/k/v, grouped-GEMM expert dispatch) is in `complexity_kernels.py`.
+learned / hash-routed, one interface), mu guidance and INL dynamics, decoder layer, model, causal
+LM. The equations are pure functions in `complexity_math.py` (shared with the vLLM model); how
+they run fast (the RoPE op, fused q/k/v, grouped-GEMM expert dispatch) is in
+`complexity_kernels.py`; the hash-routed MLP's tables and computation are in `hash_routing.py`.
 The design, with the section numbers cited here, is in the project's docs/architecture.md.
 
-Self-contained (torch, transformers and the three files beside it, imported relatively), so a
-saved checkpoint carries all four for `trust_remote_code=True` loading.
+Self-contained (torch, transformers and the four files beside it, imported relatively), so a
+saved checkpoint carries all five for `trust_remote_code=True` loading.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from .complexity_math import (
     switch_aux_loss,
 )
 from .configuration_complexity import ComplexityConfig
+from .hash_routing import build_route_table, hash_routed_mlp, layer_scales, slot_weights, token_routes
 
 
 # ----------------------------------------------------------------------------- routing tables
@@ -156,8 +158,9 @@ class ComplexityAttention(nn.Module):
         self.o_proj = nn.Linear(q_out, config.hidden_size, bias=False)
         self.o_proj.is_residual_output = True
         if config.use_qk_norm:
-            self.q_norm = ComplexityRMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = ComplexityRMSNorm(self.head_dim, config.rms_norm_eps)
+            eps = config.qk_norm_eps if config.qk_norm_eps is not None else config.rms_norm_eps
+            self.q_norm = ComplexityRMSNorm(self.head_dim, eps)
+            self.k_norm = ComplexityRMSNorm(self.head_dim, eps)
         if with_mu:
             self.mu_to_q = nn.Linear(config.hidden_size, q_out, bias=False)
             self.mu_to_k = nn.Linear(config.hidden_size, kv_out, bias=False)
@@ -210,11 +213,11 @@ class ComplexityAttention(nn.Module):
 class Routing(NamedTuple):
     """What an MLP may route by, beyond its input: built once per forward by the model.
 
-    Every MLP kind is called `mlp(hidden_states, routing) -> (out, aux_loss or None)` and takes
-    what it needs: the dense MLP nothing, the token-routed MLP the table's experts and their
-    dispatch (and, INL, the layer's mu_c), the learned router the padding mask for its
-    load-balancing statistics. A new kind (say, a hash-routed top-k MLP with its own tables)
-    is one class reading `token_ids`, added to `MLP_KINDS`.
+    Every MLP kind is built `kind(config, layer_idx)` and called `mlp(hidden_states, routing) ->
+    (out, aux_loss or None)`, and takes what it needs: the dense MLP nothing, the token-routed
+    MLP the table's experts and their dispatch (and, INL, the layer's mu_c), the learned router
+    the padding mask for its load-balancing statistics, the hash-routed MLP the token ids (its
+    tables are per layer). A new kind is one class, added to `MLP_KINDS`.
     """
 
     token_ids: torch.Tensor | None  # the input ids, shaped like the hidden states without H
@@ -254,7 +257,7 @@ class ComplexityMLP(nn.Module):
 class ComplexityDenseMLP(ComplexityMLP):
     """mlp_type "dense" (§2): one SwiGLU of width I for every token."""
 
-    def __init__(self, config: ComplexityConfig):
+    def __init__(self, config: ComplexityConfig, layer_idx: int):
         super().__init__(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, routing: Routing | None = None):
@@ -294,9 +297,9 @@ class ComplexityTokenRoutedMLP(nn.Module):
     model's table, plus an optional shared expert. With mu_mode "inl" the January design's hard
     override re-routes by mu_c (§3b)."""
 
-    top_k = 1  # experts a token visits
+    num_experts_per_tok = 1  # experts a token visits
 
-    def __init__(self, config: ComplexityConfig):
+    def __init__(self, config: ComplexityConfig, layer_idx: int):
         super().__init__()
         self.num_experts = config.num_experts
         self.experts = ComplexityExperts(config.num_experts, config.hidden_size, config.expert_width)
@@ -320,10 +323,10 @@ class ComplexityLearnedMoE(nn.Module):
     probability-weighted experts, plus an optional shared expert. Returns the Switch
     load-balancing loss over the non-padding tokens."""
 
-    def __init__(self, config: ComplexityConfig):
+    def __init__(self, config: ComplexityConfig, layer_idx: int):
         super().__init__()
         self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
+        self.num_experts_per_tok = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = ComplexityExperts(config.num_experts, config.hidden_size, config.expert_width)
         self.shared_expert = (
@@ -332,7 +335,7 @@ class ComplexityLearnedMoE(nn.Module):
 
     def forward(self, x, routing: Routing | None = None):
         flat = x.reshape(-1, x.shape[-1])
-        probs, weights, experts = learned_topk(linear(flat, self.router), self.top_k)
+        probs, weights, experts = learned_topk(linear(flat, self.router), self.num_experts_per_tok)
         out = mix_topk_experts(self.experts, flat, experts, weights)
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
@@ -340,11 +343,67 @@ class ComplexityLearnedMoE(nn.Module):
         return out.view(x.shape), switch_aux_loss(probs, experts, self.num_experts, token_mask)
 
 
-# config.mlp_type -> the MLP class; each is built from the config and called (hidden_states, routing).
+class ComplexityHashExperts(ComplexityExperts):
+    """The hash-routed MLP's expert bank: the same stacked parameters as `ComplexityExperts`
+    (initialisation, parameter counts and the evaluation's expert-share hooks treat them alike),
+    each row run through its k routed experts (`hash_routed_mlp`)."""
+
+    def forward(self, x, routes, weights, shared=None, shared_scale: float = 1.0, routed_scale: float = 1.0):
+        """x [N, H]; routes [N, k] expert ids; weights: k floats; shared: a `ComplexityMLP` or None."""
+        shared = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight) if shared is not None else None
+        return hash_routed_mlp(x, routes, weights, self.gate_up_proj, self.down_proj, shared, shared_scale, routed_scale)
+
+
+class ComplexityHashRoutedMLP(nn.Module):
+    """mlp_type "hash_routed" (§2e): each token goes to k experts read from this layer's route
+    table by its id (slot 0 the primary), weighted by fixed slot weights, plus an optional shared
+    expert; both branches are multiplied by fixed, per-layer scales:
+
+        out = s_shared(l) Shared(x) + s_routed(l) sum_j w_j Expert_{route_table[j, id]}(x)
+
+    The table ([k, V] int64) is built at initialisation from the config and this layer's index,
+    and is a buffer saved with the weights: a loaded checkpoint always overwrites it (three of
+    the four builders depend on torch's random number generator)."""
+
+    def __init__(self, config: ComplexityConfig, layer_idx: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.num_experts_per_tok = k = config.num_experts_per_tok
+        self.experts = ComplexityHashExperts(config.num_experts, config.hidden_size, config.expert_width)
+        self.shared_expert = (
+            ComplexityMLP(config.hidden_size, config.shared_expert_width) if config.shared_expert else None
+        )
+        # Filled by `_init_weights` (built from the config) or by a checkpoint's table.
+        self.register_buffer("route_table", torch.empty(k, config.vocab_size, dtype=torch.long))
+        self.slot_weights = slot_weights(k, config.route_primary_weight)
+        self.shared_scale, self.routed_scale = layer_scales(config, layer_idx)
+        self.layer_idx = layer_idx
+
+    @staticmethod
+    def build_route_table(config: ComplexityConfig, layer_idx: int) -> torch.Tensor:
+        return build_route_table(
+            config.route_strategy, vocab_size=config.vocab_size, num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok, layer_idx=layer_idx,
+            route_hash_count=config.route_hash_count,
+        )
+
+    def forward(self, x, routing: Routing):
+        flat = x.reshape(-1, x.shape[-1])
+        routes = token_routes(self.route_table, routing.token_ids.reshape(-1))  # [N, k], slot order
+        out = self.experts(flat, routes, self.slot_weights, self.shared_expert, self.shared_scale, self.routed_scale)
+        return out.view(x.shape), None
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_idx}, slot_weights={self.slot_weights}, shared_scale={self.shared_scale}, "
+                f"routed_scale={self.routed_scale}")
+
+
+# config.mlp_type -> the MLP class; each is built (config, layer_idx) and called (hidden_states, routing).
 MLP_KINDS: dict[str, type[nn.Module]] = {
     "dense": ComplexityDenseMLP,
     "token_routed": ComplexityTokenRoutedMLP,
     "learned_moe": ComplexityLearnedMoE,
+    "hash_routed": ComplexityHashRoutedMLP,
 }
 
 
@@ -414,7 +473,7 @@ class ComplexityDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = ComplexityAttention(config, layer_idx, with_mu=layer_takes_mu(config, layer_idx))
         self.input_layernorm = ComplexityRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = ComplexityRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP_KINDS[config.mlp_type](config)
+        self.mlp = MLP_KINDS[config.mlp_type](config, layer_idx)
         self.mu_guidance = ComplexityMuGuidance(config) if layer_gives_mu(config, layer_idx) else None
         self.dynamics = ComplexityINLDynamics(config) if config.mu_mode == "inl" else None
 
@@ -519,6 +578,8 @@ class ComplexityPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.mu_init)
             if module.token_to_expert is not None:
                 init.copy_(module.token_to_expert, default_routing_table(cfg.vocab_size, cfg.num_experts, cfg.routing))
+        elif isinstance(module, ComplexityHashRoutedMLP) and not module.route_table.is_meta:
+            init.copy_(module.route_table, module.build_route_table(cfg, module.layer_idx))
 
 
 class ComplexityModel(ComplexityPreTrainedModel):
@@ -604,10 +665,10 @@ class ComplexityModel(ComplexityPreTrainedModel):
         past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
-        if input_ids is None and self.token_to_expert is not None:
+        if input_ids is None and self.config.mlp_type in ("token_routed", "hash_routed"):
             raise ValueError(
-                "token-routed models need input_ids: each token's expert is chosen from its id, "
-                "so a call with only inputs_embeds cannot be routed"
+                f"{self.config.mlp_type.replace('_', '-')} models need input_ids: each token's experts are chosen "
+                "from its id, so a call with only inputs_embeds cannot be routed"
             )
         if input_ids is not None:
             self._check_token_ids(input_ids)

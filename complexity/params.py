@@ -29,9 +29,9 @@ def count_parameters(model_or_config: ComplexityForCausalLM | ComplexityConfig) 
         model = model_or_config
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     active = total
-    for mlp in model.modules():  # a routed MLP: its expert bank, and `top_k` experts visited per token
+    for mlp in model.modules():  # a routed MLP: its expert bank, and the experts each token visits
         experts = getattr(mlp, "experts", None)
         if isinstance(experts, ComplexityExperts):
             per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
-            active -= (experts.num_experts - mlp.top_k) * per_expert
+            active -= (experts.num_experts - mlp.num_experts_per_tok) * per_expert
     return ParameterCount(total=total, active=active)

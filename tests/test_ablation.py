@@ -89,6 +89,21 @@ def test_arms_match_parameters_at_the_ablation_size():
     assert plans["learned_mu"].model["mlp_type"] == "learned_moe"
 
 
+def test_hash_top2_arm_has_the_references_total_and_active_parameters():
+    """Top-2 hash routing over twice as many half-width experts: a token visits as many expert
+    parameters as a top-1 token of the reference does, so both counts are equal, exactly."""
+    for preset, base in (("tmlr-187m", {}), ("tiny", MODEL)):
+        plans = plan_arms(preset, ["routed_mu", "hash_top2", "learned_mu"], base)
+        ref, hash_arm = plans["routed_mu"], plans["hash_top2"]
+        assert (hash_arm.total, hash_arm.active) == (ref.total, ref.active), preset
+        assert hash_arm.widths == {"expert": ref.widths["expert"] // 2, "experts": 2 * ref.widths["experts"],
+                                   "per_token": 2, "shared": ref.widths["shared"]}
+        assert hash_arm.model["mlp_type"] == "hash_routed" and hash_arm.model["mu_mode"] == "guidance"
+        assert abs(plans["learned_mu"].active - ref.active) / ref.active < 0.01  # the other top-1 arm
+    with pytest.raises(ValueError, match="expert width 15 does not split into 2"):
+        plan_arms("tiny", ["hash_top2"], {**MODEL, "expert_intermediate_size": 15})
+
+
 def test_dry_run_cli(capsys):
     from complexity.cli import main
 
@@ -179,7 +194,7 @@ def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
 
 def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):
     out = tmp_path / "spike"
-    arms = ["dense", "routed"]
+    arms = ["dense", "routed", "hash_top2"]
     res = run_ablation(preset="tiny", data=data_dir, steps=10, out=out, seeds=1, arms=arms,
                        overrides=_overrides(data_dir), spike_step=6, spike_lr_mult=10.0, spike_window=3,
                        progress=False, log=lambda m: None)
@@ -196,6 +211,9 @@ def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):
         assert json.loads((run_dir / "resolved.json").read_text())["spike"]["enabled"] is False
         summary = json.loads((run_dir / "done.json").read_text())["spike"]
         assert summary["injected_at"] == [6] and summary["fault_loss"] == losses[6]
+    shares = json.loads((out / "runs" / "hash_top2-s0" / "done.json").read_text())["expert_shares"]
+    assert len(shares) == 8 and sum(shares) == pytest.approx(1.0, abs=1e-4)  # shares of the 2 routes per token
     text = (out / "results.md").read_text()
+    assert "hash_top2" in _results_rows(text)
     assert "## Spike at step 6" in text
     _assert_png(out / "spike.png")

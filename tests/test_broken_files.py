@@ -120,6 +120,8 @@ def good(tmp_path_factory, tiny_tokenizer) -> dict:
     folders["small-vocab"] = root / "small-vocab"
     model.to(torch.bfloat16).save_pretrained(root / "bf16")
     folders["bf16"] = root / "bf16"
+    tiny_model(vocab_size=VOCAB, mlp_type="hash_routed", num_experts_per_tok=2).save_pretrained(root / "hash")
+    folders["hash"] = root / "hash"
     folders["model"] = tiny_model(vocab_size=VOCAB)
     assert len(list((root / "sharded").glob("model-*.safetensors"))) > 1
     return folders
@@ -194,6 +196,13 @@ CHECKPOINT_CASES = [
         "plain",
         lambda d: _edit_config(d, model_type="tr_hash_moe"),
         ["upstream TR-Hash MoE checkpoint", "complexity convert"],
+        "model",
+    ),
+    (
+        "upstream-trhash-native",
+        "plain",
+        lambda d: _edit_config(d, model_type=_DELETE, mlp_type="tr_hash_engine"),
+        ["an upstream TR-Hash checkpoint (native format)", "complexity convert"],
         "model",
     ),
     (
@@ -362,6 +371,41 @@ CHECKPOINT_CASES = [
         "plain",
         lambda d: _edit_tensors(d, _set("model.token_to_expert", lambda t: t + 4)),
         ["model.token_to_expert holds expert ids in [4, 7], outside [0, num_experts=4)"],
+        "model",
+    ),
+    (
+        "hash-route-table-repeats-an-expert",
+        "hash",
+        lambda d: _edit_tensors(d, _set("model.layers.1.mlp.route_table", lambda t: t[[0, 0]].clone())),
+        ["model.layers.1.mlp.route_table: token 0 repeats an expert across its route slots"],
+        "model",
+    ),
+    (
+        "hash-route-table-out-of-range",
+        "hash",
+        lambda d: _edit_tensors(d, _set("model.layers.0.mlp.route_table", lambda t: t + 4)),
+        ["model.layers.0.mlp.route_table: token 0 is routed to expert(s)", "outside [0, 4) (num_experts)"],
+        "model",
+    ),
+    (
+        "hash-route-table-float",
+        "hash",
+        lambda d: _edit_tensors(d, _set("model.layers.0.mlp.route_table", lambda t: t.float())),
+        ["model.layers.0.mlp.route_table has dtype F32, expected I64"],
+        "model",
+    ),
+    (
+        "hash-route-table-missing",
+        "hash",
+        lambda d: _edit_tensors(d, _drop("model.layers.2.mlp.route_table")),
+        ["missing tensor(s) model.layers.2.mlp.route_table", "mlp_type=hash_routed"],
+        "model",
+    ),
+    (
+        "hash-route-table-one-slot",
+        "hash",
+        lambda d: _edit_tensors(d, _set("model.layers.0.mlp.route_table", lambda t: t[:1].clone())),
+        ["shape mismatch", "model.layers.0.mlp.route_table [1, 512] (expected [2, 512])"],
         "model",
     ),
     (

@@ -36,6 +36,7 @@ VARIANTS = {
     "inl": dict(mu_mode="inl"),
     "sliding_window": dict(sliding_window=6, mu_mode="guidance"),
     "no_qk_norm": dict(use_qk_norm=False),
+    "hash_top2_shared": dict(mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True, routed_output_scale=2.0),
 }
 
 

@@ -129,7 +129,8 @@ def test_save_load_round_trip_is_bitwise(tmp_path, variant):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     # The model file and the files it imports travel with the weights (trust_remote_code).
-    for code in ("modeling_complexity.py", "configuration_complexity.py", "complexity_math.py", "complexity_kernels.py"):
+    for code in ("modeling_complexity.py", "configuration_complexity.py", "complexity_math.py", "complexity_kernels.py",
+                 "hash_routing.py"):
         assert (tmp_path / code).is_file(), code
     reloaded = AutoConfig.from_pretrained(tmp_path).to_diff_dict()
     for key, value in model.config.to_diff_dict().items():
@@ -138,7 +139,7 @@ def test_save_load_round_trip_is_bitwise(tmp_path, variant):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["dense", "routed-shared-mu", "inl", "learned"])
+@pytest.mark.parametrize("name", ["dense", "routed-shared-mu", "inl", "learned", "hash-top2-shared"])
 def test_generate_greedy_equals_argmax_loop(name):
     model = tiny_model(**VARIANTS[name])
     prompt = torch.randint(4, 256, (1, 6), generator=torch.Generator().manual_seed(6))
@@ -525,6 +526,9 @@ def test_known_preset_sizes():
     dense = ComplexityConfig.from_preset("tmlr-187m", mlp_type="dense", mu_mode="none", shared_expert=False, intermediate_size=3242)
     assert count_parameters(dense).total == 187_370_496
     assert round(count_parameters(ComplexityConfig.from_preset("pacific-prime")).total / 1e9, 2) == 1.51
+    # trhash-200m, the shape of upstream's public TR-Hash 200M release: 2 of 4 experts (4 x 64) active
+    trhash = count_parameters(ComplexityConfig.from_preset("trhash-200m"))
+    assert (trhash.total, trhash.active) == (201_194_368, 195_689_344)
 
 
 @pytest.mark.parametrize(
@@ -542,6 +546,20 @@ def test_known_preset_sizes():
         (dict(sliding_window=0), "sliding_window"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(dynamics_alpha=1.5), "dynamics_alpha"),
+        (dict(mlp_type="hash_routed", num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(mlp_type="hash_routed", num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(mlp_type="hash_routed", mu_mode="inl"), "mu_mode"),
+        (dict(route_strategy="zipf"), "route_strategy"),
+        (dict(route_hash_count=9), "route_hash_count"),
+        (dict(route_hash_count=True), "route_hash_count"),
+        (dict(route_primary_weight=1.5), "route_primary_weight"),
+        (dict(routed_output_scale=float("nan")), "routed_output_scale"),
+        (dict(shared_output_scale_last_layer="2"), "shared_output_scale_last_layer"),
+        (dict(qk_norm_eps=0.0), "qk_norm_eps"),
+        (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts=2), "num_experts"),
+        (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts_per_tok=3), "num_experts_per_tok"),
+        (dict(mlp_type="hash_routed", route_strategy="balanced_hash", num_experts=6, num_experts_per_tok=3,
+              intermediate_size=120), "num_experts_per_tok"),
     ],
 )
 def test_invalid_configs_name_the_field(fields, field):
@@ -595,6 +613,11 @@ def test_cli_info_prints_exact_counts(capsys):
     assert '"mlp_type": "dense"' in capsys.readouterr().out
     assert main(["info", "tiny", "num_experts=3"]) == 2
     assert "intermediate_size" in capsys.readouterr().err
+    assert main(["info", "trhash-200m"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp_type = hash_routed" in out and "total 201,194,368" in out and "active per token 195,689,344" in out
+    assert main(["info", "trhash-200m", "route_strategy=learned"]) == 2
+    assert "route_strategy: unknown value 'learned'" in capsys.readouterr().err
 
 
 REMOTE_CODE_SCRIPT = r"""
@@ -627,15 +650,18 @@ print("REMOTE-CODE-OK", type(model).__module__)
 """
 
 
-def test_trust_remote_code_load_without_the_package(tmp_path):
+@pytest.mark.parametrize("name", ["routed-shared-mu", "hash-top2-shared"])
+def test_trust_remote_code_load_without_the_package(tmp_path, name):
     """A saved folder carries its own model code: it loads where `complexity` is not importable."""
     import subprocess
     import sys
 
-    model = tiny_model(**VARIANTS["routed-shared-mu"])
-    model.set_routing_table(torch.randperm(256) % 4)
+    model = tiny_model(**VARIANTS[name])
+    if model.model.token_to_expert is not None:
+        model.set_routing_table(torch.randperm(256) % 4)
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
+    assert (folder / "hash_routing.py").is_file()
     ids = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, folder / "expected.pt")

@@ -96,6 +96,25 @@ def test_completion(client, model, ckpt):
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
 
 
+def test_serves_a_hash_routed_checkpoint(tmp_path):
+    """`complexity serve`'s stack over a top-2 hash-routed model: the greedy completion is the
+    model's own greedy `generate()`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_checkpoint(tmp_path / "hash", mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True,
+                                routed_output_scale=2.0)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with running_server(path, max_batch=4) as (url, _):
+        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "the cat sat on", "max_tokens": 10,
+                                                       "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    ids = torch.tensor([tok("the cat sat on").input_ids])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)[0, ids.shape[1]:]
+    assert r.json()["choices"][0]["text"] == tok.decode([t for t in ref.tolist() if t not in (0, 1)])
+    assert r.json()["usage"]["completion_tokens"] == len([t for t in ref.tolist() if t != 1])
+
+
 def test_chat(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "be brief"},
                                                               {"role": "user", "content": "hello"}],

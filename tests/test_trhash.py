@@ -26,18 +26,17 @@ from complexity.hash_routing import (
     slot_weights,
     token_routes,
 )
-from complexity.integrations.trhash import (
+from complexity.integrations.upstream import UpstreamFormatError, detect_upstream
+from complexity.integrations.upstream.trhash import (
     DEEP,
     HF,
     NATIVE,
-    TRHashFormatError,
-    deep_config,
-    detect_layout,
     fused_route_metadata,
     read_trhash,
     rope_inv_freq,
-    write_deep,
+    trhash_layout,
 )
+from complexity.integrations.upstream.trhash_export import deep_config, write_deep
 
 torch.set_num_threads(2)
 
@@ -413,10 +412,12 @@ def test_bench_moe_correctness_part_runs_on_the_cpu(tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("layout", LAYOUT_NAMES)
 def test_each_layout_is_detected(variant, layout):
-    found = detect_layout(fixture(variant, layout))
-    assert found.layout == layout
+    raw = json.loads((fixture(variant, layout) / "config.json").read_text())
+    assert trhash_layout(raw)[0] == layout
     ckpt = read_trhash(fixture(variant, layout))
-    assert ckpt.layout == layout and ckpt.notes[0].startswith(f"layout: {layout}")
+    assert ckpt.layout == layout and ckpt.notes[0].startswith(f"layout {layout}: config.json has")
+    found = detect_upstream(fixture(variant, layout))  # the converter's one detection path names it
+    assert found.design == f"tr-hash-{layout}" and found.notes[0].startswith(f"TR-Hash MoE, {layout} layout")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -518,7 +519,7 @@ def edited(tmp_path: Path, variant: str, layout: str, *, config=None, weights=No
 
 
 def problems_of(src) -> str:
-    with pytest.raises(TRHashFormatError) as err:
+    with pytest.raises(UpstreamFormatError) as err:
         read_trhash(src)
     return str(err.value)
 
@@ -589,7 +590,7 @@ def test_unsupported_or_invalid_settings_are_refused_by_name(tmp_path, field, va
     layout = HF if field != "mlp_type" else NATIVE
     src = edited(tmp_path, "mh2-top2-shared", HF if layout == HF else NATIVE, config=lambda raw: raw.update({field: value}))
     if field == "mlp_type":
-        with pytest.raises(TRHashFormatError, match="not a TR-Hash layout"):
+        with pytest.raises(UpstreamFormatError, match="none of the TR-Hash layouts"):
             read_trhash(src)
         return
     assert message in problems_of(src)
@@ -610,19 +611,21 @@ def test_broken_folders_say_what_is_missing(tmp_path):
     assert "model_type 'llama'" in msg and "'tr_hash_moe'" in msg
     garbage = edited(tmp_path / "d", v, NATIVE)
     (garbage / "config.json").write_text("{not json")
-    assert "config.json is not valid JSON" in problems_of(garbage)
+    assert "config.json: not valid JSON" in problems_of(garbage)
     (garbage / "config.json").write_text("[1, 2]")
-    assert "config.json must hold a JSON object, got a list" in problems_of(garbage)
+    assert "config.json: not a JSON object" in problems_of(garbage)
     assert "no config.json" in problems_of(edited(tmp_path / "e", v, NATIVE, drop_config=True))
     no_weights = edited(tmp_path / "f", v, NATIVE)
     (no_weights / "model.safetensors").unlink()
-    assert "no model.safetensors" in problems_of(no_weights)
+    assert "no weights: none of model.safetensors" in problems_of(no_weights)
     corrupt = edited(tmp_path / "g", v, NATIVE)
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
     assert "truncated or corrupt safetensors" in problems_of(corrupt)
     neither = edited(tmp_path / "h", v, NATIVE, config=lambda raw: raw.pop("mlp_type"))
-    assert "has no model_type" in problems_of(neither) and "mlp_type is None" in problems_of(neither)
-    assert "this project's own format" in problems_of(edited(tmp_path / "i", v, HF, config=lambda raw: raw.update(model_type="complexity")))
+    assert "none of the TR-Hash layouts" in problems_of(neither) and "mlp_type None" in problems_of(neither)
+    ours = edited(tmp_path / "i", v, HF, config=lambda raw: raw.update(model_type="complexity"))
+    with pytest.raises(UpstreamFormatError, match="this project's own format"):
+        detect_upstream(ours)
     assert "not a folder" in problems_of(tmp_path / "nowhere")
 
 
@@ -742,3 +745,224 @@ def test_a_top1_variant_with_empty_kernel_metadata_reads(tmp_path):
     ckpt = read_trhash(edited(tmp_path, "mh2-top2-shared", NATIVE, config=top1, weights=slot0))
     assert ckpt.config.num_experts_per_tok == 1 and ckpt.config.slot_weights == (1.0,)
     assert ckpt.tensors["layers.0.mlp.route_table"].shape == (1, 512)
+
+
+# ----------------------------------------------------------------------------- conversion to our model and back
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(variant, layout) -> our folder converted from that fixture folder, built once."""
+    from complexity.integrations.upstream import convert_upstream
+
+    root, cache = tmp_path_factory.mktemp("converted"), {}
+
+    def get(variant, layout):
+        if (variant, layout) not in cache:
+            dst = root / f"{variant}-{layout}"
+            cache[variant, layout] = (convert_upstream(fixture(variant, layout), dst), dst)
+        return cache[variant, layout]
+
+    return get
+
+
+def _load_ours(folder):
+    from complexity.checkpoint_folder import load_checkpoint_folder
+
+    model, tokenizer = load_checkpoint_folder(folder, dtype=torch.float32, tokenizer=False)
+    return model
+
+
+def _all_states(model, ids):
+    """(logits, [embedding, each block's output], last hidden state after the final norm)."""
+    blocks = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: blocks.append(out[0])) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            out = model(ids, use_cache=False, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.logits, torch.stack([out.hidden_states[0], *blocks]), out.hidden_states[-1]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_converted_model_reproduces_upstreams_references(converted, variant, layout):
+    """fp32 logits and hidden states within 1e-4, routes and greedy tokens identical, the padded
+    batch identical to the unpadded greedy: for every layout of both published fixtures."""
+    report, dst = converted(variant, layout)
+    assert report.design == f"tr-hash-{layout}" and str(report).startswith(f"detected: TR-Hash MoE, {layout} layout")
+    ref = reference(variant)
+    model = _load_ours(dst)
+    assert model.config.mlp_type == "hash_routed" and model.config.mu_mode == "none"
+    logits, states, last = _all_states(model, ref["input_ids"])
+    torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(states, ref["hidden_states"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last, ref["last_hidden_state"], atol=1e-4, rtol=1e-4)
+    for i, layer in enumerate(model.model.layers):
+        assert torch.equal(token_routes(layer.mlp.route_table, ref["input_ids"]).permute(2, 0, 1), ref["routes"][i])
+    n = ref["greedy_tokens"].shape[1]
+    with torch.no_grad():
+        greedy = model.generate(ref["greedy_prompt_ids"], max_new_tokens=n, do_sample=False, eos_token_id=None)
+        padded = model.generate(ref["padded_prompt_ids"], attention_mask=ref["padded_attention_mask"],
+                                max_new_tokens=n, do_sample=False, eos_token_id=None)
+    assert torch.equal(greedy[:, -n:], ref["greedy_tokens"])
+    assert torch.equal(padded[:, -n:], ref["padded_greedy_tokens"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_converted_model_keeps_the_architectural_top_k_out_of_generation(converted, variant):
+    _, dst = converted(variant, HF)  # the hf bundle's config.json holds top_k: 2
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert "top_k" not in generation and "do_sample" not in generation
+    config = json.loads((dst / "config.json").read_text())
+    assert "top_k" not in config and config["num_experts_per_tok"] == 2
+    assert _load_ours(dst).generation_config.top_k in (None, 50)  # transformers' default, not the k of the routing
+
+
+def test_engine_decodes_a_converted_model_like_upstream(converted):
+    from complexity.inference import Engine, SamplingParams
+
+    ref = reference("mh2-top2-shared")
+    model = _load_ours(converted("mh2-top2-shared", DEEP)[1])
+    n = ref["greedy_tokens"].shape[1]
+    prompts = ref["greedy_prompt_ids"].tolist() + [row[row != 1].tolist() for row in ref["padded_prompt_ids"][1:]]
+    outs = Engine(model, max_batch=4, max_seq_len=64).generate(
+        prompts, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == ref["greedy_tokens"].tolist() + ref["padded_greedy_tokens"][1:].tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_round_trip_convert_save_load_export_deep_convert(converted, tmp_path, variant):
+    """convert -> our folder -> load -> export deep -> convert again: the same logits, bit for bit
+    (fp32 throughout), and the deep export reads back as the fixture's own neutral description."""
+    from complexity.integrations.upstream import convert_upstream, export_deep
+
+    _, ours = converted(variant, NATIVE)
+    deep = export_deep(ours, tmp_path / "deep", dtype="float32")
+    again = tmp_path / "again"
+    convert_upstream(deep, again)
+    ref = reference(variant)
+    with torch.no_grad():
+        first = _load_ours(ours)(ref["input_ids"]).logits
+        second = _load_ours(again)(ref["input_ids"]).logits
+    assert torch.equal(first, second)
+    back, original = read_trhash(deep), read_trhash(fixture(variant, DEEP))
+    assert back.config == original.config
+    assert all(torch.equal(back.tensors[k], original.tensors[k]) for k in original.tensors)
+
+
+def test_our_own_hash_routed_model_exports_to_deep_and_comes_back(tmp_path):
+    """A hash_routed model trained here (tables rebuilt from its config, then a custom one
+    installed) goes to upstream's deep layout and back unchanged; what the deep layout cannot
+    say is refused by name and leaves nothing behind."""
+    from complexity import ComplexityConfig, ComplexityForCausalLM
+    from complexity.integrations.upstream import convert_upstream, export_deep
+
+    config = ComplexityConfig(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, mlp_type="hash_routed",
+                              num_experts_per_tok=2, route_strategy="hierarchical_hash", route_primary_weight=0.6,
+                              shared_expert=True, shared_expert_intermediate_size=48, routed_output_scale=1.5)
+    torch.manual_seed(0)
+    model = ComplexityForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        model.model.layers[1].mlp.route_table.copy_(model.model.layers[1].mlp.route_table.flip(0))
+    model.save_pretrained(tmp_path / "ours")
+    deep = export_deep(tmp_path / "ours", tmp_path / "deep", dtype="float32")
+    raw = json.loads((deep / "config.json").read_text())
+    assert raw["routing_strategy"] == "token_id_hierarchical_hash" and raw["top_k_primary_weight"] == 0.6
+    report = convert_upstream(deep, tmp_path / "back")
+    assert any("differ from a rebuild" in n for n in report.notes)  # the custom table: kept, not rebuilt
+    back = _load_ours(tmp_path / "back")
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    assert torch.equal(back.model.layers[1].mlp.route_table, model.model.layers[1].mlp.route_table)
+
+    for name, overrides in (("mu_mode", dict(mu_mode="guidance")), ("qk_norm_eps", dict(qk_norm_eps=1e-5)),
+                            ("routed_output_scale_first_layer", dict(routed_output_scale_first_layer=1.0,
+                                                                             routed_output_scale_last_layer=3.0))):
+        folder = tmp_path / f"refused-{name}"
+        ComplexityForCausalLM(ComplexityConfig(**{**config.to_diff_dict(), **overrides})).save_pretrained(folder)
+        with pytest.raises(ValueError, match=rf"^{name}"):
+            export_deep(folder, tmp_path / f"never-{name}")
+        assert not (tmp_path / f"never-{name}").exists()
+
+
+def test_cli_converts_each_layout_and_exports_deep(tmp_path, capsys):
+    from complexity.cli import main
+
+    assert main(["convert", str(fixture("bal-top2-e8-noshared", HF)), str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "detected: TR-Hash MoE, hf layout" in out and "config.json has model_type 'tr_hash_moe'" in out
+    assert "hash routing top-2 (balanced_hash, slot weights 0.7, 0.3)" in out
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "deep"), "--to", "deep", "--dtype", "float32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert detect_upstream(tmp_path / "deep").design == "tr-hash-deep"
+    # upstream's native/hf layouts straight to deep, as upstream's own exporter does
+    assert main(["convert", str(fixture("bal-top2-e8-noshared", NATIVE)), str(tmp_path / "x"), "--to", "deep",
+                 "--dtype", "float32"]) == 0
+    ours, theirs = load_file(tmp_path / "x" / "model.safetensors"), load_file(fixture("bal-top2-e8-noshared", DEEP) / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "y"), "--to", "deep", "--dry-run"]) == 2
+    assert "--to deep" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+    routed = tmp_path / "routed"
+    from complexity import ComplexityConfig, ComplexityForCausalLM
+
+    ComplexityForCausalLM(ComplexityConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1)).save_pretrained(routed)
+    assert main(["convert", str(routed), str(tmp_path / "z"), "--to", "deep"]) == 2
+    assert "mlp_type: is 'token_routed'; only hash_routed models" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+
+
+# ----------------------------------------------------------------------------- the model's own contract
+
+
+@pytest.mark.parametrize("name", ["hash-top2-shared", "hash-top2-mu"])
+def test_multi_token_chunks_on_a_cache_equal_the_full_pass(name):
+    """Upstream attends a chunk of several new tokens on a cache without a causal mask; ours is
+    the full pass, chunk after chunk, and left padding changes nothing either."""
+    from conftest import VARIANTS as MODEL_VARIANTS
+    from conftest import tiny_model
+
+    model = tiny_model(**MODEL_VARIANTS[name])
+    ids = torch.randint(4, 256, (2, 15), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(ids).logits
+        first = model(ids[:, :5], use_cache=True)
+        chunk = model(ids[:, 5:11], past_key_values=first.past_key_values, use_cache=True)
+        last = model(ids[:, 11:], past_key_values=chunk.past_key_values, use_cache=True)
+        torch.testing.assert_close(torch.cat([first.logits, chunk.logits, last.logits], 1), full, atol=1e-5, rtol=0)
+        padded = torch.cat([torch.full((2, 3), 1), ids], 1)
+        mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+        out = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        torch.testing.assert_close(out[:, 3:], full, atol=1e-5, rtol=0)
+
+
+def test_hash_routed_model_routes_by_each_layers_table():
+    """The model's MLP is `hash_routed_mlp` over its own layer's table: a float64 token loop over
+    the layer's weights gives its output, and another layer's table would not."""
+    from conftest import VARIANTS as MODEL_VARIANTS
+    from conftest import tiny_model
+
+    from complexity.modeling_complexity import Routing
+
+    model = tiny_model(**MODEL_VARIANTS["hash-top2-shared"])
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(9))
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(10))
+    for layer in (0, 2):
+        mlp = model.model.layers[layer].mlp
+        with torch.no_grad():
+            out, aux = mlp(x, Routing(ids))
+        shared = (mlp.shared_expert.gate_proj.weight, mlp.shared_expert.up_proj.weight, mlp.shared_expert.down_proj.weight)
+        routes = token_routes(mlp.route_table, ids.reshape(-1))
+        want = loop_reference(x.reshape(-1, 64), routes, (0.7, 0.3), mlp.experts.gate_up_proj, mlp.experts.down_proj,
+                              shared, 1.0, 2.0)
+        assert aux is None and rel(out.reshape(-1, 64), want) < 1e-5
+        assert not torch.equal(mlp.route_table, model.model.layers[1].mlp.route_table)

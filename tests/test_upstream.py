@@ -206,8 +206,11 @@ def test_dtype_option_and_tokenizer_files_copied(tmp_path):
     src = make_source(tmp_path, MU_DIR)
     (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>"}))
+    # without tokenizer.json these are no tokenizer (a folder holding them alone would not load)
+    assert convert_upstream(src, tmp_path / "no-tokenizer", dtype="bfloat16").copied_files == []
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
     report = convert_upstream(src, tmp_path / "dst", dtype="bfloat16")
-    assert report.copied_files == ["tokenizer_config.json", "special_tokens_map.json"]
+    assert report.copied_files == ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     assert (tmp_path / "dst" / "tokenizer_config.json").is_file()
     model = ComplexityForCausalLM.from_pretrained(tmp_path / "dst")
     assert model.dtype == torch.bfloat16 and model.model.token_to_expert.dtype == torch.long

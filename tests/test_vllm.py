@@ -8,7 +8,7 @@ Each variant gets one tiny random checkpoint (vocab 512, hidden 128, 3 layers, 4
 heads, 4 experts; head_dim 32 because vLLM's CPU attention has no kernel for 16) with weights
 redrawn at trained-like magnitudes (so every component moves the logits, the INL mu router
 overrides some routes and greedy decoding does not just echo the prompt) plus a byte-level BPE
-tokenizer, and one `vllm.LLM` reused by that variant's tests. The guidance and INL variants run
+tokenizer, and one `vllm.LLM` reused by that variant's tests. The guidance, INL and hash-routed variants run
 with vLLM's torch.compile (as deployed; INL's layers hand mu_c to the MLP's override inside the
 compiled graph); the others run eager (`enforce_eager=True`) to keep the suite's runtime down.
 Everything is float32 on CPU.
@@ -34,7 +34,6 @@ import vllm  # noqa: F401  (no importorskip: a missing vLLM must fail this modul
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM
 
 pytestmark = pytest.mark.vllm
@@ -55,8 +54,12 @@ VARIANTS = {
     # a sliding window (8) shorter than most prompts
     "learned_moe": dict(mlp_type="learned_moe", num_experts_per_tok=2, shared_expert=True, mu_mode="none",
                         tie_word_embeddings=False, sliding_window=8),
+    # top-2 hash routing in the upstream TR-Hash form (unequal slot weights, shared expert, routed
+    # branch x2) with a layer's route table replaced after init: vLLM must load it, not rebuild it
+    "hash_routed": dict(mlp_type="hash_routed", num_experts_per_tok=2, route_primary_weight=0.7, shared_expert=True,
+                        routed_output_scale=2.0, shared_output_scale_last_layer=0.5, tie_word_embeddings=True),
 }
-COMPILED = {"routed_shared_guidance", "inl"}
+COMPILED = {"routed_shared_guidance", "inl", "hash_routed"}
 
 # Prompts of very different lengths (1 to 60 tokens), run as one batch.
 PROMPTS = [
@@ -122,6 +125,9 @@ def build_checkpoint(path, seed: int = 0, **overrides) -> ComplexityForCausalLM:
                 p.copy_(gain * noise / math.sqrt(fan_in))
         if model.model.token_to_expert is not None:
             model.set_routing_table(torch.randint(0, config.num_experts, (config.vocab_size,), generator=g))
+        if config.mlp_type == "hash_routed":
+            table = model.model.layers[1].mlp.route_table
+            table.copy_(table.flip(0))  # secondary first: a rebuilt table would route differently
     model.save_pretrained(path)
     write_tokenizer(path)
     return model

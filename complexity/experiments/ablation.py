@@ -7,7 +7,9 @@ Arms (model fields set on top of the preset and the recipe's own model overrides
     routed       (3) as (2) without mu                                    experts widened to match
     learned_mu   (4) learned top-1 router + shared expert + mu guidance (+ Switch aux loss)
     extras:      routed_mu_modulo, routed_mu_range (routing tables), inl (the INL design of docs/architecture.md §3b:
-                 token_routed by modulo, no shared expert, velocity/controller dynamics)
+                 token_routed by modulo, no shared expert, velocity/controller dynamics),
+                 hash_top2 (top-2 hash routing over twice as many half-width experts, + shared
+                 expert + mu guidance: equal total AND equal active parameters to (2))
 
 **Parameter matching.** The target is the live total (`complexity.count_parameters`: tied
 embedding once, no dead weights) of the reference arm (2). Every other arm solves its MLP width
@@ -15,7 +17,10 @@ so that its own live total is as close as possible: the dense arm its `intermedi
 routed arm its expert width (`expert_intermediate_size`) together with the shared expert's
 width (`shared_expert_intermediate_size`, which fine-tunes what the coarser expert step cannot).
 A count is affine in each width, so the solver measures the slopes on meta-device models and
-rounds. Expert widths are always multiples of 8 (the grouped GEMMs need 16-byte row strides,
+rounds. The hash_top2 arm is not solved but derived: each of the reference's experts is split in
+two (2E experts of width I_e / 2, the shared expert unchanged), so with k = 2 a token visits the
+same number of expert parameters as a top-1 token visits in (2): its total and its active count
+both equal the reference's, exactly. Expert widths are always multiples of 8 (the grouped GEMMs need 16-byte row strides,
 in bf16 and fp32 alike); the dense and shared-expert widths are multiples of 8 when that matches
 within `PRECISION` (0.1%), otherwise their alignment drops to 4, 2, 1. An arm whose
 relative mismatch exceeds the tolerance (default 0.5%) is an error. Total and active-per-token
@@ -66,7 +71,7 @@ class Arm:
     name: str
     label: str
     model: dict
-    widen: str | None  # None (the reference), "dense" or "experts"
+    widen: str | None  # None (the reference), "dense", "experts" or "split" (the reference's experts, split)
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
@@ -84,6 +89,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
         dict(mlp_type="token_routed", shared_expert=True, routing="range", mu_mode="guidance"), "experts"),
     Arm("inl", "(5) INL design: token-routed by modulo, no shared expert, INL dynamics",
         dict(mlp_type="token_routed", shared_expert=False, routing="modulo", mu_mode="inl"), "experts"),
+    Arm("hash_top2", "(6) top-2 hash routing over 2E half-width experts + shared + mu guidance",
+        dict(mlp_type="hash_routed", num_experts_per_tok=2, route_strategy="multi_hash", shared_expert=True,
+             mu_mode="guidance"), "split"),
 )}
 DEFAULT_ARMS = ("dense", "routed_mu", "routed", "learned_mu")
 
@@ -147,6 +155,8 @@ def _widths(config: ComplexityConfig) -> dict:
     if config.mlp_type == "dense":
         return {"intermediate": config.intermediate_size}
     w = {"expert": config.expert_width, "experts": config.num_experts}
+    if config.num_experts_per_tok > 1 and config.mlp_type != "token_routed":
+        w["per_token"] = config.num_experts_per_tok
     if config.shared_expert:
         w["shared"] = config.shared_expert_width
     return w
@@ -203,6 +213,18 @@ def _solve_experts(preset: str, fields: dict, target: int, align: int) -> dict:
     return out
 
 
+def _split_experts(reference: ComplexityConfig, k: int) -> dict:
+    """The reference's experts split k ways: k E experts of width I_e / k, the shared expert as
+    the reference's. With k routes per token, total and active counts are the reference's."""
+    if reference.expert_width % k:
+        raise ValueError(f"arm hash_top2: the reference's expert width {reference.expert_width} does not split into "
+                         f"{k} equal experts (set expert_intermediate_size to a multiple of {k})")
+    out = {"num_experts": reference.num_experts * k, "expert_intermediate_size": reference.expert_width // k}
+    if reference.shared_expert:
+        out["shared_expert_intermediate_size"] = reference.shared_expert_width
+    return out
+
+
 def plan_arms(preset: str, arms: Iterable[str] = DEFAULT_ARMS, base_overrides: dict | None = None,
               tolerance: float = TOLERANCE) -> dict[str, ArmPlan]:
     """The arms' model overrides with live totals matched to the reference arm (2)'s.
@@ -223,7 +245,11 @@ def plan_arms(preset: str, arms: Iterable[str] = DEFAULT_ARMS, base_overrides: d
         arm = ARMS[name]
         fields = {**base, **arm.model}
         align = None
-        if arm.widen is not None:
+        if arm.widen == "split":
+            for k in _WIDTH_FIELDS[1:]:
+                fields.pop(k, None)
+            fields.update(_split_experts(_config(preset, ref_fields), fields["num_experts_per_tok"]))
+        elif arm.widen is not None:
             for k in _WIDTH_FIELDS:
                 if k != "intermediate_size":
                     fields.pop(k, None)

@@ -311,7 +311,10 @@ def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: in
     model.eval()
     banks = [m for m in model.modules() if isinstance(m, ComplexityExperts)]
     captured = []
-    handle = banks[-1].register_forward_pre_hook(lambda mod, args: captured.append(args[1].detach().reshape(-1)))
+    # the expert of each token: a routed bank gets one id per row; the hash-routed bank gets each
+    # token's k routes, of which the primary (slot 0) colours the token
+    handle = banks[-1].register_forward_pre_hook(
+        lambda mod, args: captured.append((args[1][:, 0] if args[1].dim() == 2 else args[1]).detach().reshape(-1)))
     batch_size = max(1, min(4, -(-n_tokens // seq_len)))
     loader = EvalLoader(data, batch_size=batch_size, seq_len=seq_len, split="val", vocab_size=model.config.vocab_size)
     ids_all, hid_all, emb_all = [], [], []

@@ -16,6 +16,9 @@ VARIANTS = {
     "inl": dict(mu_mode="inl"),
     "guidance_sliding_shared": dict(mu_mode="guidance", sliding_window=24, shared_expert=True),
     "learned_moe": dict(mlp_type="learned_moe"),
+    # the trhash-200m MLP shape family: top-2 hash routing beside a wide shared expert
+    "hash_top2_shared": dict(mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True,
+                             shared_expert_intermediate_size=704, routed_output_scale=2.0),
 }
 
 

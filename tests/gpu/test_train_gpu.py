@@ -128,8 +128,9 @@ def test_compile_mode_and_scope_match_eager(data, mode, scope, accum):
         {"model.mu_mode": "inl", "model.shared_expert": False, "model.routing": "modulo"},
         {"model.mlp_type": "learned_moe", "model.num_experts_per_tok": 1},
         {"model.sliding_window": 16},
+        {"model.mlp_type": "hash_routed", "model.num_experts_per_tok": 2, "model.routed_output_scale": 2.0},
     ],
-    ids=["dense", "inl", "learned_moe", "sliding_window"],
+    ids=["dense", "inl", "learned_moe", "sliding_window", "hash_routed"],
 )
 def test_cuda_graphs_with_accumulation_for_every_model_variant(data, variant):
     """The automatic setting (whole model, CUDA graphs) on the other architectures the ablation

@@ -1,11 +1,13 @@
-"""Load checkpoints written by upstream complexity-deep, exactly, and convert them to our format.
+"""Load checkpoints written by upstream (complexity-deep 0.13 and 1.0, TR-Hash MoE in its native,
+hf and deep layouts), exactly, and convert them to our format; write TR-Hash's deep export back.
 
-    >>> from complexity.integrations.upstream import convert_upstream
+    >>> from complexity.integrations.upstream import convert_upstream, export_deep
     >>> report = convert_upstream("pacific-prime/", "pacific-prime-hf/")
     >>> print(report)
+    >>> export_deep("trhash-hf-ours/", "trhash-deep/")     # for upstream's vLLM engine
 
-The package, in the order a conversion runs (docs/architecture.md §6 describes the layouts,
-docs/convert.md the command):
+The package, in the order a conversion runs (docs/architecture.md §6 and §2e describe the
+layouts, docs/convert.md the command):
 
 - `readers`  config.json and the weights: safetensors (single or sharded), ``.pt`` /
              ``pytorch_model.bin`` read with ``weights_only=True``, training-checkpoint wrappers.
@@ -14,9 +16,13 @@ docs/convert.md the command):
              from the names, the mapping both ways (`UpstreamStateDictAdapter`), why each
              dropped key is unused, and what the weights say about the config.
 - `config`   upstream config.json fields -> `ComplexityConfig` arguments.
-- `detect`   `detect_upstream`: the short checks, in order, collecting every problem.
+- `trhash`   TR-Hash MoE: its three layouts, told apart by config.json, read into one neutral
+             description (`read_trhash`), mapped onto our `hash_routed` model and back.
+- `detect`   `detect_upstream`: one detection path for every format (it names the design or the
+             layout found and why), the short checks, in order, collecting every problem.
 - `convert`  `load_upstream`, `inspect_upstream`, `convert_upstream`: build the model, write the
              folder atomically, load it back and compare.
+- `trhash_export`  `export_deep`: one of our hash_routed folders as TR-Hash's deep layout.
 
 Another upstream format is added beside these: its name in `formats`, a key adapter and config
 translation of its own (new modules when its names have nothing in common with these), and a
@@ -25,21 +31,30 @@ branch in `detect`; `readers` and `convert` serve every format unchanged.
 
 from .convert import ConversionReport, convert_upstream, inspect_upstream, load_upstream
 from .detect import UpstreamCheckpoint, detect_upstream
-from .formats import DESIGNS, INL, MU_GUIDANCE, UpstreamFormatError
+from .formats import DESIGNS, INL, MU_GUIDANCE, TRHASH_DEEP, TRHASH_HF, TRHASH_NATIVE, UpstreamFormatError
 from .keys import UpstreamStateDictAdapter, detect_design, normalize_keys
+from .trhash import TRHashStateDictAdapter, read_trhash
+from .trhash_export import export_deep, write_deep
 
 __all__ = [
     "DESIGNS",
     "INL",
     "MU_GUIDANCE",
+    "TRHASH_DEEP",
+    "TRHASH_HF",
+    "TRHASH_NATIVE",
     "ConversionReport",
+    "TRHashStateDictAdapter",
     "UpstreamCheckpoint",
     "UpstreamFormatError",
     "UpstreamStateDictAdapter",
     "convert_upstream",
     "detect_design",
     "detect_upstream",
+    "export_deep",
     "inspect_upstream",
     "load_upstream",
     "normalize_keys",
+    "read_trhash",
+    "write_deep",
 ]

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from ...configuration_complexity import ComplexityConfig
+from ...hash_routing import slot_weights
 from ...modeling_complexity import ComplexityForCausalLM
 from ...params import ParameterCount, count_parameters
 from ...runtime import hf_progress_bars_off, parse_dtype
 from .detect import UpstreamCheckpoint, detect_upstream
-from .formats import DESIGNS, UpstreamFormatError
-from .keys import UpstreamStateDictAdapter
+from .formats import UpstreamFormatError
 from .readers import TOKENIZER_FILES
 
 
@@ -42,13 +42,13 @@ class ConversionReport:
     def __str__(self) -> str:
         c = self.config
         lines = [
-            f"detected: {DESIGNS[self.design]}",
+            f"detected: {self.notes[0]}",
             f"  source: {self.weights_file}",
             *(f"  {n}" for n in self.notes[1:]),
             f"  config: vocab {c.vocab_size}, hidden {c.hidden_size}, layers {c.num_hidden_layers}, "
             f"heads {c.num_attention_heads} (kv {c.num_key_value_heads}), experts {c.num_experts} x {c.expert_width}"
             + (f", shared expert {c.shared_expert_width}" if c.shared_expert else "")
-            + f", mu_mode {c.mu_mode}, routing {c.routing}, qk_norm {c.use_qk_norm}, "
+            + f", mu_mode {c.mu_mode}, {_routing(c)}, qk_norm {c.use_qk_norm}, "
             f"tie_word_embeddings {c.tie_word_embeddings}, dtype {self.dtype}",
             f"  mapped {self.mapped} tensor(s); dropped {len(self.dropped)}:",
         ]
@@ -68,13 +68,22 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _routing(c: ComplexityConfig) -> str:
+    if c.mlp_type != "hash_routed":
+        return f"routing {c.routing}"
+    return (
+        f"hash routing top-{c.num_experts_per_tok} ({c.route_strategy}, slot weights "
+        f"{', '.join(f'{w:g}' for w in slot_weights(c.num_experts_per_tok, c.route_primary_weight))})"
+    )
+
+
 def load_upstream(src, *, dtype=None) -> tuple[ComplexityForCausalLM, UpstreamCheckpoint, list[tuple[str, str]]]:
     """An upstream checkpoint as a ready `ComplexityForCausalLM` (eval mode), with the detection
     result and the dropped keys. Strict: every parameter and buffer comes from the file.
     `dtype` (a name or torch.dtype) casts the floating tensors; None keeps the file's."""
     dtype = None if dtype is None else parse_dtype(dtype)
     ckpt = detect_upstream(src)
-    adapter = UpstreamStateDictAdapter(ckpt.design, ckpt.config)
+    adapter = ckpt.adapter()
     sd = adapter.to_complexity(ckpt.state_dict)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -103,7 +112,8 @@ def inspect_upstream(src, *, dtype=None) -> ConversionReport:
 
 
 def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: bool = True) -> ConversionReport:
-    """Convert an upstream complexity-deep checkpoint folder SRC into our Hugging Face folder DST.
+    """Convert an upstream checkpoint folder SRC (complexity-deep 0.13 / 1.0, or TR-Hash MoE in any
+    of its three layouts) into our Hugging Face folder DST.
 
     DST is written into a temporary folder beside it and renamed at the end, so a failure leaves
     no DST behind. An existing non-empty DST is refused unless ``overwrite``. With ``verify`` the
@@ -120,11 +130,7 @@ def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: b
     try:
         with hf_progress_bars_off():
             model.save_pretrained(tmp, safe_serialization=True)
-        copied = []
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-                copied.append(name)
+        copied = _copy_tokenizer(src, tmp)
         if verify:
             _verify_written(tmp, model)
         if dst.exists():
@@ -139,6 +145,20 @@ def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: b
                 break
         raise
     return _make_report(model, ckpt, dropped, dst, copied, counts)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy SRC's tokenizer files, when SRC has a tokenizer: a tokenizer_config.json alone (an
+    upstream hf bundle carries one with the special-token ids only) is no tokenizer, and a folder
+    holding it without tokenizer.json would not load."""
+    if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:

@@ -21,7 +21,9 @@ velocity and the INL mu highway sum between stages as intermediate tensors.
 Routing: `expert = token_to_expert[input_ids]` is computed inside the forward from the ids of the
 step (a buffer loaded from the checkpoint), so it is traced as an indexing op by torch.compile
 and replays correctly under CUDA graphs; the tokens are grouped by expert once per forward, for
-every layer (`Routing.for_tokens`).
+every layer (`Routing.for_tokens`). The hash-routed MLP (docs/architecture.md §2e) reads its
+layer's [k, V] route table the same way, and runs `hash_routed_mlp` (the HF model's function) on
+its rank's slice of every expert's width, the shared expert beside it, one all-reduce for both.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from complexity.complexity_math import (
     next_layer_mu,
 )
 from complexity.configuration_complexity import ComplexityConfig
+from complexity.hash_routing import hash_routed_mlp, layer_scales, slot_weights, token_routes
 from complexity.modeling_complexity import (
     ComplexityExperts,
     ComplexityINLDynamics,
@@ -220,11 +223,46 @@ class ComplexityLearnedMoE(nn.Module):
         return out, None
 
 
+class ComplexityHashRoutedMLP(nn.Module):
+    """Top-k hash routing (docs/architecture.md §2e): each token through the k experts its id
+    reads from this layer's route table, with fixed slot weights, plus the shared expert; both
+    branches scaled by the layer's fixed scales. Tensor parallel like the token-routed MLP: each
+    rank holds a slice of every expert's width (a SwiGLU is separable over its width, so the
+    slices' outputs sum to the whole), the shared expert is a Merged/RowParallel SwiGLU, and the
+    two partial sums are all-reduced once."""
+
+    def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        layer_idx = int(prefix.split(".")[-2])  # "...layers.{i}.mlp"
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.experts = ComplexityParallelExperts(config.num_experts, config.hidden_size, config.expert_width)
+        self.shared_expert = (
+            ComplexityMLP(config.hidden_size, config.shared_expert_width, quant_config,
+                          reduce_results=False, prefix=f"{prefix}.shared_expert")
+            if config.shared_expert else None
+        )
+        # Always overwritten by the checkpoint's table (`load_weights` requires it).
+        self.register_buffer("route_table", torch.zeros(config.num_experts_per_tok, config.vocab_size, dtype=torch.long))
+        self.slot_weights = slot_weights(config.num_experts_per_tok, config.route_primary_weight)
+        self.shared_scale, self.routed_scale = layer_scales(config, layer_idx)
+
+    def forward(self, x: torch.Tensor, routing: Routing):
+        routes = token_routes(self.route_table, routing.token_ids)
+        out = hash_routed_mlp(x, routes, self.slot_weights, self.experts.gate_up_proj, self.experts.down_proj,
+                              routed_scale=self.routed_scale)
+        if self.shared_expert is not None:
+            out = out + self.shared_scale * self.shared_expert(x)
+        if self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out, None
+
+
 # config.mlp_type -> the MLP class; each is built from (config, quant_config, prefix).
 MLP_KINDS: dict[str, type[nn.Module]] = {
     "dense": ComplexityDenseMLP,
     "token_routed": ComplexityTokenRoutedMLP,
     "learned_moe": ComplexityLearnedMoE,
+    "hash_routed": ComplexityHashRoutedMLP,
 }
 
 
@@ -271,8 +309,9 @@ class ComplexityAttention(nn.Module):
         )
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            eps = config.qk_norm_eps if config.qk_norm_eps is not None else config.rms_norm_eps
+            self.q_norm = RMSNorm(self.head_dim, eps=eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=eps)
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
@@ -410,9 +449,9 @@ class ComplexityModel(nn.Module):
                 velocity = intermediate_tensors["velocity"]
                 mu_sum = intermediate_tensors["mu_sum"]
 
-        if self.token_to_expert is not None and input_ids is None:
-            raise ValueError("token-routed Complexity models need input_ids (each token's expert comes "
-                             "from its id); prompt embeddings cannot be routed")
+        if self.config.mlp_type in ("token_routed", "hash_routed") and input_ids is None:
+            raise ValueError(f"{self.config.mlp_type.replace('_', '-')} Complexity models need input_ids (each "
+                             "token's experts come from its id); prompt embeddings cannot be routed")
         routing = Routing.for_tokens(input_ids, self.token_to_expert, self.config.num_experts)
 
         for layer in islice(self.layers, self.start_layer, self.end_layer):
@@ -472,12 +511,14 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
         params = dict(self.named_parameters())
         buffers = dict(self.named_buffers())
         loaded: set[str] = set()
+        # hash_routed: every layer's route table must come from the checkpoint (never rebuilt)
+        tables = {n for n in buffers if n.endswith(".mlp.route_table") and not is_pp_missing_parameter(n, self)}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding is the head
-            if name in buffers:  # model.token_to_expert
+            if name in buffers:  # model.token_to_expert, model.layers.{i}.mlp.route_table
                 if is_pp_missing_parameter(name, self):
                     continue
                 buf = buffers[name]
@@ -506,6 +547,8 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)
+        if tables - loaded:
+            raise ValueError(f"route table(s) missing from the checkpoint: {', '.join(sorted(tables - loaded))}")
         return loaded
 
 

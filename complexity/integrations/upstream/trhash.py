@@ -1,8 +1,9 @@
-"""Upstream TR-Hash MoE checkpoints: read the three on-disk layouts, write the "deep" export.
+"""Upstream TR-Hash MoE checkpoints: the three on-disk layouts, read into one neutral description.
 
 TR-Hash is a Llama-style GQA + QK-norm decoder whose MLP sends each token to the top-k experts of
 a persisted per-layer route table over token ids, with fixed slot weights, a shared expert and
-fixed branch scales (`complexity.hash_routing` has the maths). Upstream writes it three ways:
+fixed branch scales: our `hash_routed` MLP (docs/architecture.md §2e; `complexity.hash_routing`
+has the maths). Upstream writes it three ways:
 
 | layout | config.json | tensors |
 |---|---|---|
@@ -10,11 +11,13 @@ fixed branch scales (`complexity.hash_routing` has the maths). Upstream writes i
 | hf | the native dict plus `model_type: tr_hash_moe`, `num_experts_per_tok`, token ids, `auto_map` (its two adapter modules may be absent) | the native tensors, same bytes |
 | deep | about 30 keys, `model_type: deep`, `mlp_type: token_routed`, `source_mlp_type: tr_hash_engine` | `layers.N.mlp.{gate,up,down}_proj_w`, `mlp.topk_token_to_expert`, `mlp.shared_*`; derived buffers dropped |
 
-`read_trhash` turns any of them into one neutral description: a `TRHashConfig` whose every field
-has this project's meaning, with upstream's nulls resolved as upstream's training framework
-reads them, and the tensors under the neutral names of `neutral_tensor_shapes`. `write_deep`
-writes the deep export back from it. Everything is read from the config and the tensors; route
-tables are copied, never rebuilt (three of the four builders depend on torch's RNG).
+`trhash_layout` tells the layout from config.json alone (`detect.detect_upstream` asks it first);
+`read_trhash` turns a folder into a `TRHashCheckpoint`: a `TRHashConfig` whose every field has
+this project's meaning, with upstream's nulls resolved as upstream's training framework reads
+them, and the tensors under the neutral names of `neutral_tensor_shapes`. `complexity_config`
+and `TRHashStateDictAdapter` map that onto our `hash_routed` model and back; `trhash_export`
+writes the deep layout again. Everything is read from the config and the tensors; route tables
+are copied, never rebuilt (three of the four builders depend on torch's RNG).
 
 Where upstream's own runtimes disagree, the training framework (which wrote the checkpoints and
 their references) decides:
@@ -36,30 +39,26 @@ models. Each refusal names the field.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..hash_routing import (
+from ...configuration_complexity import ComplexityConfig
+from ...hash_routing import (
     ROUTE_HASH_COUNTS,
     branch_scale,
     build_route_table,
     check_route_table,
     slot_weights,
 )
+from .formats import TRHASH_DEEP, TRHASH_HF, TRHASH_NATIVE, UpstreamFormatError
+from .readers import WEIGHT_FILES, find_weights, read_config_json, read_weights
 
 NATIVE, HF, DEEP = "native", "hf", "deep"
-LAYOUTS = {
-    NATIVE: "upstream's native save (config.json without model_type, mlp_type 'tr_hash_engine')",
-    HF: "upstream's Hugging Face bundle (model_type 'tr_hash_moe')",
-    DEEP: "upstream's deep export for vllm-i64 (model_type 'deep', source_mlp_type 'tr_hash_engine')",
-}
+# layout -> the design name `detect_upstream` reports (formats.DESIGNS describes each)
+DESIGN_OF_LAYOUT = {NATIVE: TRHASH_NATIVE, HF: TRHASH_HF, DEEP: TRHASH_DEEP}
 # Upstream routing_strategy -> ours. Upstream accepts other names in its config, but its MLP
 # cannot be built with them.
 _STRATEGIES = {
@@ -69,7 +68,7 @@ _STRATEGIES = {
     "token_id_multi_hash": "multi_hash",
     "token_id_hierarchical_hash": "hierarchical_hash",
 }
-_UPSTREAM_STRATEGY = {
+UPSTREAM_STRATEGY = {
     "modulo_cyclic": "modulo_cyclic",
     "balanced_hash": "token_id_balanced_hash",
     "multi_hash": "token_id_multi_hash",
@@ -78,16 +77,6 @@ _UPSTREAM_STRATEGY = {
 # Upstream's tokenizer: </s> 0, <pad> 1, <s> 2, <unk> 3. Native and deep configs carry no ids.
 _TOKEN_IDS = {"bos_token_id": 2, "eos_token_id": 0, "pad_token_id": 1, "unk_token_id": 3}
 QK_NORM_EPS = 1e-6  # upstream's QK-norm ignores norm_eps
-
-
-class TRHashFormatError(ValueError):
-    """SRC is not a TR-Hash checkpoint this reader can take exactly. ``problems`` lists every
-    issue found, not only the first."""
-
-    def __init__(self, src, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{src}: not a readable TR-Hash checkpoint ({len(self.problems)} problem(s)):\n{lines}")
 
 
 # ----------------------------------------------------------------------------- the neutral description
@@ -139,12 +128,22 @@ class TRHashConfig:
         return slot_weights(self.num_experts_per_tok, self.route_primary_weight)
 
     def shared_scale(self, layer_idx: int) -> float:
-        return branch_scale(self.shared_output_scale, self.shared_output_scale_first_layer,
-                            self.shared_output_scale_last_layer, layer_idx, self.num_hidden_layers)
+        return branch_scale(
+            self.shared_output_scale,
+            self.shared_output_scale_first_layer,
+            self.shared_output_scale_last_layer,
+            layer_idx,
+            self.num_hidden_layers,
+        )
 
     def routed_scale(self, layer_idx: int) -> float:
-        return branch_scale(self.routed_output_scale, self.routed_output_scale_first_layer,
-                            self.routed_output_scale_last_layer, layer_idx, self.num_hidden_layers)
+        return branch_scale(
+            self.routed_output_scale,
+            self.routed_output_scale_first_layer,
+            self.routed_output_scale_last_layer,
+            layer_idx,
+            self.num_hidden_layers,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,122 +224,30 @@ class TRHashCheckpoint:
 
     layout: str
     src: Path
+    weights_file: Path
+    raw_config: dict
     config: TRHashConfig
     tensors: dict[str, torch.Tensor]
-    notes: list[str] = field(default_factory=list)  # resolved nulls, ignored fields, dropped buffers
-
-    @property
-    def description(self) -> str:
-        return LAYOUTS[self.layout]
+    notes: list[str] = field(default_factory=list)  # the layout and why, resolved nulls, ignored fields
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (stored key, why it is not needed)
 
 
 # ----------------------------------------------------------------------------- detection
 
 
-@dataclass(frozen=True)
-class Detection:
-    layout: str
-    reason: str
-    raw_config: dict
-    weights_file: Path
-
-
-def _read_config(src: Path, problems: list[str]) -> dict | None:
-    path = src / "config.json"
-    if not path.is_file():
-        problems.append("no config.json (a TR-Hash checkpoint folder holds config.json and model.safetensors)")
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        problems.append(f"config.json is not valid JSON ({err})")
-        return None
-    if not isinstance(raw, dict):
-        problems.append(f"config.json must hold a JSON object, got a {type(raw).__name__}")
-        return None
-    return raw
-
-
-def _find_weights(src: Path, problems: list[str]) -> Path | None:
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        if (src / name).is_file():
-            return src / name
-    others = sorted(p.name for p in src.glob("*.pt")) + sorted(p.name for p in src.glob("*.bin"))
-    problems.append(
-        "no model.safetensors (or model.safetensors.index.json)"
-        + (f"; found {', '.join(others)}: export a safetensors folder with upstream's scripts first" if others else "")
-    )
+def trhash_layout(raw: dict) -> tuple[str, str] | None:
+    """(layout, why) when config.json is one of the three TR-Hash layouts; None otherwise."""
+    model_type = raw.get("model_type")
+    if model_type == "tr_hash_moe":
+        return HF, "config.json has model_type 'tr_hash_moe'"
+    if model_type == "deep":
+        why = "config.json has model_type 'deep'"
+        return DEEP, why + (
+            " and source_mlp_type 'tr_hash_engine'" if raw.get("source_mlp_type") == "tr_hash_engine" else ""
+        )
+    if model_type is None and raw.get("mlp_type") == "tr_hash_engine":
+        return NATIVE, "config.json has no model_type and mlp_type 'tr_hash_engine'"
     return None
-
-
-def detect_layout(src) -> Detection:
-    """Which of the three layouts `src` holds, and why; TRHashFormatError saying what is missing
-    for a folder in none of them."""
-    src = Path(src)
-    if not src.is_dir():
-        raise TRHashFormatError(src, ["not a folder (expected a checkpoint folder with config.json and model.safetensors)"])
-    problems: list[str] = []
-    raw = _read_config(src, problems)
-    weights = _find_weights(src, problems)
-    layout = reason = None
-    if raw is not None:
-        model_type = raw.get("model_type")
-        if model_type == "tr_hash_moe":
-            layout, reason = HF, "config.json has model_type 'tr_hash_moe'"
-        elif model_type == "deep":
-            layout, reason = DEEP, "config.json has model_type 'deep'"
-            if raw.get("source_mlp_type") == "tr_hash_engine":
-                reason += " and source_mlp_type 'tr_hash_engine'"
-        elif model_type is None and raw.get("mlp_type") == "tr_hash_engine":
-            layout, reason = NATIVE, "config.json has no model_type and mlp_type 'tr_hash_engine'"
-        elif model_type is None:
-            problems.append(
-                f"config.json has no model_type ('tr_hash_moe' for an hf bundle, 'deep' for a deep export) and its "
-                f"mlp_type is {raw.get('mlp_type')!r}, not 'tr_hash_engine' (a native save): not a TR-Hash layout"
-            )
-        elif model_type == "complexity":
-            problems.append(
-                "config.json has model_type 'complexity': this project's own format (load it directly) or upstream's "
-                "MLX export (not read here: convert from the native, hf or deep folder instead)"
-            )
-        else:
-            problems.append(
-                f"config.json has model_type {model_type!r}; TR-Hash layouts are native (no model_type, "
-                "mlp_type 'tr_hash_engine'), hf ('tr_hash_moe') and deep ('deep')"
-            )
-    if problems:
-        raise TRHashFormatError(src, problems)
-    return Detection(layout, reason, raw, weights)
-
-
-# ----------------------------------------------------------------------------- reading tensors
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    def load(file: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(file))
-        except Exception as err:  # SafetensorError, OSError
-            raise TRHashFormatError(path.parent, [f"cannot read {file.name}: truncated or corrupt safetensors file ({err})"]) from err
-
-    if not path.name.endswith(".index.json"):
-        return load(path)
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise TRHashFormatError(path.parent, [f"cannot read {path.name}: not a safetensors index ({err})"]) from err
-    out: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not (path.parent / shard).is_file():
-            raise TRHashFormatError(path.parent, [f"shard {shard} named by {path.name} does not exist"])
-        out.update(load(path.parent / shard))
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-        raise TRHashFormatError(path.parent, [f"{path.name} lists tensor(s) absent from its shards: {', '.join(missing)}"])
-    return out
 
 
 # ----------------------------------------------------------------------------- config resolution
@@ -370,19 +277,60 @@ _INERT = {
 # Families of fields that belong to other attention/MLP research paths than gqa + tr_hash_engine.
 _INERT_PREFIXES = ("causal_", "tr_mha_", "lexical_", "micro_", "lsh_", "learn_hash_")
 _METADATA = {
-    "model_type", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
-    "is_decoder", "is_encoder_decoder", "num_experts_per_tok", "source_mlp_type", "rms_norm_eps",
-    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id",
+    "model_type",
+    "architectures",
+    "auto_map",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "is_decoder",
+    "is_encoder_decoder",
+    "num_experts_per_tok",
+    "source_mlp_type",
+    "rms_norm_eps",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "unk_token_id",
 }
 _COMPUTE = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "attention_type", "use_qk_norm", "sliding_window", "max_position_embeddings",
-    "rope_theta", "rope_fraction", "mlp_type", "num_experts", "routing_strategy", "route_hash_count",
-    "shared_expert", "shared_intermediate_size", "shared_output_scale", "routed_output_scale",
-    "shared_output_scale_first_layer", "shared_output_scale_last_layer", "routed_output_scale_first_layer",
-    "routed_output_scale_last_layer", "top_k", "top_k_primary_weight", "active_num_experts",
-    "active_expert_width", "norm_type", "norm_eps", "tie_word_embeddings", "is_causal", "use_mup_attn_scale",
-    "use_mup_output_mult", "mup_base_width", "static_expert_capacity",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "attention_type",
+    "use_qk_norm",
+    "sliding_window",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_fraction",
+    "mlp_type",
+    "num_experts",
+    "routing_strategy",
+    "route_hash_count",
+    "shared_expert",
+    "shared_intermediate_size",
+    "shared_output_scale",
+    "routed_output_scale",
+    "shared_output_scale_first_layer",
+    "shared_output_scale_last_layer",
+    "routed_output_scale_first_layer",
+    "routed_output_scale_last_layer",
+    "top_k",
+    "top_k_primary_weight",
+    "active_num_experts",
+    "active_expert_width",
+    "norm_type",
+    "norm_eps",
+    "tie_word_embeddings",
+    "is_causal",
+    "use_mup_attn_scale",
+    "use_mup_output_mult",
+    "mup_base_width",
+    "static_expert_capacity",
 }
 _ARCHITECTURES = {HF: "TRHashForCausalLM", DEEP: "DeepForCausalLM"}
 _MISSING = object()
@@ -430,7 +378,8 @@ def _positive(v) -> bool:
 def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[str]) -> None:
     """Every field must be one this reader knows the meaning of; the layout's markers must agree."""
     unknown = sorted(
-        k for k in raw
+        k
+        for k in raw
         if k not in _COMPUTE and k not in _INERT and k not in _METADATA and not k.startswith(_INERT_PREFIXES)
     )
     if unknown:
@@ -444,7 +393,9 @@ def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[
         problems.append(f"config.json: architectures={arch!r}; the {layout} layout has [{_ARCHITECTURES[layout]!r}]")
     want_mlp = "token_routed" if layout == DEEP else "tr_hash_engine"
     if raw.get("mlp_type", want_mlp) != want_mlp:
-        problems.append(f"config.json: mlp_type={raw['mlp_type']!r} is not {want_mlp!r} (the {layout} layout of TR-Hash)")
+        problems.append(
+            f"config.json: mlp_type={raw['mlp_type']!r} is not {want_mlp!r} (the {layout} layout of TR-Hash)"
+        )
     source = raw.get("source_mlp_type")
     if layout == DEEP and source is not None and source != "tr_hash_engine":
         problems.append(f"config.json: source_mlp_type={source!r}; a TR-Hash deep export has 'tr_hash_engine'")
@@ -452,17 +403,34 @@ def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[
 
 def _refuse_unsupported(f: _Fields) -> None:
     """Settings upstream computes in ways this project does not reproduce: refused by name."""
-    f.get("rope_fraction", 1.0, "float", check=lambda v: v == 1.0,
-          rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here")
+    f.get(
+        "rope_fraction",
+        1.0,
+        "float",
+        check=lambda v: v == 1.0,
+        rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here",
+    )
     f.get("norm_type", "rmsnorm", "str", check=lambda v: v == "rmsnorm", rule="supported (only 'rmsnorm')")
     f.get("is_causal", True, "bool", check=lambda v: v, rule="supported (only causal language models)")
-    f.get("sliding_window", None, "int", nullable=True, check=lambda v: False,
-          rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces")
+    f.get(
+        "sliding_window",
+        None,
+        "int",
+        nullable=True,
+        check=lambda v: False,
+        rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces",
+    )
     for name in ("use_mup_attn_scale", "use_mup_output_mult", "static_expert_capacity"):
         f.get(name, False, "bool", check=lambda v: not v, rule="supported (only false)")
     for name in ("active_num_experts", "active_expert_width"):
-        f.get(name, None, "int", nullable=True, check=lambda v: False,
-              rule="supported: the runtime expert shrink rebuilds a route table that is not persisted")
+        f.get(
+            name,
+            None,
+            "int",
+            nullable=True,
+            check=lambda v: False,
+            rule="supported: the runtime expert shrink rebuilds a route table that is not persisted",
+        )
 
 
 def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str]) -> dict | None:
@@ -475,8 +443,13 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     hidden = f.get("hidden_size", _MISSING, "int", **pos)
     layers = f.get("num_hidden_layers", _MISSING, "int", **pos)
     heads = f.get("num_attention_heads", _MISSING, "int", **pos)
-    attention = f.get("attention_type", "gqa", "str", check=lambda v: v in ("gqa", "mha", "mqa"),
-                      rule="supported (only gqa and its mha/mqa forms; the lexical, conv and TR-MHA types are other research models)")
+    attention = f.get(
+        "attention_type",
+        "gqa",
+        "str",
+        check=lambda v: v in ("gqa", "mha", "mqa"),
+        rule="supported (only gqa and its mha/mqa forms; the lexical, conv and TR-MHA types are other research models)",
+    )
     kv_heads = f.get("num_key_value_heads", None, "int", nullable=True, **pos)
     if kv_heads is None and heads and "num_key_value_heads" not in f.bad:
         kv_heads = {"mha": heads, "mqa": 1}.get(attention, max(1, heads // 4))
@@ -484,16 +457,22 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     if hidden and heads and hidden % heads:
         problems.append(f"config.json: num_attention_heads={heads} does not divide hidden_size={hidden}")
     elif hidden and heads and (hidden // heads) % 2:
-        problems.append(f"config.json: head_dim hidden_size/num_attention_heads={hidden // heads} is odd (RoPE rotates pairs)")
+        problems.append(
+            f"config.json: head_dim hidden_size/num_attention_heads={hidden // heads} is odd (RoPE rotates pairs)"
+        )
     if heads and kv_heads and heads % kv_heads:
         problems.append(f"config.json: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
 
     experts = f.get("num_experts", 1, "int", **pos)
     top_k = f.get("top_k", 1, "int", **pos)
     if "num_experts_per_tok" in raw and raw["num_experts_per_tok"] != raw.get("top_k", 1):
-        problems.append(f"config.json: num_experts_per_tok={raw['num_experts_per_tok']!r} differs from top_k={raw.get('top_k')!r}")
+        problems.append(
+            f"config.json: num_experts_per_tok={raw['num_experts_per_tok']!r} differs from top_k={raw.get('top_k')!r}"
+        )
     if experts and top_k and top_k > experts:
-        problems.append(f"config.json: top_k={top_k} exceeds num_experts={experts} (routes per token must be distinct experts)")
+        problems.append(
+            f"config.json: top_k={top_k} exceeds num_experts={experts} (routes per token must be distinct experts)"
+        )
     intermediate = f.get("intermediate_size", None, "int", nullable=True, **pos)
     if intermediate is None and hidden and "intermediate_size" not in f.bad:
         intermediate = (8 * hidden // 3 + 255) // 256 * 256
@@ -501,40 +480,61 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     width = None
     if intermediate and experts:
         if intermediate % experts:
-            problems.append(f"config.json: intermediate_size={intermediate} (all experts together) is not divisible by num_experts={experts}")
+            problems.append(
+                f"config.json: intermediate_size={intermediate} (all experts together) is not divisible by num_experts={experts}"
+            )
         else:
             width = intermediate // experts
     shared = f.get("shared_expert", True, "bool")
     shared_width = f.get("shared_intermediate_size", None, "int", nullable=True, **pos)
     if shared and shared_width is None and intermediate:
         shared_width = intermediate
-        notes.append(f"shared_intermediate_size: null -> {shared_width} (= intermediate_size, the framework's meaning; vllm-i64 would read intermediate_size/num_experts)")
+        notes.append(
+            f"shared_intermediate_size: null -> {shared_width} (= intermediate_size, the framework's meaning; vllm-i64 would read intermediate_size/num_experts)"
+        )
     if not shared:
         shared_width = None
 
-    primary = f.get("top_k_primary_weight", None, "float", nullable=True,
-                    check=lambda v: 0.0 <= v <= 1.0, rule="in [0, 1] (upstream clamps it silently; refused here)")
+    primary = f.get(
+        "top_k_primary_weight",
+        None,
+        "float",
+        nullable=True,
+        check=lambda v: 0.0 <= v <= 1.0,
+        rule="in [0, 1] (upstream clamps it silently; refused here)",
+    )
     if layout == DEEP and raw.get("source_mlp_type") != "tr_hash_engine":
         for name in ("top_k_primary_weight", "shared_intermediate_size"):
             if name in raw and raw[name] is None and (name != "shared_intermediate_size" or shared):
                 problems.append(
                     f"config.json: {name} is null in a deep config without source_mlp_type 'tr_hash_engine': the "
-                    "training framework reads it as " + ("1/top_k" if name.startswith("top_k") else "intermediate_size")
-                    + " and vllm-i64 as " + ("0.95" if name.startswith("top_k") else "intermediate_size/num_experts")
+                    "training framework reads it as "
+                    + ("1/top_k" if name.startswith("top_k") else "intermediate_size")
+                    + " and vllm-i64 as "
+                    + ("0.95" if name.startswith("top_k") else "intermediate_size/num_experts")
                     + ", and nothing says which wrote this file"
                 )
     resolved_primary = None
     if top_k and "top_k_primary_weight" not in f.bad:
         resolved_primary = slot_weights(top_k, primary)[0]
         if primary is None and top_k > 1:
-            notes.append(f"top_k_primary_weight: null -> {resolved_primary} (1/top_k, the framework's meaning; vllm-i64 would read 0.95)")
+            notes.append(
+                f"top_k_primary_weight: null -> {resolved_primary} (1/top_k, the framework's meaning; vllm-i64 would read 0.95)"
+            )
 
-    strategy_name = f.get("routing_strategy", "modulo_cyclic", "str", check=lambda v: v in _STRATEGIES,
-                          rule=f"a strategy upstream's MLP builds ({', '.join(_STRATEGIES)})")
+    strategy_name = f.get(
+        "routing_strategy",
+        "modulo_cyclic",
+        "str",
+        check=lambda v: v in _STRATEGIES,
+        rule=f"a strategy upstream's MLP builds ({', '.join(_STRATEGIES)})",
+    )
     strategy = _STRATEGIES.get(strategy_name)
     hash_count = None
     if strategy == "multi_hash" and "route_hash_count" in raw:
-        hash_count = f.get("route_hash_count", 2, "int", check=lambda v: v in ROUTE_HASH_COUNTS, rule="an integer in [2, 8]")
+        hash_count = f.get(
+            "route_hash_count", 2, "int", check=lambda v: v in ROUTE_HASH_COUNTS, rule="an integer in [2, 8]"
+        )
     elif strategy == "multi_hash" and layout != DEEP:
         hash_count = 2  # upstream's default
 
@@ -549,7 +549,9 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     qk_norm = f.get("use_qk_norm", True, "bool")
     eps = f.get("norm_eps", 1e-6, "float", check=_positive, rule="a positive number")
     if layout == DEEP and "rms_norm_eps" in raw and raw["rms_norm_eps"] != raw.get("norm_eps", 1e-6):
-        problems.append(f"config.json: rms_norm_eps={raw['rms_norm_eps']!r} differs from norm_eps={raw.get('norm_eps')!r}")
+        problems.append(
+            f"config.json: rms_norm_eps={raw['rms_norm_eps']!r} differs from norm_eps={raw.get('norm_eps')!r}"
+        )
     tied = f.get("tie_word_embeddings", True, "bool")
     ids = {}
     for name, default in _TOKEN_IDS.items():
@@ -557,14 +559,30 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     if problems:
         return None
     if layout == DEEP:
-        notes.append("deep layout: route_hash_count, rope_fraction, sliding_window, the µP flags and per-layer "
-                     "scales are not recorded; read as upstream's defaults")
+        notes.append(
+            "deep layout: route_hash_count, rope_fraction, sliding_window, the µP flags and per-layer "
+            "scales are not recorded; read as upstream's defaults"
+        )
     return dict(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, num_experts=experts, num_experts_per_tok=top_k, expert_width=width,
-        shared_expert_width=shared_width, route_strategy=strategy, route_hash_count=hash_count,
-        route_primary_weight=resolved_primary, **scales, rope_theta=theta, max_position_embeddings=max_pos,
-        use_qk_norm=qk_norm, rms_norm_eps=eps, tie_word_embeddings=tied, **ids,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        expert_width=width,
+        shared_expert_width=shared_width,
+        route_strategy=strategy,
+        route_hash_count=hash_count,
+        route_primary_weight=resolved_primary,
+        **scales,
+        rope_theta=theta,
+        max_position_embeddings=max_pos,
+        use_qk_norm=qk_norm,
+        rms_norm_eps=eps,
+        tie_word_embeddings=tied,
+        **ids,
     )
 
 
@@ -606,32 +624,42 @@ def fused_route_metadata(table: torch.Tensor, num_experts: int) -> tuple[torch.T
     return pairs, codes.to(torch.uint8)
 
 
-def _check_derived(sd: dict, config: TRHashConfig, tables: dict[int, torch.Tensor], used: set, notes: list, problems: list) -> None:
+_DERIVED_REASONS = {
+    "self_attn.rotary_emb.inv_freq": "rotary inv_freq buffer: recomputed from rope_theta and the head size (checked equal)",
+    "mlp.engine.fused_route_codes": "upstream's top-2 kernel metadata, derived from the route table (checked equal)",
+    "mlp.engine.fused_expert_pairs": "upstream's top-2 kernel metadata, derived from the route table (checked equal)",
+}
+
+
+def _check_derived(
+    sd: dict, config: TRHashConfig, tables: dict[int, torch.Tensor], used: set, dropped: list, problems: list
+) -> None:
     """Native/hf buffers derived from the config or the table: must agree, then are dropped."""
-    present = set()
     for i in range(config.num_hidden_layers):
         for suffix in _DERIVED:
             name = f"layers.{i}.{suffix}"
             if name not in sd:
                 continue
             used.add(name)
-            present.add(suffix)
+            dropped.append((name, _DERIVED_REASONS[suffix]))
             t = sd[name]
             if suffix.endswith("inv_freq"):
                 want = rope_inv_freq(config.head_dim, config.rope_theta)
                 if t.shape != want.shape or not torch.allclose(t.float(), want, rtol=1e-5, atol=0):
-                    problems.append(f"{name} disagrees with rope_theta={config.rope_theta} over head_dim={config.head_dim} "
-                                    "(another theta, or RoPE on part of each head?)")
+                    problems.append(
+                        f"{name} disagrees with rope_theta={config.rope_theta} over head_dim={config.head_dim} "
+                        "(another theta, or RoPE on part of each head?)"
+                    )
             elif i in tables:
                 pairs, codes = fused_route_metadata(tables[i], config.num_experts)
                 want = pairs if suffix.endswith("pairs") else codes
                 if t.shape != want.shape or (want.numel() and not torch.equal(t.long(), want.long())):
-                    problems.append(f"{name} does not match layers.{i}'s route table (derived kernel metadata out of step)")
-    if present:
-        notes.append(f"dropped derived buffers (checked against the config and tables): {', '.join(sorted(present))}")
+                    problems.append(
+                        f"{name} does not match layers.{i}'s route table (derived kernel metadata out of step)"
+                    )
 
 
-def _map_tensors(sd: dict, layout: str, config: TRHashConfig, notes: list, problems: list) -> dict[str, torch.Tensor]:
+def _map_tensors(sd: dict, layout: str, config: TRHashConfig, dropped: list, problems: list) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     tables: dict[int, torch.Tensor] = {}
@@ -658,18 +686,20 @@ def _map_tensors(sd: dict, layout: str, config: TRHashConfig, notes: list, probl
             continue
         out[neutral] = t
     if layout != DEEP:
-        _check_derived(sd, config, tables, used, notes, problems)
+        _check_derived(sd, config, tables, used, dropped, problems)
     if config.tie_word_embeddings and "lm_head.weight" in sd:
         used.add("lm_head.weight")
         embed = sd.get("embed_tokens.weight")
         if embed is None or not torch.equal(sd["lm_head.weight"], embed):
             problems.append("lm_head.weight differs from embed_tokens.weight but tie_word_embeddings is true")
         else:
-            notes.append("dropped lm_head.weight: a stored copy of the tied embedding")
+            dropped.append(("lm_head.weight", "a stored copy of the tied embedding (checked equal)"))
     unexpected = sorted(set(sd) - used)
     if any(k.endswith("mlp.token_to_expert") for k in unexpected):
-        problems.append("mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
-                        "not a TR-Hash checkpoint (which stores every route slot)")
+        problems.append(
+            "mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
+            "not a TR-Hash checkpoint (which stores every route slot)"
+        )
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
         problems.append(f"unexpected tensor(s) for this config: {shown}")
@@ -682,8 +712,14 @@ def _table_provenance(config: TRHashConfig, tensors: dict, layout: str, notes: l
     layers = range(config.num_hidden_layers)
 
     def rebuilt(i: int, hash_count: int) -> torch.Tensor:
-        return build_route_table(config.route_strategy, vocab_size=config.vocab_size, num_experts=config.num_experts,
-                                 num_experts_per_tok=config.num_experts_per_tok, layer_idx=i, route_hash_count=hash_count)
+        return build_route_table(
+            config.route_strategy,
+            vocab_size=config.vocab_size,
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            layer_idx=i,
+            route_hash_count=hash_count,
+        )
 
     def stored(i: int) -> torch.Tensor:
         return tensors[f"layers.{i}.mlp.route_table"]
@@ -692,17 +728,23 @@ def _table_provenance(config: TRHashConfig, tensors: dict, layout: str, notes: l
         if config.route_strategy == "multi_hash" and config.route_hash_count is None:
             found = [c for c in ROUTE_HASH_COUNTS if torch.equal(rebuilt(0, c), stored(0))]
             if found and all(torch.equal(rebuilt(i, found[0]), stored(i)) for i in layers):
-                notes.append(f"route_hash_count: not recorded by the {layout} layout; {found[0]} rebuilds every stored table")
+                notes.append(
+                    f"route_hash_count: not recorded by the {layout} layout; {found[0]} rebuilds every stored table"
+                )
                 return _replace(config, route_hash_count=found[0])
-            notes.append(f"route_hash_count: not recorded by the {layout} layout and no count in 2..8 rebuilds the stored tables")
+            notes.append(
+                f"route_hash_count: not recorded by the {layout} layout and no count in 2..8 rebuilds the stored tables"
+            )
             return config
         differ = [i for i in layers if not torch.equal(rebuilt(i, config.route_hash_count or 2), stored(i))]
     except ValueError as err:
         notes.append(f"route tables: {config.route_strategy} cannot rebuild them here ({err}); kept as stored")
         return config
     if differ:
-        notes.append(f"route tables of layer(s) {differ} differ from a rebuild with {config.route_strategy} "
-                     "(stored tables are authoritative and kept as stored)")
+        notes.append(
+            f"route tables of layer(s) {differ} differ from a rebuild with {config.route_strategy} "
+            "(stored tables are authoritative and kept as stored)"
+        )
     else:
         notes.append(f"route tables: every layer equals a rebuild with {config.route_strategy} (kept as stored)")
     return config
@@ -713,151 +755,209 @@ def _replace(config: TRHashConfig, **changes) -> TRHashConfig:
 
 
 def read_trhash(src) -> TRHashCheckpoint:
-    """Read an upstream TR-Hash folder in any of the three layouts; TRHashFormatError listing
-    every problem (missing or misshapen tensors, unsupported or garbage config fields) otherwise."""
+    """Read an upstream TR-Hash folder in any of the three layouts; `UpstreamFormatError` listing
+    every problem (not a TR-Hash layout, missing or misshapen tensors, unsupported or garbage
+    config fields) otherwise."""
     src = Path(src)
-    found = detect_layout(src)
-    notes = [f"layout: {found.layout}, {LAYOUTS[found.layout]}: {found.reason}"]
+    if not src.is_dir():
+        raise UpstreamFormatError(
+            src, ["not a folder (expected a checkpoint folder with config.json and model.safetensors)"]
+        )
     problems: list[str] = []
-    fields = _resolve_config(found.raw_config, found.layout, notes, problems)
-    if fields is None:
-        raise TRHashFormatError(src, problems)
-    config = TRHashConfig(**fields)
-    sd = _read_tensors(found.weights_file)
-    tensors = _map_tensors(sd, found.layout, config, notes, problems)
+    raw = read_config_json(src, problems)
+    weights = find_weights(src)
+    if not weights:
+        problems.append(f"no weights: none of {', '.join(WEIGHT_FILES)}")
+    found = trhash_layout(raw) if raw is not None else None
+    if raw is not None and found is None:
+        problems.append(
+            f"config.json has model_type {raw.get('model_type')!r} and mlp_type {raw.get('mlp_type')!r}: none of the "
+            "TR-Hash layouts (native: no model_type and mlp_type 'tr_hash_engine'; hf: model_type 'tr_hash_moe'; "
+            "deep: model_type 'deep')"
+        )
     if problems:
-        raise TRHashFormatError(src, problems)
-    if found.layout == HF:
+        raise UpstreamFormatError(src, problems)
+    layout, why = found
+    notes = [f"layout {layout}: {why}"]
+    dropped: list[tuple[str, str]] = []
+    fields = _resolve_config(raw, layout, notes, problems)
+    if fields is None:
+        raise UpstreamFormatError(src, problems)
+    config = TRHashConfig(**fields)
+    read_notes: list[str] = []
+    sd = read_weights(weights[0], read_notes)
+    tensors = _map_tensors(sd, layout, config, dropped, problems)
+    if problems:
+        raise UpstreamFormatError(src, problems)
+    notes += read_notes
+    if len(weights) > 1:
+        notes.append(
+            f"weights read from {weights[0].name} (also present, not read: {', '.join(p.name for p in weights[1:])})"
+        )
+    if layout == HF:
         adapters = [n for n in ("configuration_tr_hash_moe.py", "modeling_tr_hash_moe.py") if (src / n).is_file()]
         if adapters:
             notes.append(f"upstream's adapter modules {', '.join(adapters)} are present and not used (no code is run)")
-    config = _table_provenance(config, tensors, found.layout, notes)
-    return TRHashCheckpoint(found.layout, src, config, tensors, notes)
+    config = _table_provenance(config, tensors, layout, notes)
+    return TRHashCheckpoint(layout, src, weights[0], raw, config, tensors, notes, dropped)
 
 
-# ----------------------------------------------------------------------------- writing the deep export
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ----------------------------------------------------------------------------- our model
 
 
-def _constant_scale(config: TRHashConfig, branch: str) -> float:
-    """The single scale the deep layout can hold for `branch`; refuses scales that vary by layer."""
-    scale = config.shared_scale if branch == "shared" else config.routed_scale
-    values = [scale(i) for i in range(config.num_hidden_layers)]
-    if any(v != values[0] for v in values):
-        raise ValueError(
-            f"{branch}_output_scale_first_layer/_last_layer: the scale varies over layers ({values[0]} to {values[-1]}), "
-            "which the deep layout cannot record (its consumer, vllm-i64, applies one scale to every layer)"
-        )
-    return values[0]
+def complexity_config(config: TRHashConfig) -> ComplexityConfig:
+    """The `hash_routed` ComplexityConfig computing what `config` computes. Every field is
+    written out, upstream's resolved nulls included, so no reader has to know upstream's defaults."""
+    return ComplexityConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.num_experts * config.expert_width,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        qk_norm_eps=None if config.qk_norm_eps == config.rms_norm_eps else config.qk_norm_eps,
+        rope_theta=config.rope_theta,
+        use_qk_norm=config.use_qk_norm,
+        tie_word_embeddings=config.tie_word_embeddings,
+        mlp_type="hash_routed",
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        shared_expert=config.shared_expert,
+        shared_expert_intermediate_size=config.shared_expert_width,
+        route_strategy=config.route_strategy,
+        route_hash_count=config.route_hash_count or 2,  # builds only a fresh model's tables; these are loaded
+        route_primary_weight=config.route_primary_weight,
+        shared_output_scale=config.shared_output_scale,
+        routed_output_scale=config.routed_output_scale,
+        shared_output_scale_first_layer=config.shared_output_scale_first_layer,
+        shared_output_scale_last_layer=config.shared_output_scale_last_layer,
+        routed_output_scale_first_layer=config.routed_output_scale_first_layer,
+        routed_output_scale_last_layer=config.routed_output_scale_last_layer,
+        mu_mode="none",
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
 
 
-def deep_config(config: TRHashConfig, dtype: torch.dtype) -> dict:
-    """config.json of the deep export. Unlike upstream's exporter, the primary weight and the
-    shared width are always written as numbers, so no reader has to guess what null means."""
-    name = {v: k for k, v in _DTYPES.items()}[dtype]
-    return {
-        "architectures": ["DeepForCausalLM"],
-        "model_type": "deep",
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "intermediate_size": config.expert_width * config.num_experts,
-        "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.max_position_embeddings,
-        "attention_type": "gqa",
-        "use_qk_norm": config.use_qk_norm,
-        "rope_theta": config.rope_theta,
-        "mlp_type": "token_routed",
-        "num_experts": config.num_experts,
-        "shared_expert": config.shared_expert,
-        "shared_intermediate_size": config.shared_expert_width,
-        "use_shared_routed_gates": False,
-        "shared_gate_init": 1.0,
-        "routed_gate_init": 1.0,
-        "shared_output_scale": _constant_scale(config, "shared"),
-        "routed_output_scale": _constant_scale(config, "routed"),
-        "top_k": config.num_experts_per_tok,
-        "top_k_primary_weight": config.route_primary_weight,
-        "routing_strategy": _UPSTREAM_STRATEGY[config.route_strategy],
-        "learn_hash_channel_modulation": False,
-        "hash_channel_scale_init": 0.0,
-        "norm_type": "rmsnorm",
-        "norm_eps": config.rms_norm_eps,
-        "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "torch_dtype": name,
-        "source_mlp_type": "tr_hash_engine",
-    }
+def trhash_config(config: ComplexityConfig) -> TRHashConfig:
+    """The neutral description of one of our `hash_routed` models, for an upstream export;
+    ValueError naming the field for anything upstream's format cannot say."""
+    c = config
+    refusals = [
+        (
+            c.mlp_type != "hash_routed",
+            "mlp_type",
+            f"is {c.mlp_type!r}; only hash_routed models have an upstream TR-Hash form",
+        ),
+        (c.mu_mode != "none", "mu_mode", f"is {c.mu_mode!r}; TR-Hash has no mu"),
+        (c.sliding_window is not None, "sliding_window", "is set; upstream applies a window only to long prefills"),
+        (
+            c.head_dim * c.num_attention_heads != c.hidden_size,
+            "head_dim",
+            f"{c.head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}; upstream derives head_dim",
+        ),
+        (
+            c.use_qk_norm and (c.qk_norm_eps if c.qk_norm_eps is not None else c.rms_norm_eps) != QK_NORM_EPS,
+            "qk_norm_eps",
+            f"upstream's QK-norm epsilon is fixed at {QK_NORM_EPS}",
+        ),
+    ]
+    for bad, name, why in refusals:
+        if bad:
+            raise ValueError(f"{name}: {why}")
+    return TRHashConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        num_experts=c.num_experts,
+        num_experts_per_tok=c.num_experts_per_tok,
+        expert_width=c.expert_width,
+        shared_expert_width=c.shared_expert_width if c.shared_expert else None,
+        route_strategy=c.route_strategy,
+        route_hash_count=c.route_hash_count if c.route_strategy == "multi_hash" else None,
+        route_primary_weight=slot_weights(c.num_experts_per_tok, c.route_primary_weight)[0],
+        shared_output_scale=float(c.shared_output_scale),
+        routed_output_scale=float(c.routed_output_scale),
+        shared_output_scale_first_layer=c.shared_output_scale_first_layer,
+        shared_output_scale_last_layer=c.shared_output_scale_last_layer,
+        routed_output_scale_first_layer=c.routed_output_scale_first_layer,
+        routed_output_scale_last_layer=c.routed_output_scale_last_layer,
+        rope_theta=float(c.rope_theta),
+        max_position_embeddings=c.max_position_embeddings,
+        use_qk_norm=c.use_qk_norm,
+        rms_norm_eps=float(c.rms_norm_eps),
+        qk_norm_eps=QK_NORM_EPS,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+    )
 
 
-def write_deep(config: TRHashConfig, tensors: dict[str, torch.Tensor], dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
-    """Write the deep export (upstream's vLLM / TR-Hash-i64 layout) of a neutral description.
+_GATE, _UP, _DOWN, _FUSED = "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down", "mlp.experts.gate_up_proj"
 
-    Floats are cast to `dtype` ("float32", "bfloat16" (upstream's default) or "float16"); route
-    tables stay int64. Reading the folder back gives the same config and, at the source's dtype,
-    the same tensors. DST is written beside itself and renamed at the end (a failure leaves no
-    partial folder); a non-empty DST is refused unless `overwrite`. `generation_config.json`
-    holds only the token ids: no sampling defaults, and never the architectural top_k.
-    Not expressible in this layout, and refused: branch scales that vary over layers. Note that
-    vllm-i64 ignores `lm_head.weight` (it serves tied models only).
-    """
-    dst = Path(dst)
-    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype: must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    if config.route_strategy not in _UPSTREAM_STRATEGY:
-        raise ValueError(f"route_strategy: {config.route_strategy!r} has no upstream name")
-    cfg = deep_config(config, dtype)
-    shapes = neutral_tensor_shapes(config)
-    problems = [f"missing tensor {k}" for k in shapes if k not in tensors]
-    problems += [f"unexpected tensor {k}" for k in tensors if k not in shapes]
-    problems += [f"{k} has shape {list(v.shape)}, expected {list(shapes[k])}" for k, v in tensors.items()
-                 if k in shapes and tuple(v.shape) != shapes[k]]
-    if problems:
-        raise ValueError("write_deep: tensors do not match the config: " + "; ".join(problems))
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True to replace it)")
-    out = {}
-    for neutral, t in tensors.items():
-        t = t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)
-        out[layout_name(neutral, DEEP)] = t.contiguous()
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(config, k) is not None}
 
-    from safetensors.torch import save_file
+def _ours(neutral: str) -> str:
+    return neutral if neutral == "lm_head.weight" else f"model.{neutral}"
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.writing-", dir=dst.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+
+class TRHashStateDictAdapter:
+    """Neutral TR-Hash tensor names <-> ours. The one difference beyond the `model.` prefix: our
+    experts store gate and up as one tensor, `experts.gate_up_proj [E, H, 2W]` (gate first), and
+    `experts.down_proj`; the layouts' renames are `layout_name`'s."""
+
+    def __init__(self, config: TRHashConfig, dropped: list[tuple[str, str]] = ()):
+        self.config = config
+        self.dropped = list(dropped)
+
+    def to_complexity(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in tensors.items():
+            if name.endswith((_GATE, _UP)):
+                if name.endswith(_GATE):
+                    prefix = name.removesuffix(_GATE)
+                    out[_ours(prefix + _FUSED)] = torch.cat([t, tensors[prefix + _UP]], dim=-1)
+            elif name.endswith(_DOWN):
+                out[_ours(name + "_proj")] = t
+            else:
+                out[_ours(name)] = t
+        return out
+
+    def from_complexity(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our state dict -> the neutral tensors (a tied lm_head is left out)."""
+        out = {}
+        for name in neutral_tensor_shapes(self.config):
+            if name.endswith(_UP):
+                continue
+            if name.endswith(_GATE):
+                prefix = name.removesuffix(_GATE)
+                out[name], out[prefix + _UP] = state_dict[_ours(prefix + _FUSED)].chunk(2, dim=-1)
+            elif name.endswith(_DOWN):
+                out[name] = state_dict[_ours(name + "_proj")]
+            else:
+                out[name] = state_dict[_ours(name)]
+        return {k: v.contiguous() for k, v in out.items()}
 
 
 __all__ = [
     "DEEP",
     "HF",
-    "LAYOUTS",
     "NATIVE",
-    "Detection",
+    "UPSTREAM_STRATEGY",
     "TRHashCheckpoint",
     "TRHashConfig",
-    "TRHashFormatError",
-    "deep_config",
-    "detect_layout",
+    "TRHashStateDictAdapter",
+    "complexity_config",
     "fused_route_metadata",
     "layout_name",
     "neutral_tensor_shapes",
     "read_trhash",
-    "write_deep",
+    "rope_inv_freq",
+    "trhash_config",
+    "trhash_layout",
 ]
