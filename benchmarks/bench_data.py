@@ -49,8 +49,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--tokenizer", default=None, help="use this tokenizer folder instead of training one")
-    ap.add_argument("--min-frequency", type=int, default=1,
-                    help="BPE min merge frequency (1: the 3 MB corpus fills a 32k vocabulary; 2 stops near 23k)")
+    ap.add_argument(
+        "--min-frequency",
+        type=int,
+        default=1,
+        help="BPE min merge frequency (1: the 3 MB corpus fills a 32k vocabulary; 2 stops near 23k)",
+    )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -72,20 +76,28 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     res: dict = {
-        "python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__,
-        "numpy": np.__version__, "cpu_cores": cores, "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "numpy": np.__version__,
+        "cpu_cores": cores,
+        "platform": platform.platform(),
     }
     res["load_average_start"] = os.getloadavg()
-    print(f"python {res['python']}, torch {res['torch']}, tokenizers {res['tokenizers']}, {cores} CPU cores, "
-          f"load average {res['load_average_start'][0]:.2f} (other processes skew the timings)")
+    print(
+        f"python {res['python']}, torch {res['torch']}, tokenizers {res['tokenizers']}, {cores} CPU cores, "
+        f"load average {res['load_average_start'][0]:.2f} (other processes skew the timings)"
+    )
 
     t0 = time.perf_counter()
     docs = list(builtin_corpus.iter_documents())
     res["corpus_build_s"] = time.perf_counter() - t0
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
     res.update(corpus_documents=len(docs), corpus_bytes=nbytes)
-    print(f"built-in corpus: {len(docs)} documents, {nbytes:,} bytes ({nbytes / 2**20:.2f} MiB), "
-          f"built in {res['corpus_build_s']:.1f}s")
+    print(
+        f"built-in corpus: {len(docs)} documents, {nbytes:,} bytes ({nbytes / 2**20:.2f} MiB), "
+        f"built in {res['corpus_build_s']:.1f}s"
+    )
 
     if args.tokenizer:
         tok_dir = Path(args.tokenizer)
@@ -97,8 +109,10 @@ def main(argv=None) -> int:
         res["tokenizer_train_s"] = time.perf_counter() - t0
     res["vocab_size"] = load_tokenizer(tok_dir).get_vocab_size()
     if "tokenizer_train_s" in res:
-        print(f"trained a {res['vocab_size']}-token BPE (min frequency {args.min_frequency}) on the built-in corpus "
-              f"in {res['tokenizer_train_s']:.1f}s")
+        print(
+            f"trained a {res['vocab_size']}-token BPE (min frequency {args.min_frequency}) on the built-in corpus "
+            f"in {res['tokenizer_train_s']:.1f}s"
+        )
 
     # ---- tokenization
     def single():
@@ -119,18 +133,25 @@ def main(argv=None) -> int:
             out = work / f"prepared-w{workers}"
             shutil.rmtree(out, ignore_errors=True)
             return prepare_dataset([str(jsonl)], tok_dir, out, workers=workers, progress=False, log=lambda m: None)
+
         return run
 
-    best, results = best_of_interleaved(args.repeat, {"single": single, "batch": batched, "prep0": prep(0),
-                                                      "prepn": prep(cores)})
+    best, results = best_of_interleaved(
+        args.repeat, {"single": single, "batch": batched, "prep0": prep(0), "prepn": prep(cores)}
+    )
     t_single, t_batch, t_prep0, t_prepn = best["single"], best["batch"], best["prep0"], best["prepn"]
     n_tokens, r0, rn = results["single"], results["prep0"], results["prepn"]
     assert results["batch"] == n_tokens
     assert r0.manifest["tokens"] == rn.manifest["tokens"] == n_tokens + len(docs)
-    res.update(tokens=n_tokens, single_s=t_single, encode_batch_s=t_batch,
-               prepare_rust_threads_s=t_prep0, prepare_processes_s=t_prepn)
+    res.update(
+        tokens=n_tokens,
+        single_s=t_single,
+        encode_batch_s=t_batch,
+        prepare_rust_threads_s=t_prep0,
+        prepare_processes_s=t_prepn,
+    )
 
-    print("\ntokenization of the same text (best of %d, interleaved):" % args.repeat)
+    print(f"\ntokenization of the same text (best of {args.repeat}, interleaved):")
     print(f"{'method':<40} {'seconds':>8} {'tokens/s':>12} {'MB/s':>7} {'vs single':>9}")
     rows = [
         ("single process tokenizer.encode loop", t_single),

@@ -178,8 +178,9 @@ class EngineWorker(Worker):
         info = {}
         if self.s["decode"]:
             t = time.perf_counter()
-            self.engine = Engine(self.lm, None, max_batch=1, max_seq_len=self.max_len, cuda_graphs=self.graphs,
-                                 compile=self.compile)
+            self.engine = Engine(
+                self.lm, None, max_batch=1, max_seq_len=self.max_len, cuda_graphs=self.graphs, compile=self.compile
+            )
             self.params = SamplingParams(max_new_tokens=self.s["decode_tokens"], temperature=0, ignore_eos=True)
             self.engine.generate([self.prompt], self.params)  # warm-up (compile, allocator)
             info["engine_setup_s"] = time.perf_counter() - t
@@ -201,8 +202,12 @@ class EngineWorker(Worker):
             sync(self.device)
             [done] = self.engine.generate([self.prompt], self.params)
             runs.append((n - 1) / (done.latency - done.time_to_first_token))
-        return {"tokens_per_s": max(runs), "runs": runs, "graphs": self.engine.use_graphs,
-                "compiled": self.engine.compile}
+        return {
+            "tokens_per_s": max(runs),
+            "runs": runs,
+            "graphs": self.engine.use_graphs,
+            "compiled": self.engine.compile,
+        }
 
     def hf_generate(self) -> dict:
         """model.generate(), static cache, eager: (n - 1) tokens / (time for n - time for 1)."""
@@ -212,8 +217,15 @@ class EngineWorker(Worker):
         def timed(k):
             sync(self.device)
             t = time.perf_counter()
-            self.lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                             do_sample=False, cache_implementation="static", eos_token_id=None)
+            self.lm.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=k,
+                min_new_tokens=k,
+                do_sample=False,
+                cache_implementation="static",
+                eos_token_id=None,
+            )
             sync(self.device)
             return time.perf_counter() - t
 
@@ -228,8 +240,15 @@ class EngineWorker(Worker):
         """Prompt tokens / time to the first token, through the engine's prefill (eager)."""
         out = {}
         for batch, length in self.s["prefill_shapes"]:
-            engine = Engine(self.lm, None, max_batch=batch, max_seq_len=max(length, 2),
-                            max_prefill_tokens=batch * length, cuda_graphs=False, compile=False)
+            engine = Engine(
+                self.lm,
+                None,
+                max_batch=batch,
+                max_seq_len=max(length, 2),
+                max_prefill_tokens=batch * length,
+                cuda_graphs=False,
+                compile=False,
+            )
             prompts = self.prompts(batch, length).tolist()
             params = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
             engine.generate(prompts, params)  # warm-up
@@ -260,8 +279,15 @@ class StepsWorker(Worker):
         self.lm = self.model(self.max_len)
         self.lm.model.validate_token_ids = False  # a host sync per step otherwise (the engine does the same)
         c = self.lm.config
-        self.cache = SlotKVCache(c.num_hidden_layers, max(self.batches), c.num_key_value_heads, self.max_len,
-                                 c.head_dim, self.dtype, self.device)
+        self.cache = SlotKVCache(
+            c.num_hidden_layers,
+            max(self.batches),
+            c.num_key_value_heads,
+            self.max_len,
+            c.head_dim,
+            self.dtype,
+            self.device,
+        )
         # the engine's decode mask takes the attended length as an int or (newer) as arange(kv_len)
         takes_range = "kv_range" in inspect.signature(attention_mask_decode).parameters
         self.kv_extent = torch.arange(self.max_len, device=self.device) if takes_range else self.max_len
@@ -275,7 +301,9 @@ class StepsWorker(Worker):
                 tokens = self.prompts(b, 1).to(self.device)
                 pos = torch.full((b,), self.s["prompt_len"], device=self.device)
                 if self.compile and b > 1:  # a declared range: the kernels' choice needs no guard
-                    low, high = (2, DECODE_MAX_ROWS) if b <= DECODE_MAX_ROWS else (DECODE_MAX_ROWS + 1, max(self.batches))
+                    low, high = (
+                        (2, DECODE_MAX_ROWS) if b <= DECODE_MAX_ROWS else (DECODE_MAX_ROWS + 1, max(self.batches))
+                    )
                     for t in (tokens, pos):
                         torch._dynamo.mark_dynamic(t, 0, min=low, max=max(high, low + 1))
                 graph = cuda_graph(step, tokens, pos) if self.graphs else None
@@ -285,8 +313,9 @@ class StepsWorker(Worker):
     def step(self, tokens, pos):
         self.cache.set_decode(pos, self.max_len)
         mask = attention_mask_decode(pos, self.kv_extent, self.lm.config.sliding_window, self.dtype)
-        hidden = self.lm.model(input_ids=tokens, attention_mask=mask, position_ids=pos[:, None],
-                               past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.lm.model(
+            input_ids=tokens, attention_mask=mask, position_ids=pos[:, None], past_key_values=self.cache, use_cache=True
+        ).last_hidden_state
         tokens.copy_(self.lm.lm_head(hidden[:, -1]).argmax(-1, keepdim=True))
         pos.add_(1)
 
@@ -367,7 +396,9 @@ class ReferenceWorker(Worker):
             self.ref.setup_caches(batch, length)
             prompt = self.prompts(batch, length).to(self.device)
             prefill(self.ref, prompt)  # warm-up
-            seconds = time_steps(lambda prompt=prompt: prefill(self.ref, prompt), 1, self.device, rounds=self.s["repeats"])
+            seconds = time_steps(
+                lambda prompt=prompt: prefill(self.ref, prompt), 1, self.device, rounds=self.s["repeats"]
+            )
             out[f"{batch}x{length}"] = {"tokens_per_s": batch * length / seconds, "seconds": seconds}
         return out
 
@@ -388,8 +419,12 @@ def time_batches(runs: dict, s: dict, device) -> dict:
     return out
 
 
-WORKERS = {"engine": EngineWorker, "steps": StepsWorker, "steps_off": StepsWithoutKernelsWorker,
-           "reference": ReferenceWorker}
+WORKERS = {
+    "engine": EngineWorker,
+    "steps": StepsWorker,
+    "steps_off": StepsWithoutKernelsWorker,
+    "reference": ReferenceWorker,
+}
 
 
 def worker_main(kind: str, preset: str, settings: dict, conn) -> None:
@@ -440,8 +475,10 @@ def run_workers(jobs, settings: dict, args, device, results) -> dict:
     status = {}
     for kind, preset, proc, conn in started:
         status[kind, preset] = receive(conn, proc, setup_deadline)
-        print(f"[setup] {preset} {kind}: {status[kind, preset][0]} {json.dumps(status[kind, preset][1], default=str)[:400]}",
-              flush=True)
+        print(
+            f"[setup] {preset} {kind}: {status[kind, preset][0]} {json.dumps(status[kind, preset][1], default=str)[:400]}",
+            flush=True,
+        )
     if device.type == "cuda":  # every worker is idle now: the copy bandwidth without interference
         results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
     out = {}
@@ -470,13 +507,24 @@ def part_decode_prefill(args, device, dtype, parts, results) -> None:
         kinds += ["steps"] + ([] if args.no_kernels_off else ["steps_off"])
     jobs = [(kind, preset) for preset in args.models for kind in kinds]
     settings = {
-        "device": str(device), "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype],
-        "vocab": args.vocab, "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
-        "generate_tokens": args.generate_tokens, "batches": args.batches, "step_count": args.step_count,
-        "prefill_shapes": args.prefill_shapes, "prefill_lengths": [length for _, length in args.prefill_shapes],
-        "repeats": args.repeats, "profile": args.profile, "profile_top": args.profile_top,
-        "no_graphs": args.no_graphs, "no_compile": args.no_compile, "threads": args.threads or 1,
-        "decode": "decode" in parts, "prefill": "prefill" in parts,
+        "device": str(device),
+        "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype],
+        "vocab": args.vocab,
+        "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens,
+        "generate_tokens": args.generate_tokens,
+        "batches": args.batches,
+        "step_count": args.step_count,
+        "prefill_shapes": args.prefill_shapes,
+        "prefill_lengths": [length for _, length in args.prefill_shapes],
+        "repeats": args.repeats,
+        "profile": args.profile,
+        "profile_top": args.profile_top,
+        "no_graphs": args.no_graphs,
+        "no_compile": args.no_compile,
+        "threads": args.threads or 1,
+        "decode": "decode" in parts,
+        "prefill": "prefill" in parts,
     }
     raw = run_workers(jobs, settings, args, device, results)
     bandwidth = results.get("copy_bandwidth_GBps", math.nan) * 1e9
@@ -505,10 +553,15 @@ def part_serving(args, device, dtype, results):
     try:
         max_len = -(-(args.prompt_len + args.new_tokens + 1) // 64) * 64
         t0 = time.perf_counter()
-        engine = Engine(model, None, max_batch=min(args.max_batch, args.requests), max_seq_len=max_len,
-                        cuda_graphs=device.type == "cuda" and not args.no_graphs,
-                        compile=device.type == "cuda" and args.compile_serving,
-                        max_prefill_tokens=args.max_prefill_tokens)
+        engine = Engine(
+            model,
+            None,
+            max_batch=min(args.max_batch, args.requests),
+            max_seq_len=max_len,
+            cuda_graphs=device.type == "cuda" and not args.no_graphs,
+            compile=device.type == "cuda" and args.compile_serving,
+            max_prefill_tokens=args.max_prefill_tokens,
+        )
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
         engine.generate(prompts[: min(4, len(prompts))], params)  # warm-up
         setup = time.perf_counter() - t0
@@ -519,8 +572,15 @@ def part_serving(args, device, dtype, results):
         wall = time.perf_counter() - t
         gen = sum(len(o.token_ids) for o in outs)
         p50, p99 = _percentiles([o.time_to_first_token for o in outs])
-        out["engine"] = {"generated_tokens_per_s": gen / wall, "wall_s": wall, "generated_tokens": gen,
-                         "ttft_p50_s": p50, "ttft_p99_s": p99, "max_batch": engine.max_batch, "setup_s": setup}
+        out["engine"] = {
+            "generated_tokens_per_s": gen / wall,
+            "wall_s": wall,
+            "generated_tokens": gen,
+            "ttft_p50_s": p50,
+            "ttft_p99_s": p99,
+            "max_batch": engine.max_batch,
+            "setup_s": setup,
+        }
         del engine
     except Exception as err:
         out["engine"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
@@ -532,7 +592,10 @@ def part_serving(args, device, dtype, results):
     try:
         out["hf_continuous_batching"] = hf_serving(args, prompts, device, dtype)
     except Exception as err:
-        out["hf_continuous_batching"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:]}
+        out["hf_continuous_batching"] = {
+            "error": f"{type(err).__name__}: {err}",
+            "trace": traceback.format_exc()[-2000:],
+        }
     print(f"[serving] hf: {out['hf_continuous_batching']}", flush=True)
     results["serving"] = out
 
@@ -541,15 +604,20 @@ def hf_serving(args, prompts, device, dtype):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     base = complexity.ComplexityConfig.from_preset(args.serving_model)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
-                      num_hidden_layers=base.num_hidden_layers, num_attention_heads=base.num_attention_heads,
-                      num_key_value_heads=base.num_key_value_heads, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=base.hidden_size,
+        intermediate_size=base.intermediate_size,
+        num_hidden_layers=base.num_hidden_layers,
+        num_attention_heads=base.num_attention_heads,
+        num_key_value_heads=base.num_key_value_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     model.set_attn_implementation("sdpa")
-    gcfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)
+    gcfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate_batch(inputs=prompts[: min(4, len(prompts))], generation_config=gcfg)  # warm-up
     sync(device)
     t = time.perf_counter()
@@ -559,48 +627,79 @@ def hf_serving(args, prompts, device, dtype):
     gen = sum(len(o.generated_tokens) for o in res.values())
     ttft = [o.timestamps[0] - o.created_time for o in res.values() if getattr(o, "timestamps", None)]
     p50, p99 = _percentiles(ttft)
-    return {"generated_tokens_per_s": gen / wall, "wall_s": wall, "generated_tokens": gen, "ttft_p50_s": p50,
-            "ttft_p99_s": p99, "note": "ttft from GenerationOutput timestamps (created_time -> first token)"}
+    return {
+        "generated_tokens_per_s": gen / wall,
+        "wall_s": wall,
+        "generated_tokens": gen,
+        "ttft_p50_s": p50,
+        "ttft_p99_s": p99,
+        "note": "ttft from GenerationOutput timestamps (created_time -> first token)",
+    }
 
 
 def part_check(args, device, results):
     """Greedy tokens of the engine with CUDA graphs (+ compile) == eager engine == model.generate,
     in float32 on small random models of several variants (catches capture bugs)."""
     out = {}
-    variants = {"token_routed": {}, "dense": dict(mlp_type="dense"), "inl": dict(mu_mode="inl"),
-                "guidance_sw": dict(mu_mode="guidance", sliding_window=24, shared_expert=True),
-                "learned_moe": dict(mlp_type="learned_moe")}
+    variants = {
+        "token_routed": {},
+        "dense": dict(mlp_type="dense"),
+        "inl": dict(mu_mode="inl"),
+        "guidance_sw": dict(mu_mode="guidance", sliding_window=24, shared_expert=True),
+        "learned_moe": dict(mlp_type="learned_moe"),
+    }
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 512, (n,), generator=g).tolist() for n in (5, 17, 40, 9)]
     for name, over in variants.items():
         entry = {}
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
-            cfg = complexity.ComplexityConfig.from_preset("tiny", vocab_size=512, initializer_range=0.1,
-                                                          max_position_embeddings=256, **over)
+            cfg = complexity.ComplexityConfig.from_preset(
+                "tiny", vocab_size=512, initializer_range=0.1, max_position_embeddings=256, **over
+            )
             model = complexity.ComplexityForCausalLM(cfg).to(device=device, dtype=dtype).eval()
             params = SamplingParams(max_new_tokens=48, temperature=0, ignore_eos=True)
             key = str(dtype).removeprefix("torch.")
             try:
-                eager = [o.token_ids for o in Engine(model, None, max_batch=4, max_seq_len=128, cuda_graphs=False,
-                                                      compile=False).generate(prompts, params)]
-                graphs = [o.token_ids for o in Engine(model, None, max_batch=4, max_seq_len=128, cuda_graphs=True,
-                                                      compile=not args.no_compile).generate(prompts, params)]
+                eager = [
+                    o.token_ids
+                    for o in Engine(
+                        model, None, max_batch=4, max_seq_len=128, cuda_graphs=False, compile=False
+                    ).generate(prompts, params)
+                ]
+                graphs = [
+                    o.token_ids
+                    for o in Engine(
+                        model, None, max_batch=4, max_seq_len=128, cuda_graphs=True, compile=not args.no_compile
+                    ).generate(prompts, params)
+                ]
                 ref = []
                 for p_ in prompts:
                     ids = torch.tensor([p_], device=device)
-                    ref.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
-                                              do_sample=False, eos_token_id=None)[0, len(p_):].tolist())
+                    ref.append(
+                        model.generate(
+                            ids,
+                            attention_mask=torch.ones_like(ids),
+                            max_new_tokens=48,
+                            do_sample=False,
+                            eos_token_id=None,
+                        )[0, len(p_) :].tolist()
+                    )
 
                 def agree(a, b):
                     return sum(x == y for u, v in zip(a, b) for x, y in zip(u, v)) / sum(map(len, a))
 
-                entry[key] = {"graphs_eq_eager": graphs == eager, "eager_eq_generate": eager == ref,
-                              "token_agreement_graphs_vs_generate": agree(graphs, ref)}
+                entry[key] = {
+                    "graphs_eq_eager": graphs == eager,
+                    "eager_eq_generate": eager == ref,
+                    "token_agreement_graphs_vs_generate": agree(graphs, ref),
+                }
             except Exception as err:
                 entry[key] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-1500:]}
             torch._dynamo.reset()
-            print(f"[check] {name} {key}: {entry[key] if 'error' not in entry[key] else entry[key]['error']}", flush=True)
+            print(
+                f"[check] {name} {key}: {entry[key] if 'error' not in entry[key] else entry[key]['error']}", flush=True
+            )
         out[name] = entry
     results["check"] = out
 
@@ -624,41 +723,86 @@ def ratio(a, b):
 def tables(results: dict) -> str:
     """The compact tables printed last (and kept in the JSON)."""
     data = results.get("decode_prefill", {})
-    lines = [f"device {results.get('device')}, torch {results.get('torch')}, transformers {results.get('transformers')}, "
-             f"copy bandwidth {fmt(results.get('copy_bandwidth_GBps'))} GB/s"]
-    lines += ["", "batch-1 decode (tokens/s) | MB/token | bound | engine | reference | engine/ref | engine/bound % | "
-              "our step (GPU) | ref step (GPU) | without decode kernels | generate()"]
+    lines = [
+        f"device {results.get('device')}, torch {results.get('torch')}, transformers {results.get('transformers')}, "
+        f"copy bandwidth {fmt(results.get('copy_bandwidth_GBps'))} GB/s"
+    ]
+    lines += [
+        "",
+        "batch-1 decode (tokens/s) | MB/token | bound | engine | reference | engine/ref | engine/bound % | "
+        "our step (GPU) | ref step (GPU) | without decode kernels | generate()",
+    ]
     for preset, e in data.items():
         engine, ref = get(e, "engine", "engine", "tokens_per_s"), get(e, "reference", "decode", "tokens_per_s")
         bound = e.get("bound_tokens_per_s")
-        lines.append(" | ".join([
-            preset, fmt((e.get("bytes_per_token") or math.nan) / 1e6, ".1f"), fmt(bound), fmt(engine), fmt(ref),
-            fmt(ratio(engine, ref), ".2f"), fmt(100 * ratio(engine, bound) if ratio(engine, bound) else None, ".1f"),
-            fmt(get(e, "steps", "steps", "1", "tokens_per_s")), fmt(get(e, "reference", "steps", "1", "tokens_per_s")),
-            fmt(get(e, "steps_off", "steps", "1", "tokens_per_s")), fmt(get(e, "engine", "generate", "tokens_per_s")),
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    preset,
+                    fmt((e.get("bytes_per_token") or math.nan) / 1e6, ".1f"),
+                    fmt(bound),
+                    fmt(engine),
+                    fmt(ref),
+                    fmt(ratio(engine, ref), ".2f"),
+                    fmt(100 * ratio(engine, bound) if ratio(engine, bound) else None, ".1f"),
+                    fmt(get(e, "steps", "steps", "1", "tokens_per_s")),
+                    fmt(get(e, "reference", "steps", "1", "tokens_per_s")),
+                    fmt(get(e, "steps_off", "steps", "1", "tokens_per_s")),
+                    fmt(get(e, "engine", "generate", "tokens_per_s")),
+                ]
+            )
+        )
     lines += ["", "decode step (tokens/s per step, GPU) | batch | ours | reference | ours/ref | without decode kernels"]
     for preset, e in data.items():
-        for b in (get(e, "steps", "steps") or {}):
+        for b in get(e, "steps", "steps") or {}:
             ours, ref = get(e, "steps", "steps", b, "tokens_per_s"), get(e, "reference", "steps", b, "tokens_per_s")
-            lines.append(" | ".join([preset, b, fmt(ours), fmt(ref), fmt(ratio(ours, ref), ".2f"),
-                                     fmt(get(e, "steps_off", "steps", b, "tokens_per_s"))]))
+            lines.append(
+                " | ".join(
+                    [
+                        preset,
+                        b,
+                        fmt(ours),
+                        fmt(ref),
+                        fmt(ratio(ours, ref), ".2f"),
+                        fmt(get(e, "steps_off", "steps", b, "tokens_per_s")),
+                    ]
+                )
+            )
     lines += ["", "prefill (tokens/s) | batch x length | engine | reference"]
     for preset, e in data.items():
-        for shape in (get(e, "engine", "prefill") or {}):
-            lines.append(" | ".join([preset, shape, fmt(get(e, "engine", "prefill", shape, "tokens_per_s")),
-                                     fmt(get(e, "reference", "prefill", shape, "tokens_per_s"))]))
-    profiles = [(preset, kind, get(e, kind, "steps", "1", "profile")) for preset, e in data.items()
-                for kind in ("steps", "steps_off", "reference")]
+        for shape in get(e, "engine", "prefill") or {}:
+            lines.append(
+                " | ".join(
+                    [
+                        preset,
+                        shape,
+                        fmt(get(e, "engine", "prefill", shape, "tokens_per_s")),
+                        fmt(get(e, "reference", "prefill", shape, "tokens_per_s")),
+                    ]
+                )
+            )
+    profiles = [
+        (preset, kind, get(e, kind, "steps", "1", "profile"))
+        for preset, e in data.items()
+        for kind in ("steps", "steps_off", "reference")
+    ]
     if any(p for _, _, p in profiles):
         lines += ["", "batch-1 step kernels | system | kernels per step | kernel ms per step"]
         for preset, kind, p in profiles:
             if p:
                 lines.append(f"{preset} | {kind} | {p['kernels_per_call']:.0f} | {p['kernel_ms']:.3f}")
-    failures = [f"{preset} {kind}: {v['error']}" for preset, e in data.items() for kind, v in e.items()
-                if isinstance(v, dict) and "error" in v]
-    failures += [f"{preset} {kind} setup: {v['setup']['error']}" for preset, e in data.items() for kind, v in e.items()
-                 if isinstance(v, dict) and isinstance(v.get("setup"), dict) and "error" in v["setup"]]
+    failures = [
+        f"{preset} {kind}: {v['error']}"
+        for preset, e in data.items()
+        for kind, v in e.items()
+        if isinstance(v, dict) and "error" in v
+    ]
+    failures += [
+        f"{preset} {kind} setup: {v['setup']['error']}"
+        for preset, e in data.items()
+        for kind, v in e.items()
+        if isinstance(v, dict) and isinstance(v.get("setup"), dict) and "error" in v["setup"]
+    ]
     if failures:
         lines += ["", "failed:"] + failures
     return "\n".join(lines)
@@ -676,8 +820,11 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="decode,prefill",
-                   help="comma list: decode, prefill, serving, check (graphs == eager == generate)")
+    p.add_argument(
+        "--parts",
+        default="decode,prefill",
+        help="comma list: decode, prefill, serving, check (graphs == eager == generate)",
+    )
     p.add_argument("--models", default="base,tmlr-187m,pacific-prime", help="decode/prefill: presets (comma list)")
     p.add_argument("--batches", default="1,8,32,128", help="decode: batch sizes of the step comparison")
     p.add_argument("--prefill-shapes", default="1x2048,32x512", help="prefill: BATCHxLENGTH list")
@@ -690,8 +837,11 @@ def main(argv=None) -> int:
     p.add_argument("--generate-tokens", type=int, default=32, help="decode: tokens per generate() run (eager, slow)")
     p.add_argument("--step-count", type=int, default=64, help="decode: steps per timed run of the step comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the best is kept)")
-    p.add_argument("--profile", action="store_true", help="decode: kernel table of a batch-1 step (ours, without "
-                   "the decode kernels, the reference)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="decode: kernel table of a batch-1 step (ours, without the decode kernels, the reference)",
+    )
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--no-kernels-off", action="store_true", help="decode: skip the run without the decode kernels")
     p.add_argument("--setup-timeout", type=float, default=420, help="seconds for every worker to compile and warm up")
@@ -719,15 +869,26 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32, None: None}[args.dtype]
+    dtype = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        None: None,
+    }[args.dtype]
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     import transformers
 
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-               "args": vars(args)}
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": str(dtype),
+        "args": vars(args),
+    }
     t = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
@@ -746,8 +907,11 @@ def main(argv=None) -> int:
     if "serving" in parts:
         part_serving(args, device, dtype, results)
         save()
-    print(json.dumps({k: v for k, v in results.items() if k not in ("args", "decode_prefill", "tables")}, indent=2,
-                     default=str)[:4000])
+    print(
+        json.dumps(
+            {k: v for k, v in results.items() if k not in ("args", "decode_prefill", "tables")}, indent=2, default=str
+        )[:4000]
+    )
     if "tables" in results:
         print("\n" + results["tables"], flush=True)
     print(f"total {time.perf_counter() - t:.0f} s -> {args.out}")

@@ -22,11 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
+from profiling import kernel_table
 
 import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM
 from complexity.modeling_complexity import ComplexityMLP, ComplexityTokenRoutedMLP, Routing, dispatch_by_expert
-from profiling import kernel_table
 
 
 def cuda_graph(fn):
@@ -116,6 +116,7 @@ def bench_mlp(tokens: int, results: dict, profile: bool = False) -> None:
             out = module(*args, **kwargs)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(grad_out)
+
         return run
 
     compiled_dense = torch.compile(dense, fullgraph=True)
@@ -163,6 +164,7 @@ def bench_model(batch: int, seq: int, results: dict) -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = m(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
+
         return step
 
     timings = {"eager": cuda_time_ms(run(model), warmup=3, iters=10)}
@@ -187,8 +189,15 @@ def check_cuda_numerics(results: dict) -> None:
         "learned": dict(mlp_type="learned_moe"),
     }.items():
         for dtype in (torch.float32, torch.bfloat16):
-            cfg = ComplexityConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, **overrides)
+            cfg = ComplexityConfig(
+                vocab_size=512,
+                hidden_size=128,
+                intermediate_size=512,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **overrides,
+            )
             torch.manual_seed(0)
             m = ComplexityForCausalLM(cfg).cuda().to(dtype).eval()
             ids = torch.randint(0, 512, (2, 32), device="cuda")

@@ -57,7 +57,12 @@ class Shape:
         return self.shared + self.top_k * self.width
 
 
-GPU_SHAPES = (Shape(896, 4, 2, 64, 3072), Shape(1024, 4, 2, 512, 1024), Shape(1024, 8, 2, 512, 1024), Shape(1024, 8, 4, 512, 1024))
+GPU_SHAPES = (
+    Shape(896, 4, 2, 64, 3072),
+    Shape(1024, 4, 2, 512, 1024),
+    Shape(1024, 8, 2, 512, 1024),
+    Shape(1024, 8, 4, 512, 1024),
+)
 CPU_SHAPES = (Shape(64, 4, 2, 16, 64), Shape(64, 8, 4, 16, 0), Shape(64, 8, 2, 8, 32))
 
 
@@ -115,8 +120,15 @@ def auto_strategy(x: torch.Tensor, shape: Shape) -> str:
 
 def run_moe(inputs: dict, strategy: str) -> torch.Tensor:
     return hash_routed_mlp(
-        inputs["x"], inputs["routes"], inputs["weights"], inputs["gate_up"], inputs["down"], inputs["shared"],
-        inputs["shared_scale"], inputs["routed_scale"], strategy=strategy,
+        inputs["x"],
+        inputs["routes"],
+        inputs["weights"],
+        inputs["gate_up"],
+        inputs["down"],
+        inputs["shared"],
+        inputs["shared_scale"],
+        inputs["routed_scale"],
+        strategy=strategy,
     )
 
 
@@ -155,6 +167,7 @@ def run_dense(d: dict) -> torch.Tensor:
 def timer(device: str):
     """fn -> median ms."""
     if device == "cpu":
+
         def cpu_ms(fn):
             fn()
             times = []
@@ -163,12 +176,14 @@ def timer(device: str):
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
             return statistics.median(times)
+
         return cpu_ms
     try:
         from triton.testing import do_bench
 
         return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
     except ImportError:
+
         def cuda_ms(fn):
             for _ in range(5):
                 fn()
@@ -181,6 +196,7 @@ def timer(device: str):
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             return statistics.median(times)
+
         return cuda_ms
 
 
@@ -189,9 +205,11 @@ def step(fn, inputs: dict, backward: bool):
     params = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     params += [t for t in (inputs.get("shared") or ())]
     if not backward:
+
         def fwd():
             with torch.no_grad():
                 fn(inputs)
+
         return fwd
     grad = torch.randn(inputs["x"].shape, device=inputs["x"].device, dtype=inputs["x"].dtype)
 
@@ -199,6 +217,7 @@ def step(fn, inputs: dict, backward: bool):
         for p in params:
             p.grad = None
         fn(inputs).backward(grad)
+
     return fwd_bwd
 
 
@@ -226,7 +245,8 @@ def bench_shape(shape: Shape, tokens: int, device: str, dtype, compile_: bool, p
     base = row["ms"]
     row["ratio_to_dense"] = {  # against the compiled dense MLP (the eager one without compilation)
         key: value / base[f"dense_swiglu/{'compiled' if compile_ else 'eager'}/{key.rsplit('/', 1)[1]}"]
-        for key, value in base.items() if not key.startswith("dense_swiglu")
+        for key, value in base.items()
+        if not key.startswith("dense_swiglu")
     }
     return row
 
@@ -234,9 +254,19 @@ def bench_shape(shape: Shape, tokens: int, device: str, dtype, compile_: bool, p
 def print_table(rows: list[dict]) -> None:
     """One line per (shape, tokens, pass): the dense MLP, then each strategy eager and compiled,
     as ms and as a ratio to the compiled dense MLP (to the eager one when nothing was compiled)."""
-    cols = [("dense_swiglu", "eager"), ("dense_swiglu", "compiled"), ("dense", "eager"), ("dense", "compiled"),
-            ("grouped", "eager"), ("grouped", "compiled")]
-    print(f"\n{'shape (H-E-k-W-S)':<24}{'tokens':>6} {'pass':<8}" + "".join(f"{n.replace('_swiglu', '') + ' ' + m:>22}" for n, m in cols) + "  auto")
+    cols = [
+        ("dense_swiglu", "eager"),
+        ("dense_swiglu", "compiled"),
+        ("dense", "eager"),
+        ("dense", "compiled"),
+        ("grouped", "eager"),
+        ("grouped", "compiled"),
+    ]
+    print(
+        f"\n{'shape (H-E-k-W-S)':<24}{'tokens':>6} {'pass':<8}"
+        + "".join(f"{n.replace('_swiglu', '') + ' ' + m:>22}" for n, m in cols)
+        + "  auto"
+    )
     for row in rows:
         ms = row["ms"]
         for which in ("fwd_bwd", "fwd"):
@@ -245,14 +275,24 @@ def print_table(rows: list[dict]) -> None:
             for name, mode in cols:
                 v = ms.get(f"{name}/{mode}/{which}")
                 cells.append("-" if v is None else f"{v:.3f} ({v / ref:.2f}x)")
-            print(f"{Shape(**row['shape']).name:<24}{row['tokens']:>6} {which:<8}" + "".join(f"{c:>22}" for c in cells) + f"  {row['auto']}")
+            print(
+                f"{Shape(**row['shape']).name:<24}{row['tokens']:>6} {which:<8}"
+                + "".join(f"{c:>22}" for c in cells)
+                + f"  {row['auto']}"
+            )
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for bench_moe.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default: 16384 1 32 on the GPU, 256 1 on the CPU)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="token counts (default: 16384 1 32 on the GPU, 256 1 on the CPU)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="eager only (the CPU default)")
     parser.add_argument("--check-only", action="store_true", help="only check every strategy against the reference")
     args = parser.parse_args(argv)

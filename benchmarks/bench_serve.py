@@ -64,8 +64,9 @@ def make_checkpoint(path: str, preset: str, vocab: int, device: str) -> None:
     words = ["</s>", "<pad>", "<s>", "<unk>"] + [f"w{i}" for i in range(4, vocab)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(path)
     del model
 
 
@@ -97,8 +98,15 @@ def engine_direct(ckpt: str, args, prompts) -> dict:
     sync()
     wall = time.perf_counter() - t
     gen = sum(len(o.token_ids) for o in outs)
-    res = {"generated_tokens_per_s": gen / wall, "wall_s": wall, "generated_tokens": gen, "startup_s": startup,
-           "engine": engine.describe(), "max_batch": engine.max_batch, "max_seq_len": engine.max_seq_len}
+    res = {
+        "generated_tokens_per_s": gen / wall,
+        "wall_s": wall,
+        "generated_tokens": gen,
+        "startup_s": startup,
+        "engine": engine.describe(),
+        "max_batch": engine.max_batch,
+        "max_seq_len": engine.max_seq_len,
+    }
     del engine, outs
     import gc
 
@@ -122,8 +130,10 @@ async def _request(port: int, body: dict, stream: bool) -> dict:
     res = {"status": None, "start": time.time(), "chunk_times": [], "error": None}
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 24)
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Connection: close\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+        )
         await writer.drain()
         status = int((await reader.readline()).split()[1])
         headers = {}
@@ -145,7 +155,7 @@ async def _request(port: int, body: dict, stream: bool) -> dict:
                     events.append(ev)
                     if stream and b'"text":' in ev and not _EMPTY_TEXT.search(ev):
                         res["chunk_times"].append(now - start)
-            payload = [e[len(b"data: "):] for e in events if e.startswith(b"data: ")]
+            payload = [e[len(b"data: ") :] for e in events if e.startswith(b"data: ")]
         else:
             payload = [await reader.readexactly(int(headers.get("content-length", 0)))]
         writer.close()
@@ -157,8 +167,9 @@ async def _request(port: int, body: dict, stream: bool) -> dict:
                 res["error"] = "stream did not end with [DONE]"
             objs = [json.loads(p) for p in payload if p != b"[DONE]"]
             res["completion_tokens"] = next((o["usage"]["completion_tokens"] for o in objs if o.get("usage")), None)
-            res["finish_reason"] = next((c["finish_reason"] for o in objs for c in o.get("choices", [])
-                                         if c.get("finish_reason")), None)
+            res["finish_reason"] = next(
+                (c["finish_reason"] for o in objs for c in o.get("choices", []) if c.get("finish_reason")), None
+            )
             if any("error" in o for o in objs):
                 res["error"] = json.dumps(next(o for o in objs if "error" in o))[:300]
         else:
@@ -182,8 +193,17 @@ def _client_worker(port: int, bodies: list[dict], stream: bool) -> list[dict]:
 def drive(port: int, prompts, args, stream: bool) -> list[dict]:
     """All requests at once, spread over --workers client processes (one asyncio client would
     itself be the bottleneck at tens of thousands of tokens per second)."""
-    bodies = [{"prompt": p, "max_tokens": args.new_tokens, "temperature": 0, "ignore_eos": True, "stream": stream,
-               **({"stream_options": {"include_usage": True}} if stream else {})} for p in prompts]
+    bodies = [
+        {
+            "prompt": p,
+            "max_tokens": args.new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {}),
+        }
+        for p in prompts
+    ]
     workers = max(1, min(args.workers, len(bodies)))
     shares = [bodies[i::workers] for i in range(workers)]
     if workers == 1:
@@ -201,29 +221,53 @@ def _pct(values, q):
 
 
 def summarize(results: list[dict], args, stream: bool) -> dict:
-    ok = [r for r in results if r["error"] is None and r["status"] == 200
-          and r.get("completion_tokens") == args.new_tokens and r.get("finish_reason") == "length"]
+    ok = [
+        r
+        for r in results
+        if r["error"] is None
+        and r["status"] == 200
+        and r.get("completion_tokens") == args.new_tokens
+        and r.get("finish_reason") == "length"
+    ]
     errors = [r for r in results if r not in ok]
     statuses: dict[str, int] = {}
     for r in results:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
     wall = max(r.get("end", r["start"]) for r in results) - min(r["start"] for r in results)
     gen = sum(r.get("completion_tokens") or 0 for r in ok)
-    out = {"requests": len(results), "answered_ok": len(ok), "errors": len(errors), "statuses": statuses,
-           "five_xx": sum(v for k, v in statuses.items() if k.startswith("5")),
-           "error_samples": [r["error"] or f"tokens {r.get('completion_tokens')} reason {r.get('finish_reason')}"
-                             for r in errors[:5]],
-           "wall_s": wall, "generated_tokens": gen, "generated_tokens_per_s": gen / wall if wall > 0 else None}
+    out = {
+        "requests": len(results),
+        "answered_ok": len(ok),
+        "errors": len(errors),
+        "statuses": statuses,
+        "five_xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+        "error_samples": [
+            r["error"] or f"tokens {r.get('completion_tokens')} reason {r.get('finish_reason')}" for r in errors[:5]
+        ],
+        "wall_s": wall,
+        "generated_tokens": gen,
+        "generated_tokens_per_s": gen / wall if wall > 0 else None,
+    }
     if stream:
         ttft = [r["chunk_times"][0] for r in ok if r["chunk_times"]]
         gaps = [b - a for r in ok for a, b in zip(r["chunk_times"], r["chunk_times"][1:])]
-        tpot = [(r["chunk_times"][-1] - r["chunk_times"][0]) / (args.new_tokens - 1) for r in ok
-                if len(r["chunk_times"]) > 1 and args.new_tokens > 1]
+        tpot = [
+            (r["chunk_times"][-1] - r["chunk_times"][0]) / (args.new_tokens - 1)
+            for r in ok
+            if len(r["chunk_times"]) > 1 and args.new_tokens > 1
+        ]
         chunks = [len(r["chunk_times"]) for r in ok]
-        out.update({"ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
-                    "inter_chunk_p50_s": _pct(gaps, 0.5), "inter_chunk_p99_s": _pct(gaps, 0.99),
-                    "tpot_p50_s": _pct(tpot, 0.5), "tpot_p99_s": _pct(tpot, 0.99),
-                    "tokens_per_chunk": (args.new_tokens * len(chunks) / sum(chunks)) if chunks and sum(chunks) else None})
+        out.update(
+            {
+                "ttft_p50_s": _pct(ttft, 0.5),
+                "ttft_p99_s": _pct(ttft, 0.99),
+                "inter_chunk_p50_s": _pct(gaps, 0.5),
+                "inter_chunk_p99_s": _pct(gaps, 0.99),
+                "tpot_p50_s": _pct(tpot, 0.5),
+                "tpot_p99_s": _pct(tpot, 0.99),
+                "tokens_per_chunk": (args.new_tokens * len(chunks) / sum(chunks)) if chunks and sum(chunks) else None,
+            }
+        )
     return out
 
 
@@ -247,8 +291,18 @@ def _healthy(port: int) -> bool:
 
 def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
     port = _free_port()
-    cmd = [sys.executable, "-m", "complexity.cli", "serve", ckpt, "--port", str(port), "--log-level", "warning",
-           *args.server_args.split()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "complexity.cli",
+        "serve",
+        ckpt,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args.server_args.split(),
+    ]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -260,7 +314,9 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
             startup = time.perf_counter() - t0
             drive(port, prompts[:2], argparse.Namespace(**{**vars(args), "new_tokens": 4}), stream=False)  # warm-up
             plain = summarize(drive(port, prompts[: args.requests], args, stream=False), args, stream=False)
-            print(f"  http non-stream: {plain['generated_tokens_per_s']:.0f} tok/s, errors {plain['errors']}", flush=True)
+            print(
+                f"  http non-stream: {plain['generated_tokens_per_s']:.0f} tok/s, errors {plain['errors']}", flush=True
+            )
             streams = summarize(drive(port, prompts[: args.streams], args, stream=True), args, stream=True)
             print(f"  http streams: TTFT p50 {streams['ttft_p50_s']}, errors {streams['errors']}", flush=True)
         finally:
@@ -271,10 +327,16 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
                 proc.kill()
                 exit_code = proc.wait()
     text = open(log_path).read()
-    return {"command": " ".join(cmd[1:]), "startup_s": startup, "non_stream": plain, "streams": streams,
-            "exit_code": exit_code, "recompile_warnings": len(re.findall(r"[Rr]ecompil", text)),
-            "tracebacks": text.count("Traceback"),
-            "startup_log": [line for line in text.splitlines() if "engine" in line][:4]}
+    return {
+        "command": " ".join(cmd[1:]),
+        "startup_s": startup,
+        "non_stream": plain,
+        "streams": streams,
+        "exit_code": exit_code,
+        "recompile_warnings": len(re.findall(r"[Rr]ecompil", text)),
+        "tracebacks": text.count("Traceback"),
+        "startup_log": [line for line in text.splitlines() if "engine" in line][:4],
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -312,11 +374,19 @@ def main(argv=None) -> int:
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or "cpu")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
     except OSError:
         commit = None
-    summary = {"date": time.strftime("%Y-%m-%d"), "device": device_name, "versions": versions(), "commit": commit,
-               "args": vars(args), "results": {}}
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device_name,
+        "versions": versions(),
+        "commit": commit,
+        "args": vars(args),
+        "results": {},
+    }
     prompts = prompts_for(args)
     for preset in args.presets.split(","):
         t = time.perf_counter()
@@ -331,8 +401,9 @@ def main(argv=None) -> int:
         print(f"[{preset}] complexity serve", flush=True)
         res["http"] = serve_and_drive(ckpt, args, prompts, os.path.join(args.out, f"server-{preset}.log"))
         if "engine_direct" in res:
-            res["http_over_engine"] = (res["http"]["non_stream"]["generated_tokens_per_s"]
-                                       / res["engine_direct"]["generated_tokens_per_s"])
+            res["http_over_engine"] = (
+                res["http"]["non_stream"]["generated_tokens_per_s"] / res["engine_direct"]["generated_tokens_per_s"]
+            )
         res["total_s"] = time.perf_counter() - t
         summary["results"][preset] = res
         with open(os.path.join(args.out, f"bench_serve_{preset}.json"), "w") as f:

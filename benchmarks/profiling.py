@@ -15,6 +15,8 @@ def kernel_table(prof, calls: int, top: int, name_len: int = 120) -> dict:
             k[0] += e.device_time
             k[1] += 1
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"kernel_ms": sum(v[0] for v in kernels.values()) / 1e3 / calls,
-            "kernels_per_call": sum(v[1] for v in kernels.values()) / calls,
-            "top": [{"name": n, "ms": v[0] / 1e3 / calls, "calls": v[1] / calls} for n, v in ranked]}
+    return {
+        "kernel_ms": sum(v[0] for v in kernels.values()) / 1e3 / calls,
+        "kernels_per_call": sum(v[1] for v in kernels.values()) / calls,
+        "top": [{"name": n, "ms": v[0] / 1e3 / calls, "calls": v[1] / calls} for n, v in ranked],
+    }

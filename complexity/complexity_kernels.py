@@ -25,7 +25,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -90,7 +92,9 @@ def decode_attention(module, query, key, value, attention_mask, scaling, dropout
     """
     b, heads, _, d = query.shape
     grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    out = F.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )
     return out.reshape(b, heads, 1, d).transpose(1, 2), None
 
 
@@ -225,7 +229,9 @@ def dispatch_by_expert(expert_idx: torch.Tensor, num_experts: int) -> ExpertDisp
     return ExpertDispatch(order, slot, ends.to(torch.int32))
 
 
-def grouped_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, dispatch: ExpertDispatch) -> torch.Tensor:
+def grouped_swiglu(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, dispatch: ExpertDispatch
+) -> torch.Tensor:
     """Row i of x [N, H] through its expert's SwiGLU (weights [E, H, 2I] gate | up, [E, I, H]):
     sort the rows by expert, one grouped GEMM per projection, unsort."""
     xs = _PermuteRows.apply(x, dispatch.order, dispatch.inverse)
@@ -357,10 +363,7 @@ def decode_rows_for(ids: torch.Tensor) -> bool:
     """Whether hidden states with the rows of `ids` (token ids) will take the decode kernels,
     as far as the ids tell: the model skips grouping the tokens by expert then."""
     return (
-        DECODE_KERNELS
-        and ids.device.type in _DECODE_DEVICES
-        and _few_rows(ids.numel())
-        and not torch.is_grad_enabled()
+        DECODE_KERNELS and ids.device.type in _DECODE_DEVICES and _few_rows(ids.numel()) and not torch.is_grad_enabled()
     )
 
 
@@ -412,8 +415,11 @@ def rows_swiglu(
     with both experts summed in one float32 accumulator."""
     dtype, flat = x.dtype, _rows(x)
     ids = None if expert_idx is None else expert_idx.reshape(-1).contiguous()
-    gate, up, shared_down = (None, None, None) if shared is None else (
-        p.weight.to(dtype) for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
+    gate, up, shared_down = (
+        (None, None, None)
+        if shared is None
+        else (p.weight.to(dtype) for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
+    )
     h = swiglu_rows(flat, ids, None if gate_up is None else gate_up.to(dtype), gate, up)
     y = down_rows(h, x.shape[-1], ids, None if down is None else down.to(dtype), shared_down)
     return y.view(x.shape)

@@ -30,26 +30,129 @@ MU_MODES = ("none", "guidance", "inl")
 # Size presets (docs/architecture.md §5). Variant flags default to the token-routed design;
 # the presets that name a design set it explicitly.
 _SIZES = {
-    "tiny": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=704, num_experts=4),
-    "20m": dict(hidden_size=320, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=896, num_experts=4),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, num_experts=4),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048, num_experts=4),
-    "tmlr-187m": dict(hidden_size=768, num_hidden_layers=18, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048, num_experts=4,
-                      shared_expert=True, mu_mode="guidance", routing="zipf"),
-    "350m": dict(hidden_size=1280, num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=4, intermediate_size=3456, num_experts=4),
-    "medium": dict(hidden_size=1536, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4, intermediate_size=4096, num_experts=4),
-    "1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632, num_experts=4),
-    "pacific-prime": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632, num_experts=4,
-                          mu_mode="inl", routing="modulo", shared_expert=False, max_position_embeddings=2048),
-    "3b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=6912, num_experts=8),
-    "3.8b": dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192, num_experts=8),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=11008, num_experts=8),
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=704,
+        num_experts=4,
+    ),
+    "20m": dict(
+        hidden_size=320,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=896,
+        num_experts=4,
+    ),
+    "small": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1408,
+        num_experts=4,
+    ),
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        num_experts=4,
+    ),
+    "tmlr-187m": dict(
+        hidden_size=768,
+        num_hidden_layers=18,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        num_experts=4,
+        shared_expert=True,
+        mu_mode="guidance",
+        routing="zipf",
+    ),
+    "350m": dict(
+        hidden_size=1280,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=3456,
+        num_experts=4,
+    ),
+    "medium": dict(
+        hidden_size=1536,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=4096,
+        num_experts=4,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=5632,
+        num_experts=4,
+    ),
+    "pacific-prime": dict(
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=5632,
+        num_experts=4,
+        mu_mode="inl",
+        routing="modulo",
+        shared_expert=False,
+        max_position_embeddings=2048,
+    ),
+    "3b": dict(
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=6912,
+        num_experts=8,
+    ),
+    "3.8b": dict(
+        hidden_size=3072,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        num_experts=8,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=11008,
+        num_experts=8,
+    ),
     # the shape of upstream's public TR-Hash MoE 200M release: top-2 hash routing over 4 narrow
     # experts (4 x 64) beside a wide shared expert, routed branch scaled by 2
-    "trhash-200m": dict(hidden_size=896, num_hidden_layers=16, num_attention_heads=14, num_key_value_heads=2, intermediate_size=256, num_experts=4,
-                        mlp_type="hash_routed", num_experts_per_tok=2, route_strategy="multi_hash", route_hash_count=2,
-                        route_primary_weight=0.5, shared_expert=True, shared_expert_intermediate_size=3072,
-                        shared_output_scale=1.0, routed_output_scale=2.0, max_position_embeddings=2048),
+    "trhash-200m": dict(
+        hidden_size=896,
+        num_hidden_layers=16,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        num_experts=4,
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        route_strategy="multi_hash",
+        route_hash_count=2,
+        route_primary_weight=0.5,
+        shared_expert=True,
+        shared_expert_intermediate_size=3072,
+        shared_output_scale=1.0,
+        routed_output_scale=2.0,
+        max_position_embeddings=2048,
+    ),
 }
 _SIZES["150m"] = _SIZES["base"]
 PRESETS = tuple(_SIZES)
@@ -177,8 +280,8 @@ class ComplexityConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim if head_dim is not None else (
-            hidden_size // num_attention_heads if num_attention_heads else None
+        self.head_dim = (
+            head_dim if head_dim is not None else (hidden_size // num_attention_heads if num_attention_heads else None)
         )
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
@@ -248,15 +351,25 @@ class ComplexityConfig(PretrainedConfig):
         def fail(field: str, message: str):
             raise ValueError(f"ComplexityConfig.{field}: {message}")
 
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(field, f"must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
-            fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}")
+            fail(
+                "num_key_value_heads",
+                f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}",
+            )
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
             fail("head_dim", f"must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
         if self.mlp_type not in MLP_TYPES:
@@ -271,8 +384,11 @@ class ComplexityConfig(PretrainedConfig):
             if not isinstance(self.num_experts, int) or self.num_experts < 1:
                 fail("num_experts", f"must be a positive integer, got {self.num_experts!r}")
             if self.expert_intermediate_size is None and self.intermediate_size % self.num_experts:
-                fail("intermediate_size", f"{self.intermediate_size} is not divisible by num_experts={self.num_experts} "
-                     "(or set expert_intermediate_size)")
+                fail(
+                    "intermediate_size",
+                    f"{self.intermediate_size} is not divisible by num_experts={self.num_experts} "
+                    "(or set expert_intermediate_size)",
+                )
             if self.expert_width <= 0:
                 fail("expert_intermediate_size", f"must be positive, got {self.expert_width}")
         k = self.num_experts_per_tok
@@ -282,20 +398,29 @@ class ComplexityConfig(PretrainedConfig):
             fail("num_experts_per_tok", f"must be an integer in [1, num_experts={self.num_experts}], got {k!r}")
         self._validate_hash_routing(fail)
         if self.shared_expert and self.mlp_type == "dense":
-            fail("shared_expert", "a shared expert needs a routed MLP (mlp_type token_routed, learned_moe or hash_routed)")
+            fail(
+                "shared_expert",
+                "a shared expert needs a routed MLP (mlp_type token_routed, learned_moe or hash_routed)",
+            )
         if self.shared_expert and self.shared_expert_width <= 0:
             fail("shared_expert_intermediate_size", f"must be positive, got {self.shared_expert_width}")
         if self.mu_mode == "inl" and self.mlp_type != "token_routed":
-            fail("mu_mode", "'inl' routes through the token-routed MLP's mu override, which moves a token's one "
-                 f"expert (top-1); it needs mlp_type='token_routed', got {self.mlp_type!r} (mu_mode='guidance' "
-                 "composes with every MLP)")
+            fail(
+                "mu_mode",
+                "'inl' routes through the token-routed MLP's mu override, which moves a token's one "
+                f"expert (top-1); it needs mlp_type='token_routed', got {self.mlp_type!r} (mu_mode='guidance' "
+                "composes with every MLP)",
+            )
         if self.qk_norm_eps is not None and not _positive_number(self.qk_norm_eps):
             fail("qk_norm_eps", f"must be None (rms_norm_eps) or a positive number, got {self.qk_norm_eps!r}")
         for field in ("dynamics_alpha", "dynamics_gate"):
             if not 0.0 < getattr(self, field) < 1.0:
                 fail(field, f"is a sigmoid output at init and must lie in (0, 1), got {getattr(self, field)}")
         if not 0.0 < self.dynamics_beta < self.dynamics_beta_max:
-            fail("dynamics_beta", f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta}")
+            fail(
+                "dynamics_beta",
+                f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta}",
+            )
         if self.router_aux_loss_coef < 0:
             fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
 
@@ -322,19 +447,25 @@ class ComplexityConfig(PretrainedConfig):
             if e < 4 or e % 2:
                 fail("num_experts", f"hierarchical_hash needs an even number of experts >= 4, got {e}")
             if 2 * k > e:
-                fail("num_experts_per_tok", f"hierarchical_hash routes among num_experts/2={e // 2} parent experts, "
-                     f"so at most {e // 2} routes per token, got {k}")
+                fail(
+                    "num_experts_per_tok",
+                    f"hierarchical_hash routes among num_experts/2={e // 2} parent experts, "
+                    f"so at most {e // 2} routes per token, got {k}",
+                )
         if self.route_strategy in ("balanced_hash", "hierarchical_hash"):
             groups = e if self.route_strategy == "balanced_hash" else e // 2
             # slot j of a token is pi[(p + j * stride) mod E] for an odd stride < E: k distinct
             # experts need k <= E / gcd(stride, E) for every such stride
             worst = min((groups // math.gcd(s, groups) for s in range(1, groups, 2)), default=groups)
             if k > worst:
-                fail("num_experts_per_tok", f"{self.route_strategy} cannot give {k} distinct experts per token "
-                     f"with num_experts={e} (at most {worst}; a power of two number of experts allows any k)")
+                fail(
+                    "num_experts_per_tok",
+                    f"{self.route_strategy} cannot give {k} distinct experts per token "
+                    f"with num_experts={e} (at most {worst}; a power of two number of experts allows any k)",
+                )
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "ComplexityConfig":
+    def from_preset(cls, name: str, **overrides) -> ComplexityConfig:
         """A preset of docs/architecture.md §5, with any field overridden, e.g. `from_preset("tiny", mu_mode="guidance")`."""
         if name not in _SIZES:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")

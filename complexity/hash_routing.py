@@ -141,7 +141,9 @@ def build_route_table(
     models keep their tables as persisted buffers and never rebuild them on load.
     """
     with torch.device("cpu"):  # exact integer work on the CPU, whatever the ambient default device (meta, cuda)
-        return _build_route_table(route_strategy, vocab_size, num_experts, num_experts_per_tok, layer_idx, route_hash_count)
+        return _build_route_table(
+            route_strategy, vocab_size, num_experts, num_experts_per_tok, layer_idx, route_hash_count
+        )
 
 
 def _build_route_table(route_strategy, vocab_size, num_experts, num_experts_per_tok, layer_idx, route_hash_count):
@@ -151,7 +153,9 @@ def _build_route_table(route_strategy, vocab_size, num_experts, num_experts_per_
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
         raise ValueError(f"layer_idx: must be a non-negative integer, got {layer_idx!r}")
     if k > num_experts:
-        raise ValueError(f"num_experts_per_tok: {k} routes per token need at least {k} experts, got num_experts={num_experts}")
+        raise ValueError(
+            f"num_experts_per_tok: {k} routes per token need at least {k} experts, got num_experts={num_experts}"
+        )
     if route_strategy == "modulo_cyclic":
         table = modulo_cyclic_table(vocab_size, num_experts, k, layer_idx)
     elif route_strategy == "balanced_hash":
@@ -190,13 +194,25 @@ def check_route_table(
 ) -> None:
     """Raise ValueError unless `table` is an integer [k, V] table of experts in [0, num_experts)
     with k distinct experts in every column (token)."""
-    if not isinstance(table, torch.Tensor) or table.dtype.is_floating_point or table.dtype.is_complex or table.dtype == torch.bool:
-        raise ValueError(f"{name}: must be an integer tensor, got {getattr(table, 'dtype', type(table).__name__)}")
-    expected = (num_experts_per_tok if num_experts_per_tok is not None else "k", vocab_size if vocab_size is not None else "V")
-    if table.dim() != 2 or (num_experts_per_tok is not None and table.shape[0] != num_experts_per_tok) or (
-        vocab_size is not None and table.shape[1] != vocab_size
+    if (
+        not isinstance(table, torch.Tensor)
+        or table.dtype.is_floating_point
+        or table.dtype.is_complex
+        or table.dtype == torch.bool
     ):
-        raise ValueError(f"{name}: has shape {list(table.shape)}, expected [{expected[0]}, {expected[1]}] (slots, vocabulary)")
+        raise ValueError(f"{name}: must be an integer tensor, got {getattr(table, 'dtype', type(table).__name__)}")
+    expected = (
+        num_experts_per_tok if num_experts_per_tok is not None else "k",
+        vocab_size if vocab_size is not None else "V",
+    )
+    if (
+        table.dim() != 2
+        or (num_experts_per_tok is not None and table.shape[0] != num_experts_per_tok)
+        or (vocab_size is not None and table.shape[1] != vocab_size)
+    ):
+        raise ValueError(
+            f"{name}: has shape {list(table.shape)}, expected [{expected[0]}, {expected[1]}] (slots, vocabulary)"
+        )
     if table.numel() == 0:
         return
     lo, hi = int(table.min()), int(table.max())
@@ -249,8 +265,13 @@ def layer_scales(config, layer_idx: int) -> tuple[float, float]:
     """(s_shared, s_routed) of layer `layer_idx` from a config's `*_output_scale` fields (a
     `ComplexityConfig`, or anything with those fields and `num_hidden_layers`)."""
     return tuple(
-        branch_scale(getattr(config, f"{b}_output_scale"), getattr(config, f"{b}_output_scale_first_layer"),
-                     getattr(config, f"{b}_output_scale_last_layer"), layer_idx, config.num_hidden_layers)
+        branch_scale(
+            getattr(config, f"{b}_output_scale"),
+            getattr(config, f"{b}_output_scale_first_layer"),
+            getattr(config, f"{b}_output_scale_last_layer"),
+            layer_idx,
+            config.num_hidden_layers,
+        )
         for b in ("shared", "routed")
     )
 
@@ -271,7 +292,7 @@ FUSE_MIN_ROWS = 1024
 def pick_strategy(
     num_tokens: int, num_experts: int, top_k: int, expert_width: int, shared_width: int, grouped_ok: bool
 ) -> str:
-    """"dense" (every expert, masked by a per-token column scale) when its extra FLOPs are small
+    """ "dense" (every expert, masked by a per-token column scale) when its extra FLOPs are small
     or there is no grouped GEMM for this dtype/device; "grouped" (rows sorted by expert) otherwise."""
     dense_flops = num_experts * expert_width + shared_width
     active_flops = top_k * expert_width + shared_width

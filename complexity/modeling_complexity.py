@@ -61,7 +61,6 @@ from .complexity_math import (
 from .configuration_complexity import ComplexityConfig
 from .hash_routing import build_route_table, hash_routed_mlp, layer_scales, slot_weights, token_routes
 
-
 # ----------------------------------------------------------------------------- routing tables
 
 
@@ -172,7 +171,10 @@ class ComplexityAttention(nn.Module):
         """q, k, v = x W_{q,k,v} (+ mu_prev W_mu{q,k,v})."""
         mu_projections = (self.mu_to_q, self.mu_to_k, self.mu_to_v) if mu_prev is not None else ()
         return summed_projections(
-            x, (self.q_proj, self.k_proj, self.v_proj), mu_prev, mu_projections,
+            x,
+            (self.q_proj, self.k_proj, self.v_proj),
+            mu_prev,
+            mu_projections,
             fuse=x.numel() // x.shape[-1] >= self.fuse_min_rows,
         )
 
@@ -227,7 +229,7 @@ class Routing(NamedTuple):
     mu: torch.Tensor | None = None  # this layer's INL mu_c (the mu-router override)
 
     @classmethod
-    def for_tokens(cls, token_ids, token_to_expert, num_experts: int, token_mask=None) -> "Routing":
+    def for_tokens(cls, token_ids, token_to_expert, num_experts: int, token_mask=None) -> Routing:
         """Every layer routes by the same table: group the tokens by expert once, not per layer
         (a decode step's few rows need no grouping: `experts_swiglu`)."""
         if token_to_expert is None:
@@ -306,7 +308,9 @@ class ComplexityTokenRoutedMLP(nn.Module):
         self.shared_expert = (
             ComplexityMLP(config.hidden_size, config.shared_expert_width) if config.shared_expert else None
         )
-        self.mu_router = nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
+        self.mu_router = (
+            nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
+        )
         self.mu_router_bias = config.mu_router_bias
 
     def forward(self, x, routing: Routing):
@@ -350,8 +354,12 @@ class ComplexityHashExperts(ComplexityExperts):
 
     def forward(self, x, routes, weights, shared=None, shared_scale: float = 1.0, routed_scale: float = 1.0):
         """x [N, H]; routes [N, k] expert ids; weights: k floats; shared: a `ComplexityMLP` or None."""
-        shared = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight) if shared is not None else None
-        return hash_routed_mlp(x, routes, weights, self.gate_up_proj, self.down_proj, shared, shared_scale, routed_scale)
+        shared = (
+            (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight) if shared is not None else None
+        )
+        return hash_routed_mlp(
+            x, routes, weights, self.gate_up_proj, self.down_proj, shared, shared_scale, routed_scale
+        )
 
 
 class ComplexityHashRoutedMLP(nn.Module):
@@ -382,8 +390,11 @@ class ComplexityHashRoutedMLP(nn.Module):
     @staticmethod
     def build_route_table(config: ComplexityConfig, layer_idx: int) -> torch.Tensor:
         return build_route_table(
-            config.route_strategy, vocab_size=config.vocab_size, num_experts=config.num_experts,
-            num_experts_per_tok=config.num_experts_per_tok, layer_idx=layer_idx,
+            config.route_strategy,
+            vocab_size=config.vocab_size,
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            layer_idx=layer_idx,
             route_hash_count=config.route_hash_count,
         )
 
@@ -394,8 +405,10 @@ class ComplexityHashRoutedMLP(nn.Module):
         return out.view(x.shape), None
 
     def extra_repr(self) -> str:
-        return (f"layer={self.layer_idx}, slot_weights={self.slot_weights}, shared_scale={self.shared_scale}, "
-                f"routed_scale={self.routed_scale}")
+        return (
+            f"layer={self.layer_idx}, slot_weights={self.slot_weights}, shared_scale={self.shared_scale}, "
+            f"routed_scale={self.routed_scale}"
+        )
 
 
 # config.mlp_type -> the MLP class; each is built (config, layer_idx) and called (hidden_states, routing).
@@ -447,7 +460,11 @@ class ComplexityINLDynamics(nn.Module):
         self.mu_proj.zero_init = True
         self.controller_in = nn.Linear(2 * h, c)
         self.controller_out = nn.Linear(c, 3 * h)
-        self.init_bias = (_logit(config.dynamics_alpha), _inverse_softplus(config.dynamics_beta), _logit(config.dynamics_gate))
+        self.init_bias = (
+            _logit(config.dynamics_alpha),
+            _inverse_softplus(config.dynamics_beta),
+            _logit(config.dynamics_gate),
+        )
 
     def forward(self, a, velocity):
         """a: attention output; velocity: carried from the previous layer -> (a', v', mu_c)."""
@@ -555,7 +572,9 @@ class ComplexityPreTrainedModel(PreTrainedModel):
             if getattr(module, "zero_init", False):
                 init.zeros_(module.weight)
             else:
-                init.normal_(module.weight, mean=0.0, std=out_std if getattr(module, "is_residual_output", False) else std)
+                init.normal_(
+                    module.weight, mean=0.0, std=out_std if getattr(module, "is_residual_output", False) else std
+                )
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -692,11 +711,13 @@ class ComplexityModel(ComplexityPreTrainedModel):
                 position_ids=position_ids,
                 **{_MASK_CACHE_ARG: past_key_values},
             )
-        position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        position_embeddings = rotary_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
+        )
         # Padding tokens do not count in the router's load-balancing statistics.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -inputs_embeds.shape[1]:]
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]
         routing = Routing.for_tokens(input_ids, self.token_to_expert, self.config.num_experts, token_mask)
 
         hidden_states = inputs_embeds

@@ -24,9 +24,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
-_WORDS = ("the a cat dog sat on mat and ran to house tree big small red blue green happy sad "
-          "hello world once upon time there was little girl boy who loved play in garden sun "
-          "moon star café naïve über déjà vu 東京 猫 🙂").split()
+_WORDS = (
+    "the a cat dog sat on mat and ran to house tree big small red blue green happy sad "
+    "hello world once upon time there was little girl boy who loved play in garden sun "
+    "moon star café naïve über déjà vu 東京 猫 🙂"
+).split()
 
 
 def corpus_text(n_sentences: int = 400, seed: int = 0) -> list[str]:
@@ -58,7 +60,11 @@ def make_tokenizer(vocab_size: int = 384):
 
     tok = Tokenizer.from_str(_tokenizer_json(vocab_size))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -72,8 +78,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(path, *, model_name: str = "tiny", request_timeout: float = 30.0, max_connections: int = 2048,
-                   **app_kwargs):
+def running_server(
+    path, *, model_name: str = "tiny", request_timeout: float = 30.0, max_connections: int = 2048, **app_kwargs
+):
     """A real uvicorn server (the transport limits of `complexity serve`) on a free loopback port,
     in a background thread, over a float32 CPU engine whose core runs in a thread. Yields (url, app)."""
     import threading
@@ -90,8 +97,16 @@ def running_server(path, *, model_name: str = "tiny", request_timeout: float = 3
     engine = Engine.from_pretrained(path, device="cpu", **engine_kwargs)
     app = create_app(engine, model_name=model_name, **app_kwargs)
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           request_timeout=request_timeout, max_connections=max_connections))
+    server = uvicorn.Server(
+        uvicorn_config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            request_timeout=request_timeout,
+            max_connections=max_connections,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -122,8 +137,14 @@ def make_tiny_checkpoint(path, **config_overrides) -> Path:
     seed = config_overrides.pop("seed", 0)
     tokenizer = make_tokenizer(config_overrides.pop("tokenizer_vocab_size", 384))
     fields = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_experts=4, max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        max_position_embeddings=512,
         initializer_range=0.1,
     )
     fields.update(config_overrides)

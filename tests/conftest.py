@@ -28,17 +28,30 @@ VARIANTS = {
     "routed-shared-mu": dict(mlp_type="token_routed", shared_expert=True, mu_mode="guidance", routing="zipf"),
     "inl": dict(mlp_type="token_routed", mu_mode="inl"),
     "learned": dict(mlp_type="learned_moe"),
-    "learned-top2-shared-mu": dict(mlp_type="learned_moe", num_experts_per_tok=2, shared_expert=True, mu_mode="guidance"),
+    "learned-top2-shared-mu": dict(
+        mlp_type="learned_moe", num_experts_per_tok=2, shared_expert=True, mu_mode="guidance"
+    ),
     "sliding": dict(mlp_type="token_routed", shared_expert=True, mu_mode="guidance", sliding_window=5),
     "no-qk-norm": dict(mlp_type="token_routed", use_qk_norm=False),
     # top-2 hash routing (§2e): the upstream TR-Hash form (multi-hash tables, unequal slot
     # weights, shared expert, routed branch x2, mu off), and balanced tables with mu guidance,
     # branch scales that vary over depth and the QK-norm's own epsilon
-    "hash-top2-shared": dict(mlp_type="hash_routed", num_experts_per_tok=2, route_primary_weight=0.7,
-                             shared_expert=True, routed_output_scale=2.0),
-    "hash-top2-mu": dict(mlp_type="hash_routed", num_experts_per_tok=2, route_strategy="balanced_hash",
-                         mu_mode="guidance", routed_output_scale_first_layer=1.0, routed_output_scale_last_layer=3.0,
-                         qk_norm_eps=1e-5),
+    "hash-top2-shared": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        route_primary_weight=0.7,
+        shared_expert=True,
+        routed_output_scale=2.0,
+    ),
+    "hash-top2-mu": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        route_strategy="balanced_hash",
+        mu_mode="guidance",
+        routed_output_scale_first_layer=1.0,
+        routed_output_scale_last_layer=3.0,
+        qk_norm_eps=1e-5,
+    ),
 }
 
 

@@ -24,8 +24,15 @@ from complexity.experiments.ablation import (  # noqa: E402
 )
 
 VOCAB = 384
-MODEL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+MODEL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +89,9 @@ def test_arms_match_parameters_at_the_ablation_size():
         assert abs(p.total - ref.total) / ref.total <= TOLERANCE, p.summary()
         assert abs(p.mismatch) <= 0.001, p.summary()  # the solver gets well inside the tolerance
     assert plans["dense"].model["mlp_type"] == "dense" and plans["dense"].model["mu_mode"] == "none"
-    assert plans["dense"].widths["intermediate"] > 3000          # widened from upstream's 2416
+    assert plans["dense"].widths["intermediate"] > 3000  # widened from upstream's 2416
     assert plans["routed"].widths["expert"] > ref.widths["expert"]  # no mu: wider experts
-    assert plans["dense"].total == plans["dense"].active          # dense: every parameter is active
+    assert plans["dense"].total == plans["dense"].active  # dense: every parameter is active
     assert plans["learned_mu"].model["num_experts_per_tok"] == 1
     assert plans["learned_mu"].model["mlp_type"] == "learned_moe"
 
@@ -96,8 +103,12 @@ def test_hash_top2_arm_has_the_references_total_and_active_parameters():
         plans = plan_arms(preset, ["routed_mu", "hash_top2", "learned_mu"], base)
         ref, hash_arm = plans["routed_mu"], plans["hash_top2"]
         assert (hash_arm.total, hash_arm.active) == (ref.total, ref.active), preset
-        assert hash_arm.widths == {"expert": ref.widths["expert"] // 2, "experts": 2 * ref.widths["experts"],
-                                   "per_token": 2, "shared": ref.widths["shared"]}
+        assert hash_arm.widths == {
+            "expert": ref.widths["expert"] // 2,
+            "experts": 2 * ref.widths["experts"],
+            "per_token": 2,
+            "shared": ref.widths["shared"],
+        }
         assert hash_arm.model["mlp_type"] == "hash_routed" and hash_arm.model["mu_mode"] == "guidance"
         assert abs(plans["learned_mu"].active - ref.active) / ref.active < 0.01  # the other top-1 arm
     with pytest.raises(ValueError, match="expert width 15 does not split into 2"):
@@ -116,8 +127,17 @@ def test_dry_run_cli(capsys):
 def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
     out = tmp_path / "abl"
     arms = ["dense", "routed_mu"]
-    kw = dict(preset="tiny", data=data_dir, steps=8, out=out, seeds=2, arms=arms,
-              overrides=_overrides(data_dir), progress=False, log=lambda m: None)
+    kw = dict(
+        preset="tiny",
+        data=data_dir,
+        steps=8,
+        out=out,
+        seeds=2,
+        arms=arms,
+        overrides=_overrides(data_dir),
+        progress=False,
+        log=lambda m: None,
+    )
 
     # 1. Interrupted after the first arm has finished.
     class Stop(Exception):
@@ -149,8 +169,11 @@ def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
     assert (first / "metrics.jsonl").read_text() == metrics_before
     run_info = json.loads((second / "run.json").read_text())
     assert run_info["resumed_from"] and "step_00000003" in run_info["resumed_from"]
-    steps = [json.loads(l)["step"] for l in (second / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(l) and "event" not in json.loads(l)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (second / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line) and "event" not in json.loads(line)
+    ]
     assert steps == list(range(1, 9))  # one line per step, none lost or doubled by the resume
 
     # Same data in the same order in every arm (per seed); another seed, another order.
@@ -195,13 +218,24 @@ def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
 def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):
     out = tmp_path / "spike"
     arms = ["dense", "routed", "hash_top2"]
-    res = run_ablation(preset="tiny", data=data_dir, steps=10, out=out, seeds=1, arms=arms,
-                       overrides=_overrides(data_dir), spike_step=6, spike_lr_mult=10.0, spike_window=3,
-                       progress=False, log=lambda m: None)
+    res = run_ablation(
+        preset="tiny",
+        data=data_dir,
+        steps=10,
+        out=out,
+        seeds=1,
+        arms=arms,
+        overrides=_overrides(data_dir),
+        spike_step=6,
+        spike_lr_mult=10.0,
+        spike_window=3,
+        progress=False,
+        log=lambda m: None,
+    )
     assert not res.interrupted
     for a in arms:
         run_dir = out / "runs" / f"{a}-s0"
-        records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         injected = [r["step"] for r in records if r.get("event") == "spike_injected"]
         assert injected == [6]
         losses = {r["step"]: r["loss"] for r in records if "loss" in r and "event" not in r}

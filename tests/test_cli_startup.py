@@ -36,9 +36,7 @@ def imported_modules(importtime_log: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize(
-    "args", [["--help"], *[[c, "--help"] for c in COMMANDS]], ids=lambda a: " ".join(a)
-)
+@pytest.mark.parametrize("args", [["--help"], *[[c, "--help"] for c in COMMANDS]], ids=lambda a: " ".join(a))
 def test_help_does_not_import_torch(args):
     result = run_script(*args)
     assert result.returncode == 0, result.stderr[-2000:]

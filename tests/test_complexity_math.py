@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config, tiny_model
 
 from complexity import complexity_math as cm
-
-from conftest import tiny_config, tiny_model
 
 torch.set_num_threads(2)
 
@@ -50,7 +49,11 @@ def test_inl_dynamics_step():
     controls = randn(2, 7, 3 * h, seed=4, scale=3.0)
     got_a, got_v = cm.inl_dynamics(a, v, controls, mu_c, config)
     a64, v64, mu64, c64 = (t.double() for t in (a, v, mu_c, controls))
-    alpha, beta, gate = torch.sigmoid(c64[..., :h]), F.softplus(c64[..., h:2 * h]).clamp(max=2.0), torch.sigmoid(c64[..., 2 * h:])
+    alpha, beta, gate = (
+        torch.sigmoid(c64[..., :h]),
+        F.softplus(c64[..., h : 2 * h]).clamp(max=2.0),
+        torch.sigmoid(c64[..., 2 * h :]),
+    )
     want_v = (alpha * v64 - beta * (a64 - mu64)).clamp(-10.0, 10.0)
     torch.testing.assert_close(got_v.double(), want_v, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(got_a.double(), a64 + 0.1 * gate * want_v, atol=1e-5, rtol=1e-6)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
 
 from complexity.inference import Engine, SamplingParams
 from complexity.inference.detokenize import IncrementalDetokenizer, StopMatcher
 from complexity.inference.sampling import filter_logits
-
-from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
 
 torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
 # Engines are built with device="cpu": the default picks CUDA (bf16) where there is a GPU, and
@@ -36,14 +35,16 @@ VARIANTS = {
     "inl": dict(mu_mode="inl"),
     "sliding_window": dict(sliding_window=6, mu_mode="guidance"),
     "no_qk_norm": dict(use_qk_norm=False),
-    "hash_top2_shared": dict(mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True, routed_output_scale=2.0),
+    "hash_top2_shared": dict(
+        mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True, routed_output_scale=2.0
+    ),
 }
 
 
 def _reference(model, prompt_ids: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,11 @@ def test_greedy_matches_generate(ckpt_dir, variant):
         if out.finish_reason == "length":
             assert len(out.token_ids) == n
         else:  # stopped on eos: generate stops there too
-            assert out.token_ids[-1] == 0 and len(ref) == len(out.token_ids) or ref[len(out.token_ids):] == [1] * (n - len(out.token_ids))
+            assert (
+                out.token_ids[-1] == 0
+                and len(ref) == len(out.token_ids)
+                or ref[len(out.token_ids) :] == [1] * (n - len(out.token_ids))
+            )
 
 
 def test_staggered_arrivals_match_generate(ckpt_dir):
@@ -85,7 +90,9 @@ def test_staggered_arrivals_match_generate(ckpt_dir):
     reqs = []
     lengths = [7, 15, 3, 11, 9, 5]
     for i, prompt in enumerate(PROMPTS + ["the"]):
-        reqs.append(engine.add_request(prompt, SamplingParams(max_new_tokens=lengths[i], temperature=0, ignore_eos=True)))
+        reqs.append(
+            engine.add_request(prompt, SamplingParams(max_new_tokens=lengths[i], temperature=0, ignore_eos=True))
+        )
         engine.step()
         engine.step()
     while engine.has_unfinished():
@@ -93,8 +100,13 @@ def test_staggered_arrivals_match_generate(ckpt_dir):
     for r in reqs:
         assert len(r.output_ids) == r.params.max_new_tokens
         ids = torch.tensor([r.prompt_ids])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.params.max_new_tokens,
-                             do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=r.params.max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+        )[0, ids.shape[1] :].tolist()
         assert r.output_ids == ref
     assert sorted(engine.free_slots) == [0, 1, 2, 3]
 
@@ -110,13 +122,32 @@ def test_token_id_prompts_and_context_limit(ckpt_dir):
         engine.generate([[1, 2, 10**6]])
 
 
-@pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5), ("min_p", -0.1),
-    ("repetition_penalty", 0.0), ("max_new_tokens", 0), ("max_new_tokens", -3), ("temperature", float("nan")),
-    ("logprobs", 50), ("seed", 1.5), ("stop", [""]), ("temperature", 1e-45), ("temperature", 10**400),
-    ("repetition_penalty", 1e-40), ("repetition_penalty", 5e-324), ("top_k", 2**63), ("seed", 2**64),
-    ("stop", ["x"] * 17), ("max_new_tokens", 2**63),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("min_p", 1.5),
+        ("min_p", -0.1),
+        ("repetition_penalty", 0.0),
+        ("max_new_tokens", 0),
+        ("max_new_tokens", -3),
+        ("temperature", float("nan")),
+        ("logprobs", 50),
+        ("seed", 1.5),
+        ("stop", [""]),
+        ("temperature", 1e-45),
+        ("temperature", 10**400),
+        ("repetition_penalty", 1e-40),
+        ("repetition_penalty", 5e-324),
+        ("top_k", 2**63),
+        ("seed", 2**64),
+        ("stop", ["x"] * 17),
+        ("max_new_tokens", 2**63),
+    ],
+)
 def test_sampling_params_validation(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -125,8 +156,9 @@ def test_sampling_params_validation(field, value):
 def test_filter_logits():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
     t = torch.ones(4)
-    probs = filter_logits(logits, t, torch.tensor([1, 0, 0, 0]), torch.tensor([1.0, 0.5, 1.0, 1.0]),
-                          torch.tensor([0.0, 0.0, 0.3, 0.0]))
+    probs = filter_logits(
+        logits, t, torch.tensor([1, 0, 0, 0]), torch.tensor([1.0, 0.5, 1.0, 1.0]), torch.tensor([0.0, 0.0, 0.3, 0.0])
+    )
     assert probs[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # top-k 1
     assert probs[1, 0] == 1.0  # top-p 0.5: the first token already holds 0.64
     assert (probs[2, 2:] == 0).all() and probs[2, 1] > 0  # min-p 0.3 keeps p >= 0.3 * p_max
@@ -136,8 +168,16 @@ def test_filter_logits():
 def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt_dir):
     path = make_tiny_checkpoint(ckpt_dir / "seed")
     engine = Engine.from_pretrained(path, device="cpu", max_batch=4)
-    p = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01,
-                       repetition_penalty=1.2, seed=1234, ignore_eos=True)
+    p = SamplingParams(
+        max_new_tokens=24,
+        temperature=1.0,
+        top_k=50,
+        top_p=0.95,
+        min_p=0.01,
+        repetition_penalty=1.2,
+        seed=1234,
+        ignore_eos=True,
+    )
     [a] = engine.generate(["the cat"], p)
     [b] = engine.generate(["the cat"], p)
     assert a.token_ids == b.token_ids
@@ -156,7 +196,9 @@ def test_stop_strings_and_eos(ckpt_dir):
     text = full.text
     assert len(text) > 6
     stop = text[3:6]
-    [cut] = engine.generate(["the cat sat"], SamplingParams(max_new_tokens=30, temperature=0, stop=[stop], ignore_eos=True))
+    [cut] = engine.generate(
+        ["the cat sat"], SamplingParams(max_new_tokens=30, temperature=0, stop=[stop], ignore_eos=True)
+    )
     assert cut.finish_reason == "stop"
     assert cut.text == text[: text.index(stop)]
     # a stop token id ends generation (and is reported in token_ids, not in the text)
@@ -235,14 +277,19 @@ def _cli(capsys, *argv):
 
 def test_cli_generate(ckpt_dir, capsys):
     path = make_tiny_checkpoint(ckpt_dir / "cli")
-    rc, greedy, _ = _cli(capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--temperature", 0, "--ignore-eos")
+    rc, greedy, _ = _cli(
+        capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--temperature", 0, "--ignore-eos"
+    )
     assert rc == 0 and len(greedy.strip()) > 0
     stop = greedy[2:5]
-    rc, cut, _ = _cli(capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--temperature", 0,
-                      "--ignore-eos", "--stop", stop)
+    rc, cut, _ = _cli(
+        capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--temperature", 0, "--ignore-eos", "--stop", stop
+    )
     assert rc == 0 and cut == greedy[: greedy.index(stop)] + "\n"
-    runs = [_cli(capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--seed", s, "--ignore-eos")[1]
-            for s in (7, 7, 8)]
+    runs = [
+        _cli(capsys, path, "--prompt", "the cat", "--max-new-tokens", 20, "--seed", s, "--ignore-eos")[1]
+        for s in (7, 7, 8)
+    ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     rc, _, err = _cli(capsys, path, "--prompt", "x", "--top-p", "1.5")
     assert rc == 2 and "top_p" in err
@@ -254,8 +301,16 @@ def test_extreme_valid_values_sample_finite_tokens(ckpt_dir):
     """The edges of the stated ranges sample real tokens (no overflow, no NaN), batched together."""
     path = make_tiny_checkpoint(ckpt_dir / "edges")
     engine = Engine.from_pretrained(path, device="cpu", max_batch=8)
-    edges = [dict(temperature=1e-4), dict(temperature=1e4), dict(top_k=2**31 - 1), dict(top_p=1e-300),
-             dict(min_p=1.0), dict(repetition_penalty=0.01), dict(repetition_penalty=100.0), dict(seed=2**64 - 1)]
+    edges = [
+        dict(temperature=1e-4),
+        dict(temperature=1e4),
+        dict(top_k=2**31 - 1),
+        dict(top_p=1e-300),
+        dict(min_p=1.0),
+        dict(repetition_penalty=0.01),
+        dict(repetition_penalty=100.0),
+        dict(seed=2**64 - 1),
+    ]
     params = [SamplingParams(max_new_tokens=6, ignore_eos=True, **kw) for kw in edges]
     outs = engine.generate(["the cat sat"] * len(edges), params)
     for kw, out in zip(edges, outs):

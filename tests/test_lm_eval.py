@@ -69,9 +69,18 @@ def hf_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-eval")
     tok, _ = make_tiny_data(root, vocab_size=VOCAB, n_docs=60)
     torch.manual_seed(0)
-    config = ComplexityConfig.from_preset("tiny", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=128, shared_expert=True, mu_mode="guidance")
+    config = ComplexityConfig.from_preset(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        shared_expert=True,
+        mu_mode="guidance",
+    )
     folder = root / "model"
     ComplexityForCausalLM(config).save_pretrained(folder)
     for f in Path(tok).iterdir():
@@ -98,15 +107,19 @@ def test_local_tasks_run_through_the_harness(hf_folder, tmp_path, monkeypatch, c
     mc_data = tmp_path / "mc.jsonl"
     mc_data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     ppl_data = tmp_path / "ppl.jsonl"
-    ppl_data.write_text("".join(json.dumps({"text": t}) + "\n" for t in
-                                ["The cat sees the ball today.", "My friend reads a book at night."]))
+    ppl_data.write_text(
+        "".join(
+            json.dumps({"text": t}) + "\n" for t in ["The cat sees the ball today.", "My friend reads a book at night."]
+        )
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "mc.yaml").write_text(MC_TASK.format(data=mc_data))
     (tasks / "ppl.yaml").write_text(PPL_TASK.format(data=ppl_data))
 
-    result = run_lm_eval(hf_folder, ["complexity_local_mc", "complexity_local_ppl"], include_path=tasks,
-                         batch_size=2, device="cpu")
+    result = run_lm_eval(
+        hf_folder, ["complexity_local_mc", "complexity_local_ppl"], include_path=tasks, batch_size=2, device="cpu"
+    )
     mc = result["results"]["complexity_local_mc"]
     acc = mc.get("acc,none", mc.get("acc"))
     assert acc is not None and 0.0 <= acc <= 1.0
@@ -123,7 +136,24 @@ def test_local_tasks_run_through_the_harness(hf_folder, tmp_path, monkeypatch, c
     # The same through `complexity eval --tasks` (no --data: only the harness).
     from complexity.cli import main
 
-    assert main(["eval", str(hf_folder), "--tasks", "complexity_local_mc", "--include-path", str(tasks),
-                 "--limit", "2", "--batch-size", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(hf_folder),
+                "--tasks",
+                "complexity_local_mc",
+                "--include-path",
+                str(tasks),
+                "--limit",
+                "2",
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["lm_eval"]["n_samples"]["complexity_local_mc"]["effective"] == 2

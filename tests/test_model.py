@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VARIANTS, tiny_config, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
 
@@ -15,8 +16,6 @@ import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM, count_parameters, create_complexity_model
 from complexity import complexity_kernels as ck
 from complexity import modeling_complexity as mc
-
-from conftest import VARIANTS, tiny_config, tiny_model
 
 ATOL = 1e-5  # float32, tiny widths: differences come only from summation order
 
@@ -129,8 +128,13 @@ def test_save_load_round_trip_is_bitwise(tmp_path, variant):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     # The model file and the files it imports travel with the weights (trust_remote_code).
-    for code in ("modeling_complexity.py", "configuration_complexity.py", "complexity_math.py", "complexity_kernels.py",
-                 "hash_routing.py"):
+    for code in (
+        "modeling_complexity.py",
+        "configuration_complexity.py",
+        "complexity_math.py",
+        "complexity_kernels.py",
+        "hash_routing.py",
+    ):
         assert (tmp_path / code).is_file(), code
     reloaded = AutoConfig.from_pretrained(tmp_path).to_diff_dict()
     for key, value in model.config.to_diff_dict().items():
@@ -162,13 +166,19 @@ def test_generate_left_padded_batch_and_sampling():
     ids = torch.cat([a, torch.cat([torch.full((1, 3), 1), b], 1)])
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
+    batched = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1
+    )
     alone = model.generate(b, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=1)
     assert torch.equal(batched[1, 3:], alone[0])
     torch.manual_seed(0)
-    s1 = model.generate(a, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9, eos_token_id=None, pad_token_id=1)
+    s1 = model.generate(
+        a, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9, eos_token_id=None, pad_token_id=1
+    )
     torch.manual_seed(0)
-    s2 = model.generate(a, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9, eos_token_id=None, pad_token_id=1)
+    s2 = model.generate(
+        a, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.9, eos_token_id=None, pad_token_id=1
+    )
     assert torch.equal(s1, s2) and s1.shape == (1, 15)
     assert int(s1.max()) < 256
 
@@ -335,8 +345,10 @@ def test_fused_qkv_projection_matches_a_float64_reference(with_mu):
     mu = torch.randn(2, 40, 64, generator=gen) if with_mu else None
     reference = [x.double() @ proj.weight.double().T for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
     if with_mu:
-        reference = [r + mu.double() @ proj.weight.double().T
-                     for r, proj in zip(reference, (attn.mu_to_q, attn.mu_to_k, attn.mu_to_v))]
+        reference = [
+            r + mu.double() @ proj.weight.double().T
+            for r, proj in zip(reference, (attn.mu_to_q, attn.mu_to_k, attn.mu_to_v))
+        ]
     for min_rows in (0, 10**9):  # fused, separate
         attn.fuse_min_rows = min_rows
         for got, want in zip(attn.project_qkv(x, mu), reference):
@@ -462,7 +474,9 @@ def test_mu_guidance_at_init_equals_the_model_without_mu():
 
 def test_init_follows_the_spec():
     torch.manual_seed(0)
-    model = ComplexityForCausalLM(tiny_config(hidden_size=256, intermediate_size=1024, mu_mode="inl", num_hidden_layers=8))
+    model = ComplexityForCausalLM(
+        tiny_config(hidden_size=256, intermediate_size=1024, mu_mode="inl", num_hidden_layers=8)
+    )
     std, out_std = 0.02, 0.02 / math.sqrt(16)
     layer = model.model.layers[1]
     assert abs(layer.self_attn.q_proj.weight.std().item() - std) < 0.002
@@ -523,7 +537,9 @@ def test_known_preset_sizes():
     # tmlr-187m: 186.8M live (upstream's 187.4M included the last layer's dead mu projection);
     # the dense ablation arm at width 3242 has 187.4M; pacific-prime is the 1.5B INL model.
     assert count_parameters(ComplexityConfig.from_preset("tmlr-187m")).total == 186_822_144
-    dense = ComplexityConfig.from_preset("tmlr-187m", mlp_type="dense", mu_mode="none", shared_expert=False, intermediate_size=3242)
+    dense = ComplexityConfig.from_preset(
+        "tmlr-187m", mlp_type="dense", mu_mode="none", shared_expert=False, intermediate_size=3242
+    )
     assert count_parameters(dense).total == 187_370_496
     assert round(count_parameters(ComplexityConfig.from_preset("pacific-prime")).total / 1e9, 2) == 1.51
     # trhash-200m, the shape of upstream's public TR-Hash 200M release: 2 of 4 experts (4 x 64) active
@@ -557,9 +573,20 @@ def test_known_preset_sizes():
         (dict(shared_output_scale_last_layer="2"), "shared_output_scale_last_layer"),
         (dict(qk_norm_eps=0.0), "qk_norm_eps"),
         (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts=2), "num_experts"),
-        (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts_per_tok=3), "num_experts_per_tok"),
-        (dict(mlp_type="hash_routed", route_strategy="balanced_hash", num_experts=6, num_experts_per_tok=3,
-              intermediate_size=120), "num_experts_per_tok"),
+        (
+            dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts_per_tok=3),
+            "num_experts_per_tok",
+        ),
+        (
+            dict(
+                mlp_type="hash_routed",
+                route_strategy="balanced_hash",
+                num_experts=6,
+                num_experts_per_tok=3,
+                intermediate_size=120,
+            ),
+            "num_experts_per_tok",
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(fields, field):
@@ -600,7 +627,12 @@ def test_create_complexity_model_and_presets():
     config = ComplexityConfig.from_preset("pacific-prime")
     assert (config.mu_mode, config.routing, config.shared_expert) == ("inl", "modulo", False)
     config = ComplexityConfig.from_preset("tmlr-187m")
-    assert (config.mu_mode, config.routing, config.shared_expert, config.num_hidden_layers) == ("guidance", "zipf", True, 18)
+    assert (config.mu_mode, config.routing, config.shared_expert, config.num_hidden_layers) == (
+        "guidance",
+        "zipf",
+        True,
+        18,
+    )
 
 
 def test_cli_info_prints_exact_counts(capsys):
@@ -667,7 +699,10 @@ def test_trust_remote_code_load_without_the_package(tmp_path, name):
         torch.save({"ids": ids, "logits": model(ids).logits}, folder / "expected.pt")
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
     )
     assert result.returncode == 0, result.stderr[-3000:]

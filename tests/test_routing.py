@@ -36,7 +36,9 @@ def test_range_and_modulo_match_model_definition():
 
 def test_zipf_beats_modulo_and_range():
     counts = zipf_counts(32000)
-    reports = {s: balance_report(build_routing_table(s, 32000, 8, counts), counts, 8) for s in ("zipf", "modulo", "range")}
+    reports = {
+        s: balance_report(build_routing_table(s, 32000, 8, counts), counts, 8) for s in ("zipf", "modulo", "range")
+    }
     assert reports["zipf"]["max_over_mean"] < reports["modulo"]["max_over_mean"]
     assert reports["zipf"]["max_over_mean"] < reports["range"]["max_over_mean"]
     # the heaviest token alone is ~ 1/sum(1/r^1.1) of the mass; greedy balance is as good as that allows
@@ -94,15 +96,33 @@ def test_cli_build(tmp_path, capsys):
     counts = zipf_counts(2000)
     np.save(tmp_path / "counts.npy", counts)
     out = tmp_path / "table.safetensors"
-    assert main(["routing", "build", "--counts", str(tmp_path / "counts.npy"), "--experts", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["routing", "build", "--counts", str(tmp_path / "counts.npy"), "--experts", "4", "--out", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     for s in ("zipf", "modulo", "range"):
         assert s in text
     table = load_file(str(out))["routing_table"]
     assert torch.equal(table, build_routing_table("zipf", 2000, 4, counts))
-    assert main(["routing", "build", "--counts", str(tmp_path / "counts.npy"), "--experts", "4", "--strategy",
-                 "modulo", "--out", str(tmp_path / "t.npy"), "--vocab-size", "2048"]) == 0
+    assert (
+        main(
+            [
+                "routing",
+                "build",
+                "--counts",
+                str(tmp_path / "counts.npy"),
+                "--experts",
+                "4",
+                "--strategy",
+                "modulo",
+                "--out",
+                str(tmp_path / "t.npy"),
+                "--vocab-size",
+                "2048",
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "t.npy").tolist() == (np.arange(2048) % 4).tolist()
     capsys.readouterr()
     assert main(["routing", "build", "--counts", str(tmp_path / "missing.npy"), "--experts", "4"]) == 2

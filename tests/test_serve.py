@@ -16,11 +16,10 @@ import httpx
 import openai
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from _serve_fixtures import free_port as _free_port
 from _serve_fixtures import make_tiny_checkpoint, running_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch.set_num_threads(1)
 
@@ -30,8 +29,9 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", mu_mode="guidance", shared_expert=True,
-                                max_position_embeddings=4096)
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("serve") / "tiny", mu_mode="guidance", shared_expert=True, max_position_embeddings=4096
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,9 @@ def test_completion(client, model, ckpt):
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = torch.tensor([tok("the cat sat").input_ids])
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)[
+        0, ids.shape[1] :
+    ]
     assert choice.text == tok.decode([t for t in ref.tolist() if t not in (0, 1)])
     # several prompts, n > 1 with a seed
     r = client.completions.create(model=MODEL, prompt=["the", "a dog"], max_tokens=5, n=2, seed=3, temperature=1.0)
@@ -101,28 +103,41 @@ def test_serves_a_hash_routed_checkpoint(tmp_path):
     model's own greedy `generate()`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = make_tiny_checkpoint(tmp_path / "hash", mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True,
-                                routed_output_scale=2.0)
+    path = make_tiny_checkpoint(
+        tmp_path / "hash", mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True, routed_output_scale=2.0
+    )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     with running_server(path, max_batch=4) as (url, _):
-        r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "the cat sat on", "max_tokens": 10,
-                                                       "temperature": 0}, timeout=60)
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": MODEL, "prompt": "the cat sat on", "max_tokens": 10, "temperature": 0},
+            timeout=60,
+        )
     assert r.status_code == 200, r.text
     ids = torch.tensor([tok("the cat sat on").input_ids])
-    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)[0, ids.shape[1]:]
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)[0, ids.shape[1] :]
     assert r.json()["choices"][0]["text"] == tok.decode([t for t in ref.tolist() if t not in (0, 1)])
     assert r.json()["usage"]["completion_tokens"] == len([t for t in ref.tolist() if t != 1])
 
 
 def test_chat(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "be brief"},
-                                                              {"role": "user", "content": "hello"}],
-                                       max_tokens=8, temperature=0)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=8,
+        temperature=0,
+    )
     assert r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens <= 8
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
 
@@ -149,8 +164,9 @@ def test_echo_logprobs_match_forward(client, model, ckpt):
     ids = tok("the big red dog sat on the mat").input_ids
     logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     for max_tokens in (1, 0):
-        r = client.completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens, echo=True, logprobs=1,
-                                      temperature=0)
+        r = client.completions.create(
+            model=MODEL, prompt=ids, max_tokens=max_tokens, echo=True, logprobs=1, temperature=0
+        )
         lp = r.choices[0].logprobs
         assert len(lp.token_logprobs) == len(ids) + max_tokens
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -169,18 +185,25 @@ def test_echo_logprobs_match_forward(client, model, ckpt):
 
 def test_64_concurrent_requests_match_sequential(server):
     url = server[0]
-    prompts = [" ".join(["the", "cat", "dog", "sat", "on", "mat", "red", "sun"][: 1 + i % 8]) + f" {i}"
-               for i in range(64)]
+    prompts = [
+        " ".join(["the", "cat", "dog", "sat", "on", "mat", "red", "sun"][: 1 + i % 8]) + f" {i}" for i in range(64)
+    ]
     max_tokens = [4 + (i * 7) % 13 for i in range(64)]
     sync = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-    sequential = [sync.completions.create(model=MODEL, prompt=p, max_tokens=m, temperature=0).choices[0].text
-                  for p, m in zip(prompts, max_tokens)]
+    sequential = [
+        sync.completions.create(model=MODEL, prompt=p, max_tokens=m, temperature=0).choices[0].text
+        for p, m in zip(prompts, max_tokens)
+    ]
 
     async def run_all():
         aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
         async with aclient:
-            rs = await asyncio.gather(*[aclient.completions.create(model=MODEL, prompt=p, max_tokens=m, temperature=0)
-                                        for p, m in zip(prompts, max_tokens)])
+            rs = await asyncio.gather(
+                *[
+                    aclient.completions.create(model=MODEL, prompt=p, max_tokens=m, temperature=0)
+                    for p, m in zip(prompts, max_tokens)
+                ]
+            )
         return [r.choices[0].text for r in rs]
 
     assert asyncio.run(run_all()) == sequential
@@ -202,12 +225,31 @@ def test_api_key(server):
         openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
 
 
-@pytest.mark.parametrize("field,value", [
-    ("temperature", -1), ("top_p", 0), ("top_p", 2), ("top_k", -5), ("min_p", 1.5), ("repetition_penalty", 0),
-    ("n", 0), ("n", 1000), ("max_tokens", -1), ("max_tokens", 10**12), ("logprobs", 99), ("temperature", "hot"),
-    ("max_tokens", 3.5), ("stream", "yes"), ("stop", 7), ("seed", "x"), ("prompt", []), ("prompt", [[]]),
-    ("prompt", [1, 2, 10**9]), ("prompt", "word " * 5000),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -1),
+        ("top_p", 0),
+        ("top_p", 2),
+        ("top_k", -5),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0),
+        ("n", 0),
+        ("n", 1000),
+        ("max_tokens", -1),
+        ("max_tokens", 10**12),
+        ("logprobs", 99),
+        ("temperature", "hot"),
+        ("max_tokens", 3.5),
+        ("stream", "yes"),
+        ("stop", 7),
+        ("seed", "x"),
+        ("prompt", []),
+        ("prompt", [[]]),
+        ("prompt", [1, 2, 10**9]),
+        ("prompt", "word " * 5000),
+    ],
+)
 def test_invalid_fields_named(server, field, value):
     body = {"model": MODEL, "prompt": "the cat", "max_tokens": 4, field: value}
     _assert_error(_post(server[0], "/v1/completions", body), 400, param=field)
@@ -218,33 +260,67 @@ def test_unknown_model_and_route(server):
     _assert_error(httpx.get(server[0] + "/v1/nothing", headers={"Authorization": f"Bearer {API_KEY}"}), 404)
     _assert_error(_post(server[0], "/v1/completions", b"{not json"), 400)
     _assert_error(_post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": []}), 400, param="messages")
-    _assert_error(_post(server[0], "/v1/chat/completions",
-                        {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}), 400, param="messages")
+    _assert_error(
+        _post(server[0], "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+        400,
+        param="messages",
+    )
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
-_fields = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "stream",
-           "stream_options", "logprobs", "echo", "seed", "messages", "max_completion_tokens", "top_logprobs",
-           "repetition_penalty", "ignore_eos"]
-_small = st.one_of(_json, st.integers(min_value=-3, max_value=40), st.just(MODEL), st.just("the cat"),
-                   st.lists(st.integers(min_value=-2, max_value=500), max_size=6),
-                   st.just([{"role": "user", "content": "hi"}]))
+_fields = [
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "echo",
+    "seed",
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "repetition_penalty",
+    "ignore_eos",
+]
+_small = st.one_of(
+    _json,
+    st.integers(min_value=-3, max_value=40),
+    st.just(MODEL),
+    st.just("the cat"),
+    st.lists(st.integers(min_value=-2, max_value=500), max_size=6),
+    st.just([{"role": "user", "content": "hi"}]),
+)
 _bodies = st.one_of(
     _json,
     st.dictionaries(st.sampled_from(_fields), _small, max_size=8),
-    st.fixed_dictionaries({"model": st.just(MODEL), "prompt": _small},
-                          optional={k: _small for k in ("max_tokens", "temperature", "n", "logprobs", "echo", "stream", "stop")}),
+    st.fixed_dictionaries(
+        {"model": st.just(MODEL), "prompt": _small},
+        optional={k: _small for k in ("max_tokens", "temperature", "n", "logprobs", "echo", "stream", "stop")},
+    ),
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=_bodies,
-       raw=st.one_of(st.none(), st.binary(max_size=40)))
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    body=_bodies,
+    raw=st.one_of(st.none(), st.binary(max_size=40)),
+)
 def test_fuzz_never_5xx(server, path, body, raw):
     url = server[0]
     if isinstance(body, dict) and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -296,8 +372,10 @@ def test_limits_answer_429(ckpt):
         headers = {"Authorization": "Bearer none"}
         body = {"model": MODEL, "prompt": "the cat", "max_tokens": 3000, "stream": True, "ignore_eos": True}
         with httpx.Client(timeout=30) as c:
-            with c.stream("POST", url + "/v1/completions", json=body, headers=headers) as r1, \
-                 c.stream("POST", url + "/v1/completions", json=body, headers=headers) as r2:
+            with (
+                c.stream("POST", url + "/v1/completions", json=body, headers=headers) as r1,
+                c.stream("POST", url + "/v1/completions", json=body, headers=headers) as r2,
+            ):
                 assert r1.status_code == 200 and r2.status_code == 200
                 lines = r1.iter_lines()  # keep a reference: a collected iterator closes the response
                 next(lines)
@@ -309,9 +387,13 @@ def test_limits_answer_429(ckpt):
             assert time.time() < deadline
             time.sleep(0.05)
         # a prompt longer than the queued-token budget
-        _assert_error(_post(url, "/v1/completions", {"model": MODEL, "prompt": list(range(10, 60)), "max_tokens": 1},
-                            key=None), 429)
-        assert _post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, key=None).status_code == 200
+        _assert_error(
+            _post(url, "/v1/completions", {"model": MODEL, "prompt": list(range(10, 60)), "max_tokens": 1}, key=None),
+            429,
+        )
+        assert (
+            _post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, key=None).status_code == 200
+        )
         assert _metric(url, "complexity_rejected_requests_total") == 2
 
 
@@ -319,9 +401,27 @@ def test_limits_answer_429(ckpt):
 def test_sigterm_shuts_down_cleanly(ckpt):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--port", str(port), "--threads", "1",
-         "--shutdown-timeout", "3", "--log-level", "warning", "--max-batch", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
+        [
+            sys.executable,
+            "-m",
+            "complexity.cli",
+            "serve",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--shutdown-timeout",
+            "3",
+            "--log-level",
+            "warning",
+            "--max-batch",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -340,7 +440,7 @@ def test_sigterm_shuts_down_cleanly(ckpt):
             proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]  # the stream ends (cancelled after 3 s), it does not hang
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] in ("abort", "length")
+        assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] in ("abort", "length")
         # uvicorn re-raises the captured signal after its graceful shutdown: -SIGTERM is the clean exit
         assert proc.wait(30) in (0, -signal.SIGTERM)
         assert b"Traceback" not in proc.stdout.read()

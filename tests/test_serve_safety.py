@@ -19,10 +19,9 @@ import httpx
 import openai
 import pytest
 import torch
+from _serve_fixtures import free_port, make_tiny_checkpoint, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from _serve_fixtures import free_port, make_tiny_checkpoint, running_server
 
 torch.set_num_threads(1)
 
@@ -33,14 +32,16 @@ TALLY = {"requests": 0, "5xx": 0}  # what the fuzz and extreme-value tests sent 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("safety") / "tiny", mu_mode="guidance",
-                                max_position_embeddings=1024)
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("safety") / "tiny", mu_mode="guidance", max_position_embeddings=1024
+    )
 
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    with running_server(ckpt, max_batch=4, max_body_bytes=256 << 10, body_timeout=2.0, request_timeout=2.0,
-                        max_connections=512) as (url, app):
+    with running_server(
+        ckpt, max_batch=4, max_body_bytes=256 << 10, body_timeout=2.0, request_timeout=2.0, max_connections=512
+    ) as (url, app):
         yield url
     print(f"\n[serve safety] requests tried: {TALLY['requests']}, 5xx answers: {TALLY['5xx']}")
 
@@ -68,17 +69,48 @@ def _error(resp, status, param=None, code=None):
 
 
 EXTREME = [  # (field, value): each must be refused with 400 naming the field
-    ("temperature", 1e-45), ("temperature", 5e-324), ("temperature", 1e300), ("temperature", 10**400),
-    ("temperature", -0.5), ("top_k", 2**63), ("top_k", 10**30), ("top_k", -2), ("top_p", 5e-324 - 1),
-    ("top_p", 1.0000001), ("min_p", -1e-300), ("repetition_penalty", 1e-40), ("repetition_penalty", 5e-324),
-    ("repetition_penalty", 1e10), ("seed", 2**64), ("seed", -(2**63) - 1), ("max_tokens", -1), ("max_tokens", 2**63),
-    ("n", 0), ("n", 2**63), ("logprobs", -1), ("logprobs", 21), ("stop", [""]), ("stop", ["x"] * 17),
-    ("stop", "y" * 1001), ("prompt", [1, 2, 10**30]), ("prompt", [-1]), ("prompt", [[]]), ("prompt", []),
+    ("temperature", 1e-45),
+    ("temperature", 5e-324),
+    ("temperature", 1e300),
+    ("temperature", 10**400),
+    ("temperature", -0.5),
+    ("top_k", 2**63),
+    ("top_k", 10**30),
+    ("top_k", -2),
+    ("top_p", 5e-324 - 1),
+    ("top_p", 1.0000001),
+    ("min_p", -1e-300),
+    ("repetition_penalty", 1e-40),
+    ("repetition_penalty", 5e-324),
+    ("repetition_penalty", 1e10),
+    ("seed", 2**64),
+    ("seed", -(2**63) - 1),
+    ("max_tokens", -1),
+    ("max_tokens", 2**63),
+    ("n", 0),
+    ("n", 2**63),
+    ("logprobs", -1),
+    ("logprobs", 21),
+    ("stop", [""]),
+    ("stop", ["x"] * 17),
+    ("stop", "y" * 1001),
+    ("prompt", [1, 2, 10**30]),
+    ("prompt", [-1]),
+    ("prompt", [[]]),
+    ("prompt", []),
 ]
 ACCEPTED = [  # edge values inside the ranges: answered 200
-    ("temperature", 1e-4), ("temperature", 1e4), ("top_k", 2**31 - 1), ("top_p", 1e-300), ("min_p", 1.0),
-    ("repetition_penalty", 0.01), ("repetition_penalty", 100), ("seed", 2**64 - 1), ("seed", -(2**63)),
-    ("logprobs", 20), ("stop", ["x"] * 16),
+    ("temperature", 1e-4),
+    ("temperature", 1e4),
+    ("top_k", 2**31 - 1),
+    ("top_p", 1e-300),
+    ("min_p", 1.0),
+    ("repetition_penalty", 0.01),
+    ("repetition_penalty", 100),
+    ("seed", 2**64 - 1),
+    ("seed", -(2**63)),
+    ("logprobs", 20),
+    ("stop", ["x"] * 16),
 ]
 
 
@@ -97,8 +129,9 @@ def test_extreme_values_never_hurt_a_concurrent_good_request(server):
     async def pair(field, value):
         async with httpx.AsyncClient(timeout=60) as c:
             bad = {"model": MODEL, "prompt": "the cat", "max_tokens": 3, field: value}
-            r_bad, r_good = await asyncio.gather(c.post(server + "/v1/completions", json=bad),
-                                                 c.post(server + "/v1/completions", json=good))
+            r_bad, r_good = await asyncio.gather(
+                c.post(server + "/v1/completions", json=bad), c.post(server + "/v1/completions", json=good)
+            )
         return r_bad, r_good
 
     async def run_all():
@@ -113,10 +146,12 @@ def test_extreme_values_never_hurt_a_concurrent_good_request(server):
 
 
 def test_lone_surrogates_are_400(server):
-    for raw, param in [(b'{"prompt": "Hello \\ud800", "max_tokens": 2}', "prompt"),
-                       (b'{"model": "\\ud800", "prompt": "x", "max_tokens": 2}', "model"),
-                       (b'{"prompt": "x", "stop": ["\\udfff"], "max_tokens": 2}', "stop"),
-                       (b'{"prompt": "x", "max_tokens": 2, "\\ud800": 1}', None)]:
+    for raw, param in [
+        (b'{"prompt": "Hello \\ud800", "max_tokens": 2}', "prompt"),
+        (b'{"model": "\\ud800", "prompt": "x", "max_tokens": 2}', "model"),
+        (b'{"prompt": "x", "stop": ["\\udfff"], "max_tokens": 2}', "stop"),
+        (b'{"prompt": "x", "max_tokens": 2, "\\ud800": 1}', None),
+    ]:
         err = _error(_post(server, "/v1/completions", raw), 400, param=param)
         assert "surrogate" in err["message"] or (param is None and "unicode string" in err["message"]), err
     raw = b'{"messages": [{"role": "user", "content": "hi \\ud83d"}], "max_tokens": 2}'
@@ -128,10 +163,14 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(server):
     assert err["message"] == "Unrecognized request argument supplied: foo"
     client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
     msgs = [{"role": "user", "content": "hi"}]
-    for kw, name in [({"response_format": {"type": "json_object"}}, "response_format"),
-                     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-                     ({"logit_bias": {"5": 10}}, "logit_bias"), ({"presence_penalty": 0.5}, "presence_penalty"),
-                     ({"frequency_penalty": 1}, "frequency_penalty"), ({"reasoning_effort": "low"}, "reasoning_effort")]:
+    for kw, name in [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ]:
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, **kw)
         assert info.value.body["param"] == name and name in info.value.body["message"]
@@ -140,11 +179,19 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(server):
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, suffix="end")
     with pytest.raises(openai.BadRequestError, match="name"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi", "name": "bob"}],
-                                       max_tokens=2)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi", "name": "bob"}], max_tokens=2
+        )
     # neutral values change nothing: accepted
-    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, presence_penalty=0,
-                                       frequency_penalty=0.0, response_format={"type": "text"}, user="u1")
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        response_format={"type": "text"},
+        user="u1",
+    )
     assert r.choices[0].finish_reason in ("length", "stop")
 
 
@@ -206,8 +253,12 @@ def test_slow_headers_slow_body_and_silent_connections_time_out(server):
     port = int(server.rsplit(":", 1)[1])
     assert _raw(port, b"", 2.0).startswith(b"HTTP/1.1 408")  # silent connection
     assert _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", 2.0).startswith(b"HTTP/1.1 408")  # slow headers
-    out = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"prompt\":", 2.0)
+    out = _raw(
+        port,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"prompt":',
+        2.0,
+    )
     assert out.startswith(b"HTTP/1.1 408"), out[:200]
     assert httpx.get(server + "/health").status_code == 200
 
@@ -232,8 +283,12 @@ def test_non_streaming_disconnect_frees_the_slot(server):
     body = json.dumps({"prompt": "the cat", "max_tokens": 900, "ignore_eos": True}).encode()
     before = httpx.get(server + "/health").json()
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         deadline = time.time() + 20
         while httpx.get(server + "/health").json()["running"] != before["running"] + 1:
             assert time.time() < deadline
@@ -265,11 +320,15 @@ def _strategy(schema: dict, defs: dict):
     if t == "string":
         return st.text(max_size=12) | st.sampled_from(["", "\ud800", "the cat", MODEL, "x" * 1200])
     if t == "integer":
-        return (st.integers(-3, 40) | st.integers(-(2**70), 2**70)
-                | st.sampled_from([2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**30]))
+        return (
+            st.integers(-3, 40)
+            | st.integers(-(2**70), 2**70)
+            | st.sampled_from([2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**30])
+        )
     if t == "number":
-        return (st.floats(allow_nan=False, allow_infinity=False)
-                | st.sampled_from([1e-45, 5e-324, 1e-40, 1e308, -0.0, 0.5, 1.0, 2.0]))
+        return st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+            [1e-45, 5e-324, 1e-40, 1e308, -0.0, 0.5, 1.0, 2.0]
+        )
     if t == "boolean":
         return st.booleans()
     if t == "null":
@@ -279,12 +338,16 @@ def _strategy(schema: dict, defs: dict):
     if t == "object":
         props = schema.get("properties", {})
         required = set(schema.get("required", []))
-        return st.fixed_dictionaries({k: _strategy(v, defs) for k, v in props.items() if k in required},
-                                     optional={k: _strategy(v, defs) for k, v in props.items() if k not in required})
+        return st.fixed_dictionaries(
+            {k: _strategy(v, defs) for k, v in props.items() if k in required},
+            optional={k: _strategy(v, defs) for k, v in props.items() if k not in required},
+        )
     # no type: a field accepted only in its neutral form; anything JSON
-    return st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                        max_leaves=6)
+    return st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+        max_leaves=6,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -322,9 +385,25 @@ def test_fuzz_published_schema_never_5xx(server, schema_bodies):
 
 def _start_cli(ckpt, *extra):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--port", str(port),
-                             "--threads", "1", "--log-level", "warning", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "complexity.cli",
+            "serve",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -363,7 +442,12 @@ def test_dying_engine_process_errors_clients_and_exits_nonzero(ckpt):
 
 
 def test_bad_engine_flags_are_a_clean_error(ckpt):
-    proc = subprocess.run([sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--max-seq-len", "99999",
-                           "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--max-seq-len", "99999", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "max_seq_len" in proc.stderr and "Traceback" not in proc.stderr

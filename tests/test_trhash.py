@@ -63,8 +63,12 @@ def test_every_fixture_table_is_rebuilt_bit_for_bit_from_its_config(variant):
     strategy = {"token_id_multi_hash": "multi_hash", "token_id_balanced_hash": "balanced_hash"}[raw["routing_strategy"]]
     for layer in range(raw["num_hidden_layers"]):
         table = build_route_table(
-            strategy, vocab_size=raw["vocab_size"], num_experts=raw["num_experts"], num_experts_per_tok=raw["top_k"],
-            layer_idx=layer, route_hash_count=raw["route_hash_count"],
+            strategy,
+            vocab_size=raw["vocab_size"],
+            num_experts=raw["num_experts"],
+            num_experts_per_tok=raw["top_k"],
+            layer_idx=layer,
+            route_hash_count=raw["route_hash_count"],
         )
         want = stored[f"layers.{layer}.mlp.engine.route_table"]
         assert table.dtype == want.dtype == torch.int64
@@ -101,13 +105,18 @@ CASES = [(97, 4, 2), (512, 4, 4), (1000, 8, 2), (333, 8, 4), (64, 16, 4), (50, 2
 
 
 def _table(strategy, vocab, experts, k, layer=0, count=2):
-    return build_route_table(strategy, vocab_size=vocab, num_experts=experts, num_experts_per_tok=k,
-                             layer_idx=layer, route_hash_count=count)
+    return build_route_table(
+        strategy, vocab_size=vocab, num_experts=experts, num_experts_per_tok=k, layer_idx=layer, route_hash_count=count
+    )
 
 
 # hierarchical_hash needs an even E >= 4 and k <= E/2 (its refusals are tested below)
-BUILDER_CASES = [(s, *case) for s in ROUTE_STRATEGIES for case in CASES
-                 if s != "hierarchical_hash" or (case[1] >= 4 and case[1] % 2 == 0 and 2 * case[2] <= case[1])]
+BUILDER_CASES = [
+    (s, *case)
+    for s in ROUTE_STRATEGIES
+    for case in CASES
+    if s != "hierarchical_hash" or (case[1] >= 4 and case[1] % 2 == 0 and 2 * case[2] <= case[1])
+]
 
 
 @pytest.mark.parametrize("strategy,vocab,experts,k", BUILDER_CASES)
@@ -179,9 +188,18 @@ def test_single_expert_tables_are_zero():
         (dict(route_strategy="hierarchical_hash", num_experts=10 - 1, num_experts_per_tok=2), "num_experts"),
         (dict(route_strategy="balanced_hash", num_experts=6, num_experts_per_tok=3), "num_experts_per_tok"),
         (dict(route_strategy="modulo_cyclic", num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
-        (dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=1), "route_hash_count"),
-        (dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=9), "route_hash_count"),
-        (dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=True), "route_hash_count"),
+        (
+            dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=1),
+            "route_hash_count",
+        ),
+        (
+            dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=9),
+            "route_hash_count",
+        ),
+        (
+            dict(route_strategy="multi_hash", num_experts=4, num_experts_per_tok=2, route_hash_count=True),
+            "route_hash_count",
+        ),
         (dict(route_strategy="zipf", num_experts=4, num_experts_per_tok=2), "route_strategy"),
         (dict(route_strategy="modulo_cyclic", num_experts=0, num_experts_per_tok=1), "num_experts"),
         (dict(route_strategy="modulo_cyclic", num_experts=4, num_experts_per_tok=0), "num_experts_per_tok"),
@@ -261,7 +279,15 @@ def mlp_inputs(tokens=37, hidden=16, experts=4, k=2, width=8, shared=12, dtype=t
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*size):
-        return (torch.randn(*size, generator=gen) / size[-2] ** 0.5 if len(size) > 1 else torch.randn(*size, generator=gen)).to(dtype).requires_grad_()
+        return (
+            (
+                torch.randn(*size, generator=gen) / size[-2] ** 0.5
+                if len(size) > 1
+                else torch.randn(*size, generator=gen)
+            )
+            .to(dtype)
+            .requires_grad_()
+        )
 
     table = _table("balanced_hash", vocab, experts, k)
     ids = torch.randint(0, vocab, (tokens,), generator=gen)
@@ -279,8 +305,17 @@ def mlp_inputs(tokens=37, hidden=16, experts=4, k=2, width=8, shared=12, dtype=t
 
 def call(inputs, strategy):
     i = inputs
-    return hash_routed_mlp(i["x"], i["routes"], i["weights"], i["gate_up"], i["down"], i["shared"],
-                           i["shared_scale"], i["routed_scale"], strategy=strategy)
+    return hash_routed_mlp(
+        i["x"],
+        i["routes"],
+        i["weights"],
+        i["gate_up"],
+        i["down"],
+        i["shared"],
+        i["shared_scale"],
+        i["routed_scale"],
+        strategy=strategy,
+    )
 
 
 def leaves(inputs):
@@ -304,7 +339,9 @@ SHAPES = {
 @pytest.mark.parametrize("tokens", [1, 37, 1100])  # 1100: the dense strategy's fused-weights form
 def test_fp32_strategies_match_a_float64_token_loop(strategy, shape, tokens):
     inputs = mlp_inputs(tokens=tokens, **SHAPES[shape])
-    want = loop_reference(*(inputs[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale")))
+    want = loop_reference(
+        *(inputs[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale"))
+    )
     got = call(inputs, strategy)
     assert got.dtype == torch.float32 and got.shape == inputs["x"].shape
     assert rel(got, want) < 1e-5
@@ -314,12 +351,20 @@ def test_fp32_strategies_match_a_float64_token_loop(strategy, shape, tokens):
 @pytest.mark.parametrize("tokens", [37, 1100])
 def test_gradients_reach_every_weight_and_match_float64(strategy, tokens):
     inputs = mlp_inputs(tokens=tokens)
-    ref = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-           for k, v in inputs.items() if k != "shared"}
+    ref = {
+        k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in inputs.items()
+        if k != "shared"
+    }
     ref["shared"] = tuple(t.detach().double().requires_grad_() for t in inputs["shared"])
     cot = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (call(inputs, strategy) * cot.float()).sum().backward()
-    (loop_reference(*(ref[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale"))) * cot).sum().backward()
+    (
+        loop_reference(
+            *(ref[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale"))
+        )
+        * cot
+    ).sum().backward()
     for got, want in zip(leaves(inputs), leaves(ref)):
         assert got.grad is not None and rel(got.grad, want.grad) < 1e-5
     # every expert was chosen by some token here, and every expert got a gradient
@@ -333,14 +378,18 @@ def test_dense_strategy_gradcheck_float64(tokens, monkeypatch):
     tensors = leaves(inputs)
 
     def f(x, gate_up, down, *shared):
-        return hash_routed_mlp(x, inputs["routes"], inputs["weights"], gate_up, down, tuple(shared), 1.5, 2.0, strategy="dense")
+        return hash_routed_mlp(
+            x, inputs["routes"], inputs["weights"], gate_up, down, tuple(shared), 1.5, 2.0, strategy="dense"
+        )
 
     assert torch.autograd.gradcheck(f, tensors)
 
 
 def test_grouped_strategy_in_bf16_matches_the_fp32_loop_within_bf16_rounding():
     inputs = mlp_inputs(tokens=64, hidden=32, width=16, shared=16, dtype=torch.bfloat16)
-    want = loop_reference(*(inputs[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale")))
+    want = loop_reference(
+        *(inputs[k] for k in ("x", "routes", "weights", "gate_up", "down", "shared", "shared_scale", "routed_scale"))
+    )
     for strategy in ("dense", "grouped"):
         got = call(inputs, strategy)
         assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
@@ -387,7 +436,9 @@ def test_bad_arguments_are_refused():
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks" / "bench_moe.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe", Path(__file__).parents[1] / "benchmarks" / "bench_moe.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -403,7 +454,13 @@ def test_bench_moe_correctness_part_runs_on_the_cpu(tmp_path):
     bad = bench.make_inputs(bench.CPU_SHAPES[0], 8, "cpu", torch.float32)
     with torch.no_grad():
         bad["down"][0].mul_(1.01)  # the reference must notice a wrong expert
-    assert rel(bench.run_moe(bad, "dense"), bench.reference(bench.make_inputs(bench.CPU_SHAPES[0], 8, "cpu", torch.float32))) > 1e-5
+    assert (
+        rel(
+            bench.run_moe(bad, "dense"),
+            bench.reference(bench.make_inputs(bench.CPU_SHAPES[0], 8, "cpu", torch.float32)),
+        )
+        > 1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- the three layouts
@@ -467,18 +524,30 @@ def reference_forward(ckpt, ids):
         k = (a @ t[p + "self_attn.k_proj.weight"].T).view(b, s, nkv, d)
         v = (a @ t[p + "self_attn.v_proj.weight"].T).view(b, s, nkv, d)
         if c.use_qk_norm:
-            q, k = _rms(q, t[p + "self_attn.q_norm.weight"], c.qk_norm_eps), _rms(k, t[p + "self_attn.k_norm.weight"], c.qk_norm_eps)
+            q, k = (
+                _rms(q, t[p + "self_attn.q_norm.weight"], c.qk_norm_eps),
+                _rms(k, t[p + "self_attn.k_norm.weight"], c.qk_norm_eps),
+            )
         q, k, v = (u.transpose(1, 2) for u in (q, k, v))
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, -1)
         h = x + o @ t[p + "self_attn.o_proj.weight"].T
         m = _rms(h, t[p + "post_attention_layernorm.weight"], c.rms_norm_eps).reshape(b * s, -1)
-        shared = tuple(t[p + f"mlp.shared_expert.{n}_proj.weight"] for n in ("gate", "up", "down")) if c.shared_expert else None
+        shared = (
+            tuple(t[p + f"mlp.shared_expert.{n}_proj.weight"] for n in ("gate", "up", "down"))
+            if c.shared_expert
+            else None
+        )
         out = hash_routed_mlp(
-            m, token_routes(t[p + "mlp.route_table"], ids.reshape(-1)), c.slot_weights,
-            torch.cat([t[p + "mlp.experts.gate"], t[p + "mlp.experts.up"]], -1), t[p + "mlp.experts.down"],
-            shared, c.shared_scale(i), c.routed_scale(i),
+            m,
+            token_routes(t[p + "mlp.route_table"], ids.reshape(-1)),
+            c.slot_weights,
+            torch.cat([t[p + "mlp.experts.gate"], t[p + "mlp.experts.up"]], -1),
+            t[p + "mlp.experts.down"],
+            shared,
+            c.shared_scale(i),
+            c.routed_scale(i),
         )
         x = h + out.view(b, s, -1)
         states.append(x)
@@ -535,12 +604,16 @@ def test_null_fields_take_the_frameworks_meaning(tmp_path):
     assert ckpt.config.num_key_value_heads == 1  # max(1, 4 // 4)
     assert ckpt.config.shared_expert_width is None  # no shared expert: the null is irrelevant
     assert any("null -> 0.5" in n for n in ckpt.notes)
-    mh2 = read_trhash(edited(tmp_path, "mh2-top2-shared", DEEP, config=lambda raw: raw.update(shared_intermediate_size=None)))
+    mh2 = read_trhash(
+        edited(tmp_path, "mh2-top2-shared", DEEP, config=lambda raw: raw.update(shared_intermediate_size=None))
+    )
     assert mh2.config.shared_expert_width == 64  # = intermediate_size (vllm-i64: 64 / 4)
 
 
 def test_a_null_that_resolves_against_the_tensors_names_the_field(tmp_path):
-    msg = problems_of(edited(tmp_path, "mh2-top2-shared", NATIVE, config=lambda raw: raw.update(num_key_value_heads=None)))
+    msg = problems_of(
+        edited(tmp_path, "mh2-top2-shared", NATIVE, config=lambda raw: raw.update(num_key_value_heads=None))
+    )
     assert "layers.0.self_attn.k_proj.weight has shape [32, 64]; the config gives [16, 64] (num_key_value_heads" in msg
 
 
@@ -588,7 +661,9 @@ def test_per_layer_scales_are_read_from_native_configs(tmp_path):
 )
 def test_unsupported_or_invalid_settings_are_refused_by_name(tmp_path, field, value, message):
     layout = HF if field != "mlp_type" else NATIVE
-    src = edited(tmp_path, "mh2-top2-shared", HF if layout == HF else NATIVE, config=lambda raw: raw.update({field: value}))
+    src = edited(
+        tmp_path, "mh2-top2-shared", HF if layout == HF else NATIVE, config=lambda raw: raw.update({field: value})
+    )
     if field == "mlp_type":
         with pytest.raises(UpstreamFormatError, match="none of the TR-Hash layouts"):
             read_trhash(src)
@@ -640,25 +715,37 @@ def test_bad_tensors_are_named(tmp_path):
 
     def stale_codes(sd):
         sd["layers.1.mlp.engine.fused_route_codes"][11] ^= 0x8
+
     assert "layers.1.mlp.engine.fused_route_codes does not match layers.1's route table" in problems_of(
-        edited(tmp_path / "s", v, NATIVE, weights=stale_codes))
+        edited(tmp_path / "s", v, NATIVE, weights=stale_codes)
+    )
 
     def extra(sd):
         sd["layers.0.mlp.engine.mystery"] = torch.zeros(3)
-    assert "unexpected tensor(s) for this config: layers.0.mlp.engine.mystery" in problems_of(edited(tmp_path / "b", v, NATIVE, weights=extra))
+
+    assert "unexpected tensor(s) for this config: layers.0.mlp.engine.mystery" in problems_of(
+        edited(tmp_path / "b", v, NATIVE, weights=extra)
+    )
 
     def float_table(sd):
         sd["layers.0.mlp.topk_token_to_expert"] = sd["layers.0.mlp.topk_token_to_expert"].float()
+
     assert "must be an integer tensor" in problems_of(edited(tmp_path / "c", v, DEEP, weights=float_table))
 
     def theta(raw):
         raw["rope_theta"] = 500000.0
-    assert "rotary_emb.inv_freq disagrees with rope_theta=500000.0" in problems_of(edited(tmp_path / "d", v, NATIVE, config=theta))
+
+    assert "rotary_emb.inv_freq disagrees with rope_theta=500000.0" in problems_of(
+        edited(tmp_path / "d", v, NATIVE, config=theta)
+    )
 
     def narrow_shared(sd):
         sd["layers.1.mlp.shared_gate.weight"] = sd["layers.1.mlp.shared_gate.weight"][:32]
-    assert "layers.1.mlp.shared_gate.weight has shape [32, 64]; the config gives [64, 64] (shared_intermediate_size" in problems_of(
-        edited(tmp_path / "e", v, DEEP, weights=narrow_shared))
+
+    assert (
+        "layers.1.mlp.shared_gate.weight has shape [32, 64]; the config gives [64, 64] (shared_intermediate_size"
+        in problems_of(edited(tmp_path / "e", v, DEEP, weights=narrow_shared))
+    )
 
 
 def test_fused_route_metadata_matches_upstreams_buffers():
@@ -678,7 +765,9 @@ def test_fused_route_metadata_matches_upstreams_buffers():
 def test_deep_export_equals_upstreams_own_and_reads_back_identically(tmp_path, variant):
     native = read_trhash(fixture(variant, NATIVE))
     out = write_deep(native.config, native.tensors, tmp_path / "deep", dtype="float32")
-    assert json.loads((out / "config.json").read_text()) == json.loads((fixture(variant, DEEP) / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (fixture(variant, DEEP) / "config.json").read_text()
+    )
     ours, theirs = load_file(out / "model.safetensors"), load_file(fixture(variant, DEEP) / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     generation = json.loads((out / "generation_config.json").read_text())
@@ -699,8 +788,12 @@ def test_bf16_deep_export_reads_back_as_the_bf16_cast(tmp_path):
 
 
 def test_deep_export_writes_explicit_numbers_for_upstream_nulls(tmp_path):
-    src = edited(tmp_path, "mh2-top2-shared", NATIVE,
-                 config=lambda raw: raw.update(top_k_primary_weight=None, shared_intermediate_size=None))
+    src = edited(
+        tmp_path,
+        "mh2-top2-shared",
+        NATIVE,
+        config=lambda raw: raw.update(top_k_primary_weight=None, shared_intermediate_size=None),
+    )
     ckpt = read_trhash(src)
     cfg = deep_config(ckpt.config, torch.float32)
     assert cfg["top_k_primary_weight"] == 0.5 and cfg["shared_intermediate_size"] == 64
@@ -715,9 +808,20 @@ def test_deep_export_refuses_what_it_cannot_record_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="^routed_output_scale_first_layer/_last_layer: the scale varies over layers"):
         write_deep(ckpt.config, ckpt.tensors, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
-    flat = read_trhash(edited(tmp_path / "flat", "mh2-top2-shared", NATIVE,
-                              config=lambda raw: raw.update(routed_output_scale_first_layer=2.5)))
-    assert json.loads((write_deep(flat.config, flat.tensors, tmp_path / "flat-out") / "config.json").read_text())["routed_output_scale"] == 2.5
+    flat = read_trhash(
+        edited(
+            tmp_path / "flat",
+            "mh2-top2-shared",
+            NATIVE,
+            config=lambda raw: raw.update(routed_output_scale_first_layer=2.5),
+        )
+    )
+    assert (
+        json.loads((write_deep(flat.config, flat.tensors, tmp_path / "flat-out") / "config.json").read_text())[
+            "routed_output_scale"
+        ]
+        == 2.5
+    )
     native = read_trhash(fixture("mh2-top2-shared", NATIVE))
     with pytest.raises(FileExistsError, match="not empty"):
         write_deep(native.config, native.tensors, tmp_path / "flat-out")
@@ -733,6 +837,7 @@ def test_deep_export_refuses_what_it_cannot_record_and_leaves_nothing(tmp_path):
 
 def test_a_top1_variant_with_empty_kernel_metadata_reads(tmp_path):
     """Upstream saves the fused top-2 buffers empty unless k = 2 and 2 <= E <= 8."""
+
     def top1(raw):
         raw["top_k"] = 1
 
@@ -805,8 +910,13 @@ def test_converted_model_reproduces_upstreams_references(converted, variant, lay
     n = ref["greedy_tokens"].shape[1]
     with torch.no_grad():
         greedy = model.generate(ref["greedy_prompt_ids"], max_new_tokens=n, do_sample=False, eos_token_id=None)
-        padded = model.generate(ref["padded_prompt_ids"], attention_mask=ref["padded_attention_mask"],
-                                max_new_tokens=n, do_sample=False, eos_token_id=None)
+        padded = model.generate(
+            ref["padded_prompt_ids"],
+            attention_mask=ref["padded_attention_mask"],
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+        )
     assert torch.equal(greedy[:, -n:], ref["greedy_tokens"])
     assert torch.equal(padded[:, -n:], ref["padded_greedy_tokens"])
 
@@ -829,7 +939,8 @@ def test_engine_decodes_a_converted_model_like_upstream(converted):
     n = ref["greedy_tokens"].shape[1]
     prompts = ref["greedy_prompt_ids"].tolist() + [row[row != 1].tolist() for row in ref["padded_prompt_ids"][1:]]
     outs = Engine(model, max_batch=4, max_seq_len=64).generate(
-        prompts, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True))
+        prompts, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    )
     assert [o.token_ids for o in outs] == ref["greedy_tokens"].tolist() + ref["padded_greedy_tokens"][1:].tolist()
 
 
@@ -860,10 +971,21 @@ def test_our_own_hash_routed_model_exports_to_deep_and_comes_back(tmp_path):
     from complexity import ComplexityConfig, ComplexityForCausalLM
     from complexity.integrations.upstream import convert_upstream, export_deep
 
-    config = ComplexityConfig(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, mlp_type="hash_routed",
-                              num_experts_per_tok=2, route_strategy="hierarchical_hash", route_primary_weight=0.6,
-                              shared_expert=True, shared_expert_intermediate_size=48, routed_output_scale=1.5)
+    config = ComplexityConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        route_strategy="hierarchical_hash",
+        route_primary_weight=0.6,
+        shared_expert=True,
+        shared_expert_intermediate_size=48,
+        routed_output_scale=1.5,
+    )
     torch.manual_seed(0)
     model = ComplexityForCausalLM(config).eval()
     with torch.no_grad():
@@ -882,9 +1004,14 @@ def test_our_own_hash_routed_model_exports_to_deep_and_comes_back(tmp_path):
         assert torch.equal(back(ids).logits, model(ids).logits)
     assert torch.equal(back.model.layers[1].mlp.route_table, model.model.layers[1].mlp.route_table)
 
-    for name, overrides in (("mu_mode", dict(mu_mode="guidance")), ("qk_norm_eps", dict(qk_norm_eps=1e-5)),
-                            ("routed_output_scale_first_layer", dict(routed_output_scale_first_layer=1.0,
-                                                                             routed_output_scale_last_layer=3.0))):
+    for name, overrides in (
+        ("mu_mode", dict(mu_mode="guidance")),
+        ("qk_norm_eps", dict(qk_norm_eps=1e-5)),
+        (
+            "routed_output_scale_first_layer",
+            dict(routed_output_scale_first_layer=1.0, routed_output_scale_last_layer=3.0),
+        ),
+    ):
         folder = tmp_path / f"refused-{name}"
         ComplexityForCausalLM(ComplexityConfig(**{**config.to_diff_dict(), **overrides})).save_pretrained(folder)
         with pytest.raises(ValueError, match=rf"^{name}"):
@@ -903,9 +1030,24 @@ def test_cli_converts_each_layout_and_exports_deep(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert detect_upstream(tmp_path / "deep").design == "tr-hash-deep"
     # upstream's native/hf layouts straight to deep, as upstream's own exporter does
-    assert main(["convert", str(fixture("bal-top2-e8-noshared", NATIVE)), str(tmp_path / "x"), "--to", "deep",
-                 "--dtype", "float32"]) == 0
-    ours, theirs = load_file(tmp_path / "x" / "model.safetensors"), load_file(fixture("bal-top2-e8-noshared", DEEP) / "model.safetensors")
+    assert (
+        main(
+            [
+                "convert",
+                str(fixture("bal-top2-e8-noshared", NATIVE)),
+                str(tmp_path / "x"),
+                "--to",
+                "deep",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
+    ours, theirs = (
+        load_file(tmp_path / "x" / "model.safetensors"),
+        load_file(fixture("bal-top2-e8-noshared", DEEP) / "model.safetensors"),
+    )
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "y"), "--to", "deep", "--dry-run"]) == 2
@@ -914,8 +1056,16 @@ def test_cli_converts_each_layout_and_exports_deep(tmp_path, capsys):
     routed = tmp_path / "routed"
     from complexity import ComplexityConfig, ComplexityForCausalLM
 
-    ComplexityForCausalLM(ComplexityConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, num_key_value_heads=1)).save_pretrained(routed)
+    ComplexityForCausalLM(
+        ComplexityConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(routed)
     assert main(["convert", str(routed), str(tmp_path / "z"), "--to", "deep"]) == 2
     assert "mlp_type: is 'token_routed'; only hash_routed models" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
@@ -960,9 +1110,14 @@ def test_hash_routed_model_routes_by_each_layers_table():
         mlp = model.model.layers[layer].mlp
         with torch.no_grad():
             out, aux = mlp(x, Routing(ids))
-        shared = (mlp.shared_expert.gate_proj.weight, mlp.shared_expert.up_proj.weight, mlp.shared_expert.down_proj.weight)
+        shared = (
+            mlp.shared_expert.gate_proj.weight,
+            mlp.shared_expert.up_proj.weight,
+            mlp.shared_expert.down_proj.weight,
+        )
         routes = token_routes(mlp.route_table, ids.reshape(-1))
-        want = loop_reference(x.reshape(-1, 64), routes, (0.7, 0.3), mlp.experts.gate_up_proj, mlp.experts.down_proj,
-                              shared, 1.0, 2.0)
+        want = loop_reference(
+            x.reshape(-1, 64), routes, (0.7, 0.3), mlp.experts.gate_up_proj, mlp.experts.down_proj, shared, 1.0, 2.0
+        )
         assert aux is None and rel(out.reshape(-1, 64), want) < 1e-5
         assert not torch.equal(mlp.route_table, model.model.layers[1].mlp.route_table)

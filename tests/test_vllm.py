@@ -39,25 +39,45 @@ from complexity import ComplexityConfig, ComplexityForCausalLM
 pytestmark = pytest.mark.vllm
 
 BASE = dict(
-    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, num_experts=4, max_position_embeddings=256,
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=4,
+    max_position_embeddings=256,
 )
 VARIANTS = {
     # the flagship design: token-routed (random table) + shared expert + mu guidance; compiled
-    "routed_shared_guidance": dict(mlp_type="token_routed", shared_expert=True, mu_mode="guidance",
-                                   tie_word_embeddings=False),
+    "routed_shared_guidance": dict(
+        mlp_type="token_routed", shared_expert=True, mu_mode="guidance", tie_word_embeddings=False
+    ),
     # the January INL design: dynamics, mu highway, mu-router override (modulo table)
     "inl": dict(mlp_type="token_routed", mu_mode="inl", routing="modulo", tie_word_embeddings=False),
     # plain dense SwiGLU, no mu, tied head (the checkpoint has no lm_head.weight)
     "dense": dict(mlp_type="dense", mu_mode="none", tie_word_embeddings=True),
     # the learned top-k router baseline (optional in the plugin), top-2 with a shared expert, and
     # a sliding window (8) shorter than most prompts
-    "learned_moe": dict(mlp_type="learned_moe", num_experts_per_tok=2, shared_expert=True, mu_mode="none",
-                        tie_word_embeddings=False, sliding_window=8),
+    "learned_moe": dict(
+        mlp_type="learned_moe",
+        num_experts_per_tok=2,
+        shared_expert=True,
+        mu_mode="none",
+        tie_word_embeddings=False,
+        sliding_window=8,
+    ),
     # top-2 hash routing in the upstream TR-Hash form (unequal slot weights, shared expert, routed
     # branch x2) with a layer's route table replaced after init: vLLM must load it, not rebuild it
-    "hash_routed": dict(mlp_type="hash_routed", num_experts_per_tok=2, route_primary_weight=0.7, shared_expert=True,
-                        routed_output_scale=2.0, shared_output_scale_last_layer=0.5, tie_word_embeddings=True),
+    "hash_routed": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        route_primary_weight=0.7,
+        shared_expert=True,
+        routed_output_scale=2.0,
+        shared_output_scale_last_layer=0.5,
+        tie_word_embeddings=True,
+    ),
 }
 COMPILED = {"routed_shared_guidance", "inl", "hash_routed"}
 
@@ -94,13 +114,16 @@ def write_tokenizer(path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BASE["vocab_size"], special_tokens=["</s>", "<pad>", "<s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=BASE["vocab_size"],
+        special_tokens=["</s>", "<pad>", "<s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(TEXTS * 4, trainer)
     assert tok.get_vocab_size() <= BASE["vocab_size"]
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", bos_token="<s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", bos_token="<s>", unk_token="<unk>"
+    )
     fast.save_pretrained(path)
 
 
@@ -155,8 +178,14 @@ def variant(request, checkpoints):
     name = request.param
     path, hf = checkpoints(name)
     llm = LLM(
-        model=path, dtype="float32", max_model_len=256, max_num_seqs=8, seed=0,
-        enforce_eager=name not in COMPILED, gpu_memory_utilization=0.05, kv_cache_memory_bytes=KV_CACHE_BYTES,
+        model=path,
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=8,
+        seed=0,
+        enforce_eager=name not in COMPILED,
+        gpu_memory_utilization=0.05,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
     )
     yield name, path, hf, llm
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -173,10 +202,15 @@ def hf_greedy(hf: ComplexityForCausalLM, prompt: list[int], n: int) -> tuple[lis
     """HF `generate(do_sample=False)` on one prompt: the new ids and each one's log-probability."""
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1,
-            output_logits=True, return_dict_in_generate=True,
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=1,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-    ids = out.sequences[0, len(prompt):].tolist()
+    ids = out.sequences[0, len(prompt) :].tolist()
     logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, ids)]
     return ids, logprobs
 
@@ -285,10 +319,28 @@ def test_vllm_serve_openai_completion(checkpoints, tmp_path):
     port = _free_port()
     log = open(tmp_path / "serve.log", "wb")
     cmd = [
-        sys.executable, "-c", VLLM_CLI, "serve", path, "--host", "127.0.0.1", "--port", str(port),
-        "--served-model-name", "complexity-tiny", "--dtype", "float32", "--max-model-len", "256",
-        "--max-num-seqs", "4", "--enforce-eager", "--gpu-memory-utilization", "0.05",
-        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+        sys.executable,
+        "-c",
+        VLLM_CLI,
+        "serve",
+        path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "complexity-tiny",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        "4",
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.05",
+        "--kv-cache-memory-bytes",
+        str(KV_CACHE_BYTES),
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -308,10 +360,18 @@ def test_vllm_serve_openai_completion(checkpoints, tmp_path):
             time.sleep(2)
 
         prompt = PROMPTS[2]
-        reply = _post(f"{base}/v1/completions", {
-            "model": "complexity-tiny", "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0.0,
-            "ignore_eos": True, "logprobs": 1, "return_tokens_as_token_ids": True,
-        })
+        reply = _post(
+            f"{base}/v1/completions",
+            {
+                "model": "complexity-tiny",
+                "prompt": prompt,
+                "max_tokens": MAX_NEW,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "logprobs": 1,
+                "return_tokens_as_token_ids": True,
+            },
+        )
         choice = reply["choices"][0]
         ids = [int(t.split(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
         ref_ids, _ = hf_greedy(hf, prompt, MAX_NEW)
@@ -320,8 +380,10 @@ def test_vllm_serve_openai_completion(checkpoints, tmp_path):
         assert isinstance(choice["text"], str)
 
         # a text prompt goes through the checkpoint's tokenizer
-        text = _post(f"{base}/v1/completions", {"model": "complexity-tiny", "prompt": "The quick brown fox",
-                                                 "max_tokens": 4, "temperature": 0.0})
+        text = _post(
+            f"{base}/v1/completions",
+            {"model": "complexity-tiny", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0.0},
+        )
         assert text["usage"]["completion_tokens"] >= 1
     finally:
         _kill_group(proc)

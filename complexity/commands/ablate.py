@@ -1,9 +1,9 @@
 """`complexity ablate`: the parameter-matched ablation of docs/architecture.md §8 (and the spike experiment).
 
-    complexity ablate --preset tmlr-187m --data DIR --steps 1000 --seeds 3 --out runs/ablation
-    complexity ablate --preset tiny --data DIR --steps 300 --arms dense routed_mu --out DIR training.seq_len=256
-    complexity ablate --preset tiny --data DIR --steps 300 --spike 150 --out runs/spike
-    complexity ablate --preset tmlr-187m --dry-run            # the arms' widths and parameter counts only
+complexity ablate --preset tmlr-187m --data DIR --steps 1000 --seeds 3 --out runs/ablation
+complexity ablate --preset tiny --data DIR --steps 300 --arms dense routed_mu --out DIR training.seq_len=256
+complexity ablate --preset tiny --data DIR --steps 300 --spike 150 --out runs/spike
+complexity ablate --preset tmlr-187m --dry-run            # the arms' widths and parameter counts only
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from ..experiments.ablation import (ARMS, plan_arms, run_ablation)
+    from ..experiments.ablation import ARMS, plan_arms, run_ablation
 
     if "=" in " ".join(args.arms):  # `--arms a b KEY=VALUE`: argparse gives the overrides to --arms
         args.overrides = [a for a in args.arms if "=" in a] + list(args.overrides)
@@ -39,7 +39,7 @@ def run(args) -> int:
             if key == "model.preset":
                 preset = value
             elif key.startswith("model."):
-                base[key[len("model."):]] = value
+                base[key[len("model.") :]] = value
         if preset is None:
             raise ValueError("give --preset NAME or --config RECIPE")
         plans = plan_arms(preset, args.arms, base, args.tolerance)
@@ -64,10 +64,21 @@ def run(args) -> int:
         raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
     command = shlex.join(["complexity", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None
     result = run_ablation(
-        preset=args.preset, recipe=args.config, data=args.data, steps=args.steps, out=args.out,
-        seeds=_seeds(args.seeds), arms=args.arms, overrides=args.overrides, avg_k=args.avg_steps,
-        spike_step=args.spike, spike_lr_mult=args.spike_lr_mult, spike_window=args.spike_window,
-        tolerance=args.tolerance, stop_after=args.stop_after, command=command,
+        preset=args.preset,
+        recipe=args.config,
+        data=args.data,
+        steps=args.steps,
+        out=args.out,
+        seeds=_seeds(args.seeds),
+        arms=args.arms,
+        overrides=args.overrides,
+        avg_k=args.avg_steps,
+        spike_step=args.spike,
+        spike_lr_mult=args.spike_lr_mult,
+        spike_window=args.spike_window,
+        tolerance=args.tolerance,
+        stop_after=args.stop_after,
+        command=command,
     )
     if result.interrupted:
         print(f"ablation stopped before the end; rerun the same command to continue ({args.out})", file=sys.stderr)
@@ -83,35 +94,66 @@ def register(subparsers) -> None:
 
     arm_help = "; ".join(f"{a.name}: {a.label}" for a in ARMS.values())
     p = subparsers.add_parser(
-        "ablate", help="parameter-matched ablation of the MLP / mu variants (docs/architecture.md §8), optional loss-spike test",
+        "ablate",
+        help="parameter-matched ablation of the MLP / mu variants (docs/architecture.md §8), optional loss-spike test",
         description="Train every arm x seed on the same data, order and seed, with live parameter totals matched "
-                    "to arm (2) (the MLP of the smaller arms is widened), then write OUT/results.md, loss.png, "
-                    "experts.png (and spike.png). Resumable: rerun the same command after an interruption. "
-                    "Overrides are recipe section.key=value, as for `complexity train`. Arms: " + arm_help)
+        "to arm (2) (the MLP of the smaller arms is widened), then write OUT/results.md, loss.png, "
+        "experts.png (and spike.png). Resumable: rerun the same command after an interruption. "
+        "Overrides are recipe section.key=value, as for `complexity train`. Arms: " + arm_help,
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", metavar="NAME", help="model preset (the arms change only the MLP / mu fields)")
     src.add_argument("--config", metavar="RECIPE", help="TOML recipe (its model section is the base of every arm)")
     p.add_argument("--data", metavar="DIR", help="prepared data folder (`complexity data prepare`)")
     p.add_argument("--steps", type=int, metavar="N", help="optimizer steps per run")
-    p.add_argument("--seeds", default="1", metavar="N|S,S,..",
-                   help="number of seeds (0..N-1), or a comma-separated list (default 1)")
-    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), metavar="ARM",
-                   help=f"arms to run (default: {' '.join(DEFAULT_ARMS)}; extras: "
-                        f"{' '.join(a for a in ARMS if a not in DEFAULT_ARMS)})")
+    p.add_argument(
+        "--seeds",
+        default="1",
+        metavar="N|S,S,..",
+        help="number of seeds (0..N-1), or a comma-separated list (default 1)",
+    )
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(DEFAULT_ARMS),
+        metavar="ARM",
+        help=f"arms to run (default: {' '.join(DEFAULT_ARMS)}; extras: "
+        f"{' '.join(a for a in ARMS if a not in DEFAULT_ARMS)})",
+    )
     p.add_argument("--out", metavar="DIR", help="ablation folder (runs/, results.md, figures)")
-    p.add_argument("--avg-steps", type=int, default=None, metavar="K",
-                   help="average the training loss over the first K steps (default: 73%% of --steps, "
-                        "as upstream's 700 of ~954)")
-    p.add_argument("--spike", type=int, default=None, metavar="STEP",
-                   help="inject a corrupted batch (uniform random tokens) at STEP in every run, LR x --spike-lr-mult "
-                        "for that step; the trainer's spike guard is turned off")
+    p.add_argument(
+        "--avg-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="average the training loss over the first K steps (default: 73%% of --steps, as upstream's 700 of ~954)",
+    )
+    p.add_argument(
+        "--spike",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="inject a corrupted batch (uniform random tokens) at STEP in every run, LR x --spike-lr-mult "
+        "for that step; the trainer's spike guard is turned off",
+    )
     p.add_argument("--spike-lr-mult", type=float, default=10.0, metavar="X", help="LR factor at the spike step (10)")
-    p.add_argument("--spike-window", type=int, default=20, metavar="K",
-                   help="pre-spike loss = mean of the K steps before it (20)")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="R",
-                   help=f"max relative mismatch of an arm's live total against arm (2) (default {TOLERANCE})")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="checkpoint and stop the current run after step N, as if preempted (rerun to continue)")
+    p.add_argument(
+        "--spike-window", type=int, default=20, metavar="K", help="pre-spike loss = mean of the K steps before it (20)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        metavar="R",
+        help=f"max relative mismatch of an arm's live total against arm (2) (default {TOLERANCE})",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="checkpoint and stop the current run after step N, as if preempted (rerun to continue)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the arms' widths and parameter counts, train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and the figures from --out")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, section.key=value")

@@ -37,11 +37,18 @@ def register(subparsers) -> None:
     )
     parser.add_argument("src", metavar="SRC", help="upstream checkpoint folder")
     parser.add_argument("dst", metavar="DST", help="output folder (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--to", choices=["complexity", "deep"], default="complexity",
-                        help="complexity (default): our Hugging Face folder; deep: TR-Hash's deep export")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="cast floating tensors (default: keep the file's dtypes; --to deep: bfloat16, "
-                        "as upstream's exporter)")
+    parser.add_argument(
+        "--to",
+        choices=["complexity", "deep"],
+        default="complexity",
+        help="complexity (default): our Hugging Face folder; deep: TR-Hash's deep export",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="cast floating tensors (default: keep the file's dtypes; --to deep: bfloat16, as upstream's exporter)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument("--no-verify", action="store_true", help="skip loading the written folder back to compare")
     parser.add_argument("--dry-run", action="store_true", help="detect, validate and map, but write nothing")

@@ -20,9 +20,16 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     # validate before loading anything (clear errors for bad flags)
     params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [], seed=args.seed,
-        ignore_eos=args.ignore_eos)
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop or [],
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
     engine = Engine.from_pretrained(args.checkpoint, max_batch=1, **engine_kwargs(args))
     if engine.tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint!r}: has no tokenizer files")
@@ -33,7 +40,9 @@ def run(args) -> int:
         tok = engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise ValueError("--chat: this checkpoint's tokenizer has no chat template")
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         prompt = tok(text, add_special_tokens=False).input_ids
     if args.echo and isinstance(prompt, str):
         sys.stdout.write(prompt)
@@ -47,8 +56,11 @@ def run(args) -> int:
     if args.verbose and last is not None:
         dt = time.perf_counter() - t0
         n = last.num_generated_tokens
-        print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, finish_reason={last.finish_reason}; "
-              f"engine: {engine.describe()}]", file=sys.stderr)
+        print(
+            f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, finish_reason={last.finish_reason}; "
+            f"engine: {engine.describe()}]",
+            file=sys.stderr,
+        )
     return 0
 
 

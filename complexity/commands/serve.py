@@ -29,14 +29,29 @@ def run(args) -> int:
         print(f"complexity serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     logging.basicConfig(level=logging.INFO)
     t0 = time.perf_counter()
-    aengine = AsyncEngine.spawn(args.checkpoint, engine_kwargs(args), threads=args.threads,
-                                max_concurrent=args.max_concurrent, max_queued_tokens=args.max_queued_tokens)
+    aengine = AsyncEngine.spawn(
+        args.checkpoint,
+        engine_kwargs(args),
+        threads=args.threads,
+        max_concurrent=args.max_concurrent,
+        max_queued_tokens=args.max_queued_tokens,
+    )
     name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(aengine, model_name=name, api_key=args.api_key, max_n=args.max_n,
-                     max_body_bytes=args.max_body_bytes, body_timeout=args.request_timeout)
+    app = create_app(
+        aengine,
+        model_name=name,
+        api_key=args.api_key,
+        max_n=args.max_n,
+        max_body_bytes=args.max_body_bytes,
+        body_timeout=args.request_timeout,
+    )
     info = aengine.info
-    print(f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in {time.perf_counter() - t0:.1f}s: "
-          f"{info['description']}", file=sys.stderr, flush=True)
+    print(
+        f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in {time.perf_counter() - t0:.1f}s: "
+        f"{info['description']}",
+        file=sys.stderr,
+        flush=True,
+    )
     exit_code = [0]
 
     class Server(uvicorn.Server):
@@ -47,9 +62,15 @@ def run(args) -> int:
             aengine.drain(args.shutdown_timeout)
             super().handle_exit(sig, frame)
 
-    config = uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            request_timeout=args.request_timeout, max_connections=args.max_connections,
-                            shutdown_timeout=args.shutdown_timeout + 5)
+    config = uvicorn_config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
+        shutdown_timeout=args.shutdown_timeout + 5,
+    )
     server = Server(config)
 
     def engine_died(reason: str) -> None:  # requests in flight got errors; stop serving, exit non-zero
@@ -73,22 +94,46 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (config.json + model.safetensors + tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("COMPLEXITY_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $COMPLEXITY_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("COMPLEXITY_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $COMPLEXITY_API_KEY)",
+    )
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
-    p.add_argument("--max-concurrent", type=_positive_int, default=1024,
-                   help="sequences accepted at once (running + waiting); more get 429 (default 1024)")
-    p.add_argument("--max-queued-tokens", type=_positive_int, default=None,
-                   help="prompt tokens allowed waiting for a slot; more get 429 (default unlimited)")
+    p.add_argument(
+        "--max-concurrent",
+        type=_positive_int,
+        default=1024,
+        help="sequences accepted at once (running + waiting); more get 429 (default 1024)",
+    )
+    p.add_argument(
+        "--max-queued-tokens",
+        type=_positive_int,
+        default=None,
+        help="prompt tokens allowed waiting for a slot; more get 429 (default unlimited)",
+    )
     p.add_argument("--max-n", type=_positive_int, default=16, help="largest n (choices per prompt)")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=8 << 20,
-                   help="largest request body; larger ones get 413 before they are read (default 8 MiB)")
-    p.add_argument("--request-timeout", type=float, default=30.0,
-                   help="seconds a client has to send a request's headers, and again its body (408 / closed; "
-                        "default 30)")
-    p.add_argument("--max-connections", type=_positive_int, default=2048,
-                   help="open connections (and requests) at once; more get 503 (default 2048)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=8 << 20,
+        help="largest request body; larger ones get 413 before they are read (default 8 MiB)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, and again its body (408 / closed; default 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=2048,
+        help="open connections (and requests) at once; more get 503 (default 2048)",
+    )
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     p.set_defaults(func=run)

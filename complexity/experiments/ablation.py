@@ -49,9 +49,10 @@ import math
 import shlex
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..train.callbacks import TrainerCallbacks, spike_injection
 from ..train.durable import drop_torn_tail, write_json
@@ -60,10 +61,10 @@ if TYPE_CHECKING:
     from ..configuration_complexity import ComplexityConfig
 
 REFERENCE_ARM = "routed_mu"
-TOLERANCE = 0.005      # max relative mismatch of a live total against the reference arm's
-PRECISION = 0.001      # the alignment of widths drops (8 -> 4 -> 2 -> 1) until within this
+TOLERANCE = 0.005  # max relative mismatch of a live total against the reference arm's
+PRECISION = 0.001  # the alignment of widths drops (8 -> 4 -> 2 -> 1) until within this
 ALIGNMENTS = (8, 4, 2, 1)
-EXPERT_ALIGN = 8       # expert widths always: grouped GEMMs need 16-byte row strides (bf16 and fp32)
+EXPERT_ALIGN = 8  # expert widths always: grouped GEMMs need 16-byte row strides (bf16 and fp32)
 
 
 @dataclass(frozen=True)
@@ -74,25 +75,60 @@ class Arm:
     widen: str | None  # None (the reference), "dense", "experts" or "split" (the reference's experts, split)
 
 
-ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("dense", "(1) dense SwiGLU, no mu",
-        dict(mlp_type="dense", shared_expert=False, mu_mode="none"), "dense"),
-    Arm("routed_mu", "(2) token-routed + shared + zipf + mu guidance",
-        dict(mlp_type="token_routed", shared_expert=True, routing="zipf", mu_mode="guidance"), None),
-    Arm("routed", "(3) token-routed + shared + zipf, no mu",
-        dict(mlp_type="token_routed", shared_expert=True, routing="zipf", mu_mode="none"), "experts"),
-    Arm("learned_mu", "(4) learned top-1 router + shared + mu guidance (+ aux loss)",
-        dict(mlp_type="learned_moe", num_experts_per_tok=1, shared_expert=True, mu_mode="guidance"), "experts"),
-    Arm("routed_mu_modulo", "(2m) as (2) with modulo routing",
-        dict(mlp_type="token_routed", shared_expert=True, routing="modulo", mu_mode="guidance"), "experts"),
-    Arm("routed_mu_range", "(2r) as (2) with range routing",
-        dict(mlp_type="token_routed", shared_expert=True, routing="range", mu_mode="guidance"), "experts"),
-    Arm("inl", "(5) INL design: token-routed by modulo, no shared expert, INL dynamics",
-        dict(mlp_type="token_routed", shared_expert=False, routing="modulo", mu_mode="inl"), "experts"),
-    Arm("hash_top2", "(6) top-2 hash routing over 2E half-width experts + shared + mu guidance",
-        dict(mlp_type="hash_routed", num_experts_per_tok=2, route_strategy="multi_hash", shared_expert=True,
-             mu_mode="guidance"), "split"),
-)}
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in (
+        Arm("dense", "(1) dense SwiGLU, no mu", dict(mlp_type="dense", shared_expert=False, mu_mode="none"), "dense"),
+        Arm(
+            "routed_mu",
+            "(2) token-routed + shared + zipf + mu guidance",
+            dict(mlp_type="token_routed", shared_expert=True, routing="zipf", mu_mode="guidance"),
+            None,
+        ),
+        Arm(
+            "routed",
+            "(3) token-routed + shared + zipf, no mu",
+            dict(mlp_type="token_routed", shared_expert=True, routing="zipf", mu_mode="none"),
+            "experts",
+        ),
+        Arm(
+            "learned_mu",
+            "(4) learned top-1 router + shared + mu guidance (+ aux loss)",
+            dict(mlp_type="learned_moe", num_experts_per_tok=1, shared_expert=True, mu_mode="guidance"),
+            "experts",
+        ),
+        Arm(
+            "routed_mu_modulo",
+            "(2m) as (2) with modulo routing",
+            dict(mlp_type="token_routed", shared_expert=True, routing="modulo", mu_mode="guidance"),
+            "experts",
+        ),
+        Arm(
+            "routed_mu_range",
+            "(2r) as (2) with range routing",
+            dict(mlp_type="token_routed", shared_expert=True, routing="range", mu_mode="guidance"),
+            "experts",
+        ),
+        Arm(
+            "inl",
+            "(5) INL design: token-routed by modulo, no shared expert, INL dynamics",
+            dict(mlp_type="token_routed", shared_expert=False, routing="modulo", mu_mode="inl"),
+            "experts",
+        ),
+        Arm(
+            "hash_top2",
+            "(6) top-2 hash routing over 2E half-width experts + shared + mu guidance",
+            dict(
+                mlp_type="hash_routed",
+                num_experts_per_tok=2,
+                route_strategy="multi_hash",
+                shared_expert=True,
+                mu_mode="guidance",
+            ),
+            "split",
+        ),
+    )
+}
 DEFAULT_ARMS = ("dense", "routed_mu", "routed", "learned_mu")
 
 # Model fields an arm decides; a base override of these is replaced by the arm's value.
@@ -103,24 +139,26 @@ _WIDTH_FIELDS = ("intermediate_size", "expert_intermediate_size", "shared_expert
 class ArmPlan:
     name: str
     label: str
-    model: dict              # the model overrides of this arm's runs (base overrides + arm fields + widths)
+    model: dict  # the model overrides of this arm's runs (base overrides + arm fields + widths)
     total: int
     active: int
-    mismatch: float          # (total - target) / target
-    align: int | None        # the width alignment used (None: the reference, not solved)
-    widths: dict             # the MLP widths in effect: intermediate / expert / shared
+    mismatch: float  # (total - target) / target
+    align: int | None  # the width alignment used (None: the reference, not solved)
+    widths: dict  # the MLP widths in effect: intermediate / expert / shared
 
     def summary(self) -> str:
         w = ", ".join(f"{k} {v}" for k, v in self.widths.items())
-        return (f"{self.name:18s} total {self.total:>13,}  active {self.active:>13,}  "
-                f"mismatch {100 * self.mismatch:+.3f}%  ({w})")
+        return (
+            f"{self.name:18s} total {self.total:>13,}  active {self.active:>13,}  "
+            f"mismatch {100 * self.mismatch:+.3f}%  ({w})"
+        )
 
 
 @dataclass
 class AblationResult:
     out: Path
     plan: dict[str, ArmPlan]
-    runs: dict[str, dict] = field(default_factory=dict)   # "<arm>-s<seed>" -> done.json content
+    runs: dict[str, dict] = field(default_factory=dict)  # "<arm>-s<seed>" -> done.json content
     interrupted: bool = False
     report: Path | None = None
     figures: list[Path] = field(default_factory=list)
@@ -171,8 +209,7 @@ def _solve_dense(preset: str, fields: dict, target: int, align: int) -> dict:
     i0 = max(align, int(fields.get("intermediate_size") or _config(preset, fields).intermediate_size))
     f0 = _total(preset, {**fields, "intermediate_size": i0})
     slope = (_total(preset, {**fields, "intermediate_size": i0 + 64}) - f0) / 64
-    best = min(_near(i0 + (target - f0) / slope, align, lo=align),
-               key=lambda i: abs(f0 + slope * (i - i0) - target))
+    best = min(_near(i0 + (target - f0) / slope, align, lo=align), key=lambda i: abs(f0 + slope * (i - i0) - target))
     return {"intermediate_size": int(best)}
 
 
@@ -217,16 +254,19 @@ def _split_experts(reference: ComplexityConfig, k: int) -> dict:
     """The reference's experts split k ways: k E experts of width I_e / k, the shared expert as
     the reference's. With k routes per token, total and active counts are the reference's."""
     if reference.expert_width % k:
-        raise ValueError(f"arm hash_top2: the reference's expert width {reference.expert_width} does not split into "
-                         f"{k} equal experts (set expert_intermediate_size to a multiple of {k})")
+        raise ValueError(
+            f"arm hash_top2: the reference's expert width {reference.expert_width} does not split into "
+            f"{k} equal experts (set expert_intermediate_size to a multiple of {k})"
+        )
     out = {"num_experts": reference.num_experts * k, "expert_intermediate_size": reference.expert_width // k}
     if reference.shared_expert:
         out["shared_expert_intermediate_size"] = reference.shared_expert_width
     return out
 
 
-def plan_arms(preset: str, arms: Iterable[str] = DEFAULT_ARMS, base_overrides: dict | None = None,
-              tolerance: float = TOLERANCE) -> dict[str, ArmPlan]:
+def plan_arms(
+    preset: str, arms: Iterable[str] = DEFAULT_ARMS, base_overrides: dict | None = None, tolerance: float = TOLERANCE
+) -> dict[str, ArmPlan]:
     """The arms' model overrides with live totals matched to the reference arm (2)'s.
 
     `base_overrides` are model fields applied before the arm's (e.g. vocab_size, hidden_size).
@@ -269,10 +309,20 @@ def plan_arms(preset: str, arms: Iterable[str] = DEFAULT_ARMS, base_overrides: d
         count = _count(config)
         mismatch = (count.total - target) / target
         if abs(mismatch) > tolerance:
-            raise ValueError(f"arm {name}: live total {count.total:,} differs from the reference's {target:,} by "
-                             f"{100 * mismatch:+.2f}%, above the tolerance {100 * tolerance:.2f}%")
-        plans[name] = ArmPlan(name=name, label=arm.label, model=fields, total=count.total, active=count.active,
-                              mismatch=mismatch, align=align, widths=_widths(config))
+            raise ValueError(
+                f"arm {name}: live total {count.total:,} differs from the reference's {target:,} by "
+                f"{100 * mismatch:+.2f}%, above the tolerance {100 * tolerance:.2f}%"
+            )
+        plans[name] = ArmPlan(
+            name=name,
+            label=arm.label,
+            model=fields,
+            total=count.total,
+            active=count.active,
+            mismatch=mismatch,
+            align=align,
+            widths=_widths(config),
+        )
     return plans
 
 
@@ -292,8 +342,15 @@ def _has_override(overrides: list[str], key: str) -> bool:
     return any(o.split("=", 1)[0].strip() == key for o in overrides)
 
 
-def base_run_config(*, preset: str | None, data: str | Path, steps: int, recipe: str | Path | None = None,
-                    overrides: Iterable[str] = (), spike: dict | None = None):
+def base_run_config(
+    *,
+    preset: str | None,
+    data: str | Path,
+    steps: int,
+    recipe: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    spike: dict | None = None,
+):
     """The RunConfig shared by all arms (before the arm's model fields and the seed).
 
     Ablation defaults, each replaced by an explicit `section.key=value` override: per-step loss
@@ -314,9 +371,12 @@ def base_run_config(*, preset: str | None, data: str | Path, steps: int, recipe:
     post = []
     if spike is not None:
         if _has_override(overrides, "spike.enabled") and any(
-                o.replace(" ", "") == "spike.enabled=true" for o in overrides):
-            raise ValueError("--spike: the trainer's spike guard must be off (it would skip the injected batch); "
-                             "drop spike.enabled=true")
+            o.replace(" ", "") == "spike.enabled=true" for o in overrides
+        ):
+            raise ValueError(
+                "--spike: the trainer's spike guard must be off (it would skip the injected batch); "
+                "drop spike.enabled=true"
+            )
         post.append("spike.enabled=false")
     if recipe is None and preset is None:
         raise ValueError("give --preset NAME or --config RECIPE")
@@ -396,8 +456,14 @@ class _Recorder(TrainerCallbacks):
         if self.fault is not None and step == self.spike["step"]:
             batch = self.fault.transform_batch(step, batch)
             if m == 0:
-                self.trainer.logger.log({"step": step, "event": "spike_injected", "lr_mult": self.spike["lr_mult"],
-                                         "fault": "uniform random input_ids and labels"})
+                self.trainer.logger.log(
+                    {
+                        "step": step,
+                        "event": "spike_injected",
+                        "lr_mult": self.spike["lr_mult"],
+                        "fault": "uniform random input_ids and labels",
+                    }
+                )
         return batch
 
     def lr_multiplier(self, step: int) -> float:
@@ -430,46 +496,82 @@ def _summarise_run(run_dir: Path, arm: str, seed: int, avg_k: int) -> dict:
     first_k = [train[s]["loss"] for s in steps if s <= avg_k]
     rates = sorted(train[s]["tokens_per_s"] for s in steps if s > 2 and train[s].get("tokens_per_s"))
     last = evals[-1] if evals else {}
-    tail = [train[s]["loss"] for s in steps[-max(1, len(steps) // 20):]]
+    tail = [train[s]["loss"] for s in steps[-max(1, len(steps) // 20) :]]
     return {
-        "arm": arm, "seed": seed, "steps": steps[-1] if steps else 0,
-        "avg_train_loss_first_k": sum(first_k) / len(first_k) if first_k else None, "avg_k": avg_k,
+        "arm": arm,
+        "seed": seed,
+        "steps": steps[-1] if steps else 0,
+        "avg_train_loss_first_k": sum(first_k) / len(first_k) if first_k else None,
+        "avg_k": avg_k,
         "final_train_loss": sum(tail) / len(tail) if tail else None,
-        "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"), "val_ppl": last.get("val_ppl"),
+        "val_loss": last.get("val_loss"),
+        "val_bpb": last.get("val_bpb"),
+        "val_ppl": last.get("val_ppl"),
         "expert_shares": last.get("expert_shares"),
         "tokens_per_s": rates[len(rates) // 2] if rates else None,
     }
 
 
-def build_command(*, preset, data, steps, out, seeds, arms, recipe=None, overrides=(), avg_k=None,
-                  spike=None, tolerance=TOLERANCE) -> str:
+def build_command(
+    *, preset, data, steps, out, seeds, arms, recipe=None, overrides=(), avg_k=None, spike=None, tolerance=TOLERANCE
+) -> str:
     """The `complexity ablate` command line equivalent to these arguments."""
     cmd = ["complexity", "ablate"]
     if recipe is not None:
         cmd += ["--config", str(recipe)]
     if preset is not None:
         cmd += ["--preset", preset]
-    cmd += ["--data", str(data), "--steps", str(steps), "--seeds", str(len(seeds)) if list(seeds) == list(
-        range(len(seeds))) else ",".join(map(str, seeds)), "--arms", *arms, "--out", str(out)]
+    cmd += [
+        "--data",
+        str(data),
+        "--steps",
+        str(steps),
+        "--seeds",
+        str(len(seeds)) if list(seeds) == list(range(len(seeds))) else ",".join(map(str, seeds)),
+        "--arms",
+        *arms,
+        "--out",
+        str(out),
+    ]
     if avg_k is not None:
         cmd += ["--avg-steps", str(avg_k)]
     if spike is not None:
-        cmd += ["--spike", str(spike["step"]), "--spike-lr-mult", str(spike["lr_mult"]),
-                "--spike-window", str(spike["window"])]
+        cmd += [
+            "--spike",
+            str(spike["step"]),
+            "--spike-lr-mult",
+            str(spike["lr_mult"]),
+            "--spike-window",
+            str(spike["window"]),
+        ]
     if tolerance != TOLERANCE:
         cmd += ["--tolerance", str(tolerance)]
     cmd += list(overrides)
     return shlex.join(cmd)
 
 
-def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str | None = None,
-                 seeds: int | Iterable[int] = 1, arms: Iterable[str] = DEFAULT_ARMS,
-                 recipe: str | Path | None = None, overrides: Iterable[str] = (), avg_k: int | None = None,
-                 spike_step: int | None = None, spike_lr_mult: float = 10.0, spike_window: int = 20,
-                 tolerance: float = TOLERANCE, stop_after: int | None = None, command: str | None = None,
-                 progress: bool | None = None, report: bool = True,
-                 on_run_end: Callable[[str, int, dict], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> AblationResult:
+def run_ablation(
+    *,
+    data: str | Path,
+    steps: int,
+    out: str | Path,
+    preset: str | None = None,
+    seeds: int | Iterable[int] = 1,
+    arms: Iterable[str] = DEFAULT_ARMS,
+    recipe: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    avg_k: int | None = None,
+    spike_step: int | None = None,
+    spike_lr_mult: float = 10.0,
+    spike_window: int = 20,
+    tolerance: float = TOLERANCE,
+    stop_after: int | None = None,
+    command: str | None = None,
+    progress: bool | None = None,
+    report: bool = True,
+    on_run_end: Callable[[str, int, dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AblationResult:
     """Run (or continue) the ablation in `out`, then write the report. See the module docstring.
 
     seeds: a count N (seeds 0..N-1) or explicit seeds. stop_after: checkpoint and stop every run
@@ -497,10 +599,14 @@ def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str |
             raise ValueError(f"--spike: the step must lie in [2, --steps={steps}], got {spike_step}")
         if spike_lr_mult <= 0:
             raise ValueError(f"--spike-lr-mult: must be positive, got {spike_lr_mult}")
-        spike = {"step": int(spike_step), "lr_mult": float(spike_lr_mult),
-                 "window": int(max(1, min(spike_window, spike_step - 1))), "seed": 1234,
-                 "fault": "uniform random input_ids and labels (one fixed draw, seed 1234) in every micro-batch "
-                          "of that step, and that step's LR multiplied by lr_mult; spike guard off"}
+        spike = {
+            "step": int(spike_step),
+            "lr_mult": float(spike_lr_mult),
+            "window": int(max(1, min(spike_window, spike_step - 1))),
+            "seed": 1234,
+            "fault": "uniform random input_ids and labels (one fixed draw, seed 1234) in every micro-batch "
+            "of that step, and that step's LR multiplied by lr_mult; spike guard off",
+        }
 
     base = base_run_config(preset=preset, data=data, steps=steps, recipe=recipe, overrides=overrides, spike=spike)
     preset_name = base.model.preset
@@ -508,15 +614,36 @@ def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str |
     identity = _plan_identity(base, plans, spike)
     out.mkdir(parents=True, exist_ok=True)
     _check_plan(out, identity)
-    command = command or build_command(preset=preset, data=data, steps=steps, out=out, seeds=seeds, arms=arms,
-                                       recipe=recipe, overrides=overrides, avg_k=avg_k, spike=spike,
-                                       tolerance=tolerance)
+    command = command or build_command(
+        preset=preset,
+        data=data,
+        steps=steps,
+        out=out,
+        seeds=seeds,
+        arms=arms,
+        recipe=recipe,
+        overrides=overrides,
+        avg_k=avg_k,
+        spike=spike,
+        tolerance=tolerance,
+    )
     meta = {
-        "command": command, "preset": preset_name, "recipe": str(recipe) if recipe else None, "data": str(data),
-        "steps": steps, "seeds": seeds, "arms": arms, "avg_k": avg_k, "tolerance": tolerance,
-        "reference_arm": REFERENCE_ARM, "spike": spike, "identity": identity,
+        "command": command,
+        "preset": preset_name,
+        "recipe": str(recipe) if recipe else None,
+        "data": str(data),
+        "steps": steps,
+        "seeds": seeds,
+        "arms": arms,
+        "avg_k": avg_k,
+        "tolerance": tolerance,
+        "reference_arm": REFERENCE_ARM,
+        "spike": spike,
+        "identity": identity,
         "tokens_per_step": base.training.tokens_per_step or base.training.micro_batch_size * base.training.seq_len,
-        "seq_len": base.training.seq_len, "precision": base.training.precision, "compile": base.training.compile,
+        "seq_len": base.training.seq_len,
+        "precision": base.training.precision,
+        "compile": base.training.compile,
         "plan": {n: asdict(p) for n, p in plans.items()},
     }
     write_json(out / "ablation.json", meta, indent=2)
@@ -541,26 +668,36 @@ def run_ablation(*, data: str | Path, steps: int, out: str | Path, preset: str |
             config = _run_config(base, plan, seed, run_dir)
             log(f"ablate: {'resuming' if resume else 'training'} {run_name(name, seed)} ({plan.label})")
             recorder = _Recorder(run_dir, spike, config.model.build().vocab_size)
-            trainer = Trainer(config, out_dir=run_dir, resume=resume, callbacks=recorder, stop_after=stop_after,
-                              progress=progress)
+            trainer = Trainer(
+                config, out_dir=run_dir, resume=resume, callbacks=recorder, stop_after=stop_after, progress=progress
+            )
             run_result = trainer.run()
             del trainer
             _free_memory(torch, config.training.compile)
             if run_result.interrupted:
                 result.interrupted = True
-                log(f"ablate: {run_name(name, seed)} stopped at step {run_result.step}; rerun the same command "
-                    f"to continue")
+                log(
+                    f"ablate: {run_name(name, seed)} stopped at step {run_result.step}; rerun the same command "
+                    f"to continue"
+                )
                 write_json(out / "ablation.json", meta, indent=2)
                 return result
             summary = _summarise_run(run_dir, name, seed, avg_k)
-            summary.update({"total_params": plan.total, "active_params": plan.active,
-                            "train_command": f"complexity train --config {shlex.quote(str(run_dir / 'resolved.json'))} "
-                                             f"--out {shlex.quote(str(run_dir))} --overwrite"})
+            summary.update(
+                {
+                    "total_params": plan.total,
+                    "active_params": plan.active,
+                    "train_command": f"complexity train --config {shlex.quote(str(run_dir / 'resolved.json'))} "
+                    f"--out {shlex.quote(str(run_dir))} --overwrite",
+                }
+            )
             if spike is not None:
                 from ..train.metrics import read_metrics
                 from .spike import spike_metrics
 
-                summary["spike"] = spike_metrics(read_metrics(run_dir / "metrics.jsonl"), spike["step"], spike["window"])
+                summary["spike"] = spike_metrics(
+                    read_metrics(run_dir / "metrics.jsonl"), spike["step"], spike["window"]
+                )
             write_json(done, summary, indent=2)
             result.runs[run_name(name, seed)] = summary
             if on_run_end is not None:

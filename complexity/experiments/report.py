@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..train.metrics import read_metrics, train_losses
 
-MAP_TOKENS = 3000     # held-out tokens drawn in the 2-D maps
+MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
 
 
 def _load(out: Path) -> tuple[dict, dict[str, dict], dict[str, list[dict]]]:
@@ -134,7 +134,8 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
             f"| {a} | {p['label']} | {len(rs)} | {_fmt([r.get('val_loss') for r in rs])} | "
             f"{_fmt([r.get('val_bpb') for r in rs])} | {_fmt([r.get('avg_train_loss_first_k') for r in rs])} | "
             f"{_fmt([r.get('final_train_loss') for r in rs])} | {_fmt_int([r.get('tokens_per_s') for r in rs])} | "
-            f"{p['total']:,} | {p['active']:,} |")
+            f"{p['total']:,} | {p['active']:,} |"
+        )
     missing = [f"{a}-s{s}" for s in seeds for a in arms if f"{a}-s{s}" not in runs]
     if missing:
         lines += ["", f"Not finished (rerun the command to complete): {', '.join(missing)}."]
@@ -142,16 +143,22 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
     shares = [(a, runs.get(f"{a}-s{seeds[0]}", {}).get("expert_shares")) for a in arms]
     shares = [(a, s) for a, s in shares if s]
     if shares:
-        lines += ["", f"## Expert shares of held-out tokens (seed {seeds[0]}, mean over layers)", "",
-                  "| arm | " + " | ".join(f"expert {i}" for i in range(max(len(s) for _, s in shares))) + " |",
-                  "|---|" + "---:|" * max(len(s) for _, s in shares)]
+        lines += [
+            "",
+            f"## Expert shares of held-out tokens (seed {seeds[0]}, mean over layers)",
+            "",
+            "| arm | " + " | ".join(f"expert {i}" for i in range(max(len(s) for _, s in shares))) + " |",
+            "|---|" + "---:|" * max(len(s) for _, s in shares),
+        ]
         for a, s in shares:
             lines.append(f"| {a} | " + " | ".join(f"{x:.3f}" for x in s) + " |")
 
     spike = meta.get("spike")
     if spike:
         lines += [
-            "", f"## Spike at step {spike['step']}", "",
+            "",
+            f"## Spike at step {spike['step']}",
+            "",
             f"Fault: {spike['fault']} (LR x {spike['lr_mult']:g}). pre: mean training loss of the {spike['window']} "
             f"steps before; fault loss: the loss on the corrupted batch; peak: the highest loss on real data after it; "
             f"recovery: steps until the loss is back within 5% of pre (n/a: not within the run).",
@@ -167,12 +174,19 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
                 f"| {a} | {', '.join(map(str, at)) or 'n/a'} | {_fmt([r.get('pre') for r in rs])} | "
                 f"{_fmt([r.get('fault_loss') for r in rs])} | {_fmt([r.get('peak') for r in rs])} | "
                 f"{_fmt([r.get('peak_ratio') for r in rs], 3)} | "
-                f"{_fmt([r.get('recovery') for r in rs if r.get('recovery') is not None], 1)} | {never}/{len(rs)} |")
+                f"{_fmt([r.get('recovery') for r in rs if r.get('recovery') is not None], 1)} | {never}/{len(rs)} |"
+            )
 
-    lines += ["", "## Runs", "",
-              "Each run folder holds resolved.json, metrics.jsonl, batches.jsonl (sha1 of every micro-batch), "
-              "checkpoints/ and final/. The same training alone:", "",
-              "| run | command |", "|---|---|"]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "Each run folder holds resolved.json, metrics.jsonl, batches.jsonl (sha1 of every micro-batch), "
+        "checkpoints/ and final/. The same training alone:",
+        "",
+        "| run | command |",
+        "|---|---|",
+    ]
     for s in seeds:
         for a in arms:
             r = runs.get(f"{a}-s{s}")
@@ -257,8 +271,8 @@ def plot_losses(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
             ax.legend(fontsize=8)
     axes[0].set_ylabel("loss (nats/token)")
     if meta["steps"] > 20 and axes[0].lines:
-        lo = min(min(l.get_ydata()) for l in axes[0].lines)
-        hi = max(l.get_ydata()[min(len(l.get_ydata()) - 1, meta["steps"] // 10)] for l in axes[0].lines)
+        lo = min(min(line.get_ydata()) for line in axes[0].lines)
+        hi = max(line.get_ydata()[min(len(line.get_ydata()) - 1, meta["steps"] // 10)] for line in axes[0].lines)
         if hi > lo:
             axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
     fig.suptitle(f"ablation {meta['preset']}: {meta['steps']} steps x {meta['tokens_per_step']:,} tokens")
@@ -314,7 +328,8 @@ def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: in
     # the expert of each token: a routed bank gets one id per row; the hash-routed bank gets each
     # token's k routes, of which the primary (slot 0) colours the token
     handle = banks[-1].register_forward_pre_hook(
-        lambda mod, args: captured.append((args[1][:, 0] if args[1].dim() == 2 else args[1]).detach().reshape(-1)))
+        lambda mod, args: captured.append((args[1][:, 0] if args[1].dim() == 2 else args[1]).detach().reshape(-1))
+    )
     batch_size = max(1, min(4, -(-n_tokens // seq_len)))
     loader = EvalLoader(data, batch_size=batch_size, seq_len=seq_len, split="val", vocab_size=model.config.vocab_size)
     ids_all, hid_all, emb_all = [], [], []
@@ -346,8 +361,7 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
 
     plt = _plt()
     seed = meta["seeds"][0]
-    arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense"
-            and f"{a}-s{seed}" in runs]
+    arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense" and f"{a}-s{seed}" in runs]
     if not arms:
         return None
     counts = None
@@ -383,8 +397,12 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
             bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed_shares)))
         if sample is not None:
             ex_ids = sample[3].numpy()
-            bars.append((f"held-out sample routed (last layer, {len(ex_ids):,} tokens)",
-                         np.bincount(ex_ids, minlength=E)[:E] / max(1, len(ex_ids))))
+            bars.append(
+                (
+                    f"held-out sample routed (last layer, {len(ex_ids):,} tokens)",
+                    np.bincount(ex_ids, minlength=E)[:E] / max(1, len(ex_ids)),
+                )
+            )
         width = 0.8 / max(1, len(bars))
         for j, (label, vals) in enumerate(bars):
             ax.bar(x + (j - (len(bars) - 1) / 2) * width, vals[:E], width=width, label=label)
@@ -408,8 +426,9 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
                 if m.any():
                     ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, color=cmap(e % 10), label=f"expert {e}")
             what = "tokens" if col == 1 else "tokens (one dot per distinct id)"
-            ax.set_title(f"{a}: PCA of {name}\n{len(ids):,} held-out {what}, coloured by expert (last layer)",
-                         fontsize=10)
+            ax.set_title(
+                f"{a}: PCA of {name}\n{len(ids):,} held-out {what}, coloured by expert (last layer)", fontsize=10
+            )
             ax.legend(fontsize=8, markerscale=3)
         del sample
         torch.cuda.empty_cache() if torch.cuda.is_available() else None

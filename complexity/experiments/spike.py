@@ -34,9 +34,18 @@ def spike_metrics(records: list[dict], step: int, window: int, threshold: float 
     before = [losses[s] for s in range(step - window, step) if s in losses]
     after = sorted(s for s in losses if s > step)
     pre = sum(before) / len(before) if before else None
-    out = {"step": step, "window": window, "threshold": threshold, "pre": pre,
-           "fault_loss": losses.get(step), "injected_at": injected_steps(records),
-           "peak": None, "peak_step": None, "peak_ratio": None, "recovery": None}
+    out = {
+        "step": step,
+        "window": window,
+        "threshold": threshold,
+        "pre": pre,
+        "fault_loss": losses.get(step),
+        "injected_at": injected_steps(records),
+        "peak": None,
+        "peak_step": None,
+        "peak_ratio": None,
+        "recovery": None,
+    }
     if after:
         peak_step = max(after, key=lambda s: losses[s])
         out["peak"], out["peak_step"] = losses[peak_step], peak_step

@@ -12,10 +12,18 @@ Names are imported on first use, so the CLI can read `complexity.inference.args`
 from importlib import import_module
 
 _EXPORTS = {
-    "AsyncEngine": "async_engine", "RequestGroup": "async_engine", "RequestOutput": "async_engine",
-    "Engine": "engine", "SlotKVCache": "cache", "SamplingParams": "sampling",
-    "Completion": "outputs", "StepOutput": "outputs", "TokenLogprob": "outputs",
-    "EngineOverloaded": "errors", "EngineStopped": "errors", "InvalidRequest": "errors",
+    "AsyncEngine": "async_engine",
+    "RequestGroup": "async_engine",
+    "RequestOutput": "async_engine",
+    "Engine": "engine",
+    "SlotKVCache": "cache",
+    "SamplingParams": "sampling",
+    "Completion": "outputs",
+    "StepOutput": "outputs",
+    "TokenLogprob": "outputs",
+    "EngineOverloaded": "errors",
+    "EngineStopped": "errors",
+    "InvalidRequest": "errors",
 }
 
 

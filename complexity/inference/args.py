@@ -1,7 +1,7 @@
 """The engine's command-line flags, defined once for `complexity generate` and `complexity serve`.
 
-    add_engine_args(parser)          # --device --dtype --max-seq-len ... --eager / --no-compile
-    Engine.from_pretrained(path, **engine_kwargs(args))
+add_engine_args(parser)          # --device --dtype --max-seq-len ... --eager / --no-compile
+Engine.from_pretrained(path, **engine_kwargs(args))
 """
 
 from __future__ import annotations
@@ -35,20 +35,36 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
     g = parser.add_argument_group("engine")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, float32 on cpu), float32, bfloat16, float16")
-    g.add_argument("--max-seq-len", type=_positive_int, default=None,
-                   help="per-slot context in tokens (default: the model's max_position_embeddings)")
+    g.add_argument(
+        "--max-seq-len",
+        type=_positive_int,
+        default=None,
+        help="per-slot context in tokens (default: the model's max_position_embeddings)",
+    )
     if batch:
-        g.add_argument("--max-batch", type=_positive_int, default=None,
-                       help="cache slots = largest decode batch (default: sized from free GPU memory, at most 256; "
-                            "16 on the CPU)")
-        g.add_argument("--max-prefill-tokens", type=_positive_int, default=8192,
-                       help="padded prompt tokens per prefill forward (default 8192)")
-        g.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
-                       help="fraction of the GPU's memory for weights, activations and the KV cache when sizing "
-                            "--max-batch (default 0.9)")
+        g.add_argument(
+            "--max-batch",
+            type=_positive_int,
+            default=None,
+            help="cache slots = largest decode batch (default: sized from free GPU memory, at most 256; 16 on the CPU)",
+        )
+        g.add_argument(
+            "--max-prefill-tokens",
+            type=_positive_int,
+            default=8192,
+            help="padded prompt tokens per prefill forward (default 8192)",
+        )
+        g.add_argument(
+            "--gpu-memory-utilization",
+            type=_fraction,
+            default=0.9,
+            help="fraction of the GPU's memory for weights, activations and the KV cache when sizing "
+            "--max-batch (default 0.9)",
+        )
     mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--eager", action="store_true",
-                      help="no CUDA graphs, no torch.compile (the CUDA default is both)")
+    mode.add_argument(
+        "--eager", action="store_true", help="no CUDA graphs, no torch.compile (the CUDA default is both)"
+    )
     mode.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager decode step")
     mode.add_argument("--compile", action="store_true", help="torch.compile the decode step (also on the CPU)")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")

@@ -125,8 +125,15 @@ class RequestGroup:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine | None = None, *, core=None, tokenizer=None, max_concurrent: int | None = None,
-                 max_queued_tokens: int | None = None):
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        core=None,
+        tokenizer=None,
+        max_concurrent: int | None = None,
+        max_queued_tokens: int | None = None,
+    ):
         """Over an Engine object (its core runs in a thread), or over a started `core` (see
         `spawn`) with the checkpoint's tokenizer."""
         if (engine is None) == (core is None):
@@ -137,8 +144,12 @@ class AsyncEngine:
             self._stats = engine_stats(engine)
         else:
             core.on_message = self._on_message
-            self._stats = {"running": 0, "waiting": 0, "free_slots": core.info["max_batch"],
-                           "max_batch": core.info["max_batch"]}
+            self._stats = {
+                "running": 0,
+                "waiting": 0,
+                "free_slots": core.info["max_batch"],
+                "max_batch": core.info["max_batch"],
+            }
         self.core = core
         info = core.info
         self.info = info
@@ -163,8 +174,9 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="complexity-tokenize")
 
     @classmethod
-    def spawn(cls, checkpoint: str, engine_kwargs: dict | None = None, *, threads: int | None = None,
-              **kwargs) -> "AsyncEngine":
+    def spawn(
+        cls, checkpoint: str, engine_kwargs: dict | None = None, *, threads: int | None = None, **kwargs
+    ) -> AsyncEngine:
         """Start the engine core in its own process (loads the checkpoint there) and return the
         client; the API process loads only the tokenizer. Raises ValueError if the core could not
         start (bad checkpoint, flags, memory), with its message."""
@@ -228,8 +240,12 @@ class AsyncEngine:
             head = text[: cut if cut > 0 else probe]
             n = len(self.tokenizer(head, add_special_tokens=False).input_ids)
             if n > self.max_seq_len + 8:
-                raise InvalidRequest("prompt", f"exceeds the context length {self.max_seq_len}: its first "
-                                     f"{len(head)} characters alone are {n} tokens", "context_length_exceeded")
+                raise InvalidRequest(
+                    "prompt",
+                    f"exceeds the context length {self.max_seq_len}: its first "
+                    f"{len(head)} characters alone are {n} tokens",
+                    "context_length_exceeded",
+                )
         ids = self.tokenizer(text).input_ids
         if not ids and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id]
@@ -257,8 +273,14 @@ class AsyncEngine:
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
         """The engine's check of one sequence (the API's rule: the new tokens must fit too)."""
-        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
-                      has_tokenizer=self.tokenizer is not None, require_fit=True)
+        check_request(
+            ids,
+            params,
+            vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            has_tokenizer=self.tokenizer is not None,
+            require_fit=True,
+        )
 
     # ------------------------------------------------------------------ requests (event loop side)
 
@@ -274,12 +296,16 @@ class AsyncEngine:
             inflight = len(self._groups)
             if self.max_concurrent is not None and inflight + len(prompts) > self.max_concurrent:
                 self.rejected += 1
-                raise EngineOverloaded(f"too many concurrent requests ({inflight} in flight + {len(prompts)} > "
-                                       f"limit {self.max_concurrent}); retry later")
+                raise EngineOverloaded(
+                    f"too many concurrent requests ({inflight} in flight + {len(prompts)} > "
+                    f"limit {self.max_concurrent}); retry later"
+                )
             if self.max_queued_tokens is not None and self.queued_tokens + tokens > self.max_queued_tokens:
                 self.rejected += 1
-                raise EngineOverloaded(f"too many queued prompt tokens ({self.queued_tokens} queued + {tokens} > "
-                                       f"limit {self.max_queued_tokens}); retry later")
+                raise EngineOverloaded(
+                    f"too many queued prompt tokens ({self.queued_tokens} queued + {tokens} > "
+                    f"limit {self.max_queued_tokens}); retry later"
+                )
             rids = []
             for _ in prompts:
                 self._counter += 1
@@ -305,8 +331,13 @@ class AsyncEngine:
             self.core.send(("abort", rids))
 
     def stats(self) -> dict:
-        return {**self._stats, "inflight": len(self._groups), "queued_tokens": self.queued_tokens,
-                "rejected": self.rejected, "finish_reasons": dict(self.finish_reasons)}
+        return {
+            **self._stats,
+            "inflight": len(self._groups),
+            "queued_tokens": self.queued_tokens,
+            "rejected": self.rejected,
+            "finish_reasons": dict(self.finish_reasons),
+        }
 
     # ------------------------------------------------------------------ the core's messages (reader thread)
 
@@ -324,8 +355,9 @@ class AsyncEngine:
         with self._lock:
             texts, stopped = self._processor.process(outs)
             for out in texts:
-                if out.request_id in self._queued and (out.new_token_ids or out.finished
-                                                       or out.prompt_logprobs is not None):
+                if out.request_id in self._queued and (
+                    out.new_token_ids or out.finished or out.prompt_logprobs is not None
+                ):
                     self.queued_tokens -= self._queued.pop(out.request_id)
                 if out.finished:
                     self._processor.remove(out.request_id)

@@ -24,8 +24,16 @@ import torch
 class SlotKVCache:
     is_compileable = True
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         self.key_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -70,8 +78,9 @@ class SlotKVCache:
         return len(self.key_cache)
 
 
-def attention_mask_decode(pos: torch.Tensor, kv_range: torch.Tensor, sliding_window: int | None,
-                          dtype: torch.dtype) -> torch.Tensor:
+def attention_mask_decode(
+    pos: torch.Tensor, kv_range: torch.Tensor, sliding_window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive mask [B, 1, 1, kv_len] (kv_range = arange(kv_len)): row b sees keys j with
     pos[b] - W < j <= pos[b]."""
     j = kv_range[None, :]
@@ -83,8 +92,9 @@ def attention_mask_decode(pos: torch.Tensor, kv_range: torch.Tensor, sliding_win
     return torch.where(visible, zero, neg)[:, None, None, :]
 
 
-def attention_mask_prefill(batch: int, length: int, sliding_window: int | None, dtype: torch.dtype,
-                           device) -> torch.Tensor:
+def attention_mask_prefill(
+    batch: int, length: int, sliding_window: int | None, dtype: torch.dtype, device
+) -> torch.Tensor:
     """Additive causal mask [B, 1, S, S] for prompts starting at position 0 (right padding needs
     nothing more: real queries never see the padded keys after them)."""
     i = torch.arange(length, device=device)[:, None]

@@ -37,14 +37,25 @@ logger = logging.getLogger(__name__)
 
 def engine_info(engine: Engine) -> dict:
     """What the API process needs to know about the core's engine."""
-    return {"vocab_size": engine.vocab_size, "max_seq_len": engine.max_seq_len, "max_batch": engine.max_batch,
-            "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-            "description": engine.describe(), "startup": dict(engine.startup)}
+    return {
+        "vocab_size": engine.vocab_size,
+        "max_seq_len": engine.max_seq_len,
+        "max_batch": engine.max_batch,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "description": engine.describe(),
+        "startup": dict(engine.startup),
+    }
 
 
 def engine_stats(engine: Engine) -> dict:
-    return {"running": engine.num_running, "waiting": engine.num_waiting, "free_slots": len(engine.free_slots),
-            "max_batch": engine.max_batch, **engine.stats}
+    return {
+        "running": engine.num_running,
+        "waiting": engine.num_waiting,
+        "free_slots": len(engine.free_slots),
+        "max_batch": engine.max_batch,
+        **engine.stats,
+    }
 
 
 def pack_outputs(outputs: list[StepOutput]) -> tuple:
@@ -70,8 +81,9 @@ def run_engine_loop(engine: Engine, poll: Callable[[float | None], list], send: 
                     try:
                         engine.add_request(ids, params, request_id=rid, checked=True)
                     except Exception as err:  # checked in the API process; still fail only this request
-                        outputs.append(StepOutput(rid, [], None, None, True, "error", len(ids), 0,
-                                                  f"{type(err).__name__}: {err}"))
+                        outputs.append(
+                            StepOutput(rid, [], None, None, True, "error", len(ids), 0, f"{type(err).__name__}: {err}")
+                        )
             elif kind == "abort":
                 for rid in cmd[1]:
                     engine.abort(rid)
@@ -179,9 +191,15 @@ def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads
 class ProcessCore:
     """The loop in a spawned process that loads the checkpoint itself."""
 
-    def __init__(self, checkpoint: str, engine_kwargs: dict, on_message: Callable[[tuple], None],
-                 threads: int | None = None):
-        self.checkpoint, self.engine_kwargs, self.on_message, self.threads = checkpoint, engine_kwargs, on_message, threads
+    def __init__(
+        self, checkpoint: str, engine_kwargs: dict, on_message: Callable[[tuple], None], threads: int | None = None
+    ):
+        self.checkpoint, self.engine_kwargs, self.on_message, self.threads = (
+            checkpoint,
+            engine_kwargs,
+            on_message,
+            threads,
+        )
         self.info: dict | None = None
         self._gone = False
         self._lock = threading.Lock()
@@ -194,8 +212,12 @@ class ProcessCore:
         ctx = multiprocessing.get_context("spawn")
         cmd_recv, self._cmd = ctx.Pipe(duplex=False)
         self._out, out_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_core_main, name="complexity-engine-core", daemon=True,
-                                 args=(cmd_recv, out_send, self.checkpoint, self.engine_kwargs, self.threads))
+        self._proc = ctx.Process(
+            target=_core_main,
+            name="complexity-engine-core",
+            daemon=True,
+            args=(cmd_recv, out_send, self.checkpoint, self.engine_kwargs, self.threads),
+        )
         self._proc.start()
         cmd_recv.close()
         out_send.close()  # the parent keeps only its ends: EOF then means the child is gone

@@ -38,15 +38,15 @@ class IncrementalDetokenizer:
         self.ids.append(int(token_id))
 
     def prefix_window(self) -> list[int]:
-        return self.ids[self.prefix_offset:self.read_offset]
+        return self.ids[self.prefix_offset : self.read_offset]
 
     def window(self) -> list[int]:
-        return self.ids[self.prefix_offset:]
+        return self.ids[self.prefix_offset :]
 
     def commit(self, prefix_text: str, new_text: str) -> str:
         self.prefix_text = prefix_text
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text):]
+            delta = new_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             self.prefix_text = None
@@ -70,7 +70,7 @@ class IncrementalDetokenizer:
         new_text = self._decode(self.window())
         self.prefix_offset = self.read_offset = len(self.ids)
         self.prefix_text = None
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
 
 class StopMatcher:
@@ -89,7 +89,7 @@ class StopMatcher:
             hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 end = max(min(hits), self.emitted)
-                out = self.text[self.emitted:end]
+                out = self.text[self.emitted : end]
                 self.text = self.text[:end]
                 self.emitted = end
                 return out, True
@@ -101,7 +101,7 @@ class StopMatcher:
                     if self.text.endswith(s[:n]):
                         end = min(end, len(self.text) - n)
                         break
-        out = self.text[self.emitted:end]
+        out = self.text[self.emitted : end]
         self.emitted = end
         return out, False
 
@@ -130,9 +130,11 @@ def _merge_by_request(outputs: list[StepOutput]) -> list[StepOutput]:
             merged[o.request_id] = o
             continue
         logprobs = (prev.new_logprobs or []) + (o.new_logprobs or []) if (prev.new_logprobs or o.new_logprobs) else None
-        merged[o.request_id] = o._replace(new_token_ids=prev.new_token_ids + o.new_token_ids, new_logprobs=logprobs,
-                                          prompt_logprobs=prev.prompt_logprobs if o.prompt_logprobs is None
-                                          else o.prompt_logprobs)
+        merged[o.request_id] = o._replace(
+            new_token_ids=prev.new_token_ids + o.new_token_ids,
+            new_logprobs=logprobs,
+            prompt_logprobs=prev.prompt_logprobs if o.prompt_logprobs is None else o.prompt_logprobs,
+        )
     return list(merged.values())
 
 
@@ -160,7 +162,9 @@ class OutputProcessor:
             if self._batch is not None:
                 decoded = self._batch(batch, skip_special_tokens=skip)
             else:
-                decoded = self.tokenizer.batch_decode(batch, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+                decoded = self.tokenizer.batch_decode(
+                    batch, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+                )
             for i, t in zip(idx, decoded):
                 texts[i] = t
         return texts
@@ -206,7 +210,7 @@ class OutputProcessor:
         stopped = []
         for pos, st, out, first, n in todo:
             if st.detok is None:
-                text = texts[first + 1][len(texts[first]):]
+                text = texts[first + 1][len(texts[first]) :]
             else:
                 text = ""
                 if n:

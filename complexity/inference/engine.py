@@ -117,8 +117,15 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
-def check_request(ids: Sequence[int], params: SamplingParams, *, vocab_size: int, max_seq_len: int,
-                  has_tokenizer: bool, require_fit: bool = False) -> None:
+def check_request(
+    ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    max_seq_len: int,
+    has_tokenizer: bool,
+    require_fit: bool = False,
+) -> None:
     """The one check of a request against a model: the sampling values, then the prompt (not
     empty, ids in the vocabulary, within the context). The model's own id check is off under the
     engine (it would sync every step); the server runs this in its API process before a request
@@ -134,11 +141,15 @@ def check_request(ids: Sequence[int], params: SamplingParams, *, vocab_size: int
         raise InvalidRequest("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
     # a prompt filling the whole context still gets one sampled token (never written back)
     if len(ids) > max_seq_len:
-        raise InvalidRequest("prompt", f"{len(ids)} tokens exceed the context length {max_seq_len}",
-                             "context_length_exceeded")
+        raise InvalidRequest(
+            "prompt", f"{len(ids)} tokens exceed the context length {max_seq_len}", "context_length_exceeded"
+        )
     if require_fit and params.max_new_tokens is not None and len(ids) + params.max_new_tokens > max_seq_len:
-        raise InvalidRequest("max_new_tokens", f"{params.max_new_tokens} new tokens + {len(ids)} prompt tokens "
-                             f"exceed the context length {max_seq_len}", "context_length_exceeded")
+        raise InvalidRequest(
+            "max_new_tokens",
+            f"{params.max_new_tokens} new tokens + {len(ids)} prompt tokens exceed the context length {max_seq_len}",
+            "context_length_exceeded",
+        )
 
 
 def _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization) -> None:
@@ -151,8 +162,9 @@ def _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_m
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(f"max_seq_len: must be an integer >= 2, got {max_seq_len!r}")
     if max_seq_len > config.max_position_embeddings:
-        raise ValueError(f"max_seq_len: {max_seq_len} exceeds the model's "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+        raise ValueError(
+            f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+        )
 
 
 class Engine:
@@ -166,9 +178,20 @@ class Engine:
     `max_seq_len` (the per-slot context) defaults to the model's max_position_embeddings.
     """
 
-    def __init__(self, model, tokenizer=None, *, max_batch: int | None = None, max_seq_len: int | None = None,
-                 max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None, compile: bool | None = None,
-                 gpu_memory_utilization: float = 0.9, seed: int = 0, attn_implementation: str | None = "sdpa"):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_batch: int | None = None,
+        max_seq_len: int | None = None,
+        max_prefill_tokens: int = 8192,
+        cuda_graphs: bool | None = None,
+        compile: bool | None = None,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        attn_implementation: str | None = "sdpa",
+    ):
         t0 = time.perf_counter()
         config = model.config
         max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
@@ -205,8 +228,15 @@ class Engine:
         # would compile it a second time): batch 1 runs as 2 rows, so the cache needs a second row
         self._smallest_bucket = 2 if self.compile else 1
         rows = max(max_batch, self._smallest_bucket)
-        self.cache = SlotKVCache(config.num_hidden_layers, rows, config.num_key_value_heads, max_seq_len,
-                                 config.head_dim, self.dtype, self.device)
+        self.cache = SlotKVCache(
+            config.num_hidden_layers,
+            rows,
+            config.num_key_value_heads,
+            max_seq_len,
+            config.head_dim,
+            self.dtype,
+            self.device,
+        )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.free_slots: list[int] = list(range(max_batch))
@@ -214,8 +244,14 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.requests: dict[str, Request] = {}
         self._outbox: list[StepOutput] = []  # outputs made between steps (aborts)
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_steps": 0, "decode_steps": 0,
-                      "finished": 0, "aborted": 0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "prefill_steps": 0,
+            "decode_steps": 0,
+            "finished": 0,
+            "aborted": 0,
+        }
         self._kv_ranges: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._decode_impl = self._decode_forward
@@ -230,7 +266,7 @@ class Engine:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pretrained(cls, path, *, device=None, dtype=None, tokenizer=True, **kwargs) -> "Engine":
+    def from_pretrained(cls, path, *, device=None, dtype=None, tokenizer=True, **kwargs) -> Engine:
         """Load a checkpoint folder (config.json + safetensors, tokenizer files if any), every file
         checked first (`complexity.checkpoint_folder`: a broken folder is one clear error)."""
         from ..checkpoint_folder import load_checkpoint_folder
@@ -252,14 +288,21 @@ class Engine:
         budget = utilization * total - (total - free) - peak - GRAPH_MEMORY_RESERVE
         per_slot = kv_bytes_per_token(self.config, self.dtype) * self.max_seq_len
         slots = int(min(MAX_AUTO_SLOTS, budget // per_slot))
-        self.memory_plan = {"total_gib": total / gib, "in_use_gib": (total - free) / gib, "prefill_peak_gib": peak / gib,
-                            "kv_budget_gib": budget / gib, "slot_gib": per_slot / gib, "utilization": utilization}
+        self.memory_plan = {
+            "total_gib": total / gib,
+            "in_use_gib": (total - free) / gib,
+            "prefill_peak_gib": peak / gib,
+            "kv_budget_gib": budget / gib,
+            "slot_gib": per_slot / gib,
+            "utilization": utilization,
+        }
         if slots < 1:
             raise ValueError(
                 f"gpu_memory_utilization: {utilization} of {total / gib:.1f} GiB leaves {max(budget, 0) / gib:.2f} GiB "
                 f"for the KV cache ({(total - free) / gib:.1f} GiB in use, {peak / gib:.2f} GiB prefill peak), less "
                 f"than one slot of {self.max_seq_len} tokens ({per_slot / gib:.2f} GiB): raise it, or lower "
-                "max_seq_len / max_prefill_tokens")
+                "max_seq_len / max_prefill_tokens"
+            )
         return slots
 
     @torch.inference_mode()
@@ -271,8 +314,9 @@ class Engine:
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.full((1, n), self.pad_token_id, dtype=torch.long, device=self.device)
         mask = attention_mask_prefill(1, n, self.sliding_window, self.dtype, self.device)
-        hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(n, device=self.device)[None],
-                                  use_cache=False).last_hidden_state
+        hidden = self.model.model(
+            input_ids=ids, attention_mask=mask, position_ids=torch.arange(n, device=self.device)[None], use_cache=False
+        ).last_hidden_state
         torch.log_softmax(self.model.lm_head(hidden[0]).float(), -1)
         del hidden
         peak = torch.cuda.max_memory_allocated(self.device) - before
@@ -282,17 +326,27 @@ class Engine:
     def describe(self) -> str:
         """One line saying what was chosen (the startup log)."""
         kv = kv_bytes_per_token(self.config, self.dtype) * self.max_seq_len * self.max_batch / (1 << 30)
-        parts = [f"{self.max_batch} slots x {self.max_seq_len} tokens (KV cache {kv:.2f} GiB)",
-                 f"{self.device}", str(self.dtype).removeprefix("torch.")]
+        parts = [
+            f"{self.max_batch} slots x {self.max_seq_len} tokens (KV cache {kv:.2f} GiB)",
+            f"{self.device}",
+            str(self.dtype).removeprefix("torch."),
+        ]
         if self.memory_plan is not None:
             m = self.memory_plan
-            parts.append(f"sized from memory: {m['kv_budget_gib']:.1f} GiB KV budget at gpu_memory_utilization "
-                         f"{m['utilization']:.2f} of {m['total_gib']:.0f} GiB, capped at {MAX_AUTO_SLOTS} slots")
+            parts.append(
+                f"sized from memory: {m['kv_budget_gib']:.1f} GiB KV budget at gpu_memory_utilization "
+                f"{m['utilization']:.2f} of {m['total_gib']:.0f} GiB, capped at {MAX_AUTO_SLOTS} slots"
+            )
         if self.use_graphs:
-            compiled = ", compiled once" if self.compile else (
-                ", compile failed: eager kernels" if "compile_error" in self.startup else "")
-            parts.append(f"decode: {len(self._graphs)} CUDA graphs ({len(self._buckets)} batch x "
-                         f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})")
+            compiled = (
+                ", compiled once"
+                if self.compile
+                else (", compile failed: eager kernels" if "compile_error" in self.startup else "")
+            )
+            parts.append(
+                f"decode: {len(self._graphs)} CUDA graphs ({len(self._buckets)} batch x "
+                f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})"
+            )
         else:
             parts.append("decode: " + ("compiled" if self.compile else "eager"))
         return ", ".join(parts)
@@ -302,7 +356,9 @@ class Engine:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
+                raise InvalidRequest(
+                    "prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids"
+                )
             ids = self.tokenizer(prompt).input_ids
             if not ids and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id]
@@ -311,11 +367,23 @@ class Engine:
 
     def check_request(self, ids: Sequence[int], params: SamplingParams, *, require_fit: bool = False) -> None:
         """Raise InvalidRequest naming the problem if `ids` cannot run with `params` here."""
-        check_request(ids, params, vocab_size=self.vocab_size, max_seq_len=self.max_seq_len,
-                      has_tokenizer=self.tokenizer is not None, require_fit=require_fit)
+        check_request(
+            ids,
+            params,
+            vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            has_tokenizer=self.tokenizer is not None,
+            require_fit=require_fit,
+        )
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
-                    request_id: str | None = None, checked: bool = False) -> Request:
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        checked: bool = False,
+    ) -> Request:
         """Queue a request. `checked=True`: the caller already ran `check_request` (the server's
         API process does, before anything reaches the engine process)."""
         params = params or SamplingParams()
@@ -437,8 +505,9 @@ class Engine:
                 logger.exception("%s failed", what)
                 self._fail(reqs[0], err, outputs)
                 return
-            logger.warning("%s of %d requests failed (%s: %s); retrying them one by one", what, len(reqs),
-                           type(err).__name__, err)
+            logger.warning(
+                "%s of %d requests failed (%s: %s); retrying them one by one", what, len(reqs), type(err).__name__, err
+            )
             for r in reqs:
                 try:
                     run([r], outputs)
@@ -473,8 +542,9 @@ class Engine:
         mask = attention_mask_prefill(b, s, self.sliding_window, self.dtype, self.device)
         self.cache.set_prefill(torch.tensor([r.slot for r in reqs], device=self.device))
         try:
-            hidden = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                      past_key_values=self.cache, use_cache=True).last_hidden_state
+            hidden = self.model.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True
+            ).last_hidden_state
         finally:
             self.cache.set_decode(None, self.max_seq_len)
         last = hidden[torch.arange(b, device=self.device), torch.tensor(lens, device=self.device) - 1]
@@ -501,7 +571,9 @@ class Engine:
         if n > 1:
             lp, top_ids, top_lp = top_logprobs(self.model.lm_head(hidden[: n - 1]).float(), ids[1:n], k)
             lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
-            entries += [TokenLogprob(r.prompt_ids[j + 1], lp[j], list(zip(top_ids[j], top_lp[j]))) for j in range(n - 1)]
+            entries += [
+                TokenLogprob(r.prompt_ids[j + 1], lp[j], list(zip(top_ids[j], top_lp[j]))) for j in range(n - 1)
+            ]
         return entries
 
     def _decode(self, reqs: list[Request], outputs: list[StepOutput]) -> None:
@@ -530,8 +602,9 @@ class Engine:
         kv_len = kv_range.shape[0]
         self.cache.set_decode(pos, kv_len)
         mask = attention_mask_decode(pos, kv_range, self.sliding_window, self.dtype)
-        hidden = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=pos[:, None],
-                                  past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.model.model(
+            input_ids=tokens, attention_mask=mask, position_ids=pos[:, None], past_key_values=self.cache, use_cache=True
+        ).last_hidden_state
         return self.model.lm_head(hidden[:, -1]).float()
 
     def _kv_range(self, kv_len: int) -> torch.Tensor:
@@ -614,8 +687,11 @@ class Engine:
                     raise
                 # an optimization must not keep the server from starting: say so, and capture the
                 # eager decode step instead
-                logger.warning("torch.compile of the decode step failed (%s: %s); capturing the eager decode step",
-                               type(err).__name__, err)
+                logger.warning(
+                    "torch.compile of the decode step failed (%s: %s); capturing the eager decode step",
+                    type(err).__name__,
+                    err,
+                )
                 self.startup["compile_error"] = f"{type(err).__name__}: {err}"
                 self.compile, self._decode_impl = False, self._decode_forward
                 self._warm_up()
@@ -643,12 +719,13 @@ class Engine:
         except Exception as err:
             if len(reqs) == 1:
                 return [err]
-            logger.warning("sampling %d rows failed (%s: %s); sampling them one by one", len(reqs),
-                           type(err).__name__, err)
+            logger.warning(
+                "sampling %d rows failed (%s: %s); sampling them one by one", len(reqs), type(err).__name__, err
+            )
             out = []
             for i, r in enumerate(reqs):
                 try:
-                    out += self._sample_rows([r], logits[i: i + 1])
+                    out += self._sample_rows([r], logits[i : i + 1])
                 except Exception as one_err:
                     out.append(one_err)
             return out
@@ -656,7 +733,9 @@ class Engine:
     def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list:
         params = [r.params for r in reqs]
         histories = [
-            torch.tensor(r.prompt_ids + r.output_ids, device=logits.device) if r.params.repetition_penalty != 1.0 else None
+            torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
+            if r.params.repetition_penalty != 1.0
+            else None
             for r in reqs
         ]
         tokens = sample_tokens(logits, params, [r.generator for r in reqs], histories, self.generator)
@@ -681,8 +760,9 @@ class Engine:
                 out.append((tok, TokenLogprob(tok, e[0], e[1]) if e is not None else None))
         return out
 
-    def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor, outputs: list[StepOutput],
-                         first: bool) -> None:
+    def _sample_and_emit(
+        self, reqs: list[Request], logits: torch.Tensor, outputs: list[StepOutput], first: bool
+    ) -> None:
         now = time.perf_counter()
         for r, res in zip(reqs, self._sample(reqs, logits)):
             if isinstance(res, Exception):
@@ -698,15 +778,26 @@ class Engine:
             p = r.params
             if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
                 self._finish(r, "stop")
-            elif (p.max_new_tokens is not None and len(r.output_ids) >= p.max_new_tokens) \
-                    or r.num_cached + 1 > self.max_seq_len:
+            elif (
+                p.max_new_tokens is not None and len(r.output_ids) >= p.max_new_tokens
+            ) or r.num_cached + 1 > self.max_seq_len:
                 self._finish(r, "length")
-            outputs.append(self._output(r, [tok], [entry] if entry is not None else None,
-                                        r.prompt_logprobs if first else None))
+            outputs.append(
+                self._output(r, [tok], [entry] if entry is not None else None, r.prompt_logprobs if first else None)
+            )
 
     def _output(self, req: Request, tokens, logprobs, prompt_logprobs, error: str | None = None) -> StepOutput:
-        return StepOutput(req.request_id, tokens, logprobs, prompt_logprobs, req.finished, req.finish_reason,
-                          len(req.prompt_ids), len(req.output_ids), error)
+        return StepOutput(
+            req.request_id,
+            tokens,
+            logprobs,
+            prompt_logprobs,
+            req.finished,
+            req.finish_reason,
+            len(req.prompt_ids),
+            len(req.output_ids),
+            error,
+        )
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finished = True
@@ -726,4 +817,13 @@ class Engine:
         outputs.append(self._output(req, [], None, None, error=f"{type(err).__name__}: {err}"))
 
 
-__all__ = ["Engine", "check_request", "Completion", "StepOutput", "TokenLogprob", "Request", "batch_buckets", "context_buckets"]
+__all__ = [
+    "Engine",
+    "check_request",
+    "Completion",
+    "StepOutput",
+    "TokenLogprob",
+    "Request",
+    "batch_buckets",
+    "context_buckets",
+]

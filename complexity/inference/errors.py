@@ -22,7 +22,7 @@ class InvalidRequest(EngineError, ValueError):
         super().__init__(f"{param}: {message}" if param else message)
         self.param, self.code, self.detail = param, code, message
 
-    def renamed(self, names: dict[str, str]) -> "InvalidRequest":
+    def renamed(self, names: dict[str, str]) -> InvalidRequest:
         """The same error with `param` translated into the caller's vocabulary (e.g. the engine's
         `max_new_tokens` is the API's `max_tokens`)."""
         if self.param not in names:

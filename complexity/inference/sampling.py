@@ -18,7 +18,6 @@ import torch
 
 from .errors import InvalidRequest
 
-
 # The stated ranges of every field (InvalidRequest names the field otherwise). They keep the
 # float32 arithmetic of the sampler finite: a temperature of 1e-45 or a penalty of 1e-40 would
 # overflow the logits, a top_k past int64 would not fit a tensor.
@@ -101,8 +100,13 @@ class SamplingParams:
             within("max_new_tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS, f"in [1, {MAX_NEW_TOKENS}]")
         number("temperature", self.temperature)
         if self.temperature != 0:
-            within("temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
-                   f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+            within(
+                "temperature",
+                self.temperature,
+                MIN_TEMPERATURE,
+                MAX_TEMPERATURE,
+                f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
+            )
         integer("top_k", self.top_k)
         within("top_k", self.top_k, 0, MAX_TOP_K, f"in [0, {MAX_TOP_K}] (0 = off)")
         number("top_p", self.top_p)
@@ -111,8 +115,13 @@ class SamplingParams:
         number("min_p", self.min_p)
         within("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
         number("repetition_penalty", self.repetition_penalty)
-        within("repetition_penalty", self.repetition_penalty, MIN_PENALTY, MAX_PENALTY,
-               f"in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off)")
+        within(
+            "repetition_penalty",
+            self.repetition_penalty,
+            MIN_PENALTY,
+            MAX_PENALTY,
+            f"in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off)",
+        )
         if len(self.stop) > MAX_STOP_STRINGS:
             fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
@@ -130,11 +139,13 @@ class SamplingParams:
                 integer(name, value)
                 within(name, value, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
 
-    def copy(self, **changes) -> "SamplingParams":
+    def copy(self, **changes) -> SamplingParams:
         return replace(self, **changes)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: list[float], histories: list[torch.Tensor]) -> None:
+def apply_repetition_penalty(
+    logits: torch.Tensor, rows: list[int], penalties: list[float], histories: list[torch.Tensor]
+) -> None:
     """In place, CTRL style: for tokens already seen, logit / p if positive else logit * p."""
     for row, p, seen in zip(rows, penalties, histories):
         if seen.numel() == 0:
@@ -144,8 +155,9 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[int], penalties: l
         logits[row].scatter_(0, seen, vals)
 
 
-def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Probabilities [B, V] after temperature, top-k, top-p and min-p (rows with temperature 0 are
     given temperature 1 here; the caller takes their argmax instead). Each row's maximum is
     subtracted before dividing by its temperature, so a small temperature cannot overflow."""
@@ -176,8 +188,13 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return gen
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                  histories: list[torch.Tensor | None], default_generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: list[torch.Tensor | None],
+    default_generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids [B] (long, on logits' device) for float32 logits [B, V], one params per row.
 
     `histories[i]` holds the ids seen so far by row i (only needed where repetition_penalty != 1).
@@ -188,8 +205,9 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i] is not None]
     if pen_rows:
         logits = logits.clone()
-        apply_repetition_penalty(logits, pen_rows, [params[i].repetition_penalty for i in pen_rows],
-                                 [histories[i] for i in pen_rows])
+        apply_repetition_penalty(
+            logits, pen_rows, [params[i].repetition_penalty for i in pen_rows], [histories[i] for i in pen_rows]
+        )
     out = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:

@@ -23,21 +23,31 @@ from .errors import install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import Gate
 
-
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
-def create_app(engine: Engine | AsyncEngine, *, model_name: str = "complexity", api_key: str | None = None,
-               max_concurrent: int | None = 1024, max_queued_tokens: int | None = None, max_n: int = 16,
-               max_prompts: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               body_timeout: float = 30.0) -> FastAPI:
+def create_app(
+    engine: Engine | AsyncEngine,
+    *,
+    model_name: str = "complexity",
+    api_key: str | None = None,
+    max_concurrent: int | None = 1024,
+    max_queued_tokens: int | None = None,
+    max_n: int = 16,
+    max_prompts: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = 30.0,
+) -> FastAPI:
     """The FastAPI app. Pass an Engine (its core runs in a thread, started and stopped with the
     app's lifespan) or an AsyncEngine (e.g. `AsyncEngine.spawn`: the core in its own process).
     Limits: `max_concurrent` sequences in flight and `max_queued_tokens` prompt tokens waiting
     (429 past them; for an Engine argument), `max_n` choices, `max_prompts` sequences per request,
     `max_body_bytes` per request body (413), `body_timeout` seconds to receive it (408)."""
-    aengine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(
-        engine, max_concurrent=max_concurrent, max_queued_tokens=max_queued_tokens)
+    aengine = (
+        engine
+        if isinstance(engine, AsyncEngine)
+        else AsyncEngine(engine, max_concurrent=max_concurrent, max_queued_tokens=max_queued_tokens)
+    )
     metrics = ServerMetrics(aengine, model_name)
 
     @asynccontextmanager
@@ -56,8 +66,7 @@ def create_app(engine: Engine | AsyncEngine, *, model_name: str = "complexity", 
     app.include_router(completion.router(completion.ServingCompletion(aengine, model_name, metrics, **limits)))
     app.include_router(chat_completion.router(chat_completion.ServingChat(aengine, model_name, metrics, **limits)))
     app.include_router(status.router(aengine, model_name, metrics))
-    app.add_middleware(Gate, api_key=api_key, metrics=metrics, max_body_bytes=max_body_bytes,
-                       body_timeout=body_timeout)
+    app.add_middleware(Gate, api_key=api_key, metrics=metrics, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     return app
 
 

@@ -26,9 +26,15 @@ class ServingChat(OpenAIServing):
         if body.stream:
             return self.stream(group, self._events(body, group, head, n, len(ids)))
         outs = await self.result(group, request)
-        choices = [{"index": out.index, "message": {"role": "assistant", "content": out.text},
-                    "logprobs": {"content": self._logprobs(out.logprobs or [])} if body.logprobs else None,
-                    "finish_reason": out.finish_reason} for out in outs]
+        choices = [
+            {
+                "index": out.index,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": {"content": self._logprobs(out.logprobs or [])} if body.logprobs else None,
+                "finish_reason": out.finish_reason,
+            }
+            for out in outs
+        ]
         return {**head, "choices": choices, "usage": self.usage(len(ids), outs)}
 
     def _logprobs(self, entries) -> list[dict]:
@@ -36,13 +42,25 @@ class ServingChat(OpenAIServing):
             s = self.token_str(tid)
             return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
 
-        return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in (e.top or [])]}
-                for e in entries]
+        return [
+            {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in (e.top or [])]} for e in entries
+        ]
 
     async def _events(self, body: ChatCompletionRequest, group, head, n: int, num_prompt_tokens: int):
         for k in range(n):  # OpenAI opens each choice with the assistant role
-            yield sse({**head, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
+            yield sse(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": k,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         last: dict[int, RequestOutput] = {}
         async for outs in group:
             for out in outs:
@@ -53,9 +71,19 @@ class ServingChat(OpenAIServing):
                 if not (out.text or out.finished or out.logprobs):
                     continue
                 lp = {"content": self._logprobs(out.logprobs)} if (body.logprobs and out.logprobs) else None
-                yield sse({**head, "choices": [{"index": out.index, "delta": {"content": out.text} if out.text else {},
-                                                "logprobs": lp,
-                                                "finish_reason": out.finish_reason if out.finished else None}]})
+                yield sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": out.index,
+                                "delta": {"content": out.text} if out.text else {},
+                                "logprobs": lp,
+                                "finish_reason": out.finish_reason if out.finished else None,
+                            }
+                        ],
+                    }
+                )
         if body.include_usage:
             yield sse({**head, "choices": [], "usage": self.usage(num_prompt_tokens, last.values())})
         yield SSE_DONE

@@ -57,8 +57,10 @@ class ServingCompletion(OpenAIServing):
         group = self.submit(body, prompts, params, stream=bool(body.stream))
         echo_texts = None
         if body.echo:
-            echo_texts = [p if isinstance(p, str) else await self.engine.decode(ids) if self.engine.tokenizer else ""
-                          for p, ids in zip(raw, id_lists)]
+            echo_texts = [
+                p if isinstance(p, str) else await self.engine.decode(ids) if self.engine.tokenizer else ""
+                for p, ids in zip(raw, id_lists)
+            ]
         num_prompt_tokens = sum(len(ids) for ids in id_lists)
         head = self.envelope("cmpl", "text_completion")
         if body.stream:

@@ -25,8 +25,14 @@ logger = logging.getLogger(__name__)
 class APIError(Exception):
     """An error answer decided by the server itself (unknown model, n too large, ...)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -39,13 +45,20 @@ class JSONASCIIResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     return JSONASCIIResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
@@ -58,10 +71,13 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = loc[0] if loc else None
     if first.get("type") == "extra_forbidden":  # OpenAI's words for an unknown field
-        return error_response(400, f"Unrecognized request argument supplied: {'.'.join(loc)}", param=param,
-                              code="unrecognized_argument")
+        return error_response(
+            400, f"Unrecognized request argument supplied: {'.'.join(loc)}", param=param, code="unrecognized_argument"
+        )
     # pydantic reports one error per member of a union: keep those about the same field
-    msgs = sorted({e.get("msg", "") for e in errors if [str(x) for x in e.get("loc", ()) if x != "body"][:1] == loc[:1]})
+    msgs = sorted(
+        {e.get("msg", "") for e in errors if [str(x) for x in e.get("loc", ()) if x != "body"][:1] == loc[:1]}
+    )
     where = ".".join(loc) if loc else "body"
     return error_response(400, f"{where}: {'; or '.join(msgs) or 'invalid value'}", param=param)
 
@@ -89,8 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
-                413: "request_too_large"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large"}.get(
+            exc.status_code
+        )
         return error_response(exc.status_code, str(exc.detail), code=code)
 
     @app.exception_handler(Exception)

@@ -56,13 +56,28 @@ class TimedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def uvicorn_config(app, *, host: str, port: int, log_level: str = "info", request_timeout: float = 30.0,
-                   max_connections: int | None = 2048, keep_alive_timeout: float = 5.0,
-                   shutdown_timeout: float | None = None) -> uvicorn.Config:
+def uvicorn_config(
+    app,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    request_timeout: float = 30.0,
+    max_connections: int | None = 2048,
+    keep_alive_timeout: float = 5.0,
+    shutdown_timeout: float | None = None,
+) -> uvicorn.Config:
     protocol = type("TimedH11Protocol", (TimedH11Protocol,), {"header_timeout": request_timeout})
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
-                          limit_concurrency=max_connections, timeout_keep_alive=keep_alive_timeout,
-                          timeout_graceful_shutdown=shutdown_timeout)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=keep_alive_timeout,
+        timeout_graceful_shutdown=shutdown_timeout,
+    )
 
 
 __all__ = ["TimedH11Protocol", "uvicorn_config"]

@@ -39,8 +39,9 @@ class _EngineCollector:
             family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_, labels=["model"])
             family.add_metric([self.model_name], stats.get(key, 0))
             yield family
-        finished = CounterMetricFamily("complexity_request_finished", "Finished requests by finish reason.",
-                                       labels=["model", "reason"])
+        finished = CounterMetricFamily(
+            "complexity_request_finished", "Finished requests by finish reason.", labels=["model", "reason"]
+        )
         for reason, count in sorted(stats.get("finish_reasons", {}).items()):
             finished.add_metric([self.model_name, reason], count)
         yield finished
@@ -50,12 +51,26 @@ class ServerMetrics:
     def __init__(self, engine, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        self.http_requests = Counter("complexity_http_requests", "HTTP requests by endpoint and status code.",
-                                     ["model", "endpoint", "status"], registry=self.registry)
-        self.ttft = Histogram("complexity_time_to_first_token_seconds", "Time from submission to first token.",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry).labels(model_name)
-        self.latency = Histogram("complexity_request_latency_seconds", "Time from submission to the last token.",
-                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry).labels(model_name)
+        self.http_requests = Counter(
+            "complexity_http_requests",
+            "HTTP requests by endpoint and status code.",
+            ["model", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "complexity_time_to_first_token_seconds",
+            "Time from submission to first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.latency = Histogram(
+            "complexity_request_latency_seconds",
+            "Time from submission to the last token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
         self.registry.register(_EngineCollector(engine, model_name))
 
     def count_http(self, endpoint: str, status: int) -> None:

@@ -22,8 +22,9 @@ class Gate:
     def _authorized(self, scope) -> bool:
         auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"),
-                                                                  self.api_key.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("latin-1"), self.api_key.encode()
+        )
 
     def _too_large(self) -> str:
         return f"request body larger than the limit of {self.max_body_bytes} bytes"
@@ -66,13 +67,16 @@ class Gate:
 
         try:
             if self.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
-                resp = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                resp = error_response(
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 return await resp(scope, receive, send_counted)
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                resp = error_response(413, self._too_large(), code="request_too_large",
-                                      headers={"Connection": "close"})
+                resp = error_response(413, self._too_large(), code="request_too_large", headers={"Connection": "close"})
                 return await resp(scope, receive, send_counted)
             await self.app(scope, self._limited(receive), send_counted)
         finally:

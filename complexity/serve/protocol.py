@@ -72,8 +72,11 @@ class _SamplingRequest(_Body):
     logit_bias: Any = None
 
     # field -> the values that change nothing (accepted); anything else is refused
-    NEUTRAL: ClassVar[dict[str, tuple]] = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
-                                           "logit_bias": ({},)}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {
+        "frequency_penalty": (0, 0.0),
+        "presence_penalty": (0, 0.0),
+        "logit_bias": ({},),
+    }
 
     @property
     def param_names(self) -> dict[str, str]:
@@ -90,8 +93,9 @@ class _SamplingRequest(_Body):
             value = getattr(self, name)
             if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
                 allowed = "".join(f" or {v!r}" for v in neutral)
-                raise InvalidRequest(name, f"is not supported by this server (only null{allowed} is accepted)",
-                                     "unsupported_parameter")
+                raise InvalidRequest(
+                    name, f"is not supported by this server (only null{allowed} is accepted)", "unsupported_parameter"
+                )
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options", "is only allowed with stream=true")
 
@@ -141,8 +145,9 @@ class CompletionRequest(_SamplingRequest):
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
         if max_new == 0 and prompt_logprobs is None:
             prompt_logprobs = 0  # score-only request: nothing to generate
-        return super().to_sampling_params(num_prompt_tokens, context, choice, logprobs=self.logprobs,
-                                          prompt_logprobs=prompt_logprobs, **extra)
+        return super().to_sampling_params(
+            num_prompt_tokens, context, choice, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs, **extra
+        )
 
 
 class TextPart(_Body):
@@ -190,18 +195,36 @@ class ChatCompletionRequest(_SamplingRequest):
     safety_identifier: Any = None
 
     NEUTRAL: ClassVar[dict[str, tuple]] = {
-        **_SamplingRequest.NEUTRAL, "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-        "functions": ([],), "function_call": ("none",), "modalities": (["text"],), "store": (False,),
-        "service_tier": ("auto", "default"), "parallel_tool_calls": (), "audio": (), "prediction": (),
-        "reasoning_effort": (), "verbosity": (), "web_search_options": (), "metadata": (), "prompt_cache_key": (),
-        "safety_identifier": ()}
+        **_SamplingRequest.NEUTRAL,
+        "response_format": ({"type": "text"},),
+        "tools": ([],),
+        "tool_choice": ("none",),
+        "functions": ([],),
+        "function_call": ("none",),
+        "modalities": (["text"],),
+        "store": (False,),
+        "service_tier": ("auto", "default"),
+        "parallel_tool_calls": (),
+        "audio": (),
+        "prediction": (),
+        "reasoning_effort": (),
+        "verbosity": (),
+        "web_search_options": (),
+        "metadata": (),
+        "prompt_cache_key": (),
+        "safety_identifier": (),
+    }
 
     def check_supported(self) -> None:
         super().check_supported()
         for i, m in enumerate(self.messages):
             if m.name is not None:
-                raise InvalidRequest("messages", f"messages[{i}].name is not supported by this server (the chat "
-                                     "template has no place for participant names)", "unsupported_parameter")
+                raise InvalidRequest(
+                    "messages",
+                    f"messages[{i}].name is not supported by this server (the chat "
+                    "template has no place for participant names)",
+                    "unsupported_parameter",
+                )
 
     @property
     def param_names(self) -> dict[str, str]:

@@ -30,8 +30,9 @@ class EngineStream(StreamingResponse):
     """An SSE response that aborts its engine requests however it ends (client gone included)."""
 
     def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -49,22 +50,28 @@ async def _client_gone(request: Request) -> None:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, *, max_n: int,
-                 max_prompts: int):
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, *, max_n: int, max_prompts: int):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.max_n, self.max_prompts = max_n, max_prompts
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.model_name!r}.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {name!r} does not exist; this server serves {self.model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_n(self, n: int, prompts: int) -> None:
         if not 1 <= n <= self.max_n:
             raise APIError(400, f"n: must be between 1 and {self.max_n} (choices per prompt), got {n}", param="n")
         if n * prompts > self.max_prompts:
-            raise APIError(400, f"n: {n} choices x {prompts} prompts exceed the limit of {self.max_prompts} "
-                           "sequences per request", param="n")
+            raise APIError(
+                400,
+                f"n: {n} choices x {prompts} prompts exceed the limit of {self.max_prompts} sequences per request",
+                param="n",
+            )
 
     def submit(self, body, prompts: list[list[int]], params: list[SamplingParams], stream: bool) -> RequestGroup:
         """Add the request's sequences to the engine; errors name the API's fields."""
@@ -115,8 +122,11 @@ class OpenAIServing:
     @staticmethod
     def usage(num_prompt_tokens: int, outs) -> dict:
         completion = sum(o.num_generated_tokens for o in outs)
-        return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
-                "total_tokens": num_prompt_tokens + completion}
+        return {
+            "prompt_tokens": num_prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": num_prompt_tokens + completion,
+        }
 
     def token_str(self, tid: int) -> str:
         tok = self.engine.tokenizer
@@ -125,8 +135,12 @@ class OpenAIServing:
         return tok.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def envelope(self, prefix: str, obj: str) -> dict:
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
-                "model": self.model_name}
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
 
 
 __all__ = ["OpenAIServing", "EngineStream", "sse", "SSE_DONE"]

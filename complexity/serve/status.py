@@ -14,8 +14,13 @@ from .errors import APIError, error_response
 def router(engine, model_name: str, metrics) -> APIRouter:
     r = APIRouter()
     created = int(time.time())
-    card = {"id": model_name, "object": "model", "created": created, "owned_by": "complexity",
-            "max_model_len": engine.max_seq_len}
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "complexity",
+        "max_model_len": engine.max_seq_len,
+    }
 
     @r.get("/health")
     async def health():
@@ -31,8 +36,12 @@ def router(engine, model_name: str, metrics) -> APIRouter:
     @r.get("/v1/models/{name:path}")
     async def model_info(name: str):
         if name != model_name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_name!r}.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {name!r} does not exist; this server serves {model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
         return card
 
     @r.get("/metrics")

@@ -152,7 +152,11 @@ def apply_fsdp(model: nn.Module, device: torch.device, precision: str, reshard_a
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # The model's buffers (routing tables) are identical on every rank and never change: no need
+    # to broadcast them from rank 0 before every forward (MBs a step for hash-routed tables).
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )
 
 
 def parallelize(model: nn.Module, training: TrainingSection, info: DistInfo, precision: str) -> nn.Module:

@@ -17,15 +17,21 @@ VARIANTS = {
     "guidance_sliding_shared": dict(mu_mode="guidance", sliding_window=24, shared_expert=True),
     "learned_moe": dict(mlp_type="learned_moe"),
     # the trhash-200m MLP shape family: top-2 hash routing beside a wide shared expert
-    "hash_top2_shared": dict(mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True,
-                             shared_expert_intermediate_size=704, routed_output_scale=2.0),
+    "hash_top2_shared": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        shared_expert=True,
+        shared_expert_intermediate_size=704,
+        routed_output_scale=2.0,
+    ),
 }
 
 
 def _model(dtype=torch.float32, **over):
     torch.manual_seed(0)
-    cfg = complexity.ComplexityConfig.from_preset("tiny", vocab_size=512, initializer_range=0.1,
-                                                  max_position_embeddings=640, **over)
+    cfg = complexity.ComplexityConfig.from_preset(
+        "tiny", vocab_size=512, initializer_range=0.1, max_position_embeddings=640, **over
+    )
     return complexity.ComplexityForCausalLM(cfg).to(device="cuda", dtype=dtype).eval()
 
 
@@ -46,13 +52,16 @@ def test_graph_decode_equals_eager_and_generate_fp32(variant):
         assert fast.use_graphs and fast.compile, fast.startup.get("compile_error")
         # 4 slots for 5 prompts, lengths up to 630: batches 1..4 and every context bucket run
         got = [o.token_ids for o in fast.generate(prompts, params)]
-    eager = [o.token_ids for o in Engine(model, None, max_batch=4, cuda_graphs=False, compile=False)
-             .generate(prompts, params)]
+    eager = [
+        o.token_ids
+        for o in Engine(model, None, max_batch=4, cuda_graphs=False, compile=False).generate(prompts, params)
+    ]
     assert got == eager, variant
     for p, toks in zip(prompts, got):
         ids = torch.tensor([p], device="cuda")
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=300, do_sample=False,
-                             eos_token_id=None)[0, len(p):].tolist()
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=300, do_sample=False, eos_token_id=None
+        )[0, len(p) :].tolist()
         assert toks == ref, variant
     del fast
 

@@ -31,8 +31,12 @@ def test_serve_defaults_on_cuda(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "complexity.cli", "serve", ckpt, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "complexity.cli", "serve", ckpt, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
     try:
         deadline = time.time() + 300
         while True:
@@ -47,8 +51,12 @@ def test_serve_defaults_on_cuda(tmp_path):
         prompts = [[(7 * i + j) % 500 + 4 for j in range(3 + i % 20)] for i in range(64)]
 
         async def run():
-            return await asyncio.gather(*[_request(port, {"prompt": p, "max_tokens": 24, "temperature": 0,
-                                                          "ignore_eos": True}, False) for p in prompts])
+            return await asyncio.gather(
+                *[
+                    _request(port, {"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True}, False)
+                    for p in prompts
+                ]
+            )
 
         results = asyncio.run(run())
         assert all(r["status"] == 200 and r["error"] is None for r in results), [r for r in results if r["error"]][:3]

@@ -16,8 +16,9 @@ MODEL_PATH = "complexity.integrations.vllm.model:ComplexityForCausalLM"
 
 def register() -> None:
     """Register the Complexity config and model with transformers and vLLM (idempotent)."""
-    import complexity  # noqa: F401  (AutoConfig.register("complexity", ComplexityConfig))
     from vllm import ModelRegistry
+
+    import complexity  # noqa: F401  (AutoConfig.register("complexity", ComplexityConfig))
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_PATH)

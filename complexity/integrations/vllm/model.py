@@ -33,7 +33,6 @@ from itertools import islice
 
 import torch
 from torch import nn
-
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import (
@@ -101,16 +100,29 @@ class ComplexityMLP(nn.Module):
     """SwiGLU down(silu(gate(x)) * up(x)); column/row parallel. `reduce_results=False` leaves the
     partial sum un-reduced (the routed MLPs reduce once for experts + shared)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, quant_config: QuantizationConfig | None = None,
-                 reduce_results: bool = True, prefix: str = ""):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        quant_config: QuantizationConfig | None = None,
+        reduce_results: bool = True,
+        prefix: str = "",
+    ):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size] * 2, bias=False, quant_config=quant_config,
+            hidden_size,
+            [intermediate_size] * 2,
+            bias=False,
+            quant_config=quant_config,
             prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias=False, quant_config=quant_config,
-            reduce_results=reduce_results, prefix=f"{prefix}.down_proj",
+            intermediate_size,
+            hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            reduce_results=reduce_results,
+            prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
 
@@ -158,7 +170,7 @@ class ComplexityParallelExperts(ComplexityExperts):
         e, h, _ = param.shape
         self._check("gate_up_proj", loaded, (e, h, 2 * self.expert_size))
         lo, hi = self.tp_rank * self.local_size, (self.tp_rank + 1) * self.local_size
-        gate, up = loaded[..., : self.expert_size], loaded[..., self.expert_size:]
+        gate, up = loaded[..., : self.expert_size], loaded[..., self.expert_size :]
         param.data.copy_(torch.cat([gate[..., lo:hi], up[..., lo:hi]], dim=-1))
 
     def _load_down(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -178,11 +190,19 @@ class ComplexityTokenRoutedMLP(nn.Module):
         self.tp_size = get_tensor_model_parallel_world_size()
         self.experts = ComplexityParallelExperts(config.num_experts, config.hidden_size, config.expert_width)
         self.shared_expert = (
-            ComplexityMLP(config.hidden_size, config.shared_expert_width, quant_config,
-                          reduce_results=False, prefix=f"{prefix}.shared_expert")
-            if config.shared_expert else None
+            ComplexityMLP(
+                config.hidden_size,
+                config.shared_expert_width,
+                quant_config,
+                reduce_results=False,
+                prefix=f"{prefix}.shared_expert",
+            )
+            if config.shared_expert
+            else None
         )
-        self.mu_router = nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
+        self.mu_router = (
+            nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
+        )
         self.mu_router_bias = config.mu_router_bias
 
     def forward(self, x: torch.Tensor, routing: Routing):
@@ -208,9 +228,15 @@ class ComplexityLearnedMoE(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = ComplexityParallelExperts(config.num_experts, config.hidden_size, config.expert_width)
         self.shared_expert = (
-            ComplexityMLP(config.hidden_size, config.shared_expert_width, quant_config,
-                          reduce_results=False, prefix=f"{prefix}.shared_expert")
-            if config.shared_expert else None
+            ComplexityMLP(
+                config.hidden_size,
+                config.shared_expert_width,
+                quant_config,
+                reduce_results=False,
+                prefix=f"{prefix}.shared_expert",
+            )
+            if config.shared_expert
+            else None
         )
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None):
@@ -237,19 +263,33 @@ class ComplexityHashRoutedMLP(nn.Module):
         self.tp_size = get_tensor_model_parallel_world_size()
         self.experts = ComplexityParallelExperts(config.num_experts, config.hidden_size, config.expert_width)
         self.shared_expert = (
-            ComplexityMLP(config.hidden_size, config.shared_expert_width, quant_config,
-                          reduce_results=False, prefix=f"{prefix}.shared_expert")
-            if config.shared_expert else None
+            ComplexityMLP(
+                config.hidden_size,
+                config.shared_expert_width,
+                quant_config,
+                reduce_results=False,
+                prefix=f"{prefix}.shared_expert",
+            )
+            if config.shared_expert
+            else None
         )
         # Always overwritten by the checkpoint's table (`load_weights` requires it).
-        self.register_buffer("route_table", torch.zeros(config.num_experts_per_tok, config.vocab_size, dtype=torch.long))
+        self.register_buffer(
+            "route_table", torch.zeros(config.num_experts_per_tok, config.vocab_size, dtype=torch.long)
+        )
         self.slot_weights = slot_weights(config.num_experts_per_tok, config.route_primary_weight)
         self.shared_scale, self.routed_scale = layer_scales(config, layer_idx)
 
     def forward(self, x: torch.Tensor, routing: Routing):
         routes = token_routes(self.route_table, routing.token_ids)
-        out = hash_routed_mlp(x, routes, self.slot_weights, self.experts.gate_up_proj, self.experts.down_proj,
-                              routed_scale=self.routed_scale)
+        out = hash_routed_mlp(
+            x,
+            routes,
+            self.slot_weights,
+            self.experts.gate_up_proj,
+            self.experts.down_proj,
+            routed_scale=self.routed_scale,
+        )
         if self.shared_expert is not None:
             out = out + self.shared_scale * self.shared_expert(x)
         if self.tp_size > 1:
@@ -273,17 +313,31 @@ class ComplexityAttention(nn.Module):
     """GQA, optional QK-norm (before RoPE, NeoX style), optional mu guidance:
     q|k|v = qkv_proj(x) + mu_to_qkv(mu_prev)."""
 
-    def __init__(self, config: ComplexityConfig, with_mu: bool, cache_config: CacheConfig | None,
-                 quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(
+        self,
+        config: ComplexityConfig,
+        with_mu: bool,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.total_num_heads = config.num_attention_heads
         self.total_num_kv_heads = config.num_key_value_heads
         if self.total_num_heads % tp_size:
-            raise ValueError(f"num_attention_heads={self.total_num_heads} is not divisible by tensor_parallel_size={tp_size}")
-        if (self.total_num_kv_heads % tp_size) if self.total_num_kv_heads >= tp_size else (tp_size % self.total_num_kv_heads):
-            raise ValueError(f"num_key_value_heads={self.total_num_kv_heads} and tensor_parallel_size={tp_size} "
-                             "do not divide one another")
+            raise ValueError(
+                f"num_attention_heads={self.total_num_heads} is not divisible by tensor_parallel_size={tp_size}"
+            )
+        if (
+            (self.total_num_kv_heads % tp_size)
+            if self.total_num_kv_heads >= tp_size
+            else (tp_size % self.total_num_kv_heads)
+        ):
+            raise ValueError(
+                f"num_key_value_heads={self.total_num_kv_heads} and tensor_parallel_size={tp_size} "
+                "do not divide one another"
+            )
         self.num_heads = self.total_num_heads // tp_size
         self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
         self.head_dim = config.head_dim
@@ -292,20 +346,34 @@ class ComplexityAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
 
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, self.total_num_heads, self.total_num_kv_heads,
-            bias=False, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+            config.hidden_size,
+            self.head_dim,
+            self.total_num_heads,
+            self.total_num_kv_heads,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
         # Same head split as qkv_proj, so the two outputs add shard by shard under TP.
         self.mu_to_qkv = (
             QKVParallelLinear(
-                config.hidden_size, self.head_dim, self.total_num_heads, self.total_num_kv_heads,
-                bias=False, quant_config=quant_config, prefix=f"{prefix}.mu_to_qkv",
+                config.hidden_size,
+                self.head_dim,
+                self.total_num_heads,
+                self.total_num_kv_heads,
+                bias=False,
+                quant_config=quant_config,
+                prefix=f"{prefix}.mu_to_qkv",
             )
-            if with_mu else None
+            if with_mu
+            else None
         )
         self.o_proj = RowParallelLinear(
-            self.total_num_heads * self.head_dim, config.hidden_size, bias=False,
-            quant_config=quant_config, prefix=f"{prefix}.o_proj",
+            self.total_num_heads * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
@@ -319,12 +387,19 @@ class ComplexityAttention(nn.Module):
             rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         )
         self.attn = Attention(
-            self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
-            cache_config=cache_config, quant_config=quant_config,
-            per_layer_sliding_window=config.sliding_window, prefix=f"{prefix}.attn",
+            self.num_heads,
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            per_layer_sliding_window=config.sliding_window,
+            prefix=f"{prefix}.attn",
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, mu_prev: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, mu_prev: torch.Tensor | None
+    ) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         if self.mu_to_qkv is not None and mu_prev is not None:
             mu_qkv, _ = self.mu_to_qkv(mu_prev)
@@ -346,8 +421,13 @@ class ComplexityDecoderLayer(nn.Module):
         super().__init__()
         config: ComplexityConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
-        self.self_attn = ComplexityAttention(config, layer_takes_mu(config, layer_idx), vllm_config.cache_config,
-                                             quant_config, prefix=f"{prefix}.self_attn")
+        self.self_attn = ComplexityAttention(
+            config,
+            layer_takes_mu(config, layer_idx),
+            vllm_config.cache_config,
+            quant_config,
+            prefix=f"{prefix}.self_attn",
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if config.mlp_type not in MLP_KINDS:
@@ -398,9 +478,12 @@ class ComplexityModel(nn.Module):
         self.hidden_size = config.hidden_size
         pp = get_pp_group()
         if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                       quant_config=vllm_config.quant_config,
-                                                       prefix=f"{prefix}.embed_tokens")
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=vllm_config.quant_config,
+                prefix=f"{prefix}.embed_tokens",
+            )
         else:
             self.embed_tokens = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
@@ -450,8 +533,10 @@ class ComplexityModel(nn.Module):
                 mu_sum = intermediate_tensors["mu_sum"]
 
         if self.config.mlp_type in ("token_routed", "hash_routed") and input_ids is None:
-            raise ValueError(f"{self.config.mlp_type.replace('_', '-')} Complexity models need input_ids (each "
-                             "token's experts come from its id); prompt embeddings cannot be routed")
+            raise ValueError(
+                f"{self.config.mlp_type.replace('_', '-')} Complexity models need input_ids (each "
+                "token's experts come from its id); prompt embeddings cannot be routed"
+            )
         routing = Routing.for_tokens(input_ids, self.token_to_expert, self.config.num_experts)
 
         for layer in islice(self.layers, self.start_layer, self.end_layer):
@@ -482,9 +567,12 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
         self.config = config
         self.model = ComplexityModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                          quant_config=vllm_config.quant_config,
-                                          prefix=maybe_prefix(prefix, "lm_head"))
+            self.lm_head = ParallelLMHead(
+                config.vocab_size,
+                config.hidden_size,
+                quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
             if config.tie_word_embeddings:
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
             self.logits_processor = LogitsProcessor(config.vocab_size)
