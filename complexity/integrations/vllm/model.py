@@ -180,9 +180,10 @@ class ComplexityParallelExperts(ComplexityExperts):
         param.data.copy_(loaded[:, lo:hi, :])
 
 
-class ComplexityTokenRoutedMLP(nn.Module):
-    """Each token through ONE expert chosen from its id (+ optional shared expert); mu_mode "inl"
-    re-routes by mu_c (`mu_router_override`, docs/architecture.md §3b)."""
+class _RoutedMLP(nn.Module):
+    """What the routed MLPs share: the experts (each rank holds a slice of every expert's width),
+    the optional shared expert (a Merged/RowParallel SwiGLU), and one all-reduce of the two
+    partial sums."""
 
     def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
@@ -200,6 +201,22 @@ class ComplexityTokenRoutedMLP(nn.Module):
             if config.shared_expert
             else None
         )
+
+    def _with_shared(self, out: torch.Tensor, x: torch.Tensor, shared_scale: float = 1.0) -> tuple[torch.Tensor, None]:
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            out = out + (shared if shared_scale == 1.0 else shared_scale * shared)
+        if self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out, None
+
+
+class ComplexityTokenRoutedMLP(_RoutedMLP):
+    """Each token through ONE expert chosen from its id (+ optional shared expert); mu_mode "inl"
+    re-routes by mu_c (`mu_router_override`, docs/architecture.md §3b)."""
+
+    def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__(config, quant_config, prefix)
         self.mu_router = (
             nn.Linear(config.hidden_size, config.num_experts, bias=False) if config.mu_mode == "inl" else None
         )
@@ -209,47 +226,23 @@ class ComplexityTokenRoutedMLP(nn.Module):
         expert_ids, dispatch = routing.expert_ids, routing.dispatch
         if self.mu_router is not None:  # mu moved tokens: group them again
             expert_ids, dispatch = mu_router_override(expert_ids, self.mu_router(routing.mu), self.mu_router_bias), None
-        out = self.experts(x, expert_ids, dispatch)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        if self.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out, None
+        return self._with_shared(self.experts(x, expert_ids, dispatch), x)
 
 
-class ComplexityLearnedMoE(nn.Module):
+class ComplexityLearnedMoE(_RoutedMLP):
     """The learned softmax top-k router baseline (`learned_topk`; inference: no aux loss)."""
 
     def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
-        super().__init__()
-        self.num_experts = config.num_experts
+        super().__init__(config, quant_config, prefix)
         self.top_k = config.num_experts_per_tok
-        self.tp_size = get_tensor_model_parallel_world_size()
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = ComplexityParallelExperts(config.num_experts, config.hidden_size, config.expert_width)
-        self.shared_expert = (
-            ComplexityMLP(
-                config.hidden_size,
-                config.shared_expert_width,
-                quant_config,
-                reduce_results=False,
-                prefix=f"{prefix}.shared_expert",
-            )
-            if config.shared_expert
-            else None
-        )
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None):
         _, weights, experts = learned_topk(self.router(x), self.top_k)
-        out = mix_topk_experts(self.experts, x, experts, weights)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        if self.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out, None
+        return self._with_shared(mix_topk_experts(self.experts, x, experts, weights), x)
 
 
-class ComplexityHashRoutedMLP(nn.Module):
+class ComplexityHashRoutedMLP(_RoutedMLP):
     """Top-k hash routing (docs/architecture.md §2e): each token through the k experts its id
     reads from this layer's route table, with fixed slot weights, plus the shared expert; both
     branches scaled by the layer's fixed scales. Tensor parallel like the token-routed MLP: each
@@ -258,21 +251,8 @@ class ComplexityHashRoutedMLP(nn.Module):
     two partial sums are all-reduced once."""
 
     def __init__(self, config: ComplexityConfig, quant_config: QuantizationConfig | None, prefix: str):
-        super().__init__()
+        super().__init__(config, quant_config, prefix)
         layer_idx = int(prefix.split(".")[-2])  # "...layers.{i}.mlp"
-        self.tp_size = get_tensor_model_parallel_world_size()
-        self.experts = ComplexityParallelExperts(config.num_experts, config.hidden_size, config.expert_width)
-        self.shared_expert = (
-            ComplexityMLP(
-                config.hidden_size,
-                config.shared_expert_width,
-                quant_config,
-                reduce_results=False,
-                prefix=f"{prefix}.shared_expert",
-            )
-            if config.shared_expert
-            else None
-        )
         # Always overwritten by the checkpoint's table (`load_weights` requires it).
         self.register_buffer(
             "route_table", torch.zeros(config.num_experts_per_tok, config.vocab_size, dtype=torch.long)
@@ -290,11 +270,7 @@ class ComplexityHashRoutedMLP(nn.Module):
             self.experts.down_proj,
             routed_scale=self.routed_scale,
         )
-        if self.shared_expert is not None:
-            out = out + self.shared_scale * self.shared_expert(x)
-        if self.tp_size > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out, None
+        return self._with_shared(out, x, self.shared_scale)
 
 
 # config.mlp_type -> the MLP class; each is built from (config, quant_config, prefix).
