@@ -10,7 +10,7 @@ from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
 
 from complexity.inference import Engine, SamplingParams
 from complexity.inference.detokenize import IncrementalDetokenizer, StopMatcher
-from complexity.inference.sampling import filter_logits
+from complexity.inference.sampling import apply_penalties, filter_logits
 
 torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
 # Engines are built with device="cpu": the default picks CUDA (bf16) where there is a GPU, and
@@ -146,6 +146,13 @@ def test_token_id_prompts_and_context_limit(ckpt_dir):
         ("seed", 2**64),
         ("stop", ["x"] * 17),
         ("max_new_tokens", 2**63),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -2.01),
+        ("frequency_penalty", float("inf")),
+        ("logit_bias", {3: 101.0}),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"3": 1.0}),
+        ("logit_bias", {3: float("nan")}),
     ],
 )
 def test_sampling_params_validation(field, value):
@@ -163,6 +170,62 @@ def test_filter_logits():
     assert probs[1, 0] == 1.0  # top-p 0.5: the first token already holds 0.64
     assert (probs[2, 2:] == 0).all() and probs[2, 1] > 0  # min-p 0.3 keeps p >= 0.3 * p_max
     assert torch.allclose(probs[3], logits[3].softmax(-1))
+
+
+def test_penalties_and_logit_bias_match_their_formulas_in_float64():
+    """Logit bias, then the CTRL repetition penalty over prompt + output, then OpenAI's presence
+    and frequency penalties over the output only; rows that use none are left untouched."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 12)
+    prompts, outputs = [[1, 2], [1, 2], [5]], [[3, 3, 7, 2], [3, 3, 7, 2], []]
+    p = SamplingParams(
+        repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=-0.25, logit_bias={7: 5.0, 11: -100.0}
+    )
+    got = apply_penalties(logits, [p, SamplingParams(), SamplingParams(presence_penalty=1.0)], prompts, outputs)
+    ref = logits[0].double().clone()
+    ref[7] += 5.0
+    ref[11] -= 100.0
+    for t in {1, 2, 3, 7}:
+        ref[t] = ref[t] / 1.3 if ref[t] > 0 else ref[t] * 1.3
+    for t, count in {3: 2, 7: 1, 2: 1}.items():
+        ref[t] -= 0.4 + (-0.25) * count
+    torch.testing.assert_close(got[0].double(), ref, rtol=0, atol=1e-5)
+    assert torch.equal(got[1], logits[1]) and torch.equal(got[2], logits[2])  # nothing generated yet
+    assert got is not logits and torch.equal(logits, logits.clone())  # the caller's tensor is not written
+
+
+def test_penalised_greedy_decoding_equals_a_full_forward_loop(ckpt_dir):
+    """The engine (cached, batched with an unpenalised neighbour) against the formulas applied
+    to the model's uncached logits step by step, in float32."""
+    path = make_tiny_checkpoint(ckpt_dir / "penalties")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
+    model = _load(path)
+    p = SamplingParams(
+        max_new_tokens=12,
+        temperature=0,
+        ignore_eos=True,
+        presence_penalty=1.5,
+        frequency_penalty=0.7,
+        logit_bias={5: 2.0, 9: -100.0},
+    )
+    plain = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    prompt = engine.tokenizer("the cat sat").input_ids
+    outs = engine.generate([prompt, prompt], [p, plain])
+    ids, generated = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            logits[5] += 2.0
+            logits[9] -= 100.0
+            for t in set(generated):
+                logits[t] -= 1.5 + 0.7 * generated.count(t)
+            generated.append(int(logits.argmax()))
+            ids.append(generated[-1])
+    assert outs[0].token_ids == generated and 9 not in generated
+    [alone] = engine.generate([prompt], plain)
+    assert outs[1].token_ids == alone.token_ids and outs[1].token_ids != generated
+    with pytest.raises(ValueError, match="logit_bias: token id 100000 is outside the vocabulary"):
+        engine.generate([prompt], SamplingParams(logit_bias={100000: 1.0}))
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(ckpt_dir):
@@ -293,6 +356,24 @@ def test_cli_generate(ckpt_dir, capsys):
     assert runs[0] == runs[1] and runs[0] != runs[2]
     rc, _, err = _cli(capsys, path, "--prompt", "x", "--top-p", "1.5")
     assert rc == 2 and "top_p" in err
+    rc, _, err = _cli(capsys, path, "--prompt", "x", "--frequency-penalty", "3")
+    assert rc == 2 and "frequency_penalty: must be in [-2, 2]" in err
+    rc, spread, _ = _cli(
+        capsys,
+        path,
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        20,
+        "--temperature",
+        0,
+        "--ignore-eos",
+        "--presence-penalty",
+        "2",
+        "--frequency-penalty",
+        "2",
+    )
+    assert rc == 0 and spread != greedy
     rc, _, err = _cli(capsys, ckpt_dir / "missing", "--prompt", "x")
     assert rc == 2 and "missing" in err
 
@@ -309,6 +390,7 @@ def test_extreme_valid_values_sample_finite_tokens(ckpt_dir):
         dict(min_p=1.0),
         dict(repetition_penalty=0.01),
         dict(repetition_penalty=100.0),
+        dict(presence_penalty=-2.0, frequency_penalty=2.0, logit_bias={0: -100.0, 1: 100.0}),
         dict(seed=2**64 - 1),
     ]
     params = [SamplingParams(max_new_tokens=6, ignore_eos=True, **kw) for kw in edges]

@@ -98,6 +98,16 @@ EXTREME = [  # (field, value): each must be refused with 400 naming the field
     ("prompt", [-1]),
     ("prompt", [[]]),
     ("prompt", []),
+    ("presence_penalty", 2.5),
+    ("frequency_penalty", -3),
+    ("frequency_penalty", "1"),
+    ("logit_bias", {"5": 101}),
+    ("logit_bias", {"5": -1e300}),
+    ("logit_bias", {"abc": 1}),
+    ("logit_bias", {"-1": 1}),
+    ("logit_bias", {"100000": 1}),
+    ("logit_bias", {"99999999999999999999999": 1}),
+    ("logit_bias", [5, 6]),
 ]
 ACCEPTED = [  # edge values inside the ranges: answered 200
     ("temperature", 1e-4),
@@ -111,6 +121,9 @@ ACCEPTED = [  # edge values inside the ranges: answered 200
     ("seed", -(2**63)),
     ("logprobs", 20),
     ("stop", ["x"] * 16),
+    ("presence_penalty", -2),
+    ("frequency_penalty", 2.0),
+    ("logit_bias", {"5": 100, "6": -100}),
 ]
 
 
@@ -166,9 +179,6 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(server):
     for kw, name in [
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 1}, "frequency_penalty"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
     ]:
         with pytest.raises(openai.BadRequestError) as info:
@@ -187,12 +197,47 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(server):
         model=MODEL,
         messages=msgs,
         max_tokens=2,
-        presence_penalty=0,
-        frequency_penalty=0.0,
         response_format={"type": "text"},
         user="u1",
     )
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_penalties_and_logit_bias_are_applied(server):
+    """Through the official client: a +3 bias (the tiny model's logits span well under 3) makes
+    greedy decoding repeat that token; presence + frequency penalties of 2 then outweigh the bias
+    once the token has been generated, so it is not repeated."""
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    prompt = [5, 6, 7]
+    forced = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logit_bias={"11": 3},
+        logprobs=0,
+        extra_body={"ignore_eos": True},
+    )
+    plain = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+    )
+    assert (
+        len(set(forced.choices[0].logprobs.tokens)) == 1
+        and forced.choices[0].logprobs.tokens != plain.choices[0].logprobs.tokens
+    )
+    spread = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logit_bias={"11": 3},
+        frequency_penalty=2,
+        presence_penalty=2,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
+    )
+    toks = spread.choices[0].logprobs.tokens
+    assert toks[0] == forced.choices[0].logprobs.tokens[0] and toks[1] != toks[0]
 
 
 # ----------------------------------------------------------------------------- limits

@@ -26,6 +26,8 @@ def run(args) -> int:
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         stop=args.stop or [],
         seed=args.seed,
         ignore_eos=args.ignore_eos,
@@ -77,6 +79,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2] over generated tokens; 0 = off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2] over generated tokens; 0 = off")
     p.add_argument("--stop", action="append", default=None, metavar="S", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
     p.add_argument("--seed", type=int, default=None, help="same seed, same sample")

@@ -139,6 +139,9 @@ def check_request(
     bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
     if bad is not None:
         raise InvalidRequest("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
+    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     # a prompt filling the whole context still gets one sampled token (never written back)
     if len(ids) > max_seq_len:
         raise InvalidRequest(
@@ -732,13 +735,14 @@ class Engine:
 
     def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list:
         params = [r.params for r in reqs]
-        histories = [
-            torch.tensor(r.prompt_ids + r.output_ids, device=logits.device)
-            if r.params.repetition_penalty != 1.0
-            else None
-            for r in reqs
-        ]
-        tokens = sample_tokens(logits, params, [r.generator for r in reqs], histories, self.generator)
+        tokens = sample_tokens(
+            logits,
+            params,
+            [r.generator for r in reqs],
+            [r.prompt_ids for r in reqs],
+            [r.output_ids for r in reqs],
+            self.generator,
+        )
         # a row whose logits are not finite (a broken model or weights) gets -1: it fails alone
         tokens = tokens.masked_fill(~torch.isfinite(logits).all(-1), -1)
         lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]

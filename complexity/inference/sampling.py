@@ -3,7 +3,8 @@
 One decode step samples every active request at once: the processors below take a [B, V]
 float32 logits tensor and per-row parameters (tensors of length B), so a batch mixing greedy
 and sampled requests with different temperatures / top-k / top-p / min-p costs a few kernels,
-not a loop. Order (as in transformers): repetition penalty, temperature, top-k, top-p, min-p.
+not a loop. Order (as in vLLM): logit bias, repetition penalty, presence/frequency penalties,
+temperature, top-k, top-p, min-p.
 
 Seeded requests own a `torch.Generator`, so their draws do not depend on which other requests
 share the batch; unseeded rows share the engine's generator.
@@ -24,6 +25,8 @@ from .errors import InvalidRequest
 MAX_LOGPROBS = 20
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # or exactly 0 (greedy)
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+MAX_OCCURRENCE_PENALTY = 2.0  # presence / frequency, OpenAI's range [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range [-100, 100]
 MAX_TOP_K = 2**31 - 1  # values past the vocabulary keep every token
 MAX_NEW_TOKENS = 2**31 - 1
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -37,7 +40,11 @@ class SamplingParams:
     temperature: 0 means greedy (argmax); otherwise logits / temperature, in [1e-4, 1e4].
     top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass in (0, 1] (1 = off).
     min_p: drop tokens with p < min_p * p_max, in [0, 1] (0 = off). repetition_penalty: the CTRL
-    penalty over prompt and generated tokens, in [0.01, 100] (1 = off). max_new_tokens: tokens to
+    penalty over prompt and generated tokens, in [0.01, 100] (1 = off). presence_penalty,
+    frequency_penalty: OpenAI's penalties over the generated tokens, in [-2, 2]: a token's logit
+    loses presence_penalty once if it was generated and frequency_penalty per time it was (0 =
+    off). logit_bias: token id -> a bias in [-100, 100] added to its logit (ids are checked
+    against the model's vocabulary when the request is admitted). max_new_tokens: tokens to
     generate (0 only with prompt_logprobs: score the prompt, generate nothing; None: until the
     context is full). stop: up to 16 strings (1 to 1000 characters) that end the text (not
     included in it). stop_token_ids: extra ids that end generation (the eos id always does unless
@@ -52,6 +59,9 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -65,6 +75,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
 
     @property
@@ -122,6 +133,17 @@ class SamplingParams:
             MAX_PENALTY,
             f"in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off)",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            number(name, value)
+            m = MAX_OCCURRENCE_PENALTY
+            within(name, value, -m, m, f"in [{-m:g}, {m:g}] (0 = off)")
+        for t, bias in self.logit_bias.items():
+            integer("logit_bias", t)
+            within("logit_bias", t, 0, MAX_TOP_K, f"keyed by token ids in [0, {MAX_TOP_K}]")
+            number("logit_bias", bias)
+            m = MAX_LOGIT_BIAS
+            within("logit_bias", bias, -m, m, f"biases in [{-m:g}, {m:g}] (token {t})")
         if len(self.stop) > MAX_STOP_STRINGS:
             fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
@@ -143,16 +165,32 @@ class SamplingParams:
         return replace(self, **changes)
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, rows: list[int], penalties: list[float], histories: list[torch.Tensor]
-) -> None:
-    """In place, CTRL style: for tokens already seen, logit / p if positive else logit * p."""
-    for row, p, seen in zip(rows, penalties, histories):
-        if seen.numel() == 0:
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]]
+) -> torch.Tensor:
+    """The per-request logits processors that depend on the tokens so far, on the rows that use
+    them (a copy of `logits` if any does): logit bias, the CTRL repetition penalty over prompt and
+    output (logit / p if positive, else logit * p), then OpenAI's presence and frequency
+    penalties over the output (logit - presence * [count > 0] - frequency * count)."""
+    copied = False
+    for row, p in enumerate(params):
+        touches = p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        if not touches:
             continue
-        vals = logits[row].gather(0, seen)
-        vals = torch.where(vals > 0, vals / p, vals * p)
-        logits[row].scatter_(0, seen, vals)
+        if not copied:
+            logits, copied = logits.clone(), True
+        x, dev = logits[row], logits.device
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=dev)
+            x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev, dtype=x.dtype))
+        if p.repetition_penalty != 1.0 and (prompts[row] or outputs[row]):
+            seen = torch.tensor(prompts[row] + outputs[row], device=dev)
+            vals = x.gather(0, seen)
+            x.scatter_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
+        if (p.presence_penalty or p.frequency_penalty) and outputs[row]:
+            ids, counts = torch.tensor(outputs[row], device=dev).unique(return_counts=True)
+            x.index_add_(0, ids, -(p.frequency_penalty * counts.to(x.dtype) + p.presence_penalty))
+    return logits
 
 
 def filter_logits(
@@ -192,22 +230,17 @@ def sample_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    histories: list[torch.Tensor | None],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
     default_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids [B] (long, on logits' device) for float32 logits [B, V], one params per row.
 
-    `histories[i]` holds the ids seen so far by row i (only needed where repetition_penalty != 1).
-    Draws use the exponential race (argmax of p / E with E ~ Exp(1), a sample from p): unlike
+    `prompts[i]` and `outputs[i]` are row i's prompt and generated ids so far (read only by the
+    rows whose penalties need them). Draws use the exponential race (argmax of p / E with E ~ Exp(1), a sample from p): unlike
     `torch.multinomial`, it never raises (nor, on CUDA, asserts) on a degenerate row.
     """
-    logits = logits.float()
-    pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[i] is not None]
-    if pen_rows:
-        logits = logits.clone()
-        apply_repetition_penalty(
-            logits, pen_rows, [params[i].repetition_penalty for i in pen_rows], [histories[i] for i in pen_rows]
-        )
+    logits = apply_penalties(logits.float(), params, prompts, outputs)
     out = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
@@ -247,4 +280,12 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int):
     return chosen_lp, ids, vals
 
 
-__all__ = ["SamplingParams", "sample_tokens", "filter_logits", "make_generator", "top_logprobs", "MAX_LOGPROBS"]
+__all__ = [
+    "SamplingParams",
+    "apply_penalties",
+    "sample_tokens",
+    "filter_logits",
+    "make_generator",
+    "top_logprobs",
+    "MAX_LOGPROBS",
+]

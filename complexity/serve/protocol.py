@@ -4,10 +4,9 @@ The validation boundary of the server: every field of a request is checked here,
 - Types are strict (a string is not an integer, a float is not an integer, a number is not a
   bool); strings must be valid Unicode (a lone surrogate is refused); NaN and infinities are refused.
 - Unknown fields are refused, as OpenAI does ("Unrecognized request argument supplied").
-- Fields of OpenAI's schemas this server does not implement (tools, response_format,
-  logit_bias, penalties, ...) are refused with a 400 naming them, unless they hold their neutral
-  value (e.g. `presence_penalty: 0`, `response_format: {"type": "text"}`): nothing is accepted and
-  silently ignored.
+- Fields of OpenAI's schemas this server does not implement (tools, response_format, best_of,
+  ...) are refused with a 400 naming them, unless they hold their neutral value (e.g.
+  `response_format: {"type": "text"}`): nothing is accepted and silently ignored.
 - Value ranges are those of `SamplingParams.validate` (one place); what depends on the served
   model (vocabulary, context length) is checked by the engine client before a request is queued.
 """
@@ -66,17 +65,13 @@ class _SamplingRequest(_Body):
     seed: StrictInt | None = None
     ignore_eos: StrictBool | None = False  # extension
     user: Text | None = None  # an end-user id for the operator's logs: nothing to implement
-    # OpenAI fields not implemented: refused unless null or their neutral value
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    logit_bias: dict[Text, Number] | None = None  # JSON keys are strings: token ids in decimal
 
-    # field -> the values that change nothing (accepted); anything else is refused
-    NEUTRAL: ClassVar[dict[str, tuple]] = {
-        "frequency_penalty": (0, 0.0),
-        "presence_penalty": (0, 0.0),
-        "logit_bias": ({},),
-    }
+    # OpenAI fields not implemented: field -> the values that change nothing (accepted); anything
+    # else is refused
+    NEUTRAL: ClassVar[dict[str, tuple]] = {}
 
     @property
     def param_names(self) -> dict[str, str]:
@@ -102,6 +97,14 @@ class _SamplingRequest(_Body):
     def _max_new_tokens(self, num_prompt_tokens: int, context: int) -> int | None:
         raise NotImplementedError
 
+    def _logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequest("logit_bias", f"keys must be token ids (decimal integers), got {key!r:.40}")
+            bias[int(key)] = value
+        return bias
+
     def to_sampling_params(self, num_prompt_tokens: int, context: int, choice: int = 0, **extra) -> SamplingParams:
         """The engine's parameters for choice `choice` (seeded requests draw choice j with seed + j)."""
         return SamplingParams(
@@ -111,6 +114,9 @@ class _SamplingRequest(_Body):
             top_k=0 if self.top_k is None or self.top_k == -1 else self.top_k,
             min_p=0.0 if self.min_p is None else self.min_p,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self._logit_bias(),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             seed=None if self.seed is None else self.seed + choice,
             ignore_eos=bool(self.ignore_eos),
@@ -139,6 +145,14 @@ class CompletionRequest(_SamplingRequest):
         if self.max_tokens is not None:
             return self.max_tokens
         return max(0, min(DEFAULT_COMPLETION_MAX_TOKENS, context - num_prompt_tokens))
+
+    def _logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequest("logit_bias", f"keys must be token ids (decimal integers), got {key!r:.40}")
+            bias[int(key)] = value
+        return bias
 
     def to_sampling_params(self, num_prompt_tokens: int, context: int, choice: int = 0, **extra) -> SamplingParams:
         max_new = self._max_new_tokens(num_prompt_tokens, context)
@@ -238,6 +252,14 @@ class ChatCompletionRequest(_SamplingRequest):
         # default: the rest of the context (at least one token: the engine stops at the context)
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return limit if limit is not None else max(1, context - num_prompt_tokens)
+
+    def _logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequest("logit_bias", f"keys must be token ids (decimal integers), got {key!r:.40}")
+            bias[int(key)] = value
+        return bias
 
     def to_sampling_params(self, num_prompt_tokens: int, context: int, choice: int = 0, **extra) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
