@@ -1121,3 +1121,176 @@ def test_hash_routed_model_routes_by_each_layers_table():
         )
         assert aux is None and rel(out.reshape(-1, 64), want) < 1e-5
         assert not torch.equal(mlp.route_table, model.model.layers[1].mlp.route_table)
+
+
+# ----------------------------------------------------------------------------- the variant grid (written from the format's description)
+#
+# Every variant upstream's format allows, written by tests/trhash_synthetic.py in upstream's layouts
+# and computed by its independent float64 forward. Tolerance: fp32 logits of the converted model
+# within 1e-4 (absolute and relative) of the float64 reference over the same stored values.
+
+import trhash_synthetic as syn  # noqa: E402  (tests/ is on sys.path, as conftest is)
+
+GRID_TOL = dict(atol=1e-4, rtol=1e-4)
+# id -> (native config overrides, the layout the whole pipeline runs on, the deep/MLX dtype)
+GRID = {
+    "multi-e4-k2-pnull-shared": (dict(top_k_primary_weight=None, shared_intermediate_size=48), NATIVE, "float32"),
+    "multi-e8-k4-c5-untied": (
+        dict(
+            num_experts=8,
+            top_k=4,
+            route_hash_count=5,
+            top_k_primary_weight=0.4,
+            shared_expert=False,
+            tie_word_embeddings=False,
+        ),
+        HF,
+        "bfloat16",
+    ),
+    "multi-e16-k1-c8-p-explicit": (
+        dict(num_experts=16, top_k=1, route_hash_count=8, top_k_primary_weight=0.3),
+        DEEP,
+        "bfloat16",
+    ),
+    "multi-e2-k2-c3-v97-noshared": (
+        dict(num_experts=2, route_hash_count=3, vocab_size=97, shared_expert=False),
+        DEEP,
+        "float16",
+    ),
+    "balanced-e8-k2-p07-noshared": (
+        dict(routing_strategy="token_id_balanced_hash", num_experts=8, top_k_primary_weight=0.7, shared_expert=False),
+        HF,
+        "float32",
+    ),
+    "balanced-e16-k4-nulls": (
+        dict(
+            routing_strategy="token_id_balanced_hash",
+            num_experts=16,
+            top_k=4,
+            intermediate_size=None,
+            shared_intermediate_size=None,
+            num_key_value_heads=None,
+        ),
+        NATIVE,
+        "bfloat16",
+    ),
+    "balanced-e2-k1": (dict(routing_strategy="token_id_balanced_hash", num_experts=2, top_k=1), DEEP, "float32"),
+    "balanced-e1-k1": (dict(routing_strategy="token_id_balanced_hash", num_experts=1, top_k=1), NATIVE, "float32"),
+    "modulo-alias-e4-k4": (dict(routing_strategy="modulo", top_k=4), DEEP, "float32"),
+    "modulo_cyclic-e8-k2-kvnull": (
+        dict(routing_strategy="modulo_cyclic", num_experts=8, num_attention_heads=8, num_key_value_heads=None),
+        HF,
+        "float32",
+    ),
+    "hierarchical-e4-k2": (dict(routing_strategy="token_id_hierarchical_hash"), NATIVE, "float32"),
+    "hierarchical-e8-k4": (
+        dict(routing_strategy="token_id_hierarchical_hash", num_experts=8, top_k=4),
+        DEEP,
+        "bfloat16",
+    ),
+    "hierarchical-e16-k2-untied": (
+        dict(routing_strategy="token_id_hierarchical_hash", num_experts=16, tie_word_embeddings=False),
+        HF,
+        "float32",
+    ),
+    "ramp-routed-first-last": (
+        dict(routed_output_scale_first_layer=0.5, routed_output_scale_last_layer=2.0),
+        NATIVE,
+        "float32",
+    ),
+    "ramp-shared-last-only": (dict(shared_output_scale_last_layer=0.25, routed_output_scale=1.5), HF, "float32"),
+    "ramp-routed-first-only": (dict(routed_output_scale_first_layer=1.5), NATIVE, "float32"),
+    "no-qk-norm-theta": (dict(use_qk_norm=False, rope_theta=500.0, norm_eps=1e-5), NATIVE, "float32"),
+}
+# What the deep layout cannot record, and the field its export refuses by name.
+DEEP_REFUSES = {"ramp-routed-first-last": "routed_output_scale", "ramp-shared-last-only": "shared_output_scale"}
+
+
+def grid_variant(name: str, seed: int = 0) -> tuple[dict, dict]:
+    overrides, _, _ = GRID[name]
+    raw = syn.native_config(**overrides)
+    return raw, syn.make_weights(raw, seed=sum(map(ord, name)) + seed)
+
+
+def stored(sd: dict, dtype: str) -> dict:
+    """The tensors as a layout stored at `dtype` holds them (floats rounded)."""
+    return {k: v.to(syn.DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def write_layout(root: Path, layout: str, raw: dict, sd: dict, dtype: str) -> tuple[Path, dict, dict]:
+    """(folder, the native-style config it describes, the tensors it holds) for one layout."""
+    dst = root / layout
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == NATIVE:
+        return syn.write_native(dst, raw, sd), raw, sd
+    if layout == HF:
+        return syn.write_hf(dst, raw, sd), raw, sd
+    if layout == DEEP:
+        return syn.write_deep(dst, raw, sd, dtype), syn.deep_view(raw), stored(sd, dtype)
+    mlx_config = {**raw, "model_type": "complexity"}
+    return syn.write_mlx(dst, mlx_config, sd, dtype), raw, stored(sd, dtype)
+
+
+def grid_ids(raw: dict, batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, raw["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layout", [NATIVE, HF, DEEP, "mlx"])
+@pytest.mark.parametrize("name", list(GRID))
+def test_grid_every_layout_is_detected_and_computes_the_reference(tmp_path, name, layout):
+    """Each variant in each of upstream's four layouts: the detection names the layout, and the
+    model it loads as computes the float64 reference of what that layout records."""
+    from complexity.integrations.upstream import load_upstream
+
+    raw, sd = grid_variant(name)
+    dtype = GRID[name][2]
+    src, described, held = write_layout(tmp_path, layout, raw, sd, dtype)
+    model, ckpt, _ = load_upstream(src, dtype=torch.float32)
+    assert ckpt.design == f"tr-hash-{layout}" and ckpt.notes[0].startswith(f"TR-Hash MoE, {layout} layout")
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(described, held, ids), **GRID_TOL)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_grid_convert_generate_engine_and_round_trip(tmp_path, name):
+    """The whole pipeline on one layout per variant: `complexity convert` output loaded back gives
+    the reference logits; greedy tokens are identical between generate(), the engine and the
+    reference's argmax loop; convert -> save -> load -> export deep -> convert gives the same
+    logits bit for bit, or (what deep cannot record) the export refuses naming the field and
+    leaves nothing."""
+    from complexity.inference import Engine, SamplingParams
+    from complexity.integrations.upstream import convert_upstream, export_deep
+
+    raw, sd = grid_variant(name)
+    _, layout, dtype = GRID[name]
+    src, described, held = write_layout(tmp_path / "src", layout, raw, sd, dtype)
+    report = convert_upstream(src, tmp_path / "ours")
+    assert str(report).startswith(f"detected: TR-Hash MoE, {layout} layout")
+    model = _load_ours(tmp_path / "ours")
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(described, held, ids), **GRID_TOL)
+
+    prompts, n = ids[:, :4], 5
+    want = syn.reference_greedy(described, held, prompts, n)
+    with torch.no_grad():
+        got = model.generate(prompts, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
+    assert torch.equal(got[:, -n:], want)
+    outs = Engine(model, max_batch=2, max_seq_len=32).generate(
+        prompts.tolist(), SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    )
+    assert [o.token_ids for o in outs] == want.tolist()
+
+    if name in DEEP_REFUSES:
+        with pytest.raises(ValueError, match=rf"^{DEEP_REFUSES[name]}"):
+            export_deep(tmp_path / "ours", tmp_path / "deep", dtype="float32")
+        assert not (tmp_path / "deep").exists() and not list(tmp_path.glob(".deep*"))
+        return
+    deep = export_deep(tmp_path / "ours", tmp_path / "deep", dtype="float32")
+    assert detect_upstream(deep).design == "tr-hash-deep"
+    convert_upstream(deep, tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(_load_ours(tmp_path / "again")(ids).logits, logits)
