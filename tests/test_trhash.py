@@ -642,9 +642,9 @@ def test_per_layer_scales_are_read_from_native_configs(tmp_path):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("use_mup_attn_scale", True, "use_mup_attn_scale=True is not supported"),
-        ("use_mup_output_mult", True, "use_mup_output_mult=True is not supported"),
-        ("rope_fraction", 0.5, "rope_fraction=0.5 is not supported"),
+        ("use_mup_attn_scale", 1, "use_mup_attn_scale=1 is not a valid bool"),
+        ("rope_fraction", 1.5, "rope_fraction=1.5 is not in (0, 1]"),
+        ("rope_fraction", 0.5, "rotary_emb.inv_freq disagrees with rope_theta=10000.0 over the 8 rotated dims"),
         ("attention_type", "lexical_gqa", "attention_type='lexical_gqa' is not supported"),
         ("sliding_window", 16, "sliding_window=16 is not supported"),
         ("active_num_experts", 2, "active_num_experts=2 is not supported"),
@@ -698,9 +698,17 @@ def test_broken_folders_say_what_is_missing(tmp_path):
     assert "truncated or corrupt safetensors" in problems_of(corrupt)
     neither = edited(tmp_path / "h", v, NATIVE, config=lambda raw: raw.pop("mlp_type"))
     assert "none of the TR-Hash layouts" in problems_of(neither) and "mlp_type None" in problems_of(neither)
-    ours = edited(tmp_path / "i", v, HF, config=lambda raw: raw.update(model_type="complexity"))
+
+    def ours(raw):
+        for key in ("routing_strategy", "top_k", "num_experts_per_tok", "mlp_type"):
+            raw.pop(key)
+        raw.update(model_type="complexity", mlp_type="hash_routed", mu_mode="none")
+
     with pytest.raises(UpstreamFormatError, match="this project's own format"):
-        detect_upstream(ours)
+        detect_upstream(edited(tmp_path / "i", v, HF, config=ours))
+    # model_type 'complexity' with upstream's fields is upstream's MLX export: its names are asked for
+    msg = problems_of(edited(tmp_path / "j", v, HF, config=lambda raw: raw.update(model_type="complexity")))
+    assert "missing tensor model.layers.0.mlp.topk_token_to_expert" in msg
     assert "not a folder" in problems_of(tmp_path / "nowhere")
 
 
