@@ -1302,3 +1302,134 @@ def test_grid_convert_generate_engine_and_round_trip(tmp_path, name):
     convert_upstream(deep, tmp_path / "again")
     with torch.no_grad():
         assert torch.equal(_load_ours(tmp_path / "again")(ids).logits, logits)
+
+
+# Upstream settings computed by knobs our model is gaining: upstream fields -> our field.
+KNOBS = {
+    "rope-fraction": (dict(rope_fraction=0.5), "partial_rotary_factor", "rope_fraction"),
+    "mup-attn-scale": (dict(use_mup_attn_scale=True), "attention_multiplier", "use_mup_attn_scale"),
+    "mup-output-mult": (dict(use_mup_output_mult=True, mup_base_width=16), "logits_scaling", "use_mup_output_mult"),
+}
+
+
+def _has_field(name: str) -> bool:
+    import inspect
+
+    from complexity import ComplexityConfig
+
+    return name in inspect.signature(ComplexityConfig.__init__).parameters or hasattr(ComplexityConfig(), name)
+
+
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_grid_rope_fraction_and_mup_map_to_our_knobs_or_are_refused_by_name(tmp_path, knob):
+    """With the installed ComplexityConfig's field: the converted model computes the float64
+    reference (partial RoPE, 1/head_dim softmax scale, logits / (H / base)), the field holds the
+    mapped value, and the deep export refuses it naming the field. Without it: the conversion
+    refuses naming upstream's field and writes nothing."""
+    from complexity.integrations.upstream import convert_upstream, export_deep
+
+    overrides, ours, upstream = KNOBS[knob]
+    raw = syn.native_config(**overrides, num_hidden_layers=2)
+    sd = syn.make_weights(raw, seed=7)
+    src = syn.write_native(tmp_path / "src", raw, sd)
+    ckpt = read_trhash(src)  # the neutral description holds the setting either way
+    expected = {"rope-fraction": 0.5, "mup-attn-scale": 1 / 8, "mup-output-mult": 32 / 16}[knob]
+    neutral = {"partial_rotary_factor": "rope_fraction"}.get(ours, ours)
+    assert getattr(ckpt.config, neutral) == expected
+    assert any(n.startswith(f"{upstream}: ") for n in ckpt.notes)
+    if not _has_field(ours):
+        with pytest.raises(UpstreamFormatError, match=rf"{upstream}: this checkpoint needs {ours}="):
+            convert_upstream(src, tmp_path / "ours")
+        assert not (tmp_path / "ours").exists() and not list(tmp_path.glob(".ours*"))
+        return
+    convert_upstream(src, tmp_path / "ours")
+    model = _load_ours(tmp_path / "ours")
+    assert getattr(model.config, ours) == expected
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(raw, sd, ids), **GRID_TOL)
+    with pytest.raises(ValueError, match=rf"^{ours}: .*upstream's {upstream}"):
+        export_deep(tmp_path / "ours", tmp_path / "deep")
+    assert not (tmp_path / "deep").exists()
+
+
+def test_grid_sliding_window_and_the_expert_shrink_stay_refused_by_name(tmp_path):
+    for field, value in (("sliding_window", 4), ("active_num_experts", 2), ("active_expert_width", 8)):
+        raw = syn.native_config(**{field: value})
+        src = syn.write_native(tmp_path / field, raw, syn.make_weights(raw))
+        assert f"config.json: {field}={value} is not supported" in problems_of(src)
+
+
+@pytest.mark.parametrize("layout", [DEEP, "mlx"])
+@pytest.mark.parametrize("strategy", ["modulo_cyclic", "token_id_multi_hash"])
+def test_grid_primary_only_tables_get_cyclic_secondaries(tmp_path, layout, strategy):
+    """The older lineage stores only mlp.token_to_expert (the primary slot): secondary j is
+    (primary + j) mod E, and a note says so. For modulo_cyclic that is the table itself."""
+    from complexity.integrations.upstream import load_upstream
+
+    raw = syn.native_config(routing_strategy=strategy, num_experts=4, top_k=3)
+    sd = syn.make_weights(raw, seed=3)
+    if layout == DEEP:
+        src = syn.write_deep(tmp_path / "src", raw, sd, "float32", primary_only=True)
+    else:
+        src = syn.write_mlx(tmp_path / "src", {**raw, "model_type": "complexity"}, sd, "float32", primary_only=True)
+    cyclic = dict(sd)
+    for i in range(raw["num_hidden_layers"]):
+        primary = sd[f"layers.{i}.mlp.engine.route_table"][0]
+        cyclic[f"layers.{i}.mlp.engine.route_table"] = (primary + torch.arange(3)[:, None]) % 4
+    if strategy == "modulo_cyclic":
+        assert all(torch.equal(cyclic[k], sd[k]) for k in sd)
+    model, ckpt, _ = load_upstream(src)
+    assert any("only mlp.token_to_expert (the primary slot)" in n and "(primary + j) mod" in n for n in ckpt.notes)
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    described = syn.deep_view(raw) if layout == DEEP else raw
+    torch.testing.assert_close(logits.double(), syn.reference_logits(described, cyclic, ids), **GRID_TOL)
+
+
+def test_grid_mlx_export_is_read_only_when_its_config_says_enough(tmp_path):
+    """The MLX layout's config is little documented: every field that changes the computation must
+    be stated (each missing one is named); the row-0 copy must agree; fp16 and int32 are read."""
+    raw = syn.native_config()
+    sd = syn.make_weights(raw, seed=5)
+    reduced = {**syn.deep_fields(raw, "float16"), "model_type": "complexity"}
+    reduced.pop("architectures")
+    msg = problems_of(syn.write_mlx(tmp_path / "reduced", reduced, sd))
+    for field in ("rope_fraction", "routed_output_scale_first_layer", "use_mup_attn_scale", "sliding_window"):
+        assert f"config.json: missing field {field}: the MLX layout's config must state it" in msg
+    assert "missing field top_k:" not in msg
+
+    full = syn.write_mlx(tmp_path / "full", {**raw, "model_type": "complexity"}, sd)
+    ckpt = read_trhash(full)
+    assert ckpt.layout == "mlx" and "mlp_type 'tr_hash_engine'" in ckpt.notes[0]
+    assert any("stored as int32, read as int64" in n for n in ckpt.notes)
+    assert any("row 0 (the primary slot)" in why for _, why in ckpt.dropped)
+
+    def stale_row0(sd):
+        sd["model.layers.1.mlp.token_to_expert"] = (sd["model.layers.1.mlp.token_to_expert"] + 1) % 4
+
+    bad = tmp_path / "stale"
+    shutil.copytree(full, bad)
+    tensors = load_file(bad / "model.safetensors")
+    stale_row0(tensors)
+    save_file(tensors, bad / "model.safetensors")
+    assert "model.layers.1.mlp.token_to_expert is not row 0 (the primary slot)" in problems_of(bad)
+
+
+def test_grid_mlx_export_is_named_by_our_own_loader(tmp_path):
+    """Upstream's MLX export says model_type 'complexity', as our folders do: our loader names it
+    and says how to convert it, whether its config or only its tensor names give it away."""
+    from complexity.checkpoint_folder import CheckpointError, load_checkpoint_folder
+
+    raw = syn.native_config()
+    sd = syn.make_weights(raw)
+    with_fields = syn.write_mlx(tmp_path / "a", {**raw, "model_type": "complexity"}, sd)
+    bare = {k: v for k, v in raw.items() if k not in ("routing_strategy", "top_k", "mlp_type")}
+    names_only = syn.write_mlx(tmp_path / "b", {**bare, "model_type": "complexity"}, sd)
+    for folder in (with_fields, names_only):
+        with pytest.raises(CheckpointError, match="upstream's TR-Hash MLX export") as err:
+            load_checkpoint_folder(folder)
+        assert f"complexity convert {folder} OUT" in str(err.value)
+    assert "missing field top_k: the MLX layout's config must state it" in problems_of(names_only)
