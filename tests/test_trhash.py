@@ -1404,7 +1404,7 @@ def test_grid_mlx_export_is_read_only_when_its_config_says_enough(tmp_path):
     full = syn.write_mlx(tmp_path / "full", {**raw, "model_type": "complexity"}, sd)
     ckpt = read_trhash(full)
     assert ckpt.layout == "mlx" and "mlp_type 'tr_hash_engine'" in ckpt.notes[0]
-    assert any("stored as int32, read as int64" in n for n in ckpt.notes)
+    assert "route tables: stored as int32, read as int64" in ckpt.notes
     assert any("row 0 (the primary slot)" in why for _, why in ckpt.dropped)
 
     def stale_row0(sd):

@@ -201,7 +201,7 @@ def neutral_tensor_shapes(config: TRHashConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# Neutral per-layer suffix -> each layout's (the rest of the names are the same in all three).
+# Neutral per-layer suffix -> each layout's (the rest of the names are the same in all four, MLX under "model.").
 _LAYER_RENAMES = {
     NATIVE: {
         "mlp.route_table": "mlp.engine.route_table",
@@ -628,6 +628,12 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
             notes.append(
                 f"top_k_primary_weight: null -> {resolved_primary} (1/top_k, the framework's meaning; vllm-i64 would read 0.95)"
             )
+        elif primary is not None and top_k == 1 and primary != 1.0:
+            notes.append(f"top_k_primary_weight: {primary} has no effect with top_k 1 (the one route has weight 1)")
+        if top_k > 1:
+            notes.append(
+                f"top_k: {top_k} -> num_experts_per_tok {top_k} (the experts each token visits; never a sampling top_k)"
+            )
 
     strategy_name = f.get(
         "routing_strategy",
@@ -637,6 +643,8 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
         rule=f"a strategy upstream's MLP builds ({', '.join(_STRATEGIES)})",
     )
     strategy = _STRATEGIES.get(strategy_name)
+    if strategy_name == "modulo":
+        notes.append("routing_strategy: 'modulo' is upstream's alias of modulo_cyclic")
     hash_count = None
     if strategy == "multi_hash" and "route_hash_count" in raw:
         hash_count = f.get(
@@ -650,11 +658,20 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
         scales[name] = f.get(name, 1.0, "float")
         for end in ("first_layer", "last_layer"):
             scales[f"{name}_{end}"] = f.get(f"{name}_{end}", None, "float", nullable=True)
+        ends = (scales[f"{name}_first_layer"], scales[f"{name}_last_layer"])
+        if any(v is not None for v in ends) and layers and scales[name] is not None:
+            per_layer = [branch_scale(scales[name], *ends, i, layers) for i in range(layers)]
+            notes.append(
+                f"{name}_first_layer/_last_layer: per-layer scales {', '.join(f'{v:g}' for v in per_layer)} "
+                "(linear over depth, the framework's meaning; upstream's HF adapter ignores them)"
+            )
 
     theta = f.get("rope_theta", 10000.0, "float", check=_positive, rule="a positive number")
     knobs = _mup_and_rope(f, hidden, heads, notes)
     max_pos = f.get("max_position_embeddings", 2048, "int", **pos)
     qk_norm = f.get("use_qk_norm", True, "bool")
+    if qk_norm and raw.get("norm_eps", raw.get("rms_norm_eps", QK_NORM_EPS)) != QK_NORM_EPS:
+        notes.append(f"QK-norm epsilon: upstream's fixed {QK_NORM_EPS} (norm_eps applies to the block norms only)")
     eps_name = "rms_norm_eps" if layout == MLX and "norm_eps" not in raw else "norm_eps"
     eps = f.get(eps_name, 1e-6, "float", check=_positive, rule="a positive number")
     if (
@@ -796,6 +813,7 @@ def _map_tensors(
     used: set[str] = set()
     tables: dict[int, torch.Tensor] = {}
     primary_only: list[int] = []
+    narrow: set[str] = set()  # integer dtypes the route tables are stored in
     for neutral, shape in neutral_tensor_shapes(config).items():
         name = layout_name(neutral, layout)
         t = sd.get(name)
@@ -819,8 +837,7 @@ def _map_tensors(
             except ValueError as err:
                 problems.append(str(err))
                 continue
-            if t.dtype != torch.int64:
-                notes.append(f"{name}: stored as {str(t.dtype).removeprefix('torch.')}, read as int64")
+            narrow.add(str(t.dtype).removeprefix("torch."))
             t = t.to(torch.int64)
             tables[int(neutral.split(".")[1])] = t
             if primary in sd and primary not in used:  # the MLX export's copy of row 0
@@ -835,6 +852,8 @@ def _map_tensors(
             problems.append(f"{name} has dtype {t.dtype}; weights are floating point")
             continue
         out[neutral] = t
+    if narrow - {"int64"}:
+        notes.append(f"route tables: stored as {', '.join(sorted(narrow))}, read as int64")
     if primary_only:
         if config.num_experts_per_tok > 1:
             notes.append(
