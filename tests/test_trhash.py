@@ -1209,6 +1209,15 @@ GRID = {
     "ramp-shared-last-only": (dict(shared_output_scale_last_layer=0.25, routed_output_scale=1.5), HF, "float32"),
     "ramp-routed-first-only": (dict(routed_output_scale_first_layer=1.5), NATIVE, "float32"),
     "no-qk-norm-theta": (dict(use_qk_norm=False, rope_theta=500.0, norm_eps=1e-5), NATIVE, "float32"),
+    # the QK-norm keeps its fixed 1e-6 whatever norm_eps is (large here, so a wrong one shows);
+    # max_position_embeddings only sizes upstream's RoPE cache: the sequences here are longer
+    "qk-eps-fixed-maxpos-8": (dict(norm_eps=0.1, max_position_embeddings=8), HF, "float32"),
+    "mha-kvnull": (dict(attention_type="mha", num_key_value_heads=None), DEEP, "float32"),
+    "mqa-kvnull-e8-k2": (
+        dict(attention_type="mqa", num_key_value_heads=None, num_experts=8, routing_strategy="modulo_cyclic"),
+        NATIVE,
+        "float32",
+    ),
 }
 # What the deep layout cannot record, and the field its export refuses by name.
 DEEP_REFUSES = {"ramp-routed-first-last": "routed_output_scale", "ramp-shared-last-only": "shared_output_scale"}
@@ -1287,10 +1296,12 @@ def test_grid_convert_generate_engine_and_round_trip(tmp_path, name):
     with torch.no_grad():
         got = model.generate(prompts, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
     assert torch.equal(got[:, -n:], want)
-    outs = Engine(model, max_batch=2, max_seq_len=32).generate(
-        prompts.tolist(), SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    # our engine serves at most max_position_embeddings positions (upstream's only sizes a RoPE cache)
+    cap = min(32, model.config.max_position_embeddings)
+    outs = Engine(model, max_batch=2, max_seq_len=cap).generate(
+        prompts.tolist(), SamplingParams(max_new_tokens=min(n, cap - 4), temperature=0.0, ignore_eos=True)
     )
-    assert [o.token_ids for o in outs] == want.tolist()
+    assert [o.token_ids for o in outs] == want[:, : cap - 4].tolist()
 
     if name in DEEP_REFUSES:
         with pytest.raises(ValueError, match=rf"^{DEEP_REFUSES[name]}"):
@@ -1433,3 +1444,28 @@ def test_grid_mlx_export_is_named_by_our_own_loader(tmp_path):
             load_checkpoint_folder(folder)
         assert f"complexity convert {folder} OUT" in str(err.value)
     assert "missing field top_k: the MLX layout's config must state it" in problems_of(names_only)
+
+
+@pytest.mark.parametrize("layout", [HF, "mlx"])
+def test_grid_sharded_weights_are_read_and_named(tmp_path, layout):
+    """A sharded bundle (model.safetensors.index.json) reads like a single file, and an MLX export
+    whose config carries none of upstream's fields is still told by the index's table names."""
+    from complexity.checkpoint_folder import CheckpointError, load_checkpoint_folder
+    from complexity.integrations.upstream import load_upstream
+
+    raw, sd = grid_variant("multi-e4-k2-pnull-shared")
+    if layout == HF:
+        src = syn.shard(syn.write_hf(tmp_path / "src", raw, sd))
+    else:
+        src = syn.shard(syn.write_mlx(tmp_path / "src", {**raw, "model_type": "complexity"}, sd, "float32"))
+    model, ckpt, _ = load_upstream(src)
+    assert ckpt.design == f"tr-hash-{layout}"
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(raw, sd, ids), **GRID_TOL)
+    if layout == "mlx":
+        bare = {k: v for k, v in raw.items() if k not in ("routing_strategy", "top_k", "mlp_type")}
+        (src / "config.json").write_text(json.dumps({**bare, "model_type": "complexity"}))
+        with pytest.raises(CheckpointError, match="upstream's TR-Hash MLX export .*route tables"):
+            load_checkpoint_folder(src)

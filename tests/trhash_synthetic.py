@@ -144,7 +144,7 @@ def resolved(raw: dict) -> dict:
     return {
         "hidden": h,
         "heads": nh,
-        "kv_heads": raw["num_key_value_heads"] or max(1, nh // 4),
+        "kv_heads": raw["num_key_value_heads"] or {"mha": nh, "mqa": 1}.get(raw["attention_type"], max(1, nh // 4)),
         "head_dim": d,
         "rope_dim": int(d * raw["rope_fraction"] // 2) * 2,
         "vocab": raw["vocab_size"],
@@ -261,6 +261,24 @@ def _write(dst: Path, config: dict, sd: dict, metadata: dict | None = None) -> P
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=metadata is not None) + "\n")
     save_file({k: t.contiguous() for k, t in sd.items()}, str(dst / "model.safetensors"), metadata=metadata)
     return dst
+
+
+def shard(folder: Path, shards: int = 2) -> Path:
+    """Split `folder`'s model.safetensors into `shards` files plus model.safetensors.index.json,
+    as save_pretrained does for large models."""
+    from safetensors.torch import load_file
+
+    sd = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    weight_map = {}
+    for n in range(shards):
+        name = f"model-{n + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: t for i, (k, t) in enumerate(sorted(sd.items())) if i % shards == n}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, name)
+    index = {"metadata": {"total_size": sum(t.nbytes for t in sd.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 def write_native(dst: Path, raw: dict, sd: dict) -> Path:

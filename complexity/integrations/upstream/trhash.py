@@ -669,6 +669,11 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     theta = f.get("rope_theta", 10000.0, "float", check=_positive, rule="a positive number")
     knobs = _mup_and_rope(f, hidden, heads, notes)
     max_pos = f.get("max_position_embeddings", 2048, "int", **pos)
+    if max_pos:
+        notes.append(
+            f"max_position_embeddings: {max_pos} becomes the longest sequence our engine and server accept "
+            "(upstream's model only sizes its RoPE cache with it, and grows the cache on demand)"
+        )
     qk_norm = f.get("use_qk_norm", True, "bool")
     if qk_norm and raw.get("norm_eps", raw.get("rms_norm_eps", QK_NORM_EPS)) != QK_NORM_EPS:
         notes.append(f"QK-norm epsilon: upstream's fixed {QK_NORM_EPS} (norm_eps applies to the block norms only)")
