@@ -1399,8 +1399,14 @@ def test_grid_primary_only_tables_get_cyclic_secondaries(tmp_path, layout, strat
     described = syn.deep_view(raw) if layout == DEEP else raw
     torch.testing.assert_close(logits.double(), syn.reference_logits(described, cyclic, ids), **GRID_TOL)
 
+    name = ("model." if layout == "mlx" else "") + "layers.1.mlp.token_to_expert"
+    tensors = load_file(src / "model.safetensors")
+    tensors[name][5] = 4
+    save_file(tensors, src / "model.safetensors")
+    assert f"{name}: token 5 is routed to expert(s) [4], outside [0, 4) (num_experts)" in problems_of(src)
 
-def test_grid_mlx_export_is_read_only_when_its_config_says_enough(tmp_path):
+
+def test_grid_mlx_export_is_read_only_when_its_config_says_enough(tmp_path, capsys):
     """The MLX layout's config is little documented: every field that changes the computation must
     be stated (each missing one is named); the row-0 copy must agree; fp16 and int32 are read."""
     raw = syn.native_config()
@@ -1413,6 +1419,13 @@ def test_grid_mlx_export_is_read_only_when_its_config_says_enough(tmp_path):
     assert "missing field top_k:" not in msg
 
     full = syn.write_mlx(tmp_path / "full", {**raw, "model_type": "complexity"}, sd)
+    from complexity.cli import main
+
+    assert main(["convert", str(full), str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "detected: TR-Hash MoE, mlx layout" in out and "route tables: stored as int32, read as int64" in out
+    assert main(["convert", str(full), str(tmp_path / "deep"), "--to", "deep"]) == 0  # upstream MLX -> deep
+    assert read_trhash(tmp_path / "deep").config == read_trhash(full).config
     ckpt = read_trhash(full)
     assert ckpt.layout == "mlx" and "mlp_type 'tr_hash_engine'" in ckpt.notes[0]
     assert "route tables: stored as int32, read as int64" in ckpt.notes
@@ -1443,7 +1456,10 @@ def test_grid_mlx_export_is_named_by_our_own_loader(tmp_path):
         with pytest.raises(CheckpointError, match="upstream's TR-Hash MLX export") as err:
             load_checkpoint_folder(folder)
         assert f"complexity convert {folder} OUT" in str(err.value)
-    assert "missing field top_k: the MLX layout's config must state it" in problems_of(names_only)
+    msg = problems_of(names_only)  # told by its table names, then refused for what its config does not say
+    assert "missing field top_k: the MLX layout's config must state it" in msg
+    with pytest.raises(UpstreamFormatError, match="missing field routing_strategy"):
+        detect_upstream(names_only)  # the converter's detection, not its complexity-deep path
 
 
 @pytest.mark.parametrize("layout", [HF, "mlx"])

@@ -38,7 +38,8 @@ Mapped onto our knobs when the installed `ComplexityConfig` has them (refused by
 does not): `rope_fraction` -> `partial_rotary_factor`, `use_mup_attn_scale` -> `attention_multiplier`
 = 1/head_dim, `use_mup_output_mult` -> `logits_scaling` = hidden_size / mup_base_width.
 
-Refused rather than computed differently: a sliding window (upstream applies it only to prefills longer than the window), the runtime expert
+Refused rather than computed differently: a sliding window (upstream applies it only to prefills
+longer than the window), the runtime expert
 shrink (`active_num_experts` / `active_expert_width`, whose tables are not persisted), attention
 types other than gqa/mha/mqa, norms other than RMSNorm, static expert capacity and non-causal
 models. Each refusal names the field.
@@ -454,7 +455,6 @@ _MLX_REQUIRED = (
     "intermediate_size",
     "num_experts",
     "top_k",
-    "top_k_primary_weight",
     "routing_strategy",
     "shared_expert",
     "shared_output_scale",
@@ -475,6 +475,8 @@ _MLX_REQUIRED = (
 
 def _require_mlx_fields(raw: dict, problems: list[str]) -> None:
     missing = [k for k in _MLX_REQUIRED if k not in raw]
+    if raw.get("top_k") != 1 and "top_k_primary_weight" not in raw:
+        missing.append("top_k_primary_weight")
     if raw.get("shared_expert") and "shared_intermediate_size" not in raw:
         missing.append("shared_intermediate_size")
     if raw.get("use_mup_output_mult") and "mup_base_width" not in raw:
@@ -799,13 +801,13 @@ def _primary_only_table(sd: dict, name: str, config: TRHashConfig, problems: lis
     """The older lineage's `mlp.token_to_expert` [V] (the primary slot) as a [k, V] table whose
     secondaries are (primary + j) mod E, as upstream's converter and vllm-i64 read it."""
     t = sd[name]
-    try:
-        check_route_table(t.reshape(1, -1), config.num_experts, config.vocab_size, 1, name=name)
-    except ValueError as err:
-        problems.append(str(err))
-        return None
     if t.dim() != 1:
         problems.append(f"{name} has shape {list(t.shape)}; the primary-slot table is [vocab_size]")
+        return None
+    try:
+        check_route_table(t.unsqueeze(0), config.num_experts, config.vocab_size, 1, name=name)
+    except ValueError as err:
+        problems.append(str(err))
         return None
     slots = torch.arange(config.num_experts_per_tok).unsqueeze(1)
     return (t.to(torch.int64).unsqueeze(0) + slots) % config.num_experts

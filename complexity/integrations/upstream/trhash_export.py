@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .readers import TOKENIZER_FILES, read_config_json
+from .readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
 from .trhash import (
     DEEP,
     UPSTREAM_STRATEGY,
@@ -179,7 +179,8 @@ def write_deep(
 
 def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     """Write the deep export of SRC to DST: one of our `hash_routed` checkpoint folders (every file
-    checked first, `complexity.checkpoint_folder`) or an upstream TR-Hash folder in any layout.
+    checked first, `complexity.checkpoint_folder`) or an upstream TR-Hash folder in any of its
+    four layouts.
     The written folder is read back and compared with what was meant (at `dtype`) before this
     returns; on a mismatch it is removed. ValueError naming the field for a model the deep layout
     cannot describe (another MLP, mu, a sliding window, per-layer branch scales, partial RoPE, µP
@@ -188,7 +189,7 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: DST must differ from SRC")
     raw = read_config_json(src, []) if src.is_dir() else None
-    if raw is not None and trhash_layout(raw) is not None:
+    if raw is not None and trhash_layout(raw, peek_tensor_names(src)) is not None:
         ckpt = read_trhash(src)
         config, tensors = ckpt.config, ckpt.tensors
     else:
