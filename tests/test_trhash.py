@@ -1219,6 +1219,20 @@ GRID = {
         "float32",
     ),
 }
+# A convention each conversion report must state (beyond the layout, which every one names).
+GRID_NOTES = {
+    "multi-e4-k2-pnull-shared": "top_k_primary_weight: null -> 0.5 (1/top_k, the framework's meaning",
+    "multi-e16-k1-c8-p-explicit": "top_k_primary_weight: 0.3 has no effect with top_k 1",
+    "multi-e2-k2-c3-v97-noshared": "route_hash_count: not recorded by the deep layout; 3 rebuilds every stored table",
+    "balanced-e16-k4-nulls": "intermediate_size: null -> 256 (round_up(8H/3, 256))",
+    "modulo-alias-e4-k4": "routing_strategy: 'modulo' is upstream's alias of modulo_cyclic",
+    "modulo_cyclic-e8-k2-kvnull": "num_key_value_heads: null -> 2 (gqa default)",
+    "ramp-routed-first-last": "routed_output_scale_first_layer/_last_layer: per-layer scales 0.5, 1.25, 2",
+    "ramp-shared-last-only": "shared_output_scale_first_layer/_last_layer: per-layer scales 1, 0.625, 0.25",
+    "qk-eps-fixed-maxpos-8": "max_position_embeddings: 8 becomes the longest sequence our engine and server accept",
+    "mha-kvnull": "num_key_value_heads: null -> 4 (mha default)",
+    "no-qk-norm-theta": "special tokens: not in config.json; upstream's tokenizer's assumed",
+}
 # What the deep layout cannot record, and the field its export refuses by name.
 DEEP_REFUSES = {"ramp-routed-first-last": "routed_output_scale", "ramp-shared-last-only": "shared_output_scale"}
 
@@ -1285,6 +1299,7 @@ def test_grid_convert_generate_engine_and_round_trip(tmp_path, name):
     src, described, held = write_layout(tmp_path / "src", layout, raw, sd, dtype)
     report = convert_upstream(src, tmp_path / "ours")
     assert str(report).startswith(f"detected: TR-Hash MoE, {layout} layout")
+    assert GRID_NOTES.get(name, "") in str(report)
     model = _load_ours(tmp_path / "ours")
     ids = grid_ids(raw)
     with torch.no_grad():

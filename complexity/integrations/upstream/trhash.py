@@ -693,6 +693,9 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     ids = {}
     for name, default in _TOKEN_IDS.items():
         ids[name] = f.get(name, default, "int", nullable=True, check=lambda v: v >= 0, rule="a token id")
+    assumed = [f"{name} {default}" for name, default in _TOKEN_IDS.items() if name not in raw]
+    if assumed:
+        notes.append(f"special tokens: not in config.json; upstream's tokenizer's assumed ({', '.join(assumed)})")
     if problems:
         return None
     if layout == DEEP:
