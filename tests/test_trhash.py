@@ -1500,3 +1500,15 @@ def test_grid_sharded_weights_are_read_and_named(tmp_path, layout):
         (src / "config.json").write_text(json.dumps({**bare, "model_type": "complexity"}))
         with pytest.raises(CheckpointError, match="upstream's TR-Hash MLX export .*route tables"):
             load_checkpoint_folder(src)
+
+
+def test_grid_every_route_hash_count_is_read_and_recovered_from_deep_tables(tmp_path):
+    """route_hash_count 2..8: the native config states it; the deep export drops it, and the
+    reader recovers it from the stored tables (the only count that rebuilds them all)."""
+    for count in range(2, 9):
+        raw = syn.native_config(num_experts=8, route_hash_count=count, num_hidden_layers=2)
+        sd = syn.make_weights(raw, seed=count)
+        native = read_trhash(syn.write_native(tmp_path / f"n{count}", raw, sd))
+        deep = read_trhash(syn.write_deep(tmp_path / f"d{count}", raw, sd, "float32"))
+        assert native.config.route_hash_count == deep.config.route_hash_count == count
+        assert f"route_hash_count: not recorded by the deep layout; {count} rebuilds every stored table" in deep.notes
