@@ -1,5 +1,6 @@
-"""TR-Hash MoE: route tables, fixed weights and scales, the routed computation, and upstream's
-three layouts (tests/fixtures/trhash, written by upstream's own code)."""
+"""TR-Hash MoE: route tables, fixed weights and scales, the routed computation, upstream's layouts
+as its own code wrote them (tests/fixtures/trhash), and a grid of further variants written from the
+format's description in all four layouts (tests/trhash_synthetic.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import trhash_synthetic as syn  # tests/trhash_synthetic.py: the format written from its description
 from safetensors.torch import load_file, save_file
 
 import complexity.hash_routing as hr
@@ -1136,8 +1138,6 @@ def test_hash_routed_model_routes_by_each_layers_table():
 # Every variant upstream's format allows, written by tests/trhash_synthetic.py in upstream's layouts
 # and computed by its independent float64 forward. Tolerance: fp32 logits of the converted model
 # within 1e-4 (absolute and relative) of the float64 reference over the same stored values.
-
-import trhash_synthetic as syn  # noqa: E402  (tests/ is on sys.path, as conftest is)
 
 GRID_TOL = dict(atol=1e-4, rtol=1e-4)
 # id -> (native config overrides, the layout the whole pipeline runs on, the deep/MLX dtype)
