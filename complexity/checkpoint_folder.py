@@ -11,7 +11,9 @@ whose missing weights were silently left random. Checked, in order, before any w
 
 - the folder: exists, is a folder, is not empty;
 - ``config.json``: UTF-8 JSON object; ``model_type`` is ``"complexity"`` (an upstream
-  complexity-deep or TR-Hash folder is named as such: convert it with ``complexity convert``);
+  complexity-deep or TR-Hash folder is named as such: convert it with ``complexity convert``;
+  upstream's TR-Hash MLX export, which also says ``"complexity"``, is told by its fields or its
+  route-table names);
   every field passes `ComplexityConfig`'s checks and the special-token ids are in the vocabulary;
 - the weights: every safetensors file opens and its header parses (truncated, empty and garbage
   files are caught here); a sharded index names only shards that exist and agrees with them;
@@ -162,6 +164,18 @@ def _upstream_kind(cfg: dict) -> str | None:
     return None
 
 
+def _upstream_mlx(folder: Path, cfg: dict) -> str | None:
+    """Why `cfg` is upstream's TR-Hash MLX export, which says model_type "complexity" as ours does
+    (the converter's own test: upstream's fields in config.json, or its route-table names)."""
+    if cfg.get("model_type") != MODEL_TYPE:
+        return None
+    from .integrations.upstream.readers import peek_tensor_names
+    from .integrations.upstream.trhash import MLX, trhash_layout
+
+    found = trhash_layout(cfg, peek_tensor_names(folder))
+    return found[1] if found is not None and found[0] == MLX else None
+
+
 def read_checkpoint_config(folder: Path):
     """The `ComplexityConfig` of a folder's config.json, or a `CheckpointError` naming the field."""
     from .configuration_complexity import ComplexityConfig
@@ -173,6 +187,12 @@ def read_checkpoint_config(folder: Path):
         raise CheckpointError(str(err)) from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    mlx = _upstream_mlx(folder, cfg)
+    if mlx is not None:
+        raise CheckpointError(
+            f"{path}: this is upstream's TR-Hash MLX export ({mlx}), not this project's format, although both "
+            f"say model_type {MODEL_TYPE!r}: convert it with `complexity convert {folder} OUT` and load OUT"
+        )
     upstream = _upstream_kind(cfg)
     if upstream is not None:
         raise CheckpointError(

@@ -1,5 +1,6 @@
-"""TR-Hash MoE: route tables, fixed weights and scales, the routed computation, and upstream's
-three layouts (tests/fixtures/trhash, written by upstream's own code)."""
+"""TR-Hash MoE: route tables, fixed weights and scales, the routed computation, upstream's layouts
+as its own code wrote them (tests/fixtures/trhash), and a grid of further variants written from the
+format's description in all four layouts (tests/trhash_synthetic.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import trhash_synthetic as syn  # tests/trhash_synthetic.py: the format written from its description
 from safetensors.torch import load_file, save_file
 
 import complexity.hash_routing as hr
@@ -642,9 +644,9 @@ def test_per_layer_scales_are_read_from_native_configs(tmp_path):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("use_mup_attn_scale", True, "use_mup_attn_scale=True is not supported"),
-        ("use_mup_output_mult", True, "use_mup_output_mult=True is not supported"),
-        ("rope_fraction", 0.5, "rope_fraction=0.5 is not supported"),
+        ("use_mup_attn_scale", 1, "use_mup_attn_scale=1 is not a valid bool"),
+        ("rope_fraction", 1.5, "rope_fraction=1.5 is not in (0, 1]"),
+        ("rope_fraction", 0.5, "rotary_emb.inv_freq disagrees with rope_theta=10000.0 over the 8 rotated dims"),
         ("attention_type", "lexical_gqa", "attention_type='lexical_gqa' is not supported"),
         ("sliding_window", 16, "sliding_window=16 is not supported"),
         ("active_num_experts", 2, "active_num_experts=2 is not supported"),
@@ -698,9 +700,17 @@ def test_broken_folders_say_what_is_missing(tmp_path):
     assert "truncated or corrupt safetensors" in problems_of(corrupt)
     neither = edited(tmp_path / "h", v, NATIVE, config=lambda raw: raw.pop("mlp_type"))
     assert "none of the TR-Hash layouts" in problems_of(neither) and "mlp_type None" in problems_of(neither)
-    ours = edited(tmp_path / "i", v, HF, config=lambda raw: raw.update(model_type="complexity"))
+
+    def ours(raw):
+        for key in ("routing_strategy", "top_k", "num_experts_per_tok", "mlp_type"):
+            raw.pop(key)
+        raw.update(model_type="complexity", mlp_type="hash_routed", mu_mode="none")
+
     with pytest.raises(UpstreamFormatError, match="this project's own format"):
-        detect_upstream(ours)
+        detect_upstream(edited(tmp_path / "i", v, HF, config=ours))
+    # model_type 'complexity' with upstream's fields is upstream's MLX export: its names are asked for
+    msg = problems_of(edited(tmp_path / "j", v, HF, config=lambda raw: raw.update(model_type="complexity")))
+    assert "missing tensor model.layers.0.mlp.topk_token_to_expert" in msg
     assert "not a folder" in problems_of(tmp_path / "nowhere")
 
 
@@ -1121,3 +1131,384 @@ def test_hash_routed_model_routes_by_each_layers_table():
         )
         assert aux is None and rel(out.reshape(-1, 64), want) < 1e-5
         assert not torch.equal(mlp.route_table, model.model.layers[1].mlp.route_table)
+
+
+# ----------------------------------------------------------------------------- the variant grid (written from the format's description)
+#
+# Every variant upstream's format allows, written by tests/trhash_synthetic.py in upstream's layouts
+# and computed by its independent float64 forward. Tolerance: fp32 logits of the converted model
+# within 1e-4 (absolute and relative) of the float64 reference over the same stored values.
+
+GRID_TOL = dict(atol=1e-4, rtol=1e-4)
+# id -> (native config overrides, the layout the whole pipeline runs on, the deep/MLX dtype)
+GRID = {
+    "multi-e4-k2-pnull-shared": (dict(top_k_primary_weight=None, shared_intermediate_size=48), NATIVE, "float32"),
+    "multi-e8-k4-c5-untied": (
+        dict(
+            num_experts=8,
+            top_k=4,
+            route_hash_count=5,
+            top_k_primary_weight=0.4,
+            shared_expert=False,
+            tie_word_embeddings=False,
+        ),
+        HF,
+        "bfloat16",
+    ),
+    "multi-e16-k1-c8-p-explicit": (
+        dict(num_experts=16, top_k=1, route_hash_count=8, top_k_primary_weight=0.3),
+        DEEP,
+        "bfloat16",
+    ),
+    "multi-e2-k2-c3-v97-noshared": (
+        dict(num_experts=2, route_hash_count=3, vocab_size=97, shared_expert=False),
+        DEEP,
+        "float16",
+    ),
+    "balanced-e8-k2-p07-noshared": (
+        dict(routing_strategy="token_id_balanced_hash", num_experts=8, top_k_primary_weight=0.7, shared_expert=False),
+        HF,
+        "float32",
+    ),
+    "balanced-e16-k4-nulls": (
+        dict(
+            routing_strategy="token_id_balanced_hash",
+            num_experts=16,
+            top_k=4,
+            intermediate_size=None,
+            shared_intermediate_size=None,
+            num_key_value_heads=None,
+        ),
+        NATIVE,
+        "bfloat16",
+    ),
+    "balanced-e2-k1": (dict(routing_strategy="token_id_balanced_hash", num_experts=2, top_k=1), DEEP, "float32"),
+    "balanced-e1-k1": (dict(routing_strategy="token_id_balanced_hash", num_experts=1, top_k=1), NATIVE, "float32"),
+    "modulo-alias-e4-k4": (dict(routing_strategy="modulo", top_k=4), DEEP, "float32"),
+    "modulo_cyclic-e8-k2-kvnull": (
+        dict(routing_strategy="modulo_cyclic", num_experts=8, num_attention_heads=8, num_key_value_heads=None),
+        HF,
+        "float32",
+    ),
+    "hierarchical-e4-k2": (dict(routing_strategy="token_id_hierarchical_hash"), NATIVE, "float32"),
+    "hierarchical-e8-k4": (
+        dict(routing_strategy="token_id_hierarchical_hash", num_experts=8, top_k=4),
+        DEEP,
+        "bfloat16",
+    ),
+    "hierarchical-e16-k2-untied": (
+        dict(routing_strategy="token_id_hierarchical_hash", num_experts=16, tie_word_embeddings=False),
+        HF,
+        "float32",
+    ),
+    "ramp-routed-first-last": (
+        dict(routed_output_scale_first_layer=0.5, routed_output_scale_last_layer=2.0),
+        NATIVE,
+        "float32",
+    ),
+    "ramp-shared-last-only": (dict(shared_output_scale_last_layer=0.25, routed_output_scale=1.5), HF, "float32"),
+    "ramp-routed-first-only": (dict(routed_output_scale_first_layer=1.5), NATIVE, "float32"),
+    "no-qk-norm-theta": (dict(use_qk_norm=False, rope_theta=500.0, norm_eps=1e-5), NATIVE, "float32"),
+    # the QK-norm keeps its fixed 1e-6 whatever norm_eps is (large here, so a wrong one shows);
+    # max_position_embeddings only sizes upstream's RoPE cache: the sequences here are longer
+    "qk-eps-fixed-maxpos-8": (dict(norm_eps=0.1, max_position_embeddings=8), HF, "float32"),
+    "mha-kvnull": (dict(attention_type="mha", num_key_value_heads=None), DEEP, "float32"),
+    "mqa-kvnull-e8-k2": (
+        dict(attention_type="mqa", num_key_value_heads=None, num_experts=8, routing_strategy="modulo_cyclic"),
+        NATIVE,
+        "float32",
+    ),
+}
+# A convention each conversion report must state (beyond the layout, which every one names).
+GRID_NOTES = {
+    "multi-e4-k2-pnull-shared": "top_k_primary_weight: null -> 0.5 (1/top_k, the framework's meaning",
+    "multi-e16-k1-c8-p-explicit": "top_k_primary_weight: 0.3 has no effect with top_k 1",
+    "multi-e2-k2-c3-v97-noshared": "route_hash_count: not recorded by the deep layout; 3 rebuilds every stored table",
+    "balanced-e16-k4-nulls": "intermediate_size: null -> 256 (round_up(8H/3, 256))",
+    "modulo-alias-e4-k4": "routing_strategy: 'modulo' is upstream's alias of modulo_cyclic",
+    "modulo_cyclic-e8-k2-kvnull": "num_key_value_heads: null -> 2 (gqa default)",
+    "ramp-routed-first-last": "routed_output_scale_first_layer/_last_layer: per-layer scales 0.5, 1.25, 2",
+    "ramp-shared-last-only": "shared_output_scale_first_layer/_last_layer: per-layer scales 1, 0.625, 0.25",
+    "qk-eps-fixed-maxpos-8": "max_position_embeddings: 8 becomes the longest sequence our engine and server accept",
+    "mha-kvnull": "num_key_value_heads: null -> 4 (mha default)",
+    "no-qk-norm-theta": "special tokens: not in config.json; upstream's tokenizer's assumed",
+}
+# What the deep layout cannot record, and the field its export refuses by name.
+DEEP_REFUSES = {"ramp-routed-first-last": "routed_output_scale", "ramp-shared-last-only": "shared_output_scale"}
+
+
+def grid_variant(name: str, seed: int = 0) -> tuple[dict, dict]:
+    overrides, _, _ = GRID[name]
+    raw = syn.native_config(**overrides)
+    return raw, syn.make_weights(raw, seed=sum(map(ord, name)) + seed)
+
+
+def stored(sd: dict, dtype: str) -> dict:
+    """The tensors as a layout stored at `dtype` holds them (floats rounded)."""
+    return {k: v.to(syn.DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def write_layout(root: Path, layout: str, raw: dict, sd: dict, dtype: str) -> tuple[Path, dict, dict]:
+    """(folder, the native-style config it describes, the tensors it holds) for one layout."""
+    dst = root / layout
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == NATIVE:
+        return syn.write_native(dst, raw, sd), raw, sd
+    if layout == HF:
+        return syn.write_hf(dst, raw, sd), raw, sd
+    if layout == DEEP:
+        return syn.write_deep(dst, raw, sd, dtype), syn.deep_view(raw), stored(sd, dtype)
+    mlx_config = {**raw, "model_type": "complexity"}
+    return syn.write_mlx(dst, mlx_config, sd, dtype), raw, stored(sd, dtype)
+
+
+def grid_ids(raw: dict, batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, raw["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layout", [NATIVE, HF, DEEP, "mlx"])
+@pytest.mark.parametrize("name", list(GRID))
+def test_grid_every_layout_is_detected_and_computes_the_reference(tmp_path, name, layout):
+    """Each variant in each of upstream's four layouts: the detection names the layout, and the
+    model it loads as computes the float64 reference of what that layout records."""
+    from complexity.integrations.upstream import load_upstream
+
+    raw, sd = grid_variant(name)
+    dtype = GRID[name][2]
+    src, described, held = write_layout(tmp_path, layout, raw, sd, dtype)
+    model, ckpt, _ = load_upstream(src, dtype=torch.float32)
+    assert ckpt.design == f"tr-hash-{layout}" and ckpt.notes[0].startswith(f"TR-Hash MoE, {layout} layout")
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(described, held, ids), **GRID_TOL)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_grid_convert_generate_engine_and_round_trip(tmp_path, name):
+    """The whole pipeline on one layout per variant: `complexity convert` output loaded back gives
+    the reference logits; greedy tokens are identical between generate(), the engine and the
+    reference's argmax loop; convert -> save -> load -> export deep -> convert gives the same
+    logits bit for bit, or (what deep cannot record) the export refuses naming the field and
+    leaves nothing."""
+    from complexity.inference import Engine, SamplingParams
+    from complexity.integrations.upstream import convert_upstream, export_deep
+
+    raw, sd = grid_variant(name)
+    _, layout, dtype = GRID[name]
+    src, described, held = write_layout(tmp_path / "src", layout, raw, sd, dtype)
+    report = convert_upstream(src, tmp_path / "ours")
+    assert str(report).startswith(f"detected: TR-Hash MoE, {layout} layout")
+    assert GRID_NOTES.get(name, "") in str(report)
+    model = _load_ours(tmp_path / "ours")
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(described, held, ids), **GRID_TOL)
+
+    prompts, n = ids[:, :4], 5
+    want = syn.reference_greedy(described, held, prompts, n)
+    with torch.no_grad():
+        got = model.generate(prompts, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
+    assert torch.equal(got[:, -n:], want)
+    # our engine serves at most max_position_embeddings positions (upstream's only sizes a RoPE cache)
+    cap = min(32, model.config.max_position_embeddings)
+    outs = Engine(model, max_batch=2, max_seq_len=cap).generate(
+        prompts.tolist(), SamplingParams(max_new_tokens=min(n, cap - 4), temperature=0.0, ignore_eos=True)
+    )
+    assert [o.token_ids for o in outs] == want[:, : cap - 4].tolist()
+
+    if name in DEEP_REFUSES:
+        with pytest.raises(ValueError, match=rf"^{DEEP_REFUSES[name]}"):
+            export_deep(tmp_path / "ours", tmp_path / "deep", dtype="float32")
+        assert not (tmp_path / "deep").exists() and not list(tmp_path.glob(".deep*"))
+        return
+    deep = export_deep(tmp_path / "ours", tmp_path / "deep", dtype="float32")
+    assert detect_upstream(deep).design == "tr-hash-deep"
+    convert_upstream(deep, tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(_load_ours(tmp_path / "again")(ids).logits, logits)
+
+
+# Upstream settings computed by knobs our model is gaining: upstream fields -> our field.
+KNOBS = {
+    "rope-fraction": (dict(rope_fraction=0.5), "partial_rotary_factor", "rope_fraction"),
+    "mup-attn-scale": (dict(use_mup_attn_scale=True), "attention_multiplier", "use_mup_attn_scale"),
+    "mup-output-mult": (dict(use_mup_output_mult=True, mup_base_width=16), "logits_scaling", "use_mup_output_mult"),
+}
+
+
+def _has_field(name: str) -> bool:
+    import inspect
+
+    from complexity import ComplexityConfig
+
+    return name in inspect.signature(ComplexityConfig.__init__).parameters or hasattr(ComplexityConfig(), name)
+
+
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_grid_rope_fraction_and_mup_map_to_our_knobs_or_are_refused_by_name(tmp_path, knob):
+    """With the installed ComplexityConfig's field: the converted model computes the float64
+    reference (partial RoPE, 1/head_dim softmax scale, logits / (H / base)), the field holds the
+    mapped value, and the deep export refuses it naming the field. Without it: the conversion
+    refuses naming upstream's field and writes nothing."""
+    from complexity.integrations.upstream import convert_upstream, export_deep
+
+    overrides, ours, upstream = KNOBS[knob]
+    raw = syn.native_config(**overrides, num_hidden_layers=2)
+    sd = syn.make_weights(raw, seed=7)
+    src = syn.write_native(tmp_path / "src", raw, sd)
+    ckpt = read_trhash(src)  # the neutral description holds the setting either way
+    expected = {"rope-fraction": 0.5, "mup-attn-scale": 1 / 8, "mup-output-mult": 32 / 16}[knob]
+    neutral = {"partial_rotary_factor": "rope_fraction"}.get(ours, ours)
+    assert getattr(ckpt.config, neutral) == expected
+    assert any(n.startswith(f"{upstream}: ") for n in ckpt.notes)
+    if not _has_field(ours):
+        with pytest.raises(UpstreamFormatError, match=rf"{upstream}: this checkpoint needs {ours}="):
+            convert_upstream(src, tmp_path / "ours")
+        assert not (tmp_path / "ours").exists() and not list(tmp_path.glob(".ours*"))
+        return
+    convert_upstream(src, tmp_path / "ours")
+    model = _load_ours(tmp_path / "ours")
+    assert getattr(model.config, ours) == expected
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(raw, sd, ids), **GRID_TOL)
+    with pytest.raises(ValueError, match=rf"^{ours}: .*upstream's {upstream}"):
+        export_deep(tmp_path / "ours", tmp_path / "deep")
+    assert not (tmp_path / "deep").exists()
+
+
+def test_grid_sliding_window_and_the_expert_shrink_stay_refused_by_name(tmp_path):
+    for field, value in (("sliding_window", 4), ("active_num_experts", 2), ("active_expert_width", 8)):
+        raw = syn.native_config(**{field: value})
+        src = syn.write_native(tmp_path / field, raw, syn.make_weights(raw))
+        assert f"config.json: {field}={value} is not supported" in problems_of(src)
+
+
+@pytest.mark.parametrize("layout", [DEEP, "mlx"])
+@pytest.mark.parametrize("strategy", ["modulo_cyclic", "token_id_multi_hash"])
+def test_grid_primary_only_tables_get_cyclic_secondaries(tmp_path, layout, strategy):
+    """The older lineage stores only mlp.token_to_expert (the primary slot): secondary j is
+    (primary + j) mod E, and a note says so. For modulo_cyclic that is the table itself."""
+    from complexity.integrations.upstream import load_upstream
+
+    raw = syn.native_config(routing_strategy=strategy, num_experts=4, top_k=3)
+    sd = syn.make_weights(raw, seed=3)
+    if layout == DEEP:
+        src = syn.write_deep(tmp_path / "src", raw, sd, "float32", primary_only=True)
+    else:
+        src = syn.write_mlx(tmp_path / "src", {**raw, "model_type": "complexity"}, sd, "float32", primary_only=True)
+    cyclic = dict(sd)
+    for i in range(raw["num_hidden_layers"]):
+        primary = sd[f"layers.{i}.mlp.engine.route_table"][0]
+        cyclic[f"layers.{i}.mlp.engine.route_table"] = (primary + torch.arange(3)[:, None]) % 4
+    if strategy == "modulo_cyclic":
+        assert all(torch.equal(cyclic[k], sd[k]) for k in sd)
+    model, ckpt, _ = load_upstream(src)
+    assert any("only mlp.token_to_expert (the primary slot)" in n and "(primary + j) mod" in n for n in ckpt.notes)
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    described = syn.deep_view(raw) if layout == DEEP else raw
+    torch.testing.assert_close(logits.double(), syn.reference_logits(described, cyclic, ids), **GRID_TOL)
+
+    name = ("model." if layout == "mlx" else "") + "layers.1.mlp.token_to_expert"
+    tensors = load_file(src / "model.safetensors")
+    tensors[name][5] = 4
+    save_file(tensors, src / "model.safetensors")
+    assert f"{name}: token 5 is routed to expert(s) [4], outside [0, 4) (num_experts)" in problems_of(src)
+
+
+def test_grid_mlx_export_is_read_only_when_its_config_says_enough(tmp_path, capsys):
+    """The MLX layout's config is little documented: every field that changes the computation must
+    be stated (each missing one is named); the row-0 copy must agree; fp16 and int32 are read."""
+    raw = syn.native_config()
+    sd = syn.make_weights(raw, seed=5)
+    reduced = {**syn.deep_fields(raw, "float16"), "model_type": "complexity"}
+    reduced.pop("architectures")
+    msg = problems_of(syn.write_mlx(tmp_path / "reduced", reduced, sd))
+    for field in ("rope_fraction", "routed_output_scale_first_layer", "use_mup_attn_scale", "sliding_window"):
+        assert f"config.json: missing field {field}: the MLX layout's config must state it" in msg
+    assert "missing field top_k:" not in msg
+
+    full = syn.write_mlx(tmp_path / "full", {**raw, "model_type": "complexity"}, sd)
+    from complexity.cli import main
+
+    assert main(["convert", str(full), str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "detected: TR-Hash MoE, mlx layout" in out and "route tables: stored as int32, read as int64" in out
+    assert main(["convert", str(full), str(tmp_path / "deep"), "--to", "deep"]) == 0  # upstream MLX -> deep
+    assert read_trhash(tmp_path / "deep").config == read_trhash(full).config
+    ckpt = read_trhash(full)
+    assert ckpt.layout == "mlx" and "mlp_type 'tr_hash_engine'" in ckpt.notes[0]
+    assert "route tables: stored as int32, read as int64" in ckpt.notes
+    assert any("row 0 (the primary slot)" in why for _, why in ckpt.dropped)
+
+    def stale_row0(sd):
+        sd["model.layers.1.mlp.token_to_expert"] = (sd["model.layers.1.mlp.token_to_expert"] + 1) % 4
+
+    bad = tmp_path / "stale"
+    shutil.copytree(full, bad)
+    tensors = load_file(bad / "model.safetensors")
+    stale_row0(tensors)
+    save_file(tensors, bad / "model.safetensors")
+    assert "model.layers.1.mlp.token_to_expert is not row 0 (the primary slot)" in problems_of(bad)
+
+
+def test_grid_mlx_export_is_named_by_our_own_loader(tmp_path):
+    """Upstream's MLX export says model_type 'complexity', as our folders do: our loader names it
+    and says how to convert it, whether its config or only its tensor names give it away."""
+    from complexity.checkpoint_folder import CheckpointError, load_checkpoint_folder
+
+    raw = syn.native_config()
+    sd = syn.make_weights(raw)
+    with_fields = syn.write_mlx(tmp_path / "a", {**raw, "model_type": "complexity"}, sd)
+    bare = {k: v for k, v in raw.items() if k not in ("routing_strategy", "top_k", "mlp_type")}
+    names_only = syn.write_mlx(tmp_path / "b", {**bare, "model_type": "complexity"}, sd)
+    for folder in (with_fields, names_only):
+        with pytest.raises(CheckpointError, match="upstream's TR-Hash MLX export") as err:
+            load_checkpoint_folder(folder)
+        assert f"complexity convert {folder} OUT" in str(err.value)
+    msg = problems_of(names_only)  # told by its table names, then refused for what its config does not say
+    assert "missing field top_k: the MLX layout's config must state it" in msg
+    with pytest.raises(UpstreamFormatError, match="missing field routing_strategy"):
+        detect_upstream(names_only)  # the converter's detection, not its complexity-deep path
+
+
+@pytest.mark.parametrize("layout", [HF, "mlx"])
+def test_grid_sharded_weights_are_read_and_named(tmp_path, layout):
+    """A sharded bundle (model.safetensors.index.json) reads like a single file, and an MLX export
+    whose config carries none of upstream's fields is still told by the index's table names."""
+    from complexity.checkpoint_folder import CheckpointError, load_checkpoint_folder
+    from complexity.integrations.upstream import load_upstream
+
+    raw, sd = grid_variant("multi-e4-k2-pnull-shared")
+    if layout == HF:
+        src = syn.shard(syn.write_hf(tmp_path / "src", raw, sd))
+    else:
+        src = syn.shard(syn.write_mlx(tmp_path / "src", {**raw, "model_type": "complexity"}, sd, "float32"))
+    model, ckpt, _ = load_upstream(src)
+    assert ckpt.design == f"tr-hash-{layout}"
+    ids = grid_ids(raw)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits.double(), syn.reference_logits(raw, sd, ids), **GRID_TOL)
+    if layout == "mlx":
+        bare = {k: v for k, v in raw.items() if k not in ("routing_strategy", "top_k", "mlp_type")}
+        (src / "config.json").write_text(json.dumps({**bare, "model_type": "complexity"}))
+        with pytest.raises(CheckpointError, match="upstream's TR-Hash MLX export .*route tables"):
+            load_checkpoint_folder(src)
+
+
+def test_grid_every_route_hash_count_is_read_and_recovered_from_deep_tables(tmp_path):
+    """route_hash_count 2..8: the native config states it; the deep export drops it, and the
+    reader recovers it from the stored tables (the only count that rebuilds them all)."""
+    for count in range(2, 9):
+        raw = syn.native_config(num_experts=8, route_hash_count=count, num_hidden_layers=2)
+        sd = syn.make_weights(raw, seed=count)
+        native = read_trhash(syn.write_native(tmp_path / f"n{count}", raw, sd))
+        deep = read_trhash(syn.write_deep(tmp_path / f"d{count}", raw, sd, "float32"))
+        assert native.config.route_hash_count == deep.config.route_hash_count == count
+        assert f"route_hash_count: not recorded by the deep layout; {count} rebuilds every stored table" in deep.notes

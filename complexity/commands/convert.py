@@ -1,5 +1,5 @@
 """`complexity convert SRC DST`: bring an upstream checkpoint over, exactly (complexity-deep 0.13 /
-1.0, TR-Hash MoE in its native, hf or deep layout); `--to deep` writes TR-Hash's deep export."""
+1.0, TR-Hash MoE in its native, hf, deep or MLX layout); `--to deep` writes TR-Hash's deep export."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def register(subparsers) -> None:
         "or a hash_routed model to TR-Hash's deep export",
         description=(
             "Read an upstream checkpoint folder (config.json + model.safetensors or model.pt): complexity-deep "
-            "0.13 (INL) or 1.0 (mu guidance), or TR-Hash MoE in its native, hf or deep layout. Detect which (the "
-            "report says what was found and why), map every tensor (or drop it for a stated reason) and write a "
+            "0.13 (INL) or 1.0 (mu guidance), or TR-Hash MoE in its native, hf, deep or MLX layout. Detect which "
+            "(the report says what was found and why, and every convention applied: resolved nulls, aliases, "
+            "reconstructed route slots), map every tensor (or drop it for a stated reason) and write a "
             "Hugging Face folder that ComplexityForCausalLM / AutoModelForCausalLM.from_pretrained load with "
             "identical outputs. With --to deep, write TR-Hash's deep export (upstream's vLLM engine reads it) of "
             "one of our hash_routed folders or of any TR-Hash folder."

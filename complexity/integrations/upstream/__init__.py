@@ -1,5 +1,5 @@
 """Load checkpoints written by upstream (complexity-deep 0.13 and 1.0, TR-Hash MoE in its native,
-hf and deep layouts), exactly, and convert them to our format; write TR-Hash's deep export back.
+hf, deep and MLX layouts), exactly, and convert them to our format; write TR-Hash's deep export back.
 
     >>> from complexity.integrations.upstream import convert_upstream, export_deep
     >>> report = convert_upstream("pacific-prime/", "pacific-prime-hf/")
@@ -16,7 +16,8 @@ layouts, docs/convert.md the command):
              from the names, the mapping both ways (`UpstreamStateDictAdapter`), why each
              dropped key is unused, and what the weights say about the config.
 - `config`   upstream config.json fields -> `ComplexityConfig` arguments.
-- `trhash`   TR-Hash MoE: its three layouts, told apart by config.json, read into one neutral
+- `trhash`   TR-Hash MoE: its four layouts, told apart by config.json (and the MLX layout, whose
+             model_type is ours, by its table names), read into one neutral
              description (`read_trhash`), mapped onto our `hash_routed` model and back.
 - `detect`   `detect_upstream`: one detection path for every format (it names the design or the
              layout found and why), the short checks, in order, collecting every problem.
@@ -31,7 +32,16 @@ branch in `detect`; `readers` and `convert` serve every format unchanged.
 
 from .convert import ConversionReport, convert_upstream, inspect_upstream, load_upstream
 from .detect import UpstreamCheckpoint, detect_upstream
-from .formats import DESIGNS, INL, MU_GUIDANCE, TRHASH_DEEP, TRHASH_HF, TRHASH_NATIVE, UpstreamFormatError
+from .formats import (
+    DESIGNS,
+    INL,
+    MU_GUIDANCE,
+    TRHASH_DEEP,
+    TRHASH_HF,
+    TRHASH_MLX,
+    TRHASH_NATIVE,
+    UpstreamFormatError,
+)
 from .keys import UpstreamStateDictAdapter, detect_design, normalize_keys
 from .trhash import TRHashStateDictAdapter, read_trhash
 from .trhash_export import export_deep, write_deep
@@ -42,6 +52,7 @@ __all__ = [
     "MU_GUIDANCE",
     "TRHASH_DEEP",
     "TRHASH_HF",
+    "TRHASH_MLX",
     "TRHASH_NATIVE",
     "ConversionReport",
     "TRHashStateDictAdapter",

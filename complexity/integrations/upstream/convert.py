@@ -113,7 +113,7 @@ def inspect_upstream(src, *, dtype=None) -> ConversionReport:
 
 def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: bool = True) -> ConversionReport:
     """Convert an upstream checkpoint folder SRC (complexity-deep 0.13 / 1.0, or TR-Hash MoE in any
-    of its three layouts) into our Hugging Face folder DST.
+    of its four layouts) into our Hugging Face folder DST.
 
     DST is written into a temporary folder beside it and renamed at the end, so a failure leaves
     no DST behind. An existing non-empty DST is refused unless ``overwrite``. With ``verify`` the

@@ -15,7 +15,7 @@ from ...configuration_complexity import ComplexityConfig
 from .config import is_our_own_config, translate_config
 from .formats import DESIGNS, TRHASH_DESIGNS, UpstreamFormatError
 from .keys import UpstreamStateDictAdapter, WeightStructure, detect_design, normalize_keys, reconcile_with_weights
-from .readers import WEIGHT_FILES, find_weights, read_config_json, read_weights
+from .readers import WEIGHT_FILES, find_weights, peek_tensor_names, read_config_json, read_weights
 from .trhash import (
     DESIGN_OF_LAYOUT,
     TRHashCheckpoint,
@@ -58,12 +58,13 @@ def detect_upstream(src) -> UpstreamCheckpoint:
     """Read and validate an upstream checkpoint folder; raise `UpstreamFormatError` listing every
     problem (not a checkpoint, unknown/missing keys, shape mismatches, contradicting config).
 
-    One path for every upstream format: a TR-Hash layout is told by config.json (which names it),
-    a complexity-deep design by its tensor names (its configs do not tell the designs apart)."""
+    One path for every upstream format: a TR-Hash layout is told by config.json (which names it;
+    the MLX export, whose model_type is ours, also by its table names), a complexity-deep design
+    by its tensor names (its configs do not tell the designs apart)."""
     src = Path(src)
     notes: list[str] = []
     raw = _config_if_readable(src)
-    if raw is not None and trhash_layout(raw) is not None:
+    if raw is not None and trhash_layout(raw, peek_tensor_names(src)) is not None:
         return _trhash_checkpoint(read_trhash(src))
     ucfg, weights_file = _read_folder(src, notes)
     sd, problems = normalize_keys(read_weights(weights_file, notes))

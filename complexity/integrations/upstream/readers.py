@@ -53,6 +53,23 @@ def find_weights(src: Path) -> list[Path]:
     return [src / name for name in WEIGHT_FILES if (src / name).is_file()]
 
 
+def peek_tensor_names(src: Path) -> list[str]:
+    """The tensor names of SRC's safetensors weights, from the headers only (nothing is loaded);
+    [] when there are none or they cannot be read (the reading step reports why)."""
+    from safetensors import safe_open
+
+    found = [p for p in find_weights(src) if p.name.endswith((".safetensors", ".index.json"))]
+    if not found:
+        return []
+    try:
+        if found[0].name.endswith(".index.json"):
+            return list(json.loads(found[0].read_text())["weight_map"])
+        with safe_open(str(found[0]), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - unreadable weights are reported when they are read
+        return []
+
+
 def read_weights(path: Path, notes: list[str]) -> dict[str, torch.Tensor]:
     """The state dict in `path` (safetensors, a sharded safetensors index, or a torch file)."""
     if path.name.endswith(".index.json"):

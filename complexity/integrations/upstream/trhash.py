@@ -1,17 +1,22 @@
-"""Upstream TR-Hash MoE checkpoints: the three on-disk layouts, read into one neutral description.
+"""Upstream TR-Hash MoE checkpoints: the four on-disk layouts, read into one neutral description.
 
 TR-Hash is a Llama-style GQA + QK-norm decoder whose MLP sends each token to the top-k experts of
 a persisted per-layer route table over token ids, with fixed slot weights, a shared expert and
 fixed branch scales: our `hash_routed` MLP (docs/architecture.md §2e; `complexity.hash_routing`
-has the maths). Upstream writes it three ways:
+has the maths). Upstream writes it four ways:
 
 | layout | config.json | tensors |
 |---|---|---|
 | native | upstream's full model-config dict, no `model_type`, `mlp_type: tr_hash_engine` | `layers.N.mlp.engine.{expert_gate,expert_up,expert_down,route_table,shared_*}`, plus derived `rotary_emb.inv_freq`, `fused_route_codes`, `fused_expert_pairs` |
 | hf | the native dict plus `model_type: tr_hash_moe`, `num_experts_per_tok`, token ids, `auto_map` (its two adapter modules may be absent) | the native tensors, same bytes |
 | deep | about 30 keys, `model_type: deep`, `mlp_type: token_routed`, `source_mlp_type: tr_hash_engine` | `layers.N.mlp.{gate,up,down}_proj_w`, `mlp.topk_token_to_expert`, `mlp.shared_*`; derived buffers dropped |
+| mlx | `model_type: complexity` (as ours) with upstream's fields (`routing_strategy`, `top_k`, ...) | the deep names under `model.`, the table as int32 `topk_token_to_expert` plus its row 0 as `token_to_expert`; maybe fp16 |
 
-`trhash_layout` tells the layout from config.json alone (`detect.detect_upstream` asks it first);
+The older lineage of the deep and MLX layouts stores only the primary slot, `mlp.token_to_expert`
+[V]: its secondaries are `(primary + j) mod E`, as upstream's converter and vllm-i64 read it.
+
+`trhash_layout` tells the layout from config.json (and, for the MLX layout, whose model_type is
+ours, the tensor names); `detect.detect_upstream` asks it first;
 `read_trhash` turns a folder into a `TRHashCheckpoint`: a `TRHashConfig` whose every field has
 this project's meaning, with upstream's nulls resolved as upstream's training framework reads
 them, and the tensors under the neutral names of `neutral_tensor_shapes`. `complexity_config`
@@ -29,8 +34,12 @@ their references) decides:
 A deep folder without `source_mlp_type: tr_hash_engine` and with either null is refused: which
 convention wrote it cannot be told.
 
-Refused rather than computed differently: µP attention/output scaling, `rope_fraction` < 1, a
-sliding window (upstream applies it only to prefills longer than the window), the runtime expert
+Mapped onto our knobs when the installed `ComplexityConfig` has them (refused by name when it
+does not): `rope_fraction` -> `partial_rotary_factor`, `use_mup_attn_scale` -> `attention_multiplier`
+= 1/head_dim, `use_mup_output_mult` -> `logits_scaling` = hidden_size / mup_base_width.
+
+Refused rather than computed differently: a sliding window (upstream applies it only to prefills
+longer than the window), the runtime expert
 shrink (`active_num_experts` / `active_expert_width`, whose tables are not persisted), attention
 types other than gqa/mha/mqa, norms other than RMSNorm, static expert capacity and non-causal
 models. Each refusal names the field.
@@ -38,6 +47,8 @@ models. Each refusal names the field.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
@@ -53,12 +64,12 @@ from ...hash_routing import (
     check_route_table,
     slot_weights,
 )
-from .formats import TRHASH_DEEP, TRHASH_HF, TRHASH_NATIVE, UpstreamFormatError
-from .readers import WEIGHT_FILES, find_weights, read_config_json, read_weights
+from .formats import TRHASH_DEEP, TRHASH_HF, TRHASH_MLX, TRHASH_NATIVE, UpstreamFormatError
+from .readers import WEIGHT_FILES, find_weights, peek_tensor_names, read_config_json, read_weights
 
-NATIVE, HF, DEEP = "native", "hf", "deep"
+NATIVE, HF, DEEP, MLX = "native", "hf", "deep", "mlx"
 # layout -> the design name `detect_upstream` reports (formats.DESIGNS describes each)
-DESIGN_OF_LAYOUT = {NATIVE: TRHASH_NATIVE, HF: TRHASH_HF, DEEP: TRHASH_DEEP}
+DESIGN_OF_LAYOUT = {NATIVE: TRHASH_NATIVE, HF: TRHASH_HF, DEEP: TRHASH_DEEP, MLX: TRHASH_MLX}
 # Upstream routing_strategy -> ours. Upstream accepts other names in its config, but its MLP
 # cannot be built with them.
 _STRATEGIES = {
@@ -110,6 +121,9 @@ class TRHashConfig:
     rms_norm_eps: float = 1e-6
     qk_norm_eps: float = QK_NORM_EPS
     tie_word_embeddings: bool = True
+    rope_fraction: float = 1.0  # RoPE on the first floor(head_dim * f / 2) * 2 dims of each head
+    attention_multiplier: float | None = None  # the softmax scale; None: head_dim ** -0.5
+    logits_scaling: float = 1.0  # the logits are divided by it
     bos_token_id: int | None = 2
     eos_token_id: int | None = 0
     pad_token_id: int | None = 1
@@ -118,6 +132,10 @@ class TRHashConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        return int(self.head_dim * self.rope_fraction // 2) * 2
 
     @property
     def shared_expert(self) -> bool:
@@ -184,7 +202,7 @@ def neutral_tensor_shapes(config: TRHashConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# Neutral per-layer suffix -> each layout's (the rest of the names are the same in all three).
+# Neutral per-layer suffix -> each layout's (the rest of the names are the same in all four, MLX under "model.").
 _LAYER_RENAMES = {
     NATIVE: {
         "mlp.route_table": "mlp.engine.route_table",
@@ -206,16 +224,19 @@ _LAYER_RENAMES = {
     },
 }
 _LAYER_RENAMES[HF] = _LAYER_RENAMES[NATIVE]
+_LAYER_RENAMES[MLX] = _LAYER_RENAMES[DEEP]  # and every name under "model."
+_PRIMARY_ONLY = "mlp.token_to_expert"  # the older lineage's table: the primary slot only, [V]
 # Native/hf buffers derived from the config or the table: checked, then dropped.
 _DERIVED = ("self_attn.rotary_emb.inv_freq", "mlp.engine.fused_route_codes", "mlp.engine.fused_expert_pairs")
 
 
 def layout_name(neutral: str, layout: str) -> str:
     """The name a neutral tensor has in `layout`."""
+    name = neutral
     if neutral.startswith("layers."):
         _, i, rest = neutral.split(".", 2)
-        return f"layers.{i}.{_LAYER_RENAMES[layout].get(rest, rest)}"
-    return neutral
+        name = f"layers.{i}.{_LAYER_RENAMES[layout].get(rest, rest)}"
+    return "model." + name if layout == MLX else name
 
 
 @dataclass
@@ -235,9 +256,13 @@ class TRHashCheckpoint:
 # ----------------------------------------------------------------------------- detection
 
 
-def trhash_layout(raw: dict) -> tuple[str, str] | None:
-    """(layout, why) when config.json is one of the three TR-Hash layouts; None otherwise."""
+def trhash_layout(raw: dict, tensor_names=()) -> tuple[str, str] | None:
+    """(layout, why) when config.json is one of the four TR-Hash layouts; None otherwise.
+    `tensor_names` (the weights' names, headers only) tell the MLX layout, whose model_type is
+    ours, when its config carries none of upstream's own fields."""
     model_type = raw.get("model_type")
+    if model_type == "complexity":
+        return _mlx_layout(raw, tensor_names)
     if model_type == "tr_hash_moe":
         return HF, "config.json has model_type 'tr_hash_moe'"
     if model_type == "deep":
@@ -247,6 +272,20 @@ def trhash_layout(raw: dict) -> tuple[str, str] | None:
         )
     if model_type is None and raw.get("mlp_type") == "tr_hash_engine":
         return NATIVE, "config.json has no model_type and mlp_type 'tr_hash_engine'"
+    return None
+
+
+def _mlx_layout(raw: dict, tensor_names) -> tuple[str, str] | None:
+    """Upstream's MLX export says model_type 'complexity', as our own folders do; upstream's
+    fields in config.json (ours have none of them) or its table names tell it apart."""
+    markers = [k for k in ("routing_strategy", "top_k", "source_mlp_type") if k in raw]
+    if raw.get("mlp_type") == "tr_hash_engine":
+        markers.insert(0, "mlp_type 'tr_hash_engine'")
+    if markers:
+        return MLX, f"config.json has model_type 'complexity' with upstream's TR-Hash field(s) {', '.join(markers)}"
+    tables = [n for n in tensor_names if n.endswith("mlp.topk_token_to_expert")]
+    if tables:
+        return MLX, f"config.json has model_type 'complexity' and the weights hold TR-Hash route tables ({tables[0]})"
     return None
 
 
@@ -391,25 +430,68 @@ def _check_field_names(raw: dict, layout: str, notes: list[str], problems: list[
     arch = raw.get("architectures")
     if layout in _ARCHITECTURES and arch is not None and arch != [_ARCHITECTURES[layout]]:
         problems.append(f"config.json: architectures={arch!r}; the {layout} layout has [{_ARCHITECTURES[layout]!r}]")
-    want_mlp = "token_routed" if layout == DEEP else "tr_hash_engine"
-    if raw.get("mlp_type", want_mlp) != want_mlp:
+    want_mlp = {DEEP: ("token_routed",), MLX: ("tr_hash_engine", "token_routed")}.get(layout, ("tr_hash_engine",))
+    if raw.get("mlp_type", want_mlp[0]) not in want_mlp:
         problems.append(
-            f"config.json: mlp_type={raw['mlp_type']!r} is not {want_mlp!r} (the {layout} layout of TR-Hash)"
+            f"config.json: mlp_type={raw['mlp_type']!r} is not {' or '.join(map(repr, want_mlp))} "
+            f"(the {layout} layout of TR-Hash)"
         )
     source = raw.get("source_mlp_type")
-    if layout == DEEP and source is not None and source != "tr_hash_engine":
-        problems.append(f"config.json: source_mlp_type={source!r}; a TR-Hash deep export has 'tr_hash_engine'")
+    if layout in (DEEP, MLX) and source is not None and source != "tr_hash_engine":
+        problems.append(f"config.json: source_mlp_type={source!r}; a TR-Hash {layout} export has 'tr_hash_engine'")
+    if layout == MLX:
+        _require_mlx_fields(raw, problems)
+
+
+# What the MLX layout's config.json must state: the format says little about it, so no field that
+# changes the computation is given a default there (the other layouts are upstream's documented
+# dicts, whose absent fields take upstream's defaults).
+_MLX_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "num_experts",
+    "top_k",
+    "routing_strategy",
+    "shared_expert",
+    "shared_output_scale",
+    "routed_output_scale",
+    "shared_output_scale_first_layer",
+    "shared_output_scale_last_layer",
+    "routed_output_scale_first_layer",
+    "routed_output_scale_last_layer",
+    "rope_theta",
+    "rope_fraction",
+    "use_qk_norm",
+    "tie_word_embeddings",
+    "sliding_window",
+    "use_mup_attn_scale",
+    "use_mup_output_mult",
+)
+
+
+def _require_mlx_fields(raw: dict, problems: list[str]) -> None:
+    missing = [k for k in _MLX_REQUIRED if k not in raw]
+    if raw.get("top_k") != 1 and "top_k_primary_weight" not in raw:
+        missing.append("top_k_primary_weight")
+    if raw.get("shared_expert") and "shared_intermediate_size" not in raw:
+        missing.append("shared_intermediate_size")
+    if raw.get("use_mup_output_mult") and "mup_base_width" not in raw:
+        missing.append("mup_base_width")
+    if "norm_eps" not in raw and "rms_norm_eps" not in raw:
+        missing.append("norm_eps")
+    for name in missing:
+        problems.append(
+            f"config.json: missing field {name}: the MLX layout's config must state it (it changes the "
+            "computation, and nothing says which value upstream's MLX export would mean by its absence)"
+        )
 
 
 def _refuse_unsupported(f: _Fields) -> None:
     """Settings upstream computes in ways this project does not reproduce: refused by name."""
-    f.get(
-        "rope_fraction",
-        1.0,
-        "float",
-        check=lambda v: v == 1.0,
-        rule="supported: RoPE on part of each head (rope_fraction < 1) is not implemented here",
-    )
     f.get("norm_type", "rmsnorm", "str", check=lambda v: v == "rmsnorm", rule="supported (only 'rmsnorm')")
     f.get("is_causal", True, "bool", check=lambda v: v, rule="supported (only causal language models)")
     f.get(
@@ -420,8 +502,7 @@ def _refuse_unsupported(f: _Fields) -> None:
         check=lambda v: False,
         rule="supported: upstream applies its window only to prefills longer than it, which no single attention mask reproduces",
     )
-    for name in ("use_mup_attn_scale", "use_mup_output_mult", "static_expert_capacity"):
-        f.get(name, False, "bool", check=lambda v: not v, rule="supported (only false)")
+    f.get("static_expert_capacity", False, "bool", check=lambda v: not v, rule="supported (only false)")
     for name in ("active_num_experts", "active_expert_width"):
         f.get(
             name,
@@ -431,6 +512,34 @@ def _refuse_unsupported(f: _Fields) -> None:
             check=lambda v: False,
             rule="supported: the runtime expert shrink rebuilds a route table that is not persisted",
         )
+
+
+def _mup_and_rope(f: _Fields, hidden, heads, notes: list[str]) -> dict:
+    """rope_fraction and the µP flags -> our partial_rotary_factor, attention_multiplier and
+    logits_scaling (whether this installation's model can compute them is `complexity_config`'s
+    question)."""
+    fraction = f.get("rope_fraction", 1.0, "float", check=lambda v: 0.0 < v <= 1.0, rule="in (0, 1]")
+    attn = f.get("use_mup_attn_scale", False, "bool")
+    output = f.get("use_mup_output_mult", False, "bool")
+    base = f.get("mup_base_width", 256, "int", check=_positive, rule="a positive integer") if output else None
+    out = {}
+    if fraction is not None and fraction != 1.0 and hidden and heads:
+        d = hidden // heads
+        out["rope_fraction"] = fraction
+        notes.append(
+            f"rope_fraction: {fraction} -> partial_rotary_factor {fraction} (RoPE on the first "
+            f"{int(d * fraction // 2) * 2} of each head's {d} dims)"
+        )
+    if attn and hidden and heads:
+        out["attention_multiplier"] = 1.0 / (hidden // heads)
+        notes.append(f"use_mup_attn_scale: true -> attention_multiplier = 1/head_dim = {out['attention_multiplier']:g}")
+    if output and base and hidden:
+        out["logits_scaling"] = hidden / base
+        notes.append(
+            f"use_mup_output_mult: true -> logits_scaling = hidden_size / mup_base_width = {hidden}/{base} "
+            f"= {out['logits_scaling']:g} (logits divided by it)"
+        )
+    return out
 
 
 def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str]) -> dict | None:
@@ -521,6 +630,12 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
             notes.append(
                 f"top_k_primary_weight: null -> {resolved_primary} (1/top_k, the framework's meaning; vllm-i64 would read 0.95)"
             )
+        elif primary is not None and top_k == 1 and primary != 1.0:
+            notes.append(f"top_k_primary_weight: {primary} has no effect with top_k 1 (the one route has weight 1)")
+        if top_k > 1:
+            notes.append(
+                f"top_k: {top_k} -> num_experts_per_tok {top_k} (the experts each token visits; never a sampling top_k)"
+            )
 
     strategy_name = f.get(
         "routing_strategy",
@@ -530,12 +645,14 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
         rule=f"a strategy upstream's MLP builds ({', '.join(_STRATEGIES)})",
     )
     strategy = _STRATEGIES.get(strategy_name)
+    if strategy_name == "modulo":
+        notes.append("routing_strategy: 'modulo' is upstream's alias of modulo_cyclic")
     hash_count = None
     if strategy == "multi_hash" and "route_hash_count" in raw:
         hash_count = f.get(
             "route_hash_count", 2, "int", check=lambda v: v in ROUTE_HASH_COUNTS, rule="an integer in [2, 8]"
         )
-    elif strategy == "multi_hash" and layout != DEEP:
+    elif strategy == "multi_hash" and layout not in (DEEP, MLX):
         hash_count = 2  # upstream's default
 
     scales = {}
@@ -543,12 +660,32 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
         scales[name] = f.get(name, 1.0, "float")
         for end in ("first_layer", "last_layer"):
             scales[f"{name}_{end}"] = f.get(f"{name}_{end}", None, "float", nullable=True)
+        ends = (scales[f"{name}_first_layer"], scales[f"{name}_last_layer"])
+        if any(v is not None for v in ends) and layers and scales[name] is not None:
+            per_layer = [branch_scale(scales[name], *ends, i, layers) for i in range(layers)]
+            notes.append(
+                f"{name}_first_layer/_last_layer: per-layer scales {', '.join(f'{v:g}' for v in per_layer)} "
+                "(linear over depth, the framework's meaning; upstream's HF adapter ignores them)"
+            )
 
     theta = f.get("rope_theta", 10000.0, "float", check=_positive, rule="a positive number")
+    knobs = _mup_and_rope(f, hidden, heads, notes)
     max_pos = f.get("max_position_embeddings", 2048, "int", **pos)
+    if max_pos:
+        notes.append(
+            f"max_position_embeddings: {max_pos} becomes the longest sequence our engine and server accept "
+            "(upstream's model only sizes its RoPE cache with it, and grows the cache on demand)"
+        )
     qk_norm = f.get("use_qk_norm", True, "bool")
-    eps = f.get("norm_eps", 1e-6, "float", check=_positive, rule="a positive number")
-    if layout == DEEP and "rms_norm_eps" in raw and raw["rms_norm_eps"] != raw.get("norm_eps", 1e-6):
+    if qk_norm and raw.get("norm_eps", raw.get("rms_norm_eps", QK_NORM_EPS)) != QK_NORM_EPS:
+        notes.append(f"QK-norm epsilon: upstream's fixed {QK_NORM_EPS} (norm_eps applies to the block norms only)")
+    eps_name = "rms_norm_eps" if layout == MLX and "norm_eps" not in raw else "norm_eps"
+    eps = f.get(eps_name, 1e-6, "float", check=_positive, rule="a positive number")
+    if (
+        layout in (DEEP, MLX)
+        and "rms_norm_eps" in raw
+        and raw["rms_norm_eps"] != raw.get("norm_eps", raw["rms_norm_eps"])
+    ):
         problems.append(
             f"config.json: rms_norm_eps={raw['rms_norm_eps']!r} differs from norm_eps={raw.get('norm_eps')!r}"
         )
@@ -556,6 +693,9 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
     ids = {}
     for name, default in _TOKEN_IDS.items():
         ids[name] = f.get(name, default, "int", nullable=True, check=lambda v: v >= 0, rule="a token id")
+    assumed = [f"{name} {default}" for name, default in _TOKEN_IDS.items() if name not in raw]
+    if assumed:
+        notes.append(f"special tokens: not in config.json; upstream's tokenizer's assumed ({', '.join(assumed)})")
     if problems:
         return None
     if layout == DEEP:
@@ -582,6 +722,7 @@ def _resolve_config(raw: dict, layout: str, notes: list[str], problems: list[str
         use_qk_norm=qk_norm,
         rms_norm_eps=eps,
         tie_word_embeddings=tied,
+        **knobs,
         **ids,
     )
 
@@ -644,11 +785,11 @@ def _check_derived(
             dropped.append((name, _DERIVED_REASONS[suffix]))
             t = sd[name]
             if suffix.endswith("inv_freq"):
-                want = rope_inv_freq(config.head_dim, config.rope_theta)
+                want = rope_inv_freq(config.rope_dim, config.rope_theta)
                 if t.shape != want.shape or not torch.allclose(t.float(), want, rtol=1e-5, atol=0):
                     problems.append(
-                        f"{name} disagrees with rope_theta={config.rope_theta} over head_dim={config.head_dim} "
-                        "(another theta, or RoPE on part of each head?)"
+                        f"{name} disagrees with rope_theta={config.rope_theta} over the {config.rope_dim} rotated "
+                        f"dims of each head (head_dim {config.head_dim} x rope_fraction {config.rope_fraction})"
                     )
             elif i in tables:
                 pairs, codes = fused_route_metadata(tables[i], config.num_experts)
@@ -659,13 +800,40 @@ def _check_derived(
                     )
 
 
-def _map_tensors(sd: dict, layout: str, config: TRHashConfig, dropped: list, problems: list) -> dict[str, torch.Tensor]:
+def _primary_only_table(sd: dict, name: str, config: TRHashConfig, problems: list) -> torch.Tensor | None:
+    """The older lineage's `mlp.token_to_expert` [V] (the primary slot) as a [k, V] table whose
+    secondaries are (primary + j) mod E, as upstream's converter and vllm-i64 read it."""
+    t = sd[name]
+    if t.dim() != 1:
+        problems.append(f"{name} has shape {list(t.shape)}; the primary-slot table is [vocab_size]")
+        return None
+    try:
+        check_route_table(t.unsqueeze(0), config.num_experts, config.vocab_size, 1, name=name)
+    except ValueError as err:
+        problems.append(str(err))
+        return None
+    slots = torch.arange(config.num_experts_per_tok).unsqueeze(1)
+    return (t.to(torch.int64).unsqueeze(0) + slots) % config.num_experts
+
+
+def _map_tensors(
+    sd: dict, layout: str, config: TRHashConfig, dropped: list, problems: list, notes: list
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     tables: dict[int, torch.Tensor] = {}
+    primary_only: list[int] = []
+    narrow: set[str] = set()  # integer dtypes the route tables are stored in
     for neutral, shape in neutral_tensor_shapes(config).items():
         name = layout_name(neutral, layout)
         t = sd.get(name)
+        primary = name.replace("topk_token_to_expert", "token_to_expert")
+        if t is None and neutral.endswith("route_table") and layout in (DEEP, MLX) and primary in sd:
+            used.add(primary)
+            t = _primary_only_table(sd, primary, config, problems)
+            if t is None:
+                continue
+            primary_only.append(int(neutral.split(".")[1]))
         if t is None:
             problems.append(f"missing tensor {name} (shape {list(shape)})")
             continue
@@ -679,27 +847,43 @@ def _map_tensors(sd: dict, layout: str, config: TRHashConfig, dropped: list, pro
             except ValueError as err:
                 problems.append(str(err))
                 continue
+            narrow.add(str(t.dtype).removeprefix("torch."))
             t = t.to(torch.int64)
             tables[int(neutral.split(".")[1])] = t
+            if primary in sd and primary not in used:  # the MLX export's copy of row 0
+                used.add(primary)
+                if not torch.equal(sd[primary].reshape(-1).long(), t[0]):
+                    problems.append(f"{primary} is not row 0 (the primary slot) of {name}")
+                else:
+                    dropped.append(
+                        (primary, "row 0 (the primary slot) of the route table, stored again (checked equal)")
+                    )
         elif not t.dtype.is_floating_point:
             problems.append(f"{name} has dtype {t.dtype}; weights are floating point")
             continue
         out[neutral] = t
-    if layout != DEEP:
-        _check_derived(sd, config, tables, used, dropped, problems)
-    if config.tie_word_embeddings and "lm_head.weight" in sd:
-        used.add("lm_head.weight")
-        embed = sd.get("embed_tokens.weight")
-        if embed is None or not torch.equal(sd["lm_head.weight"], embed):
-            problems.append("lm_head.weight differs from embed_tokens.weight but tie_word_embeddings is true")
+    if narrow - {"int64"}:
+        notes.append(f"route tables: stored as {', '.join(sorted(narrow))}, read as int64")
+    if primary_only:
+        if config.num_experts_per_tok > 1:
+            notes.append(
+                f"route tables of layer(s) {primary_only}: only {_PRIMARY_ONLY} (the primary slot) is stored, as "
+                f"in upstream's older lineage; secondary slot j is (primary + j) mod num_experts, as upstream's "
+                "converter and vllm-i64 read it"
+            )
         else:
-            dropped.append(("lm_head.weight", "a stored copy of the tied embedding (checked equal)"))
+            notes.append(f"route tables of layer(s) {primary_only}: stored as {_PRIMARY_ONLY} (top_k 1: one slot)")
+    if layout in (NATIVE, HF):
+        _check_derived(sd, config, tables, used, dropped, problems)
+    head, embed_name = layout_name("lm_head.weight", layout), layout_name("embed_tokens.weight", layout)
+    if config.tie_word_embeddings and head in sd:
+        used.add(head)
+        embed = sd.get(embed_name)
+        if embed is None or not torch.equal(sd[head], embed):
+            problems.append(f"{head} differs from {embed_name} but tie_word_embeddings is true")
+        else:
+            dropped.append((head, "a stored copy of the tied embedding (checked equal)"))
     unexpected = sorted(set(sd) - used)
-    if any(k.endswith("mlp.token_to_expert") for k in unexpected):
-        problems.append(
-            "mlp.token_to_expert holds a primary-slot-only table: the older top-1 token-routed lineage, "
-            "not a TR-Hash checkpoint (which stores every route slot)"
-        )
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 8 else "")
         problems.append(f"unexpected tensor(s) for this config: {shown}")
@@ -755,7 +939,7 @@ def _replace(config: TRHashConfig, **changes) -> TRHashConfig:
 
 
 def read_trhash(src) -> TRHashCheckpoint:
-    """Read an upstream TR-Hash folder in any of the three layouts; `UpstreamFormatError` listing
+    """Read an upstream TR-Hash folder in any of the four layouts; `UpstreamFormatError` listing
     every problem (not a TR-Hash layout, missing or misshapen tensors, unsupported or garbage
     config fields) otherwise."""
     src = Path(src)
@@ -768,12 +952,13 @@ def read_trhash(src) -> TRHashCheckpoint:
     weights = find_weights(src)
     if not weights:
         problems.append(f"no weights: none of {', '.join(WEIGHT_FILES)}")
-    found = trhash_layout(raw) if raw is not None else None
+    found = trhash_layout(raw, peek_tensor_names(src)) if raw is not None else None
     if raw is not None and found is None:
         problems.append(
             f"config.json has model_type {raw.get('model_type')!r} and mlp_type {raw.get('mlp_type')!r}: none of the "
             "TR-Hash layouts (native: no model_type and mlp_type 'tr_hash_engine'; hf: model_type 'tr_hash_moe'; "
-            "deep: model_type 'deep')"
+            "deep: model_type 'deep'; mlx: model_type 'complexity' with upstream's routing_strategy/top_k fields "
+            "or mlp.topk_token_to_expert tables)"
         )
     if problems:
         raise UpstreamFormatError(src, problems)
@@ -786,7 +971,7 @@ def read_trhash(src) -> TRHashCheckpoint:
     config = TRHashConfig(**fields)
     read_notes: list[str] = []
     sd = read_weights(weights[0], read_notes)
-    tensors = _map_tensors(sd, layout, config, dropped, problems)
+    tensors = _map_tensors(sd, layout, config, dropped, problems, read_notes)
     if problems:
         raise UpstreamFormatError(src, problems)
     notes += read_notes
@@ -805,10 +990,46 @@ def read_trhash(src) -> TRHashCheckpoint:
 # ----------------------------------------------------------------------------- our model
 
 
+# Our knobs for upstream's RoPE fraction and µP scales: neutral field -> (our ComplexityConfig field,
+# its neutral value, the upstream field that sets it).
+_KNOBS = {
+    "rope_fraction": ("partial_rotary_factor", 1.0, "rope_fraction"),
+    "attention_multiplier": ("attention_multiplier", None, "use_mup_attn_scale"),
+    "logits_scaling": ("logits_scaling", 1.0, "use_mup_output_mult"),
+}
+
+
+@functools.cache
+def complexity_supports(field_name: str) -> bool:
+    """Whether the installed `ComplexityConfig` has `field_name` (a keyword it would otherwise
+    keep as an unused attribute, computing nothing with it)."""
+    if field_name in inspect.signature(ComplexityConfig.__init__).parameters:
+        return True
+    return hasattr(ComplexityConfig(), field_name)
+
+
+def _knob_fields(config: TRHashConfig) -> dict:
+    """Our config fields for upstream's rope_fraction and µP flags; ValueError naming the upstream
+    field when this installation's model cannot compute a setting the checkpoint uses."""
+    out = {}
+    for neutral, (ours, default, upstream) in _KNOBS.items():
+        value = getattr(config, neutral)
+        if complexity_supports(ours):
+            out[ours] = value
+        elif value != default:
+            raise ValueError(
+                f"{upstream}: this checkpoint needs {ours}={value!r}, which this installation's ComplexityConfig "
+                "does not have: it cannot compute this model"
+            )
+    return out
+
+
 def complexity_config(config: TRHashConfig) -> ComplexityConfig:
     """The `hash_routed` ComplexityConfig computing what `config` computes. Every field is
-    written out, upstream's resolved nulls included, so no reader has to know upstream's defaults."""
+    written out, upstream's resolved nulls included, so no reader has to know upstream's defaults.
+    ValueError naming the upstream field for what the installed model cannot compute."""
     return ComplexityConfig(
+        **_knob_fields(config),
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.num_experts * config.expert_width,
@@ -869,6 +1090,7 @@ def trhash_config(config: ComplexityConfig) -> TRHashConfig:
         if bad:
             raise ValueError(f"{name}: {why}")
     return TRHashConfig(
+        **_knobs_of(c),
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         num_hidden_layers=c.num_hidden_layers,
@@ -897,6 +1119,33 @@ def trhash_config(config: ComplexityConfig) -> TRHashConfig:
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
     )
+
+
+def _knobs_of(c: ComplexityConfig) -> dict:
+    """Our RoPE fraction and µP knobs as the neutral fields (each maps to one upstream field);
+    ValueError naming our field for a value upstream's format cannot state."""
+    fraction = float(getattr(c, "partial_rotary_factor", 1.0))
+    multiplier = getattr(c, "attention_multiplier", None)
+    scaling = float(getattr(c, "logits_scaling", 1.0))
+    if multiplier is not None and float(multiplier) == c.head_dim**-0.5:
+        multiplier = None  # the default scale, written out
+    if multiplier is not None and float(multiplier) != 1.0 / c.head_dim:
+        raise ValueError(
+            f"attention_multiplier: {multiplier} is neither 1/head_dim (upstream's use_mup_attn_scale) nor "
+            "head_dim**-0.5, the two scales upstream's format can state"
+        )
+    if scaling != 1.0:
+        base = round(c.hidden_size / scaling) if scaling > 0 else 0
+        if base < 1 or c.hidden_size / base != scaling:
+            raise ValueError(
+                f"logits_scaling: {scaling} is not hidden_size / an integer width, which is all upstream's "
+                "use_mup_output_mult with mup_base_width can state"
+            )
+    return {
+        "rope_fraction": fraction,
+        "attention_multiplier": None if multiplier is None else float(multiplier),
+        "logits_scaling": scaling,
+    }
 
 
 _GATE, _UP, _DOWN, _FUSED = "mlp.experts.gate", "mlp.experts.up", "mlp.experts.down", "mlp.experts.gate_up_proj"
@@ -953,6 +1202,7 @@ __all__ = [
     "TRHashConfig",
     "TRHashStateDictAdapter",
     "complexity_config",
+    "complexity_supports",
     "fused_route_metadata",
     "layout_name",
     "neutral_tensor_shapes",

@@ -2,8 +2,8 @@
 from a neutral description (`write_deep`) or from one of our `hash_routed` folders (`export_deep`).
 
 The deep layout records less than the model: one scale per branch for every layer, no
-route_hash_count, no sliding window, no µP flags. What it cannot say is refused by name rather
-than written wrong. Unlike upstream's own exporter, the primary weight and the shared width are
+route_hash_count, no sliding window, no RoPE fraction, no µP flags (upstream's exporter drops them
+silently). What it cannot say is refused by name rather than written wrong. Unlike upstream's own exporter, the primary weight and the shared width are
 always numbers (never null, which upstream's runtimes read differently), and
 `generation_config.json` holds only the token ids: never a sampling default, never the
 architectural top_k.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .readers import TOKENIZER_FILES, read_config_json
+from .readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
 from .trhash import (
     DEEP,
     UPSTREAM_STRATEGY,
@@ -47,10 +47,29 @@ def _constant_scale(config: TRHashConfig, branch: str) -> float:
     return values[0]
 
 
+# Neutral fields upstream's deep export drops: (the default it is then read as, our field, upstream's).
+_NOT_RECORDED = {
+    "rope_fraction": (1.0, "partial_rotary_factor", "rope_fraction"),
+    "attention_multiplier": (None, "attention_multiplier", "use_mup_attn_scale"),
+    "logits_scaling": (1.0, "logits_scaling", "use_mup_output_mult"),
+}
+
+
+def _check_recordable(config: TRHashConfig) -> None:
+    for neutral, (default, ours, upstream) in _NOT_RECORDED.items():
+        value = getattr(config, neutral)
+        if value != default:
+            raise ValueError(
+                f"{ours}: {value!r} (upstream's {upstream}) cannot be recorded in the deep layout: upstream's "
+                "deep export drops the field, and its consumer, vllm-i64, would compute without it"
+            )
+
+
 def deep_config(config: TRHashConfig, dtype: torch.dtype) -> dict:
     """config.json of the deep export. Unlike upstream's exporter, the primary weight and the
     shared width are always written as numbers, so no reader has to guess what null means."""
     name = {v: k for k, v in _DTYPES.items()}[dtype]
+    _check_recordable(config)
     return {
         "architectures": ["DeepForCausalLM"],
         "model_type": "deep",
@@ -104,7 +123,8 @@ def write_deep(
     partial folder); a non-empty DST is refused unless `overwrite`. `generation_config.json`
     holds only the token ids: no sampling defaults, and never the architectural top_k.
     `extra_files` (e.g. the tokenizer's) are copied in beside the weights.
-    Not expressible in this layout, and refused: branch scales that vary over layers. Note that
+    Not expressible in this layout, and refused by name: branch scales that vary over layers, a
+    RoPE fraction, µP attention or output scaling. Note that
     vllm-i64 ignores `lm_head.weight` (it serves tied models only).
     """
     dst = Path(dst)
@@ -159,16 +179,17 @@ def write_deep(
 
 def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     """Write the deep export of SRC to DST: one of our `hash_routed` checkpoint folders (every file
-    checked first, `complexity.checkpoint_folder`) or an upstream TR-Hash folder in any layout.
+    checked first, `complexity.checkpoint_folder`) or an upstream TR-Hash folder in any of its
+    four layouts.
     The written folder is read back and compared with what was meant (at `dtype`) before this
     returns; on a mismatch it is removed. ValueError naming the field for a model the deep layout
-    cannot describe (another MLP, mu, a sliding window, per-layer branch scales, a QK-norm
-    epsilon other than upstream's fixed 1e-6)."""
+    cannot describe (another MLP, mu, a sliding window, per-layer branch scales, partial RoPE, µP
+    scales, a QK-norm epsilon other than upstream's fixed 1e-6)."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: DST must differ from SRC")
     raw = read_config_json(src, []) if src.is_dir() else None
-    if raw is not None and trhash_layout(raw) is not None:
+    if raw is not None and trhash_layout(raw, peek_tensor_names(src)) is not None:
         ckpt = read_trhash(src)
         config, tensors = ckpt.config, ckpt.tensors
     else:
