@@ -24,9 +24,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 # ----------------------------------------------------------------------------- RoPE tables
 
 
-def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+        theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim)
     )
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -40,7 +40,8 @@ def _opaque_rope_tables():
     q/k kernels, and recomputing pow/sin/cos per element of q and k made those kernels several
     times slower than their memory traffic. As an op, the tables are computed once per forward
     and every layer reads them. A trust_remote_code copy of this file, imported where this
-    package is loaded too, reuses the package's op rather than redefine it.
+    package is loaded too, reuses the package's op rather than redefine it (so the op's
+    arguments never change: a partial RoPE asks for tables of its rotary width).
     """
     try:
         return torch.ops.complexity.rope_tables.default
@@ -49,8 +50,8 @@ def _opaque_rope_tables():
     op = torch.library.custom_op("complexity::rope_tables", mutates_args=())(_rope_tables)
 
     @op.register_fake
-    def _(position_ids, head_dim, theta):
-        table = position_ids.new_empty((*position_ids.shape, head_dim), dtype=torch.float32)
+    def _(position_ids, rotary_dim, theta):
+        table = position_ids.new_empty((*position_ids.shape, rotary_dim), dtype=torch.float32)
         return table, torch.empty_like(table)
 
     return op
@@ -59,15 +60,17 @@ def _opaque_rope_tables():
 _ROPE_TABLES = _opaque_rope_tables()
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables [B, S, head_dim] for NeoX-style (rotate_half) RoPE over the full head_dim.
+def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [B, S, rotary_dim] for NeoX-style (rotate_half) RoPE over the first
+    `rotary_dim` dims of a head (all of it unless partial_rotary_factor < 1):
+    inv_freq_i = theta^(-2i / rotary_dim).
 
     Computed from the positions on the fly (a few hundred flops per position): no buffer that
     could go stale on load, and positions from left padding / packing / caching are honoured.
     """
     # The op only matters to the compiler; eager, its dispatch would cost more than the tables.
     tables = _ROPE_TABLES if torch.compiler.is_compiling() else _rope_tables
-    cos, sin = tables(position_ids, head_dim, float(theta))
+    cos, sin = tables(position_ids, rotary_dim, float(theta))
     return cos.to(dtype), sin.to(dtype)
 
 

@@ -179,6 +179,12 @@ class ComplexityConfig(PretrainedConfig):
         max_position_embeddings: longest sequence the model is meant for.
         rms_norm_eps: RMSNorm epsilon.
         rope_theta: RoPE base.
+        partial_rotary_factor: f in (0, 1]: RoPE turns only the first
+            `rotary_dim = floor(head_dim * f / 2) * 2` dims of each q/k head (rotate-half over those
+            dims, inv_freq_i = rope_theta^(-2i / rotary_dim)); the rest pass through unrotated.
+        attention_multiplier: the attention softmax scale; None: 1/sqrt(head_dim). (muP: 1/head_dim.)
+        logits_scaling: the output logits are divided by it (muP's output multiplier: the width
+            over a base width).
         use_qk_norm: RMSNorm over head_dim on q and k, before RoPE.
         sliding_window: if set, a query sees at most this many keys (itself included).
         attention_dropout: dropout on attention probabilities (training only).
@@ -232,6 +238,9 @@ class ComplexityConfig(PretrainedConfig):
         max_position_embeddings: int = 4096,
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
+        partial_rotary_factor: float = 1.0,
+        attention_multiplier: float | None = None,
+        logits_scaling: float = 1.0,
         use_qk_norm: bool = True,
         sliding_window: int | None = None,
         attention_dropout: float = 0.0,
@@ -286,6 +295,9 @@ class ComplexityConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
+        self.partial_rotary_factor = partial_rotary_factor
+        self.attention_multiplier = attention_multiplier
+        self.logits_scaling = logits_scaling
         self.use_qk_norm = use_qk_norm
         self.sliding_window = sliding_window
         self.attention_dropout = attention_dropout
@@ -345,6 +357,16 @@ class ComplexityConfig(PretrainedConfig):
             return self.shared_expert_intermediate_size
         return self.expert_width
 
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each q/k head that RoPE turns: floor(head_dim * f / 2) * 2."""
+        return int(self.head_dim * self.partial_rotary_factor // 2) * 2
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of the attention scores."""
+        return self.head_dim**-0.5 if self.attention_multiplier is None else self.attention_multiplier
+
     def validate_complexity(self) -> None:
         """Raise ValueError naming the field for any inconsistent setting."""
 
@@ -372,6 +394,7 @@ class ComplexityConfig(PretrainedConfig):
             )
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
             fail("head_dim", f"must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
+        self._validate_attention_scales(fail)
         if self.mlp_type not in MLP_TYPES:
             fail("mlp_type", f"unknown value {self.mlp_type!r}; expected one of {MLP_TYPES}")
         if self.mu_mode not in MU_MODES:
@@ -423,6 +446,28 @@ class ComplexityConfig(PretrainedConfig):
             )
         if self.router_aux_loss_coef < 0:
             fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
+
+    def _validate_attention_scales(self, fail) -> None:
+        """partial_rotary_factor, attention_multiplier and logits_scaling (after head_dim)."""
+        f = self.partial_rotary_factor
+        if not (_finite_number(f) and 0.0 < f <= 1.0):
+            fail("partial_rotary_factor", f"must be a number in (0, 1], got {f!r}")
+        if self.rotary_dim < 2:
+            fail(
+                "partial_rotary_factor",
+                f"{f} gives rotary_dim = floor(head_dim * {f} / 2) * 2 = {self.rotary_dim} with "
+                f"head_dim={self.head_dim}; RoPE needs at least one pair of dims",
+            )
+        if self.attention_multiplier is not None and not _positive_number(self.attention_multiplier):
+            fail(
+                "attention_multiplier",
+                f"must be None (1/sqrt(head_dim)) or a positive number, got {self.attention_multiplier!r}",
+            )
+        if not _positive_number(self.logits_scaling):
+            fail(
+                "logits_scaling",
+                f"must be a positive number (the logits are divided by it), got {self.logits_scaling!r}",
+            )
 
     def _validate_hash_routing(self, fail) -> None:
         """The hash_routed fields (checked whatever the mlp_type, so a typo is never silent), and

@@ -104,8 +104,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: [B, 1, S, d]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    """RoPE on q, k [B, heads, S, d] with tables cos, sin [B, S, r]: the first r dims of each
+    head are turned (rotate-half within them), the other d - r pass through (partial RoPE)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: [B, 1, S, r]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x, cos, sin):
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -132,7 +142,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class ComplexityAttention(nn.Module):
-    """GQA with optional QK-norm (before RoPE) and optional mu guidance of q/k/v (§1, §3a).
+    """GQA with optional QK-norm (before RoPE), RoPE over the first `rotary_dim` dims of each head,
+    the softmax scale `attention_scale`, and optional mu guidance of q/k/v (§1, §3a).
 
     With mu: q = x W_q + mu_prev W_muq (likewise k, v). `mu_to_*` have the output widths of
     `q/k/v_proj`, so tensor parallelism shards them with the same column split.
@@ -147,7 +158,7 @@ class ComplexityAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = config.attention_scale
         self.is_causal = True
         q_out = config.num_attention_heads * self.head_dim
         kv_out = config.num_key_value_heads * self.head_dim
@@ -712,7 +723,7 @@ class ComplexityModel(ComplexityPreTrainedModel):
                 **{_MASK_CACHE_ARG: past_key_values},
             )
         position_embeddings = rotary_cos_sin(
-            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
+            position_ids, self.config.rotary_dim, self.config.rope_theta, inputs_embeds.dtype
         )
         # Padding tokens do not count in the router's load-balancing statistics.
         token_mask = None
@@ -777,6 +788,13 @@ class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
     def set_routing_table(self, table) -> None:
         self.model.set_routing_table(table)
 
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """LMHead(h) / logits_scaling (§1): the forward and the inference engine both take the
+        logits from here, so the output scale is applied in one place."""
+        logits = self.lm_head(hidden_states)
+        scale = self.config.logits_scaling
+        return logits if scale == 1.0 else logits / scale
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -808,7 +826,7 @@ class ComplexityForCausalLM(ComplexityPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.compute_logits(hidden_states[:, keep, :])
 
         loss = None
         if labels is not None:

@@ -52,6 +52,16 @@ VARIANTS = {
         routed_output_scale_last_layer=3.0,
         qk_norm_eps=1e-5,
     ),
+    # the three attention/output knobs at non-default values: RoPE on the first 6 of the 16 dims
+    # of each head, the muP softmax scale 1/head_dim, logits divided by 2.5
+    "partial-rope-mup": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        shared_expert=True,
+        partial_rotary_factor=0.4,
+        attention_multiplier=1 / 16,
+        logits_scaling=2.5,
+    ),
 }
 
 

@@ -38,6 +38,15 @@ VARIANTS = {
     "hash_top2_shared": dict(
         mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True, routed_output_scale=2.0
     ),
+    # RoPE on 6 of the 16 dims of a head, muP's softmax scale 1/head_dim, logits divided by 2.5
+    "partial_rope_mup": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        shared_expert=True,
+        partial_rotary_factor=0.4,
+        attention_multiplier=1 / 16,
+        logits_scaling=2.5,
+    ),
 }
 
 
@@ -298,8 +307,11 @@ def test_stop_matcher_holds_back_partial_match():
     assert m.text == "abc STxyy "
 
 
-def test_prompt_logprobs_match_forward(ckpt_dir):
-    path = make_tiny_checkpoint(ckpt_dir / "lp", mu_mode="guidance")
+@pytest.mark.parametrize("variant", ["guidance", "partial_rope_mup"])
+def test_prompt_logprobs_match_forward(ckpt_dir, variant):
+    """Prompt and generated-token log-probabilities are the model's (with partial_rope_mup, of
+    logits divided by logits_scaling: greedy tokens alone would not show a missing divisor)."""
+    path = make_tiny_checkpoint(ckpt_dir / f"lp-{variant}", **VARIANTS[variant])
     engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
     model = _load(path)
     prompts = ["the cat sat on the mat", "once upon a time"]
@@ -311,10 +323,14 @@ def test_prompt_logprobs_match_forward(ckpt_dir):
         for i, e in enumerate(out.prompt_logprobs[1:], start=1):
             assert abs(e.logprob - logp[i - 1, ids[0, i]].item()) < 1e-4
             assert [t for t, _ in e.top] == logp[i - 1].topk(2).indices.tolist()
-    # generated-token logprobs: greedy picks the top-1
+    # generated-token logprobs (the decode step's logits): greedy picks the top-1
     [g] = engine.generate(["the cat"], SamplingParams(max_new_tokens=5, temperature=0, logprobs=1, ignore_eos=True))
-    for e, t in zip(g.logprobs, g.token_ids):
+    ids = torch.tensor([g.prompt_token_ids + g.token_ids])
+    logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    start = len(g.prompt_token_ids) - 1
+    for j, (e, t) in enumerate(zip(g.logprobs, g.token_ids)):
         assert e.token_id == t and e.top[0][0] == t and e.top[0][1] == e.logprob
+        assert abs(e.logprob - logp[start + j, t].item()) < 1e-4
 
 
 def test_abort_frees_slot(ckpt_dir):

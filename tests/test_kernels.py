@@ -181,6 +181,30 @@ def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
         assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] >= 4 * layers
 
 
+@torch.no_grad()
+def test_decode_attention_takes_the_configs_softmax_scale(cpu_kernels, monkeypatch):
+    """With the decode kernels on, a one-token step's attention (`decode_attention`) scores with
+    the config's attention_multiplier, never a recomputed 1/sqrt(head_dim), and its partial RoPE
+    steps equal the full forward."""
+    scales = []
+
+    def recording(module, *args, scaling, **kwargs):
+        scales.append(scaling)
+        return ck.decode_attention(module, *args, scaling=scaling, **kwargs)
+
+    monkeypatch.setattr(mc, "decode_attention", recording)
+    model = tiny_model(**VARIANTS["partial-rope-mup"], attn_implementation="sdpa")
+    ids = torch.randint(4, 256, (2, 8), generator=torch.Generator().manual_seed(12))
+    out = model(ids[:, :6], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(6, 8):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=0)
+    assert len(scales) == 2 * model.config.num_hidden_layers and set(scales) == {1 / 16}
+
+
 def test_decode_kernels_are_for_inference_on_few_rows(cpu_kernels):
     x = torch.zeros(2, 8, 64)
     with torch.no_grad():
@@ -193,10 +217,12 @@ def test_decode_kernels_are_for_inference_on_few_rows(cpu_kernels):
     assert not ck.decode_rows(x)  # autograd on: the generic paths, which have gradients
 
 
+@pytest.mark.parametrize("scale", ["default", "mup"])
 @pytest.mark.parametrize("mask_kind", ["none", "float", "bool"])
-def test_decode_attention_equals_repeated_kv_in_float64(mask_kind):
+def test_decode_attention_equals_repeated_kv_in_float64(mask_kind, scale):
     """One query per sequence, GQA groups attending to their K/V head in place, against
-    attention with K/V repeated to every head, in float64."""
+    attention with K/V repeated to every head, in float64; with the default softmax scale
+    1/sqrt(d) and with a config's attention_multiplier (here muP's 1/d)."""
     gen = torch.Generator().manual_seed(5)
     b, heads, kv_heads, length, d = 3, 6, 2, 11, 8
     q = torch.randn(b, heads, 1, d, generator=gen, dtype=torch.float64)
@@ -206,9 +232,10 @@ def test_decode_attention_equals_repeated_kv_in_float64(mask_kind):
     additive = torch.zeros(visible.shape, dtype=torch.float64).masked_fill(~visible, torch.finfo(torch.float64).min)
     mask = {"none": None, "bool": visible, "float": additive}[mask_kind]
     module = type("Attention", (), {"num_key_value_groups": heads // kv_heads, "training": False})()
-    got, _ = ck.decode_attention(module, q, k, v, mask, scaling=d**-0.5)
+    scaling = {"default": d**-0.5, "mup": 1 / d}[scale]
+    got, _ = ck.decode_attention(module, q, k, v, mask, scaling=scaling)
     k_all, v_all = mc.repeat_kv(k, heads // kv_heads), mc.repeat_kv(v, heads // kv_heads)
-    scores = q @ k_all.transpose(2, 3) * d**-0.5 + (0.0 if mask is None else additive)
+    scores = q @ k_all.transpose(2, 3) * scaling + (0.0 if mask is None else additive)
     want = (scores.softmax(-1) @ v_all).transpose(1, 2)
     assert got.shape == (b, 1, heads, d)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)

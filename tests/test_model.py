@@ -143,7 +143,9 @@ def test_save_load_round_trip_is_bitwise(tmp_path, variant):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["dense", "routed-shared-mu", "inl", "learned", "hash-top2-shared"])
+@pytest.mark.parametrize(
+    "name", ["dense", "routed-shared-mu", "inl", "learned", "hash-top2-shared", "partial-rope-mup"]
+)
 def test_generate_greedy_equals_argmax_loop(name):
     model = tiny_model(**VARIANTS[name])
     prompt = torch.randint(4, 256, (1, 6), generator=torch.Generator().manual_seed(6))
@@ -214,16 +216,18 @@ def test_compiled_training_forward_keeps_the_causal_fast_path(monkeypatch):
     torch.testing.assert_close(model(ids).logits, eager, atol=ATOL, rtol=0)
 
 
-def test_compiled_model_computes_rope_tables_once_as_an_op():
+@pytest.mark.parametrize("name", ["routed-shared-mu", "partial-rope-mup"])
+def test_compiled_model_computes_rope_tables_once_as_an_op(name):
     """Compiled, the RoPE tables are one opaque op per forward (the compiler would otherwise
-    inline pow/sin/cos into every layer's q/k kernels); eager calls skip the op's dispatch."""
+    inline pow/sin/cos into every layer's q/k kernels); eager calls skip the op's dispatch. A
+    partial RoPE asks the same op for tables of its rotary width."""
     targets = []
 
     def recording_backend(gm, example_inputs):
         targets.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
         return gm.forward
 
-    model = tiny_model(**VARIANTS["routed-shared-mu"]).train()
+    model = tiny_model(**VARIANTS[name]).train()
     ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(4))
     compiled = torch.compile(model, backend=recording_backend, fullgraph=True)(ids).logits
     assert targets.count(torch.ops.complexity.rope_tables.default) == 1
@@ -269,6 +273,125 @@ def test_sliding_window_limits_what_a_query_sees():
     assert not torch.allclose(a1[0, 4], b1[0, 4])  # inside the window of position 0
     torch.testing.assert_close(a1[0, 5:], b1[0, 5:], atol=ATOL, rtol=0)  # outside it
     assert not torch.allclose(a[0, 8], b[0, 8])
+
+
+def reference_attention(attn, x, positions, config, scale):
+    """One attention sublayer in plain float64 torch, written apart from the model: QK-norm over
+    the whole head, then RoPE turning pairs (i, i + r/2) of the first r = floor(d f / 2) * 2 dims
+    by position * theta^(-2i/r) and passing the rest through, scores times `scale`, causal
+    softmax, grouped heads."""
+    b, s, _ = x.shape
+    d, n_q, n_kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    r = math.floor(d * config.partial_rotary_factor / 2) * 2
+    eps = config.qk_norm_eps or config.rms_norm_eps
+
+    def heads(proj, n):
+        return (x @ proj.weight.T).view(b, s, n, d)
+
+    def rms(t, gain):
+        return gain * t / torch.sqrt(t.square().mean(-1, keepdim=True) + eps)
+
+    q, k, v = heads(attn.q_proj, n_q), heads(attn.k_proj, n_kv), heads(attn.v_proj, n_kv)
+    q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    half = r // 2
+    angle = positions[..., None].double() * config.rope_theta ** (-2 * torch.arange(half, dtype=torch.float64) / r)
+    cos, sin = angle.cos()[:, :, None], angle.sin()[:, :, None]  # [b, s, 1, r/2]
+
+    def rope(t):
+        first, second = t[..., :half], t[..., half:r]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin, t[..., r:]], dim=-1)
+
+    q, k = rope(q), rope(k)
+    k, v = k.repeat_interleave(n_q // n_kv, dim=2), v.repeat_interleave(n_q // n_kv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, s, n_q * d)
+    return out @ attn.o_proj.weight.T
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(),  # the defaults: full RoPE, 1/sqrt(d), logits as they are
+        dict(partial_rotary_factor=0.4, attention_multiplier=1 / 16, logits_scaling=2.5),  # r = 6 of 16
+        dict(partial_rotary_factor=0.25, attention_multiplier=0.4, logits_scaling=0.5),  # r = 4
+    ],
+    ids=["defaults", "r6-mup", "r4"],
+)
+def test_partial_rope_attention_scale_and_logits_scaling_match_a_float64_reference(impl, knobs):
+    """partial_rotary_factor, attention_multiplier and logits_scaling (docs/architecture.md §1):
+    every layer's attention, at positions that do not start at 0, equals the plain float64
+    computation, and the logits are LMHead(h) / logits_scaling."""
+    model = tiny_model(**VARIANTS["hash-top2-shared"], **knobs, attn_implementation=impl).double()
+    config = model.config
+    scale = knobs.get("attention_multiplier", config.head_dim**-0.5)
+    ids = torch.randint(4, 256, (2, 11), generator=torch.Generator().manual_seed(13))
+    positions = torch.arange(11)[None] + torch.tensor([[0], [7]])
+    seen = []
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
+        for layer in model.model.layers
+    ]
+    out = model(ids, attention_mask=torch.ones_like(ids), position_ids=positions, output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == config.num_hidden_layers
+    for attn, x, got in seen:
+        # the model's cos/sin tables are float32 (as in every HF RoPE): 1e-6, not float64's 1e-12
+        torch.testing.assert_close(got, reference_attention(attn, x, positions, config, scale), atol=1e-6, rtol=0)
+    final = out.hidden_states[-1]
+    want = final @ model.model.embed_tokens.weight.T / knobs.get("logits_scaling", 1.0)
+    torch.testing.assert_close(out.logits, want, atol=1e-10, rtol=0)
+
+
+@torch.no_grad()
+def test_flash_attention_path_gets_the_configs_scale(monkeypatch):
+    """The flash-attention path (no kernel on a CPU: a stand-in registered under its name that
+    records its arguments and runs SDPA) is called with the config's attention_multiplier and
+    computes what SDPA computes."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    scales = []
+
+    def flash_stand_in(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        scales.append(scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_stand_in)
+    model = tiny_model(**VARIANTS["partial-rope-mup"], attn_implementation="sdpa")
+    ids = torch.randint(4, 256, (2, 10), generator=torch.Generator().manual_seed(14))
+    want = model(ids).logits
+    model.config._attn_implementation = "flash_attention_2"
+    torch.testing.assert_close(model(ids).logits, want, atol=ATOL, rtol=0)
+    assert scales == [1 / 16] * model.config.num_hidden_layers
+
+
+def test_default_knobs_are_not_written_differently_and_old_configs_load(tmp_path):
+    """A config.json without the three fields (every checkpoint saved before them) gets today's
+    computation: full RoPE, 1/sqrt(head_dim), undivided logits; saved values read back."""
+    import json
+
+    model = tiny_model(**VARIANTS["routed"])
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key in ("partial_rotary_factor", "attention_multiplier", "logits_scaling"):
+        raw.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    cfg = loaded.config
+    assert (cfg.partial_rotary_factor, cfg.attention_multiplier, cfg.logits_scaling) == (1.0, None, 1.0)
+    assert (cfg.rotary_dim, cfg.attention_scale) == (16, 0.25)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    knobs = tiny_model(**VARIANTS["partial-rope-mup"])
+    knobs.save_pretrained(tmp_path / "knobs")
+    cfg = AutoConfig.from_pretrained(tmp_path / "knobs")
+    assert (cfg.partial_rotary_factor, cfg.attention_multiplier, cfg.logits_scaling) == (0.4, 1 / 16, 2.5)
+    assert cfg.rotary_dim == 6
 
 
 @torch.no_grad()
@@ -572,6 +695,17 @@ def test_known_preset_sizes():
         (dict(routed_output_scale=float("nan")), "routed_output_scale"),
         (dict(shared_output_scale_last_layer="2"), "shared_output_scale_last_layer"),
         (dict(qk_norm_eps=0.0), "qk_norm_eps"),
+        (dict(partial_rotary_factor=0.0), "partial_rotary_factor"),
+        (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
+        (dict(partial_rotary_factor="0.5"), "partial_rotary_factor"),
+        (dict(partial_rotary_factor=True), "partial_rotary_factor"),
+        (dict(partial_rotary_factor=0.1), "partial_rotary_factor"),  # floor(16 * 0.1 / 2) * 2 = 0 dims
+        (dict(attention_multiplier=0.0), "attention_multiplier"),
+        (dict(attention_multiplier=-0.1), "attention_multiplier"),
+        (dict(attention_multiplier=float("nan")), "attention_multiplier"),
+        (dict(logits_scaling=0), "logits_scaling"),
+        (dict(logits_scaling=None), "logits_scaling"),
+        (dict(logits_scaling=float("inf")), "logits_scaling"),
         (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts=2), "num_experts"),
         (
             dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts_per_tok=3),
@@ -682,7 +816,7 @@ print("REMOTE-CODE-OK", type(model).__module__)
 """
 
 
-@pytest.mark.parametrize("name", ["routed-shared-mu", "hash-top2-shared"])
+@pytest.mark.parametrize("name", ["routed-shared-mu", "hash-top2-shared", "partial-rope-mup"])
 def test_trust_remote_code_load_without_the_package(tmp_path, name):
     """A saved folder carries its own model code: it loads where `complexity` is not importable."""
     import subprocess
@@ -709,12 +843,13 @@ def test_trust_remote_code_load_without_the_package(tmp_path, name):
     assert "REMOTE-CODE-OK transformers_modules" in result.stdout
 
 
-def test_remote_code_copy_loads_beside_the_package(tmp_path):
+@pytest.mark.parametrize("name", ["routed-shared-mu", "partial-rope-mup"])
+def test_remote_code_copy_loads_beside_the_package(tmp_path, name):
     """The folder's model code imported in a process where the package is loaded too (both
     define the RoPE custom op; the copy reuses the package's) computes the same."""
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    model = tiny_model(**VARIANTS["routed-shared-mu"])
+    model = tiny_model(**VARIANTS[name])
     model.save_pretrained(tmp_path / "checkpoint")
     remote_cls = get_class_from_dynamic_module("modeling_complexity.ComplexityForCausalLM", tmp_path / "checkpoint")
     assert remote_cls is not ComplexityForCausalLM and remote_cls.__module__.startswith("transformers_modules")

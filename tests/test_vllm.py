@@ -78,8 +78,20 @@ VARIANTS = {
         shared_output_scale_last_layer=0.5,
         tie_word_embeddings=True,
     ),
+    # the attention/output knobs of upstream's TR-Hash options: RoPE on 8 of the 32 dims of a
+    # head (0.3 floors to whole pairs; vLLM's own partial_rotary_factor would take int(9.6) = 9
+    # dims), muP's softmax scale 1/head_dim, logits divided by 2.5; on the hash-routed MLP
+    "partial_rope_mup": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        shared_expert=True,
+        partial_rotary_factor=0.3,
+        attention_multiplier=1 / 32,
+        logits_scaling=2.5,
+        tie_word_embeddings=False,
+    ),
 }
-COMPILED = {"routed_shared_guidance", "inl", "hash_routed"}
+COMPILED = {"routed_shared_guidance", "inl", "hash_routed", "partial_rope_mup"}
 
 # Prompts of very different lengths (1 to 60 tokens), run as one batch.
 PROMPTS = [

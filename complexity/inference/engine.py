@@ -320,7 +320,7 @@ class Engine:
         hidden = self.model.model(
             input_ids=ids, attention_mask=mask, position_ids=torch.arange(n, device=self.device)[None], use_cache=False
         ).last_hidden_state
-        torch.log_softmax(self.model.lm_head(hidden[0]).float(), -1)
+        torch.log_softmax(self.model.compute_logits(hidden[0]).float(), -1)
         del hidden
         peak = torch.cuda.max_memory_allocated(self.device) - before
         torch.cuda.empty_cache()
@@ -551,7 +551,7 @@ class Engine:
         finally:
             self.cache.set_decode(None, self.max_seq_len)
         last = hidden[torch.arange(b, device=self.device), torch.tensor(lens, device=self.device) - 1]
-        logits = self.model.lm_head(last).float()
+        logits = self.model.compute_logits(last).float()
         prompt_lps = [self._prompt_logprobs(r, hidden[i], ids[i]) for i, r in enumerate(reqs)]
         self.stats["prefill_steps"] += 1
         self.stats["prompt_tokens"] += sum(lens)
@@ -572,7 +572,7 @@ class Engine:
         n = len(r.prompt_ids)
         entries = [TokenLogprob(r.prompt_ids[0], None, None)]
         if n > 1:
-            lp, top_ids, top_lp = top_logprobs(self.model.lm_head(hidden[: n - 1]).float(), ids[1:n], k)
+            lp, top_ids, top_lp = top_logprobs(self.model.compute_logits(hidden[: n - 1]).float(), ids[1:n], k)
             lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
             entries += [
                 TokenLogprob(r.prompt_ids[j + 1], lp[j], list(zip(top_ids[j], top_lp[j]))) for j in range(n - 1)
@@ -608,7 +608,7 @@ class Engine:
         hidden = self.model.model(
             input_ids=tokens, attention_mask=mask, position_ids=pos[:, None], past_key_values=self.cache, use_cache=True
         ).last_hidden_state
-        return self.model.lm_head(hidden[:, -1]).float()
+        return self.model.compute_logits(hidden[:, -1]).float()
 
     def _kv_range(self, kv_len: int) -> torch.Tensor:
         r = self._kv_ranges.get(kv_len)

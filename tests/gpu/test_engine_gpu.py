@@ -24,6 +24,15 @@ VARIANTS = {
         shared_expert_intermediate_size=704,
         routed_output_scale=2.0,
     ),
+    # RoPE on 16 of 64 head dims, muP's softmax scale 1/64, logits divided by 3.5
+    "partial_rope_mup": dict(
+        mlp_type="hash_routed",
+        num_experts_per_tok=2,
+        shared_expert=True,
+        partial_rotary_factor=0.25,
+        attention_multiplier=1 / 64,
+        logits_scaling=3.5,
+    ),
 }
 
 

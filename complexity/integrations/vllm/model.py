@@ -319,7 +319,7 @@ class ComplexityAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scaling = self.head_dim**-0.5
+        self.scaling = config.attention_scale
 
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
@@ -356,11 +356,14 @@ class ComplexityAttention(nn.Module):
             eps = config.qk_norm_eps if config.qk_norm_eps is not None else config.rms_norm_eps
             self.q_norm = RMSNorm(self.head_dim, eps=eps)
             self.k_norm = RMSNorm(self.head_dim, eps=eps)
+        # The rotary width is given as `rope_dim`, not as vLLM's partial_rotary_factor: that one
+        # rounds int(head_dim * f), which may be odd, where the config's rotary_dim is floored to
+        # whole pairs.
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
             is_neox_style=True,
-            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "rope_dim": config.rotary_dim},
         )
         self.attn = Attention(
             self.num_heads,
@@ -551,7 +554,7 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
             )
             if config.tie_word_embeddings:
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-            self.logits_processor = LogitsProcessor(config.vocab_size)
+            self.logits_processor = LogitsProcessor(config.vocab_size, scale=1.0 / config.logits_scaling)
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
