@@ -34,8 +34,7 @@ their references) decides:
 A deep folder without `source_mlp_type: tr_hash_engine` and with either null is refused: which
 convention wrote it cannot be told.
 
-Mapped onto our knobs when the installed `ComplexityConfig` has them (refused by name when it
-does not): `rope_fraction` -> `partial_rotary_factor`, `use_mup_attn_scale` -> `attention_multiplier`
+Mapped onto our attention knobs: `rope_fraction` -> `partial_rotary_factor`, `use_mup_attn_scale` -> `attention_multiplier`
 = 1/head_dim, `use_mup_output_mult` -> `logits_scaling` = hidden_size / mup_base_width.
 
 Refused rather than computed differently: a sliding window (upstream applies it only to prefills
@@ -47,8 +46,6 @@ models. Each refusal names the field.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
@@ -516,8 +513,7 @@ def _refuse_unsupported(f: _Fields) -> None:
 
 def _mup_and_rope(f: _Fields, hidden, heads, notes: list[str]) -> dict:
     """rope_fraction and the µP flags -> our partial_rotary_factor, attention_multiplier and
-    logits_scaling (whether this installation's model can compute them is `complexity_config`'s
-    question)."""
+    logits_scaling."""
     fraction = f.get("rope_fraction", 1.0, "float", check=lambda v: 0.0 < v <= 1.0, rule="in (0, 1]")
     attn = f.get("use_mup_attn_scale", False, "bool")
     output = f.get("use_mup_output_mult", False, "bool")
@@ -990,46 +986,13 @@ def read_trhash(src) -> TRHashCheckpoint:
 # ----------------------------------------------------------------------------- our model
 
 
-# Our knobs for upstream's RoPE fraction and µP scales: neutral field -> (our ComplexityConfig field,
-# its neutral value, the upstream field that sets it).
-_KNOBS = {
-    "rope_fraction": ("partial_rotary_factor", 1.0, "rope_fraction"),
-    "attention_multiplier": ("attention_multiplier", None, "use_mup_attn_scale"),
-    "logits_scaling": ("logits_scaling", 1.0, "use_mup_output_mult"),
-}
-
-
-@functools.cache
-def complexity_supports(field_name: str) -> bool:
-    """Whether the installed `ComplexityConfig` has `field_name` (a keyword it would otherwise
-    keep as an unused attribute, computing nothing with it)."""
-    if field_name in inspect.signature(ComplexityConfig.__init__).parameters:
-        return True
-    return hasattr(ComplexityConfig(), field_name)
-
-
-def _knob_fields(config: TRHashConfig) -> dict:
-    """Our config fields for upstream's rope_fraction and µP flags; ValueError naming the upstream
-    field when this installation's model cannot compute a setting the checkpoint uses."""
-    out = {}
-    for neutral, (ours, default, upstream) in _KNOBS.items():
-        value = getattr(config, neutral)
-        if complexity_supports(ours):
-            out[ours] = value
-        elif value != default:
-            raise ValueError(
-                f"{upstream}: this checkpoint needs {ours}={value!r}, which this installation's ComplexityConfig "
-                "does not have: it cannot compute this model"
-            )
-    return out
-
-
 def complexity_config(config: TRHashConfig) -> ComplexityConfig:
     """The `hash_routed` ComplexityConfig computing what `config` computes. Every field is
-    written out, upstream's resolved nulls included, so no reader has to know upstream's defaults.
-    ValueError naming the upstream field for what the installed model cannot compute."""
+    written out, upstream's resolved nulls included, so no reader has to know upstream's defaults."""
     return ComplexityConfig(
-        **_knob_fields(config),
+        partial_rotary_factor=config.rope_fraction,
+        attention_multiplier=config.attention_multiplier,
+        logits_scaling=config.logits_scaling,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.num_experts * config.expert_width,
@@ -1124,9 +1087,9 @@ def trhash_config(config: ComplexityConfig) -> TRHashConfig:
 def _knobs_of(c: ComplexityConfig) -> dict:
     """Our RoPE fraction and µP knobs as the neutral fields (each maps to one upstream field);
     ValueError naming our field for a value upstream's format cannot state."""
-    fraction = float(getattr(c, "partial_rotary_factor", 1.0))
-    multiplier = getattr(c, "attention_multiplier", None)
-    scaling = float(getattr(c, "logits_scaling", 1.0))
+    fraction = float(c.partial_rotary_factor)
+    multiplier = c.attention_multiplier
+    scaling = float(c.logits_scaling)
     if multiplier is not None and float(multiplier) == c.head_dim**-0.5:
         multiplier = None  # the default scale, written out
     if multiplier is not None and float(multiplier) != 1.0 / c.head_dim:
@@ -1202,7 +1165,6 @@ __all__ = [
     "TRHashConfig",
     "TRHashStateDictAdapter",
     "complexity_config",
-    "complexity_supports",
     "fused_route_metadata",
     "layout_name",
     "neutral_tensor_shapes",
