@@ -29,16 +29,17 @@ from complexity.hash_routing import (
     token_routes,
 )
 from complexity.integrations.upstream import UpstreamFormatError, detect_upstream
+from complexity.integrations.upstream.keys import rope_inv_freq
 from complexity.integrations.upstream.trhash import (
     DEEP,
     HF,
     NATIVE,
+    deep_config,
     fused_route_metadata,
     read_trhash,
-    rope_inv_freq,
     trhash_layout,
+    write_deep,
 )
-from complexity.integrations.upstream.trhash_export import deep_config, write_deep
 
 torch.set_num_threads(2)
 

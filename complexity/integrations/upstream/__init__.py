@@ -16,14 +16,14 @@ layouts, docs/convert.md the command):
              from the names, the mapping both ways (`UpstreamStateDictAdapter`), why each
              dropped key is unused, and what the weights say about the config.
 - `config`   upstream config.json fields -> `ComplexityConfig` arguments.
-- `trhash`   TR-Hash MoE: its four layouts, told apart by config.json (and the MLX layout, whose
-             model_type is ours, by its table names), read into one neutral
-             description (`read_trhash`), mapped onto our `hash_routed` model and back.
+- `trhash/`  TR-Hash MoE, a package of its own: its four layouts, told apart by config.json (and
+             the MLX layout, whose model_type is ours, by its table names), read into one neutral
+             description (`read_trhash`), mapped onto our `hash_routed` model and back, and
+             written again as the deep layout (`export_deep`, for upstream's vLLM engine).
 - `detect`   `detect_upstream`: one detection path for every format (it names the design or the
              layout found and why), the short checks, in order, collecting every problem.
 - `convert`  `load_upstream`, `inspect_upstream`, `convert_upstream`: build the model, write the
              folder atomically, load it back and compare.
-- `trhash_export`  `export_deep`: one of our hash_routed folders as TR-Hash's deep layout.
 
 Another upstream format is added beside these: its name in `formats`, a key adapter and config
 translation of its own (new modules when its names have nothing in common with these), and a
@@ -43,8 +43,7 @@ from .formats import (
     UpstreamFormatError,
 )
 from .keys import UpstreamStateDictAdapter, detect_design, normalize_keys
-from .trhash import TRHashStateDictAdapter, read_trhash
-from .trhash_export import export_deep, write_deep
+from .trhash import TRHashStateDictAdapter, export_deep, read_trhash, write_deep
 
 __all__ = [
     "DESIGNS",

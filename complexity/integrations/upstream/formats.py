@@ -9,7 +9,7 @@ from __future__ import annotations
 INL = "complexity-deep-0.13-inl"
 MU_GUIDANCE = "complexity-deep-1.0-mu"
 # TR-Hash MoE (top-k hash routing, our mlp_type "hash_routed"): one model, four on-disk layouts
-# (trhash.py reads them all into one neutral form).
+# (the `trhash` package reads them all into one neutral form).
 TRHASH_NATIVE = "tr-hash-native"
 TRHASH_HF = "tr-hash-hf"
 TRHASH_DEEP = "tr-hash-deep"

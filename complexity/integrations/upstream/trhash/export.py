@@ -1,16 +1,18 @@
 """Writing upstream's TR-Hash "deep" export (the layout upstream's vLLM engine, vllm-i64, serves),
-from a neutral description (`write_deep`) or from one of our `hash_routed` folders (`export_deep`).
+from a neutral description (`write_deep`) or from a folder: one of our `hash_routed` models or any
+TR-Hash layout (`export_deep`).
 
 The deep layout records less than the model: one scale per branch for every layer, no
 route_hash_count, no sliding window, no RoPE fraction, no µP flags (upstream's exporter drops them
-silently). What it cannot say is refused by name rather than written wrong. Unlike upstream's own exporter, the primary weight and the shared width are
-always numbers (never null, which upstream's runtimes read differently), and
-`generation_config.json` holds only the token ids: never a sampling default, never the
-architectural top_k.
+silently). What it cannot say is refused by name rather than written wrong. Unlike upstream's own
+exporter, the primary weight and the shared width are always numbers (never null, which
+upstream's runtimes read differently), and `generation_config.json` holds only the token ids:
+never a sampling default, never the architectural top_k.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,18 +21,11 @@ from pathlib import Path
 
 import torch
 
-from .readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
-from .trhash import (
-    DEEP,
-    UPSTREAM_STRATEGY,
-    TRHashConfig,
-    TRHashStateDictAdapter,
-    layout_name,
-    neutral_tensor_shapes,
-    read_trhash,
-    trhash_config,
-    trhash_layout,
-)
+from ..readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
+from .description import DEEP, UPSTREAM_STRATEGY, TRHashConfig, layout_name, neutral_tensor_shapes
+from .layouts import trhash_layout
+from .ours import TRHashStateDictAdapter, trhash_config
+from .read import read_trhash
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,6 +129,26 @@ def write_deep(
     if config.route_strategy not in UPSTREAM_STRATEGY:
         raise ValueError(f"route_strategy: {config.route_strategy!r} has no upstream name")
     cfg = deep_config(config, dtype)
+    _check_tensors(config, tensors)
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True to replace it)")
+    weights = {
+        layout_name(neutral, DEEP): (t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)).contiguous()
+        for neutral, t in tensors.items()
+    }
+    generation = {
+        k: getattr(config, k)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(config, k) is not None
+    }
+    _write_folder(dst, {"config.json": cfg, "generation_config.json": generation}, weights, extra_files)
+    return dst
+
+
+def _check_tensors(config: TRHashConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError naming every tensor missing, unexpected or misshapen for `config`."""
     shapes = neutral_tensor_shapes(config)
     problems = [f"missing tensor {k}" for k in shapes if k not in tensors]
     problems += [f"unexpected tensor {k}" for k in tensors if k not in shapes]
@@ -144,28 +159,19 @@ def write_deep(
     ]
     if problems:
         raise ValueError("write_deep: tensors do not match the config: " + "; ".join(problems))
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True to replace it)")
-    out = {}
-    for neutral, t in tensors.items():
-        t = t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)
-        out[layout_name(neutral, DEEP)] = t.contiguous()
-    generation = {
-        k: getattr(config, k)
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-        if getattr(config, k) is not None
-    }
 
+
+def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_files) -> None:
+    """DST with these files, written in a temporary folder beside it and renamed over it at the
+    end: a failure leaves DST as it was."""
     from safetensors.torch import save_file
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.writing-", dir=dst.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, content in json_files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for path in extra_files:
             shutil.copy2(path, tmp / Path(path).name)
         if dst.exists():
@@ -174,7 +180,6 @@ def write_deep(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
 
 
 def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
@@ -193,7 +198,7 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
         ckpt = read_trhash(src)
         config, tensors = ckpt.config, ckpt.tensors
     else:
-        from ...checkpoint_folder import load_checkpoint_folder
+        from ....checkpoint_folder import load_checkpoint_folder
 
         model, _ = load_checkpoint_folder(src, dtype=None, tokenizer=False)
         config = trhash_config(model.config)
@@ -221,7 +226,4 @@ def _with_recorded_fields(config: TRHashConfig, back: TRHashConfig) -> TRHashCon
         "shared_output_scale": _constant_scale(config, "shared"),
         "routed_output_scale": _constant_scale(config, "routed"),
     }
-    return TRHashConfig(**{**config.to_dict(), **scales, "route_hash_count": back.route_hash_count})
-
-
-__all__ = ["deep_config", "export_deep", "write_deep"]
+    return dataclasses.replace(config, **scales, route_hash_count=back.route_hash_count)
