@@ -28,6 +28,8 @@ import math
 from ....hash_routing import ROUTE_HASH_COUNTS, branch_scale, slot_weights
 from .description import DEEP, HF, MLX, OUR_STRATEGY, QK_NORM_EPS
 
+# Every config.json field falls in one of these tables (or is an error naming it).
+# Fields without effect on this model's computation -> why (listed in the notes).
 _INERT = {
     "attention_dropout": "training only",
     "hidden_act": "the engine always uses SiLU",
@@ -52,6 +54,8 @@ _INERT = {
 }
 # Families of fields that belong to other attention/MLP research paths than gqa + tr_hash_engine.
 _INERT_PREFIXES = ("causal_", "tr_mha_", "lexical_", "micro_", "lsh_", "learn_hash_")
+# Fields about the file or the tokenizer, or checked against their twin (num_experts_per_tok: top_k;
+# rms_norm_eps: norm_eps).
 _METADATA = {
     "model_type",
     "architectures",
@@ -70,6 +74,7 @@ _METADATA = {
     "pad_token_id",
     "unk_token_id",
 }
+# Fields that change the computation: each is read below, mapped or refused by name.
 _COMPUTE = {
     "vocab_size",
     "hidden_size",
@@ -108,8 +113,9 @@ _COMPUTE = {
     "mup_base_width",
     "static_expert_capacity",
 }
+# The `architectures` the hf and deep layouts write.
 _ARCHITECTURES = {HF: "TRHashForCausalLM", DEEP: "DeepForCausalLM"}
-_MISSING = object()
+_MISSING = object()  # the default of a required field
 # Upstream's tokenizer: </s> 0, <pad> 1, <s> 2, <unk> 3. Native and deep configs carry no ids.
 _TOKEN_IDS = {"bos_token_id": 2, "eos_token_id": 0, "pad_token_id": 1, "unk_token_id": 3}
 
