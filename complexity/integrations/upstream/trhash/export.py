@@ -119,8 +119,8 @@ def write_deep(
     holds only the token ids: no sampling defaults, and never the architectural top_k.
     `extra_files` (e.g. the tokenizer's) are copied in beside the weights.
     Not expressible in this layout, and refused by name: branch scales that vary over layers, a
-    RoPE fraction, µP attention or output scaling. Note that
-    vllm-i64 ignores `lm_head.weight` (it serves tied models only).
+    RoPE fraction, µP attention or output scaling. Note that vllm-i64 ignores `lm_head.weight`
+    (it serves tied models only).
     """
     dst = Path(dst)
     dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -162,8 +162,8 @@ def _check_tensors(config: TRHashConfig, tensors: dict[str, torch.Tensor]) -> No
 
 
 def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_files) -> None:
-    """DST with these files, written in a temporary folder beside it and renamed over it at the
-    end: a failure leaves DST as it was."""
+    """DST with these files, written in a temporary folder beside it and renamed to DST at the
+    end: a failure leaves no partial folder."""
     from safetensors.torch import save_file
 
     dst.parent.mkdir(parents=True, exist_ok=True)
