@@ -7,8 +7,9 @@ they run fast (the RoPE op, fused q/k/v, grouped-GEMM expert dispatch) is in
 `complexity_kernels.py`; the hash-routed MLP's tables and computation are in `hash_routing.py`.
 The design, with the section numbers cited here, is in the project's docs/architecture.md.
 
-Self-contained (torch, transformers and the four files beside it, imported relatively), so a
-saved checkpoint carries all five for `trust_remote_code=True` loading.
+Self-contained (torch, transformers and the files beside it, imported relatively: the three
+above, the configuration and the Triton decode kernels), so a saved checkpoint carries all six
+for `trust_remote_code=True` loading.
 """
 
 from __future__ import annotations
