@@ -238,6 +238,17 @@ def test_penalties_and_logit_bias_are_applied(server):
     )
     toks = spread.choices[0].logprobs.tokens
     assert toks[0] == forced.choices[0].logprobs.tokens[0] and toks[1] != toks[0]
+    # the chat endpoint takes the same fields
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logit_bias={"11": 3},
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert [t.token for t in chat.choices[0].logprobs.content] == forced.choices[0].logprobs.tokens[:4]
 
 
 # ----------------------------------------------------------------------------- limits

@@ -146,14 +146,6 @@ class CompletionRequest(_SamplingRequest):
             return self.max_tokens
         return max(0, min(DEFAULT_COMPLETION_MAX_TOKENS, context - num_prompt_tokens))
 
-    def _logit_bias(self) -> dict[int, float]:
-        bias = {}
-        for key, value in (self.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit()):
-                raise InvalidRequest("logit_bias", f"keys must be token ids (decimal integers), got {key!r:.40}")
-            bias[int(key)] = value
-        return bias
-
     def to_sampling_params(self, num_prompt_tokens: int, context: int, choice: int = 0, **extra) -> SamplingParams:
         max_new = self._max_new_tokens(num_prompt_tokens, context)
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
@@ -252,14 +244,6 @@ class ChatCompletionRequest(_SamplingRequest):
         # default: the rest of the context (at least one token: the engine stops at the context)
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return limit if limit is not None else max(1, context - num_prompt_tokens)
-
-    def _logit_bias(self) -> dict[int, float]:
-        bias = {}
-        for key, value in (self.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit()):
-                raise InvalidRequest("logit_bias", f"keys must be token ids (decimal integers), got {key!r:.40}")
-            bias[int(key)] = value
-        return bias
 
     def to_sampling_params(self, num_prompt_tokens: int, context: int, choice: int = 0, **extra) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
