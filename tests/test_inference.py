@@ -162,6 +162,7 @@ def test_token_id_prompts_and_context_limit(ckpt_dir):
         ("logit_bias", {-1: 1.0}),
         ("logit_bias", {"3": 1.0}),
         ("logit_bias", {3: float("nan")}),
+        ("logit_bias", dict.fromkeys(range(2049), 1.0)),
     ],
 )
 def test_sampling_params_validation(field, value):

@@ -108,6 +108,9 @@ EXTREME = [  # (field, value): each must be refused with 400 naming the field
     ("logit_bias", {"100000": 1}),
     ("logit_bias", {"99999999999999999999999": 1}),
     ("logit_bias", [5, 6]),
+    ("logit_bias", {"1" * 5000: 1}),
+    ("logit_bias", {"07": 1}),
+    ("logit_bias", {str(i): 1 for i in range(2049)}),
 ]
 ACCEPTED = [  # edge values inside the ranges: answered 200
     ("temperature", 1e-4),
@@ -507,3 +510,13 @@ def test_bad_engine_flags_are_a_clean_error(ckpt):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "max_seq_len" in proc.stderr and "Traceback" not in proc.stderr
+    for flag, value in (("--request-timeout", "0"), ("--shutdown-timeout", "nan")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), flag, value],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and flag in proc.stderr and "positive, finite number of seconds" in proc.stderr
+        assert "Traceback" not in proc.stderr

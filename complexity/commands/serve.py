@@ -88,7 +88,7 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    from ..inference.args import _positive_int, add_engine_args
+    from ..inference.args import _positive_int, _positive_seconds, add_engine_args
 
     p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (config.json + model.safetensors + tokenizer)")
@@ -121,7 +121,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=_positive_seconds,
         default=30.0,
         help="seconds a client has to send a request's headers, and again its body (408 / closed; default 30)",
     )
@@ -132,7 +132,10 @@ def register(subparsers) -> None:
         help="open connections (and requests) at once; more get 503 (default 2048)",
     )
     p.add_argument(
-        "--shutdown-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM"
+        "--shutdown-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        help="seconds to finish in-flight requests on SIGTERM",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)

@@ -2,9 +2,9 @@
 
 One decode step samples every active request at once: the processors below take a [B, V]
 float32 logits tensor and per-row parameters (tensors of length B), so a batch mixing greedy
-and sampled requests with different temperatures / top-k / top-p / min-p costs a few kernels,
-not a loop. Order (as in vLLM): logit bias, repetition penalty, presence/frequency penalties,
-temperature, top-k, top-p, min-p.
+and sampled requests with different penalties / temperatures / top-k / top-p / min-p costs a
+few kernels, not a loop over rows. Order: logit bias, repetition penalty, presence/frequency
+penalties (vLLM's), then temperature, top-k, top-p, min-p (transformers').
 
 Seeded requests own a `torch.Generator`, so their draws do not depend on which other requests
 share the batch; unseeded rows share the engine's generator.
@@ -27,6 +27,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4  # or exactly 0 (greedy)
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 MAX_OCCURRENCE_PENALTY = 2.0  # presence / frequency, OpenAI's range [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 2048  # bounds the per-step work and what each request ships to the engine
+MAX_TOKEN_ID = 2**31 - 1
 MAX_TOP_K = 2**31 - 1  # values past the vocabulary keep every token
 MAX_NEW_TOKENS = 2**31 - 1
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -77,6 +79,15 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = dict(self.logit_bias or {})
         self.validate()
+
+    @property
+    def penalised(self) -> bool:
+        """Whether `apply_penalties` changes this request's logits."""
+        return (
+            bool(self.logit_bias)
+            or self.repetition_penalty != 1.0
+            or bool(self.presence_penalty or self.frequency_penalty)
+        )
 
     @property
     def greedy(self) -> bool:
@@ -138,9 +149,11 @@ class SamplingParams:
             number(name, value)
             m = MAX_OCCURRENCE_PENALTY
             within(name, value, -m, m, f"in [{-m:g}, {m:g}] (0 = off)")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            fail("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}")
         for t, bias in self.logit_bias.items():
             integer("logit_bias", t)
-            within("logit_bias", t, 0, MAX_TOP_K, f"keyed by token ids in [0, {MAX_TOP_K}]")
+            within("logit_bias", t, 0, MAX_TOKEN_ID, f"keyed by token ids in [0, {MAX_TOKEN_ID}]")
             number("logit_bias", bias)
             m = MAX_LOGIT_BIAS
             within("logit_bias", bias, -m, m, f"biases in [{-m:g}, {m:g}] (token {t})")
@@ -168,28 +181,38 @@ class SamplingParams:
 def apply_penalties(
     logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]]
 ) -> torch.Tensor:
-    """The per-request logits processors that depend on the tokens so far, on the rows that use
-    them (a copy of `logits` if any does): logit bias, the CTRL repetition penalty over prompt and
-    output (logit / p if positive, else logit * p), then OpenAI's presence and frequency
-    penalties over the output (logit - presence * [count > 0] - frequency * count)."""
-    copied = False
-    for row, p in enumerate(params):
-        touches = p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-        if not touches:
-            continue
-        if not copied:
-            logits, copied = logits.clone(), True
-        x, dev = logits[row], logits.device
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=dev)
-            x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev, dtype=x.dtype))
-        if p.repetition_penalty != 1.0 and (prompts[row] or outputs[row]):
-            seen = torch.tensor(prompts[row] + outputs[row], device=dev)
-            vals = x.gather(0, seen)
-            x.scatter_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
-        if (p.presence_penalty or p.frequency_penalty) and outputs[row]:
-            ids, counts = torch.tensor(outputs[row], device=dev).unique(return_counts=True)
-            x.index_add_(0, ids, -(p.frequency_penalty * counts.to(x.dtype) + p.presence_penalty))
+    """The per-request logits processors that depend on the tokens so far, for all the rows that
+    use them at once (a copy of `logits` if any does; no device-to-host sync): logit bias, the CTRL
+    repetition penalty over prompt and output (logit / p if positive, else logit * p), then
+    OpenAI's presence and frequency penalties over the output (logit - presence * [count > 0] -
+    frequency * count)."""
+    rows = [i for i, p in enumerate(params) if p.penalised]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    flat, vocab, dev = logits.view(-1), logits.shape[-1], logits.device
+    bias = [(i * vocab + t, b) for i in rows for t, b in params[i].logit_bias.items()]
+    if bias:
+        at, value = zip(*bias)
+        flat.index_add_(0, torch.tensor(at, device=dev), torch.tensor(value, device=dev, dtype=flat.dtype))
+    seen = [
+        (i * vocab + t, params[i].repetition_penalty)
+        for i in rows
+        if params[i].repetition_penalty != 1.0
+        for t in {*prompts[i], *outputs[i]}
+    ]
+    if seen:
+        at, penalty = zip(*seen)
+        at, penalty = torch.tensor(at, device=dev), torch.tensor(penalty, device=dev, dtype=flat.dtype)
+        vals = flat[at]
+        flat[at] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    counted = [i for i in rows if (params[i].presence_penalty or params[i].frequency_penalty) and outputs[i]]
+    if counted:
+        at = torch.tensor([i * vocab + t for i in counted for t in outputs[i]], device=dev)
+        counts = torch.zeros_like(flat).index_add_(0, at, torch.ones_like(at, dtype=flat.dtype)).view_as(logits)
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=flat.dtype)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=flat.dtype)[:, None]
+        logits -= frequency * counts + presence * (counts > 0)
     return logits
 
 

@@ -69,8 +69,8 @@ class _SamplingRequest(_Body):
     presence_penalty: Number | None = None
     logit_bias: dict[Text, Number] | None = None  # JSON keys are strings: token ids in decimal
 
-    # OpenAI fields not implemented: field -> the values that change nothing (accepted); anything
-    # else is refused
+    # OpenAI fields not implemented (in the endpoints' subclasses): field -> the values that change
+    # nothing (accepted); anything else is refused
     NEUTRAL: ClassVar[dict[str, tuple]] = {}
 
     @property
@@ -100,8 +100,11 @@ class _SamplingRequest(_Body):
     def _logit_bias(self) -> dict[int, float]:
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not (key.isascii() and key.isdigit()):
-                raise InvalidRequest("logit_bias", f"keys must be token ids (decimal integers), got {key!r:.40}")
+            # one spelling per id ("7", not "07"), and short enough for int() to be cheap
+            if not (key.isascii() and key.isdigit() and len(key) <= 10 and (key == "0" or key[0] != "0")):
+                raise InvalidRequest(
+                    "logit_bias", f"keys must be token ids (decimal integers, no leading zeros), got {key!r:.40}"
+                )
             bias[int(key)] = value
         return bias
 
