@@ -216,3 +216,28 @@ def fsync_dir(path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def install_dir(tmp, out) -> Path:
+    """Rename the finished folder `tmp` to `out`. An existing `out` is moved aside first and
+    deleted only once the new one is in place (put back if the rename fails), so a kill never
+    leaves neither: at worst the old copy waits beside it as `<out>.old-<pid>`, removed by the
+    next install once a complete `out` exists."""
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    fsync_dir(out.parent)
+    for stale in out.parent.glob(f"{out.name}.old-*"):  # this one, and any a killed install left
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    return out

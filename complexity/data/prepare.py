@@ -44,6 +44,7 @@ from .files import (
     FileFormatError,
     check_free_space,
     fsync_dir,
+    install_dir,
     npy_header,
     read_json,
     save_npy_atomic,
@@ -346,7 +347,7 @@ def prepare_dataset(
         raise
     except DiskFullError as err:  # the finished parts stay: a re-run after freeing space reuses them
         raise err.with_hint(f"finished work is kept in {tmp} and reused when the command is run again") from None
-    _install(tmp, out)
+    install_dir(tmp, out)
     elapsed = time.time() - t0
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     log(
@@ -505,20 +506,3 @@ def _assemble(tmp, metas, sources, tok, tokenizer_path, tok_hash, vocab_size, eo
     write_json_atomic(tmp / MANIFEST, manifest)  # last file: marks the folder complete
     fsync_dir(tmp)
     return manifest
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary folder to ``out`` (replacing an old one if forced)."""
-    for stale in out.parent.glob(f"{out.name}.old-*"):  # left by a run killed while replacing
-        shutil.rmtree(stale, ignore_errors=True)
-    old = None
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

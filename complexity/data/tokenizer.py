@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .files import DiskFullError, check_free_space, fsync_dir, is_disk_full, write_json_atomic
+from .files import DiskFullError, check_free_space, install_dir, is_disk_full, write_json_atomic
 
 EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN = "</s>", "<pad>", "<s>", "<unk>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN]  # ids 0, 1, 2, 3
@@ -162,12 +162,9 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
         for f in tmp.iterdir():  # a full disk can surface only at fsync (delayed allocation)
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        if out.exists() and not overwrite and any(out.iterdir()):
+            raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
+        install_dir(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(err) and not isinstance(err, DiskFullError):

@@ -6,7 +6,6 @@ DST behind; the written folder is loaded back and compared tensor by tensor befo
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ...configuration_complexity import ComplexityConfig
+from ...data.files import install_dir
 from ...hash_routing import slot_weights
 from ...modeling_complexity import ComplexityForCausalLM
 from ...params import ParameterCount, count_parameters
@@ -133,9 +133,7 @@ def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: b
         copied = _copy_tokenizer(src, tmp)
         if verify:
             _verify_written(tmp, model)
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
+        install_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for path in created:  # innermost first

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ....data.files import install_dir
 from ..readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
 from .description import DEEP, UPSTREAM_STRATEGY, TRHashConfig, layout_name, neutral_tensor_shapes
 from .layouts import trhash_layout
@@ -109,6 +109,7 @@ def write_deep(
     dtype="bfloat16",
     overwrite: bool = False,
     extra_files: tuple[Path, ...] = (),
+    verify=None,
 ) -> Path:
     """Write the deep export (upstream's vLLM / TR-Hash-i64 layout) of a neutral description.
 
@@ -117,7 +118,8 @@ def write_deep(
     the same tensors. DST is written beside itself and renamed at the end (a failure leaves no
     partial folder); a non-empty DST is refused unless `overwrite`. `generation_config.json`
     holds only the token ids: no sampling defaults, and never the architectural top_k.
-    `extra_files` (e.g. the tokenizer's) are copied in beside the weights.
+    `extra_files` (e.g. the tokenizer's) are copied in beside the weights; `verify(folder)` may
+    check the written folder before it is renamed to DST.
     Not expressible in this layout, and refused by name: branch scales that vary over layers, a
     RoPE fraction, µP attention or output scaling. Note that vllm-i64 ignores `lm_head.weight`
     (it serves tied models only).
@@ -143,7 +145,7 @@ def write_deep(
         for k in ("bos_token_id", "eos_token_id", "pad_token_id")
         if getattr(config, k) is not None
     }
-    _write_folder(dst, {"config.json": cfg, "generation_config.json": generation}, weights, extra_files)
+    _write_folder(dst, {"config.json": cfg, "generation_config.json": generation}, weights, extra_files, verify)
     return dst
 
 
@@ -161,9 +163,10 @@ def _check_tensors(config: TRHashConfig, tensors: dict[str, torch.Tensor]) -> No
         raise ValueError("write_deep: tensors do not match the config: " + "; ".join(problems))
 
 
-def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_files) -> None:
-    """DST with these files, written in a temporary folder beside it and renamed to DST at the
-    end: a failure leaves no partial folder."""
+def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_files, verify=None) -> None:
+    """DST with these files, written in a temporary folder beside it, checked by `verify(folder)`
+    if given, and renamed to DST at the end: a failure leaves no partial folder and the old DST
+    in place."""
     from safetensors.torch import save_file
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -174,9 +177,9 @@ def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_f
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for path in extra_files:
             shutil.copy2(path, tmp / Path(path).name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        if verify is not None:
+            verify(tmp)
+        install_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -186,8 +189,8 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     """Write the deep export of SRC to DST: one of our `hash_routed` checkpoint folders (every file
     checked first, `complexity.checkpoint_folder`) or an upstream TR-Hash folder in any of its
     four layouts.
-    The written folder is read back and compared with what was meant (at `dtype`) before this
-    returns; on a mismatch it is removed. ValueError naming the field for a model the deep layout
+    The written folder is read back and compared with what was meant (at `dtype`) before it is
+    renamed to DST; on a mismatch nothing is written. ValueError naming the field for a model the deep layout
     cannot describe (another MLP, mu, a sliding window, per-layer branch scales, partial RoPE, µP
     scales, a QK-norm epsilon other than upstream's fixed 1e-6)."""
     src, dst = Path(src), Path(dst)
@@ -204,18 +207,21 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
         config = trhash_config(model.config)
         tensors = TRHashStateDictAdapter(config).from_complexity(model.state_dict())
     tokenizer = tuple(src / n for n in TOKENIZER_FILES if (src / n).is_file())
-    out = write_deep(config, tensors, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer)
-    back = read_trhash(out)
     cast = _DTYPES.get(dtype, dtype)
-    differ = [
-        k
-        for k, t in tensors.items()
-        if not torch.equal(back.tensors[k], t if k.endswith("route_table") else t.to(cast))
-    ]
-    if differ or back.config != _with_recorded_fields(config, back.config):
-        shutil.rmtree(out, ignore_errors=True)
-        raise RuntimeError(f"{out}: the deep export does not read back as written (tensors {differ}); removed")
-    return out
+
+    def reads_back_as_written(folder: Path) -> None:
+        back = read_trhash(folder)
+        differ = [
+            k
+            for k, t in tensors.items()
+            if not torch.equal(back.tensors[k], t if k.endswith("route_table") else t.to(cast))
+        ]
+        if differ or back.config != _with_recorded_fields(config, back.config):
+            raise RuntimeError(f"{dst}: the deep export does not read back as written (tensors {differ}); not written")
+
+    return write_deep(
+        config, tensors, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer, verify=reads_back_as_written
+    )
 
 
 def _with_recorded_fields(config: TRHashConfig, back: TRHashConfig) -> TRHashConfig:
