@@ -21,8 +21,8 @@ from transformers import PretrainedConfig
 
 MLP_TYPES = ("dense", "token_routed", "learned_moe", "hash_routed")
 ROUTING_STRATEGIES = ("range", "modulo", "zipf")
-# hash_routed route-table builders (`hash_routing.build_route_table`, which holds the same names:
-# this file imports transformers only) and multi_hash's channel counts.
+# hash_routed route-table builders (`hash_routing.build_route_table` imports these names) and
+# multi_hash's channel counts, as the upstream engine allows.
 ROUTE_STRATEGIES = ("modulo_cyclic", "balanced_hash", "multi_hash", "hierarchical_hash")
 ROUTE_HASH_COUNTS = range(2, 9)
 MU_MODES = ("none", "guidance", "inl")
@@ -433,6 +433,18 @@ class ComplexityConfig(PretrainedConfig):
                 "'inl' routes through the token-routed MLP's mu override, which moves a token's one "
                 f"expert (top-1); it needs mlp_type='token_routed', got {self.mlp_type!r} (mu_mode='guidance' "
                 "composes with every MLP)",
+            )
+        for field in ("rope_theta", "rms_norm_eps", "mu_prev_clamp"):
+            if not _positive_number(getattr(self, field)):
+                fail(field, f"must be a positive number, got {getattr(self, field)!r}")
+        if not (
+            _finite_number(self.mu_clamp_min)
+            and _finite_number(self.mu_clamp_max)
+            and self.mu_clamp_min <= self.mu_clamp_max
+        ):
+            fail(
+                "mu_clamp_min",
+                f"must be a number <= mu_clamp_max, got {self.mu_clamp_min!r} and {self.mu_clamp_max!r}",
             )
         if self.qk_norm_eps is not None and not _positive_number(self.qk_norm_eps):
             fail("qk_norm_eps", f"must be None (rms_norm_eps) or a positive number, got {self.qk_norm_eps!r}")
