@@ -115,7 +115,7 @@ def strategies_for(x: torch.Tensor, shape: Shape) -> list[str]:
 
 def auto_strategy(x: torch.Tensor, shape: Shape) -> str:
     grouped = grouped_mm_supported(x.device, x.dtype, shape.hidden, 2 * shape.width, shape.width)
-    return pick_strategy(x.shape[0], shape.experts, shape.top_k, shape.width, shape.shared, grouped)
+    return pick_strategy(shape.experts, shape.top_k, shape.width, shape.shared, grouped)
 
 
 def run_moe(inputs: dict, strategy: str) -> torch.Tensor:

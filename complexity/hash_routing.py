@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .complexity_kernels import compute_dtype, dispatch_by_expert, grouped_matmul, grouped_mm_supported
+from .configuration_complexity import ROUTE_HASH_COUNTS, ROUTE_STRATEGIES
 
 # ----------------------------------------------------------------------------- route tables
 
-ROUTE_STRATEGIES = ("modulo_cyclic", "balanced_hash", "multi_hash", "hierarchical_hash")
-ROUTE_HASH_COUNTS = range(2, 9)  # multi_hash channels, as the upstream engine allows
 
 ROUTE_SEED = 0x71D5A17  # a constant of the format: every published model uses it
 _LAYER_STEP = 0x9E3779B1  # per-layer salt increment
@@ -289,9 +288,7 @@ DENSE_MAX_FLOP_RATIO = 1.3
 FUSE_MIN_ROWS = 1024
 
 
-def pick_strategy(
-    num_tokens: int, num_experts: int, top_k: int, expert_width: int, shared_width: int, grouped_ok: bool
-) -> str:
+def pick_strategy(num_experts: int, top_k: int, expert_width: int, shared_width: int, grouped_ok: bool) -> str:
     """ "dense" (every expert, masked by a per-token column scale) when its extra FLOPs are small
     or there is no grouped GEMM for this dtype/device; "grouped" (rows sorted by expert) otherwise."""
     dense_flops = num_experts * expert_width + shared_width
@@ -446,7 +443,7 @@ def hash_routed_mlp(
     grouped_ok = grouped_mm_supported(x.device, dtype, x.shape[1], w2, w2 // 2)
     if strategy == "auto":
         shared_width = shared[0].shape[0] if shared is not None else 0
-        strategy = pick_strategy(x.shape[0], e, routes.shape[1], w2 // 2, shared_width, grouped_ok)
+        strategy = pick_strategy(e, routes.shape[1], w2 // 2, shared_width, grouped_ok)
     elif strategy == "grouped" and not grouped_ok:
         raise ValueError(
             f"strategy: 'grouped' needs torch's grouped GEMM for {dtype} on {x.device.type}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ....hash_routing import branch_scale, slot_weights
+from ....hash_routing import layer_scales, slot_weights
 from ..formats import TRHASH_DEEP, TRHASH_HF, TRHASH_MLX, TRHASH_NATIVE
 
 NATIVE, HF, DEEP, MLX = "native", "hf", "deep", "mlx"
@@ -89,22 +89,10 @@ class TRHashConfig:
         return slot_weights(self.num_experts_per_tok, self.route_primary_weight)
 
     def shared_scale(self, layer_idx: int) -> float:
-        return branch_scale(
-            self.shared_output_scale,
-            self.shared_output_scale_first_layer,
-            self.shared_output_scale_last_layer,
-            layer_idx,
-            self.num_hidden_layers,
-        )
+        return layer_scales(self, layer_idx)[0]
 
     def routed_scale(self, layer_idx: int) -> float:
-        return branch_scale(
-            self.routed_output_scale,
-            self.routed_output_scale_first_layer,
-            self.routed_output_scale_last_layer,
-            layer_idx,
-            self.num_hidden_layers,
-        )
+        return layer_scales(self, layer_idx)[1]
 
 
 def neutral_tensor_shapes(config: TRHashConfig) -> dict[str, tuple[int, ...]]:
