@@ -30,9 +30,14 @@ def resolve_device(device: str | torch.device | None = "auto", *, field: str = "
     """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{field}: {device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1', 'auto')") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{field}: {str(device)!r} was requested but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{field}: {str(device)!r} was requested but torch sees {torch.cuda.device_count()} GPU(s)")
     return device
 
 

@@ -124,6 +124,35 @@ def test_dry_run_cli(capsys):
         assert arm in out
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seeds", "1,1"], "--seeds: seeds must be distinct"),
+        (["--seeds", "a"], "--seeds: expected a count or a comma-separated list"),
+        (["--seeds", "0"], "--seeds: need at least one seed"),
+        (["--avg-steps", "0"], "--avg-steps: must lie in [1, --steps=4], got 0"),
+        (["--spike", "3", "--spike-window", "0"], "--spike-window: must be at least 1, got 0"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(data_dir, tmp_path, capsys, flags, message):
+    from complexity.cli import main
+
+    argv = ["ablate", "--preset", "tiny", "--data", str(data_dir), "--steps", "4", "--out", str(tmp_path / "a")]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "a" / "runs").exists()
+
+
+def test_stop_after_must_be_positive(capsys):
+    from complexity.cli import main
+
+    for command in (["ablate", "--preset", "tiny"], ["train"]):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--stop-after", "0"])
+        assert info.value.code == 2 and "--stop-after: expected a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
     out = tmp_path / "abl"
     arms = ["dense", "routed_mu"]

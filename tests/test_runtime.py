@@ -22,6 +22,11 @@ def test_cuda_without_a_gpu_is_an_error_naming_the_field():
         resolve_device("cuda", field="training.device")
 
 
+def test_a_device_string_torch_cannot_read_is_an_error_naming_the_field():
+    with pytest.raises(ValueError, match=r"--device: 'cdua' is not a device"):
+        resolve_device("cdua", field="--device")
+
+
 def test_auto_dtype_is_bfloat16_on_cuda_and_float32_elsewhere():
     assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
     assert resolve_dtype(None, torch.device("cuda")) is torch.bfloat16

@@ -13,12 +13,15 @@ import sys
 
 
 def _seeds(text: str) -> list[int]:
-    if "," in text:
-        return [int(s) for s in text.split(",") if s.strip()]
-    n = int(text)
-    if n < 1:
-        raise ValueError(f"--seeds: need at least one seed, got {n}")
-    return list(range(n))
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
+    except ValueError:
+        raise ValueError(f"--seeds: expected a count or a comma-separated list of integers, got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds: need at least one seed, got {text!r}")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: seeds must be distinct and >= 0 (each is one run), got {text!r}")
+    return seeds
 
 
 def run(args) -> int:
@@ -91,6 +94,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     from ..experiments.ablation import ARMS, DEFAULT_ARMS, TOLERANCE
+    from ..inference.args import _positive_int
 
     arm_help = "; ".join(f"{a.name}: {a.label}" for a in ARMS.values())
     p = subparsers.add_parser(
@@ -149,7 +153,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--stop-after",
-        type=int,
+        type=_positive_int,
         default=None,
         metavar="N",
         help="checkpoint and stop the current run after step N, as if preempted (rerun to continue)",

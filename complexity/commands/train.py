@@ -43,6 +43,8 @@ def _toml_str(text: str) -> str:
 
 
 def register(subparsers) -> None:
+    from ..inference.args import _positive_int
+
     p = subparsers.add_parser(
         "train",
         help="train a model from a recipe or preset (one CPU, one GPU, or torchrun)",
@@ -63,7 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument(
         "--stop-after",
-        type=int,
+        type=_positive_int,
         metavar="N",
         help="checkpoint and stop after step N, as if preempted (resume later with --resume)",
     )

@@ -590,7 +590,7 @@ def run_ablation(
     overrides = list(overrides)
     if steps <= 0:
         raise ValueError(f"--steps: must be positive, got {steps}")
-    avg_k = int(avg_k) if avg_k else default_avg_steps(steps)
+    avg_k = int(avg_k) if avg_k is not None else default_avg_steps(steps)
     if not 1 <= avg_k <= steps:
         raise ValueError(f"--avg-steps: must lie in [1, --steps={steps}], got {avg_k}")
     spike = None
@@ -599,6 +599,8 @@ def run_ablation(
             raise ValueError(f"--spike: the step must lie in [2, --steps={steps}], got {spike_step}")
         if spike_lr_mult <= 0:
             raise ValueError(f"--spike-lr-mult: must be positive, got {spike_lr_mult}")
+        if spike_window < 1:
+            raise ValueError(f"--spike-window: must be at least 1, got {spike_window}")
         spike = {
             "step": int(spike_step),
             "lr_mult": float(spike_lr_mult),
