@@ -252,6 +252,29 @@ def test_plugin_registers_architecture():
     assert "ComplexityForCausalLM" in ModelRegistry.get_supported_archs()
 
 
+def test_loader_refuses_routing_tables_with_expert_ids_out_of_range():
+    """What `load_weights` checks before copying a routing table in (a bad id would gather out of
+    range on the device); exercised without building an engine."""
+    from types import SimpleNamespace
+
+    from complexity.integrations.vllm.model import ComplexityForCausalLM as VllmModel
+
+    def check(name, table, **config):
+        cfg = ComplexityConfig(**{**BASE, **config})
+        VllmModel._check_table(SimpleNamespace(config=cfg), name, table)
+
+    hashed = dict(mlp_type="hash_routed", num_experts_per_tok=2)
+    good = torch.stack([torch.arange(BASE["vocab_size"]) % 4, (torch.arange(BASE["vocab_size"]) + 1) % 4])
+    check("model.layers.0.mlp.route_table", good, **hashed)
+    check("model.token_to_expert", good[0])
+    with pytest.raises(ValueError, match="model.layers.0.mlp.route_table"):
+        check("model.layers.0.mlp.route_table", torch.stack([good[0], good[0]]), **hashed)  # a repeated expert
+    with pytest.raises(ValueError, match="model.layers.0.mlp.route_table"):
+        check("model.layers.0.mlp.route_table", good + 4, **hashed)
+    with pytest.raises(ValueError, match=r"model.token_to_expert: must hold integer expert ids in \[0, 4\)"):
+        check("model.token_to_expert", good[0] - 1)
+
+
 def test_greedy_batch_matches_hf_generate(variant):
     """A batch of prompts of different lengths: same tokens as HF greedy, same log-probs."""
     name, _, hf, llm = variant

@@ -71,7 +71,7 @@ from complexity.complexity_math import (
     next_layer_mu,
 )
 from complexity.configuration_complexity import ComplexityConfig
-from complexity.hash_routing import hash_routed_mlp, layer_scales, slot_weights, token_routes
+from complexity.hash_routing import check_route_table, hash_routed_mlp, layer_scales, slot_weights, token_routes
 from complexity.modeling_complexity import (
     ComplexityExperts,
     ComplexityINLDynamics,
@@ -578,8 +578,13 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
         params = dict(self.named_parameters())
         buffers = dict(self.named_buffers())
         loaded: set[str] = set()
-        # hash_routed: every layer's route table must come from the checkpoint (never rebuilt)
-        tables = {n for n in buffers if n.endswith(".mlp.route_table") and not is_pp_missing_parameter(n, self)}
+        # The routing tables (token_routed's one, hash_routed's per layer) must come from the
+        # checkpoint, never rebuilt, and hold valid expert ids.
+        tables = {
+            n
+            for n in buffers
+            if (n == "model.token_to_expert" or n.endswith(".mlp.route_table")) and not is_pp_missing_parameter(n, self)
+        }
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -591,6 +596,7 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
                 buf = buffers[name]
                 if tuple(tensor.shape) != tuple(buf.shape):
                     raise ValueError(f"{name}: checkpoint has shape {tuple(tensor.shape)}, expected {tuple(buf.shape)}")
+                self._check_table(name, tensor)
                 buf.copy_(tensor.to(buf.dtype))
                 loaded.add(name)
                 continue
@@ -617,6 +623,16 @@ class ComplexityForCausalLM(nn.Module, SupportsPP):
         if tables - loaded:
             raise ValueError(f"route table(s) missing from the checkpoint: {', '.join(sorted(tables - loaded))}")
         return loaded
+
+    def _check_table(self, name: str, table: torch.Tensor) -> None:
+        """ValueError naming the tensor for expert ids a routed MLP would gather out of range."""
+        c = self.config
+        if name.endswith(".mlp.route_table"):
+            check_route_table(table, c.num_experts, c.vocab_size, c.num_experts_per_tok, name=name)
+        elif table.dtype.is_floating_point or (
+            table.numel() and not 0 <= int(table.min()) <= int(table.max()) < c.num_experts
+        ):
+            raise ValueError(f"{name}: must hold integer expert ids in [0, {c.num_experts}) (num_experts)")
 
 
 __all__ = ["ComplexityForCausalLM"]
