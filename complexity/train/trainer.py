@@ -7,15 +7,17 @@ this step is its step:
 
     while step < max_steps:
         train_step()       micro-batches: forward, loss, backward (gradient accumulation); clip,
-                           spike test and AdamW update on the device: it never waits for the GPU
+                           spike test and AdamW update on the device; it waits only for the
+                           previous step, once its own forward and backward are queued
         if no part wants this step: continue
         settle()           wait for the device: losses, spike verdicts (and a restore)
         log, evaluate, checkpoint, stop       each at its own steps
     finish()               evaluation at the end, last checkpoint, export, summary.json
 
-The step never waits for the device. Its loss, grad norm and spike verdict stay on the GPU and are
-copied back asynchronously; the host reads them at the next step (once its kernels are queued) and
-at every log, eval and checkpoint step. Tokens/s is measured between those read-backs. Under
+The device always has a step queued ahead of the host. A step's loss, grad norm and spike verdict
+stay on the GPU and are copied back asynchronously; the host reads them at the next step (once
+that step's forward and backward are queued, so the wait overlaps them) and at every log, eval
+and checkpoint step. Tokens/s is measured between those read-backs. Under
 torchrun, signals are agreed on only at those steps too (they sync anyway).
 
 Parts in their own modules: the spike guard (spike_guard.py), the run folder and its files
