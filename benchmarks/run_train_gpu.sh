@@ -18,6 +18,7 @@
 #
 # Environment knobs (defaults in brackets): STEPS [30]  EAGER_STEPS [8]  WARMUP [10] (the recipe's
 # 100 exceeds a short run)  TESTS [1] (0 skips step 1)  WORK [/tmp/complexity-train-gpu]
+# DATA [unset: step 2 builds $WORK/data32k; set: a prepared dataset folder, step 2 skipped]
 # OUT [$WORK/out]: gpu_tests.log, train.log, auto-summary.json, auto-run.json, auto-metrics.jsonl,
 # eager-metrics.jsonl, compare.json.
 set -euo pipefail
@@ -40,12 +41,15 @@ if [ "$TESTS" = 1 ]; then
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || echo "GPU TESTS FAILED (see gpu_tests.log)"
 fi
 
-echo "== 2. data: built-in corpus, 32k tokenizer"
-"$PY" -m complexity.cli tokenizer train --builtin --vocab-size 32000 --min-frequency 1 --out "$WORK/tok32k" \
-  --no-progress --force
-"$PY" -m complexity.cli data prepare --builtin --tokenizer "$WORK/tok32k" --out "$WORK/data32k"
+if [ -z "${DATA:-}" ]; then
+  echo "== 2. data: built-in corpus, 32k tokenizer"
+  "$PY" -m complexity.cli tokenizer train --builtin --vocab-size 32000 --min-frequency 1 --out "$WORK/tok32k" \
+    --no-progress --force
+  "$PY" -m complexity.cli data prepare --builtin --tokenizer "$WORK/tok32k" --out "$WORK/data32k"
+  DATA=$WORK/data32k
+fi
 
-common=(--config recipes/tmlr-187m.toml --data "$WORK/data32k" --max-steps "$STEPS" --overwrite
+common=(--config recipes/tmlr-187m.toml --data "$DATA" --max-steps "$STEPS" --overwrite
         "schedule.warmup_steps=$WARMUP" "logging.every=1" "eval.at_end=false")
 echo "== 3. tmlr-187m as shipped (compile auto), $STEPS steps"
 "$PY" -m complexity.cli train --out "$WORK/auto" "${common[@]}" 2>&1 | tee "$OUT/train.log"
