@@ -419,6 +419,12 @@ class ComplexityConfig(PretrainedConfig):
             not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_experts
         ):
             fail("num_experts_per_tok", f"must be an integer in [1, num_experts={self.num_experts}], got {k!r}")
+        if self.mlp_type == "token_routed" and k != 1:
+            fail(
+                "num_experts_per_tok",
+                f"token_routed sends each token to exactly one expert, so it must be 1, got {k!r} "
+                "(hash_routed or learned_moe route to several)",
+            )
         self._validate_hash_routing(fail)
         if self.shared_expert and self.mlp_type == "dense":
             fail(

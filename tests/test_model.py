@@ -681,6 +681,7 @@ def test_known_preset_sizes():
         (dict(routing="hash"), "routing"),
         (dict(mlp_type="dense", shared_expert=True), "shared_expert"),
         (dict(mlp_type="learned_moe", num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(mlp_type="token_routed", num_experts_per_tok=2), "num_experts_per_tok"),
         (dict(mlp_type="dense", mu_mode="inl"), "mu_mode"),
         (dict(sliding_window=0), "sliding_window"),
         (dict(vocab_size=0), "vocab_size"),
