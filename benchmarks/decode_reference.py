@@ -46,7 +46,7 @@ def decode_bytes_per_token(model: nn.Module) -> int:
     of an untied input embedding one row."""
     config = getattr(model, "config", None)
     routed = getattr(config, "mlp_type", "dense") != "dense"
-    top_k = config.num_experts_per_tok if getattr(config, "mlp_type", None) == "learned_moe" else 1
+    top_k = config.num_experts_per_tok if getattr(config, "mlp_type", None) in ("learned_moe", "hash_routed") else 1
     embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     tied = embedding is not None and embedding is model.get_output_embeddings().weight
     total = 0
