@@ -24,10 +24,13 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 # ----------------------------------------------------------------------------- RoPE tables
 
 
+def rope_inv_freq(rotary_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary frequencies theta^(-2i/d), i < d/2, in float32 (what checkpoints that store them hold)."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+
+
 def _rope_tables(position_ids: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32) / rotary_dim)
-    )
+    inv_freq = rope_inv_freq(rotary_dim, theta, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()

@@ -60,12 +60,16 @@ def _randperm(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed))
 
 
+def cyclic_slots(primary: torch.Tensor, num_experts: int, num_experts_per_tok: int) -> torch.Tensor:
+    """[k, V] table from the primary experts [V]: slot j is (primary + j) mod E."""
+    return (primary.to(torch.int64) + torch.arange(num_experts_per_tok).unsqueeze(1)) % num_experts
+
+
 def modulo_cyclic_table(vocab_size: int, num_experts: int, num_experts_per_tok: int, layer_idx: int) -> torch.Tensor:
     """Primary expert pi[t mod E] for a permutation pi of the experts, then the next k-1 experts
     cyclically. pi is `torch.randperm` of a seeded CPU generator: tied to torch's RNG."""
     pi = _randperm(num_experts, (ROUTE_SEED ^ 0xC0DE) + _PERM_STEP * layer_idx)
-    primary = pi[torch.arange(vocab_size) % num_experts]
-    return (primary + torch.arange(num_experts_per_tok).unsqueeze(1)) % num_experts
+    return cyclic_slots(pi[torch.arange(vocab_size) % num_experts], num_experts, num_experts_per_tok)
 
 
 def balanced_hash_table(vocab_size: int, num_experts: int, num_experts_per_tok: int, layer_idx: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import trhash_synthetic as syn  # tests/trhash_synthetic.py: the format written 
 from safetensors.torch import load_file, save_file
 
 import complexity.hash_routing as hr
+from complexity.complexity_kernels import rope_inv_freq
 from complexity.hash_routing import (
     ROUTE_SEED,
     ROUTE_STRATEGIES,
@@ -29,7 +30,6 @@ from complexity.hash_routing import (
     token_routes,
 )
 from complexity.integrations.upstream import UpstreamFormatError, detect_upstream
-from complexity.integrations.upstream.keys import rope_inv_freq
 from complexity.integrations.upstream.trhash import (
     DEEP,
     HF,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...complexity_kernels import rope_inv_freq
 from ...configuration_complexity import ComplexityConfig
 from ...modeling_complexity import ComplexityForCausalLM, default_routing_table
 from .formats import DESIGNS, INL, MU_GUIDANCE, UpstreamFormatError
@@ -86,11 +87,6 @@ def split_layer(name: str) -> tuple[int | None, str]:
         if idx.isdigit() and rest:
             return int(idx), rest
     return None, name
-
-
-def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """The rotary frequencies upstream stores as a buffer (and we recompute)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
 # ----------------------------------------------------------------------------- names
@@ -462,6 +458,5 @@ __all__ = [
     "detect_design",
     "normalize_keys",
     "reconcile_with_weights",
-    "rope_inv_freq",
     "split_layer",
 ]

@@ -14,8 +14,8 @@ import itertools
 
 import torch
 
-from ....hash_routing import ROUTE_HASH_COUNTS, build_route_table, check_route_table
-from ..keys import rope_inv_freq
+from ....complexity_kernels import rope_inv_freq
+from ....hash_routing import ROUTE_HASH_COUNTS, build_route_table, check_route_table, cyclic_slots
 from .description import DEEP, HF, MLX, NATIVE, TRHashConfig, layout_name, neutral_tensor_shapes
 
 _PRIMARY_ONLY = "mlp.token_to_expert"  # the older lineage's table: the primary slot only, [V]
@@ -110,8 +110,7 @@ def _primary_only_table(sd: dict, name: str, config: TRHashConfig, problems: lis
     except ValueError as err:
         problems.append(str(err))
         return None
-    slots = torch.arange(config.num_experts_per_tok).unsqueeze(1)
-    return (t.to(torch.int64).unsqueeze(0) + slots) % config.num_experts
+    return cyclic_slots(t, config.num_experts, config.num_experts_per_tok)
 
 
 def _check_row_0_copy(
