@@ -182,6 +182,43 @@ def test_filter_logits():
     assert torch.allclose(probs[3], logits[3].softmax(-1))
 
 
+def _filter_reference(logits, temperature, top_k, top_p, min_p):
+    """vLLM's order in float64, one token at a time: temperature, min-p, top-k, then top-p over
+    what is left, renormalized."""
+    p = (logits.double() / temperature).softmax(-1)
+    keep = p >= min_p * p.max()
+    order = sorted(range(len(p)), key=lambda t: -p[t].item())
+    if top_k:
+        for t in order[top_k:]:
+            keep[t] = False
+    mass, total = 0.0, p[keep].sum().item()
+    for rank, t in enumerate(order):
+        if keep[t]:
+            if rank and mass >= top_p:
+                keep[t] = False
+            mass += p[t].item() / total
+    q = torch.where(keep, p, torch.zeros_like(p))
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_filter_logits_matches_vllms_order_in_float64(seed):
+    """Every combination of the four filters on random rows, min-p and top-p together included
+    (top-p's mass is counted after min-p removed its tokens)."""
+    torch.manual_seed(seed)
+    rows = [(t, k, p, m) for t in (0.7, 1.3) for k in (0, 5) for p in (1.0, 0.6) for m in (0.0, 0.08)]
+    logits = torch.randn(len(rows), 40) * 2
+    got = filter_logits(
+        logits,
+        torch.tensor([r[0] for r in rows]),
+        torch.tensor([r[1] for r in rows]),
+        torch.tensor([r[2] for r in rows]),
+        torch.tensor([r[3] for r in rows]),
+    )
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(got[i].double(), _filter_reference(logits[i], *row), atol=1e-6, rtol=1e-5)
+
+
 def test_penalties_and_logit_bias_match_their_formulas_in_float64():
     """Logit bias, then the CTRL repetition penalty over prompt + output, then OpenAI's presence
     and frequency penalties over the output only; rows that use none are left untouched."""

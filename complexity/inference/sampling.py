@@ -3,8 +3,9 @@
 One decode step samples every active request at once: the processors below take a [B, V]
 float32 logits tensor and per-row parameters (tensors of length B), so a batch mixing greedy
 and sampled requests with different penalties / temperatures / top-k / top-p / min-p costs a
-few kernels, not a loop over rows. Order: logit bias, repetition penalty, presence/frequency
-penalties (vLLM's), then temperature, top-k, top-p, min-p (transformers').
+few kernels, not a loop over rows. Order, vLLM's (whose request fields the server takes): logit
+bias, repetition penalty, presence/frequency penalties, then temperature, min-p, top-k, top-p.
+(transformers' `generate()` applies min-p last; with top-p and min-p both set the two differ.)
 
 Seeded requests own a `torch.Generator`, so their draws do not depend on which other requests
 share the batch; unseeded rows share the engine's generator.
@@ -219,9 +220,10 @@ def apply_penalties(
 def filter_logits(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
 ) -> torch.Tensor:
-    """Probabilities [B, V] after temperature, top-k, top-p and min-p (rows with temperature 0 are
-    given temperature 1 here; the caller takes their argmax instead). Each row's maximum is
-    subtracted before dividing by its temperature, so a small temperature cannot overflow."""
+    """Probabilities [B, V] after temperature, min-p, top-k and top-p, in vLLM's order (rows with
+    temperature 0 are given temperature 1 here; the caller takes their argmax instead). Each row's
+    maximum is subtracted before dividing by its temperature, so a small temperature cannot
+    overflow. Top-p's mass is counted over what min-p and top-k kept, renormalized."""
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logits = (logits - logits.amax(-1, keepdim=True)) / temp[:, None]
     vocab = logits.shape[-1]
@@ -231,11 +233,12 @@ def filter_logits(
     remove = ranks >= k[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = sorted_logits.softmax(-1)
+    # min-p: relative to the most likely token, so the same set before or after top-k
+    remove = remove | (probs < min_p[:, None] * probs[:, :1])
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(-1)
     # top-p: drop a token when the mass before it already reaches top_p (the first always stays)
     before = probs.cumsum(-1) - probs
     remove = remove | ((before >= top_p[:, None]) & (ranks > 0))
-    # min-p: relative to the most likely token
-    remove = remove | (probs < min_p[:, None] * probs[:, :1])
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = sorted_logits.softmax(-1)
     return torch.empty_like(probs).scatter_(-1, sorted_idx, probs)
