@@ -16,28 +16,57 @@ any time: `complexity ablate --report-only --out DIR`):
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from ..train.metrics import read_metrics, train_losses
+from ..data.files import FileFormatError
+from ..train.metrics import train_losses
+from ..train.run_folder import NUMBER, check_fields, read_json_object
 
 MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
 
 
+# The fields of ablation.json the report reads.
+_META_FIELDS = {
+    "command": str,
+    "preset": str,
+    "data": str,
+    "steps": int,
+    "seeds": list,
+    "arms": list,
+    "avg_k": int,
+    "tolerance": NUMBER,
+    "reference_arm": str,
+    "tokens_per_step": int,
+    "seq_len": int,
+    "precision": str,
+    "compile": object,
+    "plan": dict,
+}
+_PLAN_FIELDS = {"label": str, "model": dict, "total": int, "active": int, "mismatch": NUMBER, "widths": dict}
+
+
 def _load(out: Path) -> tuple[dict, dict[str, dict], dict[str, list[dict]]]:
-    meta = json.loads((out / "ablation.json").read_text())
+    from .ablation import PLAN_REMEDY, read_done, read_run_metrics
+
+    path = out / "ablation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out}: no ablation.json (not an ablation folder)")
+    meta = read_json_object(path, PLAN_REMEDY, _META_FIELDS)
+    for arm in meta["arms"]:
+        if arm not in meta["plan"]:
+            raise FileFormatError(f"{path}: arm {arm!r} has no plan; {PLAN_REMEDY}")
+        check_fields(meta["plan"][arm], _PLAN_FIELDS, f"{path}: the plan of arm {arm!r}", PLAN_REMEDY)
     runs, metrics = {}, {}
     for arm in meta["arms"]:
         for seed in meta["seeds"]:
             name = f"{arm}-s{seed}"
             run_dir = out / "runs" / name
-            done = run_dir / "done.json"
-            if done.is_file():
-                runs[name] = json.loads(done.read_text())
-                metrics[name] = read_metrics(run_dir / "metrics.jsonl")
+            if (run_dir / "done.json").is_file():
+                runs[name] = read_done(run_dir)
+                metrics[name] = read_run_metrics(run_dir)
     return meta, runs, metrics
 
 

@@ -33,31 +33,49 @@ from pathlib import Path
 
 import torch
 
-from ..data.files import DiskFullError
+from ..data.files import DiskFullError, FileFormatError
 from .durable import caused_by_full_disk, drop_torn_tail, fault_point
 
 METRICS = "metrics.jsonl"
 
 
-def read_metrics(run: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (a run folder or the file), resumes applied: what an
-    uninterrupted run would have logged. A torn last line (cut by a kill) is skipped; a damaged
-    line anywhere else is an error naming the file and line."""
-    path = Path(run)
-    path = path / METRICS if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: no {METRICS}")
+def read_log(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every record of an append-only JSON-lines log (metrics.jsonl,
+    the ablation's batches.jsonl), in order. A torn last line (a kill in the middle of a write: no
+    newline after it) is skipped; a damaged line anywhere else is a `FileFormatError` naming the
+    file and the line."""
+    path = Path(path)
     lines = path.read_bytes().split(b"\n")
-    records: list[dict] = []
+    records = []
     for number, line in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline (a torn line or b"")
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}:{number}: not a JSON record (the file is damaged)") from None
+            raise FileFormatError(f"{path}:{number}: not a JSON record (the file is damaged)") from None
+        if not isinstance(record, dict):
+            raise FileFormatError(f"{path}:{number}: not a JSON object (the file is damaged)")
+        records.append((number, record))
+    return records
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (a run folder or the file), resumes applied: what an
+    uninterrupted run would have logged. A torn last line (cut by a kill) is skipped; a damaged
+    line anywhere else, or a record without an integer "step", is a `FileFormatError` naming the
+    file and line."""
+    path = Path(run)
+    path = path / METRICS if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no {METRICS}")
+    records: list[dict] = []
+    for number, record in read_log(path):
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise FileFormatError(f'{path}:{number}: a record without an integer "step" (the file is damaged)')
         if record.get("event") == "resumed":
-            records = [r for r in records if r.get("step", 0) <= record["step"]]
+            records = [r for r in records if r["step"] <= step]
             continue
         records.append(record)
     return records
