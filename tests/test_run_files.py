@@ -1,12 +1,14 @@
 """Damaged files in a run folder or an ablation folder: one clear error naming the file, what is
 wrong with it and what to do (and following that advice works); a torn last line of a log is
-skipped where the log is read. Tiny models, CPU."""
+skipped where the log is read; the ablation's report files (and `complexity plot`'s figure) are
+replaced whole or not at all. Tiny models, CPU."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -14,13 +16,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_fixtures import make_tiny_data, override_args, tiny_overrides  # noqa: E402
+from _train_fixtures import make_tiny_data, override_args, run_cli, tiny_overrides  # noqa: E402
 
 from complexity.cli import main as cli_main  # noqa: E402
 from complexity.data.files import FileFormatError  # noqa: E402
 from complexity.experiments.ablation import read_batches, run_ablation  # noqa: E402
 from complexity.experiments.report import write_report  # noqa: E402
-from complexity.train import train  # noqa: E402
+from complexity.train import durable, train  # noqa: E402
 from complexity.train.config import RunConfig  # noqa: E402
 from complexity.train.metrics import read_metrics  # noqa: E402
 
@@ -259,3 +261,61 @@ def test_damaged_run_metrics_in_the_report(copy, capsys):
     path.write_text(lines[0] + "{oops\n" + "".join(lines[1:]))
     line = _cli_error(capsys, "ablate", "--report-only", "--out", out)
     assert f"{path}:2: not a JSON record" in line and f"remove the run folder {out / RUN}" in line
+
+
+# ----------------------------------------------------------------------------- atomic report files
+
+
+def test_report_files_are_replaced_whole(copy):
+    """results.md and the figures go through durable.write_atomic: an error (or a kill) before the
+    rename leaves the previous file as it was, and no temporary file once written again."""
+    out, _ = copy
+    (out / "results.md").write_text("the previous report\n")
+    old_png = (out / "loss.png").read_bytes()
+    reached = []
+
+    def crash(point):
+        reached.append(point)
+        raise RuntimeError(f"crash at {point}")
+
+    durable.fault_hook = crash
+    try:
+        with pytest.raises(RuntimeError, match="crash at report.results_md"):
+            write_report(out)
+    finally:
+        durable.fault_hook = None
+    assert (out / "results.md").read_text() == "the previous report\n"
+    assert not list(out.glob("*.partial"))
+
+    assert reached == ["report.results_md"] and (out / "loss.png").read_bytes() == old_png
+
+    path, figures = write_report(out)
+    assert path.read_text().startswith("# Ablation: tiny") and figures == [out / "loss.png"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.glob("*.partial"))
+
+
+@pytest.mark.parametrize("point", ["report.results_md", "plot.figure"])
+def test_kill_while_writing_the_report_keeps_the_previous_files(copy, point):
+    out, _ = copy
+    (out / "results.md").write_text("the previous report\n")
+    (out / "loss.png").write_bytes(b"the previous figure")
+    killed = run_cli(["ablate", "--report-only", "--out", str(out)], env={durable.KILL_ENV: point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    if point == "report.results_md":
+        assert (out / "results.md").read_text() == "the previous report\n"
+    else:  # results.md is written first, then the figure
+        assert (out / "results.md").read_text().startswith("# Ablation: tiny")
+    assert (out / "loss.png").read_bytes() == b"the previous figure"
+
+    done = run_cli(["ablate", "--report-only", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "results.md").read_text().startswith("# Ablation: tiny")
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.partial"))
+
+
+def test_plot_command_writes_its_figure_whole(copy, tmp_path):
+    out, _ = copy
+    figure = tmp_path / "curves" / "loss.png"
+    assert cli_main(["plot", str(out / RUN), "--out", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(figure.parent.glob("*.partial"))
