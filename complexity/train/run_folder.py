@@ -3,6 +3,7 @@
     OUT/resolved.json   the resolved config (written once, at the start of a new run)
     OUT/run.json        this process's machine, batch layout, compile choice, MFU peak
     OUT/metrics.jsonl   the log (metrics.py)        OUT/tensorboard/
+    OUT/wandb.json      the id of the run's wandb run (with logging.wandb), and wandb's own OUT/wandb/
     OUT/tokenizer/      the data's tokenizer, checked against the data manifest and copied at the
                         start: the export ships this copy, whatever happens to the original
     OUT/checkpoints/    step_XXXXXXXX/ (checkpoint.py)
@@ -28,10 +29,21 @@ from ..data.files import FileFormatError, read_json
 from . import checkpoint as ckpt_mod
 from .config import RunConfig
 from .durable import recover_dir, replace_dir, write_json
-from .metrics import METRICS, read_metrics
+from .metrics import METRICS, WANDB_RUN, read_metrics
 from .parallelize import barrier
 
-RUN_FILES = ("resolved.json", "run.json", METRICS, "summary.json", "tensorboard", "tokenizer", "checkpoints", "final")
+RUN_FILES = (
+    "resolved.json",
+    "run.json",
+    METRICS,
+    "summary.json",
+    "tensorboard",
+    WANDB_RUN,
+    "wandb",
+    "tokenizer",
+    "checkpoints",
+    "final",
+)
 
 
 def _own_temporary(name: str) -> bool:
