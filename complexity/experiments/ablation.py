@@ -38,6 +38,8 @@ through the trainer's own resume (last checkpoint; the trainer refuses a changed
 plan (`OUT/ablation.json`) must match a rerun's: a different preset, recipe, step count, spike
 or arm definition is refused rather than mixed into old results. A signal (SIGINT/SIGTERM)
 checkpoints the current run and stops the ablation; rerunning the same command continues it.
+A damaged ablation.json, done.json or metrics.jsonl is a `FileFormatError` naming the file, what
+is wrong and what to do (`PLAN_REMEDY`, `read_done`, `read_run_metrics`).
 """
 
 from __future__ import annotations
@@ -409,7 +411,9 @@ def _check_plan(out: Path, identity: dict) -> None:
     path = out / "ablation.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text()).get("identity", {})
+    from ..train.run_folder import read_json_object
+
+    old = read_json_object(path, PLAN_REMEDY, {"identity": dict})["identity"]
     diffs = []
     for key in ("model", "data", "optim", "schedule", "training", "spike"):
         if old.get(key) != identity.get(key):
@@ -474,22 +478,57 @@ class _Recorder(TrainerCallbacks):
 
 
 def read_batches(run_dir: Path) -> dict[tuple[int, int], str]:
-    """(step, micro) -> sha1 from a run's batches.jsonl, resumes applied (a torn last line skipped)."""
+    """(step, micro) -> sha1 from a run's batches.jsonl, resumes applied (a torn last line skipped;
+    a damaged line is a FileFormatError naming the file and line)."""
+    from ..data.files import FileFormatError
+    from ..train.metrics import read_log
+
+    path = run_dir / "batches.jsonl"
     out: dict[tuple[int, int], str] = {}
-    lines = (run_dir / "batches.jsonl").read_bytes().split(b"\n")
-    for line in lines[:-1]:
-        r = json.loads(line)
-        if "resumed" in r:
-            out = {k: v for k, v in out.items() if k[0] <= r["resumed"]}
-        else:
-            out[r["step"], r["micro"]] = r["sha1"]
+    for number, r in read_log(path):
+        try:
+            if "resumed" in r:
+                out = {k: v for k, v in out.items() if k[0] <= int(r["resumed"])}
+            else:
+                out[int(r["step"]), int(r["micro"])] = str(r["sha1"])
+        except (KeyError, TypeError, ValueError):
+            raise FileFormatError(f"{path}:{number}: not a batch record (the file is damaged)") from None
     return out
 
 
-def _summarise_run(run_dir: Path, arm: str, seed: int, avg_k: int) -> dict:
+PLAN_REMEDY = (
+    "it records the plan the ablation's runs were made with: restore it, or delete it and rerun the exact "
+    "command that made the ablation (results.md shows it) to write it again"
+)
+
+
+def read_done(run_dir: Path) -> dict:
+    """A finished run's done.json (its summary); a damaged one is a FileFormatError saying what to do."""
+    from ..train.run_folder import read_json_object
+
+    return read_json_object(
+        run_dir / "done.json",
+        "it is the summary of a finished run: delete it and rerun the ablation command, which summarises the "
+        "run again from its folder without training it again",
+        {"train_command": str},
+    )
+
+
+def read_run_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl (`read_metrics`); a damaged one is a FileFormatError saying what to do."""
+    from ..data.files import FileFormatError
     from ..train.metrics import read_metrics
 
-    records = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        return read_metrics(run_dir / "metrics.jsonl")
+    except FileFormatError as err:
+        raise FileFormatError(
+            f"{err}; remove the run folder {run_dir} and rerun the ablation command to train that run again"
+        ) from None
+
+
+def _summarise_run(run_dir: Path, arm: str, seed: int, avg_k: int) -> dict:
+    records = read_run_metrics(run_dir)
     train = {r["step"]: r for r in records if "event" not in r and r.get("loss") is not None}
     evals = [r for r in records if r.get("val_loss") is not None]
     steps = sorted(train)
@@ -661,7 +700,7 @@ def run_ablation(
             run_dir = runs_dir / run_name(name, seed)
             done = run_dir / "done.json"
             if done.is_file():
-                result.runs[run_name(name, seed)] = json.loads(done.read_text())
+                result.runs[run_name(name, seed)] = read_done(run_dir)
                 log(f"ablate: {run_name(name, seed)} finished earlier: skipped")
                 continue
             resume = (run_dir / "resolved.json").is_file()
@@ -694,12 +733,9 @@ def run_ablation(
                 }
             )
             if spike is not None:
-                from ..train.metrics import read_metrics
                 from .spike import spike_metrics
 
-                summary["spike"] = spike_metrics(
-                    read_metrics(run_dir / "metrics.jsonl"), spike["step"], spike["window"]
-                )
+                summary["spike"] = spike_metrics(read_run_metrics(run_dir), spike["step"], spike["window"])
             write_json(done, summary, indent=2)
             result.runs[run_name(name, seed)] = summary
             if on_run_end is not None:

@@ -12,32 +12,66 @@ any time: `complexity ablate --report-only --out DIR`):
                  2-D PCA map of final hidden states (and of input embeddings) of held-out tokens,
                  coloured by the expert each token went to (in the last layer)
     spike.png    (spike runs) the training loss around the injected step, per arm
+
+Each file is replaced whole or not at all (written under a temporary name, fsynced, renamed:
+`durable.write_atomic`, `train.plot.save_figure`), so a kill leaves the previous report.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from ..train.metrics import read_metrics, train_losses
+from ..data.files import FileFormatError
+from ..train.durable import write_atomic
+from ..train.metrics import train_losses
+from ..train.plot import save_figure
+from ..train.run_folder import NUMBER, check_fields, read_json_object
 
 MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
 
 
+# The fields of ablation.json the report reads.
+_META_FIELDS = {
+    "command": str,
+    "preset": str,
+    "data": str,
+    "steps": int,
+    "seeds": list,
+    "arms": list,
+    "avg_k": int,
+    "tolerance": NUMBER,
+    "reference_arm": str,
+    "tokens_per_step": int,
+    "seq_len": int,
+    "precision": str,
+    "compile": object,
+    "plan": dict,
+}
+_PLAN_FIELDS = {"label": str, "model": dict, "total": int, "active": int, "mismatch": NUMBER, "widths": dict}
+
+
 def _load(out: Path) -> tuple[dict, dict[str, dict], dict[str, list[dict]]]:
-    meta = json.loads((out / "ablation.json").read_text())
+    from .ablation import PLAN_REMEDY, read_done, read_run_metrics
+
+    path = out / "ablation.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out}: no ablation.json (not an ablation folder)")
+    meta = read_json_object(path, PLAN_REMEDY, _META_FIELDS)
+    for arm in meta["arms"]:
+        if arm not in meta["plan"]:
+            raise FileFormatError(f"{path}: arm {arm!r} has no plan; {PLAN_REMEDY}")
+        check_fields(meta["plan"][arm], _PLAN_FIELDS, f"{path}: the plan of arm {arm!r}", PLAN_REMEDY)
     runs, metrics = {}, {}
     for arm in meta["arms"]:
         for seed in meta["seeds"]:
             name = f"{arm}-s{seed}"
             run_dir = out / "runs" / name
-            done = run_dir / "done.json"
-            if done.is_file():
-                runs[name] = json.loads(done.read_text())
-                metrics[name] = read_metrics(run_dir / "metrics.jsonl")
+            if (run_dir / "done.json").is_file():
+                runs[name] = read_done(run_dir)
+                metrics[name] = read_run_metrics(run_dir)
     return meta, runs, metrics
 
 
@@ -68,7 +102,7 @@ def write_report(out: str | Path, log: Callable[[str], None] | None = None) -> t
     log = log or (lambda msg: None)
     meta, runs, metrics = _load(out)
     path = out / "results.md"
-    path.write_text(results_markdown(meta, runs))
+    write_atomic(path, results_markdown(meta, runs), "report.results_md")
     figures = [plot_losses(meta, metrics, out / "loss.png")]
     routed = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense"]
     if routed and any(f"{a}-s{meta['seeds'][0]}" in runs for a in routed):
@@ -277,9 +311,7 @@ def plot_losses(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
             axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
     fig.suptitle(f"ablation {meta['preset']}: {meta['steps']} steps x {meta['tokens_per_step']:,} tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_spike(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
@@ -306,9 +338,7 @@ def plot_spike(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS):
@@ -433,6 +463,4 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
         del sample
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -1,6 +1,9 @@
 """Training telemetry: metrics.jsonl (its writer and its one reader), TensorBoard, optional
 wandb, the live progress line, MFU.
 
+On a resume from step S, TensorBoard drops the events of the steps after S (purge_step) and wandb
+continues the same run (its id is kept in OUT/wandb.json).
+
 metrics.jsonl is a log: one JSON object per line, appended, never rewritten. A resumed run
 first drops a torn last line (a kill in the middle of a write) and appends
 {"event": "resumed", "step": K}: the records of steps after K that precede it are superseded by
@@ -33,31 +36,49 @@ from pathlib import Path
 
 import torch
 
-from ..data.files import DiskFullError
-from .durable import caused_by_full_disk, drop_torn_tail, fault_point
+from ..data.files import DiskFullError, FileFormatError
+from .durable import caused_by_full_disk, drop_torn_tail, fault_point, write_json
 
 METRICS = "metrics.jsonl"
 
 
-def read_metrics(run: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (a run folder or the file), resumes applied: what an
-    uninterrupted run would have logged. A torn last line (cut by a kill) is skipped; a damaged
-    line anywhere else is an error naming the file and line."""
-    path = Path(run)
-    path = path / METRICS if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: no {METRICS}")
+def read_log(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every record of an append-only JSON-lines log (metrics.jsonl,
+    the ablation's batches.jsonl), in order. A torn last line (a kill in the middle of a write: no
+    newline after it) is skipped; a damaged line anywhere else is a `FileFormatError` naming the
+    file and the line."""
+    path = Path(path)
     lines = path.read_bytes().split(b"\n")
-    records: list[dict] = []
+    records = []
     for number, line in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline (a torn line or b"")
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}:{number}: not a JSON record (the file is damaged)") from None
+            raise FileFormatError(f"{path}:{number}: not a JSON record (the file is damaged)") from None
+        if not isinstance(record, dict):
+            raise FileFormatError(f"{path}:{number}: not a JSON object (the file is damaged)")
+        records.append((number, record))
+    return records
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (a run folder or the file), resumes applied: what an
+    uninterrupted run would have logged. A torn last line (cut by a kill) is skipped; a damaged
+    line anywhere else, or a record without an integer "step", is a `FileFormatError` naming the
+    file and line."""
+    path = Path(run)
+    path = path / METRICS if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no {METRICS}")
+    records: list[dict] = []
+    for number, record in read_log(path):
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise FileFormatError(f'{path}:{number}: a record without an integer "step" (the file is damaged)')
         if record.get("event") == "resumed":
-            records = [r for r in records if r.get("step", 0) <= record["step"]]
+            records = [r for r in records if r["step"] <= step]
             continue
         records.append(record)
     return records
@@ -110,6 +131,46 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+WANDB_RUN = "wandb.json"
+
+
+def _tensorboard_writer(out_dir: Path, resume_step: int | None):
+    """A SummaryWriter for OUT/tensorboard (None without tensorboard). A run resumed at step S
+    (0 included: stopped before its first checkpoint) purges the events of steps > S
+    (purge_step=S+1): the stopped process logged them after its checkpoint; they are logged again."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("warning: tensorboard is not installed; no TensorBoard events", file=sys.stderr)
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+
+
+def _wandb_run(out_dir: Path, project: str, run_config: dict | None, resume_step: int | None):
+    """The wandb run this run logs to (None without wandb). Its id is kept in OUT/wandb.json: a
+    resumed run continues that wandb run (resume="allow"); a new run, or one started again with
+    --overwrite (which deletes the file), starts a new one. wandb takes steps in increasing order
+    only: after a resume at step S it keeps what the stopped process logged for the steps after S
+    and ignores those steps when they are logged again."""
+    try:
+        import wandb
+    except ImportError:
+        print("warning: logging.wandb = true but wandb is not installed; skipping", file=sys.stderr)
+        return None
+    from .run_folder import read_json_object  # here: run_folder imports this module
+
+    path = out_dir / WANDB_RUN
+    if resume_step is not None and path.is_file():
+        remedy = "it holds the id of the run's wandb run: restore it, or delete it to log to a new wandb run"
+        run_id = read_json_object(path, remedy, {"id": str})["id"]
+    else:
+        run_id = wandb.util.generate_id()
+        write_json(path, {"id": run_id, "project": project}, indent=2)
+    return wandb.init(
+        project=project, id=run_id, resume="allow", config=run_config, dir=str(out_dir), name=out_dir.name
+    )
+
+
 class MetricsLogger:
     """Writes the run's log in `out_dir` (None: nothing is written; other ranks than 0 pass None)
     and, with `progress`, the progress line and messages on stderr.
@@ -145,23 +206,9 @@ class MetricsLogger:
         if resumed:
             self._append({"step": resume_step or 0, "event": "resumed"})
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(
-                    str(out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-                )
-            except ImportError:
-                print("warning: tensorboard is not installed; no TensorBoard events", file=sys.stderr)
+            self.tb = _tensorboard_writer(out_dir, resume_step)
         if wandb:
-            try:
-                import wandb as _wandb
-
-                self.wandb = _wandb.init(
-                    project=wandb_project, config=run_config, dir=str(out_dir), name=out_dir.name, resume="allow"
-                )
-            except ImportError:
-                print("warning: logging.wandb = true but wandb is not installed; skipping", file=sys.stderr)
+            self.wandb = _wandb_run(out_dir, wandb_project, run_config, resume_step)
 
     def _append(self, record: dict) -> None:
         line = json.dumps(record) + "\n"

@@ -1,10 +1,26 @@
-"""Loss curves from run folders' metrics.jsonl (matplotlib, Agg backend: no display needed)."""
+"""Loss curves from run folders' metrics.jsonl (matplotlib, Agg backend: no display needed).
+Figures are written whole or not at all (`save_figure`)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from .durable import write_atomic
 from .metrics import read_metrics, train_losses
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Save a matplotlib figure atomically (rendered in memory, then durable.write_atomic: a kill
+    never leaves half an image) and close it; the format follows the file's extension."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".") or None)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue(), "plot.figure")
+    return path
 
 
 def _smooth(values: list[float], n: int) -> list[float]:
@@ -47,6 +63,4 @@ def plot_runs(runs, out: str | Path, *, title: str | None = None, smooth: int = 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)

@@ -3,6 +3,7 @@
     OUT/resolved.json   the resolved config (written once, at the start of a new run)
     OUT/run.json        this process's machine, batch layout, compile choice, MFU peak
     OUT/metrics.jsonl   the log (metrics.py)        OUT/tensorboard/
+    OUT/wandb.json      the id of the run's wandb run (with logging.wandb), and wandb's own OUT/wandb/
     OUT/tokenizer/      the data's tokenizer, checked against the data manifest and copied at the
                         start: the export ships this copy, whatever happens to the original
     OUT/checkpoints/    step_XXXXXXXX/ (checkpoint.py)
@@ -19,19 +20,30 @@ a resumed run that had finished changes nothing on disk.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.files import FileFormatError, read_json
 from . import checkpoint as ckpt_mod
 from .config import RunConfig
 from .durable import recover_dir, replace_dir, write_json
-from .metrics import METRICS, read_metrics
+from .metrics import METRICS, WANDB_RUN, read_metrics
 from .parallelize import barrier
 
-RUN_FILES = ("resolved.json", "run.json", METRICS, "summary.json", "tensorboard", "tokenizer", "checkpoints", "final")
+RUN_FILES = (
+    "resolved.json",
+    "run.json",
+    METRICS,
+    "summary.json",
+    "tensorboard",
+    WANDB_RUN,
+    "wandb",
+    "tokenizer",
+    "checkpoints",
+    "final",
+)
 
 
 def _own_temporary(name: str) -> bool:
@@ -40,6 +52,49 @@ def _own_temporary(name: str) -> bool:
     return (
         name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".replaced-")
     )
+
+
+NUMBER = (int, float)
+_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    NUMBER: "a number",
+    bool: "true or false",
+    object: "any value",
+}
+
+
+def check_fields(obj, fields: dict, where: str, remedy: str) -> dict:
+    """`obj` when it is a JSON object holding `fields` (name -> a type of _KINDS) with those types;
+    otherwise a `FileFormatError` "WHERE: what is wrong; REMEDY"."""
+    problem = None
+    if not isinstance(obj, dict):
+        problem = f"expected a JSON object, found {type(obj).__name__}"
+    else:
+        for name, kind in fields.items():
+            value = obj.get(name)
+            if name not in obj:
+                problem = f"the field {name!r} is missing"
+            elif not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, NUMBER)):
+                problem = f"the field {name!r} should be {_KINDS[kind]}, found {value!r}"
+            if problem:
+                break
+    if problem:
+        raise FileFormatError(f"{where}: {problem}; {remedy}")
+    return obj
+
+
+def read_json_object(path: Path, remedy: str, fields: dict | None = None) -> dict:
+    """A JSON object file of a run or ablation folder. A damaged one (unreadable, not JSON, not an
+    object, a field of `fields` missing or of another type: see `check_fields`) is a
+    `FileFormatError` naming the file and what is wrong, followed by `remedy`: what to do about it."""
+    try:
+        obj = read_json(path)
+    except FileFormatError as err:
+        raise FileFormatError(f"{err}; {remedy}") from None
+    return check_fields(obj, fields or {}, str(path), remedy)
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -93,10 +148,11 @@ class RunFolder:
                 recover_dir(folder)
         barrier()
         if resume and resolved.is_file():
-            try:
-                saved = json.loads(resolved.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"--resume {out}: {resolved} is damaged ({err})") from None
+            saved = read_json_object(
+                resolved,
+                "it is the config of the run to resume: restore it, or start the run again with --overwrite "
+                "instead of --resume (its checkpoints are then deleted)",
+            )
             check_same_run(RunConfig.from_dict(saved, where=str(resolved)).identity(), config, f"--resume {out}")
             checkpoint = ckpt_mod.find_resume_checkpoint(self.checkpoints, self.log)
             if checkpoint is None:
@@ -212,9 +268,12 @@ class RunFolder:
         summary = self.path / "summary.json" if self.path is not None else None
         if summary is None or step < max_steps or not summary.is_file():
             return False
-        try:
-            if json.loads(summary.read_text()).get("interrupted", True):
-                return False
-        except (OSError, json.JSONDecodeError):
+        ended = read_json_object(
+            summary,
+            "it records how the run ended: delete it and resume again to redo the end of the run (its last "
+            "evaluation, checkpoint and export are kept where present; no step is trained again)",
+            {"interrupted": bool},
+        )
+        if ended["interrupted"]:
             return False
         return not export or (self.path / "final").is_dir()

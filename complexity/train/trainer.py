@@ -152,6 +152,7 @@ class Trainer:
         self.manifest, tokenizer_source = self._check_data()
         self.tokenizer = self.folder.tokenizer_to_ship(*tokenizer_source, own_copy=resume)
         self._build_loaders()
+        self.val_loader, self.val_batches = self._build_val_loader()
         start = self.folder.start(cfg, resume=resume, overwrite=overwrite)
         self.resumed_from = self.last_checkpoint = start.checkpoint
         self.losses: dict[int, float] = {}  # step -> loss, as read back
@@ -219,6 +220,30 @@ class Trainer:
                 )
                 for s in self.slots
             ]
+
+    def _build_val_loader(self):
+        """(loader, batches per evaluation) of this rank's share of the val split, or (None, 0)
+        without one. Built once: every evaluation iterates it from the start, so each sees the
+        same windows. Collective under torchrun (every rank must run as many forwards: FSDP)."""
+        t, info = self.config.training, self.info
+        if self.manifest is None or data_manifest.split_tokens(self.manifest, "val") <= t.seq_len:
+            return None, 0
+        max_batches = self.config.eval.max_batches
+        loader = data_mod.make_val_loader(
+            self.config.data.path,
+            t.micro_batch_size,
+            t.seq_len,
+            rank=info.rank,
+            world_size=info.world_size,
+            max_batches=None if max_batches is None else max(1, max_batches // info.world_size),
+            vocab_size=self.model_config.vocab_size,
+        )
+        n = len(loader)
+        if info.world_size > 1:
+            count = torch.tensor([n], device=self.device)
+            all_reduce_(count, op=dist.ReduceOp.MIN)
+            n = int(count.item())
+        return loader, n
 
     def _build_model(self, model: torch.nn.Module | None, zipf: bool) -> None:
         from ..modeling_complexity import ComplexityForCausalLM
@@ -471,34 +496,18 @@ class Trainer:
 
     def run_eval(self) -> dict | None:
         """Held-out loss on the val split (collective); None without one."""
-        t = self.config.training
-        if self.manifest is None or data_manifest.split_tokens(self.manifest, "val") <= t.seq_len:
+        if self.val_loader is None:
             return None
-        loader = data_mod.make_val_loader(
-            self.config.data.path,
-            t.micro_batch_size,
-            t.seq_len,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-            vocab_size=self.model_config.vocab_size,
-        )
-        n = len(loader)
-        if self.config.eval.max_batches is not None:
-            n = min(n, max(1, self.config.eval.max_batches // self.info.world_size))
-        if self.info.world_size > 1:  # every rank must run the same number of forwards (FSDP)
-            count = torch.tensor([n], device=self.device)
-            all_reduce_(count, op=dist.ReduceOp.MIN)
-            n = int(count.item())
         return evaluate(
             self.model,
-            iter(loader),
+            iter(self.val_loader),
             device=self.device,
             vocab_size=self.model_config.vocab_size,
             autocast_dtype=torch.bfloat16 if self.autocast else None,
-            max_batches=n,
+            max_batches=self.val_batches,
             split_tokens=data_manifest.split_tokens(self.manifest, "val"),
             split_bytes=data_manifest.split_bytes(self.manifest, "val"),
-            expert_shares=not t.compile,
+            expert_shares=not self.config.training.compile,
             forward=self.forward_module,
         )
 
