@@ -495,3 +495,43 @@ def test_stop_strings_need_a_tokenizer(ckpt_dir):
         engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, stop=["x"]))
     [out] = engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 3 and out.text == ""
+
+
+def test_engine_and_server_tokenize_prompts_alike(ckpt_dir, monkeypatch):
+    """`Engine.encode` (generate, Python callers) and `AsyncEngine.encode` (the server's API
+    process) are one tokenization: the same ids, and a text far past the context refused from a
+    prefix by both (never tokenized whole), with the same error."""
+    import asyncio
+
+    from complexity.inference.async_engine import AsyncEngine
+    from complexity.inference.errors import InvalidRequest
+
+    path = make_tiny_checkpoint(ckpt_dir / "encode", max_position_embeddings=64)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=1)
+    aengine = AsyncEngine(engine)
+    try:
+        for text in ("the cat sat on the mat", "", "déjà vu 東京 猫"):
+            assert (
+                engine.encode(text)
+                == asyncio.run(aengine.encode(text))
+                == list(engine.tokenizer(text).input_ids or [2])
+            )
+        huge = "the cat sat on the mat " * 20_000
+        calls = []
+        real = type(engine.tokenizer).__call__
+
+        def spy(tok, text, *args, **kwargs):
+            calls.append(len(text))
+            return real(tok, text, *args, **kwargs)
+
+        monkeypatch.setattr(type(engine.tokenizer), "__call__", spy)
+        errors = []
+        for encode in (engine.encode, lambda t: asyncio.run(aengine.encode(t))):
+            with pytest.raises(InvalidRequest, match=r"^prompt: exceeds the context length 64: its first") as err:
+                encode(huge)
+            errors.append((str(err.value), err.value.code))
+        monkeypatch.undo()
+        assert errors[0] == errors[1] and errors[0][1] == "context_length_exceeded"
+        assert calls and max(calls) <= 64 * 16  # only the prefix was tokenized
+    finally:
+        aengine._executor.shutdown()

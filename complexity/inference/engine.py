@@ -155,6 +155,32 @@ def check_request(
         )
 
 
+def encode_prompt(prompt: str | Sequence[int], tokenizer, max_seq_len: int) -> list[int]:
+    """Token ids of a prompt: a text is tokenized (special tokens added; an empty text is the bos
+    token). The one tokenization of the engine and the server's API process."""
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    if tokenizer is None:
+        raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
+    # Far longer than the context? Count the tokens of a prefix cut at a space first: if it alone
+    # exceeds the context, so does the whole, and megabytes are never tokenized.
+    probe = max_seq_len * 16
+    if len(prompt) > probe:
+        cut = prompt.rfind(" ", probe // 2, probe)
+        head = prompt[: cut if cut > 0 else probe]
+        n = len(tokenizer(head, add_special_tokens=False).input_ids)
+        if n > max_seq_len + 8:
+            raise InvalidRequest(
+                "prompt",
+                f"exceeds the context length {max_seq_len}: its first {len(head)} characters alone are {n} tokens",
+                "context_length_exceeded",
+            )
+    ids = tokenizer(prompt).input_ids
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    return list(ids)
+
+
 def _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization) -> None:
     if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
         raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
@@ -357,16 +383,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest(
-                    "prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids"
-                )
-            ids = self.tokenizer(prompt).input_ids
-            if not ids and self.tokenizer.bos_token_id is not None:
-                ids = [self.tokenizer.bos_token_id]
-            return list(ids)
-        return [int(t) for t in prompt]
+        return encode_prompt(prompt, self.tokenizer, self.max_seq_len)
 
     def check_request(self, ids: Sequence[int], params: SamplingParams, *, require_fit: bool = False) -> None:
         """Raise InvalidRequest naming the problem if `ids` cannot run with `params` here."""
