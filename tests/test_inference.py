@@ -535,3 +535,15 @@ def test_engine_and_server_tokenize_prompts_alike(ckpt_dir, monkeypatch):
         assert calls and max(calls) <= 64 * 16  # only the prefix was tokenized
     finally:
         aengine._executor.shutdown()
+
+
+def test_token_id_prompts_are_never_rounded_or_parsed(ckpt_dir):
+    import numpy as np
+
+    path = make_tiny_checkpoint(ckpt_dir / "ids")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=1)
+    assert engine.encode([np.int64(5), torch.tensor(6), 7]) == [5, 6, 7]
+    for bad in (5.7, True, "5", np.float32(5.0), torch.tensor(5.0)):
+        with pytest.raises(ValueError, match=r"^prompt: token ids must be integers, got"):
+            engine.add_request([4, bad], SamplingParams(max_new_tokens=1))
+    assert not engine.requests

@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -155,11 +156,21 @@ def check_request(
         )
 
 
+def _token_id(t) -> int:
+    if not isinstance(t, bool):
+        try:
+            return operator.index(t)
+        except TypeError:
+            pass
+    raise InvalidRequest("prompt", f"token ids must be integers, got {t!r:.40}")
+
+
 def encode_prompt(prompt: str | Sequence[int], tokenizer, max_seq_len: int) -> list[int]:
     """Token ids of a prompt: a text is tokenized (special tokens added; an empty text is the bos
-    token). The one tokenization of the engine and the server's API process."""
+    token); token ids are taken as given (any integer type: numpy's and torch's too), never
+    rounded or parsed. The one tokenization of the engine and the server's API process."""
     if not isinstance(prompt, str):
-        return [int(t) for t in prompt]
+        return [_token_id(t) for t in prompt]
     if tokenizer is None:
         raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
     # Far longer than the context? Count the tokens of a prefix cut at a space first: if it alone
