@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from .core import ProcessCore, ThreadCore, engine_stats
 from .detokenize import OutputProcessor
-from .engine import Engine, check_request, encode_prompt
+from .engine import Engine, check_params, check_request, encode_prompt
 from .errors import EngineOverloaded, EngineStopped, InvalidRequest
 from .outputs import StepOutput, TokenLogprob
 from .sampling import SamplingParams
@@ -248,6 +248,10 @@ class AsyncEngine:
         """Token ids of a conversation rendered with the tokenizer's chat template (generation
         prompt added)."""
         return await self._off_loop(self._render_chat, messages)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The engine's check of a request's sampling values (no prompt needed)."""
+        check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
         """The engine's check of one sequence (the API's rule: the new tokens must fit too)."""

@@ -118,6 +118,17 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def check_params(params: SamplingParams, *, vocab_size: int, has_tokenizer: bool) -> None:
+    """The part of `check_request` that needs no prompt: the sampling values against their
+    ranges and this model (the server runs it before any tokenization or chat template)."""
+    params.validate()
+    if params.stop and not has_tokenizer:
+        raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none (use stop_token_ids)")
+    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 def check_request(
     ids: Sequence[int],
     params: SamplingParams,
@@ -127,22 +138,17 @@ def check_request(
     has_tokenizer: bool,
     require_fit: bool = False,
 ) -> None:
-    """The one check of a request against a model: the sampling values, then the prompt (not
-    empty, ids in the vocabulary, within the context). The model's own id check is off under the
-    engine (it would sync every step); the server runs this in its API process before a request
-    reaches the engine process. `require_fit`: the requested new tokens must fit in the context
+    """The one check of a request against a model: the sampling values (`check_params`), then the
+    prompt (not empty, ids in the vocabulary, within the context). The model's own id check is
+    off under the engine (it would sync every step); the server runs this in its API process
+    before a request reaches the engine process. `require_fit`: the requested new tokens must fit in the context
     too (the API's rule); otherwise generation stops there with finish_reason "length"."""
-    params.validate()
-    if params.stop and not has_tokenizer:
-        raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none (use stop_token_ids)")
+    check_params(params, vocab_size=vocab_size, has_tokenizer=has_tokenizer)
     if len(ids) == 0:
         raise InvalidRequest("prompt", "is empty (no tokens)")
     bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
     if bad is not None:
         raise InvalidRequest("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
-    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     # a prompt filling the whole context still gets one sampled token (never written back)
     if len(ids) > max_seq_len:
         raise InvalidRequest(
@@ -851,6 +857,7 @@ class Engine:
 
 __all__ = [
     "Engine",
+    "check_params",
     "check_request",
     "Completion",
     "StepOutput",
