@@ -547,3 +547,50 @@ def test_token_id_prompts_are_never_rounded_or_parsed(ckpt_dir):
         with pytest.raises(ValueError, match=r"^prompt: token ids must be integers, got"):
             engine.add_request([4, bad], SamplingParams(max_new_tokens=1))
     assert not engine.requests
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("max_batch", True),
+        ("max_batch", 2.0),
+        ("max_batch", "4"),
+        ("max_batch", 0),
+        ("max_seq_len", True),
+        ("max_seq_len", 32.0),
+        ("max_seq_len", "32"),
+        ("max_seq_len", 1),
+        ("max_seq_len", 10**6),
+        ("max_prefill_tokens", True),
+        ("max_prefill_tokens", 64.5),
+        ("max_prefill_tokens", "64"),
+        ("max_prefill_tokens", 0),
+        ("gpu_memory_utilization", True),
+        ("gpu_memory_utilization", "0.9"),
+        ("gpu_memory_utilization", None),
+        ("gpu_memory_utilization", float("nan")),
+        ("gpu_memory_utilization", 1.5),
+        ("cuda_graphs", "yes"),
+        ("cuda_graphs", 1),
+        ("compile", 1),
+        ("compile", ""),
+        ("seed", 1.5),
+        ("seed", True),
+        ("seed", "7"),
+        ("seed", 2**64),
+    ],
+)
+def test_engine_arguments_are_checked_by_type_and_range(ckpt_dir, name, value):
+    """A bool or a float where an integer goes, a string where a number goes: a ValueError naming
+    the argument before anything is allocated, never a coerced value or a TypeError from deep
+    inside torch."""
+    from complexity.checkpoint_folder import load_checkpoint_folder
+
+    path = ckpt_dir / "args"
+    if not path.exists():
+        make_tiny_checkpoint(path, max_position_embeddings=64)
+    model, tok = load_checkpoint_folder(path, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"^{name}: (must be|.*exceeds)") as err:
+        Engine(model, tok, **{name: value})
+    assert repr(value) in str(err.value)
+    Engine(model, tok, max_batch=1, max_seq_len=32, max_prefill_tokens=64, gpu_memory_utilization=1, seed=2**64 - 1)

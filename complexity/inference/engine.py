@@ -32,6 +32,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
+import numbers
 import operator
 import time
 from collections import deque
@@ -198,19 +200,36 @@ def encode_prompt(prompt: str | Sequence[int], tokenizer, max_seq_len: int) -> l
     return list(ids)
 
 
-def _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization) -> None:
-    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-        raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
-    if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-        raise ValueError(f"max_prefill_tokens: must be a positive integer, got {max_prefill_tokens!r}")
-    if not 0.0 < gpu_memory_utilization <= 1.0:
-        raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len: must be an integer >= 2, got {max_seq_len!r}")
+def _check_engine_args(
+    config, *, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization, cuda_graphs, compile, seed
+) -> None:
+    """Every argument of `Engine` by type, then range; a ValueError names the argument. A bool is
+    not an integer nor a number here, and a string is not a number: `True` slots or a "0.9"
+    utilization are mistakes, not values to coerce."""
+
+    def fail(name, what, value):
+        raise ValueError(f"{name}: must be {what}, got {value!r} ({type(value).__name__})")
+
+    def integer(name, value, lo, hi, what):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            fail(name, what, value)
+
+    if max_batch is not None:
+        integer("max_batch", max_batch, 1, math.inf, "a positive integer")
+    integer("max_prefill_tokens", max_prefill_tokens, 1, math.inf, "a positive integer")
+    integer("max_seq_len", max_seq_len, 2, math.inf, "an integer >= 2")
     if max_seq_len > config.max_position_embeddings:
         raise ValueError(
             f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
         )
+    u = gpu_memory_utilization
+    if isinstance(u, bool) or not isinstance(u, numbers.Real) or not 0.0 < u <= 1.0:
+        fail("gpu_memory_utilization", "a number in (0, 1]", u)
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        fail("cuda_graphs", "True, False or None (the device's default)", cuda_graphs)
+    if compile is not None and not isinstance(compile, bool) and not (isinstance(compile, str) and compile):
+        fail("compile", "True, False, None (the device's default) or a torch.compile backend name", compile)
+    integer("seed", seed, -(2**63), 2**64 - 1, "an integer in [-2**63, 2**64)")  # torch.Generator's range
 
 
 class Engine:
@@ -241,7 +260,16 @@ class Engine:
         t0 = time.perf_counter()
         config = model.config
         max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
-        _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization)
+        _check_engine_args(
+            config,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            max_prefill_tokens=max_prefill_tokens,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+            seed=seed,
+        )
         self.model = model.eval()
         if attn_implementation is not None and getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
             # the engine passes its own 4D float masks: only eager / sdpa take them
