@@ -18,8 +18,6 @@ import json
 import os
 import sys
 
-from . import register_auto_classes
-
 # Modules that add subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "complexity.commands.info",
@@ -90,7 +88,6 @@ def describe_error(err: Exception, command: str) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    register_auto_classes()  # deferred by `import complexity` in this process, so --help needs no torch
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         result = args.func(args)

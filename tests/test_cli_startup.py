@@ -3,6 +3,7 @@ Auto classes, and the command registers them itself once its arguments are parse
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,11 +39,50 @@ def imported_modules(importtime_log: str) -> set[str]:
 
 @pytest.mark.parametrize("args", [["--help"], *[[c, "--help"] for c in COMMANDS]], ids=lambda a: " ".join(a))
 def test_help_does_not_import_torch(args):
-    result = run_script(*args)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "usage: complexity" in result.stdout
-    heavy = imported_modules(result.stderr) & set(HEAVY)
-    assert not heavy, f"`complexity {' '.join(args)}` imported {sorted(heavy)}"
+    for result in (run_script(*args), run_python("-X", "importtime", "-m", "complexity.cli", *args)):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "usage: complexity" in result.stdout
+        heavy = imported_modules(result.stderr) & set(HEAVY)
+        assert not heavy, f"`complexity {' '.join(args)}` imported {sorted(heavy)}"
+
+
+def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# Runs the commands given as JSON in argv[1] in one interpreter, then checks what was imported:
+# never torch, nor transformers' Auto classes (which import it).
+RUN_WITHOUT_TORCH = """
+import json, sys
+from complexity.cli import main
+
+for argv in json.loads(sys.argv[1]):
+    assert main(argv) == 0, argv
+heavy = [m for m in ("torch", "transformers.models.auto") if m in sys.modules]
+assert not heavy, f"imported {heavy}"
+"""
+
+
+def test_data_and_tokenizer_commands_do_not_import_torch(tmp_path):
+    """`complexity tokenizer train`, `data prepare` (in-process and with worker processes), `data
+    inspect` and `data builtin` on a tiny corpus, in one fresh interpreter: none imports torch."""
+    from data_fixtures import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_txt=2, n_jsonl_docs=30)
+    inputs = [str(p) for p in (*corpus["txt"], corpus["jsonl"])]
+    tok, data = str(tmp_path / "tok"), str(tmp_path / "data")
+    prepare = ["data", "prepare", "--input", *inputs, "--tokenizer", tok, "--val-fraction", "0.1", "--no-progress"]
+    commands = [
+        ["tokenizer", "train", "--input", *inputs, "--vocab-size", "300", "--out", tok, "--no-progress"],
+        [*prepare, "--out", data],
+        [*prepare, "--out", str(tmp_path / "data-workers"), "--workers", "2"],
+        ["data", "inspect", data, "--tokenizer", tok],
+        ["data", "builtin"],
+    ]
+    result = run_python("-c", RUN_WITHOUT_TORCH, json.dumps(commands))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "saved tokenizer (vocab" in result.stdout and "documents, vocab" in result.stdout
 
 
 def test_info_lists_the_presets_for_an_unknown_name():
@@ -52,32 +92,52 @@ def test_info_lists_the_presets_for_an_unknown_name():
     assert "tiny" in result.stderr and "tmlr-187m" in result.stderr and "pacific-prime" in result.stderr
 
 
-def test_import_complexity_registers_the_auto_classes(tmp_path):
-    """In a fresh interpreter, `import complexity` is enough for AutoModelForCausalLM to load our
-    folders as our class (not a trust_remote_code copy)."""
+# What a fresh interpreter imports before using the Auto classes: transformers' modules whose own
+# imports load the Auto classes half-way (the registration must wait until they are complete), our
+# model module on its own, transformers first.
+IMPORT_ORDERS = {
+    "auto classes": "",
+    "PreTrainedModel first": "from transformers import PreTrainedModel\n",
+    "GenerationMixin first": "from transformers import GenerationMixin\n",
+    "AutoTokenizer first": "from transformers import AutoTokenizer\n",
+    "our model module": "from complexity.modeling_complexity import ComplexityForCausalLM\n",
+}
+
+
+@pytest.mark.parametrize("first", list(IMPORT_ORDERS))
+def test_import_complexity_registers_the_auto_classes(tmp_path_factory, first):
+    """In a fresh interpreter, `import complexity` (which imports neither torch nor transformers)
+    is enough for AutoModelForCausalLM to load our folders as our class (not a trust_remote_code
+    copy), whatever is imported next; and a folder saved there carries the trust_remote_code
+    files and auto_map."""
     from _serve_fixtures import make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    ckpt = tmp_path_factory.getbasetemp() / "registers"
+    if not ckpt.exists():
+        make_tiny_checkpoint(ckpt)
+    saved = tmp_path_factory.mktemp("saved")
     code = (
+        "import sys\n"
         "import complexity\n"
-        "from transformers import AutoModelForCausalLM\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        + IMPORT_ORDERS[first]
+        + "from transformers import AutoConfig, AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(ckpt)!r})\n"
-        "print(type(model).__module__, type(model).__name__)\n"
+        f"model.save_pretrained({str(saved)!r})\n"
+        "print(type(model).__module__, type(model).__name__, type(AutoConfig.for_model('complexity')).__name__)\n"
+        "assert not [f for f in sys.meta_path if 'complexity' in type(f).__module__]  # the watcher is gone\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_python("-c", code)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["complexity.modeling_complexity", "ComplexityForCausalLM"]
+    assert result.stdout.split() == ["complexity.modeling_complexity", "ComplexityForCausalLM", "ComplexityConfig"]
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_complexity.ComplexityForCausalLM"
+    assert (saved / "modeling_complexity.py").is_file() and (saved / "configuration_complexity.py").is_file()
 
 
 def test_the_command_registers_after_parsing(tmp_path):
-    """`complexity generate` loads through AutoModelForCausalLM: the registration the package
-    deferred in the command's process must have happened before the command ran."""
+    """`complexity generate` loads through AutoModelForCausalLM: the registration deferred by
+    `import complexity` must have happened before the command loads the checkpoint."""
     from _serve_fixtures import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")

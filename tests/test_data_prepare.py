@@ -620,7 +620,7 @@ def test_kill_9_at_every_write_point_then_resume(tmp_path, tiny_tokenizer, small
         resumed = prepare_dataset(inputs, tiny_tokenizer, out, **opts)
         assert _tree_without_timestamp(out) == clean, point
         assert not _leftovers(tmp_path) and not list(tmp_path.glob("out.tmp-*")), point
-        assert not list(tmp_path.glob("out.old-*")), point
+        assert not list(tmp_path.glob(".replaced-out")), point
         del resumed
         import shutil
 

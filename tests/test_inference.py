@@ -532,3 +532,102 @@ def test_stop_strings_need_a_tokenizer(ckpt_dir):
         engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, stop=["x"]))
     [out] = engine.generate([[5, 6]], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 3 and out.text == ""
+
+
+def test_engine_and_server_tokenize_prompts_alike(ckpt_dir, monkeypatch):
+    """`Engine.encode` (generate, Python callers) and `AsyncEngine.encode` (the server's API
+    process) are one tokenization: the same ids, and a text far past the context refused from a
+    prefix by both (never tokenized whole), with the same error."""
+    import asyncio
+
+    from complexity.inference.async_engine import AsyncEngine
+    from complexity.inference.errors import InvalidRequest
+
+    path = make_tiny_checkpoint(ckpt_dir / "encode", max_position_embeddings=64)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=1)
+    aengine = AsyncEngine(engine)
+    try:
+        for text in ("the cat sat on the mat", "", "déjà vu 東京 猫"):
+            assert (
+                engine.encode(text)
+                == asyncio.run(aengine.encode(text))
+                == list(engine.tokenizer(text).input_ids or [2])
+            )
+        huge = "the cat sat on the mat " * 20_000
+        calls = []
+        real = type(engine.tokenizer).__call__
+
+        def spy(tok, text, *args, **kwargs):
+            calls.append(len(text))
+            return real(tok, text, *args, **kwargs)
+
+        monkeypatch.setattr(type(engine.tokenizer), "__call__", spy)
+        errors = []
+        for encode in (engine.encode, lambda t: asyncio.run(aengine.encode(t))):
+            with pytest.raises(InvalidRequest, match=r"^prompt: exceeds the context length 64: its first") as err:
+                encode(huge)
+            errors.append((str(err.value), err.value.code))
+        monkeypatch.undo()
+        assert errors[0] == errors[1] and errors[0][1] == "context_length_exceeded"
+        assert calls and max(calls) <= 64 * 16  # only the prefix was tokenized
+    finally:
+        aengine._executor.shutdown()
+
+
+def test_token_id_prompts_are_never_rounded_or_parsed(ckpt_dir):
+    import numpy as np
+
+    path = make_tiny_checkpoint(ckpt_dir / "ids")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=1)
+    assert engine.encode([np.int64(5), torch.tensor(6), 7]) == [5, 6, 7]
+    for bad in (5.7, True, "5", np.float32(5.0), torch.tensor(5.0)):
+        with pytest.raises(ValueError, match=r"^prompt: token ids must be integers, got"):
+            engine.add_request([4, bad], SamplingParams(max_new_tokens=1))
+    assert not engine.requests
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("max_batch", True),
+        ("max_batch", 2.0),
+        ("max_batch", "4"),
+        ("max_batch", 0),
+        ("max_seq_len", True),
+        ("max_seq_len", 32.0),
+        ("max_seq_len", "32"),
+        ("max_seq_len", 1),
+        ("max_seq_len", 10**6),
+        ("max_prefill_tokens", True),
+        ("max_prefill_tokens", 64.5),
+        ("max_prefill_tokens", "64"),
+        ("max_prefill_tokens", 0),
+        ("gpu_memory_utilization", True),
+        ("gpu_memory_utilization", "0.9"),
+        ("gpu_memory_utilization", None),
+        ("gpu_memory_utilization", float("nan")),
+        ("gpu_memory_utilization", 1.5),
+        ("cuda_graphs", "yes"),
+        ("cuda_graphs", 1),
+        ("compile", 1),
+        ("compile", ""),
+        ("seed", 1.5),
+        ("seed", True),
+        ("seed", "7"),
+        ("seed", 2**64),
+    ],
+)
+def test_engine_arguments_are_checked_by_type_and_range(ckpt_dir, name, value):
+    """A bool or a float where an integer goes, a string where a number goes: a ValueError naming
+    the argument before anything is allocated, never a coerced value or a TypeError from deep
+    inside torch."""
+    from complexity.checkpoint_folder import load_checkpoint_folder
+
+    path = ckpt_dir / "args"
+    if not path.exists():
+        make_tiny_checkpoint(path, max_position_embeddings=64)
+    model, tok = load_checkpoint_folder(path, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"^{name}: (must be|.*exceeds)") as err:
+        Engine(model, tok, **{name: value})
+    assert repr(value) in str(err.value)
+    Engine(model, tok, max_batch=1, max_seq_len=32, max_prefill_tokens=64, gpu_memory_utilization=1, seed=2**64 - 1)

@@ -267,6 +267,59 @@ def test_unknown_model_and_route(server):
     )
 
 
+# fields wrong whatever the prompt: each must be refused before any tokenization or chat template
+_PROMPT_FREE_ERRORS = [
+    ({"n": 0}, "n"),
+    ({"n": 1000}, "n"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 10**12}, "max_tokens"),
+    ({"seed": 2**64 - 1, "n": 2}, "seed"),  # the second choice's seed is out of range
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),  # past the model's vocabulary
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+]
+
+
+@pytest.mark.parametrize("fields,param", _PROMPT_FREE_ERRORS + [({"top_logprobs": 2}, "top_logprobs")])
+def test_chat_fields_are_checked_before_the_chat_template(server, monkeypatch, fields, param):
+    """Under a template that refuses every conversation, an invalid field is still the 400 that
+    names it, and the template never ran; a valid request reaches the template."""
+    url, app = server
+    engine = app.state.engine
+    rendered = []
+    real = engine.apply_chat_template
+
+    async def counting(messages):
+        rendered.append(messages)
+        return await real(messages)
+
+    monkeypatch.setattr(engine, "apply_chat_template", counting)
+    monkeypatch.setattr(engine.tokenizer, "chat_template", "{{ raise_exception('this template refuses all') }}")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 5000}], "max_tokens": 3}
+    _assert_error(_post(url, "/v1/chat/completions", {**body, **fields}), 400, param=param)
+    assert rendered == []
+    _assert_error(_post(url, "/v1/chat/completions", body), 400, param="messages")
+    assert len(rendered) == 1
+
+
+@pytest.mark.parametrize("fields,param", _PROMPT_FREE_ERRORS + [({"logprobs": 99}, "logprobs")])
+def test_completion_fields_are_checked_before_tokenizing(server, monkeypatch, fields, param):
+    url, app = server
+    engine = app.state.engine
+    encoded = []
+    real = engine.encode
+
+    async def counting(text):
+        encoded.append(text)
+        return await real(text)
+
+    monkeypatch.setattr(engine, "encode", counting)
+    body = {"model": MODEL, "prompt": ["the cat", "sat"], "max_tokens": 3}
+    _assert_error(_post(url, "/v1/completions", {**body, **fields}), 400, param=param)
+    assert encoded == []
+    assert _post(url, "/v1/completions", body).status_code == 200 and encoded == ["the cat", "sat"]
+
+
 _json = st.recursive(
     st.none()
     | st.booleans()

@@ -6,6 +6,10 @@ as complete. Bytes are written with ``os.write`` (in a loop: it may write less t
 full disk surfaces as one `DiskFullError` naming the path and the bytes it needed, and the
 partial file is removed.
 
+Folders (a prepared dataset, a tokenizer, a checkpoint, an export) are built under a temporary
+name and swapped in by `replace_dir`: content fsynced first, the old folder kept until the new
+one is in place, never a partial folder under the final name.
+
 Reads of JSON files raise `FileFormatError` naming the file and what is wrong with it (empty,
 not UTF-8, the JSON error's line and column), never a bare "Expecting value".
 """
@@ -16,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -218,26 +223,80 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
-def install_dir(tmp, out) -> Path:
-    """Rename the finished folder `tmp` to `out`. An existing `out` is moved aside first and
-    deleted only once the new one is in place (put back if the rename fails), so a kill never
-    leaves neither: at worst the old copy waits beside it as `<out>.old-<pid>`, removed by the
-    next install once a complete `out` exists."""
-    tmp, out = Path(tmp), Path(out)
-    old = None
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
+def fsync_path(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.replace(tmp, out)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """fsync every file under `root`, then every folder (deepest first)."""
+    root = Path(root)
+    dirs = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        for f in filenames:
+            fsync_path(Path(dirpath) / f)
+        dirs += [Path(dirpath) / d for d in dirnames]
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(d)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".replaced-{final.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def replace_dir(tmp, final, on_step: Callable[[str], None] | None = None) -> Path:
+    """Swap the complete folder `tmp` in as `final` (the one way a folder is replaced here).
+
+    `tmp`'s files and folders are fsynced first, so what the rename publishes is on disk. An
+    existing `final` (a folder, or a file) is moved aside to `.replaced-<name>` and deleted only
+    once the new one is in place; if the second rename fails it is put back. So at every moment
+    one complete copy exists: under `final` or, after a kill between the two renames, under
+    `.replaced-<name>` (`recover_dir` puts it back; the next `replace_dir` removes it). `tmp` stays
+    the caller's to delete on failure. `on_step` is called with "old_moved_aside" and "renamed"
+    after each rename (fault injection: `complexity.train.durable`)."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    old = _aside(final)
+    moved = False
+    if final.exists() or final.is_symlink():
+        _remove(old)  # a copy an interrupted swap left: `final` is complete, so it is stale
+        os.replace(final, old)
+        moved = True
+        if on_step is not None:
+            on_step("old_moved_aside")
+    try:
+        os.replace(tmp, final)
     except BaseException:
-        if old is not None:
-            os.replace(old, out)
+        if moved:
+            os.replace(old, final)
         raise
-    fsync_dir(out.parent)
-    for stale in out.parent.glob(f"{out.name}.old-*"):  # this one, and any a killed install left
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
-    return out
+    fsync_dir(final.parent)
+    if on_step is not None:
+        on_step("renamed")
+    _remove(old)  # the copy moved aside now, or one an interrupted swap left
+    return final
+
+
+def recover_dir(final) -> bool:
+    """Finish a `replace_dir` a kill interrupted: with no `final`, its set-aside copy is put
+    back; with both, the copy is deleted. -> whether a copy was put back."""
+    final = Path(final)
+    old = _aside(final)
+    if not (old.exists() or old.is_symlink()):
+        return False
+    if final.exists():
+        _remove(old)
+        return False
+    os.replace(old, final)
+    fsync_dir(final.parent)
+    return True

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .manifest import check_compatible, read_prepared_manifest
 
@@ -99,6 +98,8 @@ def position_ids_for(input_ids: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 def _make_batch(tokens: np.ndarray, eos_id: int, with_positions: bool) -> dict:
+    import torch  # here, not at the top: `complexity data inspect` reads shards without torch
+
     t = torch.from_numpy(tokens)
     batch = {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
     if with_positions:

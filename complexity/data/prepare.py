@@ -44,9 +44,9 @@ from .files import (
     FileFormatError,
     check_free_space,
     fsync_dir,
-    install_dir,
     npy_header,
     read_json,
+    replace_dir,
     save_npy_atomic,
     write_json_atomic,
 )
@@ -347,7 +347,7 @@ def prepare_dataset(
         raise
     except DiskFullError as err:  # the finished parts stay: a re-run after freeing space reuses them
         raise err.with_hint(f"finished work is kept in {tmp} and reused when the command is run again") from None
-    install_dir(tmp, out)
+    replace_dir(tmp, out)
     elapsed = time.time() - t0
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     log(

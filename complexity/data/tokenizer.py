@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .files import DiskFullError, check_free_space, install_dir, is_disk_full, write_json_atomic
+from .files import DiskFullError, check_free_space, is_disk_full, replace_dir, write_json_atomic
 
 EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN = "</s>", "<pad>", "<s>", "<unk>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN]  # ids 0, 1, 2, 3
@@ -159,12 +159,9 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
             unk_token_id=UNK_ID,
         )
         write_json_atomic(cfg_path, cfg, sort_keys=True)
-        for f in tmp.iterdir():  # a full disk can surface only at fsync (delayed allocation)
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
         if out.exists() and not overwrite and any(out.iterdir()):
             raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
-        install_dir(tmp, out)
+        replace_dir(tmp, out)  # fsyncs the files first: a full disk can surface only there
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(err) and not isinstance(err, DiskFullError):

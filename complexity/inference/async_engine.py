@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from .core import ProcessCore, ThreadCore, engine_stats
 from .detokenize import OutputProcessor
-from .engine import Engine, check_request
+from .engine import Engine, check_params, check_request, encode_prompt
 from .errors import EngineOverloaded, EngineStopped, InvalidRequest
 from .outputs import StepOutput, TokenLogprob
 from .sampling import SamplingParams
@@ -229,31 +229,9 @@ class AsyncEngine:
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
-        # Far longer than the context? Count the tokens of a prefix cut at a space first: if it
-        # alone exceeds the context, so does the whole, and megabytes are never tokenized.
-        probe = self.max_seq_len * 16
-        if len(text) > probe:
-            cut = text.rfind(" ", probe // 2, probe)
-            head = text[: cut if cut > 0 else probe]
-            n = len(self.tokenizer(head, add_special_tokens=False).input_ids)
-            if n > self.max_seq_len + 8:
-                raise InvalidRequest(
-                    "prompt",
-                    f"exceeds the context length {self.max_seq_len}: its first "
-                    f"{len(head)} characters alone are {n} tokens",
-                    "context_length_exceeded",
-                )
-        ids = self.tokenizer(text).input_ids
-        if not ids and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id]
-        return list(ids)
-
     async def encode(self, text: str) -> list[int]:
         """Token ids of a text prompt."""
-        return await self._off_loop(self._encode, text)
+        return await self._off_loop(encode_prompt, text, self.tokenizer, self.max_seq_len)
 
     async def decode(self, ids: list[int]) -> str:
         """Text of token ids (special tokens kept)."""
@@ -270,6 +248,10 @@ class AsyncEngine:
         """Token ids of a conversation rendered with the tokenizer's chat template (generation
         prompt added)."""
         return await self._off_loop(self._render_chat, messages)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The engine's check of a request's sampling values (no prompt needed)."""
+        check_params(params, vocab_size=self.vocab_size, has_tokenizer=self.tokenizer is not None)
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
         """The engine's check of one sequence (the API's rule: the new tokens must fit too)."""

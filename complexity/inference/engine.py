@@ -32,6 +32,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
+import numbers
+import operator
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -117,6 +120,17 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def check_params(params: SamplingParams, *, vocab_size: int, has_tokenizer: bool) -> None:
+    """The part of `check_request` that needs no prompt: the sampling values against their
+    ranges and this model (the server runs it before any tokenization or chat template)."""
+    params.validate()
+    if params.stop and not has_tokenizer:
+        raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none (use stop_token_ids)")
+    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 def check_request(
     ids: Sequence[int],
     params: SamplingParams,
@@ -126,22 +140,17 @@ def check_request(
     has_tokenizer: bool,
     require_fit: bool = False,
 ) -> None:
-    """The one check of a request against a model: the sampling values, then the prompt (not
-    empty, ids in the vocabulary, within the context). The model's own id check is off under the
-    engine (it would sync every step); the server runs this in its API process before a request
-    reaches the engine process. `require_fit`: the requested new tokens must fit in the context
+    """The one check of a request against a model: the sampling values (`check_params`), then the
+    prompt (not empty, ids in the vocabulary, within the context). The model's own id check is
+    off under the engine (it would sync every step); the server runs this in its API process
+    before a request reaches the engine process. `require_fit`: the requested new tokens must fit in the context
     too (the API's rule); otherwise generation stops there with finish_reason "length"."""
-    params.validate()
-    if params.stop and not has_tokenizer:
-        raise InvalidRequest("stop", "stop strings need a tokenizer, and this model has none (use stop_token_ids)")
+    check_params(params, vocab_size=vocab_size, has_tokenizer=has_tokenizer)
     if len(ids) == 0:
         raise InvalidRequest("prompt", "is empty (no tokens)")
     bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size), None)
     if bad is not None:
         raise InvalidRequest("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
-    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     # a prompt filling the whole context still gets one sampled token (never written back)
     if len(ids) > max_seq_len:
         raise InvalidRequest(
@@ -155,19 +164,72 @@ def check_request(
         )
 
 
-def _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization) -> None:
-    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-        raise ValueError(f"max_batch: must be a positive integer, got {max_batch!r}")
-    if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-        raise ValueError(f"max_prefill_tokens: must be a positive integer, got {max_prefill_tokens!r}")
-    if not 0.0 < gpu_memory_utilization <= 1.0:
-        raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
-    if not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len: must be an integer >= 2, got {max_seq_len!r}")
+def _token_id(t) -> int:
+    if not isinstance(t, bool):
+        try:
+            return operator.index(t)
+        except TypeError:
+            pass
+    raise InvalidRequest("prompt", f"token ids must be integers, got {t!r:.40}")
+
+
+def encode_prompt(prompt: str | Sequence[int], tokenizer, max_seq_len: int) -> list[int]:
+    """Token ids of a prompt: a text is tokenized (special tokens added; an empty text is the bos
+    token); token ids are taken as given (any integer type: numpy's and torch's too), never
+    rounded or parsed. The one tokenization of the engine and the server's API process."""
+    if not isinstance(prompt, str):
+        return [_token_id(t) for t in prompt]
+    if tokenizer is None:
+        raise InvalidRequest("prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids")
+    # Far longer than the context? Count the tokens of a prefix cut at a space first: if it alone
+    # exceeds the context, so does the whole, and megabytes are never tokenized.
+    probe = max_seq_len * 16
+    if len(prompt) > probe:
+        cut = prompt.rfind(" ", probe // 2, probe)
+        head = prompt[: cut if cut > 0 else probe]
+        n = len(tokenizer(head, add_special_tokens=False).input_ids)
+        if n > max_seq_len + 8:
+            raise InvalidRequest(
+                "prompt",
+                f"exceeds the context length {max_seq_len}: its first {len(head)} characters alone are {n} tokens",
+                "context_length_exceeded",
+            )
+    ids = tokenizer(prompt).input_ids
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    return list(ids)
+
+
+def _check_engine_args(
+    config, *, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization, cuda_graphs, compile, seed
+) -> None:
+    """Every argument of `Engine` by type, then range; a ValueError names the argument. A bool is
+    not an integer nor a number here, and a string is not a number: `True` slots or a "0.9"
+    utilization are mistakes, not values to coerce."""
+
+    def fail(name, what, value):
+        raise ValueError(f"{name}: must be {what}, got {value!r} ({type(value).__name__})")
+
+    def integer(name, value, lo, hi, what):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            fail(name, what, value)
+
+    if max_batch is not None:
+        integer("max_batch", max_batch, 1, math.inf, "a positive integer")
+    integer("max_prefill_tokens", max_prefill_tokens, 1, math.inf, "a positive integer")
+    integer("max_seq_len", max_seq_len, 2, math.inf, "an integer >= 2")
     if max_seq_len > config.max_position_embeddings:
         raise ValueError(
             f"max_seq_len: {max_seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
         )
+    u = gpu_memory_utilization
+    if isinstance(u, bool) or not isinstance(u, numbers.Real) or not 0.0 < u <= 1.0:
+        fail("gpu_memory_utilization", "a number in (0, 1]", u)
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        fail("cuda_graphs", "True, False or None (the device's default)", cuda_graphs)
+    if compile is not None and not isinstance(compile, bool) and not (isinstance(compile, str) and compile):
+        fail("compile", "True, False, None (the device's default) or a torch.compile backend name", compile)
+    integer("seed", seed, -(2**63), 2**64 - 1, "an integer in [-2**63, 2**64)")  # torch.Generator's range
 
 
 class Engine:
@@ -198,7 +260,16 @@ class Engine:
         t0 = time.perf_counter()
         config = model.config
         max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
-        _check_engine_args(config, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization)
+        _check_engine_args(
+            config,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            max_prefill_tokens=max_prefill_tokens,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+            seed=seed,
+        )
         self.model = model.eval()
         if attn_implementation is not None and getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
             # the engine passes its own 4D float masks: only eager / sdpa take them
@@ -357,16 +428,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest(
-                    "prompt", "a text prompt needs a tokenizer (this checkpoint has none); pass token ids"
-                )
-            ids = self.tokenizer(prompt).input_ids
-            if not ids and self.tokenizer.bos_token_id is not None:
-                ids = [self.tokenizer.bos_token_id]
-            return list(ids)
-        return [int(t) for t in prompt]
+        return encode_prompt(prompt, self.tokenizer, self.max_seq_len)
 
     def check_request(self, ids: Sequence[int], params: SamplingParams, *, require_fit: bool = False) -> None:
         """Raise InvalidRequest naming the problem if `ids` cannot run with `params` here."""
@@ -823,6 +885,7 @@ class Engine:
 
 __all__ = [
     "Engine",
+    "check_params",
     "check_request",
     "Completion",
     "StepOutput",

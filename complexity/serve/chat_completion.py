@@ -12,15 +12,12 @@ from .serving import SSE_DONE, OpenAIServing, sse
 
 class ServingChat(OpenAIServing):
     async def create(self, body: ChatCompletionRequest, request: Request):
-        self.check_model(body.model)
-        body.check_supported()
+        n = self.check_fields(body, 1)
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "messages: this model has no chat template; use /v1/completions", param="messages")
         ids = await self.engine.apply_chat_template(body.chat_messages())
-        n = body.n if body.n is not None else 1
-        self.check_n(n, 1)
-        params = [self.sampling_params(body, ids, j) for j in range(n)]
+        params = [self.sampling_params(body, len(ids), j) for j in range(n)]
         group = self.submit(body, [ids] * n, params, stream=bool(body.stream))
         head = self.envelope("chatcmpl", "chat.completion.chunk" if body.stream else "chat.completion")
         if body.stream:

@@ -41,19 +41,16 @@ class LegacyLogprobs:
 
 class ServingCompletion(OpenAIServing):
     async def create(self, body: CompletionRequest, request: Request):
-        self.check_model(body.model)
-        body.check_supported()
         raw = body.prompts()
+        n = self.check_fields(body, len(raw))
         if not raw:
             raise InvalidRequest("prompt", "must not be empty")
-        n = body.n if body.n is not None else 1
-        self.check_n(n, len(raw))
         id_lists = [await self.engine.encode(p) if isinstance(p, str) else list(p) for p in raw]
         prompts, params = [], []
         for ids in id_lists:
             for j in range(n):
                 prompts.append(ids)
-                params.append(self.sampling_params(body, ids, j))
+                params.append(self.sampling_params(body, len(ids), j))
         group = self.submit(body, prompts, params, stream=bool(body.stream))
         echo_texts = None
         if body.echo:

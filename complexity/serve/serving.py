@@ -63,6 +63,22 @@ class OpenAIServing:
                 code="model_not_found",
             )
 
+    def check_fields(self, body, num_prompts: int) -> int:
+        """Every check of a request that needs no prompt tokens (the model, unsupported fields,
+        n, the sampling values against their ranges and the model), run before any tokenization
+        or chat template, so an invalid request costs none. Returns n."""
+        self.check_model(body.model)
+        body.check_supported()
+        n = body.n if body.n is not None else 1
+        self.check_n(n, num_prompts)
+        # the last choice's parameters: its seed (seed + n - 1) is the largest
+        params = self.sampling_params(body, 0, n - 1)
+        try:
+            self.engine.check_params(params)
+        except InvalidRequest as err:
+            raise err.renamed(body.param_names) from None
+        return n
+
     def check_n(self, n: int, prompts: int) -> None:
         if not 1 <= n <= self.max_n:
             raise APIError(400, f"n: must be between 1 and {self.max_n} (choices per prompt), got {n}", param="n")
@@ -80,9 +96,9 @@ class OpenAIServing:
         except InvalidRequest as err:
             raise err.renamed(body.param_names) from None
 
-    def sampling_params(self, body, ids: list[int], choice: int) -> SamplingParams:
+    def sampling_params(self, body, num_prompt_tokens: int, choice: int) -> SamplingParams:
         try:
-            return body.to_sampling_params(len(ids), self.engine.max_seq_len, choice)
+            return body.to_sampling_params(num_prompt_tokens, self.engine.max_seq_len, choice)
         except InvalidRequest as err:
             raise err.renamed(body.param_names) from None
 

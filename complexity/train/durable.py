@@ -3,8 +3,9 @@
 Files are written whole or not at all through `complexity.data.files.AtomicFile` (temporary
 name, fsync, rename; a full disk raises its `DiskFullError` naming the path and the bytes, and
 leaves nothing), then the folder is fsynced (`write_atomic`). A folder (a checkpoint, the export)
-is built under a temporary name and swapped in with two renames, the old one moved aside first
-and deleted only once the new one is in place (`replace_dir`); `recover_dir` finishes or undoes
+is built under a temporary name and swapped in by `complexity.data.files.replace_dir` (content
+fsynced, the old one moved aside first and deleted only once the new one is in place), with a
+fault point after each of its two renames (`replace_dir` here); `recover_dir` finishes or undoes
 a swap that a kill interrupted. Append-only logs (metrics.jsonl, the ablation's batches.jsonl)
 are appended to, never rewritten; before appending again, a resumed run cuts a torn last line
 (`drop_torn_tail`).
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from ..data import files
 from ..data.files import AtomicFile, fsync_dir, is_disk_full
+from ..data.files import recover_dir as recover_dir  # re-exported: the run folder finishes interrupted swaps
 
 KILL_ENV = "COMPLEXITY_KILL_AT"
 fault_hook: Callable[[str], None] | None = None
@@ -62,26 +64,6 @@ def caused_by_full_disk(err: BaseException) -> bool:
     return False
 
 
-def fsync_path(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root) -> None:
-    """fsync every file under `root`, then every folder (deepest first)."""
-    root = Path(root)
-    dirs = [root]
-    for dirpath, dirnames, filenames in os.walk(root):
-        for f in filenames:
-            fsync_path(Path(dirpath) / f)
-        dirs += [Path(dirpath) / d for d in dirnames]
-    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        fsync_dir(d)
-
-
 def write_atomic(path, data: str | bytes, point: str | None = None) -> None:
     """Replace `path` with `data` whole or not at all; `point`: the fault point before the rename."""
     path = Path(path)
@@ -112,37 +94,6 @@ def drop_torn_tail(path) -> None:
         f.truncate(size - back + cut + 1 if cut >= 0 else (0 if back == size else size))
 
 
-def _aside(final: Path) -> Path:
-    return final.with_name(f".replaced-{final.name}")
-
-
 def replace_dir(tmp: Path, final: Path, point: str) -> None:
-    """Swap the complete folder `tmp` in as `final`. An existing `final` is moved aside first and
-    deleted only after the new one is in place: at every moment one complete copy exists under
-    `final` or, between the two renames, under `.replaced-<name>` (`recover_dir` puts it back)."""
-    tmp, final = Path(tmp), Path(final)
-    fsync_tree(tmp)
-    old = _aside(final)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        fault_point(f"{point}.old_moved_aside")
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    fault_point(f"{point}.renamed")
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(final: Path) -> bool:
-    """Finish a `replace_dir` a kill interrupted: with no `final`, its set-aside copy is put
-    back; with both, the copy is deleted. -> whether a copy was put back."""
-    final = Path(final)
-    old = _aside(final)
-    if not old.exists():
-        return False
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        return False
-    os.replace(old, final)
-    fsync_dir(final.parent)
-    return True
+    """`files.replace_dir` with the fault points `<point>.old_moved_aside` and `<point>.renamed`."""
+    files.replace_dir(tmp, final, on_step=lambda step: fault_point(f"{point}.{step}"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ...configuration_complexity import ComplexityConfig
-from ...data.files import install_dir
+from ...data.files import replace_dir
 from ...hash_routing import slot_weights
 from ...modeling_complexity import ComplexityForCausalLM
 from ...params import ParameterCount, count_parameters
@@ -133,7 +133,7 @@ def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: b
         copied = _copy_tokenizer(src, tmp)
         if verify:
             _verify_written(tmp, model)
-        install_dir(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for path in created:  # innermost first

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ....data.files import install_dir
+from ....data.files import replace_dir
 from ..readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
 from .description import DEEP, UPSTREAM_STRATEGY, TRHashConfig, layout_name, neutral_tensor_shapes
 from .layouts import trhash_layout
@@ -179,7 +179,7 @@ def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_f
             shutil.copy2(path, tmp / Path(path).name)
         if verify is not None:
             verify(tmp)
-        install_dir(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

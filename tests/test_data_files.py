@@ -1,0 +1,120 @@
+"""`complexity.data.files.replace_dir`, the one way a folder is replaced (prepared data, tokenizers,
+conversions, checkpoints, exports): content fsynced before the rename, the old folder kept until
+the new one is in place, and no failure that leaves a partial folder or none at all."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from complexity.data import files
+from complexity.train import durable
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "sub").mkdir()
+    (path / "x").write_text(text)
+    (path / "sub" / "y").write_text(text)
+    return path
+
+
+def _read(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_replaces_a_folder_or_a_file_and_fsyncs_the_new_content_first(tmp_path, monkeypatch):
+    final = _folder(tmp_path / "out", "old")
+    events = []
+    real_fsync_path, real_replace = files.fsync_path, os.replace
+
+    def fsync_path(path):
+        events.append(("fsync", Path(path).relative_to(tmp_path).as_posix()))
+        return real_fsync_path(path)
+
+    def replace(src, dst):
+        events.append(("rename", Path(src).name, Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files, "fsync_path", fsync_path)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.replace_dir(_folder(tmp_path / "new", "new"), final)
+    monkeypatch.undo()
+    assert _read(final) == {"sub/y": "new", "x": "new"} and sorted(os.listdir(tmp_path)) == ["out"]
+    # every file of the new folder is fsynced, then the old folder moved aside, then the new one in
+    assert sorted(events[:2]) == [("fsync", "new/sub/y"), ("fsync", "new/x")]
+    assert events[2:] == [("rename", "out", ".replaced-out"), ("rename", "new", "out")]
+
+    (tmp_path / "file").write_text("a file where the folder goes")
+    files.replace_dir(_folder(tmp_path / "new", "newer"), tmp_path / "file")
+    assert _read(tmp_path / "file") == {"sub/y": "newer", "x": "newer"}
+    assert sorted(os.listdir(tmp_path)) == ["file", "out"]
+
+
+def test_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """The second rename fails (e.g. EXDEV, a permission, a full disk's metadata): the old folder
+    is back under its name, unchanged, nothing is left aside, and the new one is still the
+    caller's to remove."""
+    final = _folder(tmp_path / "out", "old")
+    new = _folder(tmp_path / "new", "new")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == new:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    for swap in (lambda: files.replace_dir(new, final), lambda: durable.replace_dir(new, final, "export")):
+        monkeypatch.setattr(files.os, "replace", replace)
+        with pytest.raises(OSError, match="cross-device"):
+            swap()
+        monkeypatch.undo()
+        assert _read(final) == {"sub/y": "old", "x": "old"}
+        assert sorted(os.listdir(tmp_path)) == ["new", "out"]
+
+
+def test_a_failed_fsync_publishes_nothing(tmp_path, monkeypatch):
+    """The disk fills when the new content is flushed: the old folder stays in place, untouched."""
+    final = _folder(tmp_path / "out", "old")
+    new = _folder(tmp_path / "new", "new")
+
+    def enospc(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", enospc)
+    with pytest.raises(OSError) as err:
+        files.replace_dir(new, final)
+    monkeypatch.undo()
+    assert files.is_disk_full(err.value)
+    assert _read(final) == {"sub/y": "old", "x": "old"} and sorted(os.listdir(tmp_path)) == ["new", "out"]
+
+
+def test_a_kill_between_the_renames_loses_neither_copy(tmp_path):
+    """Killed after the old folder was moved aside: `recover_dir` puts it back; or the next
+    `replace_dir` installs its folder and removes the stale copy."""
+    final = _folder(tmp_path / "out", "old")
+
+    def killed(step):
+        if step == "old_moved_aside":
+            raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_dir(_folder(tmp_path / "new", "new"), final, on_step=killed)
+    assert not final.exists() and _read(tmp_path / ".replaced-out") == {"sub/y": "old", "x": "old"}
+    assert files.recover_dir(final) and _read(final) == {"sub/y": "old", "x": "old"}
+    assert not files.recover_dir(final)
+
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_dir(tmp_path / "new", final, on_step=killed)
+    shutil.rmtree(tmp_path / "new")  # the killed caller's temporary folder (a re-run removes its own)
+    files.replace_dir(_folder(tmp_path / "newer", "newer"), final)  # no `out`, a copy aside
+    assert _read(final) == {"sub/y": "newer", "x": "newer"} and sorted(os.listdir(tmp_path)) == ["out"]
+
+    # a stale copy beside a complete folder is removed by the next swap, never put back
+    _folder(tmp_path / ".replaced-out", "stale")
+    files.replace_dir(_folder(tmp_path / "new", "newest"), final)
+    assert _read(final) == {"sub/y": "newest", "x": "newest"} and sorted(os.listdir(tmp_path)) == ["out"]
