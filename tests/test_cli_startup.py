@@ -64,14 +64,18 @@ assert not heavy, f"imported {heavy}"
 """
 
 
-def test_data_and_tokenizer_commands_do_not_import_torch(tmp_path):
+def test_data_tokenizer_and_plot_commands_do_not_import_torch(tmp_path):
     """`complexity tokenizer train`, `data prepare` (in-process and with worker processes), `data
-    inspect` and `data builtin` on a tiny corpus, in one fresh interpreter: none imports torch."""
+    inspect`, `data builtin` on a tiny corpus and `plot` of a run's metrics, in one fresh
+    interpreter: none imports torch."""
     from data_fixtures import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", n_txt=2, n_jsonl_docs=30)
     inputs = [str(p) for p in (*corpus["txt"], corpus["jsonl"])]
     tok, data = str(tmp_path / "tok"), str(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {6.0 - s / 10}}}\n' for s in range(1, 21)))
     prepare = ["data", "prepare", "--input", *inputs, "--tokenizer", tok, "--val-fraction", "0.1", "--no-progress"]
     commands = [
         ["tokenizer", "train", "--input", *inputs, "--vocab-size", "300", "--out", tok, "--no-progress"],
@@ -79,10 +83,12 @@ def test_data_and_tokenizer_commands_do_not_import_torch(tmp_path):
         [*prepare, "--out", str(tmp_path / "data-workers"), "--workers", "2"],
         ["data", "inspect", data, "--tokenizer", tok],
         ["data", "builtin"],
+        ["plot", str(run), "--out", str(tmp_path / "loss.png")],
     ]
     result = run_python("-c", RUN_WITHOUT_TORCH, json.dumps(commands))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "saved tokenizer (vocab" in result.stdout and "documents, vocab" in result.stdout
+    assert (tmp_path / "loss.png").stat().st_size > 0
 
 
 def test_info_lists_the_presets_for_an_unknown_name():

@@ -33,11 +33,13 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..data.files import DiskFullError, FileFormatError
 from .durable import caused_by_full_disk, drop_torn_tail, fault_point, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = "metrics.jsonl"
 
@@ -100,6 +102,8 @@ def measure_matmul_peak(device: torch.device, n: int = 8192, iters: int = 50, tr
     SXM) is not reached by any real GEMM (780-798 measured), and a measured peak carries over to
     any GPU. The best of several runs because a single run moved by 8% from one process to the
     next (clocks still ramping up). About half a second on an H100."""
+    import torch  # here, not at the top: reading metrics (complexity plot) needs no torch
+
     g = torch.Generator(device=device).manual_seed(0)  # the run's own random state stays untouched
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
