@@ -106,9 +106,11 @@ def decode_attention(module, query, key, value, attention_mask, scaling, dropout
 
 # ----------------------------------------------------------------------------- fused q/k/v
 
-# Below this many rows the projections are bound by reading their weights, and concatenating
-# the weights per call (see `summed_projections`) would copy every one of them: keep them apart.
-FUSE_QKV_MIN_ROWS = 1024
+# From this many rows on, projections that read the same input have their weights concatenated
+# per call (q/k/v with mu's in `summed_projections`, the hash-routed MLP's shared expert with
+# the experts) so each is one GEMM; below it (decode steps) a GEMM is bound by reading its
+# weights, and copying them would cost more than the launches it saves.
+FUSE_WEIGHTS_MIN_ROWS = 1024
 
 
 def summed_projections(
@@ -434,7 +436,7 @@ def rows_swiglu(
 __all__ = [
     "DECODE_MAX_ROWS",
     "ExpertDispatch",
-    "FUSE_QKV_MIN_ROWS",
+    "FUSE_WEIGHTS_MIN_ROWS",
     "compute_dtype",
     "decode_attention",
     "decode_attention_applies",

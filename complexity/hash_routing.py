@@ -25,7 +25,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .complexity_kernels import compute_dtype, dispatch_by_expert, grouped_matmul, grouped_mm_supported
+from .complexity_kernels import (
+    FUSE_WEIGHTS_MIN_ROWS,
+    compute_dtype,
+    dispatch_by_expert,
+    grouped_matmul,
+    grouped_mm_supported,
+)
 from .configuration_complexity import ROUTE_HASH_COUNTS, ROUTE_STRATEGIES
 
 # ----------------------------------------------------------------------------- route tables
@@ -286,10 +292,6 @@ STRATEGIES = ("auto", "dense", "grouped")
 # k chosen experts plus the shared expert: the GEMMs then run at full speed with no sort or
 # gather, which beats a grouped GEMM until the wasted columns cost more than the dispatch.
 DENSE_MAX_FLOP_RATIO = 1.3
-# From this many rows on, weights are concatenated per call so each projection is one GEMM; below
-# it (decode steps) a GEMM is bound by reading its weights, and a copy of them would cost more
-# than the launches it saves.
-FUSE_MIN_ROWS = 1024
 
 
 def pick_strategy(num_experts: int, top_k: int, expert_width: int, shared_width: int, grouped_ok: bool) -> str:
@@ -341,7 +343,7 @@ def _dense_all(x, routes, weights, gate_up, down, shared, shared_scale, routed_s
     e, _, w2 = gate_up.shape
     width = w2 // 2
     column = _expert_weights(routes, weights, e) * routed_scale  # [N, E] float32
-    if n < FUSE_MIN_ROWS:
+    if n < FUSE_WEIGHTS_MIN_ROWS:
         gate, up = torch.matmul(x, gate_up).chunk(2, dim=-1)  # [E, N, W]
         act = (F.silu(gate) * up * column.t().unsqueeze(-1)).to(x.dtype)
         out = act.transpose(0, 1).reshape(n, e * width) @ down.reshape(e * width, hidden)
@@ -409,7 +411,7 @@ def _grouped(x, routes, weights, gate_up, down, shared, shared_scale, routed_sca
     act = (F.silu(gate) * up * scale).to(x.dtype)
     out = _Combine.apply(grouped_matmul(act, down, offsets), inverse, token, k)
     if shared is not None:
-        out = out + _shared_swiglu(x, shared, float(shared_scale), fuse=n >= FUSE_MIN_ROWS)
+        out = out + _shared_swiglu(x, shared, float(shared_scale), fuse=n >= FUSE_WEIGHTS_MIN_ROWS)
     return out
 
 

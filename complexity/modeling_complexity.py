@@ -32,7 +32,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .complexity_kernels import (
-    FUSE_QKV_MIN_ROWS,
+    FUSE_WEIGHTS_MIN_ROWS,
     ExpertDispatch,
     decode_attention,
     decode_attention_applies,
@@ -151,7 +151,7 @@ class ComplexityAttention(nn.Module):
     """
 
     # Batches of at least this many rows run the up-to-six projections as one GEMM.
-    fuse_min_rows = FUSE_QKV_MIN_ROWS
+    fuse_min_rows = FUSE_WEIGHTS_MIN_ROWS
 
     def __init__(self, config: ComplexityConfig, layer_idx: int, with_mu: bool):
         super().__init__()

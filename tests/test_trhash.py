@@ -376,7 +376,7 @@ def test_gradients_reach_every_weight_and_match_float64(strategy, tokens):
 
 @pytest.mark.parametrize("tokens", [7, 1030])
 def test_dense_strategy_gradcheck_float64(tokens, monkeypatch):
-    monkeypatch.setattr(hr, "FUSE_MIN_ROWS", 8)  # both forms at gradcheck-friendly sizes
+    monkeypatch.setattr(hr, "FUSE_WEIGHTS_MIN_ROWS", 8)  # both forms at gradcheck-friendly sizes
     inputs = mlp_inputs(tokens=min(tokens, 12), dtype=torch.float64, hidden=6, width=3, shared=4)
     tensors = leaves(inputs)
 
