@@ -8,6 +8,7 @@ accumulation), which moves the fp32 losses by ~1e-7 relative over these few step
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, read_losses, tiny_overrides, torchrun  # noqa: E402
 
 from complexity.train import load_config, train  # noqa: E402
+from complexity.train.checkpoint import resolve_checkpoint  # noqa: E402
 
 STEPS = 6
 RTOL = 1e-5
@@ -83,6 +85,13 @@ def test_fsdp_checkpoint_resumes_on_one_process(setup):
     out = root / "reshard"
     r = torchrun(2, ["train", "--out", str(out), "--stop-after", "3", *override_args({**o, "training.dp": "fsdp"})])
     assert r.returncode == 0, r.stderr[-4000:]
+    # both ranks hashed a share of the files: meta.json lists every one, each hash right
+    ckpt = resolve_checkpoint(out)
+    listed = json.loads((ckpt / "meta.json").read_text())["files"]
+    written = sorted(p.name for p in ckpt.iterdir() if p.name != "meta.json")
+    assert sorted(listed) == written and len(written) >= 4  # .metadata, 2 shards, 2 rank states
+    for name, entry in listed.items():
+        assert entry["sha256"] == hashlib.sha256((ckpt / name).read_bytes()).hexdigest(), name
     rest = train(load_config(None, o), out_dir=out, resume=True)  # 1 process, 2 micro-batches
     assert sorted(rest.losses) == [4, 5, 6]
     _close(read_losses(out), reference)

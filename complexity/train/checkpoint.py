@@ -173,13 +173,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_manifest(folder: Path) -> dict:
-    """{name: {"bytes", "sha256"}} of every file in a checkpoint folder but meta.json (hashed in
-    parallel threads: hashlib releases the GIL)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != META)
+def _file_manifest(folder: Path) -> dict | None:
+    """Collective. {name: {"bytes", "sha256"}} of every file in a checkpoint folder but meta.json,
+    on rank 0 (None elsewhere). Every rank hashes a share of the files (the folder is on a file
+    system they all see, as DCP requires), each in parallel threads (hashlib releases the GIL):
+    a save reads the checkpoint back once in total, not once through rank 0."""
+    names = [sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != META) if _rank() == 0 else None]
+    if _is_dist():
+        dist.broadcast_object_list(names, src=0)
+    world = dist.get_world_size() if _is_dist() else 1
+    mine = [folder / name for name in names[0][_rank() :: world]]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        digests = list(pool.map(_sha256, files))
-    return {p.name: {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+        digests = list(pool.map(_sha256, mine))
+    share = {p.name: {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(mine, digests)}
+    shares = [share]
+    if _is_dist():
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
+    return {name: entry for part in shares for name, entry in sorted(part.items())} if _rank() == 0 else None
 
 
 def verify_checkpoint(path: str | Path) -> dict:
@@ -310,8 +321,8 @@ def save_checkpoint(
         write_json(tmp / f"rank_{rank:05d}.json", rank_state, default=_json_default)
         fault_point("checkpoint.rank_state_saved")
         barrier()
+        files = _file_manifest(tmp)
         if rank == 0:
-            files = _file_manifest(tmp)
             write_json(tmp / META, {**meta, "step": step, "saved_at": time.time(), "files": files})
             fault_point("checkpoint.meta_written")
             replace_dir(tmp, final, "checkpoint")
