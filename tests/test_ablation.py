@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,25 @@ def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):
     assert "hash_top2" in _results_rows(text)
     assert "## Spike at step 6" in text
     _assert_png(out / "spike.png")
+
+
+def test_one_arm_ablation_reports_without_warnings(data_dir, tmp_path):
+    """One arm: the gap panel holds only its zero line, so it gets no legend (matplotlib would
+    warn "No artists with labels found")."""
+    out = tmp_path / "one"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        res = run_ablation(
+            preset="tiny",
+            data=data_dir,
+            steps=4,
+            out=out,
+            seeds=1,
+            arms=["dense"],
+            overrides=_overrides(data_dir),
+            progress=False,
+            log=lambda m: None,
+        )
+    assert not res.interrupted
+    assert list(_results_rows((out / "results.md").read_text())) == ["dense"]
+    _assert_png(out / "loss.png")

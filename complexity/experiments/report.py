@@ -301,7 +301,7 @@ def plot_losses(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if any(not line.get_label().startswith("_") for line in ax.lines):  # the zero line has none
             ax.legend(fontsize=8)
     axes[0].set_ylabel("loss (nats/token)")
     if meta["steps"] > 20 and axes[0].lines:
