@@ -88,3 +88,14 @@ def tiny_model(seed: int = 0, **overrides) -> ComplexityForCausalLM:
 @pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
 def variant(request):
     return request.param, VARIANTS[request.param]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    bitwise comparisons with subprocesses (OMP_NUM_THREADS=1) need the same thread count, and one
+    thread is also much faster for these tiny models on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -22,15 +22,12 @@ from complexity.train.eval import evaluate, evaluate_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("eval")
     _, data = make_tiny_data(root / "fx")
     run = root / "run"
     train(tiny_config(data, **{"training.max_steps": 4, "eval.at_end": False}), out_dir=run)
     yield data, run
-    torch.set_num_threads(old)
 
 
 def _val_windows(data: Path, seq_len: int) -> torch.Tensor:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, run_cli, tiny_overrides  # noqa: E402
@@ -30,12 +29,7 @@ STEPS = 4
 RUN = "runs/dense-s0"  # the ablation's one run, a finished training run folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

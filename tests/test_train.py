@@ -34,14 +34,7 @@ def tiny_data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("train-data"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Bitwise comparisons with subprocesses (OMP_NUM_THREADS=1) need the same thread count here;
-    # one thread is also much faster for these tiny models on a shared machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, read_losses, tiny_overrides, torchrun  # noqa: E402
@@ -27,9 +26,7 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("dist")
     _, data = make_tiny_data(root / "fx")
     o = tiny_overrides(
@@ -44,7 +41,6 @@ def setup(tmp_path_factory):
     )
     reference = train(load_config(None, o), out_dir=root / "single")
     yield root, o, reference.losses
-    torch.set_num_threads(old)
 
 
 def _close(a: dict, b: dict) -> None:

@@ -67,16 +67,13 @@ KILL_POINTS = [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise comparisons with the CLI subprocesses (OMP_NUM_THREADS=1)
+def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("faults")
     _, data = make_tiny_data(root / "data")
     o = tiny_overrides(data, **RUN)
     reference = root / "reference"
     train(load_config(None, o), out_dir=reference)
     yield root, o, reference
-    torch.set_num_threads(old)
 
 
 def _weights(run: Path) -> dict:

@@ -20,11 +20,8 @@ from complexity.train.parallelize import allocate_grads  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def tiny_data(tmp_path_factory, one_thread):
     yield make_tiny_data(tmp_path_factory.mktemp("settings-data"))
-    torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------- compile: auto and refusals

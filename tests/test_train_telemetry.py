@@ -11,7 +11,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, tiny_config  # noqa: E402
@@ -23,13 +22,7 @@ from complexity.train import data as data_mod  # noqa: E402
 from complexity.train.eval import evaluate  # noqa: E402
 from complexity.train.metrics import read_metrics, train_losses  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
