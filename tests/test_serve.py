@@ -280,20 +280,25 @@ _PROMPT_FREE_ERRORS = [
 ]
 
 
+def _record_calls(monkeypatch, obj, name: str) -> list:
+    """The arguments of every call of the async method obj.name, which still runs."""
+    calls, real = [], getattr(obj, name)
+
+    async def recording(arg):
+        calls.append(arg)
+        return await real(arg)
+
+    monkeypatch.setattr(obj, name, recording)
+    return calls
+
+
 @pytest.mark.parametrize("fields,param", _PROMPT_FREE_ERRORS + [({"top_logprobs": 2}, "top_logprobs")])
 def test_chat_fields_are_checked_before_the_chat_template(server, monkeypatch, fields, param):
     """Under a template that refuses every conversation, an invalid field is still the 400 that
     names it, and the template never ran; a valid request reaches the template."""
     url, app = server
     engine = app.state.engine
-    rendered = []
-    real = engine.apply_chat_template
-
-    async def counting(messages):
-        rendered.append(messages)
-        return await real(messages)
-
-    monkeypatch.setattr(engine, "apply_chat_template", counting)
+    rendered = _record_calls(monkeypatch, engine, "apply_chat_template")
     monkeypatch.setattr(engine.tokenizer, "chat_template", "{{ raise_exception('this template refuses all') }}")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 5000}], "max_tokens": 3}
     _assert_error(_post(url, "/v1/chat/completions", {**body, **fields}), 400, param=param)
@@ -305,15 +310,7 @@ def test_chat_fields_are_checked_before_the_chat_template(server, monkeypatch, f
 @pytest.mark.parametrize("fields,param", _PROMPT_FREE_ERRORS + [({"logprobs": 99}, "logprobs")])
 def test_completion_fields_are_checked_before_tokenizing(server, monkeypatch, fields, param):
     url, app = server
-    engine = app.state.engine
-    encoded = []
-    real = engine.encode
-
-    async def counting(text):
-        encoded.append(text)
-        return await real(text)
-
-    monkeypatch.setattr(engine, "encode", counting)
+    encoded = _record_calls(monkeypatch, app.state.engine, "encode")
     body = {"model": MODEL, "prompt": ["the cat", "sat"], "max_tokens": 3}
     _assert_error(_post(url, "/v1/completions", {**body, **fields}), 400, param=param)
     assert encoded == []
