@@ -48,7 +48,7 @@ from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill
 from .detokenize import OutputProcessor
 from .errors import InvalidRequest
 from .outputs import Completion, StepOutput, TokenLogprob
-from .sampling import SamplingParams, make_generator, sample_tokens, top_logprobs
+from .sampling import SEED_RANGE, SamplingParams, make_generator, sample_tokens, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def _check_engine_args(
         fail("cuda_graphs", "True, False or None (the device's default)", cuda_graphs)
     if compile is not None and not isinstance(compile, bool) and not (isinstance(compile, str) and compile):
         fail("compile", "True, False, None (the device's default) or a torch.compile backend name", compile)
-    integer("seed", seed, -(2**63), 2**64 - 1, "an integer in [-2**63, 2**64)")  # torch.Generator's range
+    integer("seed", seed, *SEED_RANGE, "an integer in [-2**63, 2**64)")  # torch.Generator's range
 
 
 class Engine:
