@@ -56,8 +56,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..data.files import FileFormatError, read_json_object
 from ..train.callbacks import TrainerCallbacks, spike_injection
 from ..train.durable import drop_torn_tail, write_json
+from ..train.metrics import read_log, read_metrics
 
 if TYPE_CHECKING:
     from ..configuration_complexity import ComplexityConfig
@@ -411,8 +413,6 @@ def _check_plan(out: Path, identity: dict) -> None:
     path = out / "ablation.json"
     if not path.is_file():
         return
-    from ..train.run_folder import read_json_object
-
     old = read_json_object(path, PLAN_REMEDY, {"identity": dict})["identity"]
     diffs = []
     for key in ("model", "data", "optim", "schedule", "training", "spike"):
@@ -480,9 +480,6 @@ class _Recorder(TrainerCallbacks):
 def read_batches(run_dir: Path) -> dict[tuple[int, int], str]:
     """(step, micro) -> sha1 from a run's batches.jsonl, resumes applied (a torn last line skipped;
     a damaged line is a FileFormatError naming the file and line)."""
-    from ..data.files import FileFormatError
-    from ..train.metrics import read_log
-
     path = run_dir / "batches.jsonl"
     out: dict[tuple[int, int], str] = {}
     for number, r in read_log(path):
@@ -504,8 +501,6 @@ PLAN_REMEDY = (
 
 def read_done(run_dir: Path) -> dict:
     """A finished run's done.json (its summary); a damaged one is a FileFormatError saying what to do."""
-    from ..train.run_folder import read_json_object
-
     return read_json_object(
         run_dir / "done.json",
         "it is the summary of a finished run: delete it and rerun the ablation command, which summarises the "
@@ -516,9 +511,6 @@ def read_done(run_dir: Path) -> dict:
 
 def read_run_metrics(run_dir: Path) -> list[dict]:
     """A run's metrics.jsonl (`read_metrics`); a damaged one is a FileFormatError saying what to do."""
-    from ..data.files import FileFormatError
-    from ..train.metrics import read_metrics
-
     try:
         return read_metrics(run_dir / "metrics.jsonl")
     except FileFormatError as err:

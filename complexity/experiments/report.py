@@ -24,11 +24,10 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from ..data.files import FileFormatError
+from ..data.files import NUMBER, FileFormatError, check_fields, read_json_object
 from ..train.durable import write_atomic
 from ..train.metrics import train_losses
 from ..train.plot import save_figure
-from ..train.run_folder import NUMBER, check_fields, read_json_object
 
 MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
 

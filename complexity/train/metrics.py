@@ -35,7 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data.files import DiskFullError, FileFormatError
+from ..data.files import DiskFullError, FileFormatError, read_json_object
 from .durable import caused_by_full_disk, drop_torn_tail, fault_point, write_json
 
 if TYPE_CHECKING:
@@ -161,8 +161,6 @@ def _wandb_run(out_dir: Path, project: str, run_config: dict | None, resume_step
     except ImportError:
         print("warning: logging.wandb = true but wandb is not installed; skipping", file=sys.stderr)
         return None
-    from .run_folder import read_json_object  # here: run_folder imports this module
-
     path = out_dir / WANDB_RUN
     if resume_step is not None and path.is_file():
         remedy = "it holds the id of the run's wandb run: restore it, or delete it to log to a new wandb run"

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.files import FileFormatError, read_json
+from ..data.files import read_json_object
 from . import checkpoint as ckpt_mod
 from .config import RunConfig
 from .durable import recover_dir, replace_dir, write_json
@@ -52,49 +52,6 @@ def _own_temporary(name: str) -> bool:
     return (
         name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp")) or name.startswith(".replaced-")
     )
-
-
-NUMBER = (int, float)
-_KINDS = {
-    dict: "an object",
-    list: "a list",
-    str: "a string",
-    int: "an integer",
-    NUMBER: "a number",
-    bool: "true or false",
-    object: "any value",
-}
-
-
-def check_fields(obj, fields: dict, where: str, remedy: str) -> dict:
-    """`obj` when it is a JSON object holding `fields` (name -> a type of _KINDS) with those types;
-    otherwise a `FileFormatError` "WHERE: what is wrong; REMEDY"."""
-    problem = None
-    if not isinstance(obj, dict):
-        problem = f"expected a JSON object, found {type(obj).__name__}"
-    else:
-        for name, kind in fields.items():
-            value = obj.get(name)
-            if name not in obj:
-                problem = f"the field {name!r} is missing"
-            elif not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, NUMBER)):
-                problem = f"the field {name!r} should be {_KINDS[kind]}, found {value!r}"
-            if problem:
-                break
-    if problem:
-        raise FileFormatError(f"{where}: {problem}; {remedy}")
-    return obj
-
-
-def read_json_object(path: Path, remedy: str, fields: dict | None = None) -> dict:
-    """A JSON object file of a run or ablation folder. A damaged one (unreadable, not JSON, not an
-    object, a field of `fields` missing or of another type: see `check_fields`) is a
-    `FileFormatError` naming the file and what is wrong, followed by `remedy`: what to do about it."""
-    try:
-        obj = read_json(path)
-    except FileFormatError as err:
-        raise FileFormatError(f"{err}; {remedy}") from None
-    return check_fields(obj, fields or {}, str(path), remedy)
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
