@@ -52,6 +52,22 @@ def _overrides(data_dir, **extra) -> list[str]:
     return override_args(o)
 
 
+def _tiny_ablation(data_dir, out, *, steps, seeds, arms, **extra) -> dict:
+    """run_ablation's arguments for the tiny preset on the test corpus, quietly."""
+    return dict(
+        preset="tiny",
+        data=data_dir,
+        steps=steps,
+        out=out,
+        seeds=seeds,
+        arms=arms,
+        overrides=_overrides(data_dir),
+        progress=False,
+        log=lambda m: None,
+        **extra,
+    )
+
+
 def _results_rows(text: str) -> dict[str, list[str]]:
     """The arm rows of the '## Results' table of results.md."""
     section = text.split("## Results", 1)[1].split("\n## ", 1)[0]
@@ -157,17 +173,7 @@ def test_stop_after_must_be_positive(capsys):
 def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
     out = tmp_path / "abl"
     arms = ["dense", "routed_mu"]
-    kw = dict(
-        preset="tiny",
-        data=data_dir,
-        steps=8,
-        out=out,
-        seeds=2,
-        arms=arms,
-        overrides=_overrides(data_dir),
-        progress=False,
-        log=lambda m: None,
-    )
+    kw = _tiny_ablation(data_dir, out, steps=8, seeds=2, arms=arms)
 
     # 1. Interrupted after the first arm has finished.
     class Stop(Exception):
@@ -249,18 +255,7 @@ def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):
     out = tmp_path / "spike"
     arms = ["dense", "routed", "hash_top2"]
     res = run_ablation(
-        preset="tiny",
-        data=data_dir,
-        steps=10,
-        out=out,
-        seeds=1,
-        arms=arms,
-        overrides=_overrides(data_dir),
-        spike_step=6,
-        spike_lr_mult=10.0,
-        spike_window=3,
-        progress=False,
-        log=lambda m: None,
+        **_tiny_ablation(data_dir, out, steps=10, seeds=1, arms=arms, spike_step=6, spike_lr_mult=10.0, spike_window=3)
     )
     assert not res.interrupted
     for a in arms:
@@ -289,17 +284,7 @@ def test_one_arm_ablation_reports_without_warnings(data_dir, tmp_path):
     out = tmp_path / "one"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        res = run_ablation(
-            preset="tiny",
-            data=data_dir,
-            steps=4,
-            out=out,
-            seeds=1,
-            arms=["dense"],
-            overrides=_overrides(data_dir),
-            progress=False,
-            log=lambda m: None,
-        )
+        res = run_ablation(**_tiny_ablation(data_dir, out, steps=4, seeds=1, arms=["dense"]))
     assert not res.interrupted
     assert list(_results_rows((out / "results.md").read_text())) == ["dense"]
     _assert_png(out / "loss.png")
