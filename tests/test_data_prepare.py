@@ -626,3 +626,99 @@ def test_kill_9_at_every_write_point_then_resume(tmp_path, tiny_tokenizer, small
 
         shutil.rmtree(out)
     assert point > 30  # parts (3 sources), shards (2 + 1 per split), counts, manifest, rename
+
+
+# ----------------------------------------------------------------------------- pinned output
+
+
+def _fixed_tokenizer(folder: Path) -> Path:
+    """A byte-level BPE tokenizer built from an explicit vocabulary and merges (no training, so
+    its ids do not depend on the trainer's version)."""
+    from tokenizers import models, pre_tokenizers
+
+    from complexity.data.tokenizer import SPECIAL_TOKENS, build_untrained_tokenizer
+
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "the"), ("e", "r"), ("i", "n"), ("o", "r"), ("Ġ", "s"), ("Ġ", "t")]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for piece in sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]:
+        vocab[piece] = len(vocab)
+    tok = build_untrained_tokenizer()
+    tok.model = models.BPE(vocab, merges)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _digests(folder: Path, tmp_path: Path) -> dict:
+    """sha256 of every file below folder; in JSON files the temporary paths and the creation
+    time, which differ from run to run, are replaced first."""
+    import hashlib
+    import re
+
+    digests = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.suffix == ".json":
+                for path in (str(tmp_path.resolve()), str(tmp_path)):
+                    data = data.replace(path.encode(), b"<tmp>")
+                data = re.sub(rb'"created": "[^"]*"', b'"created": "<created>"', data)
+            digests[str(p.relative_to(folder))] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+# What `prepare` writes for one fixed input (three text files and a jsonl, a fixed tokenizer,
+# several shards per split): the files of the finished folder and the parts an interrupted run
+# keeps. A change in any byte, name or manifest field (or its order) shows here.
+PINNED_TOKENIZER_HASH = "f22dd6c1c910991868a989baeb4dfcee830a00d2ee0eafc8a9d5eaf9330c7b3e"
+PINNED_TMP_NAME = "out.tmp-f7c608c195a4"
+PINNED_PARTS = {
+    "parts/00000-9fcd9c637825.counts.npy": "9ed48fb5c8f595aa048dffceeb3505e2e4926315bd05d9f41cd09dbfa36e8d3a",
+    "parts/00000-9fcd9c637825.json": "119e0c0a79dc91ddab17f3b8194830523831afa5c1595065eec5e41966519ac3",
+    "parts/00000-9fcd9c637825.train.bin": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    "parts/00000-9fcd9c637825.val.bin": "a9623699866fb2b04a50a67de902cfba04a7c143d31e173e24b9fbb14b8ca76b",
+    "parts/00001-709408ae2d48.counts.npy": "2a068b6a380c5241278160bafbc6fc61170f464456cb97bc31d7dc75f5949964",
+    "parts/00001-709408ae2d48.json": "e70cdaa151637e7ae72d33e55ebee5a38892b8d483960893476f99ebfa4381b8",
+    "parts/00001-709408ae2d48.train.bin": "9d46285bd882650aa12dd8e2b7be8804394b3f85f8f7314bf2d6f3b381d15296",
+    "parts/00001-709408ae2d48.val.bin": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+}
+PINNED_OUTPUT = {
+    "manifest.json": "9a697bf2801adf67ec0b75f4a7c962be41b005d066eb62845b447eeb62542915",
+    "token_counts.npy": "f66155d9e2f7514155d0151369a49ad882e2ce9f2338eae6e0499b54ae403a1f",
+    "train/shard_00000.npy": "d6e48decd07ed280b38fd16fd8f0bd0701df01388086854edebea4452db33d7e",
+    "train/shard_00001.npy": "5077ba0cd224378d73ce067c790bf69547bde1c372d5aa10556380c143c3ee6b",
+    "train/shard_00002.npy": "5dbed0342cfa1a099be22f13b179d8bccc3e84f9f9a332f7c05cabca3eceac3b",
+    "train/shard_00003.npy": "624ef7b4bfd2c8c5690a294c70496d5b1e429138ddb2e719383f55acca9d9bee",
+    "train/shard_00004.npy": "7635d52799b8560e01295b614ce1c0c39f0413bfc0903f5d0b89161114dca02b",
+    "train/shard_00005.npy": "b7359f4a502edfe8491c4ac854eedba05660f5f604dffb5b3453163263e8ad64",
+    "val/shard_00000.npy": "91c64dd7fc2dc927d3b2ed7d2fb2e2a5d15a0945d301f0ecd4c6fce369ddd348",
+    "val/shard_00001.npy": "e71117df8b9cee29d373c3f8ea51074aaa00d17bb96bf7db71e0579a5a4cff88",
+}
+
+
+def test_prepared_bytes_are_pinned(tmp_path, monkeypatch):
+    from complexity.data.prepare import PrepareInterrupted, prepare_dataset
+    from complexity.data.tokenizer import tokenizer_hash
+
+    tok = _fixed_tokenizer(tmp_path / "tok")
+    assert tokenizer_hash(tok) == PINNED_TOKENIZER_HASH  # else the digests below cannot hold
+    write_corpus(tmp_path / "src", n_txt=3, n_jsonl_docs=30)
+    inputs = [str(tmp_path / "src")]
+    opts = dict(val_fraction=0.25, shard_tokens=2000, progress=False, log=lambda m: None)
+
+    clean = prepare_dataset(inputs, tok, tmp_path / "clean", **opts)
+    assert _digests(tmp_path / "clean", tmp_path) == PINNED_OUTPUT
+    assert not clean.skipped and clean.resumed_parts == 0
+    prepare_dataset(inputs, tok, tmp_path / "workers", **opts, workers=2, batch_bytes=1)
+    assert _digests(tmp_path / "workers", tmp_path) == PINNED_OUTPUT
+
+    monkeypatch.setenv("COMPLEXITY_PREPARE_FAIL_AFTER", "2")
+    with pytest.raises(PrepareInterrupted):
+        prepare_dataset(inputs, tok, tmp_path / "out", **opts)
+    (tmp,) = tmp_path.glob("out.tmp-*")
+    assert tmp.name == PINNED_TMP_NAME
+    assert _digests(tmp, tmp_path) == PINNED_PARTS
+    monkeypatch.delenv("COMPLEXITY_PREPARE_FAIL_AFTER")
+    resumed = prepare_dataset(inputs, tok, tmp_path / "out", **opts)
+    assert resumed.resumed_parts == 2 and _digests(tmp_path / "out", tmp_path) == PINNED_OUTPUT
