@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,15 @@ from .files import (
 )
 from .manifest import COUNTS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, read_manifest
 from .sources import DataSourceError, Source, iter_documents, resolve_sources
-from .tokenizer import EOS_TOKEN, TokenizerError, load_tokenizer, tokenizer_hash, vocab_size_of
+from .tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    TokenizerError,
+    load_tokenizer,
+    tokenizer_hash,
+    vocab_size_of,
+)
 
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens (512 MiB as uint16) per shard
 FAIL_AFTER_ENV = "COMPLEXITY_PREPARE_FAIL_AFTER"  # fault injection for tests: crash after N parts
@@ -92,6 +101,105 @@ def is_validation(text_bytes: bytes, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
 
 
+# ----------------------------------------------------------------------------- whole run
+
+
+def prepare_dataset(
+    inputs: Sequence[str] = (),
+    tokenizer: str | os.PathLike = "",
+    out_dir: str | os.PathLike = "",
+    *,
+    builtin: bool = False,
+    val_fraction: float = 0.01,
+    text_field: str = "text",
+    txt_split: str = "file",
+    hf_split: str | None = None,
+    dtype: str | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    batch_bytes: int = 1 << 20,
+    workers: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PrepareResult:
+    """Tokenize ``inputs`` (and/or the built-in corpus) with ``tokenizer`` into ``out_dir``.
+
+    Idempotent: if ``out_dir`` already holds the result for the same sources (by content hash),
+    tokenizer and options, nothing is done (``skipped=True``). Resumable: parts finished by an
+    interrupted run (kept in ``out_dir.tmp-<hash>``) are reused.
+
+    ``workers``: 0 or 1 tokenizes with the Rust tokenizer's own thread pool
+    (``encode_batch_fast``, all cores); N > 1 uses N worker processes instead. The output is
+    identical either way.
+    """
+    _check_arguments(out_dir, val_fraction, shard_tokens)
+    out = Path(out_dir)
+    tok = _Tokenizer.load(tokenizer)
+    np_dtype = choose_dtype(tok.vocab_size, dtype)
+    sources = resolve_sources(inputs, text_field=text_field, hf_split=hf_split, builtin=builtin)
+    options = {
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+        "txt_split": txt_split,
+        "hf_split": hf_split,
+        "dtype": np_dtype.name,
+        "shard_tokens": shard_tokens,
+    }
+    plan = _Plan(sources, tok, np_dtype, options, _config_hash(sources, tok.hash, options))
+
+    existing = _existing_output(out, plan.config_hash, force)
+    if existing is not None:
+        log(f"{out}: already prepared from these inputs, tokenizer and options; nothing to do")
+        return PrepareResult(out, existing, skipped=True)
+    t0 = time.time()
+    tmp = out.parent / f"{out.name}.tmp-{plan.config_hash[:12]}"
+    manifest, resumed = _build(plan, tmp, batch_bytes=batch_bytes, workers=workers, progress=progress, log=log)
+    replace_dir(tmp, out)
+    log(_summary(out, manifest, resumed, time.time() - t0))
+    return PrepareResult(out, manifest, skipped=False, resumed_parts=resumed)
+
+
+def _check_arguments(out_dir, val_fraction: float, shard_tokens: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError("shard_tokens must be positive")
+    if not str(out_dir):
+        raise ValueError("no output folder given (--out)")
+
+
+@dataclass(frozen=True)
+class _Tokenizer:
+    """The tokenizer a run encodes with, and what the manifest records of it."""
+
+    path: str | os.PathLike
+    tok: Any  # tokenizers.Tokenizer
+    hash: str
+    vocab_size: int
+    eos_id: int
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> _Tokenizer:
+        tok = load_tokenizer(path)
+        tok_hash = tokenizer_hash(path)
+        vocab_size = vocab_size_of(tok)
+        eos_id = tok.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise TokenizerError(f"{path}: tokenizer has no {EOS_TOKEN} token to separate documents")
+        return cls(path, tok, tok_hash, vocab_size, eos_id)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run reads and how it stores it, fixed before anything is written."""
+
+    sources: list[Source]
+    tokenizer: _Tokenizer
+    dtype: np.dtype
+    options: dict  # recorded in the manifest
+    config_hash: str  # of the sources' contents, the tokenizer and the options: names the output
+
+
 def _config_hash(sources: Sequence[Source], tok_hash: str, options: dict) -> str:
     blob = {
         "format": [FORMAT, FORMAT_VERSION],
@@ -102,7 +210,165 @@ def _config_hash(sources: Sequence[Source], tok_hash: str, options: dict) -> str
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-# ----------------------------------------------------------------------------- one source
+def _existing_output(out: Path, config_hash: str, force: bool) -> dict | None:
+    """The manifest of an ``out`` this very configuration already made, or None when ``out`` may
+    be written; anything else there is refused unless ``force``."""
+    if force:
+        return None
+    existing = read_manifest(out) if out.is_dir() else None
+    if existing is not None:
+        if existing.get("config_hash") == config_hash:
+            return existing
+        raise FileExistsError(
+            f"{out}: already holds prepared data made from other inputs, tokenizer or options; "
+            "use --force to replace it or choose another --out"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not a prepared-data folder; use --force to replace it")
+    return None
+
+
+def _build(
+    plan: _Plan, tmp: Path, *, batch_bytes: int, workers: int, progress: bool, log: Callable[[str], None]
+) -> tuple[dict, int]:
+    """Make the complete output in ``tmp``, reusing what an interrupted run finished there:
+    its manifest and the number of parts reused."""
+    parts_dir = tmp / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+    try:
+        manifest = read_manifest(tmp)
+        if manifest is None:
+            metas, resumed = _run_parts(
+                plan, parts_dir, batch_bytes=batch_bytes, workers=workers, progress=progress, fail_after=fail_after
+            )
+            if resumed:
+                log(f"resumed: {resumed} of {len(plan.sources)} source(s) were already tokenized by an interrupted run")
+            manifest = _assemble(tmp, metas, plan)
+        else:  # a run killed between writing the manifest and renaming the folder
+            resumed = len(plan.sources)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    except (DataSourceError, TokenizerError, ValueError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except DiskFullError as err:  # the finished parts stay: a re-run after freeing space reuses them
+        raise err.with_hint(f"finished work is kept in {tmp} and reused when the command is run again") from None
+    return manifest, resumed
+
+
+def _summary(out: Path, manifest: dict, resumed: int, elapsed: float) -> str:
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    return (
+        f"{out}: {manifest['documents']} documents -> {tr['tokens']:,} train tokens in {len(tr['shards'])} shard(s), "
+        f"{va['tokens']:,} val tokens ({va['documents']} documents); {manifest['dtype']}; {elapsed:.1f}s"
+        + (f"; reused {resumed} finished part(s)" if resumed else "")
+    )
+
+
+# ----------------------------------------------------------------------------- parts: one per source
+
+
+def _run_parts(plan: _Plan, parts_dir: Path, *, batch_bytes: int, workers: int, progress: bool, fail_after: int):
+    """Tokenize every source into its part, reusing the parts an interrupted run finished: the
+    parts' records in source order, and how many were reused."""
+    metas, resumed, encoder = [], 0, None
+    pbar = _progress_bar(plan.sources) if progress else _NoProgress()
+    try:
+        for i, source in enumerate(plan.sources):
+            part_id = f"{i:05d}-{(source.sha256 or 'x')[:12]}"
+            meta = _finished_part(parts_dir, part_id, plan.dtype)
+            if meta is not None:
+                metas.append(meta)
+                resumed += 1
+                pbar.update(source.size_bytes)
+                continue
+            if encoder is None:
+                encoder = _Encoder(plan.tokenizer, plan.dtype, plan.options["val_fraction"], workers)
+            metas.append(_process_source(source, part_id, parts_dir, encoder, plan, batch_bytes, pbar))
+            if fail_after and len(metas) >= fail_after:
+                raise PrepareInterrupted(f"fault injection: stopping after {len(metas)} part(s) ({FAIL_AFTER_ENV})")
+    finally:
+        if encoder is not None:
+            encoder.close()
+        pbar.close()
+    return metas, resumed
+
+
+def _progress_bar(sources: Sequence[Source]):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sum(s.size_bytes for s in sources), unit="B", unit_scale=True, desc="tokenizing")
+
+
+class _NoProgress:
+    """Stands in for the progress bar with --no-progress (a tqdm, even disabled, starts a thread)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _finished_part(parts_dir: Path, part_id: str, dtype) -> dict | None:
+    """The record of a part an earlier run finished, or None when it must be (re)done: no
+    marker, or a marker whose token files are not there in full (removed or damaged since)."""
+    try:
+        meta = read_json(parts_dir / f"{part_id}.json")
+    except (FileNotFoundError, FileFormatError):
+        return None
+    try:
+        for split in SPLITS:
+            expected = int(meta["splits"][split]["tokens"]) * np.dtype(dtype).itemsize
+            if (parts_dir / f"{part_id}.{split}.bin").stat().st_size != expected:
+                return None
+        if not (parts_dir / f"{part_id}.counts.npy").is_file() or meta["part"] != part_id:
+            return None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return meta
+
+
+def _process_source(source, part_id, parts_dir, encoder: _Encoder, plan: _Plan, batch_bytes: int, pbar) -> dict:
+    """Tokenize one source into its part: the train and val token files, the train token counts,
+    and last the record that marks the part finished."""
+    counts = np.zeros(plan.tokenizer.vocab_size, dtype=np.int64)
+    stats = {s: {"documents": 0, "tokens": 0, "text_bytes": 0} for s in SPLITS}
+    opts = plan.options
+    docs = iter_documents(source, text_field=opts["text_field"], txt_split=opts["txt_split"], hf_split=opts["hf_split"])
+    seen = 0
+    # Both token files appear (fsynced, renamed) only once the source is read to the end; an
+    # error or a kill leaves at most their .partial files, which the next run overwrites.
+    with AtomicFile(parts_dir / f"{part_id}.train.bin") as train, AtomicFile(parts_dir / f"{part_id}.val.bin") as val:
+        for batch in encoder.map(_doc_batches(docs, batch_bytes)):
+            _add_batch(batch, {"train": train, "val": val}, stats, counts)
+            seen += batch["chars"]
+            pbar.update(batch["chars"])
+        if stats["train"]["documents"] + stats["val"]["documents"] == 0:
+            raise DataSourceError(f"{source.name}: contains no non-empty documents")
+    save_npy_atomic(parts_dir / f"{part_id}.counts.npy", counts)
+    meta = {"part": part_id, "source": source.to_json(), "splits": stats}
+    write_json_atomic(parts_dir / f"{part_id}.json", meta)  # marks the part finished
+    if source.size_bytes > seen:
+        pbar.update(source.size_bytes - seen)
+    return meta
+
+
+def _add_batch(batch: dict, files: dict, stats: dict, counts: np.ndarray) -> None:
+    """Append one packed batch to the part's token files, its statistics and train token counts."""
+    for split in SPLITS:
+        arr = batch["arrays"][split]
+        st = stats[split]
+        st["documents"] += batch["stats"][split][0]
+        st["text_bytes"] += batch["stats"][split][1]
+        st["tokens"] += int(arr.size)
+        if arr.size:
+            if split == "train":
+                counts += np.bincount(arr, minlength=counts.size)
+            files[split].write(arr)
+
+
+# ----------------------------------------------------------------------------- tokenizing
 
 
 def _pack(docs: list[str], encodings, eos_id: int, dtype, val_fraction: float) -> dict:
@@ -158,10 +424,10 @@ class _Encoder:
     tokenizer (itself multi-threaded; the GIL is released) and the caller's thread packs the
     results; workers > 1: a pool of worker processes tokenizes and packs."""
 
-    def __init__(self, tok, tokenizer_path, eos_id, dtype, val_fraction, workers: int):
+    def __init__(self, tokenizer: _Tokenizer, dtype: np.dtype, val_fraction: float, workers: int):
         self.workers = workers
-        self.args = (eos_id, dtype, val_fraction)
-        self.tok = tok
+        self.args = (tokenizer.eos_id, dtype, val_fraction)
+        self.tok = tokenizer.tok
         if workers > 1:
             import multiprocessing as mp
 
@@ -171,7 +437,7 @@ class _Encoder:
             self.pool = ctx.Pool(
                 workers,
                 initializer=_worker_init,
-                initargs=(str(tokenizer_path), eos_id, np.dtype(dtype).name, val_fraction),
+                initargs=(str(tokenizer.path), tokenizer.eos_id, dtype.name, val_fraction),
             )
         else:
             self.pool = ThreadPoolExecutor(max_workers=1)
@@ -208,221 +474,41 @@ class _Encoder:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _process_source(source, index, parts_dir, encoder: _Encoder, vocab_size, opts, batch_bytes, pbar) -> dict:
-    part_id = f"{index:05d}-{(source.sha256 or 'x')[:12]}"
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    stats = {s: {"documents": 0, "tokens": 0, "text_bytes": 0} for s in SPLITS}
-    seen = 0
-    # Both token files appear (fsynced, renamed) only once the source is read to the end; an
-    # error or a kill leaves at most their .partial files, which the next run overwrites.
-    with AtomicFile(parts_dir / f"{part_id}.train.bin") as train, AtomicFile(parts_dir / f"{part_id}.val.bin") as val:
-        files = {"train": train, "val": val}
-        docs = iter_documents(
-            source, text_field=opts["text_field"], txt_split=opts["txt_split"], hf_split=opts["hf_split"]
-        )
-        for result in encoder.map(_doc_batches(docs, batch_bytes)):
-            for split in SPLITS:
-                arr = result["arrays"][split]
-                st = stats[split]
-                st["documents"] += result["stats"][split][0]
-                st["text_bytes"] += result["stats"][split][1]
-                st["tokens"] += int(arr.size)
-                if arr.size:
-                    if split == "train":
-                        counts += np.bincount(arr, minlength=vocab_size)
-                    files[split].write(arr)
-            seen += result["chars"]
-            if pbar is not None:
-                pbar.update(result["chars"])
-        if stats["train"]["documents"] + stats["val"]["documents"] == 0:
-            raise DataSourceError(f"{source.name}: contains no non-empty documents")
-    save_npy_atomic(parts_dir / f"{part_id}.counts.npy", counts)
-    meta = {"part": part_id, "source": source.to_json(), "splits": stats}
-    write_json_atomic(parts_dir / f"{part_id}.json", meta)  # marks the part finished
-    if pbar is not None and source.size_bytes > seen:
-        pbar.update(source.size_bytes - seen)
-    return meta
+# ----------------------------------------------------------------------------- assembling the output
 
 
-# ----------------------------------------------------------------------------- whole run
-
-
-def prepare_dataset(
-    inputs: Sequence[str] = (),
-    tokenizer: str | os.PathLike = "",
-    out_dir: str | os.PathLike = "",
-    *,
-    builtin: bool = False,
-    val_fraction: float = 0.01,
-    text_field: str = "text",
-    txt_split: str = "file",
-    hf_split: str | None = None,
-    dtype: str | None = None,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    batch_bytes: int = 1 << 20,
-    workers: int = 0,
-    force: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> PrepareResult:
-    """Tokenize ``inputs`` (and/or the built-in corpus) with ``tokenizer`` into ``out_dir``.
-
-    Idempotent: if ``out_dir`` already holds the result for the same sources (by content hash),
-    tokenizer and options, nothing is done (``skipped=True``). Resumable: parts finished by an
-    interrupted run (kept in ``out_dir.tmp-<hash>``) are reused.
-
-    ``workers``: 0 or 1 tokenizes with the Rust tokenizer's own thread pool
-    (``encode_batch_fast``, all cores); N > 1 uses N worker processes instead. The output is
-    identical either way.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise ValueError("shard_tokens must be positive")
-    out = Path(out_dir)
-    if not str(out_dir):
-        raise ValueError("no output folder given (--out)")
-    tok = load_tokenizer(tokenizer)
-    tok_hash = tokenizer_hash(tokenizer)
-    vocab_size = vocab_size_of(tok)
-    eos_id = tok.token_to_id(EOS_TOKEN)
-    if eos_id is None:
-        raise TokenizerError(f"{tokenizer}: tokenizer has no {EOS_TOKEN} token to separate documents")
-    np_dtype = choose_dtype(vocab_size, dtype)
-
-    sources = resolve_sources(inputs, text_field=text_field, hf_split=hf_split, builtin=builtin)
-    options = {
-        "val_fraction": val_fraction,
-        "text_field": text_field,
-        "txt_split": txt_split,
-        "hf_split": hf_split,
-        "dtype": np_dtype.name,
-        "shard_tokens": shard_tokens,
-    }
-    config_hash = _config_hash(sources, tok_hash, options)
-
-    existing = read_manifest(out) if out.is_dir() and not force else None
-    if existing is not None:
-        if existing.get("config_hash") == config_hash:
-            log(f"{out}: already prepared from these inputs, tokenizer and options; nothing to do")
-            return PrepareResult(out, existing, skipped=True)
-        raise FileExistsError(
-            f"{out}: already holds prepared data made from other inputs, tokenizer or options; "
-            "use --force to replace it or choose another --out"
-        )
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not a prepared-data folder; use --force to replace it")
-
-    tmp = out.parent / f"{out.name}.tmp-{config_hash[:12]}"
+def _assemble(tmp: Path, metas: list[dict], plan: _Plan) -> dict:
+    """Join the finished parts into the output: the shards of each split, the token counts, and
+    last the manifest, which marks the folder complete."""
     parts_dir = tmp / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
-    t0 = time.time()
-    try:
-        if read_manifest(tmp) is None:
-            metas, resumed = _run_parts(
-                sources,
-                parts_dir,
-                tok,
-                tokenizer,
-                eos_id,
-                vocab_size,
-                np_dtype,
-                options,
-                batch_bytes,
-                workers,
-                progress,
-                fail_after,
-                log,
-            )
-            manifest = _assemble(
-                tmp, metas, sources, tok, tokenizer, tok_hash, vocab_size, eos_id, np_dtype, options, config_hash
-            )
-        else:
-            resumed = len(sources)
-            manifest = read_manifest(tmp)
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    except (DataSourceError, TokenizerError, ValueError):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except DiskFullError as err:  # the finished parts stay: a re-run after freeing space reuses them
-        raise err.with_hint(f"finished work is kept in {tmp} and reused when the command is run again") from None
-    replace_dir(tmp, out)
-    elapsed = time.time() - t0
-    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
-    log(
-        f"{out}: {manifest['documents']} documents -> {tr['tokens']:,} train tokens in {len(tr['shards'])} shard(s), "
-        f"{va['tokens']:,} val tokens ({va['documents']} documents); {np_dtype.name}; {elapsed:.1f}s"
-        + (f"; reused {resumed} finished part(s)" if resumed else "")
-    )
-    return PrepareResult(out, manifest, skipped=False, resumed_parts=resumed)
+    tokens = sum(_split_total(metas, split, "tokens") for split in SPLITS)
+    needed = tokens * plan.dtype.itemsize + plan.tokenizer.vocab_size * 8 + (1 << 16)
+    check_free_space(tmp, needed, "needed to assemble the shards, the token counts and the manifest")
+    splits = {split: _write_split(tmp, split, metas, plan) for split in SPLITS}
+    counts = np.zeros(plan.tokenizer.vocab_size, dtype=np.int64)
+    for m in metas:
+        counts += np.load(parts_dir / f"{m['part']}.counts.npy")
+    save_npy_atomic(tmp / COUNTS_FILE, counts)
+    manifest = _manifest(plan, metas, splits, int(counts.sum()))
+    write_json_atomic(tmp / MANIFEST, manifest)  # last file: marks the folder complete
+    fsync_dir(tmp)
+    return manifest
 
 
-def _run_parts(
-    sources,
-    parts_dir,
-    tok,
-    tokenizer_path,
-    eos_id,
-    vocab_size,
-    dtype,
-    opts,
-    batch_bytes,
-    workers,
-    progress,
-    fail_after,
-    log,
-):
-    metas = []
-    encoder = None
-    resumed = 0
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=sum(s.size_bytes for s in sources), unit="B", unit_scale=True, desc="tokenizing")
-    try:
-        for i, source in enumerate(sources):
-            part_id = f"{i:05d}-{(source.sha256 or 'x')[:12]}"
-            meta = _finished_part(parts_dir, part_id, dtype)
-            if meta is not None:
-                metas.append(meta)
-                resumed += 1
-                if pbar is not None:
-                    pbar.update(source.size_bytes)
-                continue
-            if encoder is None:
-                encoder = _Encoder(tok, tokenizer_path, eos_id, dtype, opts["val_fraction"], workers)
-            metas.append(_process_source(source, i, parts_dir, encoder, vocab_size, opts, batch_bytes, pbar))
-            if fail_after and len(metas) >= fail_after:
-                raise PrepareInterrupted(f"fault injection: stopping after {len(metas)} part(s) ({FAIL_AFTER_ENV})")
-    finally:
-        if encoder is not None:
-            encoder.close()
-        if pbar is not None:
-            pbar.close()
-    if resumed:
-        log(f"resumed: {resumed} of {len(sources)} source(s) were already tokenized by an interrupted run")
-    return metas, resumed
+def _split_total(metas: list[dict], split: str, key: str) -> int:
+    return int(sum(m["splits"][split][key] for m in metas))
 
 
-def _finished_part(parts_dir: Path, part_id: str, dtype) -> dict | None:
-    """The record of a part an earlier run finished, or None when it must be (re)done: no
-    marker, or a marker whose token files are not there in full (removed or damaged since)."""
-    try:
-        meta = read_json(parts_dir / f"{part_id}.json")
-    except (FileNotFoundError, FileFormatError):
-        return None
-    try:
-        for split in SPLITS:
-            expected = int(meta["splits"][split]["tokens"]) * np.dtype(dtype).itemsize
-            if (parts_dir / f"{part_id}.{split}.bin").stat().st_size != expected:
-                return None
-        if not (parts_dir / f"{part_id}.counts.npy").is_file() or meta["part"] != part_id:
-            return None
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-    return meta
+def _write_split(tmp: Path, split: str, metas: list[dict], plan: _Plan) -> dict:
+    split_dir = tmp / split
+    shutil.rmtree(split_dir, ignore_errors=True)  # shards of a run killed while writing them
+    split_dir.mkdir()
+    return {
+        "tokens": _split_total(metas, split, "tokens"),
+        "documents": _split_total(metas, split, "documents"),
+        "text_bytes": _split_total(metas, split, "text_bytes"),
+        "shards": _write_shards(tmp, split, metas, plan.dtype, plan.options["shard_tokens"]),
+    }
 
 
 def _write_shards(tmp: Path, split: str, metas, dtype, shard_tokens: int) -> list[dict]:
@@ -454,55 +540,31 @@ def _write_shards(tmp: Path, split: str, metas, dtype, shard_tokens: int) -> lis
     return shards
 
 
-def _assemble(tmp, metas, sources, tok, tokenizer_path, tok_hash, vocab_size, eos_id, dtype, opts, config_hash) -> dict:
-    parts_dir = tmp / "parts"
-    totals = {split: sum(m["splits"][split]["tokens"] for m in metas) for split in SPLITS}
-    needed = sum(totals.values()) * dtype.itemsize + vocab_size * 8 + (1 << 16)
-    check_free_space(tmp, needed, "needed to assemble the shards, the token counts and the manifest")
-    splits = {}
-    for split in SPLITS:
-        split_dir = tmp / split
-        shutil.rmtree(split_dir, ignore_errors=True)
-        split_dir.mkdir()
-        splits[split] = {
-            "tokens": int(totals[split]),
-            "documents": int(sum(m["splits"][split]["documents"] for m in metas)),
-            "text_bytes": int(sum(m["splits"][split]["text_bytes"] for m in metas)),
-            "shards": _write_shards(tmp, split, metas, dtype, opts["shard_tokens"]),
-        }
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for m in metas:
-        counts += np.load(parts_dir / f"{m['part']}.counts.npy")
-    save_npy_atomic(tmp / COUNTS_FILE, counts)
-    sources_json = []
-    for s, m in zip(sources, metas):
-        d = s.to_json()
-        d["documents"] = {sp: m["splits"][sp]["documents"] for sp in SPLITS}
-        d["tokens"] = {sp: m["splits"][sp]["tokens"] for sp in SPLITS}
-        sources_json.append(d)
-    manifest = {
+def _manifest(plan: _Plan, metas: list[dict], splits: dict, counts_total: int) -> dict:
+    tok = plan.tokenizer
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config_hash": config_hash,
+        "config_hash": plan.config_hash,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tokenizer": {
-            "path": str(Path(tokenizer_path).resolve()),
-            "hash": tok_hash,
-            "vocab_size": vocab_size,
-        },
-        "vocab_size": vocab_size,
-        "dtype": dtype.name,
-        "eos_id": int(eos_id),
-        "bos_id": tok.token_to_id("<s>"),
-        "pad_id": tok.token_to_id("<pad>"),
+        "tokenizer": {"path": str(Path(tok.path).resolve()), "hash": tok.hash, "vocab_size": tok.vocab_size},
+        "vocab_size": tok.vocab_size,
+        "dtype": plan.dtype.name,
+        "eos_id": int(tok.eos_id),
+        "bos_id": tok.tok.token_to_id(BOS_TOKEN),
+        "pad_id": tok.tok.token_to_id(PAD_TOKEN),
         "separator": "every document is followed by eos_id",
-        "options": opts,
+        "options": plan.options,
         "documents": int(sum(splits[s]["documents"] for s in SPLITS)),
         "tokens": int(sum(splits[s]["tokens"] for s in SPLITS)),
         "splits": splits,
-        "token_counts": {"file": COUNTS_FILE, "split": "train", "dtype": "int64", "total": int(counts.sum())},
-        "sources": sources_json,
+        "token_counts": {"file": COUNTS_FILE, "split": "train", "dtype": "int64", "total": counts_total},
+        "sources": [_source_record(s, m) for s, m in zip(plan.sources, metas)],
     }
-    write_json_atomic(tmp / MANIFEST, manifest)  # last file: marks the folder complete
-    fsync_dir(tmp)
-    return manifest
+
+
+def _source_record(source: Source, meta: dict) -> dict:
+    record = source.to_json()
+    record["documents"] = {sp: meta["splits"][sp]["documents"] for sp in SPLITS}
+    record["tokens"] = {sp: meta["splits"][sp]["tokens"] for sp in SPLITS}
+    return record
