@@ -222,6 +222,72 @@ def test_parquet_glob_and_hf_disk_sources(tmp_path, tiny_tokenizer):
     assert (_stream(tmp_path / "out", "train") == 0).sum() == 12
 
 
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("a\u00e9\nb\u20acc\n\u00e9\u00e9".encode(), None),  # characters split across chunks: fine
+        (b"ab\n\xc3\xa9\n\xffx", "a.txt:3: not valid UTF-8 text (bad byte 0xff at offset 6)"),
+        (b"abc\ndef\x00", "a.txt:2: looks like a binary file (NUL byte at offset 7), not text"),
+        (b"ab\n\xe2\x82", "a.txt:2: not valid UTF-8 text (truncated character at end of file)"),
+        (b" \n\t\n  \n", "a.txt: file contains only whitespace"),
+    ],
+)
+def test_text_check_across_chunks(tmp_path, monkeypatch, content, message):
+    """Text files are hashed and checked in chunks: a character split between two chunks is
+    text, and an error still names the right line and byte offset."""
+    import hashlib
+
+    from complexity.data import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", 4)
+    p = tmp_path / "a.txt"
+    p.write_bytes(content)
+    if message is None:
+        (src,) = sources.resolve_sources([str(p)])
+        assert (src.size_bytes, src.sha256) == (len(content), hashlib.sha256(content).hexdigest())
+    else:
+        with pytest.raises(sources.DataSourceError) as err:
+            sources.resolve_sources([str(p)])
+        assert str(err.value) == f"{p.parent}/{message}"
+
+
+def test_resolve_sources_expands_in_order_and_once(tmp_path, monkeypatch):
+    """Folders expand to their supported files (sorted, hidden ones skipped, a saved dataset as one
+    source), globs to their matches; an input named twice, by any path, is read once."""
+    import datasets
+
+    from complexity.data import builtin_corpus
+    from complexity.data.sources import resolve_sources
+
+    root = tmp_path / "corpus"
+    for rel in ("b.txt", "a.jsonl", "sub/c.md", "sub/deeper/d.text", ".hidden/e.txt", ".f.txt", "notes.csv"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text('{"text": "x"}\n' if rel.endswith(".jsonl") else "some text\n")
+    datasets.Dataset.from_dict({"text": ["x", "y"]}).save_to_disk(str(root / "sub" / "saved"))
+    monkeypatch.setattr(builtin_corpus, "corpus_stats", lambda: {"bytes": 5, "sha256": "0" * 64})
+    site = {"name": "builtin:site-packages:2", "bytes": 7, "sha256": "1" * 64, "roots": ["r"]}
+    monkeypatch.setattr(builtin_corpus, "site_packages_stats", lambda cap: {**site, "cap": cap})
+    hub = datasets.Dataset.from_dict({"text": ["hub"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: hub)
+    monkeypatch.chdir(tmp_path)
+
+    specs = ["corpus", "corpus/b.txt", str(root / "sub" / "*.md"), "hf:someone/set:cfg", "hf:someone/set:cfg"]
+    specs += ["builtin:site-packages:2", "builtin", "builtin:site-packages:2"]
+    got = resolve_sources(specs, builtin=True)
+    assert [(s.kind, s.name) for s in got] == [
+        ("jsonl", "corpus/a.jsonl"),
+        ("txt", "corpus/b.txt"),
+        ("txt", "corpus/sub/c.md"),
+        ("txt", "corpus/sub/deeper/d.text"),
+        ("hf_disk", "corpus/sub/saved"),
+        ("hf_hub", "hf:someone/set:cfg"),
+        ("builtin_site", "builtin:site-packages:2"),
+        ("builtin", builtin_corpus.NAME),
+    ]
+    assert got[0].size_bytes == len('{"text": "x"}\n') and got[4].extra == {"rows": 2}
+    assert got[5].extra == {"split": "train"} and got[6].extra == {"max_mbytes": 2.0, "roots": ["r"]}
+
+
 def test_txt_split_modes(tmp_path):
     from complexity.data.sources import iter_documents, resolve_sources
 
