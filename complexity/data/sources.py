@@ -82,8 +82,7 @@ def is_hf_disk_folder(path: Path) -> bool:
 
 
 def _expand(spec: str) -> list[tuple[Path, str]]:
-    if spec == "builtin" or spec.startswith("hf:"):
-        return []
+    """The (path, kind) of every file or saved dataset an input names: a file, a folder, a glob."""
     p = Path(spec)
     if p.is_file():
         kind = _kind_of(p)
@@ -94,92 +93,110 @@ def _expand(spec: str) -> list[tuple[Path, str]]:
             )
         return [(p, kind)]
     if p.is_dir():
-        if is_hf_disk_folder(p):
-            return [(p, "hf_disk")]
-        found = []
-        for dirpath, dirnames, filenames in os.walk(p):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            dpath = Path(dirpath)
-            hf_dirs = [d for d in dirnames if is_hf_disk_folder(dpath / d)]
-            for d in hf_dirs:
-                found.append((dpath / d, "hf_disk"))
-            dirnames[:] = [d for d in dirnames if d not in hf_dirs]
-            for name in sorted(filenames):
-                fp = dpath / name
-                kind = _kind_of(fp)
-                if kind and not name.startswith("."):
-                    found.append((fp, kind))
-        found.sort(key=lambda t: str(t[0]))
-        if not found:
-            raise DataSourceError(f"{p}: folder contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})")
-        return found
+        return [(p, "hf_disk")] if is_hf_disk_folder(p) else _walk_folder(p)
     if any(ch in spec for ch in "*?["):
-        matches = sorted(glob.glob(spec, recursive=True))
-        out = []
-        for m in matches:
-            mp = Path(m)
-            if mp.is_file() and _kind_of(mp):
-                out.append((mp, _kind_of(mp)))
-            elif is_hf_disk_folder(mp):
-                out.append((mp, "hf_disk"))
-        if not out:
-            raise FileNotFoundError(f"{spec}: glob matches no supported files")
-        return out
+        return _glob(spec)
     raise FileNotFoundError(
         f"{spec}: no such file or folder (for a Hugging Face hub dataset write hf:NAME; "
         "for the built-in corpus use --builtin)"
     )
 
 
+def _walk_folder(folder: Path) -> list[tuple[Path, str]]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dpath = Path(dirpath)
+        hf_dirs = [d for d in dirnames if is_hf_disk_folder(dpath / d)]
+        for d in hf_dirs:
+            found.append((dpath / d, "hf_disk"))
+        dirnames[:] = [d for d in dirnames if d not in hf_dirs]  # a saved dataset is one source
+        for name in sorted(filenames):
+            fp = dpath / name
+            kind = _kind_of(fp)
+            if kind and not name.startswith("."):
+                found.append((fp, kind))
+    found.sort(key=lambda t: str(t[0]))
+    if not found:
+        raise DataSourceError(f"{folder}: folder contains no supported files ({', '.join(SUPPORTED_SUFFIXES)})")
+    return found
+
+
+def _glob(spec: str) -> list[tuple[Path, str]]:
+    found = []
+    for m in sorted(glob.glob(spec, recursive=True)):
+        mp = Path(m)
+        if mp.is_file() and _kind_of(mp):
+            found.append((mp, _kind_of(mp)))
+        elif is_hf_disk_folder(mp):
+            found.append((mp, "hf_disk"))
+    if not found:
+        raise FileNotFoundError(f"{spec}: glob matches no supported files")
+    return found
+
+
 def _hash_and_check_text(path: Path, kind: str) -> tuple[int, str]:
     """sha256 + size; rejects empty, binary (NUL bytes) and non-UTF-8 text files, naming the line."""
     h = hashlib.sha256()
     size = 0
-    lines = 0  # newlines before the current chunk
-    check_text = kind in ("txt", "jsonl")
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    any_text = False
+    text = _TextCheck(path) if kind in ("txt", "jsonl") else None
     try:
         with open(path, "rb") as f:
-            while True:
-                chunk = f.read(_CHUNK)
-                if not chunk:
-                    break
+            while chunk := f.read(_CHUNK):
                 h.update(chunk)
-                if check_text:
-                    nul = chunk.find(b"\x00")
-                    if nul >= 0:
-                        line = lines + chunk.count(b"\n", 0, nul) + 1
-                        raise DataSourceError(
-                            f"{path}:{line}: looks like a binary file (NUL byte at offset {size + nul}), not text"
-                        )
-                    pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
-                    try:
-                        text = decoder.decode(chunk)
-                    except UnicodeDecodeError as err:
-                        at = max(0, err.start - pending)
-                        line = lines + chunk.count(b"\n", 0, at) + 1
-                        raise DataSourceError(
-                            f"{path}:{line}: not valid UTF-8 text (bad byte 0x{err.object[err.start]:02x} at offset "
-                            f"{size - pending + err.start})"
-                        ) from None
-                    any_text = any_text or bool(text.strip())
-                    lines += chunk.count(b"\n")
+                if text is not None:
+                    text.feed(chunk)
                 size += len(chunk)
-            if check_text:
-                try:
-                    any_text = bool(decoder.decode(b"", final=True).strip()) or any_text
-                except UnicodeDecodeError:
-                    raise DataSourceError(
-                        f"{path}:{lines + 1}: not valid UTF-8 text (truncated character at end of file)"
-                    ) from None
+            if text is not None:
+                text.finish()
     except OSError as err:
         raise DataSourceError(f"{path}: cannot read: {err.strerror or err}") from None
     if size == 0:
         raise DataSourceError(f"{path}: file is empty")
-    if check_text and not any_text:
+    if text is not None and not text.any_text:
         raise DataSourceError(f"{path}: file contains only whitespace")
     return size, h.hexdigest()
+
+
+class _TextCheck:
+    """Checks a file fed chunk by chunk for NUL bytes and UTF-8 validity (a character may be split
+    between two chunks), and whether it holds any non-blank text; an error names the line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.lines = 0  # newlines before the current chunk
+        self.offset = 0  # bytes before the current chunk
+        self.any_text = False
+
+    def feed(self, chunk: bytes) -> None:
+        nul = chunk.find(b"\x00")
+        if nul >= 0:
+            line = self.lines + chunk.count(b"\n", 0, nul) + 1
+            raise DataSourceError(
+                f"{self.path}:{line}: looks like a binary file (NUL byte at offset {self.offset + nul}), not text"
+            )
+        pending = len(self.decoder.getstate()[0])  # bytes of a character split across chunks
+        try:
+            text = self.decoder.decode(chunk)
+        except UnicodeDecodeError as err:
+            at = max(0, err.start - pending)
+            line = self.lines + chunk.count(b"\n", 0, at) + 1
+            raise DataSourceError(
+                f"{self.path}:{line}: not valid UTF-8 text (bad byte 0x{err.object[err.start]:02x} at offset "
+                f"{self.offset - pending + err.start})"
+            ) from None
+        self.any_text = self.any_text or bool(text.strip())
+        self.lines += chunk.count(b"\n")
+        self.offset += len(chunk)
+
+    def finish(self) -> None:
+        try:
+            self.any_text = bool(self.decoder.decode(b"", final=True).strip()) or self.any_text
+        except UnicodeDecodeError:
+            raise DataSourceError(
+                f"{self.path}:{self.lines + 1}: not valid UTF-8 text (truncated character at end of file)"
+            ) from None
 
 
 def _check_parquet(path: Path, text_field: str) -> dict:
@@ -246,63 +263,49 @@ def resolve_sources(
         specs.append("builtin")
     if not specs:
         raise DataSourceError("no inputs: give --input PATH... or --builtin")
-    out: list[Source] = []
-    seen: set[str] = set()
+    found: dict[str, Source] = {}  # by the input's name, or a file's resolved path
     for spec in specs:
-        if spec == "builtin":
-            if "builtin" not in seen:
-                from . import builtin_corpus
-
-                stats = builtin_corpus.corpus_stats()
-                seen.add("builtin")
-                out.append(Source(builtin_corpus.NAME, "builtin", stats["bytes"], stats["sha256"]))
-            continue
-        if spec.startswith("builtin:site-packages"):  # the installed packages' prose (builtin_corpus)
-            if spec not in seen:
-                from . import builtin_corpus
-
-                try:
-                    cap = builtin_corpus.parse_site_spec(spec)
-                except ValueError as err:
-                    raise DataSourceError(str(err)) from None
-                stats = builtin_corpus.site_packages_stats(cap)
-                seen.add(spec)
-                out.append(
-                    Source(
-                        stats["name"],
-                        "builtin_site",
-                        stats["bytes"],
-                        stats["sha256"],
-                        {"max_mbytes": cap, "roots": stats["roots"]},
-                    )
-                )
-            continue
-        if spec.startswith("hf:"):
-            if spec in seen:
-                continue
-            seen.add(spec)
-            ds = _load_hf_hub(spec, hf_split)
-            _check_hf_column(spec, ds, text_field)
-            fp = getattr(ds, "_fingerprint", "") or ""
-            out.append(
-                Source(spec, "hf_hub", int(getattr(ds, "dataset_size", 0) or 0), fp, {"split": hf_split or "train"})
-            )
+        if spec == "builtin" or spec.startswith(("builtin:site-packages", "hf:")):
+            if spec not in found:
+                found[spec] = _named_source(spec, text_field, hf_split)
             continue
         for path, kind in _expand(spec):
             key = str(path.resolve())
-            if key in seen:
-                continue
-            seen.add(key)
-            if kind == "hf_disk":
-                ds = _load_hf_disk(path, hf_split)
-                _check_hf_column(path, ds, text_field)
-                size, digest = _hash_folder(path)
-                out.append(Source(str(path), kind, size, digest, {"rows": len(ds)}))
-                continue
-            extra = _check_parquet(path, text_field) if kind == "parquet" else {}
-            size, digest = _hash_and_check_text(path, kind)
-            out.append(Source(str(path), kind, size, digest, extra))
-    return out
+            if key not in found:
+                found[key] = _file_source(path, kind, text_field, hf_split)
+    return list(found.values())
+
+
+def _named_source(spec: str, text_field: str, hf_split: str | None) -> Source:
+    """A source named rather than found on disk: a hub dataset or a built-in corpus."""
+    if spec.startswith("hf:"):
+        ds = _load_hf_hub(spec, hf_split)
+        _check_hf_column(spec, ds, text_field)
+        fp = getattr(ds, "_fingerprint", "") or ""
+        return Source(spec, "hf_hub", int(getattr(ds, "dataset_size", 0) or 0), fp, {"split": hf_split or "train"})
+    from . import builtin_corpus
+
+    if spec == "builtin":
+        stats = builtin_corpus.corpus_stats()
+        return Source(builtin_corpus.NAME, "builtin", stats["bytes"], stats["sha256"])
+    try:  # builtin:site-packages[:N], the installed packages' prose
+        cap = builtin_corpus.parse_site_spec(spec)
+    except ValueError as err:
+        raise DataSourceError(str(err)) from None
+    stats = builtin_corpus.site_packages_stats(cap)
+    extra = {"max_mbytes": cap, "roots": stats["roots"]}
+    return Source(stats["name"], "builtin_site", stats["bytes"], stats["sha256"], extra)
+
+
+def _file_source(path: Path, kind: str, text_field: str, hf_split: str | None) -> Source:
+    if kind == "hf_disk":
+        ds = _load_hf_disk(path, hf_split)
+        _check_hf_column(path, ds, text_field)
+        size, digest = _hash_folder(path)
+        return Source(str(path), kind, size, digest, {"rows": len(ds)})
+    extra = _check_parquet(path, text_field) if kind == "parquet" else {}
+    size, digest = _hash_and_check_text(path, kind)
+    return Source(str(path), kind, size, digest, extra)
 
 
 def _check_hf_column(where, ds, text_field: str) -> None:
@@ -364,33 +367,40 @@ def iter_documents(
 
         yield from builtin_corpus.iter_site_packages_documents(source.extra.get("max_mbytes"))
     elif kind == "txt":
-        raw = Path(name).read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
-        except UnicodeDecodeError as err:
-            line = raw.count(b"\n", 0, err.start) + 1
-            raise DataSourceError(f"{name}:{line}: not valid UTF-8 text (bad byte at offset {err.start})") from None
-        if txt_split not in TXT_SPLITS:
-            raise DataSourceError(f"unknown txt split {txt_split!r} (choose from {', '.join(TXT_SPLITS)})")
-        yield from _split_text(text, txt_split)
+        yield from _iter_txt(name, txt_split)
     elif kind == "jsonl":
         yield from _iter_jsonl(Path(name), text_field)
     elif kind == "parquet":
         yield from _iter_parquet(Path(name), text_field)
-    elif kind in ("hf_disk", "hf_hub"):
-        ds = _load_hf_disk(Path(name), hf_split) if kind == "hf_disk" else _load_hf_hub(name, source.extra.get("split"))
-        for i, batch in enumerate(ds.select_columns([text_field]).iter(batch_size=1000)):
-            for j, text in enumerate(batch[text_field]):
-                if text is None:
-                    continue
-                if not isinstance(text, str):
-                    raise DataSourceError(
-                        f"{name}: row {i * 1000 + j}: column {text_field!r} is {type(text).__name__}, not text"
-                    )
-                if text.strip():
-                    yield text
+    elif kind == "hf_disk":
+        yield from _iter_dataset(name, _load_hf_disk(Path(name), hf_split), text_field)
+    elif kind == "hf_hub":
+        yield from _iter_dataset(name, _load_hf_hub(name, source.extra.get("split")), text_field)
     else:
         raise DataSourceError(f"{name}: unknown source kind {kind!r}")
+
+
+def _iter_txt(name: str, txt_split: str) -> Iterator[str]:
+    raw = Path(name).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataSourceError(f"{name}:{line}: not valid UTF-8 text (bad byte at offset {err.start})") from None
+    yield from _split_text(text, txt_split)
+
+
+def _iter_dataset(name: str, ds, text_field: str) -> Iterator[str]:
+    for i, batch in enumerate(ds.select_columns([text_field]).iter(batch_size=1000)):
+        for j, text in enumerate(batch[text_field]):
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataSourceError(
+                    f"{name}: row {i * 1000 + j}: column {text_field!r} is {type(text).__name__}, not text"
+                )
+            if text.strip():
+                yield text
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
