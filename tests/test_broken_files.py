@@ -939,6 +939,56 @@ def test_bad_prepared_folder(make, message, tmp_path, prepared, capsys):
     assert rc == 2 and message in line and str(data) in line
 
 
+# The manifest checks no folder edit above reaches, each with its whole message.
+MANIFEST_FIELD_CASES = [
+    ("not-an-object", lambda m: [m], "m.json: expected a JSON object, got list"),
+    ("string-version", lambda m: {**m, "format_version": "1"}, "m.json: format_version: '1': this version reads"),
+    ("zero-vocab", lambda m: {**m, "vocab_size": 0}, "m.json: vocab_size: expected a positive integer, got 0"),
+    (
+        "dtype-too-small",
+        lambda m: {**m, "vocab_size": 70_000},
+        "m.json: dtype: uint16 cannot hold ids up to vocab_size - 1 = 69999",
+    ),
+    ("bool-eos", lambda m: {**m, "eos_id": True}, "m.json: eos_id: expected an id in [0, 400), got True"),
+    ("hashless-tokenizer", lambda m: {**m, "tokenizer": {"hash": 5}}, "m.json: tokenizer: expected {path, hash,"),
+    ("no-val", lambda m: {**m, "splits": {"train": m["splits"]["train"]}}, "m.json: splits: expected an object"),
+    ("split-not-object", lambda m: _with_split(m, []), "m.json: splits.train: expected an object"),
+    (
+        "negative-documents",
+        lambda m: _with_split(m, {**m["splits"]["train"], "documents": -1}),
+        "m.json: splits.train.documents: expected a non-negative integer, got -1",
+    ),
+    (
+        "shards-not-list",
+        lambda m: _with_split(m, {**m["splits"]["train"], "shards": {}}),
+        "m.json: splits.train.shards: expected a list",
+    ),
+    (
+        "absolute-shard",
+        lambda m: _with_split(m, {**m["splits"]["train"], "shards": [{"file": "/abs.npy", "tokens": 1}]}),
+        "m.json: splits.train.shards[0].file: '/abs.npy' must be a path inside the folder",
+    ),
+    ("counts-without-file", lambda m: {**m, "token_counts": {"total": 3}}, "m.json: token_counts: expected {file"),
+]
+
+
+def _with_split(manifest: dict, train) -> dict:
+    return {**manifest, "splits": {**manifest["splits"], "train": train}}
+
+
+@pytest.mark.parametrize(
+    "edit,message", [c[1:] for c in MANIFEST_FIELD_CASES], ids=[c[0] for c in MANIFEST_FIELD_CASES]
+)
+def test_bad_manifest_field(edit, message, prepared):
+    from complexity.data.manifest import ManifestError, validate_manifest
+
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert validate_manifest(manifest, "m.json") is manifest
+    with pytest.raises(ManifestError) as err:
+        validate_manifest(edit(manifest), "m.json")
+    assert str(err.value).startswith(message), str(err.value)
+
+
 @pytest.mark.parametrize(
     "make,message",
     [
