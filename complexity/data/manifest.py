@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -45,65 +46,86 @@ def _is_count(value) -> bool:
 
 def validate_manifest(manifest, path) -> dict:
     """Check the fields readers rely on; raise `ManifestError` naming the first bad one."""
-
-    def fail(field: str, problem: str):
-        raise ManifestError(f"{path}: {field}: {problem}")
-
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    for check in (_check_format, _check_ids, _check_tokenizer, _check_splits, _check_token_counts):
+        check(manifest, path)
+    return manifest
+
+
+def _fail(path, field: str, problem: str) -> NoReturn:
+    raise ManifestError(f"{path}: {field}: {problem}")
+
+
+def _check_format(manifest: dict, path) -> None:
     if manifest.get("format") != FORMAT:
-        fail("format", f"{manifest.get('format')!r} is not {FORMAT!r}: not a complexity prepared-data manifest")
+        _fail(path, "format", f"{manifest.get('format')!r} is not {FORMAT!r}: not a complexity prepared-data manifest")
     version = manifest.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        fail(
+        _fail(
+            path,
             "format_version",
             f"{version!r}: this version reads format {FORMAT_VERSION} (upgrade complexity, or "
             "re-run `complexity data prepare`)",
         )
+
+
+def _check_ids(manifest: dict, path) -> None:
+    """The vocabulary size, a token dtype that holds every id, and the end-of-document id."""
     vocab = manifest.get("vocab_size")
     if not _is_count(vocab) or vocab == 0:
-        fail("vocab_size", f"expected a positive integer, got {vocab!r}")
+        _fail(path, "vocab_size", f"expected a positive integer, got {vocab!r}")
     if manifest.get("dtype") not in TOKEN_DTYPES:
-        fail("dtype", f"expected one of {', '.join(TOKEN_DTYPES)}, got {manifest.get('dtype')!r}")
+        _fail(path, "dtype", f"expected one of {', '.join(TOKEN_DTYPES)}, got {manifest.get('dtype')!r}")
     if np.iinfo(np.dtype(manifest["dtype"])).max < vocab - 1:
-        fail("dtype", f"{manifest['dtype']} cannot hold ids up to vocab_size - 1 = {vocab - 1}")
+        _fail(path, "dtype", f"{manifest['dtype']} cannot hold ids up to vocab_size - 1 = {vocab - 1}")
     eos = manifest.get("eos_id")
     if not _is_count(eos) or eos >= vocab:
-        fail("eos_id", f"expected an id in [0, {vocab}), got {eos!r}")
+        _fail(path, "eos_id", f"expected an id in [0, {vocab}), got {eos!r}")
+
+
+def _check_tokenizer(manifest: dict, path) -> None:
     tok = manifest.get("tokenizer")
     if not isinstance(tok, dict) or not isinstance(tok.get("hash"), str):
-        fail("tokenizer", "expected {path, hash, vocab_size} with a hash string")
+        _fail(path, "tokenizer", "expected {path, hash, vocab_size} with a hash string")
+
+
+def _check_splits(manifest: dict, path) -> None:
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not set(SPLITS) <= set(splits):
-        fail("splits", f"expected an object with {' and '.join(SPLITS)}")
+        _fail(path, "splits", f"expected an object with {' and '.join(SPLITS)}")
     for split in SPLITS:
-        info = splits[split]
-        where = f"splits.{split}"
-        if not isinstance(info, dict):
-            fail(where, "expected an object")
-        for key in ("tokens", "documents", "text_bytes"):
-            if not _is_count(info.get(key)):
-                fail(f"{where}.{key}", f"expected a non-negative integer, got {info.get(key)!r}")
-        shards = info.get("shards")
-        if not isinstance(shards, list):
-            fail(f"{where}.shards", "expected a list")
-        for i, shard in enumerate(shards):
-            if (
-                not isinstance(shard, dict)
-                or not isinstance(shard.get("file"), str)
-                or not _is_count(shard.get("tokens"))
-            ):
-                fail(f"{where}.shards[{i}]", "expected {file, tokens}")
-            rel = Path(shard["file"])
-            if rel.is_absolute() or ".." in rel.parts:
-                fail(f"{where}.shards[{i}].file", f"{shard['file']!r} must be a path inside the folder")
-        total = sum(s["tokens"] for s in shards)
-        if total != info["tokens"]:
-            fail(f"{where}.tokens", f"{info['tokens']} differs from the sum of its shards' tokens ({total})")
+        _check_split(splits[split], f"splits.{split}", path)
+
+
+def _check_split(info, where: str, path) -> None:
+    if not isinstance(info, dict):
+        _fail(path, where, "expected an object")
+    for key in ("tokens", "documents", "text_bytes"):
+        if not _is_count(info.get(key)):
+            _fail(path, f"{where}.{key}", f"expected a non-negative integer, got {info.get(key)!r}")
+    shards = info.get("shards")
+    if not isinstance(shards, list):
+        _fail(path, f"{where}.shards", "expected a list")
+    for i, shard in enumerate(shards):
+        _check_shard(shard, f"{where}.shards[{i}]", path)
+    total = sum(s["tokens"] for s in shards)
+    if total != info["tokens"]:
+        _fail(path, f"{where}.tokens", f"{info['tokens']} differs from the sum of its shards' tokens ({total})")
+
+
+def _check_shard(shard, where: str, path) -> None:
+    if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not _is_count(shard.get("tokens")):
+        _fail(path, where, "expected {file, tokens}")
+    rel = Path(shard["file"])
+    if rel.is_absolute() or ".." in rel.parts:  # shards are opened relative to the folder
+        _fail(path, f"{where}.file", f"{shard['file']!r} must be a path inside the folder")
+
+
+def _check_token_counts(manifest: dict, path) -> None:
     counts = manifest.get("token_counts")
     if counts is not None and (not isinstance(counts, dict) or not isinstance(counts.get("file"), str)):
-        fail("token_counts", "expected {file, ...}")
-    return manifest
+        _fail(path, "token_counts", "expected {file, ...}")
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
