@@ -414,33 +414,36 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 raise DataSourceError(
                     f"{path}:{lineno}: not valid UTF-8 text (bad byte at column {err.start + 1})"
                 ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataSourceError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            except RecursionError:
-                raise DataSourceError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
-            if not isinstance(obj, dict):
-                raise DataSourceError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                keys = ", ".join(map(str, obj)) or "none"
-                raise DataSourceError(
-                    f"{path}:{lineno}: missing text field {text_field!r} (fields: {keys}); use --text-field"
-                )
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise DataSourceError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:  # a \ud800-style escape without its pair: not Unicode text
-                raise DataSourceError(
-                    f"{path}:{lineno}: field {text_field!r} holds a lone surrogate (U+{ord(text[err.start]):04X} at "
-                    f"character {err.start}): a \\u escape without its pair is not valid Unicode"
-                ) from None
-            if text.strip():
-                yield text
+            if line.strip():
+                text = _jsonl_text(line, f"{path}:{lineno}", text_field)
+                if text.strip():
+                    yield text
+
+
+def _jsonl_text(line: str, where: str, text_field: str) -> str:
+    """The text field of one jsonl line, checked."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:
+        raise DataSourceError(f"{where}: invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise DataSourceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if text_field not in obj:
+        keys = ", ".join(map(str, obj)) or "none"
+        raise DataSourceError(f"{where}: missing text field {text_field!r} (fields: {keys}); use --text-field")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise DataSourceError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a \ud800-style escape without its pair: not Unicode text
+        raise DataSourceError(
+            f"{where}: field {text_field!r} holds a lone surrogate (U+{ord(text[err.start]):04X} at "
+            f"character {err.start}): a \\u escape without its pair is not valid Unicode"
+        ) from None
+    return text
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
