@@ -288,3 +288,112 @@ def test_one_arm_ablation_reports_without_warnings(data_dir, tmp_path):
     assert not res.interrupted
     assert list(_results_rows((out / "results.md").read_text())) == ["dense"]
     _assert_png(out / "loss.png")
+
+
+# ----------------------------------------------------------------------------- results.md, pinned
+
+REPORT_FIXTURES = Path(__file__).parent / "fixtures" / "ablation_report"
+
+
+def _report_inputs(spike: bool) -> tuple[dict, dict[str, dict]]:
+    """An ablation.json and done.json contents covering every part of results.md: two seeds, a run
+    not finished, a value not measured, one seed only for an arm (no std), expert shares of
+    different lengths, spike summaries with a run that never recovered."""
+    plan = {
+        "dense": dict(
+            label="(1) dense SwiGLU, no mu",
+            model={"mlp_type": "dense"},
+            total=131_712,
+            active=131_712,
+            mismatch=0.00097,
+            widths={"intermediate": 214},
+        ),
+        "routed_mu": dict(
+            label="(2) token-routed + shared + zipf + mu guidance",
+            model={"mlp_type": "token_routed"},
+            total=131_584,
+            active=94_720,
+            mismatch=0.0,
+            widths={"expert": 32, "experts": 4, "shared": 32},
+        ),
+        "hash_top2": dict(
+            label="(6) top-2 hash routing",
+            model={"mlp_type": "hash_routed"},
+            total=131_584,
+            active=94_720,
+            mismatch=-0.0004,
+            widths={"expert": 16, "experts": 8, "per_token": 2},
+        ),
+    }
+    meta = {
+        "command": "complexity ablate --preset tiny --data DATA --steps 8 --seeds 2 --out OUT",
+        "preset": "tiny",
+        "data": "DATA",
+        "steps": 8,
+        "seeds": [0, 1],
+        "arms": list(plan),
+        "avg_k": 6,
+        "tolerance": 0.005,
+        "reference_arm": "routed_mu",
+        "tokens_per_step": 256,
+        "seq_len": 32,
+        "precision": "auto",
+        "compile": False,
+        "plan": plan,
+        "spike": {"step": 5, "lr_mult": 10.0, "window": 2, "seed": 1234, "fault": "uniform random ids"}
+        if spike
+        else None,
+    }
+
+    def done(arm, seed, val_loss, tokens_per_s, shares=None, recovery=2):
+        d = {
+            "arm": arm,
+            "seed": seed,
+            "steps": 8,
+            "avg_train_loss_first_k": 5.7 + 0.01 * seed,
+            "avg_k": 6,
+            "final_train_loss": 4.67 - 0.02 * seed,
+            "val_loss": val_loss,
+            "val_bpb": None if val_loss is None else val_loss / 2.73,
+            "val_ppl": None,
+            "expert_shares": shares,
+            "tokens_per_s": tokens_per_s,
+            "total_params": plan[arm]["total"],
+            "active_params": plan[arm]["active"],
+            "train_command": f"complexity train --config OUT/runs/{arm}-s{seed}/resolved.json --out OUT/runs/{arm}-s{seed} --overwrite",
+        }
+        if spike:
+            d["spike"] = {
+                "step": 5,
+                "window": 2,
+                "threshold": 0.05,
+                "pre": 5.31 + 0.02 * seed,
+                "fault_loss": 5.96,
+                "injected_at": [5],
+                "peak": 5.9 - 0.3 * seed,
+                "peak_step": 6,
+                "peak_ratio": 1.1 - 0.05 * seed,
+                "recovery": recovery,
+            }
+        return d
+
+    runs = {
+        "dense-s0": done("dense", 0, 4.4889, 15_862.0),
+        "dense-s1": done("dense", 1, None, 15_419.5, recovery=None),
+        "routed_mu-s0": done("routed_mu", 0, 4.4988, 13_036.0, [0.207, 0.258, 0.246, 0.289]),
+        "routed_mu-s1": done("routed_mu", 1, 4.5401, 12_939.0, [0.21, 0.25, 0.25, 0.29]),
+        "hash_top2-s0": done(
+            "hash_top2", 0, 4.4536, 11_462.0, [0.103, 0.112, 0.105, 0.137, 0.115, 0.102, 0.122, 0.204]
+        ),
+    }
+    return meta, runs
+
+
+@pytest.mark.parametrize("spike", [False, True], ids=["plain", "spike"])
+def test_results_markdown_is_pinned(spike):
+    """results.md for fixed inputs, byte for byte (the fixture was written by the report as it was
+    before its sections became functions of their own)."""
+    from complexity.experiments.report import results_markdown
+
+    expected = (REPORT_FIXTURES / f"results_{'spike' if spike else 'plain'}.md").read_text(encoding="utf-8")
+    assert results_markdown(*_report_inputs(spike)) == expected
