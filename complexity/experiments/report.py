@@ -117,13 +117,32 @@ def write_report(out: str | Path, log: Callable[[str], None] | None = None) -> t
 
 
 def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
-    arms, seeds, plan = meta["arms"], meta["seeds"], meta["plan"]
-    ref = plan.get(meta["reference_arm"]) or next(iter(plan.values()))
+    """results.md from ablation.json (`meta`) and the finished runs' done.json ("<arm>-s<seed>" ->)."""
+    sections = (
+        _header(meta),
+        _parameters_table(meta),
+        _results_table(meta, runs),
+        _expert_shares_table(meta, runs),
+        _spike_table(meta, runs),
+        _runs_table(meta, runs),
+    )
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _arm_runs(meta: dict, runs: dict[str, dict], arm: str) -> list[dict]:
+    """The arm's finished runs, in seed order."""
+    return [runs[f"{arm}-s{s}"] for s in meta["seeds"] if f"{arm}-s{s}" in runs]
+
+
+def _header(meta: dict) -> list[str]:
     tokens = meta["steps"] * meta["tokens_per_step"]
-    k = meta["avg_k"]
-    lines = [
+    return [
         f"# Ablation: {meta['preset']}, {meta['steps']} steps x {meta['tokens_per_step']:,} tokens "
-        f"({tokens:,} tokens per run), seeds {', '.join(map(str, seeds))}",
+        f"({tokens:,} tokens per run), seeds {', '.join(map(str, meta['seeds']))}",
         "",
         "Produced by:",
         "",
@@ -134,7 +153,13 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         f"Data: `{meta['data']}`; seq_len {meta['seq_len']}; precision {meta['precision']}; "
         f"compile {str(meta['compile']).lower()}. Every arm trains on the same batches in the same order for a "
         "given seed (the seed also fixes the initialisation).",
-        "",
+    ]
+
+
+def _parameters_table(meta: dict) -> list[str]:
+    plan = meta["plan"]
+    ref = plan.get(meta["reference_arm"]) or next(iter(plan.values()))
+    lines = [
         "## Parameters (live: tied embedding once, no dead weights)",
         "",
         f"Totals are matched to arm {ref['label'].split(')')[0]})'s {ref['total']:,} by widening the MLP of the "
@@ -143,12 +168,18 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         "| arm | description | total | active per token | mismatch | MLP widths |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for a in arms:
+    for a in meta["arms"]:
         p = plan[a]
-        w = ", ".join(f"{key} {v}" for key, v in p["widths"].items())
-        lines.append(f"| {a} | {p['label']} | {p['total']:,} | {p['active']:,} | {100 * p['mismatch']:+.3f}% | {w} |")
-    lines += [
-        "",
+        widths = ", ".join(f"{key} {v}" for key, v in p["widths"].items())
+        lines.append(
+            _row([a, p["label"], f"{p['total']:,}", f"{p['active']:,}", f"{100 * p['mismatch']:+.3f}%", widths])
+        )
+    return lines
+
+
+def _results_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    k = meta["avg_k"]
+    lines = [
         "## Results (mean ± std over seeds; std needs two or more)",
         "",
         f"val loss / val bpb: held-out loss (nats/token) and bits per UTF-8 byte at the end of training. "
@@ -160,58 +191,71 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         "tokens/s | total params | active params |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for a in arms:
-        rs = [runs[f"{a}-s{s}"] for s in seeds if f"{a}-s{s}" in runs]
-        p = plan[a]
-        lines.append(
-            f"| {a} | {p['label']} | {len(rs)} | {_fmt([r.get('val_loss') for r in rs])} | "
-            f"{_fmt([r.get('val_bpb') for r in rs])} | {_fmt([r.get('avg_train_loss_first_k') for r in rs])} | "
-            f"{_fmt([r.get('final_train_loss') for r in rs])} | {_fmt_int([r.get('tokens_per_s') for r in rs])} | "
-            f"{p['total']:,} | {p['active']:,} |"
-        )
-    missing = [f"{a}-s{s}" for s in seeds for a in arms if f"{a}-s{s}" not in runs]
+    for a in meta["arms"]:
+        rs, p = _arm_runs(meta, runs, a), meta["plan"][a]
+        cells = [a, p["label"], len(rs)]
+        cells += [
+            _fmt([r.get(m) for r in rs]) for m in ("val_loss", "val_bpb", "avg_train_loss_first_k", "final_train_loss")
+        ]
+        cells += [_fmt_int([r.get("tokens_per_s") for r in rs]), f"{p['total']:,}", f"{p['active']:,}"]
+        lines.append(_row(cells))
+    missing = [f"{a}-s{s}" for s in meta["seeds"] for a in meta["arms"] if f"{a}-s{s}" not in runs]
     if missing:
         lines += ["", f"Not finished (rerun the command to complete): {', '.join(missing)}."]
+    return lines
 
-    shares = [(a, runs.get(f"{a}-s{seeds[0]}", {}).get("expert_shares")) for a in arms]
+
+def _expert_shares_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    """Each routed arm's expert shares of the held-out tokens, for the first seed (none: no lines)."""
+    seed = meta["seeds"][0]
+    shares = [(a, runs.get(f"{a}-s{seed}", {}).get("expert_shares")) for a in meta["arms"]]
     shares = [(a, s) for a, s in shares if s]
-    if shares:
-        lines += [
-            "",
-            f"## Expert shares of held-out tokens (seed {seeds[0]}, mean over layers)",
-            "",
-            "| arm | " + " | ".join(f"expert {i}" for i in range(max(len(s) for _, s in shares))) + " |",
-            "|---|" + "---:|" * max(len(s) for _, s in shares),
-        ]
-        for a, s in shares:
-            lines.append(f"| {a} | " + " | ".join(f"{x:.3f}" for x in s) + " |")
-
-    spike = meta.get("spike")
-    if spike:
-        lines += [
-            "",
-            f"## Spike at step {spike['step']}",
-            "",
-            f"Fault: {spike['fault']} (LR x {spike['lr_mult']:g}). pre: mean training loss of the {spike['window']} "
-            f"steps before; fault loss: the loss on the corrupted batch; peak: the highest loss on real data after it; "
-            f"recovery: steps until the loss is back within 5% of pre (n/a: not within the run).",
-            "",
-            "| arm | injected at | pre | fault loss | peak | peak / pre | recovery (steps) | not recovered |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for a in arms:
-            rs = [runs[f"{a}-s{s}"]["spike"] for s in seeds if f"{a}-s{s}" in runs and "spike" in runs[f"{a}-s{s}"]]
-            at = sorted({st for r in rs for st in r.get("injected_at", [])})
-            never = sum(r.get("recovery") is None for r in rs)
-            lines.append(
-                f"| {a} | {', '.join(map(str, at)) or 'n/a'} | {_fmt([r.get('pre') for r in rs])} | "
-                f"{_fmt([r.get('fault_loss') for r in rs])} | {_fmt([r.get('peak') for r in rs])} | "
-                f"{_fmt([r.get('peak_ratio') for r in rs], 3)} | "
-                f"{_fmt([r.get('recovery') for r in rs if r.get('recovery') is not None], 1)} | {never}/{len(rs)} |"
-            )
-
-    lines += [
+    if not shares:
+        return []
+    n = max(len(s) for _, s in shares)
+    return [
+        f"## Expert shares of held-out tokens (seed {seed}, mean over layers)",
         "",
+        _row(["arm", *(f"expert {i}" for i in range(n))]),
+        "|---|" + "---:|" * n,
+        *(_row([a, *(f"{x:.3f}" for x in s)]) for a, s in shares),
+    ]
+
+
+def _spike_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    """How each arm took the injected fault (none without --spike: no lines)."""
+    spike = meta.get("spike")
+    if not spike:
+        return []
+    lines = [
+        f"## Spike at step {spike['step']}",
+        "",
+        f"Fault: {spike['fault']} (LR x {spike['lr_mult']:g}). pre: mean training loss of the {spike['window']} "
+        f"steps before; fault loss: the loss on the corrupted batch; peak: the highest loss on real data after it; "
+        f"recovery: steps until the loss is back within 5% of pre (n/a: not within the run).",
+        "",
+        "| arm | injected at | pre | fault loss | peak | peak / pre | recovery (steps) | not recovered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a in meta["arms"]:
+        rs = [r["spike"] for r in _arm_runs(meta, runs, a) if "spike" in r]
+        at = sorted({st for r in rs for st in r.get("injected_at", [])})
+        recovered = [r.get("recovery") for r in rs if r.get("recovery") is not None]
+        cells = [a, ", ".join(map(str, at)) or "n/a"]
+        cells += [_fmt([r.get(m) for r in rs]) for m in ("pre", "fault_loss", "peak")]
+        cells += [
+            _fmt([r.get("peak_ratio") for r in rs], 3),
+            _fmt(recovered, 1),
+            f"{len(rs) - len(recovered)}/{len(rs)}",
+        ]
+        lines.append(_row(cells))
+    return lines
+
+
+def _runs_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    """The command that trains each finished run alone."""
+    note = " (without the spike: its hooks are not part of `complexity train`)" if meta.get("spike") else ""
+    lines = [
         "## Runs",
         "",
         "Each run folder holds resolved.json, metrics.jsonl, batches.jsonl (sha1 of every micro-batch), "
@@ -220,13 +264,12 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         "| run | command |",
         "|---|---|",
     ]
-    for s in seeds:
-        for a in arms:
+    for s in meta["seeds"]:
+        for a in meta["arms"]:
             r = runs.get(f"{a}-s{s}")
             if r:
-                note = " (without the spike: its hooks are not part of `complexity train`)" if spike else ""
                 lines.append(f"| {a}-s{s} | `{r['train_command']}`{note} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ----------------------------------------------------------------------------- figures
