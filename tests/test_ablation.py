@@ -397,3 +397,123 @@ def test_results_markdown_is_pinned(spike):
 
     expected = (REPORT_FIXTURES / f"results_{'spike' if spike else 'plain'}.md").read_text(encoding="utf-8")
     assert results_markdown(*_report_inputs(spike)) == expected
+
+
+# ----------------------------------------------------------------------------- done.json, checked
+
+
+def _ablation_folder(root: Path) -> Path:
+    """An ablation folder holding the pinned inputs: ablation.json and each run's done.json."""
+    meta, runs = _report_inputs(spike=True)
+    (root / "ablation.json").write_text(json.dumps(meta))
+    for name, done in runs.items():
+        (root / "runs" / name).mkdir(parents=True)
+        (root / "runs" / name / "done.json").write_text(json.dumps(done))
+    return root
+
+
+def test_done_json_as_the_runner_writes_it_reads_back(tmp_path):
+    from complexity.experiments.ablation import read_done
+
+    out = _ablation_folder(tmp_path)
+    for name, done in _report_inputs(spike=True)[1].items():
+        assert read_done(out / "runs" / name) == done  # nulls (not measured) included
+
+
+def _set(*keys, value):
+    def edit(done):
+        for k in keys[:-1]:
+            done = done[k]
+        done[keys[-1]] = value
+
+    return edit
+
+
+BAD_DONE = {
+    "val_loss a string": (
+        _set("val_loss", value="4.49"),
+        "the field 'val_loss' should be a finite number or null, found '4.49'",
+    ),
+    "val_bpb NaN": (
+        _set("val_bpb", value=math.nan),
+        "the field 'val_bpb' should be a finite number or null, found nan",
+    ),
+    "tokens/s infinite": (
+        _set("tokens_per_s", value=math.inf),
+        "the field 'tokens_per_s' should be a finite number or null, found inf",
+    ),
+    "loss a boolean": (
+        _set("avg_train_loss_first_k", value=True),
+        "the field 'avg_train_loss_first_k' should be a finite number or null, found True",
+    ),
+    "total a float": (
+        _set("total_params", value=131712.5),
+        "the field 'total_params' should be an integer, found 131712.5",
+    ),
+    "total a string": (
+        _set("total_params", value="131,712"),
+        "the field 'total_params' should be an integer, found '131,712'",
+    ),
+    "active missing": (lambda d: d.pop("active_params"), "the field 'active_params' is missing"),
+    "shares with a string": (
+        _set("expert_shares", value=[0.5, "x"]),
+        "the field 'expert_shares' should be a list of finite numbers or null, found [0.5, 'x']",
+    ),
+    "shares an object": (
+        _set("expert_shares", value={"0": 1.0}),
+        "the field 'expert_shares' should be a list of finite numbers or null, found {'0': 1.0}",
+    ),
+    "spike null": (_set("spike", value=None), "the field 'spike' should be an object, found None"),
+    "spike peak a string": (
+        _set("spike", "peak", value="high"),
+        "the spike summary: the field 'peak' should be a finite number or null, found 'high'",
+    ),
+    "spike recovery infinite": (
+        _set("spike", "recovery", value=-math.inf),
+        "the spike summary: the field 'recovery' should be a finite number or null, found -inf",
+    ),
+    "spike steps not integers": (
+        _set("spike", "injected_at", value=[5.0]),
+        "the spike summary: the field 'injected_at' should be a list of step numbers, found [5.0]",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DONE))
+def test_done_json_with_a_wrong_value_names_file_field_and_value(tmp_path, capsys, kind):
+    """A done.json value of the wrong type (or not finite) is one FileFormatError naming the file,
+    the field and what it holds, and saying what to do; not a TypeError deep in the report or a
+    nonsense number in results.md."""
+    from complexity.cli import main
+    from complexity.data.files import FileFormatError
+    from complexity.experiments.ablation import DONE_REMEDY, read_done
+    from complexity.experiments.report import write_report
+
+    edit, what = BAD_DONE[kind]
+    out = _ablation_folder(tmp_path)
+    path = out / "runs" / "dense-s0" / "done.json"
+    done = json.loads(path.read_text())
+    edit(done)
+    path.write_text(json.dumps(done))  # NaN and Infinity as Python's json writes them
+    expected = f"{path}: {what}; {DONE_REMEDY}"
+    for call in (lambda: read_done(path.parent), lambda: write_report(out)):
+        with pytest.raises(FileFormatError) as info:
+            call()
+        assert str(info.value) == expected
+    assert main(["ablate", "--report-only", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"complexity ablate: error: {expected}"
+    assert not (out / "results.md").exists()
+
+
+def test_rerun_refuses_a_done_json_with_a_wrong_value(data_dir, tmp_path):
+    """A rerun skips a finished run by reading its done.json: a damaged one stops it, trains nothing."""
+    from complexity.data.files import FileFormatError
+
+    out = tmp_path / "abl"
+    done = _report_inputs(spike=False)[1]["dense-s0"]
+    (out / "runs" / "dense-s0").mkdir(parents=True)
+    (out / "runs" / "dense-s0" / "done.json").write_text(json.dumps({**done, "val_loss": "4.49"}))
+    with pytest.raises(FileFormatError, match=re.escape("done.json: the field 'val_loss' should be a finite number")):
+        run_ablation(**_tiny_ablation(data_dir, out, steps=4, seeds=1, arms=["dense"]))
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["dense-s0"]
+    assert sorted(p.name for p in (out / "runs" / "dense-s0").iterdir()) == ["done.json"]

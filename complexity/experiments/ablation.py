@@ -38,8 +38,9 @@ through the trainer's own resume (last checkpoint; the trainer refuses a changed
 plan (`OUT/ablation.json`) must match a rerun's: a different preset, recipe, step count, spike
 or arm definition is refused rather than mixed into old results. A signal (SIGINT/SIGTERM)
 checkpoints the current run and stops the ablation; rerunning the same command continues it.
-A damaged ablation.json, done.json or metrics.jsonl is a `FileFormatError` naming the file, what
-is wrong and what to do (`PLAN_REMEDY`, `read_done`, `read_run_metrics`).
+A damaged ablation.json, done.json (a value of the wrong type or not finite included) or
+metrics.jsonl is a `FileFormatError` naming the file, what is wrong and what to do (`PLAN_REMEDY`,
+`read_done`, `read_run_metrics`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data.files import FileFormatError, read_json_object
+from ..data.files import NUMBER, FileFormatError, read_json_object
 from ..train.callbacks import TrainerCallbacks, spike_injection
 from ..train.durable import drop_torn_tail, write_json
 from ..train.metrics import read_log, read_metrics
@@ -500,14 +501,61 @@ PLAN_REMEDY = (
 )
 
 
+DONE_REMEDY = (
+    "it is the summary of a finished run: delete it and rerun the ablation command, which summarises the "
+    "run again from its folder without training it again"
+)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, NUMBER) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _measure(value) -> bool:
+    return value is None or _finite(value)  # None: not measured
+
+
+def _shares(value) -> bool:
+    return value is None or (isinstance(value, list) and all(map(_finite, value)))
+
+
+def _steps(value) -> bool:
+    return isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+
+
+# What a rerun and the report read from done.json (`_write_summary`): these fields always ...
+_DONE_FIELDS = {"train_command": str, "total_params": int, "active_params": int}
+# ... and these where present (an absent measure reads as not measured): field -> (check, what it should be).
+_MEASURE = (_measure, "a finite number or null")
+_DONE_VALUES = {
+    **dict.fromkeys(("avg_train_loss_first_k", "final_train_loss", "val_loss", "val_bpb", "tokens_per_s"), _MEASURE),
+    "expert_shares": (_shares, "a list of finite numbers or null"),
+    "spike": (lambda v: isinstance(v, dict), "an object"),
+}
+_SPIKE_VALUES = {
+    **dict.fromkeys(("pre", "fault_loss", "peak", "peak_ratio", "recovery"), _MEASURE),
+    "injected_at": (_steps, "a list of step numbers"),
+}
+
+
 def read_done(run_dir: Path) -> dict:
-    """A finished run's done.json (its summary); a damaged one is a FileFormatError saying what to do."""
-    return read_json_object(
-        run_dir / "done.json",
-        "it is the summary of a finished run: delete it and rerun the ablation command, which summarises the "
-        "run again from its folder without training it again",
-        {"train_command": str},
-    )
+    """A finished run's done.json (its summary). A damaged one (unreadable, or a field read back
+    from it missing or holding a wrong or non-finite value) is a FileFormatError naming the file,
+    the field and the value, and saying what to do."""
+    path = run_dir / "done.json"
+    done = read_json_object(path, DONE_REMEDY, _DONE_FIELDS)
+    _check_values(done, _DONE_VALUES, str(path))
+    if "spike" in done:
+        _check_values(done["spike"], _SPIKE_VALUES, f"{path}: the spike summary")
+    return done
+
+
+def _check_values(obj: dict, values: dict, where: str) -> None:
+    for name, (ok, expected) in values.items():
+        if name in obj and not ok(obj[name]):
+            raise FileFormatError(
+                f"{where}: the field {name!r} should be {expected}, found {obj[name]!r}; {DONE_REMEDY}"
+            )
 
 
 def read_run_metrics(run_dir: Path) -> list[dict]:
