@@ -23,11 +23,16 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..data.files import NUMBER, FileFormatError, check_fields, read_json_object
 from ..train.durable import write_atomic
 from ..train.metrics import train_losses
 from ..train.plot import save_figure
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
 
@@ -383,8 +388,18 @@ def plot_spike(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS):
-    """(ids, final hidden states, input embeddings, expert of the last layer, model) for held-out tokens."""
+class _Sample(NamedTuple):
+    """Held-out tokens run through an arm's final model."""
+
+    ids: torch.Tensor  # (n,) token ids
+    hidden: torch.Tensor  # (n, hidden) final hidden states
+    embeddings: torch.Tensor  # (n, hidden) input embeddings
+    experts: torch.Tensor  # (n,) the expert each token went to in the last layer
+    token_to_expert: np.ndarray | None  # the routing table over the vocabulary (token-routed arms)
+
+
+def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS) -> _Sample | None:
+    """`n_tokens` held-out tokens through the run's final model (None: the held-out split is empty)."""
     import torch
 
     from ..data.loader import EvalLoader
@@ -422,87 +437,132 @@ def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: in
     if not ids_all:
         return None
     ids = torch.cat(ids_all)[:n_tokens]
-    experts = torch.cat(captured)[: ids.numel()].cpu()
-    return ids, torch.cat(hid_all)[:n_tokens], torch.cat(emb_all)[:n_tokens], experts, model
+    table = getattr(model.model, "token_to_expert", None)
+    return _Sample(
+        ids=ids,
+        hidden=torch.cat(hid_all)[:n_tokens],
+        embeddings=torch.cat(emb_all)[:n_tokens],
+        experts=torch.cat(captured)[: ids.numel()].cpu(),
+        token_to_expert=table.cpu().numpy() if table is not None else None,
+    )
 
 
 def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Path | None:
-    import numpy as np
+    """experts.png: a row per routed arm (its first seed's run): the experts' shares, and PCA maps
+    of held-out tokens coloured by expert (None: no routed arm has finished that run)."""
     import torch
-    from sklearn.decomposition import PCA
 
     plt = _plt()
     seed = meta["seeds"][0]
     arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense" and f"{a}-s{seed}" in runs]
     if not arms:
         return None
-    counts = None
-    try:
-        from ..data import manifest as data_manifest
-        from ..train import data as data_mod
-
-        manifest = data_manifest.read_prepared_manifest(meta["data"])
-    except (FileNotFoundError, ValueError):
-        manifest = None
+    manifest = _prepared_manifest(meta["data"])
+    training_counts = _TrainingCounts(meta["data"], manifest)
     fig, axes = plt.subplots(len(arms), 3, figsize=(17, 4.8 * len(arms)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for row, a in enumerate(arms):
-        run_dir = out / "runs" / f"{a}-s{seed}"
-        sample = _sample_representations(run_dir, meta["data"], meta["seq_len"]) if manifest else None
-        ax = axes[row][0]
-        E = meta["plan"][a]["widths"].get("experts", 4)
-        x = np.arange(E)
-        bars = []
-        routed_shares = runs[f"{a}-s{seed}"].get("expert_shares")
-        if sample is not None:
-            model = sample[-1]
-            table = getattr(model.model, "token_to_expert", None)
-            if table is not None:
-                table = table.cpu().numpy()
-                bars.append(("vocabulary ids", np.bincount(table, minlength=E) / len(table)))
-                if counts is None and manifest is not None:
-                    counts, _ = data_mod.zipf_counts(meta["data"], manifest, len(table), 0, 1)
-                if counts is not None and counts.sum() > 0:
-                    mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=E)
-                    bars.append(("training frequency mass", mass / mass.sum()))
-        if routed_shares:
-            bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed_shares)))
-        if sample is not None:
-            ex_ids = sample[3].numpy()
-            bars.append(
-                (
-                    f"held-out sample routed (last layer, {len(ex_ids):,} tokens)",
-                    np.bincount(ex_ids, minlength=E)[:E] / max(1, len(ex_ids)),
-                )
-            )
-        width = 0.8 / max(1, len(bars))
-        for j, (label, vals) in enumerate(bars):
-            ax.bar(x + (j - (len(bars) - 1) / 2) * width, vals[:E], width=width, label=label)
-        ax.axhline(1.0 / E, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(x, [f"expert {i}" for i in x])
-        ax.set_ylabel("share")
-        ax.set_title(f"{a}: expert shares")
-        if bars:
-            ax.legend(fontsize=8)
+    for a, (shares_ax, *map_axes) in zip(arms, axes):
+        # without the prepared folder's manifest there is no held-out split to sample
+        sample = (
+            _sample_representations(out / "runs" / f"{a}-s{seed}", meta["data"], meta["seq_len"]) if manifest else None
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the arm's model is gone (it lived in _sample_representations): free its memory
+        n_experts = meta["plan"][a]["widths"].get("experts", 4)
+        bars = _share_bars(sample, runs[f"{a}-s{seed}"].get("expert_shares"), n_experts, training_counts)
+        _draw_share_bars(shares_ax, a, bars, n_experts)
         if sample is None:
-            for ax in axes[row][1:]:
+            for ax in map_axes:
                 ax.set_axis_off()
             continue
-        ids, hidden, emb, experts, _ = sample
-        ex = experts.numpy()
-        for col, (name, rep) in enumerate((("final hidden states", hidden), ("input embeddings", emb)), start=1):
-            pts = PCA(n_components=2, random_state=0).fit_transform(rep.numpy().astype(np.float64))
-            ax = axes[row][col]
-            for e in range(E):
-                m = ex == e
-                if m.any():
-                    ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, color=cmap(e % 10), label=f"expert {e}")
-            what = "tokens" if col == 1 else "tokens (one dot per distinct id)"
-            ax.set_title(
-                f"{a}: PCA of {name}\n{len(ids):,} held-out {what}, coloured by expert (last layer)", fontsize=10
-            )
-            ax.legend(fontsize=8, markerscale=3)
-        del sample
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        _draw_pca_maps(map_axes, a, sample, n_experts, plt.get_cmap("tab10"))
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def _prepared_manifest(data: str) -> dict | None:
+    """The prepared data folder's manifest (None: `data` is not one, or no longer there)."""
+    from ..data import manifest as data_manifest
+
+    try:
+        return data_manifest.read_prepared_manifest(data)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class _TrainingCounts:
+    """The training split's token frequencies, read once, on first use (`train.data.zipf_counts`)."""
+
+    def __init__(self, data: str, manifest: dict | None):
+        self.data, self.manifest, self.counts = data, manifest, None
+
+    def __call__(self, vocab_size: int) -> np.ndarray | None:
+        if self.counts is None and self.manifest is not None:
+            from ..train import data as data_mod
+
+            self.counts, _ = data_mod.zipf_counts(self.data, self.manifest, vocab_size, 0, 1)
+        return self.counts
+
+
+def _share_bars(sample: _Sample | None, routed: list | None, n_experts: int, training_counts) -> list[tuple]:
+    """(label, each expert's share) for every share known for the arm: of the vocabulary ids and of
+    the training data's frequency mass (from a routing table), of the held-out tokens routed at
+    the last evaluation (done.json), of the held-out sample's tokens."""
+    import numpy as np
+
+    bars = []
+    table = sample.token_to_expert if sample is not None else None
+    if table is not None:
+        bars.append(("vocabulary ids", np.bincount(table, minlength=n_experts) / len(table)))
+        counts = training_counts(len(table))
+        if counts is not None and counts.sum() > 0:
+            mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=n_experts)
+            bars.append(("training frequency mass", mass / mass.sum()))
+    if routed:
+        bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed)))
+    if sample is not None:
+        experts = sample.experts.numpy()
+        bars.append(
+            (
+                f"held-out sample routed (last layer, {len(experts):,} tokens)",
+                np.bincount(experts, minlength=n_experts)[:n_experts] / max(1, len(experts)),
+            )
+        )
+    return bars
+
+
+def _draw_share_bars(ax, arm: str, bars: list[tuple], n_experts: int) -> None:
+    """Grouped bars, one group per expert, and the uniform share (1 / E) as a dashed line."""
+    import numpy as np
+
+    x = np.arange(n_experts)
+    width = 0.8 / max(1, len(bars))
+    for j, (label, vals) in enumerate(bars):
+        ax.bar(x + (j - (len(bars) - 1) / 2) * width, vals[:n_experts], width=width, label=label)
+    ax.axhline(1.0 / n_experts, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x, [f"expert {i}" for i in x])
+    ax.set_ylabel("share")
+    ax.set_title(f"{arm}: expert shares")
+    if bars:
+        ax.legend(fontsize=8)
+
+
+def _draw_pca_maps(axes, arm: str, sample: _Sample, n_experts: int, cmap) -> None:
+    """2-D PCA of the final hidden states and of the input embeddings, a colour per expert."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    experts = sample.experts.numpy()
+    maps = (
+        ("final hidden states", sample.hidden, "tokens"),
+        ("input embeddings", sample.embeddings, "tokens (one dot per distinct id)"),
+    )
+    for ax, (name, rep, what) in zip(axes, maps):
+        pts = PCA(n_components=2, random_state=0).fit_transform(rep.numpy().astype(np.float64))
+        for e in range(n_experts):
+            m = experts == e
+            if m.any():
+                ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, color=cmap(e % 10), label=f"expert {e}")
+        ax.set_title(
+            f"{arm}: PCA of {name}\n{len(sample.ids):,} held-out {what}, coloured by expert (last layer)", fontsize=10
+        )
+        ax.legend(fontsize=8, markerscale=3)
