@@ -288,3 +288,232 @@ def test_one_arm_ablation_reports_without_warnings(data_dir, tmp_path):
     assert not res.interrupted
     assert list(_results_rows((out / "results.md").read_text())) == ["dense"]
     _assert_png(out / "loss.png")
+
+
+# ----------------------------------------------------------------------------- results.md, pinned
+
+REPORT_FIXTURES = Path(__file__).parent / "fixtures" / "ablation_report"
+
+
+def _report_inputs(spike: bool) -> tuple[dict, dict[str, dict]]:
+    """An ablation.json and done.json contents covering every part of results.md: two seeds, a run
+    not finished, a value not measured, one seed only for an arm (no std), expert shares of
+    different lengths, spike summaries with a run that never recovered."""
+    plan = {
+        "dense": dict(
+            label="(1) dense SwiGLU, no mu",
+            model={"mlp_type": "dense"},
+            total=131_712,
+            active=131_712,
+            mismatch=0.00097,
+            widths={"intermediate": 214},
+        ),
+        "routed_mu": dict(
+            label="(2) token-routed + shared + zipf + mu guidance",
+            model={"mlp_type": "token_routed"},
+            total=131_584,
+            active=94_720,
+            mismatch=0.0,
+            widths={"expert": 32, "experts": 4, "shared": 32},
+        ),
+        "hash_top2": dict(
+            label="(6) top-2 hash routing",
+            model={"mlp_type": "hash_routed"},
+            total=131_584,
+            active=94_720,
+            mismatch=-0.0004,
+            widths={"expert": 16, "experts": 8, "per_token": 2},
+        ),
+    }
+    meta = {
+        "command": "complexity ablate --preset tiny --data DATA --steps 8 --seeds 2 --out OUT",
+        "preset": "tiny",
+        "data": "DATA",
+        "steps": 8,
+        "seeds": [0, 1],
+        "arms": list(plan),
+        "avg_k": 6,
+        "tolerance": 0.005,
+        "reference_arm": "routed_mu",
+        "tokens_per_step": 256,
+        "seq_len": 32,
+        "precision": "auto",
+        "compile": False,
+        "plan": plan,
+        "spike": {"step": 5, "lr_mult": 10.0, "window": 2, "seed": 1234, "fault": "uniform random ids"}
+        if spike
+        else None,
+    }
+
+    def done(arm, seed, val_loss, tokens_per_s, shares=None, recovery=2):
+        d = {
+            "arm": arm,
+            "seed": seed,
+            "steps": 8,
+            "avg_train_loss_first_k": 5.7 + 0.01 * seed,
+            "avg_k": 6,
+            "final_train_loss": 4.67 - 0.02 * seed,
+            "val_loss": val_loss,
+            "val_bpb": None if val_loss is None else val_loss / 2.73,
+            "val_ppl": None,
+            "expert_shares": shares,
+            "tokens_per_s": tokens_per_s,
+            "total_params": plan[arm]["total"],
+            "active_params": plan[arm]["active"],
+            "train_command": f"complexity train --config OUT/runs/{arm}-s{seed}/resolved.json --out OUT/runs/{arm}-s{seed} --overwrite",
+        }
+        if spike:
+            d["spike"] = {
+                "step": 5,
+                "window": 2,
+                "threshold": 0.05,
+                "pre": 5.31 + 0.02 * seed,
+                "fault_loss": 5.96,
+                "injected_at": [5],
+                "peak": 5.9 - 0.3 * seed,
+                "peak_step": 6,
+                "peak_ratio": 1.1 - 0.05 * seed,
+                "recovery": recovery,
+            }
+        return d
+
+    runs = {
+        "dense-s0": done("dense", 0, 4.4889, 15_862.0),
+        "dense-s1": done("dense", 1, None, 15_419.5, recovery=None),
+        "routed_mu-s0": done("routed_mu", 0, 4.4988, 13_036.0, [0.207, 0.258, 0.246, 0.289]),
+        "routed_mu-s1": done("routed_mu", 1, 4.5401, 12_939.0, [0.21, 0.25, 0.25, 0.29]),
+        "hash_top2-s0": done(
+            "hash_top2", 0, 4.4536, 11_462.0, [0.103, 0.112, 0.105, 0.137, 0.115, 0.102, 0.122, 0.204]
+        ),
+    }
+    return meta, runs
+
+
+@pytest.mark.parametrize("spike", [False, True], ids=["plain", "spike"])
+def test_results_markdown_is_pinned(spike):
+    """results.md for fixed inputs, byte for byte (the fixture was written by the report as it was
+    before its sections became functions of their own)."""
+    from complexity.experiments.report import results_markdown
+
+    expected = (REPORT_FIXTURES / f"results_{'spike' if spike else 'plain'}.md").read_text(encoding="utf-8")
+    assert results_markdown(*_report_inputs(spike)) == expected
+
+
+# ----------------------------------------------------------------------------- done.json, checked
+
+
+def _ablation_folder(root: Path) -> Path:
+    """An ablation folder holding the pinned inputs: ablation.json and each run's done.json."""
+    meta, runs = _report_inputs(spike=True)
+    (root / "ablation.json").write_text(json.dumps(meta))
+    for name, done in runs.items():
+        (root / "runs" / name).mkdir(parents=True)
+        (root / "runs" / name / "done.json").write_text(json.dumps(done))
+    return root
+
+
+def test_done_json_as_the_runner_writes_it_reads_back(tmp_path):
+    from complexity.experiments.ablation import read_done
+
+    out = _ablation_folder(tmp_path)
+    for name, done in _report_inputs(spike=True)[1].items():
+        assert read_done(out / "runs" / name) == done  # nulls (not measured) included
+
+
+def _set(*keys, value):
+    def edit(done):
+        for k in keys[:-1]:
+            done = done[k]
+        done[keys[-1]] = value
+
+    return edit
+
+
+BAD_DONE = {
+    "val_loss a string": (
+        _set("val_loss", value="4.49"),
+        "the field 'val_loss' should be a finite number or null, found '4.49'",
+    ),
+    "val_bpb NaN": (
+        _set("val_bpb", value=math.nan),
+        "the field 'val_bpb' should be a finite number or null, found nan",
+    ),
+    "tokens/s infinite": (
+        _set("tokens_per_s", value=math.inf),
+        "the field 'tokens_per_s' should be a finite number or null, found inf",
+    ),
+    "loss a boolean": (
+        _set("avg_train_loss_first_k", value=True),
+        "the field 'avg_train_loss_first_k' should be a finite number or null, found True",
+    ),
+    "total a float": (
+        _set("total_params", value=131712.5),
+        "the field 'total_params' should be an integer, found 131712.5",
+    ),
+    "total a string": (
+        _set("total_params", value="131,712"),
+        "the field 'total_params' should be an integer, found '131,712'",
+    ),
+    "active missing": (lambda d: d.pop("active_params"), "the field 'active_params' is missing"),
+    "shares with a string": (
+        _set("expert_shares", value=[0.5, "x"]),
+        "the field 'expert_shares' should be a list of finite numbers or null, found [0.5, 'x']",
+    ),
+    "shares an object": (
+        _set("expert_shares", value={"0": 1.0}),
+        "the field 'expert_shares' should be a list of finite numbers or null, found {'0': 1.0}",
+    ),
+    "spike null": (_set("spike", value=None), "the field 'spike' should be an object, found None"),
+    "spike peak a string": (
+        _set("spike", "peak", value="high"),
+        "the spike summary: the field 'peak' should be a finite number or null, found 'high'",
+    ),
+    "spike recovery infinite": (
+        _set("spike", "recovery", value=-math.inf),
+        "the spike summary: the field 'recovery' should be a finite number or null, found -inf",
+    ),
+    "spike steps not integers": (
+        _set("spike", "injected_at", value=[5.0]),
+        "the spike summary: the field 'injected_at' should be a list of step numbers, found [5.0]",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DONE))
+def test_done_json_with_a_wrong_value_names_file_field_and_value(tmp_path, capsys, kind):
+    """A done.json value of the wrong type (or not finite) is one FileFormatError naming the file,
+    the field and what it holds, and saying what to do; not a TypeError deep in the report or a
+    nonsense number in results.md."""
+    from complexity.cli import main
+    from complexity.data.files import FileFormatError
+    from complexity.experiments.ablation import DONE_REMEDY, read_done
+    from complexity.experiments.report import write_report
+
+    edit, what = BAD_DONE[kind]
+    out = _ablation_folder(tmp_path)
+    path = out / "runs" / "dense-s0" / "done.json"
+    done = json.loads(path.read_text())
+    edit(done)
+    path.write_text(json.dumps(done))  # NaN and Infinity as Python's json writes them
+    expected = f"{path}: {what}; {DONE_REMEDY}"
+    for call in (lambda: read_done(path.parent), lambda: write_report(out)):
+        with pytest.raises(FileFormatError) as info:
+            call()
+        assert str(info.value) == expected
+    assert main(["ablate", "--report-only", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"complexity ablate: error: {expected}"
+    assert not (out / "results.md").exists()
+
+
+def test_rerun_refuses_a_done_json_with_a_wrong_value(data_dir, tmp_path):
+    """A rerun skips a finished run by reading its done.json: a damaged one stops it, trains nothing."""
+    from complexity.data.files import FileFormatError
+
+    out = tmp_path / "abl"
+    done = _report_inputs(spike=False)[1]["dense-s0"]
+    (out / "runs" / "dense-s0").mkdir(parents=True)
+    (out / "runs" / "dense-s0" / "done.json").write_text(json.dumps({**done, "val_loss": "4.49"}))
+    with pytest.raises(FileFormatError, match=re.escape("done.json: the field 'val_loss' should be a finite number")):
+        run_ablation(**_tiny_ablation(data_dir, out, steps=4, seeds=1, arms=["dense"]))
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["dense-s0"]
+    assert sorted(p.name for p in (out / "runs" / "dense-s0").iterdir()) == ["done.json"]

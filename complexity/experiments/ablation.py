@@ -38,8 +38,9 @@ through the trainer's own resume (last checkpoint; the trainer refuses a changed
 plan (`OUT/ablation.json`) must match a rerun's: a different preset, recipe, step count, spike
 or arm definition is refused rather than mixed into old results. A signal (SIGINT/SIGTERM)
 checkpoints the current run and stops the ablation; rerunning the same command continues it.
-A damaged ablation.json, done.json or metrics.jsonl is a `FileFormatError` naming the file, what
-is wrong and what to do (`PLAN_REMEDY`, `read_done`, `read_run_metrics`).
+A damaged ablation.json, done.json (a value of the wrong type or not finite included) or
+metrics.jsonl is a `FileFormatError` naming the file, what is wrong and what to do (`PLAN_REMEDY`,
+`read_done`, `read_run_metrics`).
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data.files import FileFormatError, read_json_object
+from ..data.files import NUMBER, FileFormatError, read_json_object
 from ..train.callbacks import TrainerCallbacks, spike_injection
 from ..train.durable import drop_torn_tail, write_json
 from ..train.metrics import read_log, read_metrics
+from .spike import plan_spike, spike_metrics
 
 if TYPE_CHECKING:
     from ..configuration_complexity import ComplexityConfig
@@ -499,14 +501,61 @@ PLAN_REMEDY = (
 )
 
 
+DONE_REMEDY = (
+    "it is the summary of a finished run: delete it and rerun the ablation command, which summarises the "
+    "run again from its folder without training it again"
+)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, NUMBER) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _measure(value) -> bool:
+    return value is None or _finite(value)  # None: not measured
+
+
+def _shares(value) -> bool:
+    return value is None or (isinstance(value, list) and all(map(_finite, value)))
+
+
+def _steps(value) -> bool:
+    return isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+
+
+# What a rerun and the report read from done.json (`_write_summary`): these fields always ...
+_DONE_FIELDS = {"train_command": str, "total_params": int, "active_params": int}
+# ... and these where present (an absent measure reads as not measured): field -> (check, what it should be).
+_MEASURE = (_measure, "a finite number or null")
+_DONE_VALUES = {
+    **dict.fromkeys(("avg_train_loss_first_k", "final_train_loss", "val_loss", "val_bpb", "tokens_per_s"), _MEASURE),
+    "expert_shares": (_shares, "a list of finite numbers or null"),
+    "spike": (lambda v: isinstance(v, dict), "an object"),
+}
+_SPIKE_VALUES = {
+    **dict.fromkeys(("pre", "fault_loss", "peak", "peak_ratio", "recovery"), _MEASURE),
+    "injected_at": (_steps, "a list of step numbers"),
+}
+
+
 def read_done(run_dir: Path) -> dict:
-    """A finished run's done.json (its summary); a damaged one is a FileFormatError saying what to do."""
-    return read_json_object(
-        run_dir / "done.json",
-        "it is the summary of a finished run: delete it and rerun the ablation command, which summarises the "
-        "run again from its folder without training it again",
-        {"train_command": str},
-    )
+    """A finished run's done.json (its summary). A damaged one (unreadable, or a field read back
+    from it missing or holding a wrong or non-finite value) is a FileFormatError naming the file,
+    the field and the value, and saying what to do."""
+    path = run_dir / "done.json"
+    done = read_json_object(path, DONE_REMEDY, _DONE_FIELDS)
+    _check_values(done, _DONE_VALUES, str(path))
+    if "spike" in done:
+        _check_values(done["spike"], _SPIKE_VALUES, f"{path}: the spike summary")
+    return done
+
+
+def _check_values(obj: dict, values: dict, where: str) -> None:
+    for name, (ok, expected) in values.items():
+        if name in obj and not ok(obj[name]):
+            raise FileFormatError(
+                f"{where}: the field {name!r} should be {expected}, found {obj[name]!r}; {DONE_REMEDY}"
+            )
 
 
 def read_run_metrics(run_dir: Path) -> list[dict]:
@@ -519,8 +568,8 @@ def read_run_metrics(run_dir: Path) -> list[dict]:
         ) from None
 
 
-def _summarise_run(run_dir: Path, arm: str, seed: int, avg_k: int) -> dict:
-    records = read_run_metrics(run_dir)
+def _summarise_run(records: list[dict], arm: str, seed: int, avg_k: int) -> dict:
+    """A run's measures from its metrics.jsonl records (None: not measured)."""
     train = {r["step"]: r for r in records if "event" not in r and r.get("loss") is not None}
     evals = [r for r in records if r.get("val_loss") is not None]
     steps = sorted(train)
@@ -608,70 +657,119 @@ def run_ablation(
     seeds: a count N (seeds 0..N-1) or explicit seeds. stop_after: checkpoint and stop every run
     still to train after that step (simulates a preemption; rerun to continue). on_run_end(arm,
     seed, summary) is called after each finished run."""
-    import torch
+    log = log or _to_stderr
+    args = _Arguments(
+        preset=preset,
+        recipe=recipe,
+        data=data,
+        steps=steps,
+        out=Path(out),
+        seeds=_seed_list(seeds),
+        arms=list(arms),
+        overrides=list(overrides),
+        avg_k=_avg_steps(steps, avg_k),
+        spike=plan_spike(steps, spike_step, spike_lr_mult, spike_window),
+        tolerance=tolerance,
+    )
+    base = base_run_config(
+        preset=args.preset,
+        data=args.data,
+        steps=args.steps,
+        recipe=args.recipe,
+        overrides=args.overrides,
+        spike=args.spike,
+    )
+    plans = plan_arms(base.model.preset, args.arms, base.model.overrides, tolerance)
+    identity = _plan_identity(base, plans, args.spike)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _check_plan(args.out, identity)  # a different plan is refused, not mixed into the old results
+    meta = _ablation_meta(args, base, plans, identity, command or build_command(**asdict(args)))
+    write_json(args.out / "ablation.json", meta, indent=2)
+    for p in plans.values():
+        log(f"ablate: {p.summary()}")
 
-    from ..train import Trainer
+    result = AblationResult(out=args.out, plan=plans)
+    (args.out / "runs").mkdir(exist_ok=True)
+    for seed in args.seeds:
+        for arm in args.arms:
+            run_dir = args.out / "runs" / run_name(arm, seed)
+            if (run_dir / "done.json").is_file():
+                result.runs[run_dir.name] = read_done(run_dir)
+                log(f"ablate: {run_dir.name} finished earlier: skipped")
+                continue
+            trained = _train_run(
+                base, plans[arm], seed, run_dir, args.spike, stop_after=stop_after, progress=progress, log=log
+            )
+            if trained.interrupted:
+                result.interrupted = True
+                log(f"ablate: {run_dir.name} stopped at step {trained.step}; rerun the same command to continue")
+                write_json(args.out / "ablation.json", meta, indent=2)
+                return result
+            result.runs[run_dir.name] = summary = _write_summary(run_dir, plans[arm], seed, args)
+            if on_run_end is not None:
+                on_run_end(arm, seed, summary)
+    if report:
+        from .report import write_report
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    out = Path(out)
+        result.report, result.figures = write_report(args.out, log=log)
+    return result
+
+
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class _Arguments:
+    """run_ablation's arguments, checked (a bad flag is a ValueError naming it, raised before
+    anything is written); the fields are `build_command`'s arguments."""
+
+    preset: str | None
+    recipe: str | Path | None
+    data: str | Path
+    steps: int
+    out: Path
+    seeds: list[int]
+    arms: list[str]
+    overrides: list[str]
+    avg_k: int
+    spike: dict | None  # `plan_spike`
+    tolerance: float
+
+
+def _seed_list(seeds: int | Iterable[int]) -> list[int]:
+    """--seeds: a count N (seeds 0..N-1) or the seeds themselves; at least one."""
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
         raise ValueError("--seeds: need at least one seed")
-    arms = list(arms)
-    overrides = list(overrides)
+    return seeds
+
+
+def _avg_steps(steps: int, avg_k: int | None) -> int:
+    """--steps and --avg-steps checked -> K, the first steps whose training loss is averaged."""
     if steps <= 0:
         raise ValueError(f"--steps: must be positive, got {steps}")
     avg_k = int(avg_k) if avg_k is not None else default_avg_steps(steps)
     if not 1 <= avg_k <= steps:
         raise ValueError(f"--avg-steps: must lie in [1, --steps={steps}], got {avg_k}")
-    spike = None
-    if spike_step is not None:
-        if not 2 <= spike_step <= steps:
-            raise ValueError(f"--spike: the step must lie in [2, --steps={steps}], got {spike_step}")
-        if spike_lr_mult <= 0:
-            raise ValueError(f"--spike-lr-mult: must be positive, got {spike_lr_mult}")
-        if spike_window < 1:
-            raise ValueError(f"--spike-window: must be at least 1, got {spike_window}")
-        spike = {
-            "step": int(spike_step),
-            "lr_mult": float(spike_lr_mult),
-            "window": int(max(1, min(spike_window, spike_step - 1))),
-            "seed": 1234,
-            "fault": "uniform random input_ids and labels (one fixed draw, seed 1234) in every micro-batch "
-            "of that step, and that step's LR multiplied by lr_mult; spike guard off",
-        }
+    return avg_k
 
-    base = base_run_config(preset=preset, data=data, steps=steps, recipe=recipe, overrides=overrides, spike=spike)
-    preset_name = base.model.preset
-    plans = plan_arms(preset_name, arms, base.model.overrides, tolerance)
-    identity = _plan_identity(base, plans, spike)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_plan(out, identity)
-    command = command or build_command(
-        preset=preset,
-        data=data,
-        steps=steps,
-        out=out,
-        seeds=seeds,
-        arms=arms,
-        recipe=recipe,
-        overrides=overrides,
-        avg_k=avg_k,
-        spike=spike,
-        tolerance=tolerance,
-    )
-    meta = {
+
+def _ablation_meta(args: _Arguments, base, plans: dict[str, ArmPlan], identity: dict, command: str) -> dict:
+    """ablation.json: how the ablation was made (the command, its settings, each arm's plan) and
+    the plan identity a rerun must match (`_check_plan`); the report is written from it."""
+    return {
         "command": command,
-        "preset": preset_name,
-        "recipe": str(recipe) if recipe else None,
-        "data": str(data),
-        "steps": steps,
-        "seeds": seeds,
-        "arms": arms,
-        "avg_k": avg_k,
-        "tolerance": tolerance,
+        "preset": base.model.preset,
+        "recipe": str(args.recipe) if args.recipe else None,
+        "data": str(args.data),
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "arms": args.arms,
+        "avg_k": args.avg_k,
+        "tolerance": args.tolerance,
         "reference_arm": REFERENCE_ARM,
-        "spike": spike,
+        "spike": args.spike,
         "identity": identity,
         "tokens_per_step": base.training.tokens_per_step or base.training.micro_batch_size * base.training.seq_len,
         "seq_len": base.training.seq_len,
@@ -679,67 +777,51 @@ def run_ablation(
         "compile": base.training.compile,
         "plan": {n: asdict(p) for n, p in plans.items()},
     }
-    write_json(out / "ablation.json", meta, indent=2)
-    for p in plans.values():
-        log(f"ablate: {p.summary()}")
-
-    result = AblationResult(out=out, plan=plans)
-    runs_dir = out / "runs"
-    runs_dir.mkdir(exist_ok=True)
-    for seed in seeds:
-        for name in arms:
-            plan = plans[name]
-            run_dir = runs_dir / run_name(name, seed)
-            done = run_dir / "done.json"
-            if done.is_file():
-                result.runs[run_name(name, seed)] = read_done(run_dir)
-                log(f"ablate: {run_name(name, seed)} finished earlier: skipped")
-                continue
-            resume = (run_dir / "resolved.json").is_file()
-            if run_dir.exists() and not resume:
-                shutil.rmtree(run_dir)  # started but never got as far as writing its config
-            config = _run_config(base, plan, seed, run_dir)
-            log(f"ablate: {'resuming' if resume else 'training'} {run_name(name, seed)} ({plan.label})")
-            recorder = _Recorder(run_dir, spike, config.model.build().vocab_size)
-            trainer = Trainer(
-                config, out_dir=run_dir, resume=resume, callbacks=recorder, stop_after=stop_after, progress=progress
-            )
-            run_result = trainer.run()
-            del trainer
-            _free_memory(torch, config.training.compile)
-            if run_result.interrupted:
-                result.interrupted = True
-                log(
-                    f"ablate: {run_name(name, seed)} stopped at step {run_result.step}; rerun the same command "
-                    f"to continue"
-                )
-                write_json(out / "ablation.json", meta, indent=2)
-                return result
-            summary = _summarise_run(run_dir, name, seed, avg_k)
-            summary.update(
-                {
-                    "total_params": plan.total,
-                    "active_params": plan.active,
-                    "train_command": f"complexity train --config {shlex.quote(str(run_dir / 'resolved.json'))} "
-                    f"--out {shlex.quote(str(run_dir))} --overwrite",
-                }
-            )
-            if spike is not None:
-                from .spike import spike_metrics
-
-                summary["spike"] = spike_metrics(read_run_metrics(run_dir), spike["step"], spike["window"])
-            write_json(done, summary, indent=2)
-            result.runs[run_name(name, seed)] = summary
-            if on_run_end is not None:
-                on_run_end(name, seed, summary)
-    if report:
-        from .report import write_report
-
-        result.report, result.figures = write_report(out, log=log)
-    return result
 
 
-def _free_memory(torch, compiled: bool) -> None:
+def _train_run(base, plan: ArmPlan, seed: int, run_dir: Path, spike: dict | None, *, stop_after, progress, log):
+    """Train one arm x seed in `run_dir` (continued from its last checkpoint when it has a
+    resolved.json) -> the trainer's RunResult."""
+    from ..train import Trainer
+
+    resume = (run_dir / "resolved.json").is_file()
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # started but never got as far as writing its config
+    config = _run_config(base, plan, seed, run_dir)
+    log(f"ablate: {'resuming' if resume else 'training'} {run_dir.name} ({plan.label})")
+    recorder = _Recorder(run_dir, spike, config.model.build().vocab_size)
+    trainer = Trainer(
+        config, out_dir=run_dir, resume=resume, callbacks=recorder, stop_after=stop_after, progress=progress
+    )
+    trained = trainer.run()
+    del trainer
+    _free_memory(config.training.compile)
+    return trained
+
+
+def _write_summary(run_dir: Path, plan: ArmPlan, seed: int, args: _Arguments) -> dict:
+    """A trained run's done.json (see `read_done`): its metrics summarised, its parameter counts,
+    the command that trains it alone and, with a spike, the spike's metrics. Written last: it is
+    what marks the run finished."""
+    records = read_run_metrics(run_dir)
+    summary = _summarise_run(records, plan.name, seed, args.avg_k)
+    summary.update(
+        {
+            "total_params": plan.total,
+            "active_params": plan.active,
+            "train_command": f"complexity train --config {shlex.quote(str(run_dir / 'resolved.json'))} "
+            f"--out {shlex.quote(str(run_dir))} --overwrite",
+        }
+    )
+    if args.spike is not None:
+        summary["spike"] = spike_metrics(records, args.spike["step"], args.spike["window"])
+    write_json(run_dir / "done.json", summary, indent=2)
+    return summary
+
+
+def _free_memory(compiled: bool) -> None:
+    import torch
+
     gc.collect()
     if compiled:
         torch._dynamo.reset()  # each arm compiles its own layers; do not pile up caches/recompiles

@@ -23,11 +23,16 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..data.files import NUMBER, FileFormatError, check_fields, read_json_object
 from ..train.durable import write_atomic
 from ..train.metrics import train_losses
 from ..train.plot import save_figure
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
 
@@ -117,13 +122,32 @@ def write_report(out: str | Path, log: Callable[[str], None] | None = None) -> t
 
 
 def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
-    arms, seeds, plan = meta["arms"], meta["seeds"], meta["plan"]
-    ref = plan.get(meta["reference_arm"]) or next(iter(plan.values()))
+    """results.md from ablation.json (`meta`) and the finished runs' done.json ("<arm>-s<seed>" ->)."""
+    sections = (
+        _header(meta),
+        _parameters_table(meta),
+        _results_table(meta, runs),
+        _expert_shares_table(meta, runs),
+        _spike_table(meta, runs),
+        _runs_table(meta, runs),
+    )
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _arm_runs(meta: dict, runs: dict[str, dict], arm: str) -> list[dict]:
+    """The arm's finished runs, in seed order."""
+    return [runs[f"{arm}-s{s}"] for s in meta["seeds"] if f"{arm}-s{s}" in runs]
+
+
+def _header(meta: dict) -> list[str]:
     tokens = meta["steps"] * meta["tokens_per_step"]
-    k = meta["avg_k"]
-    lines = [
+    return [
         f"# Ablation: {meta['preset']}, {meta['steps']} steps x {meta['tokens_per_step']:,} tokens "
-        f"({tokens:,} tokens per run), seeds {', '.join(map(str, seeds))}",
+        f"({tokens:,} tokens per run), seeds {', '.join(map(str, meta['seeds']))}",
         "",
         "Produced by:",
         "",
@@ -134,7 +158,13 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         f"Data: `{meta['data']}`; seq_len {meta['seq_len']}; precision {meta['precision']}; "
         f"compile {str(meta['compile']).lower()}. Every arm trains on the same batches in the same order for a "
         "given seed (the seed also fixes the initialisation).",
-        "",
+    ]
+
+
+def _parameters_table(meta: dict) -> list[str]:
+    plan = meta["plan"]
+    ref = plan.get(meta["reference_arm"]) or next(iter(plan.values()))
+    lines = [
         "## Parameters (live: tied embedding once, no dead weights)",
         "",
         f"Totals are matched to arm {ref['label'].split(')')[0]})'s {ref['total']:,} by widening the MLP of the "
@@ -143,12 +173,18 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         "| arm | description | total | active per token | mismatch | MLP widths |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for a in arms:
+    for a in meta["arms"]:
         p = plan[a]
-        w = ", ".join(f"{key} {v}" for key, v in p["widths"].items())
-        lines.append(f"| {a} | {p['label']} | {p['total']:,} | {p['active']:,} | {100 * p['mismatch']:+.3f}% | {w} |")
-    lines += [
-        "",
+        widths = ", ".join(f"{key} {v}" for key, v in p["widths"].items())
+        lines.append(
+            _row([a, p["label"], f"{p['total']:,}", f"{p['active']:,}", f"{100 * p['mismatch']:+.3f}%", widths])
+        )
+    return lines
+
+
+def _results_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    k = meta["avg_k"]
+    lines = [
         "## Results (mean ± std over seeds; std needs two or more)",
         "",
         f"val loss / val bpb: held-out loss (nats/token) and bits per UTF-8 byte at the end of training. "
@@ -160,58 +196,71 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         "tokens/s | total params | active params |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for a in arms:
-        rs = [runs[f"{a}-s{s}"] for s in seeds if f"{a}-s{s}" in runs]
-        p = plan[a]
-        lines.append(
-            f"| {a} | {p['label']} | {len(rs)} | {_fmt([r.get('val_loss') for r in rs])} | "
-            f"{_fmt([r.get('val_bpb') for r in rs])} | {_fmt([r.get('avg_train_loss_first_k') for r in rs])} | "
-            f"{_fmt([r.get('final_train_loss') for r in rs])} | {_fmt_int([r.get('tokens_per_s') for r in rs])} | "
-            f"{p['total']:,} | {p['active']:,} |"
-        )
-    missing = [f"{a}-s{s}" for s in seeds for a in arms if f"{a}-s{s}" not in runs]
+    for a in meta["arms"]:
+        rs, p = _arm_runs(meta, runs, a), meta["plan"][a]
+        cells = [a, p["label"], len(rs)]
+        cells += [
+            _fmt([r.get(m) for r in rs]) for m in ("val_loss", "val_bpb", "avg_train_loss_first_k", "final_train_loss")
+        ]
+        cells += [_fmt_int([r.get("tokens_per_s") for r in rs]), f"{p['total']:,}", f"{p['active']:,}"]
+        lines.append(_row(cells))
+    missing = [f"{a}-s{s}" for s in meta["seeds"] for a in meta["arms"] if f"{a}-s{s}" not in runs]
     if missing:
         lines += ["", f"Not finished (rerun the command to complete): {', '.join(missing)}."]
+    return lines
 
-    shares = [(a, runs.get(f"{a}-s{seeds[0]}", {}).get("expert_shares")) for a in arms]
+
+def _expert_shares_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    """Each routed arm's expert shares of the held-out tokens, for the first seed (none: no lines)."""
+    seed = meta["seeds"][0]
+    shares = [(a, runs.get(f"{a}-s{seed}", {}).get("expert_shares")) for a in meta["arms"]]
     shares = [(a, s) for a, s in shares if s]
-    if shares:
-        lines += [
-            "",
-            f"## Expert shares of held-out tokens (seed {seeds[0]}, mean over layers)",
-            "",
-            "| arm | " + " | ".join(f"expert {i}" for i in range(max(len(s) for _, s in shares))) + " |",
-            "|---|" + "---:|" * max(len(s) for _, s in shares),
-        ]
-        for a, s in shares:
-            lines.append(f"| {a} | " + " | ".join(f"{x:.3f}" for x in s) + " |")
-
-    spike = meta.get("spike")
-    if spike:
-        lines += [
-            "",
-            f"## Spike at step {spike['step']}",
-            "",
-            f"Fault: {spike['fault']} (LR x {spike['lr_mult']:g}). pre: mean training loss of the {spike['window']} "
-            f"steps before; fault loss: the loss on the corrupted batch; peak: the highest loss on real data after it; "
-            f"recovery: steps until the loss is back within 5% of pre (n/a: not within the run).",
-            "",
-            "| arm | injected at | pre | fault loss | peak | peak / pre | recovery (steps) | not recovered |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for a in arms:
-            rs = [runs[f"{a}-s{s}"]["spike"] for s in seeds if f"{a}-s{s}" in runs and "spike" in runs[f"{a}-s{s}"]]
-            at = sorted({st for r in rs for st in r.get("injected_at", [])})
-            never = sum(r.get("recovery") is None for r in rs)
-            lines.append(
-                f"| {a} | {', '.join(map(str, at)) or 'n/a'} | {_fmt([r.get('pre') for r in rs])} | "
-                f"{_fmt([r.get('fault_loss') for r in rs])} | {_fmt([r.get('peak') for r in rs])} | "
-                f"{_fmt([r.get('peak_ratio') for r in rs], 3)} | "
-                f"{_fmt([r.get('recovery') for r in rs if r.get('recovery') is not None], 1)} | {never}/{len(rs)} |"
-            )
-
-    lines += [
+    if not shares:
+        return []
+    n = max(len(s) for _, s in shares)
+    return [
+        f"## Expert shares of held-out tokens (seed {seed}, mean over layers)",
         "",
+        _row(["arm", *(f"expert {i}" for i in range(n))]),
+        "|---|" + "---:|" * n,
+        *(_row([a, *(f"{x:.3f}" for x in s)]) for a, s in shares),
+    ]
+
+
+def _spike_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    """How each arm took the injected fault (none without --spike: no lines)."""
+    spike = meta.get("spike")
+    if not spike:
+        return []
+    lines = [
+        f"## Spike at step {spike['step']}",
+        "",
+        f"Fault: {spike['fault']} (LR x {spike['lr_mult']:g}). pre: mean training loss of the {spike['window']} "
+        f"steps before; fault loss: the loss on the corrupted batch; peak: the highest loss on real data after it; "
+        f"recovery: steps until the loss is back within 5% of pre (n/a: not within the run).",
+        "",
+        "| arm | injected at | pre | fault loss | peak | peak / pre | recovery (steps) | not recovered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a in meta["arms"]:
+        rs = [r["spike"] for r in _arm_runs(meta, runs, a) if "spike" in r]
+        at = sorted({st for r in rs for st in r.get("injected_at", [])})
+        recovered = [r.get("recovery") for r in rs if r.get("recovery") is not None]
+        cells = [a, ", ".join(map(str, at)) or "n/a"]
+        cells += [_fmt([r.get(m) for r in rs]) for m in ("pre", "fault_loss", "peak")]
+        cells += [
+            _fmt([r.get("peak_ratio") for r in rs], 3),
+            _fmt(recovered, 1),
+            f"{len(rs) - len(recovered)}/{len(rs)}",
+        ]
+        lines.append(_row(cells))
+    return lines
+
+
+def _runs_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    """The command that trains each finished run alone."""
+    note = " (without the spike: its hooks are not part of `complexity train`)" if meta.get("spike") else ""
+    lines = [
         "## Runs",
         "",
         "Each run folder holds resolved.json, metrics.jsonl, batches.jsonl (sha1 of every micro-batch), "
@@ -220,13 +269,12 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         "| run | command |",
         "|---|---|",
     ]
-    for s in seeds:
-        for a in arms:
+    for s in meta["seeds"]:
+        for a in meta["arms"]:
             r = runs.get(f"{a}-s{s}")
             if r:
-                note = " (without the spike: its hooks are not part of `complexity train`)" if spike else ""
                 lines.append(f"| {a}-s{s} | `{r['train_command']}`{note} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ----------------------------------------------------------------------------- figures
@@ -340,8 +388,18 @@ def plot_spike(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS):
-    """(ids, final hidden states, input embeddings, expert of the last layer, model) for held-out tokens."""
+class _Sample(NamedTuple):
+    """Held-out tokens run through an arm's final model."""
+
+    ids: torch.Tensor  # (n,) token ids
+    hidden: torch.Tensor  # (n, hidden) final hidden states
+    embeddings: torch.Tensor  # (n, hidden) input embeddings
+    experts: torch.Tensor  # (n,) the expert each token went to in the last layer
+    token_to_expert: np.ndarray | None  # the routing table over the vocabulary (token-routed arms)
+
+
+def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS) -> _Sample | None:
+    """`n_tokens` held-out tokens through the run's final model (None: the held-out split is empty)."""
     import torch
 
     from ..data.loader import EvalLoader
@@ -379,87 +437,132 @@ def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: in
     if not ids_all:
         return None
     ids = torch.cat(ids_all)[:n_tokens]
-    experts = torch.cat(captured)[: ids.numel()].cpu()
-    return ids, torch.cat(hid_all)[:n_tokens], torch.cat(emb_all)[:n_tokens], experts, model
+    table = getattr(model.model, "token_to_expert", None)
+    return _Sample(
+        ids=ids,
+        hidden=torch.cat(hid_all)[:n_tokens],
+        embeddings=torch.cat(emb_all)[:n_tokens],
+        experts=torch.cat(captured)[: ids.numel()].cpu(),
+        token_to_expert=table.cpu().numpy() if table is not None else None,
+    )
 
 
 def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Path | None:
-    import numpy as np
+    """experts.png: a row per routed arm (its first seed's run): the experts' shares, and PCA maps
+    of held-out tokens coloured by expert (None: no routed arm has finished that run)."""
     import torch
-    from sklearn.decomposition import PCA
 
     plt = _plt()
     seed = meta["seeds"][0]
     arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense" and f"{a}-s{seed}" in runs]
     if not arms:
         return None
-    counts = None
-    try:
-        from ..data import manifest as data_manifest
-        from ..train import data as data_mod
-
-        manifest = data_manifest.read_prepared_manifest(meta["data"])
-    except (FileNotFoundError, ValueError):
-        manifest = None
+    manifest = _prepared_manifest(meta["data"])
+    training_counts = _TrainingCounts(meta["data"], manifest)
     fig, axes = plt.subplots(len(arms), 3, figsize=(17, 4.8 * len(arms)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for row, a in enumerate(arms):
-        run_dir = out / "runs" / f"{a}-s{seed}"
-        sample = _sample_representations(run_dir, meta["data"], meta["seq_len"]) if manifest else None
-        ax = axes[row][0]
-        E = meta["plan"][a]["widths"].get("experts", 4)
-        x = np.arange(E)
-        bars = []
-        routed_shares = runs[f"{a}-s{seed}"].get("expert_shares")
-        if sample is not None:
-            model = sample[-1]
-            table = getattr(model.model, "token_to_expert", None)
-            if table is not None:
-                table = table.cpu().numpy()
-                bars.append(("vocabulary ids", np.bincount(table, minlength=E) / len(table)))
-                if counts is None and manifest is not None:
-                    counts, _ = data_mod.zipf_counts(meta["data"], manifest, len(table), 0, 1)
-                if counts is not None and counts.sum() > 0:
-                    mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=E)
-                    bars.append(("training frequency mass", mass / mass.sum()))
-        if routed_shares:
-            bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed_shares)))
-        if sample is not None:
-            ex_ids = sample[3].numpy()
-            bars.append(
-                (
-                    f"held-out sample routed (last layer, {len(ex_ids):,} tokens)",
-                    np.bincount(ex_ids, minlength=E)[:E] / max(1, len(ex_ids)),
-                )
-            )
-        width = 0.8 / max(1, len(bars))
-        for j, (label, vals) in enumerate(bars):
-            ax.bar(x + (j - (len(bars) - 1) / 2) * width, vals[:E], width=width, label=label)
-        ax.axhline(1.0 / E, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(x, [f"expert {i}" for i in x])
-        ax.set_ylabel("share")
-        ax.set_title(f"{a}: expert shares")
-        if bars:
-            ax.legend(fontsize=8)
+    for a, (shares_ax, *map_axes) in zip(arms, axes):
+        # without the prepared folder's manifest there is no held-out split to sample
+        sample = (
+            _sample_representations(out / "runs" / f"{a}-s{seed}", meta["data"], meta["seq_len"]) if manifest else None
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the arm's model is gone (it lived in _sample_representations): free its memory
+        n_experts = meta["plan"][a]["widths"].get("experts", 4)
+        bars = _share_bars(sample, runs[f"{a}-s{seed}"].get("expert_shares"), n_experts, training_counts)
+        _draw_share_bars(shares_ax, a, bars, n_experts)
         if sample is None:
-            for ax in axes[row][1:]:
+            for ax in map_axes:
                 ax.set_axis_off()
             continue
-        ids, hidden, emb, experts, _ = sample
-        ex = experts.numpy()
-        for col, (name, rep) in enumerate((("final hidden states", hidden), ("input embeddings", emb)), start=1):
-            pts = PCA(n_components=2, random_state=0).fit_transform(rep.numpy().astype(np.float64))
-            ax = axes[row][col]
-            for e in range(E):
-                m = ex == e
-                if m.any():
-                    ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, color=cmap(e % 10), label=f"expert {e}")
-            what = "tokens" if col == 1 else "tokens (one dot per distinct id)"
-            ax.set_title(
-                f"{a}: PCA of {name}\n{len(ids):,} held-out {what}, coloured by expert (last layer)", fontsize=10
-            )
-            ax.legend(fontsize=8, markerscale=3)
-        del sample
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        _draw_pca_maps(map_axes, a, sample, n_experts, plt.get_cmap("tab10"))
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def _prepared_manifest(data: str) -> dict | None:
+    """The prepared data folder's manifest (None: `data` is not one, or no longer there)."""
+    from ..data import manifest as data_manifest
+
+    try:
+        return data_manifest.read_prepared_manifest(data)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class _TrainingCounts:
+    """The training split's token frequencies, read once, on first use (`train.data.zipf_counts`)."""
+
+    def __init__(self, data: str, manifest: dict | None):
+        self.data, self.manifest, self.counts = data, manifest, None
+
+    def __call__(self, vocab_size: int) -> np.ndarray | None:
+        if self.counts is None and self.manifest is not None:
+            from ..train import data as data_mod
+
+            self.counts, _ = data_mod.zipf_counts(self.data, self.manifest, vocab_size, 0, 1)
+        return self.counts
+
+
+def _share_bars(sample: _Sample | None, routed: list | None, n_experts: int, training_counts) -> list[tuple]:
+    """(label, each expert's share) for every share known for the arm: of the vocabulary ids and of
+    the training data's frequency mass (from a routing table), of the held-out tokens routed at
+    the last evaluation (done.json), of the held-out sample's tokens."""
+    import numpy as np
+
+    bars = []
+    table = sample.token_to_expert if sample is not None else None
+    if table is not None:
+        bars.append(("vocabulary ids", np.bincount(table, minlength=n_experts) / len(table)))
+        counts = training_counts(len(table))
+        if counts is not None and counts.sum() > 0:
+            mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=n_experts)
+            bars.append(("training frequency mass", mass / mass.sum()))
+    if routed:
+        bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed)))
+    if sample is not None:
+        experts = sample.experts.numpy()
+        bars.append(
+            (
+                f"held-out sample routed (last layer, {len(experts):,} tokens)",
+                np.bincount(experts, minlength=n_experts)[:n_experts] / max(1, len(experts)),
+            )
+        )
+    return bars
+
+
+def _draw_share_bars(ax, arm: str, bars: list[tuple], n_experts: int) -> None:
+    """Grouped bars, one group per expert, and the uniform share (1 / E) as a dashed line."""
+    import numpy as np
+
+    x = np.arange(n_experts)
+    width = 0.8 / max(1, len(bars))
+    for j, (label, vals) in enumerate(bars):
+        ax.bar(x + (j - (len(bars) - 1) / 2) * width, vals[:n_experts], width=width, label=label)
+    ax.axhline(1.0 / n_experts, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x, [f"expert {i}" for i in x])
+    ax.set_ylabel("share")
+    ax.set_title(f"{arm}: expert shares")
+    if bars:
+        ax.legend(fontsize=8)
+
+
+def _draw_pca_maps(axes, arm: str, sample: _Sample, n_experts: int, cmap) -> None:
+    """2-D PCA of the final hidden states and of the input embeddings, a colour per expert."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    experts = sample.experts.numpy()
+    maps = (
+        ("final hidden states", sample.hidden, "tokens"),
+        ("input embeddings", sample.embeddings, "tokens (one dot per distinct id)"),
+    )
+    for ax, (name, rep, what) in zip(axes, maps):
+        pts = PCA(n_components=2, random_state=0).fit_transform(rep.numpy().astype(np.float64))
+        for e in range(n_experts):
+            m = experts == e
+            if m.any():
+                ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, color=cmap(e % 10), label=f"expert {e}")
+        ax.set_title(
+            f"{arm}: PCA of {name}\n{len(sample.ids):,} held-out {what}, coloured by expert (last layer)", fontsize=10
+        )
+        ax.legend(fontsize=8, markerscale=3)

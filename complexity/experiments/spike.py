@@ -23,6 +23,28 @@ from __future__ import annotations
 from ..train.metrics import train_losses
 
 THRESHOLD = 0.05
+FAULT_SEED = 1234  # the one draw of random token ids: the same in every arm and seed
+
+
+def plan_spike(steps: int, step: int | None, lr_mult: float, window: int) -> dict | None:
+    """The fault every run of the ablation gets, as ablation.json records it (None without
+    --spike); a bad flag is a ValueError naming it."""
+    if step is None:
+        return None
+    if not 2 <= step <= steps:
+        raise ValueError(f"--spike: the step must lie in [2, --steps={steps}], got {step}")
+    if lr_mult <= 0:
+        raise ValueError(f"--spike-lr-mult: must be positive, got {lr_mult}")
+    if window < 1:
+        raise ValueError(f"--spike-window: must be at least 1, got {window}")
+    return {
+        "step": int(step),
+        "lr_mult": float(lr_mult),
+        "window": int(max(1, min(window, step - 1))),  # `pre` needs steps before STEP: there are STEP - 1
+        "seed": FAULT_SEED,
+        "fault": f"uniform random input_ids and labels (one fixed draw, seed {FAULT_SEED}) in every micro-batch "
+        "of that step, and that step's LR multiplied by lr_mult; spike guard off",
+    }
 
 
 def injected_steps(records: list[dict]) -> list[int]:
