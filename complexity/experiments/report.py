@@ -223,7 +223,8 @@ def _expert_shares_table(meta: dict, runs: dict[str, dict]) -> list[str]:
         "",
         _row(["arm", *(f"expert {i}" for i in range(n))]),
         "|---|" + "---:|" * n,
-        *(_row([a, *(f"{x:.3f}" for x in s)]) for a, s in shares),
+        # an arm with fewer experts than the widest gets "-" in the columns it has no expert for
+        *(_row([a, *(f"{x:.3f}" for x in s), *["-"] * (n - len(s))]) for a, s in shares),
     ]
 
 
