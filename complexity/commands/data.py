@@ -57,7 +57,8 @@ def register(subparsers) -> None:
         default=0,
         help="0: the tokenizer's own Rust threads (all cores); N>1: N worker processes",
     )
-    prep.add_argument("--shard-tokens", type=int, default=1 << 28, help="max tokens per shard")
+    # default None: prepare_dataset's own default (2^28), without importing it (numpy) for --help
+    prep.add_argument("--shard-tokens", type=int, default=None, help="max tokens per shard (default 2^28)")
     prep.add_argument("--force", action="store_true", help="replace an existing --out folder")
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=run_prepare)
@@ -91,10 +92,10 @@ def run_prepare(args) -> int:
         txt_split=args.txt_split,
         hf_split=args.hf_split,
         dtype=None if args.dtype == "auto" else args.dtype,
-        shard_tokens=args.shard_tokens,
         workers=args.workers,
         force=args.force,
         progress=not args.no_progress,
+        **({} if args.shard_tokens is None else {"shard_tokens": args.shard_tokens}),
     )
     return 0
 
