@@ -862,6 +862,9 @@ def test_the_first_invalid_setting_in_check_order_is_the_one_reported():
         with pytest.raises(ValueError) as err:
             tiny_config(**first, **second)
         assert str(err.value) == message, (first, second)
+    # two that share mlp_type="dense": the shared expert is checked before mu_mode
+    with pytest.raises(ValueError, match=r"^ComplexityConfig\.shared_expert: a shared expert needs a routed MLP"):
+        tiny_config(mlp_type="dense", shared_expert=True, mu_mode="inl")
 
 
 def test_unknown_preset_and_bad_routing_tables():
