@@ -368,11 +368,24 @@ class ComplexityConfig(PretrainedConfig):
         return self.head_dim**-0.5 if self.attention_multiplier is None else self.attention_multiplier
 
     def validate_complexity(self) -> None:
-        """Raise ValueError naming the field for any inconsistent setting."""
+        """Raise ValueError naming the field for the first inconsistent setting. The checks run in
+        this order, each relying on those before it (an expert count before the route tables built
+        from it), and the first failure is the one reported."""
 
         def fail(field: str, message: str):
             raise ValueError(f"ComplexityConfig.{field}: {message}")
 
+        self._validate_shape(fail)
+        self._validate_attention_scales(fail)
+        self._validate_choices(fail)
+        self._validate_experts(fail)
+        self._validate_hash_routing(fail)
+        self._validate_shared_expert(fail)
+        self._validate_mu_mode(fail)
+        self._validate_numbers(fail)
+
+    def _validate_shape(self, fail) -> None:
+        """The sizes, the head counts that must divide one another, and head_dim."""
         for field in (
             "vocab_size",
             "hidden_size",
@@ -394,76 +407,6 @@ class ComplexityConfig(PretrainedConfig):
             )
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
             fail("head_dim", f"must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
-        self._validate_attention_scales(fail)
-        if self.mlp_type not in MLP_TYPES:
-            fail("mlp_type", f"unknown value {self.mlp_type!r}; expected one of {MLP_TYPES}")
-        if self.mu_mode not in MU_MODES:
-            fail("mu_mode", f"unknown value {self.mu_mode!r}; expected one of {MU_MODES}")
-        if self.routing not in ROUTING_STRATEGIES:
-            fail("routing", f"unknown value {self.routing!r}; expected one of {ROUTING_STRATEGIES}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            fail("sliding_window", f"must be None or a positive integer, got {self.sliding_window!r}")
-        if self.mlp_type != "dense":
-            if not isinstance(self.num_experts, int) or self.num_experts < 1:
-                fail("num_experts", f"must be a positive integer, got {self.num_experts!r}")
-            if self.expert_intermediate_size is None and self.intermediate_size % self.num_experts:
-                fail(
-                    "intermediate_size",
-                    f"{self.intermediate_size} is not divisible by num_experts={self.num_experts} "
-                    "(or set expert_intermediate_size)",
-                )
-            if self.expert_width <= 0:
-                fail("expert_intermediate_size", f"must be positive, got {self.expert_width}")
-        k = self.num_experts_per_tok
-        if self.mlp_type in ("learned_moe", "hash_routed") and (
-            not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_experts
-        ):
-            fail("num_experts_per_tok", f"must be an integer in [1, num_experts={self.num_experts}], got {k!r}")
-        if self.mlp_type == "token_routed" and k != 1:
-            fail(
-                "num_experts_per_tok",
-                f"token_routed sends each token to exactly one expert, so it must be 1, got {k!r} "
-                "(hash_routed or learned_moe route to several)",
-            )
-        self._validate_hash_routing(fail)
-        if self.shared_expert and self.mlp_type == "dense":
-            fail(
-                "shared_expert",
-                "a shared expert needs a routed MLP (mlp_type token_routed, learned_moe or hash_routed)",
-            )
-        if self.shared_expert and self.shared_expert_width <= 0:
-            fail("shared_expert_intermediate_size", f"must be positive, got {self.shared_expert_width}")
-        if self.mu_mode == "inl" and self.mlp_type != "token_routed":
-            fail(
-                "mu_mode",
-                "'inl' routes through the token-routed MLP's mu override, which moves a token's one "
-                f"expert (top-1); it needs mlp_type='token_routed', got {self.mlp_type!r} (mu_mode='guidance' "
-                "composes with every MLP)",
-            )
-        for field in ("rope_theta", "rms_norm_eps", "mu_prev_clamp"):
-            if not _positive_number(getattr(self, field)):
-                fail(field, f"must be a positive number, got {getattr(self, field)!r}")
-        if not (
-            _finite_number(self.mu_clamp_min)
-            and _finite_number(self.mu_clamp_max)
-            and self.mu_clamp_min <= self.mu_clamp_max
-        ):
-            fail(
-                "mu_clamp_min",
-                f"must be a number <= mu_clamp_max, got {self.mu_clamp_min!r} and {self.mu_clamp_max!r}",
-            )
-        if self.qk_norm_eps is not None and not _positive_number(self.qk_norm_eps):
-            fail("qk_norm_eps", f"must be None (rms_norm_eps) or a positive number, got {self.qk_norm_eps!r}")
-        for field in ("dynamics_alpha", "dynamics_gate"):
-            if not 0.0 < getattr(self, field) < 1.0:
-                fail(field, f"is a sigmoid output at init and must lie in (0, 1), got {getattr(self, field)}")
-        if not 0.0 < self.dynamics_beta < self.dynamics_beta_max:
-            fail(
-                "dynamics_beta",
-                f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta}",
-            )
-        if self.router_aux_loss_coef < 0:
-            fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
 
     def _validate_attention_scales(self, fail) -> None:
         """partial_rotary_factor, attention_multiplier and logits_scaling (after head_dim)."""
@@ -485,6 +428,42 @@ class ComplexityConfig(PretrainedConfig):
             fail(
                 "logits_scaling",
                 f"must be a positive number (the logits are divided by it), got {self.logits_scaling!r}",
+            )
+
+    def _validate_choices(self, fail) -> None:
+        """The fields that name a variant, and the optional sliding window."""
+        if self.mlp_type not in MLP_TYPES:
+            fail("mlp_type", f"unknown value {self.mlp_type!r}; expected one of {MLP_TYPES}")
+        if self.mu_mode not in MU_MODES:
+            fail("mu_mode", f"unknown value {self.mu_mode!r}; expected one of {MU_MODES}")
+        if self.routing not in ROUTING_STRATEGIES:
+            fail("routing", f"unknown value {self.routing!r}; expected one of {ROUTING_STRATEGIES}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            fail("sliding_window", f"must be None or a positive integer, got {self.sliding_window!r}")
+
+    def _validate_experts(self, fail) -> None:
+        """A routed MLP's experts: their number and width, and the experts each token visits."""
+        if self.mlp_type != "dense":
+            if not isinstance(self.num_experts, int) or self.num_experts < 1:
+                fail("num_experts", f"must be a positive integer, got {self.num_experts!r}")
+            if self.expert_intermediate_size is None and self.intermediate_size % self.num_experts:
+                fail(
+                    "intermediate_size",
+                    f"{self.intermediate_size} is not divisible by num_experts={self.num_experts} "
+                    "(or set expert_intermediate_size)",
+                )
+            if self.expert_width <= 0:
+                fail("expert_intermediate_size", f"must be positive, got {self.expert_width}")
+        k = self.num_experts_per_tok
+        if self.mlp_type in ("learned_moe", "hash_routed") and (
+            not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_experts
+        ):
+            fail("num_experts_per_tok", f"must be an integer in [1, num_experts={self.num_experts}], got {k!r}")
+        if self.mlp_type == "token_routed" and k != 1:
+            fail(
+                "num_experts_per_tok",
+                f"token_routed sends each token to exactly one expert, so it must be 1, got {k!r} "
+                "(hash_routed or learned_moe route to several)",
             )
 
     def _validate_hash_routing(self, fail) -> None:
@@ -526,6 +505,54 @@ class ComplexityConfig(PretrainedConfig):
                     f"{self.route_strategy} cannot give {k} distinct experts per token "
                     f"with num_experts={e} (at most {worst}; a power of two number of experts allows any k)",
                 )
+
+    def _validate_shared_expert(self, fail) -> None:
+        """The shared expert: beside a routed MLP only, with a positive width."""
+        if self.shared_expert and self.mlp_type == "dense":
+            fail(
+                "shared_expert",
+                "a shared expert needs a routed MLP (mlp_type token_routed, learned_moe or hash_routed)",
+            )
+        if self.shared_expert and self.shared_expert_width <= 0:
+            fail("shared_expert_intermediate_size", f"must be positive, got {self.shared_expert_width}")
+
+    def _validate_mu_mode(self, fail) -> None:
+        """The MLP that a mu_mode needs."""
+        if self.mu_mode == "inl" and self.mlp_type != "token_routed":
+            fail(
+                "mu_mode",
+                "'inl' routes through the token-routed MLP's mu override, which moves a token's one "
+                f"expert (top-1); it needs mlp_type='token_routed', got {self.mlp_type!r} (mu_mode='guidance' "
+                "composes with every MLP)",
+            )
+
+    def _validate_numbers(self, fail) -> None:
+        """The scalar settings: RoPE base, epsilons, the mu clamps, the INL controller's values at
+        init, the aux-loss weight."""
+        for field in ("rope_theta", "rms_norm_eps", "mu_prev_clamp"):
+            if not _positive_number(getattr(self, field)):
+                fail(field, f"must be a positive number, got {getattr(self, field)!r}")
+        if not (
+            _finite_number(self.mu_clamp_min)
+            and _finite_number(self.mu_clamp_max)
+            and self.mu_clamp_min <= self.mu_clamp_max
+        ):
+            fail(
+                "mu_clamp_min",
+                f"must be a number <= mu_clamp_max, got {self.mu_clamp_min!r} and {self.mu_clamp_max!r}",
+            )
+        if self.qk_norm_eps is not None and not _positive_number(self.qk_norm_eps):
+            fail("qk_norm_eps", f"must be None (rms_norm_eps) or a positive number, got {self.qk_norm_eps!r}")
+        for field in ("dynamics_alpha", "dynamics_gate"):
+            if not 0.0 < getattr(self, field) < 1.0:
+                fail(field, f"is a sigmoid output at init and must lie in (0, 1), got {getattr(self, field)}")
+        if not 0.0 < self.dynamics_beta < self.dynamics_beta_max:
+            fail(
+                "dynamics_beta",
+                f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta}",
+            )
+        if self.router_aux_loss_coef < 0:
+            fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ComplexityConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -670,67 +671,200 @@ def test_known_preset_sizes():
     assert (trhash.total, trhash.active) == (201_194_368, 195_689_344)
 
 
-@pytest.mark.parametrize(
-    "fields, field",
-    [
-        (dict(hidden_size=100, num_attention_heads=3), "num_attention_heads"),
-        (dict(num_key_value_heads=3), "num_key_value_heads"),
-        (dict(intermediate_size=130), "intermediate_size"),
-        (dict(mlp_type="switch"), "mlp_type"),
-        (dict(mu_mode="fancy"), "mu_mode"),
-        (dict(routing="hash"), "routing"),
-        (dict(mlp_type="dense", shared_expert=True), "shared_expert"),
-        (dict(mlp_type="learned_moe", num_experts_per_tok=5), "num_experts_per_tok"),
-        (dict(mlp_type="token_routed", num_experts_per_tok=2), "num_experts_per_tok"),
-        (dict(mlp_type="dense", mu_mode="inl"), "mu_mode"),
-        (dict(sliding_window=0), "sliding_window"),
-        (dict(vocab_size=0), "vocab_size"),
-        (dict(dynamics_alpha=1.5), "dynamics_alpha"),
-        (dict(mlp_type="hash_routed", num_experts_per_tok=5), "num_experts_per_tok"),
-        (dict(mlp_type="hash_routed", num_experts_per_tok=0), "num_experts_per_tok"),
-        (dict(mlp_type="hash_routed", mu_mode="inl"), "mu_mode"),
-        (dict(route_strategy="zipf"), "route_strategy"),
-        (dict(route_hash_count=9), "route_hash_count"),
-        (dict(route_hash_count=True), "route_hash_count"),
-        (dict(route_primary_weight=1.5), "route_primary_weight"),
-        (dict(routed_output_scale=float("nan")), "routed_output_scale"),
-        (dict(shared_output_scale_last_layer="2"), "shared_output_scale_last_layer"),
-        (dict(qk_norm_eps=0.0), "qk_norm_eps"),
-        (dict(rope_theta=0.0), "rope_theta"),
-        (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
-        (dict(mu_prev_clamp=float("nan")), "mu_prev_clamp"),
-        (dict(mu_clamp_min=3.0, mu_clamp_max=2.0), "mu_clamp_min"),
-        (dict(partial_rotary_factor=0.0), "partial_rotary_factor"),
-        (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
-        (dict(partial_rotary_factor="0.5"), "partial_rotary_factor"),
-        (dict(partial_rotary_factor=True), "partial_rotary_factor"),
-        (dict(partial_rotary_factor=0.1), "partial_rotary_factor"),  # floor(16 * 0.1 / 2) * 2 = 0 dims
-        (dict(attention_multiplier=0.0), "attention_multiplier"),
-        (dict(attention_multiplier=-0.1), "attention_multiplier"),
-        (dict(attention_multiplier=float("nan")), "attention_multiplier"),
-        (dict(logits_scaling=0), "logits_scaling"),
-        (dict(logits_scaling=None), "logits_scaling"),
-        (dict(logits_scaling=float("inf")), "logits_scaling"),
-        (dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts=2), "num_experts"),
-        (
-            dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts_per_tok=3),
-            "num_experts_per_tok",
-        ),
-        (
-            dict(
-                mlp_type="hash_routed",
-                route_strategy="balanced_hash",
-                num_experts=6,
-                num_experts_per_tok=3,
-                intermediate_size=120,
-            ),
-            "num_experts_per_tok",
-        ),
-    ],
+NAN, INF = float("nan"), float("inf")
+MLP_TYPES = "('dense', 'token_routed', 'learned_moe', 'hash_routed')"
+INL_NEEDS_TOKEN_ROUTED = (
+    "ComplexityConfig.mu_mode: 'inl' routes through the token-routed MLP's mu override, which moves a token's one "
+    "expert (top-1); it needs mlp_type='token_routed', got {!r} (mu_mode='guidance' composes with every MLP)"
 )
-def test_invalid_configs_name_the_field(fields, field):
-    with pytest.raises(ValueError, match=rf"ComplexityConfig\.{field}"):
+# One bad setting each, in the order ComplexityConfig.validate_complexity checks them, with its
+# exact message. A case also names the fields by which another case could turn its check off
+# (mlp_type="token_routed" where the check applies only to routed MLPs, mlp_type="dense" turning
+# it off), so that two cases with no field in common never hide one another: see the order test.
+BAD_CONFIGS = [
+    (dict(vocab_size=0), "ComplexityConfig.vocab_size: must be a positive integer, got 0"),
+    (dict(hidden_size=True), "ComplexityConfig.hidden_size: must be a positive integer, got True"),
+    (dict(intermediate_size=1.5), "ComplexityConfig.intermediate_size: must be a positive integer, got 1.5"),
+    (dict(num_hidden_layers=-1), "ComplexityConfig.num_hidden_layers: must be a positive integer, got -1"),
+    (dict(num_attention_heads=0), "ComplexityConfig.num_attention_heads: must be a positive integer, got 0"),
+    (dict(num_key_value_heads="2"), "ComplexityConfig.num_key_value_heads: must be a positive integer, got '2'"),
+    (
+        dict(max_position_embeddings=None),
+        "ComplexityConfig.max_position_embeddings: must be a positive integer, got None",
+    ),
+    (
+        dict(hidden_size=100, num_attention_heads=3),
+        "ComplexityConfig.num_attention_heads: 3 does not divide hidden_size=100",
+    ),
+    (dict(num_key_value_heads=3), "ComplexityConfig.num_key_value_heads: 3 does not divide num_attention_heads=4"),
+    (dict(head_dim=15), "ComplexityConfig.head_dim: must be a positive even integer (RoPE rotates pairs), got 15"),
+    (dict(head_dim=0), "ComplexityConfig.head_dim: must be a positive even integer (RoPE rotates pairs), got 0"),
+    (dict(partial_rotary_factor=0.0), "ComplexityConfig.partial_rotary_factor: must be a number in (0, 1], got 0.0"),
+    (dict(partial_rotary_factor=1.5), "ComplexityConfig.partial_rotary_factor: must be a number in (0, 1], got 1.5"),
+    (
+        dict(partial_rotary_factor="0.5"),
+        "ComplexityConfig.partial_rotary_factor: must be a number in (0, 1], got '0.5'",
+    ),
+    (
+        dict(partial_rotary_factor=True),
+        "ComplexityConfig.partial_rotary_factor: must be a number in (0, 1], got True",
+    ),
+    (
+        dict(partial_rotary_factor=0.1),  # floor(16 * 0.1 / 2) * 2 = 0 dims
+        "ComplexityConfig.partial_rotary_factor: 0.1 gives rotary_dim = floor(head_dim * 0.1 / 2) * 2 = 0 with "
+        "head_dim=16; RoPE needs at least one pair of dims",
+    ),
+    *(
+        (
+            dict(attention_multiplier=value),
+            f"ComplexityConfig.attention_multiplier: must be None (1/sqrt(head_dim)) or a positive number, got {value!r}",
+        )
+        for value in (0.0, -0.1, NAN)
+    ),
+    *(
+        (
+            dict(logits_scaling=value),
+            f"ComplexityConfig.logits_scaling: must be a positive number (the logits are divided by it), got {value!r}",
+        )
+        for value in (0, None, INF)
+    ),
+    (
+        dict(mlp_type="switch"),
+        f"ComplexityConfig.mlp_type: unknown value 'switch'; expected one of {MLP_TYPES}",
+    ),
+    (
+        dict(mu_mode="fancy"),
+        "ComplexityConfig.mu_mode: unknown value 'fancy'; expected one of ('none', 'guidance', 'inl')",
+    ),
+    (
+        dict(routing="hash"),
+        "ComplexityConfig.routing: unknown value 'hash'; expected one of ('range', 'modulo', 'zipf')",
+    ),
+    (dict(sliding_window=0), "ComplexityConfig.sliding_window: must be None or a positive integer, got 0"),
+    (dict(sliding_window=2.5), "ComplexityConfig.sliding_window: must be None or a positive integer, got 2.5"),
+    (
+        dict(mlp_type="token_routed", num_experts=0),
+        "ComplexityConfig.num_experts: must be a positive integer, got 0",
+    ),
+    (
+        dict(mlp_type="token_routed", intermediate_size=130, num_experts=4, expert_intermediate_size=None),
+        "ComplexityConfig.intermediate_size: 130 is not divisible by num_experts=4 (or set expert_intermediate_size)",
+    ),
+    (
+        dict(mlp_type="token_routed", expert_intermediate_size=0),
+        "ComplexityConfig.expert_intermediate_size: must be positive, got 0",
+    ),
+    *(
+        (
+            dict(mlp_type=mlp_type, num_experts_per_tok=k),
+            f"ComplexityConfig.num_experts_per_tok: must be an integer in [1, num_experts=4], got {k!r}",
+        )
+        for mlp_type, k in (("learned_moe", 5), ("hash_routed", 5), ("hash_routed", 0), ("hash_routed", True))
+    ),
+    (
+        dict(mlp_type="token_routed", num_experts_per_tok=2),
+        "ComplexityConfig.num_experts_per_tok: token_routed sends each token to exactly one expert, so it must be 1, "
+        "got 2 (hash_routed or learned_moe route to several)",
+    ),
+    (
+        dict(route_strategy="zipf"),
+        "ComplexityConfig.route_strategy: unknown value 'zipf'; expected one of "
+        "('modulo_cyclic', 'balanced_hash', 'multi_hash', 'hierarchical_hash')",
+    ),
+    (dict(route_hash_count=9), "ComplexityConfig.route_hash_count: must be an integer in [2, 8], got 9"),
+    (dict(route_hash_count=True), "ComplexityConfig.route_hash_count: must be an integer in [2, 8], got True"),
+    (
+        dict(route_primary_weight=1.5),
+        "ComplexityConfig.route_primary_weight: must be None (1/num_experts_per_tok) or a number in [0, 1], got 1.5",
+    ),
+    (
+        dict(shared_output_scale_last_layer="2"),
+        "ComplexityConfig.shared_output_scale_last_layer: must be a finite number or None, got '2'",
+    ),
+    (dict(routed_output_scale=NAN), "ComplexityConfig.routed_output_scale: must be a finite number, got nan"),
+    (
+        dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts=2),
+        "ComplexityConfig.num_experts: hierarchical_hash needs an even number of experts >= 4, got 2",
+    ),
+    (
+        dict(mlp_type="hash_routed", route_strategy="hierarchical_hash", num_experts_per_tok=3),
+        "ComplexityConfig.num_experts_per_tok: hierarchical_hash routes among num_experts/2=2 parent experts, "
+        "so at most 2 routes per token, got 3",
+    ),
+    (
+        dict(
+            mlp_type="hash_routed",
+            route_strategy="balanced_hash",
+            num_experts=6,
+            num_experts_per_tok=3,
+            intermediate_size=120,
+        ),
+        "ComplexityConfig.num_experts_per_tok: balanced_hash cannot give 3 distinct experts per token with "
+        "num_experts=6 (at most 2; a power of two number of experts allows any k)",
+    ),
+    (
+        dict(mlp_type="dense", shared_expert=True),
+        "ComplexityConfig.shared_expert: a shared expert needs a routed MLP "
+        "(mlp_type token_routed, learned_moe or hash_routed)",
+    ),
+    (
+        dict(mlp_type="token_routed", shared_expert=True, shared_expert_intermediate_size=0),
+        "ComplexityConfig.shared_expert_intermediate_size: must be positive, got 0",
+    ),
+    (dict(mlp_type="dense", mu_mode="inl"), INL_NEEDS_TOKEN_ROUTED.format("dense")),
+    (dict(mlp_type="hash_routed", mu_mode="inl"), INL_NEEDS_TOKEN_ROUTED.format("hash_routed")),
+    (dict(rope_theta=0.0), "ComplexityConfig.rope_theta: must be a positive number, got 0.0"),
+    (dict(rms_norm_eps=-1e-6), "ComplexityConfig.rms_norm_eps: must be a positive number, got -1e-06"),
+    (dict(mu_prev_clamp=NAN), "ComplexityConfig.mu_prev_clamp: must be a positive number, got nan"),
+    (
+        dict(mu_clamp_min=3.0, mu_clamp_max=2.0),
+        "ComplexityConfig.mu_clamp_min: must be a number <= mu_clamp_max, got 3.0 and 2.0",
+    ),
+    (
+        dict(mu_clamp_min=0.0, mu_clamp_max=INF),
+        "ComplexityConfig.mu_clamp_min: must be a number <= mu_clamp_max, got 0.0 and inf",
+    ),
+    (
+        dict(qk_norm_eps=0.0),
+        "ComplexityConfig.qk_norm_eps: must be None (rms_norm_eps) or a positive number, got 0.0",
+    ),
+    (
+        dict(dynamics_alpha=1.5),
+        "ComplexityConfig.dynamics_alpha: is a sigmoid output at init and must lie in (0, 1), got 1.5",
+    ),
+    (
+        dict(dynamics_gate=0.0),
+        "ComplexityConfig.dynamics_gate: is a sigmoid output at init and must lie in (0, 1), got 0.0",
+    ),
+    *(
+        (
+            dict(dynamics_beta=beta, dynamics_beta_max=2.0),
+            f"ComplexityConfig.dynamics_beta: must lie in (0, dynamics_beta_max=2.0), got {beta}",
+        )
+        for beta in (0.0, 2.0)
+    ),
+    (dict(router_aux_loss_coef=-0.1), "ComplexityConfig.router_aux_loss_coef: must be >= 0, got -0.1"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_CONFIGS, ids=[repr(fields) for fields, _ in BAD_CONFIGS])
+def test_invalid_configs_name_the_field(fields, message):
+    with pytest.raises(ValueError) as err:
         tiny_config(**fields)
+    assert str(err.value) == message
+
+
+def test_the_first_invalid_setting_in_check_order_is_the_one_reported():
+    # every two bad settings that touch different fields, together: the earlier one's message
+    for (first, message), (second, _) in itertools.combinations(BAD_CONFIGS, 2):
+        if first.keys() & second.keys():
+            continue
+        with pytest.raises(ValueError) as err:
+            tiny_config(**first, **second)
+        assert str(err.value) == message, (first, second)
+    # two that share mlp_type="dense": the shared expert is checked before mu_mode
+    with pytest.raises(ValueError, match=r"^ComplexityConfig\.shared_expert: a shared expert needs a routed MLP"):
+        tiny_config(mlp_type="dense", shared_expert=True, mu_mode="inl")
 
 
 def test_unknown_preset_and_bad_routing_tables():

@@ -493,7 +493,7 @@ def test_dying_engine_process_errors_clients_and_exits_nonzero(ckpt):
         assert any("engine died" in line for line in rest), rest[-3:]
         assert proc.wait(30) == 1
         log = proc.stdout.read().decode()
-        assert "engine died" in log
+        assert "complexity serve: error: engine died" in log
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -502,14 +502,19 @@ def test_dying_engine_process_errors_clients_and_exits_nonzero(ckpt):
 
 def test_bad_engine_flags_are_a_clean_error(ckpt):
     proc = subprocess.run(
-        [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--max-seq-len", "99999", "--threads", "1"],
+        [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--max-seq-len", "99999", "--threads", "1"]
+        + ["--host", "0.0.0.0"],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "COMPLEXITY_API_KEY"},
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "max_seq_len" in proc.stderr and "Traceback" not in proc.stderr
+    # an exposed server without a key is warned about before the engine starts
+    warning = proc.stderr.index("complexity serve: warning: listening on 0.0.0.0 without --api-key\n")
+    assert warning < proc.stderr.index("complexity serve: error: ")
     for flag, value in (("--request-timeout", "0"), ("--shutdown-timeout", "nan")):
         proc = subprocess.run(
             [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), flag, value],

@@ -14,13 +14,27 @@ import time
 
 
 def run(args) -> int:
-    import uvicorn
-
-    from ..inference import AsyncEngine
-    from ..inference.args import engine_kwargs
+    # the `serve` extra (fastapi, uvicorn, prometheus-client) first: without it, fail before the engine loads
     from ..serve import create_app
     from ..serve.http import uvicorn_config
 
+    _configure_process(args)
+    t0 = time.perf_counter()
+    aengine = _spawn_engine(args)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    app = create_app(aengine, model_name=name, **_app_kwargs(args))
+    print(
+        f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in {time.perf_counter() - t0:.1f}s: "
+        f"{aengine.info['description']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    server = _draining_server(uvicorn_config(app, **_uvicorn_kwargs(args)), aengine, args.shutdown_timeout)
+    return _serve_until_exit(server, aengine)
+
+
+def _configure_process(args) -> None:
+    """Torch's threads, logging, and a warning when the server is open to the network without a key."""
     if args.threads:
         import torch
 
@@ -28,53 +42,68 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"complexity serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     logging.basicConfig(level=logging.INFO)
-    t0 = time.perf_counter()
-    aengine = AsyncEngine.spawn(
+
+
+def _spawn_engine(args):
+    """The engine core in its own process, built from the engine flags, and its client here."""
+    from ..inference import AsyncEngine
+    from ..inference.args import engine_kwargs
+
+    return AsyncEngine.spawn(
         args.checkpoint,
         engine_kwargs(args),
         threads=args.threads,
         max_concurrent=args.max_concurrent,
         max_queued_tokens=args.max_queued_tokens,
     )
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(
-        aengine,
-        model_name=name,
+
+
+def _app_kwargs(args) -> dict:
+    """create_app's limits from the flags."""
+    return dict(
         api_key=args.api_key,
         max_n=args.max_n,
         max_body_bytes=args.max_body_bytes,
         body_timeout=args.request_timeout,
     )
-    info = aengine.info
-    print(
-        f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in {time.perf_counter() - t0:.1f}s: "
-        f"{info['description']}",
-        file=sys.stderr,
-        flush=True,
+
+
+def _uvicorn_kwargs(args) -> dict:
+    """uvicorn_config's address and transport limits from the flags."""
+    return dict(
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
+        # past the engine's drain, so that the streams it cancels still send their last chunk
+        shutdown_timeout=args.shutdown_timeout + 5,
     )
-    exit_code = [0]
+
+
+def _draining_server(config, aengine, drain_timeout: float):
+    """uvicorn's server, draining the engine when a signal stops it."""
+    import uvicorn
 
     class Server(uvicorn.Server):
         # SIGTERM/SIGINT: refuse new requests (503), let in-flight ones finish for up to
         # --shutdown-timeout seconds, then cancel the rest so every stream still ends with a final
         # chunk and [DONE]; uvicorn then closes connections and the lifespan stops the engine.
         def handle_exit(self, sig, frame):
-            aengine.drain(args.shutdown_timeout)
+            aengine.drain(drain_timeout)
             super().handle_exit(sig, frame)
 
-    config = uvicorn_config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        request_timeout=args.request_timeout,
-        max_connections=args.max_connections,
-        shutdown_timeout=args.shutdown_timeout + 5,
-    )
-    server = Server(config)
+    return Server(config)
 
-    def engine_died(reason: str) -> None:  # requests in flight got errors; stop serving, exit non-zero
-        exit_code[0] = 1
+
+def _serve_until_exit(server, aengine) -> int:
+    """Serve until a signal (exit code 0) or the engine's death (1: the requests in flight got
+    errors); the engine is stopped either way."""
+    died = False
+
+    def engine_died(reason: str) -> None:
+        nonlocal died
+        died = True
         server.should_exit = True
 
     aengine.on_dead.append(engine_died)
@@ -82,9 +111,10 @@ def run(args) -> int:
         server.run()
     finally:
         aengine.stop()
-    if exit_code[0]:
+    if died:
         print(f"complexity serve: error: {aengine.dead}", file=sys.stderr)
-    return exit_code[0]
+        return 1
+    return 0
 
 
 def register(subparsers) -> None:
