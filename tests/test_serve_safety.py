@@ -525,3 +525,29 @@ def test_bad_engine_flags_are_a_clean_error(ckpt):
         )
         assert proc.returncode == 2 and flag in proc.stderr and "positive, finite number of seconds" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_failed_start_after_the_engine_spawned_stops_its_process(ckpt, monkeypatch):
+    """An error between the engine's spawn and serving (building the app, the server) stops the
+    engine process before it propagates: none is left holding the model."""
+    import complexity.serve
+    from complexity.cli import build_parser
+    from complexity.commands import serve as serve_command
+    from complexity.inference import AsyncEngine
+
+    spawned = []
+    real_spawn = AsyncEngine.spawn.__func__
+
+    def spawn(cls, *args, **kwargs):
+        spawned.append(real_spawn(cls, *args, **kwargs))
+        return spawned[-1]
+
+    def create_app(*args, **kwargs):
+        raise RuntimeError("create_app failed")
+
+    monkeypatch.setattr(AsyncEngine, "spawn", classmethod(spawn))
+    monkeypatch.setattr(complexity.serve, "create_app", create_app)
+    args = build_parser().parse_args(["serve", str(ckpt), "--threads", "1", "--port", str(free_port())])
+    with pytest.raises(RuntimeError, match="create_app failed"):
+        serve_command.run(args)
+    assert len(spawned) == 1 and not spawned[0].core.alive()

@@ -21,15 +21,19 @@ def run(args) -> int:
     _configure_process(args)
     t0 = time.perf_counter()
     aengine = _spawn_engine(args)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    app = create_app(aengine, model_name=name, **_app_kwargs(args))
-    print(
-        f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in {time.perf_counter() - t0:.1f}s: "
-        f"{aengine.info['description']}",
-        file=sys.stderr,
-        flush=True,
-    )
-    server = _draining_server(uvicorn_config(app, **_uvicorn_kwargs(args)), aengine, args.shutdown_timeout)
+    try:
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+        app = create_app(aengine, model_name=name, **_app_kwargs(args))
+        print(
+            f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in "
+            f"{time.perf_counter() - t0:.1f}s: {aengine.info['description']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        server = _draining_server(uvicorn_config(app, **_uvicorn_kwargs(args)), aengine, args.shutdown_timeout)
+    except BaseException:
+        aengine.stop()  # its process holds the model (and the GPU): not left behind by a failed start
+        raise
     return _serve_until_exit(server, aengine)
 
 

@@ -202,8 +202,8 @@ class AsyncEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel whatever is still queued or running (clients get finish_reason "abort") and stop
-        the core."""
-        if not self._started or self._stopping:
+        the core (also one spawned but never started: its process holds the model)."""
+        if self._stopping:
             return
         self._stopping = True
         self.core.close(timeout)
