@@ -161,6 +161,142 @@ def test_bad_flags_are_one_line_errors(data_dir, tmp_path, capsys, flags, messag
     assert not (tmp_path / "a" / "runs").exists()
 
 
+_UNKNOWN_ARM = f"--arms: unknown arm(s) bogus; available: {', '.join(ARMS)}"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--dry-run"], "give --preset NAME or --config RECIPE"),
+        (["--dry-run", "--report-only"], "give --preset NAME or --config RECIPE"),
+        (["--report-only"], "--report-only needs --out DIR (an ablation folder)"),
+        (["--preset", "tiny"], "missing --data, --steps, --out"),
+        (["--preset", "tiny", "--steps", "4", "--arms", "bogus"], "missing --data, --out"),
+        (["--preset", "tiny", "--data", "D", "--steps", "4", "--out", "OUT", "--arms", "bogus"], _UNKNOWN_ARM),
+        (["--preset", "tiny", "--data", "D", "--steps", "4", "--out", "OUT", "--arms", "bogus", "a.b=1"], _UNKNOWN_ARM),
+        (
+            ["--preset", "tiny", "--data", "D", "--steps", "4", "--out", "OUT", "--arms", "bogus", "--seeds", "a"],
+            _UNKNOWN_ARM,
+        ),
+    ],
+)
+def test_cli_names_the_first_missing_or_unknown_flag_before_writing(tmp_path, capsys, flags, message):
+    """Checked in this order (dry run, report only, the flags a training needs, the arms, the
+    seeds), one line each, before any file is written."""
+    from complexity.cli import main
+
+    out = tmp_path / "out"
+    assert main(["ablate", *[str(out) if f == "OUT" else f for f in flags]]) == 2
+    assert capsys.readouterr().err.strip() == f"complexity ablate: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_cli_reads_overrides_given_after_the_arms(capsys):
+    """argparse gives `--arms a b KEY=VALUE`'s overrides to --arms: they are moved back."""
+    from complexity.cli import main
+
+    overrides = [f"model.{k}={v}" for k, v in MODEL.items()]
+    assert main(["ablate", "--preset", "tiny", "--dry-run", *overrides, "--arms", "dense", "routed_mu"]) == 0
+    before = capsys.readouterr().out
+    assert main(["ablate", "--preset", "tiny", "--dry-run", "--arms", "dense", "routed_mu", *overrides]) == 0
+    after = capsys.readouterr().out
+    assert after == before and len(after.splitlines()) == 2
+    assert main(["ablate", "--preset", "tiny", "--dry-run", "--arms", "dense", "routed_mu"]) == 0
+    assert capsys.readouterr().out != before  # the overrides changed the widths
+
+
+def test_dry_run_cli_takes_the_model_from_a_recipe_or_the_overrides(tmp_path, capsys):
+    """The base model of the arms: --preset and model.* overrides, a recipe's [model] section, or
+    model.preset=NAME; overrides win over the recipe."""
+    from complexity.cli import main
+
+    overrides = [f"model.{k}={v}" for k, v in MODEL.items()]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        "[model]\npreset = 'tiny'\n" + "".join(f"{k} = {v}\n" for k, v in MODEL.items()) + "[training]\nseq_len = 128\n"
+    )
+    outputs = []
+    for argv in (
+        ["--preset", "tiny", *overrides],
+        ["--config", str(recipe)],
+        ["--config", str(recipe), "model.hidden_size=32", "model.hidden_size=64"],
+        ["model.preset=tiny", *overrides],
+    ):
+        assert main(["ablate", "--dry-run", *argv]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs == [outputs[0]] * 4
+    assert main(["ablate", "--dry-run", "--config", str(recipe), "model.hidden_size=32"]) == 0
+    assert capsys.readouterr().out != outputs[0]
+
+
+def test_cli_hands_every_flag_to_run_ablation_and_prints_the_outcome(tmp_path, capsys, monkeypatch):
+    """The flags as run_ablation's arguments (seeds parsed, the command line as typed), then the
+    report and figures on stdout; an interrupted ablation says how to continue, exit 0 when
+    --stop-after asked for it, else 130."""
+    from complexity.cli import main
+    from complexity.experiments import ablation
+
+    calls, outcome = [], {}
+
+    def fake_run_ablation(**kwargs):
+        calls.append(kwargs)
+        return ablation.AblationResult(out=Path(kwargs["out"]), plan={}, **outcome)
+
+    monkeypatch.setattr(ablation, "run_ablation", fake_run_ablation)
+    out = tmp_path / "abl"
+    flags = ["--preset", "tiny", "--data", "D", "--steps", "9", "--out", str(out), "--seeds", "3,5"]
+    flags += ["--arms", "dense", "routed", "training.lr=0.1", "--avg-steps", "4", "--spike", "6"]
+    flags += ["--spike-lr-mult", "3", "--spike-window", "2", "--tolerance", "0.5", "--stop-after", "7"]
+    monkeypatch.setattr(sys, "argv", ["complexity", "ablate", *flags])
+
+    outcome.update(report=out / "results.md", figures=[out / "loss.png", out / "experts.png"])
+    assert main(["ablate", *flags]) == 0
+    assert calls.pop() == dict(
+        preset="tiny",
+        recipe=None,
+        data="D",
+        steps=9,
+        out=str(out),
+        seeds=[3, 5],
+        arms=["dense", "routed"],
+        overrides=["training.lr=0.1"],
+        avg_k=4,
+        spike_step=6,
+        spike_lr_mult=3.0,
+        spike_window=2,
+        tolerance=0.5,
+        stop_after=7,
+        command="complexity ablate " + " ".join(flags),
+    )
+    assert capsys.readouterr().out.splitlines() == [str(out / f) for f in ("results.md", "loss.png", "experts.png")]
+
+    outcome.update(interrupted=True, report=None, figures=[])
+    stopped = f"ablation stopped before the end; rerun the same command to continue ({out})"
+    assert main(["ablate", *flags]) == 0
+    assert capsys.readouterr().err.strip() == stopped
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert main(["ablate", *flags[:-2]]) == 130
+    assert calls[-1]["command"] is None and calls[-1]["stop_after"] is None
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err.strip()) == ("", stopped)
+
+
+def test_report_only_cli_prints_the_report_and_its_figures(tmp_path, capsys, monkeypatch):
+    from complexity.cli import main
+    from complexity.experiments import report
+
+    written = []
+
+    def fake_write_report(out):
+        written.append(out)
+        return Path(out) / "results.md", [Path(out) / "loss.png", Path(out) / "spike.png"]
+
+    monkeypatch.setattr(report, "write_report", fake_write_report)
+    assert main(["ablate", "--report-only", "--out", str(tmp_path)]) == 0
+    assert written == [str(tmp_path)]
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / f) for f in ("results.md", "loss.png", "spike.png")]
+
+
 def test_stop_after_must_be_positive(capsys):
     from complexity.cli import main
 

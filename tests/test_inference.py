@@ -131,43 +131,115 @@ def test_token_id_prompts_and_context_limit(ckpt_dir):
         engine.generate([[1, 2, 10**6]])
 
 
+_TOKEN_IDS = "token ids in [0, 2147483647]"
+_TEMPERATURE = "must be 0 (greedy) or in [0.0001, 10000]"
+_STOP = "stop strings must be strings of 1 to 1000 characters"
+BAD_SAMPLING = [
+    # each field: its type first (a bool is not a number, "0.9" is not a number), then its range
+    (dict(max_new_tokens=True), "max_new_tokens: must be an integer, got True"),
+    (dict(max_new_tokens=2.0), "max_new_tokens: must be an integer, got 2.0"),
+    (dict(max_new_tokens=0), "max_new_tokens: must be >= 1 (0 only when scoring the prompt), got 0"),
+    (dict(max_new_tokens=-3), "max_new_tokens: must be in [1, 2147483647], got -3"),
+    (dict(max_new_tokens=2**31), "max_new_tokens: must be in [1, 2147483647], got 2147483648"),
+    (dict(max_new_tokens=2**63), "max_new_tokens: must be in [1, 2147483647], got 9223372036854775808"),
+    (dict(temperature="0.9"), "temperature: must be a finite number, got '0.9'"),
+    (dict(temperature=True), "temperature: must be a finite number, got True"),
+    (dict(temperature=float("nan")), "temperature: must be a finite number, got nan"),
+    (dict(temperature=10**400), "temperature: must be a finite number, got " + "1" + "0" * 39),
+    (dict(temperature=-0.1), f"temperature: {_TEMPERATURE}, got -0.1"),
+    (dict(temperature=1e-45), f"temperature: {_TEMPERATURE}, got 1e-45"),
+    (dict(top_k=1.0), "top_k: must be an integer, got 1.0"),
+    (dict(top_k=-1), "top_k: must be in [0, 2147483647] (0 = off), got -1"),
+    (dict(top_k=2**63), "top_k: must be in [0, 2147483647] (0 = off), got 9223372036854775808"),
+    (dict(top_p="1"), "top_p: must be a finite number, got '1'"),
+    (dict(top_p=0.0), "top_p: must be in (0, 1], got 0.0"),
+    (dict(top_p=1.5), "top_p: must be in (0, 1], got 1.5"),
+    (dict(min_p=None), "min_p: must be a finite number, got None"),
+    (dict(min_p=-0.1), "min_p: must be in [0, 1], got -0.1"),
+    (dict(min_p=1.5), "min_p: must be in [0, 1], got 1.5"),
+    (dict(repetition_penalty=False), "repetition_penalty: must be a finite number, got False"),
+    (dict(repetition_penalty=0.0), "repetition_penalty: must be in [0.01, 100] (1 = off), got 0.0"),
+    (dict(repetition_penalty=1e-40), "repetition_penalty: must be in [0.01, 100] (1 = off), got 1e-40"),
+    (dict(repetition_penalty=5e-324), "repetition_penalty: must be in [0.01, 100] (1 = off), got 5e-324"),
+    (dict(presence_penalty=2.5), "presence_penalty: must be in [-2, 2] (0 = off), got 2.5"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty: must be a finite number, got inf"),
+    (dict(frequency_penalty=-2.01), "frequency_penalty: must be in [-2, 2] (0 = off), got -2.01"),
+    (dict(logit_bias=dict.fromkeys(range(2049), 1.0)), "logit_bias: at most 2048 entries, got 2049"),
+    (dict(logit_bias={"3": 1.0}), "logit_bias: must be an integer, got '3'"),
+    (dict(logit_bias={True: 1.0}), "logit_bias: must be an integer, got True"),
+    (dict(logit_bias={-1: 1.0}), f"logit_bias: must be keyed by {_TOKEN_IDS}, got -1"),
+    (dict(logit_bias={2**31: 1.0}), f"logit_bias: must be keyed by {_TOKEN_IDS}, got 2147483648"),
+    (dict(logit_bias={3: "1"}), "logit_bias: must be a finite number, got '1'"),
+    (dict(logit_bias={3: float("nan")}), "logit_bias: must be a finite number, got nan"),
+    (dict(logit_bias={3: 101.0}), "logit_bias: must be biases in [-100, 100] (token 3), got 101.0"),
+    (dict(stop=["x"] * 17), "stop: at most 16 stop strings, got 17"),
+    (dict(stop=[""]), f"stop: {_STOP}, got ''"),
+    (dict(stop=[3]), f"stop: {_STOP}, got 3"),
+    (dict(stop=["y" * 1001]), f"stop: {_STOP}, got '" + "y" * 39),
+    (dict(stop_token_ids=[1.0]), "stop_token_ids: must be an integer, got 1.0"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids: must be token ids >= 0, got -1"),
+    (dict(stop_token_ids=[2**31]), "stop_token_ids: must be token ids >= 0, got 2147483648"),
+    (dict(seed=1.5), "seed: must be an integer, got 1.5"),
+    (dict(seed=True), "seed: must be an integer, got True"),
+    (dict(seed=2**64), f"seed: must be in [{-(2**63)}, {2**64 - 1}], got {2**64}"),
+    (dict(seed=-(2**63) - 1), f"seed: must be in [{-(2**63)}, {2**64 - 1}], got {-(2**63) - 1}"),
+    (dict(logprobs=True), "logprobs: must be an integer, got True"),
+    (dict(logprobs=-1), "logprobs: must be in [0, 20], got -1"),
+    (dict(logprobs=50), "logprobs: must be in [0, 20], got 50"),
+    (dict(prompt_logprobs="2"), "prompt_logprobs: must be an integer, got '2'"),
+    (dict(prompt_logprobs=21), "prompt_logprobs: must be in [0, 20], got 21"),
+    # several bad fields: the first in this order wins (the server's 400 names that one)
+    (dict(max_new_tokens=0, temperature=-1), "max_new_tokens: must be >= 1 (0 only when scoring the prompt), got 0"),
+    (dict(max_new_tokens=0, prompt_logprobs=-1), "prompt_logprobs: must be in [0, 20], got -1"),
+    (dict(temperature=-1, top_k=-1, top_p=2), f"temperature: {_TEMPERATURE}, got -1"),
+    (dict(top_k=-1, top_p=2), "top_k: must be in [0, 2147483647] (0 = off), got -1"),
+    (dict(top_p=0, min_p=2), "top_p: must be in (0, 1], got 0"),
+    (dict(min_p=2, repetition_penalty=0), "min_p: must be in [0, 1], got 2"),
+    (dict(repetition_penalty=0, presence_penalty=3), "repetition_penalty: must be in [0.01, 100] (1 = off), got 0"),
+    (dict(presence_penalty=3, frequency_penalty=3), "presence_penalty: must be in [-2, 2] (0 = off), got 3"),
+    (dict(frequency_penalty=3, logit_bias={-1: 1}), "frequency_penalty: must be in [-2, 2] (0 = off), got 3"),
+    (dict(logit_bias={-1: 200}), f"logit_bias: must be keyed by {_TOKEN_IDS}, got -1"),
+    (dict(logit_bias={1: 1, 2: 200, -5: 1}), "logit_bias: must be biases in [-100, 100] (token 2), got 200"),
+    (dict(logit_bias={-1: 1}, stop=[""]), f"logit_bias: must be keyed by {_TOKEN_IDS}, got -1"),
+    (dict(stop=[""] * 17), "stop: at most 16 stop strings, got 17"),
+    (dict(stop=[""], stop_token_ids=[-1]), f"stop: {_STOP}, got ''"),
+    (dict(stop_token_ids=[-1], seed=True), "stop_token_ids: must be token ids >= 0, got -1"),
+    (dict(seed=True, logprobs=-1), "seed: must be an integer, got True"),
+    (dict(logprobs=-1, prompt_logprobs=-1), "logprobs: must be in [0, 20], got -1"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_SAMPLING)
+def test_sampling_params_errors_name_the_first_bad_field(kwargs, message):
+    """The exact message the server returns in its 400 (its `param` is the field), one per field
+    and kind of mistake, and which field is reported when several are bad."""
+    from complexity.inference.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams(**kwargs)
+    assert str(err.value) == message
+    assert err.value.param == message.split(":")[0]
+
+
 @pytest.mark.parametrize(
-    "field,value",
+    "kwargs",
     [
-        ("temperature", -0.1),
-        ("top_p", 0.0),
-        ("top_p", 1.5),
-        ("top_k", -1),
-        ("min_p", 1.5),
-        ("min_p", -0.1),
-        ("repetition_penalty", 0.0),
-        ("max_new_tokens", 0),
-        ("max_new_tokens", -3),
-        ("temperature", float("nan")),
-        ("logprobs", 50),
-        ("seed", 1.5),
-        ("stop", [""]),
-        ("temperature", 1e-45),
-        ("temperature", 10**400),
-        ("repetition_penalty", 1e-40),
-        ("repetition_penalty", 5e-324),
-        ("top_k", 2**63),
-        ("seed", 2**64),
-        ("stop", ["x"] * 17),
-        ("max_new_tokens", 2**63),
-        ("presence_penalty", 2.5),
-        ("frequency_penalty", -2.01),
-        ("frequency_penalty", float("inf")),
-        ("logit_bias", {3: 101.0}),
-        ("logit_bias", {-1: 1.0}),
-        ("logit_bias", {"3": 1.0}),
-        ("logit_bias", {3: float("nan")}),
-        ("logit_bias", dict.fromkeys(range(2049), 1.0)),
+        dict(max_new_tokens=None),
+        dict(max_new_tokens=0, prompt_logprobs=0),
+        dict(max_new_tokens=2**31 - 1),
+        dict(temperature=0),
+        dict(temperature=1e-4, top_k=0, top_p=1, min_p=0),
+        dict(temperature=10**4, top_k=2**31 - 1, top_p=5e-324, min_p=1),
+        dict(repetition_penalty=0.01, presence_penalty=-2, frequency_penalty=2),
+        dict(logit_bias=dict.fromkeys(range(2**31 - 2048, 2**31), -100)),
+        dict(stop=["x" * 1000] + ["y"] * 15, stop_token_ids=[0, 2**31 - 1]),
+        dict(seed=-(2**63), logprobs=0, prompt_logprobs=20),
     ],
 )
-def test_sampling_params_validation(field, value):
-    with pytest.raises(ValueError, match=field):
-        SamplingParams(**{field: value})
+def test_sampling_params_accept_the_edges_of_their_ranges(kwargs):
+    """Every range is inclusive at its stated ends, and a value passed is kept as given."""
+    params = SamplingParams(**kwargs)
+    assert {name: getattr(params, name) for name in kwargs} == kwargs
 
 
 def test_filter_logits():

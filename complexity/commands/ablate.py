@@ -25,47 +25,62 @@ def _seeds(text: str) -> list[int]:
 
 
 def run(args) -> int:
-    from ..experiments.ablation import ARMS, plan_arms, run_ablation
-
-    if "=" in " ".join(args.arms):  # `--arms a b KEY=VALUE`: argparse gives the overrides to --arms
-        args.overrides = [a for a in args.arms if "=" in a] + list(args.overrides)
-        args.arms = [a for a in args.arms if "=" not in a]
+    _move_overrides_out_of_arms(args)
     if args.dry_run:
-        from ..train import load_config
-        from ..train.config import parse_override
-
-        preset, base = args.preset, {}
-        if args.config is not None:
-            config = load_config(args.config)
-            preset, base = config.model.preset, dict(config.model.overrides)
-        for key, value in map(parse_override, args.overrides):
-            if key == "model.preset":
-                preset = value
-            elif key.startswith("model."):
-                base[key[len("model.") :]] = value
-        if preset is None:
-            raise ValueError("give --preset NAME or --config RECIPE")
-        plans = plan_arms(preset, args.arms, base, args.tolerance)
-        for p in plans.values():
-            print(f"{p.summary()}  {p.label}")
-        return 0
+        return _print_plans(args)
     if args.report_only:
-        from ..experiments.report import write_report
+        return _rewrite_report(args)
+    return _train_and_report(args)
 
-        if args.out is None:
-            raise ValueError("--report-only needs --out DIR (an ablation folder)")
-        path, figures = write_report(args.out)
-        print(path)
-        for f in figures:
-            print(f)
-        return 0
-    missing = [f for f, v in (("--data", args.data), ("--steps", args.steps), ("--out", args.out)) if v is None]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
-    unknown = [a for a in args.arms if a not in ARMS]
-    if unknown:
-        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
-    command = shlex.join(["complexity", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None
+
+def _move_overrides_out_of_arms(args) -> None:
+    # `--arms a b KEY=VALUE`: argparse gives the trailing overrides to --arms (nargs="+" is greedy).
+    args.overrides = [a for a in args.arms if "=" in a] + list(args.overrides)
+    args.arms = [a for a in args.arms if "=" not in a]
+
+
+def _print_plans(args) -> int:
+    from ..experiments.ablation import plan_arms
+
+    preset, base = _base_model(args)
+    for p in plan_arms(preset, args.arms, base, args.tolerance).values():
+        print(f"{p.summary()}  {p.label}")
+    return 0
+
+
+def _base_model(args) -> tuple[str, dict]:
+    """(preset, model fields) every arm starts from: --preset or the recipe's, then model.* overrides."""
+    from ..train import load_config
+    from ..train.config import parse_override
+
+    preset, base = args.preset, {}
+    if args.config is not None:
+        config = load_config(args.config)
+        preset, base = config.model.preset, dict(config.model.overrides)
+    for key, value in map(parse_override, args.overrides):
+        if key == "model.preset":
+            preset = value
+        elif key.startswith("model."):
+            base[key[len("model.") :]] = value
+    if preset is None:
+        raise ValueError("give --preset NAME or --config RECIPE")
+    return preset, base
+
+
+def _rewrite_report(args) -> int:
+    from ..experiments.report import write_report
+
+    if args.out is None:
+        raise ValueError("--report-only needs --out DIR (an ablation folder)")
+    path, figures = write_report(args.out)
+    print(path, *figures, sep="\n")
+    return 0
+
+
+def _train_and_report(args) -> int:
+    from ..experiments.ablation import run_ablation
+
+    _check_training_flags(args)
     result = run_ablation(
         preset=args.preset,
         recipe=args.config,
@@ -81,15 +96,30 @@ def run(args) -> int:
         spike_window=args.spike_window,
         tolerance=args.tolerance,
         stop_after=args.stop_after,
-        command=command,
+        command=_command_as_typed(),
     )
     if result.interrupted:
         print(f"ablation stopped before the end; rerun the same command to continue ({args.out})", file=sys.stderr)
+        # A stop --stop-after asked for is a success; one a signal caused exits as interrupted (130).
         return 0 if args.stop_after is not None else 130
-    print(result.report)
-    for f in result.figures:
-        print(f)
+    print(result.report, *result.figures, sep="\n")
     return 0
+
+
+def _check_training_flags(args) -> None:
+    from ..experiments.ablation import ARMS
+
+    missing = [f for f, v in (("--data", args.data), ("--steps", args.steps), ("--out", args.out)) if v is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
+
+
+def _command_as_typed() -> str | None:
+    """For results.md; None outside the `complexity ablate` CLI: run_ablation then rebuilds it."""
+    return shlex.join(["complexity", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None
 
 
 def register(subparsers) -> None:

@@ -36,7 +36,7 @@ def _require_lm_eval():
         ) from err
 
 
-def _resolve(checkpoint: str | Path) -> tuple[Path, Path | None]:
+def _resolve(checkpoint: str | Path) -> tuple[Path, Path]:
     """(what to load the model from, the tokenizer folder)."""
     ckpt = Path(checkpoint)
     if not ckpt.exists():
@@ -45,17 +45,23 @@ def _resolve(checkpoint: str | Path) -> tuple[Path, Path | None]:
         ckpt = ckpt / "final"
     if (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file():
         return ckpt, ckpt
-    # A training checkpoint: the tokenizer of the data the run trained on.
+    tok = _training_data_tokenizer(ckpt)
+    if tok is None:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer found (neither in the folder nor in the run's data)")
+    return ckpt, tok
+
+
+def _training_data_tokenizer(ckpt: Path) -> Path | None:
+    """The tokenizer of the data a training checkpoint trained on, if it can be found."""
     from ..data.manifest import read_prepared_manifest, tokenizer_dir
     from ..train.checkpoint import read_meta, resolve_checkpoint
 
     try:
         meta = read_meta(resolve_checkpoint(ckpt))
         data = meta["config"]["data"]["path"]
-        tok = tokenizer_dir(read_prepared_manifest(data)) if data else None
+        return tokenizer_dir(read_prepared_manifest(data)) if data else None
     except (FileNotFoundError, KeyError, ValueError):
-        tok = None
-    return ckpt, tok
+        return None
 
 
 def _json_safe(value):
@@ -92,44 +98,21 @@ def run_lm_eval(
     "versions", "n_samples", "config"} (JSON-serialisable)."""
     _require_lm_eval()
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
 
     from ..runtime import resolve_device
-    from ..train.eval import load_for_eval
 
     if isinstance(limit, float) and limit >= 1 and limit.is_integer():
         limit = int(limit)  # a count, not a fraction
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError("lm-eval: no tasks given")
+    tasks = _task_list(tasks)
     dev = resolve_device(device)
     source, tok_dir = _resolve(checkpoint)
-    if tok_dir is None:
-        raise FileNotFoundError(f"{checkpoint}: no tokenizer found (neither in the folder nor in the run's data)")
-    model, info = load_for_eval(source, dev)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    max_length = max_length or info.get("seq_len") or min(model.config.max_position_embeddings, 2048)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-
-    task_manager = None
-    if include_path is not None:
-        include_path = str(include_path)
-        # Only our tasks: indexing the harness's thousands of task files is slow; fall back to all.
-        task_manager = TaskManager(include_path=include_path, include_defaults=False)
-        names = [t for t in tasks if isinstance(t, str)]
-        if any(n not in task_manager.all_tasks for n in names):
-            task_manager = TaskManager(include_path=include_path)
+    lm, max_length = _harness_model(source, tok_dir, dev, batch_size=batch_size, max_length=max_length)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
         num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=task_manager,
+        task_manager=_task_manager(include_path, tasks),
         log_samples=False,
         bootstrap_iters=0,
         random_seed=seed,
@@ -139,18 +122,50 @@ def run_lm_eval(
     )
     if out is None:  # non-zero ranks under torchrun
         return {}
+    settings = dict(limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, max_length=max_length)
     return _json_safe(
         {
             "results": out.get("results", {}),
             "versions": out.get("versions", {}),
             "n_samples": out.get("n-samples", {}),
-            "config": {
-                "checkpoint": str(source),
-                "tokenizer": str(tok_dir),
-                "limit": limit,
-                "batch_size": batch_size,
-                "num_fewshot": num_fewshot,
-                "max_length": max_length,
-            },
+            "config": {"checkpoint": str(source), "tokenizer": str(tok_dir), **settings},
         }
     )
+
+
+def _task_list(tasks) -> list:
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("lm-eval: no tasks given")
+    return tasks
+
+
+def _harness_model(source: Path, tok_dir: Path, device, *, batch_size: int, max_length: int | None):
+    """(the harness's HFLM wrapping our model and tokenizer, the context length it scores with)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from ..train.eval import load_for_eval
+
+    model, info = load_for_eval(source, device)
+    model.eval()  # load_for_eval leaves a training checkpoint's model in training mode
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    # The run's training length, else the model's, capped at the harness's own default.
+    max_length = max_length or info.get("seq_len") or min(model.config.max_position_embeddings, 2048)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length), max_length
+
+
+def _task_manager(include_path: str | Path | None, tasks: list):
+    """None (the harness's own tasks) without include_path."""
+    if include_path is None:
+        return None
+    from lm_eval.tasks import TaskManager
+
+    include_path = str(include_path)
+    # Only our tasks: indexing the harness's thousands of task files is slow; fall back to all.
+    task_manager = TaskManager(include_path=include_path, include_defaults=False)
+    if all(t in task_manager.all_tasks for t in tasks if isinstance(t, str)):
+        return task_manager
+    return TaskManager(include_path=include_path)

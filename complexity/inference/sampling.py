@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 import torch
 
@@ -95,88 +96,98 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the field for any bad value."""
+        """Raise InvalidRequest (a ValueError) naming the first bad field, in this order; each
+        field's type is checked before its range."""
+        self._validate_length()
+        self._validate_filters()
+        self._validate_penalties()
+        self._validate_stops()
+        self._validate_seed_and_logprobs()
 
-        def fail(name: str, msg: str):
-            raise InvalidRequest(name, msg)
+    def _validate_length(self) -> None:
+        if self.max_new_tokens is None:
+            return
+        _integer("max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            _fail("max_new_tokens", "must be >= 1 (0 only when scoring the prompt), got 0")
+        _within("max_new_tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS, f"in [1, {MAX_NEW_TOKENS}]")
 
-        def number(name, value):
-            try:
-                finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            except OverflowError:  # an int too large for a float
-                finite = False
-            if not finite:
-                fail(name, f"must be a finite number, got {value!r:.40}")
-
-        def integer(name, value):
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, f"must be an integer, got {value!r}")
-
-        def within(name, value, lo, hi, what):
-            if not lo <= value <= hi:
-                fail(name, f"must be {what}, got {value!r}")
-
-        if self.max_new_tokens is not None:
-            integer("max_new_tokens", self.max_new_tokens)
-            if self.max_new_tokens == 0 and self.prompt_logprobs is None:
-                fail("max_new_tokens", "must be >= 1 (0 only when scoring the prompt), got 0")
-            within("max_new_tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS, f"in [1, {MAX_NEW_TOKENS}]")
-        number("temperature", self.temperature)
+    def _validate_filters(self) -> None:
+        _finite("temperature", self.temperature)
         if self.temperature != 0:
-            within(
-                "temperature",
-                self.temperature,
-                MIN_TEMPERATURE,
-                MAX_TEMPERATURE,
-                f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
-            )
-        integer("top_k", self.top_k)
-        within("top_k", self.top_k, 0, MAX_TOP_K, f"in [0, {MAX_TOP_K}] (0 = off)")
-        number("top_p", self.top_p)
+            lo, hi = MIN_TEMPERATURE, MAX_TEMPERATURE
+            _within("temperature", self.temperature, lo, hi, f"0 (greedy) or in [{lo:g}, {hi:g}]")
+        _integer_in("top_k", self.top_k, 0, MAX_TOP_K, f"in [0, {MAX_TOP_K}] (0 = off)")
+        _finite("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        number("min_p", self.min_p)
-        within("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
-        number("repetition_penalty", self.repetition_penalty)
-        within(
-            "repetition_penalty",
-            self.repetition_penalty,
-            MIN_PENALTY,
-            MAX_PENALTY,
-            f"in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (1 = off)",
-        )
+            _fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _number_in("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
+
+    def _validate_penalties(self) -> None:
+        lo, hi = MIN_PENALTY, MAX_PENALTY
+        _number_in("repetition_penalty", self.repetition_penalty, lo, hi, f"in [{lo:g}, {hi:g}] (1 = off)")
+        occ = MAX_OCCURRENCE_PENALTY
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            number(name, value)
-            m = MAX_OCCURRENCE_PENALTY
-            within(name, value, -m, m, f"in [{-m:g}, {m:g}] (0 = off)")
+            _number_in(name, getattr(self, name), -occ, occ, f"in [{-occ:g}, {occ:g}] (0 = off)")
         if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
-            fail("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}")
+            _fail("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}")
+        big = MAX_LOGIT_BIAS
         for t, bias in self.logit_bias.items():
-            integer("logit_bias", t)
-            within("logit_bias", t, 0, MAX_TOKEN_ID, f"keyed by token ids in [0, {MAX_TOKEN_ID}]")
-            number("logit_bias", bias)
-            m = MAX_LOGIT_BIAS
-            within("logit_bias", bias, -m, m, f"biases in [{-m:g}, {m:g}] (token {t})")
+            _integer_in("logit_bias", t, 0, MAX_TOKEN_ID, f"keyed by token ids in [0, {MAX_TOKEN_ID}]")
+            _number_in("logit_bias", bias, -big, big, f"biases in [{-big:g}, {big:g}] (token {t})")
+
+    def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
-            fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+            _fail("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
-                fail("stop", f"stop strings must be strings of 1 to {MAX_STOP_CHARS} characters, got {s!r:.40}")
+                _fail("stop", f"stop strings must be strings of 1 to {MAX_STOP_CHARS} characters, got {s!r:.40}")
         for t in self.stop_token_ids:
-            integer("stop_token_ids", t)
-            within("stop_token_ids", t, 0, MAX_TOP_K, "token ids >= 0")
+            _integer_in("stop_token_ids", t, 0, MAX_TOKEN_ID, "token ids >= 0")
+
+    def _validate_seed_and_logprobs(self) -> None:
         if self.seed is not None:
-            integer("seed", self.seed)
-            within("seed", self.seed, *SEED_RANGE, f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+            _integer_in("seed", self.seed, *SEED_RANGE, f"in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                integer(name, value)
-                within(name, value, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
+            if getattr(self, name) is not None:
+                _integer_in(name, getattr(self, name), 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
 
     def copy(self, **changes) -> SamplingParams:
         return replace(self, **changes)
+
+
+def _fail(name: str, msg: str) -> NoReturn:
+    raise InvalidRequest(name, msg)
+
+
+def _finite(name: str, value) -> None:
+    # A bool is an int to Python but never a number here; a string is never coerced.
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        _fail(name, f"must be a finite number, got {value!r:.40}")
+
+
+def _integer(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"must be an integer, got {value!r}")
+
+
+def _within(name: str, value, lo, hi, what: str) -> None:
+    if not lo <= value <= hi:
+        _fail(name, f"must be {what}, got {value!r}")
+
+
+def _number_in(name: str, value, lo, hi, what: str) -> None:
+    _finite(name, value)
+    _within(name, value, lo, hi, what)
+
+
+def _integer_in(name: str, value, lo, hi, what: str) -> None:
+    _integer(name, value)
+    _within(name, value, lo, hi, what)
 
 
 def apply_penalties(
