@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -227,12 +228,18 @@ def test_dry_run_cli_takes_the_model_from_a_recipe_or_the_overrides(tmp_path, ca
     assert outputs == [outputs[0]] * 4
     assert main(["ablate", "--dry-run", "--config", str(recipe), "model.hidden_size=32"]) == 0
     assert capsys.readouterr().out != outputs[0]
+    # the recipe is checked with every override, as the run checks it: a training.* one included
+    recipe.write_text(recipe.read_text() + "max_steps = 10\n[schedule]\nwarmup_steps = 20\n")
+    assert main(["ablate", "--dry-run", "--config", str(recipe)]) == 2
+    assert "schedule.warmup_steps: 20 exceeds training.max_steps=10" in capsys.readouterr().err
+    assert main(["ablate", "--dry-run", "--config", str(recipe), "training.max_steps=40"]) == 0
+    assert capsys.readouterr().out == outputs[0]
 
 
 def test_cli_hands_every_flag_to_run_ablation_and_prints_the_outcome(tmp_path, capsys, monkeypatch):
     """The flags as run_ablation's arguments (seeds parsed, the command line as typed), then the
     report and figures on stdout; an interrupted ablation says how to continue, exit 0 when
-    --stop-after asked for it, else 130."""
+    --stop-after asked for it, else 128 + the signal's number, as for `complexity train`."""
     from complexity.cli import main
     from complexity.experiments import ablation
 
@@ -275,10 +282,12 @@ def test_cli_hands_every_flag_to_run_ablation_and_prints_the_outcome(tmp_path, c
     assert main(["ablate", *flags]) == 0
     assert capsys.readouterr().err.strip() == stopped
     monkeypatch.setattr(sys, "argv", ["pytest"])
-    assert main(["ablate", *flags[:-2]]) == 130
-    assert calls[-1]["command"] is None and calls[-1]["stop_after"] is None
-    captured = capsys.readouterr()
-    assert (captured.out, captured.err.strip()) == ("", stopped)
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        outcome.update(signal=sig)
+        assert main(["ablate", *flags[:-2]]) == status
+        assert calls[-1]["command"] is None and calls[-1]["stop_after"] is None
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err.strip()) == ("", stopped)
 
 
 def test_report_only_cli_prints_the_report_and_its_figures(tmp_path, capsys, monkeypatch):

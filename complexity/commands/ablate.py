@@ -11,6 +11,8 @@ from __future__ import annotations
 import shlex
 import sys
 
+from .train import signalled_status
+
 
 def _seeds(text: str) -> list[int]:
     try:
@@ -49,14 +51,16 @@ def _print_plans(args) -> int:
 
 
 def _base_model(args) -> tuple[str, dict]:
-    """(preset, model fields) every arm starts from: --preset or the recipe's, then model.* overrides."""
+    """(preset, model fields) every arm starts from: the recipe's with every override applied (the
+    recipe is checked as a run checks it: a training.* override can be what makes it valid), or
+    --preset with the model.* overrides."""
     from ..train import load_config
     from ..train.config import parse_override
 
-    preset, base = args.preset, {}
     if args.config is not None:
-        config = load_config(args.config)
-        preset, base = config.model.preset, dict(config.model.overrides)
+        config = load_config(args.config, list(args.overrides), preset=args.preset)
+        return config.model.preset, dict(config.model.overrides)
+    preset, base = args.preset, {}
     for key, value in map(parse_override, args.overrides):
         if key == "model.preset":
             preset = value
@@ -100,8 +104,8 @@ def _train_and_report(args) -> int:
     )
     if result.interrupted:
         print(f"ablation stopped before the end; rerun the same command to continue ({args.out})", file=sys.stderr)
-        # A stop --stop-after asked for is a success; one a signal caused exits as interrupted (130).
-        return 0 if args.stop_after is not None else 130
+        # A stop --stop-after asked for is a success; one a signal caused exits as `complexity train` does.
+        return 0 if args.stop_after is not None else signalled_status(result.signal)
     print(result.report, *result.figures, sep="\n")
     return 0
 
@@ -124,7 +128,7 @@ def _command_as_typed() -> str | None:
 
 def register(subparsers) -> None:
     from ..experiments.ablation import ARMS, DEFAULT_ARMS, TOLERANCE
-    from ..inference.args import _positive_int
+    from ..inference.args import positive_int
 
     arm_help = "; ".join(f"{a.name}: {a.label}" for a in ARMS.values())
     p = subparsers.add_parser(
@@ -183,7 +187,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--stop-after",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="checkpoint and stop the current run after step N, as if preempted (rerun to continue)",

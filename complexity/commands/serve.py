@@ -122,7 +122,7 @@ def _serve_until_exit(server, aengine) -> int:
 
 
 def register(subparsers) -> None:
-    from ..inference.args import _positive_int, _positive_seconds, add_engine_args
+    from ..inference.args import add_engine_args, positive_int, positive_seconds
 
     p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder (config.json + model.safetensors + tokenizer)")
@@ -136,38 +136,38 @@ def register(subparsers) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder name)")
     p.add_argument(
         "--max-concurrent",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         help="sequences accepted at once (running + waiting); more get 429 (default 1024)",
     )
     p.add_argument(
         "--max-queued-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="prompt tokens allowed waiting for a slot; more get 429 (default unlimited)",
     )
-    p.add_argument("--max-n", type=_positive_int, default=16, help="largest n (choices per prompt)")
+    p.add_argument("--max-n", type=positive_int, default=16, help="largest n (choices per prompt)")
     p.add_argument(
         "--max-body-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=8 << 20,
         help="largest request body; larger ones get 413 before they are read (default 8 MiB)",
     )
     p.add_argument(
         "--request-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=30.0,
         help="seconds a client has to send a request's headers, and again its body (408 / closed; default 30)",
     )
     p.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=positive_int,
         default=2048,
         help="open connections (and requests) at once; more get 503 (default 2048)",
     )
     p.add_argument(
         "--shutdown-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=30.0,
         help="seconds to finish in-flight requests on SIGTERM",
     )

@@ -33,9 +33,14 @@ def run(args) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if result.interrupted and args.stop_after is None:
-        sig = result.signal
-        return 128 + int(sig or signal.SIGTERM)
+        return signalled_status(result.signal)
     return 0
+
+
+def signalled_status(sig: int | None) -> int:
+    """The exit status of a run a signal stopped, as a shell reports it: 128 + the signal's number
+    (SIGTERM's when this process did not receive it: under torchrun, another rank did)."""
+    return 128 + int(sig or signal.SIGTERM)
 
 
 def _toml_str(text: str) -> str:
@@ -43,7 +48,7 @@ def _toml_str(text: str) -> str:
 
 
 def register(subparsers) -> None:
-    from ..inference.args import _positive_int
+    from ..inference.args import positive_int
 
     p = subparsers.add_parser(
         "train",
@@ -65,7 +70,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument(
         "--stop-after",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="checkpoint and stop after step N, as if preempted (resume later with --resume)",
     )

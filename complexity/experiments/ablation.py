@@ -166,6 +166,7 @@ class AblationResult:
     plan: dict[str, ArmPlan]
     runs: dict[str, dict] = field(default_factory=dict)  # "<arm>-s<seed>" -> done.json content
     interrupted: bool = False
+    signal: int | None = None  # the signal that interrupted it, if one did
     report: Path | None = None
     figures: list[Path] = field(default_factory=list)
 
@@ -701,7 +702,7 @@ def run_ablation(
                 base, plans[arm], seed, run_dir, args.spike, stop_after=stop_after, progress=progress, log=log
             )
             if trained.interrupted:
-                result.interrupted = True
+                result.interrupted, result.signal = True, trained.signal
                 log(f"ablate: {run_dir.name} stopped at step {trained.step}; rerun the same command to continue")
                 write_json(args.out / "ablation.json", meta, indent=2)
                 return result

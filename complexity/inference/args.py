@@ -10,7 +10,8 @@ import argparse
 import math
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of a positive integer flag (the commands' own flags use it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -20,7 +21,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """argparse type of a duration flag: a positive, finite number of seconds."""
     try:
         value = float(text)
     except ValueError:
@@ -48,20 +50,20 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
     g.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, float32 on cpu), float32, bfloat16, float16")
     g.add_argument(
         "--max-seq-len",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="per-slot context in tokens (default: the model's max_position_embeddings)",
     )
     if batch:
         g.add_argument(
             "--max-batch",
-            type=_positive_int,
+            type=positive_int,
             default=None,
             help="cache slots = largest decode batch (default: sized from free GPU memory, at most 256; 16 on the CPU)",
         )
         g.add_argument(
             "--max-prefill-tokens",
-            type=_positive_int,
+            type=positive_int,
             default=8192,
             help="padded prompt tokens per prefill forward (default 8192)",
         )
@@ -78,7 +80,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
     )
     mode.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager decode step")
     mode.add_argument("--compile", action="store_true", help="torch.compile the decode step (also on the CPU)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def engine_kwargs(args) -> dict:
@@ -99,4 +101,4 @@ def engine_kwargs(args) -> dict:
     return kw
 
 
-__all__ = ["add_engine_args", "engine_kwargs"]
+__all__ = ["add_engine_args", "engine_kwargs", "positive_int", "positive_seconds"]

@@ -108,9 +108,10 @@ class SamplingParams:
         if self.max_new_tokens is None:
             return
         _integer("max_new_tokens", self.max_new_tokens)
-        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+        lo = 0 if self.prompt_logprobs is not None else 1  # 0: the prompt is scored, nothing generated
+        if self.max_new_tokens == 0 and lo == 1:
             _fail("max_new_tokens", "must be >= 1 (0 only when scoring the prompt), got 0")
-        _within("max_new_tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS, f"in [1, {MAX_NEW_TOKENS}]")
+        _within("max_new_tokens", self.max_new_tokens, lo, MAX_NEW_TOKENS, f"in [{lo}, {MAX_NEW_TOKENS}]")
 
     def _validate_filters(self) -> None:
         _finite("temperature", self.temperature)
@@ -143,7 +144,7 @@ class SamplingParams:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
                 _fail("stop", f"stop strings must be strings of 1 to {MAX_STOP_CHARS} characters, got {s!r:.40}")
         for t in self.stop_token_ids:
-            _integer_in("stop_token_ids", t, 0, MAX_TOKEN_ID, "token ids >= 0")
+            _integer_in("stop_token_ids", t, 0, MAX_TOKEN_ID, f"token ids in [0, {MAX_TOKEN_ID}]")
 
     def _validate_seed_and_logprobs(self) -> None:
         if self.seed is not None:
