@@ -347,38 +347,54 @@ def _layers(names) -> set[int]:
 
 def check_tensors(folder: Path, config, tensors: dict[str, TensorInfo], skeleton) -> None:
     """The stored tensors against the model config.json describes: names, shapes, dtypes, the
-    routing table's values."""
-    cfg_path = folder / CONFIG_FILE
-    expected = skeleton.state_dict()
-    tied = set((getattr(skeleton, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else ())
-    files = {t.file.name for t in tensors.values()}
-    where = files.pop() if len(files) == 1 else WEIGHTS_INDEX if files else WEIGHTS_FILE
+    routing tables' values. Of several problems, the first in that order is raised."""
+    where = _weights_name(tensors)
     if not tensors:
         raise CheckpointError(f"{folder / where}: holds no tensors")
+    expected = skeleton.state_dict()
+    tied = set((getattr(skeleton, "all_tied_weights_keys", None) or {}) if config.tie_word_embeddings else ())
+    _check_names(folder, where, config, tensors, expected, tied)
+    _check_shapes(folder, where, config, tensors, expected)
+    _check_dtypes(tensors, expected)
+    _check_values(config, tensors, skeleton, tied)
 
+
+def _weights_name(tensors: dict[str, TensorInfo]) -> str:
+    """The file a message names: the one file that holds the tensors, else the index."""
+    files = {t.file.name for t in tensors.values()}
+    return files.pop() if len(files) == 1 else WEIGHTS_INDEX if files else WEIGHTS_FILE
+
+
+def _check_names(folder: Path, where: str, config, tensors, expected, tied: set[str]) -> None:
+    """Exactly the model's tensors; a tied copy may be left out."""
     unexpected = sorted(set(tensors) - set(expected))
     missing = sorted(k for k in expected if k not in tensors and k not in tied)
-    stored_layers, L = _layers(tensors), config.num_hidden_layers
-    if stored_layers and max(stored_layers) + 1 != L and (missing or unexpected):
+    if not (missing or unexpected):
+        return
+    stored_layers = _layers(tensors)
+    # Whole layers too many or too few: name the field at fault rather than every tensor of them.
+    if stored_layers and max(stored_layers) + 1 != config.num_hidden_layers:
         raise CheckpointError(
-            f"{cfg_path}: num_hidden_layers={L}, but {where} holds layers 0..{max(stored_layers)} "
-            f"({max(stored_layers) + 1} layers)"
+            f"{folder / CONFIG_FILE}: num_hidden_layers={config.num_hidden_layers}, but {where} holds layers "
+            f"0..{max(stored_layers)} ({max(stored_layers) + 1} layers)"
         )
     if missing:
         raise CheckpointError(
             f"{folder / where}: missing tensor(s) {_names(missing)} of the model {CONFIG_FILE} "
             f"describes ({_describe(config)}); loading would leave them random"
         )
-    if unexpected:
-        raise CheckpointError(
-            f"{folder / where}: unexpected tensor(s) {_names(unexpected)}, not part of the model "
-            f"{CONFIG_FILE} describes ({_describe(config)})"
-        )
+    raise CheckpointError(
+        f"{folder / where}: unexpected tensor(s) {_names(unexpected)}, not part of the model "
+        f"{CONFIG_FILE} describes ({_describe(config)})"
+    )
 
-    embed = tensors.get("model.embed_tokens.weight")
-    if embed is not None and embed.shape != [config.vocab_size, config.hidden_size]:
+
+def _check_shapes(folder: Path, where: str, config, tensors, expected) -> None:
+    # The embedding is there (_check_names): a wrong vocab_size or hidden_size shows in it first.
+    embed = tensors["model.embed_tokens.weight"]
+    if embed.shape != [config.vocab_size, config.hidden_size]:
         raise CheckpointError(
-            f"{cfg_path}: vocab_size={config.vocab_size}, hidden_size={config.hidden_size} "
+            f"{folder / CONFIG_FILE}: vocab_size={config.vocab_size}, hidden_size={config.hidden_size} "
             f"contradict model.embed_tokens.weight {embed.shape} in {embed.file.name}"
         )
     wrong_shape = [
@@ -390,9 +406,13 @@ def check_tensors(folder: Path, config, tensors: dict[str, TensorInfo], skeleton
         raise CheckpointError(
             f"{folder / where}: shape mismatch against {CONFIG_FILE} ({_describe(config)}): {_names(wrong_shape, 2)}"
         )
+
+
+def _check_dtypes(tensors, expected) -> None:
+    """Floating weights in one of FLOAT_DTYPES (cast on load); the routing tables in int64."""
     for name, ref in expected.items():
         info = tensors.get(name)
-        if info is None:
+        if info is None:  # a tied copy left out
             continue
         if ref.is_floating_point() and info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(
@@ -401,6 +421,10 @@ def check_tensors(folder: Path, config, tensors: dict[str, TensorInfo], skeleton
             )
         if not ref.is_floating_point() and info.dtype != "I64":
             raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected I64 (int64)")
+
+
+def _check_values(config, tensors, skeleton, tied: set[str]) -> None:
+    """The checks that read tensor data, not only the headers."""
     if tied and all(k in tensors for k in tied):  # a stored copy of a tied weight must equal its source
         _check_tied_copies(skeleton, tensors)
     table = tensors.get("model.token_to_expert")
@@ -420,9 +444,7 @@ def _read_tensor(info: TensorInfo, name: str) -> torch.Tensor:
 
 def _check_tied_copies(skeleton, tensors: dict[str, TensorInfo]) -> None:
     for target, source in skeleton.all_tied_weights_keys.items():
-        if source in tensors and not torch.equal(
-            _read_tensor(tensors[target], target), _read_tensor(tensors[source], source)
-        ):
+        if not torch.equal(_read_tensor(tensors[target], target), _read_tensor(tensors[source], source)):
             raise CheckpointError(
                 f"{tensors[target].file}: {target} differs from {source}, which config.json ties it "
                 "to (tie_word_embeddings=true): set tie_word_embeddings to false to keep it"

@@ -8,6 +8,7 @@ subprocess. Good inputs are run too, so a failure can never come from the fixtur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -346,6 +347,13 @@ CHECKPOINT_CASES = [
         "model",
     ),
     (
+        "no-tensors",
+        "plain",
+        lambda d: _edit_tensors(d, lambda t: {}),
+        ["model.safetensors: holds no tensors"],
+        "model",
+    ),
+    (
         "missing-tensor",
         "plain",
         lambda d: _edit_tensors(d, _drop("model.layers.1.self_attn.q_proj.weight")),
@@ -584,6 +592,149 @@ def test_tied_head_copy_equal_to_embedding_is_accepted(good, tmp_path):
     _edit_tensors(folder, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"].clone()})
     model, _ = load_checkpoint_folder(folder)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def _retyped(**changes):
+    """Edit the header metadata: name -> (shape or None, dtype or None)."""
+
+    def edit(tensors):
+        for name, (shape, dtype) in changes.items():
+            info = tensors[name]
+            tensors[name] = dataclasses.replace(info, shape=shape or info.shape, dtype=dtype or info.dtype)
+
+    return edit
+
+
+def _without(*prefixes):
+    def edit(tensors):
+        for name in [n for n in tensors if n.startswith(prefixes)]:
+            del tensors[name]
+
+    return edit
+
+
+def _with_extra(*names):
+    def edit(tensors):
+        for name in names:
+            tensors[name] = dataclasses.replace(tensors["model.norm.weight"])
+
+    return edit
+
+
+def _both(*edits):
+    def edit(tensors):
+        for fn in edits:
+            fn(tensors)
+
+    return edit
+
+
+_Q1 = "model.layers.1.self_attn.q_proj.weight"
+_MODEL = "(vocab_size=512, hidden_size=64, num_hidden_layers=3, mlp_type=token_routed)"
+# (id, base folder, edit of the stored tensors' names/shapes/dtypes, the whole message): when a
+# folder has several problems, the first of names, layer count, embedding, shapes, dtypes wins.
+PRECEDENCE_CASES = [
+    ("no-tensors", "plain", lambda t: t.clear(), "{folder}/model.safetensors: holds no tensors"),
+    (
+        "missing-beats-unexpected",
+        "plain",
+        _both(_without(_Q1), _with_extra("model.extra.weight")),
+        f"{{folder}}/model.safetensors: missing tensor(s) {_Q1} of the model config.json describes {_MODEL}; "
+        "loading would leave them random",
+    ),
+    (
+        "layer-count-beats-missing",
+        "plain",
+        _without("model.layers.2."),
+        "{folder}/config.json: num_hidden_layers=3, but model.safetensors holds layers 0..1 (2 layers)",
+    ),
+    (
+        "middle-layer-missing-lists-four",
+        "plain",
+        _without("model.layers.1."),
+        "{folder}/model.safetensors: missing tensor(s) model.layers.1.input_layernorm.weight, "
+        "model.layers.1.mlp.experts.down_proj, model.layers.1.mlp.experts.gate_up_proj, "
+        f"model.layers.1.post_attention_layernorm.weight (+6 more) of the model config.json describes {_MODEL}; "
+        "loading would leave them random",
+    ),
+    (
+        "unexpected-lists-four",
+        "plain",
+        _with_extra(*(f"model.extra{i}.weight" for i in range(6))),
+        "{folder}/model.safetensors: unexpected tensor(s) model.extra0.weight, model.extra1.weight, "
+        f"model.extra2.weight, model.extra3.weight (+2 more), not part of the model config.json describes {_MODEL}",
+    ),
+    (
+        "sharded-names-the-index",
+        "sharded",
+        _without(_Q1),
+        f"{{folder}}/model.safetensors.index.json: missing tensor(s) {_Q1} of the model config.json describes "
+        f"{_MODEL}; loading would leave them random",
+    ),
+    (
+        "embedding-beats-other-shapes",
+        "plain",
+        _retyped(**{"model.embed_tokens.weight": ([512, 32], None), _Q1: ([1, 1], None)}),
+        "{folder}/config.json: vocab_size=512, hidden_size=64 contradict model.embed_tokens.weight [512, 32] "
+        "in model.safetensors",
+    ),
+    (
+        "shapes-list-two",
+        "plain",
+        _retyped(**{f"model.layers.{i}.self_attn.q_proj.weight": ([1, 1], None) for i in range(3)}),
+        f"{{folder}}/model.safetensors: shape mismatch against config.json {_MODEL}: "
+        "model.layers.0.self_attn.q_proj.weight [1, 1] (expected [64, 64]), "
+        "model.layers.1.self_attn.q_proj.weight [1, 1] (expected [64, 64]) (+1 more)",
+    ),
+    (
+        "shape-beats-dtype",
+        "plain",
+        _retyped(**{"model.norm.weight": (None, "I32"), _Q1: ([1, 1], None)}),
+        f"{{folder}}/model.safetensors: shape mismatch against config.json {_MODEL}: {_Q1} [1, 1] (expected [64, 64])",
+    ),
+    (
+        "dtypes-in-model-order-routing-table-first",
+        "plain",
+        _retyped(**{"model.norm.weight": (None, "I32"), "model.token_to_expert": (None, "F32")}),
+        "{folder}/model.safetensors: tensor model.token_to_expert has dtype F32, expected I64 (int64)",
+    ),
+    (
+        "dtypes-in-model-order-embedding-before-norm",
+        "plain",
+        _retyped(**{"model.norm.weight": (None, "I32"), "model.embed_tokens.weight": (None, "BOOL")}),
+        "{folder}/model.safetensors: tensor model.embed_tokens.weight has dtype BOOL; weights must be floating "
+        "point (float64, float32, bfloat16, float16)",
+    ),
+]
+
+
+@pytest.mark.parametrize("base, edit, message", [c[1:] for c in PRECEDENCE_CASES], ids=[c[0] for c in PRECEDENCE_CASES])
+def test_check_tensors_names_the_first_problem(good, base, edit, message):
+    from complexity.checkpoint_folder import _skeleton, check_tensors, read_checkpoint_config, read_tensor_headers
+
+    folder = good[base]
+    config = read_checkpoint_config(folder)
+    _, tensors = read_tensor_headers(folder)
+    edit(tensors)
+    with pytest.raises(CheckpointError) as err:
+        check_tensors(folder, config, tensors, _skeleton(config, folder / "config.json"))
+    assert str(err.value) == message.format(folder=folder)
+
+
+def test_a_differing_tied_copy_is_named_before_the_routing_table(good, tmp_path):
+    folder = tmp_path / "two-problems"
+    shutil.copytree(good["plain"], folder)
+    _edit_tensors(folder, _set("lm_head.weight", torch.ones(VOCAB, 64)))
+    _edit_tensors(folder, _set("model.token_to_expert", lambda t: t + 4))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_folder(folder)
+    assert str(err.value) == (
+        f"{folder}/model.safetensors: lm_head.weight differs from model.embed_tokens.weight, which config.json "
+        "ties it to (tie_word_embeddings=true): set tie_word_embeddings to false to keep it"
+    )
+    _edit_tensors(folder, _drop("lm_head.weight"))  # tied and absent: nothing to compare
+    with pytest.raises(CheckpointError, match=r"model.token_to_expert holds expert ids in \[4, 7\]"):
+        load_checkpoint_folder(folder)
 
 
 @pytest.mark.parametrize("broken", CHECKPOINT_CASES, ids=CASE_IDS, indirect=True)

@@ -266,18 +266,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- save / load
 
 
-def _state_bytes(*states) -> int:
-    total = 0
-    for state in states:
-        for v in state.values():
-            if isinstance(v, dict):
-                total += _state_bytes(v)
-            elif isinstance(v, torch.Tensor):
-                local = v.to_local() if hasattr(v, "to_local") else v
-                total += local.numel() * local.element_size()
-    return total
-
-
 def save_checkpoint(
     ckpt_dir: str | Path,
     step: int,
@@ -290,58 +278,100 @@ def save_checkpoint(
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     ckpt_dir = Path(ckpt_dir)
     rank = _rank()
-    name = f"step_{step:08d}"
-    final = ckpt_dir / name
-    tmp = ckpt_dir / f".tmp-{name}"
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f".tmp-{final.name}"
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    # The tensors' bytes (summed over ranks) + 16 MiB for DCP's metadata and the JSON files: a
-    # full disk is refused before anything is written.
-    sizes = torch.tensor([_state_bytes(model_sd, optim_sd), 0], dtype=torch.float64)
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(".tmp-step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _clear_leftovers(ckpt_dir)
+    needed, free = _bytes_needed_and_free(ckpt_dir, model_sd, optim_sd)
+    hint = _not_written_hint(ckpt_dir)
+    if needed > free:
+        raise DiskFullError(final, needed, free=int(free), hint=hint)
+    if rank == 0:
+        tmp.mkdir()
+    barrier()
+    try:
+        _write_rank_files(tmp, rank, model_sd, optim_sd, rank_state)
+        barrier()  # every rank's files are in before any is hashed
+        files = _file_manifest(tmp)
+        if rank == 0:
+            _publish(tmp, final, {**meta, "step": step, "saved_at": time.time(), "files": files})
+            _prune(ckpt_dir, final, keep_last)
+    except _FAILURES as err:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if caused_by_full_disk(err):
+            raise DiskFullError(final, needed, hint=hint) from None
+        raise
+    barrier()  # no rank goes on before the checkpoint is in place
+    return final
+
+
+def _clear_leftovers(ckpt_dir: Path) -> None:
+    """Rank 0: what an interrupted save left is never read; it goes before the free space is measured."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _bytes_needed_and_free(ckpt_dir: Path, model_sd: dict, optim_sd: dict) -> tuple[int, float]:
+    """Collective, one all-reduce: the tensors' bytes summed over ranks + 16 MiB for DCP's metadata
+    and the JSON files, and the free bytes rank 0 measures (inf when unknown), so that a full disk
+    is refused on every rank before anything is written."""
+    sizes = torch.tensor([_state_bytes(model_sd, optim_sd), 0], dtype=torch.float64)
+    if _rank() == 0:
         free = free_bytes(ckpt_dir)
         sizes[1] = free if free is not None else float("inf")
     if _is_dist():
         sizes = sizes.to(_collective_device())
         dist.all_reduce(sizes)
-    needed, free = int(sizes[0]) + 16 * 2**20, sizes[1].item()
-    previous = latest_checkpoint(ckpt_dir)
-    intact = f"the last checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
-    if needed > free:
-        raise DiskFullError(final, needed, free=int(free), hint=f"checkpoint not written; {intact}")
-    if rank == 0:
-        tmp.mkdir()
-    barrier()
-    try:
-        with _quiet():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        fault_point("checkpoint.dcp_saved")
-        write_json(tmp / f"rank_{rank:05d}.json", rank_state, default=_json_default)
-        fault_point("checkpoint.rank_state_saved")
-        barrier()
-        files = _file_manifest(tmp)
-        if rank == 0:
-            write_json(tmp / META, {**meta, "step": step, "saved_at": time.time(), "files": files})
-            fault_point("checkpoint.meta_written")
-            replace_dir(tmp, final, "checkpoint")
-            older = [p for p in list_checkpoints(ckpt_dir) if p.name < final.name]
-            for old in older[: max(0, len(older) - (keep_last - 1))]:
-                shutil.rmtree(old)
-            fault_point("checkpoint.pruned")
-    except _FAILURES as err:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if caused_by_full_disk(err):
-            raise DiskFullError(final, needed, hint=f"checkpoint not written; {intact}") from None
-        raise
-    barrier()
-    return final
+    return int(sizes[0]) + 16 * 2**20, sizes[1].item()
+
+
+def _state_bytes(*states) -> int:
+    total = 0
+    for state in states:
+        for v in state.values():
+            if isinstance(v, dict):
+                total += _state_bytes(v)
+            elif isinstance(v, torch.Tensor):
+                local = v.to_local() if hasattr(v, "to_local") else v
+                total += local.numel() * local.element_size()
+    return total
 
 
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _not_written_hint(ckpt_dir: Path) -> str:
+    previous = latest_checkpoint(ckpt_dir)
+    intact = f"the last checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
+    return f"checkpoint not written; {intact}"
+
+
+def _write_rank_files(tmp: Path, rank: int, model_sd: dict, optim_sd: dict, rank_state: dict) -> None:
+    """Every rank: its shards of the tensors (DCP), then its own JSON state."""
+    with _quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    fault_point("checkpoint.dcp_saved")
+    write_json(tmp / f"rank_{rank:05d}.json", rank_state, default=_json_default)
+    fault_point("checkpoint.rank_state_saved")
+
+
+def _publish(tmp: Path, final: Path, meta: dict) -> None:
+    """Rank 0: meta.json, written last, marks the checkpoint complete; then it is swapped in."""
+    write_json(tmp / META, meta)
+    fault_point("checkpoint.meta_written")
+    replace_dir(tmp, final, "checkpoint")
+
+
+def _prune(ckpt_dir: Path, final: Path, keep_last: int) -> None:
+    """Rank 0, once `final` is in place: of the checkpoints before it, the `keep_last - 1` newest stay."""
+    older = [p for p in list_checkpoints(ckpt_dir) if p.name < final.name]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(old)
+    fault_point("checkpoint.pruned")
 
 
 def _dcp_load(path: Path, state: dict) -> None:
