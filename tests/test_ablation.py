@@ -16,14 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, tiny_overrides  # noqa: E402
 
-from complexity.experiments.ablation import (  # noqa: E402
-    ARMS,
-    DEFAULT_ARMS,
-    TOLERANCE,
-    plan_arms,
-    read_batches,
-    run_ablation,
-)
+from complexity.experiments.ablation import read_batches, run_ablation  # noqa: E402
+from complexity.experiments.arms import ARMS, DEFAULT_ARMS, TOLERANCE, plan_arms  # noqa: E402
 
 VOCAB = 384
 MODEL = dict(

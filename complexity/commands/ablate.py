@@ -42,7 +42,7 @@ def _move_overrides_out_of_arms(args) -> None:
 
 
 def _print_plans(args) -> int:
-    from ..experiments.ablation import plan_arms
+    from ..experiments.arms import plan_arms
 
     preset, base = _base_model(args)
     for p in plan_arms(preset, args.arms, base, args.tolerance).values():
@@ -111,7 +111,7 @@ def _train_and_report(args) -> int:
 
 
 def _check_training_flags(args) -> None:
-    from ..experiments.ablation import ARMS
+    from ..experiments.arms import ARMS
 
     missing = [f for f, v in (("--data", args.data), ("--steps", args.steps), ("--out", args.out)) if v is None]
     if missing:
@@ -127,7 +127,7 @@ def _command_as_typed() -> str | None:
 
 
 def register(subparsers) -> None:
-    from ..experiments.ablation import ARMS, DEFAULT_ARMS, TOLERANCE
+    from ..experiments.arms import ARMS, DEFAULT_ARMS, TOLERANCE
     from ..inference.args import positive_int
 
     arm_help = "; ".join(f"{a.name}: {a.label}" for a in ARMS.values())

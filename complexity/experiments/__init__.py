@@ -6,10 +6,12 @@ lm-evaluation-harness bridge.
     plan = plan_arms("tmlr-187m")                     # arms with matched live parameter counts
     run_ablation(preset="tiny", data="data/builtin-8k", steps=200, out="runs/ablation", seeds=3)
 
-Submodules: ablation (arms, parameter matching, runner, resume), spike (the fault and its
-recovery metrics), report (tables and figures), lm_eval_bridge (`run_lm_eval`).
+Submodules: arms (the arms and their parameter matching), ablation (the runner and its resume),
+spike (the fault and its recovery metrics), report (tables and figures), lm_eval_bridge
+(`run_lm_eval`).
 """
 
-from .ablation import ARMS, DEFAULT_ARMS, AblationResult, ArmPlan, plan_arms, run_ablation
+from .ablation import AblationResult, run_ablation
+from .arms import ARMS, DEFAULT_ARMS, ArmPlan, plan_arms
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "AblationResult", "ArmPlan", "plan_arms", "run_ablation"]
