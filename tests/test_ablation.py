@@ -16,8 +16,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import make_tiny_data, override_args, tiny_overrides  # noqa: E402
 
-from complexity.experiments.ablation import read_batches, run_ablation  # noqa: E402
+from complexity.experiments.ablation import run_ablation  # noqa: E402
 from complexity.experiments.arms import ARMS, DEFAULT_ARMS, TOLERANCE, plan_arms  # noqa: E402
+from complexity.experiments.run_files import read_batches  # noqa: E402
 
 VOCAB = 384
 MODEL = dict(
@@ -553,7 +554,7 @@ def _ablation_folder(root: Path) -> Path:
 
 
 def test_done_json_as_the_runner_writes_it_reads_back(tmp_path):
-    from complexity.experiments.ablation import read_done
+    from complexity.experiments.run_files import read_done
 
     out = _ablation_folder(tmp_path)
     for name, done in _report_inputs(spike=True)[1].items():
@@ -626,8 +627,8 @@ def test_done_json_with_a_wrong_value_names_file_field_and_value(tmp_path, capsy
     nonsense number in results.md."""
     from complexity.cli import main
     from complexity.data.files import FileFormatError
-    from complexity.experiments.ablation import DONE_REMEDY, read_done
     from complexity.experiments.report import write_report
+    from complexity.experiments.run_files import DONE_REMEDY, read_done
 
     edit, what = BAD_DONE[kind]
     out = _ablation_folder(tmp_path)

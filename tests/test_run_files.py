@@ -19,8 +19,9 @@ from _train_fixtures import make_tiny_data, override_args, run_cli, tiny_overrid
 
 from complexity.cli import main as cli_main  # noqa: E402
 from complexity.data.files import FileFormatError  # noqa: E402
-from complexity.experiments.ablation import read_batches, run_ablation  # noqa: E402
+from complexity.experiments.ablation import run_ablation  # noqa: E402
 from complexity.experiments.report import write_report  # noqa: E402
+from complexity.experiments.run_files import read_batches  # noqa: E402
 from complexity.train import durable, train  # noqa: E402
 from complexity.train.config import RunConfig  # noqa: E402
 from complexity.train.metrics import read_metrics  # noqa: E402

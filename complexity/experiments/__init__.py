@@ -7,8 +7,8 @@ lm-evaluation-harness bridge.
     run_ablation(preset="tiny", data="data/builtin-8k", steps=200, out="runs/ablation", seeds=3)
 
 Submodules: arms (the arms and their parameter matching), ablation (the runner and its resume),
-spike (the fault and its recovery metrics), report (tables and figures), lm_eval_bridge
-(`run_lm_eval`).
+run_files (what an ablation folder holds and how it is read), spike (the fault and its recovery
+metrics), report (tables and figures), lm_eval_bridge (`run_lm_eval`).
 """
 
 from .ablation import AblationResult, run_ablation

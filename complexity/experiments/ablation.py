@@ -1,6 +1,6 @@
 """The ablation runner of docs/architecture.md §8: every arm x seed trained, resumed after an
 interruption, summarised, then the report written. The arms and their parameter matching live in
-`arms`, the report in `report`.
+`arms`, what an ablation folder holds and how it is read in `run_files`, the report in `report`.
 
 **Same data, order and seed.** Every arm x seed is one `complexity.train.Trainer` run with the
 same recipe except the model fields: the data slots are seeded by `training.seed` only, so for a
@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import shlex
 import shutil
 import sys
@@ -32,11 +31,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..data.files import NUMBER, FileFormatError, read_json_object
+from ..data.files import read_json_object
 from ..train.callbacks import TrainerCallbacks, spike_injection
 from ..train.durable import drop_torn_tail, write_json
-from ..train.metrics import read_log, read_metrics
 from .arms import DEFAULT_ARMS, REFERENCE_ARM, TOLERANCE, ArmPlan, plan_arms
+from .report import write_report
+from .run_files import PLAN_REMEDY, read_done, read_run_metrics, run_name, summarise_run
 from .spike import plan_spike, spike_metrics
 
 
@@ -54,10 +54,6 @@ class AblationResult:
 def default_avg_steps(steps: int) -> int:
     """Upstream averaged the training loss over its first 700 of ~954 steps: about 73%."""
     return max(1, round(0.73 * steps))
-
-
-def run_name(arm: str, seed: int) -> str:
-    return f"{arm}-s{seed}"
 
 
 def _has_override(overrides: list[str], key: str) -> bool:
@@ -195,119 +191,6 @@ class _Recorder(TrainerCallbacks):
         self.file.close()
 
 
-def read_batches(run_dir: Path) -> dict[tuple[int, int], str]:
-    """(step, micro) -> sha1 from a run's batches.jsonl, resumes applied (a torn last line skipped;
-    a damaged line is a FileFormatError naming the file and line)."""
-    path = run_dir / "batches.jsonl"
-    out: dict[tuple[int, int], str] = {}
-    for number, r in read_log(path):
-        try:
-            if "resumed" in r:
-                out = {k: v for k, v in out.items() if k[0] <= int(r["resumed"])}
-            else:
-                out[int(r["step"]), int(r["micro"])] = str(r["sha1"])
-        except (KeyError, TypeError, ValueError):
-            raise FileFormatError(f"{path}:{number}: not a batch record (the file is damaged)") from None
-    return out
-
-
-PLAN_REMEDY = (
-    "it records the plan the ablation's runs were made with: restore it, or delete it and rerun the exact "
-    "command that made the ablation (results.md shows it) to write it again"
-)
-
-
-DONE_REMEDY = (
-    "it is the summary of a finished run: delete it and rerun the ablation command, which summarises the "
-    "run again from its folder without training it again"
-)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, NUMBER) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _measure(value) -> bool:
-    return value is None or _finite(value)  # None: not measured
-
-
-def _shares(value) -> bool:
-    return value is None or (isinstance(value, list) and all(map(_finite, value)))
-
-
-def _steps(value) -> bool:
-    return isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value)
-
-
-# What a rerun and the report read from done.json (`_write_summary`): these fields always ...
-_DONE_FIELDS = {"train_command": str, "total_params": int, "active_params": int}
-# ... and these where present (an absent measure reads as not measured): field -> (check, what it should be).
-_MEASURE = (_measure, "a finite number or null")
-_DONE_VALUES = {
-    **dict.fromkeys(("avg_train_loss_first_k", "final_train_loss", "val_loss", "val_bpb", "tokens_per_s"), _MEASURE),
-    "expert_shares": (_shares, "a list of finite numbers or null"),
-    "spike": (lambda v: isinstance(v, dict), "an object"),
-}
-_SPIKE_VALUES = {
-    **dict.fromkeys(("pre", "fault_loss", "peak", "peak_ratio", "recovery"), _MEASURE),
-    "injected_at": (_steps, "a list of step numbers"),
-}
-
-
-def read_done(run_dir: Path) -> dict:
-    """A finished run's done.json (its summary). A damaged one (unreadable, or a field read back
-    from it missing or holding a wrong or non-finite value) is a FileFormatError naming the file,
-    the field and the value, and saying what to do."""
-    path = run_dir / "done.json"
-    done = read_json_object(path, DONE_REMEDY, _DONE_FIELDS)
-    _check_values(done, _DONE_VALUES, str(path))
-    if "spike" in done:
-        _check_values(done["spike"], _SPIKE_VALUES, f"{path}: the spike summary")
-    return done
-
-
-def _check_values(obj: dict, values: dict, where: str) -> None:
-    for name, (ok, expected) in values.items():
-        if name in obj and not ok(obj[name]):
-            raise FileFormatError(
-                f"{where}: the field {name!r} should be {expected}, found {obj[name]!r}; {DONE_REMEDY}"
-            )
-
-
-def read_run_metrics(run_dir: Path) -> list[dict]:
-    """A run's metrics.jsonl (`read_metrics`); a damaged one is a FileFormatError saying what to do."""
-    try:
-        return read_metrics(run_dir / "metrics.jsonl")
-    except FileFormatError as err:
-        raise FileFormatError(
-            f"{err}; remove the run folder {run_dir} and rerun the ablation command to train that run again"
-        ) from None
-
-
-def _summarise_run(records: list[dict], arm: str, seed: int, avg_k: int) -> dict:
-    """A run's measures from its metrics.jsonl records (None: not measured)."""
-    train = {r["step"]: r for r in records if "event" not in r and r.get("loss") is not None}
-    evals = [r for r in records if r.get("val_loss") is not None]
-    steps = sorted(train)
-    first_k = [train[s]["loss"] for s in steps if s <= avg_k]
-    rates = sorted(train[s]["tokens_per_s"] for s in steps if s > 2 and train[s].get("tokens_per_s"))
-    last = evals[-1] if evals else {}
-    tail = [train[s]["loss"] for s in steps[-max(1, len(steps) // 20) :]]
-    return {
-        "arm": arm,
-        "seed": seed,
-        "steps": steps[-1] if steps else 0,
-        "avg_train_loss_first_k": sum(first_k) / len(first_k) if first_k else None,
-        "avg_k": avg_k,
-        "final_train_loss": sum(tail) / len(tail) if tail else None,
-        "val_loss": last.get("val_loss"),
-        "val_bpb": last.get("val_bpb"),
-        "val_ppl": last.get("val_ppl"),
-        "expert_shares": last.get("expert_shares"),
-        "tokens_per_s": rates[len(rates) // 2] if rates else None,
-    }
-
-
 def build_command(
     *, preset, data, steps, out, seeds, arms, recipe=None, overrides=(), avg_k=None, spike=None, tolerance=TOLERANCE
 ) -> str:
@@ -425,8 +308,6 @@ def run_ablation(
             if on_run_end is not None:
                 on_run_end(arm, seed, summary)
     if report:
-        from .report import write_report
-
         result.report, result.figures = write_report(args.out, log=log)
     return result
 
@@ -520,7 +401,7 @@ def _write_summary(run_dir: Path, plan: ArmPlan, seed: int, args: _Arguments) ->
     the command that trains it alone and, with a spike, the spike's metrics. Written last: it is
     what marks the run finished."""
     records = read_run_metrics(run_dir)
-    summary = _summarise_run(records, plan.name, seed, args.avg_k)
+    summary = summarise_run(records, plan.name, seed, args.avg_k)
     summary.update(
         {
             "total_params": plan.total,

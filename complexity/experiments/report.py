@@ -29,6 +29,7 @@ from ..data.files import NUMBER, FileFormatError, check_fields, read_json_object
 from ..train.durable import write_atomic
 from ..train.metrics import train_losses
 from ..train.plot import save_figure
+from .run_files import PLAN_REMEDY, read_done, read_run_metrics, run_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,8 +59,6 @@ _PLAN_FIELDS = {"label": str, "model": dict, "total": int, "active": int, "misma
 
 
 def _load(out: Path) -> tuple[dict, dict[str, dict], dict[str, list[dict]]]:
-    from .ablation import PLAN_REMEDY, read_done, read_run_metrics
-
     path = out / "ablation.json"
     if not path.is_file():
         raise FileNotFoundError(f"{out}: no ablation.json (not an ablation folder)")
@@ -71,7 +70,7 @@ def _load(out: Path) -> tuple[dict, dict[str, dict], dict[str, list[dict]]]:
     runs, metrics = {}, {}
     for arm in meta["arms"]:
         for seed in meta["seeds"]:
-            name = f"{arm}-s{seed}"
+            name = run_name(arm, seed)
             run_dir = out / "runs" / name
             if (run_dir / "done.json").is_file():
                 runs[name] = read_done(run_dir)
