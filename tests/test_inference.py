@@ -574,6 +574,24 @@ def test_compiled_decode_compiles_once(ckpt_dir):
     assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
 
 
+def test_compiled_decode_first_traced_at_the_largest_shapes_serves_every_bucket(ckpt_dir):
+    """The CUDA warm-up compiles the decode step at its largest shapes first: every slot and the
+    whole context. There the cache's view is its whole buffer unless the slot has a spare
+    position, and the compiled step would specialize kv_len to max_seq_len (a violated
+    mark_dynamic); with it, one graph serves every (batch, context) bucket, equal to eager."""
+    path = make_tiny_checkpoint(ckpt_dir / "largest_first", max_position_embeddings=256)
+    torch._dynamo.reset()
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=4, compile="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        for rows, kv_len in ((4, 256), (2, 128), (4, 128), (3, 256)):
+            tokens = torch.randint(0, engine.vocab_size, (rows, 1), generator=g)
+            pos = torch.randint(0, kv_len, (rows,), generator=g)
+            got = engine._call_decode(tokens, pos, engine._kv_range(kv_len))
+            want = engine._decode_forward(tokens, pos, engine._kv_range(kv_len))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_failing_prefill_or_decode_fails_only_its_request(ckpt_dir, monkeypatch):
     """A forward that raises for a batch is retried request by request: only the request that
     fails alone fails."""

@@ -1,6 +1,7 @@
 """A static, slot-based KV cache for the inference engine.
 
-Per layer, keys and values live in preallocated tensors [num_slots, n_kv, max_len, head_dim].
+Per layer, keys and values live in preallocated tensors [num_slots, n_kv, max_len + 1, head_dim]
+(the spare position: `positions_per_slot`).
 Each request owns one slot (a row) for its whole life; positions inside a row are the token
 positions. The model calls `update(k, v, layer_idx)` from every attention layer; what it writes
 and returns depends on the mode the engine set before the forward:
@@ -21,6 +22,14 @@ from __future__ import annotations
 import torch
 
 
+def positions_per_slot(max_len: int) -> int:
+    """The positions a slot holds for a context of max_len tokens (what its memory is sized by):
+    one spare past max_len, never written, so that a decode view cache[:, :, :kv_len] is never the
+    whole buffer. A whole buffer is contiguous; a compiled decode step's layout checks would then
+    specialize its dynamic kv_len to max_len, and the one graph for every context bucket breaks."""
+    return max_len + 1
+
+
 class SlotKVCache:
     is_compileable = True
 
@@ -34,7 +43,7 @@ class SlotKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        shape = (num_slots, num_kv_heads, positions_per_slot(max_len), head_dim)
         self.key_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots, self.max_len = num_slots, max_len
@@ -106,4 +115,4 @@ def attention_mask_prefill(
     return mask[None, None].expand(batch, 1, length, length)
 
 
-__all__ = ["SlotKVCache", "attention_mask_decode", "attention_mask_prefill"]
+__all__ = ["SlotKVCache", "attention_mask_decode", "attention_mask_prefill", "positions_per_slot"]

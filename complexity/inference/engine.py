@@ -44,7 +44,7 @@ import torch
 
 from .. import complexity_kernels
 from ..runtime import resolve_device, resolve_dtype
-from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill
+from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill, positions_per_slot
 from .detokenize import OutputProcessor
 from .errors import InvalidRequest
 from .outputs import Completion, StepOutput, TokenLogprob
@@ -360,7 +360,7 @@ class Engine:
         peak = self._prefill_peak_bytes()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = utilization * total - (total - free) - peak - GRAPH_MEMORY_RESERVE
-        per_slot = kv_bytes_per_token(self.config, self.dtype) * self.max_seq_len
+        per_slot = kv_bytes_per_token(self.config, self.dtype) * positions_per_slot(self.max_seq_len)
         slots = int(min(MAX_AUTO_SLOTS, budget // per_slot))
         self.memory_plan = {
             "total_gib": total / gib,
@@ -399,7 +399,7 @@ class Engine:
 
     def describe(self) -> str:
         """One line saying what was chosen (the startup log)."""
-        kv = kv_bytes_per_token(self.config, self.dtype) * self.max_seq_len * self.max_batch / (1 << 30)
+        kv = self.cache.nbytes / (1 << 30)
         parts = [
             f"{self.max_batch} slots x {self.max_seq_len} tokens (KV cache {kv:.2f} GiB)",
             f"{self.device}",
