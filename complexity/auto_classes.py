@@ -8,11 +8,13 @@ commands, and the data workers, never need torch), yet `import complexity` follo
 imported, and otherwise the moment an import that loads them (or our model classes) completes,
 before any Auto lookup can run.
 
-How: a finder on `sys.meta_path` watches the imports of transformers' modules and of our two model
-modules (it only wraps their loaders; the modules end up exactly as if imported without it). When
-the outermost of those imports completes with an Auto class module loaded, it registers and
-removes itself. Registering only then, never while one of those modules is half initialized,
-keeps it from importing a module that is still being imported.
+How: a finder on `sys.meta_path` watches the imports of transformers' modules and of this
+package's modules (it only wraps their loaders; the modules end up exactly as if imported without
+it). When the outermost of those imports completes with an Auto class module or one of our two
+model modules loaded, it registers and removes itself. Registering only then, never while one of
+those modules is half initialized, keeps it from importing a module that is still being imported
+(`import complexity.hash_routing` first: it imports the config, and registering then would import
+the model file, which imports hash_routing, still half done).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def register_auto_classes() -> None:
 
 
 def _watched(name: str) -> bool:
-    return name == "transformers" or name.startswith("transformers.") or name in _OUR_MODEL_MODULES
+    return name == "transformers" or name.startswith(("transformers.", f"{__package__}."))
 
 
 class _WatchedLoader(importlib.abc.Loader):
@@ -59,6 +61,11 @@ class _WatchedLoader(importlib.abc.Loader):
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
+
+    def __getattr__(self, name):
+        # what else may be asked of the loader (runpy's get_code for `python -m`, get_source,
+        # is_package, resource readers) is the wrapped loader's
+        return getattr(self.loader, name)
 
     def exec_module(self, module) -> None:
         module.__loader__ = module.__spec__.loader = self.loader  # as if we had never been there

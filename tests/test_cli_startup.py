@@ -125,6 +125,10 @@ IMPORT_ORDERS = {
     "GenerationMixin first": "from transformers import GenerationMixin\n",
     "AutoTokenizer first": "from transformers import AutoTokenizer\n",
     "our model module": "from complexity.modeling_complexity import ComplexityForCausalLM\n",
+    # a module the model file imports, first: it imports the config, which must not register (and
+    # so import the model file) while this module is half initialized
+    "hash_routing first": "import complexity.hash_routing\n",
+    "the kernels first": "import complexity.complexity_kernels\n",
 }
 
 
