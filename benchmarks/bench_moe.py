@@ -222,6 +222,10 @@ def step(fn, inputs: dict, backward: bool):
 
 
 def bench_shape(shape: Shape, tokens: int, device: str, dtype, compile_: bool, passes: list[str], measure) -> dict:
+    # Compiled afresh for each shape: the variants share code objects (run_moe, the lambda), whose
+    # compiled entries would otherwise pile up across shapes to dynamo's recompile limit, which
+    # fullgraph turns into an error.
+    torch._dynamo.reset()
     inputs = make_inputs(shape, tokens, device, dtype)
     dense = dense_inputs(shape, tokens, device, dtype, inputs["x"])
     strategies = strategies_for(inputs["x"], shape)
