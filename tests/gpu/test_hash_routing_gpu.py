@@ -51,27 +51,32 @@ def test_no_host_sync_forward_and_backward(strategy, tokens):
 @pytest.mark.parametrize("strategy", ["dense", "grouped"])
 @pytest.mark.parametrize("name", ["H896-E4-k2-W64-S3072", "H1024-E8-k4-W512-S1024"])
 def test_cuda_graph_replay_equals_eager(strategy, name):
+    # The eager reference runs on its own copies of the inputs (same seed, same values): a leaf
+    # whose first backward ran on the default stream has its gradient accumulated there, which a
+    # captured backward may not touch (cudaErrorStreamCaptureImplicit). The captured leaves see
+    # their first backward in the side-stream warm-up, as in PyTorch's whole-network capture.
+    reference = bench.make_inputs(SHAPES[name], 1024, "cuda", torch.bfloat16)
     inputs = bench.make_inputs(SHAPES[name], 1024, "cuda", torch.bfloat16)
     grad = torch.randn_like(inputs["x"])
     out = {}
 
-    def step():
+    def step(inputs):
         for t in leaves(inputs):
             t.grad = None
         out["y"] = bench.run_moe(inputs, strategy)
         out["y"].backward(grad)
 
-    step()
-    eager = [out["y"].clone()] + [t.grad.clone() for t in leaves(inputs)]
+    step(reference)
+    eager = [out["y"].clone()] + [t.grad.clone() for t in leaves(reference)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            step()
+            step(inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
+        step(inputs)
     with torch.no_grad():
         inputs["x"].mul_(0.5)  # replay must follow new inputs
     graph.replay()
