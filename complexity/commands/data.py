@@ -76,7 +76,7 @@ def register(subparsers) -> None:
 
 
 def run_prepare(args) -> int:
-    from complexity.data.prepare import prepare_dataset
+    from complexity.data.prepare import DEFAULT_SHARD_TOKENS, prepare_dataset
 
     inputs = list(args.input)
     if args.builtin_site_packages is not None:
@@ -92,10 +92,10 @@ def run_prepare(args) -> int:
         txt_split=args.txt_split,
         hf_split=args.hf_split,
         dtype=None if args.dtype == "auto" else args.dtype,
+        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
         workers=args.workers,
         force=args.force,
         progress=not args.no_progress,
-        **({} if args.shard_tokens is None else {"shard_tokens": args.shard_tokens}),
     )
     return 0
 
