@@ -592,6 +592,71 @@ def test_compiled_decode_first_traced_at_the_largest_shapes_serves_every_bucket(
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_decode_writes_the_cache_in_place(ckpt_dir):
+    """The compiled step (inductor, here its CPU code) writes each row's new K/V into the cache
+    buffer itself. Through a view cache[:batch] it copied all the batch's cache rows out and back
+    around the write, per layer and step (on an H100 that made 256-row decoding 4x slower)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from complexity.inference.cache import positions_per_slot
+
+    path = make_tiny_checkpoint(ckpt_dir / "in_place", max_position_embeddings=256, num_hidden_layers=1)
+    torch._dynamo.reset()
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=4, max_seq_len=256, compile=True)
+    tokens, pos = torch.tensor([[5], [6], [7], [8]]), torch.tensor([3, 4, 5, 6])
+    with torch.inference_mode():
+        got, code = run_and_get_code(engine._call_decode, tokens, pos, engine._kv_range(256))
+        want = engine._decode_forward(tokens, pos, engine._kv_range(256))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    c = engine.config
+    row = c.num_key_value_heads * positions_per_slot(256) * c.head_dim  # elements of one slot's K
+    assert f"{row}L*ks" not in "\n".join(code)  # no loop over the batch's whole rows (row size x batch)
+
+
+def test_only_small_batches_take_the_compiled_decode_step(ckpt_dir, monkeypatch):
+    """Batches of at most COMPILED_DECODE_MAX_ROWS take the compiled step (compiled once), larger
+    ones the eager step, in one engine; both decode what the eager engine decodes."""
+    from torch._dynamo.utils import counters
+
+    from complexity.inference import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "COMPILED_DECODE_MAX_ROWS", 3)
+    path = make_tiny_checkpoint(ckpt_dir / "compiled_rows", max_position_embeddings=256)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=6, compile="aot_eager")
+    rows = []
+    forward = engine._decode_forward
+    monkeypatch.setattr(engine, "_decode_forward", lambda tokens, *a: rows.append(tokens.shape[0]) or forward(tokens, *a))
+    prompts = [[5 + i] * (3 + i) for i in range(6)]
+    # the first slot's request runs longest: the decode batch (rows up to the last busy slot) shrinks
+    params = [SamplingParams(max_new_tokens=19 - 3 * i, temperature=0, ignore_eos=True) for i in range(6)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = engine.generate(prompts, params)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert rows and min(rows) > 3  # the eager step ran the large batches only (compiled calls bypass the patch)
+    assert engine.stats["decode_steps"] > len(rows)  # and the small ones ran compiled
+    eager = Engine.from_pretrained(path, device="cpu", max_batch=6).generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_compiled_decode_at_one_or_two_slots(ckpt_dir, max_batch):
+    """`complexity generate` runs one slot. Its compiled step runs batch 1 as 2 rows; on a cache
+    of 2 rows dynamo proved the view cache[:2] whole and specialized the batch (a violated
+    mark_dynamic, every decode step failed). It compiles once and equals eager."""
+    path = make_tiny_checkpoint(ckpt_dir / f"slots{max_batch}", max_position_embeddings=256)
+    torch._dynamo.reset()
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=max_batch, compile="aot_eager")
+    p = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(10, 40))][:max_batch]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = engine.generate(prompts, p)
+    eager = Engine.from_pretrained(path, device="cpu", max_batch=max_batch).generate(prompts, p)
+    assert [o.finish_reason for o in outs] == ["length"] * len(prompts)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+
+
 def test_failing_prefill_or_decode_fails_only_its_request(ckpt_dir, monkeypatch):
     """A forward that raises for a batch is retried request by request: only the request that
     fails alone fails."""

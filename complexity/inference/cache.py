@@ -71,10 +71,11 @@ class SlotKVCache:
             return key_states, value_states
         b = key_states.shape[0]
         rows = torch.arange(b, device=kc.device)
-        kc, vc = kc[:b], vc[:b]
+        # written into the whole buffer: through a view cache[:b], torch.compile would rebuild the
+        # view's rows around the write (copying every row of the batch, twice, per layer and step)
         kc[rows, :, self.pos] = key_states[:, :, 0]
         vc[rows, :, self.pos] = value_states[:, :, 0]
-        return kc[:, :, : self.kv_len], vc[:, :, : self.kv_len]
+        return kc[:b, :, : self.kv_len], vc[:b, :, : self.kv_len]
 
     # Parts of the transformers Cache interface that generic code may query.
     def get_seq_length(self, layer_idx: int = 0) -> int:

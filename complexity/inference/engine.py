@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import complexity_kernels
 from ..runtime import resolve_device, resolve_dtype
 from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill, positions_per_slot
 from .detokenize import OutputProcessor
@@ -57,6 +56,12 @@ _ids = itertools.count()
 CPU_SLOTS = 16  # CPU default: decoding there is compute bound, more rows buy little
 MAX_AUTO_SLOTS = 256  # CUDA: the most slots sized automatically (the largest decode batch)
 GRAPH_MEMORY_RESERVE = 1 << 30  # CUDA graphs' private pool and allocator slack, kept out of the KV budget
+# The decode step is compiled for batches of at most this many rows; larger ones run the eager step
+# (inside their CUDA graphs). Measured side by side on an H100 (BENCHMARKS.md): compiled, batch 1
+# decodes 1.8-1.9x faster (its many small kernels fused); 256 rows ran at 0.24x of the eager step,
+# whose batched GEMMs leave little to fuse (that compiled step also copied the batch's cache rows
+# per layer, since fixed: the large batches are to be measured again).
+COMPILED_DECODE_MAX_ROWS = 16
 
 
 @dataclass
@@ -295,13 +300,17 @@ class Engine:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.memory_plan = None
+        self._min_cache_rows = 3 if self.compile else 1  # see _compiled_max_rows
         if max_batch is None:
             max_batch = self._slots_from_memory(gpu_memory_utilization) if on_cuda else CPU_SLOTS
         self.max_batch = max_batch
         # a compiled decode step never sees batch 1 (dynamo specializes a dimension of size 1, which
-        # would compile it a second time): batch 1 runs as 2 rows, so the cache needs a second row
+        # would compile it a second time): batch 1 runs as 2 rows. Its batch is declared dynamic over
+        # [2, _compiled_max_rows], at least two sizes (one would be specialized: a violated
+        # mark_dynamic, the step decoding eagerly), and the cache holds that many rows at least
         self._smallest_bucket = 2 if self.compile else 1
-        rows = max(max_batch, self._smallest_bucket)
+        self._compiled_max_rows = max(min(COMPILED_DECODE_MAX_ROWS, max_batch), self._min_cache_rows)
+        rows = max(max_batch, self._min_cache_rows)
         self.cache = SlotKVCache(
             config.num_hidden_layers,
             rows,
@@ -370,12 +379,12 @@ class Engine:
             "slot_gib": per_slot / gib,
             "utilization": utilization,
         }
-        if slots < 1:
+        if slots < self._min_cache_rows:
             raise ValueError(
                 f"gpu_memory_utilization: {utilization} of {total / gib:.1f} GiB leaves {max(budget, 0) / gib:.2f} GiB "
                 f"for the KV cache ({(total - free) / gib:.1f} GiB in use, {peak / gib:.2f} GiB prefill peak), less "
-                f"than one slot of {self.max_seq_len} tokens ({per_slot / gib:.2f} GiB): raise it, or lower "
-                "max_seq_len / max_prefill_tokens"
+                f"than {self._min_cache_rows} slot(s) of {self.max_seq_len} tokens ({per_slot / gib:.2f} GiB each): "
+                "raise it, or lower max_seq_len / max_prefill_tokens"
             )
         return slots
 
@@ -413,7 +422,7 @@ class Engine:
             )
         if self.use_graphs:
             compiled = (
-                ", compiled once"
+                f", compiled once for batches up to {min(self._compiled_max_rows, self.max_batch)}"
                 if self.compile
                 else (", compile failed: eager kernels" if "compile_error" in self.startup else "")
             )
@@ -679,24 +688,15 @@ class Engine:
         return r
 
     def _call_decode(self, tokens: torch.Tensor, pos: torch.Tensor, kv_range: torch.Tensor) -> torch.Tensor:
-        if self.compile:  # batch and context are dynamic: one compile for every shape
-            batch = self._batch_range(tokens.shape[0])
-            for t in (tokens, pos):
-                torch._dynamo.mark_dynamic(t, 0, **batch)
-            torch._dynamo.mark_dynamic(kv_range, 0)
+        if not self.compile or tokens.shape[0] > self._compiled_max_rows:
+            return self._decode_forward(tokens, pos, kv_range)
+        # batch and context dynamic: one compile for every shape. The batch's declared range is
+        # what the decode kernels are chosen from (never a guard), and its maximum is within the
+        # cache's rows, so the view cache[:batch] needs no guard either.
+        for t in (tokens, pos):
+            torch._dynamo.mark_dynamic(t, 0, min=self._smallest_bucket, max=self._compiled_max_rows)
+        torch._dynamo.mark_dynamic(kv_range, 0)
         return self._decode_impl(tokens, pos, kv_range)
-
-    def _batch_range(self, rows: int) -> dict:
-        """The batch range a compiled decode step is declared for. With the decode kernels on
-        (`complexity_kernels.DECODE_KERNELS`), batches of at most DECODE_MAX_ROWS and larger ones
-        compile apart, so the small graph can take the kernels (they are chosen from the declared
-        range, never by a guard); otherwise one unbounded dynamic batch."""
-        if not complexity_kernels.DECODE_KERNELS:
-            return {}
-        small = complexity_kernels.DECODE_MAX_ROWS
-        if rows <= small:
-            return {"min": self._smallest_bucket, "max": small}
-        return {"min": small + 1, "max": max(self.max_batch, small + 2)}
 
     def _run_decode(self, tokens_pos: torch.Tensor, nrows: int, need_kv: int) -> torch.Tensor:
         """Logits [nrows, V] for the CPU tensor [2, nrows] of (last token, its position) per row,
