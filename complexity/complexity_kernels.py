@@ -81,9 +81,10 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dt
 
 
 def decode_attention_applies(query: torch.Tensor, groups: int) -> bool:
-    """Whether SDPA over `query` [B, heads, S, d] takes `decode_attention`: one position, GQA
-    (and the decode strategies on: `DECODE_KERNELS`)."""
-    return DECODE_KERNELS and query.shape[2] == 1 and groups > 1
+    """Whether SDPA over `query` [B, heads, S, d] takes `decode_attention`: one position, GQA.
+    Plain SDPA, so on whether or not the Triton decode kernels (`DECODE_KERNELS`) are: without it
+    a compiled decode step copies the attended cache to every query head, twice per layer."""
+    return query.shape[2] == 1 and groups > 1
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

@@ -183,7 +183,7 @@ def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
 
 @torch.no_grad()
 def test_decode_attention_takes_the_configs_softmax_scale(cpu_kernels, monkeypatch):
-    """With the decode kernels on, a one-token step's attention (`decode_attention`) scores with
+    """A one-token step's attention (`decode_attention`, kernels on or off) scores with
     the config's attention_multiplier, never a recomputed 1/sqrt(head_dim), and its partial RoPE
     steps equal the full forward."""
     scales = []
