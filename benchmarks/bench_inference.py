@@ -7,7 +7,7 @@ decode steps at larger batches, prefill, continuous-batching throughput.
     # the reference); --parts serving for continuous batching; --parts check for graphs == eager
     # CPU smoke test (tiny shapes, eager, no graphs)
     python benchmarks/bench_inference.py --device cpu --parts decode,prefill --models tiny --vocab 512 \
-        --prompt-len 16 --decode-tokens 16 --batches 1,2 --prefill-shapes 1x32 --out /tmp/bench.json
+        --prompt-len 16 --decode-tokens 16 --step-count 8 --batches 1,2 --prefill-shapes 1x32 --out /tmp/bench.json
 
 decode (per preset, random weights, bf16 on CUDA):
   - engine: our `Engine` (CUDA graphs + torch.compile) generating `--decode-tokens` greedy tokens
@@ -61,9 +61,9 @@ from profiling import kernel_table  # noqa: E402
 
 import complexity  # noqa: E402
 from complexity import complexity_kernels  # noqa: E402
-from complexity.complexity_kernels import DECODE_MAX_ROWS  # noqa: E402
 from complexity.inference import Engine, SamplingParams  # noqa: E402
 from complexity.inference.cache import SlotKVCache, attention_mask_decode  # noqa: E402
+from complexity.inference.engine import COMPILED_DECODE_MAX_ROWS  # noqa: E402
 
 
 def sync(device):
@@ -115,7 +115,10 @@ def cuda_graph(fn, *args):
     return graph
 
 
-def time_steps(run_step, n: int, device, rounds: int = 3) -> float:
+STEP_ROUNDS = 3  # timed runs of a step comparison (the best is kept)
+
+
+def time_steps(run_step, n: int, device, rounds: int = STEP_ROUNDS) -> float:
     """Seconds per call of run_step(), the best of `rounds` runs of n back-to-back calls."""
     best = math.inf
     for _ in range(rounds):
@@ -267,9 +270,9 @@ class EngineWorker(Worker):
 
 class StepsWorker(Worker):
     """One decode step of our model at each batch: the engine's decode forward (slot cache rows
-    0..B-1, the decode mask over the whole cache) plus the greedy pick, compiled for batch 1, for
-    a dynamic batch of 2-16 (the decode kernels' rows) and for a dynamic batch past 16, and
-    captured as one CUDA graph per batch."""
+    0..B-1, the decode mask over the whole cache) plus the greedy pick, compiled as the engine
+    compiles it (for batch 1 and a dynamic batch of 2 to COMPILED_DECODE_MAX_ROWS; the decode
+    kernels' rows), eager past that, and captured as one CUDA graph per batch."""
 
     decode_kernels = True
 
@@ -291,21 +294,18 @@ class StepsWorker(Worker):
         # the engine's decode mask takes the attended length as an int or (newer) as arange(kv_len)
         takes_range = "kv_range" in inspect.signature(attention_mask_decode).parameters
         self.kv_extent = torch.arange(self.max_len, device=self.device) if takes_range else self.max_len
-        step = self.step
-        if self.compile:
-            step = torch.compile(step, fullgraph=True)
+        compiled = torch.compile(self.step, fullgraph=True) if self.compile else None
         self.runs = {}
         t = time.perf_counter()
         with torch.inference_mode():
             for b in self.batches:
                 tokens = self.prompts(b, 1).to(self.device)
                 pos = torch.full((b,), self.s["prompt_len"], device=self.device)
-                if self.compile and b > 1:  # a declared range: the kernels' choice needs no guard
-                    low, high = (
-                        (2, DECODE_MAX_ROWS) if b <= DECODE_MAX_ROWS else (DECODE_MAX_ROWS + 1, max(self.batches))
-                    )
-                    for t in (tokens, pos):
-                        torch._dynamo.mark_dynamic(t, 0, min=low, max=max(high, low + 1))
+                # as the engine: compiled up to COMPILED_DECODE_MAX_ROWS rows, eager above
+                step = compiled if compiled is not None and b <= COMPILED_DECODE_MAX_ROWS else self.step
+                if step is compiled and b > 1:  # a declared range: the kernels' choice needs no guard
+                    for x in (tokens, pos):
+                        torch._dynamo.mark_dynamic(x, 0, min=2, max=COMPILED_DECODE_MAX_ROWS)
                 graph = cuda_graph(step, tokens, pos) if self.graphs else None
                 self.runs[b] = (graph, step, tokens, pos)
         return {"steps_setup_s": time.perf_counter() - t}
@@ -861,6 +861,13 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--models: unknown preset {', '.join(unknown)}")
     args.batches = sorted({int(b) for b in args.batches.split(",") if b})
+    steps_end = args.prompt_len + STEP_ROUNDS * args.step_count  # the timed steps advance one position each
+    if steps_end >= seq_capacity(args.prompt_len, args.decode_tokens):
+        raise SystemExit(
+            f"--step-count: {STEP_ROUNDS} x {args.step_count} steps after a {args.prompt_len}-token prompt pass "
+            f"the decode cache ({seq_capacity(args.prompt_len, args.decode_tokens)} positions, from --prompt-len "
+            "and --decode-tokens): lower it or raise --decode-tokens"
+        )
     args.prefill_shapes = parse_shapes(args.prefill_shapes)
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     unknown = parts - {"decode", "prefill", "serving", "check"}

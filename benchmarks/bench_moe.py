@@ -268,7 +268,8 @@ def print_table(rows: list[dict]) -> None:
     ]
     print(
         f"\n{'shape (H-E-k-W-S)':<24}{'tokens':>6} {'pass':<8}"
-        + "".join(f"{n.replace('_swiglu', '') + ' ' + m:>22}" for n, m in cols)
+        # the reference dense SwiGLU apart from the routed MLP's own "dense" strategy
+        + "".join(f"{('ref SwiGLU' if n == 'dense_swiglu' else 'moe ' + n) + ' ' + m:>22}" for n, m in cols)
         + "  auto"
     )
     for row in rows:

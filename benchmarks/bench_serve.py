@@ -81,13 +81,15 @@ def prompts_for(args) -> list[list[int]]:
 # ----------------------------------------------------------------------------- Engine direct
 
 
-def engine_direct(ckpt: str, args, prompts) -> dict:
+def engine_direct(ckpt: str, args, prompts, **engine_kwargs) -> dict:
+    """The Engine in this process (its defaults, updated by engine_kwargs) on the same workload
+    as the server: generated tokens/s, startup, what it chose."""
     import torch
 
     from complexity.inference import Engine, SamplingParams
 
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(ckpt, device=args.device)
+    engine = Engine.from_pretrained(ckpt, device=args.device, **engine_kwargs)
     startup = time.perf_counter() - t0
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     engine.generate(prompts[:4], params)  # warm-up
@@ -367,6 +369,11 @@ def main(argv=None) -> int:
     p.add_argument("--server-args", default="", help="extra flags for `complexity serve` (default: none)")
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--skip-engine", action="store_true", help="no Engine-direct figure")
+    p.add_argument(
+        "--compare-uncompiled",
+        action="store_true",
+        help="also the Engine with compile=False (CUDA graphs of the eager step): what compile brings",
+    )
     p.add_argument("--out", required=True, help="folder for the JSON results and server logs")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -398,6 +405,15 @@ def main(argv=None) -> int:
             print(f"[{preset}] engine direct", flush=True)
             res["engine_direct"] = engine_direct(ckpt, args, prompts)
             print(f"  engine: {res['engine_direct']['generated_tokens_per_s']:.0f} tok/s", flush=True)
+            if args.compare_uncompiled:
+                res["engine_uncompiled"] = engine_direct(ckpt, args, prompts, compile=False)
+                res["compiled_over_uncompiled"] = (
+                    res["engine_direct"]["generated_tokens_per_s"] / res["engine_uncompiled"]["generated_tokens_per_s"]
+                )
+                print(
+                    f"  engine, compile=False: {res['engine_uncompiled']['generated_tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
         print(f"[{preset}] complexity serve", flush=True)
         res["http"] = serve_and_drive(ckpt, args, prompts, os.path.join(args.out, f"server-{preset}.log"))
         if "engine_direct" in res:

@@ -36,6 +36,7 @@ def test_bench_serve_cpu_answers_everything(tmp_path):
             "1",
             "--server-args",
             "--threads 1",
+            "--compare-uncompiled",
             "--out",
             str(out),
         ],
@@ -53,7 +54,8 @@ def test_bench_serve_cpu_answers_everything(tmp_path):
         assert http[part]["errors"] == 0 and http[part]["five_xx"] == 0
         assert http[part]["generated_tokens"] == n * 4
     assert http["streams"]["ttft_p50_s"] is not None
-    assert res["engine_direct"]["generated_tokens"] == 6 * 4
+    assert res["engine_direct"]["generated_tokens"] == res["engine_uncompiled"]["generated_tokens"] == 6 * 4
+    assert res["compiled_over_uncompiled"] > 0
     assert http["tracebacks"] == 0 and http["recompile_warnings"] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["versions"]["torch"] and summary["results"]["tiny"]["http_over_engine"] > 0

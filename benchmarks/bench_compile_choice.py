@@ -1,0 +1,115 @@
+"""The Engine's decode with and without torch.compile, side by side at each batch size: the
+measurement behind `COMPILED_DECODE_MAX_ROWS` (the engine compiles its decode step for batches up
+to that many rows and replays the eager step above).
+
+    python benchmarks/bench_compile_choice.py --out results/compile_choice.json           # GPU
+    python benchmarks/bench_compile_choice.py --device cpu --presets tiny --batches 1,4 \\
+        --vocab 512 --prompt-len 8 --new-tokens 8 --out /tmp/compile_choice.json            # CPU smoke
+
+For each preset (random weights, bf16 on CUDA) and batch B, an Engine with max_batch=B is built
+with compile=False and with compile forced over every bucket (the batch range patched to B), B
+prompts decode `--new-tokens` greedy tokens each, and tokens/s counts the decode steps only:
+(tokens generated after the first, per request) / (time from the last first token to the end).
+CUDA graphs are on as the engine's defaults have them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import complexity  # noqa: E402
+from complexity.inference import Engine, SamplingParams  # noqa: E402
+from complexity.inference import engine as engine_module  # noqa: E402
+
+
+def decode_tokens_per_s(engine: Engine, prompts: list[list[int]], params: SamplingParams, repeats: int) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        done = engine.generate(prompts, params)
+        first = max(d.time_to_first_token for d in done)  # every request decoding from here on
+        end = max(d.latency for d in done)
+        best = max(best, sum(len(d.token_ids) - 1 for d in done) / max(end - first, 1e-9))
+    return best
+
+
+def measure(preset: str, batch: int, compile_: bool, args) -> dict:
+    cfg = complexity.ComplexityConfig.from_preset(preset, vocab_size=args.vocab, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = complexity.ComplexityForCausalLM(cfg).to(device, dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(4, args.vocab, (batch, args.prompt_len), generator=gen).tolist()
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    torch._dynamo.reset()
+    saved = engine_module.COMPILED_DECODE_MAX_ROWS
+    engine_module.COMPILED_DECODE_MAX_ROWS = max(batch, saved)  # compiled at every bucket of this engine
+    try:
+        t = time.perf_counter()
+        engine = Engine(
+            model,
+            None,
+            max_batch=batch,
+            max_seq_len=args.prompt_len + args.new_tokens + 1,
+            compile=args.backend if compile_ else False,
+        )
+        engine.generate(prompts, params)  # warm-up
+        setup = time.perf_counter() - t
+        tokens_per_s = decode_tokens_per_s(engine, prompts, params, args.repeats)
+    finally:
+        engine_module.COMPILED_DECODE_MAX_ROWS = saved
+    return {"tokens_per_s": tokens_per_s, "setup_s": setup, "compiled": engine.compile, "engine": engine.describe()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="base,pacific-prime")
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled side")
+    p.add_argument("--out", required=True, help="JSON results path")
+    args = p.parse_args(argv)
+    import transformers
+
+    results = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args),
+        "rows": [],
+    }
+    print(f"{'preset':<16}{'batch':>6}{'eager tok/s':>14}{'compiled tok/s':>16}{'compiled/eager':>16}")
+    for preset in args.presets.split(","):
+        for batch in sorted({int(b) for b in args.batches.split(",")}):
+            eager, compiled = (measure(preset, batch, c, args) for c in (False, True))
+            ratio = compiled["tokens_per_s"] / eager["tokens_per_s"]
+            results["rows"].append(
+                {"preset": preset, "batch": batch, "eager": eager, "compiled": compiled, "compiled_over_eager": ratio}
+            )
+            print(
+                f"{preset:<16}{batch:>6}{eager['tokens_per_s']:>14,.0f}{compiled['tokens_per_s']:>16,.0f}{ratio:>16.2f}",
+                flush=True,
+            )
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:  # after every row: a run cut short keeps what it measured
+                json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Small CPU runs of benchmarks/bench_inference.py (decode + prefill, every worker: the engine,
+the dense reference, our decode step with and without the decode kernels): every worker reports
+figures, none an error, and bad step settings are refused before anything runs; and of
+benchmarks/bench_compile_choice.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "bench_inference.py")
+SMALL = ["--device", "cpu", "--models", "tiny", "--vocab", "512", "--prompt-len", "16", "--decode-tokens", "16"]
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, BENCH, *SMALL, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_every_worker_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("--step-count", "8", "--batches", "1,2,20", "--prefill-shapes", "1x32", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tiny = json.loads(out.read_text())["decode_prefill"]["tiny"]
+    assert not [k for k, v in tiny.items() if isinstance(v, dict) and "error" in v], tiny
+    assert tiny["engine"]["engine"]["tokens_per_s"] > 0 and tiny["reference"]["decode"]["tokens_per_s"] > 0
+    for kind in ("steps", "steps_off"):
+        assert set(tiny[kind]["steps"]) == {"1", "2", "20"}, tiny[kind]
+    assert set(tiny["reference"]["steps"]) == {"1", "2", "20"}
+    assert tiny["engine"]["prefill"]["1x32"]["tokens_per_s"] > 0
+    # the reference reads the same bytes per token as the model (within its MLP width's rounding)
+    assert abs(tiny["reference_bytes_per_token"] / tiny["bytes_per_token"] - 1) < 0.01
+
+
+def test_steps_past_the_cache_are_refused(tmp_path):
+    proc = _run("--out", str(tmp_path / "bench.json"))  # 3 x 64 steps after 16 tokens, a 64-position cache
+    assert proc.returncode != 0 and "--step-count" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_compile_choice_measures_both_sides(tmp_path):
+    """benchmarks/bench_compile_choice.py (the measurement behind COMPILED_DECODE_MAX_ROWS): both
+    sides at each batch, the compiled one compiled (here with the aot_eager backend, for time)."""
+    out = tmp_path / "choice.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench_compile_choice.py"),
+            *["--device", "cpu", "--presets", "tiny", "--batches", "1,4", "--vocab", "512"],
+            *["--prompt-len", "8", "--new-tokens", "6", "--repeats", "1", "--backend", "aot_eager", "--out", str(out)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["compiled"]["compiled"], r["eager"]["compiled"]) for r in rows] == [
+        (1, True, False),
+        (4, True, False),
+    ]
+    assert all(r["eager"]["tokens_per_s"] > 0 and r["compiled_over_eager"] > 0 for r in rows)
