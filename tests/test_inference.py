@@ -627,7 +627,9 @@ def test_only_small_batches_take_the_compiled_decode_step(ckpt_dir, monkeypatch)
     engine = Engine.from_pretrained(path, device="cpu", max_batch=6, compile="aot_eager")
     rows = []
     forward = engine._decode_forward
-    monkeypatch.setattr(engine, "_decode_forward", lambda tokens, *a: rows.append(tokens.shape[0]) or forward(tokens, *a))
+    monkeypatch.setattr(
+        engine, "_decode_forward", lambda tokens, *a: rows.append(tokens.shape[0]) or forward(tokens, *a)
+    )
     prompts = [[5 + i] * (3 + i) for i in range(6)]
     # the first slot's request runs longest: the decode batch (rows up to the last busy slot) shrinks
     params = [SamplingParams(max_new_tokens=19 - 3 * i, temperature=0, ignore_eos=True) for i in range(6)]
