@@ -78,8 +78,14 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
     mode.add_argument(
         "--eager", action="store_true", help="no CUDA graphs, no torch.compile (the CUDA default is both)"
     )
-    mode.add_argument("--no-compile", action="store_true", help="CUDA graphs of the eager decode step")
-    mode.add_argument("--compile", action="store_true", help="torch.compile the decode step (also on the CPU)")
+    mode.add_argument(
+        "--no-compile", action="store_true", help="CUDA graphs of the eager decode step at every batch size"
+    )
+    mode.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step for batches of up to 16 rows (the CUDA default; also on the CPU)",
+    )
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 

@@ -21,9 +21,10 @@ Mu and INL velocity flow only across layers at each position, and token routing 
 on token ids (and per-position mu), so the KV cache is the whole decoding state and batching is
 exact: a request's tokens do not depend on its neighbours.
 
-On CUDA the defaults are the fast ones: the decode step is compiled once with a dynamic batch and
-context dimension (no recompiles) and captured as one CUDA graph per (batch bucket, context
-bucket); the graphs attend over the bucket's context, not the whole slot. The number of slots
+On CUDA the defaults are the fast ones: for batches of up to COMPILED_DECODE_MAX_ROWS rows the
+decode step is compiled once with a dynamic batch and context dimension (no recompiles), larger
+batches run it eagerly, and each is captured as one CUDA graph per (batch bucket, context bucket);
+the graphs attend over the bucket's context, not the whole slot. The number of slots
 comes from free GPU memory (`gpu_memory_utilization`, as vLLM does). Prefill stays eager.
 """
 
@@ -431,7 +432,14 @@ class Engine:
                 f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})"
             )
         else:
-            parts.append("decode: " + ("compiled" if self.compile else "eager"))
+            parts.append(
+                "decode: "
+                + (
+                    f"compiled for batches up to {min(self._compiled_max_rows, self.max_batch)}"
+                    if self.compile
+                    else "eager"
+                )
+            )
         return ", ".join(parts)
 
     # ------------------------------------------------------------------ requests
@@ -720,8 +728,9 @@ class Engine:
         return self._call_decode(tokens_pos[0, :, None], tokens_pos[1], self._kv_range(kv_len))[:nrows]
 
     def _warm_up(self) -> None:
-        """Every graph shape runs once before any capture (the largest first: that call compiles):
-        kernels are selected, loaded and their workspaces allocated outside the graphs."""
+        """Every graph shape runs once before any capture (the largest compiled one first: that
+        call compiles): kernels are selected, loaded and their workspaces allocated outside the
+        graphs."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
