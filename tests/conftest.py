@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -63,6 +67,20 @@ VARIANTS = {
         logits_scaling=2.5,
     ),
 }
+
+
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/<script> with `args` in a child process on one CPU thread, from the repository
+    root; its output captured as text."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def tiny_config(**overrides) -> ComplexityConfig:

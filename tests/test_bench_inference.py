@@ -6,24 +6,14 @@ benchmarks/bench_compile_choice.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks", "bench_inference.py")
+from conftest import run_benchmark
+
 SMALL = ["--device", "cpu", "--models", "tiny", "--vocab", "512", "--prompt-len", "16", "--decode-tokens", "16"]
 
 
 def _run(*args):
-    return subprocess.run(
-        [sys.executable, BENCH, *SMALL, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return run_benchmark("bench_inference.py", *SMALL, *args)
 
 
 def test_every_worker_reports(tmp_path):
@@ -51,18 +41,10 @@ def test_bench_compile_choice_measures_both_sides(tmp_path):
     """benchmarks/bench_compile_choice.py (the measurement behind COMPILED_DECODE_MAX_ROWS): both
     sides at each batch, the compiled one compiled (here with the aot_eager backend, for time)."""
     out = tmp_path / "choice.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "bench_compile_choice.py"),
-            *["--device", "cpu", "--presets", "tiny", "--batches", "1,4", "--vocab", "512"],
-            *["--prompt-len", "8", "--new-tokens", "6", "--repeats", "1", "--backend", "aot_eager", "--out", str(out)],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = run_benchmark(
+        "bench_compile_choice.py",
+        *["--device", "cpu", "--presets", "tiny", "--batches", "1,4", "--vocab", "512"],
+        *["--prompt-len", "8", "--new-tokens", "6", "--repeats", "1", "--backend", "aot_eager", "--out", str(out)],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]

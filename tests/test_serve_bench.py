@@ -5,46 +5,35 @@ default flags, driven over HTTP by the benchmark's own clients, must answer ever
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_benchmark
 
 
 def test_bench_serve_cpu_answers_everything(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "bench_serve.py"),
-            "--device",
-            "cpu",
-            "--presets",
-            "tiny",
-            "--vocab",
-            "512",
-            "--requests",
-            "6",
-            "--streams",
-            "3",
-            "--prompt-len",
-            "8",
-            "--new-tokens",
-            "4",
-            "--workers",
-            "1",
-            "--server-args",
-            "--threads 1",
-            "--compare-uncompiled",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = run_benchmark(
+        "bench_serve.py",
+        "--device",
+        "cpu",
+        "--presets",
+        "tiny",
+        "--vocab",
+        "512",
+        "--requests",
+        "6",
+        "--streams",
+        "3",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "4",
+        "--workers",
+        "1",
+        "--server-args",
+        "--threads 1",
+        "--compare-uncompiled",
+        "--out",
+        str(out),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "bench_serve_tiny.json").read_text())
