@@ -276,51 +276,19 @@ class Engine:
             compile=compile,
             seed=seed,
         )
-        self.model = model.eval()
-        if attn_implementation is not None and getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
-            # the engine passes its own 4D float masks: only eager / sdpa take them
-            model.set_attn_implementation(attn_implementation)
-        # Token ids are checked once, by `check_request`; the model's own check would sync every
-        # step (and break CUDA graph capture).
-        self.model.model.validate_token_ids = False
-        self.tokenizer = tokenizer
-        self.config = config
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self._adopt_model(model, tokenizer, attn_implementation)
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs) and on_cuda
         self.compile = on_cuda if compile is None else bool(compile)
         self._compile_backend = compile if isinstance(compile, str) else "inductor"
         self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
-        self.vocab_size = config.vocab_size
-        self.sliding_window = config.sliding_window
-        eos = config.eos_token_id
-        self.eos_token_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(tokenizer.eos_token_id)
-        self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.memory_plan = None
         self._min_cache_rows = 3 if self.compile else 1  # see _compiled_max_rows
         if max_batch is None:
             max_batch = self._slots_from_memory(gpu_memory_utilization) if on_cuda else CPU_SLOTS
         self.max_batch = max_batch
-        # a compiled decode step never sees batch 1 (dynamo specializes a dimension of size 1, which
-        # would compile it a second time): batch 1 runs as 2 rows. Its batch is declared dynamic over
-        # [2, _compiled_max_rows], at least two sizes (one would be specialized: a violated
-        # mark_dynamic, the step decoding eagerly), and the cache holds that many rows at least
-        self._smallest_bucket = 2 if self.compile else 1
-        self._compiled_max_rows = max(min(COMPILED_DECODE_MAX_ROWS, max_batch), self._min_cache_rows)
-        rows = max(max_batch, self._min_cache_rows)
-        self.cache = SlotKVCache(
-            config.num_hidden_layers,
-            rows,
-            config.num_key_value_heads,
-            max_seq_len,
-            config.head_dim,
-            self.dtype,
-            self.device,
-        )
+        self._allocate_cache()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.free_slots: list[int] = list(range(max_batch))
@@ -328,14 +296,9 @@ class Engine:
         self.running: dict[int, Request] = {}
         self.requests: dict[str, Request] = {}
         self._outbox: list[StepOutput] = []  # outputs made between steps (aborts)
-        self.stats = {
-            "prompt_tokens": 0,
-            "generated_tokens": 0,
-            "prefill_steps": 0,
-            "decode_steps": 0,
-            "finished": 0,
-            "aborted": 0,
-        }
+        self.stats = dict.fromkeys(
+            ("prompt_tokens", "generated_tokens", "prefill_steps", "decode_steps", "finished", "aborted"), 0
+        )
         self._kv_ranges: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._decode_impl = self._decode_forward
@@ -348,6 +311,49 @@ class Engine:
         logger.info("engine: %s", self.describe())
 
     # ------------------------------------------------------------------ construction
+
+    def _adopt_model(self, model, tokenizer, attn_implementation: str | None) -> None:
+        """The model in inference mode with an attention that takes the engine's 4D float masks,
+        and what the engine reads from it and the tokenizer (device, dtype, EOS and pad ids)."""
+        config = model.config
+        self.model = model.eval()
+        if attn_implementation is not None and getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+            model.set_attn_implementation(attn_implementation)  # only eager / sdpa take the engine's masks
+        # Token ids are checked once, by `check_request`; the model's own check would sync every
+        # step (and break CUDA graph capture).
+        self.model.model.validate_token_ids = False
+        self.tokenizer = tokenizer
+        self.config = config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = config.vocab_size
+        self.sliding_window = config.sliding_window
+        eos = config.eos_token_id
+        self.eos_token_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+
+    def _allocate_cache(self) -> None:
+        """The slot KV cache for max_batch slots of max_seq_len tokens, and the compiled decode
+        step's batch range.
+
+        A compiled decode step never sees batch 1 (dynamo specializes a dimension of size 1, which
+        would compile it a second time): batch 1 runs as 2 rows. Its batch is declared dynamic over
+        [2, _compiled_max_rows], at least two sizes (one would be specialized: a violated
+        mark_dynamic, the step decoding eagerly), and the cache holds that many rows at least."""
+        self._smallest_bucket = 2 if self.compile else 1
+        self._compiled_max_rows = max(min(COMPILED_DECODE_MAX_ROWS, self.max_batch), self._min_cache_rows)
+        c = self.config
+        self.cache = SlotKVCache(
+            c.num_hidden_layers,
+            max(self.max_batch, self._min_cache_rows),
+            c.num_key_value_heads,
+            self.max_seq_len,
+            c.head_dim,
+            self.dtype,
+            self.device,
+        )
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, tokenizer=True, **kwargs) -> Engine:
