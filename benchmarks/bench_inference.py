@@ -228,6 +228,9 @@ class EngineWorker(Worker):
                 do_sample=False,
                 cache_implementation="static",
                 eos_token_id=None,
+                # eager, as reported: on CUDA a static cache makes generate() compile the forward
+                # itself (minutes for the larger presets, and the figure would be a compiled one)
+                disable_compile=True,
             )
             sync(self.device)
             return time.perf_counter() - t
