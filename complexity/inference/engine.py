@@ -427,9 +427,10 @@ class Engine:
                 f"sized from memory: {m['kv_budget_gib']:.1f} GiB KV budget at gpu_memory_utilization "
                 f"{m['utilization']:.2f} of {m['total_gib']:.0f} GiB, capped at {MAX_AUTO_SLOTS} slots"
             )
+        compiled_rows = min(self._compiled_max_rows, self.max_batch)
         if self.use_graphs:
             compiled = (
-                f", compiled once for batches up to {min(self._compiled_max_rows, self.max_batch)}"
+                f", compiled once for batches up to {compiled_rows}"
                 if self.compile
                 else (", compile failed: eager kernels" if "compile_error" in self.startup else "")
             )
@@ -438,14 +439,7 @@ class Engine:
                 f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})"
             )
         else:
-            parts.append(
-                "decode: "
-                + (
-                    f"compiled for batches up to {min(self._compiled_max_rows, self.max_batch)}"
-                    if self.compile
-                    else "eager"
-                )
-            )
+            parts.append("decode: " + (f"compiled for batches up to {compiled_rows}" if self.compile else "eager"))
         return ", ".join(parts)
 
     # ------------------------------------------------------------------ requests
