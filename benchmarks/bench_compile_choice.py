@@ -28,6 +28,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import complexity  # noqa: E402
 from complexity.inference import Engine, SamplingParams  # noqa: E402
 from complexity.inference import engine as engine_module  # noqa: E402
+from complexity.inference.args import positive_int  # noqa: E402
+
+
+def batch_list(text: str) -> list[int]:
+    """argparse type of --batches: a comma list of positive integers, sorted, each once."""
+    return sorted({positive_int(b) for b in text.split(",") if b.strip()} or {positive_int(text)})
+
+
+def preset_list(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in complexity.PRESETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown preset {', '.join(unknown) or repr(text)} (choose from {', '.join(complexity.PRESETS)})"
+        )
+    return names
 
 
 def decode_tokens_per_s(engine: Engine, prompts: list[list[int]], params: SamplingParams, repeats: int) -> float:
@@ -73,12 +89,12 @@ def measure(preset: str, batch: int, compile_: bool, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="base,pacific-prime")
-    p.add_argument("--batches", default="1,16,64,256")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--presets", type=preset_list, default="base,pacific-prime")
+    p.add_argument("--batches", type=batch_list, default="1,16,64,256")
+    p.add_argument("--vocab", type=positive_int, default=32000)
+    p.add_argument("--prompt-len", type=positive_int, default=128)
+    p.add_argument("--new-tokens", type=positive_int, default=256)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled side")
     p.add_argument("--out", required=True, help="JSON results path")
@@ -94,8 +110,8 @@ def main(argv=None) -> int:
         "rows": [],
     }
     print(f"{'preset':<16}{'batch':>6}{'eager tok/s':>14}{'compiled tok/s':>16}{'compiled/eager':>16}")
-    for preset in args.presets.split(","):
-        for batch in sorted({int(b) for b in args.batches.split(",")}):
+    for preset in args.presets:
+        for batch in args.batches:
             eager, compiled = (measure(preset, batch, c, args) for c in (False, True))
             ratio = compiled["tokens_per_s"] / eager["tokens_per_s"]
             results["rows"].append(

@@ -53,3 +53,11 @@ def test_bench_compile_choice_measures_both_sides(tmp_path):
         (4, True, False),
     ]
     assert all(r["eager"]["tokens_per_s"] > 0 and r["compiled_over_eager"] > 0 for r in rows)
+
+
+def test_bench_compile_choice_refuses_bad_arguments(tmp_path):
+    out = tmp_path / "choice.json"
+    for flag, value in (("--batches", "1,0"), ("--presets", "tiny,nope"), ("--repeats", "x")):
+        proc = run_benchmark("bench_compile_choice.py", "--device", "cpu", flag, value, "--out", str(out))
+        assert proc.returncode == 2 and f"argument {flag}" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
