@@ -16,7 +16,8 @@ from complexity.cli import COMMAND_MODULES
 # The installed console script (pip writes it next to the interpreter of the environment).
 SCRIPT = Path(sys.executable).parent / "complexity"
 COMMANDS = [name.rsplit(".", 1)[1] for name in COMMAND_MODULES]
-HEAVY = ("torch", "transformers")
+# What no --help may import: each costs a fraction of a second to seconds before the usage shows.
+HEAVY = ("torch", "transformers", "numpy")
 
 
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

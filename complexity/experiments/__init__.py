@@ -11,7 +11,24 @@ run_files (what an ablation folder holds and how it is read), spike (the fault a
 metrics), report (tables and figures), lm_eval_bridge (`run_lm_eval`).
 """
 
-from .ablation import AblationResult, run_ablation
-from .arms import ARMS, DEFAULT_ARMS, ArmPlan, plan_arms
+import importlib
 
-__all__ = ["ARMS", "DEFAULT_ARMS", "AblationResult", "ArmPlan", "plan_arms", "run_ablation"]
+# Imported on first use (PEP 562), so `complexity ablate --help`, which reads only the arms, does
+# not load the runner and the data pipeline (numpy) behind it.
+_EXPORTS = {
+    "AblationResult": "ablation",
+    "run_ablation": "ablation",
+    "ARMS": "arms",
+    "DEFAULT_ARMS": "arms",
+    "ArmPlan": "arms",
+    "plan_arms": "arms",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+__all__ = list(_EXPORTS)
