@@ -8,8 +8,13 @@ Shapes are (H, E, k, W, S): hidden, experts, routes per token, expert width, sha
 each shape, at the training size (16,384 tokens) and decode sizes (1 and 32 tokens), every
 strategy is first checked against an fp32 per-expert reference, then timed forward + backward and
 forward only, eager and compiled (fullgraph), with `triton.testing.do_bench` medians (CUDA-event
-medians without triton; wall-clock medians on the CPU). Routes come from a real balanced-hash table
-over a 32,000-token vocabulary. Prints a table and writes `bench_moe.json` into --out.
+medians without triton; wall-clock medians on the CPU). "rows" (the decode kernels) is timed
+forward only, at the sizes they take (at most 16 tokens), whether or not they are switched on
+(COMPLEXITY_DECODE_KERNELS); "auto" says what the model picks for each pass as configured. On
+the GPU the decode sizes' forward is also timed captured in a CUDA graph and replayed, as the
+engine runs a decode step: a plain call at these sizes mostly times the host's launches. Routes
+come from a real balanced-hash table over a 32,000-token vocabulary. Prints the tables and writes
+`bench_moe.json` into --out.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from complexity.complexity_kernels import grouped_mm_supported  # noqa: E402
+from complexity.complexity_kernels import decode_kernels_serve, decode_rows, grouped_mm_supported  # noqa: E402
 from complexity.hash_routing import (  # noqa: E402
     build_route_table,
     hash_routed_mlp,
@@ -38,6 +43,7 @@ from complexity.hash_routing import (  # noqa: E402
 )
 
 VOCAB = 32000
+GRAPH_MAX_TOKENS = 32  # decode sizes: their forward is also timed as a CUDA graph replay
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,19 @@ def reference(inputs: dict) -> torch.Tensor:
 
 
 def strategies_for(x: torch.Tensor, shape: Shape) -> list[str]:
+    """The strategies that can run x's forward: "rows" where the decode kernels serve it."""
     grouped = grouped_mm_supported(x.device, x.dtype, shape.hidden, 2 * shape.width, shape.width)
-    return ["dense", "grouped"] if grouped else ["dense"]
+    with torch.no_grad():
+        rows = decode_kernels_serve(x, slots=shape.top_k)
+    return ["dense"] + ["grouped"] * grouped + ["rows"] * rows
 
 
-def auto_strategy(x: torch.Tensor, shape: Shape) -> str:
+def auto_strategy(x: torch.Tensor, shape: Shape, which: str) -> str:
+    """What "auto" runs for x in pass `which` ("fwd": inference, "fwd_bwd") as the process is
+    configured."""
+    with torch.no_grad():
+        if which == "fwd" and decode_rows(x, slots=shape.top_k):
+            return "rows"
     grouped = grouped_mm_supported(x.device, x.dtype, shape.hidden, 2 * shape.width, shape.width)
     return pick_strategy(shape.experts, shape.top_k, shape.width, shape.shared, grouped)
 
@@ -221,6 +235,28 @@ def step(fn, inputs: dict, backward: bool):
     return fwd_bwd
 
 
+def graph_replay(fn):
+    """fn captured in a CUDA graph (warmed up, and compiled where it compiles, on a side stream
+    first, as capture requires) -> the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def reference_key(key: str, compile_: bool) -> str:
+    """The dense SwiGLU's time a time is compared with: compiled (eager when nothing compiled),
+    replayed as a graph when the time is a graph's, same pass."""
+    _, mode, which = key.split("/")
+    return f"dense_swiglu/{'compiled' if compile_ else 'eager'}{'+graph' if mode.endswith('+graph') else ''}/{which}"
+
+
 def bench_shape(shape: Shape, tokens: int, device: str, dtype, compile_: bool, passes: list[str], measure) -> dict:
     # Compiled afresh for each shape: the variants share code objects (run_moe, the lambda), whose
     # compiled entries would otherwise pile up across shapes to dynamo's recompile limit, which
@@ -232,58 +268,64 @@ def bench_shape(shape: Shape, tokens: int, device: str, dtype, compile_: bool, p
     variants = {"dense_swiglu": (run_dense, dense)}
     for strategy in strategies:
         variants[strategy] = ((lambda s: lambda i: run_moe(i, s))(strategy), inputs)
-    auto = auto_strategy(inputs["x"], shape)
+    auto = {which: auto_strategy(inputs["x"], shape, which) for which in passes}
     row = {"shape": asdict(shape), "tokens": tokens, "auto": auto, "ms": {}}
 
     def compiled_for(name: str, which: str) -> bool:
         # Compiling is what takes the time: every variant forward + backward at the training size
-        # (the comparison behind `pick_strategy`), otherwise the dense reference and auto's pick.
-        return compile_ and (name in ("dense_swiglu", auto) or (which == "fwd_bwd" and tokens >= 1024))
+        # (the comparison behind `pick_strategy`), otherwise the dense reference, auto's pick and
+        # the decode kernels.
+        return compile_ and (name in ("dense_swiglu", auto[which], "rows") or (which == "fwd_bwd" and tokens >= 1024))
 
+    graphs = device == "cuda" and tokens <= GRAPH_MAX_TOKENS
     for name, (fn, args) in variants.items():
         compiled = torch.compile(fn, fullgraph=True, dynamic=False) if compile_ else None
-        for which in passes:
-            row["ms"][f"{name}/eager/{which}"] = measure(step(fn, args, backward=which == "fwd_bwd"))
-            if compiled_for(name, which):
-                row["ms"][f"{name}/compiled/{which}"] = measure(step(compiled, args, backward=which == "fwd_bwd"))
-    base = row["ms"]
+        for which in passes if name != "rows" else ["fwd"]:  # (the kernels have no backward)
+            modes = {"eager": fn, "compiled": compiled} if compiled_for(name, which) else {"eager": fn}
+            for mode, call in modes.items():
+                timed = step(call, args, backward=which == "fwd_bwd")
+                row["ms"][f"{name}/{mode}/{which}"] = measure(timed)
+                if graphs and which == "fwd":
+                    row["ms"][f"{name}/{mode}+graph/{which}"] = measure(graph_replay(timed))
     row["ratio_to_dense"] = {  # against the compiled dense MLP (the eager one without compilation)
-        key: value / base[f"dense_swiglu/{'compiled' if compile_ else 'eager'}/{key.rsplit('/', 1)[1]}"]
-        for key, value in base.items()
+        key: value / row["ms"][reference_key(key, compile_)]
+        for key, value in row["ms"].items()
         if not key.startswith("dense_swiglu")
     }
     return row
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], graph: bool = False) -> None:
     """One line per (shape, tokens, pass): the dense MLP, then each strategy eager and compiled,
-    as ms and as a ratio to the compiled dense MLP (to the eager one when nothing was compiled)."""
+    as ms and as a ratio to the compiled dense MLP (to the eager one when nothing was compiled).
+    `graph`: the decode sizes' CUDA graph replays instead."""
+    suffix = "+graph" if graph else ""
+    width = 28 if graph else 22  # a column's characters
     cols = [
-        ("dense_swiglu", "eager"),
-        ("dense_swiglu", "compiled"),
-        ("dense", "eager"),
-        ("dense", "compiled"),
-        ("grouped", "eager"),
-        ("grouped", "compiled"),
+        (name, mode + suffix) for name in ("dense_swiglu", "dense", "grouped", "rows") for mode in ("eager", "compiled")
     ]
+    if graph:
+        print("\nthe forward at decode sizes, captured in a CUDA graph and replayed (as the engine runs it):")
     print(
         f"\n{'shape (H-E-k-W-S)':<24}{'tokens':>6} {'pass':<8}"
         # the reference dense SwiGLU apart from the routed MLP's own "dense" strategy
-        + "".join(f"{('ref SwiGLU' if n == 'dense_swiglu' else 'moe ' + n) + ' ' + m:>22}" for n, m in cols)
+        + "".join(f"{('ref SwiGLU' if n == 'dense_swiglu' else 'moe ' + n) + ' ' + m:>{width}}" for n, m in cols)
         + "  auto"
     )
     for row in rows:
         ms = row["ms"]
-        for which in ("fwd_bwd", "fwd"):
-            ref = ms.get(f"dense_swiglu/compiled/{which}") or ms.get(f"dense_swiglu/eager/{which}")
+        for which in ("fwd",) if graph else ("fwd_bwd", "fwd"):
+            ref = ms.get(f"dense_swiglu/compiled{suffix}/{which}") or ms.get(f"dense_swiglu/eager{suffix}/{which}")
+            if ref is None:
+                continue
             cells = []
             for name, mode in cols:
                 v = ms.get(f"{name}/{mode}/{which}")
                 cells.append("-" if v is None else f"{v:.3f} ({v / ref:.2f}x)")
             print(
                 f"{Shape(**row['shape']).name:<24}{row['tokens']:>6} {which:<8}"
-                + "".join(f"{c:>22}" for c in cells)
-                + f"  {row['auto']}"
+                + "".join(f"{c:>{width}}" for c in cells)
+                + f"  {row['auto'][which]}"
             )
 
 
@@ -333,6 +375,8 @@ def main(argv=None) -> dict:
                 results["rows"].append(bench_shape(shape, n, args.device, torch.bfloat16, compile_, passes, measure))
                 print(f"  timed {shape.name} at {n} tokens ({time.perf_counter() - t0:.0f} s so far)", flush=True)
         print_table(results["rows"])
+        if any("+graph/" in key for row in results["rows"] for key in row["ms"]):
+            print_table(results["rows"], graph=True)
     results["wall_s"] = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_moe.json"), "w") as f:

@@ -266,7 +266,7 @@ def experts_swiglu(
     once the batch is large enough (`fuse_shared_expert`) and run as its own pass before that.
     """
     if decode_rows(x) and gate_up.dtype == x.dtype:
-        return rows_swiglu(x, expert_idx, gate_up, down, shared)
+        return rows_swiglu(x, expert_idx, gate_up, down, swiglu_weights(shared))
     if dispatch is None:
         dispatch = dispatch_by_expert(expert_idx, gate_up.shape[0])
     if shared is not None and fuse_shared_expert(x.shape[0], gate_up.shape[0], shared.down_proj.in_features):
@@ -325,10 +325,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # The most rows a decode kernel takes (every program holds all of them); beyond it the generic
 # paths are as good.
 DECODE_MAX_ROWS = 16
-# The decode kernels (and `decode_attention`) are off unless COMPLEXITY_DECODE_KERNELS=1 (or this
-# flag is set): they are exact on the CPU (triton's interpreter) and compile for sm80/sm90, but
-# have not yet been timed on a GPU, and a default must be measured to be the fast choice.
-# Benchmarks and the GPU suite switch them on and off to measure what they bring.
+# The most routes per row the expert kernels take (top-k hash routing; more take the generic
+# paths): the kernels' own limit where they are imported below, none without them.
+DECODE_MAX_SLOTS = 0
+# The decode kernels are off unless COMPLEXITY_DECODE_KERNELS=1 (or this flag is set): they are
+# exact on the CPU (triton's interpreter) and on an H100, and took a quarter off base's batch-1
+# step there, but a default must be measured to be the fast choice at every batch it serves (8,
+# 32, 128 rows not yet). Benchmarks and the GPU suite switch them on and off to measure them.
 DECODE_KERNELS = os.environ.get("COMPLEXITY_DECODE_KERNELS", "0") == "1"
 _DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -338,11 +341,12 @@ _DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DECODE_DEVICES: tuple[str, ...] = ()
 if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
     try:
-        from .complexity_triton import down_rows, linear_rows, swiglu_rows
+        from .complexity_triton import MAX_SLOTS, down_rows, linear_rows, swiglu_rows
     except ImportError:
         pass
     else:
         _DECODE_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+        DECODE_MAX_SLOTS = MAX_SLOTS
 
 
 def _few_rows(rows) -> bool:
@@ -353,13 +357,20 @@ def _few_rows(rows) -> bool:
     return statically_known_true(rows >= 1) and statically_known_true(rows <= DECODE_MAX_ROWS)
 
 
-def decode_rows(x: torch.Tensor) -> bool:
-    """Whether a call over x [..., features] runs the decode kernels: at most `DECODE_MAX_ROWS`
-    rows (`_few_rows`), on a device the kernels serve, without autograd or autocast (whose casts
-    and gradients the kernels do not do)."""
+def decode_rows(x: torch.Tensor, slots: int = 0) -> bool:
+    """Whether a call over x [..., features] (routed to `slots` experts per row) runs the decode
+    kernels: they are switched on (`DECODE_KERNELS`) and can take it (`decode_kernels_serve`)."""
+    return DECODE_KERNELS and decode_kernels_serve(x, slots)
+
+
+def decode_kernels_serve(x: torch.Tensor, slots: int = 0) -> bool:
+    """Whether the decode kernels can take a call over x [..., features] with `slots` routed
+    experts per row, switched on or not: at most `DECODE_MAX_ROWS` rows (`_few_rows`) and
+    `DECODE_MAX_SLOTS` slots, on a device the kernels serve, without autograd or autocast (whose
+    casts and gradients the kernels do not do)."""
     return (
-        DECODE_KERNELS
-        and x.device.type in _DECODE_DEVICES
+        x.device.type in _DECODE_DEVICES
+        and slots <= DECODE_MAX_SLOTS
         and x.shape[-1] > 0
         and _few_rows(x.numel() // x.shape[-1])
         and x.dtype in _DECODE_DTYPES
@@ -411,36 +422,42 @@ def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return layer(x)
 
 
+def swiglu_weights(mlp: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A SwiGLU module's (gate, up, down) weights in nn.Linear layout ([I, H], [I, H], [H, I])."""
+    return None if mlp is None else (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+
+
 def rows_swiglu(
     x: torch.Tensor,
-    expert_idx: torch.Tensor | None,
+    routes: torch.Tensor | None,
     gate_up: torch.Tensor | None,
     down: torch.Tensor | None,
-    shared: nn.Module | None,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    slot_scales: Sequence[float] = (1.0,),
+    shared_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Decode rows: each row's expert SwiGLU (banks [E, H, 2I] and [E, I, H]; None for none)
-    plus the SwiGLU `shared` (gate_proj / up_proj / down_proj nn.Linear without biases; the
-    shared expert, or a dense MLP alone) as two kernels: gate/up with the activation, then down
-    with both experts summed in one float32 accumulator."""
+    """Decode rows: each row's routed experts, routes [...] (one per row) or [..., k] (k per row,
+    k <= DECODE_MAX_SLOTS), banks [E, H, 2I] and [E, I, H], slot j's SwiGLU times slot_scales[j];
+    plus the SwiGLU `shared` ((gate, up, down) weights in nn.Linear layout: the shared expert, or
+    a dense MLP alone) times shared_scale. Two kernels: gate/up with the activation and the
+    scales, then down with every slot and the shared expert summed in one float32 accumulator."""
     dtype, flat = x.dtype, _rows(x)
-    ids = None if expert_idx is None else expert_idx.reshape(-1).contiguous()
-    gate, up, shared_down = (
-        (None, None, None)
-        if shared is None
-        else (p.weight.to(dtype) for p in (shared.gate_proj, shared.up_proj, shared.down_proj))
-    )
-    h = swiglu_rows(flat, ids, None if gate_up is None else gate_up.to(dtype), gate, up)
-    y = down_rows(h, x.shape[-1], ids, None if down is None else down.to(dtype), shared_down)
-    return y.view(x.shape)
+    ids = None if routes is None else routes.reshape(flat.shape[0], -1).contiguous()
+    gate, up, shared_down = (None, None, None) if shared is None else (w.to(dtype) for w in shared)
+    bank_up, bank_down = (None, None) if gate_up is None else (gate_up.to(dtype), down.to(dtype))
+    h = swiglu_rows(flat, ids, bank_up, gate, up, slot_scales, shared_scale)
+    return down_rows(h, x.shape[-1], ids, bank_down, shared_down).view(x.shape)
 
 
 __all__ = [
     "DECODE_MAX_ROWS",
+    "DECODE_MAX_SLOTS",
     "ExpertDispatch",
     "FUSE_WEIGHTS_MIN_ROWS",
     "compute_dtype",
     "decode_attention",
     "decode_attention_applies",
+    "decode_kernels_serve",
     "decode_rows",
     "decode_rows_for",
     "dispatch_by_expert",
@@ -454,5 +471,6 @@ __all__ = [
     "rows_projections",
     "rows_swiglu",
     "summed_projections",
+    "swiglu_weights",
     "with_shared_expert",
 ]

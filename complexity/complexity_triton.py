@@ -7,10 +7,12 @@ serve the projections of a decode step in as few launches as the math allows:
 - `linear_rows`: up to three output segments, each x_a W_a^T (+ x_b W_b^T) (+ bias), in ONE
   launch, reading every weight in place (q/k/v plus mu's q/k/v; INL's mu projection plus its
   controller over [a, v]; a single projection).
-- `swiglu_rows` / `down_rows`: the token-routed experts without sorting, grouping or a grouped
-  GEMM: each program walks the experts its rows chose and reads only those experts' weights
-  straight from the stacked bank [E, in, out]; the SwiGLU is applied as the gate/up columns are
-  produced, and a shared expert (or, alone, a dense SwiGLU) rides along in the same launches.
+- `swiglu_rows` / `down_rows`: routed experts without sorting, grouping or a grouped GEMM, for
+  one route per row (token routing) or k (hash routing, each route a "slot" with its own fixed
+  weight): each program walks the experts its rows chose in one slot and reads only those
+  experts' weights straight from the stacked bank [E, in, out]; the SwiGLU (times the slot's
+  weight) is applied as the gate/up columns are produced, the down kernel sums the slots in one
+  accumulator, and a shared expert (or, alone, a dense SwiGLU) rides along in the same launches.
 
 Every program holds all rows (up to `BLOCK_M`, tl.dot's minimum): the weights are read once
 whatever the row count, and no program sums partial results of another (no split-K, no
@@ -36,6 +38,7 @@ except ImportError as err:
 
 BLOCK_M = 16  # rows per program: tl.dot's minimum, and the most rows these kernels serve
 BLOCK_N = 16  # output columns per program: at least a program per SM for 2,048-wide outputs
+MAX_SLOTS = 4  # routes per row the expert kernels take (their weights are scalar arguments)
 _MAX_BLOCK_K = 256
 _PRECISION = "ieee"  # float32 products stay float32 (no TF32); half-precision products are exact anyway
 
@@ -140,15 +143,15 @@ def _linear_rows_kernel(out_ptr, out_stride, rows, a_ptr, a_stride, K_A, b_ptr, 
 
 
 @triton.jit
-def _dot_experts(acc_a, acc_b, x_ptr, x_stride, ids_ptr, rows, num_experts,
+def _dot_experts(acc_a, acc_b, x_ptr, x_stride, ids_ptr, ids_stride, rows, num_experts,
                  w_ptr, w_expert_stride, w_stride, n, N, K, b_offset,
                  TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc_a += x @ W[e_row][:K, n], each row through its own expert, W stacked [E, K, out]
-    (out contiguous); with TWO also acc_b += x @ W[e_row][:K, b_offset + n]. The experts no row
-    chose are not read."""
+    """acc_a += x @ W[e_row][:K, n], each row through its own expert (ids_ptr[row * ids_stride]),
+    W stacked [E, K, out] (out contiguous); with TWO also acc_b += x @ W[e_row][:K, b_offset + n].
+    The experts no row chose are not read."""
     m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
-    ids = tl.load(ids_ptr + m, mask=m < rows, other=-1)
+    ids = tl.load(ids_ptr + m * ids_stride, mask=m < rows, other=-1)
     for e in range(num_experts):
         mine = ids == e
         if tl.reduce(mine.to(tl.int32), 0, _either) > 0:
@@ -167,63 +170,71 @@ def _dot_experts(acc_a, acc_b, x_ptr, x_stride, ids_ptr, rows, num_experts,
 
 
 @triton.jit
-def _store_swiglu(h_ptr, h_stride, col0, n, N, rows, acc_gate, acc_up, BLOCK_M: tl.constexpr):
-    """h = silu(gate) * up with the roundings of `F.silu(gate) * up` on rounded gate and up."""
+def _store_swiglu(h_ptr, h_stride, col0, n, N, rows, acc_gate, acc_up, scale, BLOCK_M: tl.constexpr):
+    """h = silu(gate) * up * scale with the roundings of `F.silu(gate) * up * scale` on rounded
+    gate and up (a scale of 1 changes nothing)."""
     m = tl.arange(0, BLOCK_M)
     dtype = h_ptr.dtype.element_ty
     gate = acc_gate.to(dtype).to(tl.float32)
     up = acc_up.to(dtype).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(h_ptr + m[:, None] * h_stride + col0 + n[None, :], (act * up).to(dtype),
+    h = (act * up).to(dtype).to(tl.float32) * scale
+    tl.store(h_ptr + m[:, None] * h_stride + col0 + n[None, :], h.to(dtype),
              mask=(m[:, None] < rows) & (n[None, :] < N))
 
 
 @triton.jit
-def _swiglu_rows_kernel(h_ptr, h_stride, x_ptr, x_stride, ids_ptr, rows, K, num_experts,
+def _swiglu_rows_kernel(h_ptr, h_stride, x_ptr, x_stride, ids_ptr, slots, rows, K, num_experts,
                         w_ptr, w_expert_stride, w_stride, I_E, sg_ptr, su_ptr, s_stride, I_S,
+                        scale0, scale1, scale2, scale3, shared_scale,
                         HAS_EXPERTS: tl.constexpr, HAS_SHARED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """h[:, :I_E] = the SwiGLU of each row's expert (bank [E, K, 2 I_E] = gate | up); h[:, I_E:] =
-    the shared expert's (gate/up in nn.Linear layout [I_S, K]). The first programs own BLOCK_N
-    expert columns each, the rest BLOCK_N shared columns."""
+    """h[:, j I_E : (j+1) I_E] = scale_j * the SwiGLU of each row's expert in slot j (ids [rows,
+    slots], bank [E, K, 2 I_E] = gate | up); h[:, slots I_E:] = shared_scale * the shared expert's
+    (gate/up in nn.Linear layout [I_S, K]). The first programs own BLOCK_N expert columns of one
+    slot each, the rest BLOCK_N shared columns."""
     pid = tl.program_id(0)
     blocks = 0
     if HAS_EXPERTS:
         blocks = _cdiv(I_E, BLOCK_N)
     acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    if pid < blocks:
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc_gate, acc_up = _dot_experts(acc_gate, acc_up, x_ptr, x_stride, ids_ptr, rows, num_experts,
+    if pid < slots * blocks:
+        slot = pid // blocks
+        n = (pid - slot * blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc_gate, acc_up = _dot_experts(acc_gate, acc_up, x_ptr, x_stride, ids_ptr + slot, slots, rows, num_experts,
                                         w_ptr, w_expert_stride, w_stride, n, I_E, K, I_E, True,
                                         BLOCK_M, BLOCK_K, PRECISION)
-        _store_swiglu(h_ptr, h_stride, 0, n, I_E, rows, acc_gate, acc_up, BLOCK_M)
+        scale = tl.where(slot == 0, scale0, tl.where(slot == 1, scale1, tl.where(slot == 2, scale2, scale3)))
+        _store_swiglu(h_ptr, h_stride, slot * I_E, n, I_E, rows, acc_gate, acc_up, scale, BLOCK_M)
     else:
         if HAS_SHARED:
-            n = (pid - blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n = (pid - slots * blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
             acc_gate = _dot_linear(acc_gate, x_ptr, x_stride, rows, sg_ptr, s_stride, n, I_S, K,
                                    BLOCK_M, BLOCK_K, PRECISION, False)
             acc_up = _dot_linear(acc_up, x_ptr, x_stride, rows, su_ptr, s_stride, n, I_S, K,
                                  BLOCK_M, BLOCK_K, PRECISION, False)
-            _store_swiglu(h_ptr, h_stride, I_E, n, I_S, rows, acc_gate, acc_up, BLOCK_M)
+            _store_swiglu(h_ptr, h_stride, slots * I_E, n, I_S, rows, acc_gate, acc_up, shared_scale, BLOCK_M)
 
 
 @triton.jit
-def _down_rows_kernel(y_ptr, y_stride, h_ptr, h_stride, ids_ptr, rows, I_E, N, num_experts,
+def _down_rows_kernel(y_ptr, y_stride, h_ptr, h_stride, ids_ptr, slots, rows, I_E, N, num_experts,
                       w_ptr, w_expert_stride, w_stride, sd_ptr, sd_stride, I_S,
                       HAS_EXPERTS: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr, PRECISION: tl.constexpr):
-    """y = h[:, :I_E] @ down[e_row] (bank [E, I_E, N]) + h[:, I_E:] W_sd^T (the shared expert's
-    down projection, [N, I_S]), both in one float32 accumulator."""
+    """y = sum_j h[:, j I_E : (j+1) I_E] @ down[e_row,j] (ids [rows, slots], bank [E, I_E, N]) +
+    h[:, slots I_E:] W_sd^T (the shared expert's down projection, [N, I_S]), all in one float32
+    accumulator."""
     pid = tl.program_id(0)
     m = tl.arange(0, BLOCK_M)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     if HAS_EXPERTS:
-        acc, _ = _dot_experts(acc, acc, h_ptr, h_stride, ids_ptr, rows, num_experts,
-                              w_ptr, w_expert_stride, w_stride, n, N, I_E, 0, False, BLOCK_M, BLOCK_K, PRECISION)
+        for slot in range(slots):
+            acc, _ = _dot_experts(acc, acc, h_ptr + slot * I_E, h_stride, ids_ptr + slot, slots, rows, num_experts,
+                                  w_ptr, w_expert_stride, w_stride, n, N, I_E, 0, False, BLOCK_M, BLOCK_K, PRECISION)
     if HAS_SHARED:
-        acc = _dot_linear(acc, h_ptr + I_E, h_stride, rows, sd_ptr, sd_stride, n, N, I_S,
+        acc = _dot_linear(acc, h_ptr + slots * I_E, h_stride, rows, sd_ptr, sd_stride, n, N, I_S,
                           BLOCK_M, BLOCK_KS, PRECISION, False)
     tl.store(y_ptr + m[:, None] * y_stride + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(m[:, None] < rows) & (n[None, :] < N))
@@ -262,19 +273,36 @@ def linear_rows(a: torch.Tensor, b: torch.Tensor | None, segments, silu_a: bool 
     return out
 
 
-def swiglu_rows(x, expert_ids=None, gate_up=None, shared_gate=None, shared_up=None) -> torch.Tensor:
-    """[rows, I_E + I_S]: row r's SwiGLU through expert expert_ids[r] (bank gate_up [E, H, 2 I_E],
-    gate | up; none without a bank), then the shared expert's (nn.Linear weights [I_S, H])."""
+def _slots(expert_ids: torch.Tensor | None) -> int:
+    """Routes per row: expert_ids [rows] is one slot, [rows, k] k slots."""
+    if expert_ids is None:
+        return 0
+    slots = 1 if expert_ids.dim() == 1 else expert_ids.shape[1]
+    if not 1 <= slots <= MAX_SLOTS or not expert_ids.is_contiguous():
+        raise ValueError(f"expert_ids: shape {list(expert_ids.shape)}; expected contiguous [rows] or [rows, k <= {MAX_SLOTS}]")
+    return slots
+
+
+def swiglu_rows(x, expert_ids=None, gate_up=None, shared_gate=None, shared_up=None,
+                slot_scales=(1.0,), shared_scale=1.0) -> torch.Tensor:
+    """[rows, k I_E + I_S]: columns j I_E to (j+1) I_E hold row r's SwiGLU through expert
+    expert_ids[r, j] times slot_scales[j] (bank gate_up [E, H, 2 I_E], gate | up; expert_ids [rows]
+    is one slot; none without a bank), then the shared expert's (nn.Linear weights [I_S, H]) times
+    shared_scale. Each SwiGLU is rounded to x's dtype before its scale, as `F.silu(g) * u * s`."""
     rows, k = x.shape
+    slots = _slots(expert_ids)
     has_experts, has_shared = gate_up is not None, shared_gate is not None
+    if has_experts and len(slot_scales) != slots:
+        raise ValueError(f"slot_scales: {len(slot_scales)} values for {slots} routes per row")
     bank = gate_up if has_experts else x
     e, i = (gate_up.shape[0], gate_up.shape[2] // 2) if has_experts else (0, 0)
     i_s = shared_gate.shape[0] if has_shared else 0
-    h = torch.empty((rows, i + i_s), dtype=x.dtype, device=x.device)
+    h = torch.empty((rows, slots * i + i_s), dtype=x.dtype, device=x.device)
     sg, su = (shared_gate, shared_up) if has_shared else (x, x)
-    _swiglu_rows_kernel[(triton.cdiv(i, BLOCK_N) + triton.cdiv(i_s, BLOCK_N),)](
-        h, h.stride(0), x, x.stride(0), expert_ids if has_experts else x, rows, k, e,
-        bank, bank.stride(0), bank.stride(-2), i, sg, su, sg.stride(0), i_s,
+    scales = [float(s) for s in slot_scales] + [1.0] * (MAX_SLOTS - len(slot_scales))
+    _swiglu_rows_kernel[(slots * triton.cdiv(i, BLOCK_N) + triton.cdiv(i_s, BLOCK_N),)](
+        h, h.stride(0), x, x.stride(0), expert_ids if has_experts else x, slots, rows, k, e,
+        bank, bank.stride(0), bank.stride(-2), i, sg, su, sg.stride(0), i_s, *scales, float(shared_scale),
         HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=_block_k(k),
         PRECISION=_PRECISION, **_launch_options(x.dtype),
     )
@@ -282,9 +310,11 @@ def swiglu_rows(x, expert_ids=None, gate_up=None, shared_gate=None, shared_up=No
 
 
 def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None) -> torch.Tensor:
-    """[rows, out_features]: h[:, :I_E] @ down[expert_ids[r]] (bank [E, I_E, out]; none without a
-    bank) plus h[:, I_E:] @ W_sd^T (the shared expert's down projection [out, I_S])."""
+    """[rows, out_features]: sum_j h[:, j I_E : (j+1) I_E] @ down[expert_ids[r, j]] (bank [E, I_E,
+    out]; expert_ids [rows] is one slot; none without a bank) plus h[:, k I_E:] @ W_sd^T (the
+    shared expert's down projection [out, I_S])."""
     rows = h.shape[0]
+    slots = _slots(expert_ids)
     has_experts, has_shared = down is not None, shared_down is not None
     bank = down if has_experts else h
     e, i = (down.shape[0], down.shape[1]) if has_experts else (0, 0)
@@ -292,7 +322,7 @@ def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None
     y = torch.empty((rows, out_features), dtype=h.dtype, device=h.device)
     sd = shared_down if has_shared else h
     _down_rows_kernel[(triton.cdiv(out_features, BLOCK_N),)](
-        y, y.stride(0), h, h.stride(0), expert_ids if has_experts else h, rows, i, out_features, e,
+        y, y.stride(0), h, h.stride(0), expert_ids if has_experts else h, slots, rows, i, out_features, e,
         bank, bank.stride(0), bank.stride(-2), sd, sd.stride(0), i_s,
         HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_K=_block_k(max(i, 1)), BLOCK_KS=_block_k(max(i_s, 1)), PRECISION=_PRECISION,
@@ -303,4 +333,4 @@ def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None
 
 # fmt: on
 
-__all__ = ["BLOCK_M", "down_rows", "linear_rows", "swiglu_rows"]
+__all__ = ["BLOCK_M", "MAX_SLOTS", "down_rows", "linear_rows", "swiglu_rows"]

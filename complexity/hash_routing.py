@@ -26,11 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from .complexity_kernels import (
+    DECODE_MAX_ROWS,
     FUSE_WEIGHTS_MIN_ROWS,
     compute_dtype,
+    decode_kernels_serve,
+    decode_rows,
     dispatch_by_expert,
     grouped_matmul,
     grouped_mm_supported,
+    rows_swiglu,
 )
 from .configuration_complexity import ROUTE_HASH_COUNTS, ROUTE_STRATEGIES
 
@@ -287,7 +291,7 @@ def layer_scales(config, layer_idx: int) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- the routed computation
 
-STRATEGIES = ("auto", "dense", "grouped")
+STRATEGIES = ("auto", "dense", "grouped", "rows")
 # "auto" computes every expert densely while that costs at most this many times the FLOPs of the
 # k chosen experts plus the shared expert: the GEMMs then run at full speed with no sort or
 # gather, which beats a grouped GEMM until the wasted columns cost more than the dispatch.
@@ -434,9 +438,11 @@ def hash_routed_mlp(
     nn.Linear convention, or None. Returns [N, H] in the compute dtype (autocast's if active).
 
     Static shapes and no host syncs in every strategy, so it compiles with fullgraph and replays
-    under CUDA graphs; differentiable to x and every weight. `strategy`: "dense" (every expert
-    computed, unchosen ones scaled by 0), "grouped" (a counting sort and grouped GEMMs: needs
-    bf16 on the GPU, or the CPU eager) or "auto" (`pick_strategy`).
+    under CUDA graphs; differentiable to x and every weight but in "rows". `strategy`: "dense"
+    (every expert computed, unchosen ones scaled by 0), "grouped" (a counting sort and grouped
+    GEMMs: needs bf16 on the GPU, or the CPU eager), "rows" (the decode kernels: two launches
+    that read only the chosen experts' weights; inference on a few rows, `decode_kernels_serve`)
+    or "auto" ("rows" where the decode kernels are on and serve, else `pick_strategy`).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown value {strategy!r}; expected one of {STRATEGIES}")
@@ -447,9 +453,18 @@ def hash_routed_mlp(
     e, _, w2 = gate_up.shape
     dtype = compute_dtype(x)
     grouped_ok = grouped_mm_supported(x.device, dtype, x.shape[1], w2, w2 // 2)
-    if strategy == "auto":
+    k = routes.shape[1]
+    if strategy == "auto" and decode_rows(x, slots=k):
+        strategy = "rows"
+    elif strategy == "auto":
         shared_width = shared[0].shape[0] if shared is not None else 0
-        strategy = pick_strategy(e, routes.shape[1], w2 // 2, shared_width, grouped_ok)
+        strategy = pick_strategy(e, k, w2 // 2, shared_width, grouped_ok)
+    elif strategy == "rows" and not decode_kernels_serve(x, slots=k):
+        raise ValueError(
+            f"strategy: 'rows' needs the decode kernels (triton, on CUDA), at most {DECODE_MAX_ROWS} rows, at"
+            f" most as many routes per row as the kernels take, no autograd and no autocast; got {x.shape[0]}"
+            f" rows of {x.dtype} on {x.device.type} with {k} routes; use 'auto'"
+        )
     elif strategy == "grouped" and not grouped_ok:
         raise ValueError(
             f"strategy: 'grouped' needs torch's grouped GEMM for {dtype} on {x.device.type}"
@@ -459,6 +474,9 @@ def hash_routed_mlp(
     # them: cast everything to the compute dtype here, as autocast would for a matmul.
     x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
     shared = tuple(t.to(dtype) for t in shared) if shared is not None else None
+    if strategy == "rows":
+        scales = [float(w) * routed_scale for w in weights]
+        return rows_swiglu(x, routes, gate_up, down, shared, scales, float(shared_scale))
     run = _dense_all if strategy == "dense" else _grouped
     return run(x, routes, weights, gate_up, down, shared, shared_scale, routed_scale)
 

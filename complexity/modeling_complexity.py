@@ -45,6 +45,7 @@ from .complexity_kernels import (
     rows_projections,
     rows_swiglu,
     summed_projections,
+    swiglu_weights,
 )
 from .complexity_math import (
     add_router_aux_loss,
@@ -264,7 +265,7 @@ class ComplexityMLP(nn.Module):
 
     def forward(self, x):
         if decode_rows(x):
-            return rows_swiglu(x, None, None, None, self)
+            return rows_swiglu(x, None, None, None, swiglu_weights(self))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

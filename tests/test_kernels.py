@@ -127,6 +127,43 @@ def test_expert_swiglu_and_down_rows_match_float64(kernels, dtype, shared):
     assert_close(y, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_top_k_expert_kernels_match_float64(kernels, dtype, slots):
+    """k routes per row (top-k hash routing): slot j's SwiGLU times its scale in columns j*W, the
+    down kernel summing every slot and the shared expert (scaled) in one accumulator; an expert
+    chosen in two slots of a row, and one never chosen."""
+    gen = torch.Generator().manual_seed(slots)
+    rows, hidden, width, shared_width, experts = 5, 80, 24, 40, 6
+    x = randn(rows, hidden, dtype=dtype, gen=gen)
+    routes = torch.stack([(torch.arange(rows) * (j + 1)) % (experts - 1) for j in range(slots)], dim=1)
+    scales = [0.7, 0.3, -1.5, 2.0][:slots]
+    gate_up = randn(experts, hidden, 2 * width, dtype=dtype, gen=gen)
+    down = randn(experts, width, hidden, dtype=dtype, gen=gen)
+    sg, su = randn(shared_width, hidden, dtype=dtype, gen=gen), randn(shared_width, hidden, dtype=dtype, gen=gen)
+    sd = randn(hidden, shared_width, dtype=dtype, gen=gen)
+    h = kernels.swiglu_rows(x, routes.contiguous(), gate_up, sg, su, scales, 0.25)
+    y = kernels.down_rows(h, hidden, routes.contiguous(), down, sd)
+    x64 = x.double()
+    assert h.shape == (rows, slots * width + shared_width)
+    want = torch.zeros(rows, hidden, dtype=torch.float64)
+    for j, scale in enumerate(scales):
+        gate, up = torch.einsum("rk,rkn->rn", x64, gate_up.double()[routes[:, j]]).chunk(2, dim=-1)
+        assert_close(h[:, j * width : (j + 1) * width], scale * silu_glu(gate, up), dtype)
+        want += torch.einsum("rk,rkn->rn", h[:, j * width : (j + 1) * width].double(), down.double()[routes[:, j]])
+    assert_close(h[:, slots * width :], 0.25 * silu_glu(x64 @ sg.double().T, x64 @ su.double().T), dtype)
+    assert_close(y, want + h[:, slots * width :].double() @ sd.double().T, dtype)
+
+
+def test_expert_kernels_refuse_more_routes_than_they_take(kernels):
+    x, bank = torch.zeros(2, 16), torch.zeros(8, 16, 32)
+    routes = torch.zeros(2, kernels.MAX_SLOTS + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"expert_ids: shape \[2, 5\]; expected contiguous"):
+        kernels.swiglu_rows(x, routes, bank, slot_scales=[1.0] * (kernels.MAX_SLOTS + 1))
+    with pytest.raises(ValueError, match="slot_scales: 1 values for 2 routes per row"):
+        kernels.swiglu_rows(x, routes[:, :2].contiguous(), bank, slot_scales=[1.0])
+
+
 def test_dense_swiglu_rows_without_experts(kernels):
     """No expert bank: the two kernels are a plain SwiGLU (the dense MLP at decode)."""
     gen = torch.Generator().manual_seed(9)
@@ -154,6 +191,7 @@ def cpu_kernels(kernels, monkeypatch):
     for name in calls:
         monkeypatch.setattr(ck, name, counted(name), raising=False)
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
+    monkeypatch.setattr(ck, "DECODE_MAX_SLOTS", kernels.MAX_SLOTS)
     monkeypatch.setattr(ck, "DECODE_KERNELS", True)  # off by default (COMPLEXITY_DECODE_KERNELS)
     return calls
 
@@ -175,10 +213,59 @@ def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
     torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=0)
     layers = model.config.num_hidden_layers
     assert cpu_kernels["linear_rows"] >= 4 * 2 * layers  # q/k/v and o_proj, prefill and steps
-    if model.config.mlp_type == "hash_routed":  # top-k: its own small-row strategy (hash_routing.py)
-        assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] == 0
-    else:
-        assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] >= 4 * layers
+    assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] >= 4 * layers
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shared", [False, True])
+def test_hash_routed_rows_strategy_equals_dense_and_is_auto_at_decode(cpu_kernels, shared):
+    """The hash-routed MLP's "rows" strategy (the decode kernels, k = 3 routes per row, slot
+    weights and both branch scales) equals its "dense" strategy in float32, and "auto" takes it
+    for a few rows without autograd; asked for where the kernels cannot serve, it is refused."""
+    from complexity.hash_routing import hash_routed_mlp
+
+    gen = torch.Generator().manual_seed(3 + shared)
+    x = randn(7, 48, gen=gen)
+    routes = torch.stack([torch.arange(7) % 5, (torch.arange(7) + 1) % 5, (torch.arange(7) * 2) % 5], dim=1)
+    gate_up, down = randn(5, 48, 32, gen=gen), randn(5, 16, 48, gen=gen)
+    weights = [0.5, 0.3, 0.2]
+    args = (
+        x,
+        routes,
+        weights,
+        gate_up,
+        down,
+        (randn(24, 48, gen=gen), randn(24, 48, gen=gen), randn(48, 24, gen=gen)) if shared else None,
+        0.5,
+        1.7,
+    )
+    dense = hash_routed_mlp(*args, strategy="dense")
+    torch.testing.assert_close(hash_routed_mlp(*args, strategy="rows"), dense, atol=1e-5, rtol=1e-5)
+    assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] == 1
+    torch.testing.assert_close(hash_routed_mlp(*args), dense, atol=1e-5, rtol=1e-5)
+    assert cpu_kernels["swiglu_rows"] == 2
+    with torch.enable_grad(), pytest.raises(ValueError, match="strategy: 'rows' needs the decode kernels"):
+        hash_routed_mlp(*args, strategy="rows")
+    five = torch.cat([routes, routes[:, :2]], dim=1)  # past the kernels' 4 routes per row
+    with pytest.raises(ValueError, match="with 5 routes; use 'auto'"):
+        hash_routed_mlp(x, five, weights + [0.0, 0.0], gate_up, down, strategy="rows")
+    hash_routed_mlp(x, five, weights + [0.0, 0.0], gate_up, down)  # auto: the generic paths
+    assert cpu_kernels["swiglu_rows"] == 2
+
+
+def test_bench_moe_checks_and_times_the_decode_kernels(cpu_kernels):
+    """benchmarks/bench_moe.py takes "rows" where the kernels serve: checked against its fp32
+    reference, timed forward only, and reported as auto's inference pick when they are on."""
+    spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks/bench_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    shape = bench.CPU_SHAPES[0]
+    assert set(bench.check(shape, 3, "cpu", torch.float32)) == {"dense", "grouped", "rows"}
+    row = bench.bench_shape(shape, 3, "cpu", torch.float32, False, ["fwd_bwd", "fwd"], lambda fn: fn() or 1.0)
+    assert row["auto"] == {"fwd_bwd": "grouped", "fwd": "rows"}
+    assert "rows/eager/fwd" in row["ms"] and "rows/eager/fwd_bwd" not in row["ms"]
+    assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] == 2  # the check and the timing
 
 
 @torch.no_grad()
@@ -316,11 +403,12 @@ def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, 
         assert copies >= 2 and smem <= smem_limit, (case, copies, smem)
     up_ptrs = {"h_ptr": bf16, "x_ptr": bf16, "ids_ptr": "*i64", "w_ptr": bf16, "sg_ptr": bf16, "su_ptr": bf16}
     up_aligned = list(up_ptrs) + ["h_stride", "x_stride", "K", "w_expert_stride", "w_stride", "I_E", "s_stride", "I_S"]
+    scales = dict.fromkeys(["scale0", "scale1", "scale2", "scale3", "shared_scale"], "fp32")
     for experts, shared in ((True, False), (True, True), (False, True)):
         smem, copies = _compile_for(
             k._swiglu_rows_kernel,
             target,
-            up_ptrs,
+            {**up_ptrs, **scales},
             dict(HAS_EXPERTS=experts, HAS_SHARED=shared, BLOCK_K=256, **common),
             up_aligned,
             4,
@@ -367,6 +455,7 @@ class _TargetOnlyDriver:
     [
         ("routed", 4),
         ("inl", 7),
+        ("hash-top2-shared", 4),
         ("routed-shared-mu", None),
         ("dense", 4),
         ("learned-top2-shared-mu", None),
@@ -377,8 +466,8 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
     """torch.compile's front end (dynamo, fullgraph) takes a decode step of every kind of layer as
     ONE graph with the Triton launches in it: no graph break for the engine's CUDA graphs. Traced
     with fake tensors (torch._dynamo.export), so no GPU runs; dynamo is told triton has a device
-    and triton's driver is a stand-in. Kernels per layer: token-routed 4 (q/k/v, o_proj, gate/up,
-    down), INL 7 (+ its two controller kernels and the mu router)."""
+    and triton's driver is a stand-in. Kernels per layer: token-routed and hash-routed 4 (q/k/v,
+    o_proj, gate/up, down), INL 7 (+ its two controller kernels and the mu router)."""
     import re
 
     import torch.utils._triton
@@ -391,6 +480,7 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
     for fn in ("linear_rows", "swiglu_rows", "down_rows"):
         monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
+    monkeypatch.setattr(ck, "DECODE_MAX_SLOTS", compiled_kernels.MAX_SLOTS)
     model = tiny_model(**VARIANTS[name])
 
     class Step(torch.nn.Module):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from complexity import complexity_kernels as ck
+
 _spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[2] / "benchmarks" / "bench_moe.py")
 bench = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = bench
@@ -30,8 +32,9 @@ def leaves(inputs):
 @pytest.mark.parametrize("tokens", [1, 32, 2048])
 def test_strategies_match_the_fp32_reference(name, tokens):
     errors = bench.check(SHAPES[name], tokens, "cuda", torch.bfloat16)
-    assert set(errors) == {"dense", "grouped"}  # both run on the GPU in bf16
-    bench.check(SHAPES[name], tokens, "cuda", torch.float32)  # fp32: dense only, within 1e-5
+    # all run on the GPU in bf16; the decode kernels ("rows") up to their row limit
+    assert set(errors) == {"dense", "grouped"} | ({"rows"} if tokens <= ck.DECODE_MAX_ROWS else set())
+    bench.check(SHAPES[name], tokens, "cuda", torch.float32)  # fp32: dense (and rows), within 1e-5
 
 
 @pytest.mark.parametrize("strategy", ["dense", "grouped"])
@@ -104,3 +107,18 @@ def test_compiled_fullgraph_matches_eager(strategy):
     got.backward(grad)
     errors = [rel(a, b) for a, b in zip([got.detach()] + [t.grad for t in leaves(inputs)], want)]
     assert max(errors) < 1e-2, errors
+
+
+def test_bench_times_decode_sizes_as_graph_replays(monkeypatch):
+    """bench_moe at one token: every strategy (the decode kernels' "rows" included, switched on
+    here) timed as a plain call and as a CUDA graph replay, each against the dense reference's
+    time of the same kind."""
+    monkeypatch.setattr(ck, "DECODE_KERNELS", True)
+    row = bench.bench_shape(
+        SHAPES["H896-E4-k2-W64-S3072"], 1, "cuda", torch.bfloat16, True, ["fwd_bwd", "fwd"], bench.timer("cuda")
+    )
+    assert row["auto"] == {"fwd_bwd": "dense", "fwd": "rows"}
+    for name in ("dense", "grouped", "rows"):
+        assert row["ms"][f"{name}/eager+graph/fwd"] > 0
+        assert f"{name}/eager+graph/fwd_bwd" not in row["ms"]
+    assert row["ms"]["rows/compiled+graph/fwd"] > 0 and row["ratio_to_dense"]["rows/compiled+graph/fwd"] > 0

@@ -77,7 +77,7 @@ def test_expert_kernels_at_preset_shapes(dtype, rows, shared):
         mlp = ComplexityMLP(h, 512).to("cuda", dtype)
         for p in mlp.parameters():
             p.data.copy_(randn(*p.shape, dtype=dtype, gen=gen))
-    out = ck.rows_swiglu(x, ids, gate_up, down, mlp)
+    out = ck.rows_swiglu(x, ids, gate_up, down, ck.swiglu_weights(mlp))
     x64 = x.double()
     gate, up = torch.einsum("rk,rkn->rn", x64, gate_up.double()[ids]).chunk(2, dim=-1)
     want = torch.einsum("rk,rkn->rn", F.silu(gate) * up, down.double()[ids])
@@ -85,6 +85,35 @@ def test_expert_kernels_at_preset_shapes(dtype, rows, shared):
         m64 = {n: p.detach().double() for n, p in mlp.named_parameters()}
         s = F.silu(x64 @ m64["gate_proj.weight"].T) * (x64 @ m64["up_proj.weight"].T)
         want = want + s @ m64["down_proj.weight"].T
+    assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("shape", [(896, 4, 2, 64, 3072), (1024, 8, 4, 512, 1024)], ids=["trhash-200m", "E8-k4"])
+def test_top_k_expert_kernels_at_hash_routing_shapes(dtype, rows, shape):
+    """The hash-routed MLP's decode path ("rows": k routes per row, slot weights, branch scales)
+    against float64, at the TR-Hash 200M shape and a top-4 one."""
+    from complexity.hash_routing import hash_routed_mlp
+
+    gen = torch.Generator().manual_seed(rows)
+    h, experts, k, width, shared_width = shape
+    x = randn(rows, h, dtype=dtype, gen=gen)
+    routes = torch.stack([(torch.arange(rows) + j) % experts for j in range(k)], dim=1).cuda()
+    gate_up, down = randn(experts, h, 2 * width, dtype=dtype, gen=gen), randn(experts, width, h, dtype=dtype, gen=gen)
+    shared = tuple(
+        randn(*size, dtype=dtype, gen=gen) for size in ((shared_width, h), (shared_width, h), (h, shared_width))
+    )
+    weights = [0.6] + [0.4 / (k - 1)] * (k - 1)
+    with torch.no_grad():
+        out = hash_routed_mlp(x, routes, weights, gate_up, down, shared, 0.5, 2.0, strategy="rows")
+    x64, bank_up, bank_down = x.double(), gate_up.double(), down.double()
+    want = torch.zeros_like(x64)
+    for j, w in enumerate(weights):
+        gate, up = torch.einsum("rk,rkn->rn", x64, bank_up[routes[:, j]]).chunk(2, dim=-1)
+        want += 2.0 * w * torch.einsum("rk,rkn->rn", F.silu(gate) * up, bank_down[routes[:, j]])
+    g, u, d = (t.double() for t in shared)
+    want += 0.5 * (F.silu(x64 @ g.T) * (x64 @ u.T)) @ d.T
     assert_close(out, want, dtype)
 
 
