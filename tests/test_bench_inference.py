@@ -39,7 +39,8 @@ def test_steps_past_the_cache_are_refused(tmp_path):
 
 def test_bench_compile_choice_measures_both_sides(tmp_path):
     """benchmarks/bench_compile_choice.py (the measurement behind COMPILED_DECODE_MAX_ROWS): both
-    sides at each batch, the compiled one compiled (here with the aot_eager backend, for time)."""
+    sides at each batch, the compiled one compiled (here with the aot_eager backend, for time),
+    and the defaults with several decode steps per read."""
     out = tmp_path / "choice.json"
     proc = run_benchmark(
         "bench_compile_choice.py",
@@ -53,6 +54,9 @@ def test_bench_compile_choice_measures_both_sides(tmp_path):
         (4, True, False),
     ]
     assert all(r["eager"]["tokens_per_s"] > 0 and r["compiled_over_eager"] > 0 for r in rows)
+    # the third side: the engine's defaults (eager on the CPU) reading the tokens every 8 steps
+    assert all("8 decode steps per read" in r["defaults_decode_steps"]["engine"] for r in rows)
+    assert all(not r["defaults_decode_steps"]["compiled"] and r["decode_steps_over_one"] > 0 for r in rows)
 
 
 def test_bench_compile_choice_refuses_bad_arguments(tmp_path):

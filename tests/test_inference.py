@@ -773,6 +773,10 @@ def test_token_id_prompts_are_never_rounded_or_parsed(ckpt_dir):
         ("seed", True),
         ("seed", "7"),
         ("seed", 2**64),
+        ("decode_steps", 0),
+        ("decode_steps", 65),
+        ("decode_steps", True),
+        ("decode_steps", 2.0),
     ],
 )
 def test_engine_arguments_are_checked_by_type_and_range(ckpt_dir, name, value):

@@ -86,13 +86,26 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
         action="store_true",
         help="torch.compile the decode step for batches of up to 16 rows (the CUDA default; also on the CPU)",
     )
+    g.add_argument(
+        "--decode-steps",
+        type=positive_int,
+        default=1,
+        help="decode steps run back to back on the device before the host reads their tokens: one wait "
+        "and one round of bookkeeping per N tokens, tokens streamed N at a time; requests with penalties or "
+        "logprobs take one (default 1, at most 64)",
+    )
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
 def engine_kwargs(args) -> dict:
     """Keyword arguments of `Engine.from_pretrained` from the parsed flags (None = the device's
     default)."""
-    kw = {"device": args.device, "dtype": args.dtype, "max_seq_len": args.max_seq_len}
+    kw = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_seq_len": args.max_seq_len,
+        "decode_steps": args.decode_steps,
+    }
     if getattr(args, "max_batch", None) is not None:
         kw["max_batch"] = args.max_batch
     for name in ("max_prefill_tokens", "gpu_memory_utilization"):

@@ -63,6 +63,8 @@ GRAPH_MEMORY_RESERVE = 1 << 30  # CUDA graphs' private pool and allocator slack,
 # whose batched GEMMs leave little to fuse (that compiled step also copied the batch's cache rows
 # per layer, since fixed: the large batches are to be measured again).
 COMPILED_DECODE_MAX_ROWS = 16
+# The most decode steps `decode_steps` may run back to back before the host reads their tokens.
+MAX_DECODE_STEPS = 64
 
 
 @dataclass
@@ -207,7 +209,16 @@ def encode_prompt(prompt: str | Sequence[int], tokenizer, max_seq_len: int) -> l
 
 
 def _check_engine_args(
-    config, *, max_batch, max_seq_len, max_prefill_tokens, gpu_memory_utilization, cuda_graphs, compile, seed
+    config,
+    *,
+    max_batch,
+    max_seq_len,
+    max_prefill_tokens,
+    gpu_memory_utilization,
+    cuda_graphs,
+    compile,
+    seed,
+    decode_steps,
 ) -> None:
     """Every argument of `Engine` by type, then range; a ValueError names the argument. A bool is
     not an integer nor a number here, and a string is not a number: `True` slots or a "0.9"
@@ -236,6 +247,11 @@ def _check_engine_args(
     if compile is not None and not isinstance(compile, bool) and not (isinstance(compile, str) and compile):
         fail("compile", "True, False, None (the device's default) or a torch.compile backend name", compile)
     integer("seed", seed, *SEED_RANGE, "an integer in [-2**63, 2**64)")  # torch.Generator's range
+    integer("decode_steps", decode_steps, 1, MAX_DECODE_STEPS, f"an integer in [1, {MAX_DECODE_STEPS}]")
+
+
+def _needs_host_per_token(params: SamplingParams) -> bool:
+    return params.penalised or params.logprobs is not None or bool(params.stop)
 
 
 class Engine:
@@ -247,6 +263,10 @@ class Engine:
     the KV cache, capped at MAX_AUTO_SLOTS); on the CPU, eager with CPU_SLOTS slots. `compile`
     may also name a torch.compile backend (True means "inductor").
     `max_seq_len` (the per-slot context) defaults to the model's max_position_embeddings.
+    `decode_steps` > 1 runs that many decode steps back to back, each step's sampled tokens fed
+    to the next on the device, before the host reads them (`_decode_ahead`): one wait for the
+    GPU and one round of bookkeeping per `decode_steps` tokens instead of per token, and tokens
+    reach the caller that many at a time.
     """
 
     def __init__(
@@ -262,6 +282,7 @@ class Engine:
         gpu_memory_utilization: float = 0.9,
         seed: int = 0,
         attn_implementation: str | None = "sdpa",
+        decode_steps: int = 1,
     ):
         t0 = time.perf_counter()
         config = model.config
@@ -275,6 +296,7 @@ class Engine:
             cuda_graphs=cuda_graphs,
             compile=compile,
             seed=seed,
+            decode_steps=decode_steps,
         )
         self._adopt_model(model, tokenizer, attn_implementation)
         on_cuda = self.device.type == "cuda"
@@ -283,6 +305,7 @@ class Engine:
         self._compile_backend = compile if isinstance(compile, str) else "inductor"
         self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
+        self.decode_steps = decode_steps
         self.memory_plan = None
         self._min_cache_rows = 3 if self.compile else 1  # see _compiled_max_rows
         if max_batch is None:
@@ -440,6 +463,8 @@ class Engine:
             )
         else:
             parts.append("decode: " + (f"compiled for batches up to {compiled_rows}" if self.compile else "eager"))
+        if self.decode_steps > 1:
+            parts.append(f"{self.decode_steps} decode steps per read of the tokens")
         return ", ".join(parts)
 
     # ------------------------------------------------------------------ requests
@@ -670,12 +695,79 @@ class Engine:
         for r in reqs:
             tokens[r.slot] = r.output_ids[-1]
             pos[r.slot] = r.num_cached
-        logits = self._run_decode(torch.tensor([tokens, pos]), nrows, max(pos) + 1)
+        steps = self._steps_ahead(reqs)
         slots = [r.slot for r in reqs]
-        if slots != list(range(nrows)):  # skip the gather in the common case: every row decodes, in order
-            logits = logits[torch.tensor(slots, device=logits.device)]
+        # skip the gather in the common case: every row decodes, in order
+        rows = None if slots == list(range(nrows)) else torch.tensor(slots, device=self.device)
+        tokens_pos = torch.tensor([tokens, pos])
+        if steps > 1:
+            self._decode_ahead(reqs, tokens_pos, nrows, max(pos) + steps, rows, steps, outputs)
+            return
+        logits = self._run_decode(tokens_pos, nrows, max(pos) + 1)
         self.stats["decode_steps"] += 1
-        self._sample_and_emit(reqs, logits, outputs, first=False)
+        self._sample_and_emit(reqs, logits if rows is None else logits[rows], outputs, first=False)
+
+    def _steps_ahead(self, reqs: list[Request]) -> int:
+        """How many decode steps to run before reading the tokens: `decode_steps` when no request
+        needs the host between two of its tokens (penalties read the tokens so far, logprobs are
+        kept per token, stop strings are matched in the text as each token comes), at most as many
+        as some request still wants and every slot has room for."""
+        if self.decode_steps == 1 or any(_needs_host_per_token(r.params) for r in reqs):
+            return 1
+        room = min(self.max_seq_len - r.num_cached for r in reqs)
+        wanted = max(
+            self.decode_steps if r.params.max_new_tokens is None else r.params.max_new_tokens - len(r.output_ids)
+            for r in reqs
+        )
+        return max(1, min(self.decode_steps, room, wanted))
+
+    def _decode_ahead(
+        self,
+        reqs: list[Request],
+        tokens_pos: torch.Tensor,
+        nrows: int,
+        need_kv: int,
+        rows: torch.Tensor | None,
+        steps: int,
+        outputs: list[StepOutput],
+    ) -> None:
+        """`steps` decode steps back to back: each step's sampled tokens become the next step's
+        input on the device, and the host reads them all once at the end, so it neither waits for
+        the GPU nor does its bookkeeping between two tokens. A request that finishes inside the
+        window (a stop token, its length) drops the tokens it sampled after: only their compute
+        is lost. Sampling draws as the single steps would: the same tokens for greedy and seeded
+        requests."""
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        params, generators = [r.params for r in reqs], [r.generator for r in reqs]
+        prompts, outputs_so_far = [r.prompt_ids for r in reqs], [r.output_ids for r in reqs]
+        tokens_pos = tokens_pos.to(self.device)
+        drawn = []
+        for _ in range(steps):
+            logits = self._run_decode(tokens_pos, nrows, need_kv)
+            logits = logits if rows is None else logits[rows]
+            tokens = sample_tokens(logits, params, generators, prompts, outputs_so_far, self.generator)
+            # a row whose logits are not finite gets -1 (its request fails below) and feeds a
+            # valid id to the steps after it
+            tokens = tokens.masked_fill(~torch.isfinite(logits).all(-1), -1)
+            drawn.append(tokens)
+            tokens_pos = tokens_pos.clone()  # a new input: the eager step may hold views of the last one
+            tokens_pos[0, slots] = tokens.clamp(min=0)
+            tokens_pos[1, slots] += 1
+        self.stats["decode_steps"] += steps
+        now = time.perf_counter()
+        for r, toks in zip(reqs, torch.stack(drawn, dim=1).tolist()):  # the one device-to-host read
+            accepted = []
+            for tok in toks:
+                if tok < 0:
+                    break
+                accepted.append(tok)
+                self._accept(r, tok, None, now)
+                if r.finished:
+                    break
+            if accepted:
+                outputs.append(self._output(r, accepted, None, None))
+            if not r.finished and len(accepted) < len(toks):
+                self._fail(r, FloatingPointError("the model produced non-finite logits"), outputs)
 
     def _decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor, kv_range: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (float32) of tokens [B, 1] at positions pos [B], attending over the cache
@@ -707,8 +799,9 @@ class Engine:
         return self._decode_impl(tokens, pos, kv_range)
 
     def _run_decode(self, tokens_pos: torch.Tensor, nrows: int, need_kv: int) -> torch.Tensor:
-        """Logits [nrows, V] for the CPU tensor [2, nrows] of (last token, its position) per row,
-        attending over at least `need_kv` cache positions."""
+        """Logits [nrows, V] for the tensor [2, nrows] of (last token, its position) per row (on the
+        CPU, or already on the device: `_decode_ahead`), attending over at least `need_kv` cache
+        positions."""
         if self.use_graphs:
             bucket = next(b for b in self._buckets if b >= nrows)
             kv = next(k for k in self._kv_buckets if k >= need_kv)
@@ -722,7 +815,9 @@ class Engine:
         # eager: attend over the filled prefix only, rounded up to limit allocations
         kv_len = min(self.max_seq_len, -(-need_kv // 128) * 128)
         if nrows < self._smallest_bucket:  # a padding row: a padding token at position 0 of a free slot
-            pad = torch.tensor([[self.pad_token_id], [0]]).expand(2, self._smallest_bucket - nrows)
+            pad = torch.tensor([[self.pad_token_id], [0]], device=tokens_pos.device).expand(
+                2, self._smallest_bucket - nrows
+            )
             tokens_pos = torch.cat([tokens_pos, pad], dim=1)
         tokens_pos = tokens_pos.to(self.device)
         return self._call_decode(tokens_pos[0, :, None], tokens_pos[1], self._kv_range(kv_len))[:nrows]
@@ -844,22 +939,27 @@ class Engine:
                 self._fail(r, res, outputs)
                 continue
             tok, entry = res
-            r.output_ids.append(tok)
-            self.stats["generated_tokens"] += 1
-            if r.first_token_time is None:
-                r.first_token_time = now
-            if entry is not None:
-                r.logprobs.append(entry)
-            p = r.params
-            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-                self._finish(r, "stop")
-            elif (
-                p.max_new_tokens is not None and len(r.output_ids) >= p.max_new_tokens
-            ) or r.num_cached + 1 > self.max_seq_len:
-                self._finish(r, "length")
+            self._accept(r, tok, entry, now)
             outputs.append(
                 self._output(r, [tok], [entry] if entry is not None else None, r.prompt_logprobs if first else None)
             )
+
+    def _accept(self, r: Request, tok: int, entry: TokenLogprob | None, now: float) -> None:
+        """Append a sampled token (and its logprob entry) to its request; finish the request on a
+        stop token, at its max_new_tokens or when its slot is full."""
+        r.output_ids.append(tok)
+        self.stats["generated_tokens"] += 1
+        if r.first_token_time is None:
+            r.first_token_time = now
+        if entry is not None:
+            r.logprobs.append(entry)
+        p = r.params
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            self._finish(r, "stop")
+        elif (
+            p.max_new_tokens is not None and len(r.output_ids) >= p.max_new_tokens
+        ) or r.num_cached + 1 > self.max_seq_len:
+            self._finish(r, "length")
 
     def _output(self, req: Request, tokens, logprobs, prompt_logprobs, error: str | None = None) -> StepOutput:
         return StepOutput(

@@ -75,6 +75,22 @@ def test_graph_decode_equals_eager_and_generate_fp32(variant):
     del fast
 
 
+@pytest.mark.parametrize("variant", ["token_routed", "hash_top2_shared"])
+def test_decode_steps_in_graphs_equal_single_steps_fp32(variant):
+    """decode_steps=8 with the defaults (graphs + compile): each step's tokens fed to the next
+    on the device, through the graphs' static inputs, give the single steps' tokens."""
+    model = _model(**VARIANTS[variant])
+    prompts = _prompts()
+    params = SamplingParams(max_new_tokens=70, temperature=0, ignore_eos=True)
+    torch._dynamo.reset()
+    ahead = Engine(model, None, max_batch=4, decode_steps=8)
+    assert ahead.use_graphs and ahead.compile, ahead.startup.get("compile_error")
+    got = [o.token_ids for o in ahead.generate(prompts, params)]
+    single = Engine(model, None, max_batch=4, cuda_graphs=False, compile=False)
+    assert got == [o.token_ids for o in single.generate(prompts, params)], variant
+    del ahead
+
+
 def test_batch_one_and_generate_cli_path_bf16():
     """Batch 1 (complexity generate) runs in the 2-row graph; bf16 is the CUDA default dtype."""
     model = _model(torch.bfloat16)

@@ -1,0 +1,188 @@
+"""`decode_steps`: several decode steps on the device per read of their tokens. The same tokens,
+finish reasons and texts as one step per read (greedy and seeded sampling, stop tokens and
+strings, lengths, full slots, continuous batching), fewer host rounds, requests that need the
+host per token (penalties, logprobs) served one step at a time, and a row whose logits break
+inside a window failing alone with the tokens it had."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _serve_fixtures import make_tiny_checkpoint
+
+from complexity.inference import Engine, SamplingParams
+
+torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
+
+PROMPTS = ["the cat sat on the mat", "once", "hello world there was a little girl", "red blue green", "the"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("decode_steps")
+
+
+def _engines(path, steps: int, **kwargs) -> tuple[Engine, Engine]:
+    return tuple(Engine.from_pretrained(path, device="cpu", decode_steps=n, **kwargs) for n in (1, steps))
+
+
+def _run(engine: Engine, prompts, params) -> tuple[list, int]:
+    """The completions, and how many engine steps (host rounds) they took."""
+    reqs = [engine.add_request(p, q) for p, q in zip(prompts, params)]
+    rounds = 0
+    while engine.has_unfinished():
+        engine.step()
+        rounds += 1
+    return [(r.output_ids, r.finish_reason) for r in reqs], rounds
+
+
+@pytest.mark.parametrize("variant", ["token_routed", "hash_top2_shared", "inl", "sliding_window"])
+def test_decode_steps_give_the_single_steps_tokens(ckpt_dir, variant):
+    """Five requests through three slots (requests join as others leave, some mid-window): greedy
+    ones of several lengths, one ended by a stop token inside a window, seeded sampling with
+    top-k/top-p/min-p; token for token and reason for reason as one step per read."""
+    overrides = {
+        "token_routed": {},
+        "hash_top2_shared": dict(mlp_type="hash_routed", num_experts_per_tok=2, shared_expert=True),
+        "inl": dict(mu_mode="inl"),
+        "sliding_window": dict(sliding_window=6, mu_mode="guidance"),
+    }[variant]
+    path = make_tiny_checkpoint(ckpt_dir / variant, **overrides)
+    single, ahead = _engines(path, 4, max_batch=3)
+    greedy = SamplingParams(max_new_tokens=13, temperature=0, ignore_eos=True)
+    [(probe, _)], _ = _run(single, PROMPTS[:1], [greedy])
+    params = [
+        greedy,
+        greedy.copy(max_new_tokens=1),
+        greedy.copy(stop_token_ids=[probe[6]], max_new_tokens=20),  # stops at the 7th token at the latest
+        SamplingParams(max_new_tokens=11, temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, seed=5, ignore_eos=True),
+        greedy.copy(max_new_tokens=6),
+    ]
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[3], PROMPTS[4]]  # the stop token's on its prompt
+    want, single_rounds = _run(single, prompts, params)
+    got, ahead_rounds = _run(ahead, prompts, params)
+    assert got == want
+    assert want[2][1] == "stop" and len(want[2][0]) <= 7
+    assert [len(t) for i, (t, _) in enumerate(want) if i != 2] == [13, 1, 11, 6]
+    assert ahead_rounds < single_rounds
+    assert sorted(ahead.free_slots) == [0, 1, 2]
+
+
+def test_decode_steps_texts(ckpt_dir):
+    """Through generate(), stream() and the output processor: the same texts."""
+    path = make_tiny_checkpoint(ckpt_dir / "texts")
+    single, ahead = _engines(path, 8, max_batch=3)
+    params = [
+        SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True),
+        SamplingParams(max_new_tokens=17, temperature=0.8, seed=3, ignore_eos=True),
+        SamplingParams(max_new_tokens=25, temperature=0),
+    ]
+    want = [(c.token_ids, c.text, c.finish_reason) for c in single.generate(PROMPTS[:3], params)]
+    got = [(c.token_ids, c.text, c.finish_reason) for c in ahead.generate(PROMPTS[:3], params)]
+    assert got == want and all(text for _, text, _ in want)
+    assert "".join(o.new_text for o in ahead.stream(PROMPTS[0], params[0])) == want[0][1]
+
+
+def test_decode_steps_stop_where_the_slot_is_full(ckpt_dir):
+    """A request without max_new_tokens runs to its slot's end: windows never write past it, and
+    it ends with "length" at the same token as one step per read."""
+    path = make_tiny_checkpoint(ckpt_dir / "full", max_position_embeddings=64)
+    single, ahead = _engines(path, 16, max_batch=2, max_seq_len=40)
+    params = [SamplingParams(max_new_tokens=None, temperature=0, ignore_eos=True)] * 2
+    prompts = [list(range(5, 30)), list(range(7, 18))]
+    want, _ = _run(single, prompts, params)
+    got, _ = _run(ahead, prompts, params)
+    assert got == want
+    assert [len(p) + len(t) for p, (t, _) in zip(prompts, got)] == [41, 41]  # the last token is never cached
+    assert {reason for _, reason in got} == {"length"}
+
+
+def test_requests_that_need_the_host_per_token_take_single_steps(ckpt_dir, monkeypatch):
+    """Penalties read the tokens so far, logprobs are kept per token and stop strings are matched
+    as each token's text comes: a batch holding such a request runs one step per read, with the
+    same tokens, logprobs and texts."""
+    path = make_tiny_checkpoint(ckpt_dir / "host")
+    single, ahead = _engines(path, 4, max_batch=3)
+    base = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
+    [probe] = single.generate(PROMPTS[1:2], base)
+    cases = {
+        "penalised": base.copy(repetition_penalty=1.3, frequency_penalty=0.5),
+        "logprobs": base.copy(logprobs=2),
+        "logit_bias": base.copy(logit_bias={5: 3.0}),
+        # a stop string is matched in the text token by token: tokens past it are never sampled
+        "stop string": base.copy(stop=[probe.text[3:6]]),
+    }
+    windows = []
+
+    def refused(*args):  # (an error fails the batch's requests: the comparison below shows it)
+        windows.append(args)
+        raise AssertionError("a window ran")
+
+    monkeypatch.setattr(ahead, "_decode_ahead", refused)
+    for name, special in cases.items():
+        want = single.generate(PROMPTS[:2], [base, special])
+        got = ahead.generate(PROMPTS[:2], [base, special])
+        assert [(c.token_ids, c.logprobs, c.text) for c in got] == [(c.token_ids, c.logprobs, c.text) for c in want], (
+            name
+        )
+    assert windows == []
+
+
+def test_non_finite_logits_inside_a_window_fail_their_request_only(ckpt_dir, monkeypatch):
+    """Row 1's logits turn NaN at the third step of a window: its request ends with an error
+    after the tokens it had sampled before, its neighbour gets every one of its exact tokens."""
+    path = make_tiny_checkpoint(ckpt_dir / "nan")
+    single, ahead = _engines(path, 4, max_batch=2)
+    p = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    want = [c.token_ids for c in single.generate(PROMPTS[:2], p)]
+    real, calls = ahead._run_decode, []
+
+    def breaking(tokens_pos, nrows, need_kv):
+        logits = real(tokens_pos, nrows, need_kv)
+        calls.append(nrows)
+        if len(calls) == 3:
+            logits = logits.clone()
+            logits[1] = float("nan")
+        return logits
+
+    monkeypatch.setattr(ahead, "_run_decode", breaking)
+    outs = ahead.generate(PROMPTS[:2], p)
+    assert outs[0].token_ids == want[0] and outs[0].finish_reason == "length"
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == want[1][:3]  # the prefill's and two steps'
+    assert sorted(ahead.free_slots) == [0, 1]
+
+
+def test_decode_steps_with_the_compiled_step(ckpt_dir):
+    """The compiled decode step (aot_eager: dynamo's tracing and guards) fed on the device from
+    one step to the next: one graph for every window, the single eager steps' tokens."""
+    from torch._dynamo.utils import counters
+
+    path = make_tiny_checkpoint(ckpt_dir / "compiled")
+    torch._dynamo.reset()
+    counters.clear()
+    ahead = Engine.from_pretrained(path, device="cpu", max_batch=3, compile="aot_eager", decode_steps=6)
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = [c.token_ids for c in ahead.generate(PROMPTS, params)]
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    single = Engine.from_pretrained(path, device="cpu", max_batch=3)
+    assert got == [c.token_ids for c in single.generate(PROMPTS, params)]
+
+
+def test_cli_flag(ckpt_dir, capsys):
+    """`complexity generate --decode-steps N` prints what one step per read prints; a value out of
+    range is refused by name."""
+    from complexity.cli import main
+
+    path = make_tiny_checkpoint(ckpt_dir / "cli")
+    common = ["generate", str(path), "--prompt", "the cat", "--max-new-tokens", "20", "--temperature", "0"]
+    outs = []
+    for extra in ([], ["--decode-steps", "8"]):
+        assert main([*common, "--ignore-eos", *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()
+    assert main([*common, "--decode-steps", "65"]) == 2
+    assert "decode_steps: must be an integer in [1, 64], got 65" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--decode-steps", "0"])
+    assert "--decode-steps: expected a positive integer, got 0" in capsys.readouterr().err
