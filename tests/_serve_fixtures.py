@@ -92,7 +92,7 @@ def running_server(
     from complexity.serve import create_app
     from complexity.serve.http import uvicorn_config
 
-    engine_kwargs = {k: app_kwargs.pop(k) for k in ("max_batch", "max_seq_len") if k in app_kwargs}
+    engine_kwargs = {k: app_kwargs.pop(k) for k in ("max_batch", "max_seq_len", "decode_steps") if k in app_kwargs}
     # The float32 CPU engine: the tests compare it with float32 CPU forwards, also on GPU machines.
     engine = Engine.from_pretrained(path, device="cpu", **engine_kwargs)
     app = create_app(engine, model_name=model_name, **app_kwargs)

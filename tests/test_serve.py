@@ -155,6 +155,34 @@ def test_streaming_matches_non_streaming(client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
 
 
+def test_decode_steps_serve_the_same_answers(ckpt, client):
+    """A server reading the tokens every 4 decode steps answers as the default one: completions
+    and chats, streamed (deltas several tokens long) or not, greedy and seeded, with usage and
+    finish reasons; a stop string (one step per read for that batch) cuts at the same place."""
+    with running_server(ckpt, api_key=API_KEY, max_batch=4, decode_steps=4) as (url, _):
+        ahead = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        for kw in (
+            dict(prompt="once upon a time", max_tokens=21, temperature=0),
+            dict(prompt="the cat", max_tokens=13, temperature=0.9, seed=7),
+        ):
+            want, got = (c.completions.create(model=MODEL, **kw) for c in (client, ahead))
+            assert got.choices[0].text == want.choices[0].text and got.usage == want.usage
+            assert got.choices[0].finish_reason == want.choices[0].finish_reason
+            chunks = list(ahead.completions.create(model=MODEL, **kw, stream=True))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == want.choices[0].text
+        stop = want.choices[0].text[2:5]
+        want, got = (
+            c.completions.create(model=MODEL, prompt="the cat", max_tokens=13, temperature=0.9, seed=7, stop=[stop])
+            for c in (client, ahead)
+        )
+        assert got.choices[0].text == want.choices[0].text and got.choices[0].finish_reason == "stop"
+        msgs = [{"role": "user", "content": "hello there"}]
+        want, got = (
+            c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0) for c in (client, ahead)
+        )
+        assert got.choices[0].message.content == want.choices[0].message.content
+
+
 def test_echo_logprobs_match_forward(client, model, ckpt):
     """What lm-evaluation-harness' local-completions sends for log-likelihood: token ids,
     echo=True, logprobs=1, max_tokens=1 (and 0)."""
