@@ -2,6 +2,9 @@
 #   .venv       torch 2.13.0 (CPU) + the pinned versions in requirements/ci-constraints.txt
 # Re-running reuses the environment when the pins have not changed.
 PYTHON=${PYTHON:-python3}
+# No wheel cache: the environments hold what they need, and a copy of every wheel (vLLM's and its
+# dependencies' are gigabytes) would only double the disk a fresh machine needs.
+export PIP_NO_CACHE_DIR=1
 
 setup_venv() {  # setup_venv DIR STAMP_INPUT... : (re)install when the pin files change
   local dir=$1; shift
