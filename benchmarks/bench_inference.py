@@ -12,6 +12,7 @@ decode steps at larger batches, prefill, continuous-batching throughput.
 decode (per preset, random weights, bf16 on CUDA):
   - engine: our `Engine` (CUDA graphs + torch.compile) generating `--decode-tokens` greedy tokens
     after a `--prompt-len` prompt at batch 1, end to end (its host work per token included);
+    then the same engine reading the tokens every `--decode-steps` steps (`Engine.decode_steps`);
   - reference: `decode_reference.DenseDecoder`, a gpt-fast-style dense decoder sized to read the
     same weight bytes per token, its compiled step in a loop that never waits for the host;
   - steps: one decode step of our model (compiled, as a CUDA graph replayed back to back: the
@@ -193,6 +194,9 @@ class EngineWorker(Worker):
         out = {}
         if self.s["decode"]:
             out["engine"] = self.engine_decode()
+            # the same engine (its graphs and compiled step) reading the tokens every N steps
+            self.engine.decode_steps = self.s["decode_steps"]
+            out["engine_decode_steps"] = {**self.engine_decode(), "decode_steps": self.s["decode_steps"]}
             del self.engine
             out["generate"] = self.hf_generate()
         if self.s["prefill"]:
@@ -515,6 +519,7 @@ def part_decode_prefill(args, device, dtype, parts, results) -> None:
         "vocab": args.vocab,
         "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens,
+        "decode_steps": args.decode_steps,
         "generate_tokens": args.generate_tokens,
         "batches": args.batches,
         "step_count": args.step_count,
@@ -733,10 +738,11 @@ def tables(results: dict) -> str:
     lines += [
         "",
         "batch-1 decode (tokens/s) | MB/token | bound | engine | reference | engine/ref | engine/bound % | "
-        "our step (GPU) | ref step (GPU) | without decode kernels | generate()",
+        "engine, N steps per read | its /ref | our step (GPU) | ref step (GPU) | without decode kernels | generate()",
     ]
     for preset, e in data.items():
         engine, ref = get(e, "engine", "engine", "tokens_per_s"), get(e, "reference", "decode", "tokens_per_s")
+        ahead = get(e, "engine", "engine_decode_steps", "tokens_per_s")
         bound = e.get("bound_tokens_per_s")
         lines.append(
             " | ".join(
@@ -748,6 +754,8 @@ def tables(results: dict) -> str:
                     fmt(ref),
                     fmt(ratio(engine, ref), ".2f"),
                     fmt(100 * ratio(engine, bound) if ratio(engine, bound) else None, ".1f"),
+                    fmt(ahead),
+                    fmt(ratio(ahead, ref), ".2f"),
                     fmt(get(e, "steps", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "reference", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "steps_off", "steps", "1", "tokens_per_s")),
@@ -838,6 +846,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=256, help="decode: tokens generated per batch-1 run")
     p.add_argument("--generate-tokens", type=int, default=32, help="decode: tokens per generate() run (eager, slow)")
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        choices=range(1, 65),
+        default=8,
+        metavar="N",
+        help="decode: the batch-1 engine also with N decode steps per read of the tokens (default 8, at most 64)",
+    )
     p.add_argument("--step-count", type=int, default=64, help="decode: steps per timed run of the step comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the best is kept)")
     p.add_argument(
