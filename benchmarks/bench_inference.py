@@ -58,7 +58,7 @@ from decode_reference import (  # noqa: E402
     prefill,
     same_bytes_config,
 )
-from profiling import kernel_table  # noqa: E402
+from profiling import cuda_graph, kernel_table  # noqa: E402
 
 import complexity  # noqa: E402
 from complexity import complexity_kernels  # noqa: E402
@@ -100,20 +100,6 @@ def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
 def seq_capacity(prompt_len: int, new_tokens: int) -> int:
     """The decode cache length both sides attend over: prompt + new tokens, rounded up to 64."""
     return -(-(prompt_len + new_tokens + 1) // 64) * 64
-
-
-def cuda_graph(fn, *args):
-    """fn(*args) warmed up on a side stream and captured; -> the graph (replay re-runs it)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(*args)
-    return graph
 
 
 STEP_ROUNDS = 3  # timed runs of a step comparison (the best is kept)

@@ -22,25 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
-from profiling import kernel_table
+from profiling import cuda_graph, kernel_table
 
 import complexity
 from complexity import ComplexityConfig, ComplexityForCausalLM
 from complexity.modeling_complexity import ComplexityMLP, ComplexityTokenRoutedMLP, Routing, dispatch_by_expert
-
-
-def cuda_graph(fn):
-    """Capture one call of `fn` (forward + backward) into a CUDA graph; returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def cuda_time_ms(fn, warmup: int = 5, iters: int = 20) -> float:
@@ -131,7 +117,7 @@ def bench_mlp(tokens: int, results: dict, profile: bool = False) -> None:
         "token_routed_grouped_given_dispatch_compiled": step(compiled_routed, x, given),
     }
     # The naive loop reads its group sizes on the host (nonzero): it cannot be captured.
-    graphed = {name: cuda_graph(fn) for name, fn in launched.items() if "naive" not in name}
+    graphed = {name: cuda_graph(fn).replay for name, fn in launched.items() if "naive" not in name}
     variants = {**{f"launch/{k}": v for k, v in launched.items()}, **{f"graph/{k}": v for k, v in graphed.items()}}
     # The GPU is shared and noisy: interleave the variants over several rounds, keep medians.
     rounds = {name: [] for name in variants}

@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profiling import cuda_graph  # noqa: E402
+
 from complexity.complexity_kernels import decode_kernels_serve, decode_rows, grouped_mm_supported  # noqa: E402
 from complexity.hash_routing import (  # noqa: E402
     build_route_table,
@@ -235,21 +238,6 @@ def step(fn, inputs: dict, backward: bool):
     return fwd_bwd
 
 
-def graph_replay(fn):
-    """fn captured in a CUDA graph (warmed up, and compiled where it compiles, on a side stream
-    first, as capture requires) -> the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def reference_key(key: str, compile_: bool) -> str:
     """The dense SwiGLU's time a time is compared with: compiled (eager when nothing compiled),
     replayed as a graph when the time is a graph's, same pass."""
@@ -286,7 +274,7 @@ def bench_shape(shape: Shape, tokens: int, device: str, dtype, compile_: bool, p
                 timed = step(call, args, backward=which == "fwd_bwd")
                 row["ms"][f"{name}/{mode}/{which}"] = measure(timed)
                 if graphs and which == "fwd":
-                    row["ms"][f"{name}/{mode}+graph/{which}"] = measure(graph_replay(timed))
+                    row["ms"][f"{name}/{mode}+graph/{which}"] = measure(cuda_graph(timed).replay)
     row["ratio_to_dense"] = {  # against the compiled dense MLP (the eager one without compilation)
         key: value / row["ms"][reference_key(key, compile_)]
         for key, value in row["ms"].items()

@@ -1,8 +1,24 @@
-"""GPU kernel time by kernel from a torch profiler run, shared by the benchmark scripts."""
+"""GPU helpers shared by the benchmark scripts: a call captured as a CUDA graph, and kernel time
+by kernel from a torch profiler run."""
 
 from __future__ import annotations
 
 import torch
+
+
+def cuda_graph(fn, *args) -> torch.cuda.CUDAGraph:
+    """fn(*args) warmed up on a side stream (compiled there, where it compiles, as capture
+    requires) and captured; -> the graph (replay re-runs it on the same tensors)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    return graph
 
 
 def kernel_table(prof, calls: int, top: int, name_len: int = 120) -> dict:
