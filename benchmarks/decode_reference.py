@@ -192,9 +192,8 @@ class DenseDecoder(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos[input_pos], self.sin[input_pos]
-        mask = self.causal[input_pos[-1:]][
-            None, None
-        ]  # the one decode position's row [1, 1, 1, L] (a tensor index: no host sync)
+        # the one decode position's row [1, 1, 1, L] (a tensor index: no host sync)
+        mask = self.causal[input_pos[-1:]][None, None]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
