@@ -171,7 +171,7 @@ def test_decode_steps_with_the_compiled_step(ckpt_dir):
 
 def test_cli_flag(ckpt_dir, capsys):
     """`complexity generate --decode-steps N` prints what one step per read prints; a value out of
-    range is refused by name."""
+    range is refused by name while the flags are parsed."""
     from complexity.cli import main
 
     path = make_tiny_checkpoint(ckpt_dir / "cli")
@@ -181,8 +181,8 @@ def test_cli_flag(ckpt_dir, capsys):
         assert main([*common, "--ignore-eos", *extra]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].strip()
-    assert main([*common, "--decode-steps", "65"]) == 2
-    assert "decode_steps: must be an integer in [1, 64], got 65" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([*common, "--decode-steps", "0"])
-    assert "--decode-steps: expected a positive integer, got 0" in capsys.readouterr().err
+    for value, message in (("65", "an integer in [1, 64], got 65"), ("0", "a positive integer, got 0")):
+        for command in (common, ["serve", str(path)]):
+            with pytest.raises(SystemExit):
+                main([*command, "--decode-steps", value])
+            assert f"--decode-steps: expected {message}" in capsys.readouterr().err

@@ -32,6 +32,18 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _decode_steps(text: str) -> int:
+    """argparse type of --decode-steps: checked against the engine's bound while the flags are
+    parsed, before any weights load. The engine (and torch) is imported here, not at the top, so
+    that `--help` stays free of torch."""
+    from .engine import MAX_DECODE_STEPS
+
+    value = positive_int(text)
+    if value > MAX_DECODE_STEPS:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_DECODE_STEPS}], got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -88,7 +100,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
     )
     g.add_argument(
         "--decode-steps",
-        type=positive_int,
+        type=_decode_steps,
         default=1,
         help="decode steps run back to back on the device before the host reads their tokens: one wait "
         "and one round of bookkeeping per N tokens, tokens streamed N at a time; a batch with a request that "
