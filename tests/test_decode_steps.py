@@ -1,8 +1,7 @@
 """`decode_steps`: several decode steps on the device per read of their tokens. The same tokens,
-finish reasons and texts as one step per read (greedy and seeded sampling, stop tokens and
-strings, lengths, full slots, continuous batching), fewer host rounds, requests that need the
-host per token (penalties, logprobs) served one step at a time, and a row whose logits break
-inside a window failing alone with the tokens it had."""
+finish reasons, texts and logprobs as one step per read (greedy and seeded sampling, penalties,
+logit bias, stop tokens and strings, lengths, full slots, continuous batching), fewer host
+rounds, and a row whose logits break inside a window failing alone with the tokens it had."""
 
 from __future__ import annotations
 
@@ -97,35 +96,48 @@ def test_decode_steps_stop_where_the_slot_is_full(ckpt_dir):
     assert {reason for _, reason in got} == {"length"}
 
 
-def test_requests_that_need_the_host_per_token_take_single_steps(ckpt_dir, monkeypatch):
-    """Penalties read the tokens so far, logprobs are kept per token and stop strings are matched
-    as each token's text comes: a batch holding such a request runs one step per read, with the
-    same tokens, logprobs and texts."""
+def test_penalties_logprobs_and_stop_strings_inside_windows(ckpt_dir, monkeypatch):
+    """Penalties count each step's tokens on the device, logprobs are kept per step and stop
+    strings are matched token by token in the window's text: every kind of request takes windows,
+    with the tokens, texts and finish reasons of one step per read (a stop string's completion
+    ends at the token that completed it) and the same logprobs."""
     path = make_tiny_checkpoint(ckpt_dir / "host")
     single, ahead = _engines(path, 4, max_batch=3)
     base = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
-    [probe] = single.generate(PROMPTS[1:2], base)
+    [probe] = single.generate(PROMPTS[2:3], base)  # " girl girlorldorld...": text to stop at
     cases = {
-        "penalised": base.copy(repetition_penalty=1.3, frequency_penalty=0.5),
+        "repetition and frequency": base.copy(repetition_penalty=1.3, frequency_penalty=0.5),
+        "presence, seeded sampling": base.copy(presence_penalty=1.5, temperature=0.8, top_k=20, seed=11),
+        "logit bias": base.copy(logit_bias={5: 3.0, probe.token_ids[2]: -100.0}),
         "logprobs": base.copy(logprobs=2),
-        "logit_bias": base.copy(logit_bias={5: 3.0}),
-        # a stop string is matched in the text token by token: tokens past it are never sampled
-        "stop string": base.copy(stop=[probe.text[3:6]]),
+        "stop string": base.copy(stop=[probe.text[8:13]]),
+        "everything": base.copy(repetition_penalty=0.7, logprobs=0, stop=[probe.text[10:14]], logit_bias={3: 1.0}),
     }
     windows = []
-
-    def refused(*args):  # (an error fails the batch's requests: the comparison below shows it)
-        windows.append(args)
-        raise AssertionError("a window ran")
-
-    monkeypatch.setattr(ahead, "_decode_ahead", refused)
+    real = ahead._decode_ahead
+    monkeypatch.setattr(ahead, "_decode_ahead", lambda *args: windows.append(args) or real(*args))
     for name, special in cases.items():
-        want = single.generate(PROMPTS[:2], [base, special])
-        got = ahead.generate(PROMPTS[:2], [base, special])
-        assert [(c.token_ids, c.logprobs, c.text) for c in got] == [(c.token_ids, c.logprobs, c.text) for c in want], (
-            name
-        )
-    assert windows == []
+        want = single.generate(PROMPTS[:3:2], [base, special])
+        got = ahead.generate(PROMPTS[:3:2], [base, special])
+        assert [(c.token_ids, c.text, c.finish_reason) for c in got] == [
+            (c.token_ids, c.text, c.finish_reason) for c in want
+        ], name
+        for g, w in zip(got, want):
+            assert (g.logprobs is None) == (w.logprobs is None), name
+            if w.logprobs is not None:
+                assert [(e.token_id, [t for t, _ in e.top]) for e in g.logprobs] == [
+                    (e.token_id, [t for t, _ in e.top]) for e in w.logprobs
+                ], name
+                torch.testing.assert_close(
+                    [[e.logprob, *(lp for _, lp in e.top)] for e in g.logprobs],
+                    [[e.logprob, *(lp for _, lp in e.top)] for e in w.logprobs],
+                    rtol=0,
+                    atol=1e-5,
+                )
+        assert windows, name
+        windows.clear()
+    [stopped] = ahead.generate(PROMPTS[2:3], cases["stop string"])
+    assert (stopped.finish_reason, stopped.token_ids) == ("stop", probe.token_ids[:3])  # cut inside a window
 
 
 def test_non_finite_logits_inside_a_window_fail_their_request_only(ckpt_dir, monkeypatch):

@@ -10,7 +10,7 @@ from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
 
 from complexity.inference import Engine, SamplingParams
 from complexity.inference.detokenize import IncrementalDetokenizer, StopMatcher
-from complexity.inference.sampling import apply_penalties, filter_logits
+from complexity.inference.sampling import Penalties, filter_logits
 
 torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
 # Engines are built with device="cpu": the default picks CUDA (bf16) where there is a GPU, and
@@ -301,7 +301,8 @@ def test_penalties_and_logit_bias_match_their_formulas_in_float64():
     p = SamplingParams(
         repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=-0.25, logit_bias={7: 5.0, 11: -100.0}
     )
-    got = apply_penalties(logits, [p, SamplingParams(), SamplingParams(presence_penalty=1.0)], prompts, outputs)
+    penalties = Penalties([p, SamplingParams(), SamplingParams(presence_penalty=1.0)], prompts, outputs, 12, "cpu")
+    got = penalties(logits)
     ref = logits[0].double().clone()
     ref[7] += 5.0
     ref[11] -= 100.0
@@ -312,6 +313,13 @@ def test_penalties_and_logit_bias_match_their_formulas_in_float64():
     torch.testing.assert_close(got[0].double(), ref, rtol=0, atol=1e-5)
     assert torch.equal(got[1], logits[1]) and torch.equal(got[2], logits[2])  # nothing generated yet
     assert got is not logits and torch.equal(logits, logits.clone())  # the caller's tensor is not written
+    # a step's tokens counted on the device (-1, a failed row, is not a token) = the state built
+    # from the longer outputs
+    penalties.count(torch.tensor([3, 4, 8]))
+    penalties.count(torch.tensor([-1, 5, -1]))
+    longer = [[3, 3, 7, 2, 3], [3, 3, 7, 2, 4, 5], [8]]
+    rebuilt = Penalties([p, SamplingParams(), SamplingParams(presence_penalty=1.0)], prompts, longer, 12, "cpu")
+    assert torch.equal(penalties(logits), rebuilt(logits)) and not torch.equal(penalties(logits), got)
 
 
 def test_penalised_greedy_decoding_equals_a_full_forward_loop(ckpt_dir):
@@ -539,14 +547,14 @@ def test_a_failing_request_fails_alone(ckpt_dir, monkeypatch):
     engine = Engine.from_pretrained(path, device="cpu", max_batch=4)
     p = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
     expected = [o.token_ids for o in engine.generate(PROMPTS[:3], p)]
-    real = engine_mod.sample_tokens
+    real = engine_mod.BatchSampler.sample
 
-    def flaky(logits, params, *args):
-        if any(q.seed == 666 for q in params):
+    def flaky(self, logits):
+        if any(q.seed == 666 for q in self.params):
             raise RuntimeError("probability tensor contains inf")
-        return real(logits, params, *args)
+        return real(self, logits)
 
-    monkeypatch.setattr(engine_mod, "sample_tokens", flaky)
+    monkeypatch.setattr(engine_mod.BatchSampler, "sample", flaky)
     bad = p.copy(seed=666)
     outs = engine.generate([PROMPTS[0], "the", PROMPTS[1], PROMPTS[2]], [p, bad, p, p])
     assert outs[1].finish_reason == "error" and outs[1].token_ids == []

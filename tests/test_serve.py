@@ -158,7 +158,8 @@ def test_streaming_matches_non_streaming(client):
 def test_decode_steps_serve_the_same_answers(ckpt, client):
     """A server reading the tokens every 4 decode steps answers as the default one: completions
     and chats, streamed (deltas several tokens long) or not, greedy and seeded, with usage and
-    finish reasons; a stop string (one step per read for that batch) cuts at the same place."""
+    finish reasons; a stop string cuts at the same place (usage included), penalties and logprobs
+    give the same tokens and logprobs."""
     with running_server(ckpt, api_key=API_KEY, max_batch=4, decode_steps=4) as (url, _):
         ahead = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
         for kw in (
@@ -176,6 +177,15 @@ def test_decode_steps_serve_the_same_answers(ckpt, client):
             for c in (client, ahead)
         )
         assert got.choices[0].text == want.choices[0].text and got.choices[0].finish_reason == "stop"
+        assert got.usage == want.usage
+        kw = dict(
+            prompt="the cat", max_tokens=12, temperature=0, frequency_penalty=0.8, logit_bias={"7": 2}, logprobs=2
+        )
+        want, got = (c.completions.create(model=MODEL, **kw) for c in (client, ahead))
+        assert (got.choices[0].text, got.usage) == (want.choices[0].text, want.usage)
+        w, g = want.choices[0].logprobs, got.choices[0].logprobs
+        assert g.tokens == w.tokens and [list(t) for t in g.top_logprobs] == [list(t) for t in w.top_logprobs]
+        assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=1e-5)
         msgs = [{"role": "user", "content": "hello there"}]
         want, got = (
             c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0) for c in (client, ahead)

@@ -14,7 +14,7 @@ from importlib import import_module
 _EXPORTS = {
     "AsyncEngine": "async_engine",
     "RequestGroup": "async_engine",
-    "RequestOutput": "async_engine",
+    "RequestOutput": "outputs",
     "Engine": "engine",
     "SlotKVCache": "cache",
     "SamplingParams": "sampling",

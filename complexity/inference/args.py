@@ -103,8 +103,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
         type=_decode_steps,
         default=1,
         help="decode steps run back to back on the device before the host reads their tokens: one wait "
-        "and one round of bookkeeping per N tokens, tokens streamed N at a time; a batch with a request that "
-        "has penalties, logprobs or stop strings takes one (default 1, at most 64)",
+        "and one round of bookkeeping per N tokens, tokens streamed N at a time (default 1, at most 64)",
     )
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 

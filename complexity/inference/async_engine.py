@@ -22,44 +22,15 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from .core import ProcessCore, ThreadCore, engine_stats
 from .detokenize import OutputProcessor
 from .engine import Engine, check_params, check_request, encode_prompt
 from .errors import EngineOverloaded, EngineStopped, InvalidRequest
-from .outputs import StepOutput, TokenLogprob
+from .outputs import RequestOutput, StepOutput
 from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    """What one sequence of a request gained since its consumer last looked (or, from
-    `RequestGroup.result`, everything it produced)."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    error: str | None = None
-
-    def add(self, out: StepOutput) -> None:
-        self.text += out.new_text
-        self.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs:
-            self.logprobs = (self.logprobs or []) + list(out.new_logprobs)
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        self.finished, self.finish_reason = out.finished, out.finish_reason
-        self.num_prompt_tokens, self.num_generated_tokens = out.num_prompt_tokens, out.num_generated_tokens
-        self.error = out.error
 
 
 class RequestGroup:

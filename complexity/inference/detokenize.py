@@ -176,7 +176,7 @@ class OutputProcessor:
             return outputs, []
         outputs = _merge_by_request(outputs)
         result: list[StepOutput] = []
-        todo = []  # (position in result, state, output): outputs whose text needs the batched decode
+        todo = []  # (position in result, state, output, its windows in seqs: (first, count) or None)
         seqs, skips = [], []
         for out in outputs:
             st = self._states.get(out.request_id)
@@ -185,49 +185,90 @@ class OutputProcessor:
                 continue
             if st.done:  # already ended by a stop string
                 continue
-            toks = out.new_token_ids
-            if out.finished and out.finish_reason == "stop" and toks:
-                toks = toks[:-1]  # an eos / stop token ending the request is not text
-            if st.detok is None:
+            toks = _text_tokens(out)
+            if st.stopper is not None and len(toks) > 1:
+                # several tokens at once (a window of decode steps): matched one token at a time,
+                # so the output ends at the token that completed a stop string, as with one per step
+                todo.append((len(result), st, out, None))
+            elif st.detok is None:
                 st.ids.extend(toks)
                 if not out.finished:  # decoded once, at the end: nothing to do now (the common case)
                     result.append(out)
                     continue
-                first = len(seqs)
+                todo.append((len(result), st, out, (len(seqs), 2)))
                 seqs += [st.context, st.context + st.ids]
             else:
+                first = len(seqs)
                 for t in toks:
                     st.detok.push(t)
-                first = len(seqs)
                 if toks:
                     if st.detok.prefix_text is None:
                         seqs.append(st.detok.prefix_window())
                     seqs.append(st.detok.window())
-            skips += [st.skip] * (len(seqs) - first)
-            todo.append((len(result), st, out, first, len(seqs) - first))
+                todo.append((len(result), st, out, (first, len(seqs) - first)))
+            skips += [st.skip] * (len(seqs) - len(skips))
             result.append(out)
         texts = self._decode_batch(seqs, skips) if seqs else []
         stopped = []
-        for pos, st, out, first, n in todo:
-            if st.detok is None:
-                text = texts[first + 1][len(texts[first]) :]
+        for pos, st, out, window in todo:
+            if window is None:
+                text, hit, out = _match_token_by_token(st, out)
             else:
-                text = ""
-                if n:
-                    prefix = texts[first] if n == 2 else st.detok.prefix_text
-                    text = st.detok.commit(prefix, texts[first + n - 1])
-                if out.finished:
-                    text += st.detok.flush()
+                text = _window_text(st, out, texts, *window)
+                hit = False
+                if st.stopper is not None:
+                    text, hit = st.stopper.feed(text, final=out.finished)
             finished, reason = out.finished, out.finish_reason
-            if st.stopper is not None:
-                text, hit = st.stopper.feed(text, final=finished)
-                if hit:
-                    if not finished:
-                        stopped.append(out.request_id)
-                    finished, reason = True, "stop"
+            if hit:
+                if not finished:
+                    stopped.append(out.request_id)
+                finished, reason = True, "stop"
             st.done = finished
             result[pos] = out._replace(new_text=text, finished=finished, finish_reason=reason)
         return result, stopped
+
+
+def _text_tokens(out: StepOutput) -> list[int]:
+    """The output's tokens that are text: an eos / stop token ending the request is not."""
+    toks = out.new_token_ids
+    return toks[:-1] if out.finished and out.finish_reason == "stop" and toks else toks
+
+
+def _window_text(st: _State, out: StepOutput, texts: list[str], first: int, n: int) -> str:
+    """The output's new text from the batched decode of its windows texts[first : first + n]."""
+    if st.detok is None:  # decoded once, at the end: the whole text after the prompt's context
+        return texts[first + 1][len(texts[first]) :]
+    text = ""
+    if n:
+        prefix = texts[first] if n == 2 else st.detok.prefix_text
+        text = st.detok.commit(prefix, texts[first + n - 1])
+    if out.finished:
+        text += st.detok.flush()
+    return text
+
+
+def _match_token_by_token(st: _State, out: StepOutput) -> tuple[str, bool, StepOutput]:
+    """(text released, whether a stop string ended it, the output cut after the token that
+    completed the stop string: its tokens, logprobs and count end there)."""
+    text = ""
+    for n, t in enumerate(_text_tokens(out), 1):
+        released, hit = st.stopper.feed(st.detok.add(t))
+        text += released
+        if hit:
+            dropped = len(out.new_token_ids) - n
+            return (
+                text,
+                True,
+                out._replace(
+                    new_token_ids=out.new_token_ids[:n],
+                    new_logprobs=None if out.new_logprobs is None else out.new_logprobs[:n],
+                    num_generated_tokens=out.num_generated_tokens - dropped,
+                ),
+            )
+    if not out.finished:
+        return text, False, out
+    released, hit = st.stopper.feed(st.detok.flush(), final=True)
+    return text + released, hit, out
 
 
 __all__ = ["IncrementalDetokenizer", "OutputProcessor", "StopMatcher"]

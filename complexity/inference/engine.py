@@ -47,8 +47,8 @@ from ..runtime import resolve_device, resolve_dtype
 from .cache import SlotKVCache, attention_mask_decode, attention_mask_prefill, positions_per_slot
 from .detokenize import OutputProcessor
 from .errors import InvalidRequest
-from .outputs import Completion, StepOutput, TokenLogprob
-from .sampling import SEED_RANGE, SamplingParams, make_generator, sample_tokens, top_logprobs
+from .outputs import Completion, RequestOutput, StepOutput, TokenLogprob
+from .sampling import SEED_RANGE, BatchSampler, SamplingParams, make_generator, top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ class Request:
     slot: int | None = None
     finished: bool = False
     finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)
@@ -88,14 +87,16 @@ class Request:
         """Positions filled in the slot (the last sampled token is not yet in the cache)."""
         return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
 
-    def completion(self, text: str, finish_reason: str | None) -> Completion:
+    def completion(self, out: RequestOutput) -> Completion:
+        """The finished request from its merged outputs: their tokens, which a stop string may
+        end before the last token the engine sampled."""
         return Completion(
             request_id=self.request_id,
             prompt_token_ids=list(self.prompt_ids),
-            token_ids=list(self.output_ids),
-            text=text,
-            finish_reason=finish_reason,
-            logprobs=self.logprobs,
+            token_ids=out.token_ids,
+            text=out.text,
+            finish_reason=out.finish_reason,
+            logprobs=None if self.params.logprobs is None else (out.logprobs or []),
             prompt_logprobs=self.prompt_logprobs,
             time_to_first_token=None if self.first_token_time is None else self.first_token_time - self.arrival,
             latency=None if self.finish_time is None else self.finish_time - self.arrival,
@@ -248,10 +249,6 @@ def _check_engine_args(
         fail("compile", "True, False, None (the device's default) or a torch.compile backend name", compile)
     integer("seed", seed, *SEED_RANGE, "an integer in [-2**63, 2**64)")  # torch.Generator's range
     integer("decode_steps", decode_steps, 1, MAX_DECODE_STEPS, f"an integer in [1, {MAX_DECODE_STEPS}]")
-
-
-def _needs_host_per_token(params: SamplingParams) -> bool:
-    return params.penalised or params.logprobs is not None or bool(params.stop)
 
 
 class Engine:
@@ -502,8 +499,6 @@ class Engine:
             raise InvalidRequest("request_id", f"{rid!r} is already in use")
         req = Request(rid, ids, params)
         req.generator = make_generator(params.seed, self.device)
-        if params.logprobs is not None:
-            req.logprobs = []
         self.waiting.append(req)
         self.requests[rid] = req
         return req
@@ -572,13 +567,10 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"params: got {len(params)} for {len(prompts)} prompts")
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        texts = {r.request_id: [] for r in reqs}
-        reasons = {}
+        merged = {r.request_id: RequestOutput(i) for i, r in enumerate(reqs)}
         for out in self._run_to_end(reqs, incremental=False):
-            texts[out.request_id].append(out.new_text)
-            if out.finished:
-                reasons[out.request_id] = out.finish_reason
-        return [r.completion("".join(texts[r.request_id]), reasons.get(r.request_id)) for r in reqs]
+            merged[out.request_id].add(out)
+        return [r.completion(merged[r.request_id]) for r in reqs]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StepOutput]:
         """The outputs of one request as they are decoded: `new_text` holds each text delta; the
@@ -708,11 +700,9 @@ class Engine:
         self._sample_and_emit(reqs, logits if rows is None else logits[rows], outputs, first=False)
 
     def _steps_ahead(self, reqs: list[Request]) -> int:
-        """How many decode steps to run before reading the tokens: `decode_steps` when no request
-        needs the host between two of its tokens (penalties read the tokens so far, logprobs are
-        kept per token, stop strings are matched in the text as each token comes), at most as many
+        """How many decode steps to run before reading the tokens: `decode_steps`, at most as many
         as some request still wants and every slot has room for."""
-        if self.decode_steps == 1 or any(_needs_host_per_token(r.params) for r in reqs):
+        if self.decode_steps == 1:
             return 1
         room = min(self.max_seq_len - r.num_cached for r in reqs)
         wanted = max(
@@ -735,37 +725,42 @@ class Engine:
         input on the device, and the host reads them all once at the end, so it neither waits for
         the GPU nor does its bookkeeping between two tokens. A request that finishes inside the
         window (a stop token, its length) drops the tokens it sampled after: only their compute
-        is lost. Sampling draws as the single steps would: the same tokens for greedy and seeded
-        requests."""
+        is lost (a stop string is found by the output processor, which cuts the output after the
+        token that completed it). Sampling draws as the single steps would, penalties counting
+        each step's tokens on the device: the same tokens for greedy and seeded requests, and
+        the same logprobs."""
         slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        params, generators = [r.params for r in reqs], [r.generator for r in reqs]
-        prompts, outputs_so_far = [r.prompt_ids for r in reqs], [r.output_ids for r in reqs]
+        sampler = self._sampler(reqs, self.device)
         tokens_pos = tokens_pos.to(self.device)
-        drawn = []
+        drawn, logprobs = [], []
         for _ in range(steps):
             logits = self._run_decode(tokens_pos, nrows, need_kv)
             logits = logits if rows is None else logits[rows]
-            tokens = sample_tokens(logits, params, generators, prompts, outputs_so_far, self.generator)
-            # a row whose logits are not finite gets -1 (its request fails below) and feeds a
-            # valid id to the steps after it
-            tokens = tokens.masked_fill(~torch.isfinite(logits).all(-1), -1)
+            tokens = sampler.sample(logits)  # a row with non-finite logits: -1, its request fails below
+            logprobs.append(sampler.logprobs(logits, tokens))
+            sampler.count(tokens)
             drawn.append(tokens)
             tokens_pos = tokens_pos.clone()  # a new input: the eager step may hold views of the last one
-            tokens_pos[0, slots] = tokens.clamp(min=0)
+            tokens_pos[0, slots] = tokens.clamp(min=0)  # a failed row feeds a valid id to the steps after it
             tokens_pos[1, slots] += 1
         self.stats["decode_steps"] += steps
         now = time.perf_counter()
-        for r, toks in zip(reqs, torch.stack(drawn, dim=1).tolist()):  # the one device-to-host read
-            accepted = []
-            for tok in toks:
+        # the host reads the window's tokens (and logprobs) once
+        stacked = None if logprobs[0] is None else [torch.stack(t, dim=1) for t in zip(*logprobs)]
+        entries = self._logprob_entries(reqs, sampler, stacked)
+        for i, (r, toks) in enumerate(zip(reqs, torch.stack(drawn, dim=1).tolist())):
+            accepted, kept = [], []
+            for step, tok in enumerate(toks):
                 if tok < 0:
                     break
+                entry = TokenLogprob(tok, *entries[i][step]) if i in entries else None
                 accepted.append(tok)
-                self._accept(r, tok, None, now)
+                kept.append(entry)
+                self._accept(r, tok, now)
                 if r.finished:
                     break
             if accepted:
-                outputs.append(self._output(r, accepted, None, None))
+                outputs.append(self._output(r, accepted, kept if i in entries else None, None))
             if not r.finished and len(accepted) < len(toks):
                 self._fail(r, FloatingPointError("the model produced non-finite logits"), outputs)
 
@@ -899,34 +894,41 @@ class Engine:
                     out.append(one_err)
             return out
 
-    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list:
-        params = [r.params for r in reqs]
-        tokens = sample_tokens(
-            logits,
-            params,
+    def _sampler(self, reqs: list[Request], device: torch.device) -> BatchSampler:
+        return BatchSampler(
+            [r.params for r in reqs],
             [r.generator for r in reqs],
             [r.prompt_ids for r in reqs],
             [r.output_ids for r in reqs],
+            self.vocab_size,
+            device,
             self.generator,
         )
-        # a row whose logits are not finite (a broken model or weights) gets -1: it fails alone
-        tokens = tokens.masked_fill(~torch.isfinite(logits).all(-1), -1)
-        lp_rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        lp_entries: dict[int, tuple] = {}
-        if lp_rows:
-            k = max(reqs[i].params.logprobs for i in lp_rows)
-            rows = torch.tensor(lp_rows, device=logits.device)
-            lp, top_ids, top_lp = top_logprobs(logits[rows], tokens[rows].clamp(min=0), k)
-            lp, top_ids, top_lp = lp.tolist(), top_ids.tolist(), top_lp.tolist()
-            for j, i in enumerate(lp_rows):
-                kk = reqs[i].params.logprobs
-                lp_entries[i] = (lp[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))
+
+    @staticmethod
+    def _logprob_entries(reqs: list[Request], sampler: BatchSampler, logprobs) -> dict[int, list[tuple]]:
+        """Row -> (logprob, top [(id, logprob)]) per step, for the rows that asked for logprobs,
+        from the sampler's (chosen [L, S], top ids [L, S, k], top logprobs [L, S, k]) of S steps."""
+        if logprobs is None:
+            return {}
+        lp, top_ids, top_lp = (t.tolist() for t in logprobs)
+        entries = {}
+        for j, i in enumerate(sampler.logprob_rows):
+            k = reqs[i].params.logprobs
+            entries[i] = [(lp[j][s], list(zip(top_ids[j][s][:k], top_lp[j][s][:k]))) for s in range(len(lp[j]))]
+        return entries
+
+    def _sample_rows(self, reqs: list[Request], logits: torch.Tensor) -> list:
+        sampler = self._sampler(reqs, logits.device)
+        tokens = sampler.sample(logits)
+        logprobs = sampler.logprobs(logits, tokens)
+        entries = self._logprob_entries(reqs, sampler, None if logprobs is None else [t[:, None] for t in logprobs])
         out = []
         for i, tok in enumerate(tokens.tolist()):
             if tok < 0:
                 out.append(FloatingPointError("the model produced non-finite logits"))
             else:
-                e = lp_entries.get(i)
+                e = entries[i][0] if i in entries else None
                 out.append((tok, TokenLogprob(tok, e[0], e[1]) if e is not None else None))
         return out
 
@@ -939,20 +941,18 @@ class Engine:
                 self._fail(r, res, outputs)
                 continue
             tok, entry = res
-            self._accept(r, tok, entry, now)
+            self._accept(r, tok, now)
             outputs.append(
                 self._output(r, [tok], [entry] if entry is not None else None, r.prompt_logprobs if first else None)
             )
 
-    def _accept(self, r: Request, tok: int, entry: TokenLogprob | None, now: float) -> None:
-        """Append a sampled token (and its logprob entry) to its request; finish the request on a
+    def _accept(self, r: Request, tok: int, now: float) -> None:
+        """Append a sampled token to its request; finish the request on a
         stop token, at its max_new_tokens or when its slot is full."""
         r.output_ids.append(tok)
         self.stats["generated_tokens"] += 1
         if r.first_token_time is None:
             r.first_token_time = now
-        if entry is not None:
-            r.logprobs.append(entry)
         p = r.params
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish(r, "stop")

@@ -6,7 +6,7 @@ the API process, and tuples pickle several times faster than dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -49,4 +49,32 @@ class Completion:
     latency: float | None = None
 
 
-__all__ = ["Completion", "StepOutput", "TokenLogprob"]
+@dataclass
+class RequestOutput:
+    """`StepOutput`s of one sequence merged: what it gained since its consumer last looked (a
+    stream), or everything it produced (`Engine.generate`, `RequestGroup.result`)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    error: str | None = None
+
+    def add(self, out: StepOutput) -> None:
+        self.text += out.new_text
+        self.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs:
+            self.logprobs = (self.logprobs or []) + list(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.finished, self.finish_reason = out.finished, out.finish_reason
+        self.num_prompt_tokens, self.num_generated_tokens = out.num_prompt_tokens, out.num_generated_tokens
+        self.error = out.error
+
+
+__all__ = ["Completion", "RequestOutput", "StepOutput", "TokenLogprob"]

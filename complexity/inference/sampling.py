@@ -84,7 +84,7 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        """Whether `apply_penalties` changes this request's logits."""
+        """Whether `Penalties` changes this request's logits."""
         return (
             bool(self.logit_bias)
             or self.repetition_penalty != 1.0
@@ -191,42 +191,72 @@ def _integer_in(name: str, value, lo, hi, what: str) -> None:
     _within(name, value, lo, hi, what)
 
 
-def apply_penalties(
-    logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]]
-) -> torch.Tensor:
-    """The per-request logits processors that depend on the tokens so far, for all the rows that
-    use them at once (a copy of `logits` if any does; no device-to-host sync): logit bias, the CTRL
-    repetition penalty over prompt and output (logit / p if positive, else logit * p), then
-    OpenAI's presence and frequency penalties over the output (logit - presence * [count > 0] -
-    frequency * count)."""
-    rows = [i for i, p in enumerate(params) if p.penalised]
-    if not rows:
+class Penalties:
+    """The logits processors that depend on the tokens so far, for the rows of one batch that use
+    any: logit bias, the CTRL repetition penalty over prompt and output (logit / p if positive,
+    else logit * p), then OpenAI's presence and frequency penalties over the output (logit -
+    presence * [count > 0] - frequency * count). Held as dense [rows, V] tensors on the device,
+    built once from the tokens so far: applying them reads nothing from the host, and `count`
+    adds a step's sampled tokens on the device, so a window of decode steps penalises each step as
+    single steps would."""
+
+    def __init__(self, params: list[SamplingParams], prompts, outputs, vocab: int, device: torch.device):
+        rows = [i for i, p in enumerate(params) if p.penalised]
+        sub = [params[i] for i in rows]
+        self.rows = torch.tensor(rows, device=device)
+        shape = (len(rows), vocab)
+
+        def at(pairs):  # (row, token) pairs -> the index tensors of a [rows, V] tensor
+            return tuple(torch.tensor(c, dtype=torch.long, device=device) for c in zip(*pairs))
+
+        self.bias = self.seen = self.counts = None
+        if any(p.logit_bias for p in sub):
+            bias = [(j, t, b) for j, p in enumerate(sub) for t, b in p.logit_bias.items()]
+            self.bias = torch.zeros(shape, device=device)
+            self.bias[at([b[:2] for b in bias])] = torch.tensor([b[2] for b in bias], device=device)
+        if any(p.repetition_penalty != 1.0 for p in sub):
+            self.rep = torch.tensor([p.repetition_penalty for p in sub], device=device)[:, None]
+            self.seen = torch.zeros(shape, dtype=torch.bool, device=device)
+            seen = [
+                (j, t)
+                for j, i in enumerate(rows)
+                if sub[j].repetition_penalty != 1.0
+                for t in {*prompts[i], *outputs[i]}
+            ]
+            if seen:
+                self.seen[at(seen)] = True
+        if any(p.presence_penalty or p.frequency_penalty for p in sub):
+            self.presence = torch.tensor([p.presence_penalty for p in sub], device=device)[:, None]
+            self.frequency = torch.tensor([p.frequency_penalty for p in sub], device=device)[:, None]
+            self.counts = torch.zeros(shape, device=device)
+            generated = [(j, t) for j, i in enumerate(rows) for t in outputs[i]]
+            if generated:
+                self.counts.index_put_(at(generated), torch.ones(len(generated), device=device), accumulate=True)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of float32 logits [B, V] with the penalised rows processed."""
+        logits = logits.clone()
+        sub = logits[self.rows]
+        if self.bias is not None:
+            sub += self.bias
+        if self.seen is not None:
+            sub = torch.where(self.seen, torch.where(sub > 0, sub / self.rep, sub * self.rep), sub)
+        if self.counts is not None:
+            sub -= self.frequency * self.counts + self.presence * (self.counts > 0)
+        logits[self.rows] = sub
         return logits
-    logits = logits.clone()
-    flat, vocab, dev = logits.view(-1), logits.shape[-1], logits.device
-    bias = [(i * vocab + t, b) for i in rows for t, b in params[i].logit_bias.items()]
-    if bias:
-        at, value = zip(*bias)
-        flat.index_add_(0, torch.tensor(at, device=dev), torch.tensor(value, device=dev, dtype=flat.dtype))
-    seen = [
-        (i * vocab + t, params[i].repetition_penalty)
-        for i in rows
-        if params[i].repetition_penalty != 1.0
-        for t in {*prompts[i], *outputs[i]}
-    ]
-    if seen:
-        at, penalty = zip(*seen)
-        at, penalty = torch.tensor(at, device=dev), torch.tensor(penalty, device=dev, dtype=flat.dtype)
-        vals = flat[at]
-        flat[at] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    counted = [i for i in rows if (params[i].presence_penalty or params[i].frequency_penalty) and outputs[i]]
-    if counted:
-        at = torch.tensor([i * vocab + t for i in counted for t in outputs[i]], device=dev)
-        counts = torch.zeros_like(flat).index_add_(0, at, torch.ones_like(at, dtype=flat.dtype)).view_as(logits)
-        presence = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=flat.dtype)[:, None]
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=flat.dtype)[:, None]
-        logits -= frequency * counts + presence * (counts > 0)
-    return logits
+
+    def count(self, tokens: torch.Tensor) -> None:
+        """Add the batch's sampled tokens [B] (-1: a failed row, skipped) to the tokens so far."""
+        if self.seen is None and self.counts is None:
+            return
+        tok = tokens[self.rows]
+        valid = tok >= 0
+        tok = tok.clamp(min=0)[:, None]
+        if self.seen is not None:
+            self.seen.scatter_(1, tok, self.seen.gather(1, tok) | valid[:, None])
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tok, valid[:, None].float())
 
 
 def filter_logits(
@@ -264,45 +294,78 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return gen
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-    prompts: list[list[int]],
-    outputs: list[list[int]],
-    default_generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next token ids [B] (long, on logits' device) for float32 logits [B, V], one params per row.
+class BatchSampler:
+    """The sampling of one batch of requests, prepared once (per decode step, or once for a window
+    of steps): the parameter tensors, the penalties' state, each row's generator.
 
-    `prompts[i]` and `outputs[i]` are row i's prompt and generated ids so far (read only by the
-    rows whose penalties need them). Draws use the exponential race (argmax of p / E with E ~ Exp(1), a sample from p): unlike
-    `torch.multinomial`, it never raises (nor, on CUDA, asserts) on a degenerate row.
-    """
-    logits = apply_penalties(logits.float(), params, prompts, outputs)
-    out = logits.argmax(dim=-1)
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled:
-        return out
-    dev = logits.device
-    rows = torch.tensor(sampled, device=dev)
-    sub = [params[i] for i in sampled]
-    probs = filter_logits(
-        logits[rows],
-        torch.tensor([p.temperature for p in sub], device=dev, dtype=torch.float32),
-        torch.tensor([p.top_k for p in sub], device=dev, dtype=torch.long),
-        torch.tensor([p.top_p for p in sub], device=dev, dtype=torch.float32),
-        torch.tensor([p.min_p for p in sub], device=dev, dtype=torch.float32),
-    )
-    noise = torch.empty_like(probs)
-    shared = [j for j, i in enumerate(sampled) if generators[i] is None]
-    if shared:
-        noise.exponential_(generator=default_generator)
-    for j, i in enumerate(sampled):
-        if generators[i] is not None:  # a seeded request draws from its own generator only
-            noise[j].exponential_(generator=generators[i])
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would divide by zero
-    out[rows] = (probs / noise).argmax(-1)
-    return out
+    `sample(logits)` draws the next tokens; `logprobs(logits, tokens)` gives the rows that asked
+    for them their entries; `count(tokens)` adds a step's tokens to the penalties' state. All of
+    it stays on the device: nothing waits for the host between two steps of a window. Draws use the
+    exponential race (argmax of p / E with E ~ Exp(1), a sample from p): unlike `torch.multinomial`,
+    it never raises (nor, on CUDA, asserts) on a degenerate row."""
+
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        prompts: list[list[int]],
+        outputs: list[list[int]],
+        vocab: int,
+        device: torch.device,
+        default_generator: torch.Generator | None = None,
+    ):
+        """`prompts[i]` and `outputs[i]` are row i's prompt and generated ids so far (read only for
+        the rows whose penalties need them)."""
+        self.params, self.generators, self.default_generator = params, generators, default_generator
+        self.penalties = (
+            Penalties(params, prompts, outputs, vocab, device) if any(p.penalised for p in params) else None
+        )
+        self.sampled = [i for i, p in enumerate(params) if not p.greedy]
+        self.logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        # a greedy batch (the common case at batch 1, where the host bounds the step) builds no tensors
+        if self.sampled:
+            sub = [params[i] for i in self.sampled]
+            self._sampled_rows = torch.tensor(self.sampled, device=device)
+            self._filters = (
+                torch.tensor([p.temperature for p in sub], device=device, dtype=torch.float32),
+                torch.tensor([p.top_k for p in sub], device=device, dtype=torch.long),
+                torch.tensor([p.top_p for p in sub], device=device, dtype=torch.float32),
+                torch.tensor([p.min_p for p in sub], device=device, dtype=torch.float32),
+            )
+        if self.logprob_rows:
+            self._logprob_rows = torch.tensor(self.logprob_rows, device=device)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token ids [B] (long, on logits' device) for float32 logits [B, V]; -1 for a row
+        whose logits are not all finite (a broken model: its request fails alone)."""
+        processed = logits.float() if self.penalties is None else self.penalties(logits.float())
+        out = processed.argmax(dim=-1)
+        if self.sampled:
+            probs = filter_logits(processed[self._sampled_rows], *self._filters)
+            noise = torch.empty_like(probs)
+            if any(self.generators[i] is None for i in self.sampled):
+                noise.exponential_(generator=self.default_generator)
+            for j, i in enumerate(self.sampled):
+                if self.generators[i] is not None:  # a seeded request draws from its own generator only
+                    noise[j].exponential_(generator=self.generators[i])
+            noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would divide by zero
+            out[self._sampled_rows] = (probs / noise).argmax(-1)
+        return out.masked_fill(~torch.isfinite(logits).all(-1), -1)
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor):
+        """For the rows in `logprob_rows`: (chosen logprob [L], top ids [L, k], top logprobs [L, k])
+        from the raw model distribution, k the largest any of them asked for; None if none did."""
+        if not self.logprob_rows:
+            return None
+        k = max(self.params[i].logprobs for i in self.logprob_rows)
+        rows = self._logprob_rows
+        return top_logprobs(logits[rows], tokens[rows].clamp(min=0), k)
+
+    def count(self, tokens: torch.Tensor) -> None:
+        """The tokens [B] just sampled become part of the tokens so far (for the next step of a
+        window)."""
+        if self.penalties is not None:
+            self.penalties.count(tokens)
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int):
@@ -320,8 +383,8 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int):
 
 __all__ = [
     "SamplingParams",
-    "apply_penalties",
-    "sample_tokens",
+    "BatchSampler",
+    "Penalties",
     "filter_logits",
     "make_generator",
     "top_logprobs",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..inference.async_engine import RequestOutput
+from ..inference.outputs import RequestOutput
 from .errors import APIError
 from .protocol import ChatCompletionRequest
 from .serving import SSE_DONE, OpenAIServing, sse

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..inference.async_engine import RequestOutput
 from ..inference.errors import InvalidRequest
+from ..inference.outputs import RequestOutput
 from .protocol import CompletionRequest
 from .serving import SSE_DONE, OpenAIServing, sse
 

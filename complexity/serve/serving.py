@@ -12,8 +12,9 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..inference.async_engine import AsyncEngine, RequestGroup, RequestOutput
+from ..inference.async_engine import AsyncEngine, RequestGroup
 from ..inference.errors import EngineStopped, InvalidRequest
+from ..inference.outputs import RequestOutput
 from ..inference.sampling import SamplingParams
 from .errors import APIError, error_body
 from .metrics import ServerMetrics

@@ -78,16 +78,30 @@ def test_graph_decode_equals_eager_and_generate_fp32(variant):
 @pytest.mark.parametrize("variant", ["token_routed", "hash_top2_shared"])
 def test_decode_steps_in_graphs_equal_single_steps_fp32(variant):
     """decode_steps=8 with the defaults (graphs + compile): each step's tokens fed to the next
-    on the device, through the graphs' static inputs, give the single steps' tokens."""
+    on the device, through the graphs' static inputs, give the single steps' tokens, with
+    penalties counted and logprobs taken on the device between the steps."""
     model = _model(**VARIANTS[variant])
     prompts = _prompts()
-    params = SamplingParams(max_new_tokens=70, temperature=0, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=70, temperature=0, ignore_eos=True)
+    special = greedy.copy(repetition_penalty=1.2, frequency_penalty=0.3, logit_bias={5: 1.0}, logprobs=3)
+    params = [
+        greedy,
+        special,
+        greedy.copy(temperature=0.8, top_p=0.9, seed=3),
+        special.copy(presence_penalty=0.5),
+        greedy,
+    ]
     torch._dynamo.reset()
     ahead = Engine(model, None, max_batch=4, decode_steps=8)
     assert ahead.use_graphs and ahead.compile, ahead.startup.get("compile_error")
-    got = [o.token_ids for o in ahead.generate(prompts, params)]
+    got = ahead.generate(prompts, params)
     single = Engine(model, None, max_batch=4, cuda_graphs=False, compile=False)
-    assert got == [o.token_ids for o in single.generate(prompts, params)], variant
+    want = single.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want], variant
+    for g, w in ((g, w) for g, w in zip(got, want) if w.logprobs is not None):
+        assert [[t for t, _ in e.top] for e in g.logprobs] == [[t for t, _ in e.top] for e in w.logprobs], variant
+        lp = [[e.logprob, *(v for _, v in e.top)] for e in g.logprobs]
+        torch.testing.assert_close(lp, [[e.logprob, *(v for _, v in e.top)] for e in w.logprobs], rtol=0, atol=1e-4)
     del ahead
 
 
