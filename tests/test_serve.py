@@ -171,13 +171,13 @@ def test_decode_steps_serve_the_same_answers(ckpt, client):
             assert got.choices[0].finish_reason == want.choices[0].finish_reason
             chunks = list(ahead.completions.create(model=MODEL, **kw, stream=True))
             assert "".join(c.choices[0].text for c in chunks if c.choices) == want.choices[0].text
-        stop = want.choices[0].text[2:5]
-        want, got = (
-            c.completions.create(model=MODEL, prompt="the cat", max_tokens=13, temperature=0.9, seed=7, stop=[stop])
-            for c in (client, ahead)
-        )
+        kw = dict(prompt="the cat", max_tokens=13, temperature=0.9, seed=7, stop=[want.choices[0].text[2:5]])
+        want, got = (c.completions.create(model=MODEL, **kw) for c in (client, ahead))
         assert got.choices[0].text == want.choices[0].text and got.choices[0].finish_reason == "stop"
         assert got.usage == want.usage
+        chunks = list(ahead.completions.create(model=MODEL, **kw, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want.choices[0].text
+        assert chunks[-1].usage == want.usage
         kw = dict(
             prompt="the cat", max_tokens=12, temperature=0, frequency_penalty=0.8, logit_bias={"7": 2}, logprobs=2
         )
