@@ -749,18 +749,17 @@ class Engine:
         stacked = None if logprobs[0] is None else [torch.stack(t, dim=1) for t in zip(*logprobs)]
         entries = self._logprob_entries(reqs, sampler, stacked)
         for i, (r, toks) in enumerate(zip(reqs, torch.stack(drawn, dim=1).tolist())):
-            accepted, kept = [], []
-            for step, tok in enumerate(toks):
+            accepted = []
+            for tok in toks:
                 if tok < 0:
                     break
-                entry = TokenLogprob(tok, *entries[i][step]) if i in entries else None
                 accepted.append(tok)
-                kept.append(entry)
                 self._accept(r, tok, now)
                 if r.finished:
                     break
+            lps = [TokenLogprob(t, *e) for t, e in zip(accepted, entries[i])] if i in entries else None
             if accepted:
-                outputs.append(self._output(r, accepted, kept if i in entries else None, None))
+                outputs.append(self._output(r, accepted, lps, None))
             if not r.finished and len(accepted) < len(toks):
                 self._fail(r, FloatingPointError("the model produced non-finite logits"), outputs)
 
@@ -947,8 +946,8 @@ class Engine:
             )
 
     def _accept(self, r: Request, tok: int, now: float) -> None:
-        """Append a sampled token to its request; finish the request on a
-        stop token, at its max_new_tokens or when its slot is full."""
+        """Append a sampled token to its request; finish the request on a stop token, at its
+        max_new_tokens or when its slot is full."""
         r.output_ids.append(tok)
         self.stats["generated_tokens"] += 1
         if r.first_token_time is None:
