@@ -170,7 +170,7 @@ def _upstream_mlx(folder: Path, cfg: dict) -> str | None:
     if cfg.get("model_type") != MODEL_TYPE:
         return None
     from .integrations.upstream.readers import peek_tensor_names
-    from .integrations.upstream.trhash import MLX, trhash_layout
+    from .integrations.upstream.trhash.layouts import MLX, trhash_layout
 
     found = trhash_layout(cfg, peek_tensor_names(folder))
     return found[1] if found is not None and found[0] == MLX else None
