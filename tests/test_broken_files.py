@@ -273,7 +273,7 @@ CHECKPOINT_CASES = [
         "special-token-outside-vocab",
         "plain",
         lambda d: _edit_config(d, eos_token_id=VOCAB + 10),
-        [f"config.json: eos_token_id={VOCAB + 10} is outside the vocabulary"],
+        [f"config.json: eos_token_id: {VOCAB + 10} is outside the vocabulary [0, vocab_size={VOCAB})"],
         "model",
     ),
     (
