@@ -158,6 +158,18 @@ _SIZES["150m"] = _SIZES["base"]
 PRESETS = tuple(_SIZES)
 
 
+def _fail(field: str, message: str):
+    raise ValueError(f"ComplexityConfig.{field}: {message}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value) -> bool:
+    return _is_int(value) and value > 0
+
+
 def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -334,6 +346,11 @@ class ComplexityConfig(PretrainedConfig):
         self.routed_output_scale_last_layer = routed_output_scale_last_layer
         self.qk_norm_eps = qk_norm_eps
         self.use_cache = use_cache
+        # transformers' own token-id check (run by super().__init__) compares each id with
+        # vocab_size and fails with a bare TypeError on a non-integer: check them first, by name.
+        self._validate_vocabulary(
+            _fail, pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id
+        )
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -371,23 +388,38 @@ class ComplexityConfig(PretrainedConfig):
         """Raise ValueError naming the field for the first inconsistent setting. The checks run in
         this order, each relying on those before it (an expert count before the route tables built
         from it), and the first failure is the one reported."""
-
-        def fail(field: str, message: str):
-            raise ValueError(f"ComplexityConfig.{field}: {message}")
-
+        fail = _fail
+        self._validate_vocabulary(
+            fail, pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id
+        )
         self._validate_shape(fail)
         self._validate_attention_scales(fail)
         self._validate_choices(fail)
+        self._validate_flags(fail)
         self._validate_experts(fail)
         self._validate_hash_routing(fail)
         self._validate_shared_expert(fail)
         self._validate_mu_mode(fail)
         self._validate_numbers(fail)
 
+    def _validate_vocabulary(self, fail, **token_ids) -> None:
+        """vocab_size, and the special token ids (None, an id, or for eos a list of ids) inside it:
+        an id the model cannot emit would never stop a generation."""
+        if not _positive_int(self.vocab_size):
+            fail("vocab_size", f"must be a positive integer, got {self.vocab_size!r}")
+        for field, value in token_ids.items():
+            ids = value if field == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
+            for token_id in ids:
+                if token_id is None:
+                    continue
+                if not _is_int(token_id) or token_id < 0:
+                    fail(field, f"must be None or a non-negative integer id, got {value!r}")
+                if token_id >= self.vocab_size:
+                    fail(field, f"{token_id} is outside the vocabulary [0, vocab_size={self.vocab_size})")
+
     def _validate_shape(self, fail) -> None:
         """The sizes, the head counts that must divide one another, and head_dim."""
         for field in (
-            "vocab_size",
             "hidden_size",
             "intermediate_size",
             "num_hidden_layers",
@@ -396,7 +428,7 @@ class ComplexityConfig(PretrainedConfig):
             "max_position_embeddings",
         ):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _positive_int(value):
                 fail(field, f"must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
@@ -441,11 +473,19 @@ class ComplexityConfig(PretrainedConfig):
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             fail("sliding_window", f"must be None or a positive integer, got {self.sliding_window!r}")
 
+    def _validate_flags(self, fail) -> None:
+        """The on/off fields: true or false, never a truthy string such as "no"."""
+        for field in ("use_qk_norm", "shared_expert", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, f"must be true or false, got {getattr(self, field)!r}")
+
     def _validate_experts(self, fail) -> None:
         """A routed MLP's experts: their number and width, and the experts each token visits."""
         if self.mlp_type != "dense":
-            if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            if not _positive_int(self.num_experts):
                 fail("num_experts", f"must be a positive integer, got {self.num_experts!r}")
+            if self.expert_intermediate_size is not None and not _is_int(self.expert_intermediate_size):
+                fail("expert_intermediate_size", f"must be None or an integer, got {self.expert_intermediate_size!r}")
             if self.expert_intermediate_size is None and self.intermediate_size % self.num_experts:
                 fail(
                     "intermediate_size",
@@ -513,6 +553,9 @@ class ComplexityConfig(PretrainedConfig):
                 "shared_expert",
                 "a shared expert needs a routed MLP (mlp_type token_routed, learned_moe or hash_routed)",
             )
+        width = self.shared_expert_intermediate_size
+        if self.shared_expert and width is not None and not _is_int(width):
+            fail("shared_expert_intermediate_size", f"must be None or an integer, got {width!r}")
         if self.shared_expert and self.shared_expert_width <= 0:
             fail("shared_expert_intermediate_size", f"must be positive, got {self.shared_expert_width}")
 
@@ -544,15 +587,27 @@ class ComplexityConfig(PretrainedConfig):
         if self.qk_norm_eps is not None and not _positive_number(self.qk_norm_eps):
             fail("qk_norm_eps", f"must be None (rms_norm_eps) or a positive number, got {self.qk_norm_eps!r}")
         for field in ("dynamics_alpha", "dynamics_gate"):
-            if not 0.0 < getattr(self, field) < 1.0:
-                fail(field, f"is a sigmoid output at init and must lie in (0, 1), got {getattr(self, field)}")
-        if not 0.0 < self.dynamics_beta < self.dynamics_beta_max:
+            if not (_finite_number(getattr(self, field)) and 0.0 < getattr(self, field) < 1.0):
+                fail(field, f"is a sigmoid output at init and must lie in (0, 1), got {getattr(self, field)!r}")
+        if not _positive_number(self.dynamics_beta_max):
+            fail("dynamics_beta_max", f"must be a positive number, got {self.dynamics_beta_max!r}")
+        if not (_finite_number(self.dynamics_beta) and 0.0 < self.dynamics_beta < self.dynamics_beta_max):
             fail(
                 "dynamics_beta",
-                f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta}",
+                f"must lie in (0, dynamics_beta_max={self.dynamics_beta_max}), got {self.dynamics_beta!r}",
             )
-        if self.router_aux_loss_coef < 0:
-            fail("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")
+        for field in ("dynamics_dt", "dynamics_velocity_clamp", "initializer_range"):
+            if not _positive_number(getattr(self, field)):
+                fail(field, f"must be a positive number, got {getattr(self, field)!r}")
+        if not _positive_int(self.dynamics_controller_hidden):
+            fail("dynamics_controller_hidden", f"must be a positive integer, got {self.dynamics_controller_hidden!r}")
+        for field in ("mu_highway_scale", "mu_router_bias"):
+            if not _finite_number(getattr(self, field)):
+                fail(field, f"must be a finite number, got {getattr(self, field)!r}")
+        if not (_finite_number(self.attention_dropout) and 0.0 <= self.attention_dropout < 1.0):
+            fail("attention_dropout", f"must be a probability in [0, 1), got {self.attention_dropout!r}")
+        if not (_finite_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
+            fail("router_aux_loss_coef", f"must be a number >= 0, got {self.router_aux_loss_coef!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ComplexityConfig:

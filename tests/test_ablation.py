@@ -135,6 +135,9 @@ def test_dry_run_cli(capsys):
     out = capsys.readouterr().out
     for arm in DEFAULT_ARMS:
         assert arm in out
+    # a nan tolerance used to accept every arm, whatever its mismatch
+    assert main(["ablate", "--preset", "tiny", "--dry-run", "--tolerance", "nan"]) == 2
+    assert "--tolerance: must be a finite number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -145,6 +148,11 @@ def test_dry_run_cli(capsys):
         (["--seeds", "0"], "--seeds: need at least one seed"),
         (["--avg-steps", "0"], "--avg-steps: must lie in [1, --steps=4], got 0"),
         (["--spike", "3", "--spike-window", "0"], "--spike-window: must be at least 1, got 0"),
+        # nan used to pass (nan <= 0 is false): every arm trained, then the report failed
+        (["--spike", "3", "--spike-lr-mult", "nan"], "--spike-lr-mult: must be a finite positive number, got nan"),
+        (["--spike", "3", "--spike-lr-mult", "inf"], "--spike-lr-mult: must be a finite positive number, got inf"),
+        (["--tolerance", "nan"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got nan"),
+        (["--tolerance", "-1"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got -1.0"),
     ],
 )
 def test_bad_flags_are_one_line_errors(data_dir, tmp_path, capsys, flags, message):

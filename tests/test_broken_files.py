@@ -273,7 +273,7 @@ CHECKPOINT_CASES = [
         "special-token-outside-vocab",
         "plain",
         lambda d: _edit_config(d, eos_token_id=VOCAB + 10),
-        [f"config.json: eos_token_id={VOCAB + 10} is outside the vocabulary"],
+        [f"config.json: eos_token_id: {VOCAB + 10} is outside the vocabulary [0, vocab_size={VOCAB})"],
         "model",
     ),
     (
@@ -1088,6 +1088,29 @@ def test_bad_prepared_folder(make, message, tmp_path, prepared, capsys):
     assert message in str(err.value)
     rc, line = _cli(capsys, "data", "inspect", data)
     assert rc == 2 and message in line and str(data) in line
+
+
+def test_token_id_outside_the_vocabulary(tmp_path, prepared, capsys):
+    # A damaged shard whose size and dtype still match the manifest: only its ids tell. It used to
+    # pass `data inspect` and end a training run with torch's "IndexError: index out of range".
+    from complexity.data.loader import EvalLoader, TrainLoader
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    tokens = np.load(_shard(data))
+    tokens[7] = 65000
+    np.save(_shard(data), tokens)
+    message = f"{_shard(data)}: token id 65000 at index 7 is outside the vocabulary [0, 400)"
+    rc, line = _cli(capsys, "data", "inspect", data)
+    assert rc == 2 and message in line
+    loader = TrainLoader(data, batch_size=1, seq_len=16)  # batch 1: every sample once per epoch
+    with pytest.raises(ValueError) as err:
+        for _ in zip(range(len(loader)), loader):
+            pass
+    assert message in str(err.value)
+    with pytest.raises(ValueError) as err:
+        list(EvalLoader(data, split="train", batch_size=4, seq_len=16))
+    assert message in str(err.value)
 
 
 # The manifest checks no folder edit above reaches, each with its whole message.

@@ -118,3 +118,12 @@ def test_a_kill_between_the_renames_loses_neither_copy(tmp_path):
     _folder(tmp_path / ".replaced-out", "stale")
     files.replace_dir(_folder(tmp_path / "new", "newest"), final)
     assert _read(final) == {"sub/y": "newest", "x": "newest"} and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_an_atomic_file_onto_a_folder_names_the_folder(tmp_path):
+    # the final rename used to fail with "PATH.partial: Is a directory"
+    (tmp_path / "out.npy").mkdir()
+    with pytest.raises(IsADirectoryError) as err:
+        files.write_bytes_atomic(tmp_path / "out.npy", b"x")
+    assert err.value.filename == str(tmp_path / "out.npy") and err.value.strerror == "is a folder; give a file name"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npy"] and not any((tmp_path / "out.npy").iterdir())

@@ -384,6 +384,22 @@ def test_missing_input_and_empty_glob(tmp_path, tiny_tokenizer, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--workers", "-1"], "--workers must be >= 0 (0: the tokenizer's own threads), got -1"),  # was accepted
+        (["--shard-tokens", "0"], "--shard-tokens must be positive, got 0"),  # named no flag
+        (["--val-fraction", "nan"], "--val-fraction must be in [0, 1), got nan"),
+    ],
+)
+def test_bad_flags_are_named(flags, message, tmp_path, tiny_tokenizer, corpus, capsys):
+    out = tmp_path / "out"
+    argv = ["data", "prepare", "--input", str(corpus["jsonl"]), "--tokenizer", str(tiny_tokenizer), "--out", str(out)]
+    assert main([*argv, *flags, "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"complexity data: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dtype_too_small(tmp_path, corpus, capsys):
     from tokenizers import Tokenizer, models
 

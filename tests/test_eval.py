@@ -127,3 +127,25 @@ def test_plot_command(setup, tmp_path):
     out = tmp_path / "loss.png"
     assert cli_main(["plot", str(run), str(run), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
+
+
+def test_plot_refuses_what_it_cannot_draw(setup, tmp_path, capsys):
+    # each used to draw an empty or unsmoothed figure and exit 0, or name a temporary file
+    _, run = setup
+    (tmp_path / "new-run").mkdir()
+    (tmp_path / "new-run" / "metrics.jsonl").write_text("")
+    (tmp_path / "folder.png").mkdir()
+    out = tmp_path / "loss.png"
+    for argv, message in [
+        ([str(run), str(tmp_path / "new-run")], f"{tmp_path / 'new-run'}: its metrics.jsonl holds no loss yet"),
+        ([str(run), "--smooth", "0"], "--smooth: must be a positive integer (1: no smoothing), got 0"),
+        (
+            [str(run), "--out", str(tmp_path / "folder.png")],
+            f"{tmp_path / 'folder.png'}: is a folder; give a file name",
+        ),
+    ]:
+        argv = argv if "--out" in argv else [*argv, "--out", str(out)]
+        assert cli_main(["plot", *argv]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"complexity plot: error: {message}")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "new-run"]
+    assert not any((tmp_path / "folder.png").iterdir())

@@ -683,6 +683,11 @@ INL_NEEDS_TOKEN_ROUTED = (
 # it off), so that two cases with no field in common never hide one another: see the order test.
 BAD_CONFIGS = [
     (dict(vocab_size=0), "ComplexityConfig.vocab_size: must be a positive integer, got 0"),
+    # checked before transformers' own token-id check, which fails on a non-integer with a TypeError
+    (dict(vocab_size="abc"), "ComplexityConfig.vocab_size: must be a positive integer, got 'abc'"),
+    (dict(pad_token_id="1"), "ComplexityConfig.pad_token_id: must be None or a non-negative integer id, got '1'"),
+    (dict(bos_token_id=-5), "ComplexityConfig.bos_token_id: must be None or a non-negative integer id, got -5"),
+    (dict(eos_token_id=[0, 256]), "ComplexityConfig.eos_token_id: 256 is outside the vocabulary [0, vocab_size=256)"),
     (dict(hidden_size=True), "ComplexityConfig.hidden_size: must be a positive integer, got True"),
     (dict(intermediate_size=1.5), "ComplexityConfig.intermediate_size: must be a positive integer, got 1.5"),
     (dict(num_hidden_layers=-1), "ComplexityConfig.num_hidden_layers: must be a positive integer, got -1"),
@@ -742,6 +747,9 @@ BAD_CONFIGS = [
     ),
     (dict(sliding_window=0), "ComplexityConfig.sliding_window: must be None or a positive integer, got 0"),
     (dict(sliding_window=2.5), "ComplexityConfig.sliding_window: must be None or a positive integer, got 2.5"),
+    (dict(use_qk_norm="yes"), "ComplexityConfig.use_qk_norm: must be true or false, got 'yes'"),
+    (dict(shared_expert="no"), "ComplexityConfig.shared_expert: must be true or false, got 'no'"),
+    (dict(tie_word_embeddings=1), "ComplexityConfig.tie_word_embeddings: must be true or false, got 1"),
     (
         dict(mlp_type="token_routed", num_experts=0),
         "ComplexityConfig.num_experts: must be a positive integer, got 0",
@@ -749,6 +757,10 @@ BAD_CONFIGS = [
     (
         dict(mlp_type="token_routed", intermediate_size=130, num_experts=4, expert_intermediate_size=None),
         "ComplexityConfig.intermediate_size: 130 is not divisible by num_experts=4 (or set expert_intermediate_size)",
+    ),
+    (
+        dict(mlp_type="token_routed", expert_intermediate_size="64"),
+        "ComplexityConfig.expert_intermediate_size: must be None or an integer, got '64'",
     ),
     (
         dict(mlp_type="token_routed", expert_intermediate_size=0),
@@ -833,9 +845,14 @@ BAD_CONFIGS = [
         "ComplexityConfig.dynamics_alpha: is a sigmoid output at init and must lie in (0, 1), got 1.5",
     ),
     (
+        dict(dynamics_alpha="0.9"),
+        "ComplexityConfig.dynamics_alpha: is a sigmoid output at init and must lie in (0, 1), got '0.9'",
+    ),
+    (
         dict(dynamics_gate=0.0),
         "ComplexityConfig.dynamics_gate: is a sigmoid output at init and must lie in (0, 1), got 0.0",
     ),
+    (dict(dynamics_beta_max=NAN), "ComplexityConfig.dynamics_beta_max: must be a positive number, got nan"),
     *(
         (
             dict(dynamics_beta=beta, dynamics_beta_max=2.0),
@@ -843,7 +860,18 @@ BAD_CONFIGS = [
         )
         for beta in (0.0, 2.0)
     ),
-    (dict(router_aux_loss_coef=-0.1), "ComplexityConfig.router_aux_loss_coef: must be >= 0, got -0.1"),
+    (dict(dynamics_dt=-0.1), "ComplexityConfig.dynamics_dt: must be a positive number, got -0.1"),
+    (dict(dynamics_velocity_clamp=0), "ComplexityConfig.dynamics_velocity_clamp: must be a positive number, got 0"),
+    (dict(initializer_range=NAN), "ComplexityConfig.initializer_range: must be a positive number, got nan"),
+    (
+        dict(dynamics_controller_hidden=0),
+        "ComplexityConfig.dynamics_controller_hidden: must be a positive integer, got 0",
+    ),
+    (dict(mu_highway_scale=INF), "ComplexityConfig.mu_highway_scale: must be a finite number, got inf"),
+    (dict(mu_router_bias=None), "ComplexityConfig.mu_router_bias: must be a finite number, got None"),
+    (dict(attention_dropout=1.0), "ComplexityConfig.attention_dropout: must be a probability in [0, 1), got 1.0"),
+    (dict(router_aux_loss_coef=-0.1), "ComplexityConfig.router_aux_loss_coef: must be a number >= 0, got -0.1"),
+    (dict(router_aux_loss_coef=NAN), "ComplexityConfig.router_aux_loss_coef: must be a number >= 0, got nan"),
 ]
 
 

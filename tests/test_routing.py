@@ -129,3 +129,25 @@ def test_cli_build(tmp_path, capsys):
     capsys.readouterr()
     assert main(["routing", "build", "--counts", str(tmp_path / "missing.npy"), "--experts", "4"]) == 2
     assert "missing.npy: no such counts file" in capsys.readouterr().err
+
+
+def test_cli_build_refuses_bad_flags_by_name(tmp_path, capsys):
+    # --vocab-size 0 used to mean "len(counts)", --experts 0 failed with a message naming no flag
+    # after the header was printed, a .txt name got a safetensors file
+    np.save(tmp_path / "counts.npy", zipf_counts(100))
+    np.save(tmp_path / "negative.npy", np.array([3, -1, 2]))
+    cases = [
+        (["--experts", "0"], "--experts: must be a positive integer, got 0"),
+        (["--experts", "4", "--vocab-size", "0"], "--vocab-size: must be a positive integer, got 0"),
+        (["--experts", "4", "--out", str(tmp_path / "t.txt")], f"--out {tmp_path / 't.txt'}: expected a .safetensors"),
+        (
+            ["--experts", "2", "--counts", str(tmp_path / "negative.npy")],
+            "negative.npy: counts must be >= 0, got -1 at id 1",
+        ),
+    ]
+    for flags, message in cases:
+        capsys.readouterr()
+        assert main(["routing", "build", "--counts", str(tmp_path / "counts.npy"), *flags]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.npy", "negative.npy"]

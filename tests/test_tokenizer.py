@@ -158,6 +158,11 @@ def test_cli_train_errors(tmp_path, capsys):
         == 2
     )
     assert "--min-frequency must be >= 0, got -1" in capsys.readouterr().err
+    # used to save a tokenizer that truncates every text to nothing
+    argv = ["tokenizer", "train", "--input", str(good), "--vocab-size", "300", "--out", str(tmp_path / "t")]
+    assert main([*argv, "--model-max-length", "0"]) == 2
+    assert "--model-max-length must be positive, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
     assert not (tmp_path / "t").exists()
 
 

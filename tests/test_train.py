@@ -326,6 +326,31 @@ def test_unknown_recipe_key_and_preset(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+BAD_RECIPE_VALUES = [
+    ("optim.weight_decay=nan", "optim.weight_decay: expected a finite number, got nan"),
+    ("optim.grad_clip=inf", "optim.grad_clip: expected a finite number or none, got inf"),
+    ("spike.factor=nan", "spike.factor: expected a finite number, got nan"),
+    ("optim.eps=0", "optim.eps: must be > 0, got 0.0"),
+    ('optim.betas=["a", "b"]', "optim.betas: expected two numbers in [0, 1), got ['a', 'b']"),
+    ("training.seed=-1", "training.seed: must lie in [0, 2**32), got -1"),
+    ("training.seed=4294967296", "training.seed: must lie in [0, 2**32), got 4294967296"),
+    ('model.shared_expert="no"', "model: ComplexityConfig.shared_expert: must be true or false, got 'no'"),
+    ('model.vocab_size="8k"', "model: ComplexityConfig.vocab_size: must be a positive integer, got '8k'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_RECIPE_VALUES, ids=[o for o, _ in BAD_RECIPE_VALUES])
+def test_bad_recipe_values_name_the_field(override, message, tmp_path, capsys):
+    # nan / inf / a wrong type used to pass the range checks (nan < 0 is false) or fail later
+    # with a bare TypeError or torch's own message
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+    assert cli_main(["train", "--preset", "tiny", "--out", str(tmp_path / "o"), override]) == 2
+    assert capsys.readouterr().err.strip() == f"complexity train: error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
 def test_tokens_per_step_must_divide(tiny_data, tmp_path):
     _, data = tiny_data
     cfg = tiny_config(data, **{"training.tokens_per_step": 300})

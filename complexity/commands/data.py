@@ -63,7 +63,11 @@ def register(subparsers) -> None:
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=run_prepare)
 
-    insp = sub.add_parser("inspect", help="check a prepared folder (and its tokenizer) and print its summary")
+    insp = sub.add_parser(
+        "inspect",
+        help="check a prepared folder (its manifest, every shard and every token id; and its tokenizer) and print "
+        "its summary",
+    )
     insp.add_argument("folder")
     insp.add_argument("--tokenizer", default=None, help="fail unless the data was prepared with this tokenizer")
     insp.add_argument("--vocab-size", type=int, default=None, help="fail unless ids fit a model with this vocab")
@@ -103,8 +107,9 @@ def run_prepare(args) -> int:
 def run_inspect(args) -> int:
     from complexity.data.loader import PackedTokens
 
-    train = PackedTokens(args.folder, "train", tokenizer=args.tokenizer, vocab_size=args.vocab_size)
-    m = train.manifest
+    m = PackedTokens(args.folder, "train", tokenizer=args.tokenizer, vocab_size=args.vocab_size).manifest
+    for split in m["splits"]:  # opens and checks every shard against the manifest, then reads every id
+        PackedTokens(args.folder, split).check_token_ids()
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -113,7 +118,6 @@ def run_inspect(args) -> int:
         f"tokenizer {m['tokenizer']['hash'][:12]}"
     )
     for split, info in m["splits"].items():
-        PackedTokens(args.folder, split)  # opens and checks every shard against the manifest
         print(
             f"  {split}: {info['tokens']:,} tokens, {info['documents']} documents, "
             f"{info['text_bytes']:,} text bytes, {len(info['shards'])} shard(s)"

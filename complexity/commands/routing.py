@@ -48,7 +48,19 @@ def load_counts(path: str):
         raise ValueError(f"{p}: not a .npy counts array: {err}") from None
     if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
         raise ValueError(f"{p}: counts must be a 1-D integer array, got {counts.dtype} {list(counts.shape)}")
+    if counts.size and counts.min() < 0:
+        raise ValueError(f"{p}: counts must be >= 0, got {int(counts.min())} at id {int(counts.argmin())}")
     return counts.astype(np.int64)
+
+
+def _check_flags(args) -> None:
+    """The flags, before any counts are read."""
+    if args.experts < 1:
+        raise ValueError(f"--experts: must be a positive integer, got {args.experts}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ValueError(f"--vocab-size: must be a positive integer, got {args.vocab_size}")
+    if args.out is not None and Path(args.out).suffix not in (".safetensors", ".npy"):
+        raise ValueError(f"--out {args.out}: expected a .safetensors or .npy file name (the format follows it)")
 
 
 def run_build(args) -> int:
@@ -56,8 +68,9 @@ def run_build(args) -> int:
 
     from complexity.routing import STRATEGIES, balance_report, build_routing_table
 
+    _check_flags(args)
     counts = load_counts(args.counts)
-    vocab = args.vocab_size or len(counts)
+    vocab = len(counts) if args.vocab_size is None else args.vocab_size
     if vocab < len(counts):
         raise ValueError(f"--vocab-size {vocab} is smaller than the counts ({len(counts)} ids)")
     counts = np.concatenate([counts, np.zeros(vocab - len(counts), dtype=np.int64)])
@@ -81,7 +94,7 @@ def run_build(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npy":
             save_npy_atomic(out, chosen.numpy())
-        else:
+        else:  # .safetensors
             from safetensors.torch import save
 
             write_bytes_atomic(

@@ -92,6 +92,8 @@ class AtomicFile:
 
     def __init__(self, path, *, size: int | None = None):
         self.path = Path(path)
+        if self.path.is_dir():  # else the final rename fails, naming the temporary file
+            raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(self.path))
         self.tmp = self.path.with_name(self.path.name + ".partial")
         self.size = size
         self.written = 0

@@ -42,7 +42,9 @@ class PackedTokens:
             raise ValueError(f"{self.data_dir}: no split {split!r} (have {sorted(manifest['splits'])})")
         self.split = split
         self.eos_id = int(manifest["eos_id"])
+        self.vocab_size = int(manifest["vocab_size"])
         self.dtype = np.dtype(manifest["dtype"])
+        self.paths: list[Path] = []
         self.shards: list[np.ndarray] = []
         for shard in manifest["splits"][split]["shards"]:
             path = self.data_dir / shard["file"]
@@ -58,6 +60,7 @@ class PackedTokens:
                 raise ValueError(
                     f"{path}: holds {list(arr.shape)} {arr.dtype}, manifest.json says [{shard['tokens']}] {self.dtype}"
                 )
+            self.paths.append(path)
             self.shards.append(arr)
         self.num_tokens = int(sum(a.size for a in self.shards))
         self.text_bytes = int(manifest["splits"][split].get("text_bytes", 0))
@@ -69,21 +72,41 @@ class PackedTokens:
         return int(self.samples_per_shard(seq_len).sum())
 
     def gather(self, sample_ids: np.ndarray, seq_len: int) -> np.ndarray:
-        """[len(sample_ids), seq_len + 1] int64 token windows."""
+        """[len(sample_ids), seq_len + 1] int64 token windows. Every id is checked against the
+        manifest's vocab_size (which `check_compatible` holds to the model's): a damaged shard is
+        an error naming it, never an index out of range inside the model."""
         out = np.empty((len(sample_ids), seq_len + 1), dtype=np.int64)
+        which, starts = self._locate(np.asarray(sample_ids, dtype=np.int64), seq_len)
+        for row, (s, start) in enumerate(zip(which, starts)):
+            out[row] = self.shards[s][start : start + seq_len + 1]
+        if out.size and out.max() >= self.vocab_size:
+            row, col = np.argwhere(out >= self.vocab_size)[0]
+            self._out_of_vocabulary(which[row], int(starts[row]) + int(col))
+        return out
+
+    def _locate(self, sample_ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, offset of the first token) of each sample."""
         if len(self.shards) == 1:
-            shard = self.shards[0]
-            for row, k in enumerate(sample_ids):
-                start = int(k) * seq_len
-                out[row] = shard[start : start + seq_len + 1]
-            return out
+            return np.zeros(len(sample_ids), dtype=np.int64), sample_ids * seq_len
         bounds = np.cumsum(self.samples_per_shard(seq_len))
         which = np.searchsorted(bounds, sample_ids, side="right")
-        for row, (k, s) in enumerate(zip(sample_ids, which)):
-            local = int(k) - (int(bounds[s - 1]) if s else 0)
-            start = local * seq_len
-            out[row] = self.shards[s][start : start + seq_len + 1]
-        return out
+        before = np.where(which > 0, bounds[which - 1], 0)
+        return which, (sample_ids - before) * seq_len
+
+    def check_token_ids(self, chunk: int = 1 << 24) -> None:
+        """Read every token of the split once; raise ValueError at the first id outside the vocabulary."""
+        for s, shard in enumerate(self.shards):
+            for start in range(0, shard.size, chunk):
+                part = np.asarray(shard[start : start + chunk])
+                if part.max() >= self.vocab_size:
+                    self._out_of_vocabulary(s, start + int(np.argmax(part >= self.vocab_size)))
+
+    def _out_of_vocabulary(self, shard: int, index: int):
+        value = int(self.shards[shard][index])
+        raise ValueError(
+            f"{self.paths[shard]}: token id {value} at index {index} is outside the vocabulary [0, {self.vocab_size}) "
+            f"of {self.data_dir / 'manifest.json'}: the shard is damaged (prepare the data again with --force)"
+        )
 
 
 def position_ids_for(input_ids: np.ndarray, eos_id: int) -> np.ndarray:

@@ -132,7 +132,7 @@ def prepare_dataset(
     (``encode_batch_fast``, all cores); N > 1 uses N worker processes instead. The output is
     identical either way.
     """
-    _check_arguments(out_dir, val_fraction, shard_tokens)
+    _check_arguments(out_dir, val_fraction, shard_tokens, workers)
     out = Path(out_dir)
     tok = _Tokenizer.load(tokenizer)
     np_dtype = choose_dtype(tok.vocab_size, dtype)
@@ -159,11 +159,13 @@ def prepare_dataset(
     return PrepareResult(out, manifest, skipped=False, resumed_parts=resumed)
 
 
-def _check_arguments(out_dir, val_fraction: float, shard_tokens: int) -> None:
+def _check_arguments(out_dir, val_fraction: float, shard_tokens: int, workers: int) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
-        raise ValueError("shard_tokens must be positive")
+        raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0: the tokenizer's own threads), got {workers}")
     if not str(out_dir):
         raise ValueError("no output folder given (--out)")
 

@@ -85,6 +85,8 @@ def train_tokenizer(
         )
     if min_frequency < 0:
         raise TokenizerError(f"--min-frequency must be >= 0, got {min_frequency}")
+    if model_max_length < 1:
+        raise TokenizerError(f"--model-max-length must be positive, got {model_max_length}")
     out = Path(out_dir)
     _check_out(out, overwrite)
 

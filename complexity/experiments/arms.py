@@ -243,6 +243,8 @@ def plan_arms(
         raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
     if len(set(arms)) != len(arms):
         raise ValueError(f"--arms: an arm is listed twice: {' '.join(arms)}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"--tolerance: must be a finite number >= 0 (a relative mismatch), got {tolerance!r}")
     ref_fields = {**base, **ARMS[REFERENCE_ARM].model}
     target = _total(preset, ref_fields)
     plans = {}

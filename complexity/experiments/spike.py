@@ -20,6 +20,8 @@ Metrics per run, from the per-step training losses:
 
 from __future__ import annotations
 
+import math
+
 from ..train.metrics import train_losses
 
 THRESHOLD = 0.05
@@ -33,8 +35,8 @@ def plan_spike(steps: int, step: int | None, lr_mult: float, window: int) -> dic
         return None
     if not 2 <= step <= steps:
         raise ValueError(f"--spike: the step must lie in [2, --steps={steps}], got {step}")
-    if lr_mult <= 0:
-        raise ValueError(f"--spike-lr-mult: must be positive, got {lr_mult}")
+    if not 0 < lr_mult < math.inf:  # nan too: it used to run every arm, then fail in the report
+        raise ValueError(f"--spike-lr-mult: must be a finite positive number, got {lr_mult}")
     if window < 1:
         raise ValueError(f"--spike-window: must be at least 1, got {window}")
     return {

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -121,8 +122,10 @@ class OptimSection(_Section):
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr: must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
         self.betas = tuple(self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and self.grad_clip < 0:
@@ -170,6 +173,8 @@ class TrainingSection(_Section):
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
     def validate(self) -> None:
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators accept
+            raise ConfigError(f"training.seed: must lie in [0, 2**32), got {self.seed}")
         for name in ("max_steps", "micro_batch_size", "seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -466,12 +471,16 @@ def _apply_section(config: RunConfig, name: str, values: dict) -> None:
         setattr(section, key, _coerce(name, key, known[key], value))
 
 
-_TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}
+_TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a finite number", "str": "a string"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _coerce(section: str, key: str, f: dataclasses.Field, value):
-    """Type checking from the field's annotation: ints where floats are expected are fine, None
-    only where the field is optional; anything else must match."""
+    """Type checking from the field's annotation: ints where floats are expected are fine (never
+    nan or inf), None only where the field is optional; anything else must match."""
     ann = str(f.type)
     optional = ann.endswith("| None")
     base = ann.removesuffix("| None").strip()
@@ -486,7 +495,7 @@ def _coerce(section: str, key: str, f: dataclasses.Field, value):
     ok = {
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "float": _is_number(value),  # nan and inf pass no range check: refused here, for every field
         "str": isinstance(value, str),
     }
     if base not in ok:

@@ -36,6 +36,10 @@ def _smooth(values: list[float], n: int) -> list[float]:
 
 
 def plot_runs(runs, out: str | Path, *, title: str | None = None, smooth: int = 1) -> Path:
+    """One figure of the runs' training (smoothed over `smooth` logged points) and validation
+    losses. A run that has logged no loss yet is an error naming it, never an empty curve."""
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
+        raise ValueError(f"--smooth: must be a positive integer (1: no smoothing), got {smooth!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +53,9 @@ def plot_runs(runs, out: str | Path, *, title: str | None = None, smooth: int = 
         color = colors[i % len(colors)]
         train = sorted(train_losses(records).items())
         val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        if not train and not val:
+            plt.close(fig)
+            raise ValueError(f"{run}: its metrics.jsonl holds no loss yet (the run has not logged a step)")
         if train:
             xs, ys = zip(*train)
             ax.plot(xs, _smooth(list(ys), smooth), color=color, label=f"{name} train")

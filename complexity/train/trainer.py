@@ -259,8 +259,9 @@ class Trainer:
         self.model = model.train()
         self.complexity = isinstance(model, ComplexityForCausalLM)
         if self.complexity:
-            # The ids are in range by construction (synthetic) or were checked against the model's
-            # vocabulary (prepared data): skip the model's per-step device sync.
+            # The ids are in range by construction (synthetic) or checked by the loader in every
+            # batch (prepared data, whose vocabulary fits the model's): skip the model's per-step
+            # device sync.
             model.model.validate_token_ids = False
             if zipf and self.model_config.routing == "zipf" and model.model.token_to_expert is not None:
                 self._install_zipf_table()
