@@ -572,6 +572,8 @@ def test_compiled_decode_compiles_once(ckpt_dir):
     torch._dynamo.reset()
     counters.clear()
     engine = Engine.from_pretrained(path, device="cpu", max_batch=3, compile="aot_eager")
+    assert counters["stats"]["unique_graphs"] == 1  # compiled while the engine starts, not in a request
+    assert engine.startup["compile_s"] > 0 and "compiled for batches up to 3" in engine.describe()
     p = SamplingParams(max_new_tokens=140, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(10, 40)), [9] * 7]
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -580,6 +582,29 @@ def test_compiled_decode_compiles_once(ckpt_dir):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # and no graph break
     eager = Engine.from_pretrained(path, device="cpu", max_batch=3).generate(prompts, p)
     assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+
+
+def test_a_decode_step_that_fails_to_compile_leaves_the_eager_step(ckpt_dir, caplog):
+    """A compile that fails (here a backend that raises; on a machine without a C++ compiler,
+    inductor's CPU code) fails while the engine starts, says so, and the engine decodes eagerly:
+    no request ever fails for it."""
+    from torch._dynamo import register_backend
+
+    @register_backend
+    def broken_for_the_test(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    path = make_tiny_checkpoint(ckpt_dir / "compile_fails")
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="complexity.inference.engine"):
+        engine = Engine.from_pretrained(path, device="cpu", max_batch=2, compile="broken_for_the_test")
+    assert not engine.compile and "no C++ compiler found" in engine.startup["compile_error"]
+    assert "decode: eager (compile failed)" in engine.describe()
+    assert "torch.compile of the decode step failed" in caplog.text
+    p = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    eager = Engine.from_pretrained(path, device="cpu", max_batch=2)
+    got, want = ([o.token_ids for o in e.generate(PROMPTS[:2], p)] for e in (engine, eager))
+    assert got == want and all(len(t) == 12 for t in got)
 
 
 def test_compiled_decode_first_traced_at_the_largest_shapes_serves_every_bucket(ckpt_dir):

@@ -327,6 +327,8 @@ class Engine:
         self.startup: dict = {}
         if self.use_graphs:
             self._capture_graphs()
+        elif self.compile:
+            self._compile_at_startup()
         self.startup["setup_s"] = time.perf_counter() - t0
         logger.info("engine: %s", self.describe())
 
@@ -459,7 +461,10 @@ class Engine:
                 f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})"
             )
         else:
-            parts.append("decode: " + (f"compiled for batches up to {compiled_rows}" if self.compile else "eager"))
+            decode = "eager (compile failed)" if "compile_error" in self.startup else "eager"
+            if self.compile:
+                decode = f"compiled for batches up to {compiled_rows} ({self.startup.get('compile_s', 0):.1f}s)"
+            parts.append("decode: " + decode)
         if self.decode_steps > 1:
             parts.append(f"{self.decode_steps} decode steps per read of the tokens")
         return ", ".join(parts)
@@ -816,6 +821,27 @@ class Engine:
         tokens_pos = tokens_pos.to(self.device)
         return self._call_decode(tokens_pos[0, :, None], tokens_pos[1], self._kv_range(kv_len))[:nrows]
 
+    def _compile_at_startup(self) -> None:
+        """Without CUDA graphs (the CPU), the decode step is compiled here, at its largest compiled
+        batch, rather than inside the first request: the time is startup's, and a compile that
+        fails (no C++ compiler on the machine, say) leaves the eager step, never a failed request."""
+        t0 = time.perf_counter()
+        rows = self._compiled_max_rows
+        try:
+            with torch.inference_mode():  # the steps' own mode: its tensors, hence its guards
+                tokens = torch.full((rows, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+                pos = torch.zeros(rows, dtype=torch.long, device=self.device)  # free slots: overwritten before read
+                self._call_decode(tokens, pos, self._kv_range(min(self.max_seq_len, 128)))
+        except Exception as err:
+            self._drop_compile(err)
+        self.startup["compile_s"] = time.perf_counter() - t0
+
+    def _drop_compile(self, err: Exception) -> None:
+        """An optimization must not keep the engine from starting: say so, and decode eagerly."""
+        logger.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly", type(err).__name__, err)
+        self.startup["compile_error"] = f"{type(err).__name__}: {err}"
+        self.compile, self._decode_impl = False, self._decode_forward
+
     def _warm_up(self) -> None:
         """Every graph shape runs once before any capture (the largest compiled one first: that
         call compiles): kernels are selected, loaded and their workspaces allocated outside the
@@ -848,15 +874,7 @@ class Engine:
             except Exception as err:
                 if not self.compile:
                     raise
-                # an optimization must not keep the server from starting: say so, and capture the
-                # eager decode step instead
-                logger.warning(
-                    "torch.compile of the decode step failed (%s: %s); capturing the eager decode step",
-                    type(err).__name__,
-                    err,
-                )
-                self.startup["compile_error"] = f"{type(err).__name__}: {err}"
-                self.compile, self._decode_impl = False, self._decode_forward
+                self._drop_compile(err)
                 self._warm_up()
             self.startup["compile_s"] = time.perf_counter() - t0
             for kv in reversed(self._kv_buckets):
