@@ -946,6 +946,8 @@ def test_cli_info_prints_exact_counts(capsys):
     assert '"mlp_type": "dense"' in capsys.readouterr().out
     assert main(["info", "tiny", "num_experts=3"]) == 2
     assert "intermediate_size" in capsys.readouterr().err
+    assert main(["info", "tiny", "=3"]) == 2
+    assert "override '=3': no field name before '='" in capsys.readouterr().err
     assert main(["info", "trhash-200m"]) == 0
     out = capsys.readouterr().out
     assert "mlp_type = hash_routed" in out and "total 201,194,368" in out and "active per token 195,689,344" in out

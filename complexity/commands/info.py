@@ -10,6 +10,8 @@ def _parse_override(text: str):
     key, sep, value = text.partition("=")
     if not sep:
         raise ValueError(f"override {text!r}: expected key=value")
+    if not key.strip():
+        raise ValueError(f"override {text!r}: no field name before '='")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
