@@ -392,3 +392,15 @@ def test_output_folder_of_another_run_and_resume_mismatch(trained_run, tiny_data
     with pytest.raises(FileExistsError, match="not a training run"):
         Trainer(tiny_config(data), out_dir=tmp_path / "other", overwrite=True)
     assert (tmp_path / "other/notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"]], ids=["fresh", "resume", "overwrite"])
+def test_output_path_that_is_a_file_is_refused(flags, tiny_data, tmp_path, capsys):
+    # the folder's own mkdir used to fail late with a bare "FILE: File exists"
+    _, data = tiny_data
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    assert cli_main(["train", "--out", str(file), *flags, *override_args(tiny_overrides(data))]) == 2
+    message = f"output folder {file} is a file, not a run folder: choose another --out"
+    assert capsys.readouterr().err.strip() == f"complexity train: error: {message}"
+    assert file.read_text() == "mine"

@@ -99,6 +99,8 @@ class RunFolder:
         out = self.path
         if out is None:
             return Start()
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"output folder {out} is a file, not a run folder: choose another --out")
         resolved = out / "resolved.json"
         if self.is_main and out.is_dir():  # finish or undo folder swaps a kill interrupted
             for folder in [out / "final", out / "tokenizer", *self._swapped_checkpoints()]:
