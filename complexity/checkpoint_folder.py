@@ -512,20 +512,26 @@ def check_tokenizer_fits(tokenizer, config, where) -> None:
             )
 
 
+def check_tokenizer_json(folder) -> None:
+    """The folder's tokenizer.json is a tokenizer (its structure, not only its JSON), or the
+    `CheckpointError` names the file."""
+    from .data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        load_tokenizer(folder)
+    except TokenizerError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def load_folder_tokenizer(folder) -> object:
     """The folder's tokenizer (transformers AutoTokenizer), each of its files checked first."""
     from transformers import AutoTokenizer
-
-    from .data.tokenizer import TokenizerError, load_tokenizer
 
     folder = Path(folder)
     _check_side_json(folder)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder}: has tokenizer_config.json but no tokenizer.json")
-    try:
-        load_tokenizer(folder)  # tokenizer.json's structure, with the file named
-    except TokenizerError as err:
-        raise CheckpointError(str(err)) from None
+    check_tokenizer_json(folder)
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # transformers raises many kinds for a bad tokenizer_config.json

@@ -122,6 +122,32 @@ def test_eval_refuses_data_made_with_another_tokenizer(setup, tmp_path, capsys):
     assert evaluate_checkpoint(run / "final", data, seq_len=32, max_batches=1)["val_tokens"] > 0
 
 
+BROKEN_TOKENIZER_JSON = {
+    "not-json": "garbage",
+    "not-a-tokenizer": "{}",
+    "no-model": '{"version": "1.0"}',
+    "a-list": "[1, 2]",
+}
+
+
+@pytest.mark.parametrize("text", BROKEN_TOKENIZER_JSON.values(), ids=BROKEN_TOKENIZER_JSON.keys())
+def test_eval_names_a_broken_tokenizer_json(text, setup, tmp_path, capsys):
+    """A folder's tokenizer.json that is not a tokenizer is named as such (as `complexity info`
+    names it), not taken for a tokenizer the data was not prepared with."""
+    import shutil
+
+    data, run = setup
+    folder = tmp_path / "final"
+    shutil.copytree(run / "final", folder)
+    (folder / "tokenizer.json").write_text(text)
+    rc = cli_main(["eval", str(folder), "--data", str(data), "--seq-len", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"{folder / 'tokenizer.json'}: " in err[0] and "different tokenizer" not in err[0]
+    assert cli_main(["info", str(folder)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[0].split("error: ")[1] == err[0].split("error: ")[1]
+
+
 def test_plot_command(setup, tmp_path):
     _, run = setup
     out = tmp_path / "loss.png"

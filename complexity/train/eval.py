@@ -119,7 +119,7 @@ def load_for_eval(ckpt: str | Path, device: torch.device, check=None):
     (a step_* folder, a run's checkpoints/ folder, or a run folder). Returns (model, info).
     ``check(config, info)`` runs before any weight is read (info: "tokenizer", the folder whose
     tokenizer.json the model came with, or "data", the data a training checkpoint trained on)."""
-    from ..checkpoint_folder import load_checkpoint_folder
+    from ..checkpoint_folder import check_tokenizer_json, load_checkpoint_folder
     from ..modeling_complexity import ComplexityForCausalLM
     from .checkpoint import load_model_weights, read_meta, resolve_checkpoint
     from .config import RunConfig
@@ -133,13 +133,14 @@ def load_for_eval(ckpt: str | Path, device: torch.device, check=None):
     if not training:  # a Hugging Face folder, every file checked (complexity.checkpoint_folder)
         tokenizer = str(ckpt) if (ckpt / "tokenizer.json").is_file() else None
         info = {"source": "hf", "path": str(ckpt), "seq_len": None, "tokenizer": tokenizer}
-        model, _ = load_checkpoint_folder(
-            ckpt,
-            device=device,
-            dtype=torch.float32,
-            tokenizer=False,
-            check=(lambda config: check(config, info)) if check else None,
-        )
+
+        def check_folder(config):
+            if tokenizer is not None:  # a broken one is named, not compared by its hash with the data's
+                check_tokenizer_json(ckpt)
+            if check is not None:
+                check(config, info)
+
+        model, _ = load_checkpoint_folder(ckpt, device=device, dtype=torch.float32, tokenizer=False, check=check_folder)
         return model, info
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)
