@@ -140,21 +140,28 @@ def test_dry_run_cli(capsys):
     assert "--tolerance: must be a finite number >= 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--seeds", "1,1"], "--seeds: seeds must be distinct"),
-        (["--seeds", "a"], "--seeds: expected a count or a comma-separated list"),
-        (["--seeds", "0"], "--seeds: need at least one seed"),
-        (["--avg-steps", "0"], "--avg-steps: must lie in [1, --steps=4], got 0"),
-        (["--spike", "3", "--spike-window", "0"], "--spike-window: must be at least 1, got 0"),
-        # nan used to pass (nan <= 0 is false): every arm trained, then the report failed
-        (["--spike", "3", "--spike-lr-mult", "nan"], "--spike-lr-mult: must be a finite positive number, got nan"),
-        (["--spike", "3", "--spike-lr-mult", "inf"], "--spike-lr-mult: must be a finite positive number, got inf"),
-        (["--tolerance", "nan"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got nan"),
-        (["--tolerance", "-1"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got -1.0"),
-    ],
-)
+# Every flag of a run with --steps 4, as a real run and a dry run both refuse it.
+BAD_FLAGS = [
+    (["--steps", "0"], "--steps: must be positive, got 0"),
+    (["--steps", "-3"], "--steps: must be positive, got -3"),
+    (["--seeds", "1,1"], "--seeds: seeds must be distinct"),
+    (["--seeds", "a"], "--seeds: expected a count or a comma-separated list"),
+    (["--seeds", "0"], "--seeds: need at least one seed"),
+    (["--seeds", "-1"], "--seeds: need at least one seed, got '-1'"),
+    (["--seeds", "0,-1"], "--seeds: seeds must be distinct and >= 0"),
+    (["--avg-steps", "0"], "--avg-steps: must lie in [1, --steps=4], got 0"),
+    (["--avg-steps", "5"], "--avg-steps: must lie in [1, --steps=4], got 5"),
+    (["--spike", "5"], "--spike: the step must lie in [2, --steps=4], got 5"),
+    (["--spike", "3", "--spike-window", "0"], "--spike-window: must be at least 1, got 0"),
+    # nan used to pass (nan <= 0 is false): every arm trained, then the report failed
+    (["--spike", "3", "--spike-lr-mult", "nan"], "--spike-lr-mult: must be a finite positive number, got nan"),
+    (["--spike", "3", "--spike-lr-mult", "inf"], "--spike-lr-mult: must be a finite positive number, got inf"),
+    (["--tolerance", "nan"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got nan"),
+    (["--tolerance", "-1"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got -1.0"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
 def test_bad_flags_are_one_line_errors(data_dir, tmp_path, capsys, flags, message):
     from complexity.cli import main
 
@@ -163,6 +170,31 @@ def test_bad_flags_are_one_line_errors(data_dir, tmp_path, capsys, flags, messag
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "a" / "runs").exists()
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_dry_run_refuses_the_flags_a_run_refuses(capsys, flags, message):
+    """The dry run used to print the plans whatever --steps, --seeds, --avg-steps or --spike said."""
+    from complexity.cli import main
+
+    assert main(["ablate", "--preset", "tiny", "--dry-run", "--steps", "4", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_dry_run_checks_what_it_can_without_steps(capsys):
+    from complexity.cli import main
+
+    argv = ["ablate", "--preset", "tiny", "--dry-run"]
+    assert main([*argv, "--seeds", "0,2", "--steps", "4", "--avg-steps", "4", "--spike", "2"]) == 0
+    assert main([*argv, "--seeds", "-1"]) == 2
+    assert "--seeds: need at least one seed, got '-1'" in capsys.readouterr().err
+    for flag in ("--avg-steps", "--spike"):
+        assert main([*argv, flag, "3"]) == 2
+        assert (
+            capsys.readouterr().err.strip()
+            == f"complexity ablate: error: missing --steps ({flag} is checked against it)"
+        )
 
 
 _UNKNOWN_ARM = f"--arms: unknown arm(s) bogus; available: {', '.join(ARMS)}"

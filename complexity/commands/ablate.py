@@ -44,6 +44,7 @@ def _move_overrides_out_of_arms(args) -> None:
 def _print_plans(args) -> int:
     from ..experiments.arms import plan_arms
 
+    _check_run_values(args)  # a dry run refuses what the run it plans would refuse
     preset, base = _base_model(args)
     for p in plan_arms(preset, args.arms, base, args.tolerance).values():
         print(f"{p.summary()}  {p.label}")
@@ -91,7 +92,7 @@ def _train_and_report(args) -> int:
         data=args.data,
         steps=args.steps,
         out=args.out,
-        seeds=_seeds(args.seeds),
+        seeds=_check_run_values(args),
         arms=args.arms,
         overrides=args.overrides,
         avg_k=args.avg_steps,
@@ -119,6 +120,23 @@ def _check_training_flags(args) -> None:
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
+
+
+def _check_run_values(args) -> list[int]:
+    """The seeds, once --seeds, --steps, --avg-steps and the --spike flags are checked as
+    run_ablation checks them (by the same functions): the one check of a run and a dry run."""
+    from ..experiments.ablation import check_avg_steps
+    from ..experiments.spike import plan_spike
+
+    seeds = _seeds(args.seeds)
+    if args.steps is None:  # a dry run without --steps: the flags that count steps cannot be judged
+        given = [f for f, v in (("--avg-steps", args.avg_steps), ("--spike", args.spike)) if v is not None]
+        if given:
+            raise ValueError(f"missing --steps ({given[0]} is checked against it)")
+        return seeds
+    check_avg_steps(args.steps, args.avg_steps)
+    plan_spike(args.steps, args.spike, args.spike_lr_mult, args.spike_window)
+    return seeds
 
 
 def _command_as_typed() -> str | None:

@@ -266,7 +266,7 @@ def run_ablation(
         seeds=_seed_list(seeds),
         arms=list(arms),
         overrides=list(overrides),
-        avg_k=_avg_steps(steps, avg_k),
+        avg_k=check_avg_steps(steps, avg_k),
         spike=plan_spike(steps, spike_step, spike_lr_mult, spike_window),
         tolerance=tolerance,
     )
@@ -342,7 +342,7 @@ def _seed_list(seeds: int | Iterable[int]) -> list[int]:
     return seeds
 
 
-def _avg_steps(steps: int, avg_k: int | None) -> int:
+def check_avg_steps(steps: int, avg_k: int | None) -> int:
     """--steps and --avg-steps checked -> K, the first steps whose training loss is averaged."""
     if steps <= 0:
         raise ValueError(f"--steps: must be positive, got {steps}")
