@@ -200,6 +200,17 @@ def test_builtin_module_docs_extracted():
     ]
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', '{"added_tokens": 5}', '{"added_tokens": ["a"]}'])
+def test_tokenizer_hash_names_a_tokenizer_json_of_the_wrong_shape(tmp_path, content):
+    """Valid JSON that is not a tokenizer's shape is a TokenizerError naming the file (it was an
+    AttributeError or TypeError from inside the hash)."""
+    from complexity.data.tokenizer import TokenizerError, tokenizer_hash
+
+    (tmp_path / "tokenizer.json").write_text(content)
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: not a valid tokenizer\.json: expected a JSON object"):
+        tokenizer_hash(tmp_path)
+
+
 def test_tokenizer_hash_leaves_the_garbage_collector_as_it_found_it(tiny_tokenizer, tmp_path):
     """The hash pauses the collector while it parses tokenizer.json (see tokenizer_hash)."""
     import gc

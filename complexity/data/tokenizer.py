@@ -208,7 +208,10 @@ def tokenizer_hash(path: str | os.PathLike) -> str:
     finally:
         if was_enabled:
             gc.enable()
-    added = sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or [])
+    tokens = (spec.get("added_tokens") or []) if isinstance(spec, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, dict) for t in tokens):
+        raise TokenizerError(f"{p}: not a valid tokenizer.json: expected a JSON object whose added_tokens are objects")
+    added = sorted((t.get("id"), t.get("content")) for t in tokens)
     canonical = {
         "model": spec.get("model"),
         "normalizer": spec.get("normalizer"),
