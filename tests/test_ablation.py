@@ -147,7 +147,7 @@ BAD_FLAGS = [
     (["--seeds", "1,1"], "--seeds: seeds must be distinct"),
     (["--seeds", "a"], "--seeds: expected a count or a comma-separated list"),
     (["--seeds", "0"], "--seeds: need at least one seed"),
-    (["--seeds", "-1"], "--seeds: need at least one seed, got '-1'"),
+    (["--seeds", "-1"], "--seeds: need at least one seed, got -1"),
     (["--seeds", "0,-1"], "--seeds: seeds must be distinct and >= 0"),
     (["--avg-steps", "0"], "--avg-steps: must lie in [1, --steps=4], got 0"),
     (["--avg-steps", "5"], "--avg-steps: must lie in [1, --steps=4], got 5"),
@@ -159,6 +159,18 @@ BAD_FLAGS = [
     (["--tolerance", "nan"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got nan"),
     (["--tolerance", "-1"], "--tolerance: must be a finite number >= 0 (a relative mismatch), got -1.0"),
 ]
+
+
+@pytest.mark.parametrize(
+    "seeds,message",
+    [([1, 1], "distinct and >= 0 (each is one run), got [1, 1]"), ([-2], "got [-2]"), (0, "at least one seed, got 0")],
+)
+def test_run_ablation_refuses_the_seeds_the_cli_refuses(data_dir, tmp_path, seeds, message):
+    """The library's own check (the CLI calls it): two runs may not share a seed's folder."""
+    out = tmp_path / "a"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_ablation(**_tiny_ablation(data_dir, out, steps=4, seeds=seeds, arms=["dense"]))
+    assert not (out / "runs").exists()
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS)
@@ -188,7 +200,7 @@ def test_dry_run_checks_what_it_can_without_steps(capsys):
     argv = ["ablate", "--preset", "tiny", "--dry-run"]
     assert main([*argv, "--seeds", "0,2", "--steps", "4", "--avg-steps", "4", "--spike", "2"]) == 0
     assert main([*argv, "--seeds", "-1"]) == 2
-    assert "--seeds: need at least one seed, got '-1'" in capsys.readouterr().err
+    assert "--seeds: need at least one seed, got -1" in capsys.readouterr().err
     for flag in ("--avg-steps", "--spike"):
         assert main([*argv, flag, "3"]) == 2
         assert (

@@ -15,15 +15,14 @@ from .train import signalled_status
 
 
 def _seeds(text: str) -> list[int]:
+    """--seeds as written (a count, or seeds separated by commas), checked as run_ablation checks it."""
+    from ..experiments.ablation import seed_list
+
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
+        seeds = [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
     except ValueError:
         raise ValueError(f"--seeds: expected a count or a comma-separated list of integers, got {text!r}") from None
-    if not seeds:
-        raise ValueError(f"--seeds: need at least one seed, got {text!r}")
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds: seeds must be distinct and >= 0 (each is one run), got {text!r}")
-    return seeds
+    return seed_list(seeds)
 
 
 def run(args) -> int:

@@ -263,7 +263,7 @@ def run_ablation(
         data=data,
         steps=steps,
         out=Path(out),
-        seeds=_seed_list(seeds),
+        seeds=seed_list(seeds),
         arms=list(arms),
         overrides=list(overrides),
         avg_k=check_avg_steps(steps, avg_k),
@@ -334,11 +334,15 @@ class _Arguments:
     tolerance: float
 
 
-def _seed_list(seeds: int | Iterable[int]) -> list[int]:
-    """--seeds: a count N (seeds 0..N-1) or the seeds themselves; at least one."""
+def seed_list(seeds: int | Iterable[int]) -> list[int]:
+    """--seeds: a count N (seeds 0..N-1) or the seeds themselves: at least one, distinct and >= 0
+    (each is one run folder, `<arm>-s<seed>`, and a data order)."""
+    given = seeds
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("--seeds: need at least one seed")
+        raise ValueError(f"--seeds: need at least one seed, got {given!r}")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: seeds must be distinct and >= 0 (each is one run), got {seeds}")
     return seeds
 
 
