@@ -750,7 +750,7 @@ class Engine:
             tokens_pos[1, slots] += 1
         self.stats["decode_steps"] += steps
         now = time.perf_counter()
-        # the host reads the window's tokens (and logprobs) once
+        # the host reads back the window's logprobs and tokens only now, at its end
         stacked = None if logprobs[0] is None else [torch.stack(t, dim=1) for t in zip(*logprobs)]
         entries = self._logprob_entries(reqs, sampler, stacked)
         for i, (r, toks) in enumerate(zip(reqs, torch.stack(drawn, dim=1).tolist())):
