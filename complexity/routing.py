@@ -76,6 +76,11 @@ def build_routing_table(strategy: str, vocab_size: int, num_experts: int, counts
     """int64 tensor [vocab_size]: the expert of every token id."""
     if vocab_size < 1 or num_experts < 1:
         raise ValueError(f"vocab_size and num_experts must be positive (got {vocab_size}, {num_experts})")
+    if num_experts > vocab_size:
+        # an expert that no token id reaches never sees a token and never trains
+        raise ValueError(
+            f"num_experts={num_experts} exceeds the vocabulary ({vocab_size} ids): some experts would get no token id"
+        )
     if strategy == "zipf":
         if counts is None:
             raise ValueError("the zipf strategy needs token counts (--counts FILE)")

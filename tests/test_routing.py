@@ -90,6 +90,8 @@ def test_count_token_frequencies_and_errors():
         build_routing_table("zipf", 10, 2, np.ones(9, dtype=np.int64))
     with pytest.raises(ValueError, match="unknown routing strategy"):
         build_routing_table("hash", 10, 2)
+    with pytest.raises(ValueError, match=r"num_experts=11 exceeds the vocabulary \(10 ids\)"):
+        build_routing_table("modulo", 10, 11)
 
 
 def test_cli_build(tmp_path, capsys):
