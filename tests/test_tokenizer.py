@@ -106,6 +106,7 @@ def test_tokenizer_hash_stable_and_distinct(tiny_tokenizer, tmp_path):
 
 def test_cli_train(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
+    (tmp_path / "tok.tmp-killed").mkdir()  # a save killed before its rename
     rc = main(
         [
             "tokenizer",

@@ -12,6 +12,7 @@ Encoding adds no special tokens: ``data prepare`` appends ``</s>`` after every d
 from __future__ import annotations
 
 import gc
+import glob
 import hashlib
 import json
 import os
@@ -143,6 +144,8 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
     # tokenizer.json (pretty-printed, as saved) plus a margin for the small config files
     needed = len(tok.to_str(pretty=True).encode("utf-8")) + (1 << 16)
     check_free_space(out, needed, "needed to save the tokenizer")
+    for stale in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         hf.save_pretrained(str(tmp))
