@@ -146,6 +146,7 @@ def test_cli_build_refuses_bad_flags_by_name(tmp_path, capsys):
             ["--experts", "2", "--counts", str(tmp_path / "negative.npy")],
             "negative.npy: counts must be >= 0, got -1 at id 1",
         ),
+        (["--experts", "101"], "--experts 101 exceeds the vocabulary (100 ids): some experts would get no id"),
     ]
     for flags, message in cases:
         capsys.readouterr()

@@ -73,6 +73,8 @@ def run_build(args) -> int:
     vocab = len(counts) if args.vocab_size is None else args.vocab_size
     if vocab < len(counts):
         raise ValueError(f"--vocab-size {vocab} is smaller than the counts ({len(counts)} ids)")
+    if args.experts > vocab:
+        raise ValueError(f"--experts {args.experts} exceeds the vocabulary ({vocab} ids): some experts would get no id")
     counts = np.concatenate([counts, np.zeros(vocab - len(counts), dtype=np.int64)])
     print(f"{len(counts)} ids, {int(counts.sum()):,} counted tokens, {args.experts} experts")
     print(f"{'strategy':<8} {'max/mean mass':>14} {'min share':>10} {'max share':>10} {'ids max/mean':>13}")
