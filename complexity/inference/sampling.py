@@ -13,6 +13,7 @@ share the batch; unseeded rows share the engine's generator.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
@@ -191,6 +192,16 @@ def _integer_in(name: str, value, lo, hi, what: str) -> None:
     _within(name, value, lo, hi, what)
 
 
+def _row_ids(ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, id) index tensors of a [len(ids), V] tensor for every id of each row's list,
+    built from one flat list: per-element (row, id) pairs took ~15x longer to build (64 rows of
+    ~230 ids: 16 ms against 1 ms on the CPU), and the penalties are rebuilt at every read of the
+    tokens."""
+    flat = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(r) for r in ids], dtype=torch.long))
+    return rows.to(device), flat.to(device)
+
+
 class Penalties:
     """The logits processors that depend on the tokens so far, for the rows of one batch that use
     any: logit bias, the CTRL repetition penalty over prompt and output (logit / p if positive,
@@ -205,33 +216,22 @@ class Penalties:
         sub = [params[i] for i in rows]
         self.rows = torch.tensor(rows, device=device)
         shape = (len(rows), vocab)
-
-        def at(pairs):  # (row, token) pairs -> the index tensors of a [rows, V] tensor
-            return tuple(torch.tensor(c, dtype=torch.long, device=device) for c in zip(*pairs))
-
         self.bias = self.seen = self.counts = None
         if any(p.logit_bias for p in sub):
-            bias = [(j, t, b) for j, p in enumerate(sub) for t, b in p.logit_bias.items()]
             self.bias = torch.zeros(shape, device=device)
-            self.bias[at([b[:2] for b in bias])] = torch.tensor([b[2] for b in bias], device=device)
+            values = torch.tensor([b for p in sub for b in p.logit_bias.values()], device=device)
+            self.bias[_row_ids([list(p.logit_bias) for p in sub], device)] = values
         if any(p.repetition_penalty != 1.0 for p in sub):
             self.rep = torch.tensor([p.repetition_penalty for p in sub], device=device)[:, None]
             self.seen = torch.zeros(shape, dtype=torch.bool, device=device)
-            seen = [
-                (j, t)
-                for j, i in enumerate(rows)
-                if sub[j].repetition_penalty != 1.0
-                for t in {*prompts[i], *outputs[i]}
-            ]
-            if seen:
-                self.seen[at(seen)] = True
+            seen = [prompts[i] + outputs[i] if p.repetition_penalty != 1.0 else [] for i, p in zip(rows, sub)]
+            self.seen[_row_ids(seen, device)] = True
         if any(p.presence_penalty or p.frequency_penalty for p in sub):
             self.presence = torch.tensor([p.presence_penalty for p in sub], device=device)[:, None]
             self.frequency = torch.tensor([p.frequency_penalty for p in sub], device=device)[:, None]
             self.counts = torch.zeros(shape, device=device)
-            generated = [(j, t) for j, i in enumerate(rows) for t in outputs[i]]
-            if generated:
-                self.counts.index_put_(at(generated), torch.ones(len(generated), device=device), accumulate=True)
+            at = _row_ids([outputs[i] for i in rows], device)
+            self.counts.index_put_(at, torch.ones(len(at[1]), device=device), accumulate=True)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of float32 logits [B, V] with the penalised rows processed."""
