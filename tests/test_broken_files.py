@@ -955,7 +955,7 @@ def test_bad_data_file(name, content, message, tmp_path, tiny_tokenizer, capsys)
         capsys, "tokenizer", "train", "--input", bad, "--vocab-size", "300", "--out", tmp_path / "tok", "--no-progress"
     )
     assert rc == 2 and message in line
-    assert not (tmp_path / "tok").exists() and not list(tmp_path.glob("tok.tmp-*"))
+    assert not (tmp_path / "tok").exists() and not list(tmp_path.glob(".tok.writing-*"))
 
 
 def test_byte_order_mark_is_not_text(tmp_path):

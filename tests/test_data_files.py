@@ -1,12 +1,17 @@
 """`complexity.data.files.replace_dir`, the one way a folder is replaced (prepared data, tokenizers,
 conversions, checkpoints, exports): content fsynced before the rename, the old folder kept until
-the new one is in place, and no failure that leaves a partial folder or none at all."""
+the new one is in place, and no failure that leaves a partial folder or none at all; and
+`new_folder`, which does the whole round with one writer per folder."""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +123,44 @@ def test_a_kill_between_the_renames_loses_neither_copy(tmp_path):
     _folder(tmp_path / ".replaced-out", "stale")
     files.replace_dir(_folder(tmp_path / "new", "newest"), final)
     assert _read(final) == {"sub/y": "newest", "x": "newest"} and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_new_folder_is_complete_or_absent_and_removes_only_what_killed_writers_left(tmp_path):
+    """`new_folder`: the swap on success, nothing on failure; a temporary folder beside the output
+    is removed only when no process holds it and it is not brand new (a writer between creating
+    and holding its folder); a holder killed with SIGKILL holds nothing."""
+    final = _folder(tmp_path / "out", "old")
+    with pytest.raises(RuntimeError), files.new_folder(final) as tmp:
+        (tmp / "x").write_text("half")
+        raise RuntimeError("the writer failed")
+    assert _read(final) == {"sub/y": "old", "x": "old"} and sorted(os.listdir(tmp_path)) == ["out"]
+
+    old = time.time() - 2 * files.ABANDONED_AFTER_S
+    for name in ("killed", "live", "new"):
+        (tmp_path / f".out.writing-{name}").mkdir()
+    for name in ("killed", "live"):
+        os.utime(tmp_path / f".out.writing-{name}", (old, old))
+    live = tmp_path / ".out.writing-live"
+    holder = subprocess.Popen(  # another writer of `out`, alive until it is killed
+        [sys.executable, "-c", HOLD, str(live)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(FileExistsError) as err, files.held(live):
+            pytest.fail("held a folder another process holds")
+        assert str(err.value) == f"{live}: another process is writing in it now; wait for it to finish"
+        with files.new_folder(final) as tmp:
+            (tmp / "x").write_text("new")
+        assert _read(final) == {"x": "new"}
+        assert sorted(os.listdir(tmp_path)) == [".out.writing-live", ".out.writing-new", "out"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with files.held(live):  # the kernel dropped the killed writer's lock
+        pass
+
+
+HOLD = "import sys, time; from complexity.data.files import held\nwith held(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
 
 
 def test_an_atomic_file_onto_a_folder_names_the_folder(tmp_path):

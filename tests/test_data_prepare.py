@@ -127,6 +127,7 @@ def test_idempotent_rerun(prepared, tiny_tokenizer, corpus, capsys):
 
 
 def test_resume_after_interruption_matches_clean_run(tmp_path, tiny_tokenizer, monkeypatch):
+    from complexity.data.files import held
     from complexity.data.prepare import PrepareInterrupted, prepare_dataset
 
     src = write_corpus(tmp_path / "src", n_txt=4, n_jsonl_docs=30)
@@ -144,6 +145,9 @@ def test_resume_after_interruption_matches_clean_run(tmp_path, tiny_tokenizer, m
     assert not (tmps[0] / "manifest.json").exists()
 
     monkeypatch.delenv("COMPLEXITY_PREPARE_FAIL_AFTER")
+    with held(tmps[0]), pytest.raises(FileExistsError) as err:  # the same preparation, running elsewhere
+        prepare_dataset(inputs, tiny_tokenizer, tmp_path / "resumed", **quiet)
+    assert str(err.value).startswith(f"{tmps[0]}: another process is writing in it now")
     logs = []
     res = prepare_dataset(inputs, tiny_tokenizer, tmp_path / "resumed", **{**quiet, "log": logs.append})
     assert res.resumed_parts == 2 and not res.skipped

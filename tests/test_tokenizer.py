@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
+import time
 
 import pytest
 
@@ -106,7 +108,9 @@ def test_tokenizer_hash_stable_and_distinct(tiny_tokenizer, tmp_path):
 
 def test_cli_train(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
-    (tmp_path / "tok.tmp-killed").mkdir()  # a save killed before its rename
+    killed = tmp_path / ".tok.writing-killed"  # a save killed a while ago, before its rename
+    killed.mkdir()
+    os.utime(killed, (time.time() - 3600,) * 2)
     rc = main(
         [
             "tokenizer",
@@ -126,7 +130,7 @@ def test_cli_train(corpus, tmp_path, capsys):
 
     tok = AutoTokenizer.from_pretrained(str(out))
     assert len(tok) == 320 and tok.eos_token_id == 0
-    assert not list(tmp_path.glob("tok.tmp-*"))
+    assert not list(tmp_path.glob(".tok.writing-*"))
     # refuses to overwrite without --force
     rc = main(["tokenizer", "train", "--input", str(corpus["jsonl"]), "--vocab-size", "320", "--out", str(out)])
     assert rc == 2 and "--force" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_convert_matches_upstream_logits(converted, case):
     assert report.design == design
     assert (dst / "model.safetensors").is_file() and (dst / "config.json").is_file()
     assert (dst / "modeling_complexity.py").is_file()  # self-contained folder
-    assert not list(dst.parent.glob(f".{dst.name}.converting-*"))  # no temp dir left behind
+    assert not list(dst.parent.glob(f".{dst.name}.writing-*"))  # no temp dir left behind
     input_ids, ref = reference(src)
     for loader in (ComplexityForCausalLM, AutoModelForCausalLM):
         model = loader.from_pretrained(dst).eval()
@@ -304,7 +304,7 @@ def assert_rejected(src, dst, *needles, exc=UpstreamFormatError):
     for needle in needles:
         assert needle in message, f"{needle!r} not in:\n{message}"
     assert not dst.exists()
-    assert not list(dst.parent.glob(f".{dst.name}.converting-*"))
+    assert not list(dst.parent.glob(f".{dst.name}.writing-*"))
     return message
 
 

@@ -8,7 +8,10 @@ partial file is removed.
 
 Folders (a prepared dataset, a tokenizer, a checkpoint, an export) are built under a temporary
 name and swapped in by `replace_dir`: content fsynced first, the old folder kept until the new
-one is in place, never a partial folder under the final name.
+one is in place, never a partial folder under the final name. `new_folder` does the whole
+round: a temporary folder beside the output, the swap, cleanup on failure. A folder being
+written is `held` (a lock on the folder itself, dropped by the kernel when its process dies), so
+a second writer of the same work folder is refused, and what a killed writer left is known as such.
 
 Reads of JSON files raise `FileFormatError` naming the file and what is wrong with it (empty,
 not UTF-8, the JSON error's line and column), never a bare "Expecting value".
@@ -17,10 +20,15 @@ not UTF-8, the JSON error's line and column), never a bare "Expecting value".
 from __future__ import annotations
 
 import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +353,57 @@ def recover_dir(final) -> bool:
     os.replace(old, final)
     fsync_dir(final.parent)
     return True
+
+
+ABANDONED_AFTER_S = 60.0  # a folder this old that no process holds was left by a killed writer
+
+
+@contextmanager
+def held(folder) -> Iterator[Path]:
+    """Hold an advisory lock on `folder` (created if missing) while the block runs, or raise
+    FileExistsError naming it when another process holds it. The lock is on the folder itself (no
+    lock file to leave behind) and follows it through a rename; the kernel drops it when its
+    process dies, kill -9 included, so an unheld work folder is one that nobody is writing."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FileExistsError(f"{folder}: another process is writing in it now; wait for it to finish") from None
+    try:
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether nobody holds `folder` and it was last changed long enough ago that it is not a
+    writer's folder in the instant between its creation and its lock."""
+    try:
+        with held(folder):
+            return time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S
+    except (FileExistsError, FileNotFoundError):
+        return False
+
+
+@contextmanager
+def new_folder(final) -> Iterator[Path]:
+    """A temporary folder beside `final` to write into, swapped in as `final` (`replace_dir`)
+    when the block ends, deleted if it raises: `final` is never partial, and an old `final` stays
+    until the new one is complete. The temporary folder is `held`; the ones killed writers of
+    `final` left are removed first."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.writing-*"):
+        if _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.writing-", dir=final.parent))
+    try:
+        with held(tmp):
+            yield tmp
+            replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

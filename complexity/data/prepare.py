@@ -45,6 +45,7 @@ from .files import (
     FileFormatError,
     check_free_space,
     fsync_dir,
+    held,
     npy_header,
     read_json,
     replace_dir,
@@ -153,8 +154,9 @@ def prepare_dataset(
         return PrepareResult(out, existing, skipped=True)
     t0 = time.time()
     tmp = out.parent / f"{out.name}.tmp-{plan.config_hash[:12]}"
-    manifest, resumed = _build(plan, tmp, batch_bytes=batch_bytes, workers=workers, progress=progress, log=log)
-    replace_dir(tmp, out)
+    with held(tmp):  # a second run of the same preparation would write the same parts
+        manifest, resumed = _build(plan, tmp, batch_bytes=batch_bytes, workers=workers, progress=progress, log=log)
+        replace_dir(tmp, out)
     log(_summary(out, manifest, resumed, time.time() - t0))
     return PrepareResult(out, manifest, skipped=False, resumed_parts=resumed)
 

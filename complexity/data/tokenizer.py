@@ -12,16 +12,13 @@ Encoding adds no special tokens: ``data prepare`` appends ``</s>`` after every d
 from __future__ import annotations
 
 import gc
-import glob
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .files import DiskFullError, check_free_space, is_disk_full, replace_dir, write_json_atomic
+from .files import DiskFullError, check_free_space, is_disk_full, new_folder, write_json_atomic
 
 EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN = "</s>", "<pad>", "<s>", "<unk>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN]  # ids 0, 1, 2, 3
@@ -124,8 +121,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2048, overwrite: bool = False) -> Path:
     """Save a ``tokenizers.Tokenizer`` as a ``transformers``-loadable folder, atomically: the files
-    are written and fsynced in a temporary folder beside ``out_dir``, which is then renamed. A
-    full disk raises `DiskFullError` (the path, the bytes needed) and leaves nothing behind."""
+    are written and fsynced in a temporary folder beside ``out_dir``, which is then renamed
+    (`new_folder`: one writer at a time). A full disk raises `DiskFullError` (the path, the bytes
+    needed) and leaves nothing behind."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
@@ -144,31 +142,26 @@ def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2
     # tokenizer.json (pretty-printed, as saved) plus a margin for the small config files
     needed = len(tok.to_str(pretty=True).encode("utf-8")) + (1 << 16)
     check_free_space(out, needed, "needed to save the tokenizer")
-    for stale in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        hf.save_pretrained(str(tmp))
-        # transformers 5 keeps the template in chat_template.jinja; also record it (and the
-        # special-token ids) in tokenizer_config.json so older loaders (transformers 4, vLLM) see it.
-        cfg_path = tmp / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        cfg.update(
-            tokenizer_class="PreTrainedTokenizerFast",
-            chat_template=CHAT_TEMPLATE,
-            add_bos_token=False,
-            add_eos_token=False,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=PAD_ID,
-            unk_token_id=UNK_ID,
-        )
-        write_json_atomic(cfg_path, cfg, sort_keys=True)
-        if out.exists() and not overwrite and any(out.iterdir()):
-            raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
-        replace_dir(tmp, out)  # fsyncs the files first: a full disk can surface only there
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with new_folder(out) as tmp:
+            hf.save_pretrained(str(tmp))
+            # transformers 5 keeps the template in chat_template.jinja; also record it (and the
+            # special-token ids) in tokenizer_config.json so older loaders (transformers 4, vLLM) see it.
+            cfg_path = tmp / "tokenizer_config.json"
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            cfg.update(
+                tokenizer_class="PreTrainedTokenizerFast",
+                chat_template=CHAT_TEMPLATE,
+                add_bos_token=False,
+                add_eos_token=False,
+                bos_token_id=BOS_ID,
+                eos_token_id=EOS_ID,
+                pad_token_id=PAD_ID,
+                unk_token_id=UNK_ID,
+            )
+            write_json_atomic(cfg_path, cfg, sort_keys=True)
+            _check_out(out, overwrite)  # again: another process may have written it meanwhile
+    except BaseException as err:  # the swap fsyncs the files first: a full disk can surface only there
         if is_disk_full(err) and not isinstance(err, DiskFullError):
             raise DiskFullError(out, needed) from None
         raise

@@ -7,14 +7,13 @@ DST behind; the written folder is loaded back and compared tensor by tensor befo
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ...configuration_complexity import ComplexityConfig
-from ...data.files import replace_dir
+from ...data.files import new_folder
 from ...hash_routing import slot_weights
 from ...modeling_complexity import ComplexityForCausalLM
 from ...params import ParameterCount, count_parameters
@@ -125,17 +124,14 @@ def convert_upstream(src, dst, *, dtype=None, overwrite: bool = False, verify: b
     counts = count_parameters(model)
 
     created = _missing_parents(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
     try:
-        with hf_progress_bars_off():
-            model.save_pretrained(tmp, safe_serialization=True)
-        copied = _copy_tokenizer(src, tmp)
-        if verify:
-            _verify_written(tmp, model)
-        replace_dir(tmp, dst)
+        with new_folder(dst) as tmp:
+            with hf_progress_bars_off():
+                model.save_pretrained(tmp, safe_serialization=True)
+            copied = _copy_tokenizer(src, tmp)
+            if verify:
+                _verify_written(tmp, model)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for path in created:  # innermost first
             try:
                 path.rmdir()

@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ....data.files import replace_dir
+from ....data.files import new_folder
 from ..readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
 from .description import DEEP, UPSTREAM_STRATEGY, TRHashConfig, layout_name, neutral_tensor_shapes
 from .layouts import trhash_layout
@@ -169,9 +168,7 @@ def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_f
     in place."""
     from safetensors.torch import save_file
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.writing-", dir=dst.parent))
-    try:
+    with new_folder(dst) as tmp:
         for name, content in json_files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -179,10 +176,6 @@ def _write_folder(dst: Path, json_files: dict[str, dict], weights: dict, extra_f
             shutil.copy2(path, tmp / Path(path).name)
         if verify is not None:
             verify(tmp)
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
