@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,20 @@ WORDS = (
     "into shards so training sees every sample once per epoch with a seed that fixes the order "
     "language data text byte merge vocabulary frequency stream memory map manifest"
 ).split()
+
+
+@contextmanager
+def held_elsewhere(folder: Path):
+    """Another process holding `folder` (`complexity.data.files.held`), as a writer that is still
+    running does, until the block ends: then it is killed with SIGKILL."""
+    code = "import sys, time; from complexity.data.files import held\nwith held(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:

@@ -8,13 +8,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from data_fixtures import held_elsewhere
 
 from complexity.data import files
 from complexity.train import durable
@@ -141,11 +139,7 @@ def test_new_folder_is_complete_or_absent_and_removes_only_what_killed_writers_l
     for name in ("killed", "live"):
         os.utime(tmp_path / f".out.writing-{name}", (old, old))
     live = tmp_path / ".out.writing-live"
-    holder = subprocess.Popen(  # another writer of `out`, alive until it is killed
-        [sys.executable, "-c", HOLD, str(live)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held_elsewhere(live):  # another writer of `out`, alive until the block ends (then killed)
         with pytest.raises(FileExistsError) as err, files.held(live):
             pytest.fail("held a folder another process holds")
         assert str(err.value) == f"{live}: another process is writing in it now; wait for it to finish"
@@ -153,14 +147,8 @@ def test_new_folder_is_complete_or_absent_and_removes_only_what_killed_writers_l
             (tmp / "x").write_text("new")
         assert _read(final) == {"x": "new"}
         assert sorted(os.listdir(tmp_path)) == [".out.writing-live", ".out.writing-new", "out"]
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     with files.held(live):  # the kernel dropped the killed writer's lock
         pass
-
-
-HOLD = "import sys, time; from complexity.data.files import held\nwith held(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"
 
 
 def test_an_atomic_file_onto_a_folder_names_the_folder(tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_fixtures import REPO, make_tiny_data, override_args, read_losses, tiny_config, tiny_overrides  # noqa: E402
+from data_fixtures import held_elsewhere  # noqa: E402
 
 from complexity.cli import main as cli_main  # noqa: E402
 from complexity.train import (  # noqa: E402
@@ -392,6 +393,25 @@ def test_output_folder_of_another_run_and_resume_mismatch(trained_run, tiny_data
     with pytest.raises(FileExistsError, match="not a training run"):
         Trainer(tiny_config(data), out_dir=tmp_path / "other", overwrite=True)
     assert (tmp_path / "other/notes.txt").read_text() == "mine"
+
+
+def test_a_folder_a_running_run_holds_is_refused_before_anything_is_touched(trained_run, tiny_data, tmp_path):
+    """`train` holds its run folder: a second run into it (here a --resume while the first is in
+    fact still running) stops at once; a folder made for a run that fails before writing anything
+    is removed again."""
+    out, _ = trained_run
+    _, data = tiny_data
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with held_elsewhere(out), pytest.raises(FileExistsError) as err:
+        train(tiny_config(data, **{"training.max_steps": 30}), out_dir=out, resume=True)
+    assert str(err.value) == (
+        f"output folder {out} is being written by another training run that is still running: "
+        "wait for it to end, stop it, or choose another --out"
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    with pytest.raises(FileNotFoundError):
+        train(tiny_config(tmp_path / "no-data"), out_dir=tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 @pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"]], ids=["fresh", "resume", "overwrite"])

@@ -15,17 +15,21 @@ differences are listed) or `--overwrite`; a non-empty folder that is not a run i
 overwritten. `--resume` of a folder with no run in it starts one. A resumed run continues from
 the newest checkpoint that is whole (checkpoint.find_resume_checkpoint), or from step 0 when the
 run was stopped before its first checkpoint. Every file is written atomically (durable.py), and
-a resumed run that had finished changes nothing on disk.
+a resumed run that had finished changes nothing on disk. While `train` runs, its folder is held
+(`in_use`): a second run into it is refused before it touches anything.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.files import read_json_object
+from ..data.files import held, read_json_object
 from . import checkpoint as ckpt_mod
 from .config import RunConfig
 from .durable import recover_dir, replace_dir, write_json
@@ -44,6 +48,33 @@ RUN_FILES = (
     "checkpoints",
     "final",
 )
+
+
+@contextmanager
+def in_use(out) -> Iterator[None]:
+    """Hold the run folder `out` while the block runs (rank 0 under torchrun, or the one process),
+    so that a second run started into it, say `--resume` while the first is in fact still
+    running, is refused before it removes or writes anything. A folder created here for a run
+    that then fails before writing anything is removed again."""
+    out = None if out is None else Path(out)
+    if out is None or int(os.environ.get("RANK", "0")) != 0 or out.is_file():  # the run names a file
+        yield
+        return
+    created = not out.exists()
+    hold = ExitStack()
+    try:
+        hold.enter_context(held(out))
+    except FileExistsError:
+        raise FileExistsError(
+            f"output folder {out} is being written by another training run that is still running: "
+            "wait for it to end, stop it, or choose another --out"
+        ) from None
+    try:
+        with hold:
+            yield
+    finally:
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _own_temporary(name: str) -> bool:

@@ -53,7 +53,7 @@ from .export import export_hf
 from .metrics import MATMUL_PEAK, MetricsLogger, Throughput, flops_per_token, measure_matmul_peak
 from .optimizer import build_optimizer, build_scheduler, clip_divisor
 from .parallelize import DistInfo, all_reduce_, allocate_grads, init_distributed, parallelize, uses_autocast
-from .run_folder import RunFolder, check_same_run
+from .run_folder import RunFolder, check_same_run, in_use
 from .spike_guard import SpikeGuard
 
 
@@ -675,5 +675,7 @@ class Trainer:
 
 
 def train(config: RunConfig, **kwargs) -> RunResult:
-    """Train according to `config` (see `Trainer` for keyword options); returns a RunResult."""
-    return Trainer(config, **kwargs).run()
+    """Train according to `config` (see `Trainer` for keyword options); returns a RunResult. The
+    run folder is held meanwhile (`run_folder.in_use`): one run writes it at a time."""
+    with in_use(kwargs.get("out_dir") or config.out):
+        return Trainer(config, **kwargs).run()
