@@ -158,3 +158,30 @@ def test_an_atomic_file_onto_a_folder_names_the_folder(tmp_path):
         files.write_bytes_atomic(tmp_path / "out.npy", b"x")
     assert err.value.filename == str(tmp_path / "out.npy") and err.value.strerror == "is a folder; give a file name"
     assert [p.name for p in tmp_path.iterdir()] == ["out.npy"] and not any((tmp_path / "out.npy").iterdir())
+
+
+def test_a_file_system_without_locks_writes_unguarded_and_removes_nothing(tmp_path, monkeypatch):
+    """Where flock is refused (some network and FUSE mounts), writing still works, but no
+    temporary folder can be told from a living writer's, so none is removed."""
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    old = time.time() - 2 * files.ABANDONED_AFTER_S
+    (tmp_path / ".out.writing-other").mkdir()
+    os.utime(tmp_path / ".out.writing-other", (old, old))
+    with files.held(tmp_path / "work") as locked:
+        assert locked is False
+    with files.new_folder(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("new")
+    assert _read(tmp_path / "out") == {"x": "new"}
+    assert sorted(os.listdir(tmp_path)) == [".out.writing-other", "out", "work"]
+
+    def broken(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.fcntl, "flock", broken)
+    with pytest.raises(OSError) as err, files.held(tmp_path / "work"):
+        pytest.fail("held a folder whose lock failed")
+    assert err.value.errno == errno.EIO

@@ -359,31 +359,40 @@ ABANDONED_AFTER_S = 60.0  # a folder this old that no process holds was left by 
 
 
 @contextmanager
-def held(folder) -> Iterator[Path]:
+def held(folder) -> Iterator[bool]:
     """Hold an advisory lock on `folder` (created if missing) while the block runs, or raise
     FileExistsError naming it when another process holds it. The lock is on the folder itself (no
     lock file to leave behind) and follows it through a rename; the kernel drops it when its
-    process dies, kill -9 included, so an unheld work folder is one that nobody is writing."""
+    process dies, kill -9 included, so an unheld work folder is one that nobody is writing.
+    -> whether it is locked: False on a file system without locks (some network and FUSE mounts),
+    where the block runs unguarded rather than not at all."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = True
     except BlockingIOError:
         os.close(fd)
         raise FileExistsError(f"{folder}: another process is writing in it now; wait for it to finish") from None
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            os.close(fd)
+            raise
+        locked = False
     try:
-        yield folder
+        yield locked
     finally:
         os.close(fd)
 
 
 def _abandoned(folder: Path) -> bool:
     """Whether nobody holds `folder` and it was last changed long enough ago that it is not a
-    writer's folder in the instant between its creation and its lock."""
+    writer's folder in the instant between its creation and its lock. Never where nothing can be
+    locked: there a living writer's folder looks the same."""
     try:
-        with held(folder):
-            return time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S
+        with held(folder) as locked:
+            return locked and time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S
     except (FileExistsError, FileNotFoundError):
         return False
 
