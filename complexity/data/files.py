@@ -83,6 +83,18 @@ def check_free_space(path, needed: int, what: str = "") -> None:
         raise DiskFullError(path, needed, free=free, hint=what)
 
 
+def check_parent_folders(out) -> None:
+    """Refuse, before any work, an output folder that cannot be made because a file stands where
+    one of its parent folders would be (`a/b` with `a` a file): the OS would say only "File
+    exists" or "Not a directory", and only when the result is written."""
+    out = Path(out)
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{out}: {parent} is a file, not a folder; choose another output folder")
+            return
+
+
 def is_disk_full(err: BaseException) -> bool:
     """An OSError for a full disk/quota, or the same from Rust code (``tokenizers``), which
     raises a plain Exception ending in "(os error 28)"."""

@@ -44,6 +44,7 @@ from .files import (
     DiskFullError,
     FileFormatError,
     check_free_space,
+    check_parent_folders,
     fsync_dir,
     held,
     npy_header,
@@ -170,6 +171,7 @@ def _check_arguments(out_dir, val_fraction: float, shard_tokens: int, workers: i
         raise ValueError(f"--workers must be >= 0 (0: the tokenizer's own threads), got {workers}")
     if not str(out_dir):
         raise ValueError("no output folder given (--out)")
+    check_parent_folders(out_dir)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.files import held, read_json_object
+from ..data.files import check_parent_folders, held, read_json_object
 from . import checkpoint as ckpt_mod
 from .config import RunConfig
 from .durable import recover_dir, replace_dir, write_json
@@ -57,6 +57,8 @@ def in_use(out) -> Iterator[None]:
     running, is refused before it removes or writes anything. A folder created here for a run
     that then fails before writing anything is removed again."""
     out = None if out is None else Path(out)
+    if out is not None:
+        check_parent_folders(out)
     if out is None or int(os.environ.get("RANK", "0")) != 0 or out.is_file():  # the run names a file
         yield
         return
@@ -130,6 +132,7 @@ class RunFolder:
         out = self.path
         if out is None:
             return Start()
+        check_parent_folders(out)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"output folder {out} is a file, not a run folder: choose another --out")
         resolved = out / "resolved.json"

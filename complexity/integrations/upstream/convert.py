@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ...configuration_complexity import ComplexityConfig
-from ...data.files import new_folder
+from ...data.files import check_parent_folders, new_folder
 from ...hash_routing import slot_weights
 from ...modeling_complexity import ComplexityForCausalLM
 from ...params import ParameterCount, count_parameters
@@ -156,6 +156,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    check_parent_folders(dst)
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst}: exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ....data.files import new_folder
+from ....data.files import check_parent_folders, new_folder
 from ..readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
 from .description import DEEP, UPSTREAM_STRATEGY, TRHashConfig, layout_name, neutral_tensor_shapes
 from .layouts import trhash_layout
@@ -131,6 +131,7 @@ def write_deep(
         raise ValueError(f"route_strategy: {config.route_strategy!r} has no upstream name")
     cfg = deep_config(config, dtype)
     _check_tensors(config, tensors)
+    check_parent_folders(dst)
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst}: exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -187,6 +188,7 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     cannot describe (another MLP, mu, a sliding window, per-layer branch scales, partial RoPE, µP
     scales, a QK-norm epsilon other than upstream's fixed 1e-6)."""
     src, dst = Path(src), Path(dst)
+    check_parent_folders(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: DST must differ from SRC")
     raw = read_config_json(src, []) if src.is_dir() else None
