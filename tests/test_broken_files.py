@@ -1183,9 +1183,10 @@ def test_bad_token_counts(make, message, tmp_path, prepared, capsys):
     assert rc == 2 and message in line
 
 
-def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path, capsys, tiny_tokenizer):
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, capsys, tiny_tokenizer):
     """`--out a/b` where `a` is a file: every command that writes a folder names the file at once
-    (the OS says only "File exists" or "Not a directory", and only once the work is done)."""
+    (the OS says only "File exists" or "Not a directory", and only once the work is done); so does
+    a file's atomic write."""
     blocker = tmp_path / "afile"
     blocker.write_text("mine")
     native = Path(__file__).parent / "fixtures/trhash/mh2-top2-shared/native"
@@ -1195,11 +1196,12 @@ def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path, caps
         "convert": ["convert", native, "OUT"],
         "deep": ["convert", native, "OUT", "--to", "deep"],
         "train": ["train", "--preset", "tiny", "--data", tmp_path / "none", "--out", "OUT"],
+        "x.jsonl": ["data", "builtin", "--out", "OUT"],  # a file, written atomically
     }
     for name, argv in commands.items():
         out = blocker / "sub" / name
         rc, line = _cli(capsys, *[out if a == "OUT" else a for a in argv])
         assert rc == 2 and line.endswith(
-            f": error: {out}: {blocker} is a file, not a folder; choose another output folder"
+            f": error: {out}: {blocker} is a file, not a folder; choose another output path"
         )
     assert os.listdir(tmp_path) == ["afile"] and blocker.read_text() == "mine"

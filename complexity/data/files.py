@@ -84,14 +84,14 @@ def check_free_space(path, needed: int, what: str = "") -> None:
 
 
 def check_parent_folders(out) -> None:
-    """Refuse, before any work, an output folder that cannot be made because a file stands where
-    one of its parent folders would be (`a/b` with `a` a file): the OS would say only "File
-    exists" or "Not a directory", and only when the result is written."""
+    """Refuse an output (a folder, or a file) that cannot be made because a file stands where one
+    of its parent folders would be (`a/b` with `a` a file), naming that file: the OS says only
+    "File exists" or "Not a directory". Folder outputs call it before any work."""
     out = Path(out)
     for parent in out.parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
-                raise NotADirectoryError(f"{out}: {parent} is a file, not a folder; choose another output folder")
+                raise NotADirectoryError(f"{out}: {parent} is a file, not a folder; choose another output path")
             return
 
 
@@ -120,6 +120,8 @@ class AtomicFile:
         try:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as err:  # name the file asked for, not its temporary name
+            if isinstance(err, NotADirectoryError):
+                check_parent_folders(self.path)  # which part of the path is a file
             raise type(err)(err.errno, err.strerror, str(self.path)) from None
 
     def write(self, data) -> int:
