@@ -111,10 +111,14 @@ def test_batch_one_and_generate_cli_path_bf16():
     engine = Engine(model, None, max_batch=1)
     [out] = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 40
-    eager = Engine(model, None, max_batch=1, cuda_graphs=False, compile=False)
-    [ref] = eager.generate([[5, 6, 7]], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
-    agree = sum(a == b for a, b in zip(out.token_ids, ref.token_ids)) / 40
-    assert agree >= 0.5  # bf16: compiled kernels round differently, greedy near-ties may flip
+    # bf16 kernels round differently from eager ones, so a near-tie may flip and the two greedy
+    # sequences part for good; what must hold is that every token picked was a greedy choice:
+    # teacher-forced through the model in float32, its logit is the top one within bf16 rounding.
+    with torch.no_grad():
+        logits = model.float()(torch.tensor([[5, 6, 7, *out.token_ids]], device="cuda")).logits[0, 2:-1]
+    top = logits.max(-1).values
+    picked = logits.gather(-1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
+    assert ((top - picked) <= 0.02 * top.abs() + 0.05).all(), (top - picked).max()
 
 
 def test_slots_sized_from_memory():
