@@ -171,6 +171,7 @@ def test_a_file_system_without_locks_writes_unguarded_and_removes_nothing(tmp_pa
     old = time.time() - 2 * files.ABANDONED_AFTER_S
     (tmp_path / ".out.writing-other").mkdir()
     os.utime(tmp_path / ".out.writing-other", (old, old))
+    (tmp_path / "work").mkdir()
     with files.held(tmp_path / "work") as locked:
         assert locked is False
     with files.new_folder(tmp_path / "out") as tmp:

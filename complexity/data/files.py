@@ -374,14 +374,13 @@ ABANDONED_AFTER_S = 60.0  # a folder this old that no process holds was left by 
 
 @contextmanager
 def held(folder) -> Iterator[bool]:
-    """Hold an advisory lock on `folder` (created if missing) while the block runs, or raise
+    """Hold an advisory lock on the existing `folder` while the block runs, or raise
     FileExistsError naming it when another process holds it. The lock is on the folder itself (no
     lock file to leave behind) and follows it through a rename; the kernel drops it when its
     process dies, kill -9 included, so an unheld work folder is one that nobody is writing.
     -> whether it is locked: False on a file system without locks (some network and FUSE mounts),
     where the block runs unguarded rather than not at all."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -155,6 +155,7 @@ def prepare_dataset(
         return PrepareResult(out, existing, skipped=True)
     t0 = time.time()
     tmp = out.parent / f"{out.name}.tmp-{plan.config_hash[:12]}"
+    tmp.mkdir(parents=True, exist_ok=True)  # or the one an interrupted run left
     with held(tmp):  # a second run of the same preparation would write the same parts
         manifest, resumed = _build(plan, tmp, batch_bytes=batch_bytes, workers=workers, progress=progress, log=log)
         replace_dir(tmp, out)

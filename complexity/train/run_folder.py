@@ -63,6 +63,7 @@ def in_use(out) -> Iterator[None]:
         yield
         return
     created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     hold = ExitStack()
     try:
         hold.enter_context(held(out))
@@ -75,7 +76,7 @@ def in_use(out) -> Iterator[None]:
         with hold:
             yield
     finally:
-        if created and not any(out.iterdir()):
+        if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
 
 
