@@ -95,12 +95,14 @@ def engine_direct(ckpt: str, args, prompts, **engine_kwargs) -> dict:
     engine.generate(prompts[:4], params)  # warm-up
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
+    before = dict(engine.stats)
     t = time.perf_counter()
     outs = engine.generate(prompts[: args.requests], params)
     sync()
     wall = time.perf_counter() - t
     gen = sum(len(o.token_ids) for o in outs)
     res = {
+        "scheduling": scheduling({k: engine.stats[k] - before.get(k, 0) for k in _STEP_COUNTERS}, wall),
         "generated_tokens_per_s": gen / wall,
         "wall_s": wall,
         "generated_tokens": gen,
@@ -116,6 +118,54 @@ def engine_direct(ckpt: str, args, prompts, **engine_kwargs) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+# ----------------------------------------------------------------------------- how the steps went
+
+# the engine's counters: Engine.stats key -> the server's Prometheus counter
+_STEP_COUNTERS = {
+    "prefill_steps": "complexity_prefill_steps_total",
+    "decode_steps": "complexity_decode_steps_total",
+    "prompt_tokens": "complexity_prompt_tokens_total",
+    "generated_tokens": "complexity_generation_tokens_total",
+}
+# the engine core's loop (server only): seconds in steps, seconds handing outputs to the API process
+_LOOP_COUNTERS = {
+    "step_seconds": "complexity_engine_step_seconds_total",
+    "output_seconds": "complexity_engine_output_seconds_total",
+}
+
+
+def scheduling(counts: dict, wall: float) -> dict:
+    """What the engine did in one phase: how many prefill forwards and decode steps, how full the
+    decode steps were, and how many steps per second it kept up; for the server also the share of
+    the wall time its engine core spent in steps and in handing outputs over. The Engine-direct and
+    HTTP figures side by side say whether the server ran more (smaller) steps, slower steps, or
+    waited between them."""
+    decode = counts["decode_steps"]
+    loop = {f"{k}_share_of_wall": counts[k] / wall for k in _LOOP_COUNTERS if k in counts and wall > 0}
+    return {
+        **counts,
+        **loop,
+        "rows_per_decode_step": counts["generated_tokens"] / decode if decode else None,
+        "decode_steps_per_s": decode / wall if wall > 0 else None,
+    }
+
+
+def server_counters(port: int) -> dict:
+    """The engine's counters from the server's /metrics (Prometheus text)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        text = b""
+        while chunk := s.recv(1 << 16):
+            text += chunk
+    out = {}
+    for key, metric in {**_STEP_COUNTERS, **_LOOP_COUNTERS}.items():
+        m = re.search(rf"^{metric}{{[^}}]*}} ([0-9.e+-]+)$", text.decode(), re.M)
+        if m is None:
+            raise RuntimeError(f"/metrics has no {metric}")
+        out[key] = float(m.group(1))
+    return out
 
 
 # ----------------------------------------------------------------------------- the HTTP client (stdlib)
@@ -247,6 +297,8 @@ def summarize(results: list[dict], args, stream: bool) -> dict:
             r["error"] or f"tokens {r.get('completion_tokens')} reason {r.get('finish_reason')}" for r in errors[:5]
         ],
         "wall_s": wall,
+        # how long the clients took to send every request: the server admits what has arrived
+        "arrival_spread_s": max(r["start"] for r in results) - min(r["start"] for r in results),
         "generated_tokens": gen,
         "generated_tokens_per_s": gen / wall if wall > 0 else None,
     }
@@ -315,11 +367,17 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
                 time.sleep(0.2)
             startup = time.perf_counter() - t0
             drive(port, prompts[:2], argparse.Namespace(**{**vars(args), "new_tokens": 4}), stream=False)  # warm-up
+            before = server_counters(port)
             plain = summarize(drive(port, prompts[: args.requests], args, stream=False), args, stream=False)
+            after = server_counters(port)
+            plain["scheduling"] = scheduling({k: after[k] - before[k] for k in after}, plain["wall_s"])
             print(
                 f"  http non-stream: {plain['generated_tokens_per_s']:.0f} tok/s, errors {plain['errors']}", flush=True
             )
+            before = server_counters(port)
             streams = summarize(drive(port, prompts[: args.streams], args, stream=True), args, stream=True)
+            after = server_counters(port)
+            streams["scheduling"] = scheduling({k: after[k] - before[k] for k in after}, streams["wall_s"])
             print(f"  http streams: TTFT p50 {streams['ttft_p50_s']}, errors {streams['errors']}", flush=True)
         finally:
             proc.terminate()

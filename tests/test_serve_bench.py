@@ -43,6 +43,14 @@ def test_bench_serve_cpu_answers_everything(tmp_path):
         assert http[part]["errors"] == 0 and http[part]["five_xx"] == 0
         assert http[part]["generated_tokens"] == n * 4
     assert http["streams"]["ttft_p50_s"] is not None
+    # the engine's own counters, read from the server's /metrics around each phase
+    for part, n in (("non_stream", 6), ("streams", 3)):
+        sched = http[part]["scheduling"]
+        assert sched["generated_tokens"] == n * 4 and sched["prompt_tokens"] == n * 8, sched
+        assert sched["prefill_steps"] >= 1 and sched["decode_steps"] >= 3, sched
+        assert 0 < sched["step_seconds_share_of_wall"] <= 1.05 and sched["output_seconds"] >= 0, sched
+    direct = res["engine_direct"]["scheduling"]
+    assert direct["generated_tokens"] == 6 * 4 and direct["decode_steps"] >= 3, direct
     assert res["engine_direct"]["generated_tokens"] == res["engine_uncompiled"]["generated_tokens"] == 6 * 4
     assert res["compiled_over_uncompiled"] > 0
     assert http["tracebacks"] == 0 and http["recompile_warnings"] == 0

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -71,7 +72,12 @@ def unpack_outputs(columns: tuple) -> list[StepOutput]:
 
 def run_engine_loop(engine: Engine, poll: Callable[[float | None], list], send: Callable[[tuple], None]) -> None:
     """Serve commands until "shutdown": `poll(timeout)` returns the commands that arrived (waiting
-    up to `timeout` seconds when there is nothing to run), `send(message)` ships one step's outputs."""
+    up to `timeout` seconds when there is nothing to run), `send(message)` ships one step's outputs.
+
+    The stats sent with each step's outputs carry two running totals: the seconds spent in
+    `engine.step()` and the seconds spent in `send` (in a process core, blocked while the API
+    process has not read earlier steps yet). Outside those the loop is idle or polling."""
+    busy = {"step_seconds": 0.0, "output_seconds": 0.0}
     while True:
         outputs: list[StepOutput] = []
         stop = False
@@ -94,9 +100,13 @@ def run_engine_loop(engine: Engine, poll: Callable[[float | None], list], send: 
             for req in list(engine.waiting) + list(engine.running.values()):
                 engine.abort(req.request_id)
         if engine.has_work():
+            t = time.perf_counter()
             outputs += engine.step()
+            busy["step_seconds"] += time.perf_counter() - t
         if outputs:
-            send(("outputs", outputs, engine_stats(engine)))
+            t = time.perf_counter()
+            send(("outputs", outputs, {**engine_stats(engine), **busy}))
+            busy["output_seconds"] += time.perf_counter() - t
         if stop:
             return
 

@@ -18,6 +18,13 @@ _ENGINE_METRICS = (
     ("complexity_generation_tokens", "counter", "Tokens generated.", "generated_tokens"),
     ("complexity_decode_steps", "counter", "Batched decode steps run.", "decode_steps"),
     ("complexity_prefill_steps", "counter", "Prefill forwards run.", "prefill_steps"),
+    ("complexity_engine_step_seconds", "counter", "Seconds the engine core spent running steps.", "step_seconds"),
+    (
+        "complexity_engine_output_seconds",
+        "counter",
+        "Seconds the engine core spent handing step outputs to the API process (grows when that process falls behind).",
+        "output_seconds",
+    ),
     ("complexity_aborted_requests", "counter", "Requests cancelled (client gone, shutdown).", "aborted"),
     ("complexity_rejected_requests", "counter", "Requests refused with 429 (limits).", "rejected"),
     ("complexity_requests_running", "gauge", "Requests holding a cache slot.", "running"),
