@@ -826,3 +826,72 @@ def test_engine_arguments_are_checked_by_type_and_range(ckpt_dir, name, value):
         Engine(model, tok, **{name: value})
     assert repr(value) in str(err.value)
     Engine(model, tok, max_batch=1, max_seq_len=32, max_prefill_tokens=64, gpu_memory_utilization=1, seed=2**64 - 1)
+
+
+# ----------------------------------------------------------------------------- the API process's reader
+
+
+def _reader_over_pipe():
+    """A ProcessCore's reader over a pipe this test writes to (no engine process)."""
+    import multiprocessing
+    import types
+
+    from complexity.inference import core
+
+    recv, send = multiprocessing.Pipe(duplex=False)
+    reader = core.ProcessCore("unused", {}, on_message=None)
+    reader._out, reader._proc = recv, types.SimpleNamespace(join=lambda timeout: None, exitcode=-9)
+    return reader, send, core
+
+
+def _step(core, step: int, rids=("a", "b")) -> tuple:
+    outs = [core.StepOutput(rid, [step], None, None, False, None, 3, step + 1) for rid in rids]
+    return ("outputs", core.pack_outputs(outs), {"decode_steps": step + 1})
+
+
+def test_reader_merges_the_steps_already_waiting_and_keeps_their_order():
+    reader, send, core = _reader_over_pipe()
+    for step in range(3):
+        send.send(_step(core, step))
+    send.send(("fatal", "Traceback: boom"))
+    send.send(_step(core, 3))
+    msgs, gone = reader._receive()
+    # the three steps as one hand-over, in order, with the last step's stats; the fatal after them
+    assert not gone and [m[0] for m in msgs] == ["outputs", "fatal"]
+    assert [(o.request_id, o.new_token_ids) for o in msgs[0][1]] == [(r, [s]) for s in range(3) for r in "ab"]
+    assert msgs[0][2] == {"decode_steps": 3}
+    msgs, gone = reader._receive()
+    assert not gone and [o.new_token_ids for o in msgs[0][1]] == [[3], [3]]
+
+
+def test_reader_merges_at_most_max_merged_steps_and_delivers_what_came_before_eof():
+    reader, send, core = _reader_over_pipe()
+    n = core.MAX_MERGED_STEPS + 2
+    for step in range(n):
+        send.send(_step(core, step, rids=("a",)))
+    send.close()
+    msgs, gone = reader._receive()
+    assert not gone and len(msgs[0][1]) == core.MAX_MERGED_STEPS
+    msgs, gone = reader._receive()  # the rest, then the closed pipe
+    assert gone and [o.new_token_ids for o in msgs[0][1]] == [[n - 2], [n - 1]]
+    delivered = []
+    reader.on_message = delivered.append
+    reader._read()  # nothing left: reports the dead engine
+    assert delivered == [("dead", "the engine process exited (exit code -9)")]
+
+
+def test_merged_steps_detokenize_as_one_delta():
+    """Several steps of one request handed over at once give the text of their tokens together."""
+    from complexity.inference.detokenize import OutputProcessor
+    from complexity.inference.outputs import StepOutput
+
+    tok = make_tokenizer()
+    ids = tok.encode("the cat sat on the mat", add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=len(ids))
+    one, merged = OutputProcessor(tok), OutputProcessor(tok)
+    for proc in (one, merged):
+        proc.add_request("r", [], params, incremental=True)
+    steps = [StepOutput("r", [t], None, None, i == len(ids) - 1, None, 0, i + 1) for i, t in enumerate(ids)]
+    text_by_step = "".join(one.process([s])[0][0].new_text for s in steps)
+    text_merged = "".join(o.new_text for o in merged.process(steps[:3])[0] + merged.process(steps[3:])[0])
+    assert text_merged == text_by_step == tok.decode(ids)

@@ -60,6 +60,11 @@ def engine_stats(engine: Engine) -> dict:
     }
 
 
+# At most this many steps' outputs are merged into one hand-over to the API process (it bounds
+# the delay a merge can add to the first of them).
+MAX_MERGED_STEPS = 16
+
+
 def pack_outputs(outputs: list[StepOutput]) -> tuple:
     """Column lists of a step's outputs: a third of the pickling time of the tuples themselves,
     paid in the engine process at every step."""
@@ -252,18 +257,39 @@ class ProcessCore:
 
     def _read(self) -> None:
         while True:
-            try:
-                msg = self._out.recv()
-            except (EOFError, OSError):
+            msgs, gone = self._receive()
+            for msg in msgs:
+                self.on_message(msg)
+                if msg[0] == "fatal":
+                    return
+            if gone:
                 self._gone = True
                 self._proc.join(5)
                 self.on_message(("dead", f"the engine process exited (exit code {self._proc.exitcode})"))
                 return
-            if msg[0] == "outputs":
-                msg = ("outputs", unpack_outputs(msg[1]), msg[2])
-            self.on_message(msg)
-            if msg[0] == "fatal":
-                return
+
+    def _receive(self) -> tuple[list[tuple], bool]:
+        """(the next message, with every "outputs" message already waiting behind it merged into
+        it; whether the pipe has closed). Merged steps cost the API process one batched
+        detokenization and one wake-up per stream, not one each: when it falls behind it catches
+        up in bigger deltas, instead of making the engine wait at the pipe."""
+        msgs, columns, stats = [], [], None
+        gone = False
+        try:
+            while True:
+                msg = self._out.recv()
+                if msg[0] != "outputs":
+                    msgs.append(msg)
+                    break
+                columns.append(msg[1])
+                stats = msg[2]
+                if len(columns) == MAX_MERGED_STEPS or not self._out.poll(0):
+                    break
+        except (EOFError, OSError):
+            gone = True
+        if columns:  # before a start-up or fatal message: it came after these steps
+            msgs.insert(0, ("outputs", [o for c in columns for o in unpack_outputs(c)], stats))
+        return msgs, gone
 
     def send(self, cmd: tuple) -> None:
         with self._lock:
