@@ -895,3 +895,17 @@ def test_merged_steps_detokenize_as_one_delta():
     text_by_step = "".join(one.process([s])[0][0].new_text for s in steps)
     text_merged = "".join(o.new_text for o in merged.process(steps[:3])[0] + merged.process(steps[3:])[0])
     assert text_merged == text_by_step == tok.decode(ids)
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="F_SETPIPE_SZ is Linux-only")
+def test_the_outputs_pipe_holds_many_steps():
+    """The engine's outputs pipe is widened so a busy API process does not stall the engine."""
+    import fcntl
+    import multiprocessing
+
+    from complexity.inference import core
+
+    recv, send = multiprocessing.Pipe(duplex=False)
+    before = fcntl.fcntl(send.fileno(), fcntl.F_GETPIPE_SZ)
+    core.widen_pipe(send)
+    assert fcntl.fcntl(recv.fileno(), fcntl.F_GETPIPE_SZ) == core.PIPE_BYTES > before
