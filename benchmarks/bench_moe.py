@@ -10,7 +10,7 @@ strategy is first checked against an fp32 per-expert reference, then timed forwa
 forward only, eager and compiled (fullgraph), with `triton.testing.do_bench` medians (CUDA-event
 medians without triton; wall-clock medians on the CPU). "rows" (the decode kernels) is timed
 forward only, at the sizes they take (at most 16 tokens), whether or not they are switched on
-(COMPLEXITY_DECODE_KERNELS); "auto" says what the model picks for each pass as configured. On
+(COMPLEXITY_DECODE_KERNELS, on by default); "auto" says what the model picks for each pass as configured. On
 the GPU the decode sizes' forward is also timed captured in a CUDA graph and replayed, as the
 engine runs a decode step: a plain call at these sizes mostly times the host's launches. Routes
 come from a real balanced-hash table over a 32,000-token vocabulary. Prints the tables and writes

@@ -192,7 +192,7 @@ def cpu_kernels(kernels, monkeypatch):
         monkeypatch.setattr(ck, name, counted(name), raising=False)
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
     monkeypatch.setattr(ck, "DECODE_MAX_SLOTS", kernels.MAX_SLOTS)
-    monkeypatch.setattr(ck, "DECODE_KERNELS", True)  # off by default (COMPLEXITY_DECODE_KERNELS)
+    monkeypatch.setattr(ck, "DECODE_KERNELS", True)  # whatever COMPLEXITY_DECODE_KERNELS says here
     return calls
 
 

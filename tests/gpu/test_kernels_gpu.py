@@ -28,7 +28,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _decode_kernels_on(monkeypatch):
-    """The kernels are off by default (COMPLEXITY_DECODE_KERNELS); this suite is what measures them."""
+    """On, whatever COMPLEXITY_DECODE_KERNELS says in this environment: this suite checks them."""
     monkeypatch.setattr(ck, "DECODE_KERNELS", True)
 
 
