@@ -355,6 +355,7 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
         str(port),
         "--log-level",
         "warning",
+        *(["--async-decode"] if args.async_decode else []),
         *args.server_args.split(),
     ]
     t0 = time.perf_counter()
@@ -428,6 +429,11 @@ def main(argv=None) -> int:
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--skip-engine", action="store_true", help="no Engine-direct figure")
     p.add_argument(
+        "--async-decode",
+        action="store_true",
+        help="both sides with async_decode (the Engine's keyword, the server's --async-decode flag)",
+    )
+    p.add_argument(
         "--compare-uncompiled",
         action="store_true",
         help="also the Engine with compile=False (CUDA graphs of the eager step): what compile brings",
@@ -453,6 +459,7 @@ def main(argv=None) -> int:
         "results": {},
     }
     prompts = prompts_for(args)
+    overlap = {"async_decode": True} if args.async_decode else {}
     for preset in args.presets.split(","):
         t = time.perf_counter()
         ckpt = os.path.join(args.out, f"ckpt-{preset}")
@@ -461,10 +468,10 @@ def main(argv=None) -> int:
         res = {}
         if not args.skip_engine:
             print(f"[{preset}] engine direct", flush=True)
-            res["engine_direct"] = engine_direct(ckpt, args, prompts)
+            res["engine_direct"] = engine_direct(ckpt, args, prompts, **overlap)
             print(f"  engine: {res['engine_direct']['generated_tokens_per_s']:.0f} tok/s", flush=True)
             if args.compare_uncompiled:
-                res["engine_uncompiled"] = engine_direct(ckpt, args, prompts, compile=False)
+                res["engine_uncompiled"] = engine_direct(ckpt, args, prompts, compile=False, **overlap)
                 res["compiled_over_uncompiled"] = (
                     res["engine_direct"]["generated_tokens_per_s"] / res["engine_uncompiled"]["generated_tokens_per_s"]
                 )

@@ -1,7 +1,9 @@
-"""`decode_steps`: several decode steps on the device per read of their tokens. The same tokens,
-finish reasons, texts and logprobs as one step per read (greedy and seeded sampling, penalties,
-logit bias, stop tokens and strings, lengths, full slots, continuous batching), fewer host
-rounds, and a row whose logits break inside a window failing alone with the tokens it had."""
+"""`decode_steps`: several decode steps on the device per read of their tokens; `async_decode`:
+the next steps launched before the last ones' tokens are read (one step or a window at a time).
+Each gives the same tokens, finish reasons, texts and logprobs as one step per read, read at once
+(greedy and seeded sampling, penalties, logit bias, stop tokens and strings, lengths, full slots,
+continuous batching, aborts), windows in fewer host rounds, and a row whose logits break inside a
+window fails alone with the tokens it had."""
 
 from __future__ import annotations
 
@@ -21,8 +23,26 @@ def ckpt_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("decode_steps")
 
 
-def _engines(path, steps: int, **kwargs) -> tuple[Engine, Engine]:
-    return tuple(Engine.from_pretrained(path, device="cpu", decode_steps=n, **kwargs) for n in (1, steps))
+# how the engine under test decodes, against one step per read: windows of N steps, one step at a
+# time launched ahead of the read (async), windows launched ahead
+MODES = ["windows", "async", "async windows"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    return request.param
+
+
+def _engines(path, steps: int, mode: str = "windows", **kwargs) -> tuple[Engine, Engine]:
+    ahead = {
+        "windows": dict(decode_steps=steps),
+        "async": dict(async_decode=True),
+        "async windows": dict(async_decode=True, decode_steps=steps),
+    }[mode]
+    return (
+        Engine.from_pretrained(path, device="cpu", **kwargs),
+        Engine.from_pretrained(path, device="cpu", **ahead, **kwargs),
+    )
 
 
 def _run(engine: Engine, prompts, params) -> tuple[list, int]:
@@ -36,7 +56,7 @@ def _run(engine: Engine, prompts, params) -> tuple[list, int]:
 
 
 @pytest.mark.parametrize("variant", ["token_routed", "hash_top2_shared", "inl", "sliding_window"])
-def test_decode_steps_give_the_single_steps_tokens(ckpt_dir, variant):
+def test_decode_steps_give_the_single_steps_tokens(ckpt_dir, variant, mode):
     """Five requests through three slots (requests join as others leave, some mid-window): greedy
     ones of several lengths, one ended by a stop token inside a window, seeded sampling with
     top-k/top-p/min-p; token for token and reason for reason as one step per read."""
@@ -47,7 +67,7 @@ def test_decode_steps_give_the_single_steps_tokens(ckpt_dir, variant):
         "sliding_window": dict(sliding_window=6, mu_mode="guidance"),
     }[variant]
     path = make_tiny_checkpoint(ckpt_dir / variant, **overrides)
-    single, ahead = _engines(path, 4, max_batch=3)
+    single, ahead = _engines(path, 4, mode, max_batch=3)
     greedy = SamplingParams(max_new_tokens=13, temperature=0, ignore_eos=True)
     [(probe, _)], _ = _run(single, PROMPTS[:1], [greedy])
     params = [
@@ -63,14 +83,15 @@ def test_decode_steps_give_the_single_steps_tokens(ckpt_dir, variant):
     assert got == want
     assert want[2][1] == "stop" and len(want[2][0]) <= 7
     assert [len(t) for i, (t, _) in enumerate(want) if i != 2] == [13, 1, 11, 6]
-    assert ahead_rounds < single_rounds
+    if ahead.decode_steps > 1:
+        assert ahead_rounds < single_rounds
     assert sorted(ahead.free_slots) == [0, 1, 2]
 
 
-def test_decode_steps_texts(ckpt_dir):
+def test_decode_steps_texts(ckpt_dir, mode):
     """Through generate(), stream() and the output processor: the same texts."""
     path = make_tiny_checkpoint(ckpt_dir / "texts")
-    single, ahead = _engines(path, 8, max_batch=3)
+    single, ahead = _engines(path, 8, mode, max_batch=3)
     params = [
         SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True),
         SamplingParams(max_new_tokens=17, temperature=0.8, seed=3, ignore_eos=True),
@@ -82,11 +103,11 @@ def test_decode_steps_texts(ckpt_dir):
     assert "".join(o.new_text for o in ahead.stream(PROMPTS[0], params[0])) == want[0][1]
 
 
-def test_decode_steps_stop_where_the_slot_is_full(ckpt_dir):
+def test_decode_steps_stop_where_the_slot_is_full(ckpt_dir, mode):
     """A request without max_new_tokens runs to its slot's end: windows never write past it, and
     it ends with "length" at the same token as one step per read."""
     path = make_tiny_checkpoint(ckpt_dir / "full", max_position_embeddings=64)
-    single, ahead = _engines(path, 16, max_batch=2, max_seq_len=40)
+    single, ahead = _engines(path, 16, mode, max_batch=2, max_seq_len=40)
     params = [SamplingParams(max_new_tokens=None, temperature=0, ignore_eos=True)] * 2
     prompts = [list(range(5, 30)), list(range(7, 18))]
     want, _ = _run(single, prompts, params)
@@ -96,13 +117,13 @@ def test_decode_steps_stop_where_the_slot_is_full(ckpt_dir):
     assert {reason for _, reason in got} == {"length"}
 
 
-def test_penalties_logprobs_and_stop_strings_inside_windows(ckpt_dir, monkeypatch):
+def test_penalties_logprobs_and_stop_strings_inside_windows(ckpt_dir, monkeypatch, mode):
     """Penalties count each step's tokens on the device, logprobs are kept per step and stop
     strings are matched token by token in the window's text: every kind of request takes windows,
     with the tokens, texts and finish reasons of one step per read (a stop string's completion
     ends at the token that completed it) and the same logprobs."""
     path = make_tiny_checkpoint(ckpt_dir / "host")
-    single, ahead = _engines(path, 4, max_batch=3)
+    single, ahead = _engines(path, 4, mode, max_batch=3)
     base = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
     [probe] = single.generate(PROMPTS[2:3], base)  # " girl girlorldorld...": text to stop at
     cases = {
@@ -114,8 +135,8 @@ def test_penalties_logprobs_and_stop_strings_inside_windows(ckpt_dir, monkeypatc
         "everything": base.copy(repetition_penalty=0.7, logprobs=0, stop=[probe.text[10:14]], logit_bias={3: 1.0}),
     }
     windows = []
-    real = ahead._decode_ahead
-    monkeypatch.setattr(ahead, "_decode_ahead", lambda *args: windows.append(args) or real(*args))
+    real = ahead._launch_window
+    monkeypatch.setattr(ahead, "_launch_window", lambda *args: windows.append(args) or real(*args))
     for name, special in cases.items():
         want = single.generate(PROMPTS[:3:2], [base, special])
         got = ahead.generate(PROMPTS[:3:2], [base, special])
@@ -140,11 +161,11 @@ def test_penalties_logprobs_and_stop_strings_inside_windows(ckpt_dir, monkeypatc
     assert (stopped.finish_reason, stopped.token_ids) == ("stop", probe.token_ids[:3])  # cut inside a window
 
 
-def test_non_finite_logits_inside_a_window_fail_their_request_only(ckpt_dir, monkeypatch):
+def test_non_finite_logits_inside_a_window_fail_their_request_only(ckpt_dir, monkeypatch, mode):
     """Row 1's logits turn NaN at the third step of a window: its request ends with an error
     after the tokens it had sampled before, its neighbour gets every one of its exact tokens."""
     path = make_tiny_checkpoint(ckpt_dir / "nan")
-    single, ahead = _engines(path, 4, max_batch=2)
+    single, ahead = _engines(path, 4, mode, max_batch=2)
     p = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     want = [c.token_ids for c in single.generate(PROMPTS[:2], p)]
     real, calls = ahead._run_decode, []
@@ -189,12 +210,69 @@ def test_cli_flag(ckpt_dir, capsys):
     path = make_tiny_checkpoint(ckpt_dir / "cli")
     common = ["generate", str(path), "--prompt", "the cat", "--max-new-tokens", "20", "--temperature", "0"]
     outs = []
-    for extra in ([], ["--decode-steps", "8"]):
+    for extra in ([], ["--decode-steps", "8"], ["--async-decode"], ["--async-decode", "--decode-steps", "3"]):
         assert main([*common, "--ignore-eos", *extra]) == 0
         outs.append(capsys.readouterr().out)
-    assert outs[0] == outs[1] and outs[0].strip()
+    assert outs[0] == outs[1] == outs[2] == outs[3] and outs[0].strip()
     for value, message in (("65", "an integer in [1, 64], got 65"), ("0", "a positive integer, got 0")):
         for command in (common, ["serve", str(path)]):
             with pytest.raises(SystemExit):
                 main([*command, "--decode-steps", value])
             assert f"--decode-steps: expected {message}" in capsys.readouterr().err
+
+
+def test_async_decode_launches_the_next_steps_before_reading(ckpt_dir, monkeypatch):
+    """While the batch is unchanged, each step launches the next window and only then reads the
+    last one: the host reads a window while the next runs. Outputs come one step later."""
+    path = make_tiny_checkpoint(ckpt_dir / "order")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2, async_decode=True)
+    events = []
+    for name in ("_launch_window", "_collect"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _r=real, _n=name: events.append(_n) or _r(*a))
+    p = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    reqs = [engine.add_request(x, p) for x in PROMPTS[:2]]
+    first = engine.step()  # prefill (first tokens) and the first window, launched and not read
+    assert [len(o.new_token_ids) for o in first] == [1, 1] and engine._in_flight is not None
+    assert events == ["_launch_window"]
+    second = engine.step()
+    assert events == ["_launch_window", "_launch_window", "_collect"]  # the next one before the read
+    assert [o.new_token_ids for o in second] == [[r.output_ids[1]] for r in reqs]
+    while engine.has_unfinished():
+        engine.step()
+    assert [len(r.output_ids) for r in reqs] == [6, 6] and sorted(engine.free_slots) == [0, 1]
+    # their lengths were known: no step was launched past them
+    assert engine._in_flight is None and events.count("_launch_window") == 5 == events.count("_collect")
+    # a stop token is not known ahead: the window launched meanwhile is read and dropped by the next
+    # step, before anything else
+    [probe] = engine.generate(PROMPTS[2:3], p.copy(max_new_tokens=12))
+    j = next(j for j, t in enumerate(probe.token_ids) if j >= 2 and t not in probe.token_ids[:j])
+    stop = p.copy(max_new_tokens=None, stop_token_ids=[probe.token_ids[j]])
+    [stopped] = engine.generate(PROMPTS[2:3], stop)
+    assert stopped.token_ids == probe.token_ids[: j + 1] and stopped.finish_reason == "stop"
+    assert engine._in_flight is not None
+    [again] = engine.generate(PROMPTS[:1], p)
+    assert again.token_ids == reqs[0].output_ids and engine.stats["finished"] == 5
+
+
+def test_async_decode_abort_and_arrivals_while_steps_are_in_flight(ckpt_dir):
+    """A request aborted while its next steps run loses them (its output ends at the abort); one
+    that arrives meanwhile is admitted at the next step; everyone else's tokens are exact."""
+    path = make_tiny_checkpoint(ckpt_dir / "abort")
+    single = Engine.from_pretrained(path, device="cpu", max_batch=3)
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=3, async_decode=True)
+    p = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    want = [c.token_ids for c in single.generate(PROMPTS[:3], p)]
+    a, b = (engine.add_request(x, p) for x in PROMPTS[:2])
+    outs = []
+    for _ in range(4):
+        outs += engine.step()
+    assert engine._in_flight is not None and engine.abort(a.request_id)
+    c = engine.add_request(PROMPTS[2], p)
+    while engine.has_unfinished():
+        outs += engine.step()
+    got_a = [t for o in outs if o.request_id == a.request_id for t in o.new_token_ids]
+    assert a.finish_reason == "abort" and got_a == a.output_ids == want[0][: len(got_a)]
+    assert [o.finish_reason for o in outs if o.request_id == a.request_id][-1] == "abort"
+    assert b.output_ids == want[1] and c.output_ids == want[2]
+    assert sorted(engine.free_slots) == [0, 1, 2]

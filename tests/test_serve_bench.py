@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_benchmark
 
 
-def test_bench_serve_cpu_answers_everything(tmp_path):
+@pytest.mark.parametrize("overlap", [[], ["--async-decode"]], ids=["defaults", "async"])
+def test_bench_serve_cpu_answers_everything(tmp_path, overlap):
     out = tmp_path / "bench"
     proc = run_benchmark(
         "bench_serve.py",
@@ -32,6 +34,7 @@ def test_bench_serve_cpu_answers_everything(tmp_path):
         "--server-args",
         "--threads 1",
         "--compare-uncompiled",
+        *overlap,
         "--out",
         str(out),
     )
@@ -49,6 +52,9 @@ def test_bench_serve_cpu_answers_everything(tmp_path):
         assert sched["generated_tokens"] == n * 4 and sched["prompt_tokens"] == n * 8, sched
         assert sched["prefill_steps"] >= 1 and sched["decode_steps"] >= 3, sched
         assert 0 < sched["step_seconds_share_of_wall"] <= 1.05 and sched["output_seconds"] >= 0, sched
+    described = "launched before the tokens are read (async)"
+    assert (described in res["engine_direct"]["engine"]) == bool(overlap)
+    assert any(described in line for line in http["startup_log"]) == bool(overlap), http["startup_log"]
     direct = res["engine_direct"]["scheduling"]
     assert direct["generated_tokens"] == 6 * 4 and direct["decode_steps"] >= 3, direct
     assert res["engine_direct"]["generated_tokens"] == res["engine_uncompiled"]["generated_tokens"] == 6 * 4

@@ -105,6 +105,12 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
         help="decode steps run back to back on the device before the host reads their tokens: one wait "
         "and one round of bookkeeping per N tokens, tokens streamed N at a time (default 1, at most 64)",
     )
+    g.add_argument(
+        "--async-decode",
+        action="store_true",
+        help="launch the next decode steps before reading the last ones' tokens: the host's per-step work "
+        "overlaps the device's (outputs come one step later; a finished request's slot decodes one step more)",
+    )
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 
 
@@ -116,6 +122,7 @@ def engine_kwargs(args) -> dict:
         "dtype": args.dtype,
         "max_seq_len": args.max_seq_len,
         "decode_steps": args.decode_steps,
+        "async_decode": args.async_decode,
     }
     if getattr(args, "max_batch", None) is not None:
         kw["max_batch"] = args.max_batch

@@ -68,6 +68,23 @@ MAX_DECODE_STEPS = 64
 
 
 @dataclass
+class _Window:
+    """Decode steps launched on the device, their tokens not yet read by the host."""
+
+    reqs: list[Request]
+    sampler: BatchSampler
+    slots: torch.Tensor  # the rows' slots (device)
+    rows: torch.Tensor | None  # the logits rows of `reqs` (None: every row, in order)
+    nrows: int
+    steps: int
+    next_input: torch.Tensor  # [2, nrows] (device): tokens and positions of the step after the window
+    next_max_pos: int  # the largest position in next_input
+    drawn: torch.Tensor  # [len(reqs), steps] tokens, -1 for a row with non-finite logits
+    logprobs: list[torch.Tensor] | None  # (chosen [L, steps], top ids [L, steps, k], top logprobs)
+    ready: torch.cuda.Event | None  # set once drawn/logprobs (host copies) hold the values
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -220,6 +237,7 @@ def _check_engine_args(
     compile,
     seed,
     decode_steps,
+    async_decode,
 ) -> None:
     """Every argument of `Engine` by type, then range; a ValueError names the argument. A bool is
     not an integer nor a number here, and a string is not a number: `True` slots or a "0.9"
@@ -249,6 +267,23 @@ def _check_engine_args(
         fail("compile", "True, False, None (the device's default) or a torch.compile backend name", compile)
     integer("seed", seed, *SEED_RANGE, "an integer in [-2**63, 2**64)")  # torch.Generator's range
     integer("decode_steps", decode_steps, 1, MAX_DECODE_STEPS, f"an integer in [1, {MAX_DECODE_STEPS}]")
+    if not isinstance(async_decode, bool):
+        fail("async_decode", "True or False", async_decode)
+
+
+def _copy_to_host(drawn: torch.Tensor, logprobs: list[torch.Tensor] | None):
+    """Pinned host copies of a window's tokens and logprobs, queued behind its steps, and the event
+    that marks their arrival: the host then waits for these steps only, not for those queued after."""
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        copy.copy_(t, non_blocking=True)
+        return copy
+
+    ready = torch.cuda.Event()
+    drawn, logprobs = host(drawn), None if logprobs is None else [host(t) for t in logprobs]
+    ready.record()
+    return drawn, logprobs, ready
 
 
 class Engine:
@@ -261,9 +296,14 @@ class Engine:
     may also name a torch.compile backend (True means "inductor").
     `max_seq_len` (the per-slot context) defaults to the model's max_position_embeddings.
     `decode_steps` > 1 runs that many decode steps back to back, each step's sampled tokens fed
-    to the next on the device, before the host reads them (`_decode_ahead`): one wait for the
+    to the next on the device, before the host reads them (`_launch_window`): one wait for the
     GPU and one round of bookkeeping per `decode_steps` tokens instead of per token, and tokens
     reach the caller that many at a time.
+    `async_decode` launches the next decode steps before the host reads the last ones' tokens, so
+    that the host's per-step work (reading the tokens, bookkeeping, outputs) runs while the device
+    computes instead of between its steps: outputs come one `step()` later, and while the batch is
+    unchanged (nothing to admit, nobody finished) the device never waits for the host. A request
+    that finishes has its slot decode one window more, whose tokens are dropped.
     """
 
     def __init__(
@@ -280,6 +320,7 @@ class Engine:
         seed: int = 0,
         attn_implementation: str | None = "sdpa",
         decode_steps: int = 1,
+        async_decode: bool = False,
     ):
         t0 = time.perf_counter()
         config = model.config
@@ -294,6 +335,7 @@ class Engine:
             compile=compile,
             seed=seed,
             decode_steps=decode_steps,
+            async_decode=async_decode,
         )
         self._adopt_model(model, tokenizer, attn_implementation)
         on_cuda = self.device.type == "cuda"
@@ -303,6 +345,9 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_steps = decode_steps
+        self.async_decode = async_decode
+        self._in_flight: _Window | None = None  # async_decode: the window whose tokens are not read yet
+        self._launched: list[_Window] = []  # windows launched by the step in progress
         self.memory_plan = None
         self._min_cache_rows = 3 if self.compile else 1  # see _compiled_max_rows
         if max_batch is None:
@@ -467,6 +512,8 @@ class Engine:
             parts.append("decode: " + decode)
         if self.decode_steps > 1:
             parts.append(f"{self.decode_steps} decode steps per read of the tokens")
+        if self.async_decode:
+            parts.append("next decode steps launched before the tokens are read (async)")
         return ", ".join(parts)
 
     # ------------------------------------------------------------------ requests
@@ -590,6 +637,15 @@ class Engine:
         """One scheduling step; returns the outputs it produced (and those of aborts since the
         last step)."""
         outputs, self._outbox = self._outbox, []
+        window, self._in_flight = self._in_flight, None
+        if window is not None:
+            # async: while the batch is unchanged, its next steps go to the device before this
+            # window's tokens are read, and the host reads them while those run
+            if self._continues(window):
+                self._in_flight = self._next_window(window)  # None if that failed
+            self._collect(window, outputs)
+            if self._in_flight is not None:
+                return outputs
         admitted = self._admit()
         if admitted:
             self._isolated(self._prefill_batch, admitted, outputs, "prefill")
@@ -597,6 +653,11 @@ class Engine:
         decoding = [r for r in self.running.values() if r.output_ids]
         if decoding:
             self._isolated(self._decode, decoding, outputs, "decode")
+        launched, self._launched = self._launched, []
+        if self.async_decode and len(launched) == 1:  # (a batch retried row by row is read now)
+            self._in_flight = launched.pop()
+        for w in launched:
+            self._collect(w, outputs)
         return outputs
 
     def _isolated(self, run, reqs: list[Request], outputs: list[StepOutput], what: str) -> None:
@@ -697,46 +758,58 @@ class Engine:
         # skip the gather in the common case: every row decodes, in order
         rows = None if slots == list(range(nrows)) else torch.tensor(slots, device=self.device)
         tokens_pos = torch.tensor([tokens, pos])
-        if steps > 1:
-            self._decode_ahead(reqs, tokens_pos, nrows, max(pos) + steps, rows, steps, outputs)
+        if steps == 1 and not self.async_decode:
+            logits = self._run_decode(tokens_pos, nrows, max(pos) + 1)
+            self.stats["decode_steps"] += 1
+            self._sample_and_emit(reqs, logits if rows is None else logits[rows], outputs, first=False)
             return
-        logits = self._run_decode(tokens_pos, nrows, max(pos) + 1)
-        self.stats["decode_steps"] += 1
-        self._sample_and_emit(reqs, logits if rows is None else logits[rows], outputs, first=False)
+        window = self._launch_window(
+            reqs,
+            self._sampler(reqs, self.device),
+            torch.tensor(slots, device=self.device),
+            rows,
+            nrows,
+            tokens_pos.to(self.device),
+            max(pos),
+            steps,
+        )
+        self._launched.append(window)  # step() reads it now, or after launching the next (async)
 
-    def _steps_ahead(self, reqs: list[Request]) -> int:
+    def _steps_ahead(self, reqs: list[Request], pending: int = 0) -> int:
         """How many decode steps to run before reading the tokens: `decode_steps`, at most as many
-        as some request still wants and every slot has room for."""
-        if self.decode_steps == 1:
+        as some request still wants and every slot has room for, after `pending` steps launched
+        and not read yet (0: no step can run)."""
+        if self.decode_steps == 1 and not pending:
             return 1
-        room = min(self.max_seq_len - r.num_cached for r in reqs)
+        room = min(self.max_seq_len - r.num_cached - pending for r in reqs)
         wanted = max(
-            self.decode_steps if r.params.max_new_tokens is None else r.params.max_new_tokens - len(r.output_ids)
+            self.decode_steps
+            if r.params.max_new_tokens is None
+            else r.params.max_new_tokens - len(r.output_ids) - pending
             for r in reqs
         )
-        return max(1, min(self.decode_steps, room, wanted))
+        return max(0, min(self.decode_steps, room, wanted))
 
-    def _decode_ahead(
+    def _launch_window(
         self,
         reqs: list[Request],
-        tokens_pos: torch.Tensor,
-        nrows: int,
-        need_kv: int,
+        sampler: BatchSampler,
+        slots: torch.Tensor,
         rows: torch.Tensor | None,
+        nrows: int,
+        tokens_pos: torch.Tensor,
+        max_pos: int,
         steps: int,
-        outputs: list[StepOutput],
-    ) -> None:
-        """`steps` decode steps back to back: each step's sampled tokens become the next step's
-        input on the device, and the host reads them all once at the end, so it neither waits for
-        the GPU nor does its bookkeeping between two tokens. A request that finishes inside the
-        window (a stop token, its length) drops the tokens it sampled after: only their compute
-        is lost (a stop string is found by the output processor, which cuts the output after the
-        token that completed it). Sampling draws as the single steps would, penalties counting
-        each step's tokens on the device: the same tokens for greedy and seeded requests, and
-        the same logprobs."""
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        sampler = self._sampler(reqs, self.device)
-        tokens_pos = tokens_pos.to(self.device)
+    ) -> _Window:
+        """`steps` decode steps back to back on the device from the input `tokens_pos` [2, nrows]:
+        each step's sampled tokens become the next step's input there, and the host reads them
+        all once, in `_collect`, so it neither waits for the device nor does its bookkeeping
+        between two tokens. A request that finishes inside the window (a stop token, its length)
+        drops the tokens it sampled after: only their compute is lost (a stop string is found by
+        the output processor, which cuts the output after the token that completed it). Sampling
+        draws as the single steps would, penalties counting each step's tokens on the device: the
+        same tokens for greedy and seeded requests, and the same logprobs."""
+        need_kv = max_pos + steps
         drawn, logprobs = [], []
         for _ in range(steps):
             logits = self._run_decode(tokens_pos, nrows, need_kv)
@@ -749,11 +822,53 @@ class Engine:
             tokens_pos[0, slots] = tokens.clamp(min=0)  # a failed row feeds a valid id to the steps after it
             tokens_pos[1, slots] += 1
         self.stats["decode_steps"] += steps
+        stacked = torch.stack(drawn, dim=1)
+        stacked_lps = None if logprobs[0] is None else [torch.stack(t, dim=1) for t in zip(*logprobs)]
+        ready = None
+        if self.async_decode and self.device.type == "cuda":
+            stacked, stacked_lps, ready = _copy_to_host(stacked, stacked_lps)
+        return _Window(
+            reqs, sampler, slots, rows, nrows, steps, tokens_pos, max_pos + steps, stacked, stacked_lps, ready
+        )
+
+    def _continues(self, window: _Window) -> bool:
+        """Whether `window`'s batch decodes on unchanged: it holds every running request (none of
+        them has finished since it was launched), none waits for a free slot, and some request
+        wants more tokens than the window brings, with room for them."""
+        if len(window.reqs) != len(self.running) or (self.waiting and self.free_slots):
+            return False
+        return self._steps_ahead(window.reqs, pending=window.steps) > 0
+
+    def _next_window(self, window: _Window) -> _Window | None:
+        """The steps after `window`, from the input it left on the device; None if launching them
+        failed (the requests then decode through the usual path, isolated)."""
+        try:
+            steps = self._steps_ahead(window.reqs, pending=window.steps)
+            return self._launch_window(
+                window.reqs,
+                window.sampler,
+                window.slots,
+                window.rows,
+                window.nrows,
+                window.next_input,
+                window.next_max_pos,
+                steps,
+            )
+        except Exception as err:
+            logger.warning("launching the next decode steps failed (%s: %s)", type(err).__name__, err)
+            return None
+
+    def _collect(self, window: _Window, outputs: list[StepOutput]) -> None:
+        """Read `window`'s tokens (waiting for its steps only) and hand them to its requests; a
+        request that ended before they were read (aborted, or in an earlier window) drops them."""
+        if window.ready is not None:
+            window.ready.synchronize()
         now = time.perf_counter()
-        # the host reads back the window's logprobs and tokens only now, at its end
-        stacked = None if logprobs[0] is None else [torch.stack(t, dim=1) for t in zip(*logprobs)]
-        entries = self._logprob_entries(reqs, sampler, stacked)
-        for i, (r, toks) in enumerate(zip(reqs, torch.stack(drawn, dim=1).tolist())):
+        reqs = window.reqs
+        entries = self._logprob_entries(reqs, window.sampler, window.logprobs)
+        for i, (r, toks) in enumerate(zip(reqs, window.drawn.tolist())):
+            if r.finished:
+                continue
             accepted = []
             for tok in toks:
                 if tok < 0:
@@ -799,7 +914,7 @@ class Engine:
 
     def _run_decode(self, tokens_pos: torch.Tensor, nrows: int, need_kv: int) -> torch.Tensor:
         """Logits [nrows, V] for the tensor [2, nrows] of (last token, its position) per row (on the
-        CPU, or already on the device: `_decode_ahead`), attending over at least `need_kv` cache
+        CPU, or already on the device: `_launch_window`), attending over at least `need_kv` cache
         positions."""
         if self.use_graphs:
             bucket = next(b for b in self._buckets if b >= nrows)

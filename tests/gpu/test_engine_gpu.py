@@ -75,11 +75,20 @@ def test_graph_decode_equals_eager_and_generate_fp32(variant):
     del fast
 
 
-@pytest.mark.parametrize("variant", ["token_routed", "hash_top2_shared"])
-def test_decode_steps_in_graphs_equal_single_steps_fp32(variant):
-    """decode_steps=8 with the defaults (graphs + compile): each step's tokens fed to the next
-    on the device, through the graphs' static inputs, give the single steps' tokens, with
-    penalties counted and logprobs taken on the device between the steps."""
+@pytest.mark.parametrize(
+    "variant, ahead_kwargs",
+    [
+        ("token_routed", dict(decode_steps=8)),
+        ("hash_top2_shared", dict(decode_steps=8)),
+        ("token_routed", dict(async_decode=True)),  # tokens copied to pinned memory behind an event
+        ("inl", dict(async_decode=True, decode_steps=4)),
+    ],
+)
+def test_decode_steps_in_graphs_equal_single_steps_fp32(variant, ahead_kwargs):
+    """decode_steps=8, or the next steps launched before the last ones are read (async_decode),
+    with the defaults (graphs + compile): each step's tokens fed to the next on the device, through
+    the graphs' static inputs, give the single steps' tokens, with penalties counted and logprobs
+    taken on the device between the steps."""
     model = _model(**VARIANTS[variant])
     prompts = _prompts()
     greedy = SamplingParams(max_new_tokens=70, temperature=0, ignore_eos=True)
@@ -92,7 +101,7 @@ def test_decode_steps_in_graphs_equal_single_steps_fp32(variant):
         greedy,
     ]
     torch._dynamo.reset()
-    ahead = Engine(model, None, max_batch=4, decode_steps=8)
+    ahead = Engine(model, None, max_batch=4, **ahead_kwargs)
     assert ahead.use_graphs and ahead.compile, ahead.startup.get("compile_error")
     got = ahead.generate(prompts, params)
     single = Engine(model, None, max_batch=4, cuda_graphs=False, compile=False)
