@@ -7,9 +7,11 @@
 Each `step()` (1) admits waiting requests into free slots and prefills them together (right
 padded, one forward of at most `max_prefill_tokens` padded tokens), sampling their first token,
 (2) runs one decode forward over the active slots, sampling one token for each, and returns the
-step's `StepOutput`s (token ids; text is the output processor's job, see detokenize.py). A
-request owns one slot row of the static KV cache; decode rows are the prefix 0..B-1 of the slots
-(slots are handed out lowest first), so the step reads cache views without copies.
+step's `StepOutput`s (token ids; text is the output processor's job, see detokenize.py). With
+`async_decode` the decode of (2) is launched and read by the next `step()`, after it has
+launched the following one (see `Engine`). A request owns one slot row of the static KV cache;
+decode rows are the prefix 0..B-1 of the slots (slots are handed out lowest first), so the step
+reads cache views without copies.
 
 Scheduling: every step admits what fits in one prefill forward, then decodes every running
 request. Decodes therefore wait for at most one bounded prefill per step (a long queue of prompts
@@ -303,7 +305,8 @@ class Engine:
     that the host's per-step work (reading the tokens, bookkeeping, outputs) runs while the device
     computes instead of between its steps: outputs come one `step()` later, and while the batch is
     unchanged (nothing to admit, nobody finished) the device never waits for the host. A request
-    that finishes has its slot decode one window more, whose tokens are dropped.
+    whose end could not be known ahead (a stop token, an abort) has its slot decode one window
+    more, whose tokens are dropped.
     """
 
     def __init__(
