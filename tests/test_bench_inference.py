@@ -67,3 +67,13 @@ def test_bench_compile_choice_refuses_bad_arguments(tmp_path):
         proc = run_benchmark("bench_compile_choice.py", "--device", "cpu", flag, value, "--out", str(out))
         assert proc.returncode == 2 and f"argument {flag}" in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_bench_engine_host_cpu(tmp_path):
+    """The host's share of a decode step, both modes, every request still running at the end."""
+    out = tmp_path / "host.json"
+    proc = run_benchmark("bench_engine_host.py", "--rows", "8", "--steps", "4", "--repeats", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"one step per read", "async_decode"}
+    assert all(r["best_ms"] > 0 and len(r["runs_ms"]) == 2 for r in res.values()), res

@@ -104,7 +104,8 @@ class Request:
     @property
     def num_cached(self) -> int:
         """Positions filled in the slot (the last sampled token is not yet in the cache)."""
-        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+        n = len(self.output_ids)
+        return len(self.prompt_ids) + (n - 1 if n else 0)
 
     def completion(self, out: RequestOutput) -> Completion:
         """The finished request from its merged outputs: their tokens, which a stop string may
@@ -748,11 +749,12 @@ class Engine:
         nrows = max(r.slot for r in reqs) + 1
         tokens = [self.pad_token_id] * nrows
         pos = [0] * nrows
-        for r in self.running.values():
-            # rows of slots that hold a request but do not decode now write their dummy key at the
-            # next free position of that request (overwritten before it is ever read)
-            if r.slot < nrows:
-                pos[r.slot] = min(r.num_cached, self.max_seq_len - 1)
+        if len(reqs) != len(self.running):  # (usually every running request decodes)
+            for r in self.running.values():
+                # rows of slots that hold a request but do not decode now write their dummy key at
+                # the next free position of that request (overwritten before it is ever read)
+                if r.slot < nrows:
+                    pos[r.slot] = min(r.num_cached, self.max_seq_len - 1)
         for r in reqs:
             tokens[r.slot] = r.output_ids[-1]
             pos[r.slot] = r.num_cached
@@ -1089,11 +1091,11 @@ class Engine:
         if r.first_token_time is None:
             r.first_token_time = now
         p = r.params
+        n = len(r.output_ids)
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish(r, "stop")
-        elif (
-            p.max_new_tokens is not None and len(r.output_ids) >= p.max_new_tokens
-        ) or r.num_cached + 1 > self.max_seq_len:
+        # at its length, or its slot full (len(prompt) + n = num_cached + 1 positions for the next step)
+        elif (p.max_new_tokens is not None and n >= p.max_new_tokens) or len(r.prompt_ids) + n > self.max_seq_len:
             self._finish(r, "length")
 
     def _output(self, req: Request, tokens, logprobs, prompt_logprobs, error: str | None = None) -> StepOutput:
