@@ -53,9 +53,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     # room for every timed step: one prefill, then (repeats + 1) x steps decode steps per mode
     max_new = 4 + 2 * (args.repeats + 1) * args.steps
-    config = complexity.ComplexityConfig.from_preset(
-        "tiny", vocab_size=args.vocab, max_position_embeddings=max_new + 8
-    )
+    config = complexity.ComplexityConfig.from_preset("tiny", vocab_size=args.vocab, max_position_embeddings=max_new + 8)
     model = complexity.ComplexityForCausalLM(config)
     engine = Engine(model, None, max_batch=args.rows)
     params = SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)
