@@ -810,6 +810,9 @@ def test_token_id_prompts_are_never_rounded_or_parsed(ckpt_dir):
         ("decode_steps", 65),
         ("decode_steps", True),
         ("decode_steps", 2.0),
+        ("async_decode", 1),
+        ("async_decode", "yes"),
+        ("async_decode", None),
     ],
 )
 def test_engine_arguments_are_checked_by_type_and_range(ckpt_dir, name, value):
