@@ -122,18 +122,10 @@ def engine_direct(ckpt: str, args, prompts, **engine_kwargs) -> dict:
 
 # ----------------------------------------------------------------------------- how the steps went
 
-# the engine's counters: Engine.stats key -> the server's Prometheus counter
-_STEP_COUNTERS = {
-    "prefill_steps": "complexity_prefill_steps_total",
-    "decode_steps": "complexity_decode_steps_total",
-    "prompt_tokens": "complexity_prompt_tokens_total",
-    "generated_tokens": "complexity_generation_tokens_total",
-}
+# the engine's counters (Engine.stats keys, exported by the server's /metrics)
+_STEP_COUNTERS = ("prefill_steps", "decode_steps", "prompt_tokens", "generated_tokens")
 # the engine core's loop (server only): seconds in steps, seconds handing outputs to the API process
-_LOOP_COUNTERS = {
-    "step_seconds": "complexity_engine_step_seconds_total",
-    "output_seconds": "complexity_engine_output_seconds_total",
-}
+_LOOP_COUNTERS = ("step_seconds", "output_seconds")
 
 
 def scheduling(counts: dict, wall: float) -> dict:
@@ -154,13 +146,16 @@ def scheduling(counts: dict, wall: float) -> dict:
 
 def server_counters(port: int) -> dict:
     """The engine's counters from the server's /metrics (Prometheus text)."""
+    from complexity.serve.metrics import counter_sample
+
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         text = b""
         while chunk := s.recv(1 << 16):
             text += chunk
     out = {}
-    for key, metric in {**_STEP_COUNTERS, **_LOOP_COUNTERS}.items():
+    for key in _STEP_COUNTERS + _LOOP_COUNTERS:
+        metric = counter_sample(key)
         m = re.search(rf"^{metric}{{[^}}]*}} ([0-9.e+-]+)$", text.decode(), re.M)
         if m is None:
             raise RuntimeError(f"/metrics has no {metric}")

@@ -20,6 +20,7 @@ copy and a CUDA context); that mode serves tests and embedding, where simplicity
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -76,10 +77,8 @@ def widen_pipe(conn) -> None:
     step's outputs without waiting while the API process catches up; once it is full the engine
     waits (backpressure). Elsewhere, or above /proc/sys/fs/pipe-max-size, the default stays."""
     try:
-        import fcntl
-
         fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    except (ImportError, AttributeError, OSError):
+    except (AttributeError, OSError):  # no F_SETPIPE_SZ here, or above the system's maximum
         pass
 
 

@@ -36,6 +36,15 @@ _ENGINE_METRICS = (
 )
 
 
+def counter_sample(stats_key: str) -> str:
+    """The sample name /metrics shows for the engine counter read from `stats_key` (counters get
+    prometheus_client's `_total` suffix)."""
+    for name, kind, _, key in _ENGINE_METRICS:
+        if key == stats_key and kind == "counter":
+            return f"{name}_total"
+    raise KeyError(f"no engine counter reads {stats_key!r}")
+
+
 class _EngineCollector:
     def __init__(self, engine, model_name: str):
         self.engine, self.model_name = engine, model_name
@@ -95,4 +104,4 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["ServerMetrics", "LATENCY_BUCKETS"]
+__all__ = ["ServerMetrics", "LATENCY_BUCKETS", "counter_sample"]
