@@ -350,7 +350,7 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
         str(port),
         "--log-level",
         "warning",
-        *(["--async-decode"] if args.async_decode else []),
+        *([] if args.async_decode is None else ["--async-decode" if args.async_decode else "--no-async-decode"]),
         *args.server_args.split(),
     ]
     t0 = time.perf_counter()
@@ -425,8 +425,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-engine", action="store_true", help="no Engine-direct figure")
     p.add_argument(
         "--async-decode",
-        action="store_true",
-        help="both sides with async_decode (the Engine's keyword, the server's --async-decode flag)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="both sides with async_decode on or off (the Engine's keyword, the server's flag; "
+        "default: neither says, so both take the device's default)",
     )
     p.add_argument(
         "--compare-uncompiled",
@@ -454,7 +456,7 @@ def main(argv=None) -> int:
         "results": {},
     }
     prompts = prompts_for(args)
-    overlap = {"async_decode": True} if args.async_decode else {}
+    overlap = {} if args.async_decode is None else {"async_decode": args.async_decode}
     for preset in args.presets.split(","):
         t = time.perf_counter()
         ckpt = os.path.join(args.out, f"ckpt-{preset}")

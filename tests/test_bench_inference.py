@@ -24,7 +24,7 @@ def test_every_worker_reports(tmp_path):
     assert not [k for k, v in tiny.items() if isinstance(v, dict) and "error" in v], tiny
     assert tiny["engine"]["engine"]["tokens_per_s"] > 0 and tiny["reference"]["decode"]["tokens_per_s"] > 0
     assert tiny["engine"]["engine_decode_steps"]["tokens_per_s"] > 0  # the same engine, 8 steps per read
-    assert tiny["engine"]["engine_async"]["tokens_per_s"] > 0  # and with async_decode
+    assert tiny["engine"]["engine_sync"]["tokens_per_s"] > 0  # and with async_decode off
     for kind in ("steps", "steps_off"):
         assert set(tiny[kind]["steps"]) == {"1", "2", "20"}, tiny[kind]
     assert set(tiny["reference"]["steps"]) == {"1", "2", "20"}

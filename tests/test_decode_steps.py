@@ -210,15 +210,41 @@ def test_cli_flag(ckpt_dir, capsys):
     path = make_tiny_checkpoint(ckpt_dir / "cli")
     common = ["generate", str(path), "--prompt", "the cat", "--max-new-tokens", "20", "--temperature", "0"]
     outs = []
-    for extra in ([], ["--decode-steps", "8"], ["--async-decode"], ["--async-decode", "--decode-steps", "3"]):
+    flags = (
+        [],
+        ["--decode-steps", "8"],
+        ["--async-decode"],
+        ["--async-decode", "--decode-steps", "3"],
+        ["--no-async-decode"],
+    )
+    for extra in flags:
         assert main([*common, "--ignore-eos", *extra]) == 0
         outs.append(capsys.readouterr().out)
-    assert outs[0] == outs[1] == outs[2] == outs[3] and outs[0].strip()
+    assert all(out == outs[0] for out in outs) and outs[0].strip()
     for value, message in (("65", "an integer in [1, 64], got 65"), ("0", "a positive integer, got 0")):
         for command in (common, ["serve", str(path)]):
             with pytest.raises(SystemExit):
                 main([*command, "--decode-steps", value])
             assert f"--decode-steps: expected {message}" in capsys.readouterr().err
+
+
+def test_async_decode_follows_the_device_unless_told(ckpt_dir):
+    """On by default only where there is a device to overlap the host with (CUDA; the GPU suite
+    checks that side): a CPU engine reads each step's tokens at once unless asked. The flags map
+    --async-decode / --no-async-decode to True / False and no flag to the device's default."""
+    import argparse
+
+    from complexity.inference.args import add_engine_args, engine_kwargs
+
+    path = make_tiny_checkpoint(ckpt_dir / "async-default")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2)
+    assert engine.async_decode is False and "async" not in engine.describe()
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2, async_decode=True)
+    assert engine.async_decode is True and "(async)" in engine.describe()
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    for flags, value in (([], None), (["--async-decode"], True), (["--no-async-decode"], False)):
+        assert engine_kwargs(parser.parse_args(flags))["async_decode"] is value
 
 
 def test_async_decode_launches_the_next_steps_before_reading(ckpt_dir, monkeypatch):

@@ -812,7 +812,7 @@ def test_token_id_prompts_are_never_rounded_or_parsed(ckpt_dir):
         ("decode_steps", 2.0),
         ("async_decode", 1),
         ("async_decode", "yes"),
-        ("async_decode", None),
+        ("async_decode", 0),
     ],
 )
 def test_engine_arguments_are_checked_by_type_and_range(ckpt_dir, name, value):

@@ -107,9 +107,11 @@ def add_engine_args(parser: argparse.ArgumentParser, *, batch: bool = True) -> N
     )
     g.add_argument(
         "--async-decode",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="launch the next decode steps before reading the last ones' tokens: the host's per-step work "
-        "overlaps the device's (outputs come one step later; a finished request's slot decodes one step more)",
+        "overlaps the device's (outputs come one step later; a finished request's slot decodes one step more). "
+        "Default: on with CUDA, off on the CPU",
     )
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 

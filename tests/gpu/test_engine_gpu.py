@@ -137,5 +137,6 @@ def test_slots_sized_from_memory():
     assert plan is not None and 1 <= engine.max_batch <= 256
     assert engine.cache.nbytes <= plan["kv_budget_gib"] * (1 << 30)
     assert "slots" in engine.describe() and "CUDA graphs" in engine.describe()
+    assert engine.async_decode and "(async)" in engine.describe()  # the CUDA default
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         Engine(model, None, gpu_memory_utilization=0.001)
