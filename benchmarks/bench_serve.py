@@ -11,7 +11,8 @@ For each preset: a checkpoint is written (random weights, a word-level tokenizer
 --vocab tokens); the Engine's own throughput is measured on it (Engine.from_pretrained with its
 defaults, `generate` of --requests token-id prompts of --prompt-len tokens, --new-tokens greedy
 tokens each); then `complexity serve CKPT` is started as a subprocess with no tuning flags
-(startup = launch to a healthy /health), and driven by asyncio clients in --workers processes:
+(startup = launch to a healthy /health, with empty compile caches unless --warm-cache: a user's
+first start), and driven by asyncio clients in --workers processes:
 (a) --requests non-streaming completions at once -> generated tokens/s over HTTP;
 (b) --streams streaming completions at once -> TTFT p50/p99, inter-chunk latency p50/p99, time per
 output token p50/p99, tokens/s. Every request is checked: HTTP status, finish_reason "length",
@@ -31,10 +32,12 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -340,6 +343,13 @@ def _healthy(port: int) -> bool:
 
 def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
     port = _free_port()
+    env = dict(os.environ)
+    cache = None
+    if not args.warm_cache:
+        # the compile caches the Engine-direct run (or an earlier server) filled would make the
+        # server's startup a restart's: give it empty ones, as on a user's first start
+        cache = tempfile.mkdtemp(prefix="compile-cache-", dir=args.out)
+        env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"] = cache, os.path.join(cache, "triton")
     cmd = [
         sys.executable,
         "-m",
@@ -355,7 +365,7 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
     ]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         try:
             while not _healthy(port):
                 if proc.poll() is not None or time.perf_counter() - t0 > args.startup_timeout:
@@ -382,10 +392,13 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 exit_code = proc.wait()
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
     text = open(log_path).read()
     return {
         "command": " ".join(cmd[1:]),
         "startup_s": startup,
+        "compile_cache": "shared" if args.warm_cache else "empty",
         "non_stream": plain,
         "streams": streams,
         "exit_code": exit_code,
@@ -423,6 +436,12 @@ def main(argv=None) -> int:
     p.add_argument("--server-args", default="", help="extra flags for `complexity serve` (default: none)")
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--skip-engine", action="store_true", help="no Engine-direct figure")
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="start the server with the compile caches the Engine-direct run filled (a restart's "
+        "startup) instead of empty ones (a first start's, the default)",
+    )
     p.add_argument(
         "--async-decode",
         action=argparse.BooleanOptionalAction,
