@@ -669,14 +669,16 @@ class ComplexityModel(ComplexityPreTrainedModel):
             value = int(input_ids[bad][0])
             raise ValueError(f"input_ids: token id {value} is outside the vocabulary [0, {self.config.vocab_size})")
 
-    def _plain_causal(self, attention_mask, past_key_values, position_ids, seq_len: int) -> bool:
-        """True for a batch of whole, unpadded sequences without a cache (training, scoring): a
-        kernel with a causal mode needs no mask then. transformers' mask builder reaches the same
+    def causal_without_mask(self, attention_mask, past_key_values, position_ids, seq_len: int) -> bool:
+        """Whether a forward with these arguments runs the attention kernel's own causal mode, no
+        mask built: sequences from position 0 with nothing cached before them (training, scoring,
+        an inference engine's prefill into a cache that says `fresh_prompts`); right padding
+        changes nothing for the real tokens before it. transformers' mask builder reaches the same
         answer eagerly, but under torch.compile some versions materialise a [B, 1, S, S] mask
         instead, and SDPA then runs 2-3x slower kernels than its causal flash path."""
         return (
             attention_mask is None
-            and past_key_values is None
+            and (past_key_values is None or getattr(past_key_values, "fresh_prompts", False))
             and position_ids is None  # caller positions may describe packed sequences
             and self.config._attn_implementation in ("sdpa", "flash_attention_2", "flash_attention_3")
             and (self.config.sliding_window is None or seq_len <= self.config.sliding_window)
@@ -708,7 +710,7 @@ class ComplexityModel(ComplexityPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and past_key_values is None and not self.training:
             past_key_values = DynamicCache(config=self.config)
-        plain_causal = self._plain_causal(attention_mask, past_key_values, position_ids, inputs_embeds.shape[1])
+        plain_causal = self.causal_without_mask(attention_mask, past_key_values, position_ids, inputs_embeds.shape[1])
         if position_ids is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past

@@ -7,7 +7,8 @@ positions. The model calls `update(k, v, layer_idx)` from every attention layer;
 and returns depends on the mode the engine set before the forward:
 
 - prefill(slots): k/v [B, n_kv, S, d] for fresh prompts (positions 0..S-1, right padded) are
-  written to rows `slots`; attention runs on the new k/v alone (nothing earlier exists).
+  written to rows `slots`; attention runs on the new k/v alone (nothing earlier exists), with
+  the kernel's causal mode where the model can use it (`fresh_prompts`).
 - decode(pos, kv_len): k/v [B, n_kv, 1, d] for rows 0..B-1 are written at per-row position
   `pos[b]`; attention runs on the views `cache[:B, :, :kv_len]` (no copy), kv_len being the
   engine's context bucket, not the whole slot. The engine builds the 4D mask that lets each row
@@ -58,6 +59,12 @@ class SlotKVCache:
 
     def set_prefill(self, slots: torch.Tensor) -> None:
         self.mode, self.slots = "prefill", slots
+
+    @property
+    def fresh_prompts(self) -> bool:
+        """True while the cache takes whole prompts from position 0 (prefill): a forward's keys are
+        then all there is to attend to, and causal attention needs no mask (the model asks)."""
+        return self.mode == "prefill"
 
     def set_decode(self, pos: torch.Tensor, kv_len: int) -> None:
         self.mode, self.pos, self.kv_len = "decode", pos, kv_len
