@@ -29,6 +29,7 @@ def test_every_worker_reports(tmp_path):
         assert set(tiny[kind]["steps"]) == {"1", "2", "20"}, tiny[kind]
     assert set(tiny["reference"]["steps"]) == {"1", "2", "20"}
     assert tiny["engine"]["prefill"]["1x32"]["tokens_per_s"] > 0
+    assert tiny["engine"]["prefill"]["1x32"]["masked_tokens_per_s"] > 0  # the same engine given the mask
     # the reference reads the same bytes per token as the model (within its MLP width's rounding)
     assert abs(tiny["reference_bytes_per_token"] / tiny["bytes_per_token"] - 1) < 0.01
 
