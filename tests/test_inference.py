@@ -944,3 +944,50 @@ def test_the_outputs_pipe_holds_many_steps():
     before = fcntl.fcntl(send.fileno(), fcntl.F_GETPIPE_SZ)
     core.widen_pipe(send)
     assert fcntl.fcntl(recv.fileno(), fcntl.F_GETPIPE_SZ) == core.PIPE_BYTES > before
+
+
+# ----------------------------------------------------------------------------- the core process
+
+
+def test_a_core_that_will_not_stop_writes_its_stacks_before_it_is_killed(ckpt_dir, capfd, caplog, monkeypatch):
+    """Asked for its stacks (what the API process does before killing a core that did not stop),
+    a core process writes every thread's stack to its stderr, the server's log, and serves on. A
+    core that does not stop in time (frozen here) gets that signal, then is killed: close()
+    returns, and the log says so."""
+    import os
+    import queue
+    import signal
+    import time
+
+    from complexity.inference import core
+
+    path = make_tiny_checkpoint(ckpt_dir / "stacks")
+    messages = queue.Queue()
+    proc_core = core.ProcessCore(str(path), {"device": "cpu", "max_batch": 2}, on_message=messages.put, threads=1)
+    proc_core.start()
+    try:
+        os.kill(proc_core._proc.pid, core.STACKS_SIGNAL)
+        params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+        proc_core.send(("add", [("r1", [5, 6, 7], params)]))
+        outs = []
+        while not (outs and outs[-1].finished):
+            kind, *rest = messages.get(timeout=120)
+            assert kind == "outputs", (kind, rest)
+            outs += rest[0]
+        assert sum(len(o.new_token_ids) for o in outs) == 3 and outs[-1].finish_reason == "length"
+        err = capfd.readouterr().err
+        assert "most recent call first" in err and "run_engine_loop" in err, err[-2000:]
+
+        os.kill(proc_core._proc.pid, signal.SIGSTOP)  # a core stuck where no message reaches it
+        sent = []
+        real_kill = os.kill
+        monkeypatch.setattr(core.os, "kill", lambda pid, sig: sent.append(sig) or real_kill(pid, sig))
+        t = time.monotonic()
+        with caplog.at_level("WARNING", logger=core.__name__):
+            proc_core.close(timeout=1)
+        assert time.monotonic() - t < 1 + core.STACKS_WAIT_S + 5
+        assert sent[0] == core.STACKS_SIGNAL and not proc_core._proc.is_alive()
+        assert "did not stop in 1s: its threads' stacks follow" in caplog.text
+    finally:
+        if proc_core._proc.is_alive():
+            proc_core._proc.kill()

@@ -20,6 +20,7 @@ copy and a CUDA context); that mode serves tests and embedding, where simplicity
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import logging
 import multiprocessing
@@ -64,6 +65,12 @@ def engine_stats(engine: Engine) -> dict:
 # At most this many steps' outputs are merged into one hand-over to the API process (it bounds
 # the delay a merge can add to the first of them).
 MAX_MERGED_STEPS = 16
+
+
+# A core that does not stop when asked is sent STACKS_SIGNAL and given this long to write every
+# thread's stack to its stderr (the server's log) before it is killed: what it was stuck in.
+STACKS_SIGNAL = signal.SIGUSR1
+STACKS_WAIT_S = 2.0
 
 
 # The outputs pipe's buffer: about 60 steps of 256 rows. A 64 KiB default holds four, so the engine
@@ -179,6 +186,7 @@ class ThreadCore:
 def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads: int | None) -> None:
     """Entry point of the core process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the API process decides
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # see ProcessCore.close
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     import torch
 
@@ -327,7 +335,14 @@ class ProcessCore:
         self.send(("shutdown",))
         self._proc.join(timeout)
         if self._proc.is_alive():
-            logger.warning("the engine process did not stop in %.0fs: killing it", timeout)
+            logger.warning(
+                "the engine process did not stop in %.0fs: its threads' stacks follow, then it is killed", timeout
+            )
+            try:
+                os.kill(self._proc.pid, STACKS_SIGNAL)
+                self._proc.join(STACKS_WAIT_S)
+            except OSError:  # gone meanwhile
+                pass
             self._proc.kill()
             self._proc.join(5)
         if self._reader is not None:
