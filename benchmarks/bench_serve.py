@@ -405,6 +405,8 @@ def serve_and_drive(ckpt: str, args, prompts, log_path: str) -> dict:
         "recompile_warnings": len(re.findall(r"[Rr]ecompil", text)),
         "tracebacks": text.count("Traceback"),
         "startup_log": [line for line in text.splitlines() if "engine" in line][:4],
+        # an engine process that did not stop wrote its threads' stacks to the log: keep them
+        "stuck_at_shutdown": text[text.index("did not stop") :].splitlines()[:200] if "did not stop" in text else None,
     }
 
 

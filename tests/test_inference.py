@@ -949,22 +949,27 @@ def test_the_outputs_pipe_holds_many_steps():
 # ----------------------------------------------------------------------------- the core process
 
 
-def test_a_core_that_will_not_stop_writes_its_stacks_before_it_is_killed(ckpt_dir, capfd, caplog, monkeypatch):
-    """Asked for its stacks (what the API process does before killing a core that did not stop),
-    a core process writes every thread's stack to its stderr, the server's log, and serves on. A
-    core that does not stop in time (frozen here) gets that signal, then is killed: close()
-    returns, and the log says so."""
-    import os
+def _process_core(path):
     import queue
-    import signal
-    import time
 
     from complexity.inference import core
 
-    path = make_tiny_checkpoint(ckpt_dir / "stacks")
     messages = queue.Queue()
     proc_core = core.ProcessCore(str(path), {"device": "cpu", "max_batch": 2}, on_message=messages.put, threads=1)
     proc_core.start()
+    return proc_core, messages
+
+
+def test_a_core_asked_for_its_stacks_writes_them_and_serves_on_then_stops_cleanly(ckpt_dir, capfd, caplog):
+    """SIGUSR1 (what close() sends a core that did not stop, before killing it) makes a core process
+    write every thread's stack to its stderr, the server's log, and serve on. Then close() stops
+    it: exit code 0, no warning (the reader thread, which sees the pipe close, and close() both
+    wait for the process; when both reaped it, the loser was told "alive" and warned falsely)."""
+    import os
+
+    from complexity.inference import core
+
+    proc_core, messages = _process_core(make_tiny_checkpoint(ckpt_dir / "stacks"))
     try:
         os.kill(proc_core._proc.pid, core.STACKS_SIGNAL)
         params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
@@ -977,8 +982,26 @@ def test_a_core_that_will_not_stop_writes_its_stacks_before_it_is_killed(ckpt_di
         assert sum(len(o.new_token_ids) for o in outs) == 3 and outs[-1].finish_reason == "length"
         err = capfd.readouterr().err
         assert "most recent call first" in err and "run_engine_loop" in err, err[-2000:]
+        with caplog.at_level("WARNING", logger=core.__name__):
+            proc_core.close(timeout=30)
+        assert proc_core._proc.exitcode == 0 and "did not stop" not in caplog.text
+    finally:
+        if proc_core._proc.is_alive():
+            proc_core._proc.kill()
 
-        os.kill(proc_core._proc.pid, signal.SIGSTOP)  # a core stuck where no message reaches it
+
+def test_a_core_that_does_not_stop_is_asked_for_its_stacks_then_killed(ckpt_dir, caplog, monkeypatch):
+    """A core frozen where no message reaches it: close() waits its timeout, logs that it did not
+    stop, sends the stacks signal, then kills it, and returns."""
+    import os
+    import signal
+    import time
+
+    from complexity.inference import core
+
+    proc_core, _ = _process_core(make_tiny_checkpoint(ckpt_dir / "frozen"))
+    try:
+        os.kill(proc_core._proc.pid, signal.SIGSTOP)
         sent = []
         real_kill = os.kill
         monkeypatch.setattr(core.os, "kill", lambda pid, sig: sent.append(sig) or real_kill(pid, sig))
@@ -986,7 +1009,7 @@ def test_a_core_that_will_not_stop_writes_its_stacks_before_it_is_killed(ckpt_di
         with caplog.at_level("WARNING", logger=core.__name__):
             proc_core.close(timeout=1)
         assert time.monotonic() - t < 1 + core.STACKS_WAIT_S + 5
-        assert sent[0] == core.STACKS_SIGNAL and not proc_core._proc.is_alive()
+        assert sent[0] == core.STACKS_SIGNAL and proc_core._proc.exitcode == -signal.SIGKILL
         assert "did not stop in 1s: its threads' stacks follow" in caplog.text
     finally:
         if proc_core._proc.is_alive():

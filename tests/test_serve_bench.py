@@ -59,7 +59,7 @@ def test_bench_serve_cpu_answers_everything(tmp_path, overlap):
     assert direct["generated_tokens"] == 6 * 4 and direct["decode_steps"] >= 3, direct
     assert res["engine_direct"]["generated_tokens"] == res["engine_uncompiled"]["generated_tokens"] == 6 * 4
     assert res["compiled_over_uncompiled"] > 0
-    assert http["tracebacks"] == 0 and http["recompile_warnings"] == 0
+    assert http["tracebacks"] == 0 and http["recompile_warnings"] == 0 and http["stuck_at_shutdown"] is None
     # the server started with empty compile caches (a first start), removed afterwards
     assert http["compile_cache"] == "empty" and not list(out.glob("compile-cache-*"))
     summary = json.loads((out / "summary.json").read_text())

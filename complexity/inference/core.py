@@ -250,6 +250,7 @@ class ProcessCore:
         self.info: dict | None = None
         self._gone = False
         self._lock = threading.Lock()
+        self._reap_lock = threading.Lock()
         self._proc = None
         self._reader: threading.Thread | None = None
 
@@ -290,7 +291,7 @@ class ProcessCore:
                     return
             if gone:
                 self._gone = True
-                self._proc.join(5)
+                self._join(5)
                 self.on_message(("dead", f"the engine process exited (exit code {self._proc.exitcode})"))
                 return
 
@@ -329,22 +330,29 @@ class ProcessCore:
         # server asks at every request
         return self._proc is not None and not self._gone
 
+    def _join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the core process to exit; whether it has. One thread at a
+        time (the reader, seeing the pipe close, and close()): when two reap the same child, the
+        loser's waitpid fails and multiprocessing reports the exited process as alive."""
+        with self._reap_lock:
+            self._proc.join(timeout)
+            return not self._proc.is_alive()
+
     def close(self, timeout: float) -> None:
         if self._proc is None:
             return
         self.send(("shutdown",))
-        self._proc.join(timeout)
-        if self._proc.is_alive():
+        if not self._join(timeout):
             logger.warning(
                 "the engine process did not stop in %.0fs: its threads' stacks follow, then it is killed", timeout
             )
             try:
                 os.kill(self._proc.pid, STACKS_SIGNAL)
-                self._proc.join(STACKS_WAIT_S)
+                self._join(STACKS_WAIT_S)
             except OSError:  # gone meanwhile
                 pass
             self._proc.kill()
-            self._proc.join(5)
+            self._join(5)
         if self._reader is not None:
             self._reader.join(5)
 
