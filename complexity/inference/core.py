@@ -33,6 +33,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 
+from ..runtime import hf_progress_bars_off
 from .engine import Engine
 from .outputs import StepOutput
 
@@ -193,7 +194,11 @@ def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads
     if threads:
         torch.set_num_threads(threads)
     try:
-        engine = Engine.from_pretrained(checkpoint, **engine_kwargs)
+        # No "Loading weights" bar: it would be this process's only tqdm, whose cross-process lock (a
+        # named semaphore) outlives the os._exit below, and the resource tracker then reported a
+        # leaked semaphore at every shutdown. The server's startup line says when loading is done.
+        with hf_progress_bars_off():
+            engine = Engine.from_pretrained(checkpoint, **engine_kwargs)
     except Exception as err:  # a bad checkpoint / flag: a clean message for the parent to print
         if isinstance(err, (ValueError, FileNotFoundError, KeyError)):
             out_conn.send(("error", str(err)))
