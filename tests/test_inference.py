@@ -875,7 +875,8 @@ def _reader_over_pipe():
 
     recv, send = multiprocessing.Pipe(duplex=False)
     reader = core.ProcessCore("unused", {}, on_message=None)
-    reader._out, reader._proc = recv, types.SimpleNamespace(join=lambda timeout: None, exitcode=-9)
+    reader._out = recv
+    reader._proc = types.SimpleNamespace(join=lambda timeout: None, is_alive=lambda: False, exitcode=-9)
     return reader, send, core
 
 
