@@ -797,6 +797,46 @@ def test_engine_and_server_tokenize_prompts_alike(ckpt_dir, monkeypatch):
         aengine._executor.shutdown()
 
 
+def test_requests_are_added_while_the_reader_makes_text(ckpt_dir, monkeypatch):
+    """The event loop adds an arriving request without waiting for the outputs reader to finish
+    detokenizing a hand-over (it held the shared lock throughout, and every arrival queued behind
+    it); the request is then served in full."""
+    import asyncio
+    import threading
+
+    from complexity.inference.async_engine import AsyncEngine
+
+    path = make_tiny_checkpoint(ckpt_dir / "reader-lock")
+    aengine = AsyncEngine(Engine.from_pretrained(path, device="cpu", max_batch=2))
+    aengine.start()
+    entered, release, waited_out = threading.Event(), threading.Event(), []
+    real = aengine._processor.process
+
+    def slow_process(outs):
+        entered.set()
+        waited_out.append(not release.wait(5))  # True: nobody released it, add_request was stuck
+        return real(outs)
+
+    monkeypatch.setattr(aengine._processor, "process", slow_process)
+    reader = threading.Thread(target=aengine._on_outputs, args=([],))
+
+    async def run():
+        reader.start()
+        assert entered.wait(5)
+        params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+        group = aengine.add_request([[5, 6, 7]], [params], stream=False)  # while the reader holds on
+        release.set()
+        monkeypatch.setattr(aengine._processor, "process", real)
+        return await asyncio.wait_for(group.result(), 60)
+
+    try:
+        [out] = asyncio.run(run())
+        reader.join(5)
+        assert waited_out == [False] and len(out.token_ids) == 3
+    finally:
+        aengine.stop()
+
+
 def test_token_id_prompts_are_never_rounded_or_parsed(ckpt_dir):
     import numpy as np
 

@@ -304,9 +304,15 @@ class AsyncEngine:
                 self._on_dead(msg[1])
 
     def _on_outputs(self, outs: list[StepOutput]) -> None:
-        """One step's outputs: text, stop strings, accounting, then one hand-over to the loop."""
+        """One step's outputs: text, stop strings, accounting, then one hand-over to the loop.
+
+        The text is made outside the lock: the event loop takes it to add every arriving request,
+        and detokenizing a merged hand-over of many steps held it for milliseconds at a time, each
+        arrival waiting its turn. Unlocked is safe because the processor's shared state is a dict
+        of per-request entries read and written one key at a time (atomic under the GIL), and a
+        request's entry exists before the core hears of it (`add_request`)."""
+        texts, stopped = self._processor.process(outs)
         with self._lock:
-            texts, stopped = self._processor.process(outs)
             for out in texts:
                 if out.request_id in self._queued and (
                     out.new_token_ids or out.finished or out.prompt_logprobs is not None
