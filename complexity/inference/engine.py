@@ -275,6 +275,25 @@ def _check_engine_args(
         fail("async_decode", "True, False or None (the device's default)", async_decode)
 
 
+def _next_input(tokens_pos: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, rows) -> torch.Tensor:
+    """The input [2, nrows] of a window's next step: each decoding slot's sampled token (a failed
+    row's -1 made a valid id, for the steps after it) at the next position. Always a new tensor:
+    the eager step may hold views of the last one. When every row decodes, in order (`rows` is
+    None), it is built in three small kernels instead of six: at batch 1 the GPU runs such a
+    step's extra kernels back to back with the graph, so each one counts."""
+    if rows is None:
+        return torch.stack((tokens.clamp(min=0), tokens_pos[1] + 1))
+    tokens_pos = tokens_pos.clone()
+    tokens_pos[0, slots] = tokens.clamp(min=0)
+    tokens_pos[1, slots] += 1
+    return tokens_pos
+
+
+def _by_row(per_step: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, steps] from `steps` tensors [B] (a view, no copy, for a window of one step)."""
+    return per_step[0].unsqueeze(1) if len(per_step) == 1 else torch.stack(per_step, dim=1)
+
+
 def _copy_to_host(drawn: torch.Tensor, logprobs: list[torch.Tensor] | None):
     """Pinned host copies of a window's tokens and logprobs, queued behind its steps, and the event
     that marks their arrival: the host then waits for these steps only, not for those queued after."""
@@ -829,12 +848,10 @@ class Engine:
             logprobs.append(sampler.logprobs(logits, tokens))
             sampler.count(tokens)
             drawn.append(tokens)
-            tokens_pos = tokens_pos.clone()  # a new input: the eager step may hold views of the last one
-            tokens_pos[0, slots] = tokens.clamp(min=0)  # a failed row feeds a valid id to the steps after it
-            tokens_pos[1, slots] += 1
+            tokens_pos = _next_input(tokens_pos, tokens, slots, rows)
         self.stats["decode_steps"] += steps
-        stacked = torch.stack(drawn, dim=1)
-        stacked_lps = None if logprobs[0] is None else [torch.stack(t, dim=1) for t in zip(*logprobs)]
+        stacked = _by_row(drawn)
+        stacked_lps = None if logprobs[0] is None else [_by_row(t) for t in zip(*logprobs)]
         ready = None
         if self.async_decode and self.device.type == "cuda":
             stacked, stacked_lps, ready = _copy_to_host(stacked, stacked_lps)

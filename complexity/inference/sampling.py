@@ -350,7 +350,7 @@ class BatchSampler:
                     noise[j].exponential_(generator=self.generators[i])
             noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would divide by zero
             out[self._sampled_rows] = (probs / noise).argmax(-1)
-        return out.masked_fill(~torch.isfinite(logits).all(-1), -1)
+        return torch.where(torch.isfinite(logits).all(-1), out, -1)
 
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor):
         """For the rows in `logprob_rows`: (chosen logprob [L], top ids [L, k], top logprobs [L, k])
