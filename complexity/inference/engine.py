@@ -316,8 +316,7 @@ class Engine:
     Defaults follow the device: on CUDA, `cuda_graphs`, `compile` and `async_decode` are on and
     `max_batch` is sized from free memory (`gpu_memory_utilization` of the device for weights,
     activations and the KV cache, capped at MAX_AUTO_SLOTS); on the CPU, eager and synchronous
-    with CPU_SLOTS slots. `compile`
-    may also name a torch.compile backend (True means "inductor").
+    with CPU_SLOTS slots. `compile` may also name a torch.compile backend (True means "inductor").
     `max_seq_len` (the per-slot context) defaults to the model's max_position_embeddings.
     `decode_steps` > 1 runs that many decode steps back to back, each step's sampled tokens fed
     to the next on the device, before the host reads them (`_launch_window`): one wait for the
