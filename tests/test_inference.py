@@ -4,12 +4,16 @@ the `complexity generate` CLI."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
 
 from complexity.inference import Engine, SamplingParams
 from complexity.inference.detokenize import IncrementalDetokenizer, StopMatcher
+from complexity.inference.engine import _collector_paused
 from complexity.inference.sampling import Penalties, filter_logits
 
 torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
@@ -1055,3 +1059,20 @@ def test_a_core_that_does_not_stop_is_asked_for_its_stacks_then_killed(ckpt_dir,
     finally:
         if proc_core._proc.is_alive():
             proc_core._proc.kill()
+
+
+def test_graph_capture_runs_with_the_cyclic_collector_paused():
+    """Garbage made before the capture is collected first, none during it (a CUDA graph freed by the
+    collector mid-capture invalidates the capture), and the collector is on again afterwards."""
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage
+    gone = weakref.ref(garbage)
+    del garbage
+    with _collector_paused():
+        assert gone() is None
+        assert not gc.isenabled()
+    assert gc.isenabled()

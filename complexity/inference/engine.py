@@ -33,6 +33,8 @@ launched before the last one's tokens are read (`async_decode`). Prefill stays e
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import itertools
 import logging
@@ -307,6 +309,21 @@ def _copy_to_host(drawn: torch.Tensor, logprobs: list[torch.Tensor] | None):
     drawn, logprobs = host(drawn), None if logprobs is None else [host(t) for t in logprobs]
     ready.record()
     return drawn, logprobs, ready
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Garbage from an earlier engine collected now, and no collection until the block ends: a
+    CUDA graph freed by the cyclic collector in the middle of a capture (an earlier engine no longer
+    used, kept until then by a reference cycle) invalidates that capture, at random."""
+    gc.collect()
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 class Engine:
@@ -1019,16 +1036,17 @@ class Engine:
                 self._drop_compile(err)
                 self._warm_up()
             self.startup["compile_s"] = time.perf_counter() - t0
-            for kv in reversed(self._kv_buckets):
-                for b in reversed(self._buckets):
-                    static_in = self._static_in[b]
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        out = self._call_decode(static_in[0, :, None], static_in[1], self._kv_range(kv))
-                        self._logits[:b].copy_(out)
-                    del out
-                    pool = graph.pool()
-                    self._graphs[(b, kv)] = graph
+            with _collector_paused():
+                for kv in reversed(self._kv_buckets):
+                    for b in reversed(self._buckets):
+                        static_in = self._static_in[b]
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool):
+                            out = self._call_decode(static_in[0, :, None], static_in[1], self._kv_range(kv))
+                            self._logits[:b].copy_(out)
+                        del out
+                        pool = graph.pool()
+                        self._graphs[(b, kv)] = graph
         torch.cuda.synchronize(self.device)
         self.startup["capture_s"] = time.perf_counter() - t0
 
