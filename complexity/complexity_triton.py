@@ -28,6 +28,8 @@ everywhere else. Launched as plain Triton calls, which torch.compile traces into
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:  # (a `try` keeps transformers' trust_remote_code import check from demanding triton everywhere)
@@ -37,20 +39,45 @@ except ImportError as err:
     raise ImportError("complexity_triton needs triton; complexity_kernels falls back to PyTorch without it") from err
 
 BLOCK_M = 16  # rows per program: tl.dot's minimum, and the most rows these kernels serve
-BLOCK_N = 16  # output columns per program: at least a program per SM for 2,048-wide outputs
 MAX_SLOTS = 4  # routes per row the expert kernels take (their weights are scalar arguments)
-_MAX_BLOCK_K = 256
 _PRECISION = "ieee"  # float32 products stay float32 (no TF32); half-precision products are exact anyway
 
 
-def _block_k(k: int) -> int:
-    return max(16, min(_MAX_BLOCK_K, triton.next_power_of_2(k)))
+@dataclass(frozen=True)
+class Tiles:
+    """How a launch is cut: output columns per program (16 gives at least a program per SM for
+    2,048-wide outputs), the most of K read per loop iteration, warps per program, and software
+    pipeline stages (deep pipelines keep enough weight bytes in flight per SM; float32 tiles are
+    twice the shared memory, so at most 2 stages there). The K tile sets the order in which a
+    column's products are summed: a launch's results depend on it, never on anything else."""
+
+    block_n: int = 16
+    max_block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
 
 
-def _launch_options(dtype: torch.dtype) -> dict:
-    # Deep software pipelines keep enough weight bytes in flight per SM; float32 tiles are twice
-    # the shared memory, so fewer stages.
-    return {"num_warps": 4, "num_stages": 2 if dtype == torch.float32 else 4}
+DEFAULT_TILES = Tiles()
+# Tiles for the launches measured to prefer others (benchmarks/bench_decode_kernels.py sweeps them
+# on a GPU and prints the entries); every other launch takes DEFAULT_TILES. Keys, from the launch
+# wrappers below: ("linear", *segment widths, K_A, K_B or 0), ("swiglu", slots, I_E, I_S, K),
+# ("down", slots, I_E, I_S, N).
+TILES: dict[tuple, Tiles] = {}
+
+
+def tiles_for(key: tuple) -> Tiles:
+    return TILES.get(key, DEFAULT_TILES)
+
+
+def _block_k(k: int, tiles: Tiles) -> int:
+    return max(16, min(tiles.max_block_k, triton.next_power_of_2(k)))
+
+
+def _launch_options(dtype: torch.dtype, tiles: Tiles) -> dict:
+    return {
+        "num_warps": tiles.num_warps,
+        "num_stages": min(2, tiles.num_stages) if dtype == torch.float32 else tiles.num_stages,
+    }
 
 
 # ----------------------------------------------------------------------------- device code
@@ -264,11 +291,12 @@ def linear_rows(a: torch.Tensor, b: torch.Tensor | None, segments, silu_a: bool 
         args += [w_a, w_a.stride(0), w_b_arg, w_b_arg.stride(0), bias if bias is not None else w_a,
                  widths[i] if i < len(segments) else 0]
         flags[f"B{i}"], flags[f"BIAS{i}"] = w_b is not None, bias is not None
-    _linear_rows_kernel[(sum(triton.cdiv(n, BLOCK_N) for n in widths),)](
+    tiles = tiles_for(("linear", *widths, a.shape[1], 0 if b is None else b.shape[1]))
+    _linear_rows_kernel[(sum(triton.cdiv(n, tiles.block_n) for n in widths),)](
         out, out.stride(0), rows, a, a.stride(0), a.shape[1], b_arg, b_arg.stride(0), b_arg.shape[1], *args,
-        NUM_SEGMENTS=len(segments), SILU_A=silu_a, **flags, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_KA=_block_k(a.shape[1]), BLOCK_KB=_block_k(b_arg.shape[1]), PRECISION=_PRECISION,
-        **_launch_options(a.dtype),
+        NUM_SEGMENTS=len(segments), SILU_A=silu_a, **flags, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n,
+        BLOCK_KA=_block_k(a.shape[1], tiles), BLOCK_KB=_block_k(b_arg.shape[1], tiles), PRECISION=_PRECISION,
+        **_launch_options(a.dtype, tiles),
     )
     return out
 
@@ -300,11 +328,12 @@ def swiglu_rows(x, expert_ids=None, gate_up=None, shared_gate=None, shared_up=No
     h = torch.empty((rows, slots * i + i_s), dtype=x.dtype, device=x.device)
     sg, su = (shared_gate, shared_up) if has_shared else (x, x)
     scales = [float(s) for s in slot_scales] + [1.0] * (MAX_SLOTS - len(slot_scales))
-    _swiglu_rows_kernel[(slots * triton.cdiv(i, BLOCK_N) + triton.cdiv(i_s, BLOCK_N),)](
+    tiles = tiles_for(("swiglu", slots, i, i_s, k))
+    _swiglu_rows_kernel[(slots * triton.cdiv(i, tiles.block_n) + triton.cdiv(i_s, tiles.block_n),)](
         h, h.stride(0), x, x.stride(0), expert_ids if has_experts else x, slots, rows, k, e,
         bank, bank.stride(0), bank.stride(-2), i, sg, su, sg.stride(0), i_s, *scales, float(shared_scale),
-        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=_block_k(k),
-        PRECISION=_PRECISION, **_launch_options(x.dtype),
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n,
+        BLOCK_K=_block_k(k, tiles), PRECISION=_PRECISION, **_launch_options(x.dtype, tiles),
     )
     return h
 
@@ -321,16 +350,27 @@ def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None
     i_s = shared_down.shape[1] if has_shared else 0
     y = torch.empty((rows, out_features), dtype=h.dtype, device=h.device)
     sd = shared_down if has_shared else h
-    _down_rows_kernel[(triton.cdiv(out_features, BLOCK_N),)](
+    tiles = tiles_for(("down", slots, i, i_s, out_features))
+    _down_rows_kernel[(triton.cdiv(out_features, tiles.block_n),)](
         y, y.stride(0), h, h.stride(0), expert_ids if has_experts else h, slots, rows, i, out_features, e,
         bank, bank.stride(0), bank.stride(-2), sd, sd.stride(0), i_s,
-        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_K=_block_k(max(i, 1)), BLOCK_KS=_block_k(max(i_s, 1)), PRECISION=_PRECISION,
-        **_launch_options(h.dtype),
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n,
+        BLOCK_K=_block_k(max(i, 1), tiles), BLOCK_KS=_block_k(max(i_s, 1), tiles), PRECISION=_PRECISION,
+        **_launch_options(h.dtype, tiles),
     )
     return y
 
 
 # fmt: on
 
-__all__ = ["BLOCK_M", "MAX_SLOTS", "down_rows", "linear_rows", "swiglu_rows"]
+__all__ = [
+    "BLOCK_M",
+    "DEFAULT_TILES",
+    "MAX_SLOTS",
+    "TILES",
+    "Tiles",
+    "down_rows",
+    "linear_rows",
+    "swiglu_rows",
+    "tiles_for",
+]

@@ -128,6 +128,45 @@ def test_expert_swiglu_and_down_rows_match_float64(kernels, dtype, shared):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_launches_take_their_tiles_from_the_table(kernels, monkeypatch, dtype):
+    """Each launch looks its tiles up by its key (kernel and the sizes that decide them), an entry
+    of TILES replaces the defaults for that key only, and other tiles (wider column blocks, a
+    shorter K tile: another summation order) give the same results within the tolerance."""
+    gen = torch.Generator().manual_seed(11)
+    rows, hidden, width, shared_width, experts = 3, 96, 40, 24, 4
+    x = randn(rows, hidden, dtype=dtype, gen=gen)
+    w_q, w_k = randn(48, hidden, dtype=dtype, gen=gen), randn(16, hidden, dtype=dtype, gen=gen)
+    ids = torch.tensor([1, 3, 1])
+    gate_up = randn(experts, hidden, 2 * width, dtype=dtype, gen=gen)
+    down = randn(experts, width, hidden, dtype=dtype, gen=gen)
+    sg, su = randn(shared_width, hidden, dtype=dtype, gen=gen), randn(shared_width, hidden, dtype=dtype, gen=gen)
+    sd = randn(hidden, shared_width, dtype=dtype, gen=gen)
+    other = kernels.Tiles(block_n=32, max_block_k=32, num_warps=2, num_stages=2)
+    keys = [
+        ("linear", 48, 16, hidden, 0),
+        ("swiglu", 1, width, shared_width, hidden),
+        ("down", 1, width, shared_width, hidden),
+    ]
+    seen = []
+    lookup = kernels.tiles_for
+    monkeypatch.setattr(kernels, "tiles_for", lambda key: seen.append(key) or lookup(key))
+    monkeypatch.setattr(kernels, "TILES", {key: other for key in keys})
+    assert kernels.tiles_for(("linear", 48, hidden, 0)) is kernels.DEFAULT_TILES  # another key
+    seen.clear()
+    out = kernels.linear_rows(x, None, [(w_q, None, None), (w_k, None, None)])
+    h = kernels.swiglu_rows(x, ids, gate_up, sg, su)
+    y = kernels.down_rows(h, hidden, ids, down, sd)
+    assert seen == keys
+    x64 = x.double()
+    assert_close(out, torch.cat([x64 @ w_q.double().T, x64 @ w_k.double().T], dim=-1), dtype)
+    gate, up = torch.einsum("rk,rkn->rn", x64, gate_up.double()[ids]).chunk(2, dim=-1)
+    assert_close(h[:, :width], silu_glu(gate, up), dtype)
+    assert_close(h[:, width:], silu_glu(x64 @ sg.double().T, x64 @ su.double().T), dtype)
+    want = torch.einsum("rk,rkn->rn", h[:, :width].double(), down.double()[ids]) + h[:, width:].double() @ sd.double().T
+    assert_close(y, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slots", [1, 2, 4])
 def test_top_k_expert_kernels_match_float64(kernels, dtype, slots):
     """k routes per row (top-k hash routing): slot j's SwiGLU times its scale in columns j*W, the

@@ -1,0 +1,39 @@
+"""A small CPU run of benchmarks/bench_decode_kernels.py in triton's interpreter: every launch of
+a decode step is found, timed with its default tiles, the candidates and cuBLAS's stand-in, and
+every candidate gives the default's results within the tolerance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_sweep_finds_and_times_every_launch(tmp_path):
+    out = tmp_path / "tiles.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode_kernels.py"), "--device", "cpu"]
+    cmd += ["--presets", "tiny", "--vocab", "512", "--dtype", "float32", "--quick", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tiny = json.loads(out.read_text())["presets"]["tiny"]
+    kinds = {r["kernel"] for r in tiny["launches"]}
+    assert {"linear_rows", "swiglu_rows", "down_rows"} <= kinds, kinds
+    layers = 6  # the tiny preset's
+    for r in tiny["launches"]:
+        assert r["per_step"] == layers and r["bytes"] > 0, r  # one launch of each shape per layer
+        assert r["default"]["us"] > 0 and r["best"]["us"] > 0 and r["cublas"]["us"] > 0, r
+        assert len(r["tried"]) == 4 and not r["failed"], r  # 2 tiles, then the 2 best with 1 warps/stages pair
+        assert r["max_rel_diff"] < 1e-5, r  # float32: summation order only
+    assert "TILES entries" in proc.stdout
+
+
+def test_the_cpu_without_the_interpreter_is_refused(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode_kernels.py"), "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd + ["--out", str(tmp_path / "t.json")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "t.json").exists()
