@@ -82,8 +82,9 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dt
 
 def decode_attention_applies(query: torch.Tensor, groups: int) -> bool:
     """Whether SDPA over `query` [B, heads, S, d] takes `decode_attention`: one position, GQA.
-    Plain SDPA, so on whether or not the Triton decode kernels (`DECODE_KERNELS`) are: without it
-    a compiled decode step copies the attended cache to every query head, twice per layer."""
+    On whether or not the Triton decode kernels (`DECODE_KERNELS`) are (without them it is plain
+    SDPA): otherwise a compiled decode step copies the attended cache to every query head, twice
+    per layer."""
     return query.shape[2] == 1 and groups > 1
 
 
@@ -94,15 +95,47 @@ def decode_attention(module, query, key, value, attention_mask, scaling, dropout
     transformers' SDPA path does the same eagerly but, under torch.compile, copies K and V to
     every query head first (repeat_kv): at decode that is two copies of the whole cache per
     layer per step, more bytes than the layer's weights at batch 128. The mask [B, 1, 1, L] (or
-    None) broadcasts over the group. Same call convention as transformers' attention functions:
-    -> ([B, 1, heads, d], None).
+    None) broadcasts over the group. A decode step's few rows run as the Triton decode kernels
+    where they apply (`_attend_in_kernel`), the rest as SDPA. Same call convention as
+    transformers' attention functions: -> ([B, 1, heads, d], None).
     """
     b, heads, _, d = query.shape
     grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)
-    out = F.scaled_dot_product_attention(
-        grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-    )
+    if _attend_in_kernel(query, key, value, attention_mask, dropout):
+        mask = None if attention_mask is None else attention_mask[:, 0, 0, :]
+        out = attend_one_position(grouped, key, value, mask, d**-0.5 if scaling is None else scaling)
+    else:
+        out = F.scaled_dot_product_attention(
+            grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        )
     return out.reshape(b, heads, 1, d).transpose(1, 2), None
+
+
+def _attend_in_kernel(query, key, value, attention_mask, dropout) -> bool:
+    """Whether `decode_attention` runs as the Triton decode kernels (`attend_one_position`): a
+    decode step's few rows (`decode_rows`), a power-of-two head size, K/V and a [B, 1, 1, L] mask
+    (additive or boolean, or none) with contiguous last dims. Two launches per layer instead of
+    SDPA's, which at one query spent 14 us a layer of an H100 (sixth GPU run)."""
+    d, length = query.shape[-1], key.shape[2]
+    return (
+        decode_rows(query[:, 0, 0, :])
+        and dropout == 0.0
+        and d == 1 << (d.bit_length() - 1)
+        and d <= 256
+        and length > 0
+        and query.stride(-1) == 1
+        and key.stride(-1) == 1
+        and value.stride(-1) == 1
+        and (
+            attention_mask is None
+            or (
+                attention_mask.dim() == 4
+                and attention_mask.shape[1] == attention_mask.shape[2] == 1
+                and attention_mask.shape[3] == length
+                and attention_mask.stride(-1) == 1
+            )
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- fused q/k/v
@@ -343,7 +376,7 @@ _DECODE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DECODE_DEVICES: tuple[str, ...] = ()
 if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
     try:
-        from .complexity_triton import MAX_SLOTS, down_rows, linear_rows, swiglu_rows
+        from .complexity_triton import MAX_SLOTS, attend_one_position, down_rows, linear_rows, swiglu_rows
     except ImportError:
         pass
     else:

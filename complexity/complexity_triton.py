@@ -267,6 +267,80 @@ def _down_rows_kernel(y_ptr, y_stride, h_ptr, h_stride, ids_ptr, slots, rows, I_
              mask=(m[:, None] < rows) & (n[None, :] < N))
 
 
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _attend_block_kernel(q_ptr, q_sb, q_sh, q_sg, k_ptr, k_sb, k_sh, k_sl, v_ptr, v_sb, v_sh, v_sl,
+                         mask_ptr, mask_sb, mask_sl, acc_ptr, ml_ptr, kv_heads, groups, L, scale,
+                         MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, D: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """One query position's attention over ONE block of BLOCK_L keys, for the `groups` query heads
+    of one K/V head of one row: the block's softmax numerator (acc [G, D], float32), its row
+    maximum m and sum l, for `attend_one_position` to combine over the blocks. MASK: 0 none, 1
+    additive (added to the scores), 2 boolean (True: visible); keys past L are never visible."""
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    nblocks = tl.num_programs(1)
+    b = bh // kv_heads
+    h = bh - b * kv_heads
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    j = block * BLOCK_L + tl.arange(0, BLOCK_L)
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + g[:, None] * q_sg + d[None, :], mask=g[:, None] < groups, other=0.0)
+    k = tl.load(k_ptr + b * k_sb + h * k_sh + j[:, None] * k_sl + d[None, :], mask=j[:, None] < L, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    visible = j < L
+    if MASK == 1:
+        s += tl.load(mask_ptr + b * mask_sb + j * mask_sl, mask=visible, other=0.0).to(tl.float32)[None, :]
+    if MASK == 2:
+        visible = visible & (tl.load(mask_ptr + b * mask_sb + j * mask_sl, mask=visible, other=0) != 0)
+    s = tl.where(visible[None, :], s, float("-inf"))
+    m = tl.reduce(s, 1, _maximum)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a block with no visible key adds nothing
+    p = tl.exp(s - m_safe[:, None])
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + j[:, None] * v_sl + d[None, :], mask=j[:, None] < L, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    out = (bh * nblocks + block) * groups + g
+    mine = g < groups
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=mine[:, None])
+    tl.store(ml_ptr + out * 2, m, mask=mine)
+    tl.store(ml_ptr + out * 2 + 1, tl.reduce(p, 1, _add), mask=mine)
+
+
+@triton.jit
+def _attend_combine_kernel(acc_ptr, ml_ptr, out_ptr, groups, blocks,
+                           BLOCK_G: tl.constexpr, D: tl.constexpr):
+    """The blocks of one (row, K/V head) in order: out = sum_i w_i acc_i / sum_i w_i l_i with
+    w_i = exp(m_i - max_i m_i) (0 for a block with no visible key), in the output's dtype."""
+    bh = tl.program_id(0)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    mine = g < groups
+    top = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    for block in range(blocks):
+        row = (bh * blocks + block) * groups + g
+        top = tl.maximum(top, tl.load(ml_ptr + row * 2, mask=mine, other=0.0))  # (0: padding rows stay finite)
+    num = tl.full((BLOCK_G, D), 0.0, dtype=tl.float32)
+    den = tl.full((BLOCK_G,), 0.0, dtype=tl.float32)
+    for block in range(blocks):
+        row = (bh * blocks + block) * groups + g
+        w = tl.exp(tl.load(ml_ptr + row * 2, mask=mine, other=0.0) - top)
+        num += w[:, None] * tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=mine[:, None], other=0.0)
+        den += w * tl.load(ml_ptr + row * 2 + 1, mask=mine, other=1.0)
+    out = bh * groups + g
+    tl.store(out_ptr + out[:, None] * D + d[None, :], (num / den[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mine[:, None])
+
+
 # ----------------------------------------------------------------------------- host code
 
 
@@ -361,14 +435,46 @@ def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None
     return y
 
 
+
+ATTEND_BLOCK = 64  # keys per program: one block each, so even one row of a short cache fills the SMs
+
+
+def attend_one_position(q, k, v, mask, scale: float):
+    """Attention of ONE query position per row, the query heads grouped by K/V head, in float32:
+    q [B, KV, G, D], k and v [B, KV, L, D] (any strides but the last), mask None, additive or
+    boolean (True: visible), [B, L] with any strides -> [B, KV, G, D] in q's dtype.
+
+    Each program of a first kernel takes one block of ATTEND_BLOCK keys of one (row, K/V head) and
+    writes its softmax numerator, maximum and sum; a second kernel combines the blocks in a fixed
+    order (no atomics: the result does not depend on the launch). D must be a power of two."""
+    b, kv_heads, groups, d = q.shape
+    length = k.shape[2]
+    blocks = triton.cdiv(length, ATTEND_BLOCK)
+    block_g = max(16, triton.next_power_of_2(groups))
+    acc = torch.empty((b * kv_heads * blocks * groups, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b * kv_heads * blocks * groups, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, kv_heads, groups, d), dtype=q.dtype, device=q.device)
+    kind = 0 if mask is None else (2 if mask.dtype == torch.bool else 1)
+    mask_arg, mask_strides = (q, (0, 0)) if mask is None else (mask, (mask.stride(0), mask.stride(1)))
+    _attend_block_kernel[(b * kv_heads, blocks)](
+        q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2), mask_arg, *mask_strides, acc, ml, kv_heads, groups, length,
+        float(scale), MASK=kind, BLOCK_G=block_g, BLOCK_L=ATTEND_BLOCK, D=d, PRECISION=_PRECISION, num_warps=4,
+    )
+    _attend_combine_kernel[(b * kv_heads,)](acc, ml, out, groups, blocks, BLOCK_G=block_g, D=d, num_warps=4)
+    return out
+
+
 # fmt: on
 
 __all__ = [
+    "ATTEND_BLOCK",
     "BLOCK_M",
     "DEFAULT_TILES",
     "MAX_SLOTS",
     "TILES",
     "Tiles",
+    "attend_one_position",
     "down_rows",
     "linear_rows",
     "swiglu_rows",

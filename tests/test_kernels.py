@@ -128,6 +128,39 @@ def test_expert_swiglu_and_down_rows_match_float64(kernels, dtype, shared):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mask_kind", ["none", "additive", "bool"])
+@pytest.mark.parametrize("groups,length", [(1, 20), (3, 150), (4, 64)])
+def test_attend_one_position_matches_float64(kernels, dtype, mask_kind, groups, length):
+    """One query per row against K/V read in place from a wider cache (a slice of its positions,
+    as a decode step attends over a context bucket): lengths below, at and past one block of keys,
+    1 to 4 query heads per K/V head, no mask, an additive mask (the engine's: finfo.min where
+    hidden, a sliding window's start hidden too) or a boolean one (transformers'), a block that
+    sees no key at all."""
+    gen = torch.Generator().manual_seed(groups * 1000 + length)
+    rows, kv_heads, d, capacity = 3, 2, 64, 200
+    q = randn(rows, kv_heads, groups, d, dtype=dtype, gen=gen)
+    k_cache = randn(rows, kv_heads, capacity, d, dtype=dtype, gen=gen)
+    v_cache = randn(rows, kv_heads, capacity, d, dtype=dtype, gen=gen)
+    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
+    pos = torch.tensor([length - 1, length // 2, 0])
+    j = torch.arange(length)
+    visible = (j[None, :] <= pos[:, None]) & (j[None, :] > pos[:, None] - 40)  # a window of 40
+    if mask_kind == "none":
+        mask, visible = None, torch.ones(rows, length, dtype=torch.bool)
+    elif mask_kind == "bool":
+        mask = visible
+    else:
+        mask = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
+    scale = d**-0.5
+    out = kernels.attend_one_position(q, k, v, mask, scale)
+    scores = torch.einsum("bhgd,bhld->bhgl", q.double(), k.double()) * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    want = torch.einsum("bhgl,bhld->bhgd", scores.softmax(-1), v.double())
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_launches_take_their_tiles_from_the_table(kernels, monkeypatch, dtype):
     """Each launch looks its tiles up by its key (kernel and the sizes that decide them), an entry
     of TILES replaces the defaults for that key only, and other tiles (wider column blocks, a
@@ -218,7 +251,7 @@ def test_dense_swiglu_rows_without_experts(kernels):
 @pytest.fixture
 def cpu_kernels(kernels, monkeypatch):
     """The model's decode paths on the CPU through the interpreted kernels; counts their launches."""
-    calls = {"linear_rows": 0, "swiglu_rows": 0, "down_rows": 0}
+    calls = {"linear_rows": 0, "swiglu_rows": 0, "down_rows": 0, "attend_one_position": 0}
 
     def counted(name):
         def run(*args, **kwargs):
@@ -240,7 +273,7 @@ def cpu_kernels(kernels, monkeypatch):
 def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
     """Every variant, float32: a prefill and three one-token steps of two sequences through the
     cache (at most 16 rows each: the decode kernels) equal the full forward (18 rows: the generic
-    paths), and the kernels did serve the projections and the MLPs."""
+    paths), and the kernels did serve the projections, the MLPs and the steps' attention."""
     model = tiny_model(**VARIANTS[name])
     ids = torch.randint(4, 256, (2, 9), generator=torch.Generator().manual_seed(11))
     out = model(ids[:, :6], use_cache=True)
@@ -253,6 +286,7 @@ def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
     layers = model.config.num_hidden_layers
     assert cpu_kernels["linear_rows"] >= 4 * 2 * layers  # q/k/v and o_proj, prefill and steps
     assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] >= 4 * layers
+    assert cpu_kernels["attend_one_position"] == 3 * layers  # the one-token steps (GQA: 4 heads, 2 K/V)
 
 
 @torch.no_grad()
@@ -475,6 +509,25 @@ def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, 
     assert copies >= 2 and smem <= smem_limit, (copies, smem)
 
 
+@pytest.mark.parametrize("target", [(90, 32), (80, 32)], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_kernels_compile_for_gpus(compiled_kernels, target, head_dim):
+    """The decode attention's two kernels compile for Hopper and Ampere in bf16 with every mask
+    kind, within the SM's shared memory."""
+    k = compiled_kernels
+    smem_limit = {90: 227 * 1024, 80: 163 * 1024}[target[0]]
+    aligned = ["q_ptr", "k_ptr", "v_ptr", "acc_ptr", "ml_ptr", "q_sb", "q_sh", "k_sb", "k_sh", "k_sl", "v_sb"]
+    for kind, mask_type in ((0, "*bf16"), (1, "*bf16"), (2, "*i1")):
+        types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": mask_type}
+        types.update({"acc_ptr": "*fp32", "ml_ptr": "*fp32", "scale": "fp32"})
+        constants = dict(MASK=kind, BLOCK_G=16, BLOCK_L=k.ATTEND_BLOCK, D=head_dim, PRECISION="ieee")
+        smem, _ = _compile_for(k._attend_block_kernel, target, types, constants, aligned, 1)
+        assert smem <= smem_limit, (kind, smem)
+    types = {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16"}
+    smem, _ = _compile_for(k._attend_combine_kernel, target, types, dict(BLOCK_G=16, D=head_dim), list(types), 1)
+    assert smem <= smem_limit, smem
+
+
 class _TargetOnlyDriver:
     """Stands in for triton's CUDA driver where torch.compile asks it only which GPU to compile
     for (its analysis of which tensors a kernel writes), on a machine without one."""
@@ -492,11 +545,11 @@ class _TargetOnlyDriver:
 @pytest.mark.parametrize(
     "name, per_layer",
     [
-        ("routed", 4),
-        ("inl", 7),
-        ("hash-top2-shared", 4),
+        ("routed", 6),
+        ("inl", 9),
+        ("hash-top2-shared", 6),
         ("routed-shared-mu", None),
-        ("dense", 4),
+        ("dense", 6),
         ("learned-top2-shared-mu", None),
         ("sliding", None),
     ],
@@ -505,8 +558,9 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
     """torch.compile's front end (dynamo, fullgraph) takes a decode step of every kind of layer as
     ONE graph with the Triton launches in it: no graph break for the engine's CUDA graphs. Traced
     with fake tensors (torch._dynamo.export), so no GPU runs; dynamo is told triton has a device
-    and triton's driver is a stand-in. Kernels per layer: token-routed and hash-routed 4 (q/k/v,
-    o_proj, gate/up, down), INL 7 (+ its two controller kernels and the mu router)."""
+    and triton's driver is a stand-in. Kernels per layer: token-routed and hash-routed 6 (q/k/v,
+    attention's two, o_proj, gate/up, down), INL 9 (+ its two controller kernels and the mu
+    router)."""
     import re
 
     import torch.utils._triton
@@ -516,7 +570,7 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
     drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
     monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
     monkeypatch.setattr(ck, "DECODE_KERNELS", True)
-    for fn in ("linear_rows", "swiglu_rows", "down_rows"):
+    for fn in ("linear_rows", "swiglu_rows", "down_rows", "attend_one_position"):
         monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
     monkeypatch.setattr(ck, "DECODE_MAX_SLOTS", compiled_kernels.MAX_SLOTS)
@@ -537,7 +591,7 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
 
     layers = model.config.num_hidden_layers
     static = launches(assume_static_by_default=True)
-    assert static == per_layer * layers if per_layer else static >= 4 * layers
+    assert static == per_layer * layers if per_layer else static >= 6 * layers
     if per_layer:  # (top-2 routing sends 2 rows per token to the experts: its range differs)
         # A dynamic batch declared within the kernels' rows takes them too; one reaching past
         # them the generic paths, without a guard on the batch (no recompile, no violated
