@@ -1,5 +1,6 @@
-"""The decode kernels' tiles, swept per launch shape: which tiles read a batch-1 decode step's
-weights fastest, against cuBLAS reading the same bytes, in one run.
+"""The decode kernels measured where they are chosen: the projection kernels' tiles, swept per
+launch shape against cuBLAS reading the same bytes, and the decode attention kernels against the
+SDPA they replace, in one run.
 
     # GPU (about 5 minutes for the three presets):
     python benchmarks/bench_decode_kernels.py --out runs/bench_decode_kernels.json
@@ -7,7 +8,7 @@ weights fastest, against cuBLAS reading the same bytes, in one run.
     TRITON_INTERPRET=1 python benchmarks/bench_decode_kernels.py --device cpu --presets tiny \
         --vocab 512 --quick --out /tmp/tiles.json
 
-For each preset (random weights, vocab --vocab, --dtype): one token goes through the model with
+Part `tiles`. For each preset (random weights, vocab --vocab, --dtype): one token goes through the model with
 the decode kernels on, and every launch of `linear_rows`, `swiglu_rows` and `down_rows` is
 recorded with its key in `complexity_triton.TILES` (the layers repeat the same few shapes). Each
 distinct launch is then timed with the default tiles and with every candidate (stage 1: column
@@ -20,6 +21,12 @@ same bytes (cuBLAS's GEMV), timed the same way.
 Printed last: per launch, the bytes it reads, GB/s with the default tiles, the best tiles and
 cuBLAS; per preset, the step time the best tiles would save; and the `TILES` entries to paste into
 complexity/complexity_triton.py where they pay.
+
+Part `attention`. For each preset's heads, at --rows rows and --lengths keys (context buckets),
+rows at different positions under the engine's additive mask: `attend_one_position` (the decode
+attention kernels, off unless COMPLEXITY_DECODE_ATTENTION=1) against `F.scaled_dot_product_attention`
+on the same grouped views, as `decode_attention` calls it, timed the same way (K/V rotated past the
+L2 cache), with the largest difference between the two. Whether the kernels should be the default.
 """
 
 from __future__ import annotations
@@ -222,6 +229,42 @@ def sweep(entry: dict, device, quick: bool) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_case(cfg, rows: int, length: int, dtype, device) -> dict:
+    """One (rows, keys) point of a preset's decode attention: kernels against SDPA."""
+    kv, groups, d = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+    kv_bytes = 2 * rows * kv * length * d * torch.tensor([], dtype=dtype).element_size()
+    copies = max(1, min(MAX_COPIES, math.ceil(L2_BYTES / kv_bytes))) if device.type == "cuda" else 1
+    gen = torch.Generator().manual_seed(rows + length)
+    q = torch.randn(rows, kv, groups, d, generator=gen).to(device, dtype)
+    pos = torch.randint(0, length, (rows,), generator=gen).to(device)
+    visible = torch.arange(length, device=device)[None, :] <= pos[:, None]
+    mask = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
+    caches = [
+        tuple(torch.randn(rows, kv, length, d, generator=gen).to(device, dtype) for _ in range(2))
+        for _ in range(copies)
+    ]
+    scale = d**-0.5
+    attend = triton_module().attend_one_position
+    ours = [lambda k=k, v=v: attend(q, k, v, mask, scale) for k, v in caches]
+    sdpa = [
+        lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        for k, v in caches
+    ]
+    diff = (ours[0]().float() - sdpa[0]().float()).abs().max().item()
+    t_ours, t_sdpa = time_calls(ours, device), time_calls(sdpa, device)
+    return {
+        "rows": rows,
+        "keys": length,
+        "kernels_us": t_ours * 1e6,
+        "sdpa_us": t_sdpa * 1e6,
+        "sdpa_over_kernels": t_sdpa / t_ours,
+        "max_abs_diff": diff,
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -231,10 +274,25 @@ def build_model(preset: str, vocab: int, dtype, device):
     return complexity.ComplexityForCausalLM(cfg).to(dtype=dtype, device=device).eval()
 
 
+def report_attention(results: dict) -> list[str]:
+    lines = ["preset | rows | keys | kernels us | SDPA us | SDPA / kernels | max abs diff"]
+    for preset, res in results["presets"].items():
+        for r in res.get("attention", []):
+            lines.append(
+                f"{preset} | {r['rows']} | {r['keys']} | {r['kernels_us']:.1f} | {r['sdpa_us']:.1f} | "
+                f"{r['sdpa_over_kernels']:.2f} | {r['max_abs_diff']:.2e}"
+            )
+    return lines
+
+
 def report(results: dict) -> list[str]:
+    if not any("launches" in res for res in results["presets"].values()):
+        return []
     lines = ["preset | launch | per step | MB | default GB/s | best GB/s | best tiles | cuBLAS GB/s"]
     paste, default = [], vars(triton_module().DEFAULT_TILES)
     for preset, res in results["presets"].items():
+        if "launches" not in res:
+            continue
         for r in res["launches"]:
             t = r["best"]["tiles"]
             lines.append(
@@ -259,7 +317,10 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parts", default="tiles,attention", help="tiles, attention, or both")
     p.add_argument("--quick", action="store_true", help="two column/K tiles and one warps/stages pair")
+    p.add_argument("--rows", default="1,8,16", help="attention: rows (at most 16, the decode kernels' limit)")
+    p.add_argument("--lengths", default="512,2048", help="attention: keys attended (context buckets)")
     p.add_argument("--out", required=True, help="JSON file")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -276,27 +337,38 @@ def main(argv=None) -> int:
         "args": vars(args),
         "presets": {},
     }
+    parts = set(args.parts.split(","))
+    if not parts or not parts <= {"tiles", "attention"}:
+        p.error(f"--parts: {args.parts!r}; expected tiles, attention or both")
     for preset in args.presets.split(","):
-        model = build_model(preset, args.vocab, dtype, device)
-        launches = record_launches(model, device)
-        swept = []
-        for entry in launches:
+        res = results["presets"][preset] = {}
+        if "tiles" in parts:
+            model = build_model(preset, args.vocab, dtype, device)
+            swept = []
+            for entry in record_launches(model, device):
+                with torch.inference_mode():
+                    swept.append(sweep(entry, device, args.quick))
+                print(f"[{preset}] {entry['kernel']} {entry['key'][1:]}: done", flush=True)
+            res["launches"] = swept
+            res["step_us_default"] = sum(r["default"]["us"] * r["per_step"] for r in swept)
+            res["step_us_best"] = sum(r["best"]["us"] * r["per_step"] for r in swept)
+            res["step_us_cublas"] = sum(r["cublas"]["us"] * r["per_step"] for r in swept)
+            del model
+        if "attention" in parts:
+            cfg = complexity.ComplexityConfig.from_preset(preset, vocab_size=args.vocab)
             with torch.inference_mode():
-                swept.append(sweep(entry, device, args.quick))
-            print(f"[{preset}] {entry['kernel']} {entry['key'][1:]}: done", flush=True)
-        results["presets"][preset] = {
-            "launches": swept,
-            "step_us_default": sum(r["default"]["us"] * r["per_step"] for r in swept),
-            "step_us_best": sum(r["best"]["us"] * r["per_step"] for r in swept),
-            "step_us_cublas": sum(r["cublas"]["us"] * r["per_step"] for r in swept),
-        }
-        del model, launches
+                res["attention"] = [
+                    attention_case(cfg, int(rows), int(length), dtype, device)
+                    for rows in args.rows.split(",")
+                    for length in args.lengths.split(",")
+                ]
+            print(f"[{preset}] attention: done", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results["total_s"] = time.perf_counter() - t0
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print("\n".join(report(results)))
+    print("\n".join(report(results) + [""] + report_attention(results)))
     print(f"total {results['total_s']:.0f} s -> {args.out}")
     return 0
 

@@ -19,7 +19,9 @@ decode (per preset, random weights, bf16 on CUDA):
     same weight bytes per token, its compiled step in a loop that never waits for the host;
   - steps: one decode step of our model (compiled, as a CUDA graph replayed back to back: the
     GPU's time) and of the reference, at each of `--batches`, as tokens/s; ours once more with the
-    decode kernels off (`complexity_kernels.DECODE_KERNELS`), which measures what they bring;
+    decode kernels off (`complexity_kernels.DECODE_KERNELS`), which measures what they bring, and
+    once with the decode attention kernels on (`DECODE_ATTENTION`, where they can run and are not
+    the default);
   - generate(): `model.generate()` with a static cache, eager, batch 1;
   - the bound: weight bytes a batch-1 token reads / the device copy bandwidth measured here.
 prefill: prompts of `--prefill-shapes` (batch x length) through the engine's prefill (eager) and
@@ -286,9 +288,11 @@ class StepsWorker(Worker):
     kernels' rows), eager past that, and captured as one CUDA graph per batch."""
 
     decode_kernels = True
+    decode_attention = complexity_kernels.DECODE_ATTENTION  # the default (COMPLEXITY_DECODE_ATTENTION)
 
     def setup(self) -> dict:
         complexity_kernels.DECODE_KERNELS = self.decode_kernels
+        complexity_kernels.DECODE_ATTENTION = self.decode_attention
         self.batches = self.s["batches"]
         self.lm = self.model(self.max_len)
         self.lm.model.validate_token_ids = False  # a host sync per step otherwise (the engine does the same)
@@ -341,6 +345,14 @@ class StepsWithoutKernelsWorker(StepsWorker):
     the kernels nothing branches on the row count)."""
 
     decode_kernels = False
+    decode_attention = False
+
+
+class StepsWithAttentionKernelsWorker(StepsWorker):
+    """The same steps with the decode attention kernels on (COMPLEXITY_DECODE_ATTENTION=1): what
+    they change in a whole step, beside `bench_decode_kernels.py`'s attention alone."""
+
+    decode_attention = True
 
 
 class ReferenceWorker(Worker):
@@ -434,6 +446,7 @@ WORKERS = {
     "engine": EngineWorker,
     "steps": StepsWorker,
     "steps_off": StepsWithoutKernelsWorker,
+    "steps_attention": StepsWithAttentionKernelsWorker,
     "reference": ReferenceWorker,
 }
 
@@ -516,6 +529,9 @@ def part_decode_prefill(args, device, dtype, parts, results) -> None:
     kinds = ["engine", "reference"]
     if "decode" in parts:
         kinds += ["steps"] + ([] if args.no_kernels_off else ["steps_off"])
+        # with the decode attention kernels on, where they can run and are not already the default
+        attention = device.type in complexity_kernels._DECODE_DEVICES and not complexity_kernels.DECODE_ATTENTION
+        kinds += ["steps_attention"] if attention and not args.no_attention_kernels else []
     jobs = [(kind, preset) for preset in args.models for kind in kinds]
     settings = {
         "device": str(device),
@@ -743,7 +759,7 @@ def tables(results: dict) -> str:
         "",
         "batch-1 decode (tokens/s) | MB/token | bound | engine | reference | engine/ref | engine/bound % | "
         "engine, N steps per read | its /ref | engine, async off | its /ref | our step (GPU) | ref step (GPU) | "
-        "without decode kernels | generate()",
+        "without decode kernels | with attention kernels | generate()",
     ]
     for preset, e in data.items():
         engine, ref = get(e, "engine", "engine", "tokens_per_s"), get(e, "reference", "decode", "tokens_per_s")
@@ -767,11 +783,16 @@ def tables(results: dict) -> str:
                     fmt(get(e, "steps", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "reference", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "steps_off", "steps", "1", "tokens_per_s")),
+                    fmt(get(e, "steps_attention", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "engine", "generate", "tokens_per_s")),
                 ]
             )
         )
-    lines += ["", "decode step (tokens/s per step, GPU) | batch | ours | reference | ours/ref | without decode kernels"]
+    lines += [
+        "",
+        "decode step (tokens/s per step, GPU) | batch | ours | reference | ours/ref | without decode kernels | "
+        "with attention kernels",
+    ]
     for preset, e in data.items():
         for b in get(e, "steps", "steps") or {}:
             ours, ref = get(e, "steps", "steps", b, "tokens_per_s"), get(e, "reference", "steps", b, "tokens_per_s")
@@ -784,6 +805,7 @@ def tables(results: dict) -> str:
                         fmt(ref),
                         fmt(ratio(ours, ref), ".2f"),
                         fmt(get(e, "steps_off", "steps", b, "tokens_per_s")),
+                        fmt(get(e, "steps_attention", "steps", b, "tokens_per_s")),
                     ]
                 )
             )
@@ -804,7 +826,7 @@ def tables(results: dict) -> str:
     profiles = [
         (preset, kind, get(e, kind, "steps", "1", "profile"))
         for preset, e in data.items()
-        for kind in ("steps", "steps_off", "reference")
+        for kind in ("steps", "steps_off", "steps_attention", "reference")
     ]
     if any(p for _, _, p in profiles):
         lines += ["", "batch-1 step kernels | system | kernels per step | kernel ms per step"]
@@ -872,6 +894,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--no-kernels-off", action="store_true", help="decode: skip the run without the decode kernels")
+    p.add_argument(
+        "--no-attention-kernels",
+        action="store_true",
+        help="decode: skip the run with the decode attention kernels on (run unless they are the default)",
+    )
     p.add_argument("--setup-timeout", type=float, default=420, help="seconds for every worker to compile and warm up")
     p.add_argument("--measure-timeout", type=float, default=300, help="seconds for one worker's timed part")
     p.add_argument("--requests", type=int, default=512)

@@ -111,14 +111,21 @@ def decode_attention(module, query, key, value, attention_mask, scaling, dropout
     return out.reshape(b, heads, 1, d).transpose(1, 2), None
 
 
+# The decode attention kernels are off unless COMPLEXITY_DECODE_ATTENTION=1 (or this flag is set):
+# exact on the CPU (triton's interpreter), not yet timed on a GPU against the SDPA they replace,
+# which spent 14 us a layer at one query on an H100 (BENCHMARKS.md, sixth GPU run;
+# `bench_decode_kernels.py --parts attention` measures both).
+DECODE_ATTENTION = os.environ.get("COMPLEXITY_DECODE_ATTENTION", "0") == "1"
+
+
 def _attend_in_kernel(query, key, value, attention_mask, dropout) -> bool:
-    """Whether `decode_attention` runs as the Triton decode kernels (`attend_one_position`): a
-    decode step's few rows (`decode_rows`), a power-of-two head size, K/V and a [B, 1, 1, L] mask
-    (additive or boolean, or none) with contiguous last dims. Two launches per layer instead of
-    SDPA's, which at one query spent 14 us a layer of an H100 (sixth GPU run)."""
+    """Whether `decode_attention` runs as the Triton decode kernels (`attend_one_position`): they
+    are switched on (`DECODE_ATTENTION`), a decode step's few rows (`decode_rows`), a power-of-two
+    head size, K/V and a [B, 1, 1, L] mask (additive or boolean, or none) with contiguous last dims."""
     d, length = query.shape[-1], key.shape[2]
     return (
-        decode_rows(query[:, 0, 0, :])
+        DECODE_ATTENTION
+        and decode_rows(query[:, 0, 0, :])
         and dropout == 0.0
         and d == 1 << (d.bit_length() - 1)
         and d <= 256

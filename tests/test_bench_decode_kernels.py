@@ -1,6 +1,7 @@
 """A small CPU run of benchmarks/bench_decode_kernels.py in triton's interpreter: every launch of
 a decode step is found, timed with its default tiles, the candidates and cuBLAS's stand-in, and
-every candidate gives the default's results within the tolerance."""
+every candidate gives the default's results within the tolerance; the attention kernels are timed
+against SDPA and agree with it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def test_the_sweep_finds_and_times_every_launch(tmp_path):
     out = tmp_path / "tiles.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode_kernels.py"), "--device", "cpu"]
     cmd += ["--presets", "tiny", "--vocab", "512", "--dtype", "float32", "--quick", "--out", str(out)]
+    cmd += ["--rows", "1,3", "--lengths", "100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -29,6 +31,10 @@ def test_the_sweep_finds_and_times_every_launch(tmp_path):
         assert len(r["tried"]) == 4 and not r["failed"], r  # 2 tiles, then the 2 best with 1 warps/stages pair
         assert r["max_rel_diff"] < 1e-5, r  # float32: summation order only
     assert "TILES entries" in proc.stdout
+    # the attention kernels against SDPA: every (rows, keys) point timed, the two agreeing
+    assert [(a["rows"], a["keys"]) for a in tiny["attention"]] == [(1, 100), (3, 100)]
+    for a in tiny["attention"]:
+        assert a["kernels_us"] > 0 and a["sdpa_us"] > 0 and a["max_abs_diff"] < 1e-5, a
 
 
 def test_the_cpu_without_the_interpreter_is_refused(tmp_path):

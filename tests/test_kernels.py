@@ -9,6 +9,7 @@ these tests run float32 and float16, which take the same code paths."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -265,6 +266,7 @@ def cpu_kernels(kernels, monkeypatch):
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
     monkeypatch.setattr(ck, "DECODE_MAX_SLOTS", kernels.MAX_SLOTS)
     monkeypatch.setattr(ck, "DECODE_KERNELS", True)  # whatever COMPLEXITY_DECODE_KERNELS says here
+    monkeypatch.setattr(ck, "DECODE_ATTENTION", True)
     return calls
 
 
@@ -287,6 +289,19 @@ def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
     assert cpu_kernels["linear_rows"] >= 4 * 2 * layers  # q/k/v and o_proj, prefill and steps
     assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] >= 4 * layers
     assert cpu_kernels["attend_one_position"] == 3 * layers  # the one-token steps (GQA: 4 heads, 2 K/V)
+
+
+@torch.no_grad()
+def test_decode_attention_kernels_are_off_unless_asked(cpu_kernels, monkeypatch):
+    """COMPLEXITY_DECODE_ATTENTION is off by default (not yet timed on a GPU): a decode step then
+    attends through SDPA, its projections still through the decode kernels."""
+    assert ck.DECODE_ATTENTION == (os.environ.get("COMPLEXITY_DECODE_ATTENTION") == "1")
+    monkeypatch.setattr(ck, "DECODE_ATTENTION", False)
+    model = tiny_model(**VARIANTS["routed"])
+    ids = torch.randint(4, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+    out = model(ids[:, :6], use_cache=True)
+    model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True)
+    assert cpu_kernels["attend_one_position"] == 0 and cpu_kernels["linear_rows"] > 0
 
 
 @torch.no_grad()
@@ -570,6 +585,7 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
     drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
     monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
     monkeypatch.setattr(ck, "DECODE_KERNELS", True)
+    monkeypatch.setattr(ck, "DECODE_ATTENTION", True)
     for fn in ("linear_rows", "swiglu_rows", "down_rows", "attend_one_position"):
         monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
     monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))

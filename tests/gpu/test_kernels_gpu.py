@@ -117,6 +117,27 @@ def test_top_k_expert_kernels_at_hash_routing_shapes(dtype, rows, shape):
     assert_close(out, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (12, 4, 64)], ids=["pacific-prime", "base"])
+@pytest.mark.parametrize("length", [300, 2048])
+def test_attend_one_position_at_preset_shapes(dtype, rows, heads, kv_heads, head_dim, length):
+    """The decode attention kernels against float64: pacific-prime's and base's heads, a context
+    bucket's view of a wider cache, the engine's additive mask with rows at different positions."""
+    gen = torch.Generator().manual_seed(rows + length)
+    groups = heads // kv_heads
+    q = randn(rows, kv_heads, groups, head_dim, dtype=dtype, gen=gen) * 20
+    k_cache, v_cache = (randn(rows, kv_heads, 4097, head_dim, dtype=dtype, gen=gen) * 20 for _ in range(2))
+    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
+    pos = torch.randint(0, length, (rows,), generator=gen).cuda()
+    visible = torch.arange(length, device="cuda")[None, :] <= pos[:, None]
+    mask = torch.where(visible, 0.0, torch.finfo(dtype).min).to(dtype)
+    out = ck.attend_one_position(q, k, v, mask, head_dim**-0.5)
+    scores = torch.einsum("bhgd,bhld->bhgl", q.double(), k.double()) * head_dim**-0.5
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    assert_close(out, torch.einsum("bhgl,bhld->bhgd", scores.softmax(-1), v.double()), dtype)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_compiled_decode_step_with_kernels_equals_eager(name):
@@ -173,3 +194,36 @@ def test_engine_with_graphs_equals_eager_and_generate_in_float32(name):
         assert _greedy(Engine(model, None, max_batch=2, max_seq_len=64), prompts, n) == reference
     finally:
         ck.DECODE_KERNELS = True
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["routed", "inl", "sliding", "dense"])
+def test_engine_with_the_attention_kernels_equals_generate_in_float32(name, monkeypatch):
+    """With the decode attention kernels on (COMPLEXITY_DECODE_ATTENTION=1): the engine with CUDA
+    graphs + compile == the eager engine == model.generate() with them == with SDPA, token for
+    token in float32."""
+    model = tiny_model(**VARIANTS[name]).cuda()
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(4, 256, (n,), generator=gen).tolist() for n in (5, 17, 11)]
+    n = 24
+
+    def reference():
+        out = []
+        for p in prompts:
+            ids = torch.tensor([p], device="cuda")
+            gen_ids = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            out.append(gen_ids[0, len(p) :].tolist())
+        return out
+
+    sdpa = reference()
+    monkeypatch.setattr(ck, "DECODE_ATTENTION", True)
+    graphs = _greedy(Engine(model, None, max_batch=2, max_seq_len=64, cuda_graphs=True, compile=True), prompts, n)
+    eager = _greedy(Engine(model, None, max_batch=2, max_seq_len=64, cuda_graphs=False), prompts, n)
+    assert graphs == eager == reference() == sdpa
