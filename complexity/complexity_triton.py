@@ -286,7 +286,8 @@ def _attend_block_kernel(q_ptr, q_sb, q_sh, q_sg, k_ptr, k_sb, k_sh, k_sl, v_ptr
     """One query position's attention over ONE block of BLOCK_L keys, for the `groups` query heads
     of one K/V head of one row: the block's softmax numerator (acc [G, D], float32), its row
     maximum m and sum l, for `attend_one_position` to combine over the blocks. MASK: 0 none, 1
-    additive (added to the scores), 2 boolean (True: visible); keys past L are never visible."""
+    additive (added to the scores; a key under -1e30 is hidden), 2 boolean (True: visible); keys
+    past L are never visible."""
     bh = tl.program_id(0)
     block = tl.program_id(1)
     nblocks = tl.num_programs(1)
@@ -295,19 +296,23 @@ def _attend_block_kernel(q_ptr, q_sb, q_sh, q_sg, k_ptr, k_sb, k_sh, k_sl, v_ptr
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     j = block * BLOCK_L + tl.arange(0, BLOCK_L)
-    q = tl.load(q_ptr + b * q_sb + h * q_sh + g[:, None] * q_sg + d[None, :], mask=g[:, None] < groups, other=0.0)
-    k = tl.load(k_ptr + b * k_sb + h * k_sh + j[:, None] * k_sl + d[None, :], mask=j[:, None] < L, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     visible = j < L
     if MASK == 1:
-        s += tl.load(mask_ptr + b * mask_sb + j * mask_sl, mask=visible, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(mask_ptr + b * mask_sb + j * mask_sl, mask=visible, other=0.0).to(tl.float32)
+        visible = visible & (bias > -1e30)  # finfo.min or -inf: exp() of it is 0, so no need to read the key
     if MASK == 2:
         visible = visible & (tl.load(mask_ptr + b * mask_sb + j * mask_sl, mask=visible, other=0) != 0)
+    # hidden keys are never read: a context bucket's positions past a row's own cost no bytes
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + g[:, None] * q_sg + d[None, :], mask=g[:, None] < groups, other=0.0)
+    k = tl.load(k_ptr + b * k_sb + h * k_sh + j[:, None] * k_sl + d[None, :], mask=visible[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if MASK == 1:
+        s += bias[None, :]
     s = tl.where(visible[None, :], s, float("-inf"))
     m = tl.reduce(s, 1, _maximum)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a block with no visible key adds nothing
     p = tl.exp(s - m_safe[:, None])
-    v = tl.load(v_ptr + b * v_sb + h * v_sh + j[:, None] * v_sl + d[None, :], mask=j[:, None] < L, other=0.0)
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + j[:, None] * v_sl + d[None, :], mask=visible[:, None], other=0.0)
     acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     out = (bh * nblocks + block) * groups + g
     mine = g < groups
@@ -442,7 +447,9 @@ ATTEND_BLOCK = 64  # keys per program: one block each, so even one row of a shor
 def attend_one_position(q, k, v, mask, scale: float):
     """Attention of ONE query position per row, the query heads grouped by K/V head, in float32:
     q [B, KV, G, D], k and v [B, KV, L, D] (any strides but the last), mask None, additive or
-    boolean (True: visible), [B, L] with any strides -> [B, KV, G, D] in q's dtype.
+    boolean (True: visible), [B, L] with any strides -> [B, KV, G, D] in q's dtype. Hidden keys
+    (False, or an additive value under -1e30: finfo.min, -inf) are never read, so attending over
+    a context bucket costs the bytes of each row's own context.
 
     Each program of a first kernel takes one block of ATTEND_BLOCK keys of one (row, K/V head) and
     writes its softmax numerator, maximum and sum; a second kernel combines the blocks in a fixed
