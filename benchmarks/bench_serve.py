@@ -147,7 +147,7 @@ def best_of(runs: list[dict]) -> dict:
 
 
 # the engine's counters (Engine.stats keys, exported by the server's /metrics)
-_STEP_COUNTERS = ("prefill_steps", "decode_steps", "prompt_tokens", "generated_tokens")
+_STEP_COUNTERS = ("prefill_steps", "decode_steps", "prompt_tokens", "generated_tokens", "device_wait_seconds")
 # the engine core's loop (server only): seconds in steps, seconds handing outputs to the API process
 _LOOP_COUNTERS = ("step_seconds", "output_seconds")
 
@@ -155,11 +155,13 @@ _LOOP_COUNTERS = ("step_seconds", "output_seconds")
 def scheduling(counts: dict, wall: float) -> dict:
     """What the engine did in one phase: how many prefill forwards and decode steps, how full the
     decode steps were, and how many steps per second it kept up; for the server also the share of
-    the wall time its engine core spent in steps and in handing outputs over. The Engine-direct and
-    HTTP figures side by side say whether the server ran more (smaller) steps, slower steps, or
-    waited between them."""
+    the wall time its engine core spent in steps and in handing outputs over; for both the share it
+    waited for the device inside its steps (the rest of a step is host work). The Engine-direct and
+    HTTP figures side by side say whether the server ran more (smaller) steps, slower steps (and
+    whether the host or the device made them slower), or waited between them."""
     decode = counts["decode_steps"]
-    loop = {f"{k}_share_of_wall": counts[k] / wall for k in _LOOP_COUNTERS if k in counts and wall > 0}
+    shares = (*_LOOP_COUNTERS, "device_wait_seconds")
+    loop = {f"{k}_share_of_wall": counts[k] / wall for k in shares if k in counts and wall > 0}
     return {
         **counts,
         **loop,

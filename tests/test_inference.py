@@ -5,6 +5,7 @@ the `complexity generate` CLI."""
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 
 import pytest
@@ -1076,3 +1077,15 @@ def test_graph_capture_runs_with_the_cyclic_collector_paused():
         assert gone() is None
         assert not gc.isenabled()
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_the_time_waiting_for_the_device_is_counted(ckpt_dir, async_decode):
+    """stats["device_wait_seconds"] grows by the time spent reading sampled tokens (the device's
+    share of a step), in both decode paths, and stays within the time of the run."""
+    path = make_tiny_checkpoint(ckpt_dir / f"device-wait-{async_decode}")
+    engine = Engine.from_pretrained(path, device="cpu", max_batch=2, async_decode=async_decode)
+    assert engine.stats["device_wait_seconds"] == 0.0
+    t = time.perf_counter()
+    engine.generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    assert 0 < engine.stats["device_wait_seconds"] < time.perf_counter() - t

@@ -57,6 +57,8 @@ def test_bench_serve_cpu_answers_everything(tmp_path, overlap):
         assert sched["generated_tokens"] == n * 4 and sched["prompt_tokens"] == n * 8, sched
         assert sched["prefill_steps"] >= 1 and sched["decode_steps"] >= 3, sched
         assert 0 < sched["step_seconds_share_of_wall"] <= 1.05 and sched["output_seconds"] >= 0, sched
+        # the device's share of those steps (waited for when reading tokens), within them
+        assert 0 < sched["device_wait_seconds"] <= sched["step_seconds"], sched
     described = "launched before the tokens are read (async)"  # on the CPU, off by default
     assert (described in res["engine_direct"]["engine"]) == bool(overlap)
     assert any(described in line for line in http["startup_log"]) == bool(overlap), http["startup_log"]
@@ -65,6 +67,7 @@ def test_bench_serve_cpu_answers_everything(tmp_path, overlap):
     assert len(http["non_stream"]["runs_tokens_per_s"]) == len(http["streams"]["runs_ttft_p50_s"]) == 2
     assert http["non_stream"]["generated_tokens_per_s"] == max(http["non_stream"]["runs_tokens_per_s"])
     direct = res["engine_direct"]["scheduling"]
+    assert 0 < direct["device_wait_seconds_share_of_wall"] <= 1, direct
     assert direct["generated_tokens"] == 6 * 4 and direct["decode_steps"] >= 3, direct
     assert res["engine_direct"]["generated_tokens"] == res["engine_uncompiled"]["generated_tokens"] == 6 * 4
     assert res["compiled_over_uncompiled"] > 0

@@ -407,6 +407,7 @@ class Engine:
         self.stats = dict.fromkeys(
             ("prompt_tokens", "generated_tokens", "prefill_steps", "decode_steps", "finished", "aborted"), 0
         )
+        self.stats["device_wait_seconds"] = 0.0  # reading sampled tokens: the device's time the host waited out
         self._kv_ranges: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._decode_impl = self._decode_forward
@@ -905,12 +906,11 @@ class Engine:
     def _collect(self, window: _Window, outputs: list[StepOutput]) -> None:
         """Read `window`'s tokens (waiting for its steps only) and hand them to its requests; a
         request that ended before they were read (aborted, or in an earlier window) drops them."""
-        if window.ready is not None:
-            window.ready.synchronize()
+        drawn = self._read(window.drawn, window.ready)
         now = time.perf_counter()
         reqs = window.reqs
         entries = self._logprob_entries(reqs, window.sampler, window.logprobs)
-        for i, (r, toks) in enumerate(zip(reqs, window.drawn.tolist())):
+        for i, (r, toks) in enumerate(zip(reqs, drawn)):
             if r.finished:
                 continue
             accepted = []
@@ -926,6 +926,17 @@ class Engine:
                 outputs.append(self._output(r, accepted, lps, None))
             if not r.finished and len(accepted) < len(toks):
                 self._fail(r, FloatingPointError("the model produced non-finite logits"), outputs)
+
+    def _read(self, tokens: torch.Tensor, ready=None) -> list:
+        """Sampled tokens as a list, after `ready` (the event of their copy to the host, where there
+        is one). The time this waits for the device adds to stats["device_wait_seconds"]: against
+        the time in steps it says how much of a step is the device's and how much the host's."""
+        start = time.perf_counter()
+        if ready is not None:
+            ready.synchronize()
+        out = tokens.tolist()
+        self.stats["device_wait_seconds"] += time.perf_counter() - start
+        return out
 
     def _decode_forward(self, tokens: torch.Tensor, pos: torch.Tensor, kv_range: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (float32) of tokens [B, 1] at positions pos [B], attending over the cache
@@ -1101,7 +1112,7 @@ class Engine:
         logprobs = sampler.logprobs(logits, tokens)
         entries = self._logprob_entries(reqs, sampler, None if logprobs is None else [t[:, None] for t in logprobs])
         out = []
-        for i, tok in enumerate(tokens.tolist()):
+        for i, tok in enumerate(self._read(tokens)):
             if tok < 0:
                 out.append(FloatingPointError("the model produced non-finite logits"))
             else:

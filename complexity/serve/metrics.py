@@ -25,6 +25,12 @@ _ENGINE_METRICS = (
         "Seconds the engine core spent handing step outputs to the API process (grows when that process falls behind).",
         "output_seconds",
     ),
+    (
+        "complexity_engine_device_wait_seconds",
+        "counter",
+        "Seconds the engine waited for the device to finish steps before reading their tokens (the rest of the step seconds is host work).",
+        "device_wait_seconds",
+    ),
     ("complexity_aborted_requests", "counter", "Requests cancelled (client gone, shutdown).", "aborted"),
     ("complexity_rejected_requests", "counter", "Requests refused with 429 (limits).", "rejected"),
     ("complexity_requests_running", "gauge", "Requests holding a cache slot.", "running"),
