@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -435,8 +436,6 @@ def _compile_for(kernel, target, types: dict, constants: dict, aligned: list[str
     """triton.compile for a GPU target on this CPU machine (ptxas ships with triton), with the
     16-byte alignment the launches specialise on (weights and activations are aligned, widths
     multiples of 16). -> (shared memory bytes, async global-to-shared copies in the kernel)."""
-    import re
-
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -556,6 +555,29 @@ class _TargetOnlyDriver:
         return torch.device("cpu")
 
 
+@pytest.fixture
+def traceable_kernels(compiled_kernels, monkeypatch):
+    """The compiled (not interpreted) kernels in the model's decode paths, for dynamo to trace with
+    fake tensors on this CPU machine: dynamo is told triton has a device and triton's driver is a
+    stand-in; nothing runs."""
+    import torch.utils._triton
+    import triton
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda *args, **kwargs: True)
+    drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
+    monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
+    monkeypatch.setattr(ck, "DECODE_KERNELS", True)
+    monkeypatch.setattr(ck, "DECODE_ATTENTION", True)
+    for fn in ("linear_rows", "swiglu_rows", "down_rows", "attend_one_position"):
+        monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
+    monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
+    monkeypatch.setattr(ck, "DECODE_MAX_SLOTS", compiled_kernels.MAX_SLOTS)
+
+
+def _launches(graph_module) -> int:
+    return len(re.findall(r"triton_kernel_wrapper_mutation\(", graph_module.code))
+
+
 @torch.no_grad()
 @pytest.mark.parametrize(
     "name, per_layer",
@@ -569,27 +591,12 @@ class _TargetOnlyDriver:
         ("sliding", None),
     ],
 )
-def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monkeypatch, name, per_layer):
+def test_decode_step_traces_to_one_graph_with_its_kernels(traceable_kernels, name, per_layer):
     """torch.compile's front end (dynamo, fullgraph) takes a decode step of every kind of layer as
     ONE graph with the Triton launches in it: no graph break for the engine's CUDA graphs. Traced
-    with fake tensors (torch._dynamo.export), so no GPU runs; dynamo is told triton has a device
-    and triton's driver is a stand-in. Kernels per layer: token-routed and hash-routed 6 (q/k/v,
-    attention's two, o_proj, gate/up, down), INL 9 (+ its two controller kernels and the mu
-    router)."""
-    import re
-
-    import torch.utils._triton
-    import triton
-
-    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda *args, **kwargs: True)
-    drivers = triton.runtime.driver  # the active driver is `_active` (triton >= 3.7) or `active`
-    monkeypatch.setattr(drivers, "_active" if "_active" in vars(drivers) else "active", _TargetOnlyDriver())
-    monkeypatch.setattr(ck, "DECODE_KERNELS", True)
-    monkeypatch.setattr(ck, "DECODE_ATTENTION", True)
-    for fn in ("linear_rows", "swiglu_rows", "down_rows", "attend_one_position"):
-        monkeypatch.setattr(ck, fn, getattr(compiled_kernels, fn), raising=False)
-    monkeypatch.setattr(ck, "_DECODE_DEVICES", ("cpu",))
-    monkeypatch.setattr(ck, "DECODE_MAX_SLOTS", compiled_kernels.MAX_SLOTS)
+    with fake tensors (torch._dynamo.export), so no GPU runs. Kernels per layer: token-routed and
+    hash-routed 6 (q/k/v, attention's two, o_proj, gate/up, down), INL 9 (+ its two controller
+    kernels and the mu router)."""
     model = tiny_model(**VARIANTS[name])
 
     class Step(torch.nn.Module):
@@ -602,8 +609,7 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
 
     def launches(**dynamic) -> int:
         ids, pos = torch.randint(4, 256, (2, 1)), torch.zeros(2, 1, dtype=torch.long)
-        graph = torch._dynamo.export(Step(), **dynamic)(ids, pos).graph_module  # raises on a graph break
-        return len(re.findall(r"triton_kernel_wrapper_mutation\(", graph.code))
+        return _launches(torch._dynamo.export(Step(), **dynamic)(ids, pos).graph_module)  # raises on a graph break
 
     layers = model.config.num_hidden_layers
     static = launches(assume_static_by_default=True)
@@ -616,3 +622,37 @@ def test_decode_step_traces_to_one_graph_with_its_kernels(compiled_kernels, monk
         assert launches(dynamic_shapes={"ids": {0: batch}, "pos": {0: batch}}) == static
         wide = torch.export.Dim("batch", min=2, max=64)
         assert launches(dynamic_shapes={"ids": {0: wide}, "pos": {0: wide}}) == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, per_layer", [("routed", 6), ("inl", 9), ("hash-top2-shared", 6), ("sliding", None)])
+def test_the_engines_decode_step_traces_with_a_dynamic_context(traceable_kernels, name, per_layer):
+    """The engine's decode step as it compiles it: the slot cache's rows, the decode mask over
+    arange(kv_len), the batch AND the attended length dynamic (one graph for every context
+    bucket). It traces as one graph with every kernel, the attention kernels included, and no
+    check of theirs specializes either dimension (export raises on a violated range)."""
+    from complexity.inference.cache import SlotKVCache, attention_mask_decode
+
+    model = tiny_model(**VARIANTS[name])
+    c = model.config
+    cache = SlotKVCache(c.num_hidden_layers, 16, c.num_key_value_heads, 64, c.head_dim, torch.float32, "cpu")
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, pos, kv_range):
+            cache.set_decode(pos, kv_range.shape[0])
+            mask = attention_mask_decode(pos, kv_range, c.sliding_window, torch.float32)
+            out = self.model.model(
+                input_ids=tokens, attention_mask=mask, position_ids=pos[:, None], past_key_values=cache, use_cache=True
+            )
+            return out.last_hidden_state
+
+    batch, kv = torch.export.Dim("batch", min=2, max=16), torch.export.Dim("kv", min=2, max=64)
+    dynamic = {"tokens": {0: batch}, "pos": {0: batch}, "kv_range": {0: kv}}
+    args = (torch.randint(4, 256, (2, 1)), torch.tensor([3, 5]), torch.arange(32))
+    launches = _launches(torch._dynamo.export(Step(), dynamic_shapes=dynamic)(*args).graph_module)
+    layers = c.num_hidden_layers
+    assert launches == per_layer * layers if per_layer else launches >= 6 * layers
