@@ -164,6 +164,23 @@ def _greedy(engine, prompts, n):
     return [c.token_ids for c in engine.generate(prompts, params)]
 
 
+def _generated(model, prompts, n):
+    """model.generate()'s n greedy tokens for each prompt alone."""
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        gen_ids = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        out.append(gen_ids[0, len(p) :].tolist())
+    return out
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_engine_with_graphs_equals_eager_and_generate_in_float32(name):
@@ -176,18 +193,7 @@ def test_engine_with_graphs_equals_eager_and_generate_in_float32(name):
     n = 24
     graphs = _greedy(Engine(model, None, max_batch=2, max_seq_len=64, cuda_graphs=True, compile=True), prompts, n)
     eager = _greedy(Engine(model, None, max_batch=2, max_seq_len=64), prompts, n)
-    reference = []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        reference.append(out[0, len(p) :].tolist())
+    reference = _generated(model, prompts, n)
     assert graphs == eager == reference
     ck.DECODE_KERNELS = False
     try:
@@ -206,24 +212,8 @@ def test_engine_with_the_attention_kernels_equals_generate_in_float32(name, monk
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(4, 256, (n,), generator=gen).tolist() for n in (5, 17, 11)]
     n = 24
-
-    def reference():
-        out = []
-        for p in prompts:
-            ids = torch.tensor([p], device="cuda")
-            gen_ids = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            out.append(gen_ids[0, len(p) :].tolist())
-        return out
-
-    sdpa = reference()
+    sdpa = _generated(model, prompts, n)
     monkeypatch.setattr(ck, "DECODE_ATTENTION", True)
     graphs = _greedy(Engine(model, None, max_batch=2, max_seq_len=64, cuda_graphs=True, compile=True), prompts, n)
     eager = _greedy(Engine(model, None, max_batch=2, max_seq_len=64, cuda_graphs=False), prompts, n)
-    assert graphs == eager == reference() == sdpa
+    assert graphs == eager == _generated(model, prompts, n) == sdpa
