@@ -21,7 +21,8 @@ decode (per preset, random weights, bf16 on CUDA):
     GPU's time) and of the reference, at each of `--batches`, as tokens/s; ours once more with the
     decode kernels off (`complexity_kernels.DECODE_KERNELS`), which measures what they bring, and
     once with the decode attention kernels on (`DECODE_ATTENTION`, where they can run and are not
-    the default);
+    the default), and once with the decode kernels taking up to 64 rows (`DECODE_MAX_ROWS`, where
+    a batch of 17 to 64 rows is measured);
   - generate(): `model.generate()` with a static cache, eager, batch 1;
   - the bound: weight bytes a batch-1 token reads / the device copy bandwidth measured here.
 prefill: prompts of `--prefill-shapes` (batch x length) through the engine's prefill (eager) and
@@ -289,10 +290,12 @@ class StepsWorker(Worker):
 
     decode_kernels = True
     decode_attention = complexity_kernels.DECODE_ATTENTION  # the default (COMPLEXITY_DECODE_ATTENTION)
+    decode_max_rows = complexity_kernels.DECODE_MAX_ROWS
 
     def setup(self) -> dict:
         complexity_kernels.DECODE_KERNELS = self.decode_kernels
         complexity_kernels.DECODE_ATTENTION = self.decode_attention
+        complexity_kernels.DECODE_MAX_ROWS = self.decode_max_rows
         self.batches = self.s["batches"]
         self.lm = self.model(self.max_len)
         self.lm.model.validate_token_ids = False  # a host sync per step otherwise (the engine does the same)
@@ -353,6 +356,13 @@ class StepsWithAttentionKernelsWorker(StepsWorker):
     they change in a whole step, beside `bench_decode_kernels.py`'s attention alone."""
 
     decode_attention = True
+
+
+class StepsWithKernelsTo64RowsWorker(StepsWorker):
+    """The same steps with the decode kernels taking up to 64 rows (DECODE_MAX_ROWS is 16): at 32
+    rows, the kernels against the generic paths (sorted experts, grouped GEMMs) in an eager step."""
+
+    decode_max_rows = 64
 
 
 class ReferenceWorker(Worker):
@@ -447,6 +457,7 @@ WORKERS = {
     "steps": StepsWorker,
     "steps_off": StepsWithoutKernelsWorker,
     "steps_attention": StepsWithAttentionKernelsWorker,
+    "steps_rows64": StepsWithKernelsTo64RowsWorker,
     "reference": ReferenceWorker,
 }
 
@@ -532,6 +543,9 @@ def part_decode_prefill(args, device, dtype, parts, results) -> None:
         # with the decode attention kernels on, where they can run and are not already the default
         attention = device.type in complexity_kernels._DECODE_DEVICES and not complexity_kernels.DECODE_ATTENTION
         kinds += ["steps_attention"] if attention and not args.no_attention_kernels else []
+        # with the decode kernels up to 64 rows, where a batch past 16 rows is measured
+        wider = device.type in complexity_kernels._DECODE_DEVICES and any(16 < b <= 64 for b in args.batches)
+        kinds += ["steps_rows64"] if wider and complexity_kernels.DECODE_MAX_ROWS < 64 else []
     jobs = [(kind, preset) for preset in args.models for kind in kinds]
     settings = {
         "device": str(device),
@@ -791,7 +805,7 @@ def tables(results: dict) -> str:
     lines += [
         "",
         "decode step (tokens/s per step, GPU) | batch | ours | reference | ours/ref | without decode kernels | "
-        "with attention kernels",
+        "with attention kernels | kernels to 64 rows",
     ]
     for preset, e in data.items():
         for b in get(e, "steps", "steps") or {}:
@@ -806,6 +820,7 @@ def tables(results: dict) -> str:
                         fmt(ratio(ours, ref), ".2f"),
                         fmt(get(e, "steps_off", "steps", b, "tokens_per_s")),
                         fmt(get(e, "steps_attention", "steps", b, "tokens_per_s")),
+                        fmt(get(e, "steps_rows64", "steps", b, "tokens_per_s")),
                     ]
                 )
             )

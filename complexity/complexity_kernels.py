@@ -362,8 +362,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # (`complexity_triton.py`), each reading its weights in place: only the experts the rows chose,
 # and the shared expert in the same launches. For inference only (no autograd through them).
 
-# The most rows a decode kernel takes (every program holds all of them); beyond it the generic
-# paths are as good.
+# The most rows the model sends to the decode kernels (every program holds all of them). The
+# kernels take up to complexity_triton.MAX_ROWS (64); past 16 rows they have not been timed against
+# the generic paths yet (bench_inference.py's `steps_rows64` does), so 16 it stays until then.
 DECODE_MAX_ROWS = 16
 # The most routes per row the expert kernels take (top-k hash routing; more take the generic
 # paths): the kernels' own limit where they are imported below, none without them.

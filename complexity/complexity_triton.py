@@ -14,8 +14,8 @@ serve the projections of a decode step in as few launches as the math allows:
   weight) is applied as the gate/up columns are produced, the down kernel sums the slots in one
   accumulator, and a shared expert (or, alone, a dense SwiGLU) rides along in the same launches.
 
-Every program holds all rows (up to `BLOCK_M`, tl.dot's minimum): the weights are read once
-whatever the row count, and no program sums partial results of another (no split-K, no
+Every program holds all rows (up to `MAX_ROWS`, in a tile of 16, 32 or 64): the weights are read
+once whatever the row count, and no program sums partial results of another (no split-K, no
 atomics), so the results do not depend on the launch. Products accumulate in float32 and are
 rounded once, as a GEMM does; the SwiGLU rounds gate, up and silu(gate) to the activations'
 dtype as `F.silu(gate) * up` does. Float32 runs IEEE products (no TF32).
@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:  # (a `try` keeps transformers' trust_remote_code import check from demanding triton everywhere)
     import triton
@@ -38,8 +39,10 @@ try:  # (a `try` keeps transformers' trust_remote_code import check from demandi
 except ImportError as err:
     raise ImportError("complexity_triton needs triton; complexity_kernels falls back to PyTorch without it") from err
 
-BLOCK_M = 16  # rows per program: tl.dot's minimum, and the most rows these kernels serve
+MAX_ROWS = 64  # the most rows a launch takes: every program holds all of them (`_block_m`)
 MAX_SLOTS = 4  # routes per row the expert kernels take (their weights are scalar arguments)
+# The software pipeline's shared memory per program, at most: within an A100's 163 KiB per SM.
+_PIPELINE_BYTES = 160 << 10
 _PRECISION = "ieee"  # float32 products stay float32 (no TF32); half-precision products are exact anyway
 
 
@@ -73,11 +76,25 @@ def _block_k(k: int, tiles: Tiles) -> int:
     return max(16, min(tiles.max_block_k, triton.next_power_of_2(k)))
 
 
-def _launch_options(dtype: torch.dtype, tiles: Tiles) -> dict:
-    return {
-        "num_warps": tiles.num_warps,
-        "num_stages": min(2, tiles.num_stages) if dtype == torch.float32 else tiles.num_stages,
-    }
+def _block_m(rows) -> int:
+    """Rows per program: all of them, in the smallest tile tl.dot takes that holds them (16, 32 or
+    64). Decided without a guard when the row count is a compiled dynamic size: from its declared
+    range (a range up to 16 takes 16)."""
+    for block in (16, 32, 64):
+        if statically_known_true(rows <= block):
+            return block
+    raise ValueError(f"{rows} rows: the decode kernels take at most {MAX_ROWS}")
+
+
+def _launch_options(dtype: torch.dtype, tiles: Tiles, block_m: int) -> dict:
+    """Warps and pipeline stages: the tiles' stages, at most 2 in float32, and as many as fit
+    _PIPELINE_BYTES (more rows: fewer stages). A stage holds a row tile and a weight tile for each
+    of two pipelined K loops (`linear_rows`' two inputs), or a row tile and two weight tiles
+    (gate and up), whichever is larger."""
+    size = torch.finfo(dtype).bits // 8
+    stage_bytes = 2 * (block_m + tiles.block_n) * tiles.max_block_k * size
+    stages = min(tiles.num_stages, max(1, _PIPELINE_BYTES // stage_bytes))
+    return {"num_warps": tiles.num_warps, "num_stages": min(2, stages) if dtype == torch.float32 else stages}
 
 
 # ----------------------------------------------------------------------------- device code
@@ -353,13 +370,14 @@ def linear_rows(a: torch.Tensor, b: torch.Tensor | None, segments, silu_a: bool 
     """[rows, sum N_s]: segment s = a' @ W_a^T (+ b @ W_b^T when it has W_b) (+ bias), where a'
     is a, or silu(a) with `silu_a`.
 
-    a [rows, K_A], b [rows, K_B] or None (rows <= BLOCK_M, last dim contiguous, any row stride,
+    a [rows, K_A], b [rows, K_B] or None (rows <= MAX_ROWS, last dim contiguous, any row stride,
     0 included); `segments`: 1 to 3 (W_a [N, K_A], W_b [N, K_B] or None, bias [N] or None),
     weights with a contiguous last dim (column slices of a wider weight are fine).
     """
     rows = a.shape[0]
-    if not 1 <= len(segments) <= 3 or rows > BLOCK_M:
-        raise ValueError(f"linear_rows: {len(segments)} segments over {rows} rows (1-3 segments, <= {BLOCK_M} rows)")
+    if not 1 <= len(segments) <= 3:
+        raise ValueError(f"linear_rows: {len(segments)} segments (1 to 3)")
+    block_m = _block_m(rows)
     widths = [w_a.shape[0] for w_a, _, _ in segments]
     out = torch.empty((rows, sum(widths)), dtype=a.dtype, device=a.device)
     b_arg = b if b is not None else a  # (unused stand-ins keep every pointer argument a tensor)
@@ -373,9 +391,9 @@ def linear_rows(a: torch.Tensor, b: torch.Tensor | None, segments, silu_a: bool 
     tiles = tiles_for(("linear", *widths, a.shape[1], 0 if b is None else b.shape[1]))
     _linear_rows_kernel[(sum(triton.cdiv(n, tiles.block_n) for n in widths),)](
         out, out.stride(0), rows, a, a.stride(0), a.shape[1], b_arg, b_arg.stride(0), b_arg.shape[1], *args,
-        NUM_SEGMENTS=len(segments), SILU_A=silu_a, **flags, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n,
+        NUM_SEGMENTS=len(segments), SILU_A=silu_a, **flags, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
         BLOCK_KA=_block_k(a.shape[1], tiles), BLOCK_KB=_block_k(b_arg.shape[1], tiles), PRECISION=_PRECISION,
-        **_launch_options(a.dtype, tiles),
+        **_launch_options(a.dtype, tiles, block_m),
     )
     return out
 
@@ -411,8 +429,8 @@ def swiglu_rows(x, expert_ids=None, gate_up=None, shared_gate=None, shared_up=No
     _swiglu_rows_kernel[(slots * triton.cdiv(i, tiles.block_n) + triton.cdiv(i_s, tiles.block_n),)](
         h, h.stride(0), x, x.stride(0), expert_ids if has_experts else x, slots, rows, k, e,
         bank, bank.stride(0), bank.stride(-2), i, sg, su, sg.stride(0), i_s, *scales, float(shared_scale),
-        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n,
-        BLOCK_K=_block_k(k, tiles), PRECISION=_PRECISION, **_launch_options(x.dtype, tiles),
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=_block_m(rows), BLOCK_N=tiles.block_n,
+        BLOCK_K=_block_k(k, tiles), PRECISION=_PRECISION, **_launch_options(x.dtype, tiles, _block_m(rows)),
     )
     return h
 
@@ -433,9 +451,9 @@ def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None
     _down_rows_kernel[(triton.cdiv(out_features, tiles.block_n),)](
         y, y.stride(0), h, h.stride(0), expert_ids if has_experts else h, slots, rows, i, out_features, e,
         bank, bank.stride(0), bank.stride(-2), sd, sd.stride(0), i_s,
-        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n,
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=_block_m(rows), BLOCK_N=tiles.block_n,
         BLOCK_K=_block_k(max(i, 1), tiles), BLOCK_KS=_block_k(max(i_s, 1), tiles), PRECISION=_PRECISION,
-        **_launch_options(h.dtype, tiles),
+        **_launch_options(h.dtype, tiles, _block_m(rows)),
     )
     return y
 
@@ -476,8 +494,8 @@ def attend_one_position(q, k, v, mask, scale: float):
 
 __all__ = [
     "ATTEND_BLOCK",
-    "BLOCK_M",
     "DEFAULT_TILES",
+    "MAX_ROWS",
     "MAX_SLOTS",
     "TILES",
     "Tiles",

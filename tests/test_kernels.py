@@ -64,7 +64,7 @@ def silu_glu(gate, up):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
 def test_linear_rows_matches_float64(kernels, dtype, rows):
     """Three segments with every combination of a second input and a bias, widths that are not
     multiples of the tile, K past one tile, a broadcast second input (row stride 0) and weights
@@ -101,13 +101,15 @@ def test_linear_rows_matches_float64(kernels, dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shared", [False, True])
-def test_expert_swiglu_and_down_rows_match_float64(kernels, dtype, shared):
-    """Rows through their own experts (one expert chosen twice, one never) and the shared expert;
-    the gate/up kernel's output is the SwiGLU, the down kernel sums routed and shared."""
+@pytest.mark.parametrize("rows", [6, 40])
+def test_expert_swiglu_and_down_rows_match_float64(kernels, dtype, shared, rows):
+    """Rows through their own experts (one expert chosen twice or more, one never) and the shared
+    expert; the gate/up kernel's output is the SwiGLU, the down kernel sums routed and shared; a
+    tile of 16 rows and one of 64."""
     gen = torch.Generator().manual_seed(7 + shared)
-    rows, hidden, width, shared_width, experts = 6, 96, 40, 24, 4
+    hidden, width, shared_width, experts = 96, 40, 24, 4
     x = randn(rows, hidden, dtype=dtype, gen=gen)
-    ids = torch.tensor([2, 0, 2, 3, 0, 2])  # expert 1 unused
+    ids = torch.tensor([2, 0, 2, 3, 0, 2] * (rows // 6) + [3] * (rows % 6))  # expert 1 unused
     gate_up = randn(experts, hidden, 2 * width, dtype=dtype, gen=gen)
     down = randn(experts, width, hidden, dtype=dtype, gen=gen)
     sg, su, sd = (
@@ -160,6 +162,12 @@ def test_attend_one_position_matches_float64(kernels, dtype, mask_kind, groups, 
     want = torch.einsum("bhgl,bhld->bhgd", scores.softmax(-1), v.double())
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, want, dtype)
+
+
+def test_past_max_rows_is_refused(kernels):
+    x = torch.zeros(kernels.MAX_ROWS + 1, 32)
+    with pytest.raises(ValueError, match=f"at most {kernels.MAX_ROWS}"):
+        kernels.linear_rows(x, None, [(torch.zeros(16, 32), None, None)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -460,13 +468,17 @@ def compiled_kernels():
 
 
 @pytest.mark.parametrize("target", [(90, 32), (80, 32)], ids=["sm90", "sm80"])
-def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, target):
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, target, block_m):
     """Every kernel configuration the model launches compiles for Hopper and Ampere in bf16, the
     weight loads of its K loops software-pipelined (asynchronous copies several stages deep: a
-    decode kernel is only as fast as the bytes it keeps in flight) within the SM's shared memory."""
+    decode kernel is only as fast as the bytes it keeps in flight) within the SM's shared memory,
+    for a tile of 16 rows and one of 64 (with the stages the launches take for it)."""
     k, bf16 = compiled_kernels, "*bf16"
     smem_limit = {90: 227 * 1024, 80: 163 * 1024}[target[0]]
-    common = dict(BLOCK_M=16, BLOCK_N=16, PRECISION="ieee")
+    common = dict(BLOCK_M=block_m, BLOCK_N=16, PRECISION="ieee")
+    stages = k._launch_options(torch.bfloat16, k.DEFAULT_TILES, block_m)["num_stages"]
+    assert stages == (4 if block_m == 16 else 2)
     linear_ptrs = ["out_ptr", "a_ptr", "b_ptr"] + [f"{w}{i}" for i in range(3) for w in ("wa", "wb", "bias")]
     linear_aligned = (
         linear_ptrs
@@ -485,7 +497,7 @@ def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, 
             dict.fromkeys(linear_ptrs, bf16),
             {**case, **common, "BLOCK_KA": 256, "BLOCK_KB": 256},
             linear_aligned,
-            4,
+            stages,
         )
         assert copies >= 2 and smem <= smem_limit, (case, copies, smem)
     up_ptrs = {"h_ptr": bf16, "x_ptr": bf16, "ids_ptr": "*i64", "w_ptr": bf16, "sg_ptr": bf16, "su_ptr": bf16}
@@ -498,7 +510,7 @@ def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, 
             {**up_ptrs, **scales},
             dict(HAS_EXPERTS=experts, HAS_SHARED=shared, BLOCK_K=256, **common),
             up_aligned,
-            4,
+            stages,
         )
         assert copies >= 2 and smem <= smem_limit, (experts, shared, copies, smem)
     down_ptrs = {"y_ptr": bf16, "h_ptr": bf16, "ids_ptr": "*i64", "w_ptr": bf16, "sd_ptr": bf16}
@@ -518,7 +530,7 @@ def test_kernels_compile_for_gpus_with_pipelined_weight_loads(compiled_kernels, 
         down_ptrs,
         dict(HAS_EXPERTS=True, HAS_SHARED=True, BLOCK_K=256, BLOCK_KS=256, **common),
         down_aligned,
-        4,
+        stages,
     )
     assert copies >= 2 and smem <= smem_limit, (copies, smem)
 
