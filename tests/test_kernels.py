@@ -300,11 +300,15 @@ def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
     assert cpu_kernels["attend_one_position"] == 3 * layers  # the one-token steps (GQA: 4 heads, 2 K/V)
 
 
-@torch.no_grad()
-def test_decode_attention_kernels_are_off_unless_asked(cpu_kernels, monkeypatch):
-    """COMPLEXITY_DECODE_ATTENTION is off by default (not yet timed on a GPU): a decode step then
-    attends through SDPA, its projections still through the decode kernels."""
+def test_decode_attention_kernels_are_off_by_default():
+    """Not yet timed on a GPU: on only with COMPLEXITY_DECODE_ATTENTION=1."""
     assert ck.DECODE_ATTENTION == (os.environ.get("COMPLEXITY_DECODE_ATTENTION") == "1")
+
+
+@torch.no_grad()
+def test_decode_attention_kernels_off_leave_attention_to_sdpa(cpu_kernels, monkeypatch):
+    """With the decode attention kernels off a decode step attends through SDPA, its projections
+    still through the decode kernels."""
     monkeypatch.setattr(ck, "DECODE_ATTENTION", False)
     model = tiny_model(**VARIANTS["routed"])
     ids = torch.randint(4, 256, (2, 7), generator=torch.Generator().manual_seed(2))
