@@ -81,10 +81,9 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float, dt
 
 
 def decode_attention_applies(query: torch.Tensor, groups: int) -> bool:
-    """Whether SDPA over `query` [B, heads, S, d] takes `decode_attention`: one position, GQA.
-    On whether or not the Triton decode kernels (`DECODE_KERNELS`) are (without them it is plain
-    SDPA): otherwise a compiled decode step copies the attended cache to every query head, twice
-    per layer."""
+    """Whether SDPA over `query` [B, heads, S, d] takes `decode_attention`: one position, GQA,
+    with the Triton decode kernels on or off (off, it is SDPA on grouped views): otherwise a
+    compiled decode step copies the attended cache to every query head, twice per layer."""
     return query.shape[2] == 1 and groups > 1
 
 
@@ -102,7 +101,8 @@ def decode_attention(module, query, key, value, attention_mask, scaling, dropout
     b, heads, _, d = query.shape
     grouped = query.reshape(b, key.shape[1], heads // key.shape[1], d)
     if _attend_in_kernel(query, key, value, attention_mask, dropout):
-        mask = None if attention_mask is None else attention_mask[:, 0, 0, :]
+        # [B, L] (a mask of one row broadcasts over the batch)
+        mask = None if attention_mask is None else attention_mask[:, 0, 0, :].expand(b, -1)
         out = attend_one_position(grouped, key, value, mask, d**-0.5 if scaling is None else scaling)
     else:
         out = F.scaled_dot_product_attention(
@@ -137,6 +137,7 @@ def _attend_in_kernel(query, key, value, attention_mask, dropout) -> bool:
             attention_mask is None
             or (
                 attention_mask.dim() == 4
+                and attention_mask.shape[0] in (1, query.shape[0])
                 and attention_mask.shape[1] == attention_mask.shape[2] == 1
                 and attention_mask.shape[3] == length
                 and attention_mask.stride(-1) == 1

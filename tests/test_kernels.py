@@ -300,6 +300,24 @@ def test_model_decode_with_kernels_equals_the_generic_paths(cpu_kernels, name):
     assert cpu_kernels["attend_one_position"] == 3 * layers  # the one-token steps (GQA: 4 heads, 2 K/V)
 
 
+@pytest.mark.parametrize("mask_rows", [1, 3], ids=["broadcast-mask", "mask-per-row"])
+def test_decode_attention_through_the_kernels_equals_sdpa(cpu_kernels, mask_rows):
+    """`decode_attention` (the model's attention function at one query) through the kernels gives
+    SDPA's output, for a mask per row and for one mask broadcast over the batch."""
+    gen = torch.Generator().manual_seed(mask_rows)
+    b, heads, kv_heads, d, length = 3, 4, 2, 16, 70
+    q = randn(b, heads, 1, d, gen=gen)
+    k, v = randn(b, kv_heads, length, d, gen=gen), randn(b, kv_heads, length, d, gen=gen)
+    visible = torch.arange(length)[None, :] <= torch.tensor([30, 69, 5])[:mask_rows, None]
+    mask = torch.where(visible, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    with torch.no_grad():
+        out, _ = ck.decode_attention(None, q, k, v, mask, d**-0.5)
+    assert cpu_kernels["attend_one_position"] == 1
+    grouped = q.reshape(b, kv_heads, heads // kv_heads, d)
+    want = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=d**-0.5)
+    torch.testing.assert_close(out, want.reshape(b, heads, 1, d).transpose(1, 2), atol=2e-6, rtol=0)
+
+
 def test_decode_attention_kernels_are_off_by_default():
     """Not yet timed on a GPU: on only with COMPLEXITY_DECODE_ATTENTION=1."""
     assert ck.DECODE_ATTENTION == (os.environ.get("COMPLEXITY_DECODE_ATTENTION") == "1")
