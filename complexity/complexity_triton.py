@@ -463,11 +463,12 @@ ATTEND_BLOCK = 64  # keys per program: one block each, so even one row of a shor
 
 
 def attend_one_position(q, k, v, mask, scale: float):
-    """Attention of ONE query position per row, the query heads grouped by K/V head, in float32:
-    q [B, KV, G, D], k and v [B, KV, L, D] (any strides but the last), mask None, additive or
-    boolean (True: visible), [B, L] with any strides -> [B, KV, G, D] in q's dtype. Hidden keys
-    (False, or an additive value under -1e30: finfo.min, -inf) are never read, so attending over
-    a context bucket costs the bytes of each row's own context.
+    """Attention of ONE query position per row, the query heads grouped by K/V head: q [B, KV, G, D],
+    k and v [B, KV, L, D] (any strides but the last), mask None, additive or boolean (True:
+    visible), [B, L] with any strides -> [B, KV, G, D] in q's dtype. Scores, softmax and sums in
+    float32, the probabilities rounded to V's dtype for their product with it (as flash attention
+    does). Hidden keys (False, or an additive value under -1e30: finfo.min, -inf) are never read,
+    so attending over a context bucket costs the bytes of each row's own context.
 
     Each program of a first kernel takes one block of ATTEND_BLOCK keys of one (row, K/V head) and
     writes its softmax numerator, maximum and sum; a second kernel combines the blocks in a fixed
