@@ -45,6 +45,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_inference import build_model  # noqa: E402
+
 import complexity  # noqa: E402
 from complexity import complexity_kernels as ck  # noqa: E402
 
@@ -137,6 +139,12 @@ def rotated(entry: dict, copies: int) -> list[tuple]:
 # ----------------------------------------------------------------------------- timing
 
 
+def rotation(nbytes: int, device) -> int:
+    """Copies of a launch's operands to call in turn, so that each call reads them from memory:
+    their bytes past L2_BYTES (one copy on the CPU, where only the plumbing is checked)."""
+    return max(1, min(MAX_COPIES, math.ceil(L2_BYTES / max(nbytes, 1)))) if device.type == "cuda" else 1
+
+
 def time_calls(fns: list, device) -> float:
     """Seconds per call of the functions in `fns` (one launch each), called in turn: inside a CUDA
     graph replayed on the GPU, back to back on the CPU."""
@@ -189,7 +197,7 @@ def candidates(stage: int, best: list, quick: bool) -> list:
 def sweep(entry: dict, device, quick: bool) -> dict:
     """The launch timed with the default tiles, every candidate and cuBLAS."""
     tt = triton_module()
-    copies = max(1, min(MAX_COPIES, math.ceil(L2_BYTES / max(entry["bytes"], 1)))) if device.type == "cuda" else 1
+    copies = rotation(entry["bytes"], device)
     args = rotated(entry, copies)
     t_default, want = time_tiles(entry, args, tt.DEFAULT_TILES, device)
     scale = want.float().abs().max().clamp(min=1.0).item()
@@ -236,7 +244,7 @@ def attention_case(cfg, rows: int, length: int, dtype, device) -> dict:
     """One (rows, keys) point of a preset's decode attention: kernels against SDPA."""
     kv, groups, d = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     kv_bytes = 2 * rows * kv * length * d * torch.tensor([], dtype=dtype).element_size()
-    copies = max(1, min(MAX_COPIES, math.ceil(L2_BYTES / kv_bytes))) if device.type == "cuda" else 1
+    copies = rotation(kv_bytes, device)
     gen = torch.Generator().manual_seed(rows + length)
     q = torch.randn(rows, kv, groups, d, generator=gen).to(device, dtype)
     pos = torch.randint(0, length, (rows,), generator=gen).to(device)
@@ -266,12 +274,6 @@ def attention_case(cfg, rows: int, length: int, dtype, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def build_model(preset: str, vocab: int, dtype, device):
-    cfg = complexity.ComplexityConfig.from_preset(preset, vocab_size=vocab)
-    torch.manual_seed(0)
-    return complexity.ComplexityForCausalLM(cfg).to(dtype=dtype, device=device).eval()
 
 
 def report_attention(results: dict) -> list[str]:
@@ -343,7 +345,7 @@ def main(argv=None) -> int:
     for preset in args.presets.split(","):
         res = results["presets"][preset] = {}
         if "tiles" in parts:
-            model = build_model(preset, args.vocab, dtype, device)
+            model = build_model(preset, args.vocab, dtype, device, max_pos=0)  # (one token: any context)
             swept = []
             for entry in record_launches(model, device):
                 with torch.inference_mode():

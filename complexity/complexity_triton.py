@@ -284,7 +284,6 @@ def _down_rows_kernel(y_ptr, y_stride, h_ptr, h_stride, ids_ptr, slots, rows, I_
              mask=(m[:, None] < rows) & (n[None, :] < N))
 
 
-
 @triton.jit
 def _maximum(a, b):
     return tl.maximum(a, b)
@@ -426,11 +425,12 @@ def swiglu_rows(x, expert_ids=None, gate_up=None, shared_gate=None, shared_up=No
     sg, su = (shared_gate, shared_up) if has_shared else (x, x)
     scales = [float(s) for s in slot_scales] + [1.0] * (MAX_SLOTS - len(slot_scales))
     tiles = tiles_for(("swiglu", slots, i, i_s, k))
+    block_m = _block_m(rows)
     _swiglu_rows_kernel[(slots * triton.cdiv(i, tiles.block_n) + triton.cdiv(i_s, tiles.block_n),)](
         h, h.stride(0), x, x.stride(0), expert_ids if has_experts else x, slots, rows, k, e,
         bank, bank.stride(0), bank.stride(-2), i, sg, su, sg.stride(0), i_s, *scales, float(shared_scale),
-        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=_block_m(rows), BLOCK_N=tiles.block_n,
-        BLOCK_K=_block_k(k, tiles), PRECISION=_PRECISION, **_launch_options(x.dtype, tiles, _block_m(rows)),
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=_block_k(k, tiles), PRECISION=_PRECISION, **_launch_options(x.dtype, tiles, block_m),
     )
     return h
 
@@ -448,15 +448,15 @@ def down_rows(h, out_features: int, expert_ids=None, down=None, shared_down=None
     y = torch.empty((rows, out_features), dtype=h.dtype, device=h.device)
     sd = shared_down if has_shared else h
     tiles = tiles_for(("down", slots, i, i_s, out_features))
+    block_m = _block_m(rows)
     _down_rows_kernel[(triton.cdiv(out_features, tiles.block_n),)](
         y, y.stride(0), h, h.stride(0), expert_ids if has_experts else h, slots, rows, i, out_features, e,
         bank, bank.stride(0), bank.stride(-2), sd, sd.stride(0), i_s,
-        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=_block_m(rows), BLOCK_N=tiles.block_n,
+        HAS_EXPERTS=has_experts, HAS_SHARED=has_shared, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=_block_k(max(i, 1), tiles), BLOCK_KS=_block_k(max(i_s, 1), tiles), PRECISION=_PRECISION,
-        **_launch_options(h.dtype, tiles, _block_m(rows)),
+        **_launch_options(h.dtype, tiles, block_m),
     )
     return y
-
 
 
 ATTEND_BLOCK = 64  # keys per program: one block each, so even one row of a short cache fills the SMs
