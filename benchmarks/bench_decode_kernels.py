@@ -313,6 +313,17 @@ def report(results: dict) -> list[str]:
     return lines
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers (argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas")
+    return values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="base,tmlr-187m,pacific-prime")
@@ -321,8 +332,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--parts", default="tiles,attention", help="tiles, attention, or both")
     p.add_argument("--quick", action="store_true", help="two column/K tiles and one warps/stages pair")
-    p.add_argument("--rows", default="1,8,16", help="attention: rows (at most 16, the decode kernels' limit)")
-    p.add_argument("--lengths", default="512,2048", help="attention: keys attended (context buckets)")
+    p.add_argument(
+        "--rows",
+        type=positive_ints,
+        default="1,8,16",
+        help="attention: rows (16 at most reach the kernels in the model)",
+    )
+    p.add_argument(
+        "--lengths", type=positive_ints, default="512,2048", help="attention: keys attended (context buckets)"
+    )
     p.add_argument("--out", required=True, help="JSON file")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -360,9 +378,7 @@ def main(argv=None) -> int:
             cfg = complexity.ComplexityConfig.from_preset(preset, vocab_size=args.vocab)
             with torch.inference_mode():
                 res["attention"] = [
-                    attention_case(cfg, int(rows), int(length), dtype, device)
-                    for rows in args.rows.split(",")
-                    for length in args.lengths.split(",")
+                    attention_case(cfg, rows, length, dtype, device) for rows in args.rows for length in args.lengths
                 ]
             print(f"[{preset}] attention: done", flush=True)
         if device.type == "cuda":

@@ -490,6 +490,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", required=True, help="folder for the JSON results and server logs")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat: {args.repeat}; at least 1 run of each phase")
     os.makedirs(args.out, exist_ok=True)
     import torch
 

@@ -115,7 +115,10 @@ def decode_attention(module, query, key, value, attention_mask, scaling, dropout
 # exact on the CPU (triton's interpreter), not yet timed on a GPU against the SDPA they replace,
 # which spent 14 us a layer at one query on an H100 (BENCHMARKS.md, sixth GPU run;
 # `bench_decode_kernels.py --parts attention` measures both).
-DECODE_ATTENTION = os.environ.get("COMPLEXITY_DECODE_ATTENTION", "0") == "1"
+_DECODE_ATTENTION_ENV = os.environ.get("COMPLEXITY_DECODE_ATTENTION", "0")
+if _DECODE_ATTENTION_ENV not in ("0", "1"):
+    raise ValueError(f"COMPLEXITY_DECODE_ATTENTION={_DECODE_ATTENTION_ENV!r}: expected 0 (off) or 1 (on)")
+DECODE_ATTENTION = _DECODE_ATTENTION_ENV == "1"
 
 
 def _attend_in_kernel(query, key, value, attention_mask, dropout) -> bool:

@@ -59,6 +59,14 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 4
 
+    def __post_init__(self):
+        for name, low in (("block_n", 16), ("max_block_k", 16), ("num_warps", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low or value & (value - 1):
+                raise ValueError(f"Tiles.{name}: {value!r}; expected a power of two, at least {low}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"Tiles.num_stages: {self.num_stages!r}; expected a positive integer")
+
 
 DEFAULT_TILES = Tiles()
 # Tiles for the launches measured to prefer others (benchmarks/bench_decode_kernels.py sweeps them

@@ -43,3 +43,11 @@ def test_the_cpu_without_the_interpreter_is_refused(tmp_path):
     proc = subprocess.run(cmd + ["--out", str(tmp_path / "t.json")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "t.json").exists()
+
+
+def test_bad_row_and_length_lists_are_refused(tmp_path):
+    for flag, value in (("--rows", "1,x"), ("--lengths", "0,512")):
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode_kernels.py"), flag, value]
+        proc = subprocess.run(cmd + ["--out", str(tmp_path / "t.json")], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and f"argument {flag}: {value!r}: expected positive integers" in proc.stderr
+    assert not (tmp_path / "t.json").exists()

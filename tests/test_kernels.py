@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -690,3 +691,20 @@ def test_the_engines_decode_step_traces_with_a_dynamic_context(traceable_kernels
     launches = _launches(torch._dynamo.export(Step(), dynamic_shapes=dynamic)(*args).graph_module)
     layers = c.num_hidden_layers
     assert launches == per_layer * layers if per_layer else launches >= 6 * layers
+
+
+def test_a_bad_decode_attention_switch_is_refused():
+    """COMPLEXITY_DECODE_ATTENTION takes 0 or 1; anything else fails the import with its name."""
+    env = {**os.environ, "COMPLEXITY_DECODE_ATTENTION": "yes"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import complexity.complexity_kernels"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0 and "COMPLEXITY_DECODE_ATTENTION='yes': expected 0 (off) or 1 (on)" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(block_n=24), dict(max_block_k=8), dict(num_warps=3), dict(num_stages=0), dict(block_n="16")]
+)
+def test_bad_tiles_are_refused(kernels, bad):
+    with pytest.raises(ValueError, match=f"Tiles.{next(iter(bad))}"):
+        kernels.Tiles(**bad)

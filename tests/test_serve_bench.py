@@ -90,3 +90,9 @@ def test_the_best_run_keeps_every_runs_errors():
     assert best["runs_tokens_per_s"] == [90.0, 100.0] and best["runs_ttft_p50_s"] == [0.3, 0.2]
     assert best["errors"] == 2 and best["five_xx"] == 1 and best["error_samples"] == ["HTTP 500"]
     assert runs[1]["errors"] == 0  # the runs themselves are left as they were
+
+
+def test_no_runs_is_refused(tmp_path):
+    proc = run_benchmark("bench_serve.py", "--device", "cpu", "--repeat", "0", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "--repeat: 0; at least 1 run" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "b").exists()
