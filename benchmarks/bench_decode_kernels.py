@@ -11,7 +11,7 @@ SDPA they replace, in one run.
 Part `tiles`. For each preset (random weights, vocab --vocab, --dtype): one token goes through the model with
 the decode kernels on, and every launch of `linear_rows`, `swiglu_rows` and `down_rows` is
 recorded with its key in `complexity_triton.TILES` (the layers repeat the same few shapes). Each
-distinct launch is then timed with the default tiles and with every candidate (stage 1: column
+distinct launch (once over all presets: two presets of the same widths share launches) is then timed with the default tiles and with every candidate (stage 1: column
 block x K tile; stage 2: warps x pipeline stages around the two best of stage 1), each
 candidate's output checked against the default's. Timing: `rotate` copies of the launch's
 weights, enough to exceed the L2 cache, called in turn inside a CUDA graph, so every call reads
@@ -24,9 +24,9 @@ complexity/complexity_triton.py where they pay.
 
 Part `attention`. For each preset's heads, at --rows rows and --lengths keys (context buckets),
 rows at different positions under the engine's additive mask: `attend_one_position` (the decode
-attention kernels, off unless COMPLEXITY_DECODE_ATTENTION=1) against `F.scaled_dot_product_attention`
+attention kernels, on unless COMPLEXITY_DECODE_ATTENTION=0) against `F.scaled_dot_product_attention`
 on the same grouped views, as `decode_attention` calls it, timed the same way (K/V rotated past the
-L2 cache), with the largest difference between the two. Whether the kernels should be the default.
+L2 cache), with the largest difference between the two: whether the kernels should stay the default.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def report(results: dict) -> list[str]:
     if not any("launches" in res for res in results["presets"].values()):
         return []
     lines = ["preset | launch | per step | MB | default GB/s | best GB/s | best tiles | cuBLAS GB/s"]
-    paste, default = [], vars(triton_module().DEFAULT_TILES)
+    paste, default = {}, vars(triton_module().DEFAULT_TILES)  # one entry per key
     for preset, res in results["presets"].items():
         if "launches" not in res:
             continue
@@ -304,12 +304,12 @@ def report(results: dict) -> list[str]:
             )
             if t != default and r["best"]["us"] < 0.97 * r["default"]["us"]:
                 args = ", ".join(f"{k}={v}" for k, v in t.items())
-                paste.append(f"    {tuple(r['key'])}: Tiles({args}),")
+                paste[tuple(r["key"])] = f"    {tuple(r['key'])}: Tiles({args}),"
         lines.append(
             f"{preset} | step: {res['step_us_default']:.0f} us of these launches with the defaults, "
             f"{res['step_us_best']:.0f} with the best tiles, {res['step_us_cublas']:.0f} as cuBLAS GEMVs"
         )
-    lines += ["", "TILES entries (launches >= 3% faster than with the defaults):", "{", *paste, "}"]
+    lines += ["", "TILES entries (launches >= 3% faster than with the defaults):", "{", *paste.values(), "}"]
     return lines
 
 
@@ -360,15 +360,18 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     if not parts or not parts <= {"tiles", "attention"}:
         p.error(f"--parts: {args.parts!r}; expected tiles, attention or both")
+    sweeps: dict[tuple, dict] = {}  # by TILES key: a launch shape two presets share is swept once
     for preset in args.presets.split(","):
         res = results["presets"][preset] = {}
         if "tiles" in parts:
             model = build_model(preset, args.vocab, dtype, device, max_pos=0)  # (one token: any context)
             swept = []
             for entry in record_launches(model, device):
-                with torch.inference_mode():
-                    swept.append(sweep(entry, device, args.quick))
-                print(f"[{preset}] {entry['kernel']} {entry['key'][1:]}: done", flush=True)
+                if entry["key"] not in sweeps:
+                    with torch.inference_mode():
+                        sweeps[entry["key"]] = sweep(entry, device, args.quick)
+                    print(f"[{preset}] {entry['kernel']} {entry['key'][1:]}: done", flush=True)
+                swept.append({**sweeps[entry["key"]], "per_step": entry["count"]})
             res["launches"] = swept
             res["step_us_default"] = sum(r["default"]["us"] * r["per_step"] for r in swept)
             res["step_us_best"] = sum(r["best"]["us"] * r["per_step"] for r in swept)

@@ -37,6 +37,23 @@ def test_the_sweep_finds_and_times_every_launch(tmp_path):
         assert a["kernels_us"] > 0 and a["sdpa_us"] > 0 and a["max_abs_diff"] < 1e-5, a
 
 
+def test_a_launch_two_presets_share_is_one_tiles_entry():
+    """base and tmlr-187m share launch shapes: the printed TILES dict names each key once (a dict
+    literal with a key twice keeps the last silently)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_decode_kernels
+
+    best = {"block_n": 32, "max_block_k": 256, "num_warps": 4, "num_stages": 3}
+    launch = {"kernel": "linear_rows", "key": ["linear", 768, 768, 0], "per_step": 12, "bytes": 1_179_648}
+    launch |= {"default": {"us": 10.0, "GBps": 118.0}, "best": {"tiles": best, "us": 8.0, "GBps": 147.0}}
+    launch |= {"cublas": {"us": 9.0, "GBps": 131.0}}
+    preset = {"launches": [launch], "step_us_default": 120.0, "step_us_best": 96.0, "step_us_cublas": 108.0}
+    lines = bench_decode_kernels.report({"presets": {"tmlr-187m": preset, "base": preset}})
+    entries = [line for line in lines if line.startswith("    ('linear', 768, 768, 0)")]
+    assert entries == ["    ('linear', 768, 768, 0): Tiles(block_n=32, max_block_k=256, num_warps=4, num_stages=3),"]
+    assert sum("linear_rows (768, 768, 0)" in line for line in lines) == 2  # one row per preset
+
+
 def test_the_cpu_without_the_interpreter_is_refused(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode_kernels.py"), "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
