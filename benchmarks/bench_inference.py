@@ -20,8 +20,8 @@ decode (per preset, random weights, bf16 on CUDA):
   - steps: one decode step of our model (compiled, as a CUDA graph replayed back to back: the
     GPU's time) and of the reference, at each of `--batches`, as tokens/s; ours once more with the
     decode kernels off (`complexity_kernels.DECODE_KERNELS`), which measures what they bring, and
-    once with the decode attention kernels on (`DECODE_ATTENTION`, where they can run and are not
-    the default), and once with the decode kernels taking up to 64 rows (`DECODE_MAX_ROWS`, where
+    once with the decode attention the other way from the default (`DECODE_ATTENTION`: through
+    SDPA where the attention kernels are on, as by default; where they can run), and once with the decode kernels taking up to 64 rows (`DECODE_MAX_ROWS`, where
     a batch of 17 to 64 rows is measured);
   - generate(): `model.generate()` with a static cache, eager, batch 1;
   - the bound: weight bytes a batch-1 token reads / the device copy bandwidth measured here.
@@ -107,6 +107,8 @@ def seq_capacity(prompt_len: int, new_tokens: int) -> int:
     return -(-(prompt_len + new_tokens + 1) // 64) * 64
 
 
+# the column of StepsOtherAttentionWorker's steps
+OTHER_ATTENTION = "with SDPA attention" if complexity_kernels.DECODE_ATTENTION else "with attention kernels"
 STEP_ROUNDS = 3  # timed runs of a step comparison (the best is kept)
 
 
@@ -351,11 +353,12 @@ class StepsWithoutKernelsWorker(StepsWorker):
     decode_attention = False
 
 
-class StepsWithAttentionKernelsWorker(StepsWorker):
-    """The same steps with the decode attention kernels on (COMPLEXITY_DECODE_ATTENTION=1): what
-    they change in a whole step, beside `bench_decode_kernels.py`'s attention alone."""
+class StepsOtherAttentionWorker(StepsWorker):
+    """The same steps with the decode attention the other way from the default: through SDPA where
+    the decode attention kernels are on (COMPLEXITY_DECODE_ATTENTION), through them where they are
+    off. What they change in a whole step, beside `bench_decode_kernels.py`'s attention alone."""
 
-    decode_attention = True
+    decode_attention = not complexity_kernels.DECODE_ATTENTION
 
 
 class StepsWithKernelsTo64RowsWorker(StepsWorker):
@@ -456,7 +459,7 @@ WORKERS = {
     "engine": EngineWorker,
     "steps": StepsWorker,
     "steps_off": StepsWithoutKernelsWorker,
-    "steps_attention": StepsWithAttentionKernelsWorker,
+    "steps_other_attention": StepsOtherAttentionWorker,
     "steps_rows64": StepsWithKernelsTo64RowsWorker,
     "reference": ReferenceWorker,
 }
@@ -540,9 +543,9 @@ def part_decode_prefill(args, device, dtype, parts, results) -> None:
     kinds = ["engine", "reference"]
     if "decode" in parts:
         kinds += ["steps"] + ([] if args.no_kernels_off else ["steps_off"])
-        # with the decode attention kernels on, where they can run and are not already the default
-        attention = device.type in complexity_kernels._DECODE_DEVICES and not complexity_kernels.DECODE_ATTENTION
-        kinds += ["steps_attention"] if attention and not args.no_attention_kernels else []
+        # with the decode attention the other way (SDPA or the kernels), where the kernels can run
+        attention = device.type in complexity_kernels._DECODE_DEVICES and not args.no_other_attention
+        kinds += ["steps_other_attention"] if attention else []
         # with the decode kernels up to 64 rows, where a batch past 16 rows is measured
         wider = device.type in complexity_kernels._DECODE_DEVICES and any(16 < b <= 64 for b in args.batches)
         kinds += ["steps_rows64"] if wider and complexity_kernels.DECODE_MAX_ROWS < 64 else []
@@ -773,7 +776,7 @@ def tables(results: dict) -> str:
         "",
         "batch-1 decode (tokens/s) | MB/token | bound | engine | reference | engine/ref | engine/bound % | "
         "engine, N steps per read | its /ref | engine, async off | its /ref | our step (GPU) | ref step (GPU) | "
-        "without decode kernels | with attention kernels | generate()",
+        f"without decode kernels | {OTHER_ATTENTION} | generate()",
     ]
     for preset, e in data.items():
         engine, ref = get(e, "engine", "engine", "tokens_per_s"), get(e, "reference", "decode", "tokens_per_s")
@@ -797,7 +800,7 @@ def tables(results: dict) -> str:
                     fmt(get(e, "steps", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "reference", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "steps_off", "steps", "1", "tokens_per_s")),
-                    fmt(get(e, "steps_attention", "steps", "1", "tokens_per_s")),
+                    fmt(get(e, "steps_other_attention", "steps", "1", "tokens_per_s")),
                     fmt(get(e, "engine", "generate", "tokens_per_s")),
                 ]
             )
@@ -805,7 +808,7 @@ def tables(results: dict) -> str:
     lines += [
         "",
         "decode step (tokens/s per step, GPU) | batch | ours | reference | ours/ref | without decode kernels | "
-        "with attention kernels | kernels to 64 rows",
+        f"{OTHER_ATTENTION} | kernels to 64 rows",
     ]
     for preset, e in data.items():
         for b in get(e, "steps", "steps") or {}:
@@ -819,7 +822,7 @@ def tables(results: dict) -> str:
                         fmt(ref),
                         fmt(ratio(ours, ref), ".2f"),
                         fmt(get(e, "steps_off", "steps", b, "tokens_per_s")),
-                        fmt(get(e, "steps_attention", "steps", b, "tokens_per_s")),
+                        fmt(get(e, "steps_other_attention", "steps", b, "tokens_per_s")),
                         fmt(get(e, "steps_rows64", "steps", b, "tokens_per_s")),
                     ]
                 )
@@ -841,7 +844,7 @@ def tables(results: dict) -> str:
     profiles = [
         (preset, kind, get(e, kind, "steps", "1", "profile"))
         for preset, e in data.items()
-        for kind in ("steps", "steps_off", "steps_attention", "reference")
+        for kind in ("steps", "steps_off", "steps_other_attention", "reference")
     ]
     if any(p for _, _, p in profiles):
         lines += ["", "batch-1 step kernels | system | kernels per step | kernel ms per step"]
@@ -910,9 +913,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--no-kernels-off", action="store_true", help="decode: skip the run without the decode kernels")
     p.add_argument(
-        "--no-attention-kernels",
+        "--no-other-attention",
         action="store_true",
-        help="decode: skip the run with the decode attention kernels on (run unless they are the default)",
+        help="decode: skip the run with the decode attention the other way (SDPA, or the kernels where they are off)",
     )
     p.add_argument("--setup-timeout", type=float, default=420, help="seconds for every worker to compile and warm up")
     p.add_argument("--measure-timeout", type=float, default=300, help="seconds for one worker's timed part")
