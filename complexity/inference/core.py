@@ -189,14 +189,19 @@ def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the API process decides
     faulthandler.register(STACKS_SIGNAL, all_threads=True)  # see ProcessCore.close
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    # tqdm's bars (the weights' loading, torch.compile's tracer) share a lock that tqdm makes a
+    # named semaphore for bars in other processes; the os._exit below never releases it, and the
+    # resource tracker then reported a leaked semaphore at every shutdown. This process's bars are
+    # all its own: a thread lock serves them.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        # No "Loading weights" bar: it would be this process's only tqdm, whose cross-process lock (a
-        # named semaphore) outlives the os._exit below, and the resource tracker then reported a
-        # leaked semaphore at every shutdown. The server's startup line says when loading is done.
+        # No "Loading weights" bar in the server's log: its startup line says when loading is done.
         with hf_progress_bars_off():
             engine = Engine.from_pretrained(checkpoint, **engine_kwargs)
     except Exception as err:  # a bad checkpoint / flag: a clean message for the parent to print
