@@ -9,7 +9,8 @@ each shape, at the training size (16,384 tokens) and decode sizes (1 and 32 toke
 strategy is first checked against an fp32 per-expert reference, then timed forward + backward and
 forward only, eager and compiled (fullgraph), with `triton.testing.do_bench` medians (CUDA-event
 medians without triton; wall-clock medians on the CPU). "rows" (the decode kernels) is timed
-forward only, at the sizes they take (at most 16 tokens), whether or not they are switched on
+forward only, at the sizes they take (at most `DECODE_MAX_ROWS` tokens, 16; `--decode-max-rows`
+raises it up to the kernels' 64 to time them at 32 tokens), whether or not they are switched on
 (COMPLEXITY_DECODE_KERNELS, on by default); "auto" says what the model picks for each pass as configured. On
 the GPU the decode sizes' forward is also timed captured in a CUDA graph and replayed, as the
 engine runs a decode step: a plain call at these sizes mostly times the host's launches. Routes
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profiling import cuda_graph  # noqa: E402
 
+from complexity import complexity_kernels  # noqa: E402
 from complexity.complexity_kernels import decode_kernels_serve, decode_rows, grouped_mm_supported  # noqa: E402
 from complexity.hash_routing import (  # noqa: E402
     build_route_table,
@@ -73,6 +75,10 @@ GPU_SHAPES = (
     Shape(1024, 8, 4, 512, 1024),
 )
 CPU_SHAPES = (Shape(64, 4, 2, 16, 64), Shape(64, 8, 4, 16, 0), Shape(64, 8, 2, 8, 32))
+try:  # the most rows the decode kernels take (`--decode-max-rows` may go up to it)
+    from complexity.complexity_triton import MAX_ROWS as KERNEL_MAX_ROWS
+except ImportError:  # no triton: "rows" never runs
+    KERNEL_MAX_ROWS = complexity_kernels.DECODE_MAX_ROWS
 
 
 def make_inputs(shape: Shape, tokens: int, device, dtype, seed: int = 0) -> dict:
@@ -330,7 +336,17 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--no-compile", action="store_true", help="eager only (the CPU default)")
     parser.add_argument("--check-only", action="store_true", help="only check every strategy against the reference")
+    parser.add_argument(
+        "--decode-max-rows",
+        type=int,
+        default=complexity_kernels.DECODE_MAX_ROWS,
+        help=f'the most tokens "rows" takes (the model\'s DECODE_MAX_ROWS, {complexity_kernels.DECODE_MAX_ROWS}, by default; '
+        f"at most {KERNEL_MAX_ROWS}, what the kernels take)",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.decode_max_rows <= KERNEL_MAX_ROWS:
+        parser.error(f"--decode-max-rows: {args.decode_max_rows}; expected 1 to {KERNEL_MAX_ROWS}")
+    complexity_kernels.DECODE_MAX_ROWS = args.decode_max_rows
     cpu = args.device == "cpu"
     shapes = CPU_SHAPES if cpu else GPU_SHAPES
     tokens = args.tokens or ([256, 1] if cpu else [16384, 1, 32])
@@ -343,6 +359,7 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
         "dtype": "float32 (check) + bfloat16",
+        "decode_max_rows": args.decode_max_rows,
         "checks": {},
         "rows": [],
     }

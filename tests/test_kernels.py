@@ -388,6 +388,33 @@ def test_bench_moe_checks_and_times_the_decode_kernels(cpu_kernels):
     assert cpu_kernels["swiglu_rows"] == cpu_kernels["down_rows"] == 2  # the check and the timing
 
 
+def test_bench_moe_times_the_decode_kernels_past_16_rows(cpu_kernels, kernels, monkeypatch, tmp_path):
+    """--decode-max-rows raises the kernels' row limit for the run: "rows" checked and timed at 20
+    tokens (the model sends them 16 at most); past what the kernels take it is refused. (float32
+    only: the interpreter's bfloat16 products are wrong, see the top of this file.)"""
+    monkeypatch.setattr(ck, "DECODE_MAX_ROWS", ck.DECODE_MAX_ROWS)  # restored after main() sets it
+    spec = importlib.util.spec_from_file_location("bench_moe", Path(__file__).parents[1] / "benchmarks/bench_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    argv = ["--device", "cpu", "--tokens", "20", "--check-only", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--decode-max-rows", str(kernels.MAX_ROWS + 1)])
+    checked, check = [], bench.check
+
+    def float32_check(shape, tokens, device, dtype):
+        if dtype != torch.float32:
+            return {}
+        checked.append(check(shape, tokens, device, dtype))
+        return checked[-1]
+
+    monkeypatch.setattr(bench, "check", float32_check)
+    assert bench.main([*argv, "--decode-max-rows", "32"])["decode_max_rows"] == ck.DECODE_MAX_ROWS == 32
+    assert len(checked) == len(bench.CPU_SHAPES) and all("rows" in errs for errs in checked), checked
+    row = bench.bench_shape(bench.CPU_SHAPES[0], 20, "cpu", torch.float32, False, ["fwd"], lambda fn: fn() or 1.0)
+    assert row["auto"] == {"fwd": "rows"} and "rows/eager/fwd" in row["ms"]
+
+
 @torch.no_grad()
 def test_decode_attention_takes_the_configs_softmax_scale(cpu_kernels, monkeypatch):
     """A one-token step's attention (`decode_attention`, kernels on or off) scores with
