@@ -19,10 +19,10 @@ decode (per preset, random weights, bf16 on CUDA):
     same weight bytes per token, its compiled step in a loop that never waits for the host;
   - steps: one decode step of our model (compiled, as a CUDA graph replayed back to back: the
     GPU's time) and of the reference, at each of `--batches`, as tokens/s; ours once more with the
-    decode kernels off (`complexity_kernels.DECODE_KERNELS`), which measures what they bring, and
-    once with the decode attention the other way from the default (`DECODE_ATTENTION`: through
-    SDPA where the attention kernels are on, as by default; where they can run), and once with the decode kernels taking up to 64 rows (`DECODE_MAX_ROWS`, where
-    a batch of 17 to 64 rows is measured);
+    decode kernels off (`complexity_kernels.DECODE_KERNELS`), which measures what they bring, once
+    with the decode attention the other way from the default (`DECODE_ATTENTION`: through SDPA, as
+    the attention kernels are on by default; where they can run), and once with the decode kernels
+    taking up to 64 rows (`DECODE_MAX_ROWS`, where a batch of 17 to 64 rows is measured);
   - generate(): `model.generate()` with a static cache, eager, batch 1;
   - the bound: weight bytes a batch-1 token reads / the device copy bandwidth measured here.
 prefill: prompts of `--prefill-shapes` (batch x length) through the engine's prefill (eager) and
