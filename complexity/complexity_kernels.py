@@ -368,8 +368,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # and the shared expert in the same launches. For inference only (no autograd through them).
 
 # The most rows the model sends to the decode kernels (every program holds all of them). The
-# kernels take up to complexity_triton.MAX_ROWS (64); past 16 rows they have not been timed against
-# the generic paths yet (bench_inference.py's `steps_rows64` does), so 16 it stays until then.
+# kernels take up to complexity_triton.MAX_ROWS (64) and made a 32-row step 1.13-1.16x as fast on
+# an H100 (bench_inference.py's `steps_rows64`); the hash-routed MLP, which this limit switches to
+# them too, has not been timed there yet (`bench_moe.py --decode-max-rows`), so 16 it stays.
 DECODE_MAX_ROWS = 16
 # The most routes per row the expert kernels take (top-k hash routing; more take the generic
 # paths): the kernels' own limit where they are imported below, none without them.
