@@ -6,28 +6,37 @@
 #
 # 1. corpus: the built-in corpus (Python's own docs) + the prose of the installed packages
 #    (`builtin:site-packages:$CORPUS_MB`: docstrings, .md/.rst/.txt; see complexity/data/builtin_corpus.py;
-#    about 1 s per MB on 16 cores)
+#    about a minute on 16 cores)
 # 2. a 32k byte-level BPE tokenizer on it; 3. token shards (1% held out)
-# 4. `complexity ablate`: the four arms (dense / token-routed+mu / token-routed / learned router+mu),
-#    parameter-matched, bf16-mixed, compiled, one seed; ~20M tokens per arm at SCALE=1
-#    (305 steps x 65,536 tokens; ~100 s per arm at ~200k tokens/s on an H100)
-# 5. results.md, loss.png, experts.png (+ ablation.json, each run's metrics.jsonl) copied to $OUT
+# 4. `complexity ablate`: the six arms (dense / token-routed+mu / token-routed / learned router+mu /
+#    INL / hash-routed top-2), parameter-matched, bf16-mixed, compiled (the trainer's fastest
+#    setting for one GPU), three seeds; 25M tokens per run at SCALE=1 (382 steps x 65,536 tokens;
+#    ~2 minutes a run at ~300k tokens/s on an H100, so 18 runs take more than one 10-minute call:
+#    rerun the command, see "Resume")
+# 5. results.md, loss.png, experts.png, ablation.json, each run's metrics.jsonl copied to $OUT, and
+#    $OUT/ablation.tgz: the ablation folder without its weights (finished runs only)
 #
-# Every stage is skipped when its output exists and the ablation resumes where it stopped, so
-# rerunning the same command after an interruption continues it.
+# Resume. Every stage is skipped when its output exists and the ablation resumes where it stopped,
+# so rerunning the same command after an interruption continues it (a TERM or INT stops it cleanly:
+# the current run is checkpointed). On another machine, extract ablation.tgz into $WORK/ablation
+# and copy the tokenizer folder to $WORK/tokenizer first: the finished runs are skipped and the
+# report is written from their files (experts.png from each run's expert_map.npz, no weights).
+# `complexity ablate` refuses to mix runs trained on a different corpus (sha256 in the manifest).
 #
 # Environment knobs (defaults in brackets):
-#   SCALE [1]         multiplies the step count (tokens per arm = 20M x SCALE)
+#   SCALE [1]         multiplies the step count (tokens per run = 25M x SCALE)
 #   STEPS             explicit step count (overrides SCALE)
-#   SEEDS [1]         seeds per arm          ARMS ["dense routed_mu routed learned_mu"]
+#   SEEDS [3]         seeds per arm          ARMS ["dense routed_mu routed learned_mu inl hash_top2"]
 #   SEQ [2048]  MICRO [8]  TOKENS_PER_STEP [65536]   sequence length, micro-batch, global batch
-#   COMPILE [true]    torch.compile the decoder layers
-#   CORPUS_MB [100]   million bytes of site-packages prose to train on (~25M tokens)
+#   COMPILE [true]    torch.compile (the trainer picks scope and mode for the hardware)
+#   CORPUS_MB [140]   million bytes of site-packages prose to train on (one epoch >= 25M tokens
+#                     where the packages have that much prose; the script says how many epochs)
 #   TOKENIZER_MB [30] ... of which the tokenizer is trained on the first (same order)
 #   WORK [/tmp/complexity-ablation]   corpus, tokenizer, data and run folders
 #   OUT [$WORK/out]   where the results are copied
-#   ONLY_DATA         stop after the corpus/tokenizer/data stages (~3 min of CPU work on 16 cores)
-#   SPIKE             also run the spike experiment with a corrupted batch at this step (into $WORK/spike)
+#   ONLY_DATA         stop after the corpus/tokenizer/data stages
+#   SPIKE             also run the spike experiment with a corrupted batch at this step (into
+#                     $WORK/spike), SPIKE_SEEDS [1] seeds per arm
 #   PYTHON [python]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,17 +44,17 @@ export PYTHONPATH="${PYTHONPATH:-$PWD}"
 
 PY=${PYTHON:-python}
 SCALE=${SCALE:-1}
-SEEDS=${SEEDS:-1}
-ARMS=${ARMS:-"dense routed_mu routed learned_mu"}
+SEEDS=${SEEDS:-3}
+ARMS=${ARMS:-"dense routed_mu routed learned_mu inl hash_top2"}
 SEQ=${SEQ:-2048}
 MICRO=${MICRO:-8}
 TOKENS_PER_STEP=${TOKENS_PER_STEP:-65536}
 COMPILE=${COMPILE:-true}
-CORPUS_MB=${CORPUS_MB:-100}
+CORPUS_MB=${CORPUS_MB:-140}
 TOKENIZER_MB=${TOKENIZER_MB:-30}
 WORK=${WORK:-/tmp/complexity-ablation}
 OUT=${OUT:-$WORK/out}
-STEPS=${STEPS:-$("$PY" -c "print(max(20, round(20_000_000 * float('$SCALE') / $TOKENS_PER_STEP)))")}
+STEPS=${STEPS:-$("$PY" -c "import math; print(max(20, math.ceil(25_000_000 * float('$SCALE') / $TOKENS_PER_STEP)))")}
 WARMUP=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))
 EVAL_EVERY=$(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))
 CKPT_EVERY=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))
@@ -72,18 +81,49 @@ if [ ! -f "$WORK/data/manifest.json" ]; then
     --out "$WORK/data" --no-progress
 fi
 "${CLI[@]}" data inspect "$WORK/data"
+"$PY" - "$WORK/data" "$(( STEPS * TOKENS_PER_STEP ))" <<'EOF'
+import json, sys
+train = json.load(open(f"{sys.argv[1]}/manifest.json"))["splits"]["train"]["tokens"]
+print(f"a run reads {int(sys.argv[2]):,} tokens: {int(sys.argv[2]) / train:.2f} epochs of {train:,} training tokens")
+EOF
 if [ -n "${ONLY_DATA:-}" ]; then stamp "ONLY_DATA set: stopping before the ablation"; exit 0; fi
 
 # shellcheck disable=SC2086
-ABLATE=("${CLI[@]}" ablate --preset tmlr-187m --data "$WORK/data" --steps "$STEPS" --seeds "$SEEDS"
+ABLATE=("${CLI[@]}" ablate --preset tmlr-187m --data "$WORK/data" --steps "$STEPS"
   training.seq_len="$SEQ" training.micro_batch_size="$MICRO" training.tokens_per_step="$TOKENS_PER_STEP"
   training.precision=bf16-mixed training.compile="$COMPILE" training.device=cuda
   optim.lr=6e-4 optim.min_lr=6e-5 schedule.warmup_steps="$WARMUP"
   eval.every="$EVAL_EVERY" eval.max_batches=20 checkpoint.every="$CKPT_EVERY" checkpoint.keep_last=1
   logging.progress=false --arms $ARMS)
 
-stamp "ablation: $STEPS steps x $TOKENS_PER_STEP tokens per arm ($(( STEPS * TOKENS_PER_STEP )) tokens), arms: $ARMS"
-"${ABLATE[@]}" --out "$WORK/ablation"
+# A TERM or INT (a job's time limit) is passed to `complexity ablate`, which checkpoints the run it
+# is training and stops; the script waits for that, packs what is finished and exits 143.
+stopped=0
+ablate() {
+  "${ABLATE[@]}" "$@" &
+  local pid=$! rc=0
+  trap 'kill -TERM $pid 2>/dev/null; stopped=1' TERM INT
+  wait $pid || rc=$?
+  while kill -0 $pid 2>/dev/null; do rc=0; wait $pid || rc=$?; done  # a trapped signal ends a wait early
+  trap - TERM INT
+  return $rc
+}
+# OUT/<folder>.tgz: the ablation.json and the finished runs, without weights, to continue elsewhere
+pack() {
+  local dir=$1 runs=()
+  for run in "$dir"/runs/*/; do [ -f "$run/done.json" ] && runs+=("runs/$(basename "$run")"); done
+  tar czf "$OUT/$(basename "$dir").tgz" -C "$dir" --exclude checkpoints --exclude final ablation.json "${runs[@]}"
+  stamp "packed $OUT/$(basename "$dir").tgz: ${#runs[@]} finished run(s)"
+}
+finish_or_stop() {  # DIR RC
+  pack "$1"
+  if [ "$stopped" = 1 ]; then stamp "stopped by a signal: rerun the same command to continue"; exit 143; fi
+  if [ "$2" != 0 ]; then stamp "complexity ablate failed (exit $2)"; exit "$2"; fi
+}
+
+stamp "ablation: $STEPS steps x $TOKENS_PER_STEP tokens per run ($(( STEPS * TOKENS_PER_STEP )) tokens), $SEEDS seed(s), arms: $ARMS"
+rc=0; ablate --seeds "$SEEDS" --out "$WORK/ablation" || rc=$?
+finish_or_stop "$WORK/ablation" $rc
 cp "$WORK/ablation/results.md" "$WORK/ablation/loss.png" "$WORK/ablation/ablation.json" "$OUT/"
 [ -f "$WORK/ablation/experts.png" ] && cp "$WORK/ablation/experts.png" "$OUT/"
 mkdir -p "$OUT/metrics"
@@ -92,8 +132,9 @@ for run in "$WORK/ablation/runs"/*/; do
 done
 
 if [ -n "${SPIKE:-}" ]; then
-  stamp "spike experiment: corrupted batch at step $SPIKE (LR x 10), spike guard off"
-  "${ABLATE[@]}" --out "$WORK/spike" --spike "$SPIKE"
+  stamp "spike experiment: corrupted batch at step $SPIKE (LR x 10), spike guard off, ${SPIKE_SEEDS:-1} seed(s)"
+  rc=0; ablate --seeds "${SPIKE_SEEDS:-1}" --out "$WORK/spike" --spike "$SPIKE" || rc=$?
+  finish_or_stop "$WORK/spike" $rc
   mkdir -p "$OUT/spike"
   cp "$WORK/spike/results.md" "$WORK/spike/spike.png" "$WORK/spike/loss.png" "$OUT/spike/"
 fi

@@ -470,6 +470,73 @@ def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):
     _assert_png(out / "spike.png")
 
 
+def test_report_assembled_elsewhere_from_the_runs_small_files(data_dir, tmp_path):
+    """An ablation trained in pieces on machines that keep nothing: each finished routed run
+    leaves expert_map.npz, so the report drawn from a copy without weights (checkpoints/, final/)
+    has experts.png with its maps, from the same map the weights give."""
+    import shutil
+
+    import numpy as np
+
+    from complexity.experiments.expert_map import read_expert_map, write_expert_map
+    from complexity.experiments.report import write_report
+
+    out = tmp_path / "trained"
+    arms = ["dense", "routed_mu", "hash_top2"]
+    run_ablation(**_tiny_ablation(data_dir, out, steps=4, seeds=1, arms=arms))
+    assert not (out / "runs" / "dense-s0" / "expert_map.npz").exists()  # nothing routed to map
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out, elsewhere, ignore=shutil.ignore_patterns("checkpoints", "final", "*.png", "results.md"))
+    for arm, n_experts in (("routed_mu", 4), ("hash_top2", 8)):
+        run = elsewhere / "runs" / f"{arm}-s0"
+        assert not (run / "final").exists() and not (run / "checkpoints").exists()
+        emap = read_expert_map(run)
+        assert emap is not None and len(emap.ids) == len(emap.experts) == len(emap.hidden_2d) > 0
+        assert emap.hidden_2d.shape[1] == emap.embeddings_2d.shape[1] == 2
+        assert 0 <= emap.experts.min() and emap.experts.max() < n_experts
+        assert (emap.token_to_expert is None) == (arm == "hash_top2")  # a top-1 table only where there is one
+        again = write_expert_map(out / "runs" / f"{arm}-s0", str(data_dir), 32)  # from the weights, once more
+        for a, b in zip(emap, again):
+            assert (a is None and b is None) or np.array_equal(a, b)
+    write_report(elsewhere)
+    _assert_png(elsewhere / "experts.png")
+    assert (elsewhere / "results.md").read_text() == (out / "results.md").read_text()
+
+
+def test_pca_2d_matches_the_leading_principal_components():
+    """The maps' projection: the first two principal axes (float64 eigendecomposition of the
+    covariance as the reference), coordinates equal up to each axis's sign."""
+    import numpy as np
+
+    from complexity.experiments.expert_map import pca_2d
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 16)) @ np.diag(np.linspace(4.0, 0.5, 16)) + 3.0
+    got = pca_2d(x.astype(np.float32))
+    centered = x - x.mean(0)
+    vals, vecs = np.linalg.eigh(centered.T @ centered)
+    want = centered @ vecs[:, np.argsort(vals)[::-1][:2]]
+    for i in range(2):
+        sign = np.sign(got[:, i] @ want[:, i])
+        np.testing.assert_allclose(sign * got[:, i], want[:, i], rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_rerun_on_a_different_corpus_is_refused(tmp_path):
+    """The data folder rebuilt at the same path from other text (another machine's packages): the
+    plan records the corpus's sha256, so the new runs are not mixed with the old ones."""
+    import shutil
+
+    root = tmp_path / "corpus"
+    _, data = make_tiny_data(root, vocab_size=VOCAB)
+    out = tmp_path / "abl"
+    kw = _tiny_ablation(data, out, steps=2, seeds=1, arms=["dense"])
+    run_ablation(**kw)
+    shutil.rmtree(data)
+    make_tiny_data(root, vocab_size=VOCAB, n_docs=300)  # same tokenizer, other documents
+    with pytest.raises(ValueError, match=r"different plan[\s\S]*corpus: was"):
+        run_ablation(**kw)
+
+
 def test_one_arm_ablation_reports_without_warnings(data_dir, tmp_path):
     """One arm: the gap panel holds only its zero line, so it gets no legend (matplotlib would
     warn "No artists with labels found")."""

@@ -35,6 +35,7 @@ from ..data.files import read_json_object
 from ..train.callbacks import TrainerCallbacks, spike_injection
 from ..train.durable import drop_torn_tail, write_json
 from .arms import DEFAULT_ARMS, REFERENCE_ARM, TOLERANCE, ArmPlan, plan_arms
+from .expert_map import write_expert_map
 from .report import write_report
 from .run_files import PLAN_REMEDY, read_done, read_run_metrics, run_name, summarise_run
 from .spike import plan_spike, spike_metrics
@@ -114,9 +115,29 @@ def _run_config(base, plan: ArmPlan, seed: int, out_dir: Path):
     return RunConfig.from_dict(d, where=f"ablation arm {plan.name}")
 
 
+def _corpus_identity(data: str) -> dict | None:
+    """What the prepared data was made from: its sources' sha256, the tokenizer's hash and the
+    token count (None: not a prepared folder). An ablation continued on another machine rebuilds
+    its data there; this is how a corpus that came out different is caught."""
+    from ..data.manifest import read_prepared_manifest
+
+    if not data:
+        return None
+    try:
+        manifest = read_prepared_manifest(data)
+    except (FileNotFoundError, ValueError):
+        return None
+    return {
+        "sources": {s["name"]: s.get("sha256") for s in manifest.get("sources", [])},
+        "tokenizer": manifest.get("tokenizer", {}).get("hash"),
+        "tokens": manifest.get("tokens"),
+    }
+
+
 def _plan_identity(base, plans: dict[str, ArmPlan], spike: dict | None) -> dict:
     d = base.to_dict()
     ident = {k: d[k] for k in ("model", "data", "optim", "schedule")}
+    ident["corpus"] = _corpus_identity(d["data"]["path"])
     ident["training"] = {k: d["training"][k] for k in ("max_steps", "micro_batch_size", "seq_len", "tokens_per_step")}
     ident["spike"] = spike
     ident["arms"] = {n: p.model for n, p in plans.items()}
@@ -129,7 +150,9 @@ def _check_plan(out: Path, identity: dict) -> None:
         return
     old = read_json_object(path, PLAN_REMEDY, {"identity": dict})["identity"]
     diffs = []
-    for key in ("model", "data", "optim", "schedule", "training", "spike"):
+    for key in ("model", "data", "corpus", "optim", "schedule", "training", "spike"):
+        if key == "corpus" and old.get(key) is None:
+            continue  # a plan written before the corpus was recorded
         if old.get(key) != identity.get(key):
             diffs.append(f"{key}: was {json.dumps(old.get(key))}, now {json.dumps(identity.get(key))}")
     for arm, model in identity["arms"].items():
@@ -304,7 +327,7 @@ def run_ablation(
                 log(f"ablate: {run_dir.name} stopped at step {trained.step}; rerun the same command to continue")
                 write_json(args.out / "ablation.json", meta, indent=2)
                 return result
-            result.runs[run_dir.name] = summary = _write_summary(run_dir, plans[arm], seed, args)
+            result.runs[run_dir.name] = summary = _write_summary(run_dir, plans[arm], seed, args, base.training.seq_len)
             if on_run_end is not None:
                 on_run_end(arm, seed, summary)
     if report:
@@ -400,10 +423,13 @@ def _train_run(base, plan: ArmPlan, seed: int, run_dir: Path, spike: dict | None
     return trained
 
 
-def _write_summary(run_dir: Path, plan: ArmPlan, seed: int, args: _Arguments) -> dict:
+def _write_summary(run_dir: Path, plan: ArmPlan, seed: int, args: _Arguments, seq_len: int) -> dict:
     """A trained run's done.json (see `read_done`): its metrics summarised, its parameter counts,
     the command that trains it alone and, with a spike, the spike's metrics. Written last: it is
-    what marks the run finished."""
+    what marks the run finished. A routed arm's expert_map.npz is written first, while its
+    weights are at hand: the report draws experts.png from it, the weights need not stay."""
+    if plan.model.get("mlp_type") != "dense":
+        write_expert_map(run_dir, str(args.data), seq_len)
     records = read_run_metrics(run_dir)
     summary = summarise_run(records, plan.name, seed, args.avg_k)
     summary.update(

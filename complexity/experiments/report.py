@@ -10,7 +10,8 @@ any time: `complexity ablate --report-only --out DIR`):
     experts.png  routed arms: each expert's share of the vocabulary ids, of the training data's
                  token frequency mass and of the held-out tokens actually routed to it; and a
                  2-D PCA map of final hidden states (and of input embeddings) of held-out tokens,
-                 coloured by the expert each token went to (in the last layer)
+                 coloured by the expert each token went to (in the last layer), from each run's
+                 expert_map.npz (`expert_map`): the weights need not be there
     spike.png    (spike runs) the training loss around the injected step, per arm
 
 Each file is replaced whole or not at all (written under a temporary name, fsynced, renamed:
@@ -23,20 +24,17 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from ..data.files import NUMBER, FileFormatError, check_fields, read_json_object
 from ..train.durable import write_atomic
 from ..train.metrics import train_losses
 from ..train.plot import save_figure
+from .expert_map import ExpertMap, read_expert_map, write_expert_map
 from .run_files import PLAN_REMEDY, read_done, read_run_metrics, run_name
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
-
-MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
-
 
 # The fields of ablation.json the report reads.
 _META_FIELDS = {
@@ -388,70 +386,13 @@ def plot_spike(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-class _Sample(NamedTuple):
-    """Held-out tokens run through an arm's final model."""
-
-    ids: torch.Tensor  # (n,) token ids
-    hidden: torch.Tensor  # (n, hidden) final hidden states
-    embeddings: torch.Tensor  # (n, hidden) input embeddings
-    experts: torch.Tensor  # (n,) the expert each token went to in the last layer
-    token_to_expert: np.ndarray | None  # the routing table over the vocabulary (token-routed arms)
-
-
-def _sample_representations(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS) -> _Sample | None:
-    """`n_tokens` held-out tokens through the run's final model (None: the held-out split is empty)."""
-    import torch
-
-    from ..data.loader import EvalLoader
-    from ..modeling_complexity import ComplexityExperts
-    from ..train.eval import load_for_eval
-
-    src = run_dir / "final" if (run_dir / "final" / "config.json").is_file() else run_dir
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_for_eval(src, device)
-    model.eval()
-    banks = [m for m in model.modules() if isinstance(m, ComplexityExperts)]
-    captured = []
-    # the expert of each token: a routed bank gets one id per row; the hash-routed bank gets each
-    # token's k routes, of which the primary (slot 0) colours the token
-    handle = banks[-1].register_forward_pre_hook(
-        lambda mod, args: captured.append((args[1][:, 0] if args[1].dim() == 2 else args[1]).detach().reshape(-1))
-    )
-    batch_size = max(1, min(4, -(-n_tokens // seq_len)))
-    loader = EvalLoader(data, batch_size=batch_size, seq_len=seq_len, split="val", vocab_size=model.config.vocab_size)
-    ids_all, hid_all, emb_all = [], [], []
-    n = 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                ids = batch["input_ids"].to(device)
-                outputs = model(input_ids=ids, use_cache=False, output_hidden_states=True)
-                ids_all.append(ids.reshape(-1).cpu())
-                hid_all.append(outputs.hidden_states[-1].reshape(-1, model.config.hidden_size).float().cpu())
-                emb_all.append(model.get_input_embeddings()(ids).reshape(-1, model.config.hidden_size).float().cpu())
-                n += ids.numel()
-                if n >= n_tokens:
-                    break
-    finally:
-        handle.remove()
-    if not ids_all:
-        return None
-    ids = torch.cat(ids_all)[:n_tokens]
-    table = getattr(model.model, "token_to_expert", None)
-    return _Sample(
-        ids=ids,
-        hidden=torch.cat(hid_all)[:n_tokens],
-        embeddings=torch.cat(emb_all)[:n_tokens],
-        experts=torch.cat(captured)[: ids.numel()].cpu(),
-        token_to_expert=table.cpu().numpy() if table is not None else None,
-    )
-
-
 def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Path | None:
     """experts.png: a row per routed arm (its first seed's run): the experts' shares, and PCA maps
-    of held-out tokens coloured by expert (None: no routed arm has finished that run)."""
-    import torch
+    of held-out tokens coloured by expert (None: no routed arm has finished that run).
 
+    The maps come from each run's expert_map.npz (written when the run finished); a run that has
+    none but still has its weights gets one now. A run with neither (trained before the file
+    existed, its weights since removed) gets its bars from done.json and no maps."""
     plt = _plt()
     seed = meta["seeds"][0]
     arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense" and f"{a}-s{seed}" in runs]
@@ -461,20 +402,18 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
     training_counts = _TrainingCounts(meta["data"], manifest)
     fig, axes = plt.subplots(len(arms), 3, figsize=(17, 4.8 * len(arms)), squeeze=False)
     for a, (shares_ax, *map_axes) in zip(arms, axes):
-        # without the prepared folder's manifest there is no held-out split to sample
-        sample = (
-            _sample_representations(out / "runs" / f"{a}-s{seed}", meta["data"], meta["seq_len"]) if manifest else None
-        )
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the arm's model is gone (it lived in _sample_representations): free its memory
+        run_dir = out / "runs" / f"{a}-s{seed}"
+        emap = read_expert_map(run_dir)
+        if emap is None and manifest is not None:  # without the manifest there is no held-out split
+            emap = write_expert_map(run_dir, meta["data"], meta["seq_len"])
         n_experts = meta["plan"][a]["widths"].get("experts", 4)
-        bars = _share_bars(sample, runs[f"{a}-s{seed}"].get("expert_shares"), n_experts, training_counts)
+        bars = _share_bars(emap, runs[f"{a}-s{seed}"].get("expert_shares"), n_experts, training_counts)
         _draw_share_bars(shares_ax, a, bars, n_experts)
-        if sample is None:
+        if emap is None:
             for ax in map_axes:
                 ax.set_axis_off()
             continue
-        _draw_pca_maps(map_axes, a, sample, n_experts, plt.get_cmap("tab10"))
+        _draw_pca_maps(map_axes, a, emap, n_experts, plt.get_cmap("tab10"))
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
 
@@ -503,14 +442,14 @@ class _TrainingCounts:
         return self.counts
 
 
-def _share_bars(sample: _Sample | None, routed: list | None, n_experts: int, training_counts) -> list[tuple]:
+def _share_bars(emap: ExpertMap | None, routed: list | None, n_experts: int, training_counts) -> list[tuple]:
     """(label, each expert's share) for every share known for the arm: of the vocabulary ids and of
     the training data's frequency mass (from a routing table), of the held-out tokens routed at
     the last evaluation (done.json), of the held-out sample's tokens."""
     import numpy as np
 
     bars = []
-    table = sample.token_to_expert if sample is not None else None
+    table = emap.token_to_expert if emap is not None else None
     if table is not None:
         bars.append(("vocabulary ids", np.bincount(table, minlength=n_experts) / len(table)))
         counts = training_counts(len(table))
@@ -519,8 +458,8 @@ def _share_bars(sample: _Sample | None, routed: list | None, n_experts: int, tra
             bars.append(("training frequency mass", mass / mass.sum()))
     if routed:
         bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed)))
-    if sample is not None:
-        experts = sample.experts.numpy()
+    if emap is not None:
+        experts = emap.experts
         bars.append(
             (
                 f"held-out sample routed (last layer, {len(experts):,} tokens)",
@@ -546,23 +485,18 @@ def _draw_share_bars(ax, arm: str, bars: list[tuple], n_experts: int) -> None:
         ax.legend(fontsize=8)
 
 
-def _draw_pca_maps(axes, arm: str, sample: _Sample, n_experts: int, cmap) -> None:
+def _draw_pca_maps(axes, arm: str, emap: ExpertMap, n_experts: int, cmap) -> None:
     """2-D PCA of the final hidden states and of the input embeddings, a colour per expert."""
-    import numpy as np
-    from sklearn.decomposition import PCA
-
-    experts = sample.experts.numpy()
     maps = (
-        ("final hidden states", sample.hidden, "tokens"),
-        ("input embeddings", sample.embeddings, "tokens (one dot per distinct id)"),
+        ("final hidden states", emap.hidden_2d, "tokens"),
+        ("input embeddings", emap.embeddings_2d, "tokens (one dot per distinct id)"),
     )
-    for ax, (name, rep, what) in zip(axes, maps):
-        pts = PCA(n_components=2, random_state=0).fit_transform(rep.numpy().astype(np.float64))
+    for ax, (name, pts, what) in zip(axes, maps):
         for e in range(n_experts):
-            m = experts == e
+            m = emap.experts == e
             if m.any():
                 ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, color=cmap(e % 10), label=f"expert {e}")
         ax.set_title(
-            f"{arm}: PCA of {name}\n{len(sample.ids):,} held-out {what}, coloured by expert (last layer)", fontsize=10
+            f"{arm}: PCA of {name}\n{len(emap.ids):,} held-out {what}, coloured by expert (last layer)", fontsize=10
         )
         ax.legend(fontsize=8, markerscale=3)

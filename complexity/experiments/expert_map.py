@@ -1,0 +1,125 @@
+"""A routed run's expert map: held-out tokens run once through the run's final model, right after
+training, and kept in RUN/expert_map.npz, so that experts.png is drawn from the run folder alone.
+
+An ablation too long for one machine session is trained in pieces and its report assembled
+elsewhere from the runs' small files (metrics, summaries); the weights stay behind. So the file
+keeps what the figure draws, not the model's activations: each token's id and expert (the
+primary route in the last layer), the 2-D PCA coordinates of its final hidden state and of its
+input embedding, and the routing table over the vocabulary (token-routed arms). About 100 KB.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..train.durable import write_atomic
+
+MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
+FILE = "expert_map.npz"
+
+
+class ExpertMap(NamedTuple):
+    ids: np.ndarray  # (n,) token ids
+    experts: np.ndarray  # (n,) the expert each token went to in the last layer (its primary route)
+    hidden_2d: np.ndarray  # (n, 2) PCA of the final hidden states
+    embeddings_2d: np.ndarray  # (n, 2) PCA of the input embeddings
+    token_to_expert: np.ndarray | None  # (V,) the routing table (token-routed arms)
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """The first two principal components' coordinates of the rows of x (float64)."""
+    centered = x.astype(np.float64) - x.mean(axis=0, dtype=np.float64)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    return centered @ vt[:2].T
+
+
+def read_expert_map(run_dir: Path) -> ExpertMap | None:
+    """The run's expert_map.npz (None: the run has none)."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        table = f["token_to_expert"]
+        return ExpertMap(
+            ids=f["ids"],
+            experts=f["experts"],
+            hidden_2d=f["hidden_2d"],
+            embeddings_2d=f["embeddings_2d"],
+            token_to_expert=table if table.size else None,
+        )
+
+
+def final_model_dir(run_dir: Path) -> Path | None:
+    """Where the run's final weights are (its final/ export, else its checkpoints); None: gone."""
+    run_dir = Path(run_dir)
+    if (run_dir / "final" / "config.json").is_file():
+        return run_dir / "final"
+    if (run_dir / "checkpoints").is_dir():
+        return run_dir
+    return None
+
+
+def write_expert_map(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS) -> ExpertMap | None:
+    """Run `n_tokens` held-out tokens of `data` through the run's final model and keep the map in
+    RUN/expert_map.npz. None (and no file): the weights are gone or the held-out split is empty."""
+    import torch
+
+    from ..data.loader import EvalLoader
+    from ..modeling_complexity import ComplexityExperts
+    from ..train.eval import load_for_eval
+
+    src = final_model_dir(run_dir)
+    if src is None:
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_for_eval(src, device)
+    model.eval()
+    banks = [m for m in model.modules() if isinstance(m, ComplexityExperts)]
+    captured = []
+    # the expert of each token: a routed bank gets one id per row; the hash-routed bank gets each
+    # token's k routes, of which the primary (slot 0) colours the token
+    handle = banks[-1].register_forward_pre_hook(
+        lambda mod, args: captured.append((args[1][:, 0] if args[1].dim() == 2 else args[1]).detach().reshape(-1))
+    )
+    batch_size = max(1, min(4, -(-n_tokens // seq_len)))
+    loader = EvalLoader(data, batch_size=batch_size, seq_len=seq_len, split="val", vocab_size=model.config.vocab_size)
+    ids_all, hid_all, emb_all = [], [], []
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                ids = batch["input_ids"].to(device)
+                outputs = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+                ids_all.append(ids.reshape(-1).cpu())
+                hid_all.append(outputs.hidden_states[-1].reshape(-1, model.config.hidden_size).float().cpu())
+                emb_all.append(model.get_input_embeddings()(ids).reshape(-1, model.config.hidden_size).float().cpu())
+                n += ids.numel()
+                if n >= n_tokens:
+                    break
+    finally:
+        handle.remove()
+    table = getattr(model.model, "token_to_expert", None)
+    table = table.cpu().numpy() if table is not None else None
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not ids_all:
+        return None
+    ids = torch.cat(ids_all)[:n_tokens]
+    emap = ExpertMap(
+        ids=ids.numpy().astype(np.int32),
+        experts=torch.cat(captured)[: ids.numel()].cpu().numpy().astype(np.int16),
+        hidden_2d=pca_2d(torch.cat(hid_all)[:n_tokens].numpy()).astype(np.float32),
+        embeddings_2d=pca_2d(torch.cat(emb_all)[:n_tokens].numpy()).astype(np.float32),
+        token_to_expert=table,
+    )
+    buf = io.BytesIO()
+    fields = emap._asdict()
+    fields["token_to_expert"] = table.astype(np.int16) if table is not None else np.zeros(0, np.int16)
+    np.savez_compressed(buf, **fields)
+    write_atomic(Path(run_dir) / FILE, buf.getvalue())
+    return emap
