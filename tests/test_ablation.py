@@ -659,6 +659,25 @@ def test_results_markdown_is_pinned(spike):
     assert results_markdown(*_report_inputs(spike)) == expected
 
 
+def test_paired_differences_against_dense_say_which_gaps_three_seeds_resolve():
+    """Per seed arm - dense; the 95% interval is mean ± t(0.975, 2) x std / sqrt(3) with t = 4.303
+    (worked by hand below); a gap is resolved when the interval excludes 0."""
+    from complexity.experiments.report import _paired_table
+
+    val = {"dense": [4.00, 4.10, 4.05], "routed": [3.95, 4.06, 3.99], "inl": [4.02, 4.07, 4.06]}
+    meta = {"arms": list(val), "seeds": [0, 1, 2]}
+    runs = {f"{a}-s{s}": {"val_loss": v[s], "val_bpb": v[s] / 2.0} for a, v in val.items() for s in range(3)}
+    rows = {line.split(" | ")[0].strip("| "): line for line in _paired_table(meta, runs) if line.startswith("| ")}
+    # routed: -0.05, -0.04, -0.06 -> mean -0.05, std 0.01, half-width 4.303 * 0.01 / sqrt(3) = 0.0248
+    assert rows["routed"] == (
+        "| routed | 3 | -0.0500 ± 0.0100 | [-0.0748, -0.0252] | -0.0250 ± 0.0050 | 3/3 | yes: below dense |"
+    )
+    # inl: +0.02, -0.03, +0.01 -> mean 0, std 0.0265: unresolved
+    assert rows["inl"] == "| inl | 3 | +0.0000 ± 0.0265 | [-0.0657, +0.0657] | +0.0000 ± 0.0132 | 1/3 | no |"
+    assert "dense" not in rows
+    assert _paired_table({"arms": ["routed", "inl"], "seeds": [0]}, runs) == []  # nothing to pair with
+
+
 # ----------------------------------------------------------------------------- done.json, checked
 
 

@@ -124,6 +124,7 @@ def results_markdown(meta: dict, runs: dict[str, dict]) -> str:
         _header(meta),
         _parameters_table(meta),
         _results_table(meta, runs),
+        _paired_table(meta, runs),
         _expert_shares_table(meta, runs),
         _spike_table(meta, runs),
         _runs_table(meta, runs),
@@ -204,6 +205,64 @@ def _results_table(meta: dict, runs: dict[str, dict]) -> list[str]:
     missing = [f"{a}-s{s}" for s in meta["seeds"] for a in meta["arms"] if f"{a}-s{s}" not in runs]
     if missing:
         lines += ["", f"Not finished (rerun the command to complete): {', '.join(missing)}."]
+    return lines
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (more: the normal's 1.960).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
+_T95 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+PAIRED_BASE = "dense"
+
+
+def _paired(meta: dict, runs: dict[str, dict], arm: str, metric: str) -> list[float]:
+    """arm - dense for each seed both finished with a finite value (same seed: same batches)."""
+    diffs = []
+    for s in meta["seeds"]:
+        a, b = runs.get(f"{arm}-s{s}"), runs.get(f"{PAIRED_BASE}-s{s}")
+        values = (a or {}).get(metric), (b or {}).get(metric)
+        if all(v is not None and math.isfinite(v) for v in values):
+            diffs.append(values[0] - values[1])
+    return diffs
+
+
+def _signed(values: list[float]) -> str:
+    mean, std, _ = _stats(values)
+    if mean is None:
+        return "n/a"
+    return f"{mean:+.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _paired_table(meta: dict, runs: dict[str, dict]) -> list[str]:
+    """Each arm's held-out gap to the dense arm, paired by seed: its mean, spread, 95% interval and
+    whether the seeds resolve it (the interval excludes 0). None: no dense arm."""
+    if PAIRED_BASE not in meta["arms"] or len(meta["arms"]) < 2:
+        return []
+    lines = [
+        "## Paired differences against dense (arm - dense, per seed)",
+        "",
+        "Same seed: same batches in the same order, same initialisation seed, so each seed gives one "
+        "difference. mean ± std over seeds; 95% CI: mean ± t(0.975, n-1) x std / sqrt(n). A gap is resolved "
+        "when its interval excludes 0 (the verdict is the same for bits per byte: on one held-out set they "
+        "are a fixed multiple of nats). Below 0: lower held-out loss than dense.",
+        "",
+        "| arm | seeds paired | Δ val loss | 95% CI (Δ val loss) | Δ val bpb | seeds below dense | resolved (95%) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for arm in meta["arms"]:
+        if arm == PAIRED_BASE:
+            continue
+        loss = _paired(meta, runs, arm, "val_loss")
+        mean, std, n = _stats(loss)
+        if n >= 2:
+            half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.960) * std / math.sqrt(n)
+            ci = f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+            verdict = (
+                "no" if mean - half <= 0 <= mean + half else ("yes: below dense" if mean < 0 else "yes: above dense")
+            )
+        else:
+            ci, verdict = "n/a", "n/a (needs two seeds)" if n == 1 else "n/a"
+        below = f"{sum(d < 0 for d in loss)}/{n}" if n else "n/a"
+        lines.append(_row([arm, n, _signed(loss), ci, _signed(_paired(meta, runs, arm, "val_bpb")), below, verdict]))
     return lines
 
 
