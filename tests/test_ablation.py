@@ -495,6 +495,10 @@ def test_report_assembled_elsewhere_from_the_runs_small_files(data_dir, tmp_path
         assert emap.hidden_2d.shape[1] == emap.embeddings_2d.shape[1] == 2
         assert 0 <= emap.experts.min() and emap.experts.max() < n_experts
         assert (emap.token_to_expert is None) == (arm == "hash_top2")  # a top-1 table only where there is one
+        if emap.token_to_expert is not None:  # the training tokens' share per expert, under that table
+            counts = np.load(data_dir / "token_counts.npy")
+            want = np.bincount(emap.token_to_expert[: len(counts)], weights=counts, minlength=n_experts)
+            np.testing.assert_allclose(emap.training_mass, want / want.sum(), rtol=1e-12)
         again = write_expert_map(out / "runs" / f"{arm}-s0", str(data_dir), 32)  # from the weights, once more
         for a, b in zip(emap, again):
             assert (a is None and b is None) or np.array_equal(a, b)

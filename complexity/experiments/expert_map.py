@@ -5,7 +5,8 @@ An ablation too long for one machine session is trained in pieces and its report
 elsewhere from the runs' small files (metrics, summaries); the weights stay behind. So the file
 keeps what the figure draws, not the model's activations: each token's id and expert (the
 primary route in the last layer), the 2-D PCA coordinates of its final hidden state and of its
-input embedding, and the routing table over the vocabulary (token-routed arms). About 100 KB.
+input embedding, and for token-routed arms the routing table over the vocabulary and each
+expert's share of the training split's token frequency mass under it. About 100 KB.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ExpertMap(NamedTuple):
     hidden_2d: np.ndarray  # (n, 2) PCA of the final hidden states
     embeddings_2d: np.ndarray  # (n, 2) PCA of the input embeddings
     token_to_expert: np.ndarray | None  # (V,) the routing table (token-routed arms)
+    training_mass: np.ndarray | None  # (E,) each expert's share of the training tokens under that table
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -43,14 +45,22 @@ def read_expert_map(run_dir: Path) -> ExpertMap | None:
     if not path.is_file():
         return None
     with np.load(path) as f:
-        table = f["token_to_expert"]
-        return ExpertMap(
-            ids=f["ids"],
-            experts=f["experts"],
-            hidden_2d=f["hidden_2d"],
-            embeddings_2d=f["embeddings_2d"],
-            token_to_expert=table if table.size else None,
-        )
+        arrays = {name: f[name] for name in ExpertMap._fields if name in f.files}
+    for name in ("token_to_expert", "training_mass"):  # stored empty when the arm has none
+        arrays[name] = arrays[name] if arrays.get(name) is not None and arrays[name].size else None
+    return ExpertMap(**arrays)
+
+
+def training_mass(table: np.ndarray, data: str, manifest: dict, n_experts: int) -> np.ndarray | None:
+    """Each expert's share of the training split's token frequency mass under the routing table
+    (None: the split has no tokens)."""
+    from ..train.data import zipf_counts
+
+    counts, _ = zipf_counts(data, manifest, len(table), 0, 1)
+    if counts.sum() == 0:
+        return None
+    mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=n_experts)
+    return mass / mass.sum()
 
 
 def final_model_dir(run_dir: Path) -> Path | None:
@@ -65,14 +75,20 @@ def final_model_dir(run_dir: Path) -> Path | None:
 
 def write_expert_map(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP_TOKENS) -> ExpertMap | None:
     """Run `n_tokens` held-out tokens of `data` through the run's final model and keep the map in
-    RUN/expert_map.npz. None (and no file): the weights are gone or the held-out split is empty."""
+    RUN/expert_map.npz. None (and no file): the weights or the prepared data are not here, or the
+    held-out split is empty."""
     import torch
 
     from ..data.loader import EvalLoader
+    from ..data.manifest import read_prepared_manifest
     from ..modeling_complexity import ComplexityExperts
     from ..train.eval import load_for_eval
 
     src = final_model_dir(run_dir)
+    try:
+        manifest = read_prepared_manifest(data)
+    except FileNotFoundError:
+        return None
     if src is None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,6 +120,7 @@ def write_expert_map(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP
         handle.remove()
     table = getattr(model.model, "token_to_expert", None)
     table = table.cpu().numpy() if table is not None else None
+    n_experts = model.config.num_experts
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -115,11 +132,10 @@ def write_expert_map(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP
         experts=torch.cat(captured)[: ids.numel()].cpu().numpy().astype(np.int16),
         hidden_2d=pca_2d(torch.cat(hid_all)[:n_tokens].numpy()).astype(np.float32),
         embeddings_2d=pca_2d(torch.cat(emb_all)[:n_tokens].numpy()).astype(np.float32),
-        token_to_expert=table,
+        token_to_expert=table.astype(np.int16) if table is not None else None,
+        training_mass=training_mass(table, data, manifest, n_experts) if table is not None else None,
     )
     buf = io.BytesIO()
-    fields = emap._asdict()
-    fields["token_to_expert"] = table.astype(np.int16) if table is not None else np.zeros(0, np.int16)
-    np.savez_compressed(buf, **fields)
+    np.savez_compressed(buf, **{k: np.zeros(0) if v is None else v for k, v in emap._asdict().items()})
     write_atomic(Path(run_dir) / FILE, buf.getvalue())
     return emap

@@ -34,7 +34,7 @@ from .expert_map import ExpertMap, read_expert_map, write_expert_map
 from .run_files import PLAN_REMEDY, read_done, read_run_metrics, run_name
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 # The fields of ablation.json the report reads.
 _META_FIELDS = {
@@ -457,16 +457,12 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
     arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense" and f"{a}-s{seed}" in runs]
     if not arms:
         return None
-    manifest = _prepared_manifest(meta["data"])
-    training_counts = _TrainingCounts(meta["data"], manifest)
     fig, axes = plt.subplots(len(arms), 3, figsize=(17, 4.8 * len(arms)), squeeze=False)
     for a, (shares_ax, *map_axes) in zip(arms, axes):
         run_dir = out / "runs" / f"{a}-s{seed}"
-        emap = read_expert_map(run_dir)
-        if emap is None and manifest is not None:  # without the manifest there is no held-out split
-            emap = write_expert_map(run_dir, meta["data"], meta["seq_len"])
+        emap = read_expert_map(run_dir) or write_expert_map(run_dir, meta["data"], meta["seq_len"])
         n_experts = meta["plan"][a]["widths"].get("experts", 4)
-        bars = _share_bars(emap, runs[f"{a}-s{seed}"].get("expert_shares"), n_experts, training_counts)
+        bars = _share_bars(emap, runs[f"{a}-s{seed}"].get("expert_shares"), n_experts)
         _draw_share_bars(shares_ax, a, bars, n_experts)
         if emap is None:
             for ax in map_axes:
@@ -477,44 +473,18 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
     return save_figure(fig, path, dpi=100)
 
 
-def _prepared_manifest(data: str) -> dict | None:
-    """The prepared data folder's manifest (None: `data` is not one, or no longer there)."""
-    from ..data import manifest as data_manifest
-
-    try:
-        return data_manifest.read_prepared_manifest(data)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-class _TrainingCounts:
-    """The training split's token frequencies, read once, on first use (`train.data.zipf_counts`)."""
-
-    def __init__(self, data: str, manifest: dict | None):
-        self.data, self.manifest, self.counts = data, manifest, None
-
-    def __call__(self, vocab_size: int) -> np.ndarray | None:
-        if self.counts is None and self.manifest is not None:
-            from ..train import data as data_mod
-
-            self.counts, _ = data_mod.zipf_counts(self.data, self.manifest, vocab_size, 0, 1)
-        return self.counts
-
-
-def _share_bars(emap: ExpertMap | None, routed: list | None, n_experts: int, training_counts) -> list[tuple]:
+def _share_bars(emap: ExpertMap | None, routed: list | None, n_experts: int) -> list[tuple]:
     """(label, each expert's share) for every share known for the arm: of the vocabulary ids and of
     the training data's frequency mass (from a routing table), of the held-out tokens routed at
     the last evaluation (done.json), of the held-out sample's tokens."""
     import numpy as np
 
     bars = []
-    table = emap.token_to_expert if emap is not None else None
-    if table is not None:
+    if emap is not None and emap.token_to_expert is not None:
+        table = emap.token_to_expert
         bars.append(("vocabulary ids", np.bincount(table, minlength=n_experts) / len(table)))
-        counts = training_counts(len(table))
-        if counts is not None and counts.sum() > 0:
-            mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=n_experts)
-            bars.append(("training frequency mass", mass / mass.sum()))
+        if emap.training_mass is not None:
+            bars.append(("training frequency mass", emap.training_mass))
     if routed:
         bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed)))
     if emap is not None:
