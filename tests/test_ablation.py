@@ -545,10 +545,14 @@ def test_one_arm_ablation_reports_without_warnings(data_dir, tmp_path):
     """One arm: the gap panel holds only its zero line, so it gets no legend (matplotlib would
     warn "No artists with labels found")."""
     out = tmp_path / "one"
+    messages = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        res = run_ablation(**_tiny_ablation(data_dir, out, steps=4, seeds=1, arms=["dense"]))
+        res = run_ablation(
+            **{**_tiny_ablation(data_dir, out, steps=4, seeds=1, arms=["dense"]), "log": messages.append}
+        )
     assert not res.interrupted
+    assert any(re.fullmatch(r"ablate: dense-s0 finished in \d+ s", m) for m in messages), messages
     assert list(_results_rows((out / "results.md").read_text())) == ["dense"]
     _assert_png(out / "loss.png")
 

@@ -27,6 +27,7 @@ import json
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -319,6 +320,7 @@ def run_ablation(
                 result.runs[run_dir.name] = read_done(run_dir)
                 log(f"ablate: {run_dir.name} finished earlier: skipped")
                 continue
+            started = time.perf_counter()
             trained = _train_run(
                 base, plans[arm], seed, run_dir, args.spike, stop_after=stop_after, progress=progress, log=log
             )
@@ -328,6 +330,9 @@ def run_ablation(
                 write_json(args.out / "ablation.json", meta, indent=2)
                 return result
             result.runs[run_dir.name] = summary = _write_summary(run_dir, plans[arm], seed, args, base.training.seq_len)
+            # the whole run's time (compilation, evaluations, checkpoints, export, expert map): what a
+            # split ablation's jobs are planned with; summary.json's tokens/s counts the steps only
+            log(f"ablate: {run_dir.name} finished in {time.perf_counter() - started:.0f} s")
             if on_run_end is not None:
                 on_run_end(arm, seed, summary)
     if report:
