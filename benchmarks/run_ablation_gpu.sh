@@ -11,8 +11,8 @@
 # 4. `complexity ablate`: the six arms (dense / token-routed+mu / token-routed / learned router+mu /
 #    INL / hash-routed top-2), parameter-matched, bf16-mixed, compiled (the trainer's fastest
 #    setting for one GPU), three seeds; 25M tokens per run at SCALE=1 (382 steps x 65,536 tokens;
-#    ~2 minutes a run at ~300k tokens/s on an H100, so 18 runs take more than one 10-minute call:
-#    rerun the command, see "Resume")
+#    ~3.5 minutes a run on an H100, 2 of them in steps at 270-360k tokens/s, so 18 runs take more
+#    than one 10-minute call: rerun the command, see "Resume")
 # 5. results.md, loss.png, experts.png, ablation.json, each run's metrics.jsonl copied to $OUT, and
 #    $OUT/ablation.tgz: the ablation folder without its weights (finished runs only)
 #
