@@ -321,7 +321,8 @@ def _runs_table(meta: dict, runs: dict[str, dict]) -> list[str]:
         "## Runs",
         "",
         "Each run folder holds resolved.json, metrics.jsonl, batches.jsonl (sha1 of every micro-batch), "
-        "checkpoints/ and final/. The same training alone:",
+        "done.json, checkpoints/ and final/, and for a routed arm expert_map.npz (what experts.png draws). "
+        "The same training alone:",
         "",
         "| run | command |",
         "|---|---|",
