@@ -792,6 +792,64 @@ def test_done_json_with_a_wrong_value_names_file_field_and_value(tmp_path, capsy
     assert not (out / "results.md").exists()
 
 
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _good_map(n: int = 5) -> dict:
+    import numpy as np
+
+    return dict(ids=np.arange(n), experts=np.zeros(n), hidden_2d=np.zeros((n, 2)), embeddings_2d=np.zeros((n, 2)))
+
+
+BAD_MAPS = {
+    "truncated": (lambda: _npz_bytes(**_good_map())[:-40], "unreadable (BadZipFile: "),
+    "not a zip": (lambda: b"expert map", "unreadable ("),
+    "missing field": (lambda: _npz_bytes(**_drop(_good_map(), "ids")), "missing ids"),
+    "lengths differ": (
+        lambda: _npz_bytes(**{**_good_map(), "experts": _good_map(4)["experts"]}),
+        "its arrays disagree in length, or the coordinates are not (n, 2)",
+    ),
+}
+
+
+def _drop(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+@pytest.mark.parametrize("kind", list(BAD_MAPS))
+def test_damaged_expert_map_names_the_file_and_what_to_do(data_dir, tmp_path, capsys, kind):
+    """A damaged expert_map.npz stops the report with one FileFormatError naming the file, the
+    problem and the remedy (delete it), not a KeyError or BadZipFile from numpy."""
+    from complexity.cli import main
+    from complexity.data.files import FileFormatError
+    from complexity.experiments.expert_map import REMEDY, read_expert_map
+    from complexity.experiments.report import write_report
+
+    make, problem = BAD_MAPS[kind]
+    out = tmp_path / "abl"
+    run_ablation(**_tiny_ablation(data_dir, out, steps=2, seeds=1, arms=["routed_mu"]))
+    path = out / "runs" / "routed_mu-s0" / "expert_map.npz"
+    path.write_bytes(make())
+    capsys.readouterr()  # the training's own output
+    for call in (lambda: read_expert_map(path.parent), lambda: write_report(out)):
+        with pytest.raises(FileFormatError) as info:
+            call()
+        assert str(info.value).startswith(f"{path}: {problem}") and str(info.value).endswith(f"; {REMEDY}")
+    assert main(["ablate", "--report-only", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"complexity ablate: error: {path}: {problem}")
+    path.unlink()  # the remedy: the report writes the map again from the weights
+    assert main(["ablate", "--report-only", "--out", str(out)]) == 0
+    assert read_expert_map(path.parent) is not None
+    _assert_png(out / "experts.png")
+
+
 def test_rerun_refuses_a_done_json_with_a_wrong_value(data_dir, tmp_path):
     """A rerun skips a finished run by reading its done.json: a damaged one stops it, trains nothing."""
     from complexity.data.files import FileFormatError

@@ -12,11 +12,13 @@ expert's share of the training split's token frequency mass under it. About 100 
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ..data.files import FileFormatError
 from ..train.durable import write_atomic
 
 MAP_TOKENS = 3000  # held-out tokens drawn in the 2-D maps
@@ -39,13 +41,34 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     return centered @ vt[:2].T
 
 
+REMEDY = (
+    "delete it: the report writes it again from the run's weights if they are still there, and otherwise "
+    "draws that run's expert shares without the maps"
+)
+_REQUIRED = ("ids", "experts", "hidden_2d", "embeddings_2d")  # token_to_expert, training_mass: optional
+
+
 def read_expert_map(run_dir: Path) -> ExpertMap | None:
-    """The run's expert_map.npz (None: the run has none)."""
+    """The run's expert_map.npz (None: the run has none). A damaged one is a FileFormatError that
+    names the file, the problem and what to do."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         return None
-    with np.load(path) as f:
-        arrays = {name: f[name] for name in ExpertMap._fields if name in f.files}
+    try:
+        with np.load(path) as f:
+            arrays = {name: f[name] for name in ExpertMap._fields if name in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise FileFormatError(f"{path}: unreadable ({type(e).__name__}: {e}); {REMEDY}") from None
+    missing = [name for name in _REQUIRED if name not in arrays]
+    n = len(arrays["ids"]) if "ids" in arrays else None
+    if missing:
+        problem = f"missing {', '.join(missing)}"
+    elif any(len(arrays[k]) != n for k in _REQUIRED) or any(arrays[k].shape[1:] != (2,) for k in _REQUIRED[2:]):
+        problem = "its arrays disagree in length, or the coordinates are not (n, 2)"
+    else:
+        problem = None
+    if problem:
+        raise FileFormatError(f"{path}: {problem}; {REMEDY}")
     for name in ("token_to_expert", "training_mass"):  # stored empty when the arm has none
         arrays[name] = arrays[name] if arrays.get(name) is not None and arrays[name].size else None
     return ExpertMap(**arrays)
@@ -85,11 +108,11 @@ def write_expert_map(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP
     from ..train.eval import load_for_eval
 
     src = final_model_dir(run_dir)
+    if src is None:
+        return None
     try:
         manifest = read_prepared_manifest(data)
     except FileNotFoundError:
-        return None
-    if src is None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_for_eval(src, device)
