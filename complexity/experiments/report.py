@@ -24,7 +24,6 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..data.files import NUMBER, FileFormatError, check_fields, read_json_object
 from ..train.durable import write_atomic
@@ -32,9 +31,6 @@ from ..train.metrics import train_losses
 from ..train.plot import save_figure
 from .expert_map import ExpertMap, read_expert_map, write_expert_map
 from .run_files import PLAN_REMEDY, read_done, read_run_metrics, run_name
-
-if TYPE_CHECKING:
-    pass
 
 # The fields of ablation.json the report reads.
 _META_FIELDS = {
@@ -234,7 +230,7 @@ def _signed(values: list[float]) -> str:
 
 def _paired_table(meta: dict, runs: dict[str, dict]) -> list[str]:
     """Each arm's held-out gap to the dense arm, paired by seed: its mean, spread, 95% interval and
-    whether the seeds resolve it (the interval excludes 0). None: no dense arm."""
+    whether the seeds resolve it (the interval excludes 0). No lines without a dense arm."""
     if PAIRED_BASE not in meta["arms"] or len(meta["arms"]) < 2:
         return []
     lines = [
