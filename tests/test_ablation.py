@@ -686,6 +686,27 @@ def test_paired_differences_against_dense_say_which_gaps_three_seeds_resolve():
     assert _paired_table({"arms": ["routed", "inl"], "seeds": [0]}, runs) == []  # nothing to pair with
 
 
+def test_training_gap_pairs_seeds_while_an_ablation_is_unfinished():
+    """Dense has seeds 0 and 1, routed only seed 0: the gap is routed-s0 - dense-s0 (worked by
+    hand), not routed-s0 minus the mean of dense's two seeds; with both seeds of both, the mean of
+    the per-seed differences."""
+    from complexity.experiments.report import training_gap
+
+    def metrics(losses):
+        return [{"step": t + 1, "loss": v} for t, v in enumerate(losses)] + [{"step": 2, "event": "eval"}]
+
+    loss = {"dense-s0": [5.0, 4.0, 3.0], "dense-s1": [6.0, 5.0, 4.0], "routed-s0": [4.5, 3.5, 2.0]}
+    meta = {"arms": ["dense", "routed"], "seeds": [0, 1]}
+    runs = {name: metrics(v) for name, v in loss.items()}
+    assert training_gap(meta, runs, "routed", "dense", smooth=1) == ([1, 2, 3], [-0.5, -0.5, -1.0])
+    # moving average of 2: dense-s0 5.0, 4.5, 3.5; routed-s0 4.5, 4.0, 2.75
+    assert training_gap(meta, runs, "routed", "dense", smooth=2) == ([1, 2, 3], [-0.5, -0.5, -0.75])
+    runs["routed-s1"] = metrics([5.0, 5.5, 3.0])  # per seed: -0.5, -0.5, -1.0 and -1.0, +0.5, -1.0
+    steps, gap = training_gap(meta, runs, "routed", "dense", smooth=1)
+    assert steps == [1, 2, 3] and gap == pytest.approx([-0.75, 0.0, -1.0], abs=1e-12)
+    assert training_gap(meta, {"routed-s0": runs["routed-s0"]}, "routed", "dense", smooth=1) == ([], [])
+
+
 # ----------------------------------------------------------------------------- done.json, checked
 
 

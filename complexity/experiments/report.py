@@ -5,8 +5,9 @@ any time: `complexity ablate --report-only --out DIR`):
                  per byte at the end, the average training loss over the first K steps (the metric
                  upstream quoted), the final training loss, tokens/s, the exact commands; the
                  spike table when the ablation injected one
-    loss.png     training loss (seed mean, moving average), held-out loss, and each arm's
-                 training-loss gap to the dense arm (negative = lower loss than dense)
+    loss.png     training loss (mean over each arm's finished seeds, moving average), held-out
+                 loss, and each arm's training-loss gap to the dense arm, paired by seed
+                 (negative = lower loss than dense)
     experts.png  routed arms: each expert's share of the vocabulary ids, of the training data's
                  token frequency mass and of the held-out tokens actually routed to it; and a
                  2-D PCA map of final hidden states (and of input embeddings) of held-out tokens,
@@ -361,43 +362,57 @@ def _seed_mean(series: list[dict[int, float]]) -> tuple[list[int], list[float]]:
     return steps, [statistics.fmean(s[t] for s in series) for t in steps]
 
 
-def _curves(meta, metrics, arm):
+def _seeds_run(meta: dict, metrics: dict[str, list[dict]], arm: str) -> list[int]:
+    return [s for s in meta["seeds"] if run_name(arm, s) in metrics]
+
+
+def _curves(meta, metrics, arm, seeds=None):
+    """(steps, seed-mean training loss), (steps, seed-mean held-out loss) over `seeds` (default:
+    the arm's finished ones)."""
     train, val = [], []
-    for seed in meta["seeds"]:
-        recs = metrics.get(f"{arm}-s{seed}")
-        if recs is None:
-            continue
+    for seed in _seeds_run(meta, metrics, arm) if seeds is None else seeds:
+        recs = metrics[run_name(arm, seed)]
         train.append(train_losses(recs))
         val.append({r["step"]: r["val_loss"] for r in recs if r.get("val_loss") is not None})
     return _seed_mean(train), _seed_mean(val)
 
 
+def training_gap(meta: dict, metrics: dict[str, list[dict]], arm: str, ref: str, smooth: int) -> tuple[list, list]:
+    """The arm's smoothed training loss minus the reference arm's, paired by seed: both averaged
+    over the seeds both have finished, so an unfinished seed of one arm does not tilt the gap."""
+    seeds = [s for s in _seeds_run(meta, metrics, arm) if run_name(ref, s) in metrics]
+    if not seeds:
+        return [], []
+    (steps, loss), _ = _curves(meta, metrics, arm, seeds)
+    (ref_steps, ref_loss), _ = _curves(meta, metrics, ref, seeds)
+    ref_map = dict(zip(ref_steps, _smooth(ref_loss, smooth)))
+    gap = [(t, v - ref_map[t]) for t, v in zip(steps, _smooth(loss, smooth)) if t in ref_map]
+    return [t for t, _ in gap], [v for _, v in gap]
+
+
 def plot_losses(meta: dict, metrics: dict[str, list[dict]], path: Path) -> Path:
+    """Each curve is the mean over the arm's finished seeds (the legend says how many); the gap
+    panel pairs seeds (`training_gap`)."""
     plt = _plt()
     arms = meta["arms"]
     smooth = max(1, meta["steps"] // 50)
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    curves = {a: _curves(meta, metrics, a) for a in arms}
     ref = "dense" if "dense" in arms else arms[0]
-    (ref_steps, ref_loss), _ = curves[ref]
-    ref_map = dict(zip(ref_steps, _smooth(ref_loss, smooth)))
     for i, a in enumerate(arms):
-        (steps, loss), (vsteps, vloss) = curves[a]
-        c = colors[i % len(colors)]
+        (steps, loss), (vsteps, vloss) = _curves(meta, metrics, a)
+        c, n = colors[i % len(colors)], len(_seeds_run(meta, metrics, a))
+        label = f"{a} ({n} seed{'s' if n != 1 else ''})"
         if steps:
-            sm = _smooth(loss, smooth)
-            axes[0].plot(steps, sm, color=c, label=a)
-            if a != ref:
-                gap = [(t, v - ref_map[t]) for t, v in zip(steps, sm) if t in ref_map]
-                if gap:
-                    axes[2].plot(*zip(*gap), color=c, label=f"{a} - {ref}")
+            axes[0].plot(steps, _smooth(loss, smooth), color=c, label=label)
         if vsteps:
-            axes[1].plot(vsteps, vloss, color=c, marker="o", markersize=3, label=a)
-    n = len(meta["seeds"])
-    axes[0].set_title(f"training loss (mean of {n} seed(s), moving average {smooth})")
-    axes[1].set_title("held-out loss")
-    axes[2].set_title(f"training-loss gap to {ref} (below 0: lower loss)")
+            axes[1].plot(vsteps, vloss, color=c, marker="o", markersize=3, label=label)
+        gap_steps, gap = training_gap(meta, metrics, a, ref, smooth) if a != ref else ([], [])
+        if gap_steps:
+            axes[2].plot(gap_steps, gap, color=c, label=f"{a} - {ref}")
+    axes[0].set_title(f"training loss (seed mean, moving average {smooth})")
+    axes[1].set_title("held-out loss (seed mean)")
+    axes[2].set_title(f"training-loss gap to {ref}, paired by seed (below 0: lower loss)")
     axes[2].axhline(0.0, color="black", linewidth=0.8)
     for ax in axes:
         ax.set_xlabel("step")
