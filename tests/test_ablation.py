@@ -494,17 +494,53 @@ def test_report_assembled_elsewhere_from_the_runs_small_files(data_dir, tmp_path
         assert emap is not None and len(emap.ids) == len(emap.experts) == len(emap.hidden_2d) > 0
         assert emap.hidden_2d.shape[1] == emap.embeddings_2d.shape[1] == 2
         assert 0 <= emap.experts.min() and emap.experts.max() < n_experts
-        assert (emap.token_to_expert is None) == (arm == "hash_top2")  # a top-1 table only where there is one
-        if emap.token_to_expert is not None:  # the training tokens' share per expert, under that table
-            counts = np.load(data_dir / "token_counts.npy")
-            want = np.bincount(emap.token_to_expert[: len(counts)], weights=counts, minlength=n_experts)
-            np.testing.assert_allclose(emap.training_mass, want / want.sum(), rtol=1e-12)
+        # the routing table: top-1 (V,), hash-routed top-2 (2, V); the first route colours each token
+        table = np.atleast_2d(emap.token_to_expert)
+        vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
+        assert table.shape == ((2, vocab) if arm == "hash_top2" else (1, vocab))
+        np.testing.assert_array_equal(emap.experts, table[0, emap.ids])
+        counts = np.load(data_dir / "token_counts.npy")  # the training tokens' share per expert, every route
+        want = sum(np.bincount(row[: len(counts)], weights=counts, minlength=n_experts) for row in table)
+        np.testing.assert_allclose(emap.training_mass, want / want.sum(), rtol=1e-12)
         again = write_expert_map(out / "runs" / f"{arm}-s0", str(data_dir), 32)  # from the weights, once more
         for a, b in zip(emap, again):
             assert (a is None and b is None) or np.array_equal(a, b)
     write_report(elsewhere)
     _assert_png(elsewhere / "experts.png")
     assert (elsewhere / "results.md").read_text() == (out / "results.md").read_text()
+
+
+def test_share_bars_count_every_route_of_a_hash_routed_arm():
+    """A (k, V) table: the vocabulary's and the held-out sample's shares count all k routes of
+    each token (worked by hand); a top-1 table and a learned router keep their single route."""
+    import numpy as np
+
+    from complexity.experiments.expert_map import ExpertMap
+    from complexity.experiments.report import _share_bars
+
+    table = np.array([[0, 1, 2, 3], [1, 2, 3, 3]])  # token 0 -> experts 0, 1; token 3 -> 3, 3
+    ids = np.array([3, 3, 0])
+    two_d = np.zeros((3, 2), dtype=np.float32)
+    emap = ExpertMap(ids, table[0, ids], two_d, two_d, table, np.array([0.1, 0.2, 0.3, 0.4]))
+    bars = dict(_share_bars(emap, None, 4))
+    assert list(bars) == [
+        "vocabulary ids, all 2 routes",
+        "training frequency mass, all 2 routes",
+        "held-out sample routed (last layer, all 2 routes, 3 tokens)",
+    ]
+    np.testing.assert_allclose(bars["vocabulary ids, all 2 routes"], [1 / 8, 2 / 8, 2 / 8, 3 / 8])
+    # routes of 3, 3, 0: (3, 3), (3, 3), (0, 1) -> expert 0 once, 1 once, 3 four times of six
+    np.testing.assert_allclose(
+        bars["held-out sample routed (last layer, all 2 routes, 3 tokens)"], [1 / 6, 1 / 6, 0, 4 / 6]
+    )
+    top1 = dict(_share_bars(emap._replace(token_to_expert=table[0], experts=table[0, ids]), None, 4))
+    np.testing.assert_allclose(top1["held-out sample routed (last layer, 3 tokens)"], [1 / 3, 0, 0, 2 / 3])
+    np.testing.assert_allclose(top1["vocabulary ids"], [0.25] * 4)
+    learned = _share_bars(emap._replace(token_to_expert=None, training_mass=None), [0.5, 0.5, 0, 0], 4)
+    assert [label for label, _ in learned] == [
+        "held-out tokens routed (eval, mean over layers)",
+        "held-out sample routed (last layer, 3 tokens)",
+    ]
 
 
 def test_pca_2d_matches_the_leading_principal_components():

@@ -5,8 +5,9 @@ An ablation too long for one machine session is trained in pieces and its report
 elsewhere from the runs' small files (metrics, summaries); the weights stay behind. So the file
 keeps what the figure draws, not the model's activations: each token's id and expert (the
 primary route in the last layer), the 2-D PCA coordinates of its final hidden state and of its
-input embedding, and for token-routed arms the routing table over the vocabulary and each
-expert's share of the training split's token frequency mass under it. About 100 KB.
+input embedding, and for token- and hash-routed arms the (last layer's) routing table over the
+vocabulary and each expert's share of the training split's token frequency mass under it. About
+100 KB.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ class ExpertMap(NamedTuple):
     experts: np.ndarray  # (n,) the expert each token went to in the last layer (its primary route)
     hidden_2d: np.ndarray  # (n, 2) PCA of the final hidden states
     embeddings_2d: np.ndarray  # (n, 2) PCA of the input embeddings
-    token_to_expert: np.ndarray | None  # (V,) the routing table (token-routed arms)
-    training_mass: np.ndarray | None  # (E,) each expert's share of the training tokens under that table
+    # the routing table: (V,) for a token-routed arm, (k, V) for a hash-routed one (the last layer's
+    # k routes of every token id); None for a learned router
+    token_to_expert: np.ndarray | None
+    training_mass: np.ndarray | None  # (E,) each expert's share of the training tokens' routes under that table
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -75,15 +78,29 @@ def read_expert_map(run_dir: Path) -> ExpertMap | None:
 
 
 def training_mass(table: np.ndarray, data: str, manifest: dict, n_experts: int) -> np.ndarray | None:
-    """Each expert's share of the training split's token frequency mass under the routing table
-    (None: the split has no tokens)."""
+    """Each expert's share of the training split's token frequency mass under the routing table,
+    (V,) or (k, V): with k routes a token counts once in each (None: the split has no tokens)."""
     from ..train.data import zipf_counts
 
-    counts, _ = zipf_counts(data, manifest, len(table), 0, 1)
+    table = np.atleast_2d(table)
+    counts, _ = zipf_counts(data, manifest, table.shape[1], 0, 1)
     if counts.sum() == 0:
         return None
-    mass = np.bincount(table, weights=counts[: len(table)].astype(np.float64), minlength=n_experts)
+    weights = np.tile(counts[: table.shape[1]].astype(np.float64), table.shape[0])
+    mass = np.bincount(table.reshape(-1), weights=weights, minlength=n_experts)
     return mass / mass.sum()
+
+
+def routing_table(model) -> np.ndarray | None:
+    """The table the figure draws: the model's token-to-expert table (V,), else the last
+    hash-routed layer's routes (k, V); None for a learned router."""
+    from ..modeling_complexity import ComplexityHashRoutedMLP
+
+    table = getattr(model.model, "token_to_expert", None)
+    if table is None:
+        hashed = [m for m in model.modules() if isinstance(m, ComplexityHashRoutedMLP)]
+        table = hashed[-1].route_table if hashed else None
+    return table.cpu().numpy() if table is not None else None
 
 
 def final_model_dir(run_dir: Path) -> Path | None:
@@ -141,8 +158,7 @@ def write_expert_map(run_dir: Path, data: str, seq_len: int, n_tokens: int = MAP
                     break
     finally:
         handle.remove()
-    table = getattr(model.model, "token_to_expert", None)
-    table = table.cpu().numpy() if table is not None else None
+    table = routing_table(model)
     n_experts = model.config.num_experts
     del model
     if device.type == "cuda":

@@ -488,22 +488,25 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
 def _share_bars(emap: ExpertMap | None, routed: list | None, n_experts: int) -> list[tuple]:
     """(label, each expert's share) for every share known for the arm: of the vocabulary ids and of
     the training data's frequency mass (from a routing table), of the held-out tokens routed at
-    the last evaluation (done.json), of the held-out sample's tokens."""
+    the last evaluation (done.json), of the held-out sample's tokens. With k routes per token
+    (a (k, V) table) the table's shares count every route, the held-out sample's too."""
     import numpy as np
 
     bars = []
-    if emap is not None and emap.token_to_expert is not None:
-        table = emap.token_to_expert
-        bars.append(("vocabulary ids", np.bincount(table, minlength=n_experts) / len(table)))
+    table = np.atleast_2d(emap.token_to_expert) if emap is not None and emap.token_to_expert is not None else None
+    routes = f", all {table.shape[0]} routes" if table is not None and table.shape[0] > 1 else ""
+    if table is not None:
+        bars.append((f"vocabulary ids{routes}", np.bincount(table.reshape(-1), minlength=n_experts) / table.size))
         if emap.training_mass is not None:
-            bars.append(("training frequency mass", emap.training_mass))
+            bars.append((f"training frequency mass{routes}", emap.training_mass))
     if routed:
         bars.append(("held-out tokens routed (eval, mean over layers)", np.asarray(routed)))
     if emap is not None:
-        experts = emap.experts
+        # a hash-routed token's routes are its table column: every route of the sample, not only the first
+        experts = table[:, emap.ids].reshape(-1) if routes else emap.experts
         bars.append(
             (
-                f"held-out sample routed (last layer, {len(experts):,} tokens)",
+                f"held-out sample routed (last layer{routes}, {len(emap.ids):,} tokens)",
                 np.bincount(experts, minlength=n_experts)[:n_experts] / max(1, len(experts)),
             )
         )
@@ -519,7 +522,8 @@ def _draw_share_bars(ax, arm: str, bars: list[tuple], n_experts: int) -> None:
     for j, (label, vals) in enumerate(bars):
         ax.bar(x + (j - (len(bars) - 1) / 2) * width, vals[:n_experts], width=width, label=label)
     ax.axhline(1.0 / n_experts, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(x, [f"expert {i}" for i in x])
+    ax.set_xticks(x, [str(i) for i in x])
+    ax.set_xlabel("expert")
     ax.set_ylabel("share")
     ax.set_title(f"{arm}: expert shares")
     if bars:
