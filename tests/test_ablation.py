@@ -865,6 +865,12 @@ def _good_map(n: int = 5) -> dict:
     return dict(ids=np.arange(n), experts=np.zeros(n), hidden_2d=np.zeros((n, 2)), embeddings_2d=np.zeros((n, 2)))
 
 
+def _table(shape: tuple):
+    import numpy as np
+
+    return np.zeros(shape, np.int16)
+
+
 BAD_MAPS = {
     "truncated": (lambda: _npz_bytes(**_good_map())[:-40], "unreadable (BadZipFile: "),
     "not a zip": (lambda: b"expert map", "unreadable ("),
@@ -872,6 +878,14 @@ BAD_MAPS = {
     "lengths differ": (
         lambda: _npz_bytes(**{**_good_map(), "experts": _good_map(4)["experts"]}),
         "its arrays disagree in length, or the coordinates are not (n, 2)",
+    ),
+    "table of 3 dims": (
+        lambda: _npz_bytes(**_good_map(), token_to_expert=_table((2, 2, 8))),
+        "token_to_expert has shape [2, 2, 8], expected (V,) or (k, V)",
+    ),
+    "ids past the table": (
+        lambda: _npz_bytes(**_good_map(), token_to_expert=_table((2, 3))),  # ids 0..4
+        "token ids outside the routing table's vocabulary [0, 3)",
     ),
 }
 

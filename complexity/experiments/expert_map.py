@@ -70,10 +70,16 @@ def read_expert_map(run_dir: Path) -> ExpertMap | None:
         problem = "its arrays disagree in length, or the coordinates are not (n, 2)"
     else:
         problem = None
-    if problem:
-        raise FileFormatError(f"{path}: {problem}; {REMEDY}")
     for name in ("token_to_expert", "training_mass"):  # stored empty when the arm has none
         arrays[name] = arrays[name] if arrays.get(name) is not None and arrays[name].size else None
+    table = arrays["token_to_expert"]
+    if problem is None and table is not None:
+        if table.ndim not in (1, 2):
+            problem = f"token_to_expert has shape {list(table.shape)}, expected (V,) or (k, V)"
+        elif n and not 0 <= arrays["ids"].min() <= arrays["ids"].max() < table.shape[-1]:
+            problem = f"token ids outside the routing table's vocabulary [0, {table.shape[-1]})"
+    if problem:
+        raise FileFormatError(f"{path}: {problem}; {REMEDY}")
     return ExpertMap(**arrays)
 
 
