@@ -103,7 +103,7 @@ def write_report(out: str | Path, log: Callable[[str], None] | None = None) -> t
     write_atomic(path, results_markdown(meta, runs), "report.results_md")
     figures = [plot_losses(meta, metrics, out / "loss.png")]
     routed = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense"]
-    if routed and any(f"{a}-s{meta['seeds'][0]}" in runs for a in routed):
+    if routed and any(run_name(a, meta["seeds"][0]) in runs for a in routed):
         figures.append(plot_experts(out, meta, runs, out / "experts.png"))
     if meta.get("spike"):
         figures.append(plot_spike(meta, metrics, out / "spike.png"))
@@ -135,7 +135,7 @@ def _row(cells) -> str:
 
 def _arm_runs(meta: dict, runs: dict[str, dict], arm: str) -> list[dict]:
     """The arm's finished runs, in seed order."""
-    return [runs[f"{arm}-s{s}"] for s in meta["seeds"] if f"{arm}-s{s}" in runs]
+    return [runs[run_name(arm, s)] for s in meta["seeds"] if run_name(arm, s) in runs]
 
 
 def _header(meta: dict) -> list[str]:
@@ -199,7 +199,7 @@ def _results_table(meta: dict, runs: dict[str, dict]) -> list[str]:
         ]
         cells += [_fmt_int([r.get("tokens_per_s") for r in rs]), f"{p['total']:,}", f"{p['active']:,}"]
         lines.append(_row(cells))
-    missing = [f"{a}-s{s}" for s in meta["seeds"] for a in meta["arms"] if f"{a}-s{s}" not in runs]
+    missing = [run_name(a, s) for s in meta["seeds"] for a in meta["arms"] if run_name(a, s) not in runs]
     if missing:
         lines += ["", f"Not finished (rerun the command to complete): {', '.join(missing)}."]
     return lines
@@ -215,7 +215,7 @@ def _paired(meta: dict, runs: dict[str, dict], arm: str, metric: str) -> list[fl
     """arm - dense for each seed both finished with a finite value (same seed: same batches)."""
     diffs = []
     for s in meta["seeds"]:
-        a, b = runs.get(f"{arm}-s{s}"), runs.get(f"{PAIRED_BASE}-s{s}")
+        a, b = runs.get(run_name(arm, s)), runs.get(run_name(PAIRED_BASE, s))
         values = (a or {}).get(metric), (b or {}).get(metric)
         if all(v is not None and math.isfinite(v) for v in values):
             diffs.append(values[0] - values[1])
@@ -266,7 +266,7 @@ def _paired_table(meta: dict, runs: dict[str, dict]) -> list[str]:
 def _expert_shares_table(meta: dict, runs: dict[str, dict]) -> list[str]:
     """Each routed arm's expert shares of the held-out tokens, for the first seed (none: no lines)."""
     seed = meta["seeds"][0]
-    shares = [(a, runs.get(f"{a}-s{seed}", {}).get("expert_shares")) for a in meta["arms"]]
+    shares = [(a, runs.get(run_name(a, seed), {}).get("expert_shares")) for a in meta["arms"]]
     shares = [(a, s) for a, s in shares if s]
     if not shares:
         return []
@@ -326,7 +326,7 @@ def _runs_table(meta: dict, runs: dict[str, dict]) -> list[str]:
     ]
     for s in meta["seeds"]:
         for a in meta["arms"]:
-            r = runs.get(f"{a}-s{s}")
+            r = runs.get(run_name(a, s))
             if r:
                 lines.append(f"| {a}-s{s} | `{r['train_command']}`{note} |")
     return lines
@@ -466,15 +466,17 @@ def plot_experts(out: Path, meta: dict, runs: dict[str, dict], path: Path) -> Pa
     existed, its weights since removed) gets its bars from done.json and no maps."""
     plt = _plt()
     seed = meta["seeds"][0]
-    arms = [a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense" and f"{a}-s{seed}" in runs]
+    arms = [
+        a for a in meta["arms"] if meta["plan"][a]["model"].get("mlp_type") != "dense" and run_name(a, seed) in runs
+    ]
     if not arms:
         return None
     fig, axes = plt.subplots(len(arms), 3, figsize=(17, 4.8 * len(arms)), squeeze=False)
     for a, (shares_ax, *map_axes) in zip(arms, axes):
-        run_dir = out / "runs" / f"{a}-s{seed}"
+        run_dir = out / "runs" / run_name(a, seed)
         emap = read_expert_map(run_dir) or write_expert_map(run_dir, meta["data"], meta["seq_len"])
         n_experts = meta["plan"][a]["widths"].get("experts", 4)
-        bars = _share_bars(emap, runs[f"{a}-s{seed}"].get("expert_shares"), n_experts)
+        bars = _share_bars(emap, runs[run_name(a, seed)].get("expert_shares"), n_experts)
         _draw_share_bars(shares_ax, a, bars, n_experts)
         if emap is None:
             for ax in map_axes:
