@@ -611,6 +611,9 @@ def test_compiled_decode_compiles_once(ckpt_dir):
     engine = Engine.from_pretrained(path, device="cpu", max_batch=3, compile="aot_eager")
     assert counters["stats"]["unique_graphs"] == 1  # compiled while the engine starts, not in a request
     assert engine.startup["compile_s"] > 0 and "compiled for batches up to 3" in engine.describe()
+    # the start-up line's phases, in the order they ran, with the seconds recorded for each
+    startup = engine.describe().split("; start-up ")[1]
+    assert startup == f"load {engine.startup['load_s']:.1f}s, compile and warm-up {engine.startup['compile_s']:.1f}s"
     p = SamplingParams(max_new_tokens=140, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(10, 40)), [9] * 7]
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -538,6 +539,7 @@ def test_sigterm_shuts_down_cleanly(ckpt, flags):
         assert proc.wait(30) in (0, -signal.SIGTERM)
         log = proc.stdout.read().decode()
         assert f"complexity serve: tiny on {url}; engine ready in " in log and "Traceback" not in log
+        assert re.search(r"; start-up process start \d+\.\ds, load \d+\.\ds", log), log[-2000:]  # where the time went
         assert "leaked semaphore" not in log, log[-2000:]  # nothing left for the resource tracker
     finally:
         if proc.poll() is None:

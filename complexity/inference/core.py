@@ -184,8 +184,9 @@ class ThreadCore:
             self._thread.join(timeout)
 
 
-def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads: int | None) -> None:
-    """Entry point of the core process."""
+def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads: int | None, spawned: float) -> None:
+    """Entry point of the core process; `spawned`: the parent's time.time() when it started it."""
+    process_s = time.time() - spawned  # the interpreter and its imports (torch, transformers)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the API process decides
     faulthandler.register(STACKS_SIGNAL, all_threads=True)  # see ProcessCore.close
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
@@ -211,6 +212,7 @@ def _core_main(cmd_conn, out_conn, checkpoint: str, engine_kwargs: dict, threads
             logger.exception("the engine could not start")
             out_conn.send(("error", f"{type(err).__name__}: {err}"))
         return
+    engine.startup["process_s"] = process_s
     out_conn.send(("ready", engine_info(engine)))
 
     def poll(timeout):
@@ -275,7 +277,7 @@ class ProcessCore:
             target=_core_main,
             name="complexity-engine-core",
             daemon=True,
-            args=(cmd_recv, out_send, self.checkpoint, self.engine_kwargs, self.threads),
+            args=(cmd_recv, out_send, self.checkpoint, self.engine_kwargs, self.threads, time.time()),
         )
         self._proc.start()
         cmd_recv.close()

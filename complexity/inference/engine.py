@@ -326,6 +326,22 @@ def _collector_paused():
             gc.enable()
 
 
+# The start-up phases in the order they run, as `Engine.startup` and the core process name them.
+STARTUP_PHASES = {
+    "process_s": "process start",
+    "load_s": "load",
+    "memory_s": "memory sizing",
+    "compile_s": "compile and warm-up",
+    "capture_s": "graph capture",
+}
+
+
+def describe_startup(startup: dict) -> str:
+    """The phases that ran and their seconds, as in "load 1.2s, compile and warm-up 30.1s"."""
+    done = [f"{name} {startup[key]:.1f}s" for key, name in STARTUP_PHASES.items() if key in startup]
+    return ", ".join(done) or "nothing timed"
+
+
 class Engine:
     """Owns a model, its slot cache and the scheduling state. Not thread safe: one thread calls
     `add_request` / `abort` / `step` (the server runs it in its own process, see core.py).
@@ -393,9 +409,12 @@ class Engine:
         self._launched: list[_Window] = []  # windows launched by the step in progress
         self.memory_plan = None
         self._min_cache_rows = 3 if self.compile else 1  # see _compiled_max_rows
-        if max_batch is None:
-            max_batch = self._slots_from_memory(gpu_memory_utilization) if on_cuda else CPU_SLOTS
-        self.max_batch = max_batch
+        self.startup: dict = {}  # seconds per start-up phase (the serve command's start line lists them)
+        if max_batch is None and on_cuda:
+            t = time.perf_counter()
+            max_batch = self._slots_from_memory(gpu_memory_utilization)
+            self.startup["memory_s"] = time.perf_counter() - t
+        self.max_batch = CPU_SLOTS if max_batch is None else max_batch
         self._allocate_cache()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -413,7 +432,6 @@ class Engine:
         self._decode_impl = self._decode_forward
         if self.compile:
             self._decode_impl = torch.compile(self._decode_forward, backend=self._compile_backend)
-        self.startup: dict = {}
         if self.use_graphs:
             self._capture_graphs()
         elif self.compile:
@@ -475,8 +493,12 @@ class Engine:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         attn = kwargs.pop("attn_implementation", "sdpa")
+        t = time.perf_counter()
         model, tok = load_checkpoint_folder(path, device=dev, dtype=dt, attn_implementation=attn, tokenizer=tokenizer)
-        return cls(model, tok, attn_implementation=attn, **kwargs)
+        load_s = time.perf_counter() - t
+        engine = cls(model, tok, attn_implementation=attn, **kwargs)
+        engine.startup["load_s"] = load_s
+        return engine
 
     def _slots_from_memory(self, utilization: float) -> int:
         """Slots of max_seq_len tokens that fit in `utilization` of the device's memory, after the
@@ -547,18 +569,18 @@ class Engine:
             )
             parts.append(
                 f"decode: {len(self._graphs)} CUDA graphs ({len(self._buckets)} batch x "
-                f"{len(self._kv_buckets)} context buckets, {self.startup.get('capture_s', 0):.1f}s{compiled})"
+                f"{len(self._kv_buckets)} context buckets{compiled})"
             )
         else:
             decode = "eager (compile failed)" if "compile_error" in self.startup else "eager"
             if self.compile:
-                decode = f"compiled for batches up to {compiled_rows} ({self.startup.get('compile_s', 0):.1f}s)"
+                decode = f"compiled for batches up to {compiled_rows}"
             parts.append("decode: " + decode)
         if self.decode_steps > 1:
             parts.append(f"{self.decode_steps} decode steps per read of the tokens")
         if self.async_decode:
             parts.append("next decode steps launched before the tokens are read (async)")
-        return ", ".join(parts)
+        return ", ".join(parts) + f"; start-up {describe_startup(self.startup)}"
 
     # ------------------------------------------------------------------ requests
 
@@ -1046,7 +1068,8 @@ class Engine:
                     raise
                 self._drop_compile(err)
                 self._warm_up()
-            self.startup["compile_s"] = time.perf_counter() - t0
+            self.startup["compile_s"] = time.perf_counter() - t0  # warm-up, and the compile if on
+            t0 = time.perf_counter()
             with _collector_paused():
                 for kv in reversed(self._kv_buckets):
                     for b in reversed(self._buckets):
