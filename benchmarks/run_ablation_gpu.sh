@@ -18,7 +18,9 @@
 #
 # Resume. Every stage is skipped when its output exists and the ablation resumes where it stopped,
 # so rerunning the same command after an interruption continues it (a TERM or INT stops it cleanly:
-# the current run is checkpointed). On another machine, extract ablation.tgz into $WORK/ablation
+# the current run is checkpointed). A job with a time limit on a machine that keeps nothing sets
+# TIME_LIMIT instead of cutting the script: it stops between runs once the next one could not finish
+# in time, so no run's work is lost with the machine. On another machine, extract ablation.tgz into $WORK/ablation
 # and copy the tokenizer folder to $WORK/tokenizer first: the finished runs are skipped and the
 # report is written from their files (experts.png from each run's expert_map.npz, no weights).
 # `complexity ablate` refuses to mix runs trained on a different corpus (sha256 in the manifest).
@@ -37,6 +39,10 @@
 #   ONLY_DATA         stop after the corpus/tokenizer/data stages
 #   SPIKE             also run the spike experiment with a corrupted batch at this step (into
 #                     $WORK/spike), SPIKE_SEEDS [1] seeds per arm
+#   TIME_LIMIT        seconds from the script's start: when a run finishes and the next would not
+#                     finish by then (taking RUN_SECONDS [the longest run this call] s), or at the
+#                     limit itself (the run in flight checkpointed), stop as on a TERM (exit 143)
+#   PRESET [tmlr-187m]  DEVICE [cuda]  PRECISION [bf16-mixed]   the model and where it trains
 #   PYTHON [python]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,9 +95,9 @@ EOF
 if [ -n "${ONLY_DATA:-}" ]; then stamp "ONLY_DATA set: stopping before the ablation"; exit 0; fi
 
 # shellcheck disable=SC2086
-ABLATE=("${CLI[@]}" ablate --preset tmlr-187m --data "$WORK/data" --steps "$STEPS"
+ABLATE=("${CLI[@]}" ablate --preset "${PRESET:-tmlr-187m}" --data "$WORK/data" --steps "$STEPS"
   training.seq_len="$SEQ" training.micro_batch_size="$MICRO" training.tokens_per_step="$TOKENS_PER_STEP"
-  training.precision=bf16-mixed training.compile="$COMPILE" training.device=cuda
+  training.precision="${PRECISION:-bf16-mixed}" training.compile="$COMPILE" training.device="${DEVICE:-cuda}"
   optim.lr=6e-4 optim.min_lr=6e-5 schedule.warmup_steps="$WARMUP"
   eval.every="$EVAL_EVERY" eval.max_batches=20 checkpoint.every="$CKPT_EVERY" checkpoint.keep_last=1
   logging.progress=false --arms $ARMS)
@@ -99,18 +105,44 @@ ABLATE=("${CLI[@]}" ablate --preset tmlr-187m --data "$WORK/data" --steps "$STEP
 # A TERM or INT (a job's time limit) is passed to `complexity ablate`, which checkpoints the run it
 # is training and stops; the script waits for that, packs what is finished and exits 143.
 stopped=0
-ablate() {
-  "${ABLATE[@]}" "$@" &
+ablate() {  # DIR RUNS ARGS...: the ablation folder, how many runs it has in all, ablate's arguments
+  local dir=$1 total=$2 watcher=
+  shift 2
+  "${ABLATE[@]}" --out "$dir" "$@" &
   local pid=$! rc=0
   trap 'kill -TERM $pid 2>/dev/null; stopped=1' TERM INT
+  if [ -n "${TIME_LIMIT:-}" ]; then watch_time_limit "$dir" "$total" & watcher=$!; fi
   wait $pid || rc=$?
   while kill -0 $pid 2>/dev/null; do rc=0; wait $pid || rc=$?; done  # a trapped signal ends a wait early
   trap - TERM INT
+  if [ -n "$watcher" ]; then kill $watcher 2>/dev/null || true; fi
   return $rc
+}
+finished_runs() { local n=0 f; for f in "$1"/runs/*/done.json; do [ -f "$f" ] && n=$(( n + 1 )); done; echo $n; }
+# TIME_LIMIT: TERM this script (the trap above checkpoints the run in flight) at the limit, or when
+# a run finishes, runs remain and the next could not finish in time. A run's time is measured from
+# one finish to the next (the first from ablate's start: it includes skipping the finished runs).
+watch_time_limit() {  # DIR TOTAL
+  local done_before last=$(date +%s) longest=${RUN_SECONDS:-0} now n left
+  done_before=$(finished_runs "$1")
+  while sleep 1; do
+    now=$(date +%s) n=$(finished_runs "$1")
+    left=$(( t0 + TIME_LIMIT - now ))
+    if [ "$n" != "$done_before" ]; then
+      [ -z "${RUN_SECONDS:-}" ] && [ $(( now - last )) -gt "$longest" ] && longest=$(( now - last ))
+      last=$now done_before=$n
+      if [ "$n" -lt "$2" ] && [ "$left" -lt "$longest" ]; then
+        stamp "TIME_LIMIT: ${left}s left, a run takes ${longest}s: stopping before the next run"
+        kill -TERM $$; return
+      fi
+    fi
+    if [ "$left" -le 0 ]; then stamp "TIME_LIMIT: ${TIME_LIMIT}s reached: stopping the run in flight"; kill -TERM $$; return; fi
+  done
 }
 # OUT/<folder>.tgz: the ablation.json and the finished runs, without weights, to continue elsewhere
 pack() {
   local dir=$1 runs=()
+  if [ ! -f "$dir/ablation.json" ]; then stamp "nothing to pack: $dir has no plan yet"; return; fi
   for run in "$dir"/runs/*/; do [ -f "$run/done.json" ] && runs+=("runs/$(basename "$run")"); done
   tar czf "$OUT/$(basename "$dir").tgz" -C "$dir" --exclude checkpoints --exclude final ablation.json "${runs[@]}"
   stamp "packed $OUT/$(basename "$dir").tgz: ${#runs[@]} finished run(s)"
@@ -122,7 +154,8 @@ finish_or_stop() {  # DIR RC
 }
 
 stamp "ablation: $STEPS steps x $TOKENS_PER_STEP tokens per run ($(( STEPS * TOKENS_PER_STEP )) tokens), $SEEDS seed(s), arms: $ARMS"
-rc=0; ablate --seeds "$SEEDS" --out "$WORK/ablation" || rc=$?
+NUM_ARMS=$(wc -w <<< "$ARMS")
+rc=0; ablate "$WORK/ablation" $(( SEEDS * NUM_ARMS )) --seeds "$SEEDS" || rc=$?
 finish_or_stop "$WORK/ablation" $rc
 cp "$WORK/ablation/results.md" "$WORK/ablation/loss.png" "$WORK/ablation/ablation.json" "$OUT/"
 [ -f "$WORK/ablation/experts.png" ] && cp "$WORK/ablation/experts.png" "$OUT/"
@@ -133,7 +166,7 @@ done
 
 if [ -n "${SPIKE:-}" ]; then
   stamp "spike experiment: corrupted batch at step $SPIKE (LR x 10), spike guard off, ${SPIKE_SEEDS:-1} seed(s)"
-  rc=0; ablate --seeds "${SPIKE_SEEDS:-1}" --out "$WORK/spike" --spike "$SPIKE" || rc=$?
+  rc=0; ablate "$WORK/spike" $(( ${SPIKE_SEEDS:-1} * NUM_ARMS )) --seeds "${SPIKE_SEEDS:-1}" --spike "$SPIKE" || rc=$?
   finish_or_stop "$WORK/spike" $rc
   mkdir -p "$OUT/spike"
   cp "$WORK/spike/results.md" "$WORK/spike/spike.png" "$WORK/spike/loss.png" "$OUT/spike/"
