@@ -614,6 +614,9 @@ def test_compiled_decode_compiles_once(ckpt_dir):
     # the start-up line's phases, in the order they ran, with the seconds recorded for each
     startup = engine.describe().split("; start-up ")[1]
     assert startup == f"load {engine.startup['load_s']:.1f}s, compile and warm-up {engine.startup['compile_s']:.1f}s"
+    assert (
+        "start-up" not in Engine(engine.model, max_batch=3).describe()
+    )  # built from a model: nothing timed, nothing said
     p = SamplingParams(max_new_tokens=140, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(10, 40)), [9] * 7]
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -338,8 +338,7 @@ STARTUP_PHASES = {
 
 def describe_startup(startup: dict) -> str:
     """The phases that ran and their seconds, as in "load 1.2s, compile and warm-up 30.1s"."""
-    done = [f"{name} {startup[key]:.1f}s" for key, name in STARTUP_PHASES.items() if key in startup]
-    return ", ".join(done) or "nothing timed"
+    return ", ".join(f"{name} {startup[key]:.1f}s" for key, name in STARTUP_PHASES.items() if key in startup)
 
 
 class Engine:
@@ -580,7 +579,8 @@ class Engine:
             parts.append(f"{self.decode_steps} decode steps per read of the tokens")
         if self.async_decode:
             parts.append("next decode steps launched before the tokens are read (async)")
-        return ", ".join(parts) + f"; start-up {describe_startup(self.startup)}"
+        startup = describe_startup(self.startup)
+        return ", ".join(parts) + (f"; start-up {startup}" if startup else "")
 
     # ------------------------------------------------------------------ requests
 
