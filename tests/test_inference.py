@@ -14,7 +14,7 @@ from _serve_fixtures import make_tiny_checkpoint, make_tokenizer
 
 from complexity.inference import Engine, SamplingParams
 from complexity.inference.detokenize import IncrementalDetokenizer, StopMatcher
-from complexity.inference.engine import _collector_paused
+from complexity.inference.engine import CPU_SLOTS, _collector_paused
 from complexity.inference.sampling import Penalties, filter_logits
 
 torch.set_num_threads(1)  # tiny matrices: extra threads only contend on shared CPUs
@@ -614,9 +614,8 @@ def test_compiled_decode_compiles_once(ckpt_dir):
     # the start-up line's phases, in the order they ran, with the seconds recorded for each
     startup = engine.describe().split("; start-up ")[1]
     assert startup == f"load {engine.startup['load_s']:.1f}s, compile and warm-up {engine.startup['compile_s']:.1f}s"
-    assert (
-        "start-up" not in Engine(engine.model, max_batch=3).describe()
-    )  # built from a model: nothing timed, nothing said
+    plain = Engine(engine.model)  # built from a model, slots by default: nothing timed, nothing said
+    assert plain.max_batch == CPU_SLOTS and "start-up" not in plain.describe()
     p = SamplingParams(max_new_tokens=140, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(10, 40)), [9] * 7]
     with torch._dynamo.config.patch(error_on_recompile=True):

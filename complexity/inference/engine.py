@@ -413,7 +413,7 @@ class Engine:
             t = time.perf_counter()
             max_batch = self._slots_from_memory(gpu_memory_utilization)
             self.startup["memory_s"] = time.perf_counter() - t
-        self.max_batch = CPU_SLOTS if max_batch is None else max_batch
+        self.max_batch = max_batch = CPU_SLOTS if max_batch is None else max_batch
         self._allocate_cache()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
