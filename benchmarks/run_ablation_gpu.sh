@@ -28,7 +28,7 @@
 # Environment knobs (defaults in brackets):
 #   SCALE [1]         multiplies the step count (tokens per run = 25M x SCALE)
 #   STEPS             explicit step count (overrides SCALE)
-#   SEEDS [3]         seeds per arm          ARMS ["dense routed_mu routed learned_mu inl hash_top2"]
+#   SEEDS [3]         seeds per arm (or a list: 0,2)         ARMS ["dense routed_mu routed learned_mu inl hash_top2"]
 #   SEQ [2048]  MICRO [8]  TOKENS_PER_STEP [65536]   sequence length, micro-batch, global batch
 #   COMPILE [true]    torch.compile (the trainer picks scope and mode for the hardware)
 #   CORPUS_MB [140]   million bytes of site-packages prose to train on (one epoch >= 25M tokens
@@ -65,6 +65,13 @@ WARMUP=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))
 EVAL_EVERY=$(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))
 CKPT_EVERY=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))
 CLI=("$PY" -m complexity.cli)
+for knob in TIME_LIMIT RUN_SECONDS; do  # whole seconds, or unset (bash arithmetic would read a word as 0)
+  if [ -n "${!knob:-}" ] && ! [[ "${!knob}" =~ ^[0-9]+$ ]]; then
+    echo "run_ablation_gpu.sh: $knob: '${!knob}' is not a whole number of seconds" >&2; exit 2
+  fi
+done
+# how many seeds a --seeds value names: a count N, or a comma-separated list (ablate checks it)
+seed_count() { if [[ $1 =~ ^[0-9]+$ ]]; then echo "$1"; else tr ',' '\n' <<< "$1" | grep -c .; fi; }
 
 mkdir -p "$WORK" "$OUT"
 t0=$(date +%s)
@@ -155,7 +162,7 @@ finish_or_stop() {  # DIR RC
 
 stamp "ablation: $STEPS steps x $TOKENS_PER_STEP tokens per run ($(( STEPS * TOKENS_PER_STEP )) tokens), $SEEDS seed(s), arms: $ARMS"
 NUM_ARMS=$(wc -w <<< "$ARMS")
-rc=0; ablate "$WORK/ablation" $(( SEEDS * NUM_ARMS )) --seeds "$SEEDS" || rc=$?
+rc=0; ablate "$WORK/ablation" $(( $(seed_count "$SEEDS") * NUM_ARMS )) --seeds "$SEEDS" || rc=$?
 finish_or_stop "$WORK/ablation" $rc
 cp "$WORK/ablation/results.md" "$WORK/ablation/loss.png" "$WORK/ablation/ablation.json" "$OUT/"
 [ -f "$WORK/ablation/experts.png" ] && cp "$WORK/ablation/experts.png" "$OUT/"
@@ -166,7 +173,7 @@ done
 
 if [ -n "${SPIKE:-}" ]; then
   stamp "spike experiment: corrupted batch at step $SPIKE (LR x 10), spike guard off, ${SPIKE_SEEDS:-1} seed(s)"
-  rc=0; ablate "$WORK/spike" $(( ${SPIKE_SEEDS:-1} * NUM_ARMS )) --seeds "${SPIKE_SEEDS:-1}" --spike "$SPIKE" || rc=$?
+  rc=0; ablate "$WORK/spike" $(( $(seed_count "${SPIKE_SEEDS:-1}") * NUM_ARMS )) --seeds "${SPIKE_SEEDS:-1}" --spike "$SPIKE" || rc=$?
   finish_or_stop "$WORK/spike" $rc
   mkdir -p "$OUT/spike"
   cp "$WORK/spike/results.md" "$WORK/spike/spike.png" "$WORK/spike/loss.png" "$OUT/spike/"

@@ -77,3 +77,13 @@ def test_time_limit_stops_at_the_limit_or_between_runs_and_the_same_command_comp
     runs = ["dense-s0", "dense-s1", "routed-s0", "routed-s1"]
     assert _finished(work) == _packed(work) == runs
     assert (work / "out" / "results.md").read_text().count("| routed |") >= 1
+
+
+@pytest.mark.parametrize("knob", ["TIME_LIMIT", "RUN_SECONDS"])
+def test_a_time_knob_that_is_not_whole_seconds_is_refused_before_any_work(tmp_path, knob):
+    """bash arithmetic would read "9m" or "ten" as 0 (an immediate stop, or no estimate): refused
+    with the knob's name, before the corpus stage writes anything."""
+    res = _run(tmp_path / "abl", **{knob: "9m"})
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"run_ablation_gpu.sh: {knob}: '9m' is not a whole number of seconds" in res.stderr
+    assert not (tmp_path / "abl").exists()
