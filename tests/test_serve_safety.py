@@ -551,3 +551,26 @@ def test_a_failed_start_after_the_engine_spawned_stops_its_process(ckpt, monkeyp
     with pytest.raises(RuntimeError, match="create_app failed"):
         serve_command.run(args)
     assert len(spawned) == 1 and not spawned[0].core.alive()
+
+
+def test_the_engine_loads_while_the_tokenizer_does_and_a_tokenizer_failure_stops_it(ckpt, monkeypatch):
+    """`AsyncEngine.spawn` starts the core process first, so its imports and checkpoint load run
+    while the API process loads the tokenizer (start-up time); when that load fails, the process
+    is killed at once (not left loading the model) and the error propagates unchanged."""
+    import multiprocessing
+
+    import transformers
+
+    from complexity.inference import AsyncEngine
+
+    seen = []
+
+    def failing_tokenizer(*args, **kwargs):
+        seen.extend(p for p in multiprocessing.active_children() if p.name == "complexity-engine-core")
+        raise OSError("tokenizer.json: unreadable")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", failing_tokenizer)
+    with pytest.raises(OSError, match="tokenizer.json: unreadable"):
+        AsyncEngine.spawn(str(ckpt), {"device": "cpu", "max_batch": 2}, threads=1)
+    assert len(seen) == 1  # the core was running while the tokenizer loaded
+    assert not seen[0].is_alive() and seen[0].exitcode == -9  # killed, not waited for

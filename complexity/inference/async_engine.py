@@ -153,13 +153,18 @@ class AsyncEngine:
         start (bad checkpoint, flags, memory), with its message."""
         import os
 
-        from transformers import AutoTokenizer
-
         path = str(checkpoint)
-        has_tok = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = AutoTokenizer.from_pretrained(path) if has_tok else None
         core = ProcessCore(path, dict(engine_kwargs or {}), on_message=None, threads=threads)
-        core.start()
+        core.launch()  # first: its imports and load overlap the tokenizer's here
+        try:
+            from transformers import AutoTokenizer
+
+            has_tok = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+            tokenizer = AutoTokenizer.from_pretrained(path) if has_tok else None
+            core.wait_ready()
+        except BaseException:
+            core.kill()  # a start that failed here leaves no process holding the model
+            raise
         return cls(core=core, tokenizer=tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ lifecycle

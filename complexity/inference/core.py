@@ -269,6 +269,12 @@ class ProcessCore:
     def start(self) -> None:
         """Spawn the process and wait until its engine is ready (model loaded, graphs captured).
         Raises ValueError with the core's message if it could not start."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Spawn the process and return: it imports torch and loads the checkpoint while the
+        caller does its own set-up. `wait_ready` next (or `kill`)."""
         ctx = multiprocessing.get_context("spawn")
         cmd_recv, self._cmd = ctx.Pipe(duplex=False)
         self._out, out_send = ctx.Pipe(duplex=False)
@@ -282,6 +288,10 @@ class ProcessCore:
         self._proc.start()
         cmd_recv.close()
         out_send.close()  # the parent keeps only its ends: EOF then means the child is gone
+
+    def wait_ready(self) -> None:
+        """Wait until the launched engine is ready. Raises ValueError with the core's message if it
+        could not start."""
         try:
             msg = self._out.recv()
         except EOFError:
@@ -349,6 +359,13 @@ class ProcessCore:
         with self._reap_lock:
             self._proc.join(timeout)
             return not self._proc.is_alive()
+
+    def kill(self) -> None:
+        """End the process at once, ready or not (a start its caller abandoned): no handshake,
+        which a core still loading would answer only once loaded."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._join(5)
 
     def close(self, timeout: float) -> None:
         if self._proc is None:
