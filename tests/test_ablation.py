@@ -337,6 +337,33 @@ def test_cli_hands_every_flag_to_run_ablation_and_prints_the_outcome(tmp_path, c
         assert (captured.out, captured.err.strip()) == ("", stopped)
 
 
+def test_cli_takes_data_and_steps_from_the_recipe_unless_given(tmp_path, capsys, monkeypatch):
+    """With --config, --data and --steps default to the recipe's data.path and training.max_steps
+    (overrides applied); given flags win, and the recipe is checked against them before any run."""
+    from complexity.cli import main
+    from complexity.experiments import ablation
+
+    calls = []
+    monkeypatch.setattr(
+        ablation, "run_ablation", lambda **kw: calls.append(kw) or ablation.AblationResult(out=Path(kw["out"]), plan={})
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[model]\npreset = 'tiny'\n[data]\npath = 'prepared'\n[training]\nmax_steps = 40\n")
+    recipe.write_text(recipe.read_text() + "[schedule]\nwarmup_steps = 15\n")
+    base = ["ablate", "--config", str(recipe), "--out", str(tmp_path / "abl")]
+    assert main(base) == 0
+    assert (calls[-1]["data"], calls[-1]["steps"]) == ("prepared", 40)
+    assert main([*base, "training.max_steps=30", "data.path=other"]) == 0
+    assert (calls[-1]["data"], calls[-1]["steps"]) == ("other", 30)
+    assert main([*base, "--data", "D", "--steps", "20"]) == 0
+    assert (calls[-1]["data"], calls[-1]["steps"]) == ("D", 20)
+    capsys.readouterr()
+    for argv in ([*base, "--steps", "10"], ["ablate", "--config", str(recipe), "--steps", "10", "--dry-run"]):
+        assert main(argv) == 2
+        assert "schedule.warmup_steps: 15 exceeds training.max_steps=10" in capsys.readouterr().err
+    assert len(calls) == 3
+
+
 def test_report_only_cli_prints_the_report_and_its_figures(tmp_path, capsys, monkeypatch):
     from complexity.cli import main
     from complexity.experiments import report

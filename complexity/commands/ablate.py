@@ -4,6 +4,7 @@ complexity ablate --preset tmlr-187m --data DIR --steps 1000 --seeds 3 --out run
 complexity ablate --preset tiny --data DIR --steps 300 --arms dense routed_mu --out DIR training.seq_len=256
 complexity ablate --preset tiny --data DIR --steps 300 --spike 150 --out runs/spike
 complexity ablate --preset tmlr-187m --dry-run            # the arms' widths and parameter counts only
+complexity ablate --config recipes/tiny.toml --out DIR     # the recipe's data.path and training.max_steps
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _move_overrides_out_of_arms(args) -> None:
 def _print_plans(args) -> int:
     from ..experiments.arms import plan_arms
 
+    _take_data_and_steps_from_the_recipe(args)
     _check_run_values(args)  # a dry run refuses what the run it plans would refuse
     preset, base = _base_model(args)
     for p in plan_arms(preset, args.arms, base, args.tolerance).values():
@@ -84,6 +86,7 @@ def _rewrite_report(args) -> int:
 def _train_and_report(args) -> int:
     from ..experiments.ablation import run_ablation
 
+    _take_data_and_steps_from_the_recipe(args)
     _check_training_flags(args)
     result = run_ablation(
         preset=args.preset,
@@ -108,6 +111,22 @@ def _train_and_report(args) -> int:
         return 0 if args.stop_after is not None else signalled_status(result.signal)
     print(result.report, *result.figures, sep="\n")
     return 0
+
+
+def _take_data_and_steps_from_the_recipe(args) -> None:
+    """With --config, --data and --steps default to the recipe's data.path and training.max_steps
+    (read with every override and --steps, as the run will read it: a dry run refuses what the run
+    would); flags given win."""
+    if args.config is None:
+        return
+    from ..train import load_config
+
+    given = [] if args.steps is None else [f"training.max_steps={args.steps}"]
+    config = load_config(args.config, [*args.overrides, *given])
+    if args.data is None:
+        args.data = config.data.path
+    if args.steps is None:
+        args.steps = config.training.max_steps
 
 
 def _check_training_flags(args) -> None:
@@ -159,8 +178,14 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", metavar="NAME", help="model preset (the arms change only the MLP / mu fields)")
     src.add_argument("--config", metavar="RECIPE", help="TOML recipe (its model section is the base of every arm)")
-    p.add_argument("--data", metavar="DIR", help="prepared data folder (`complexity data prepare`)")
-    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps per run")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="prepared data folder (`complexity data prepare`; default: the recipe's data.path)",
+    )
+    p.add_argument(
+        "--steps", type=int, metavar="N", help="optimizer steps per run (default: the recipe's training.max_steps)"
+    )
     p.add_argument(
         "--seeds",
         default="1",
