@@ -151,6 +151,19 @@ def test_new_folder_is_complete_or_absent_and_removes_only_what_killed_writers_l
         pass
 
 
+def test_new_folder_has_the_umasks_permissions_as_any_folder_the_user_makes(tmp_path):
+    # the temporary folder came from tempfile.mkdtemp (0700 whatever the umask): a converted
+    # model or a tokenizer could not be read by another user, a server's included
+    old = os.umask(0o022)
+    try:
+        with files.new_folder(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("new")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+
+
 def test_an_atomic_file_onto_a_folder_names_the_folder(tmp_path):
     # the final rename used to fail with "PATH.partial: Is a directory"
     (tmp_path / "out.npy").mkdir()

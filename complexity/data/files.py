@@ -25,7 +25,6 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -410,6 +409,19 @@ def _abandoned(folder: Path) -> bool:
         return False
 
 
+def _writing_folder(final: Path) -> Path:
+    """A new, uniquely named folder beside `final`. Made by os.mkdir, so with the umask's
+    permissions: tempfile.mkdtemp's are owner-only (0700) whatever the umask, and a model or
+    tokenizer folder must be as readable by others (a server's user) as any folder the user makes."""
+    while True:
+        tmp = final.parent / f".{final.name}.writing-{os.urandom(6).hex()}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def new_folder(final) -> Iterator[Path]:
     """A temporary folder beside `final` to write into, swapped in as `final` (`replace_dir`)
@@ -421,7 +433,7 @@ def new_folder(final) -> Iterator[Path]:
     for stale in final.parent.glob(f".{glob.escape(final.name)}.writing-*"):
         if _abandoned(stale):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.writing-", dir=final.parent))
+    tmp = _writing_folder(final)
     try:
         with held(tmp):
             yield tmp
