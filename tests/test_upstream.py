@@ -406,6 +406,23 @@ def test_config_contradicting_weights(tmp_path):
     assert_rejected(src, tmp_path / "dst", "rotary frequencies differ from rope_theta=500000.0")
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_hidden_layers", "2", "config.json: num_hidden_layers='2' is not a positive integer"),
+        ("hidden_size", 64.0, "config.json: hidden_size=64.0 is not a positive integer"),
+        ("vocab_size", True, "config.json: vocab_size=True is not a positive integer"),
+        ("use_qk_norm", "true", "config.json: use_qk_norm='true' is not true, false or null"),
+        ("num_experts", "4", "ComplexityConfig.num_experts: must be a positive integer, got '4'"),
+        ("rms_norm_eps", "x", "ComplexityConfig.rms_norm_eps: must be a positive number, got 'x'"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named(tmp_path, field, value, message):
+    # a string size reached the shape checks and failed there with a bare TypeError
+    src = make_source(tmp_path, MU_DIR, edit_config=lambda c: c.update({field: value}))
+    assert_rejected(src, tmp_path / "dst", message)
+
+
 def test_differing_per_layer_tables_rejected(tmp_path):
     def edit(sd):
         sd["layers.1.mlp.token_to_expert"] = sd["layers.1.mlp.token_to_expert"].roll(1)

@@ -98,8 +98,11 @@ def translate_config(
     missing = [k for k in REQUIRED_FIELDS if k not in ucfg]
     if missing:
         problems.append(f"config.json: missing required field(s): {', '.join(missing)}")
+    # the sizes are checked against the weights' shapes next: a "2" or a 2.0 cannot be
+    not_sizes = [k for k in REQUIRED_FIELDS if k in ucfg and not _is_positive_int(ucfg[k])]
+    problems += [f"config.json: {k}={ucfg[k]!r} is not a positive integer" for k in not_sizes]
     structure = _structure(ucfg, design, weights, problems)  # its problems are listed either way
-    if missing:
+    if missing or not_sizes:
         return None
     kwargs: dict = {k: ucfg[k] for k in REQUIRED_FIELDS}
     for name, (ours, default) in MAPPED_FIELDS.items():
@@ -107,6 +110,10 @@ def translate_config(
         if value is not None or name in ucfg:
             kwargs[ours] = value
     return {**kwargs, **structure}
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_fields(ucfg: dict, problems: list[str], ignored: list[str]) -> None:
@@ -136,7 +143,9 @@ def _structure(ucfg: dict, design: str, weights: WeightStructure, problems: list
 
     def flag(name: str, from_weights: bool) -> bool:
         """A structural flag: the weights decide; a config value that disagrees is an error."""
-        if name in ucfg and ucfg[name] is not None and bool(ucfg[name]) != from_weights:
+        if name in ucfg and not isinstance(ucfg[name], bool | None):
+            problems.append(f"config.json: {name}={ucfg[name]!r} is not true, false or null")
+        elif name in ucfg and ucfg[name] is not None and ucfg[name] != from_weights:
             problems.append(
                 f"config.json: {name}={ucfg[name]!r} contradicts the weights "
                 f"({'they have' if from_weights else 'they have no'} {name.removeprefix('use_')} tensors)"
