@@ -67,14 +67,16 @@ FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "
 MODEL_TYPE = "complexity"
 
 # How upstream folders identify themselves (model_type, or fields / architectures only they have).
+UPSTREAM_DEEP = "an upstream complexity-deep checkpoint"
 UPSTREAM_MODEL_TYPES = {
-    "complexity-deep": "an upstream complexity-deep checkpoint",
+    "complexity-deep": UPSTREAM_DEEP,
     "deep": "an upstream TR-Hash checkpoint (vLLM 'deep' export)",
     "tr_hash_moe": "an upstream TR-Hash MoE checkpoint (Hugging Face bundle)",
 }
+# complexity-deep's configs say no model_type (or ours): these fields tell them from TR-Hash's
+UPSTREAM_DEEP_FIELDS = {"use_token_routed_mlp", "use_mu_guidance"}
 UPSTREAM_FIELDS = {
-    "use_token_routed_mlp",
-    "use_mu_guidance",
+    *UPSTREAM_DEEP_FIELDS,
     "routing_strategy",
     "source_mlp_type",
     "top_k",
@@ -147,7 +149,8 @@ def _check_folder(path) -> Path:
     return folder
 
 
-def _upstream_kind(cfg: dict) -> str | None:
+def upstream_kind(cfg: dict) -> str | None:
+    """What upstream checkpoint a config.json describes (a phrase for messages), or None."""
     model_type = cfg.get("model_type")
     if model_type in UPSTREAM_MODEL_TYPES:
         return UPSTREAM_MODEL_TYPES[model_type]
@@ -155,12 +158,10 @@ def _upstream_kind(cfg: dict) -> str | None:
         return "an upstream TR-Hash checkpoint (native format)"
     architectures = set(cfg.get("architectures") or []) if isinstance(cfg.get("architectures"), list) else set()
     if model_type in (None, MODEL_TYPE) and not (OUR_FIELDS & set(cfg)):
+        if "DeepForCausalLM" in architectures or UPSTREAM_DEEP_FIELDS & set(cfg):
+            return UPSTREAM_DEEP
         if architectures & UPSTREAM_ARCHITECTURES or UPSTREAM_FIELDS & set(cfg):
-            return (
-                "an upstream TR-Hash checkpoint (native format)"
-                if model_type is None
-                else "an upstream complexity-deep checkpoint"
-            )
+            return "an upstream TR-Hash checkpoint (native format)" if model_type is None else UPSTREAM_DEEP
     return None
 
 
@@ -193,7 +194,7 @@ def read_checkpoint_config(folder: Path):
             f"{path}: this is upstream's TR-Hash MLX export ({mlx}), not this project's format, although both "
             f"say model_type {MODEL_TYPE!r}: convert it with `complexity convert {folder} OUT` and load OUT"
         )
-    upstream = _upstream_kind(cfg)
+    upstream = upstream_kind(cfg)
     if upstream is not None:
         raise CheckpointError(
             f"{path}: {upstream}, not this project's format: convert it with "

@@ -1025,9 +1025,47 @@ def test_our_own_hash_routed_model_exports_to_deep_and_comes_back(tmp_path):
     ):
         folder = tmp_path / f"refused-{name}"
         ComplexityForCausalLM(ComplexityConfig(**{**config.to_diff_dict(), **overrides})).save_pretrained(folder)
-        with pytest.raises(ValueError, match=rf"^{name}"):
+        with pytest.raises(ValueError, match=rf"^{folder / 'config.json'}: {name}"):
             export_deep(folder, tmp_path / f"never-{name}")
         assert not (tmp_path / f"never-{name}").exists()
+
+
+def test_deep_export_refuses_before_reading_weights_and_says_why(tmp_path, monkeypatch):
+    """A token-routed model (ours, or upstream's complexity-deep, converted or not) has no deep
+    form, and a non-empty DST is refused: both said before any weight is read."""
+    from complexity import ComplexityConfig, ComplexityForCausalLM, checkpoint_folder
+    from complexity.integrations.upstream import export_deep
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    ours = tmp_path / "ours"
+    ComplexityForCausalLM(
+        ComplexityConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(ours)
+    monkeypatch.setattr(checkpoint_folder, "load_checkpoint_folder", no_weights)
+    with pytest.raises(ValueError, match=rf"^{ours / 'config.json'}: mlp_type: is 'token_routed'"):
+        export_deep(ours, tmp_path / "never")
+    for name in ("complexity-deep-v1.0-mu", "complexity-deep-v0.13-inl"):
+        src = FIXTURES.parent / "upstream" / name
+        with pytest.raises(ValueError) as err:
+            export_deep(src, tmp_path / "never")
+        assert str(err.value) == (
+            f"{src}: an upstream complexity-deep checkpoint (token-routed); only TR-Hash (hash_routed) models "
+            "have a deep export"
+        )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("kept")
+    with pytest.raises(FileExistsError, match="exists and is not empty .pass overwrite=True / --overwrite"):
+        export_deep(ours, tmp_path / "full")
+    assert not (tmp_path / "never").exists() and (tmp_path / "full" / "x").read_text() == "kept"
 
 
 def test_cli_converts_each_layout_and_exports_deep(tmp_path, capsys):
@@ -1320,7 +1358,7 @@ def test_grid_convert_generate_engine_and_round_trip(tmp_path, name):
     assert [o.token_ids for o in outs] == want[:, : cap - 4].tolist()
 
     if name in DEEP_REFUSES:
-        with pytest.raises(ValueError, match=rf"^{DEEP_REFUSES[name]}"):
+        with pytest.raises(ValueError, match=rf"^{tmp_path / 'ours' / 'config.json'}: {DEEP_REFUSES[name]}"):
             export_deep(tmp_path / "ours", tmp_path / "deep", dtype="float32")
         assert not (tmp_path / "deep").exists() and not list(tmp_path.glob(".deep*"))
         return
@@ -1362,7 +1400,7 @@ def test_grid_rope_fraction_and_mup_map_to_our_knobs(tmp_path, knob):
     with torch.no_grad():
         logits = model(ids).logits
     torch.testing.assert_close(logits.double(), syn.reference_logits(raw, sd, ids), **GRID_TOL)
-    with pytest.raises(ValueError, match=rf"^{ours}: .*upstream's {upstream}"):
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'ours' / 'config.json'}: {ours}: .*upstream's {upstream}"):
         export_deep(tmp_path / "ours", tmp_path / "deep")
     assert not (tmp_path / "deep").exists()
 

@@ -131,11 +131,7 @@ def write_deep(
         raise ValueError(f"route_strategy: {config.route_strategy!r} has no upstream name")
     cfg = deep_config(config, dtype)
     _check_tensors(config, tensors)
-    check_parent_folders(dst)
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True to replace it)")
+    _check_destination(dst, overwrite)
     weights = {
         layout_name(neutral, DEEP): (t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)).contiguous()
         for neutral, t in tensors.items()
@@ -147,6 +143,14 @@ def write_deep(
     }
     _write_folder(dst, {"config.json": cfg, "generation_config.json": generation}, weights, extra_files, verify)
     return dst
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    check_parent_folders(dst)
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
 
 
 def _check_tensors(config: TRHashConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -188,19 +192,15 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     cannot describe (another MLP, mu, a sliding window, per-layer branch scales, partial RoPE, µP
     scales, a QK-norm epsilon other than upstream's fixed 1e-6)."""
     src, dst = Path(src), Path(dst)
-    check_parent_folders(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: DST must differ from SRC")
+    _check_destination(dst, overwrite)  # before the weights are read
     raw = read_config_json(src, []) if src.is_dir() else None
     if raw is not None and trhash_layout(raw, peek_tensor_names(src)) is not None:
         ckpt = read_trhash(src)
         config, tensors = ckpt.config, ckpt.tensors
     else:
-        from ....checkpoint_folder import load_checkpoint_folder
-
-        model, _ = load_checkpoint_folder(src, dtype=None, tokenizer=False)
-        config = trhash_config(model.config)
-        tensors = TRHashStateDictAdapter(config).from_complexity(model.state_dict())
+        config, tensors = _ours(src, raw)
     tokenizer = tuple(src / n for n in TOKENIZER_FILES if (src / n).is_file())
     cast = _DTYPES.get(dtype, dtype)
 
@@ -217,6 +217,23 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     return write_deep(
         config, tensors, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer, verify=reads_back_as_written
     )
+
+
+def _ours(src: Path, raw: dict | None) -> tuple[TRHashConfig, dict[str, torch.Tensor]]:
+    """The neutral description of one of our hash_routed folders, its config checked before its
+    weights are read."""
+    from ....checkpoint_folder import UPSTREAM_DEEP, load_checkpoint_folder, read_checkpoint_config, upstream_kind
+
+    if raw is not None and upstream_kind(raw) == UPSTREAM_DEEP:
+        # its token-routed MLP has no TR-Hash form, converted or not: say so, not "convert it first"
+        raise ValueError(f"{src}: {UPSTREAM_DEEP} (token-routed); only TR-Hash (hash_routed) models have a deep export")
+    try:
+        deep_config(trhash_config(read_checkpoint_config(src)), torch.float32)  # what it cannot say
+    except ValueError as err:
+        raise ValueError(f"{src / 'config.json'}: {err}") from None
+    model, _ = load_checkpoint_folder(src, dtype=None, tokenizer=False)
+    config = trhash_config(model.config)
+    return config, TRHashStateDictAdapter(config).from_complexity(model.state_dict())
 
 
 def _with_recorded_fields(config: TRHashConfig, back: TRHashConfig) -> TRHashConfig:
