@@ -129,6 +129,14 @@ def test_cli_build(tmp_path, capsys):
     )
     assert np.load(tmp_path / "t.npy").tolist() == (np.arange(2048) % 4).tolist()
     capsys.readouterr()
+    # an existing table is replaced only with --force (it was overwritten silently)
+    again = ["routing", "build", "--counts", str(tmp_path / "counts.npy"), "--experts", "2", "--out", str(out)]
+    assert main(again) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out {out}: already exists (--force replaces it)")
+    assert torch.equal(load_file(str(out))["routing_table"], table)
+    assert main([*again, "--force"]) == 0
+    assert torch.equal(load_file(str(out))["routing_table"], build_routing_table("zipf", 2000, 2, counts))
+    capsys.readouterr()
     assert main(["routing", "build", "--counts", str(tmp_path / "missing.npy"), "--experts", "4"]) == 2
     assert "missing.npy: no such counts file" in capsys.readouterr().err
 

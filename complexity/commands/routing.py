@@ -29,6 +29,7 @@ def register(subparsers) -> None:
         help="table size (default: len(counts); larger pads the counts with zeros)",
     )
     build.add_argument("--out", default=None, help="write the table (.safetensors key 'routing_table', or .npy)")
+    build.add_argument("--force", action="store_true", help="replace an existing --out file")
     build.set_defaults(func=run_build)
 
 
@@ -61,6 +62,8 @@ def _check_flags(args) -> None:
         raise ValueError(f"--vocab-size: must be a positive integer, got {args.vocab_size}")
     if args.out is not None and Path(args.out).suffix not in (".safetensors", ".npy"):
         raise ValueError(f"--out {args.out}: expected a .safetensors or .npy file name (the format follows it)")
+    if args.out is not None and Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"--out {args.out}: already exists (--force replaces it)")
 
 
 def run_build(args) -> int:
