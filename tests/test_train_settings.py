@@ -116,8 +116,23 @@ def test_a_default_never_fails_the_users_command(tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "schedule.warmup_steps: 1 (auto: 10% of training.max_steps=2, at most 100)" in err
     assert (tmp_path / "run/final/model.safetensors").is_file()
+    assert "embedding rows are never trained" not in err  # 384 ids, 384 rows
     assert cli_main(["train", "--out", str(tmp_path / "bad"), *args, "schedule.warmup_steps=3"]) == 2
     assert "schedule.warmup_steps: 3 exceeds training.max_steps=2" in capsys.readouterr().err
+
+
+def test_a_vocabulary_far_beyond_the_tokenizers_is_warned_about(tiny_data, tmp_path, capsys):
+    """The presets' 32000 rows over a small tokenizer's data: rows no token trains, whose ids
+    `complexity generate` can still sample and decode to nothing (padding to 128 is not warned)."""
+    _, data = tiny_data
+    args = ["--preset", "tiny", "--data", str(data), "--max-steps", "1", "model.hidden_size=64"]
+    args += ["model.num_hidden_layers=1", "training.micro_batch_size=2", "training.seq_len=32"]
+    args += ['training.device="cpu"', "logging.tensorboard=false", "eval.at_end=false"]
+    assert cli_main(["train", "--out", str(tmp_path / "run"), *args, "model.vocab_size=1024"]) == 0
+    assert (
+        "warning: model.vocab_size=1024 but the data's tokenizer has 384 tokens: 640 embedding rows are never "
+        "trained and their ids decode to nothing; set model.vocab_size=384"
+    ) in capsys.readouterr().err
 
 
 def test_the_resolved_config_is_read_only(tiny_data):

@@ -200,7 +200,13 @@ class Trainer:
         if not cfg.data.path:
             raise ValueError("data.path: no training data given (use --data DIR or data.synthetic = true)")
         manifest = data_manifest.read_prepared_manifest(cfg.data.path)
-        data_manifest.check_data_matches_model(manifest, self.model_config.vocab_size, cfg.data.path)
+        vocab, ids = self.model_config.vocab_size, int(manifest["vocab_size"])
+        data_manifest.check_data_matches_model(manifest, vocab, cfg.data.path)
+        if vocab > -(-ids // 128) * 128:  # more than padding: rows no token ever trains, yet sampled
+            self.folder.log(
+                f"warning: model.vocab_size={vocab} but the data's tokenizer has {ids} tokens: {vocab - ids} "
+                f"embedding rows are never trained and their ids decode to nothing; set model.vocab_size={ids}"
+            )
         return manifest, (data_manifest.tokenizer_dir(manifest), manifest["tokenizer"]["hash"])
 
     def _build_loaders(self) -> None:

@@ -49,7 +49,7 @@ class ConversionReport:
             + (f", shared expert {c.shared_expert_width}" if c.shared_expert else "")
             + f", mu_mode {c.mu_mode}, {_routing(c)}, qk_norm {c.use_qk_norm}, "
             f"tie_word_embeddings {c.tie_word_embeddings}, dtype {self.dtype}",
-            f"  mapped {self.mapped} tensor(s); dropped {len(self.dropped)}:",
+            f"  mapped {self.mapped} tensor(s); dropped {len(self.dropped)}" + (":" if self.dropped else ""),
         ]
         by_reason: dict[str, list[str]] = {}
         for key, reason in self.dropped:
