@@ -61,7 +61,14 @@ from .complexity_math import (
     switch_aux_loss,
 )
 from .configuration_complexity import ComplexityConfig
-from .hash_routing import build_route_table, hash_routed_mlp, layer_scales, slot_weights, token_routes
+from .hash_routing import (
+    build_route_table,
+    check_route_table,
+    hash_routed_mlp,
+    layer_scales,
+    slot_weights,
+    token_routes,
+)
 
 # ----------------------------------------------------------------------------- routing tables
 
@@ -572,6 +579,31 @@ class ComplexityPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers loads stored buffers unchecked: a table naming an expert that does not exist
+        # would surface only as an index error deep in the MLP at the first forward
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).check_routing_tables()
+        return loaded
+
+    @torch.no_grad()
+    def check_routing_tables(self) -> None:
+        """ValueError naming the table unless every routing table holds ids of existing experts
+        (and a hash-routed table k distinct ones per token)."""
+        cfg = self.config
+        for name, table in self.named_buffers():
+            if table.is_meta or not table.numel():
+                continue
+            if name.split(".")[-1] == "token_to_expert":
+                low, high = int(table.min()), int(table.max())
+                if low < 0 or high >= cfg.num_experts:
+                    raise ValueError(
+                        f"{name}: holds expert ids in [{low}, {high}], outside [0, num_experts={cfg.num_experts})"
+                    )
+            elif name.endswith("mlp.route_table"):
+                check_route_table(table, cfg.num_experts, cfg.vocab_size, cfg.num_experts_per_tok, name=name)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -559,6 +560,34 @@ def test_compiled_inl_forward_matches_eager():
 
 
 SAVED = Path(__file__).parent / "fixtures" / "saved_checkpoints"
+
+
+@pytest.mark.parametrize(
+    "overrides,edit,message",
+    [
+        (
+            dict(mlp_type="token_routed"),
+            lambda sd: sd["model.token_to_expert"].__setitem__(5, 9),
+            "model.token_to_expert: holds expert ids in [0, 9], outside [0, num_experts=4)",
+        ),
+        (
+            dict(mlp_type="hash_routed", num_experts_per_tok=2),
+            lambda sd: sd["model.layers.1.mlp.route_table"].__setitem__((0, 3), -1),
+            "model.layers.1.mlp.route_table",
+        ),
+    ],
+)
+def test_from_pretrained_refuses_a_routing_table_naming_no_expert(tmp_path, overrides, edit, message):
+    # such a table loaded silently and failed at the first forward, as an index error in the MLP
+    from safetensors.torch import save_file
+
+    tiny_model(**overrides).save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    edit(sd)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for load in (AutoModelForCausalLM.from_pretrained, ComplexityForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load(tmp_path)
 
 
 @torch.no_grad()
