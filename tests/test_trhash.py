@@ -1063,7 +1063,7 @@ def test_deep_export_refuses_before_reading_weights_and_says_why(tmp_path, monke
         )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("kept")
-    with pytest.raises(FileExistsError, match="exists and is not empty .pass overwrite=True / --overwrite"):
+    with pytest.raises(FileExistsError, match="exists and is not empty .overwrite=True / --overwrite replaces it"):
         export_deep(ours, tmp_path / "full")
     assert not (tmp_path / "never").exists() and (tmp_path / "full" / "x").read_text() == "kept"
 

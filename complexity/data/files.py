@@ -94,6 +94,17 @@ def check_parent_folders(out) -> None:
             return
 
 
+def check_output_folder(out, *, replace: bool, how_to_replace: str) -> None:
+    """Before any work: `out` can be made (`check_parent_folders`) and is absent, an empty
+    folder, or a folder the caller may replace (`how_to_replace` names the flag that does)."""
+    out = Path(out)
+    check_parent_folders(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not replace:
+        raise FileExistsError(f"{out}: exists and is not empty ({how_to_replace} replaces it)")
+
+
 def is_disk_full(err: BaseException) -> bool:
     """An OSError for a full disk/quota, or the same from Rust code (``tokenizers``), which
     raises a plain Exception ending in "(os error 28)"."""

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .files import DiskFullError, check_free_space, check_parent_folders, is_disk_full, new_folder, write_json_atomic
+from .files import DiskFullError, check_free_space, check_output_folder, is_disk_full, new_folder, write_json_atomic
 
 EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN = "</s>", "<pad>", "<s>", "<unk>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, BOS_TOKEN, UNK_TOKEN]  # ids 0, 1, 2, 3
@@ -113,11 +113,7 @@ def train_tokenizer(
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    check_parent_folders(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: is a file, not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
+    check_output_folder(out, replace=overwrite, how_to_replace="overwrite=True / --force")
 
 
 def save_tokenizer(tok, out_dir: str | os.PathLike, *, model_max_length: int = 2048, overwrite: bool = False) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ...configuration_complexity import ComplexityConfig
-from ...data.files import check_parent_folders, new_folder
+from ...data.files import check_output_folder, new_folder
 from ...hash_routing import slot_weights
 from ...modeling_complexity import ComplexityForCausalLM
 from ...params import ParameterCount, count_parameters
@@ -156,11 +156,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    check_parent_folders(dst)
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    check_output_folder(dst, replace=overwrite, how_to_replace="overwrite=True / --overwrite")
     if src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: DST must differ from SRC")
 

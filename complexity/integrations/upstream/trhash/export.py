@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ....data.files import check_parent_folders, new_folder
+from ....data.files import check_output_folder, new_folder
 from ..readers import TOKENIZER_FILES, peek_tensor_names, read_config_json
 from .description import DEEP, UPSTREAM_STRATEGY, TRHashConfig, layout_name, neutral_tensor_shapes
 from .layouts import trhash_layout
@@ -131,7 +131,7 @@ def write_deep(
         raise ValueError(f"route_strategy: {config.route_strategy!r} has no upstream name")
     cfg = deep_config(config, dtype)
     _check_tensors(config, tensors)
-    _check_destination(dst, overwrite)
+    check_output_folder(dst, replace=overwrite, how_to_replace="overwrite=True / --overwrite")
     weights = {
         layout_name(neutral, DEEP): (t.to(torch.int64) if neutral.endswith("route_table") else t.to(dtype)).contiguous()
         for neutral, t in tensors.items()
@@ -143,14 +143,6 @@ def write_deep(
     }
     _write_folder(dst, {"config.json": cfg, "generation_config.json": generation}, weights, extra_files, verify)
     return dst
-
-
-def _check_destination(dst: Path, overwrite: bool) -> None:
-    check_parent_folders(dst)
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
 
 
 def _check_tensors(config: TRHashConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -194,7 +186,9 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     src, dst = Path(src), Path(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: DST must differ from SRC")
-    _check_destination(dst, overwrite)  # before the weights are read
+    check_output_folder(
+        dst, replace=overwrite, how_to_replace="overwrite=True / --overwrite"
+    )  # before the weights are read
     raw = read_config_json(src, []) if src.is_dir() else None
     if raw is not None and trhash_layout(raw, peek_tensor_names(src)) is not None:
         ckpt = read_trhash(src)
