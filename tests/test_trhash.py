@@ -1030,26 +1030,25 @@ def test_our_own_hash_routed_model_exports_to_deep_and_comes_back(tmp_path):
         assert not (tmp_path / f"never-{name}").exists()
 
 
+def _save_token_routed(folder: Path) -> Path:
+    """A tiny token-routed model saved in `folder`: a model the deep layout cannot describe."""
+    from complexity import ComplexityConfig, ComplexityForCausalLM
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ComplexityForCausalLM(ComplexityConfig(**sizes, num_key_value_heads=1)).save_pretrained(folder)
+    return folder
+
+
 def test_deep_export_refuses_before_reading_weights_and_says_why(tmp_path, monkeypatch):
     """A token-routed model (ours, or upstream's complexity-deep, converted or not) has no deep
     form, and a non-empty DST is refused: both said before any weight is read."""
-    from complexity import ComplexityConfig, ComplexityForCausalLM, checkpoint_folder
+    from complexity import checkpoint_folder
     from complexity.integrations.upstream import export_deep
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were read")
 
-    ours = tmp_path / "ours"
-    ComplexityForCausalLM(
-        ComplexityConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    ).save_pretrained(ours)
+    ours = _save_token_routed(tmp_path / "ours")
     monkeypatch.setattr(checkpoint_folder, "load_checkpoint_folder", no_weights)
     with pytest.raises(ValueError, match=rf"^{ours / 'config.json'}: mlp_type: is 'token_routed'"):
         export_deep(ours, tmp_path / "never")
@@ -1102,19 +1101,7 @@ def test_cli_converts_each_layout_and_exports_deep(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "y"), "--to", "deep", "--dry-run"]) == 2
     assert "--to deep" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
-    routed = tmp_path / "routed"
-    from complexity import ComplexityConfig, ComplexityForCausalLM
-
-    ComplexityForCausalLM(
-        ComplexityConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    ).save_pretrained(routed)
+    routed = _save_token_routed(tmp_path / "routed")
     assert main(["convert", str(routed), str(tmp_path / "z"), "--to", "deep"]) == 2
     assert "mlp_type: is 'token_routed'; only hash_routed models" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
