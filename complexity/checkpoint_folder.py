@@ -444,12 +444,11 @@ def _check_tied_copies(skeleton, tensors: dict[str, TensorInfo]) -> None:
 
 
 def _check_routing_table(info: TensorInfo, config) -> None:
-    table = _read_tensor(info, "model.token_to_expert")
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= config.num_experts):
-        raise CheckpointError(
-            f"{info.file}: model.token_to_expert holds expert ids in [{int(table.min())}, "
-            f"{int(table.max())}], outside [0, num_experts={config.num_experts})"
-        )
+    from .modeling_complexity import expert_ids_outside
+
+    problem = expert_ids_outside(_read_tensor(info, "model.token_to_expert"), config.num_experts)
+    if problem is not None:
+        raise CheckpointError(f"{info.file}: model.token_to_expert {problem}")
 
 
 def _check_route_table(name: str, info: TensorInfo, config) -> None:

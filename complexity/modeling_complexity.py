@@ -88,6 +88,16 @@ def default_routing_table(vocab_size: int, num_experts: int, strategy: str) -> t
     raise ValueError(f"unknown routing strategy {strategy!r}")
 
 
+def expert_ids_outside(table: torch.Tensor, num_experts: int) -> str | None:
+    """What is wrong with a stored token -> expert table whose ids are not all experts, or None."""
+    if not table.numel():
+        return None
+    low, high = int(table.min()), int(table.max())
+    if low < 0 or high >= num_experts:
+        return f"holds expert ids in [{low}, {high}], outside [0, num_experts={num_experts})"
+    return None
+
+
 # ----------------------------------------------------------------------------- norm and rotary
 
 
@@ -597,11 +607,9 @@ class ComplexityPreTrainedModel(PreTrainedModel):
             if table.is_meta or not table.numel():
                 continue
             if name.split(".")[-1] == "token_to_expert":
-                low, high = int(table.min()), int(table.max())
-                if low < 0 or high >= cfg.num_experts:
-                    raise ValueError(
-                        f"{name}: holds expert ids in [{low}, {high}], outside [0, num_experts={cfg.num_experts})"
-                    )
+                problem = expert_ids_outside(table, cfg.num_experts)
+                if problem is not None:
+                    raise ValueError(f"{name}: {problem}")
             elif name.endswith("mlp.route_table"):
                 check_route_table(table, cfg.num_experts, cfg.vocab_size, cfg.num_experts_per_tok, name=name)
 

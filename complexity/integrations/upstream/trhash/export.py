@@ -186,9 +186,8 @@ def export_deep(src, dst, *, dtype="bfloat16", overwrite: bool = False) -> Path:
     src, dst = Path(src), Path(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: DST must differ from SRC")
-    check_output_folder(
-        dst, replace=overwrite, how_to_replace="overwrite=True / --overwrite"
-    )  # before the weights are read
+    # before the weights are read
+    check_output_folder(dst, replace=overwrite, how_to_replace="overwrite=True / --overwrite")
     raw = read_config_json(src, []) if src.is_dir() else None
     if raw is not None and trhash_layout(raw, peek_tensor_names(src)) is not None:
         ckpt = read_trhash(src)
