@@ -174,6 +174,45 @@ def test_lone_surrogates_are_400(server):
     _error(_post(server, "/v1/chat/completions", raw), 400, param="messages")
 
 
+def test_validation_errors_name_the_field_as_the_client_wrote_it(server):
+    """pydantic puts the union member it tried into an error's location ("prompt.list[int].0",
+    "temperature.float", "function-after[_valid_unicode(), str]"): the message names the field
+    alone, and says what is wrong with the value rather than which other types it is not."""
+    for path, raw, where, msg in [
+        ("/v1/completions", b'{"prompt": [1e30], "max_tokens": 2}', "prompt", None),
+        ("/v1/completions", b'{"prompt": "x", "temperature": "hot"}', "temperature", None),
+        ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', "temperature", "Input should be a finite number"),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": "x"}}', "logit_bias.5", None),
+        ("/v1/completions", b'{"prompt": "x \\ud800"}', "prompt", "must be valid Unicode (it holds a lone surrogate)"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', "messages.0.content", None),
+    ]:
+        err = _error(_post(server, path, raw), 400, param=where.split(".")[0])
+        assert err["message"].startswith(where + ": "), err
+        assert "[" not in err["message"] and ".float" not in err["message"], err
+        if msg is not None:
+            assert err["message"] == f"{where}: {msg}", err
+    part = {"type": "image_url", "image_url": {"url": "x"}}
+    err = _error(_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [part]}]}), 400)
+    assert err["message"] == "Unrecognized request argument supplied: messages.0.content.0.image_url", err
+    assert err["param"] == "messages" and err["code"] == "unrecognized_argument"
+
+
+def test_a_body_not_sent_as_json_says_so(server):
+    """`curl -d '{...}'` sends form encoding, which FastAPI does not parse: the answer says to send
+    JSON, not that the body "should be a valid dictionary"."""
+    body = b'{"prompt": "x", "max_tokens": 2}'
+    for headers, sent in [
+        ({"Content-Type": "application/x-www-form-urlencoded"}, "'application/x-www-form-urlencoded'"),
+        ({}, "without"),
+    ]:
+        resp = httpx.post(server + "/v1/completions", content=body, headers=headers, timeout=60)
+        err = _error(resp, 400)
+        assert sent in err["message"] and "'application/json'" in err["message"], err
+    for raw in (b"[1, 2]", b"null", b""):
+        err = _error(_post(server, "/v1/completions", raw), 400)
+        assert err["message"] == "body: must be a JSON object (the request's fields)", err
+
+
 def test_unknown_and_unsupported_fields_are_refused_by_name(server):
     err = _error(_post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "foo": 1}), 400, param="foo")
     assert err["message"] == "Unrecognized request argument supplied: foo"

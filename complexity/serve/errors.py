@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,23 +63,48 @@ def error_response(
     return JSONASCIIResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
+# pydantic names the member of a union it tried as a step of an error's location ("float",
+# "list[int]", "function-after[_valid_unicode(), str]"): the client knows only its field names.
+_UNION_MEMBER_STEPS = {"int", "float", "str", "bool"}
+
+
+def _field_path(error: dict) -> list[str]:
+    """The location of one pydantic error in the request's own terms: no "body", no union members."""
+    return [
+        str(x)
+        for x in error.get("loc", ())
+        if x != "body" and not (isinstance(x, str) and ("[" in x or x in _UNION_MEMBER_STEPS))
+    ]
+
+
+def _validation_response(exc: RequestValidationError, content_type: str | None) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg"))
         return error_response(400, f"Invalid JSON body: {detail}", code="invalid_json")
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = loc[0] if loc else None
-    if first.get("type") == "extra_forbidden":  # OpenAI's words for an unknown field
-        return error_response(
-            400, f"Unrecognized request argument supplied: {'.'.join(loc)}", param=param, code="unrecognized_argument"
-        )
-    # pydantic reports one error per member of a union: keep those about the same field
-    msgs = sorted(
-        {e.get("msg", "") for e in errors if [str(x) for x in e.get("loc", ()) if x != "body"][:1] == loc[:1]}
-    )
-    where = ".".join(loc) if loc else "body"
+    field = _field_path(first)[:1]
+    if not field and first.get("type") in ("missing", "model_attributes_type"):  # the body itself
+        media = (content_type or "").split(";")[0].strip().lower()
+        if not (media == "application/json" or media.endswith("+json")):  # FastAPI parses only those
+            sent = f"as Content-Type {media!r}" if media else "without a Content-Type"
+            return error_response(400, f"body: sent {sent}; send the JSON object as 'application/json'")
+        return error_response(400, "body: must be a JSON object (the request's fields)")
+    # pydantic reports one error per member of a union: keep those about the same field, and when
+    # some member took the value's type (a value error, an unknown key), only those: the members
+    # of other types ("Input should be a valid list") are not what the client got wrong
+    same = [e for e in errors if _field_path(e)[:1] == field]
+    if any(not e.get("type", "").endswith("_type") for e in same):
+        same = [e for e in same if not e.get("type", "").endswith("_type")]
+    param = field[0] if field else None
+    for e in same:
+        if e.get("type") == "extra_forbidden":  # OpenAI's words for an unknown field
+            where = ".".join(_field_path(e))
+            return error_response(
+                400, f"Unrecognized request argument supplied: {where}", param=param, code="unrecognized_argument"
+            )
+    where = ".".join(os.path.commonprefix([_field_path(e) for e in same])) or "body"  # lists: step by step
+    msgs = sorted({e.get("msg", "").removeprefix("Value error, ") for e in same})
     return error_response(400, f"{where}: {'; or '.join(msgs) or 'invalid value'}", param=param)
 
 
@@ -101,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return _validation_response(exc)
+        return _validation_response(exc, request.headers.get("content-type"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
