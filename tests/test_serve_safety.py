@@ -539,6 +539,29 @@ def test_dying_engine_process_errors_clients_and_exits_nonzero(ckpt):
             proc.wait()
 
 
+def test_an_address_in_use_is_one_error_line_before_the_engine_starts(ckpt):
+    """The port is bound before the engine process starts: a taken one is `complexity serve: error:`
+    and exit 1 at once, not uvicorn's log line and exit 3 after the model loaded (and, on a GPU,
+    compiled) and the start-up line announced the address."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--port", str(port), "--threads", "1"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"complexity serve: error: cannot listen on 127.0.0.1:{port}: Address already in use", last
+    assert "engine ready" not in proc.stderr and "engine-core" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_bad_engine_flags_are_a_clean_error(ckpt):
     proc = subprocess.run(
         [sys.executable, "-m", "complexity.cli", "serve", str(ckpt), "--max-seq-len", "99999", "--threads", "1"]

@@ -20,12 +20,17 @@ def run(args) -> int:
 
     _configure_process(args)
     t0 = time.perf_counter()
-    aengine = _spawn_engine(args)
+    sock = _listen(args.host, args.port)
+    try:
+        aengine = _spawn_engine(args)
+    except BaseException:
+        sock.close()
+        raise
     try:
         name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
         app = create_app(aengine, model_name=name, **_app_kwargs(args))
         print(
-            f"complexity serve: {name} on http://{args.host}:{args.port}; engine ready in "
+            f"complexity serve: {name} on http://{_url_host(args.host)}:{args.port}; engine ready in "
             f"{time.perf_counter() - t0:.1f}s: {aengine.info['description']}",
             file=sys.stderr,
             flush=True,
@@ -33,8 +38,36 @@ def run(args) -> int:
         server = _draining_server(uvicorn_config(app, **_uvicorn_kwargs(args)), aengine, args.shutdown_timeout)
     except BaseException:
         aengine.stop()  # its process holds the model (and the GPU): not left behind by a failed start
+        sock.close()
         raise
-    return _serve_until_exit(server, aengine)
+    with sock:
+        return _serve_until_exit(server, aengine, sock)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+
+
+def _listen(host: str, port: int):
+    """The server's socket, bound before the engine starts: an address in use (or a host that does
+    not resolve) is one error line at once, not a uvicorn log line and exit 3 after the model has
+    loaded (and, on a GPU, compiled) and the start-up line has announced the address."""
+    import socket
+
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
+        sock.listen(2048)
+        return sock
+    except OSError as err:
+        if sock is not None:
+            sock.close()
+        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
 def _configure_process(args) -> None:
@@ -100,7 +133,7 @@ def _draining_server(config, aengine, drain_timeout: float):
     return Server(config)
 
 
-def _serve_until_exit(server, aengine) -> int:
+def _serve_until_exit(server, aengine, sock) -> int:
     """Serve until a signal (exit code 0) or the engine's death (1: the requests in flight got
     errors); the engine is stopped either way."""
     died = False
@@ -112,7 +145,7 @@ def _serve_until_exit(server, aengine) -> int:
 
     aengine.on_dead.append(engine_died)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         aengine.stop()
     if died:
