@@ -87,7 +87,14 @@ def describe_error(err: Exception, command: str) -> tuple[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse hands a command's KEY=VALUE overrides (a nargs="*" positional) only the words before
+    # its first option: those written after one (`train --preset tiny training.seq_len=256
+    # --max-steps 5 optim.lr=1e-3`) come back unparsed, and are overrides all the same
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(w.startswith("-") for w in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         result = args.func(args)

@@ -185,3 +185,18 @@ def test_the_command_registers_after_parsing(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch" in imported_modules(result.stderr)  # the command itself does need it
+
+
+def test_overrides_written_after_an_option_are_overrides(capsys):
+    """argparse gives a nargs="*" positional only the words before the first option: KEY=VALUE
+    after one (`train --preset tiny --max-steps 5 training.seq_len=256`) must still be overrides."""
+    from complexity.cli import main
+
+    assert main(["info", "tiny", "--json", "num_experts=2"]) == 0
+    assert '"num_experts": 2' in capsys.readouterr().out
+    # the override after --max-steps reaches the recipe: its check fires before any data is read
+    assert main(["train", "--preset", "tiny", "--max-steps", "1", "training.seq_len=0"]) == 2
+    assert "training.seq_len: must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # anything else left unparsed is still refused
+        main(["info", "tiny", "--json", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
