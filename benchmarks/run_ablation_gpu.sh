@@ -62,7 +62,8 @@ WORK=${WORK:-/tmp/complexity-ablation}
 OUT=${OUT:-$WORK/out}
 STEPS=${STEPS:-$("$PY" -c "import math; print(max(20, math.ceil(25_000_000 * float('$SCALE') / $TOKENS_PER_STEP)))")}
 WARMUP=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))
-EVAL_EVERY=$(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))
+# four evaluations spread over the run, then the final one (STEPS / 5 put the fifth two steps before it)
+EVAL_EVERY=$(( (STEPS + 4) / 5 ))
 CKPT_EVERY=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))
 CLI=("$PY" -m complexity.cli)
 for knob in TIME_LIMIT RUN_SECONDS; do  # whole seconds, or unset (bash arithmetic would read a word as 0)
