@@ -191,6 +191,9 @@ def test_validation_errors_name_the_field_as_the_client_wrote_it(server):
         assert "[" not in err["message"] and ".float" not in err["message"], err
         if msg is not None:
             assert err["message"] == f"{where}: {msg}", err
+    for role in ("user", "system"):  # no content: OpenAI requires it of every message but an assistant's
+        err = _error(_post(server, "/v1/chat/completions", {"messages": [{"role": role}]}), 400, param="messages")
+        assert err["message"].startswith(f"messages.0: a {role} message needs content"), err
     part = {"type": "image_url", "image_url": {"url": "x"}}
     err = _error(_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [part]}]}), 400)
     assert err["message"] == "Unrecognized request argument supplied: messages.0.content.0.image_url", err

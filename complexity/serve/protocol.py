@@ -15,7 +15,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from ..inference.errors import InvalidRequest
 from ..inference.sampling import SamplingParams
@@ -169,6 +179,14 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None  # refused (the chat template has no place for it), see check_supported
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        # OpenAI's schema: only an assistant message (one that made tool calls) may have none; a
+        # user message without content is a client's mistake, not an empty turn
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
 
     def text(self) -> str:
         if self.content is None:
