@@ -510,6 +510,16 @@ def _cli(capsys, *argv):
     return rc, captured.out, captured.err
 
 
+def test_cli_generate_says_when_the_context_ends_it_early(ckpt_dir, capsys):
+    path = make_tiny_checkpoint(ckpt_dir / "cli_context")
+    args = (path, "--prompt", "the cat", "--temperature", 0, "--ignore-eos", "--max-seq-len", 16)
+    rc, out, err = _cli(capsys, *args, "--max-new-tokens", 40)
+    assert rc == 0 and out.strip()
+    assert "stopped after" in err and "of --max-new-tokens 40" in err and "context length 16" in err
+    rc, _, err = _cli(capsys, *args, "--max-new-tokens", 4)  # fits: nothing to say
+    assert rc == 0 and "stopped after" not in err
+
+
 def test_cli_generate(ckpt_dir, capsys):
     path = make_tiny_checkpoint(ckpt_dir / "cli")
     rc, greedy, _ = _cli(

@@ -55,6 +55,15 @@ def run(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if last is not None and last.finish_reason == "length" and last.num_generated_tokens < params.max_new_tokens:
+        # the engine stops a sequence at the end of its context; say so rather than look as if
+        # --max-new-tokens had been honoured (the server refuses such a request up front instead)
+        print(
+            f"complexity generate: stopped after {last.num_generated_tokens} of --max-new-tokens "
+            f"{params.max_new_tokens}: the prompt's {last.num_prompt_tokens} tokens and the continuation "
+            f"filled the context length {engine.max_seq_len} (--max-seq-len)",
+            file=sys.stderr,
+        )
     if args.verbose and last is not None:
         dt = time.perf_counter() - t0
         n = last.num_generated_tokens
