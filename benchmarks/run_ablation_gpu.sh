@@ -23,6 +23,8 @@
 # in time, so no run's work is lost with the machine. On another machine, extract ablation.tgz into $WORK/ablation
 # and copy the tokenizer folder to $WORK/tokenizer first: the finished runs are skipped and the
 # report is written from their files (experts.png from each run's expert_map.npz, no weights).
+# The finished runs of the published ablation are kept in docs/ablation/state/ (same layout as WORK):
+# `cp -r docs/ablation/state/. $WORK/` continues it; the tokenizer stage rebuilds the same tokenizer.
 # `complexity ablate` refuses to mix runs trained on a different corpus (sha256 in the manifest).
 #
 # Environment knobs (defaults in brackets):
@@ -147,12 +149,13 @@ watch_time_limit() {  # DIR TOTAL
     if [ "$left" -le 0 ]; then stamp "TIME_LIMIT: ${TIME_LIMIT}s reached: stopping the run in flight"; kill -TERM $$; return; fi
   done
 }
-# OUT/<folder>.tgz: the ablation.json and the finished runs, without weights, to continue elsewhere
+# OUT/<folder>.tgz: the ablation.json and the finished runs, without weights (nor the run's copy of
+# WORK/tokenizer, which the same corpus rebuilds byte for byte), to continue elsewhere
 pack() {
   local dir=$1 runs=()
   if [ ! -f "$dir/ablation.json" ]; then stamp "nothing to pack: $dir has no plan yet"; return; fi
   for run in "$dir"/runs/*/; do [ -f "$run/done.json" ] && runs+=("runs/$(basename "$run")"); done
-  tar czf "$OUT/$(basename "$dir").tgz" -C "$dir" --exclude checkpoints --exclude final ablation.json "${runs[@]}"
+  tar czf "$OUT/$(basename "$dir").tgz" -C "$dir" --exclude checkpoints --exclude final --exclude tokenizer ablation.json "${runs[@]}"
   stamp "packed $OUT/$(basename "$dir").tgz: ${#runs[@]} finished run(s)"
 }
 finish_or_stop() {  # DIR RC
