@@ -19,8 +19,8 @@
 # Resume. Every stage is skipped when its output exists and the ablation resumes where it stopped,
 # so rerunning the same command after an interruption continues it (a TERM or INT stops it cleanly:
 # the current run is checkpointed). A job with a time limit on a machine that keeps nothing sets
-# TIME_LIMIT instead of cutting the script: it stops between runs once the next one could not finish
-# in time, so no run's work is lost with the machine. On another machine, extract ablation.tgz into $WORK/ablation
+# TIME_LIMIT instead of cutting the script: it starts no run that could not finish in time, so no
+# run's work is lost with the machine. On another machine, extract ablation.tgz into $WORK/ablation
 # and copy the tokenizer folder to $WORK/tokenizer first: the finished runs are skipped and the
 # report is written from their files (experts.png from each run's expert_map.npz, no weights).
 # The finished runs of the published ablation are kept in docs/ablation/state/ (same layout as WORK):
@@ -41,9 +41,10 @@
 #   ONLY_DATA         stop after the corpus/tokenizer/data stages
 #   SPIKE             also run the spike experiment with a corrupted batch at this step (into
 #                     $WORK/spike), SPIKE_SEEDS [1] seeds per arm
-#   TIME_LIMIT        seconds from the script's start: when a run finishes and the next would not
-#                     finish by then (taking RUN_SECONDS [the longest run this call] s), or at the
-#                     limit itself (the run in flight checkpointed), stop as on a TERM (exit 143)
+#   TIME_LIMIT        seconds from the script's start: no run is started that would not finish by
+#                     then (`complexity ablate --time-limit`: a run takes RUN_SECONDS, or as long as
+#                     the longest run this call), and at the limit itself the run in flight is
+#                     checkpointed; either way the finished runs are packed and the script exits 143
 #   PRESET [tmlr-187m]  DEVICE [cuda]  PRECISION [bf16-mixed]   the model and where it trains
 #   PYTHON [python]
 set -euo pipefail
@@ -73,8 +74,6 @@ for knob in TIME_LIMIT RUN_SECONDS; do  # whole seconds, or unset (bash arithmet
     echo "run_ablation_gpu.sh: $knob: '${!knob}' is not a whole number of seconds" >&2; exit 2
   fi
 done
-# how many seeds a --seeds value names: a count N, or a comma-separated list (ablate checks it)
-seed_count() { if [[ $1 =~ ^[0-9]+$ ]]; then echo "$1"; else tr ',' '\n' <<< "$1" | grep -c .; fi; }
 
 mkdir -p "$WORK" "$OUT"
 t0=$(date +%s)
@@ -114,39 +113,31 @@ ABLATE=("${CLI[@]}" ablate --preset "${PRESET:-tmlr-187m}" --data "$WORK/data" -
 
 # A TERM or INT (a job's time limit) is passed to `complexity ablate`, which checkpoints the run it
 # is training and stops; the script waits for that, packs what is finished and exits 143.
+# TIME_LIMIT: ablate itself starts no run that could not finish in the time left (exit 75), and a
+# watcher TERMs this script (the trap checkpoints the run in flight) at the limit itself.
 stopped=0
-ablate() {  # DIR RUNS ARGS...: the ablation folder, how many runs it has in all, ablate's arguments
-  local dir=$1 total=$2 watcher=
-  shift 2
-  "${ABLATE[@]}" --out "$dir" "$@" &
+ablate() {  # DIR ARGS...: the ablation folder, ablate's arguments
+  local dir=$1 watcher= limit=() left
+  shift
+  if [ -n "${TIME_LIMIT:-}" ]; then
+    left=$(( t0 + TIME_LIMIT - $(date +%s) ))
+    limit=(--time-limit $(( left > 1 ? left : 1 )) ${RUN_SECONDS:+--run-seconds "$RUN_SECONDS"})
+  fi
+  "${ABLATE[@]}" --out "$dir" "${limit[@]}" "$@" &
   local pid=$! rc=0
   trap 'kill -TERM $pid 2>/dev/null; stopped=1' TERM INT
-  if [ -n "${TIME_LIMIT:-}" ]; then watch_time_limit "$dir" "$total" & watcher=$!; fi
+  if [ -n "${TIME_LIMIT:-}" ]; then watch_time_limit & watcher=$!; fi
   wait $pid || rc=$?
   while kill -0 $pid 2>/dev/null; do rc=0; wait $pid || rc=$?; done  # a trapped signal ends a wait early
   trap - TERM INT
   if [ -n "$watcher" ]; then kill $watcher 2>/dev/null || true; fi
   return $rc
 }
-finished_runs() { local n=0 f; for f in "$1"/runs/*/done.json; do [ -f "$f" ] && n=$(( n + 1 )); done; echo $n; }
-# TIME_LIMIT: TERM this script (the trap above checkpoints the run in flight) at the limit, or when
-# a run finishes, runs remain and the next could not finish in time. A run's time is measured from
-# one finish to the next (the first from ablate's start: it includes skipping the finished runs).
-watch_time_limit() {  # DIR TOTAL
-  local done_before last=$(date +%s) longest=${RUN_SECONDS:-0} now n left
-  done_before=$(finished_runs "$1")
+watch_time_limit() {
   while sleep 1; do
-    now=$(date +%s) n=$(finished_runs "$1")
-    left=$(( t0 + TIME_LIMIT - now ))
-    if [ "$n" != "$done_before" ]; then
-      [ -z "${RUN_SECONDS:-}" ] && [ $(( now - last )) -gt "$longest" ] && longest=$(( now - last ))
-      last=$now done_before=$n
-      if [ "$n" -lt "$2" ] && [ "$left" -lt "$longest" ]; then
-        stamp "TIME_LIMIT: ${left}s left, a run takes ${longest}s: stopping before the next run"
-        kill -TERM $$; return
-      fi
+    if [ $(( t0 + TIME_LIMIT - $(date +%s) )) -le 0 ]; then
+      stamp "TIME_LIMIT: ${TIME_LIMIT}s reached: stopping the run in flight"; kill -TERM $$; return
     fi
-    if [ "$left" -le 0 ]; then stamp "TIME_LIMIT: ${TIME_LIMIT}s reached: stopping the run in flight"; kill -TERM $$; return; fi
   done
 }
 # OUT/<folder>.tgz: the ablation.json and the finished runs, without weights (nor the run's copy of
@@ -161,12 +152,12 @@ pack() {
 finish_or_stop() {  # DIR RC
   pack "$1"
   if [ "$stopped" = 1 ]; then stamp "stopped by a signal: rerun the same command to continue"; exit 143; fi
+  if [ "$2" = 75 ]; then stamp "TIME_LIMIT: the next run would not finish in time: rerun the same command to continue"; exit 143; fi
   if [ "$2" != 0 ]; then stamp "complexity ablate failed (exit $2)"; exit "$2"; fi
 }
 
 stamp "ablation: $STEPS steps x $TOKENS_PER_STEP tokens per run ($(( STEPS * TOKENS_PER_STEP )) tokens), $SEEDS seed(s), arms: $ARMS"
-NUM_ARMS=$(wc -w <<< "$ARMS")
-rc=0; ablate "$WORK/ablation" $(( $(seed_count "$SEEDS") * NUM_ARMS )) --seeds "$SEEDS" || rc=$?
+rc=0; ablate "$WORK/ablation" --seeds "$SEEDS" || rc=$?
 finish_or_stop "$WORK/ablation" $rc
 cp "$WORK/ablation/results.md" "$WORK/ablation/loss.png" "$WORK/ablation/ablation.json" "$OUT/"
 [ -f "$WORK/ablation/experts.png" ] && cp "$WORK/ablation/experts.png" "$OUT/"
@@ -177,7 +168,7 @@ done
 
 if [ -n "${SPIKE:-}" ]; then
   stamp "spike experiment: corrupted batch at step $SPIKE (LR x 10), spike guard off, ${SPIKE_SEEDS:-1} seed(s)"
-  rc=0; ablate "$WORK/spike" $(( $(seed_count "${SPIKE_SEEDS:-1}") * NUM_ARMS )) --seeds "${SPIKE_SEEDS:-1}" --spike "$SPIKE" || rc=$?
+  rc=0; ablate "$WORK/spike" --seeds "${SPIKE_SEEDS:-1}" --spike "$SPIKE" || rc=$?
   finish_or_stop "$WORK/spike" $rc
   mkdir -p "$OUT/spike"
   cp "$WORK/spike/results.md" "$WORK/spike/spike.png" "$WORK/spike/loss.png" "$OUT/spike/"

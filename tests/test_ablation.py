@@ -300,7 +300,8 @@ def test_cli_hands_every_flag_to_run_ablation_and_prints_the_outcome(tmp_path, c
     out = tmp_path / "abl"
     flags = ["--preset", "tiny", "--data", "D", "--steps", "9", "--out", str(out), "--seeds", "3,5"]
     flags += ["--arms", "dense", "routed", "training.lr=0.1", "--avg-steps", "4", "--spike", "6"]
-    flags += ["--spike-lr-mult", "3", "--spike-window", "2", "--tolerance", "0.5", "--stop-after", "7"]
+    flags += ["--spike-lr-mult", "3", "--spike-window", "2", "--tolerance", "0.5", "--time-limit", "600"]
+    flags += ["--run-seconds", "200.5", "--stop-after", "7"]
     monkeypatch.setattr(sys, "argv", ["complexity", "ablate", *flags])
 
     outcome.update(report=out / "results.md", figures=[out / "loss.png", out / "experts.png"])
@@ -321,6 +322,8 @@ def test_cli_hands_every_flag_to_run_ablation_and_prints_the_outcome(tmp_path, c
         tolerance=0.5,
         stop_after=7,
         command="complexity ablate " + " ".join(flags),
+        time_limit=600.0,
+        run_seconds=200.5,
     )
     assert capsys.readouterr().out.splitlines() == [str(out / f) for f in ("results.md", "loss.png", "experts.png")]
 
@@ -328,6 +331,10 @@ def test_cli_hands_every_flag_to_run_ablation_and_prints_the_outcome(tmp_path, c
     stopped = f"ablation stopped before the end; rerun the same command to continue ({out})"
     assert main(["ablate", *flags]) == 0
     assert capsys.readouterr().err.strip() == stopped
+    outcome.update(out_of_time=True)  # --time-limit: EX_TEMPFAIL, so a job script tells it from the end
+    assert main(["ablate", *flags]) == 75
+    assert capsys.readouterr().err.strip() == stopped
+    outcome.update(out_of_time=False)
     monkeypatch.setattr(sys, "argv", ["pytest"])
     for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         outcome.update(signal=sig)
@@ -468,6 +475,23 @@ def test_ablation_table_figures_data_order_and_resume(data_dir, tmp_path):
     # A different plan in the same folder is refused, not mixed in.
     with pytest.raises(ValueError, match="different plan"):
         run_ablation(**{**kw, "steps": 9})
+
+
+def test_time_limit_starts_no_run_that_could_not_finish(data_dir, tmp_path):
+    """The first run always starts; a run longer than the time left is not started (the longest
+    run so far, or --run-seconds, is its length), and what is left resumes on the next call."""
+    out = tmp_path / "abl"
+    kwargs = _tiny_ablation(data_dir, out, steps=4, seeds=1, arms=["dense", "routed"], report=False)
+    stopped = run_ablation(**kwargs, time_limit=1e-3)  # the first run outlasts the limit
+    assert stopped.interrupted and stopped.out_of_time and stopped.signal is None
+    assert list(stopped.runs) == ["dense-s0"] and not (out / "runs" / "routed-s0").exists()
+    too_long = run_ablation(**kwargs, time_limit=3600, run_seconds=7200)
+    assert too_long.out_of_time and list(too_long.runs) == ["dense-s0"]
+    assert not (out / "runs" / "routed-s0").exists()
+    finished = run_ablation(**kwargs, time_limit=3600)
+    assert not finished.interrupted and list(finished.runs) == ["dense-s0", "routed-s0"]
+    with pytest.raises(ValueError, match="--run-seconds: must be a positive number of seconds, got 0"):
+        run_ablation(**kwargs, time_limit=10, run_seconds=0)
 
 
 def test_spike_injected_at_the_same_step_in_every_arm(data_dir, tmp_path):

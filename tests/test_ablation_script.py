@@ -1,5 +1,6 @@
 """benchmarks/run_ablation_gpu.sh end to end on the CPU, small: its TIME_LIMIT stops it at the
-limit or between runs, every finished run packed, and the same command then completes it."""
+limit, or before a run that could not finish in time, every finished run packed, and the same
+command then completes it."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _packed(work: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_time_limit_stops_at_the_limit_or_between_runs_and_the_same_command_completes(tmp_path):
+def test_time_limit_stops_at_the_limit_or_before_a_run_and_the_same_command_completes(tmp_path):
     work = tmp_path / "abl"
     # at the limit: the run in flight is stopped (checkpointed), nothing finished, exit 143 as on a TERM
     at_limit = _run(work, TIME_LIMIT="1")
@@ -61,19 +62,20 @@ def test_time_limit_stops_at_the_limit_or_between_runs_and_the_same_command_comp
     assert _finished(work) == [] and _packed(work) == []
     assert "nothing to pack" in log or "0 finished run(s)" in log
 
-    # between runs: a run takes "RUN_SECONDS" here, more than is left once dense-s0 is done, so the
-    # script stops before the next run and packs the finished one
-    between = _run(work, TIME_LIMIT="100000", RUN_SECONDS="100000")
-    log = between.stdout + between.stderr
-    assert between.returncode == 143, log[-3000:]
-    assert "a run takes 100000s: stopping before the next run" in log and "Traceback" not in log
-    assert _finished(work) == _packed(work) == ["dense-s0"]
+    # before a run: a run takes RUN_SECONDS here, more than is left, so `complexity ablate
+    # --time-limit` starts none (exit 75) and the script packs and exits 143 as on a TERM
+    before = _run(work, TIME_LIMIT="100000", RUN_SECONDS="100000")
+    log = before.stdout + before.stderr
+    assert before.returncode == 143, log[-3000:]
+    assert "ablate: not starting dense-s0: a run takes about 100000 s" in log and "Traceback" not in log
+    assert "TIME_LIMIT: the next run would not finish in time" in log
+    assert _finished(work) == []
 
-    # the same command without a limit: the finished run skipped, the rest trained, the report written
+    # the same command without a limit: every run trained, the report written
     done = _run(work)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    assert "ablate: dense-s0 finished earlier: skipped" in log and "TIME_LIMIT" not in log
+    assert "TIME_LIMIT" not in log
     runs = ["dense-s0", "dense-s1", "routed-s0", "routed-s1"]
     assert _finished(work) == _packed(work) == runs
     assert (work / "out" / "results.md").read_text().count("| routed |") >= 1

@@ -14,6 +14,8 @@ import sys
 
 from .train import signalled_status
 
+OUT_OF_TIME = 75  # sysexits' EX_TEMPFAIL: stopped by --time-limit, rerun to continue
+
 
 def _seeds(text: str) -> list[int]:
     """--seeds as written (a count, or seeds separated by commas), checked as run_ablation checks it."""
@@ -104,10 +106,15 @@ def _train_and_report(args) -> int:
         tolerance=args.tolerance,
         stop_after=args.stop_after,
         command=_command_as_typed(),
+        time_limit=args.time_limit,
+        run_seconds=args.run_seconds,
     )
     if result.interrupted:
         print(f"ablation stopped before the end; rerun the same command to continue ({args.out})", file=sys.stderr)
-        # A stop --stop-after asked for is a success; one a signal caused exits as `complexity train` does.
+        # A stop --stop-after asked for is a success; --time-limit's is EX_TEMPFAIL (75: try again),
+        # so a job script can tell it from the end; one a signal caused exits as `complexity train` does.
+        if result.out_of_time:
+            return OUT_OF_TIME
         return 0 if args.stop_after is not None else signalled_status(result.signal)
     print(result.report, *result.figures, sep="\n")
     return 0
@@ -233,6 +240,22 @@ def register(subparsers) -> None:
         default=None,
         metavar="N",
         help="checkpoint and stop the current run after step N, as if preempted (rerun to continue)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="for a job with a time limit: start no run that could not finish within SECONDS from now (its "
+        "length: --run-seconds, or the longest run so far); stop there with exit status 75, rerun to continue",
+    )
+    p.add_argument(
+        "--run-seconds",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a run takes, for --time-limit (default: the longest run this call has trained; the first "
+        "run always starts)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the arms' widths and parameter counts, train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and the figures from --out")

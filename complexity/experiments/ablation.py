@@ -14,6 +14,9 @@ through the trainer's own resume (last checkpoint; the trainer refuses a changed
 plan (`OUT/ablation.json`) must match a rerun's: a different preset, recipe, step count, spike
 or arm definition is refused rather than mixed into old results. A signal (SIGINT/SIGTERM)
 checkpoints the current run and stops the ablation; rerunning the same command continues it.
+A time limit (`time_limit`, for jobs that may run so long) is kept between runs: a run is not
+started when it could not finish in the time left (its length: `run_seconds`, or the longest
+run of this process; the first run always starts), so no work is cut off with the job.
 A damaged ablation.json, done.json (a value of the wrong type or not finite included) or
 metrics.jsonl is a `FileFormatError` naming the file, what is wrong and what to do (`PLAN_REMEDY`,
 `read_done`, `read_run_metrics`).
@@ -49,6 +52,7 @@ class AblationResult:
     runs: dict[str, dict] = field(default_factory=dict)  # "<arm>-s<seed>" -> done.json content
     interrupted: bool = False
     signal: int | None = None  # the signal that interrupted it, if one did
+    out_of_time: bool = False  # stopped before a run that could not finish within time_limit
     report: Path | None = None
     figures: list[Path] = field(default_factory=list)
 
@@ -274,13 +278,23 @@ def run_ablation(
     report: bool = True,
     on_run_end: Callable[[str, int, dict], None] | None = None,
     log: Callable[[str], None] | None = None,
+    time_limit: float | None = None,
+    run_seconds: float | None = None,
 ) -> AblationResult:
     """Run (or continue) the ablation in `out`, then write the report. See the module docstring.
 
     seeds: a count N (seeds 0..N-1) or explicit seeds. stop_after: checkpoint and stop every run
     still to train after that step (simulates a preemption; rerun to continue). on_run_end(arm,
-    seed, summary) is called after each finished run."""
+    seed, summary) is called after each finished run. time_limit: seconds from now within which
+    every run started must finish (a run takes run_seconds, or as long as the longest run this
+    call has trained; unknown before the first): the ablation stops, `out_of_time`, before a run
+    that could not."""
     log = log or _to_stderr
+    for name, value in (("time_limit", time_limit), ("run_seconds", run_seconds)):
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be a positive number of seconds, got {value}")
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    run_length = run_seconds or 0.0
     args = _Arguments(
         preset=preset,
         recipe=recipe,
@@ -320,6 +334,14 @@ def run_ablation(
                 result.runs[run_dir.name] = read_done(run_dir)
                 log(f"ablate: {run_dir.name} finished earlier: skipped")
                 continue
+            if deadline is not None and 0 < run_length > deadline - time.monotonic():
+                left = max(0.0, deadline - time.monotonic())
+                log(
+                    f"ablate: not starting {run_dir.name}: a run takes about {run_length:.0f} s and {left:.0f} s"
+                    " of --time-limit are left; rerun the same command to continue"
+                )
+                result.interrupted = result.out_of_time = True
+                return result
             started = time.perf_counter()
             trained = _train_run(
                 base, plans[arm], seed, run_dir, args.spike, stop_after=stop_after, progress=progress, log=log
@@ -332,7 +354,10 @@ def run_ablation(
             result.runs[run_dir.name] = summary = _write_summary(run_dir, plans[arm], seed, args, base.training.seq_len)
             # the whole run's time (compilation, evaluations, checkpoints, export, expert map): what a
             # split ablation's jobs are planned with; summary.json's tokens/s counts the steps only
-            log(f"ablate: {run_dir.name} finished in {time.perf_counter() - started:.0f} s")
+            took = time.perf_counter() - started
+            log(f"ablate: {run_dir.name} finished in {took:.0f} s")
+            if run_seconds is None:
+                run_length = max(run_length, took)
             if on_run_end is not None:
                 on_run_end(arm, seed, summary)
     if report:
