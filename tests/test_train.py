@@ -61,6 +61,7 @@ def test_tiny_run_converges_and_logs(trained_run):
     assert train_lines[0]["mfu"] is None  # CPU: n/a
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [12, 24] and all("val_bpb" in r for r in evals)
+    assert all(r["eval_time_s"] > 0 for r in evals)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     resolved = json.loads((out / "resolved.json").read_text())
     assert resolved["training"]["tokens_per_step"] == 256 and resolved["model"]["hidden_size"] == 64
@@ -68,6 +69,11 @@ def test_tiny_run_converges_and_logs(trained_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 24 and summary["world_size"] == 1 and summary["device"] == "cpu"
     assert summary["tokens_per_s"] == result.tokens_per_s > 0 and summary["peak_memory_gib"] is None
+    # where the loop's time went: two evaluations, two checkpoints (steps 20 and 24), the export
+    wall = summary["wall_time_s"]
+    assert set(wall) == {"total", "eval", "checkpoint", "export"} and all(t > 0 for t in wall.values())
+    assert wall["eval"] == pytest.approx(sum(r["eval_time_s"] for r in evals))
+    assert wall["total"] > wall["eval"] + wall["checkpoint"] + wall["export"]
 
 
 def test_export_loads_with_automodel(trained_run, tiny_data):

@@ -31,6 +31,8 @@ import contextlib
 import random
 import signal
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +158,9 @@ class Trainer:
         start = self.folder.start(cfg, resume=resume, overwrite=overwrite)
         self.resumed_from = self.last_checkpoint = start.checkpoint
         self.losses: dict[int, float] = {}  # step -> loss, as read back
+        # where the run's wall time goes besides its steps (summary.json's wall_time_s): on a short
+        # run evaluation, checkpoints and the export are a large share, and they are what to cut
+        self.seconds_in: Counter[str] = Counter()
         self.step = ckpt_mod.read_meta(start.checkpoint)["step"] if start.checkpoint else 0
         self.finished = start.resumed and self.folder.finished(self.step, cfg.training.max_steps, self._exports)
         if self.finished:
@@ -344,6 +349,10 @@ class Trainer:
         """Checkpoint the current step (collective); the log is made durable up to it first."""
         if self.out_dir is None:
             return None
+        with self._timed("checkpoint"):
+            return self._save()
+
+    def _save(self) -> Path:
         self.logger.sync()
         meta = {
             "config": self.config.to_dict(),
@@ -518,10 +527,22 @@ class Trainer:
             forward=self.forward_module,
         )
 
+    @contextlib.contextmanager
+    def _timed(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds_in[part] += time.perf_counter() - started
+
     def _eval_and_log(self, step: int) -> dict | None:
+        started = time.perf_counter()
         result = self.run_eval()
+        seconds = time.perf_counter() - started
+        self.seconds_in["eval"] += seconds
         if result is not None:
-            self.logger.log({"step": step, **{k: v for k, v in result.items() if k != "expert_shares_per_layer"}})
+            record = {k: v for k, v in result.items() if k != "expert_shares_per_layer"}
+            self.logger.log({"step": step, **record, "eval_time_s": seconds})
             msg = f"eval step {step}: val_loss {result['val_loss']:.4f}"
             if "val_bpb" in result:
                 msg += f" | bpb {result['val_bpb']:.4f}"
@@ -540,6 +561,7 @@ class Trainer:
             result.final_dir = self.out_dir / "final" if self._exports else None
             return result
         throughput = Throughput(self.step)
+        self._run_started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         with _Signals(cfg.checkpoint.save_on_signal) as signals, contextlib.closing(self.logger):
@@ -640,7 +662,10 @@ class Trainer:
         ):
             result.checkpoint = self.save()
         if self._exports and (trained or not (self.out_dir / "final").is_dir()):
-            result.final_dir = export_hf(self.model, self.model_config, self.out_dir, self.tokenizer, self.info.is_main)
+            with self._timed("export"):
+                result.final_dir = export_hf(
+                    self.model, self.model_config, self.out_dir, self.tokenizer, self.info.is_main
+                )
             self.logger.message(f"exported {result.final_dir}")
         elif self._exports:
             result.final_dir = self.out_dir / "final"
@@ -676,6 +701,12 @@ class Trainer:
                 if result.peak_memory_bytes
                 else None,  # max over ranks
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                # this process's loop, from its first step to this summary: the steps (the first
+                # compiles the model) are the total less the parts named
+                "wall_time_s": {
+                    "total": time.perf_counter() - self._run_started,
+                    **{part: self.seconds_in[part] for part in ("eval", "checkpoint", "export")},
+                },
             }
         )
 
