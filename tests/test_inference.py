@@ -505,7 +505,11 @@ def test_abort_frees_slot(ckpt_dir):
 def _cli(capsys, *argv):
     from complexity.cli import main
 
-    rc = main(["generate", *map(str, argv), "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["generate", *map(str, argv), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process's count: not for the tests after this one
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 

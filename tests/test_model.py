@@ -1002,6 +1002,7 @@ try:
 except ImportError:
     pass
 folder = sys.argv[1]
+torch.set_num_threads(int(sys.argv[2]))  # the test process's: another count sums matmuls in another order
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 data = torch.load(folder + "/expected.pt")
@@ -1030,7 +1031,7 @@ def test_trust_remote_code_load_without_the_package(tmp_path, name):
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, folder / "expected.pt")
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder)],
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder), str(torch.get_num_threads())],
         capture_output=True,
         text=True,
         timeout=300,
