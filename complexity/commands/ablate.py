@@ -171,7 +171,7 @@ def _command_as_typed() -> str | None:
 
 def register(subparsers) -> None:
     from ..experiments.arms import ARMS, DEFAULT_ARMS, TOLERANCE
-    from ..inference.args import positive_int
+    from ..inference.args import positive_int, positive_seconds
 
     arm_help = "; ".join(f"{a.name}: {a.label}" for a in ARMS.values())
     p = subparsers.add_parser(
@@ -243,7 +243,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help="for a job with a time limit: start no run that could not finish within SECONDS from now (its "
@@ -251,7 +251,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--run-seconds",
-        type=float,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help="how long a run takes, for --time-limit (default: the longest run this call has trained; the first "

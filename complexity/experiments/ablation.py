@@ -334,7 +334,7 @@ def run_ablation(
                 result.runs[run_dir.name] = read_done(run_dir)
                 log(f"ablate: {run_dir.name} finished earlier: skipped")
                 continue
-            if deadline is not None and 0 < run_length > deadline - time.monotonic():
+            if deadline is not None and run_length and run_length > deadline - time.monotonic():
                 left = max(0.0, deadline - time.monotonic())
                 log(
                     f"ablate: not starting {run_dir.name}: a run takes about {run_length:.0f} s and {left:.0f} s"
